@@ -1,0 +1,36 @@
+"""Fixtures shared by every test package.
+
+Tests that need Docker use `docker_image`. On a developer machine without an engine they skip;
+under CI (`CI=true`) a missing engine or image is a failure, so CI can never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
+
+
+def _docker_ok() -> str | None:
+    if shutil.which("docker") is None:
+        return "docker client not installed"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "Docker engine not answering"
+    if subprocess.run(["docker", "image", "inspect", SANDBOX_IMAGE], capture_output=True).returncode != 0:
+        return f"sandbox image {SANDBOX_IMAGE} missing (run ./scripts/setup.sh)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    """The sandbox image tag, with a live engine; skip (or fail under CI) otherwise."""
+    problem = _docker_ok()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"Docker required under CI: {problem}")
+        pytest.skip(problem)
+    return SANDBOX_IMAGE
