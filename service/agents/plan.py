@@ -1,0 +1,226 @@
+"""The Plan and the TaskAnalysis: the schema-checked contract between the agents and code generation.
+
+Both the offline (rule-based) and the LLM backends produce these exact models; code generation reads
+only these fields. Every numeric field carries its valid range and every choice is an enum, so a
+hallucinated value is rejected at the boundary instead of surfacing as a training crash.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PerturbationKind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
+Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
+SplitScheme = Literal[
+    "unseen_perturbation",  # held-out single perturbations (knockouts, drugs, cytokines)
+    "unseen_combination",  # held-out A+B combos whose singles are seen
+    "unseen_dose",  # held-out doses of seen drugs
+    "unseen_cell_type",  # a perturbation seen elsewhere, predicted in a held-out context
+    "random",  # cells of every condition split at random (weakest; only when nothing else fits)
+]
+MetricName = Literal[
+    "mse",
+    "pearson",
+    "pearson_delta",
+    "pearson_delta_pert",
+    "mse_top20_de",
+    "pearson_delta_top20_de",
+    "r2_delta",
+    "direction_acc_top20_de",
+    "discrimination_l1",
+    "de_overlap",
+    "atac_roc_auc",
+    "atac_pr_auc",
+]
+BaselineName = Literal[
+    "control", "mean_delta", "context_mean", "additive", "linear_pca_ridge", "delta_transfer", "gene_similarity"
+]
+PerturbationEncoder = Literal[
+    "gene_embedding",  # embedding of the target gene from PCA / co-expression of training data
+    "onehot",  # one vector per seen perturbation (cannot generalise to unseen ones)
+    "gene_set",  # combos: aggregate (sum / attention) the single-gene embeddings
+    "drug_onehot_dose",  # drug identity one-hot times a dose encoding
+    "drug_embedding_dose",  # drug features (targets / response signature) times a dose encoding
+]
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ArgumentRef(BaseModel):
+    """Which argument of the discussion set a plan field."""
+
+    model_config = _STRICT
+    round: int = Field(ge=0, le=50)
+    expert: str = Field(min_length=1)
+    message_id: str = Field(min_length=1)
+    summary: str = Field(min_length=1, max_length=2000)
+
+
+class Preprocessing(BaseModel):
+    model_config = _STRICT
+    n_hvg: int = Field(ge=50, le=20000, description="highly variable genes kept for the model")
+    normalization: Literal["log1p_cp10k", "none"] = Field(
+        description="log1p_cp10k for raw counts; none when X is already log-normalized"
+    )
+    modalities: list[Modality] = Field(min_length=1)
+    keep_perturbed_genes: bool = Field(description="force target genes into the gene set even if not HVG")
+    scale: bool = Field(description="z-score genes before the encoder (decoder still predicts log-normalized Δ)")
+
+
+class Architecture(BaseModel):
+    model_config = _STRICT
+    perturbation_encoder: PerturbationEncoder
+    gene_embedding_source: Literal["pca", "coexpression"] | None = Field(
+        default=None, description="for gene_embedding / gene_set: how gene vectors are built from training data"
+    )
+    embedding_dim: int = Field(ge=2, le=512)
+    combo_aggregation: Literal["sum", "attention"] | None = Field(default=None, description="required for gene_set")
+    dose_encoding: Literal["log_hill", "log_mlp"] | None = Field(
+        default=None, description="required for drug_* encoders"
+    )
+    context_embedding: bool = Field(description="learned embedding of the cell type / context")
+    expression_encoder: Literal["mean_control", "control_sampling"] = Field(
+        description="mean control profile per context, or control cells sampled per training example"
+    )
+    decoder: Literal["mlp"] = "mlp"
+    residual_delta: bool = Field(description="predict Δ added to the control profile, not the profile itself")
+    base_predictor: Literal["none", "mean_delta", "linear_ridge"] = Field(
+        description="closed-form solution the network learns a residual on top of"
+    )
+    hidden_width: int = Field(ge=8, le=4096)
+    depth: int = Field(ge=1, le=8)
+    dropout: float = Field(ge=0.0, le=0.8)
+
+    @model_validator(mode="after")
+    def _encoder_options_match(self) -> Architecture:
+        enc = self.perturbation_encoder
+        if enc in ("gene_embedding", "gene_set") and self.gene_embedding_source is None:
+            raise ValueError(f"perturbation_encoder={enc!r} needs gene_embedding_source (pca|coexpression)")
+        if enc == "gene_set" and self.combo_aggregation is None:
+            raise ValueError("perturbation_encoder='gene_set' needs combo_aggregation (sum|attention)")
+        if enc != "gene_set" and self.combo_aggregation is not None:
+            raise ValueError(f"combo_aggregation is only meaningful for gene_set, not {enc!r}")
+        if enc.startswith("drug_") and self.dose_encoding is None:
+            raise ValueError(f"perturbation_encoder={enc!r} needs dose_encoding (log_hill|log_mlp)")
+        if not enc.startswith("drug_") and self.dose_encoding is not None:
+            raise ValueError(f"dose_encoding is only meaningful for drug_* encoders, not {enc!r}")
+        return self
+
+
+class Loss(BaseModel):
+    model_config = _STRICT
+    kind: Literal["mse", "mse_pearson_delta"]
+    pearson_weight: float = Field(ge=0.0, le=1.0, description="weight of (1 - Pearson Δ) when kind=mse_pearson_delta")
+    de_weighting: Literal["none", "top_de"] = Field(description="up-weight each condition's top DE genes")
+    de_top_k: int = Field(ge=1, le=2000)
+    de_weight: float = Field(ge=1.0, le=100.0, description="multiplier on the DE genes' squared error")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Loss:
+        if self.kind == "mse" and self.pearson_weight != 0.0:
+            raise ValueError("pearson_weight must be 0 when kind='mse'")
+        if self.kind == "mse_pearson_delta" and self.pearson_weight == 0.0:
+            raise ValueError("kind='mse_pearson_delta' needs pearson_weight > 0")
+        if self.de_weighting == "none" and self.de_weight != 1.0:
+            raise ValueError("de_weight must be 1 when de_weighting='none'")
+        return self
+
+
+class Training(BaseModel):
+    model_config = _STRICT
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(gt=0.0, le=1.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
+    batch_size: int = Field(ge=1, le=65536)
+    epochs: int = Field(ge=1, le=5000)
+    early_stopping_patience: int = Field(ge=1, le=1000)
+    grad_clip: float | None = Field(default=None, gt=0.0, le=1000.0)
+    seed: int = Field(ge=0, le=2**31 - 1)
+
+
+class Evaluation(BaseModel):
+    model_config = _STRICT
+    split_scheme: SplitScheme
+    metrics: list[MetricName] = Field(min_length=1)
+    primary_metric: MetricName
+    baselines: list[BaselineName] = Field(min_length=1, description="baselines the model must beat")
+
+    @model_validator(mode="after")
+    def _primary_listed(self) -> Evaluation:
+        if self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not among metrics {self.metrics}")
+        return self
+
+
+PLAN_SECTIONS = ("preprocessing", "architecture", "loss", "training", "evaluation")
+
+
+class Plan(BaseModel):
+    """The method chosen by the discussion; code generation reads it field by field."""
+
+    model_config = _STRICT
+    perturbation_kind: PerturbationKind
+    preprocessing: Preprocessing
+    architecture: Architecture
+    loss: Loss
+    training: Training
+    evaluation: Evaluation
+    provenance: dict[str, ArgumentRef] = Field(
+        default_factory=dict, description='"section.field" -> the argument that set it'
+    )
+    rationale: str = Field(default="", max_length=20000)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Plan:
+        enc = self.architecture.perturbation_encoder
+        kind = self.perturbation_kind
+        if kind == "chemical" and not enc.startswith("drug_"):
+            raise ValueError(f"a chemical perturbation needs a drug_* encoder, got {enc!r}")
+        if kind != "chemical" and enc.startswith("drug_"):
+            raise ValueError(f"{enc!r} is for chemical perturbations, not {kind!r}")
+        if kind == "genetic_combo" and enc != "gene_set":
+            raise ValueError(f"combinations need the gene_set encoder, got {enc!r}")
+        for key in self.provenance:
+            section, _, field = key.partition(".")
+            if section not in PLAN_SECTIONS or field not in type(getattr(self, section)).model_fields:
+                raise ValueError(f"provenance key {key!r} names no plan field (expected 'section.field')")
+        return self
+
+    def sections_without_provenance(self) -> list[str]:
+        covered = {k.partition(".")[0] for k in self.provenance}
+        return [s for s in PLAN_SECTIONS if s not in covered]
+
+
+class CardCitation(BaseModel):
+    model_config = _STRICT
+    card_id: str = Field(min_length=1)
+    why: str = Field(min_length=1)
+    score: float = Field(ge=0.0, le=1.0, description="retrieval similarity")
+
+
+class Risk(BaseModel):
+    model_config = _STRICT
+    code: str = Field(min_length=1, description="short id, e.g. few_cells_per_condition")
+    severity: Literal["low", "medium", "high"]
+    description: str = Field(min_length=1)
+
+
+class TaskAnalysis(BaseModel):
+    """The framed problem: what to predict, how it is split and scored, what can go wrong."""
+
+    model_config = _STRICT
+    problem_definition: str = Field(min_length=1)
+    perturbation_kind: PerturbationKind
+    modalities: list[Modality] = Field(min_length=1)
+    split_scheme: SplitScheme
+    metrics: list[MetricName] = Field(min_length=1)
+    primary_metric: MetricName
+    baselines: list[BaselineName] = Field(min_length=1)
+    risks: list[Risk] = Field(default_factory=list)
+    preprocessing: Preprocessing
+    cited_cards: list[CardCitation] = Field(default_factory=list)
+    key_numbers: dict[str, float] = Field(
+        default_factory=dict, description="profile numbers the framing relies on (cells per condition, …)"
+    )
