@@ -1,0 +1,116 @@
+"""Finding and removing sandbox containers left behind by a process that died without cleaning up.
+
+Every managed container carries `cellforge.managed=true` and `cellforge.owner=<host>:<pid>:<start>`,
+the process that created it. A container is an orphan when its owner ran on this host and that
+process is gone: the pid is dead, or the pid now belongs to a different process (its start time no
+longer matches — pids get reused). Containers owned by another host are never touched, since we
+cannot tell whether their owner is alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import docker
+import docker.errors
+import psutil
+
+log = logging.getLogger(__name__)
+
+MANAGED_LABEL = "cellforge.managed"
+OWNER_LABEL = "cellforge.owner"
+
+# psutil derives start times from clock ticks since boot; two reads of the same process agree to
+# well under a second, while a reused pid starts at a visibly different time.
+_START_TIME_TOLERANCE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that owns a container: host name, pid and the process start time (epoch s)."""
+
+    host: str
+    pid: int
+    started: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.pid}:{self.started:.2f}"
+
+    @classmethod
+    def parse(cls, label: str) -> Owner | None:
+        """Read an owner label; None when it is not in the `host:pid:start` form."""
+        host, sep, rest = label.rpartition(":")
+        host, sep2, pid = host.rpartition(":")
+        if not (sep and sep2 and host):
+            return None
+        try:
+            return cls(host=host, pid=int(pid), started=float(rest))
+        except ValueError:
+            return None
+
+    def is_local(self) -> bool:
+        return self.host == socket.gethostname()
+
+    def is_alive(self) -> bool:
+        """Whether the owning process still runs (meaningful only for an owner on this host)."""
+        try:
+            started = psutil.Process(self.pid).create_time()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return False
+        except psutil.AccessDenied:
+            return True  # it exists; we just may not inspect it
+        return abs(started - self.started) <= _START_TIME_TOLERANCE_S
+
+
+def current_owner() -> Owner:
+    """This process as a container owner."""
+    return Owner(host=socket.gethostname(), pid=os.getpid(), started=psutil.Process().create_time())
+
+
+def owner_labels() -> dict[str, str]:
+    """The labels every managed container must carry so that it can be reaped after a crash."""
+    return {MANAGED_LABEL: "true", OWNER_LABEL: current_owner().label}
+
+
+@dataclass
+class ReapReport:
+    """What a reaping pass found: container ids removed, and managed ones left alone (and why)."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+def classify(labels: dict[str, str]) -> tuple[bool, str]:
+    """Whether a managed container with these labels is an orphan, and why (or why it is kept)."""
+    raw = labels.get(OWNER_LABEL)
+    owner = Owner.parse(raw) if raw else None
+    if owner is None:
+        return False, f"no readable {OWNER_LABEL} label ({raw!r})"
+    if not owner.is_local():
+        return False, f"owned by another host ({owner.host})"
+    if owner.is_alive():
+        return False, f"owner {owner.label} is alive"
+    return True, f"owner {owner.label} is no longer running"
+
+
+def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
+    """Remove (force, with volumes) every managed container whose owner on this host is gone."""
+    client = client or docker.from_env()
+    report = ReapReport()
+    for container in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
+        orphan, reason = classify(container.labels or {})
+        if not orphan:
+            report.kept[container.id] = reason
+            continue
+        try:
+            container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass  # removed concurrently (e.g. another process reaping at start-up): same outcome
+        log.info("reaped orphan sandbox container %s: %s", container.short_id, reason)
+        report.removed.append(container.id)
+    return report
+
