@@ -6,7 +6,13 @@ them and writes `llm_calls.jsonl` in the run directory. `make_backend(config, ha
 builds that stack from an `LLMConfig` (flags > environment > config file).
 """
 
+from .accounting import CALLS_FILE, CallRecord, UsageSummary, read_calls, summarize, summarize_run
+from .config import LLMConfig, make_backend
 from .offline import Handler, OfflineBackend
+from .openai_backend import OpenAIBackend
+from .recorder import RecordingBackend
+from .redact import Redactor
+from .replay import ReplayBackend
 from .request import (
     Answer,
     Backend,
@@ -25,6 +31,18 @@ from .request import (
 )
 
 __all__ = [
+    "CALLS_FILE",
+    "CallRecord",
+    "LLMConfig",
+    "OpenAIBackend",
+    "RecordingBackend",
+    "Redactor",
+    "ReplayBackend",
+    "UsageSummary",
+    "make_backend",
+    "read_calls",
+    "summarize",
+    "summarize_run",
     "Answer",
     "Backend",
     "CallStats",

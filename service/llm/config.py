@@ -1,0 +1,150 @@
+"""Which backend a run uses: flags > environment > config file, and the recording stack built from it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from .offline import Handler, OfflineBackend
+from .openai_backend import OpenAIBackend
+from .recorder import RecordingBackend
+from .replay import ReplayBackend
+from .request import Backend, LLMConfigError
+
+DEFAULT_CONFIG_PATH = Path("~/.config/cellforge/config.toml")
+
+# Environment variables, most specific first: CELLFORGE_* wins over the SDK's conventional names.
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "backend": ("CELLFORGE_LLM_BACKEND",),
+    "base_url": ("CELLFORGE_LLM_BASE_URL", "OPENAI_BASE_URL"),
+    "model": ("CELLFORGE_LLM_MODEL",),
+    "api_key": ("CELLFORGE_LLM_API_KEY", "OPENAI_API_KEY"),
+}
+
+
+class LLMConfig(BaseModel):
+    """How to reach the LLM. `backend` defaults to `offline` unless an endpoint or model is configured.
+
+    The key is a `SecretStr`: `repr()`, `str()` and JSON dumps show `**********`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["offline", "openai"] = "offline"
+    base_url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    timeout: float = Field(120.0, gt=0, description="seconds per HTTP request")
+    max_attempts: int = Field(5, ge=1, description="HTTP attempts per completion, retries included")
+    max_seconds: float = Field(300.0, gt=0, description="total time budget per completion, waits included")
+    max_reasks: int = Field(1, ge=0, description="re-asks after a reply that does not validate")
+    json_mode: bool = Field(True, description="ask for response_format=json_object (dropped if refused)")
+    temperature: float | None = 0.0
+
+    @classmethod
+    def resolve(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        config_path: Path | str | None = None,
+    ) -> LLMConfig:
+        """Merge sources, highest first: `flags` (None values ignored), `env` (default: os.environ),
+        the `[llm]` table of `config_path` (default: ~/.config/cellforge/config.toml if it exists)."""
+        env = os.environ if env is None else env
+        merged: dict[str, Any] = {}
+        merged.update(_from_file(config_path))
+        merged.update(_from_env(env))
+        merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+        if "backend" not in merged and (merged.get("base_url") or merged.get("model")):
+            merged["backend"] = "openai"
+        try:
+            config = cls.model_validate(merged)
+        except ValidationError as exc:
+            raise LLMConfigError(f"invalid LLM configuration: {_describe(exc)}") from None
+        if config.backend == "openai" and not config.model:
+            raise LLMConfigError(
+                "the openai backend needs a model: pass --llm-model, set CELLFORGE_LLM_MODEL, "
+                "or put `model = \"...\"` under [llm] in the config file"
+            )
+        return config
+
+    def secret(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+
+
+def make_backend(
+    config: LLMConfig,
+    handlers: Mapping[str, Handler],
+    run_dir: Path,
+    *,
+    replay_from: Path | None = None,
+) -> RecordingBackend:
+    """The backend a run uses, recording into `run_dir/llm_calls.jsonl`.
+
+    With `replay_from`, the recorded calls of that earlier run are served instead of asking anyone."""
+    inner: Backend
+    if replay_from is not None:
+        if Path(replay_from).resolve() == Path(run_dir).resolve():
+            raise LLMConfigError(f"cannot replay {replay_from} into itself: record into a new run directory")
+        inner = ReplayBackend(replay_from)
+    elif config.backend == "offline":
+        inner = OfflineBackend(handlers)
+    else:
+        inner = OpenAIBackend(
+            config.base_url,
+            config.model or "",
+            config.secret(),
+            timeout=config.timeout,
+            max_attempts=config.max_attempts,
+            max_seconds=config.max_seconds,
+            max_reasks=config.max_reasks,
+            json_mode=config.json_mode,
+            temperature=config.temperature,
+        )
+    return RecordingBackend(inner, run_dir, secrets=[config.secret()])
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for field, names in ENV_VARS.items():
+        for name in names:
+            if env.get(name):
+                found[field] = env[name]
+                break
+    return found
+
+
+def _from_file(config_path: Path | str | None) -> dict[str, Any]:
+    explicit = config_path is not None
+    path = Path(config_path if explicit else DEFAULT_CONFIG_PATH).expanduser()
+    if not path.is_file():
+        if explicit:
+            raise LLMConfigError(f"config file {path} does not exist")
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LLMConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    section = data.get("llm", {})
+    if not isinstance(section, dict):
+        raise LLMConfigError(f"config file {path}: [llm] must be a table, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(LLMConfig.model_fields))
+    if unknown:
+        raise LLMConfigError(
+            f"config file {path}: unknown key(s) under [llm]: {', '.join(unknown)} "
+            f"(expected: {', '.join(LLMConfig.model_fields)})"
+        )
+    return dict(section)
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']} (got {err.get('input')!r})"
+        if err["loc"] != ("api_key",) else f"api_key: {err['msg']}"
+        for err in exc.errors()
+    )
