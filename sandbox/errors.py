@@ -1,0 +1,44 @@
+"""Errors raised by the sandbox package.
+
+Everything derives from `SandboxError`, so callers can catch the family; each message names the
+sandbox, path or value involved and what was expected. Execution outcomes (timeout, killed, died)
+are *results*, not exceptions: they come back in `ExecutionResult.outcome`.
+"""
+
+from __future__ import annotations
+
+
+class SandboxError(RuntimeError):
+    """Base class of every error raised by `sandbox`."""
+
+
+class SpecError(SandboxError, ValueError):
+    """A `SandboxSpec` value is invalid (names the field, the value and what was expected)."""
+
+
+class SandboxStartError(SandboxError):
+    """The sandbox could not be created or its kernel did not become ready in time."""
+
+
+class SandboxClosedError(SandboxError):
+    """The sandbox was closed; no further calls are accepted."""
+
+
+class SandboxDeadError(SandboxError):
+    """The kernel or container is gone (see the `died` result); call `restart()` to get a fresh one."""
+
+
+class SandboxBusyError(SandboxError):
+    """A call could not get the kernel within its timeout because another execution holds it."""
+
+
+class WorkspacePathError(SandboxError, ValueError):
+    """A workspace path is absolute, escapes the workspace (`..`, symlink) or is otherwise unusable."""
+
+
+class WorkspaceQuotaError(SandboxError):
+    """Writing into the workspace ran past its size quota."""
+
+
+class FileTransferError(SandboxError):
+    """A file could not be copied into or out of the sandbox (missing file, wrong type, I/O error)."""
