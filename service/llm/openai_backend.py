@@ -69,8 +69,8 @@ class OpenAIBackend:
         self.max_reasks = max_reasks
         self.json_mode = json_mode
         self.temperature = temperature
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
+        # Jitter as large as the first wait spreads clients that failed together.
+        self._backoff = wait_exponential_jitter(multiplier=backoff_initial, jitter=backoff_initial, max=backoff_max)
         self.redactor = Redactor([api_key])
         # Local servers (vLLM, Ollama) ignore the key but the SDK insists on one.
         self._client = OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=0)
@@ -176,7 +176,7 @@ class OpenAIBackend:
         return self._client.chat.completions.create(**kwargs)
 
     def _wait(self, state: RetryCallState) -> float:
-        backoff = wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max)(state)
+        backoff = self._backoff(state)
         exc = state.outcome.exception() if state.outcome else None
         asked = _retry_after(exc)
         return backoff if asked is None else asked
