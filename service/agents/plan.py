@@ -7,9 +7,9 @@ hallucinated value is rejected at the boundary instead of surfacing as a trainin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 PerturbationKind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
 Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
@@ -60,7 +60,7 @@ class ArgumentRef(BaseModel):
 
 class Preprocessing(BaseModel):
     model_config = _STRICT
-    n_hvg: int = Field(ge=50, le=20000, description="highly variable genes kept for the model")
+    n_hvg: int = Field(ge=10, le=20000, description="highly variable genes kept for the model")
     normalization: Literal["log1p_cp10k", "none"] = Field(
         description="log1p_cp10k for raw counts; none when X is already log-normalized"
     )
@@ -191,6 +191,34 @@ class Plan(BaseModel):
     def sections_without_provenance(self) -> list[str]:
         covered = {k.partition(".")[0] for k in self.provenance}
         return [s for s in PLAN_SECTIONS if s not in covered]
+
+
+def _section_models() -> dict[str, type[BaseModel]]:
+    return {name: Plan.model_fields[name].annotation for name in PLAN_SECTIONS}  # type: ignore[misc]
+
+
+def plan_field_paths() -> list[str]:
+    """Every "section.field" a proposal may set, in schema order."""
+    return [f"{s}.{f}" for s, model in _section_models().items() for f in model.model_fields]
+
+
+class PlanFieldError(ValueError):
+    """A proposed value does not fit the named plan field (unknown path, wrong type or out of range)."""
+
+
+def validate_field_value(path: str, value: Any) -> Any:
+    """Check one plan field on its own (type, range, enum); cross-field rules are checked on the whole Plan."""
+    section, _, name = path.partition(".")
+    model = _section_models().get(section)
+    if model is None or name not in model.model_fields:
+        raise PlanFieldError(f"unknown plan field {path!r}; expected one of {plan_field_paths()}")
+    info = model.model_fields[name]
+    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PlanFieldError(f"plan field {path!r}: value {value!r} rejected: {first['msg']}") from None
 
 
 class CardCitation(BaseModel):
