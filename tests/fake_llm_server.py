@@ -69,6 +69,7 @@ class FakeLLMServer:
         self._steps: list[Step] = []
         self._position = 0
         self._lock = threading.Lock()
+        self._stopped = False
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -97,6 +98,10 @@ class FakeLLMServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving (idempotent): later requests are refused at the TCP level."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)

@@ -57,15 +57,20 @@ class LLMConfig(BaseModel):
         the `[llm]` table of `config_path` (default: ~/.config/cellforge/config.toml if it exists)."""
         env = os.environ if env is None else env
         merged: dict[str, Any] = {}
-        merged.update(_from_file(config_path))
-        merged.update(_from_env(env))
-        merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+        sources: dict[str, str] = {}
+        for source, values in (
+            _from_file(config_path),
+            ("environment", _from_env(env)),
+            ("flags", {k: v for k, v in (flags or {}).items() if v is not None}),
+        ):
+            merged.update(values)
+            sources.update(dict.fromkeys(values, source))
         if "backend" not in merged and (merged.get("base_url") or merged.get("model")):
             merged["backend"] = "openai"
         try:
             config = cls.model_validate(merged)
         except ValidationError as exc:
-            raise LLMConfigError(f"invalid LLM configuration: {_describe(exc)}") from None
+            raise LLMConfigError(f"invalid LLM configuration: {_describe(exc, sources)}") from None
         if config.backend == "openai" and not config.model:
             raise LLMConfigError(
                 "the openai backend needs a model: pass --llm-model, set CELLFORGE_LLM_MODEL, "
@@ -119,13 +124,13 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return found
 
 
-def _from_file(config_path: Path | str | None) -> dict[str, Any]:
+def _from_file(config_path: Path | str | None) -> tuple[str, dict[str, Any]]:
     explicit = config_path is not None
     path = Path(config_path if explicit else DEFAULT_CONFIG_PATH).expanduser()
     if not path.is_file():
         if explicit:
             raise LLMConfigError(f"config file {path} does not exist")
-        return {}
+        return str(path), {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -139,12 +144,14 @@ def _from_file(config_path: Path | str | None) -> dict[str, Any]:
             f"config file {path}: unknown key(s) under [llm]: {', '.join(unknown)} "
             f"(expected: {', '.join(LLMConfig.model_fields)})"
         )
-    return dict(section)
+    return str(path), dict(section)
 
 
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']} (got {err.get('input')!r})"
-        if err["loc"] != ("api_key",) else f"api_key: {err['msg']}"
-        for err in exc.errors()
-    )
+def _describe(exc: ValidationError, sources: dict[str, str]) -> str:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        # Never echo what was given for the key, even when it is malformed.
+        given = "" if field == "api_key" else f", got {err.get('input')!r}"
+        problems.append(f"{field}: {err['msg']} (from {sources.get(field, 'defaults')}{given})")
+    return "; ".join(problems)

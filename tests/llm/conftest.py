@@ -11,3 +11,11 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from fake_llm_server import fake_llm  # noqa: E402,F401  (re-exported as a fixture)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_user_config(monkeypatch, tmp_path_factory):
+    """Keep the developer's ~/.config/cellforge/config.toml out of these tests."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
