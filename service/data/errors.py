@@ -68,3 +68,7 @@ class SplitError(DataError):
 
 class SplitDirectoryError(DataError):
     """A split directory is incomplete or its split.json is malformed."""
+
+
+class MissingLabels(DataError):
+    """Some cells have no perturbation label (NaN or empty)."""

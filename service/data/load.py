@@ -1,0 +1,412 @@
+"""Open a perturbation `.h5ad`, detect how it is laid out, and check it is usable.
+
+Detection works on column names and on the distinct labels of the perturbation column (never per
+cell), and the matrix checks run on the sparse data arrays or on row chunks, so a 50k x 5k dataset
+is checked in seconds and a backed (on-disk) dataset is never densified.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import BaseModel
+
+from .conditions import (
+    BATCH,
+    COMBO_SEPARATOR,
+    CONDITION,
+    CONTEXT,
+    CONTROL,
+    DOSE,
+    IS_CONTROL,
+    NO_CONTEXT,
+    PERTURBATION,
+    condition_keys,
+)
+from .errors import (
+    DataFileError,
+    DuplicateGeneNames,
+    InvalidDose,
+    MissingLabels,
+    NegativeCounts,
+    NoControlCells,
+    NonFiniteValues,
+    PerturbationColumnNotFound,
+    TooFewCells,
+    UnknownColumn,
+    UnknownPerturbationKey,
+    preview,
+)
+
+Kind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
+Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
+
+# Column names are compared after lower-casing and dropping non-alphanumerics ("Cell Type" == "cell_type").
+PERTURBATION_COLUMNS = (
+    "perturbation", "perturbation_name", "perturbations", "pert", "condition", "gene", "genes",
+    "target", "target_gene", "gene_target", "targets", "guide_identity", "guide_ids", "sgrna",
+    "treatment", "drug", "compound", "perturbagen", "product_name", "stimulation", "stim",
+    "cytokine", "ligand",
+)
+DOSE_COLUMNS = ("dose", "dose_value", "dosage", "concentration", "dose_um", "dose_nm", "conc", "dose_val")
+CONTEXT_COLUMNS = (
+    "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
+    "context", "cell_context", "tissue",
+)
+BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor")
+FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type", "modality")
+
+# Control labels, normalized (lower-case, alphanumerics only, trailing guide numbers dropped).
+CONTROL_LABELS = frozenset({
+    "control", "ctrl", "ctl", "nontargeting", "nontarget", "nt", "ntc", "negctrl", "negativecontrol",
+    "safetargeting", "scramble", "scrambled", "dmso", "vehicle", "unstimulated", "unstim", "pbs",
+    "untreated", "unperturbed", "mock",
+})
+_CYTOKINE_COLUMNS = frozenset({"cytokine", "stimulation", "stim", "ligand"})
+_CYTOKINE_CONTROLS = frozenset({"unstimulated", "unstim", "pbs"})
+_CHEMICAL_COLUMNS = frozenset({"drug", "compound", "treatment", "perturbagen", "productname"})
+_CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated"})
+
+FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "protein": "protein",
+                 "adt": "protein", "peaks": "atac", "atac": "atac", "chromatin accessibility": "atac"}
+
+DEFAULT_MIN_CELLS = 5
+BACKED_ABOVE_BYTES = 1 << 30
+_ROW_CHUNK = 10_000
+_SAMPLE_ROWS = 2_000
+
+
+class DatasetLayout(BaseModel):
+    """What detection found: which columns mean what, and what kind of data this is."""
+
+    source: str
+    n_cells: int
+    n_features: int
+    perturbation_key: str
+    control_labels: list[str]
+    dose_key: str | None = None
+    context_key: str | None = None
+    batch_key: str | None = None
+    feature_types_key: str | None = None
+    kind: Kind
+    modalities: list[Modality]
+    rna_is_counts: bool
+    backed: bool = False
+
+
+@dataclass
+class Dataset:
+    """An opened dataset: the AnnData (maybe backed), its layout and the standard obs columns."""
+
+    adata: ad.AnnData
+    layout: DatasetLayout
+    obs: pd.DataFrame
+    feature_block: np.ndarray = field(repr=False)  # per var: "rna" | "protein" | "atac" | "other"
+
+    @property
+    def rna_mask(self) -> np.ndarray:
+        return self.feature_block == "rna"
+
+
+def _norm(name: object) -> str:
+    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+
+
+def is_control_label(label: object) -> bool:
+    """True for the usual control spellings, case-insensitive, guide numbers allowed (`non-targeting_0042`)."""
+    n = _norm(label)
+    return n in CONTROL_LABELS or n.rstrip("0123456789") in CONTROL_LABELS
+
+
+def _find_column(columns: Sequence[str], candidates: Sequence[str]) -> str | None:
+    by_norm: dict[str, str] = {}
+    for c in columns:
+        by_norm.setdefault(_norm(c), c)
+    for cand in candidates:
+        if _norm(cand) in by_norm:
+            return by_norm[_norm(cand)]
+    return None
+
+
+def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
+    if key is not None and key not in obs.columns:
+        raise UnknownColumn(f"{what} column {key!r} is not in obs; obs columns are: {preview(obs.columns, 40)}")
+    return key
+
+
+def read_h5ad(path: str | Path, backed: bool | None = None) -> ad.AnnData:
+    """Open an `.h5ad`; backed (read-only, on disk) when asked or when the file exceeds 1 GiB."""
+    p = Path(path)
+    if not p.exists():
+        raise DataFileError(f"{p}: no such file; expected an AnnData .h5ad file")
+    if not p.is_file():
+        raise DataFileError(f"{p}: is not a regular file; expected an AnnData .h5ad file")
+    if not h5py.is_hdf5(p):
+        raise DataFileError(f"{p}: not an HDF5 file (bad signature); expected an AnnData .h5ad file")
+    if backed is None:
+        backed = p.stat().st_size > BACKED_ABOVE_BYTES
+    try:
+        with h5py.File(p, "r") as f:
+            missing = [k for k in ("obs", "var") if k not in f]
+        if missing:
+            raise DataFileError(f"{p}: HDF5 file without the AnnData group(s) {missing}; expected an .h5ad file")
+        return ad.read_h5ad(p, backed="r" if backed else None)
+    except DataFileError:
+        raise
+    except Exception as exc:  # anndata raises many types on corrupt files; surface one clear error
+        raise DataFileError(f"{p}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
+
+
+def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, object]]:
+    """Yield `(start, rows)` blocks of X; in-memory matrices come whole, backed ones in chunks."""
+    n = X.shape[0]
+    if isinstance(X, np.ndarray) or sp.issparse(X):
+        yield 0, X
+        return
+    for start in range(0, n, chunk):
+        yield start, X[start:min(n, start + chunk)]
+
+
+def _values(block) -> np.ndarray:
+    """The stored values of a block (sparse: only the non-zeros)."""
+    return block.data if sp.issparse(block) else np.asarray(block)
+
+
+def _first_entry(block, bad, columns: np.ndarray | None = None) -> tuple[int, int, float]:
+    """(row, col, value) of the first stored entry where `bad(value)` holds, without densifying a sparse block."""
+    if sp.issparse(block):
+        csr = sp.csr_matrix(block)
+        hits = bad(csr.data)
+        if columns is not None:
+            hits &= columns[csr.indices]
+        i = int(np.flatnonzero(hits)[0])
+        return int(np.searchsorted(csr.indptr, i, side="right") - 1), int(csr.indices[i]), float(csr.data[i])
+    dense = np.asarray(block)
+    hits = bad(dense)
+    if columns is not None:
+        hits &= columns[None, :]
+    row, col = (int(i[0]) for i in np.nonzero(hits))
+    return row, col, float(dense[row, col])
+
+
+def _detect_feature_blocks(adata: ad.AnnData) -> tuple[str | None, np.ndarray]:
+    key = _find_column(list(adata.var.columns), FEATURE_TYPE_COLUMNS)
+    if key is None:
+        return None, np.full(adata.n_vars, "rna", dtype=object)
+    types = adata.var[key].astype(str).str.strip().str.lower()
+    return key, types.map(FEATURE_TYPES).fillna("other").to_numpy(dtype=object)
+
+
+def _rna_is_counts(adata: ad.AnnData, rna_mask: np.ndarray) -> bool:
+    """Counts = integer-valued and non-negative on a sample of rows of the RNA block."""
+    if not rna_mask.any():
+        return False
+    n = min(adata.n_obs, _SAMPLE_ROWS)
+    block = adata.X[:n]
+    if rna_mask.all():
+        vals = _values(block)
+    elif sp.issparse(block):
+        block = sp.csr_matrix(block)
+        vals = block.data[rna_mask[block.indices]]
+    else:
+        vals = np.asarray(block)[:, rna_mask]
+    vals = np.asarray(vals, dtype=np.float64).ravel()
+    vals = vals[np.isfinite(vals)]
+    return bool(vals.size == 0 or ((vals >= 0).all() and (vals == np.round(vals)).all()))
+
+
+def _standard_labels(raw: pd.Series, control_labels: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Map the raw perturbation labels to standard ones, per distinct label then broadcast to cells.
+
+    Controls become `control`; GEARS-style `A+ctrl` becomes `A`; combinations are sorted (`B+A` -> `A+B`).
+    """
+    codes, uniques = pd.factorize(raw.astype(str), sort=False)
+    mapped = []
+    for label in uniques:
+        if label in control_labels:
+            mapped.append(CONTROL)
+            continue
+        parts = [p.strip() for p in label.split(COMBO_SEPARATOR)]
+        kept = sorted({p for p in parts if p and not is_control_label(p)})
+        mapped.append(COMBO_SEPARATOR.join(kept) if kept else CONTROL)
+    labels = np.asarray(mapped, dtype=object)[codes]
+    return labels, labels == CONTROL
+
+
+def _parse_dose(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
+    col = obs[key]
+    dose = pd.to_numeric(col, errors="coerce")
+    if dose.isna().any():
+        # Accept unit suffixes such as "10uM" or "0.1 nM" (the number is kept, the unit is assumed shared).
+        extracted = col.astype(str).str.extract(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)")[0]
+        dose = dose.fillna(pd.to_numeric(extracted, errors="coerce"))
+    bad = col.notna() & dose.isna() & ~col.astype(str).str.strip().str.lower().isin({"", "nan", "none"})
+    if bad.any():
+        raise InvalidDose(f"{source}: dose column {key!r} holds non-numeric values "
+                          f"{preview(pd.unique(col[bad].astype(str)))}; expected numbers (e.g. 0.1, 10, '10uM')")
+    return dose.to_numpy(dtype=float)
+
+
+def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str | None,
+                              source: str) -> tuple[str, list[str]]:
+    if key is not None:
+        if key not in obs.columns:
+            raise UnknownPerturbationKey(f"{source}: --perturbation-key {key!r} is not an obs column; "
+                                         f"obs columns are: {preview(obs.columns, 40)}")
+        candidates = [key]
+    else:
+        by_norm = {_norm(c): c for c in reversed(list(obs.columns))}
+        candidates = [by_norm[_norm(n)] for n in PERTURBATION_COLUMNS if _norm(n) in by_norm]
+        candidates = list(dict.fromkeys(candidates))
+        if not candidates:
+            raise PerturbationColumnNotFound(
+                f"{source}: no perturbation column found; obs columns are: {preview(obs.columns, 40)}; "
+                f"expected one of {preview(PERTURBATION_COLUMNS, 40)} or pass --perturbation-key")
+    seen: dict[str, list[str]] = {}
+    for col in candidates:
+        values = obs[col]
+        labels = [str(v) for v in pd.unique(values.dropna())]
+        seen[col] = labels
+        if control is not None:
+            found = [lab for lab in labels if lab == control] or [lab for lab in labels if lab.lower() == control.lower()]
+        else:
+            found = [lab for lab in labels if is_control_label(lab)]
+        if found:
+            return col, found
+    col = candidates[0]
+    wanted = repr(control) if control is not None else "a control label (control, ctrl, non-targeting, NT, DMSO, vehicle, unstimulated, PBS, ...)"
+    raise NoControlCells(f"{source}: no control cells in perturbation column {col!r}: expected {wanted}; "
+                         f"labels seen: {preview(seen[col], 20)}"
+                         + ("" if control is not None else "; pass --control LABEL if the control is spelled otherwise"))
+
+
+def _detect_kind(pert_key: str, controls: list[str], dose_key: str | None, labels: np.ndarray) -> Kind:
+    key = _norm(pert_key)
+    ctrl = {_norm(c).rstrip("0123456789") for c in controls}
+    if key in _CYTOKINE_COLUMNS or ctrl & _CYTOKINE_CONTROLS:
+        return "cytokine"
+    if dose_key is not None or key in _CHEMICAL_COLUMNS or ctrl & _CHEMICAL_CONTROLS:
+        return "chemical"
+    if any(COMBO_SEPARATOR in lab for lab in pd.unique(labels)):
+        return "genetic_combo"
+    return "genetic"
+
+
+def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_key: str | None = None,
+                  control: str | None = None, dose_key: str | None = None, context_key: str | None = None,
+                  batch_key: str | None = None) -> tuple[DatasetLayout, pd.DataFrame, np.ndarray]:
+    """Detect the layout and build the standard obs columns; returns `(layout, obs, feature_block)`."""
+    obs = adata.obs
+    pert_key, controls = _pick_perturbation_column(obs, perturbation_key, control, source)
+    dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)
+    context_key = _check_key(obs, context_key, "context") or _find_column(list(obs.columns), CONTEXT_COLUMNS)
+    batch_key = _check_key(obs, batch_key, "batch") or _find_column(list(obs.columns), BATCH_COLUMNS)
+    if pert_key in (dose_key, context_key, batch_key):
+        raise UnknownColumn(f"{source}: column {pert_key!r} cannot be both the perturbation and another role")
+
+    raw = obs[pert_key]
+    missing = raw.isna() | (raw.astype(str).str.strip() == "")
+    if missing.any():
+        raise MissingLabels(f"{source}: {int(missing.sum())} cells have no label in perturbation column "
+                            f"{pert_key!r} (e.g. cells {preview(obs.index[missing.to_numpy()][:5])}); "
+                            "expected a perturbation or control label on every cell")
+    labels, is_ctrl = _standard_labels(raw, set(controls))
+
+    dose = _parse_dose(obs, dose_key, source) if dose_key else np.full(adata.n_obs, np.nan)
+    dose = np.where(is_ctrl, np.nan, dose)
+    if context_key:
+        context = obs[context_key].astype(str).fillna("unknown").to_numpy(dtype=object)
+    else:
+        context = np.full(adata.n_obs, NO_CONTEXT, dtype=object)
+
+    std = pd.DataFrame({PERTURBATION: labels, DOSE: dose, CONTEXT: context, IS_CONTROL: is_ctrl},
+                       index=obs.index.copy())
+    std[CONDITION] = condition_keys(labels, dose, context)
+    if batch_key:
+        std[BATCH] = obs[batch_key].astype(str).to_numpy()
+
+    ft_key, blocks = _detect_feature_blocks(adata)
+    rna_mask = blocks == "rna"
+    counts = _rna_is_counts(adata, rna_mask)
+    modalities: list[Modality] = []
+    if rna_mask.any():
+        modalities.append("rna_counts" if counts else "rna_lognorm")
+    if (blocks == "protein").any():
+        modalities.append("protein")
+    if (blocks == "atac").any():
+        modalities.append("atac")
+    if not modalities:
+        raise DataFileError(f"{source}: var column {ft_key!r} names no known feature type "
+                            f"(seen {preview(pd.unique(adata.var[ft_key].astype(str)))}); expected "
+                            "'Gene Expression', 'Antibody Capture' or 'Peaks'")
+
+    layout = DatasetLayout(
+        source=source, n_cells=adata.n_obs, n_features=adata.n_vars, perturbation_key=pert_key,
+        control_labels=sorted(controls), dose_key=dose_key, context_key=context_key, batch_key=batch_key,
+        feature_types_key=ft_key, kind=_detect_kind(pert_key, controls, dose_key, labels),
+        modalities=modalities, rna_is_counts=counts, backed=bool(adata.isbacked),
+    )
+    return layout, std, blocks
+
+
+def validate(adata: ad.AnnData, obs: pd.DataFrame, blocks: np.ndarray, *, source: str,
+             min_cells: int = DEFAULT_MIN_CELLS) -> None:
+    """Raise the specific DataError for the first defect found; pass silently on good data."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataFileError(f"{source}: empty matrix ({adata.n_obs} cells x {adata.n_vars} features)")
+    dup = adata.var_names[adata.var_names.duplicated()]
+    if len(dup):
+        raise DuplicateGeneNames(f"{source}: {len(dup)} duplicate gene names in var_names, e.g. "
+                                 f"{preview(pd.unique(dup), 8)}; expected unique names (anndata: var_names_make_unique())")
+    rna_mask = blocks == "rna"
+    all_rna = bool(rna_mask.all())
+    for start, block in row_chunks(adata.X):
+        vals = _values(block)
+        if not np.isfinite(vals).all():
+            n_bad = int((~np.isfinite(vals)).sum())
+            row, col, _ = _first_entry(block, lambda v: ~np.isfinite(v))
+            raise NonFiniteValues(f"{source}: X holds {n_bad} NaN/inf values (first at cell "
+                                  f"{adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}); expected finite values")
+        if all_rna:
+            negative = vals.min(initial=0) < 0
+        elif sp.issparse(block):
+            csr = sp.csr_matrix(block)
+            negative = bool((csr.data < 0)[rna_mask[csr.indices]].any())
+        else:
+            negative = bool((np.asarray(block)[:, rna_mask] < 0).any())
+        if negative:
+            row, col, value = _first_entry(block, lambda v: v < 0, rna_mask)
+            raise NegativeCounts(f"{source}: X holds negative expression values (e.g. {value:g} at cell "
+                                 f"{adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}); expected raw "
+                                 "counts or log-normalized expression (>= 0), not scaled/centred data")
+    if min_cells > 0:
+        sizes = obs.loc[~obs[IS_CONTROL].to_numpy(), CONDITION].value_counts()
+        small = sizes[sizes < min_cells]
+        if len(small):
+            listed = preview([f"{k} ({v} cells)" for k, v in small.sort_values().items()], 10)
+            raise TooFewCells(f"{source}: {len(small)} conditions have fewer than {min_cells} cells: {listed}; "
+                              "drop them or lower the threshold (--min-cells)")
+
+
+def load_dataset(data: str | Path | ad.AnnData, *, perturbation_key: str | None = None, control: str | None = None,
+                 dose_key: str | None = None, context_key: str | None = None, batch_key: str | None = None,
+                 min_cells: int = DEFAULT_MIN_CELLS, backed: bool | None = None, check: bool = True) -> Dataset:
+    """Open (if a path), detect and validate a perturbation dataset."""
+    if isinstance(data, ad.AnnData):
+        adata, source = data, "<AnnData>"
+    else:
+        adata, source = read_h5ad(data, backed=backed), str(data)
+    layout, obs, blocks = detect_layout(adata, source=source, perturbation_key=perturbation_key, control=control,
+                                        dose_key=dose_key, context_key=context_key, batch_key=batch_key)
+    if check:
+        validate(adata, obs, blocks, source=source, min_cells=min_cells)
+    return Dataset(adata=adata, layout=layout, obs=obs, feature_block=blocks)
