@@ -1,0 +1,398 @@
+"""Reference predictors that sit beside every model result, and the split reading they share with
+the evaluator.
+
+A baseline sees exactly what a model sees: the training cells, the conditions to predict and the
+control cells of their contexts (for `which="test"` those of `test_inputs.h5ad`; the test truth is
+never read here). Each writes predictions in the model format: one row per condition, `obs` with
+`condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean log-normalized profile.
+
+Throughout, Δ of a training condition is its pseudobulk minus the control pseudobulk of its own
+context, and a prediction is always "control of the target context + some Δ".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+
+from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
+from .errors import DataFileError, SplitDirectoryError, preview
+from .metrics import group_means
+
+Which = str  # "test" | "val"
+
+PCA_RIDGE_K = 10
+PCA_RIDGE_LAMBDA = 0.1
+GENE_SIM_DIM = 20
+GENE_SIM_NEIGHBOURS = 5
+GENE_SIM_MAX_CELLS = 2000
+
+
+@dataclass
+class TrainingSummary:
+    """Pseudobulks of the training split: everything the baselines learn from."""
+
+    conditions: pd.DataFrame  # condition, perturbation, dose, context, n_cells (perturbed only)
+    means: np.ndarray  # (conditions × features)
+    deltas: np.ndarray  # means − control mean of the condition's context
+    control_means: dict[str, np.ndarray]
+    perturbed_context_means: dict[str, np.ndarray]  # cell-weighted mean of perturbed cells
+    cell_sample: np.ndarray  # a dense subsample of training cells, for gene co-expression
+
+
+@dataclass
+class PredictionTask:
+    """What to predict for one split part, and from what."""
+
+    split_dir: Path
+    which: Which
+    genes: pd.Index
+    feature_types: np.ndarray | None  # var["feature_types"] when the data is multimodal
+    targets: pd.DataFrame  # condition, perturbation, dose, context: the rows to predict
+    controls: ad.AnnData  # control cells of the target contexts
+    control_means: dict[str, np.ndarray]
+    train: TrainingSummary
+
+
+def read_h5ad(path: Path) -> ad.AnnData:
+    if not path.is_file():
+        raise SplitDirectoryError(f"{path}: missing; a split directory holds train.h5ad, val.h5ad, "
+                                  "test_inputs.h5ad, test_truth.h5ad and split.json")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
+        raise DataFileError(f"{path}: not a readable AnnData file ({exc})") from exc
+
+
+def require_obs(adata: ad.AnnData, path: Path, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in adata.obs.columns]
+    if missing:
+        raise SplitDirectoryError(
+            f"{path}: obs lacks the standard column(s) {preview(missing)}; expected {preview(columns)}"
+        )
+
+
+def split_genes(split_dir: Path, train: ad.AnnData) -> pd.Index:
+    meta_path = split_dir / "split.json"
+    if not meta_path.is_file():
+        raise SplitDirectoryError(f"{meta_path}: missing; not a split directory")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SplitDirectoryError(f"{meta_path}: not valid JSON ({exc})") from exc
+    genes = pd.Index(meta.get("genes") or list(train.var_names), dtype=object)
+    if list(genes) != list(train.var_names):
+        raise SplitDirectoryError(f"{meta_path}: 'genes' differ from the var_names of train.h5ad")
+    return genes
+
+
+def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct condition (first-seen order) with its identity columns."""
+    table = obs.loc[:, [CONDITION, PERTURBATION, DOSE, CONTEXT]].drop_duplicates(CONDITION)
+    table = table.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
+    return table.reset_index(drop=True)
+
+
+def context_means(X, contexts: np.ndarray) -> dict[str, np.ndarray]:
+    groups = np.unique(contexts)
+    means = group_means(X, contexts, groups)
+    return {str(g): means[i] for i, g in enumerate(groups)}
+
+
+def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
+    obs = train.obs
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    X = train.X
+    contexts = obs[CONTEXT].astype(str).to_numpy()
+    control_means = context_means(X[is_ctrl], contexts[is_ctrl]) if is_ctrl.any() else {}
+    if not control_means:
+        raise SplitDirectoryError("train.h5ad: no control cells; every split keeps controls in train")
+    pooled_control = np.mean(list(control_means.values()), axis=0)
+
+    perturbed = obs.loc[~is_ctrl]
+    table = condition_table(perturbed)
+    labels = perturbed[CONDITION].astype(str).to_numpy()
+    means = group_means(X[~is_ctrl], labels, table[CONDITION].to_numpy())
+    table["n_cells"] = pd.Series(labels).value_counts().reindex(table[CONDITION]).to_numpy()
+    ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
+    perturbed_ctx = context_means(X[~is_ctrl], contexts[~is_ctrl]) if (~is_ctrl).any() else {}
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(train.n_obs, size=min(GENE_SIM_MAX_CELLS, train.n_obs), replace=False))
+    sample = X[pick]
+    sample = sample.toarray() if sp.issparse(sample) else np.asarray(sample)
+    return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx,
+                           sample.astype(np.float64))
+
+
+def read_controls(split_dir: Path, which: Which, train: ad.AnnData) -> ad.AnnData:
+    """Control cells of the contexts to predict: test_inputs.h5ad for test; for val the val
+    controls of a context when val has any, else the training controls of that context."""
+    if which == "test":
+        path = split_dir / "test_inputs.h5ad"
+        inputs = read_h5ad(path)
+        require_obs(inputs, path, (CONTEXT, IS_CONTROL))
+        return inputs[inputs.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
+    path = split_dir / "val.h5ad"
+    val = read_h5ad(path)
+    require_obs(val, path, (CONTEXT, IS_CONTROL))
+    val_ctrl = val[val.obs[IS_CONTROL].to_numpy(dtype=bool)]
+    have = set(val_ctrl.obs[CONTEXT].astype(str))
+    train_ctrl = train[train.obs[IS_CONTROL].to_numpy(dtype=bool)
+                       & ~train.obs[CONTEXT].astype(str).isin(have).to_numpy()]
+    return ad.concat([val_ctrl, train_ctrl], join="inner", merge="same")
+
+
+def read_targets(split_dir: Path, which: Which) -> pd.DataFrame:
+    if which == "test":
+        path = split_dir / "test_inputs.h5ad"
+        predict = read_h5ad(path).uns.get("predict")
+        needed = (CONDITION, PERTURBATION, DOSE, CONTEXT)
+        if not isinstance(predict, dict) or any(k not in predict for k in needed):
+            raise SplitDirectoryError(f"{path}: uns['predict'] must hold lists {preview(needed)}")
+        table = pd.DataFrame({k: np.asarray(predict[k]) for k in needed})
+        return table.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
+    path = split_dir / "val.h5ad"
+    val = read_h5ad(path)
+    require_obs(val, path, (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
+    return condition_table(val.obs.loc[~val.obs[IS_CONTROL].to_numpy(dtype=bool)])
+
+
+def load_task(split_dir: str | Path, which: Which = "test") -> PredictionTask:
+    """Read a split directory into what baselines and the evaluator need (never the test truth)."""
+    if which not in ("test", "val"):
+        raise ValueError(f"which must be 'test' or 'val', not {which!r}")
+    split_dir = Path(split_dir)
+    train_path = split_dir / "train.h5ad"
+    train = read_h5ad(train_path)
+    require_obs(train, train_path, (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
+    genes = split_genes(split_dir, train)
+    controls = read_controls(split_dir, which, train)
+    if list(controls.var_names) != list(genes):
+        controls = controls[:, genes].copy()
+    targets = read_targets(split_dir, which)
+    control_means = context_means(controls.X, controls.obs[CONTEXT].astype(str).to_numpy())
+    missing = sorted(set(targets[CONTEXT]) - set(control_means))
+    if missing:
+        raise SplitDirectoryError(
+            f"{split_dir}: no control cells for the {which} context(s) {preview(missing)}"
+        )
+    feature_types = (train.var["feature_types"].astype(str).to_numpy()
+                     if "feature_types" in train.var.columns else None)
+    return PredictionTask(split_dir, which, genes, feature_types, targets, controls, control_means,
+                          summarise_training(train))
+
+
+# --- Δ look-ups shared by several baselines -------------------------------------------------------
+
+
+def _same_dose(doses: pd.Series, dose: float) -> np.ndarray:
+    d = doses.to_numpy(dtype=float)
+    return (np.isnan(d) & np.isnan(dose)) | np.isclose(d, dose, equal_nan=False)
+
+
+def mean_training_delta(train: TrainingSummary, context: str, dose: float) -> np.ndarray:
+    """Mean Δ over training conditions, preferring the same context and the same dose."""
+    t = train.conditions
+    same_ctx = (t[CONTEXT] == context).to_numpy()
+    same_dose = _same_dose(t[DOSE], dose)
+    for mask in (same_ctx & same_dose, same_ctx, same_dose, np.ones(len(t), dtype=bool)):
+        if mask.any():
+            return train.deltas[mask].mean(axis=0)
+    return np.zeros(train.deltas.shape[1])
+
+
+def seen_delta(train: TrainingSummary, perturbation: str, dose: float, context: str,
+               other_contexts_only: bool = False) -> np.ndarray | None:
+    """Training Δ of one perturbation: same dose and context, else the mean over other contexts at
+    the same dose, else over any dose; None when it was never seen in training."""
+    t = train.conditions
+    same_pert = (t[PERTURBATION] == perturbation).to_numpy()
+    same_ctx = (t[CONTEXT] == context).to_numpy()
+    same_dose = _same_dose(t[DOSE], dose)
+    chain = [same_pert & ~same_ctx & same_dose, same_pert & ~same_ctx]
+    if not other_contexts_only:
+        chain = [same_pert & same_ctx & same_dose, *chain, same_pert]
+    for mask in chain:
+        if mask.any():
+            return train.deltas[mask].mean(axis=0)
+    return None
+
+
+def _as_predictions(task: PredictionTask, rows: list[np.ndarray]) -> ad.AnnData:
+    obs = task.targets.loc[:, [CONDITION, PERTURBATION, DOSE, CONTEXT]].copy()
+    obs.index = obs[CONDITION].to_numpy()
+    X = np.vstack(rows).astype(np.float32) if rows else np.zeros((0, len(task.genes)), np.float32)
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=task.genes.astype(str)))
+
+
+def _predict_each(task: PredictionTask, delta_of: Callable[[pd.Series], np.ndarray]) -> ad.AnnData:
+    rows = [task.control_means[row[CONTEXT]] + delta_of(row) for _, row in task.targets.iterrows()]
+    return _as_predictions(task, rows)
+
+
+# --- the baselines --------------------------------------------------------------------------------
+
+
+def control_baseline(task: PredictionTask) -> ad.AnnData:
+    """No change: the control pseudobulk of the condition's context."""
+    return _predict_each(task, lambda row: 0.0)
+
+
+def mean_delta_baseline(task: PredictionTask) -> ad.AnnData:
+    """Context control + the mean training Δ. The mean is over training conditions of the same
+    context at the same dose (for drugs: the average drug at that dose), falling back to the same
+    context at any dose, the same dose in any context, then all training conditions. This is the
+    reference every score is normalized against."""
+    return _predict_each(task, lambda row: mean_training_delta(task.train, row[CONTEXT], row[DOSE]))
+
+
+def context_mean_baseline(task: PredictionTask) -> ad.AnnData:
+    """The mean of all perturbed training cells of the same context (cell-weighted, ignoring which
+    perturbation); all perturbed training cells when the context has none."""
+    train = task.train
+    pooled = (np.mean(list(train.perturbed_context_means.values()), axis=0)
+              if train.perturbed_context_means else None)
+
+    def predict(row: pd.Series) -> np.ndarray:
+        mean = train.perturbed_context_means.get(row[CONTEXT], pooled)
+        return task.control_means[row[CONTEXT]] if mean is None else mean
+
+    return _as_predictions(task, [predict(row) for _, row in task.targets.iterrows()])
+
+
+def additive_baseline(task: PredictionTask) -> ad.AnnData:
+    """Combinations A+B: context control + ΔA + ΔB, each single's Δ from training (same context and
+    dose when seen there, else other contexts). A component never seen alone contributes the mean
+    training Δ; a single is predicted by its own training Δ (or the mean Δ when unseen)."""
+    def delta(row: pd.Series) -> np.ndarray:
+        total = np.zeros(len(task.genes))
+        for part in combo_genes(row[PERTURBATION]):
+            d = seen_delta(task.train, part, row[DOSE], row[CONTEXT])
+            total += mean_training_delta(task.train, row[CONTEXT], row[DOSE]) if d is None else d
+        return total
+
+    return _predict_each(task, delta)
+
+
+def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
+    """Unseen context: the perturbation's Δ measured in the other training contexts (same dose when
+    available) added to the held-out context's control; the mean training Δ when the perturbation
+    was never seen elsewhere."""
+    def delta(row: pd.Series) -> np.ndarray:
+        d = seen_delta(task.train, row[PERTURBATION], row[DOSE], row[CONTEXT], other_contexts_only=True)
+        return mean_training_delta(task.train, row[CONTEXT], row[DOSE]) if d is None else d
+
+    return _predict_each(task, delta)
+
+
+def _target_embedding(perturbation: str, gene_pos: dict[str, int], emb: np.ndarray) -> np.ndarray | None:
+    idx = [gene_pos[g] for g in combo_genes(perturbation) if g in gene_pos]
+    return emb[idx].sum(axis=0) if idx else None
+
+
+def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
+    """Linear model of Ahlmann-Eltze et al. (2025) on training Δs: Y (genes × conditions) ≈ b + G W Pᵀ
+    with G = the top-K (K=10) principal directions of the centred training Δ matrix (gene embedding),
+    P = the rows of G of each condition's target gene(s) (summed for combos), W by ridge (λ=0.1) in
+    closed form. An unseen perturbation is predicted from its target gene's row of G; a target that
+    is not a measured gene gets b, the mean training Δ."""
+    train = task.train
+    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
+    Y = train.deltas.T  # genes × conditions
+    b = Y.mean(axis=1, keepdims=True) if Y.shape[1] else np.zeros((len(task.genes), 1))
+    k = max(1, min(PCA_RIDGE_K, Y.shape[1] - 1, Y.shape[0]))
+    if Y.shape[1] >= 2:
+        G = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k]
+    else:
+        G = np.zeros((Y.shape[0], k))
+    rows = [_target_embedding(p, gene_pos, G) for p in train.conditions[PERTURBATION]]
+    fit = [i for i, r in enumerate(rows) if r is not None]
+    W = np.zeros((k, k))
+    if fit:
+        P = np.stack([rows[i] for i in fit])  # conditions × K
+        lam = PCA_RIDGE_LAMBDA * np.eye(k)
+        left = np.linalg.solve(G.T @ G + lam, G.T @ (Y[:, fit] - b))
+        W = np.linalg.solve((P.T @ P + lam).T, (left @ P).T).T
+
+    def delta(row: pd.Series) -> np.ndarray:
+        emb = _target_embedding(row[PERTURBATION], gene_pos, G)
+        return b[:, 0] + (G @ W @ emb if emb is not None else 0.0)
+
+    return _predict_each(task, delta)
+
+
+def gene_similarity_baseline(task: PredictionTask) -> ad.AnnData:
+    """kNN on co-expression gene embeddings: each gene is embedded by its loadings on the top 20
+    principal components of (a sample of) training cells, scaled by the component's spread. A target
+    gene is predicted by the Δs of the 5 training-perturbed genes most cosine-similar to it
+    (weights ∝ positive similarity), summed over the targets of a combo; targets that are not
+    measured genes get the mean training Δ."""
+    train = task.train
+    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
+    cells = train.cell_sample
+    n_comp = max(1, min(GENE_SIM_DIM, cells.shape[0] - 1, cells.shape[1] - 1))
+    pca = PCA(n_components=n_comp, svd_solver="randomized", random_state=0).fit(cells)
+    emb = pca.components_.T * np.sqrt(pca.explained_variance_)[None, :]
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    singles = sorted({p for p in train.conditions[PERTURBATION] if len(combo_genes(p)) == 1 and p in gene_pos})
+
+    def delta(row: pd.Series) -> np.ndarray:
+        total = np.zeros(len(task.genes))
+        for part in combo_genes(row[PERTURBATION]):
+            if part not in gene_pos or not singles:
+                total += mean_training_delta(train, row[CONTEXT], row[DOSE])
+                continue
+            sims = emb[[gene_pos[s] for s in singles]] @ emb[gene_pos[part]]
+            order = np.argsort(-sims, kind="stable")[:GENE_SIM_NEIGHBOURS]
+            w = np.clip(sims[order], 0.0, None)
+            w = w / w.sum() if w.sum() > 0 else np.full(len(order), 1.0 / len(order))
+            for weight, j in zip(w, order):
+                d = seen_delta(train, singles[j], row[DOSE], row[CONTEXT])
+                total += weight * (d if d is not None else 0.0)
+        return total
+
+    return _predict_each(task, delta)
+
+
+def _targets_are_genes(task: PredictionTask) -> bool:
+    genes = set(map(str, task.genes))
+    return any(all(g in genes for g in combo_genes(p)) for p in task.targets[PERTURBATION])
+
+
+def _transfer_applies(task: PredictionTask) -> bool:
+    t = task.train.conditions
+    return any(((t[PERTURBATION] == row[PERTURBATION]) & (t[CONTEXT] != row[CONTEXT])).any()
+               for _, row in task.targets.iterrows())
+
+
+BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[PredictionTask], bool]]] = {
+    "control": (control_baseline, lambda task: True),
+    "mean_delta": (mean_delta_baseline, lambda task: True),
+    "context_mean": (context_mean_baseline, lambda task: True),
+    "additive": (additive_baseline,
+                 lambda task: any(len(combo_genes(p)) > 1 for p in task.targets[PERTURBATION])),
+    "linear_pca_ridge": (linear_pca_ridge_baseline, _targets_are_genes),
+    "delta_transfer": (delta_transfer_baseline, _transfer_applies),
+    "gene_similarity": (gene_similarity_baseline, _targets_are_genes),
+}
+
+
+def applicable_baselines(task: PredictionTask) -> list[str]:
+    """Names of the baselines that make sense for this task: combos for `additive`, perturbations
+    that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer`."""
+    return [name for name, (_, applies) in BASELINES.items() if applies(task)]
+
+
+def run_baselines(split_dir: str | Path | PredictionTask, which: Which = "test") -> dict[str, ad.AnnData]:
+    """Predictions of every applicable baseline, in the model predictions format."""
+    task = split_dir if isinstance(split_dir, PredictionTask) else load_task(split_dir, which)
+    return {name: BASELINES[name][0](task) for name in applicable_baselines(task)}

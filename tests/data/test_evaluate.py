@@ -1,0 +1,218 @@
+"""The evaluator on real split directories: metric wiring, ceiling, normalization, validation errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+
+from service.data import condition_keys
+from service.data.evaluate import Evaluator, PredictionsError, evaluate
+
+TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top20_de",
+               "pearson_delta_top20_de", "r2_delta", "direction_acc_top20_de", "discrimination_l1",
+               "de_overlap"}
+
+
+def write_split(adata: ad.AnnData, out: Path, *, test: Sequence[str], val: Sequence[str] = (),
+                context_key: str | None = None, dose_key: str | None = None) -> Path:
+    """A split directory in the contract format, with the perturbations `test` / `val` held out
+    (all their doses and contexts); controls stay in train and feed test_inputs."""
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    X = np.log1p(X / np.maximum(X.sum(axis=1, keepdims=True), 1) * 1e4).astype(np.float32)
+    pert = adata.obs["perturbation"].astype(str).to_numpy()
+    is_ctrl = pert == "control"
+    dose = adata.obs[dose_key].to_numpy(float) if dose_key else np.full(len(pert), np.nan)
+    dose = np.where(is_ctrl, np.nan, dose)
+    ctx = adata.obs[context_key].astype(str).to_numpy() if context_key else np.full(len(pert), "all")
+    obs = pd.DataFrame({"perturbation": pert, "dose": dose, "context": ctx, "is_control": is_ctrl,
+                        "condition": condition_keys(pert, dose, ctx)}, index=adata.obs_names)
+    cells = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=adata.var.copy())
+    part = np.where(np.isin(pert, test), "test", np.where(np.isin(pert, val), "val", "train"))
+    out.mkdir(parents=True, exist_ok=True)
+    cells[part == "train"].copy().write_h5ad(out / "train.h5ad")
+    cells[part == "val"].copy().write_h5ad(out / "val.h5ad")
+    truth = cells[part == "test"].copy()
+    truth.write_h5ad(out / "test_truth.h5ad")
+    inputs = cells[is_ctrl & np.isin(ctx, truth.obs["context"].unique())].copy()
+    todo = truth.obs.drop_duplicates("condition")
+    inputs.uns["predict"] = {k: list(todo[k]) for k in ("condition", "perturbation", "dose", "context")}
+    inputs.write_h5ad(out / "test_inputs.h5ad")
+    conditions = {p: sorted(set(obs["condition"][part == p])) for p in ("train", "val", "test")}
+    (out / "split.json").write_text(json.dumps({
+        "version": 1, "scheme": "perturbation", "seed": 0, "source": "test", "conditions": conditions,
+        "genes": list(map(str, adata.var_names)), "normalization": "log1p_cp10k"}))
+    return out
+
+
+def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
+    """The real pseudobulk of every condition: a perfect model."""
+    cells = ad.read_h5ad(split / ("test_truth.h5ad" if which == "test" else "val.h5ad"))
+    cells = cells[~cells.obs["is_control"].to_numpy(bool)]
+    rows = cells.obs.drop_duplicates("condition")
+    X = np.vstack([np.asarray(cells[cells.obs["condition"] == c].X.mean(axis=0)).ravel()
+                   for c in rows["condition"]])
+    obs = rows[["condition", "perturbation", "dose", "context"]].set_index("condition", drop=False)
+    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=cells.var_names))
+
+
+@pytest.fixture
+def split(make_adata, tmp_path) -> Path:
+    adata = make_adata([f"G{i}" for i in range(10)], n_genes=50, cells_per_condition=30, n_control=60)
+    return write_split(adata, tmp_path / "split", test=["G0", "G1", "G2", "G3"], val=["G4", "G5"])
+
+
+def test_perfect_predictions_score_perfectly_and_match_plain_computations(split):
+    pred = truth_predictions(split)
+    report = evaluate(split, pred)
+    assert report.n_conditions == 4
+    assert TOP_METRICS <= set(report.summary)
+    s = report.summary
+    assert s["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert s["pearson"] == pytest.approx(1.0)
+    assert s["pearson_delta"] == pytest.approx(1.0)
+    assert s["r2_delta"] == pytest.approx(1.0)
+    assert s["direction_acc_top20_de"] == 1.0
+    assert s["discrimination_l1"] == 1.0
+    assert 0.5 < s["de_overlap"] <= 1.0
+    assert report.ceiling["de_overlap"] == pytest.approx(s["de_overlap"])
+    # The ceiling is below a perfect score: half-samples disagree.
+    assert 0 < report.ceiling["pearson_delta"] < 1
+    assert report.ceiling["mse"] > 0
+    assert report.normalized["r2_delta"] == pytest.approx(1.0)
+
+
+def test_pearson_delta_and_top20_against_independent_computation(split):
+    pred = truth_predictions(split)
+    rng = np.random.default_rng(3)
+    pred.X = pred.X + rng.normal(scale=0.3, size=pred.X.shape)
+    report = evaluate(split, pred)
+
+    truth = ad.read_h5ad(split / "test_truth.h5ad")
+    ctrl_cells = ad.read_h5ad(split / "test_inputs.h5ad")
+    ctrl_dense = ctrl_cells.X.toarray()
+    ctrl = ctrl_dense.mean(axis=0)
+    train = ad.read_h5ad(split / "train.h5ad")
+    perturbed = train[~train.obs["is_control"].to_numpy(bool)]
+    centroids = np.vstack([np.asarray(perturbed[perturbed.obs["condition"] == c].X.mean(axis=0)).ravel()
+                           for c in perturbed.obs["condition"].unique()])
+    ref = centroids.mean(axis=0)
+    for row in report.per_condition:
+        cells = truth[truth.obs["condition"] == row["condition"]].X.toarray()
+        true = cells.mean(axis=0)
+        p = pred[row["condition"]].X.ravel()
+        assert row["pearson_delta"] == pytest.approx(stats.pearsonr(p - ctrl, true - ctrl)[0], abs=1e-6)
+        assert row["pearson_delta_pert"] == pytest.approx(stats.pearsonr(p - ref, true - ref)[0], abs=1e-6)
+        t = stats.ttest_ind(cells, ctrl_dense, equal_var=False).statistic
+        top = np.argsort(-np.abs(np.nan_to_num(t)), kind="stable")[:20]
+        assert row["mse_top20_de"] == pytest.approx(np.mean((p[top] - true[top]) ** 2), rel=1e-5)
+        assert row["pearson_delta_top20_de"] == pytest.approx(
+            stats.pearsonr(p[top] - ctrl[top], true[top] - ctrl[top])[0], abs=1e-6)
+    assert report.summary["pearson_delta"] == pytest.approx(
+        np.mean([r["pearson_delta"] for r in report.per_condition]))
+
+
+def test_ceiling_is_spearman_brown_of_half_split(split):
+    ev = Evaluator(split)
+    truth = ev.truth
+    r = [stats.pearsonr(truth.half_a[i] - truth.control[i], truth.half_b[i] - truth.control[i])[0]
+         for i in range(len(truth.targets))]
+    expected = np.mean([2 * x / (1 + x) for x in r])
+    assert ev.ceiling["pearson_delta"] == pytest.approx(expected)
+    assert ev.ceiling["mse"] == pytest.approx(np.mean((truth.half_a - truth.half_b) ** 2) / 4)
+
+
+def test_mean_baseline_normalizes_to_zero(split):
+    from service.data.baselines import run_baselines
+
+    ev = Evaluator(split)
+    report = ev.score(run_baselines(ev.task)["mean_delta"])
+    for name, value in report.normalized.items():
+        assert value == pytest.approx(0.0, abs=1e-9), name
+    assert report.mean_baseline == report.summary
+
+
+def test_val_is_scored_against_val_cells(split):
+    report = evaluate(split, truth_predictions(split, "val"), which="val")
+    assert report.which == "val"
+    assert {r["perturbation"] for r in report.per_condition} == {"G4", "G5"}
+    assert report.summary["mse"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
+    adata = make_adata([f"G{i}" for i in range(6)], n_genes=30, cells_per_condition=30, n_control=60,
+                       feature_types={"Antibody Capture": 6, "Peaks": 40})
+    split = write_split(adata, tmp_path / "split", test=["G0", "G1", "G2"])
+    report = evaluate(split, truth_predictions(split))
+    assert report.summary["protein_mse"] == pytest.approx(0.0, abs=1e-10)
+    assert "protein_pearson_delta" in report.ceiling
+    assert {"atac_roc_auc", "atac_pr_auc"} <= {k for r in report.per_condition for k in r}
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ev(split) -> Evaluator:
+    return Evaluator(split)
+
+
+def test_missing_condition_is_named(ev, split):
+    pred = truth_predictions(split)
+    with pytest.raises(PredictionsError, match=r"miss 1 test condition.*G3\|\|all"):
+        ev.score(pred[pred.obs["perturbation"] != "G3"].copy())
+
+
+def test_unknown_extra_condition_is_named(ev, split):
+    pred = truth_predictions(split)
+    extra = pred[:1].copy()
+    extra.obs.index = ["X|1|all"]
+    extra.obs["condition"] = "X|1|all"
+    with pytest.raises(PredictionsError, match=r"not test conditions.*X\|1\|all"):
+        ev.score(ad.concat([pred, extra]))
+
+
+def test_wrong_genes_are_named(ev, split):
+    pred = truth_predictions(split)
+    pred.var_names = ["G0", *[f"Z{i}" for i in range(1, pred.n_vars)]]
+    with pytest.raises(PredictionsError, match=r"missing 'G1'.*unexpected 'Z1'"):
+        ev.score(pred)
+    with pytest.raises(PredictionsError, match=r"genes differ"):
+        ev.score(truth_predictions(split)[:, :-1].copy())
+
+
+def test_nan_is_rejected_with_its_condition(ev, split):
+    pred = truth_predictions(split)
+    pred.X[2, 5] = np.nan
+    pred.X[2, 6] = np.inf
+    with pytest.raises(PredictionsError, match=r"2 NaN/inf value\(s\).*G2"):
+        ev.score(pred)
+
+
+def test_missing_condition_column_and_duplicates(ev, split):
+    pred = truth_predictions(split)
+    with pytest.raises(PredictionsError, match="no 'condition' column"):
+        ev.score(ad.AnnData(X=pred.X, var=pred.var))
+    with pytest.raises(PredictionsError, match="repeat the condition"):
+        ev.score(ad.concat([pred, pred[:1]]))
+
+
+def test_bad_file_is_a_predictions_error(ev, tmp_path):
+    with pytest.raises(PredictionsError, match="not found"):
+        ev.score(tmp_path / "nope.h5ad")
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    with pytest.raises(PredictionsError, match="not a readable AnnData"):
+        ev.score(tmp_path / "junk.h5ad")
+
+
+def test_gene_order_is_aligned(ev, split):
+    pred = truth_predictions(split)
+    shuffled = pred[::-1, ::-1].copy()
+    assert ev.score(shuffled).summary["mse"] == pytest.approx(0.0, abs=1e-10)
