@@ -82,9 +82,10 @@ class OpenAIBackend:
         return self.answer(request).reply
 
     def answer(self, request: LLMRequest) -> Answer:
+        # A key pasted into a prompt or context would otherwise travel to the provider and its logs.
         messages = [
-            {"role": "system", "content": _system_prompt(request)},
-            {"role": "user", "content": _user_prompt(request)},
+            {"role": "system", "content": self.redactor.text(_system_prompt(request))},
+            {"role": "user", "content": self.redactor.text(_user_prompt(request))},
         ]
         tally = _Tally()
         for reask in range(self.max_reasks + 1):
@@ -108,8 +109,8 @@ class OpenAIBackend:
             log.warning("LLM reply for %s is not a valid %s: %s", request.kind, request.schema.__name__,
                         self.redactor.text(problem))
             messages += [
-                {"role": "assistant", "content": content},
-                {"role": "user", "content": _reask_prompt(request, problem)},
+                {"role": "assistant", "content": self.redactor.text(content)},
+                {"role": "user", "content": self.redactor.text(_reask_prompt(request, problem))},
             ]
         raise LLMInvalidReply(
             f"{self.model} did not produce a valid {request.schema.__name__} for {request.kind!r} after "
@@ -120,7 +121,7 @@ class OpenAIBackend:
 
     def _complete(self, messages: list[dict[str, str]], tally: _Tally, kind: str) -> str:
         """One completion, retried on transient errors; returns the message content."""
-        deadline_start = time.monotonic()
+        started = time.monotonic()
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_seconds),
             wait=self._wait,
@@ -132,11 +133,14 @@ class OpenAIBackend:
             response = retrying(self._create, messages, tally)
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            elapsed = time.monotonic() - deadline_start
+            elapsed = time.monotonic() - started
+            asked = _retry_after(last)
+            beyond = (f"; the server asked to wait {asked:g}s, past the time budget"
+                      if asked is not None and elapsed + asked >= self.max_seconds else "")
             raise LLMUnavailable(
                 f"{self._where()} gave no answer for {kind!r} after {exc.last_attempt.attempt_number} "
-                f"attempts in {elapsed:.1f}s (limits: {self.max_attempts} attempts, {self.max_seconds:g}s); "
-                f"last error: {self._explain(last)}",
+                f"attempt(s) in {elapsed:.1f}s (limits: {self.max_attempts} attempts, {self.max_seconds:g}s); "
+                f"last error: {self._explain(last)}{beyond}",
                 attempts=exc.last_attempt.attempt_number,
                 status=getattr(last, "status_code", None),
             ) from None
