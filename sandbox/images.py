@@ -156,14 +156,13 @@ def fill_wheelhouse(flavor: str, log: LogFn | None = None, images_dir: Path | No
     ]
     for platform in WHEEL_PLATFORMS:
         cmd += ["--platform", platform]
-    env = dict(os.environ)
-    if flavor == "gpu":
-        # A local CPU torch wheel in PIP_FIND_LINKS would satisfy torch==X and sneak into the GPU image.
-        env.pop("PIP_FIND_LINKS", None)
     log(f"downloading wheels for {flavor} into {wheelhouse}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # pip's warnings about unreadable mirror locations bury the one line that says what failed.
+        errors = [line for line in lines if line.startswith("ERROR:") and "Ignored the following" not in line]
+        tail = "\n".join((errors or lines)[-3:])
         raise WheelhouseError(
             f"could not fill the wheelhouse {wheelhouse} from {requirements} "
             f"(pip download exited {proc.returncode}):\n{tail}"
