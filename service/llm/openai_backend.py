@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
 import openai
 from openai import OpenAI
 from pydantic import BaseModel, ValidationError
@@ -30,8 +29,9 @@ from .request import Answer, CallStats, LLMInvalidReply, LLMRequest, LLMUnavaila
 log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 409, 429}
-# Servers that do not implement response_format reject it with a 400 naming it; we then ask without.
+# Servers that do not implement an optional parameter reject it with a 400 naming it; we then ask without.
 _JSON_MODE_REJECTED = re.compile(r"response_format|json_object|json mode", re.IGNORECASE)
+_TEMPERATURE_REJECTED = re.compile(r"temperature", re.IGNORECASE)
 _FENCED_JSON = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
@@ -164,20 +164,26 @@ class OpenAIBackend:
         return response.choices[0].message.content
 
     def _create(self, messages: list[dict[str, str]], tally: _Tally) -> Any:
-        tally.attempts += 1
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        if self.json_mode:
+        """One HTTP request; an optional parameter the server rejects is dropped for good and re-sent."""
+        while True:
+            tally.attempts += 1
+            kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
+            if self.temperature is not None:
+                kwargs["temperature"] = self.temperature
+            if self.json_mode:
+                kwargs["response_format"] = {"type": "json_object"}
             try:
-                return self._client.chat.completions.create(response_format={"type": "json_object"}, **kwargs)
+                return self._client.chat.completions.create(**kwargs)
             except openai.BadRequestError as exc:
-                if not _JSON_MODE_REJECTED.search(str(exc)):
+                if self.json_mode and _JSON_MODE_REJECTED.search(str(exc)):
+                    self.json_mode = False
+                    dropped = "response_format=json_object"
+                elif self.temperature is not None and _TEMPERATURE_REJECTED.search(str(exc)):
+                    self.temperature = None  # reasoning models accept only their default temperature
+                    dropped = "temperature"
+                else:
                     raise
-                log.info("%s does not support response_format=json_object; asking without it", self._where())
-                self.json_mode = False
-                tally.attempts += 1
-        return self._client.chat.completions.create(**kwargs)
+                log.info("%s rejected %s; asking without it", self._where(), dropped)
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = self._backoff(state)
@@ -222,10 +228,10 @@ def _is_transient(exc: BaseException) -> bool:
 
 def _retry_after(exc: BaseException | None) -> float | None:
     """Seconds the server asked us to wait (`retry-after-ms`, or `Retry-After` as seconds or HTTP date)."""
-    response: httpx.Response | None = getattr(exc, "response", None)
-    if response is None:
+    # The SDK's status errors carry the HTTP response; connection errors and timeouts carry none.
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
         return None
-    headers = response.headers
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
             return max(float(ms) / 1000.0, 0.0)

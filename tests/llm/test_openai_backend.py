@@ -161,6 +161,15 @@ def test_server_without_json_mode_is_asked_again_without_it(fake_llm):
     assert b.json_mode is False
 
 
+def test_model_without_temperature_is_asked_again_without_it(fake_llm):
+    fake_llm.script(Fail(400, "Unsupported value: 'temperature' does not support 0.0 with this model."),
+                    Reply(GOOD))
+    answer = backend(fake_llm).answer(request())
+    assert answer.stats.attempts == 2
+    assert fake_llm.requests[0].body["temperature"] == 0.0
+    assert "temperature" not in fake_llm.requests[1].body
+
+
 def test_key_never_reaches_errors_or_logs(fake_llm, caplog):
     caplog.set_level(logging.DEBUG)  # every logger, the SDK's and httpx's included
     fake_llm.script(
