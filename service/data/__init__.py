@@ -19,6 +19,7 @@ from .errors import (
     DataFileError,
     DuplicateGeneNames,
     InvalidDose,
+    MissingLabels,
     NegativeCounts,
     NoControlCells,
     NonFiniteValues,
@@ -29,3 +30,15 @@ from .errors import (
     UnknownColumn,
     UnknownPerturbationKey,
 )
+from .load import Dataset, DatasetLayout, detect_layout, is_control_label, load_dataset, read_h5ad, validate
+from .preprocess import (
+    binarize,
+    clr,
+    highly_variable_genes,
+    normalize_log1p,
+    pseudobulk,
+    tfidf,
+    transform_blocks,
+)
+from .profile import DataProfile, profile_dataset
+from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split

@@ -167,11 +167,9 @@ def read_h5ad(path: str | Path, backed: bool | None = None) -> ad.AnnData:
 
 
 def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, object]]:
-    """Yield `(start, rows)` blocks of X; in-memory matrices come whole, backed ones in chunks."""
+    """Yield `(start, rows)` blocks of X, so that work on a chunk never costs more than a chunk's memory
+    (and a backed matrix is read from disk one chunk at a time)."""
     n = X.shape[0]
-    if isinstance(X, np.ndarray) or sp.issparse(X):
-        yield 0, X
-        return
     for start in range(0, n, chunk):
         yield start, X[start:min(n, start + chunk)]
 

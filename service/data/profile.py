@@ -1,0 +1,354 @@
+"""The data profile: everything an expert reasons over before choosing a split, metrics and a model.
+
+`profile_dataset` makes one pass over the matrix in row chunks: library sizes, sparsity, and the
+pseudobulk mean of every condition on log-normalized expression (one sparse product per chunk).
+Effect sizes, target knock-down and signal-to-noise come from those means, so profiling a
+50k x 5k dataset costs about as much as reading it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pydantic import BaseModel
+
+from .conditions import BATCH, COMBO_SEPARATOR, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
+from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, row_chunks
+from .preprocess import normalize_log1p
+
+QUANTILES = {"min": 0.0, "q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9, "max": 1.0}
+SMALL_CONDITION_CELLS = 20  # below this a condition's pseudobulk and DE tests are noisy
+DE_OVERLAP_MIN_CELLS = 30
+_LIST_LIMIT = 50
+
+
+class CombosProfile(BaseModel):
+    n_combos: int
+    n_singles: int
+    both_singles_present: int  # combos whose two genes are each also perturbed alone
+    one_single_present: int
+    no_single_present: int
+
+
+class DoseProfile(BaseModel):
+    n_drugs: int
+    dose_levels: list[float]
+    levels_per_drug_min: int
+    levels_per_drug_max: int
+    doses_per_drug: dict[str, list[float]]  # first 50 drugs
+
+
+class ContextProfile(BaseModel):
+    n_contexts: int
+    cells: dict[str, int]
+    control_cells: dict[str, int]
+    perturbations: dict[str, int]  # distinct perturbations measured per context
+    perturbations_in_all_contexts: int
+    coverage: float  # filled share of the contexts x perturbations grid
+
+
+class DataProfile(BaseModel):
+    """What the agents (and `cellforge data profile`) see about a dataset."""
+
+    source: str
+    n_cells: int
+    n_genes: int  # RNA features
+    n_features: int  # all features (RNA + proteins + peaks + others)
+    feature_types: dict[str, int]
+    modalities: list[str]
+    normalization: str  # "raw_counts" or "log_normalized"
+    perturbation_kind: str
+    perturbation_key: str
+    control_labels: list[str]
+    dose_key: str | None
+    context_key: str | None
+    batch_key: str | None
+    backed: bool
+
+    n_perturbations: int
+    n_conditions: int
+    n_control_cells: int
+    cells_per_condition: dict[str, float]
+    cells_per_condition_median: float
+    cells_per_condition_min: float
+    small_conditions: list[str]  # fewer than SMALL_CONDITION_CELLS cells (first 50)
+    n_small_conditions: int
+
+    sparsity: float  # share of zeros in X
+    library_size: dict[str, float]  # total RNA counts per cell (of X as stored when log-normalized)
+    genes_detected: dict[str, float]  # non-zero RNA features per cell
+
+    n_contexts: int
+    contexts: ContextProfile | None
+    n_doses: int
+    doses: DoseProfile | None
+    n_combos: int
+    combos: CombosProfile | None
+    n_batches: int
+    conditions_in_one_batch_fraction: float | None  # high = perturbation confounded with batch
+
+    n_target_genes: int | None  # genetic: distinct genes targeted
+    target_genes_measured_fraction: float | None
+    targets_not_measured: list[str]  # first 50
+    target_knockdown_fraction: float | None  # measured single targets lower than control in their own condition
+    delta_norm: dict[str, float]  # L2 norm of pseudobulk Δ vs control, quantiles over conditions
+    above_noise_fraction: float  # conditions whose Δ beats control sampling noise (per-gene chi-square, z > 3)
+    de_top20_fraction: float  # share of a condition's |Δ| carried by its top-20 genes (mean)
+
+    recommended_split: str
+    alternative_splits: list[str]
+    recommended_metrics: list[str]
+    notes: list[str]
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {k: 0.0 for k in QUANTILES}
+    qs = np.quantile(values.astype(np.float64), list(QUANTILES.values()))
+    return {k: round(float(v), 4) for k, v in zip(QUANTILES, qs, strict=True)}
+
+
+@dataclass
+class _Pass:
+    """Accumulated in one chunked pass over X."""
+
+    library: np.ndarray
+    detected: np.ndarray
+    nnz: int
+    sums: np.ndarray  # (groups x rna genes) sums of log-normalized expression
+    ctrl_sq: np.ndarray  # per rna gene, sum of squares over control cells
+
+
+def _scan(dataset: Dataset, group_codes: np.ndarray, n_groups: int, on_progress: Callable[[float], None] | None) -> _Pass:
+    adata, rna = dataset.adata, dataset.rna_mask
+    rna_cols = None if rna.all() else np.flatnonzero(rna)
+    n_rna = int(rna.sum())
+    is_ctrl = dataset.obs[IS_CONTROL].to_numpy(dtype=bool)
+    library = np.zeros(adata.n_obs)
+    detected = np.zeros(adata.n_obs)
+    sums = np.zeros((n_groups, n_rna))
+    ctrl_sq = np.zeros(n_rna)
+    nnz = 0
+    for start, block in row_chunks(adata.X):
+        stop = start + block.shape[0]
+        nnz += block.nnz if sp.issparse(block) else int(np.count_nonzero(block))
+        if rna_cols is not None:
+            block = block[:, rna_cols]
+        library[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        detected[start:stop] = block.getnnz(axis=1) if sp.issparse(block) else np.count_nonzero(block, axis=1)
+        lognorm = normalize_log1p(block) if dataset.layout.rna_is_counts else block
+        rows = np.arange(stop - start)
+        indicator = sp.csr_matrix((np.ones(len(rows)), (group_codes[start:stop], rows)), shape=(n_groups, len(rows)))
+        summed = indicator @ lognorm
+        sums += summed.toarray() if sp.issparse(summed) else summed
+        ctrl = lognorm[is_ctrl[start:stop]]
+        ctrl_sq += np.asarray(ctrl.multiply(ctrl).sum(axis=0) if sp.issparse(ctrl) else (ctrl.astype(np.float64) ** 2).sum(axis=0)).ravel()
+        if on_progress is not None:
+            on_progress(stop / adata.n_obs)
+    return _Pass(library=library, detected=detected, nnz=nnz, sums=sums, ctrl_sq=ctrl_sq)
+
+
+def _effects(obs: pd.DataFrame, groups: pd.Index, sizes: np.ndarray, sums: np.ndarray, ctrl_sq: np.ndarray,
+             gene_names: pd.Index) -> dict:
+    """Δ statistics per condition from the pseudobulk sums."""
+    means = sums / np.maximum(sizes, 1)[:, None]
+    ctrl_keys = obs.loc[obs[IS_CONTROL], [CONTEXT, CONDITION]].drop_duplicates().set_index(CONTEXT)[CONDITION]
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    n_ctrl_total = int(is_ctrl.sum())
+    pooled_ctrl = sums[groups.get_indexer(ctrl_keys.to_numpy())].sum(axis=0) / max(n_ctrl_total, 1)
+    ctrl_var = np.maximum(ctrl_sq / max(n_ctrl_total, 1) - pooled_ctrl**2, 0.0)
+
+    table = obs.loc[~is_ctrl, [CONDITION, PERTURBATION, CONTEXT]].drop_duplicates(CONDITION)
+    idx = groups.get_indexer(table[CONDITION])
+    ctx_ctrl_idx = groups.get_indexer(table[CONTEXT].map(ctrl_keys).fillna("").to_numpy())
+    ctrl_means = np.where((ctx_ctrl_idx >= 0)[:, None], means[np.maximum(ctx_ctrl_idx, 0)], pooled_ctrl[None, :])
+    ctrl_n = np.where(ctx_ctrl_idx >= 0, sizes[np.maximum(ctx_ctrl_idx, 0)], n_ctrl_total)
+    delta = means[idx] - ctrl_means
+    abs_delta = np.abs(delta)
+    norms = np.sqrt((delta**2).sum(axis=1))
+    # Per-gene chi-square of Δ against the sampling noise a draw of control cells would show:
+    # ~ n_genes under no effect, so a z above 3 means the condition really moved expression.
+    varying = ctrl_var > 0
+    scale = 1.0 / np.maximum(sizes[idx], 1) + 1.0 / np.maximum(ctrl_n, 1)
+    chi2 = ((delta[:, varying] ** 2) / ctrl_var[varying][None, :]).sum(axis=1) / scale
+    n_var = max(int(varying.sum()), 1)
+    noise_z = (chi2 - n_var) / np.sqrt(2 * n_var)
+    k = min(20, abs_delta.shape[1])
+    top = np.partition(abs_delta, abs_delta.shape[1] - k, axis=1)[:, -k:].sum(axis=1) if len(idx) else np.zeros(0)
+    total = abs_delta.sum(axis=1)
+    top_share = np.divide(top, total, out=np.zeros_like(top), where=total > 0)
+
+    # Knock-down: a single-gene perturbation whose target is measured should lower that gene.
+    gene_pos = gene_names.get_indexer(table[PERTURBATION])
+    single = gene_pos >= 0
+    knock = (delta[np.flatnonzero(single), gene_pos[single]] < 0) if single.any() else np.zeros(0, dtype=bool)
+    return {
+        "delta_norm": _quantiles(norms),
+        "above_noise_fraction": float((noise_z > 3).mean()) if len(norms) else 0.0,
+        "de_top20_fraction": float(top_share.mean()) if len(top_share) else 0.0,
+        "target_knockdown_fraction": float(knock.mean()) if knock.size else None,
+    }
+
+
+def _combos(perts: list[str]) -> CombosProfile | None:
+    combos = [p for p in perts if COMBO_SEPARATOR in p]
+    if not combos:
+        return None
+    singles = {p for p in perts if COMBO_SEPARATOR not in p}
+    present = [sum(g in singles for g in combo_genes(c)) for c in combos]
+    return CombosProfile(
+        n_combos=len(combos), n_singles=len(singles),
+        both_singles_present=sum(k >= 2 for k in present), one_single_present=sum(k == 1 for k in present),
+        no_single_present=sum(k == 0 for k in present),
+    )
+
+
+def _doses(perturbed: pd.DataFrame) -> DoseProfile | None:
+    dosed = perturbed.dropna(subset=[DOSE])
+    if dosed.empty:
+        return None
+    per_drug = dosed.groupby(PERTURBATION)[DOSE].apply(lambda d: sorted(float(x) for x in set(d)))
+    counts = per_drug.map(len)
+    return DoseProfile(
+        n_drugs=len(per_drug), dose_levels=sorted(float(x) for x in dosed[DOSE].unique()),
+        levels_per_drug_min=int(counts.min()), levels_per_drug_max=int(counts.max()),
+        doses_per_drug={str(k): v for k, v in list(per_drug.items())[:_LIST_LIMIT]},
+    )
+
+
+def _contexts(obs: pd.DataFrame) -> ContextProfile | None:
+    contexts = obs[CONTEXT].astype(str)
+    if contexts.nunique() < 2:
+        return None
+    perturbed = obs.loc[~obs[IS_CONTROL].to_numpy()]
+    per_ctx = perturbed.groupby(CONTEXT)[PERTURBATION].nunique()
+    grid = perturbed.groupby(PERTURBATION)[CONTEXT].nunique()
+    n_ctx = contexts.nunique()
+    return ContextProfile(
+        n_contexts=n_ctx,
+        cells=contexts.value_counts().astype(int).to_dict(),
+        control_cells=obs.loc[obs[IS_CONTROL].to_numpy(), CONTEXT].astype(str).value_counts().astype(int).to_dict(),
+        perturbations={str(k): int(v) for k, v in per_ctx.items()},
+        perturbations_in_all_contexts=int((grid == n_ctx).sum()),
+        coverage=float(grid.sum() / max(len(grid) * n_ctx, 1)),
+    )
+
+
+def _recommend(kind: str, n_contexts: int, combos: CombosProfile | None, doses: DoseProfile | None,
+               n_perturbations: int, modalities: list[str], median_cells: float) -> tuple[str, list[str], list[str]]:
+    alternatives: list[str] = []
+    if kind == "genetic_combo" and combos is not None:
+        split = "combo"
+        alternatives.append("unseen-perturbation")
+    elif kind == "chemical" and doses is not None:
+        multi_dose = doses.levels_per_drug_max >= 2
+        split = "unseen-drug" if n_perturbations >= 3 or not multi_dose else "unseen-dose"
+        if multi_dose and split != "unseen-dose":
+            alternatives.append("unseen-dose")
+    else:
+        split = "unseen-perturbation"
+    if n_contexts >= 2:
+        alternatives.append("unseen-context")
+    metrics = ["pearson_delta", "pearson_delta_pert", "mse_top20_de", "pearson_delta_top20_de",
+               "direction_acc_top20_de", "r2_delta", "discrimination_l1", "mse", "pearson"]
+    if median_cells >= DE_OVERLAP_MIN_CELLS:
+        metrics.append("de_overlap")
+    if "atac" in modalities:
+        metrics += ["atac_roc_auc", "atac_pr_auc"]
+    return split, alternatives, metrics
+
+
+def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key: str | None = None,
+                    control: str | None = None, dose_key: str | None = None, context_key: str | None = None,
+                    min_cells: int = DEFAULT_MIN_CELLS, backed: bool | None = None,
+                    on_progress: Callable[[float], None] | None = None) -> DataProfile:
+    """Load (if needed), validate and profile a perturbation dataset."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(
+        data, perturbation_key=perturbation_key, control=control, dose_key=dose_key, context_key=context_key,
+        min_cells=min_cells, backed=backed)
+    layout, obs, adata = dataset.layout, dataset.obs, dataset.adata
+    codes, groups = pd.factorize(obs[CONDITION].to_numpy(dtype=object), sort=True)
+    groups = pd.Index(groups)
+    sizes = np.bincount(codes, minlength=len(groups)).astype(np.float64)
+    scan = _scan(dataset, codes, len(groups), on_progress)
+    rna_names = adata.var_names[dataset.rna_mask]
+    effects = _effects(obs, groups, sizes, scan.sums, scan.ctrl_sq, pd.Index(rna_names))
+
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    perturbed = obs.loc[~is_ctrl]
+    cond_sizes = perturbed[CONDITION].value_counts().to_numpy()
+    perts = sorted(perturbed[PERTURBATION].unique())
+    small = perturbed[CONDITION].value_counts()
+    small = small[small < SMALL_CONDITION_CELLS].sort_values()
+    combos = _combos(perts)
+    doses = _doses(perturbed)
+    contexts = _contexts(obs)
+    n_contexts = contexts.n_contexts if contexts else 1
+
+    targets: list[str] = []
+    if layout.kind in ("genetic", "genetic_combo"):
+        targets = sorted({g for p in perts for g in combo_genes(p)})
+    measured = set(rna_names)
+    missing = [t for t in targets if t not in measured]
+
+    n_batches = int(obs[BATCH].nunique()) if BATCH in obs.columns else 1
+    one_batch = None
+    if BATCH in obs.columns and n_batches > 1:
+        one_batch = float((perturbed.groupby(CONDITION)[BATCH].nunique() == 1).mean())
+
+    feature_types = pd.Series(dataset.feature_block).value_counts().astype(int).to_dict()
+    median_cells = float(np.median(cond_sizes)) if cond_sizes.size else 0.0
+    split, alternatives, metrics = _recommend(layout.kind, n_contexts, combos, doses, len(perts),
+                                              list(layout.modalities), median_cells)
+
+    notes: list[str] = []
+    if len(small):
+        notes.append(f"{len(small)} of {len(cond_sizes)} conditions have fewer than {SMALL_CONDITION_CELLS} cells; "
+                     "their pseudobulk and DE genes are noisy")
+    if targets and missing:
+        notes.append(f"{len(missing)} of {len(targets)} target genes are not measured; their own knock-down "
+                     "cannot be predicted or scored")
+    if effects["target_knockdown_fraction"] is not None and effects["target_knockdown_fraction"] < 0.5:
+        notes.append("fewer than half of the measured targets go down in their own condition: check the labels")
+    if effects["above_noise_fraction"] < 0.3:
+        notes.append(f"weak effects: only {effects['above_noise_fraction']:.0%} of conditions differ from control "
+                     "beyond sampling noise; the control baseline will be hard to beat")
+    if one_batch is not None and one_batch > 0.8:
+        notes.append(f"{one_batch:.0%} of conditions sit in a single batch: perturbation and batch are confounded")
+    if combos is not None and combos.both_singles_present < combos.n_combos:
+        notes.append(f"{combos.n_combos - combos.both_singles_present} of {combos.n_combos} combos lack a single "
+                     "for one of their genes; additive baselines fall back for them")
+    if contexts is not None and contexts.coverage < 1.0:
+        notes.append(f"contexts x perturbations grid is {contexts.coverage:.0%} filled")
+    if contexts is not None and any(v == 0 for v in (contexts.control_cells.get(c, 0) for c in contexts.cells)):
+        notes.append("some contexts have no control cells and cannot be held out by unseen-context")
+
+    return DataProfile(
+        source=layout.source, n_cells=adata.n_obs, n_genes=int(dataset.rna_mask.sum()), n_features=adata.n_vars,
+        feature_types={str(k): int(v) for k, v in feature_types.items()}, modalities=list(layout.modalities),
+        normalization="raw_counts" if layout.rna_is_counts else "log_normalized", perturbation_kind=layout.kind,
+        perturbation_key=layout.perturbation_key, control_labels=layout.control_labels, dose_key=layout.dose_key,
+        context_key=layout.context_key, batch_key=layout.batch_key, backed=layout.backed,
+        n_perturbations=len(perts), n_conditions=len(cond_sizes), n_control_cells=int(is_ctrl.sum()),
+        cells_per_condition=_quantiles(cond_sizes), cells_per_condition_median=median_cells,
+        cells_per_condition_min=float(cond_sizes.min()) if cond_sizes.size else 0.0,
+        small_conditions=[str(k) for k in small.index[:_LIST_LIMIT]], n_small_conditions=len(small),
+        sparsity=round(1.0 - scan.nnz / max(adata.n_obs * adata.n_vars, 1), 4),
+        library_size=_quantiles(scan.library), genes_detected=_quantiles(scan.detected),
+        n_contexts=n_contexts, contexts=contexts,
+        n_doses=len([d for d in doses.dose_levels if d != 0]) if doses else 0, doses=doses,
+        n_combos=combos.n_combos if combos else 0, combos=combos,
+        n_batches=n_batches, conditions_in_one_batch_fraction=one_batch,
+        n_target_genes=len(targets) if targets else None,
+        target_genes_measured_fraction=(1 - len(missing) / len(targets)) if targets else None,
+        targets_not_measured=missing[:_LIST_LIMIT], target_knockdown_fraction=effects["target_knockdown_fraction"],
+        delta_norm=effects["delta_norm"], above_noise_fraction=effects["above_noise_fraction"],
+        de_top20_fraction=effects["de_top20_fraction"],
+        recommended_split=split, alternative_splits=alternatives, recommended_metrics=metrics, notes=notes,
+    )
