@@ -7,7 +7,7 @@ builds that stack from an `LLMConfig` (flags > environment > config file).
 """
 
 from .accounting import CALLS_FILE, CallRecord, UsageSummary, read_calls, summarize, summarize_run
-from .config import LLMConfig, make_backend
+from .config import LLMConfig, default_config_path, make_backend
 from .offline import Handler, OfflineBackend
 from .openai_backend import OpenAIBackend
 from .recorder import RecordingBackend
@@ -39,6 +39,7 @@ __all__ = [
     "Redactor",
     "ReplayBackend",
     "UsageSummary",
+    "default_config_path",
     "make_backend",
     "read_calls",
     "summarize",

@@ -16,7 +16,6 @@ from .recorder import RecordingBackend
 from .replay import ReplayBackend
 from .request import Backend, LLMConfigError
 
-DEFAULT_CONFIG_PATH = Path("~/.config/cellforge/config.toml")
 
 # Environment variables, most specific first: CELLFORGE_* wins over the SDK's conventional names.
 ENV_VARS: dict[str, tuple[str, ...]] = {
@@ -54,7 +53,7 @@ class LLMConfig(BaseModel):
         config_path: Path | str | None = None,
     ) -> LLMConfig:
         """Merge sources, highest first: `flags` (None values ignored), `env` (default: os.environ),
-        the `[llm]` table of `config_path` (default: ~/.config/cellforge/config.toml if it exists)."""
+        the `[llm]` table of `config_path` (default: `default_config_path()` if it exists)."""
         env = os.environ if env is None else env
         merged: dict[str, Any] = {}
         sources: dict[str, str] = {}
@@ -80,6 +79,12 @@ class LLMConfig(BaseModel):
 
     def secret(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+
+def default_config_path() -> Path:
+    """`$XDG_CONFIG_HOME/cellforge/config.toml`, i.e. `~/.config/cellforge/config.toml` by default."""
+    base = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
+    return Path(base).expanduser() / "cellforge" / "config.toml"
 
 
 def make_backend(
@@ -126,7 +131,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _from_file(config_path: Path | str | None) -> tuple[str, dict[str, Any]]:
     explicit = config_path is not None
-    path = Path(config_path if explicit else DEFAULT_CONFIG_PATH).expanduser()
+    path = Path(config_path if explicit else default_config_path()).expanduser()
     if not path.is_file():
         if explicit:
             raise LLMConfigError(f"config file {path} does not exist")

@@ -19,3 +19,4 @@ import pytest  # noqa: E402
 def _no_user_config(monkeypatch, tmp_path_factory):
     """Keep the developer's ~/.config/cellforge/config.toml out of these tests."""
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)

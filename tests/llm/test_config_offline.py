@@ -38,6 +38,14 @@ def test_nothing_configured_means_offline(tmp_path):
     assert config.backend == "offline" and config.api_key is None
 
 
+def test_default_config_file_is_read_from_the_user_config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "cellforge").mkdir()
+    write_config(tmp_path / "cellforge", '[llm]\nmodel = "from-user-config"\n')
+    config = LLMConfig.resolve(env={})
+    assert (config.backend, config.model) == ("openai", "from-user-config")
+
+
 def test_flags_beat_environment_beat_file(tmp_path):
     path = write_config(tmp_path, f'[llm]\nbase_url = "http://file/v1"\nmodel = "file-model"\n'
                                   f'api_key = "file-key-123"\nmax_attempts = 7\n')
