@@ -1,0 +1,99 @@
+"""System and user prompts of every agent request, each carrying the JSON schema its reply must follow.
+
+The structured input travels in `LLMRequest.context` (the backend shows it to the model as JSON), so
+the prompts only say who speaks, what to decide, the rules of the discussion and the schemas.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.agents import design_space
+from service.agents.experts import Expert
+from service.agents.llm_kinds import CRITIC_SCORES, EXPERT_CRITIQUE, EXPERT_PROPOSAL, TASK_ANALYSIS
+from service.agents.messages import Critique, CriticScores, ExpertProposal
+from service.agents.offline_experts import ACCEPT_SEVERITY
+from service.agents.plan import Plan, TaskAnalysis
+from service.llm import LLMRequest
+
+_PREAMBLE = (
+    "You are part of CellForge, which designs models that predict single-cell perturbation responses "
+    "(the mean log-normalized profile of each held-out condition) and scores them against baselines "
+    "(mean Δ, linear ridge on PCA gene embeddings) on Pearson Δ vs the perturbed centroid (Systema) and "
+    "top-20-DE MSE. Ground every argument in the numbers of the data profile given in the context."
+)
+
+
+def schema_json(model: type[BaseModel]) -> str:
+    return json.dumps(model.model_json_schema(), indent=1, sort_keys=True)
+
+
+def _with_schema(text: str, model: type[BaseModel]) -> str:
+    return f"{text}\n\nReply with one JSON object that validates against this JSON schema ({model.__name__}):\n" \
+           f"{schema_json(model)}"
+
+
+def field_schemas(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The JSON schema of each named plan field (type, range, allowed values)."""
+    plan_schema = Plan.model_json_schema()
+    defs = plan_schema["$defs"]
+    out = {}
+    for path in fields:
+        section, _, name = path.partition(".")
+        section_ref = plan_schema["properties"][section]["$ref"].rsplit("/", 1)[-1]
+        out[path] = defs[section_ref]["properties"][name]
+    return out
+
+
+def task_analysis_request(context: dict[str, Any]) -> LLMRequest:
+    system = _with_schema(
+        f"{_PREAMBLE}\nYou frame the task: perturbation kind, split scheme, metrics, baselines to beat, risks "
+        "and preprocessing. Cite method cards only by the ids listed in context.cards, each with why it applies.",
+        TaskAnalysis,
+    )
+    user = "Frame this perturbation-modelling task from the data profile (context.facts), the task text " \
+           "(context.task_text) and the retrieved method cards (context.cards)."
+    return LLMRequest(kind=TASK_ANALYSIS, system=system, user=user, context=context, schema=TaskAnalysis)
+
+
+def proposal_request(expert: Expert, context: dict[str, Any]) -> LLMRequest:
+    system = _with_schema(
+        f"{_PREAMBLE}\nYou are the {expert.title} expert ({expert.focus}). Propose a value for each plan field "
+        f"in your remit, one FieldChoice each, with an argument quoting the profile. Choose among the vetted "
+        f"options of the design space unless the data clearly calls for another valid value.\n"
+        f"Your remit and each field's JSON schema:\n{json.dumps(field_schemas(expert.remit), indent=1)}\n"
+        f"Design space (vetted components, when to use them):\n"
+        f"{json.dumps([c for c in design_space.document() if c['field'] in expert.remit], indent=1, default=str)}",
+        ExpertProposal,
+    )
+    user = ("Round {round}. If context.previous is set, revise it: adopt each objection in context.critiques "
+            f"with severity >= {ACCEPT_SEVERITY} that you cannot refute, and keep the rest; when you adopt a "
+            "critique's value, set `source` to that critique (round, expert, message_id, summary).").format(
+        round=context.get("round", 1))
+    return LLMRequest(kind=EXPERT_PROPOSAL, system=system, user=user, context=context, schema=ExpertProposal)
+
+
+def critique_request(author: Expert, target: Expert, context: dict[str, Any]) -> LLMRequest:
+    system = _with_schema(
+        f"{_PREAMBLE}\nYou are the {author.title} expert ({author.focus}). Critique the {target.title} expert's "
+        "proposal (context.proposal) from your domain, against the whole draft plan (context.draft). One item per "
+        "point: stance 'support' or 'object', severity in [0, 1] (objections >= "
+        f"{ACCEPT_SEVERITY} are acted on), an argument quoting the profile, and for an objection a suggested "
+        f"value valid for the field:\n{json.dumps(field_schemas(target.remit), indent=1)}",
+        Critique,
+    )
+    user = f"Critique the {target.title} proposal. Return no items if you have nothing from your domain to add."
+    return LLMRequest(kind=EXPERT_CRITIQUE, system=system, user=user, context=context, schema=Critique)
+
+
+def scores_request(context: dict[str, Any]) -> LLMRequest:
+    system = _with_schema(
+        f"{_PREAMBLE}\nYou are the critic. Score every proposal in context.proposals in [0, 1]: 1 when it has no "
+        "weak point given the profile, lower by the weight of each weak point; list the reasons.",
+        CriticScores,
+    )
+    user = "Score each expert's proposal of this round."
+    return LLMRequest(kind=CRITIC_SCORES, system=system, user=user, context=context, schema=CriticScores)
