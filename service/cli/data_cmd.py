@@ -1,9 +1,132 @@
-"""CLI commands (to be filled in)."""
+"""`cellforge data profile|split`: look at a perturbation dataset and cut it into an honest split.
+
+Commands hang off `data_app`, so other data commands (e.g. `data simulate`) are added to the same
+sub-app by decorating further functions below.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.data import DataError, DataProfile, make_split, profile_dataset
+from service.data.load import DEFAULT_MIN_CELLS
+from service.data.splits import SCHEMES
+
+data_app = typer.Typer(help="Profile, split and simulate perturbation datasets (.h5ad).", no_args_is_help=True)
+err = Console(stderr=True)
+
+FileArg = Annotated[Path, typer.Argument(help="An AnnData .h5ad file.", show_default=False)]
+KeyOpt = Annotated[str | None, typer.Option("--perturbation-key", help="obs column of the perturbation (default: detected).")]
+ControlOpt = Annotated[str | None, typer.Option("--control", help="Control label (default: detected).")]
+MinCellsOpt = Annotated[int, typer.Option("--min-cells", help="Fail on conditions with fewer cells (0: never).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+def fail(exc: Exception, json_out: bool) -> NoReturn:
+    """Report a data error in one readable line (and as JSON with --json), exit 1."""
+    err.print(f"[red]{type(exc).__name__}:[/] {exc}", highlight=False)
+    if json_out:
+        print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}), flush=True)
+    raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def _show_profile(p: DataProfile) -> None:
+    table = Table(title=f"{p.source}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    cpc = p.cells_per_condition
+    rows = [
+        ("cells x genes", f"{p.n_cells:,} x {p.n_genes:,}" + (f" ({p.n_features:,} features)" if p.n_features != p.n_genes else "")),
+        ("modalities", ", ".join(p.modalities) + f" ({p.normalization})"),
+        ("perturbation", f"{p.perturbation_kind}; column {p.perturbation_key!r}, control {', '.join(p.control_labels)}"),
+        ("perturbations / conditions", f"{p.n_perturbations:,} / {p.n_conditions:,}; {p.n_control_cells:,} control cells"),
+        ("cells per condition", f"min {cpc['min']:g}, median {cpc['median']:g}, max {cpc['max']:g}"),
+        ("sparsity", f"{p.sparsity:.1%}"),
+        ("library size", f"median {p.library_size['median']:g} (q10 {p.library_size['q10']:g}, q90 {p.library_size['q90']:g})"),
+        ("contexts", f"{p.n_contexts} ({p.context_key})" if p.context_key else "none"),
+        ("doses", f"{p.n_doses} levels ({p.dose_key})" if p.dose_key else "none"),
+        ("combos", f"{p.n_combos}" + (f", {p.combos.both_singles_present} with both singles" if p.combos else "")),
+        ("batches", f"{p.n_batches} ({p.batch_key})" if p.batch_key else "none"),
+    ]
+    if p.target_genes_measured_fraction is not None:
+        rows.append(("targets measured", f"{p.target_genes_measured_fraction:.0%} of {p.n_target_genes}"))
+    if p.target_knockdown_fraction is not None:
+        rows.append(("targets knocked down", f"{p.target_knockdown_fraction:.0%}"))
+    rows += [
+        ("effects above noise", f"{p.above_noise_fraction:.0%} of conditions"),
+        ("recommended split", p.recommended_split + (f" (also {', '.join(p.alternative_splits)})" if p.alternative_splits else "")),
+        ("recommended metrics", ", ".join(p.recommended_metrics)),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out = Console()
+    out.print(table)
+    for note in p.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@data_app.command("profile")
+def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt = None,
+            min_cells: MinCellsOpt = DEFAULT_MIN_CELLS, json_out: JsonOpt = False) -> None:
+    """Detect the layout of FILE, validate it and print its profile."""
+    try:
+        with _progress() as progress:
+            task = progress.add_task("profiling", total=1.0)
+            result = profile_dataset(file, perturbation_key=perturbation_key, control=control, min_cells=min_cells,
+                                     on_progress=lambda frac: progress.update(task, completed=frac))
+    except DataError as exc:
+        fail(exc, json_out)
+    if json_out:
+        print(json.dumps({"ok": True, **result.model_dump()}), flush=True)
+    else:
+        _show_profile(result)
+
+
+@data_app.command("split")
+def split(
+    file: FileArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the split into.", show_default=False)],
+    scheme: Annotated[str, typer.Option("--scheme", help=f"One of: {', '.join(SCHEMES)}.", show_default=False)],
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same split.")] = 0,
+    n_genes: Annotated[int | None, typer.Option("--n-genes", help="Keep this many highly variable genes (perturbed genes always kept).")] = None,
+    perturbation_key: KeyOpt = None,
+    control: ControlOpt = None,
+    context: Annotated[str | None, typer.Option("--context", help="unseen-context: the context to hold out (default: drawn).")] = None,
+    few_shot_k: Annotated[int, typer.Option("--few-shot-k", help="unseen-context: conditions of the held-out context kept in train.")] = 0,
+    test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
+    val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
+    min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
+    json_out: JsonOpt = False,
+) -> None:
+    """Split FILE by SCHEME into train/val/test_inputs/test_truth + split.json under OUT."""
+    try:
+        with _progress() as progress:
+            task = progress.add_task("loading", total=None)
+            info = make_split(file, scheme, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
+                              min_cells=min_cells, test_fraction=test_fraction, val_fraction=val_fraction,
+                              context=context, few_shot_k=few_shot_k,
+                              on_progress=lambda msg: progress.update(task, description=msg))
+    except DataError as exc:
+        fail(exc, json_out)
+    sizes = {k: len(v) for k, v in info.conditions.items()}
+    err.print(f"[green]split[/] {info.scheme} (seed {info.seed}) -> {out}: conditions train {sizes['train']}, "
+              f"val {sizes['val']}, test {sizes['test']}; {len(info.genes)} features", highlight=False)
+    if json_out:
+        print(json.dumps({"ok": True, "out": str(out), **info.model_dump()}), flush=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `cellforge data` to the top-level app."""
+    app.add_typer(data_app, name="data")
