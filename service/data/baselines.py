@@ -330,33 +330,54 @@ def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
     return _predict_each(task, delta)
 
 
+@dataclass
+class GeneNeighbours:
+    """Co-expression neighbours among the training-perturbed genes. Each gene is embedded by its
+    loadings on the top 20 principal components of (a sample of) training cells, scaled by the
+    component's spread, so cosine similarity approximates the genes' correlation."""
+
+    embedding: np.ndarray  # genes × components, unit rows
+    gene_pos: dict[str, int]
+    candidates: list[str]  # genes perturbed alone in training
+
+    @classmethod
+    def from_task(cls, task: PredictionTask) -> GeneNeighbours:
+        cells = task.train.cell_sample
+        n_comp = max(1, min(GENE_SIM_DIM, cells.shape[0] - 1, cells.shape[1] - 1))
+        pca = PCA(n_components=n_comp, svd_solver="randomized", random_state=0).fit(cells)
+        emb = pca.components_.T * np.sqrt(pca.explained_variance_)[None, :]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        gene_pos = {str(g): i for i, g in enumerate(task.genes)}
+        singles = sorted({p for p in task.train.conditions[PERTURBATION]
+                          if len(combo_genes(p)) == 1 and p in gene_pos})
+        return cls(emb, gene_pos, singles)
+
+    def of(self, gene: str) -> list[tuple[str, float]]:
+        """The 5 most similar candidates with weights ∝ positive similarity (uniform when none is
+        positive), summing to 1; empty when `gene` is not measured or nothing was perturbed."""
+        if gene not in self.gene_pos or not self.candidates:
+            return []
+        sims = self.embedding[[self.gene_pos[c] for c in self.candidates]] @ self.embedding[self.gene_pos[gene]]
+        order = np.argsort(-sims, kind="stable")[:GENE_SIM_NEIGHBOURS]
+        w = np.clip(sims[order], 0.0, None)
+        w = w / w.sum() if w.sum() > 0 else np.full(len(order), 1.0 / len(order))
+        return [(self.candidates[j], float(weight)) for j, weight in zip(order, w)]
+
+
 def gene_similarity_baseline(task: PredictionTask) -> ad.AnnData:
-    """kNN on co-expression gene embeddings: each gene is embedded by its loadings on the top 20
-    principal components of (a sample of) training cells, scaled by the component's spread. A target
-    gene is predicted by the Δs of the 5 training-perturbed genes most cosine-similar to it
-    (weights ∝ positive similarity), summed over the targets of a combo; targets that are not
-    measured genes get the mean training Δ."""
-    train = task.train
-    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
-    cells = train.cell_sample
-    n_comp = max(1, min(GENE_SIM_DIM, cells.shape[0] - 1, cells.shape[1] - 1))
-    pca = PCA(n_components=n_comp, svd_solver="randomized", random_state=0).fit(cells)
-    emb = pca.components_.T * np.sqrt(pca.explained_variance_)[None, :]
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    singles = sorted({p for p in train.conditions[PERTURBATION] if len(combo_genes(p)) == 1 and p in gene_pos})
+    """kNN on co-expression gene embeddings (`GeneNeighbours`): a target gene is predicted by the
+    weighted training Δs of its 5 most similar training-perturbed genes, summed over the targets of
+    a combo; targets that are not measured genes get the mean training Δ."""
+    neighbours = GeneNeighbours.from_task(task)
 
     def delta(row: pd.Series) -> np.ndarray:
         total = np.zeros(len(task.genes))
         for part in combo_genes(row[PERTURBATION]):
-            if part not in gene_pos or not singles:
-                total += mean_training_delta(train, row[CONTEXT], row[DOSE])
-                continue
-            sims = emb[[gene_pos[s] for s in singles]] @ emb[gene_pos[part]]
-            order = np.argsort(-sims, kind="stable")[:GENE_SIM_NEIGHBOURS]
-            w = np.clip(sims[order], 0.0, None)
-            w = w / w.sum() if w.sum() > 0 else np.full(len(order), 1.0 / len(order))
-            for weight, j in zip(w, order):
-                d = seen_delta(train, singles[j], row[DOSE], row[CONTEXT])
+            near = neighbours.of(part)
+            if not near:
+                total += mean_training_delta(task.train, row[CONTEXT], row[DOSE])
+            for name, weight in near:
+                d = seen_delta(task.train, name, row[DOSE], row[CONTEXT])
                 total += weight * (d if d is not None else 0.0)
         return total
 

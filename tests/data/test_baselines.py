@@ -1,0 +1,188 @@
+"""Baselines on constructed split directories whose pseudobulks are known exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from service.data import condition_key
+from service.data.baselines import (PCA_RIDGE_K, PCA_RIDGE_LAMBDA, GeneNeighbours, linear_pca_ridge_baseline,
+                                    load_task, run_baselines)
+from service.data.evaluate import Evaluator
+
+GENES = [f"G{i}" for i in range(12)]
+Cond = tuple[str, float, str]  # perturbation, dose, context
+
+
+def cells_with_mean(mean: np.ndarray, rng: np.random.Generator, n: int = 6) -> np.ndarray:
+    """n cells whose average is exactly `mean` (symmetric offsets), so pseudobulks are known."""
+    half = rng.uniform(0.1, 0.5, size=(n // 2, len(mean)))
+    return mean + np.vstack([half, -half])
+
+
+def write_constructed_split(out: Path, means: dict[Cond, np.ndarray], test: list[Cond],
+                            val: list[Cond] = ()) -> Path:
+    """Controls are the conditions named 'control'; everything not in test/val is training."""
+    rng = np.random.default_rng(0)
+    blocks, rows = [], []
+    for (pert, dose, ctx), mean in means.items():
+        block = cells_with_mean(mean, rng)
+        blocks.append(block)
+        part = "test" if (pert, dose, ctx) in test else "val" if (pert, dose, ctx) in val else "train"
+        rows += [{"perturbation": pert, "dose": dose, "context": ctx, "is_control": pert == "control",
+                  "condition": condition_key(pert, dose, ctx), "part": part}] * len(block)
+    obs = pd.DataFrame(rows, index=[f"c{i}" for i in range(len(rows))])
+    cells = ad.AnnData(X=sp.csr_matrix(np.vstack(blocks).astype(np.float32)), obs=obs.drop(columns="part"),
+                       var=pd.DataFrame(index=GENES))
+    part = obs["part"].to_numpy()
+    out.mkdir(parents=True)
+    cells[part == "train"].copy().write_h5ad(out / "train.h5ad")
+    cells[part == "val"].copy().write_h5ad(out / "val.h5ad")
+    cells[part == "test"].copy().write_h5ad(out / "test_truth.h5ad")
+    test_ctx = {c for _, _, c in test}
+    inputs = cells[obs["is_control"].to_numpy() & obs["context"].isin(test_ctx).to_numpy()].copy()
+    inputs.uns["predict"] = {"condition": [condition_key(*c) for c in test],
+                             "perturbation": [c[0] for c in test], "dose": [c[1] for c in test],
+                             "context": [c[2] for c in test]}
+    inputs.write_h5ad(out / "test_inputs.h5ad")
+    (out / "split.json").write_text(json.dumps({"version": 1, "genes": GENES}))
+    return out
+
+
+@pytest.fixture
+def genetic(tmp_path):
+    """Context 'K' with singles G1..G3 and combo G1+G2 in train; test: combo G1+G3, unseen G4,
+    unseen-target 'OR5' (not a measured gene); context 'L' holds only controls and G1 (test)."""
+    rng = np.random.default_rng(1)
+    nan = float("nan")
+    ctrl_k, ctrl_l = rng.uniform(3, 5, 12), rng.uniform(3, 5, 12)
+    delta = {g: rng.normal(0, 1, 12) for g in ("G1", "G2", "G3", "G4", "OR5")}
+    means = {("control", nan, "K"): ctrl_k, ("control", nan, "L"): ctrl_l}
+    for g in ("G1", "G2", "G3", "G4", "OR5"):
+        means[(g, nan, "K")] = ctrl_k + delta[g]
+    means[("G1+G2", nan, "K")] = ctrl_k + delta["G1"] + delta["G2"] + 0.3
+    means[("G1+G3", nan, "K")] = ctrl_k + delta["G1"] + delta["G3"]
+    means[("G1", nan, "L")] = ctrl_l + 0.5 * delta["G1"]
+    test = [("G1+G3", nan, "K"), ("G4", nan, "K"), ("OR5", nan, "K"), ("G1", nan, "L")]
+    split = write_constructed_split(tmp_path / "split", means, test)
+    return split, ctrl_k, ctrl_l, delta
+
+
+def row(adata: ad.AnnData, pert: str, ctx: str) -> np.ndarray:
+    return adata[condition_key(pert, float("nan"), ctx)].X.ravel().astype(np.float64)
+
+
+def test_known_answers_for_genetic_baselines(genetic):
+    split, ctrl_k, ctrl_l, delta = genetic
+    preds = run_baselines(split)
+    assert set(preds) == {"control", "mean_delta", "context_mean", "additive", "linear_pca_ridge",
+                          "delta_transfer", "gene_similarity"}
+    train_deltas = [delta["G1"], delta["G2"], delta["G3"], delta["G1"] + delta["G2"] + 0.3]
+    mean_delta = np.mean(train_deltas, axis=0)
+    tol = dict(rtol=1e-5, atol=1e-5)
+
+    np.testing.assert_allclose(row(preds["control"], "G4", "K"), ctrl_k, **tol)
+    np.testing.assert_allclose(row(preds["control"], "G1", "L"), ctrl_l, **tol)
+    np.testing.assert_allclose(row(preds["mean_delta"], "G4", "K"), ctrl_k + mean_delta, **tol)
+    np.testing.assert_allclose(row(preds["additive"], "G1+G3", "K"), ctrl_k + delta["G1"] + delta["G3"], **tol)
+    np.testing.assert_allclose(row(preds["additive"], "G4", "K"), ctrl_k + mean_delta, **tol)
+    # Context L has no training Δ of its own: transfer G1's Δ measured in K onto L's control.
+    np.testing.assert_allclose(row(preds["delta_transfer"], "G1", "L"), ctrl_l + delta["G1"], **tol)
+    np.testing.assert_allclose(row(preds["context_mean"], "G4", "K"), ctrl_k + mean_delta, **tol)
+
+
+def test_linear_pca_ridge_follows_the_published_closed_form(genetic):
+    split, ctrl_k, _, _ = genetic
+    task = load_task(split)
+    Y = task.train.deltas.T
+    b = Y.mean(axis=1, keepdims=True)
+    k = min(PCA_RIDGE_K, Y.shape[1] - 1)
+    U = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k]
+    pos = {g: i for i, g in enumerate(GENES)}
+    P = np.stack([U[[pos[g] for g in p.split("+")]].sum(axis=0) for p in task.train.conditions["perturbation"]])
+    lam = PCA_RIDGE_LAMBDA * np.eye(k)
+    W = np.linalg.inv(U.T @ U + lam) @ U.T @ (Y - b) @ P @ np.linalg.inv(P.T @ P + lam)
+    pred = linear_pca_ridge_baseline(task)
+    np.testing.assert_allclose(row(pred, "G4", "K"), ctrl_k + b[:, 0] + U @ W @ U[pos["G4"]], rtol=1e-5, atol=1e-5)
+    # A target that is not a measured gene has no embedding: the mean training Δ.
+    np.testing.assert_allclose(row(pred, "OR5", "K"), ctrl_k + b[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_predictions_format_is_what_the_evaluator_takes(genetic):
+    split, *_ = genetic
+    ev = Evaluator(split, de_min_cells=3)
+    for name, pred in run_baselines(ev.task).items():
+        assert list(pred.obs.columns) == ["condition", "perturbation", "dose", "context"], name
+        assert list(pred.var_names) == GENES
+        assert pred.X.dtype == np.float32 and isinstance(pred.X, np.ndarray)
+        assert list(pred.obs["condition"]) == list(ev.task.targets["condition"])
+        assert np.isfinite(pred.X).all()
+        report = ev.score(pred)
+        assert report.n_conditions == 4 and "pearson_delta" in report.summary
+
+
+def test_gene_similarity_leans_on_the_most_coexpressed_gene(tmp_path):
+    """G4 is co-expressed with G1 across the training cells: G1 is its first neighbour, and the
+    prediction is the control plus the neighbours' weighted training Δs."""
+    rng = np.random.default_rng(5)
+    n_cells = 200
+    latent = rng.normal(size=(n_cells, 4))
+    loadings = rng.normal(size=(4, 12))
+    X = 4 + latent @ loadings + 0.05 * rng.normal(size=(n_cells, 12))
+    X[:, 4] = X[:, 1] + 0.01 * rng.normal(size=n_cells)
+    nan = float("nan")
+    deltas = {f"G{i}": rng.normal(0, 0.3, 12) for i in (1, 2, 3, 5, 6, 7, 8, 9, 10, 11)}
+    groups = ["control", *deltas]
+    pert = np.array([groups[i % len(groups)] for i in range(n_cells)])
+    for g, d in deltas.items():
+        X[pert == g] += d
+    obs = pd.DataFrame({"perturbation": np.concatenate([pert, ["G4"] * 4]), "dose": nan, "context": "all"})
+    obs["is_control"] = obs["perturbation"] == "control"
+    obs["condition"] = [condition_key(p, nan, "all") for p in obs["perturbation"]]
+    obs.index = [f"c{i}" for i in range(len(obs))]
+    cells = ad.AnnData(X=np.vstack([X, X[:4]]).astype(np.float32), obs=obs, var=pd.DataFrame(index=GENES))
+    split = tmp_path / "split"
+    split.mkdir()
+    is_test = (obs["perturbation"] == "G4").to_numpy()
+    cells[~is_test].copy().write_h5ad(split / "train.h5ad")
+    cells[:0].copy().write_h5ad(split / "val.h5ad")
+    cells[is_test].copy().write_h5ad(split / "test_truth.h5ad")
+    inputs = cells[obs["is_control"].to_numpy()].copy()
+    inputs.uns["predict"] = {"condition": ["G4||all"], "perturbation": ["G4"], "dose": [nan], "context": ["all"]}
+    inputs.write_h5ad(split / "test_inputs.h5ad")
+    (split / "split.json").write_text(json.dumps({"version": 1, "genes": GENES}))
+
+    task = load_task(split)
+    near = GeneNeighbours.from_task(task).of("G4")
+    assert near[0][0] == "G1" and len(near) == 5
+    assert near[0][1] == max(w for _, w in near)
+    assert sum(w for _, w in near) == pytest.approx(1.0)
+    assert GeneNeighbours.from_task(task).of("NOT_A_GENE") == []
+
+    pred = run_baselines(task)["gene_similarity"]
+    train = task.train.conditions.set_index("perturbation")
+    expected = task.control_means["all"] + sum(w * task.train.deltas[train.index.get_loc(g)] for g, w in near)
+    np.testing.assert_allclose(pred.X[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_drug_baselines_use_the_dose(tmp_path):
+    rng = np.random.default_rng(2)
+    ctrl = rng.uniform(3, 5, 12)
+    means = {("control", float("nan"), "all"): ctrl}
+    d = {(drug, dose): rng.normal(0, dose / 10, 12) for drug in ("D1", "D2", "D3") for dose in (1.0, 10.0)}
+    for (drug, dose), delta in d.items():
+        means[(drug, dose, "all")] = ctrl + delta
+    test = [("D3", 10.0, "all"), ("D3", 1.0, "all")]
+    split = write_constructed_split(tmp_path / "split", means, test)
+    preds = run_baselines(split)
+    assert set(preds) == {"control", "mean_delta", "context_mean"}
+    got = preds["mean_delta"][condition_key("D3", 10.0, "all")].X.ravel()
+    np.testing.assert_allclose(got, ctrl + (d[("D1", 10.0)] + d[("D2", 10.0)]) / 2, rtol=1e-5, atol=1e-5)
+    got = preds["mean_delta"][condition_key("D3", 1.0, "all")].X.ravel()
+    np.testing.assert_allclose(got, ctrl + (d[("D1", 1.0)] + d[("D2", 1.0)]) / 2, rtol=1e-5, atol=1e-5)
