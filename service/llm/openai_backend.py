@@ -83,9 +83,10 @@ class OpenAIBackend:
 
     def answer(self, request: LLMRequest) -> Answer:
         # A key pasted into a prompt or context would otherwise travel to the provider and its logs.
+        user = _user_prompt(request, self.redactor.data(request.context))
         messages = [
             {"role": "system", "content": self.redactor.text(_system_prompt(request))},
-            {"role": "user", "content": self.redactor.text(_user_prompt(request))},
+            {"role": "user", "content": self.redactor.text(user)},
         ]
         tally = _Tally()
         for reask in range(self.max_reasks + 1):
@@ -262,11 +263,10 @@ def _system_prompt(request: LLMRequest) -> str:
     )
 
 
-def _user_prompt(request: LLMRequest) -> str:
-    if not request.context:
+def _user_prompt(request: LLMRequest, context: dict[str, Any]) -> str:
+    if not context:
         return request.user
-    context = json.dumps(request.context, indent=1, default=str, ensure_ascii=False)
-    return f"{request.user}\n\nContext (JSON):\n{context}"
+    return f"{request.user}\n\nContext (JSON):\n{json.dumps(context, indent=1, ensure_ascii=False)}"
 
 
 def _reask_prompt(request: LLMRequest, problem: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Any
+
+from pydantic import BaseModel
 
 REDACTED = "[REDACTED]"
 
@@ -38,11 +41,16 @@ class Redactor:
             return [self.data(v) for v in value]
         if value is None or isinstance(value, (bool, int, float)):
             return value
-        # numpy scalars, Paths, enums...: stored as their text so the record stays JSON.
-        item = getattr(value, "item", None)
-        if callable(item):
-            try:
-                return self.data(item())
-            except (TypeError, ValueError):
-                pass
+        # Agents put models, dataclasses, numpy values and Paths in contexts; keep their structure.
+        if isinstance(value, BaseModel):
+            return self.data(value.model_dump(mode="json"))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return self.data(dataclasses.asdict(value))
+        for converter in ("tolist", "item"):  # numpy arrays, then numpy scalars
+            convert = getattr(value, converter, None)
+            if callable(convert):
+                try:
+                    return self.data(convert())
+                except (TypeError, ValueError):
+                    pass
         return self.text(str(value))

@@ -174,6 +174,27 @@ def test_replay_of_a_broken_file_names_the_line(tmp_path):
         ReplayBackend(tmp_path)
 
 
+def test_context_objects_are_recorded_as_structured_json(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    import numpy as np
+
+    @dataclasses.dataclass
+    class Shape:
+        n_cells: int
+        genes: list[str]
+
+    context = {"shape": Shape(3, ["A"]), "verdict": Verdict(accept=True, reason="r"),
+               "means": np.array([0.5, 1.5]), "count": np.int64(7), "path": Path("/data/x.h5ad")}
+    offline = OfflineBackend({"critique": lambda ctx: Verdict(accept=True, reason="ok")})
+    RecordingBackend(offline, tmp_path).ask(LLMRequest("critique", "s", "u", context, Verdict))
+    (record,) = [json.loads(line) for line in (tmp_path / "llm_calls.jsonl").read_text().splitlines()]
+    assert record["request"]["context"] == {
+        "shape": {"n_cells": 3, "genes": ["A"]}, "verdict": {"accept": True, "reason": "r"},
+        "means": [0.5, 1.5], "count": 7, "path": "/data/x.h5ad"}
+
+
 def test_recording_appends_after_existing_calls(tmp_path):
     offline = OfflineBackend({"critique": lambda ctx: Verdict(accept=ctx["ok"], reason="rules")})
     for ok in (True, False):
