@@ -57,14 +57,20 @@ class LLMConfig(BaseModel):
         env = os.environ if env is None else env
         merged: dict[str, Any] = {}
         sources: dict[str, str] = {}
-        for source, values in (
-            _from_file(config_path),
-            ("environment", _from_env(env)),
-            ("flags", {k: v for k, v in (flags or {}).items() if v is not None}),
+        file_source, file_values = _from_file(config_path)
+        merged.update(file_values)
+        sources.update(dict.fromkeys(file_values, file_source))
+        for field, (value, variable) in _from_env(env).items():
+            merged[field] = value
+            sources[field] = variable
+        flag_values = {k: v for k, v in (flags or {}).items() if v is not None}
+        merged.update(flag_values)
+        sources.update(dict.fromkeys(flag_values, "flags"))
+        # An endpoint or model configured for CellForge selects the openai backend; the SDK's own
+        # OPENAI_* variables alone do not, since they are often set for other tools.
+        if "backend" not in merged and any(
+            merged.get(f) and not sources[f].startswith("OPENAI_") for f in ("base_url", "model")
         ):
-            merged.update(values)
-            sources.update(dict.fromkeys(values, source))
-        if "backend" not in merged and (merged.get("base_url") or merged.get("model")):
             merged["backend"] = "openai"
         try:
             config = cls.model_validate(merged)
@@ -119,12 +125,13 @@ def make_backend(
     return RecordingBackend(inner, run_dir, secrets=[config.secret()])
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
+def _from_env(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """field -> (value, the variable it came from)."""
+    found: dict[str, tuple[str, str]] = {}
     for field, names in ENV_VARS.items():
         for name in names:
             if env.get(name):
-                found[field] = env[name]
+                found[field] = (env[name], name)
                 break
     return found
 

@@ -68,8 +68,10 @@ def test_cellforge_variables_beat_openai_ones():
     assert (config.secret(), config.base_url) == (KEY, "http://b/v1")
 
 
-def test_an_openai_key_alone_keeps_the_offline_default():
-    assert LLMConfig.resolve(env={"OPENAI_API_KEY": KEY}, config_path=None).backend == "offline"
+def test_openai_sdk_variables_alone_keep_the_offline_default():
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": "http://elsewhere/v1"}
+    assert LLMConfig.resolve(env=env, config_path=None).backend == "offline"
+    assert LLMConfig.resolve(env=env | {"CELLFORGE_LLM_MODEL": "m"}, config_path=None).backend == "openai"
 
 
 def test_key_never_shows_in_repr_str_or_json():
@@ -104,6 +106,11 @@ def test_bad_flag_names_its_source_and_never_echoes_the_key():
     with pytest.raises(LLMConfigError, match=r"api_key: Input should be a valid string \(from flags\)") as info:
         LLMConfig.resolve({"api_key": ["not", KEY]}, env={}, config_path=None)
     assert KEY not in str(info.value)
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(LLMConfigError, match=r"backend: .*\(from CELLFORGE_LLM_BACKEND, got 'gpt'\)"):
+        LLMConfig.resolve(env={"CELLFORGE_LLM_BACKEND": "gpt"}, config_path=None)
 
 
 def test_missing_explicit_config_file(tmp_path):
