@@ -105,6 +105,10 @@ class PooledSandbox:
         return self._sandbox.workspace
 
     @property
+    def dead(self) -> str | None:
+        return self._sandbox.dead
+
+    @property
     def busy(self) -> bool:
         return self._busy > 0
 
@@ -134,17 +138,17 @@ class PooledSandbox:
     async def run_command(self, argv: Sequence[str], **kwargs: Any) -> Any:
         return await self._call("run_command", argv, **kwargs)
 
-    async def put_file(self, path: str, data: bytes) -> Any:
-        return await self._call("put_file", path, data)
+    async def put_file(self, path: str, data: bytes, **kwargs: Any) -> None:
+        return await self._call("put_file", path, data, **kwargs)
 
-    async def get_file(self, path: str) -> bytes:
-        return await self._call("get_file", path)
+    async def get_file(self, path: str, **kwargs: Any) -> bytes:
+        return await self._call("get_file", path, **kwargs)
 
-    async def put_dir(self, local_dir: str | Path, target: str) -> Any:
-        return await self._call("put_dir", local_dir, target)
+    async def put_dir(self, local_dir: str | Path, path: str, **kwargs: Any) -> list[str]:
+        return await self._call("put_dir", local_dir, path, **kwargs)
 
-    async def get_dir(self, source: str, local_dir: str | Path) -> Any:
-        return await self._call("get_dir", source, local_dir)
+    async def get_dir(self, path: str, local_dir: str | Path, **kwargs: Any) -> list[str]:
+        return await self._call("get_dir", path, local_dir, **kwargs)
 
     async def interrupt(self) -> Any:
         return await self._call("interrupt")
@@ -374,7 +378,7 @@ class SandboxPool:
         now = time.monotonic()
         while slot.ready:
             warm = slot.ready.popleft()
-            if now - warm.created < self.max_lifetime:
+            if now - warm.created < self.max_lifetime and not warm.sandbox.dead:
                 self._refill(key)
                 return warm
             self._counts["warm_recycled"] += 1

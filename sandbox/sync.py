@@ -99,17 +99,17 @@ class SyncSandbox:
     def run_command(self, argv: Sequence[str], **kwargs: Any) -> Any:
         return self._lt.run(self._sb.run_command(argv, **kwargs))
 
-    def put_file(self, path: str, data: bytes) -> None:
-        self._lt.run(self._sb.put_file(path, data))
+    def put_file(self, path: str, data: bytes, **kwargs: Any) -> None:
+        self._lt.run(self._sb.put_file(path, data, **kwargs))
 
-    def get_file(self, path: str) -> bytes:
-        return self._lt.run(self._sb.get_file(path))
+    def get_file(self, path: str, **kwargs: Any) -> bytes:
+        return self._lt.run(self._sb.get_file(path, **kwargs))
 
-    def put_dir(self, local_dir: str | Path, target: str) -> None:
-        self._lt.run(self._sb.put_dir(local_dir, target))
+    def put_dir(self, local_dir: str | Path, path: str, **kwargs: Any) -> list[str]:
+        return self._lt.run(self._sb.put_dir(local_dir, path, **kwargs))
 
-    def get_dir(self, source: str, local_dir: str | Path) -> None:
-        self._lt.run(self._sb.get_dir(source, local_dir))
+    def get_dir(self, path: str, local_dir: str | Path, **kwargs: Any) -> list[str]:
+        return self._lt.run(self._sb.get_dir(path, local_dir, **kwargs))
 
     def interrupt(self) -> None:
         self._lt.run(self._sb.interrupt())

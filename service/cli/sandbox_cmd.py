@@ -137,9 +137,9 @@ def run(
         err.print(f"[red]cannot read {file}:[/] {exc.strerror if isinstance(exc, OSError) else exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        spec = SandboxSpec(image=image, cpus=cpus, memory=memory, gpus=gpus, timeout=timeout)
+        spec = SandboxSpec.parse(dict(image=image, cpus=cpus, memory=memory, gpus=gpus, timeout=timeout))
     except SpecError as exc:
-        err.print(f"[red]invalid sandbox options:[/] {exc}")
+        err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     live = _LiveOutput()
     sb, res = asyncio.run(_run_file(code, spec, backend, timeout, live, json_out))
