@@ -12,7 +12,6 @@ context, and a prediction is always "control of the target context + some Δ".
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
-from .errors import DataFileError, SplitDirectoryError, preview
+from .errors import SplitDirectoryError, preview
 from .metrics import group_means
+from .splits import Split, load_split
 
 Which = str  # "test" | "val"
 
@@ -52,7 +52,7 @@ class TrainingSummary:
 class PredictionTask:
     """What to predict for one split part, and from what."""
 
-    split_dir: Path
+    split: Split
     which: Which
     genes: pd.Index
     feature_types: np.ndarray | None  # var["feature_types"] when the data is multimodal
@@ -62,36 +62,12 @@ class PredictionTask:
     train: TrainingSummary
 
 
-def read_h5ad(path: Path) -> ad.AnnData:
-    if not path.is_file():
-        raise SplitDirectoryError(f"{path}: missing; a split directory holds train.h5ad, val.h5ad, "
-                                  "test_inputs.h5ad, test_truth.h5ad and split.json")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a corrupt file
-        raise DataFileError(f"{path}: not a readable AnnData file ({exc})") from exc
-
-
 def require_obs(adata: ad.AnnData, path: Path, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in adata.obs.columns]
     if missing:
         raise SplitDirectoryError(
             f"{path}: obs lacks the standard column(s) {preview(missing)}; expected {preview(columns)}"
         )
-
-
-def split_genes(split_dir: Path, train: ad.AnnData) -> pd.Index:
-    meta_path = split_dir / "split.json"
-    if not meta_path.is_file():
-        raise SplitDirectoryError(f"{meta_path}: missing; not a split directory")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SplitDirectoryError(f"{meta_path}: not valid JSON ({exc})") from exc
-    genes = pd.Index(meta.get("genes") or list(train.var_names), dtype=object)
-    if list(genes) != list(train.var_names):
-        raise SplitDirectoryError(f"{meta_path}: 'genes' differ from the var_names of train.h5ad")
-    return genes
 
 
 def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
@@ -133,17 +109,15 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
                            sample.astype(np.float64))
 
 
-def read_controls(split_dir: Path, which: Which, train: ad.AnnData) -> ad.AnnData:
+def read_controls(split: Split, which: Which) -> ad.AnnData:
     """Control cells of the contexts to predict: test_inputs.h5ad for test; for val the val
     controls of a context when val has any, else the training controls of that context."""
     if which == "test":
-        path = split_dir / "test_inputs.h5ad"
-        inputs = read_h5ad(path)
-        require_obs(inputs, path, (CONTEXT, IS_CONTROL))
+        inputs = split.test_inputs
+        require_obs(inputs, split.path / "test_inputs.h5ad", (CONTEXT, IS_CONTROL))
         return inputs[inputs.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
-    path = split_dir / "val.h5ad"
-    val = read_h5ad(path)
-    require_obs(val, path, (CONTEXT, IS_CONTROL))
+    val, train = split.val, split.train
+    require_obs(val, split.path / "val.h5ad", (CONTEXT, IS_CONTROL))
     val_ctrl = val[val.obs[IS_CONTROL].to_numpy(dtype=bool)]
     have = set(val_ctrl.obs[CONTEXT].astype(str))
     train_ctrl = train[train.obs[IS_CONTROL].to_numpy(dtype=bool)
@@ -151,43 +125,40 @@ def read_controls(split_dir: Path, which: Which, train: ad.AnnData) -> ad.AnnDat
     return ad.concat([val_ctrl, train_ctrl], join="inner", merge="same")
 
 
-def read_targets(split_dir: Path, which: Which) -> pd.DataFrame:
+def read_targets(split: Split, which: Which) -> pd.DataFrame:
     if which == "test":
-        path = split_dir / "test_inputs.h5ad"
-        predict = read_h5ad(path).uns.get("predict")
         needed = (CONDITION, PERTURBATION, DOSE, CONTEXT)
+        predict = split.test_inputs.uns.get("predict")
         if not isinstance(predict, dict) or any(k not in predict for k in needed):
-            raise SplitDirectoryError(f"{path}: uns['predict'] must hold lists {preview(needed)}")
-        table = pd.DataFrame({k: np.asarray(predict[k]) for k in needed})
-        return table.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
-    path = split_dir / "val.h5ad"
-    val = read_h5ad(path)
-    require_obs(val, path, (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
+            raise SplitDirectoryError(f"{split.path / 'test_inputs.h5ad'}: uns['predict'] must hold "
+                                      f"lists {preview(needed)}")
+        return split.predict.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
+    val = split.val
+    require_obs(val, split.path / "val.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
     return condition_table(val.obs.loc[~val.obs[IS_CONTROL].to_numpy(dtype=bool)])
 
 
-def load_task(split_dir: str | Path, which: Which = "test") -> PredictionTask:
+def load_task(split_dir: str | Path | Split, which: Which = "test") -> PredictionTask:
     """Read a split directory into what baselines and the evaluator need (never the test truth)."""
     if which not in ("test", "val"):
         raise ValueError(f"which must be 'test' or 'val', not {which!r}")
-    split_dir = Path(split_dir)
-    train_path = split_dir / "train.h5ad"
-    train = read_h5ad(train_path)
-    require_obs(train, train_path, (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
-    genes = split_genes(split_dir, train)
-    controls = read_controls(split_dir, which, train)
+    split = split_dir if isinstance(split_dir, Split) else load_split(split_dir)
+    train = split.train
+    require_obs(train, split.path / "train.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
+    genes = pd.Index(split.info.genes, dtype=object)
+    if list(genes) != list(train.var_names):
+        raise SplitDirectoryError(f"{split.path / 'split.json'}: 'genes' differ from the var_names of train.h5ad")
+    controls = read_controls(split, which)
     if list(controls.var_names) != list(genes):
         controls = controls[:, genes].copy()
-    targets = read_targets(split_dir, which)
+    targets = read_targets(split, which)
     control_means = context_means(controls.X, controls.obs[CONTEXT].astype(str).to_numpy())
     missing = sorted(set(targets[CONTEXT]) - set(control_means))
     if missing:
-        raise SplitDirectoryError(
-            f"{split_dir}: no control cells for the {which} context(s) {preview(missing)}"
-        )
+        raise SplitDirectoryError(f"{split.path}: no control cells for the {which} context(s) {preview(missing)}")
     feature_types = (train.var["feature_types"].astype(str).to_numpy()
                      if "feature_types" in train.var.columns else None)
-    return PredictionTask(split_dir, which, genes, feature_types, targets, controls, control_means,
+    return PredictionTask(split, which, genes, feature_types, targets, controls, control_means,
                           summarise_training(train))
 
 
@@ -413,7 +384,7 @@ def applicable_baselines(task: PredictionTask) -> list[str]:
     return [name for name, (_, applies) in BASELINES.items() if applies(task)]
 
 
-def run_baselines(split_dir: str | Path | PredictionTask, which: Which = "test") -> dict[str, ad.AnnData]:
+def run_baselines(split_dir: str | Path | Split | PredictionTask, which: Which = "test") -> dict[str, ad.AnnData]:
     """Predictions of every applicable baseline, in the model predictions format."""
     task = split_dir if isinstance(split_dir, PredictionTask) else load_task(split_dir, which)
     return {name: BASELINES[name][0](task) for name in applicable_baselines(task)}

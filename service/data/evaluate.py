@@ -33,7 +33,8 @@ import pandas as pd
 from pydantic import BaseModel
 
 from . import metrics as M
-from .baselines import PredictionTask, Which, load_task, mean_delta_baseline, read_h5ad, require_obs
+from .baselines import PredictionTask, Which, load_task, mean_delta_baseline, require_obs
+from .splits import Split
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .errors import DataError, SplitDirectoryError, preview
 
@@ -84,8 +85,8 @@ def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _read_truth(task: PredictionTask) -> ad.AnnData:
-    path = task.split_dir / ("test_truth.h5ad" if task.which == "test" else "val.h5ad")
-    cells = read_h5ad(path)
+    path = task.split.path / ("test_truth.h5ad" if task.which == "test" else "val.h5ad")
+    cells = task.split.test_truth if task.which == "test" else task.split.val
     require_obs(cells, path, (CONDITION, CONTEXT, IS_CONTROL))
     cells = cells[~cells.obs[IS_CONTROL].to_numpy(dtype=bool)]
     missing = sorted(set(task.targets[CONDITION]) - set(cells.obs[CONDITION].astype(str)))
@@ -214,7 +215,7 @@ def _nanmeans(values: dict[str, np.ndarray]) -> dict[str, float]:
 class Evaluator:
     """Reads a split part once; scores any number of prediction sets against it."""
 
-    def __init__(self, split_dir: str | Path, which: Which = "test", de_min_cells: int = DE_MIN_CELLS,
+    def __init__(self, split_dir: str | Path | Split, which: Which = "test", de_min_cells: int = DE_MIN_CELLS,
                  seed: int = 0):
         self.task = load_task(split_dir, which)
         self.truth = build_truth(self.task, de_min_cells=de_min_cells, seed=seed)
@@ -345,7 +346,7 @@ class Evaluator:
         return out
 
 
-def evaluate(split_dir: str | Path, predictions: str | Path | ad.AnnData, which: Which = "test",
+def evaluate(split_dir: str | Path | Split, predictions: str | Path | ad.AnnData, which: Which = "test",
              de_min_cells: int = DE_MIN_CELLS) -> EvaluationReport:
     """Score predictions of the `which` conditions of a split directory (see module docstring)."""
     return Evaluator(split_dir, which, de_min_cells=de_min_cells).score(predictions)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import anndata as ad
@@ -11,13 +10,22 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from service.data import condition_key
+from service.data import SplitInfo, condition_key
 from service.data.baselines import (PCA_RIDGE_K, PCA_RIDGE_LAMBDA, GeneNeighbours, linear_pca_ridge_baseline,
                                     load_task, run_baselines)
 from service.data.evaluate import Evaluator
 
 GENES = [f"G{i}" for i in range(12)]
 Cond = tuple[str, float, str]  # perturbation, dose, context
+
+
+def write_split_json(out: Path, obs: pd.DataFrame, part: np.ndarray) -> None:
+    conditions = {p: sorted(set(obs["condition"][part == p])) for p in ("train", "val", "test")}
+    info = SplitInfo(scheme="unseen-perturbation", seed=0, source="constructed", perturbation_key="perturbation",
+                     control_label="control", control_labels=["control"], dose_key=None, context_key=None,
+                     kind="genetic", modalities=["rna_lognorm"], conditions=conditions,
+                     n_cells={p: int((part == p).sum()) for p in conditions}, genes=GENES)
+    (out / "split.json").write_text(info.model_dump_json())
 
 
 def cells_with_mean(mean: np.ndarray, rng: np.random.Generator, n: int = 6) -> np.ndarray:
@@ -51,7 +59,7 @@ def write_constructed_split(out: Path, means: dict[Cond, np.ndarray], test: list
                              "perturbation": [c[0] for c in test], "dose": [c[1] for c in test],
                              "context": [c[2] for c in test]}
     inputs.write_h5ad(out / "test_inputs.h5ad")
-    (out / "split.json").write_text(json.dumps({"version": 1, "genes": GENES}))
+    write_split_json(out, obs, part)
     return out
 
 
@@ -156,7 +164,7 @@ def test_gene_similarity_leans_on_the_most_coexpressed_gene(tmp_path):
     inputs = cells[obs["is_control"].to_numpy()].copy()
     inputs.uns["predict"] = {"condition": ["G4||all"], "perturbation": ["G4"], "dose": [nan], "context": ["all"]}
     inputs.write_h5ad(split / "test_inputs.h5ad")
-    (split / "split.json").write_text(json.dumps({"version": 1, "genes": GENES}))
+    write_split_json(split, obs, np.where(is_test, "test", "train"))
 
     task = load_task(split)
     near = GeneNeighbours.from_task(task).of("G4")

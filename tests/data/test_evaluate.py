@@ -3,53 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 from scipy import stats
 
-from service.data import condition_keys
+from service.data import make_split
 from service.data.evaluate import Evaluator, PredictionsError, evaluate
 
 TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top20_de",
                "pearson_delta_top20_de", "r2_delta", "direction_acc_top20_de", "discrimination_l1",
                "de_overlap"}
-
-
-def write_split(adata: ad.AnnData, out: Path, *, test: Sequence[str], val: Sequence[str] = (),
-                context_key: str | None = None, dose_key: str | None = None) -> Path:
-    """A split directory in the contract format, with the perturbations `test` / `val` held out
-    (all their doses and contexts); controls stay in train and feed test_inputs."""
-    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    X = np.log1p(X / np.maximum(X.sum(axis=1, keepdims=True), 1) * 1e4).astype(np.float32)
-    pert = adata.obs["perturbation"].astype(str).to_numpy()
-    is_ctrl = pert == "control"
-    dose = adata.obs[dose_key].to_numpy(float) if dose_key else np.full(len(pert), np.nan)
-    dose = np.where(is_ctrl, np.nan, dose)
-    ctx = adata.obs[context_key].astype(str).to_numpy() if context_key else np.full(len(pert), "all")
-    obs = pd.DataFrame({"perturbation": pert, "dose": dose, "context": ctx, "is_control": is_ctrl,
-                        "condition": condition_keys(pert, dose, ctx)}, index=adata.obs_names)
-    cells = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=adata.var.copy())
-    part = np.where(np.isin(pert, test), "test", np.where(np.isin(pert, val), "val", "train"))
-    out.mkdir(parents=True, exist_ok=True)
-    cells[part == "train"].copy().write_h5ad(out / "train.h5ad")
-    cells[part == "val"].copy().write_h5ad(out / "val.h5ad")
-    truth = cells[part == "test"].copy()
-    truth.write_h5ad(out / "test_truth.h5ad")
-    inputs = cells[is_ctrl & np.isin(ctx, truth.obs["context"].unique())].copy()
-    todo = truth.obs.drop_duplicates("condition")
-    inputs.uns["predict"] = {k: list(todo[k]) for k in ("condition", "perturbation", "dose", "context")}
-    inputs.write_h5ad(out / "test_inputs.h5ad")
-    conditions = {p: sorted(set(obs["condition"][part == p])) for p in ("train", "val", "test")}
-    (out / "split.json").write_text(json.dumps({
-        "version": 1, "scheme": "perturbation", "seed": 0, "source": "test", "conditions": conditions,
-        "genes": list(map(str, adata.var_names)), "normalization": "log1p_cp10k"}))
-    return out
 
 
 def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
@@ -65,8 +33,10 @@ def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
 
 @pytest.fixture
 def split(make_adata, tmp_path) -> Path:
+    """A split written by the real splitter: 4 test and 2 val perturbations of 10."""
     adata = make_adata([f"G{i}" for i in range(10)], n_genes=50, cells_per_condition=30, n_control=60)
-    return write_split(adata, tmp_path / "split", test=["G0", "G1", "G2", "G3"], val=["G4", "G5"])
+    make_split(adata, "unseen-perturbation", 0, tmp_path / "split", test_fraction=0.4, val_fraction=0.2)
+    return tmp_path / "split"
 
 
 def test_perfect_predictions_score_perfectly_and_match_plain_computations(split):
@@ -142,14 +112,16 @@ def test_mean_baseline_normalizes_to_zero(split):
 def test_val_is_scored_against_val_cells(split):
     report = evaluate(split, truth_predictions(split, "val"), which="val")
     assert report.which == "val"
-    assert {r["perturbation"] for r in report.per_condition} == {"G4", "G5"}
+    val = json.loads((split / "split.json").read_text())["conditions"]["val"]
+    assert len(val) == 2 and {r["condition"] for r in report.per_condition} == set(val)
     assert report.summary["mse"] == pytest.approx(0.0, abs=1e-10)
 
 
 def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
     adata = make_adata([f"G{i}" for i in range(6)], n_genes=30, cells_per_condition=30, n_control=60,
                        feature_types={"Antibody Capture": 6, "Peaks": 40})
-    split = write_split(adata, tmp_path / "split", test=["G0", "G1", "G2"])
+    split = tmp_path / "split"
+    make_split(adata, "unseen-perturbation", 0, split, test_fraction=0.5)
     report = evaluate(split, truth_predictions(split))
     assert report.summary["protein_mse"] == pytest.approx(0.0, abs=1e-10)
     assert "protein_pearson_delta" in report.ceiling
@@ -166,8 +138,9 @@ def ev(split) -> Evaluator:
 
 def test_missing_condition_is_named(ev, split):
     pred = truth_predictions(split)
-    with pytest.raises(PredictionsError, match=r"miss 1 test condition.*G3\|\|all"):
-        ev.score(pred[pred.obs["perturbation"] != "G3"].copy())
+    gone = pred.obs["condition"].iloc[-1]
+    with pytest.raises(PredictionsError, match=rf"miss 1 test condition.*{re.escape(gone)}"):
+        ev.score(pred[pred.obs["condition"] != gone].copy())
 
 
 def test_unknown_extra_condition_is_named(ev, split):
@@ -181,8 +154,11 @@ def test_unknown_extra_condition_is_named(ev, split):
 
 def test_wrong_genes_are_named(ev, split):
     pred = truth_predictions(split)
-    pred.var_names = ["G0", *[f"Z{i}" for i in range(1, pred.n_vars)]]
-    with pytest.raises(PredictionsError, match=r"missing 'G1'.*unexpected 'Z1'"):
+    renamed = list(pred.var_names)
+    lost = renamed[1]
+    renamed[1] = "Z1"
+    pred.var_names = renamed
+    with pytest.raises(PredictionsError, match=rf"missing '{lost}'; unexpected 'Z1'"):
         ev.score(pred)
     with pytest.raises(PredictionsError, match=r"genes differ"):
         ev.score(truth_predictions(split)[:, :-1].copy())
@@ -192,7 +168,8 @@ def test_nan_is_rejected_with_its_condition(ev, split):
     pred = truth_predictions(split)
     pred.X[2, 5] = np.nan
     pred.X[2, 6] = np.inf
-    with pytest.raises(PredictionsError, match=r"2 NaN/inf value\(s\).*G2"):
+    bad = pred.obs["condition"].iloc[2]
+    with pytest.raises(PredictionsError, match=rf"2 NaN/inf value\(s\).*{re.escape(bad)}"):
         ev.score(pred)
 
 
