@@ -1,0 +1,373 @@
+"""Method Design: experts discuss in rounds along a graph until consensus, then a Plan is synthesised.
+
+A round: every proposer proposes (or revises) the plan fields in its remit; each edge (author → target)
+of the `DiscussionGraph` carries one critique; the critic scores every proposal; confidences update.
+
+Confidence update (documented, tested): for expert i after round t,
+
+    c_i(t) = (1 − λ)·c_i(t−1) + λ·(w_s·S_i + w_a·A_i),     λ = 0.5, w_s = w_a = 0.5
+
+S_i is the critic's score of i's proposal, A_i the peer agreement it received:
+A_i = Π_k (1 − s_k) over the distinct objections k (severity s_k) addressed to i this round, 1 when none.
+Supports do not offset objections: praise of one field does not answer a concern about another.
+c_i(0) is the expert's own confidence in its first proposal.
+Consensus: min_i c_i ≥ `CONSENSUS_THRESHOLD` and max_i c_i − min_i c_i ≤ `CONSENSUS_SPREAD`.
+
+Synthesis: for each plan field the candidate values of the final proposals are weighted by the
+proposer's confidence × critic score; the heaviest value wins (the field's owner wins ties), and
+`plan.provenance` records the argument that set it (a critique's, when the value was adopted from one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.agents import design_space
+from service.agents.experts import ALL_EXPERTS, PROPOSERS, owner_of
+from service.agents.messages import Critique, CritiqueItem, CriticScores, ExpertProposal, FieldChoice, FieldValue
+from service.agents.plan import ArgumentRef, Plan, TaskAnalysis, plan_field_paths
+from service.agents.profile_facts import facts_from_profile
+from service.agents.prompts import critique_request, proposal_request, scores_request
+from service.llm import Backend
+
+LAMBDA = 0.5
+W_SCORE = 0.5
+W_AGREEMENT = 0.5
+CONSENSUS_THRESHOLD = 0.75
+CONSENSUS_SPREAD = 0.2
+MISSING_SCORE = 0.5  # a proposal the critic did not score counts as neither good nor bad
+
+
+class DiscussionError(RuntimeError):
+    """The discussion could not produce a valid plan."""
+
+
+@dataclass(frozen=True)
+class DiscussionGraph:
+    """Who critiques whom: each (author, target) edge carries one critique per round."""
+
+    edges: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        proposers = {e.id for e in PROPOSERS}
+        for author, target in self.edges:
+            if author not in ALL_EXPERTS or target not in proposers or author == target:
+                raise DiscussionError(f"invalid discussion edge {author} -> {target}: the author must be an "
+                                      f"expert and the target another proposer ({sorted(proposers)})")
+
+    def without(self, author: str, target: str) -> DiscussionGraph:
+        if (author, target) not in self.edges:
+            raise DiscussionError(f"no edge {author} -> {target} in the graph")
+        return DiscussionGraph(tuple(e for e in self.edges if e != (author, target)))
+
+
+DEFAULT_GRAPH = DiscussionGraph(
+    tuple(("critic", e.id) for e in PROPOSERS)
+    + (
+        ("statistician", "dl_architect"), ("dl_architect", "statistician"),
+        ("biologist", "dl_architect"), ("dl_architect", "biologist"),
+        ("statistician", "training"), ("dl_architect", "training"), ("training", "dl_architect"),
+        ("biologist", "data_engineer"), ("data_engineer", "biologist"),
+    )
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProposalMessage(_Model):
+    message_id: str
+    round: int
+    expert: str
+    proposal: ExpertProposal
+
+
+class CritiqueMessage(_Model):
+    message_id: str
+    round: int
+    author: str
+    target: str
+    critique: Critique
+
+
+class RoundRecord(_Model):
+    round: int
+    proposals: list[ProposalMessage]
+    critiques: list[CritiqueMessage]
+    scores: CriticScores
+    agreement: dict[str, float]
+    confidence_before: dict[str, float]
+    confidence_after: dict[str, float]
+    changes: list[str]  # "field: old -> new (expert)" relative to the previous round
+    consensus: bool
+
+
+class DiscussionResult(_Model):
+    plan: Plan
+    rounds: list[RoundRecord]
+    consensus: bool
+
+
+@dataclass(frozen=True)
+class DiscussionEvent:
+    """Live progress: `kind` is proposal | critique | scores | round_end | done."""
+
+    kind: Literal["proposal", "critique", "scores", "round_end", "done"]
+    round: int
+    expert: str | None = None
+    confidences: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def peer_agreement(items: list[tuple[str, CritiqueItem]]) -> float:
+    """A_i from the (author, item) pairs an expert received; one concern split over fields counts once."""
+    objections = {(author, i.argument): i.severity for author, i in items if i.stance == "object"}
+    agreement = 1.0
+    for severity in objections.values():
+        agreement *= 1.0 - severity
+    return agreement
+
+
+def update_confidence(previous: float, critic_score: float, agreement: float) -> float:
+    target = W_SCORE * critic_score + W_AGREEMENT * agreement
+    return max(0.0, min(1.0, (1 - LAMBDA) * previous + LAMBDA * target))
+
+
+def is_consensus(confidences: dict[str, float]) -> bool:
+    values = list(confidences.values())
+    return min(values) >= CONSENSUS_THRESHOLD and max(values) - min(values) <= CONSENSUS_SPREAD
+
+
+def run_discussion(
+    analysis: TaskAnalysis,
+    profile: Any,
+    llm: Backend,
+    out_dir: str | Path,
+    max_rounds: int = 4,
+    on_event: Callable[[DiscussionEvent], None] | None = None,
+    graph: DiscussionGraph = DEFAULT_GRAPH,
+) -> DiscussionResult:
+    """Discuss until consensus or `max_rounds`; write `out_dir/discussion/round_N.{json,md}` and `plan.json`."""
+    if not 1 <= max_rounds <= 20:
+        raise DiscussionError(f"max_rounds must be in 1..20, got {max_rounds}")
+    facts = facts_from_profile(profile)
+    transcript_dir = Path(out_dir) / "discussion"
+    transcript_dir.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda event: None)
+    base = {"facts": facts.model_dump(), "analysis": analysis.model_dump()}
+
+    confidences: dict[str, float] = {}
+    latest: dict[str, ProposalMessage] = {}
+    origin: dict[str, dict[str, ArgumentRef]] = {e.id: {} for e in PROPOSERS}  # where each kept value came from
+    inbox: dict[str, list[CritiqueMessage]] = {e.id: [] for e in PROPOSERS}
+    rounds: list[RoundRecord] = []
+    consensus = False
+
+    for rnd in range(1, max_rounds + 1):
+        proposals: dict[str, ProposalMessage] = {}
+        for expert in PROPOSERS:
+            previous = latest.get(expert.id)
+            context = {
+                **base, "expert": expert.id, "round": rnd,
+                "previous": previous.proposal.model_dump() if previous else None,
+                "critiques": [
+                    {"author": m.author, "round": m.round, "message_id": m.message_id,
+                     "items": [i.model_dump() for i in m.critique.items]}
+                    for m in inbox[expert.id]
+                ],
+            }
+            reply = llm.ask(proposal_request(expert, context))
+            assert isinstance(reply, ExpertProposal)
+            message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
+                                      proposal=reply)
+            _check_remit(message)
+            _track_origin(origin[expert.id], previous, message)
+            proposals[expert.id] = message
+            confidences.setdefault(expert.id, reply.confidence)
+            emit(DiscussionEvent("proposal", rnd, expert.id, dict(confidences), reply.summary))
+
+        draft = {f: v for m in proposals.values() for f, v in m.proposal.values().items()}
+        critiques: list[CritiqueMessage] = []
+        for author, target in graph.edges:
+            context = {**base, "author": author, "target": target, "round": rnd,
+                       "proposal": proposals[target].proposal.model_dump(), "draft": draft}
+            reply = llm.ask(critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], context))
+            assert isinstance(reply, Critique)
+            critiques.append(CritiqueMessage(message_id=f"r{rnd}.{author}->{target}.critique", round=rnd,
+                                             author=author, target=target, critique=reply))
+            emit(DiscussionEvent("critique", rnd, author, dict(confidences),
+                                 f"{author} -> {target}: {_stance_counts(reply)}"))
+
+        scores = llm.ask(scores_request({**base, "round": rnd, "draft": draft,
+                                         "proposals": {k: m.proposal.model_dump() for k, m in proposals.items()}}))
+        assert isinstance(scores, CriticScores)
+        emit(DiscussionEvent("scores", rnd, "critic", dict(confidences),
+                             ", ".join(f"{s.expert}={s.score:.2f}" for s in scores.scores)))
+
+        score_of = {s.expert: s.score for s in scores.scores}
+        before = dict(confidences)
+        agreement = {}
+        for expert in PROPOSERS:
+            received = [(m.author, i) for m in critiques if m.target == expert.id for i in m.critique.items]
+            agreement[expert.id] = peer_agreement(received)
+            confidences[expert.id] = update_confidence(
+                before[expert.id], score_of.get(expert.id, MISSING_SCORE), agreement[expert.id])
+        consensus = is_consensus(confidences)
+        record = RoundRecord(
+            round=rnd, proposals=list(proposals.values()), critiques=critiques, scores=scores,
+            agreement=agreement, confidence_before=before, confidence_after=dict(confidences),
+            changes=_changes(latest, proposals), consensus=consensus,
+        )
+        rounds.append(record)
+        _save_round(transcript_dir, record)
+        emit(DiscussionEvent("round_end", rnd, None, dict(confidences),
+                             "consensus" if consensus else "no consensus yet"))
+        latest = proposals
+        inbox = {e.id: [m for m in critiques if m.target == e.id] for e in PROPOSERS}
+        if consensus:
+            break
+
+    plan = synthesise_plan(analysis, facts, latest, origin, confidences, rounds)
+    (transcript_dir / "plan.json").write_text(plan.model_dump_json(indent=1))
+    emit(DiscussionEvent("done", rounds[-1].round, None, dict(confidences),
+                         f"plan synthesised; consensus={consensus}"))
+    return DiscussionResult(plan=plan, rounds=rounds, consensus=consensus)
+
+
+def _check_remit(message: ProposalMessage) -> None:
+    remit = set(ALL_EXPERTS[message.expert].remit)
+    outside = [c.field for c in message.proposal.choices if c.field not in remit]
+    if outside:
+        raise DiscussionError(f"{message.message_id} sets fields outside the {message.expert} remit: {outside}")
+
+
+def _track_origin(origin: dict[str, ArgumentRef], previous: ProposalMessage | None, message: ProposalMessage) -> None:
+    """Keep the first argument that set a value while later rounds merely repeat it."""
+    before = previous.proposal.values() if previous else {}
+    for choice in message.proposal.choices:
+        if choice.field in origin and before.get(choice.field) == choice.value:
+            continue
+        origin[choice.field] = choice.source or ArgumentRef(
+            round=message.round, expert=message.expert, message_id=message.message_id,
+            summary=choice.argument[:2000])
+
+
+def _stance_counts(critique: Critique) -> str:
+    objections = sum(1 for i in critique.items if i.stance == "object")
+    return f"{objections} objection(s), {len(critique.items) - objections} support(s)"
+
+
+def _changes(previous: dict[str, ProposalMessage], current: dict[str, ProposalMessage]) -> list[str]:
+    out = []
+    for expert, message in current.items():
+        if expert not in previous:
+            continue
+        old = previous[expert].proposal.values()
+        for choice in message.proposal.choices:
+            if choice.field in old and old[choice.field] != choice.value:
+                out.append(f"{choice.field}: {old[choice.field]!r} -> {choice.value!r} ({expert})")
+    return out
+
+
+def synthesise_plan(
+    analysis: TaskAnalysis,
+    facts: Any,
+    final: dict[str, ProposalMessage],
+    origin: dict[str, dict[str, ArgumentRef]],
+    confidences: dict[str, float],
+    rounds: list[RoundRecord],
+) -> Plan:
+    score_of = {s.expert: s.score for s in rounds[-1].scores.scores}
+    sections: dict[str, dict[str, FieldValue]] = {}
+    provenance: dict[str, ArgumentRef] = {}
+    for path in plan_field_paths():
+        owner = owner_of(path).id
+        candidates: list[tuple[str, FieldChoice]] = [
+            (expert, c) for expert, m in final.items() for c in m.proposal.choices if c.field == path
+        ]
+        candidates.sort(key=lambda ec: ec[0] != owner)  # owner first: it wins ties
+        if candidates:
+            weights: dict[str, float] = {}
+            for expert, choice in candidates:
+                key = json.dumps(choice.value)
+                weights[key] = weights.get(key, 0.0) + confidences[expert] * score_of.get(expert, MISSING_SCORE)
+            best = max(weights, key=lambda k: weights[k])  # first maximum: owner's value on ties
+            expert, choice = next((e, c) for e, c in candidates if json.dumps(c.value) == best)
+            ref = origin[expert].get(path) or choice.source or ArgumentRef(
+                round=final[expert].round, expert=expert, message_id=final[expert].message_id,
+                summary=choice.argument[:2000])
+        else:
+            # The field was left open (an LLM expert may omit one): the vetted default fills it, said so.
+            choice = design_space.choose(path, facts, analysis)
+            ref = ArgumentRef(round=0, expert="design_space", message_id="design_space",
+                              summary=f"no expert proposed it; vetted default: {choice.argument}"[:2000])
+        section, _, name = path.partition(".")
+        sections.setdefault(section, {})[name] = choice.value
+        provenance[path] = ref
+    try:
+        return Plan.model_validate({
+            "perturbation_kind": analysis.perturbation_kind, **sections, "provenance": provenance,
+            "rationale": _rationale(rounds, provenance, confidences),
+        })
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DiscussionError(f"the discussion's final proposals do not form a valid plan: {problems}") from None
+
+
+def _rationale(rounds: list[RoundRecord], provenance: dict[str, ArgumentRef], confidences: dict[str, float]) -> str:
+    last = rounds[-1]
+    state = (f"consensus in round {last.round}" if last.consensus
+             else f"no consensus after {last.round} round(s); plan weighted by confidence × critic score")
+    lines = [f"Discussion: {state}; confidences "
+             + ", ".join(f"{k}={v:.2f}" for k, v in confidences.items()) + "."]
+    changed = [c for r in rounds for c in r.changes]
+    if changed:
+        lines.append("Changed by critiques: " + "; ".join(changed) + ".")
+    for path in ("architecture.perturbation_encoder", "architecture.base_predictor", "architecture.hidden_width",
+                 "loss.de_weighting", "evaluation.primary_metric"):
+        ref = provenance[path]
+        lines.append(f"{path} ({ref.expert}, round {ref.round}): {ref.summary}")
+    return "\n".join(lines)
+
+
+def _save_round(directory: Path, record: RoundRecord) -> None:
+    (directory / f"round_{record.round}.json").write_text(record.model_dump_json(indent=1))
+    (directory / f"round_{record.round}.md").write_text(render_round_markdown(record))
+
+
+def render_round_markdown(record: RoundRecord) -> str:
+    lines = [f"# Round {record.round}", ""]
+    lines += ["## Proposals", ""]
+    for m in record.proposals:
+        lines.append(f"### {ALL_EXPERTS[m.expert].title} (`{m.message_id}`, confidence "
+                     f"{m.proposal.confidence:.2f})")
+        lines.append(f"{m.proposal.summary}")
+        lines += [f"- `{c.field}` = `{c.value!r}` — {c.argument}" for c in m.proposal.choices]
+        lines.append("")
+    lines += ["## Critiques", ""]
+    for m in record.critiques:
+        lines.append(f"### {m.author} → {m.target} (`{m.message_id}`)")
+        if not m.critique.items:
+            lines.append("- nothing to add")
+        for i in m.critique.items:
+            suggestion = f" → suggests `{i.suggested_value!r}`" if i.suggested_value is not None else ""
+            lines.append(f"- **{i.stance}** `{i.field}` (severity {i.severity:.1f}){suggestion}: {i.argument}")
+        lines.append("")
+    lines += ["## Critic scores", ""]
+    lines += [f"- {s.expert}: {s.score:.2f} — {'; '.join(s.reasons)}" for s in record.scores.scores]
+    lines += ["", "## Confidence", "", "| expert | before | critic score | agreement | after |", "|---|---|---|---|---|"]
+    score_of = {s.expert: s.score for s in record.scores.scores}
+    for expert, after in record.confidence_after.items():
+        lines.append(f"| {expert} | {record.confidence_before[expert]:.2f} | {score_of.get(expert, MISSING_SCORE):.2f} "
+                     f"| {record.agreement[expert]:.2f} | {after:.2f} |")
+    if record.changes:
+        lines += ["", "## Changes from the previous round", ""] + [f"- {c}" for c in record.changes]
+    lines += ["", f"**Consensus:** {'yes' if record.consensus else 'no'}", ""]
+    return "\n".join(lines)
