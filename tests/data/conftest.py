@@ -108,7 +108,7 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_adata() -> Callable[..., ad.AnnData]:
     """The `make_perturbation_adata` factory."""
     return make_perturbation_adata

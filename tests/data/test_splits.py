@@ -1,0 +1,230 @@
+"""Split schemes: disjoint conditions, no test truth in the inputs, reproducible seeds, the file format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.data import SplitDirectoryError, SplitError, load_split, make_split
+from service.data.conditions import combo_genes, parse_condition_key
+
+SINGLES = tuple(f"G{i}" for i in range(10))
+COMBOS = ("G0+G1", "G2+G3", "G4+G5", "G0+G6", "G1+G7", "G3+G5", "G6+G7", "G2+G4", "G1+G5", "G0+G2", "G8+G9",
+          "G7+G9")
+
+
+def _dataset(make_adata, scheme):
+    if scheme == "combo":
+        return make_adata(perturbations=SINGLES + COMBOS, perturbation_key="condition", control_label="ctrl")
+    if scheme in ("unseen-drug", "unseen-dose"):
+        return make_adata(perturbations=("dA", "dB", "dC", "dD", "dE"), perturbation_key="drug", control_label="DMSO",
+                          doses=[0.1, 1.0, 10.0, 100.0], contexts=["A549", "MCF7"], cells_per_condition=6)
+    if scheme == "unseen-context":
+        return make_adata(contexts=["A", "B", "C"])
+    return make_adata()
+
+
+ALL = ("unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context")
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory, make_adata):
+    """Every scheme split once (module-scoped: the files are read by many tests)."""
+    root = tmp_path_factory.mktemp("splits")
+    out = {}
+    for scheme in ALL:
+        adata = _dataset(make_adata, scheme)
+        make_split(adata, scheme, 3, root / scheme)
+        out[scheme] = (adata, load_split(root / scheme))
+    return out
+
+
+@pytest.mark.parametrize("scheme", ALL)
+def test_parts_are_disjoint_in_conditions_and_cells(splits, scheme):
+    _, s = splits[scheme]
+    conds = {k: set(v) for k, v in s.info.conditions.items()}
+    assert conds["train"] and conds["val"] and conds["test"]
+    assert not (conds["train"] & conds["val"]) and not (conds["train"] & conds["test"]) and not (conds["val"] & conds["test"])
+    train_obs, val_obs, truth_obs = s.train.obs, s.val.obs, s.test_truth.obs
+    assert set(train_obs.loc[~train_obs["is_control"], "condition"]) == conds["train"]
+    assert set(val_obs["condition"]) == conds["val"]
+    assert set(truth_obs["condition"]) == conds["test"]
+    names = [set(a.obs_names) for a in (s.train, s.val, s.test_truth)]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+    assert s.info.n_cells == {"train": s.train.n_obs, "val": s.val.n_obs, "test_inputs": s.test_inputs.n_obs,
+                              "test_truth": s.test_truth.n_obs}
+
+
+@pytest.mark.parametrize("scheme", ALL)
+def test_test_inputs_hold_only_controls_and_the_list_to_predict(splits, scheme):
+    _, s = splits[scheme]
+    inputs = s.test_inputs
+    assert inputs.obs["is_control"].all()
+    assert not set(inputs.obs_names) & set(s.test_truth.obs_names)
+    assert not set(inputs.obs["condition"]) & set(s.info.conditions["test"])
+    assert set(inputs.uns) == {"predict"}
+    assert sorted(s.predict["condition"]) == s.info.conditions["test"]
+    # Controls of exactly the contexts that have something to predict.
+    assert set(inputs.obs["context"]) == set(s.predict["context"])
+    for cond, pert, dose, ctx in s.predict.itertuples(index=False):
+        p, d, c = parse_condition_key(cond)
+        assert (p, c) == (pert, ctx) and (np.isnan(d) and np.isnan(dose) or d == dose)
+
+
+@pytest.mark.parametrize("scheme", ALL)
+def test_truth_matches_source_expression(splits, scheme):
+    adata, s = splits[scheme]
+    truth = s.test_truth
+    src = adata[truth.obs_names].X.toarray()
+    expected = np.log1p(src / src.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(truth.X.toarray(), expected, rtol=1e-5, atol=1e-5)
+    assert sp.issparse(s.train.X) and s.train.X.dtype == np.float32
+    assert list(s.train.var_names) == s.info.genes == list(truth.var_names) == list(s.test_inputs.var_names)
+
+
+def test_seeds_reproduce_and_differ(make_adata, tmp_path):
+    adata = make_adata(perturbations=tuple(f"G{i}" for i in range(20)))
+    a = make_split(adata, "unseen-perturbation", 7, tmp_path / "a")
+    b = make_split(adata, "unseen-perturbation", 7, tmp_path / "b")
+    c = make_split(adata, "unseen-perturbation", 8, tmp_path / "c")
+    assert a.conditions == b.conditions
+    assert a.conditions != c.conditions
+    assert json.loads((tmp_path / "a" / "split.json").read_text())["conditions"] == a.conditions
+
+
+def test_unseen_perturbation_holds_out_whole_perturbations(make_adata, tmp_path):
+    info = make_split(make_adata(contexts=["X", "Y"]), "unseen-perturbation", 0, tmp_path)
+    perts = {k: {parse_condition_key(c)[0] for c in v} for k, v in info.conditions.items()}
+    assert not perts["test"] & perts["train"] and not perts["val"] & perts["train"]
+
+
+def test_combo_categories(splits):
+    _, s = splits["combo"]
+    cats = s.info.categories
+    test = s.info.conditions["test"]
+    assert set(test) <= set(cats)
+    train_singles = {parse_condition_key(c)[0] for c in s.info.conditions["train"] if "+" not in c}
+    for cond in test:
+        pert = parse_condition_key(cond)[0]
+        if "+" in pert:
+            k = sum(g in train_singles for g in combo_genes(pert))
+            assert cats[cond] == f"seen{k}"
+        else:
+            assert cats[cond] == "unseen_single" and pert not in train_singles
+    assert any(cats[c].startswith("seen") for c in test)
+
+
+def test_combo_categories_cover_all_levels_on_larger_data(make_adata, tmp_path):
+    singles = tuple(f"G{i}" for i in range(20))
+    combos = tuple(f"G{i}+G{j}" for i in range(20) for j in range(i + 1, 20) if (i * 7 + j) % 5 == 0)
+    info = make_split(make_adata(perturbations=singles + combos, cells_per_condition=5, n_control=20),
+                      "combo", 1, tmp_path)
+    assert {"seen0", "seen1", "seen2", "unseen_single"} <= {info.categories[c] for c in info.conditions["test"]}
+    assert any("+" in c for c in info.conditions["train"])
+
+
+def test_unseen_drug_holds_out_every_dose(splits):
+    _, s = splits["unseen-drug"]
+    drugs = {k: {parse_condition_key(c)[0] for c in v} for k, v in s.info.conditions.items()}
+    assert not drugs["test"] & drugs["train"] and not drugs["val"] & drugs["train"]
+    assert len({parse_condition_key(c)[1] for c in s.info.conditions["test"]}) == 4
+
+
+def test_unseen_dose_keeps_the_drug_in_train(splits):
+    _, s = splits["unseen-dose"]
+    train = {(parse_condition_key(c)[0], parse_condition_key(c)[1]) for c in s.info.conditions["train"]}
+    for cond in s.info.conditions["test"]:
+        drug, dose, _ = parse_condition_key(cond)
+        assert (drug, dose) not in train
+        assert any(d == drug for d, _ in train)
+        assert s.info.categories[cond] in ("interpolation", "extrapolation")
+
+
+def test_unseen_context_zero_and_few_shot(make_adata, tmp_path):
+    adata = make_adata(contexts=["A", "B", "C"])
+    zero = make_split(adata, "unseen-context", 0, tmp_path / "zero", context="B")
+    assert zero.held_out_context == "B"
+    assert {parse_condition_key(c)[2] for c in zero.conditions["test"]} == {"B"}
+    assert "B" not in {parse_condition_key(c)[2] for c in zero.conditions["train"] + zero.conditions["val"]}
+    few = make_split(adata, "unseen-context", 0, tmp_path / "few", context="B", few_shot_k=3)
+    in_train = [c for c in few.conditions["train"] if c.endswith("|B")]
+    assert len(in_train) == 3 and len(few.conditions["test"]) == 7
+    assert set(few.categories.values()) == {"few_shot"}
+    s = load_split(tmp_path / "few")
+    assert set(s.test_inputs.obs["context"]) == {"B"}
+
+
+def test_n_genes_keeps_perturbed_genes_and_blocks(make_adata, tmp_path):
+    adata = make_adata(n_genes=200, feature_types={"Antibody Capture": 4, "Peaks": 6})
+    info = make_split(adata, "unseen-perturbation", 0, tmp_path, n_genes=30)
+    s = load_split(tmp_path)
+    assert info.feature_types == {"Gene Expression": 30, "Antibody Capture": 4, "Peaks": 6}
+    assert {f"G{i}" for i in range(10)} <= set(info.genes)
+    assert list(s.train.var["feature_types"].unique()) == ["Gene Expression", "Antibody Capture", "Peaks"]
+    peaks = s.train[:, s.train.var["feature_types"] == "Peaks"].X
+    assert set(np.unique(peaks.toarray())) <= {0.0, 1.0}
+    prot = s.train[:, s.train.var["feature_types"] == "Antibody Capture"].X.toarray()
+    np.testing.assert_allclose(prot.mean(axis=1), 0, atol=1e-5)  # CLR is centred per cell within its own block
+
+
+def test_lognorm_input_is_kept(make_adata, tmp_path):
+    adata = make_adata(counts=False)
+    make_split(adata, "unseen-perturbation", 0, tmp_path)
+    s = load_split(tmp_path)
+    np.testing.assert_allclose(s.train.X.toarray(), adata[s.train.obs_names].X.toarray(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "kwargs", "message"),
+    [
+        ("leave-one-out", {}, "unknown split scheme 'leave-one-out'"),
+        ("combo", {}, r"needs combinations written 'A\+B'"),
+        ("unseen-dose", {}, "needs a dose column"),
+        ("unseen-context", {}, "needs 2 or more contexts"),
+    ],
+)
+def test_split_errors(make_adata, tmp_path, scheme, kwargs, message):
+    with pytest.raises(SplitError, match=message):
+        make_split(make_adata(), scheme, 0, tmp_path, **kwargs)
+
+
+def test_unseen_context_unknown_context(make_adata, tmp_path):
+    with pytest.raises(SplitError, match="'Z' cannot be held out"):
+        make_split(make_adata(contexts=["A", "B"]), "unseen-context", 0, tmp_path, context="Z")
+
+
+def test_load_split_errors(splits, tmp_path):
+    with pytest.raises(SplitDirectoryError, match="missing 'train.h5ad'"):
+        load_split(tmp_path)
+    _, s = splits["unseen-perturbation"]
+    for f in ("train.h5ad", "val.h5ad", "test_inputs.h5ad", "test_truth.h5ad"):
+        (tmp_path / f).write_bytes((s.path / f).read_bytes())
+    (tmp_path / "split.json").write_text('{"scheme": 1}')
+    with pytest.raises(SplitDirectoryError, match="split.json: malformed"):
+        load_split(tmp_path)
+
+
+def test_cli_split_json(make_adata, h5ad_path, tmp_path):
+    path = h5ad_path(make_adata(perturbations=SINGLES + COMBOS, perturbation_key="condition", control_label="ctrl"))
+    result = CliRunner().invoke(app, ["data", "split", str(path), "--scheme", "combo", "--seed", "5",
+                                      "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["ok"] and payload["scheme"] == "combo" and payload["seed"] == 5
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "split.json", "test_inputs.h5ad", "test_truth.h5ad", "train.h5ad", "val.h5ad"]
+
+
+def test_cli_split_error_is_one_json_line(make_adata, h5ad_path, tmp_path):
+    path = h5ad_path(make_adata())
+    result = CliRunner().invoke(app, ["data", "split", str(path), "--scheme", "unseen-drug",
+                                      "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload == {"ok": False, "error": "SplitError", "message": payload["message"]}
+    assert "needs a dose column" in payload["message"]
