@@ -86,7 +86,7 @@ _ENCODER = Component(
         Option(
             "gene_embedding",
             "genetic perturbations where test genes are unseen: embed the target gene from training data",
-            lambda f, a: f.perturbation_kind == "genetic" and a.split_scheme in ("unseen_perturbation", "random"),
+            lambda f, a: f.perturbation_kind == "genetic" and a.split_scheme == "unseen-perturbation",
             lambda f, a: f"{f.n_perturbations} knocked-down genes and the split holds out whole genes: a one-hot "
             "cannot represent an unseen gene, an embedding of the gene from PCA/co-expression of training "
             "cells can",
@@ -95,7 +95,7 @@ _ENCODER = Component(
         Option(
             "drug_embedding_dose",
             "drugs held out as a whole: describe each drug by features (its response signature / targets) × dose",
-            lambda f, a: f.perturbation_kind == "chemical" and a.split_scheme == "unseen_perturbation",
+            lambda f, a: f.perturbation_kind == "chemical" and a.split_scheme in ("unseen-drug", "unseen-perturbation"),
             lambda f, a: f"{f.n_perturbations} drugs and test drugs are unseen: a drug one-hot has no vector for "
             "them, a feature embedding scaled by the dose encoding does",
             ("chemcpa", "dose_response"),

@@ -48,14 +48,19 @@ MIN_CARD_SCORE = 0.05  # method cards retrieved below this similarity are not ci
 
 
 _SPLIT_WORDS: list[tuple[str, SplitScheme]] = [
-    (r"unseen (cell[ -]?types?|contexts?|cell[ -]?lines?)|new cell[ -]?types?|held[- ]out cell|"
-     r"across cell[ -]?types?", "unseen_cell_type"),
-    (r"unseen dose|held[- ]out dose|intermediate dose|new dose", "unseen_dose"),
-    (r"unseen (combination|combo|pair)s?|double perturbation|combinations? of", "unseen_combination"),
-    (r"random (cell )?split", "random"),
-    (r"(unseen|novel|held[- ]out|new) ([\w-]+ )?(genes?|perturbations?|drugs?|knockouts?|knockdowns?|"
-     r"compounds?|cytokines?)", "unseen_perturbation"),
+    (r"(unseen|new|novel|held[- ]out|other) (cell[ -]?types?|contexts?|cell[ -]?lines?|donors?)|"
+     r"across cell[ -]?types?", "unseen-context"),
+    (r"(unseen|held[- ]out|intermediate|new) doses?", "unseen-dose"),
+    (r"(unseen|new|novel|held[- ]out) (drugs?|compounds?)", "unseen-drug"),
+    (r"(unseen|new|novel|held[- ]out) (combination|combo|pair)s?|double perturbations?|combinations? of",
+     "combo"),
+    (r"(unseen|novel|held[- ]out|new) ([\w-]+ )?(genes?|perturbations?|knockouts?|knockdowns?|cytokines?)",
+     "unseen-perturbation"),
 ]
+_KIND_DEFAULT_SPLIT: dict[str, SplitScheme] = {
+    "genetic": "unseen-perturbation", "genetic_combo": "combo", "chemical": "unseen-drug",
+    "cytokine": "unseen-perturbation",
+}
 
 _RNA_METRICS: list[MetricName] = [
     "mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top20_de", "pearson_delta_top20_de",
@@ -64,18 +69,20 @@ _RNA_METRICS: list[MetricName] = [
 
 
 def _split_scheme(facts: ProfileFacts, task_text: str) -> tuple[SplitScheme, str]:
+    """The split the task text asks for when the data allows it; else the data layer's recommendation."""
+    feasible = [s for s in [facts.recommended_split, *facts.alternative_splits] if s is not None]
     text = task_text.lower()
     for pattern, scheme in _SPLIT_WORDS:
         match = re.search(pattern, text)
-        if match:
-            if scheme == "unseen_cell_type" and facts.n_contexts < 2:
+        if match and (scheme in feasible or not feasible):
+            if scheme == "unseen-context" and facts.n_contexts < 2:
                 continue
             return scheme, f"the task says {match.group(0)!r}"
-    if facts.perturbation_kind == "genetic_combo":
-        return "unseen_combination", f"{facts.n_combos} combination conditions: predict held-out combos"
+    if facts.recommended_split is not None:
+        return facts.recommended_split, "the data profile's recommended split"
     if facts.perturbation_kind == "cytokine" and facts.n_contexts > 1:
-        return "unseen_cell_type", f"{facts.n_contexts} cell types: predict a cytokine's effect in a held-out one"
-    return "unseen_perturbation", "default: generalise to perturbations absent from training"
+        return "unseen-context", f"{facts.n_contexts} cell types: predict a cytokine's effect in a held-out one"
+    return _KIND_DEFAULT_SPLIT[facts.perturbation_kind], f"the usual split for {facts.perturbation_kind} data"
 
 
 def _risks(f: ProfileFacts, scheme: SplitScheme) -> list[Risk]:
@@ -99,7 +106,7 @@ def _risks(f: ProfileFacts, scheme: SplitScheme) -> list[Risk]:
     if f.perturbation_kind == "chemical" and f.n_doses < 3:
         risks.append(Risk(code="few_doses", severity="medium",
                           description=f"{f.n_doses} doses: a dose-response curve is barely identifiable"))
-    if scheme == "unseen_cell_type" and f.n_contexts < 3:
+    if scheme == "unseen-context" and f.n_contexts < 3:
         risks.append(Risk(code="few_contexts", severity="high",
                           description=f"{f.n_contexts} contexts to transfer from"))
     return risks
@@ -119,7 +126,7 @@ def task_analysis(context: dict[str, Any]) -> TaskAnalysis:
         baselines.append("additive")
     if facts.n_contexts > 1:
         baselines.append("context_mean")
-    if scheme == "unseen_cell_type":
+    if scheme == "unseen-context":
         baselines.append("delta_transfer")
     citations = [
         CardCitation(card_id=c["id"], score=min(1.0, max(0.0, c["score"])),
@@ -222,7 +229,7 @@ def _noisy_weight_decay(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValu
 
 def _onehot_unseen(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
     enc = v.get("architecture.perturbation_encoder")
-    if a.split_scheme != "unseen_perturbation" or enc not in ("onehot", "drug_onehot_dose"):
+    if a.split_scheme not in ("unseen-perturbation", "unseen-drug") or enc not in ("onehot", "drug_onehot_dose"):
         return None
     better = {"genetic": "gene_embedding", "chemical": "drug_embedding_dose"}.get(f.perturbation_kind)
     return Objection(

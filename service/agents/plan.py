@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 PerturbationKind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
 Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
+# The data layer's split schemes (service.data.splits.SCHEMES), so a plan's split is directly makeable.
 SplitScheme = Literal[
-    "unseen_perturbation",  # held-out single perturbations (knockouts, drugs, cytokines)
-    "unseen_combination",  # held-out A+B combos whose singles are seen
-    "unseen_dose",  # held-out doses of seen drugs
-    "unseen_cell_type",  # a perturbation seen elsewhere, predicted in a held-out context
-    "random",  # cells of every condition split at random (weakest; only when nothing else fits)
+    "unseen-perturbation",  # held-out single perturbations (knockouts, cytokines)
+    "combo",  # held-out A+B combos whose singles are seen
+    "unseen-drug",  # held-out drugs (every dose)
+    "unseen-dose",  # held-out doses of seen drugs
+    "unseen-context",  # a perturbation seen elsewhere, predicted in a held-out cell type / line
 ]
 MetricName = Literal[
     "mse",

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.agents.plan import Modality, PerturbationKind
+from service.agents.plan import Modality, PerturbationKind, SplitScheme
 
 
 class ProfileFactsError(ValueError):
@@ -37,6 +37,8 @@ class ProfileFacts(BaseModel):
     de_top20_fraction: float | None = Field(
         default=None, ge=0, le=1, description="share of a condition's |Δ| carried by its top-20 genes (mean)"
     )
+    recommended_split: SplitScheme | None = Field(default=None, description="the data layer's recommendation")
+    alternative_splits: list[SplitScheme] = Field(default_factory=list, description="other feasible splits")
 
     @property
     def is_counts(self) -> bool:
@@ -59,6 +61,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "n_combos": ("n_combos", "n_combinations"),
     "target_genes_measured_fraction": ("target_genes_measured_fraction", "targets_measured_fraction"),
     "de_top20_fraction": ("de_top20_fraction",),
+    "recommended_split": ("recommended_split",),
+    "alternative_splits": ("alternative_splits",),
 }
 
 
