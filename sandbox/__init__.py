@@ -2,3 +2,71 @@
 
 Knows nothing of agents, biology or the service.
 """
+
+from .docker_backend import DockerBackend
+from .errors import (
+    FileTransferError,
+    SandboxBusyError,
+    SandboxClosedError,
+    SandboxDeadError,
+    SandboxError,
+    SandboxStartError,
+    SpecError,
+    WorkspacePathError,
+    WorkspaceQuotaError,
+)
+from .events import (
+    AnyStreamEvent,
+    DisplayEvent,
+    ErrorEvent,
+    ExecutionResult,
+    Outcome,
+    ResultEvent,
+    StatusEvent,
+    StderrEvent,
+    StdoutEvent,
+    StreamEvent,
+    StreamEventAdapter,
+    TruncatedEvent,
+)
+from .images import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE
+from .kernel import KernelHost, Sandbox
+from .local_backend import LocalBackend
+from .pool import SandboxPool
+from .spec import Mount, SandboxSpec, parse_size
+from .sync import SyncSandbox
+
+__all__ = [
+    "DEFAULT_CPU_IMAGE",
+    "DEFAULT_GPU_IMAGE",
+    "AnyStreamEvent",
+    "DisplayEvent",
+    "DockerBackend",
+    "ErrorEvent",
+    "ExecutionResult",
+    "FileTransferError",
+    "KernelHost",
+    "LocalBackend",
+    "Mount",
+    "Outcome",
+    "ResultEvent",
+    "Sandbox",
+    "SandboxBusyError",
+    "SandboxClosedError",
+    "SandboxDeadError",
+    "SandboxError",
+    "SandboxPool",
+    "SandboxSpec",
+    "SandboxStartError",
+    "SpecError",
+    "StatusEvent",
+    "StderrEvent",
+    "StdoutEvent",
+    "StreamEvent",
+    "StreamEventAdapter",
+    "SyncSandbox",
+    "TruncatedEvent",
+    "WorkspacePathError",
+    "WorkspaceQuotaError",
+    "parse_size",
+]

@@ -1,0 +1,764 @@
+"""Execution over Jupyter messaging: the kernel client and the backend-independent `Sandbox`.
+
+`KernelClient` wraps `jupyter_client.AsyncKernelClient` (its Session signs and parses messages, its
+channels own the ZMQ sockets) with one reader task per channel that routes every message to the
+request that caused it, by parent `msg_id`. Nothing polls on the hot path: an execution registers a
+collector, the readers feed it, and the caller awaits one event. A ZMQ socket monitor on the shell
+socket reports the moment the kernel's end of the connection goes away, which is how a dead kernel
+is noticed without heartbeat polling.
+
+`Sandbox` turns that into outcomes (ok, error, timeout, killed, died) using a `KernelHost` — what a
+backend provides: restart the kernel in place, say why it exited, start it again, destroy it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from zmq.utils.monitor import parse_monitor_message
+
+from .errors import SandboxClosedError, SandboxDeadError, SandboxStartError
+from .events import (
+    DisplayEvent,
+    ErrorEvent,
+    ExecutionResult,
+    Outcome,
+    ResultEvent,
+    StatusEvent,
+    StderrEvent,
+    StdoutEvent,
+    StreamEvent,
+    TruncatedEvent,
+)
+from .spec import SandboxSpec
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[StreamEvent], None]
+EventCallback = Callable[[StreamEvent], Any]
+_Runner = Callable[[Emit], Awaitable[tuple[ExecutionResult, "ExecutionCollector"]]]
+
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+MAX_TRACEBACK_ENTRIES = 30
+MAX_TRACEBACK_ENTRY_CHARS = 4000
+# How long a dead kernel's host may take to report its exit status before we give up asking.
+EXIT_CAUSE_TIMEOUT_S = 10.0
+
+_zmq_context: zmq.asyncio.Context | None = None
+
+
+def _context() -> zmq.asyncio.Context:
+    """One ZMQ context (one I/O thread) for every kernel connection of this process."""
+    global _zmq_context
+    if _zmq_context is None:
+        ctx = zmq.asyncio.Context()
+        # A client usually connects before the kernel has bound its ipc sockets; the default 100 ms
+        # reconnect interval would then add up to 100 ms to every cold start.
+        ctx.setsockopt(zmq.RECONNECT_IVL, 10)
+        ctx.setsockopt(zmq.LINGER, 0)
+        _zmq_context = ctx
+    return _zmq_context
+
+
+def connection_info(ip: str, key: str) -> dict[str, Any]:
+    """A Jupyter connection over ipc: sockets are files named `{ip}-{port}`, so ports just number them."""
+    return {
+        "transport": "ipc",
+        "ip": ip,
+        "shell_port": 1,
+        "iopub_port": 2,
+        "stdin_port": 3,
+        "hb_port": 4,
+        "control_port": 5,
+        "key": key,
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "",
+    }
+
+
+def describe_exit(code: int, oom: bool = False) -> str:
+    """The `died_cause` text for a kernel host's exit status (the supervisor exits 128 + signal)."""
+    if oom:
+        return "out of memory"
+    if code < 0:
+        return f"signal {-code}"
+    if code > 128:
+        return f"signal {code - 128}"
+    return f"exit code {code}"
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI_RE.sub("", text)
+
+
+def trim_traceback(lines: Sequence[str]) -> list[str]:
+    """ANSI-free traceback entries, keeping the last (innermost) ones and capping each entry."""
+    kept = [strip_ansi(line) for line in lines[-MAX_TRACEBACK_ENTRIES:]]
+    kept = [line if len(line) <= MAX_TRACEBACK_ENTRY_CHARS else line[:MAX_TRACEBACK_ENTRY_CHARS] + " […]" for line in kept]
+    if len(lines) > MAX_TRACEBACK_ENTRIES:
+        kept.insert(0, f"[{len(lines) - MAX_TRACEBACK_ENTRIES} outer traceback entries omitted]")
+    return kept
+
+
+class _Listener:
+    """Receives the messages whose parent is one request."""
+
+    def on_iopub(self, msg: dict[str, Any]) -> None:
+        pass
+
+    def on_reply(self, msg: dict[str, Any]) -> None:
+        pass
+
+    def on_lost(self) -> None:
+        pass
+
+
+class _ReplyWaiter(_Listener):
+    def __init__(self) -> None:
+        self.reply: dict[str, Any] | None = None
+        self.iopub: list[dict[str, Any]] = []
+        self.done = asyncio.Event()
+
+    def on_reply(self, msg: dict[str, Any]) -> None:
+        self.reply = msg
+        self.done.set()
+
+    def on_iopub(self, msg: dict[str, Any]) -> None:
+        self.iopub.append(msg)
+        self.done.set()
+
+    def on_lost(self) -> None:
+        self.done.set()
+
+
+class ExecutionCollector(_Listener):
+    """Turns the iopub messages of one execution into events and a capped record of its output."""
+
+    def __init__(self, limit: int, emit: Emit) -> None:
+        self.limit = limit
+        self.emit = emit
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.kept_bytes = 0
+        self.stdout_bytes = 0
+        self.truncated = False
+        self.displays: list[dict[str, Any]] = []
+        self.result: str | None = None
+        self.error: tuple[str, str, list[str]] | None = None
+        self.reply: dict[str, Any] | None = None
+        self.idle = False
+        self.lost = False
+        self.done = asyncio.Event()
+
+    def _room(self, size: int) -> int:
+        """How many of `size` bytes still fit under the limit; marks truncation once they don't."""
+        if self.truncated:
+            return 0
+        room = self.limit - self.kept_bytes
+        if size > room:
+            self.truncated = True
+            self.kept_bytes = self.limit
+            return room
+        self.kept_bytes += size
+        return size
+
+    def _stream(self, name: str, text: str) -> None:
+        raw = text.encode("utf-8", "replace")
+        if name == "stdout":
+            self.stdout_bytes += len(raw)
+        was_truncated = self.truncated
+        room = self._room(len(raw))
+        if room < len(raw):
+            text = raw[:room].decode("utf-8", "ignore")
+        if text:
+            (self.stdout if name == "stdout" else self.stderr).append(text)
+            self.emit(StdoutEvent(text=text) if name == "stdout" else StderrEvent(text=text))
+        if self.truncated and not was_truncated:
+            self.emit(TruncatedEvent(limit_bytes=self.limit))
+
+    def on_iopub(self, msg: dict[str, Any]) -> None:
+        kind = msg["msg_type"]
+        content = msg["content"]
+        if kind == "stream":
+            self._stream(content.get("name", "stdout"), content.get("text", ""))
+        elif kind in ("display_data", "update_display_data", "execute_result"):
+            data = content.get("data", {})
+            was_truncated = self.truncated
+            size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
+            if self._room(size) == size:
+                if kind == "execute_result":
+                    self.result = data.get("text/plain")
+                    self.emit(ResultEvent(data=data))
+                else:
+                    self.displays.append(data)
+                    self.emit(DisplayEvent(data=data, metadata=content.get("metadata", {})))
+            elif not was_truncated:
+                self.emit(TruncatedEvent(limit_bytes=self.limit))
+        elif kind == "error":
+            self._set_error(content)
+            self.emit(ErrorEvent(ename=self.error[0], evalue=self.error[1], traceback=self.error[2]))
+        elif kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+            if self.reply is not None:
+                self.done.set()
+
+    def _set_error(self, content: dict[str, Any]) -> None:
+        self.error = (
+            str(content.get("ename", "Error")),
+            strip_ansi(str(content.get("evalue", ""))),
+            trim_traceback([str(line) for line in content.get("traceback", [])]),
+        )
+
+    def on_reply(self, msg: dict[str, Any]) -> None:
+        self.reply = msg["content"]
+        if self.reply.get("status") == "error" and self.error is None:
+            self._set_error(self.reply)
+        elif self.reply.get("status") == "aborted" and self.error is None:
+            self.error = ("Aborted", "the kernel aborted this execution after an earlier error", [])
+        if self.idle:
+            self.done.set()
+
+    def on_lost(self) -> None:
+        self.lost = True
+        self.done.set()
+
+    def to_result(self, outcome: Outcome, started: float, **extra: Any) -> ExecutionResult:
+        stdout = "".join(self.stdout)
+        if self.truncated:
+            stdout += f"\n[output truncated: more than {self.limit} bytes; the rest was dropped]\n"
+        fields: dict[str, Any] = dict(
+            outcome=outcome,
+            stdout=stdout,
+            stderr="".join(self.stderr),
+            duration_ms=(time.perf_counter() - started) * 1000,
+            stdout_bytes=self.stdout_bytes,
+            truncated=self.truncated,
+            displays=self.displays,
+            result=self.result,
+        )
+        if self.error is not None:
+            fields.update(ename=self.error[0], evalue=self.error[1], traceback=self.error[2])
+        fields.update(extra)
+        return ExecutionResult(**fields)
+
+
+class KernelClient:
+    """Jupyter messaging with one kernel over ZMQ (ipc), routed by parent message id."""
+
+    def __init__(self, connection_info: dict[str, Any]) -> None:
+        self._kc = AsyncKernelClient(context=_context())
+        self._kc.load_connection_info(connection_info)
+        self._listeners: dict[str, _Listener] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._iopub_session: str | None = None
+        self._iopub_seen = asyncio.Event()
+        self.session_id: str | None = None
+        self.kernel_info: dict[str, Any] = {}
+        # Set when the kernel's end of the shell connection went away (it exited or was killed).
+        self.lost = asyncio.Event()
+
+    def start(self) -> None:
+        self._kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
+        shell = self._kc.shell_channel
+        self._monitor = shell.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks = [
+            asyncio.create_task(self._read(shell, self._on_shell)),
+            asyncio.create_task(self._read(self._kc.iopub_channel, self._on_iopub)),
+            asyncio.create_task(self._read(self._kc.control_channel, lambda msg: None)),
+            asyncio.create_task(self._watch_connection()),
+        ]
+
+    async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+        while True:
+            try:
+                msg = await channel.get_msg()
+            except zmq.ZMQError:
+                if channel.socket is None or channel.socket.closed:
+                    return
+                log.debug("ZMQ error on %s", channel, exc_info=True)
+                continue
+            except ValueError:
+                # Bad signature or malformed frames: not from our kernel, ignore.
+                log.warning("dropped an unreadable message from the kernel", exc_info=True)
+                continue
+            handle(msg)
+
+    def _on_shell(self, msg: dict[str, Any]) -> None:
+        listener = self._listeners.get(msg["parent_header"].get("msg_id", ""))
+        if listener is not None:
+            listener.on_reply(msg)
+
+    def _on_iopub(self, msg: dict[str, Any]) -> None:
+        session = msg["header"].get("session")
+        if session != self._iopub_session:
+            self._iopub_session = session
+            self._iopub_seen.set()
+        listener = self._listeners.get(msg["parent_header"].get("msg_id", ""))
+        if listener is not None:
+            listener.on_iopub(msg)
+
+    async def _watch_connection(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                frames = await self._monitor.recv_multipart()
+            except zmq.ZMQError:
+                return
+            if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+                self.lost.set()
+                for listener in list(self._listeners.values()):
+                    listener.on_lost()
+
+    async def wait_ready(self, timeout: float, previous_session: str | None = None) -> None:
+        """Until a kernel (other than `previous_session`) answers on shell and iopub reaches us.
+
+        kernel_info requests are re-sent with a growing interval, since one sent to a kernel that is
+        being replaced is lost with it.
+        """
+        interval = 0.05
+        async with asyncio.timeout(timeout):
+            while True:
+                waiter = _ReplyWaiter()
+                msg_id = self._kc.kernel_info()
+                self._listeners[msg_id] = waiter
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(interval):
+                            while waiter.reply is None:
+                                waiter.done.clear()
+                                await waiter.done.wait()
+                    reply = waiter.reply
+                    session = reply["header"].get("session") if reply else None
+                    if session and session != previous_session:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(interval):
+                                while self._iopub_session != session:
+                                    self._iopub_seen.clear()
+                                    await self._iopub_seen.wait()
+                        if self._iopub_session == session:
+                            self.session_id = session
+                            self.kernel_info = reply["content"]
+                            self.lost.clear()
+                            return
+                    else:
+                        await asyncio.sleep(interval)
+                finally:
+                    self._listeners.pop(msg_id, None)
+                interval = min(interval * 2, 0.5)
+
+    def execute(
+        self,
+        code: str,
+        listener: _Listener,
+        *,
+        silent: bool = False,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+    ) -> str:
+        msg_id = self._kc.execute(
+            code,
+            silent=silent,
+            store_history=store_history,
+            user_expressions=user_expressions,
+            allow_stdin=False,
+            stop_on_error=False,
+        )
+        self._listeners[msg_id] = listener
+        return msg_id
+
+    def send_shell(
+        self, msg_type: str, content: dict[str, Any], listener: _Listener | None = None, buffers: list[bytes] | None = None
+    ) -> str:
+        msg = self._kc.session.msg(msg_type, content)
+        if listener is not None:
+            self._listeners[msg["header"]["msg_id"]] = listener
+        self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
+        return msg["header"]["msg_id"]
+
+    def forget(self, msg_id: str) -> None:
+        self._listeners.pop(msg_id, None)
+
+    def interrupt(self) -> None:
+        """Ask the kernel (control channel) to SIGINT its process group; does not wait."""
+        self._kc.control_channel.send(self._kc.session.msg("interrupt_request", {}))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._kc.shell_channel.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._kc.stop_channels()
+        for listener in list(self._listeners.values()):
+            listener.on_lost()
+        self._listeners.clear()
+
+
+class KernelHost(Protocol):
+    """Where a kernel runs (a container, a host process): what `Sandbox` needs beyond messaging."""
+
+    async def kernel_ready(self) -> None:
+        """Called each time a (re)started kernel answered."""
+
+    async def restart_kernel(self) -> None:
+        """Replace the kernel process in place (workspace kept); returns once asked, not when ready."""
+
+    async def exit_cause(self, timeout: float) -> str | None:
+        """Why the kernel's host stopped ('out of memory', 'exit code 1', 'signal 9'); None if running."""
+
+    async def revive(self) -> None:
+        """Start the host again after it stopped (a fresh kernel; state and workspace are lost)."""
+
+    async def destroy(self) -> None:
+        """Stop and remove everything; idempotent."""
+
+    async def logs(self) -> str:
+        """The tail of the kernel host's own output, for start-up errors."""
+
+
+_DONE = object()
+
+
+def _ignore(event: StreamEvent) -> None:
+    pass
+
+
+class Sandbox:
+    """One kernel in one sandbox. Executions and file transfers run one at a time, in call order."""
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        host: KernelHost,
+        connection_info: dict[str, Any],
+        *,
+        workspace: str,
+        isolated: bool,
+        data_root: str = "/data",
+    ) -> None:
+        self.id = sandbox_id
+        self.spec = spec
+        self.workspace = workspace
+        self.isolated = isolated
+        self.data_root = data_root
+        self._host = host
+        self._client = KernelClient(connection_info)
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._dead: str | None = None
+        # Set up lazily by the file transfer code in each new kernel (see files.py).
+        self.files_channel: Any = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"dead ({self._dead})" if self._dead else "ready"
+        return f"<Sandbox {self.id} {self.spec.image} {state}{'' if self.isolated else ' NOT ISOLATED'}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dead(self) -> str | None:
+        """Why the kernel died, or None while it lives."""
+        return self._dead
+
+    @property
+    def client(self) -> KernelClient:
+        return self._client
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self._lock
+
+    async def start(self) -> None:
+        """Connect and wait for the kernel; on failure destroy the host and raise SandboxStartError."""
+        self._client.start()
+        try:
+            await self._client.wait_ready(self.spec.start_timeout)
+            await self._host.kernel_ready()
+        except BaseException as exc:
+            cause = await self._host.exit_cause(timeout=0.5)
+            logs = await self._host.logs()
+            await self.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            reason = f"it stopped ({cause})" if cause else f"no answer within {self.spec.start_timeout:g}s"
+            tail = f"; its output ended with:\n{logs[-2000:]}" if logs.strip() else ""
+            raise SandboxStartError(f"sandbox {self.id}: the kernel did not start, {reason}{tail}") from None
+
+    def check_usable(self) -> None:
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if self._dead:
+            raise SandboxDeadError(f"sandbox {self.id} died ({self._dead}); call restart() for a fresh kernel")
+
+    # --- execution -------------------------------------------------------------------------
+
+    async def execute(
+        self, code: str, timeout: float | None = None, on_event: EventCallback | None = None
+    ) -> ExecutionResult:
+        """Run code in the kernel; events go to `on_event` (a function or a coroutine function)."""
+        result, _ = await self._with_events(lambda emit: self._run(code, timeout, emit), on_event)
+        return result
+
+    async def stream(self, code: str, timeout: float | None = None) -> AsyncIterator[StreamEvent | ExecutionResult]:
+        """Events as they happen, then the `ExecutionResult` as the last item."""
+        async for item in self._events(lambda emit: self._run(code, timeout, emit)):
+            yield item[0] if isinstance(item, tuple) else item
+
+    async def run_command(
+        self,
+        argv: Sequence[str],
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_event: EventCallback | None = None,
+    ) -> ExecutionResult:
+        """Run a process inside the sandbox, its output streamed; `ok` only for exit code 0."""
+        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError(f"run_command: expected a non-empty list of strings, got {argv!r}")
+        code = _RUN_COMMAND.format(argv=json.dumps(list(argv)), cwd=json.dumps(cwd or self.workspace))
+        result, collector = await self._with_events(
+            lambda emit: self._run(
+                code, timeout, emit, store_history=False, user_expressions={"rc": "__cellforge_rc__"}
+            ),
+            on_event,
+        )
+        if result.outcome is not Outcome.OK:
+            return result
+        expr = (collector.reply or {}).get("user_expressions", {}).get("rc", {})
+        exit_code = int(expr.get("data", {}).get("text/plain", "-1"))
+        if exit_code == 0:
+            return result.model_copy(update={"exit_code": 0, "result": None})
+        return result.model_copy(
+            update={
+                "outcome": Outcome.ERROR,
+                "exit_code": exit_code,
+                "result": None,
+                "ename": "CommandFailed",
+                "evalue": f"{argv[0]} exited with code {exit_code}",
+            }
+        )
+
+    async def _with_events(self, run: _Runner, on_event: EventCallback | None) -> tuple[ExecutionResult, ExecutionCollector]:
+        if on_event is None:
+            return await run(_ignore)
+        if not asyncio.iscoroutinefunction(on_event):
+            return await run(_safe(on_event))
+        async for item in self._events(run):
+            if isinstance(item, tuple):
+                return item
+            try:
+                await on_event(item)
+            except Exception:
+                log.exception("an on_event callback raised; the execution goes on")
+        raise AssertionError("unreachable: _events always ends with the result")
+
+    async def _events(self, run: _Runner) -> AsyncIterator[Any]:
+        """The events of one run as they happen, then its (result, collector)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.ensure_future(run(queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(_DONE))
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield item
+            yield task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _run(
+        self,
+        code: str,
+        timeout: float | None,
+        emit: Emit,
+        *,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+    ) -> tuple[ExecutionResult, ExecutionCollector]:
+        timeout = self.spec.timeout if timeout is None else timeout
+        self.check_usable()
+        async with self._lock:
+            self.check_usable()
+            started = time.perf_counter()
+            collector = ExecutionCollector(self.spec.output_limit, emit)
+            if self._client.lost.is_set():
+                return await self._died(collector, started), collector
+            msg_id = self._client.execute(
+                code, collector, store_history=store_history, user_expressions=user_expressions
+            )
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await collector.done.wait()
+                if collector.lost:
+                    return await self._died(collector, started), collector
+                if collector.done.is_set():
+                    outcome = Outcome.ERROR if collector.error else Outcome.OK
+                    return collector.to_result(outcome, started), collector
+                return await self._stop_overrun(collector, started, timeout), collector
+            except asyncio.CancelledError:
+                # The caller gave up (e.g. a client disconnected): don't leave the code running.
+                if not self._client.lost.is_set():
+                    self._client.interrupt()
+                raise
+            finally:
+                self._client.forget(msg_id)
+
+    async def _stop_overrun(self, collector: ExecutionCollector, started: float, timeout: float) -> ExecutionResult:
+        """Interrupt; if the code ignores it for `interrupt_grace` seconds, restart the kernel."""
+        collector.emit(StatusEvent(state="interrupting", detail=f"timed out after {timeout:g}s"))
+        self._client.interrupt()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.spec.interrupt_grace):
+                await collector.done.wait()
+        if collector.lost:
+            return await self._died(collector, started)
+        if collector.done.is_set():
+            return collector.to_result(Outcome.TIMEOUT, started)
+        detail = f"interrupt ignored for {self.spec.interrupt_grace:g}s; restarting the kernel, its state is lost"
+        collector.emit(StatusEvent(state="restarting", detail=detail))
+        await self._restart_kernel()
+        collector.emit(StatusEvent(state="restarted", detail="fresh kernel; variables and imports are gone"))
+        return collector.to_result(Outcome.KILLED, started, state_lost=True)
+
+    async def _died(self, collector: ExecutionCollector, started: float) -> ExecutionResult:
+        cause = await self._host.exit_cause(timeout=EXIT_CAUSE_TIMEOUT_S) or "kernel connection lost"
+        self._dead = cause
+        collector.emit(StatusEvent(state="died", detail=cause))
+        return collector.to_result(Outcome.DIED, started, died_cause=cause, state_lost=True)
+
+    async def _restart_kernel(self) -> None:
+        previous = self._client.session_id
+        self.files_channel = None
+        await self._host.restart_kernel()
+        await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
+        await self._host.kernel_ready()
+
+    # --- control -----------------------------------------------------------------------------
+
+    async def interrupt(self) -> None:
+        """SIGINT the running code (KeyboardInterrupt in the kernel); does not wait for it to stop."""
+        self.check_usable()
+        self._client.interrupt()
+
+    async def restart(self) -> None:
+        """A fresh kernel. State is lost; the workspace is kept unless the sandbox had died."""
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if not self._dead and not self._client.lost.is_set():
+            # Waiting for the lock would wait for a running execution; interrupt it first.
+            self._client.interrupt()
+            async with self._lock:
+                await self._restart_kernel()
+            return
+        async with self._lock:
+            previous = self._client.session_id
+            self.files_channel = None
+            await self._host.revive()
+            await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
+            await self._host.kernel_ready()
+            self._dead = None
+
+    async def close(self) -> None:
+        """Stop the kernel and remove the sandbox (container, host folders); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.close()
+        await self._host.destroy()
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- files (implemented in files.py) -----------------------------------------------------
+
+    async def put_file(self, path: str, data: bytes, timeout: float | None = None) -> None:
+        from .files import put_file
+
+        await put_file(self, path, data, timeout)
+
+    async def get_file(self, path: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
+        from .files import get_file
+
+        return await get_file(self, path, timeout, max_bytes)
+
+    async def put_dir(self, local_dir: str | Path, path: str, timeout: float | None = None) -> list[str]:
+        from .files import put_dir
+
+        return await put_dir(self, Path(local_dir), path, timeout)
+
+    async def get_dir(self, path: str, local_dir: str | Path, timeout: float | None = None) -> list[str]:
+        from .files import get_dir
+
+        return await get_dir(self, path, Path(local_dir), timeout)
+
+
+def _safe(callback: EventCallback) -> Emit:
+    def emit(event: StreamEvent) -> None:
+        try:
+            callback(event)
+        except Exception:
+            log.exception("an on_event callback raised; the execution goes on")
+
+    return emit
+
+
+# Runs in the kernel: a subprocess whose stdout/stderr are relayed as they come (one thread, a
+# selector, incremental UTF-8 decoding so multi-byte characters split across reads survive).
+_RUN_COMMAND = """
+def __cellforge_run(argv, cwd):
+    import codecs, os, selectors, subprocess, sys
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relays = {{
+        proc.stdout.fileno(): (sys.stdout, codecs.getincrementaldecoder("utf-8")("replace")),
+        proc.stderr.fileno(): (sys.stderr, codecs.getincrementaldecoder("utf-8")("replace")),
+    }}
+    selector = selectors.DefaultSelector()
+    for fd in relays:
+        selector.register(fd, selectors.EVENT_READ)
+    try:
+        while selector.get_map():
+            for key, _ in selector.select():
+                stream, decoder = relays[key.fd]
+                chunk = os.read(key.fd, 65536)
+                stream.write(decoder.decode(chunk, final=not chunk))
+                if not chunk:
+                    selector.unregister(key.fd)
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+__cellforge_rc__ = __cellforge_run({argv}, {cwd})
+del __cellforge_run
+"""
