@@ -56,8 +56,11 @@ def load_cards(cards_dir: Path = CARDS_DIR) -> list[MethodCard]:
     for path in sorted(cards_dir.glob("*.json")):
         try:
             card = MethodCard.model_validate(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise KnowledgeBaseError(f"method card {path}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise KnowledgeBaseError(f"method card {path} is not valid JSON: {exc}") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors())
+            raise KnowledgeBaseError(f"method card {path}: {problems}") from None
         if card.id != path.stem:
             raise KnowledgeBaseError(f"method card {path}: id {card.id!r} differs from the file name")
         cards[card.id] = card
