@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data_cmd, design_cmd, images_cmd, sandbox_cmd, serve_cmd
+from . import data_cmd, design_cmd, images_cmd, sandbox_cmd, score_cmd, serve_cmd
 
 app = typer.Typer(
     name="cellforge",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for _module in (images_cmd, sandbox_cmd, data_cmd, design_cmd, serve_cmd):
+for _module in (images_cmd, sandbox_cmd, data_cmd, design_cmd, serve_cmd, score_cmd):
     _module.register(app)
 
 

@@ -94,9 +94,14 @@ def take_rows(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take_along_axis(values, idx, axis=1)
 
 
+NO_CHANGE = 1e-5  # |Δ| below this is "no change": float32 predictions carry rounding noise of ~1e-6
+
+
 def direction_accuracy(pred_delta: np.ndarray, true_delta: np.ndarray) -> np.ndarray:
-    """Fraction of features per row where the predicted change has the sign of the true change."""
-    return np.mean(np.sign(pred_delta) == np.sign(true_delta), axis=1)
+    """Fraction of features per row where the predicted change has the sign of the true change;
+    a predicted change below `NO_CHANGE` in size has no direction and counts as a miss."""
+    moved = np.abs(pred_delta) >= NO_CHANGE
+    return np.mean(moved & (np.sign(pred_delta) == np.sign(true_delta)), axis=1)
 
 
 def discrimination_l1(pred: np.ndarray, true: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -194,3 +195,20 @@ def test_drug_baselines_use_the_dose(tmp_path):
     np.testing.assert_allclose(got, ctrl + (d[("D1", 10.0)] + d[("D2", 10.0)]) / 2, rtol=1e-5, atol=1e-5)
     got = preds["mean_delta"][condition_key("D3", 1.0, "all")].X.ravel()
     np.testing.assert_allclose(got, ctrl + (d[("D1", 1.0)] + d[("D2", 1.0)]) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_baselines_writes_and_scores_every_applicable_baseline(genetic, tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    split, *_ = genetic
+    out = tmp_path / "preds"
+    result = CliRunner().invoke(app, ["baselines", "--split", str(split), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["baselines"]) == {"control", "mean_delta", "context_mean", "additive", "linear_pca_ridge",
+                                        "delta_transfer", "gene_similarity"}
+    assert report["baselines"]["mean_delta"]["normalized"]["pearson_delta"] == pytest.approx(0.0, abs=1e-9)
+    for name, path in report["written"].items():
+        assert ad.read_h5ad(path).n_obs == 4, name

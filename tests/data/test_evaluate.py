@@ -27,7 +27,8 @@ def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
     rows = cells.obs.drop_duplicates("condition")
     X = np.vstack([np.asarray(cells[cells.obs["condition"] == c].X.mean(axis=0)).ravel()
                    for c in rows["condition"]])
-    obs = rows[["condition", "perturbation", "dose", "context"]].set_index("condition", drop=False)
+    obs = rows[["condition", "perturbation", "dose", "context"]]
+    obs.index = obs["condition"].astype(str).to_numpy()
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=cells.var_names))
 
 
@@ -193,3 +194,34 @@ def test_gene_order_is_aligned(ev, split):
     pred = truth_predictions(split)
     shuffled = pred[::-1, ::-1].copy()
     assert ev.score(shuffled).summary["mse"] == pytest.approx(0.0, abs=1e-10)
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def test_cli_score_prints_table_and_json(split, tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    path = tmp_path / "pred.h5ad"
+    truth_predictions(split).write_h5ad(path)
+    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "pearson_delta" in result.output and "ceiling" in result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["summary"]["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert len(report["per_condition"]) == report["n_conditions"] == 4
+
+
+def test_cli_score_reports_a_bad_prediction_as_one_json_error(split, tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    path = tmp_path / "pred.h5ad"
+    truth_predictions(split)[1:].copy().write_h5ad(path)
+    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
+    assert result.exit_code == 1
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["ok"] is False and last["error"] == "PredictionsError" and "miss 1 test condition" in last["message"]

@@ -1,0 +1,123 @@
+"""`cellforge score` and `cellforge baselines`: the service's own scoring of predictions on a split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.data import DataError
+from service.data.baselines import BASELINES, applicable_baselines
+from service.data.evaluate import EvaluationReport, Evaluator
+
+from .data_cmd import fail
+
+err = Console(stderr=True)
+
+SplitOpt = Annotated[Path, typer.Option("--split", help="A split directory (cellforge data split).", show_default=False)]
+WhichOpt = Annotated[str, typer.Option("--which", help="Score the 'test' or the 'val' conditions.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+# The columns of the baselines table: the metrics models are compared on.
+HEADLINE = ("pearson_delta", "pearson_delta_pert", "pearson_delta_top20_de", "mse_top20_de", "r2_delta",
+            "discrimination_l1", "de_overlap")
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _evaluator(split: Path, which: str, progress: Progress) -> Evaluator:
+    if which not in ("test", "val"):
+        raise DataError(f"--which must be 'test' or 'val', not {which!r}")
+    progress.add_task(f"reading {split} and the real {which} cells", total=None)
+    return Evaluator(split, which)
+
+
+def _report_table(report: EvaluationReport) -> Table:
+    table = Table(title=f"{report.which}: {report.n_conditions} conditions", title_justify="left")
+    for column in ("metric", "model", "mean baseline", "ceiling", "normalized"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, value in report.summary.items():
+        table.add_row(name, _fmt(value), _fmt(report.mean_baseline.get(name)), _fmt(report.ceiling.get(name)),
+                      _fmt(report.normalized.get(name)))
+    return table
+
+
+def score(
+    split: SplitOpt,
+    predictions: Annotated[Path, typer.Option("--predictions", help="Predictions .h5ad (one row per condition).",
+                                              show_default=False)],
+    which: WhichOpt = "test",
+    json_out: JsonOpt = False,
+) -> None:
+    """Score PREDICTIONS against the real cells of the split: per-condition metrics averaged, the data
+    ceiling, and each score normalized against the mean-Δ baseline."""
+    try:
+        with _progress() as progress:
+            evaluator = _evaluator(split, which, progress)
+            progress.add_task("scoring", total=None)
+            report = evaluator.score(predictions)
+    except DataError as exc:
+        fail(exc, json_out)
+    Console().print(_report_table(report))
+    if json_out:
+        print(json.dumps({"ok": True, **report.model_dump()}), flush=True)
+
+
+def baselines(
+    split: SplitOpt,
+    which: WhichOpt = "test",
+    out: Annotated[Path | None, typer.Option("--out", help="Also write each baseline's predictions here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run every applicable baseline on the split and score it; one table of baselines vs the ceiling."""
+    reports: dict[str, EvaluationReport] = {}
+    written: dict[str, str] = {}
+    try:
+        with _progress() as progress:
+            evaluator = _evaluator(split, which, progress)
+            names = applicable_baselines(evaluator.task)
+            bar = progress.add_task("baselines", total=len(names))
+            for name in names:
+                progress.update(bar, description=f"baseline {name}")
+                predictions = BASELINES[name][0](evaluator.task)
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    predictions.write_h5ad(out / f"{name}.h5ad")
+                    written[name] = str(out / f"{name}.h5ad")
+                reports[name] = evaluator.score(predictions)
+                progress.advance(bar)
+    except DataError as exc:
+        fail(exc, json_out)
+
+    columns = [m for m in HEADLINE if any(m in r.summary for r in reports.values())]
+    table = Table(title=f"baselines on {which} ({evaluator.truth.mean.shape[0]} conditions)", title_justify="left")
+    table.add_column("baseline")
+    for m in columns:
+        table.add_column(m, justify="right")
+    for name, report in reports.items():
+        table.add_row(name, *(_fmt(report.summary.get(m)) for m in columns))
+    table.add_row("[bold]ceiling[/]", *(_fmt(evaluator.ceiling.get(m)) for m in columns))
+    Console().print(table)
+    if json_out:
+        print(json.dumps({
+            "ok": True, "which": which, "ceiling": evaluator.ceiling, "written": written,
+            "baselines": {n: {"summary": r.summary, "normalized": r.normalized} for n, r in reports.items()},
+        }), flush=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `cellforge score` and `cellforge baselines` to the top-level app."""
+    app.command("score")(score)
+    app.command("baselines")(baselines)
