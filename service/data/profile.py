@@ -98,7 +98,7 @@ class DataProfile(BaseModel):
     targets_not_measured: list[str]  # first 50
     target_knockdown_fraction: float | None  # measured single targets lower than control in their own condition
     delta_norm: dict[str, float]  # L2 norm of pseudobulk Δ vs control, quantiles over conditions
-    above_noise_fraction: float  # conditions whose Δ beats control sampling noise (per-gene chi-square, z > 3)
+    above_noise_fraction: float  # conditions whose Δ beats every random control subset of the same size
     de_top20_fraction: float  # share of a condition's |Δ| carried by its top-20 genes (mean)
 
     recommended_split: str
@@ -121,19 +121,65 @@ class _Pass:
     library: np.ndarray
     detected: np.ndarray
     nnz: int
-    sums: np.ndarray  # (groups x rna genes) sums of log-normalized expression
-    ctrl_sq: np.ndarray  # per rna gene, sum of squares over control cells
+    sums: np.ndarray  # (groups + pseudo-groups) x RNA genes: sums of log-normalized expression
+    ctrl_sq: np.ndarray  # control contexts x RNA genes: sums of squares over control cells
 
 
-def _scan(dataset: Dataset, group_codes: np.ndarray, n_groups: int, on_progress: Callable[[float], None] | None) -> _Pass:
+@dataclass
+class _Groups:
+    """Which row of the pseudobulk sums each cell adds to."""
+
+    codes: np.ndarray  # per cell: its condition's index in `names`
+    names: pd.Index
+    ctrl_codes: np.ndarray  # per cell: index of its context's control group in `ctrl_names`, -1 if not a control
+    ctrl_names: pd.Index  # the control condition keys
+    pseudo_codes: np.ndarray  # per cell: pseudo-group index or -1 (random control subsets: the noise null)
+    n_pseudo: int
+    pseudo_size: int
+    pseudo_control: str  # the control condition the pseudo-groups are drawn from
+
+
+N_PSEUDO = 20
+
+
+def _groups(obs: pd.DataFrame, typical_size: int, seed: int = 0) -> _Groups:
+    codes, names = pd.factorize(obs[CONDITION].to_numpy(dtype=object), sort=True)
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    ctrl_names = pd.Index(sorted(obs.loc[is_ctrl, CONDITION].unique()))
+    ctrl_codes = np.where(is_ctrl, ctrl_names.get_indexer(obs[CONDITION].to_numpy(dtype=object)), -1)
+    # Random subsets of the largest control group, of a typical condition's size, compared to their own
+    # control mean: how large Δ gets from sampling alone, gene correlations included.
+    biggest = obs.loc[is_ctrl, CONDITION].value_counts()
+    pseudo_codes = np.full(len(obs), -1)
+    n_pseudo, size, source = 0, 0, ""
+    if len(biggest):
+        source = str(biggest.index[0])
+        members = np.flatnonzero(obs[CONDITION].to_numpy(dtype=object) == source)
+        size = int(min(max(typical_size, 1), len(members) // 2))
+        n_pseudo = min(N_PSEUDO, len(members) // max(size, 1)) if size >= 2 else 0
+        chosen = np.random.default_rng(seed).permutation(members)[: n_pseudo * size]
+        pseudo_codes[chosen] = np.repeat(np.arange(n_pseudo), size)
+    return _Groups(codes, pd.Index(names), ctrl_codes, ctrl_names, pseudo_codes, n_pseudo, size, source)
+
+
+def _indicator(rows_a: np.ndarray, rows_b: np.ndarray, n_a: int, n_b: int) -> sp.csr_matrix:
+    """(n_a + n_b) x cells 0/1 matrix: cell i adds to row rows_a[i] and, when rows_b[i] >= 0, to n_a + rows_b[i]."""
+    cells = np.arange(len(rows_a))
+    extra = rows_b >= 0
+    r = np.concatenate([rows_a, n_a + rows_b[extra]])
+    c = np.concatenate([cells, cells[extra]])
+    return sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(n_a + n_b, len(rows_a)))
+
+
+def _scan(dataset: Dataset, groups: _Groups, on_progress: Callable[[float], None] | None) -> _Pass:
     adata, rna = dataset.adata, dataset.rna_mask
     rna_cols = None if rna.all() else np.flatnonzero(rna)
     n_rna = int(rna.sum())
-    is_ctrl = dataset.obs[IS_CONTROL].to_numpy(dtype=bool)
+    n_groups, n_ctrl = len(groups.names), len(groups.ctrl_names)
     library = np.zeros(adata.n_obs)
     detected = np.zeros(adata.n_obs)
-    sums = np.zeros((n_groups, n_rna))
-    ctrl_sq = np.zeros(n_rna)
+    sums = np.zeros((n_groups + groups.n_pseudo, n_rna))
+    ctrl_sq = np.zeros((n_ctrl, n_rna))
     nnz = 0
     for start, block in row_chunks(adata.X):
         stop = start + block.shape[0]
@@ -143,42 +189,61 @@ def _scan(dataset: Dataset, group_codes: np.ndarray, n_groups: int, on_progress:
         library[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         detected[start:stop] = block.getnnz(axis=1) if sp.issparse(block) else np.count_nonzero(block, axis=1)
         lognorm = normalize_log1p(block) if dataset.layout.rna_is_counts else block
-        rows = np.arange(stop - start)
-        indicator = sp.csr_matrix((np.ones(len(rows)), (group_codes[start:stop], rows)), shape=(n_groups, len(rows)))
-        summed = indicator @ lognorm
+        summed = _indicator(groups.codes[start:stop], groups.pseudo_codes[start:stop], n_groups, groups.n_pseudo) @ lognorm
         sums += summed.toarray() if sp.issparse(summed) else summed
-        ctrl = lognorm[is_ctrl[start:stop]]
-        ctrl_sq += np.asarray(ctrl.multiply(ctrl).sum(axis=0) if sp.issparse(ctrl) else (ctrl.astype(np.float64) ** 2).sum(axis=0)).ravel()
+        ctrl_rows = groups.ctrl_codes[start:stop]
+        squares = lognorm.multiply(lognorm) if sp.issparse(lognorm) else np.asarray(lognorm, dtype=np.float64) ** 2
+        cells = np.flatnonzero(ctrl_rows >= 0)
+        ctrl_ind = sp.csr_matrix((np.ones(len(cells)), (ctrl_rows[cells], cells)), shape=(n_ctrl, len(ctrl_rows)))
+        summed_sq = ctrl_ind @ squares
+        ctrl_sq += summed_sq.toarray() if sp.issparse(summed_sq) else summed_sq
         if on_progress is not None:
             on_progress(stop / adata.n_obs)
     return _Pass(library=library, detected=detected, nnz=nnz, sums=sums, ctrl_sq=ctrl_sq)
 
 
-def _effects(obs: pd.DataFrame, groups: pd.Index, sizes: np.ndarray, sums: np.ndarray, ctrl_sq: np.ndarray,
-             gene_names: pd.Index) -> dict:
-    """Δ statistics per condition from the pseudobulk sums."""
-    means = sums / np.maximum(sizes, 1)[:, None]
-    ctrl_keys = obs.loc[obs[IS_CONTROL], [CONTEXT, CONDITION]].drop_duplicates().set_index(CONTEXT)[CONDITION]
-    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
-    n_ctrl_total = int(is_ctrl.sum())
-    pooled_ctrl = sums[groups.get_indexer(ctrl_keys.to_numpy())].sum(axis=0) / max(n_ctrl_total, 1)
-    ctrl_var = np.maximum(ctrl_sq / max(n_ctrl_total, 1) - pooled_ctrl**2, 0.0)
+def _chi2(delta: np.ndarray, var: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per-gene sum of Δ² over its sampling variance (genes that vary in controls only)."""
+    safe = np.where(var > 0, var, np.inf)
+    return (delta**2 / safe).sum(axis=1) / scale
 
+
+def _effects(obs: pd.DataFrame, groups: _Groups, scan: _Pass, gene_names: pd.Index) -> dict:
+    """Δ statistics per condition from the pseudobulk sums."""
+    n_groups = len(groups.names)
+    sizes = np.bincount(groups.codes, minlength=n_groups).astype(np.float64)
+    means = scan.sums[:n_groups] / np.maximum(sizes, 1)[:, None]
+    ctrl_idx = groups.names.get_indexer(groups.ctrl_names)
+    ctrl_n = sizes[ctrl_idx]
+    ctrl_mean = means[ctrl_idx]
+    ctrl_var = np.maximum(scan.ctrl_sq / np.maximum(ctrl_n, 1)[:, None] - ctrl_mean**2, 0.0)
+    pooled_mean = scan.sums[ctrl_idx].sum(axis=0) / max(ctrl_n.sum(), 1)
+    pooled_var = np.maximum(scan.ctrl_sq.sum(axis=0) / max(ctrl_n.sum(), 1) - pooled_mean**2, 0.0)
+
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
     table = obs.loc[~is_ctrl, [CONDITION, PERTURBATION, CONTEXT]].drop_duplicates(CONDITION)
-    idx = groups.get_indexer(table[CONDITION])
-    ctx_ctrl_idx = groups.get_indexer(table[CONTEXT].map(ctrl_keys).fillna("").to_numpy())
-    ctrl_means = np.where((ctx_ctrl_idx >= 0)[:, None], means[np.maximum(ctx_ctrl_idx, 0)], pooled_ctrl[None, :])
-    ctrl_n = np.where(ctx_ctrl_idx >= 0, sizes[np.maximum(ctx_ctrl_idx, 0)], n_ctrl_total)
-    delta = means[idx] - ctrl_means
+    idx = groups.names.get_indexer(table[CONDITION])
+    ctx_to_ctrl = obs.loc[is_ctrl, [CONTEXT, CONDITION]].drop_duplicates().set_index(CONTEXT)[CONDITION]
+    own = groups.ctrl_names.get_indexer(table[CONTEXT].map(ctx_to_ctrl).fillna("").to_numpy())
+    has = (own >= 0)[:, None]
+    base = np.where(has, ctrl_mean[np.maximum(own, 0)], pooled_mean)
+    var = np.where(has, ctrl_var[np.maximum(own, 0)], pooled_var)
+    base_n = np.where(own >= 0, ctrl_n[np.maximum(own, 0)], ctrl_n.sum())
+    delta = means[idx] - base
     abs_delta = np.abs(delta)
     norms = np.sqrt((delta**2).sum(axis=1))
-    # Per-gene chi-square of Δ against the sampling noise a draw of control cells would show:
-    # ~ n_genes under no effect, so a z above 3 means the condition really moved expression.
-    varying = ctrl_var > 0
-    scale = 1.0 / np.maximum(sizes[idx], 1) + 1.0 / np.maximum(ctrl_n, 1)
-    chi2 = ((delta[:, varying] ** 2) / ctrl_var[varying][None, :]).sum(axis=1) / scale
-    n_var = max(int(varying.sum()), 1)
-    noise_z = (chi2 - n_var) / np.sqrt(2 * n_var)
+
+    chi2 = _chi2(delta, var, 1.0 / np.maximum(sizes[idx], 1) + 1.0 / np.maximum(base_n, 1))
+    if groups.n_pseudo >= 5:
+        src = groups.ctrl_names.get_loc(groups.pseudo_control)
+        pseudo_delta = scan.sums[n_groups:] / groups.pseudo_size - ctrl_mean[src]
+        # A subset is part of the mean it is compared to, hence 1/m - 1/n (not +).
+        scale = np.full(groups.n_pseudo, 1.0 / groups.pseudo_size - 1.0 / ctrl_n[src])
+        threshold = float(_chi2(pseudo_delta, np.repeat(ctrl_var[src][None, :], groups.n_pseudo, 0), scale).max())
+    else:  # too few controls for an empirical null: chi-square with n_genes dof, z > 3
+        n_var = max(int((pooled_var > 0).sum()), 1)
+        threshold = n_var + 3 * np.sqrt(2 * n_var)
+
     k = min(20, abs_delta.shape[1])
     top = np.partition(abs_delta, abs_delta.shape[1] - k, axis=1)[:, -k:].sum(axis=1) if len(idx) else np.zeros(0)
     total = abs_delta.sum(axis=1)
@@ -190,7 +255,7 @@ def _effects(obs: pd.DataFrame, groups: pd.Index, sizes: np.ndarray, sums: np.nd
     knock = (delta[np.flatnonzero(single), gene_pos[single]] < 0) if single.any() else np.zeros(0, dtype=bool)
     return {
         "delta_norm": _quantiles(norms),
-        "above_noise_fraction": float((noise_z > 3).mean()) if len(norms) else 0.0,
+        "above_noise_fraction": float((chi2 > threshold).mean()) if len(norms) else 0.0,
         "de_top20_fraction": float(top_share.mean()) if len(top_share) else 0.0,
         "target_knockdown_fraction": float(knock.mean()) if knock.size else None,
     }
@@ -273,14 +338,13 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
         data, perturbation_key=perturbation_key, control=control, dose_key=dose_key, context_key=context_key,
         min_cells=min_cells, backed=backed)
     layout, obs, adata = dataset.layout, dataset.obs, dataset.adata
-    codes, groups = pd.factorize(obs[CONDITION].to_numpy(dtype=object), sort=True)
-    groups = pd.Index(groups)
-    sizes = np.bincount(codes, minlength=len(groups)).astype(np.float64)
-    scan = _scan(dataset, codes, len(groups), on_progress)
-    rna_names = adata.var_names[dataset.rna_mask]
-    effects = _effects(obs, groups, sizes, scan.sums, scan.ctrl_sq, pd.Index(rna_names))
-
     is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    typical = int(obs.loc[~is_ctrl, CONDITION].value_counts().median()) if (~is_ctrl).any() else 0
+    groups = _groups(obs, typical)
+    scan = _scan(dataset, groups, on_progress)
+    rna_names = adata.var_names[dataset.rna_mask]
+    effects = _effects(obs, groups, scan, pd.Index(rna_names))
+
     perturbed = obs.loc[~is_ctrl]
     cond_sizes = perturbed[CONDITION].value_counts().to_numpy()
     perts = sorted(perturbed[PERTURBATION].unique())
