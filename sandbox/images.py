@@ -112,6 +112,7 @@ def build_image(
         log(f"building {tag} from {base_ref}")
         _docker_build(client, Path(ctx), tag, base_ref, content_hash, flavor, log)
     _tag_alias(client, tag, alias)
+    _remove_superseded(client, flavor, tag, log)
     return BuiltImage(tag, alias, content_hash, True, time.monotonic() - started, base_ref)
 
 
@@ -313,6 +314,26 @@ def _docker_build(
                 log(line)
     if not _image_id(client, tag):
         raise ImageBuildError(f"docker build of {tag} ended without an image:\n" + "\n".join(tail[-10:]))
+
+
+def _remove_superseded(client: docker.APIClient, flavor: str, keep: str, log: LogFn) -> None:
+    """Drop older content tags of this flavor and the leftover wheel-holding build stages.
+
+    An image a container still uses is kept: the engine refuses, and that refusal is fine.
+    """
+    stale = [
+        ref
+        for image in client.images(name=REPOSITORY)
+        for ref in image.get("RepoTags") or []
+        if ref.startswith(f"{REPOSITORY}:{flavor}-") and ref != keep
+    ]
+    stale += [image["Id"] for image in client.images(filters={"dangling": True, "label": "org.cellforge.stage=venv"})]
+    for ref in stale:
+        try:
+            client.remove_image(ref)
+            log(f"removed superseded image {ref}")
+        except docker.errors.APIError as exc:
+            log(f"kept {ref}: {exc.explanation or exc}")
 
 
 def _tag_alias(client: docker.APIClient, tag: str, alias: str) -> None:
