@@ -1,0 +1,76 @@
+"""LLM mode: the same agents through the OpenAI backend against a scripted OpenAI-compatible server.
+
+The scripted model answers each chat request by reading what a real model would read — the schema named
+in the system prompt and the JSON context in the user prompt — and replying with JSON text. So these
+tests cover prompts, context serialisation, schema validation (with a re-ask) and replay, end to end.
+"""
+
+import json
+import re
+
+from fake_llm_server import Reply
+
+from service.agents import analyse_task, handlers, run_discussion
+from service.agents.llm_kinds import ALL_KINDS, CRITIC_SCORES, EXPERT_CRITIQUE, EXPERT_PROPOSAL, TASK_ANALYSIS
+from service.agents.messages import Critique, CriticScores, ExpertProposal
+from service.agents.plan import TaskAnalysis
+from service.agents.prompts import schema_json
+from service.llm import OfflineBackend, OpenAIBackend, RecordingBackend, ReplayBackend, read_calls
+
+from agent_profiles import TASKS
+
+_KIND_OF_SCHEMA = {"TaskAnalysis": TASK_ANALYSIS, "ExpertProposal": EXPERT_PROPOSAL, "Critique": EXPERT_CRITIQUE,
+                   "CriticScores": CRITIC_SCORES}
+_SCHEMAS = {"TaskAnalysis": TaskAnalysis, "ExpertProposal": ExpertProposal, "Critique": Critique,
+            "CriticScores": CriticScores}
+
+
+class ScriptedModel:
+    """Reads the chat like a model would; answers with the rule-based experts' reply as JSON text.
+    The first dl_architect proposal comes back with an out-of-range dropout, to provoke a re-ask."""
+
+    def __init__(self) -> None:
+        self.rules = handlers()
+        self.seen: list[tuple[str, str]] = []  # (schema name, system prompt)
+        self.spoiled = False
+
+    def __call__(self, body: dict) -> str:
+        system = body["messages"][0]["content"]
+        schema_name = re.search(r"JSON schema \((\w+)\)", system).group(1)
+        first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        context = json.loads(first_user.split("Context (JSON):\n", 1)[1])
+        self.seen.append((schema_name, system))
+        reply = self.rules[_KIND_OF_SCHEMA[schema_name]](context).model_dump(mode="json")
+        if schema_name == "ExpertProposal" and context["expert"] == "dl_architect" and not self.spoiled:
+            self.spoiled = True
+            for choice in reply["choices"]:
+                if choice["field"] == "architecture.dropout":
+                    choice["value"] = 0.95
+        return json.dumps(reply)
+
+
+def test_llm_mode_produces_the_offline_plan_and_replays_it(fake_llm, tmp_path):
+    facts, task = TASKS["drug"]
+    model = ScriptedModel()
+    fake_llm.script(*[Reply(model) for _ in range(120)])
+    llm = RecordingBackend(OpenAIBackend(fake_llm.base_url, "fake-model", "sk-test", backoff_initial=0.01),
+                           tmp_path / "run")
+    analysis = analyse_task(facts, task, llm)
+    result = run_discussion(analysis, facts, llm, tmp_path / "run", max_rounds=3)
+
+    offline = OfflineBackend(handlers())
+    expected = run_discussion(analyse_task(facts, task, offline), facts, offline, tmp_path / "offline", max_rounds=3)
+    assert result.plan == expected.plan and result.consensus == expected.consensus
+
+    # Every system prompt carried the JSON schema of its reply; proposals also their remit's field schemas.
+    for schema_name, system in model.seen:
+        assert schema_json(_SCHEMAS[schema_name]) in system
+    proposal_prompts = [s for name, s in model.seen if name == "ExpertProposal"]
+    assert any('"architecture.dropout"' in s and '"maximum": 0.8' in s for s in proposal_prompts)
+
+    calls = read_calls(tmp_path / "run" / "llm_calls.jsonl")
+    assert {c.kind for c in calls} == set(ALL_KINDS)
+    assert sum(c.reasks for c in calls) == 1  # the spoiled dropout was rejected by the schema and re-asked
+    replayed = ReplayBackend(tmp_path / "run")
+    again = run_discussion(analyse_task(facts, task, replayed), facts, replayed, tmp_path / "replay", max_rounds=3)
+    assert again.plan == result.plan and replayed.remaining == 0
