@@ -320,6 +320,14 @@ DESIGN_SPACE: tuple[Component, ...] = (
         "closed-form solution the network corrects",
         (
             Option(
+                "delta_transfer",
+                "unseen context: the perturbation's mean Δ in the contexts where it was measured",
+                lambda f, a: a.split_scheme == "unseen-context",
+                lambda f, a: f"the split holds out a context among {f.n_contexts}: each test perturbation was "
+                "measured elsewhere, and its Δ there is the baseline to beat and start from",
+                ("scgen", "linear_baseline"),
+            ),
+            Option(
                 "linear_ridge",
                 "≥10 training conditions: ridge on PCA embeddings, the network learns the residual",
                 lambda f, a: f.n_conditions >= 10,

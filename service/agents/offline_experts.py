@@ -296,7 +296,9 @@ def _de_loss(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obje
 def _residual(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
     suggestions: dict[str, FieldValue] = {}
     if v.get("architecture.base_predictor") == "none":
-        suggestions["architecture.base_predictor"] = "linear_ridge" if f.n_conditions >= 10 else "mean_delta"
+        suggestions["architecture.base_predictor"] = (
+            "delta_transfer" if a.split_scheme == "unseen-context"
+            else "linear_ridge" if f.n_conditions >= 10 else "mean_delta")
     if v.get("architecture.residual_delta") is False:
         suggestions["architecture.residual_delta"] = True
     if not suggestions:

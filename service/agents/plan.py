@@ -87,8 +87,9 @@ class Architecture(BaseModel):
     )
     decoder: Literal["mlp"] = "mlp"
     residual_delta: bool = Field(description="predict Δ added to the control profile, not the profile itself")
-    base_predictor: Literal["none", "mean_delta", "linear_ridge"] = Field(
-        description="closed-form solution the network learns a residual on top of"
+    base_predictor: Literal["none", "mean_delta", "linear_ridge", "delta_transfer"] = Field(
+        description="closed-form solution the network learns a residual on top of: mean training Δ, ridge of Δ on "
+        "PCA gene / perturbation embeddings, or (unseen context) the perturbation's mean Δ in the other contexts"
     )
     hidden_width: int = Field(ge=8, le=4096)
     depth: int = Field(ge=1, le=8)

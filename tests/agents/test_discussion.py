@@ -112,6 +112,7 @@ def test_knockout_drug_and_cytokine_get_different_plans(tmp_path):
     assert drug.architecture.dose_encoding == "log_hill" and drug.architecture.context_embedding
     assert cyto.architecture.perturbation_encoder == "onehot" and cyto.architecture.context_embedding
     assert cyto.evaluation.split_scheme == "unseen-context" and "delta_transfer" in cyto.evaluation.baselines
+    assert cyto.architecture.base_predictor == "delta_transfer"
     assert cyto.preprocessing.normalization == "none" and ko.preprocessing.normalization == "log1p_cp10k"
     assert ko.architecture.dose_encoding is None and not ko.architecture.context_embedding
     assert len({p.model_dump_json(exclude={"provenance", "rationale"}) for p in plans.values()}) == 3
