@@ -254,6 +254,46 @@ def additive_baseline(task: PredictionTask) -> ad.AnnData:
     return _predict_each(task, delta)
 
 
+def _dose_curve(train: TrainingSummary, perturbation: str, context: str) -> tuple[np.ndarray, np.ndarray]:
+    """(doses, Δs) of one perturbation in training, sorted by dose: from the same context when it
+    was dosed there, else averaged per dose over the other contexts."""
+    t = train.conditions
+    same = (t[PERTURBATION] == perturbation).to_numpy() & t[DOSE].notna().to_numpy()
+    here = same & (t[CONTEXT] == context).to_numpy()
+    rows = np.flatnonzero(here if here.any() else same)
+    doses = t[DOSE].to_numpy(dtype=float)[rows]
+    levels = np.unique(doses)
+    return levels, np.stack([train.deltas[rows[doses == d]].mean(axis=0) for d in levels]) if len(levels) else None
+
+
+def dose_interpolation_baseline(task: PredictionTask) -> ad.AnnData:
+    """Unseen dose of a known drug: the drug's training Δs at the neighbouring doses, interpolated
+    linearly in log-dose (linear dose when a dose is ≤ 0); outside the trained range the nearest
+    dose's Δ (no extrapolation). A drug never dosed in training gets the mean Δ of the other drugs
+    at the same dose (`mean_delta`)."""
+    def delta(row: pd.Series) -> np.ndarray:
+        doses, deltas = _dose_curve(task.train, row[PERTURBATION], row[CONTEXT])
+        if not len(doses) or np.isnan(row[DOSE]):
+            return mean_training_delta(task.train, row[CONTEXT], row[DOSE])
+        scale = np.log10 if doses.min() > 0 and row[DOSE] > 0 else (lambda x: x)
+        x, xs = scale(row[DOSE]), scale(doses)
+        if x <= xs[0]:
+            return deltas[0]
+        if x >= xs[-1]:
+            return deltas[-1]
+        hi = int(np.searchsorted(xs, x))
+        w = (x - xs[hi - 1]) / (xs[hi] - xs[hi - 1])
+        return (1 - w) * deltas[hi - 1] + w * deltas[hi]
+
+    return _predict_each(task, delta)
+
+
+def _dose_applies(task: PredictionTask) -> bool:
+    t = task.train.conditions
+    dosed = set(t.loc[t[DOSE].notna(), PERTURBATION])
+    return any(p in dosed and not np.isnan(d) for p, d in zip(task.targets[PERTURBATION], task.targets[DOSE]))
+
+
 def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
     """Unseen context: the perturbation's Δ measured in the other training contexts (same dose when
     available) added to the held-out context's control; the mean training Δ when the perturbation
@@ -374,13 +414,15 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
                  lambda task: any(len(combo_genes(p)) > 1 for p in task.targets[PERTURBATION])),
     "linear_pca_ridge": (linear_pca_ridge_baseline, _targets_are_genes),
     "delta_transfer": (delta_transfer_baseline, _transfer_applies),
+    "dose_interpolation": (dose_interpolation_baseline, _dose_applies),
     "gene_similarity": (gene_similarity_baseline, _targets_are_genes),
 }
 
 
 def applicable_baselines(task: PredictionTask) -> list[str]:
     """Names of the baselines that make sense for this task: combos for `additive`, perturbations
-    that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer`."""
+    that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer`,
+    drugs dosed in training for `dose_interpolation`."""
     return [name for name, (_, applies) in BASELINES.items() if applies(task)]
 
 

@@ -172,7 +172,10 @@ def score_rows(pred: np.ndarray, true: np.ndarray, truth: Truth, cols: np.ndarra
     (used for the half-vs-half ceiling)."""
     p, t = pred[:, cols], true[:, cols]
     c, r = truth.control[:, cols], truth.reference[:, cols]
+    # Float32 predictions of "no change" differ from the control by rounding noise; correlating
+    # that noise with the true Δ would be meaningless, so such changes count as exactly zero.
     pd_, td = p - c, t - c
+    pd_[np.abs(pd_) < M.NO_CHANGE] = 0.0
     top = M.top_k_by_abs(truth.t_stat[:, cols])
     out = {
         "mse": M.rowwise_mse(p, t),

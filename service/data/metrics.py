@@ -147,12 +147,13 @@ def de_overlap(true_significant: np.ndarray, pred_delta: np.ndarray) -> float:
     """Share of the truly significant features that the prediction ranks among its |Δ|-top as many.
 
     A pseudobulk prediction has no cells to test, so its significant set is taken as the
-    `|true set|` features with the largest predicted |Δ|; NaN when nothing is truly significant.
+    `|true set|` features with the largest nonzero predicted |Δ|; NaN when nothing is truly significant.
     """
     k = int(true_significant.sum())
     if k == 0:
         return float("nan")
     predicted = np.argsort(-np.abs(pred_delta), kind="stable")[:k]
+    predicted = predicted[pred_delta[predicted] != 0]  # predicting no change calls nothing
     return float(true_significant[predicted].sum() / k)
 
 

@@ -133,7 +133,8 @@ def test_predictions_format_is_what_the_evaluator_takes(genetic):
         assert list(pred.obs["condition"]) == list(ev.task.targets["condition"])
         assert np.isfinite(pred.X).all()
         report = ev.score(pred)
-        assert report.n_conditions == 4 and "pearson_delta" in report.summary
+        assert report.n_conditions == 4 and "mse" in report.summary
+        assert ("pearson_delta" in report.summary) == (name != "control")
 
 
 def test_gene_similarity_leans_on_the_most_coexpressed_gene(tmp_path):
@@ -181,20 +182,31 @@ def test_gene_similarity_leans_on_the_most_coexpressed_gene(tmp_path):
 
 
 def test_drug_baselines_use_the_dose(tmp_path):
+    """D1, D2 at doses 1/10/100 and D3 at 1/100 in train; predict D3 at 10 (between its trained
+    doses), D3 at 1000 (beyond them) and the unseen drug D4 at 10."""
     rng = np.random.default_rng(2)
     ctrl = rng.uniform(3, 5, 12)
     means = {("control", float("nan"), "all"): ctrl}
-    d = {(drug, dose): rng.normal(0, dose / 10, 12) for drug in ("D1", "D2", "D3") for dose in (1.0, 10.0)}
-    for (drug, dose), delta in d.items():
-        means[(drug, dose, "all")] = ctrl + delta
-    test = [("D3", 10.0, "all"), ("D3", 1.0, "all")]
+    d = {(drug, dose): rng.normal(0, 1, 12) for drug in ("D1", "D2", "D3", "D4") for dose in (1.0, 10.0, 100.0, 1000.0)}
+    train = [(drug, dose) for drug in ("D1", "D2") for dose in (1.0, 10.0, 100.0)] + [("D3", 1.0), ("D3", 100.0)]
+    test = [("D3", 10.0, "all"), ("D3", 1000.0, "all"), ("D4", 10.0, "all")]
+    for drug, dose in train + [(t[0], t[1]) for t in test]:
+        means[(drug, dose, "all")] = ctrl + d[(drug, dose)]
     split = write_constructed_split(tmp_path / "split", means, test)
     preds = run_baselines(split)
-    assert set(preds) == {"control", "mean_delta", "context_mean"}
-    got = preds["mean_delta"][condition_key("D3", 10.0, "all")].X.ravel()
-    np.testing.assert_allclose(got, ctrl + (d[("D1", 10.0)] + d[("D2", 10.0)]) / 2, rtol=1e-5, atol=1e-5)
-    got = preds["mean_delta"][condition_key("D3", 1.0, "all")].X.ravel()
-    np.testing.assert_allclose(got, ctrl + (d[("D1", 1.0)] + d[("D2", 1.0)]) / 2, rtol=1e-5, atol=1e-5)
+    assert set(preds) == {"control", "mean_delta", "context_mean", "dose_interpolation"}
+
+    def got(name: str, drug: str, dose: float) -> np.ndarray:
+        return preds[name][condition_key(drug, dose, "all")].X.ravel()
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    # mean_delta: the average training drug at the same dose.
+    np.testing.assert_allclose(got("mean_delta", "D4", 10.0), ctrl + (d[("D1", 10.0)] + d[("D2", 10.0)]) / 2, **tol)
+    # dose_interpolation: 10 is halfway between 1 and 100 in log-dose; 1000 takes the nearest (100).
+    np.testing.assert_allclose(got("dose_interpolation", "D3", 10.0),
+                               ctrl + (d[("D3", 1.0)] + d[("D3", 100.0)]) / 2, **tol)
+    np.testing.assert_allclose(got("dose_interpolation", "D3", 1000.0), ctrl + d[("D3", 100.0)], **tol)
+    np.testing.assert_allclose(got("dose_interpolation", "D4", 10.0), got("mean_delta", "D4", 10.0), **tol)
 
 
 def test_cli_baselines_writes_and_scores_every_applicable_baseline(genetic, tmp_path):
@@ -212,3 +224,12 @@ def test_cli_baselines_writes_and_scores_every_applicable_baseline(genetic, tmp_
     assert report["baselines"]["mean_delta"]["normalized"]["pearson_delta"] == pytest.approx(0.0, abs=1e-9)
     for name, path in report["written"].items():
         assert ad.read_h5ad(path).n_obs == 4, name
+
+
+def test_control_baseline_has_no_delta_correlation(genetic):
+    """Predicting no change has no Δ to correlate (not a correlation of float32 rounding noise)."""
+    split, *_ = genetic
+    ev = Evaluator(split, de_min_cells=3)
+    report = ev.score(run_baselines(ev.task)["control"])
+    assert "pearson_delta" not in report.summary
+    assert report.summary["direction_acc_top20_de"] == 0.0

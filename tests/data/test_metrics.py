@@ -139,6 +139,7 @@ def test_de_overlap_is_share_of_true_set_in_predicted_top():
     pred_delta = np.array([5.0, -0.1, -4.0, 0.0, 3.0, 0.2])  # top-3 |Δ|: 0, 2, 4
     assert M.de_overlap(sig, pred_delta) == pytest.approx(2 / 3)
     assert np.isnan(M.de_overlap(np.zeros(6, dtype=bool), pred_delta))
+    assert M.de_overlap(sig, np.zeros(6)) == 0.0
 
 
 def test_peak_aucs_match_mann_whitney_and_average_precision(rng):
