@@ -42,3 +42,5 @@ from .preprocess import (
 )
 from .profile import DataProfile, profile_dataset
 from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split
+from .baselines import BASELINES, PredictionTask, applicable_baselines, load_task, run_baselines
+from .evaluate import EvaluationReport, Evaluator, PredictionsError, evaluate
