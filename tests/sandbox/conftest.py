@@ -1,0 +1,58 @@
+"""Sandboxes for the sandbox tests: real Docker containers and real kernels.
+
+Sandboxes are expensive (about a second each), so tests that do not break their sandbox share one
+per module; tests that kill, restart or exhaust a sandbox make their own.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+# tests/conftest.py puts tests/ on sys.path, where tests/sandbox would shadow the `sandbox` package
+# (a namespace package found before the editable install's finder); the repository root wins.
+_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+import pytest
+import pytest_asyncio  # noqa: E402
+
+from sandbox import DockerBackend, Sandbox, SandboxSpec
+
+
+def _small_spec(image: str, **overrides) -> SandboxSpec:
+    values = dict(
+        image=image,
+        cpus=1.0,
+        memory="512m",
+        timeout=20.0,
+        pids_limit=128,
+        tmpfs_size="64m",
+        workspace_quota="64m",
+        interrupt_grace=1.5,
+        labels={"tenant": "tests"},
+    )
+    values.update(overrides)
+    return SandboxSpec(**values)
+
+
+@pytest.fixture(scope="session")
+def small_spec(docker_image):
+    """Build a sandbox spec sized for tests (small limits, short timeouts, quick interrupt grace)."""
+    return lambda **overrides: _small_spec(docker_image, **overrides)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def backend(docker_image) -> DockerBackend:
+    backend = DockerBackend()
+    yield backend
+    await backend.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_sandbox(backend, small_spec) -> Sandbox:
+    """One sandbox per module for tests that leave it usable."""
+    sb = await backend.create(small_spec())
+    yield sb
+    await sb.close()
