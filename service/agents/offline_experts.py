@@ -186,6 +186,7 @@ class CritiqueRule:
     fields: tuple[str, ...]  # the rule speaks to a proposal that sets any of these
     support: str  # what the author says when the check passes
     check: Check
+    kinds: tuple[str, ...] = ("genetic", "genetic_combo", "chemical", "cytokine")  # data it is relevant to
 
 
 def _few_cells(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
@@ -308,7 +309,7 @@ def _residual(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obj
 
 
 def _targets_kept(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
-    if f.perturbation_kind not in ("genetic", "genetic_combo") or v.get("preprocessing.keep_perturbed_genes") is not False:
+    if v.get("preprocessing.keep_perturbed_genes") is not False:
         return None
     return Objection(0.7, "the knocked-down target is the strongest and most reliable effect; HVG selection can "
                           "drop it, so force target genes into the gene set", {"preprocessing.keep_perturbed_genes": True})
@@ -353,7 +354,8 @@ CRITIQUE_RULES: tuple[CritiqueRule, ...] = (
     CritiqueRule("dl_architect", ("training.lr",), "the learning rate suits a residual model", _lr),
     CritiqueRule("dl_architect", ("architecture.combo_aggregation",), "aggregation fits the number of combos",
                  _attention_few_combos),
-    CritiqueRule("biologist", ("preprocessing.keep_perturbed_genes",), "target genes stay measured", _targets_kept),
+    CritiqueRule("biologist", ("preprocessing.keep_perturbed_genes",), "target genes stay measured", _targets_kept,
+                 kinds=("genetic", "genetic_combo")),
     CritiqueRule("data_engineer", ("architecture.gene_embedding_source",),
                  "the gene embedding is estimable from the controls", _coexpression_few_controls),
 )
@@ -363,8 +365,10 @@ def _items(author: str, facts: ProfileFacts, analysis: TaskAnalysis, target_fiel
             values: dict[str, FieldValue]) -> list[CritiqueItem]:
     items: list[CritiqueItem] = []
     for rule in CRITIQUE_RULES:
-        if rule.author != author or not target_fields & set(rule.fields):
+        if rule.author != author or not target_fields & set(rule.fields) or facts.perturbation_kind not in rule.kinds:
             continue
+        if all(values.get(f) is None for f in rule.fields):
+            continue  # the component the rule judges is not in this plan (e.g. no combos to aggregate)
         objection = rule.check(facts, analysis, values)
         field = next(f for f in rule.fields if f in target_fields)
         if objection is None:
