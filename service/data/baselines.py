@@ -152,6 +152,8 @@ def load_task(split_dir: str | Path | Split, which: Which = "test") -> Predictio
     if list(controls.var_names) != list(genes):
         controls = controls[:, genes].copy()
     targets = read_targets(split, which)
+    if targets.empty:
+        raise SplitDirectoryError(f"{split.path}: the split has no {which} conditions to predict")
     control_means = context_means(controls.X, controls.obs[CONTEXT].astype(str).to_numpy())
     missing = sorted(set(targets[CONTEXT]) - set(control_means))
     if missing:

@@ -10,7 +10,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from service.data import make_split
 from service.data.evaluate import Evaluator, PredictionsError, evaluate
@@ -121,12 +123,30 @@ def test_val_is_scored_against_val_cells(split):
 def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
     adata = make_adata([f"G{i}" for i in range(6)], n_genes=30, cells_per_condition=30, n_control=60,
                        feature_types={"Antibody Capture": 6, "Peaks": 40})
+    # Each perturbation opens 8 peaks of its own, so there are truly differentially accessible peaks.
+    rng = np.random.default_rng(0)
+    X = adata.X.toarray()
+    peaks = np.flatnonzero(adata.var["feature_types"] == "Peaks")
+    for pert in adata.obs["perturbation"].unique():
+        if pert != "control":
+            cells = np.flatnonzero(adata.obs["perturbation"] == pert)
+            opened = rng.choice(peaks, size=8, replace=False)
+            X[np.ix_(cells, opened)] = rng.poisson(4.0, size=(len(cells), 8)) + 1
+    adata.X = sp.csr_matrix(X)
     split = tmp_path / "split"
     make_split(adata, "unseen-perturbation", 0, split, test_fraction=0.5)
-    report = evaluate(split, truth_predictions(split))
+    ev = Evaluator(split)
+    report = ev.score(truth_predictions(split))
     assert report.summary["protein_mse"] == pytest.approx(0.0, abs=1e-10)
     assert "protein_pearson_delta" in report.ceiling
-    assert {"atac_roc_auc", "atac_pr_auc"} <= {k for r in report.per_condition for k in r}
+    # The true pseudobulk ranks the opened peaks first.
+    assert report.summary["atac_roc_auc"] > 0.95 and report.summary["atac_pr_auc"] > 0.8
+    cols = ev.groups[-1][1]
+    for r, sig, p in zip(report.per_condition, ev.truth.de_significant[:, cols],
+                         ev.truth.mean[:, cols] - ev.truth.control[:, cols]):
+        assert r["atac_roc_auc"] == pytest.approx(roc_auc_score(sig, np.abs(p)))
+    # Gene metrics use the RNA block only.
+    assert ev.groups[0][1].tolist() == list(range(30))
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -225,3 +245,12 @@ def test_cli_score_reports_a_bad_prediction_as_one_json_error(split, tmp_path):
     assert result.exit_code == 1
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["ok"] is False and last["error"] == "PredictionsError" and "miss 1 test condition" in last["message"]
+
+
+def test_split_without_val_conditions_says_so(make_adata, tmp_path):
+    from service.data import SplitDirectoryError
+
+    adata = make_adata([f"G{i}" for i in range(4)], n_genes=20, cells_per_condition=10, n_control=20)
+    make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.0)
+    with pytest.raises(SplitDirectoryError, match="no val conditions"):
+        Evaluator(tmp_path / "split", "val")
