@@ -81,7 +81,7 @@ FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "prote
 
 DEFAULT_MIN_CELLS = 5
 BACKED_ABOVE_BYTES = 1 << 30
-_ROW_CHUNK = 10_000
+_ROW_CHUNK = 4_096
 _SAMPLE_ROWS = 2_000
 
 

@@ -20,20 +20,45 @@ def _row_sums(X) -> np.ndarray:
     return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
 
 
-def _scale_rows(X, factors: np.ndarray):
-    """X with row i multiplied by factors[i], as float32; sparse stays CSR and shares no data with X."""
-    if sp.issparse(X):
-        csr = X.tocsr()
-        data = csr.data.astype(np.float32) * np.repeat(factors.astype(np.float32), np.diff(csr.indptr))
-        return sp.csr_matrix((data, csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
-    return np.asarray(X, dtype=np.float32) * factors.astype(np.float32)[:, None]
+_SCALE_BLOCK = 1 << 22  # stored values scaled per step: bounds the temporary a row-wise product needs
 
 
-def normalize_log1p(X, target_sum: float = TARGET_SUM):
-    """`normalize_total(target_sum)` then `log1p` (scanpy's defaults), float32; cells with no counts stay 0."""
+def _scale_rows(X, factors: np.ndarray, in_place: bool = False):
+    """X with row i multiplied by factors[i], as float32; sparse stays CSR.
+
+    With `in_place` (the caller owns X, e.g. a fresh row subset) a float32 CSR is scaled in its own
+    buffer; otherwise the result shares nothing with X.
+    """
+    factors = factors.astype(np.float32)
+    if not sp.issparse(X):
+        if in_place and isinstance(X, np.ndarray) and X.dtype == np.float32:
+            X *= factors[:, None]
+            return X
+        return np.asarray(X, dtype=np.float32) * factors[:, None]
+    csr = X.tocsr()
+    if in_place and csr.data.dtype == np.float32:
+        out = csr
+    else:
+        out = sp.csr_matrix((csr.data.astype(np.float32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
+    indptr, data = out.indptr, out.data
+    row = 0
+    while row < out.shape[0]:
+        end = int(np.searchsorted(indptr, indptr[row] + _SCALE_BLOCK, side="right")) - 1
+        end = min(max(end, row + 1), out.shape[0])
+        lo, hi = indptr[row], indptr[end]
+        data[lo:hi] *= np.repeat(factors[row:end], np.diff(indptr[row:end + 1]))
+        row = end
+    return out
+
+
+def normalize_log1p(X, target_sum: float = TARGET_SUM, *, in_place: bool = False):
+    """`normalize_total(target_sum)` then `log1p` (scanpy's defaults), float32; cells with no counts stay 0.
+
+    `in_place=True` reuses X's buffers when X is float32 (only for a matrix the caller owns).
+    """
     totals = _row_sums(X)
     factors = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    out = _scale_rows(X, factors)
+    out = _scale_rows(X, factors, in_place=in_place)
     if sp.issparse(out):
         np.log1p(out.data, out=out.data)
     else:
@@ -142,12 +167,13 @@ def pseudobulk(X, labels: Sequence[str] | np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(means, index=groups)
 
 
-def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "binarize"):
+def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "binarize", *, in_place: bool = False):
     """Transform each modality block of X on its own and return them side by side (RNA, protein, ATAC).
 
     RNA counts are `normalize_log1p`-ed on RNA columns only (proteins and peaks must not enter the
     library size); log-normalized RNA is kept; proteins get CLR; peaks are binarized (or TF-IDF).
     Columns of any other feature type are dropped. Returns `(matrix, column_order)`.
+    `in_place=True` lets RNA normalization reuse X's buffers (X must be the caller's own copy).
     """
     parts, order = [], []
     for name in ("rna", "protein", "atac"):
@@ -156,8 +182,8 @@ def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "bi
             continue
         sub = X if cols.size == X.shape[1] else X[:, cols]
         if name == "rna":
-            sub = normalize_log1p(sub) if rna_is_counts else (
-                sub.astype(np.float32) if sp.issparse(sub) else np.asarray(sub, dtype=np.float32))
+            sub = normalize_log1p(sub, in_place=in_place and sub is X) if rna_is_counts else (
+                sub.astype(np.float32, copy=False) if sp.issparse(sub) else np.asarray(sub, dtype=np.float32))
         elif name == "protein":
             sub = clr(sub)
         else:

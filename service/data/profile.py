@@ -140,6 +140,7 @@ class _Groups:
 
 
 N_PSEUDO = 20
+_EFFECT_BLOCK = 256
 
 
 def _groups(obs: pd.DataFrame, typical_size: int, seed: int = 0) -> _Groups:
@@ -225,39 +226,47 @@ def _effects(obs: pd.DataFrame, groups: _Groups, scan: _Pass, gene_names: pd.Ind
     idx = groups.names.get_indexer(table[CONDITION])
     ctx_to_ctrl = obs.loc[is_ctrl, [CONTEXT, CONDITION]].drop_duplicates().set_index(CONTEXT)[CONDITION]
     own = groups.ctrl_names.get_indexer(table[CONTEXT].map(ctx_to_ctrl).fillna("").to_numpy())
-    has = (own >= 0)[:, None]
-    base = np.where(has, ctrl_mean[np.maximum(own, 0)], pooled_mean)
-    var = np.where(has, ctrl_var[np.maximum(own, 0)], pooled_var)
     base_n = np.where(own >= 0, ctrl_n[np.maximum(own, 0)], ctrl_n.sum())
-    delta = means[idx] - base
-    abs_delta = np.abs(delta)
-    norms = np.sqrt((delta**2).sum(axis=1))
+    gene_pos = gene_names.get_indexer(table[PERTURBATION])  # single-gene perturbations of a measured gene
 
-    chi2 = _chi2(delta, var, 1.0 / np.maximum(sizes[idx], 1) + 1.0 / np.maximum(base_n, 1))
     if groups.n_pseudo >= 5:
         src = groups.ctrl_names.get_loc(groups.pseudo_control)
         pseudo_delta = scan.sums[n_groups:] / groups.pseudo_size - ctrl_mean[src]
         # A subset is part of the mean it is compared to, hence 1/m - 1/n (not +).
         scale = np.full(groups.n_pseudo, 1.0 / groups.pseudo_size - 1.0 / ctrl_n[src])
-        threshold = float(_chi2(pseudo_delta, np.repeat(ctrl_var[src][None, :], groups.n_pseudo, 0), scale).max())
+        threshold = float(_chi2(pseudo_delta, ctrl_var[src][None, :], scale).max())
     else:  # too few controls for an empirical null: chi-square with n_genes dof, z > 3
         n_var = max(int((pooled_var > 0).sum()), 1)
         threshold = n_var + 3 * np.sqrt(2 * n_var)
 
-    k = min(20, abs_delta.shape[1])
-    top = np.partition(abs_delta, abs_delta.shape[1] - k, axis=1)[:, -k:].sum(axis=1) if len(idx) else np.zeros(0)
-    total = abs_delta.sum(axis=1)
-    top_share = np.divide(top, total, out=np.zeros_like(top), where=total > 0)
-
-    # Knock-down: a single-gene perturbation whose target is measured should lower that gene.
-    gene_pos = gene_names.get_indexer(table[PERTURBATION])
-    single = gene_pos >= 0
-    knock = (delta[np.flatnonzero(single), gene_pos[single]] < 0) if single.any() else np.zeros(0, dtype=bool)
+    # Conditions x genes temporaries are made a block of conditions at a time, to bound memory.
+    n = len(idx)
+    norms, chi2, top_share = np.zeros(n), np.zeros(n), np.zeros(n)
+    knock: list[bool] = []
+    k = min(20, means.shape[1])
+    for lo in range(0, n, _EFFECT_BLOCK):
+        sl = slice(lo, min(n, lo + _EFFECT_BLOCK))
+        has = (own[sl] >= 0)[:, None]
+        rows = np.maximum(own[sl], 0)
+        delta = means[idx[sl]] - np.where(has, ctrl_mean[rows], pooled_mean)
+        var = np.where(has, ctrl_var[rows], pooled_var)
+        norms[sl] = np.sqrt((delta**2).sum(axis=1))
+        chi2[sl] = _chi2(delta, var, 1.0 / np.maximum(sizes[idx[sl]], 1) + 1.0 / np.maximum(base_n[sl], 1))
+        np.abs(delta, out=delta)
+        total = delta.sum(axis=1)
+        top = np.partition(delta, delta.shape[1] - k, axis=1)[:, -k:].sum(axis=1)
+        top_share[sl] = np.divide(top, total, out=np.zeros_like(top), where=total > 0)
+        pos = gene_pos[sl]
+        single = np.flatnonzero(pos >= 0)
+        # Knock-down: the target's own expression is lower than in control.
+        target_delta = means[idx[sl][single], pos[single]] - np.where(
+            has[single, 0], ctrl_mean[rows[single], pos[single]], pooled_mean[pos[single]])
+        knock += list(target_delta < 0)
     return {
         "delta_norm": _quantiles(norms),
-        "above_noise_fraction": float((chi2 > threshold).mean()) if len(norms) else 0.0,
-        "de_top20_fraction": float(top_share.mean()) if len(top_share) else 0.0,
-        "target_knockdown_fraction": float(knock.mean()) if knock.size else None,
+        "above_noise_fraction": float((chi2 > threshold).mean()) if n else 0.0,
+        "de_top20_fraction": float(top_share.mean()) if n else 0.0,
+        "target_knockdown_fraction": float(np.mean(knock)) if knock else None,
     }
 
 

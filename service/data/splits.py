@@ -279,7 +279,8 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     multimodal = len(set(blocks[blocks != "other"])) > 1
     for name in PARTS:  # train first: the gene selection is made on training cells only
         progress(f"writing {name}.h5ad")
-        X, order = transform_blocks(_rows(dataset.adata.X, masks[name]), blocks, layout.rna_is_counts)
+        # Fancy row indexing returns a fresh matrix, so it can be normalized in its own buffers.
+        X, order = transform_blocks(_rows(dataset.adata.X, masks[name]), blocks, layout.rna_is_counts, in_place=True)
         if selected is None:
             selected = np.arange(len(order))
             n_rna = int((blocks[order] == "rna").sum())
