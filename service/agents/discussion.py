@@ -362,7 +362,8 @@ def render_round_markdown(record: RoundRecord) -> str:
         lines.append("")
     lines += ["## Critic scores", ""]
     lines += [f"- {s.expert}: {s.score:.2f} — {'; '.join(s.reasons)}" for s in record.scores.scores]
-    lines += ["", "## Confidence", "", "| expert | before | critic score | agreement | after |", "|---|---|---|---|---|"]
+    lines += ["", "## Confidence", "", "| expert | before | critic score | agreement | after |",
+              "|---|---|---|---|---|"]
     score_of = {s.expert: s.score for s in record.scores.scores}
     for expert, after in record.confidence_after.items():
         lines.append(f"| {expert} | {record.confidence_before[expert]:.2f} | {score_of.get(expert, MISSING_SCORE):.2f} "

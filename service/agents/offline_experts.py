@@ -40,8 +40,8 @@ from service.agents.profile_facts import ProfileFacts
 ACCEPT_SEVERITY = 0.5  # objections at or above this, with a suggested value, are adopted on revision
 SCORE_PENALTY = 0.4  # critic score = 1 − SCORE_PENALTY × Σ severity of the critic's objections
 FEW_CELLS = 50  # median cells per condition below which pseudobulk targets are noisy
-FEW_CONDITIONS = 30
-MIN_CARD_SCORE = 0.05  # method cards retrieved below this similarity are not cited  # conditions below which a deep MLP overfits the training perturbations
+FEW_CONDITIONS = 30  # conditions below which a deep MLP memorises the training perturbations
+MIN_CARD_SCORE = 0.05  # method cards retrieved below this similarity are not cited
 
 
 # ---------------------------------------------------------------- task analysis
@@ -200,7 +200,8 @@ def _few_cells(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Ob
         f"median {f.cells_per_condition_median:.0f} cells per condition (< {FEW_CELLS}): pseudobulk targets are "
         f"noisy and a {width}-wide MLP with dropout {dropout} will fit that noise; narrow it to 128 and raise "
         "dropout to 0.3",
-        {"architecture.hidden_width": min(int(width), 128), "architecture.dropout": max(float(dropout), 0.3)},  # type: ignore[arg-type]
+        {"architecture.hidden_width": min(int(width), 128),  # type: ignore[arg-type]
+         "architecture.dropout": max(float(dropout), 0.3)},  # type: ignore[arg-type]
     )
 
 
@@ -312,7 +313,8 @@ def _targets_kept(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) ->
     if v.get("preprocessing.keep_perturbed_genes") is not False:
         return None
     return Objection(0.7, "the knocked-down target is the strongest and most reliable effect; HVG selection can "
-                          "drop it, so force target genes into the gene set", {"preprocessing.keep_perturbed_genes": True})
+                          "drop it, so force target genes into the gene set",
+                     {"preprocessing.keep_perturbed_genes": True})
 
 
 def _attention_few_combos(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
