@@ -171,40 +171,9 @@ def run_discussion(
     consensus = False
 
     for rnd in range(1, max_rounds + 1):
-        proposals: dict[str, ProposalMessage] = {}
-        for expert in PROPOSERS:
-            previous = latest.get(expert.id)
-            context = {
-                **base, "expert": expert.id, "round": rnd,
-                "previous": previous.proposal.model_dump() if previous else None,
-                "critiques": [
-                    {"author": m.author, "round": m.round, "message_id": m.message_id,
-                     "items": [i.model_dump() for i in m.critique.items]}
-                    for m in inbox[expert.id]
-                ],
-            }
-            reply = llm.ask(proposal_request(expert, context))
-            assert isinstance(reply, ExpertProposal)
-            message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
-                                      proposal=reply)
-            _check_remit(message)
-            _track_origin(origin[expert.id], previous, message)
-            proposals[expert.id] = message
-            confidences.setdefault(expert.id, reply.confidence)
-            emit(DiscussionEvent("proposal", rnd, expert.id, dict(confidences), reply.summary))
-
+        proposals = _propose(llm, base, rnd, latest, inbox, origin, confidences, emit)
         draft = {f: v for m in proposals.values() for f, v in m.proposal.values().items()}
-        critiques: list[CritiqueMessage] = []
-        for author, target in graph.edges:
-            context = {**base, "author": author, "target": target, "round": rnd,
-                       "proposal": proposals[target].proposal.model_dump(), "draft": draft}
-            reply = llm.ask(critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], context))
-            assert isinstance(reply, Critique)
-            critiques.append(CritiqueMessage(message_id=f"r{rnd}.{author}->{target}.critique", round=rnd,
-                                             author=author, target=target, critique=reply))
-            emit(DiscussionEvent("critique", rnd, author, dict(confidences),
-                                 f"{author} -> {target}: {_stance_counts(reply)}"))
-
+        critiques = _critique(llm, base, rnd, graph, proposals, draft, confidences, emit)
         scores = llm.ask(scores_request({**base, "round": rnd, "draft": draft,
                                          "proposals": {k: m.proposal.model_dump() for k, m in proposals.items()}}))
         assert isinstance(scores, CriticScores)
@@ -239,6 +208,51 @@ def run_discussion(
     emit(DiscussionEvent("done", rounds[-1].round, None, dict(confidences),
                          f"plan synthesised; consensus={consensus}"))
     return DiscussionResult(plan=plan, rounds=rounds, consensus=consensus)
+
+
+def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, ProposalMessage],
+             inbox: dict[str, list[CritiqueMessage]], origin: dict[str, dict[str, ArgumentRef]],
+             confidences: dict[str, float], emit: Callable[[DiscussionEvent], None]) -> dict[str, ProposalMessage]:
+    """Each proposer proposes (round 1) or revises its last proposal in the light of the critiques it received."""
+    proposals: dict[str, ProposalMessage] = {}
+    for expert in PROPOSERS:
+        previous = latest.get(expert.id)
+        context = {
+            **base, "expert": expert.id, "round": rnd,
+            "previous": previous.proposal.model_dump() if previous else None,
+            "critiques": [
+                {"author": m.author, "round": m.round, "message_id": m.message_id,
+                 "items": [i.model_dump() for i in m.critique.items]}
+                for m in inbox[expert.id]
+            ],
+        }
+        reply = llm.ask(proposal_request(expert, context))
+        assert isinstance(reply, ExpertProposal)
+        message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
+                                  proposal=reply)
+        _check_remit(message)
+        _track_origin(origin[expert.id], previous, message)
+        proposals[expert.id] = message
+        confidences.setdefault(expert.id, reply.confidence)
+        emit(DiscussionEvent("proposal", rnd, expert.id, dict(confidences), reply.summary))
+    return proposals
+
+
+def _critique(llm: Backend, base: dict[str, Any], rnd: int, graph: DiscussionGraph,
+              proposals: dict[str, ProposalMessage], draft: dict[str, FieldValue], confidences: dict[str, float],
+              emit: Callable[[DiscussionEvent], None]) -> list[CritiqueMessage]:
+    """One critique per edge of the graph, each reading the target's proposal against the whole draft."""
+    critiques: list[CritiqueMessage] = []
+    for author, target in graph.edges:
+        context = {**base, "author": author, "target": target, "round": rnd,
+                   "proposal": proposals[target].proposal.model_dump(), "draft": draft}
+        reply = llm.ask(critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], context))
+        assert isinstance(reply, Critique)
+        critiques.append(CritiqueMessage(message_id=f"r{rnd}.{author}->{target}.critique", round=rnd,
+                                         author=author, target=target, critique=reply))
+        emit(DiscussionEvent("critique", rnd, author, dict(confidences),
+                             f"{author} -> {target}: {_stance_counts(reply)}"))
+    return critiques
 
 
 def _check_remit(message: ProposalMessage) -> None:
