@@ -1,0 +1,92 @@
+"""Files in and out of a real sandbox's workspace: round trips, folders, quota, traversal."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from sandbox import FileTransferError, Outcome, WorkspacePathError, WorkspaceQuotaError
+
+pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
+
+
+async def test_binary_files_round_trip_across_chunks(shared_sandbox):
+    payload = os.urandom(9 << 20)  # more than two transfer chunks
+    await shared_sandbox.put_file("data/blob.bin", payload)
+    await shared_sandbox.put_file("empty.txt", b"")
+    assert await shared_sandbox.get_file("data/blob.bin") == payload
+    assert await shared_sandbox.get_file("empty.txt") == b""
+    # The kernel sees the same bytes, as the sandbox user.
+    res = await shared_sandbox.execute(
+        "import hashlib, os; st = os.stat('data/blob.bin')\n"
+        "print(st.st_uid, st.st_size, hashlib.sha256(open('data/blob.bin', 'rb').read()).hexdigest())"
+    )
+    assert res.stdout.split() == ["1000", str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    await shared_sandbox.run_command(["rm", "data/blob.bin"])
+
+
+async def test_folders_round_trip(shared_sandbox, tmp_path):
+    source = tmp_path / "bundle"
+    (source / "pkg").mkdir(parents=True)
+    (source / "train.py").write_text("print('training')\n")
+    (source / "pkg" / "model.py").write_text("WEIGHTS = 3\n")
+    (source / "outside").symlink_to("/etc/passwd")  # host symlinks are not followed
+    written = await shared_sandbox.put_dir(source, "code")
+    assert sorted(written) == ["code/pkg/model.py", "code/train.py"]
+    run = await shared_sandbox.run_command(["python", "train.py"], cwd="/workspace/code")
+    assert run.outcome is Outcome.OK and run.stdout == "training\n"
+
+    await shared_sandbox.execute("import os; os.makedirs('out/sub', exist_ok=True); open('out/sub/p.txt','w').write('pred'); os.symlink('/etc/hostname', 'out/link')")
+    copied = await shared_sandbox.get_dir("out", tmp_path / "back")
+    assert [os.path.relpath(p, tmp_path / "back") for p in copied] == ["sub/p.txt"]
+    assert (tmp_path / "back" / "sub" / "p.txt").read_text() == "pred"
+    assert not (tmp_path / "back" / "link").exists()
+
+
+async def test_writing_past_the_quota_is_a_clear_error_and_leaves_nothing(shared_sandbox):
+    quota = shared_sandbox.spec.workspace_bytes
+    with pytest.raises(WorkspaceQuotaError, match="quota of 64m"):
+        await shared_sandbox.put_file("too_big.bin", b"\0" * (quota + (1 << 20)))
+    listing = await shared_sandbox.execute("import os; 'too_big.bin' in os.listdir('.')")
+    assert listing.result == "False"
+    # Code inside the sandbox meets the same wall.
+    res = await shared_sandbox.execute(f"open('fill.bin','wb').write(b'x' * {quota + (1 << 20)})")
+    assert res.outcome is Outcome.ERROR and res.ename == "OSError" and "No space left" in res.evalue
+    await shared_sandbox.run_command(["rm", "-f", "fill.bin"])
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/etc/passwd", "a/../../b", "", "~/x", "nul\0byte"])
+async def test_paths_that_could_escape_are_refused(shared_sandbox, bad):
+    with pytest.raises(WorkspacePathError):
+        await shared_sandbox.put_file(bad, b"x")
+    with pytest.raises(WorkspacePathError):
+        await shared_sandbox.get_file(bad)
+
+
+async def test_symlinks_out_of_the_workspace_are_refused(shared_sandbox):
+    await shared_sandbox.execute(
+        "import os\nfor name, target in [('etc_dir', '/etc'), ('pw', '/etc/passwd'), ('tmp_dir', '/tmp')]:\n"
+        "    os.path.lexists(name) or os.symlink(target, name)"
+    )
+    for path in ["etc_dir/passwd", "pw", "tmp_dir/x"]:
+        with pytest.raises(WorkspacePathError, match="outside the workspace"):
+            await shared_sandbox.get_file(path)
+        with pytest.raises(WorkspacePathError, match="outside the workspace"):
+            await shared_sandbox.put_file(path, b"x")
+    with pytest.raises(WorkspacePathError):
+        await shared_sandbox.get_dir("etc_dir", "/tmp/never-written")
+
+
+async def test_missing_files_and_folders_are_clear_errors(shared_sandbox, tmp_path):
+    with pytest.raises(FileTransferError, match="no-such.txt"):
+        await shared_sandbox.get_file("no-such.txt")
+    await shared_sandbox.put_file("plain.txt", b"x")
+    with pytest.raises(FileTransferError, match="not a folder"):
+        await shared_sandbox.get_dir("plain.txt", tmp_path)
+    with pytest.raises(FileTransferError, match="not a folder"):
+        await shared_sandbox.put_dir(tmp_path / "absent", "code")
+    await shared_sandbox.put_file("big.txt", b"y" * 5000)
+    with pytest.raises(FileTransferError, match="more than the 100 allowed"):
+        await shared_sandbox.get_file("big.txt", max_bytes=100)
