@@ -10,7 +10,18 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.data import SplitDirectoryError, SplitError, load_split, make_split
+from service.data import (
+    SplitDirectoryError,
+    SplitError,
+    binarize,
+    clr,
+    highly_variable_genes,
+    load_split,
+    make_split,
+    normalize_log1p,
+    pseudobulk,
+    tfidf,
+)
 from service.data.conditions import combo_genes, parse_condition_key
 
 SINGLES = tuple(f"G{i}" for i in range(10))
@@ -228,3 +239,51 @@ def test_cli_split_error_is_one_json_line(make_adata, h5ad_path, tmp_path):
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload == {"ok": False, "error": "SplitError", "message": payload["message"]}
     assert "needs a dose column" in payload["message"]
+
+
+# --- preprocessing the split writer relies on --------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_normalize_log1p_matches_scanpy(make_adata, sparse):
+    sc = pytest.importorskip("scanpy")
+    adata = make_adata(sparse=sparse)
+    before = adata.X.copy()
+    ours = normalize_log1p(adata.X)
+    ref = adata.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    dense = (lambda m: m.toarray() if sp.issparse(m) else m)
+    np.testing.assert_allclose(dense(ours), dense(ref.X), rtol=1e-5, atol=1e-6)
+    assert sp.issparse(ours) == sparse and ours.dtype == np.float32
+    np.testing.assert_array_equal(dense(adata.X), dense(before))  # not in place unless asked
+
+
+def test_normalize_in_place_reuses_buffer(make_adata):
+    X = make_adata().X.astype(np.float32)
+    expected = normalize_log1p(X).toarray()
+    out = normalize_log1p(X, in_place=True)
+    assert out.data is X.data
+    np.testing.assert_allclose(out.toarray(), expected)
+
+
+def test_highly_variable_genes_keep_perturbed(make_adata):
+    adata = make_adata(n_genes=100)
+    X = normalize_log1p(adata.X).toarray()
+    X[:, 50] = np.where(np.arange(X.shape[0]) % 2, 9.0, 0.0)  # a gene that varies enormously
+    X[:, 3] = 1.0  # constant gene that we force in
+    idx = highly_variable_genes(sp.csr_matrix(X), adata.var_names, 10, keep=["G3", "NOT_A_GENE"])
+    assert len(idx) == 10 and 50 in idx and 3 in idx and list(idx) == sorted(idx)
+
+
+def test_pseudobulk_and_modality_transforms(make_adata):
+    adata = make_adata(feature_types={"Antibody Capture": 4, "Peaks": 6})
+    pb = pseudobulk(adata.X, adata.obs["perturbation"].to_numpy())
+    X = adata.X.toarray()
+    np.testing.assert_allclose(pb.loc["G3"].to_numpy(), X[adata.obs["perturbation"].to_numpy() == "G3"].mean(0))
+    prot = clr(X[:, 60:64])
+    np.testing.assert_allclose(prot.mean(1), 0, atol=1e-5)
+    peaks = binarize(sp.csr_matrix(X[:, 64:]))
+    assert set(np.unique(peaks.toarray())) <= {0.0, 1.0}
+    tf = tfidf(sp.csr_matrix(X[:, 64:]))
+    assert tf.shape == (adata.n_obs, 6) and np.isfinite(tf.toarray()).all() and (tf.toarray() >= 0).all()
