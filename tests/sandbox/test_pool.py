@@ -69,3 +69,157 @@ def test_owner_label_round_trips():
     assert Owner.parse(me.label).is_alive()
     assert Owner.parse("no-colons") is None
     assert Owner.parse("host:notapid:1.0") is None
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+from sandbox import DockerBackend, LocalBackend  # noqa: E402
+from sandbox.docker_backend import SANDBOX_LABEL  # noqa: E402
+from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped  # noqa: E402
+from sandbox.spec import SandboxSpec  # noqa: E402
+
+PRELOAD = "import numpy, anndata"
+
+
+@pytest.fixture
+def spec(docker_image) -> SandboxSpec:
+    return SandboxSpec(image=docker_image, memory="512m")
+
+
+def _gone(engine: docker.DockerClient, sandbox_id: str) -> bool:
+    return not engine.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
+
+
+async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, engine):
+    async with SandboxPool(DockerBackend(), [spec], warm=1, preload=PRELOAD, reap_orphans=False) as pool:
+        await pool.wait_warm(timeout=60)
+        start = time.perf_counter()
+        lease = await pool.acquire(spec, tenant="t1")
+        assert time.perf_counter() - start < 0.05  # warm: no container or kernel start on this path
+        res = await lease.execute("import sys; 'anndata' in sys.modules and 'numpy' in sys.modules")
+        assert res.outcome == "ok" and res.result == "True"
+        first = lease.id
+        await lease.close()
+        assert _gone(engine, first)
+        with pytest.raises(SandboxReaped, match="released"):
+            await lease.execute("1+1")
+        await pool.wait_warm(timeout=60)
+        stats = pool.stats()
+        assert stats.warm == 1 and stats.warm_hits == 1 and stats.created == 2
+
+
+async def test_no_sandbox_is_handed_to_a_second_tenant(spec):
+    seen: dict[str, str] = {}
+    async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
+        for tenant in ("alice", "bob", "alice"):
+            await pool.wait_warm(timeout=60)
+            lease = await pool.acquire(spec, tenant=tenant)
+            assert lease.id not in seen, f"{lease.id} of {seen[lease.id]} handed again to {tenant}"
+            seen[lease.id] = tenant
+            left = await lease.execute("print(globals().get('secret')); secret = 'of ' + " + repr(tenant))
+            assert left.stdout.strip() == "None"
+            await lease.put_file("mine.txt", tenant.encode())
+            await lease.close()
+            assert (await _workspace_files(pool, spec)) == []
+
+
+async def _workspace_files(pool: SandboxPool, spec: SandboxSpec) -> list[str]:
+    """What the next tenant would find in its workspace."""
+    await pool.wait_warm(timeout=60)
+    probe = await pool.acquire(spec, tenant="probe")
+    try:
+        res = await probe.execute("import os; print(sorted(os.listdir('.')))")
+        return eval(res.stdout)  # noqa: S307 - our own print of a list of names
+    finally:
+        await probe.close()
+
+
+async def test_tenant_cap_raises_quota_exceeded_and_frees_on_release():
+    local = SandboxSpec(image="local", memory="512m")
+    async with SandboxPool(LocalBackend(), [], warm=0, preload="", max_per_tenant=1, reap_orphans=False) as pool:
+        first = await pool.acquire(local, tenant="t1")
+        with pytest.raises(QuotaExceeded, match="'t1' already holds 1 live sandboxes \\(cap 1\\)"):
+            await pool.acquire(local, tenant="t1")
+        other = await pool.acquire(local, tenant="t2")  # the cap is per tenant
+        await first.close()
+        again = await pool.acquire(local, tenant="t1")
+        assert pool.stats().live_per_tenant == {"t1": 1, "t2": 1}
+        assert pool.stats().cold_starts == 3
+        await asyncio.gather(other.close(), again.close())
+    with pytest.raises(PoolClosed):
+        await pool.acquire(local, tenant="t1")
+
+
+async def test_idle_leases_are_reaped_and_their_containers_removed(spec, engine):
+    async with SandboxPool(
+        DockerBackend(), [], warm=0, preload="", idle_timeout=0.5, reap_interval=0.1, reap_orphans=False
+    ) as pool:
+        lease = await pool.acquire(spec, tenant="t1")
+        res = await lease.execute("import time; time.sleep(1.0); 'still here'")  # busy is not idle
+        assert res.result == "'still here'" and lease.reaped is None
+        for _ in range(50):
+            if lease.reaped:
+                break
+            await asyncio.sleep(0.1)
+        assert "idle for more than 0.5 s" in lease.reaped
+        with pytest.raises(SandboxReaped, match="idle"):
+            await lease.execute("1+1")
+        for _ in range(50):
+            if _gone(engine, lease.id):
+                break
+            await asyncio.sleep(0.1)
+        assert _gone(engine, lease.id)
+        assert pool.stats().reaped_idle == 1 and pool.stats().live_per_tenant == {}
+
+
+async def test_leases_and_warm_sandboxes_past_max_lifetime_are_replaced():
+    local = SandboxSpec(image="local", memory="512m")
+    async with SandboxPool(
+        LocalBackend(), [local], warm=1, preload="", max_lifetime=1.5, reap_interval=0.1, reap_orphans=False
+    ) as pool:
+        await pool.wait_warm(timeout=30)
+        lease = await pool.acquire(local, tenant="t1")
+        deadline = time.monotonic() + 10
+        while not lease.reaped and time.monotonic() < deadline:
+            await lease.execute("1+1")  # activity does not extend the lifetime
+            await asyncio.sleep(0.1)
+        assert "maximum lifetime of 1.5 s" in lease.reaped
+        while pool.stats().warm_recycled == 0 and time.monotonic() < deadline + 10:
+            await asyncio.sleep(0.1)
+        stats = pool.stats()
+        assert stats.reaped_lifetime == 1 and stats.warm_recycled >= 1
+
+
+async def test_out_of_memory_in_a_pooled_sandbox_dies_and_the_pool_recovers(docker_image):
+    small = SandboxSpec(image=docker_image, memory="256m")
+    async with SandboxPool(DockerBackend(), [small], warm=1, preload="", reap_orphans=False) as pool:
+        await pool.wait_warm(timeout=60)
+        lease = await pool.acquire(small, tenant="t1")
+        res = await lease.execute("x = b'x' * (600 << 20)", timeout=60)
+        assert res.outcome == "died" and "out of memory" in res.died_cause
+        await lease.close()
+        await pool.wait_warm(timeout=60)
+        after = await pool.acquire(small, tenant="t1")
+        assert (await after.execute("1+1")).result == "2"
+        await after.close()
+
+
+# -- the sync wrapper ------------------------------------------------------------------------------
+
+from sandbox.events import StdoutEvent  # noqa: E402
+from sandbox.sync import SyncSandbox  # noqa: E402
+
+
+def test_sync_sandbox_blocks_streams_and_closes(docker_image, engine):
+    with SyncSandbox(SandboxSpec(image=docker_image, memory="512m")) as sb:
+        assert sb.isolated
+        assert sb.execute("x = 20\nx * 2 + 2").result == "42"
+        events = list(sb.stream("import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.2)"))
+        printed = "".join(e.text for e in events if isinstance(e, StdoutEvent))
+        assert printed == "0\n1\n2\n"
+        assert events[-1].outcome == "ok"
+        sb.put_file("hello.txt", b"hi")
+        assert sb.get_file("hello.txt") == b"hi"
+        sandbox_id = sb.id
+    assert _gone(engine, sandbox_id)
+    sb.close()  # twice is harmless
