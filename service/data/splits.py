@@ -137,7 +137,7 @@ def _combo(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float) 
 
 def _require_dose(dataset: Dataset, scheme: str) -> None:
     if dataset.layout.dose_key is None:
-        raise SplitError(f"{dataset.layout.source}: scheme {scheme!r} needs a dose column; obs has none "
+        raise SplitError(f"scheme {scheme!r} needs a dose column; obs has none "
                          f"(columns: {preview(dataset.adata.obs.columns, 30)}); use unseen-perturbation")
 
 
@@ -178,14 +178,14 @@ def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: fl
     with_controls = set(obs.loc[obs[IS_CONTROL], CONTEXT])
     contexts = sorted(set(conds[CONTEXT]) & with_controls)
     if len(set(obs[CONTEXT])) < 2:
-        raise SplitError(f"{dataset.layout.source}: scheme 'unseen-context' needs 2 or more contexts; "
+        raise SplitError(f"scheme 'unseen-context' needs 2 or more contexts; "
                          f"context column {dataset.layout.context_key!r} has {preview(set(obs[CONTEXT]))}")
     if context is None:
         if not contexts:
-            raise SplitError(f"{dataset.layout.source}: no context has both control cells and perturbed cells")
+            raise SplitError(f"no context has both control cells and perturbed cells")
         context = contexts[int(rng.integers(len(contexts)))]
     elif context not in contexts:
-        raise SplitError(f"{dataset.layout.source}: context {context!r} cannot be held out; contexts with controls "
+        raise SplitError(f"context {context!r} cannot be held out; contexts with controls "
                          f"and perturbations: {preview(contexts)}")
     in_ctx = conds[CONTEXT] == context
     held = _shuffled(conds.loc[in_ctx, CONDITION], rng)
@@ -213,17 +213,42 @@ def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction
     if conds.empty:
         raise SplitError(f"{dataset.layout.source}: only control cells; nothing to hold out")
     rng = np.random.default_rng(seed)
-    if scheme == "unseen-perturbation":
-        return _unseen_perturbation(conds, rng, test_fraction, val_fraction)
-    if scheme == "combo":
-        return _combo(conds, rng, test_fraction, val_fraction)
-    if scheme == "unseen-drug":
-        _require_dose(dataset, scheme)
-        return _unseen_perturbation(conds, rng, test_fraction, val_fraction, what="drugs")
-    if scheme == "unseen-dose":
-        _require_dose(dataset, scheme)
-        return _unseen_dose(conds, rng, val_fraction)
+    try:
+        return _SCHEME_FUNCTIONS[scheme](dataset, conds, rng, test_fraction=test_fraction, val_fraction=val_fraction,
+                                         context=context, few_shot_k=few_shot_k)
+    except SplitError as exc:
+        raise SplitError(f"{dataset.layout.source}: {exc}") from None
+
+
+def _scheme_unseen_perturbation(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+    return _unseen_perturbation(conds, rng, test_fraction, val_fraction)
+
+
+def _scheme_combo(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+    return _combo(conds, rng, test_fraction, val_fraction)
+
+
+def _scheme_unseen_drug(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+    _require_dose(dataset, "unseen-drug")
+    return _unseen_perturbation(conds, rng, test_fraction, val_fraction, what="drugs")
+
+
+def _scheme_unseen_dose(dataset, conds, rng, *, val_fraction, **_) -> _Assignment:
+    _require_dose(dataset, "unseen-dose")
+    return _unseen_dose(conds, rng, val_fraction)
+
+
+def _scheme_unseen_context(dataset, conds, rng, *, val_fraction, context, few_shot_k, **_) -> _Assignment:
     return _unseen_context(dataset, conds, rng, val_fraction, context, few_shot_k)
+
+
+_SCHEME_FUNCTIONS = {
+    "unseen-perturbation": _scheme_unseen_perturbation,
+    "combo": _scheme_combo,
+    "unseen-drug": _scheme_unseen_drug,
+    "unseen-dose": _scheme_unseen_dose,
+    "unseen-context": _scheme_unseen_context,
+}
 
 
 def _rows(X, mask: np.ndarray):
@@ -242,7 +267,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
                n_genes: int | None = None, *, perturbation_key: str | None = None, control: str | None = None,
                dose_key: str | None = None, context_key: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
                test_fraction: float = 0.2, val_fraction: float = 0.1, context: str | None = None,
-               few_shot_k: int = 0, on_progress=None) -> SplitInfo:
+               few_shot_k: int = 0, backed: bool | None = None, on_progress=None) -> SplitInfo:
     """Split a dataset by `scheme` and write the split directory; returns what split.json holds.
 
     `n_genes` keeps that many highly variable genes (chosen on training cells only, perturbed genes
@@ -254,7 +279,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
 
     dataset = data if isinstance(data, Dataset) else load_dataset(
         data, perturbation_key=perturbation_key, control=control, dose_key=dose_key, context_key=context_key,
-        min_cells=min_cells)
+        min_cells=min_cells, backed=backed)
     layout, obs = dataset.layout, dataset.obs
     progress("assigning conditions")
     plan = assign_conditions(dataset, scheme, seed, test_fraction=test_fraction, val_fraction=val_fraction,

@@ -287,3 +287,19 @@ def test_pseudobulk_and_modality_transforms(make_adata):
     assert set(np.unique(peaks.toarray())) <= {0.0, 1.0}
     tf = tfidf(sp.csr_matrix(X[:, 64:]))
     assert tf.shape == (adata.n_obs, 6) and np.isfinite(tf.toarray()).all() and (tf.toarray() >= 0).all()
+
+
+def test_backed_split_equals_in_memory(make_adata, h5ad_path, tmp_path):
+    path = h5ad_path(make_adata(n_genes=80))
+    on_disk = make_split(path, "unseen-perturbation", 2, tmp_path / "disk", n_genes=30, backed=True)
+    in_mem = make_split(path, "unseen-perturbation", 2, tmp_path / "mem", n_genes=30, backed=False)
+    assert on_disk.conditions == in_mem.conditions and on_disk.genes == in_mem.genes
+    a, b = load_split(tmp_path / "disk"), load_split(tmp_path / "mem")
+    np.testing.assert_array_equal(a.train.X.toarray(), b.train.X.toarray())
+    np.testing.assert_array_equal(a.test_truth.X.toarray(), b.test_truth.X.toarray())
+
+
+def test_split_error_names_the_file(make_adata, h5ad_path, tmp_path):
+    path = h5ad_path(make_adata(perturbations=("G1",)))
+    with pytest.raises(SplitError, match=r"data\.h5ad: need at least 2 distinct perturbations"):
+        make_split(path, "unseen-perturbation", 0, tmp_path / "out")
