@@ -13,9 +13,12 @@ Supports do not offset objections: praise of one field does not answer a concern
 c_i(0) is the expert's own confidence in its first proposal.
 Consensus: min_i c_i ≥ `CONSENSUS_THRESHOLD` and max_i c_i − min_i c_i ≤ `CONSENSUS_SPREAD`.
 
-Synthesis: for each plan field the candidate values of the final proposals are weighted by the
-proposer's confidence × critic score; the heaviest value wins (the field's owner wins ties), and
-`plan.provenance` records the argument that set it (a critique's, when the value was adopted from one).
+Synthesis: for each plan field the candidates are the owner's final value, weighted by its confidence ×
+critic score, and every objection of the last round that suggests another value, weighted by its severity ×
+its author's confidence (1 for the critic). The heaviest value wins (the owner's on ties), so a strong
+objection the owner had no round left to answer can still carry the plan when the owner is unsure.
+`plan.provenance` records the argument that set each field (a critique's when a critique's value won or was
+adopted). If overriding values break a cross-field rule, the owners' values stand alone.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.agents import design_space
 from service.agents.experts import ALL_EXPERTS, PROPOSERS, owner_of
-from service.agents.messages import Critique, CritiqueItem, CriticScores, ExpertProposal, FieldChoice, FieldValue
+from service.agents.messages import Critique, CritiqueItem, CriticScores, ExpertProposal, FieldValue
 from service.agents.plan import ArgumentRef, Plan, TaskAnalysis, plan_field_paths
 from service.agents.profile_facts import facts_from_profile
 from service.agents.prompts import critique_request, proposal_request, scores_request
@@ -231,7 +234,7 @@ def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, Pro
         message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
                                   proposal=reply)
         _check_remit(message)
-        _track_origin(origin[expert.id], previous, message)
+        _track_origin(origin[expert.id], previous, message, {m.message_id for m in inbox[expert.id]})
         proposals[expert.id] = message
         confidences.setdefault(expert.id, reply.confidence)
         emit(DiscussionEvent("proposal", rnd, expert.id, dict(confidences), reply.summary))
@@ -262,13 +265,16 @@ def _check_remit(message: ProposalMessage) -> None:
         raise DiscussionError(f"{message.message_id} sets fields outside the {message.expert} remit: {outside}")
 
 
-def _track_origin(origin: dict[str, ArgumentRef], previous: ProposalMessage | None, message: ProposalMessage) -> None:
-    """Keep the first argument that set a value while later rounds merely repeat it."""
+def _track_origin(origin: dict[str, ArgumentRef], previous: ProposalMessage | None, message: ProposalMessage,
+                  received: set[str]) -> None:
+    """Keep the first argument that set a value while later rounds merely repeat it. A `source` naming a
+    critique the expert never received (a model may invent one) is ignored: the expert's own argument stands."""
     before = previous.proposal.values() if previous else {}
     for choice in message.proposal.choices:
         if choice.field in origin and before.get(choice.field) == choice.value:
             continue
-        origin[choice.field] = choice.source or ArgumentRef(
+        source = choice.source if choice.source and choice.source.message_id in received else None
+        origin[choice.field] = source or ArgumentRef(
             round=message.round, expert=message.expert, message_id=message.message_id,
             summary=choice.argument[:2000])
 
@@ -290,6 +296,31 @@ def _changes(previous: dict[str, ProposalMessage], current: dict[str, ProposalMe
     return out
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    value: FieldValue
+    weight: float
+    ref: ArgumentRef
+
+
+def _candidates(path: str, final: dict[str, ProposalMessage], origin: dict[str, dict[str, ArgumentRef]],
+                confidences: dict[str, float], last: RoundRecord) -> list[_Candidate]:
+    """The owner's value first (it wins ties), then the last round's objections suggesting another value."""
+    score_of = {s.expert: s.score for s in last.scores.scores}
+    owner = owner_of(path).id
+    out = [
+        _Candidate(c.value, confidences[owner] * score_of.get(owner, MISSING_SCORE), origin[owner][path])
+        for c in (final[owner].proposal.choices if owner in final else []) if c.field == path
+    ]
+    for m in last.critiques:
+        for item in m.critique.items:
+            if item.stance == "object" and item.field == path and item.suggested_value is not None:
+                ref = ArgumentRef(round=m.round, expert=m.author, message_id=m.message_id,
+                                  summary=item.argument[:2000])
+                out.append(_Candidate(item.suggested_value, item.severity * confidences.get(m.author, 1.0), ref))
+    return out
+
+
 def synthesise_plan(
     analysis: TaskAnalysis,
     facts: Any,
@@ -298,41 +329,45 @@ def synthesise_plan(
     confidences: dict[str, float],
     rounds: list[RoundRecord],
 ) -> Plan:
-    score_of = {s.expert: s.score for s in rounds[-1].scores.scores}
-    sections: dict[str, dict[str, FieldValue]] = {}
-    provenance: dict[str, ArgumentRef] = {}
+    chosen: dict[str, _Candidate] = {}
+    owners_only: dict[str, _Candidate] = {}
     for path in plan_field_paths():
-        owner = owner_of(path).id
-        candidates: list[tuple[str, FieldChoice]] = [
-            (expert, c) for expert, m in final.items() for c in m.proposal.choices if c.field == path
-        ]
-        candidates.sort(key=lambda ec: ec[0] != owner)  # owner first: it wins ties
-        if candidates:
-            weights: dict[str, float] = {}
-            for expert, choice in candidates:
-                key = json.dumps(choice.value)
-                weights[key] = weights.get(key, 0.0) + confidences[expert] * score_of.get(expert, MISSING_SCORE)
-            best = max(weights, key=lambda k: weights[k])  # first maximum: owner's value on ties
-            expert, choice = next((e, c) for e, c in candidates if json.dumps(c.value) == best)
-            ref = origin[expert].get(path) or choice.source or ArgumentRef(
-                round=final[expert].round, expert=expert, message_id=final[expert].message_id,
-                summary=choice.argument[:2000])
-        else:
-            # The field was left open (an LLM expert may omit one): the vetted default fills it, said so.
+        candidates = _candidates(path, final, origin, confidences, rounds[-1])
+        if not candidates or candidates[0].ref.expert != owner_of(path).id:
+            # The owner left the field open (an LLM expert may omit one): the vetted default fills it, said so.
             choice = design_space.choose(path, facts, analysis)
-            ref = ArgumentRef(round=0, expert="design_space", message_id="design_space",
-                              summary=f"no expert proposed it; vetted default: {choice.argument}"[:2000])
-        section, _, name = path.partition(".")
-        sections.setdefault(section, {})[name] = choice.value
-        provenance[path] = ref
+            candidates.insert(0, _Candidate(choice.value, 0.0, ArgumentRef(
+                round=0, expert="design_space", message_id="design_space",
+                summary=f"no expert proposed it; vetted default: {choice.argument}"[:2000])))
+        weights: dict[str, float] = {}
+        for candidate in candidates:
+            key = json.dumps(candidate.value)
+            weights[key] = weights.get(key, 0.0) + candidate.weight
+        best = max(weights, key=lambda k: weights[k])  # the first maximum: the owner's value on ties
+        chosen[path] = max((c for c in candidates if json.dumps(c.value) == best), key=lambda c: c.weight)
+        owners_only[path] = candidates[0]
     try:
-        return Plan.model_validate({
-            "perturbation_kind": analysis.perturbation_kind, **sections, "provenance": provenance,
-            "rationale": _rationale(rounds, provenance, confidences),
-        })
+        return _build_plan(analysis, chosen, rounds, confidences)
+    except ValidationError:
+        pass
+    try:
+        return _build_plan(analysis, owners_only, rounds, confidences)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise DiscussionError(f"the discussion's final proposals do not form a valid plan: {problems}") from None
+
+
+def _build_plan(analysis: TaskAnalysis, chosen: dict[str, _Candidate], rounds: list[RoundRecord],
+                confidences: dict[str, float]) -> Plan:
+    sections: dict[str, dict[str, FieldValue]] = {}
+    for path, candidate in chosen.items():
+        section, _, name = path.partition(".")
+        sections.setdefault(section, {})[name] = candidate.value
+    provenance = {path: c.ref for path, c in chosen.items()}
+    return Plan.model_validate({
+        "perturbation_kind": analysis.perturbation_kind, **sections, "provenance": provenance,
+        "rationale": _rationale(rounds, provenance, confidences),
+    })
 
 
 def _rationale(rounds: list[RoundRecord], provenance: dict[str, ArgumentRef], confidences: dict[str, float]) -> str:

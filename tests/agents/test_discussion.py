@@ -17,9 +17,9 @@ from service.agents.discussion import (
     peer_agreement,
     update_confidence,
 )
-from service.agents.llm_kinds import EXPERT_PROPOSAL
+from service.agents.llm_kinds import EXPERT_CRITIQUE, EXPERT_PROPOSAL
 from service.agents.messages import CritiqueItem, ExpertProposal, FieldChoice
-from service.agents.offline_experts import expert_proposal, handlers
+from service.agents.offline_experts import expert_critique, expert_proposal, handlers
 from service.agents.plan import PLAN_SECTIONS, plan_field_paths
 from service.llm import OfflineBackend
 
@@ -54,10 +54,27 @@ def test_round_limit_without_consensus_still_gives_a_valid_plan(tmp_path):
     result = _discuss(FEW_CELLS, "unseen knockouts", tmp_path, max_rounds=1)
     assert not result.consensus and len(result.rounds) == 1
     assert "no consensus after 1 round" in result.plan.rationale
-    # Critiques of the last round were never acted on: the first proposals stand.
-    assert result.plan.architecture.hidden_width == 256
+    # The critic's strong objection was never answered; weighed against the unsure owner it carries the plan.
+    record = result.rounds[0]
+    dl_weight = record.confidence_after["dl_architect"] * next(
+        s.score for s in record.scores.scores if s.expert == "dl_architect")
+    assert dl_weight < 0.8  # the objection's severity × the critic's weight (1)
+    assert result.plan.architecture.hidden_width == 128
+    assert result.plan.provenance["architecture.hidden_width"].message_id == "r1.critic->dl_architect.critique"
     with pytest.raises(DiscussionError, match="max_rounds"):
         _discuss(KNOCKOUT, "x", tmp_path, max_rounds=0)
+
+
+def test_a_weak_unanswered_objection_does_not_override_the_owner(tmp_path):
+    def mild(context):
+        critique = expert_critique(context)
+        return critique.model_copy(update={"items": [
+            i.model_copy(update={"severity": round(i.severity * 0.375, 3)}) for i in critique.items]})
+
+    llm = OfflineBackend({**handlers(), EXPERT_CRITIQUE: mild})
+    plan = _discuss(FEW_CELLS, "unseen knockouts", tmp_path, llm=llm, max_rounds=1).plan
+    assert plan.architecture.hidden_width == 256
+    assert plan.provenance["architecture.hidden_width"].message_id == "r1.dl_architect.proposal"
 
 
 def test_confidence_update_follows_the_documented_formula():
