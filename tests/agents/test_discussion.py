@@ -204,3 +204,22 @@ def test_graph_edges_are_validated():
 def test_cytokine_profile_plan_uses_context(tmp_path):
     assert _discuss(CYTOKINE, TASKS["cytokine"][1], tmp_path).plan.architecture.expression_encoder in {
         "mean_control", "control_sampling"}
+
+
+def test_overrides_that_break_a_cross_field_rule_fall_back_to_the_owners_values(tmp_path):
+    def half_suggestion(context):
+        # Suggests the Pearson-Δ loss but not its weight: alone, that value makes an invalid Loss.
+        critique = expert_critique(context)
+        if context["author"] != "statistician" or context["target"] != "training":
+            return critique
+        return critique.model_copy(update={"items": [
+            i.model_copy(update={"severity": 0.9}) for i in critique.items if i.field == "loss.kind"]})
+
+    llm = OfflineBackend({**handlers(), EXPERT_CRITIQUE: half_suggestion})
+    result = _discuss(KNOCKOUT, "unseen knockouts", tmp_path, llm=llm, max_rounds=1)
+    record, plan = result.rounds[0], result.plan
+    owner_weight = record.confidence_after["training"] * next(
+        s.score for s in record.scores.scores if s.expert == "training")
+    assert 0.9 * record.confidence_after["statistician"] > owner_weight  # the override did win the weighing
+    assert plan.loss.kind == "mse" and plan.loss.pearson_weight == 0.0
+    assert plan.provenance["loss.kind"].expert == "training"
