@@ -73,6 +73,14 @@ CONTROL_LABELS = frozenset({
 })
 _CYTOKINE_COLUMNS = frozenset({"cytokine", "stimulation", "stim", "ligand"})
 _CYTOKINE_CONTROLS = frozenset({"unstimulated", "unstim", "pbs"})
+# Stimulation screens label conditions by the cytokine itself; a genetic screen rarely targets mostly these.
+CYTOKINES = frozenset({
+    "ifng", "ifnb", "ifnb1", "ifna", "ifna1", "ifna2", "ifnl1", "tnf", "tnfa", "lta", "il1a", "il1b", "il2", "il3",
+    "il4", "il5", "il6", "il7", "il9", "il10", "il11", "il12", "il13", "il15", "il17a", "il17f", "il18", "il21",
+    "il22", "il23", "il25", "il27", "il33", "il35", "tgfb", "tgfb1", "tgfb2", "csf1", "csf2", "csf3", "gmcsf",
+    "gcsf", "mcsf", "tslp", "osm", "lif", "cntf", "epo", "tpo", "flt3l", "cd40l", "rankl", "tweak", "april",
+    "baff", "light", "trail", "fasl",
+})
 _CHEMICAL_COLUMNS = frozenset({"drug", "compound", "treatment", "perturbagen", "productname"})
 _CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated"})
 
@@ -290,7 +298,9 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
 def _detect_kind(pert_key: str, controls: list[str], dose_key: str | None, labels: np.ndarray) -> Kind:
     key = _norm(pert_key)
     ctrl = {_norm(c).rstrip("0123456789") for c in controls}
-    if key in _CYTOKINE_COLUMNS or ctrl & _CYTOKINE_CONTROLS:
+    perts = [p for p in pd.unique(labels) if p != CONTROL]
+    named_cytokines = sum(all(_norm(g) in CYTOKINES for g in p.split(COMBO_SEPARATOR)) for p in perts)
+    if key in _CYTOKINE_COLUMNS or ctrl & _CYTOKINE_CONTROLS or (perts and named_cytokines > len(perts) / 2):
         return "cytokine"
     if dose_key is not None or key in _CHEMICAL_COLUMNS or ctrl & _CHEMICAL_CONTROLS:
         return "chemical"

@@ -41,6 +41,8 @@ from service.data import (
         ("treatment", "vehicle", {"perturbations": ("dA", "dB")}, "chemical"),
         ("cytokine", "PBS", {"perturbations": ("IFNG", "TNF")}, "cytokine"),
         ("stimulation", "unstimulated", {"perturbations": ("IFNB", "IL4")}, "cytokine"),
+        ("perturbation", "control", {"perturbations": ("IFNG", "TNF", "IL-1b", "G3")}, "cytokine"),
+        ("perturbation", "control", {"perturbations": ("IFNG", "G1", "G2")}, "genetic"),
     ],
 )
 def test_detects_column_control_and_kind(make_adata, key, control, extra, kind):
