@@ -314,21 +314,33 @@ def _contexts(obs: pd.DataFrame) -> ContextProfile | None:
     )
 
 
+FEW_PERTURBATIONS = 5  # below this, holding perturbations out leaves too little to learn from
+
+
 def _recommend(kind: str, n_contexts: int, combos: CombosProfile | None, doses: DoseProfile | None,
                n_perturbations: int, modalities: list[str], median_cells: float) -> tuple[str, list[str], list[str]]:
-    alternatives: list[str] = []
+    """The split that asks the question this data can answer best, the other applicable ones, and metrics."""
+    applicable = ["unseen-perturbation"]
+    if combos is not None:
+        applicable.insert(0, "combo")
+    if doses is not None:
+        applicable.insert(0, "unseen-drug")
+        if doses.levels_per_drug_max >= 2:
+            applicable.insert(0, "unseen-dose")
+    if n_contexts >= 2:
+        applicable.append("unseen-context")
+    few = n_perturbations < FEW_PERTURBATIONS
     if kind == "genetic_combo" and combos is not None:
         split = "combo"
-        alternatives.append("unseen-perturbation")
     elif kind == "chemical" and doses is not None:
-        multi_dose = doses.levels_per_drug_max >= 2
-        split = "unseen-drug" if n_perturbations >= 3 or not multi_dose else "unseen-dose"
-        if multi_dose and split != "unseen-dose":
-            alternatives.append("unseen-dose")
+        split = "unseen-dose" if few and doses.levels_per_drug_max >= 2 else "unseen-drug"
+    elif few and n_contexts >= 2:
+        split = "unseen-context"
     else:
         split = "unseen-perturbation"
-    if n_contexts >= 2:
-        alternatives.append("unseen-context")
+    if kind == "chemical" and "unseen-perturbation" in applicable and doses is not None:
+        applicable.remove("unseen-perturbation")  # same as unseen-drug when every drug has a dose
+    alternatives = [s for s in applicable if s != split]
     metrics = ["pearson_delta", "pearson_delta_pert", "mse_top20_de", "pearson_delta_top20_de",
                "direction_acc_top20_de", "r2_delta", "discrimination_l1", "mse", "pearson"]
     if median_cells >= DE_OVERLAP_MIN_CELLS:

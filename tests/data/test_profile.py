@@ -86,8 +86,19 @@ def test_chemical_profile_with_contexts(make_adata):
     assert p.contexts.perturbations == {"A549": 3, "MCF7": 2}
     assert p.contexts.perturbations_in_all_contexts == 2
     assert p.contexts.coverage == pytest.approx(5 / 6)
-    assert p.recommended_split == "unseen-drug"
-    assert set(p.alternative_splits) == {"unseen-dose", "unseen-context"}
+    # Three drugs are too few to hold whole drugs out; three doses each allow holding a dose out.
+    assert p.recommended_split == "unseen-dose"
+    assert set(p.alternative_splits) == {"unseen-drug", "unseen-context"}
+
+
+def test_recommendations_follow_the_design(make_adata):
+    many_drugs = make_adata(perturbations=tuple(f"d{i}" for i in range(8)), perturbation_key="drug",
+                            control_label="DMSO", doses=[1.0, 10.0], cells_per_condition=6)
+    assert profile_dataset(many_drugs).recommended_split == "unseen-drug"
+    few_cytokines = make_adata(perturbations=("IFNG", "TNF", "IL4"), contexts=["T", "B", "NK"])
+    p = profile_dataset(few_cytokines)
+    assert p.perturbation_kind == "cytokine" and p.recommended_split == "unseen-context"
+    assert p.alternative_splits == ["unseen-perturbation"]
 
 
 def test_lognorm_and_multimodal_profile(make_adata):
