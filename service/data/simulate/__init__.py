@@ -63,7 +63,7 @@ def simulate(
         escaped = (condition_of_cell > 0) & (cell_rng.random(n_cells) < ESCAPE_FRACTION)
         state = np.where(escaped, type_of_cell, state)  # control state of the same cell type
 
-    noise = counts.make_cell_noise(cell_rng, n_cells, n_genes, n_batches, median_library=float(n_genes))
+    noise = counts.make_cell_noise(cell_rng, n_cells, n_genes, n_batches, median_library=1.5 * n_genes)
     blocks = [counts.sample_counts(count_rng, relative, state, noise)]
     feature_types = ["Gene Expression"] * n_genes
     var_names = list(gene_names)
@@ -123,7 +123,7 @@ def _design(
     n_types = control.shape[0]
     max_genetic = int(len(net.tfs) / 0.85)
     if kind in ("knockout", "multiome"):
-        n = n_perts or int(np.clip(n_cells // (80 * n_types), 6, 400))
+        n = n_perts or int(np.clip(n_cells // (150 * n_types), 6, 400))
         return knockouts(rng, net, n_types, min(n, max_genetic))
     if kind == "combo":
         n = n_perts or int(np.clip(n_cells // (80 * n_types), 6, 300))
@@ -191,10 +191,11 @@ def _truth(
             "source": names[net.edge_src],
             "target": names[net.edge_dst],
             "weight": net.edge_weight,
-            "cooperative_a": names[net.coop_a],
-            "cooperative_b": names[net.coop_b],
-            "cooperative_target": names[net.coop_dst],
-            "cooperative_weight": net.coop_weight,
+            # AND groups: group_target[g] gets group_weight[g] × geometric mean of its members' activity.
+            "group_member": names[net.group_member],
+            "group_of_member": net.group_of_member,
+            "group_target": names[net.group_dst],
+            "group_weight": net.group_weight,
         },
         "genes": {
             "name": names[order],

@@ -1,7 +1,7 @@
 """Steady-state expression of the network, propagated layer by layer along the DAG.
 
 Production of gene j in a state: masters produce their cell-type level; other genes produce
-  basal_j + Σ_i w_ij·f_i + Σ_{i<0} |w_ij| + Σ_coop w·f_a·f_b,
+  basal_j + Σ_i w_ij·f_i + Σ_{w_ij<0} |w_ij| + Σ_groups w_g·(Π_{i∈g} f_i)^(1/|g|),
 where f_i = x_i^n / (k_i^n + x_i^n) is the Hill activation of regulator i (a repressor contributes
 |w|·(1 - f_i), hence the constant). Expression is scale_j × production_j × multiplier_j (decay = 1),
 and the multiplier carries the perturbation (knockdown, drug, cytokine) into the cascade.
@@ -48,9 +48,11 @@ def _propagate(
     n_states = len(cell_type)
     mult = np.ones((n_states, net.n_genes)) if multiplier is None else multiplier
     weights = net.signed_weights()
+    groups = net.group_matrix()
     repress_const = np.asarray(-weights.minimum(0).sum(axis=0)).ravel()
     x = np.zeros((n_states, net.n_genes))
     act = np.zeros((n_states, net.n_genes))  # Hill activation of every computed regulator
+    log_act = np.zeros((n_states, net.n_genes))
 
     roots = net.depth == 0
     production = np.where(net.is_master, net.master_levels[cell_type], net.basal)
@@ -59,11 +61,10 @@ def _propagate(
         layer = np.flatnonzero(net.depth == d)
         if d > 0:
             prod = net.basal[layer] + repress_const[layer] + (weights[:, layer].T @ act.T).T
-            coop = np.isin(net.coop_dst, layer)
-            if coop.any():
-                terms = act[:, net.coop_a[coop]] * act[:, net.coop_b[coop]] * net.coop_weight[coop]
-                col = np.searchsorted(layer, net.coop_dst[coop])
-                np.add.at(prod.T, col, terms.T)
+            sel = np.flatnonzero(np.isin(net.group_dst, layer))
+            if sel.size:
+                terms = np.exp((groups[:, sel].T @ log_act.T).T) * net.group_weight[sel]
+                np.add.at(prod.T, np.searchsorted(layer, net.group_dst[sel]), terms.T)
             x[:, layer] = net.scale[layer] * prod * mult[:, layer]
         regs = layer[net.is_tf[layer]]
         if regs.size:
@@ -71,4 +72,5 @@ def _propagate(
                 hill_k[regs] = x[:, regs].mean(axis=0)
             ratio = (x[:, regs] / hill_k[regs]) ** net.hill_n[regs]
             act[:, regs] = ratio / (1.0 + ratio)
+            log_act[:, regs] = np.log(np.maximum(act[:, regs], 1e-300))
     return x

@@ -35,10 +35,11 @@ class GeneNetwork:
     edge_src: np.ndarray  # int
     edge_dst: np.ndarray  # int
     edge_weight: np.ndarray  # float, signed (negative = repression)
-    coop_a: np.ndarray  # int, cooperative (AND) regulation: term w * f(a) * f(b) on target
-    coop_b: np.ndarray
-    coop_dst: np.ndarray
-    coop_weight: np.ndarray
+    # Cooperative (AND) regulation: group g adds w_g · geometric mean of its members' activations.
+    group_member: np.ndarray  # int, member gene of each membership row
+    group_of_member: np.ndarray  # int, group of each membership row
+    group_dst: np.ndarray  # int, target of each group
+    group_weight: np.ndarray
     master_levels: np.ndarray  # (n_cell_types, n_genes), used only on masters
     names: np.ndarray  # public gene symbol of each internal gene
     # Half-saturation constants, set by calibration on control states (mean control expression).
@@ -54,10 +55,20 @@ class GeneNetwork:
             (self.edge_weight, (self.edge_src, self.edge_dst)), shape=(self.n_genes, self.n_genes)
         )
 
+    def group_matrix(self) -> sp.csc_matrix:
+        """Gene × group matrix of 1/|group| on memberships (log-activations @ it = log geometric mean)."""
+        sizes = np.bincount(self.group_of_member, minlength=len(self.group_dst))
+        return sp.csc_matrix(
+            (1.0 / sizes[self.group_of_member], (self.group_member, self.group_of_member)),
+            shape=(self.n_genes, len(self.group_dst)),
+        )
+
     def targets_of(self, gene: int) -> tuple[np.ndarray, np.ndarray]:
-        """Direct targets of an internal gene index and the sign of each edge."""
+        """Direct targets of an internal gene index and the sign of each (group memberships activate)."""
         sel = self.edge_src == gene
-        return self.edge_dst[sel], np.sign(self.edge_weight[sel])
+        groups = self.group_of_member[self.group_member == gene]
+        targets = np.concatenate([self.edge_dst[sel], self.group_dst[groups]])
+        return targets, np.concatenate([np.sign(self.edge_weight[sel]), np.ones(len(groups))])
 
 
 def gene_symbols(n_genes: int) -> list[str]:
@@ -66,14 +77,15 @@ def gene_symbols(n_genes: int) -> list[str]:
 
 
 def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> GeneNetwork:
-    """Random modular GRN: each module has a few master regulators, layered TFs and many targets."""
+    """Random modular GRN: per module a few master regulators, a deep TF hierarchy, hub TFs that need
+    several module TFs at once (complexes), and many targets that mostly hang off those hubs."""
     if n_genes < 50:
         raise ValueError(f"n_genes={n_genes}: the simulator needs at least 50 genes")
     n_housekeeping = int(round(HOUSEKEEPING_FRACTION * n_genes))
     n_module_genes = n_genes - n_housekeeping
     n_modules = int(np.clip(n_module_genes // 300, 3, 12))
     sizes = _split_sizes(rng, n_module_genes, n_modules)
-    n_tfs = [max(4, int(round(TF_FRACTION * s))) for s in sizes]
+    n_tfs = [max(5, int(round(TF_FRACTION * s))) for s in sizes]
     n_targets = [s - t for s, t in zip(sizes, n_tfs)]
 
     # Internal order: TFs of every module, then targets of every module, then housekeeping.
@@ -85,70 +97,92 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
     is_tf[:n_tf_total] = True
     is_master = np.zeros(n_genes, bool)
 
-    src: list[int] = []
-    dst: list[int] = []
+    edges = _EdgeList()
     tf_ids_by_module = [np.flatnonzero(tf_module == m) for m in range(n_modules)]
-    for m, ids in enumerate(tf_ids_by_module):
+    # Regulators differ in reach (scale-free out-degree): some are picked as parents far more often.
+    reach = 1.0 + rng.pareto(1.5, n_tf_total)
+    for ids in tf_ids_by_module:
         n_masters = max(1, len(ids) // 8)
+        n_hubs = max(1, len(ids) // 8)
         is_master[ids[:n_masters]] = True
         for k, tf in enumerate(ids[n_masters:], start=n_masters):
-            for p in rng.choice(ids[:k], size=min(k, rng.integers(1, 3)), replace=False):
-                src.append(int(p))
-                dst.append(int(tf))
-            earlier_foreign = np.arange(tf_module.size)[: int(ids[0])]
+            if k >= len(ids) - n_hubs:
+                # Hub: a complex of several module TFs (geometric mean of their activities), so that
+                # knocking down any of them moves the whole module: a shared, module-wide programme.
+                # Members come from the lower part of the hierarchy, so they also follow upstream
+                # knockdowns: a member co-varies with the programme it drives, as in real modules.
+                lower = ids[k // 3 : k]
+                size = min(len(lower), max(3, int(rng.uniform(0.4, 0.7) * len(lower))))
+                members = rng.choice(lower, size=size, replace=False)
+                edges.add_group(members, int(tf), rng.uniform(1.0, 2.0))
+                reach[tf] = reach[ids].sum()  # hubs regulate about half of the module's targets
+                continue
+            # A dominant parent among the last few TFs makes the hierarchy deep, so that an
+            # upstream knockdown cascades through much of its module.
+            main = int(ids[k - 1 - min(k - 1, int(rng.integers(0, 3)))])
+            edges.add(main, int(tf), dominant=True)
+            others = np.setdiff1d(ids[:k], [main])
+            if others.size and rng.random() < 0.5:
+                edges.add(int(rng.choice(others, p=reach[others] / reach[others].sum())), int(tf))
+            earlier_foreign = np.arange(int(ids[0]))
             if earlier_foreign.size and rng.random() < CROSS_MODULE_PROB:
-                src.append(int(rng.choice(earlier_foreign)))
-                dst.append(int(tf))
+                edges.add(int(rng.choice(earlier_foreign)), int(tf))
 
-    coop: list[tuple[int, int, int]] = []
     for j in range(n_tf_total, n_tf_total + len(target_module)):
         m = module[j]
         ids = tf_ids_by_module[m]
-        n_par = min(len(ids), int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])))
-        parents = [int(p) for p in rng.choice(ids, size=n_par, replace=False)]
+        n_par = min(len(ids), int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25])))
+        parents = [int(p) for p in rng.choice(ids, size=n_par, replace=False, p=reach[ids] / reach[ids].sum())]
         if rng.random() < CROSS_MODULE_PROB:
-            foreign = np.flatnonzero((tf_module != m))
-            parents.append(int(rng.choice(foreign)))
+            parents.append(int(rng.choice(np.flatnonzero(tf_module != m))))
         if len(parents) >= 2 and rng.random() < COOPERATIVE_PROB:
-            coop.append((parents[0], parents[1], j))
+            # Cooperative pair: the target needs both (AND), a genuine non-additive interaction.
+            edges.add_group(np.asarray(parents[:2]), j, rng.uniform(1.0, 2.0))
             parents = parents[2:]
-        src.extend(parents)
-        dst.extend([j] * len(parents))
+        for p in parents:
+            edges.add(p, j)
 
-    edge_src = np.asarray(src, dtype=np.int64)
-    edge_dst = np.asarray(dst, dtype=np.int64)
+    edge_src = np.asarray(edges.src, dtype=np.int64)
+    edge_dst = np.asarray(edges.dst, dtype=np.int64)
     sign = np.where(rng.random(edge_src.size) < ACTIVATING_FRACTION, 1.0, -1.0)
-    magnitude = rng.uniform(0.5, 1.5, edge_src.size)
-    coop_arr = np.asarray(coop, dtype=np.int64).reshape(-1, 3)
-    coop_mag = rng.uniform(1.0, 2.0, len(coop_arr))
+    magnitude = np.exp(rng.normal(0.0, 1.0, edge_src.size))  # a dominant parent is common
+    magnitude[edges.dominant] *= 3.0
+    sign[edges.dominant] = 1.0
+    group_dst = np.asarray(edges.group_dst, dtype=np.int64)
+    group_mag = np.asarray(edges.group_mag, dtype=float)
 
     # Normalise each gene's regulatory weights so that regulation explains (1 - basal) of production.
-    basal = rng.uniform(0.05, 0.25, n_genes)
+    basal = rng.uniform(0.02, 0.15, n_genes)
     total = np.zeros(n_genes)
     np.add.at(total, edge_dst, magnitude)
-    np.add.at(total, coop_arr[:, 2], coop_mag)
+    np.add.at(total, group_dst, group_mag)
     regulated = total > 0
     basal[~regulated] = 1.0
     norm = np.where(regulated, (1.0 - basal) / np.where(regulated, total, 1.0), 0.0)
     edge_weight = sign * magnitude * norm[edge_dst]
-    coop_weight = coop_mag * norm[coop_arr[:, 2]]
+    group_weight = group_mag * norm[group_dst]
+    group_member = np.asarray(edges.group_member, dtype=np.int64)
+    group_of_member = np.asarray(edges.group_of_member, dtype=np.int64)
 
     depth = np.zeros(n_genes, dtype=np.int64)
-    order = np.argsort(edge_dst, kind="stable")
-    for s, d in zip(edge_src[order], edge_dst[order]):  # sources precede targets internally
+    incoming = sorted(
+        [(d, s) for s, d in zip(edge_src, edge_dst)]
+        + [(group_dst[g], s) for s, g in zip(group_member, group_of_member)]
+    )
+    for d, s in incoming:  # sources precede targets internally, so one ordered pass suffices
         depth[d] = max(depth[d], depth[s] + 1)
-    for a, b, d in coop_arr:
-        depth[d] = max(depth[d], depth[a] + 1, depth[b] + 1)
 
-    scale = np.exp(rng.normal(0.0, 1.1, n_genes))
-    scale[is_tf] *= 0.6
-    hill_n = rng.uniform(1.5, 3.0, n_genes)
+    scale = np.exp(rng.normal(0.0, 1.5, n_genes))
+    # Regulators are well expressed (as the perturbed genes of most screens are), so their own
+    # knockdown and their response to others are measurable in log-normalised counts.
+    scale[is_tf] = np.exp(rng.normal(1.5, 0.6, int(is_tf.sum())))
+    hill_n = rng.uniform(2.0, 4.0, n_genes)
 
     # Each cell type runs one or two identity modules high; other masters vary moderately.
     master_levels = np.exp(rng.normal(0.0, 0.35, (n_cell_types, n_genes)))
     for c in range(n_cell_types):
         for m in {c % n_modules, (c + n_cell_types) % n_modules}:
-            master_levels[c, tf_ids_by_module[m][is_master[tf_ids_by_module[m]]]] *= 3.0
+            master_levels[c, tf_ids_by_module[m][is_master[tf_ids_by_module[m]]]] *= 1.7
 
     names = np.asarray(gene_symbols(n_genes), dtype=object)[rng.permutation(n_genes)]
     return GeneNetwork(
@@ -163,13 +197,37 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
         edge_src=edge_src,
         edge_dst=edge_dst,
         edge_weight=edge_weight,
-        coop_a=coop_arr[:, 0],
-        coop_b=coop_arr[:, 1],
-        coop_dst=coop_arr[:, 2],
-        coop_weight=coop_weight,
+        group_member=group_member,
+        group_of_member=group_of_member,
+        group_dst=group_dst,
+        group_weight=group_weight,
         master_levels=master_levels,
         names=names,
     )
+
+
+@dataclass
+class _EdgeList:
+    src: list[int] = field(default_factory=list)
+    dst: list[int] = field(default_factory=list)
+    dominant: list[int] = field(default_factory=list)
+    group_member: list[int] = field(default_factory=list)
+    group_of_member: list[int] = field(default_factory=list)
+    group_dst: list[int] = field(default_factory=list)
+    group_mag: list[float] = field(default_factory=list)
+
+    def add(self, src: int, dst: int, dominant: bool = False) -> None:
+        if dominant:
+            self.dominant.append(len(self.src))
+        self.src.append(src)
+        self.dst.append(dst)
+
+    def add_group(self, members: np.ndarray, dst: int, magnitude: float) -> None:
+        g = len(self.group_dst)
+        self.group_member.extend(int(x) for x in members)
+        self.group_of_member.extend([g] * len(members))
+        self.group_dst.append(dst)
+        self.group_mag.append(float(magnitude))
 
 
 def _split_sizes(rng: np.random.Generator, total: int, parts: int) -> list[int]:

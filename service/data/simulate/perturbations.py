@@ -58,23 +58,31 @@ def knockouts(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts:
 
 
 def combos(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts: int) -> Design:
-    """Single and double knockdowns; many pairs share targets, some through cooperative (AND) edges."""
+    """Single and double knockdowns. Half the pairs are members of one cooperative (AND) group, which
+    interact non-additively on the group's target; the rest are TFs of one module sharing targets."""
     n_pairs = max(2, n_perts // 2)
-    coop_pairs = {tuple(sorted(p)) for p in zip(net.coop_a.tolist(), net.coop_b.tolist()) if p[0] != p[1]}
-    coop_pairs = sorted(coop_pairs)
-    rng.shuffle(coop_pairs)
-    pairs = coop_pairs[: n_pairs // 2]
+    cooperative = sorted(
+        {
+            tuple(sorted(p))
+            for g in range(len(net.group_dst))
+            for p in combinations(net.group_member[net.group_of_member == g].tolist(), 2)
+        }
+    )
+    rng.shuffle(cooperative)
+    pairs = cooperative[: n_pairs // 2]
     same_module = [
-        tuple(p)
+        p
         for m in np.unique(net.module[net.is_tf])
         for p in combinations(np.flatnonzero(net.is_tf & (net.module == m)).tolist(), 2)
     ]
     rng.shuffle(same_module)
+    taken = set(pairs)
     for p in same_module:
         if len(pairs) >= n_pairs:
             break
-        if p not in pairs:
+        if p not in taken:
             pairs.append(p)
+            taken.add(p)
     singles = sorted({g for p in pairs for g in p})
     efficiency = dict(zip(singles, rng.uniform(0.7, 0.95, len(singles))))
     labels = [CONTROL] + [str(net.names[g]) for g in singles]
@@ -85,6 +93,7 @@ def combos(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts: in
     for i, (a, b) in enumerate(pairs, start=1 + len(singles)):
         mult[i, :, a] = 1.0 - efficiency[a]
         mult[i, :, b] = 1.0 - efficiency[b]
+    cooperative_set = set(cooperative)
     return Design(
         perturbation=labels,
         dose=np.full(len(labels), np.nan),
@@ -95,7 +104,9 @@ def combos(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts: in
                 "gene": net.names[singles].astype(str),
                 "efficiency": np.array([efficiency[g] for g in singles]),
             },
-            "cooperative_pairs": np.array([f"{net.names[a]}+{net.names[b]}" for a, b in pairs if (a, b) in coop_pairs or (b, a) in coop_pairs], dtype=str),
+            "cooperative_pairs": np.array(
+                [f"{net.names[a]}+{net.names[b]}" for a, b in pairs if (a, b) in cooperative_set], dtype=str
+            ),
         },
     )
 
