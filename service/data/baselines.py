@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import anndata as ad
@@ -27,7 +28,7 @@ from .errors import SplitDirectoryError, preview
 from .metrics import group_means
 from .splits import Split, load_split
 
-Which = str  # "test" | "val"
+Which = Literal["test", "val"]
 
 PCA_RIDGE_K = 10
 PCA_RIDGE_LAMBDA = 0.1
@@ -265,7 +266,8 @@ def _dose_curve(train: TrainingSummary, perturbation: str, context: str) -> tupl
     rows = np.flatnonzero(here if here.any() else same)
     doses = t[DOSE].to_numpy(dtype=float)[rows]
     levels = np.unique(doses)
-    return levels, np.stack([train.deltas[rows[doses == d]].mean(axis=0) for d in levels]) if len(levels) else None
+    deltas = [train.deltas[rows[doses == d]].mean(axis=0) for d in levels]
+    return levels, np.stack(deltas) if deltas else np.empty((0, train.deltas.shape[1]))
 
 
 def dose_interpolation_baseline(task: PredictionTask) -> ad.AnnData:

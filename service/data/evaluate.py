@@ -134,9 +134,8 @@ def build_truth(task: PredictionTask, de_min_cells: int = DE_MIN_CELLS, seed: in
     half = np.empty(len(labels), dtype=np.int64)
     half[order] = pd.Series(labels[order]).groupby(labels[order]).cumcount().to_numpy() % 2
     halves = np.char.add(labels.astype(str), np.where(half == 0, "#a", "#b"))
-    half_mean, _, half_n = M.group_mean_var(
-        X, halves, np.concatenate([np.char.add(conditions.astype(str), "#a"),
-                                   np.char.add(conditions.astype(str), "#b")]))
+    half_mean = M.group_means(X, halves, np.concatenate([np.char.add(conditions.astype(str), "#a"),
+                                                         np.char.add(conditions.astype(str), "#b")]))
     enough = n >= CEILING_MIN_CELLS
     half_a = np.where(enough[:, None], half_mean[: len(conditions)], np.nan)
     half_b = np.where(enough[:, None], half_mean[len(conditions):], np.nan)
@@ -159,9 +158,8 @@ def build_truth(task: PredictionTask, de_min_cells: int = DE_MIN_CELLS, seed: in
     gene_pos = {str(g): j for j, g in enumerate(task.genes)}
     target_columns = [np.array([gene_pos[g] for g in combo_genes(p) if g in gene_pos], dtype=np.int64)
                       for p in targets[PERTURBATION]]
-    return Truth(targets, n, mean, c_mean[ci],
-                 _systema_reference(task), t_stat, de_tested, de_significant, half_a, half_b,
-                 target_columns)
+    return Truth(targets, n, mean, c_mean[ci], _systema_reference(task), t_stat, de_tested, de_significant,
+                 half_a, half_b, target_columns)
 
 
 def score_rows(pred: np.ndarray, true: np.ndarray, truth: Truth, cols: np.ndarray,

@@ -136,8 +136,10 @@ def spearman_brown(r: np.ndarray) -> np.ndarray:
 def wilcoxon_significant(group: np.ndarray, reference: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """Features differing between two dense cell blocks: two-sided Wilcoxon rank-sum (Mann–Whitney U,
     normal approximation with tie correction), Benjamini–Hochberg at `alpha`. Returns a bool mask."""
+    # Ranking runs along the last axis; features × cells in C order makes it contiguous (~3x faster).
+    group_t, reference_t = np.ascontiguousarray(group.T), np.ascontiguousarray(reference.T)
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = stats.mannwhitneyu(group, reference, axis=0, alternative="two-sided", method="asymptotic").pvalue
+        p = stats.mannwhitneyu(group_t, reference_t, axis=1, alternative="two-sided", method="asymptotic").pvalue
     # Features constant in both groups have no evidence of change.
     p = np.nan_to_num(np.asarray(p, dtype=np.float64), nan=1.0)
     return stats.false_discovery_control(p, method="bh") < alpha
