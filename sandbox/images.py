@@ -164,9 +164,15 @@ def fill_wheelhouse(flavor: str, log: LogFn | None = None, images_dir: Path | No
         # pip's warnings about unreadable mirror locations bury the one line that says what failed.
         errors = [line for line in lines if line.startswith("ERROR:") and "Ignored the following" not in line]
         tail = "\n".join((errors or lines)[-3:])
+        hint = ""
+        if flavor == "cpu" and "torch" in tail:
+            hint = (
+                "\nthe CPU build of torch is not on PyPI: put its wheel in PIP_FIND_LINKS or set "
+                "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+            )
         raise WheelhouseError(
             f"could not fill the wheelhouse {wheelhouse} from {requirements} "
-            f"(pip download exited {proc.returncode}):\n{tail}"
+            f"(pip download exited {proc.returncode}):\n{tail}{hint}"
         )
     stamp.write_text(want + "\n")
     return wheelhouse
