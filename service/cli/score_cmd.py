@@ -19,7 +19,8 @@ from .data_cmd import fail
 
 err = Console(stderr=True)
 
-SplitOpt = Annotated[Path, typer.Option("--split", help="A split directory (cellforge data split).", show_default=False)]
+SplitOpt = Annotated[Path, typer.Option("--split", help="A split directory (cellforge data split).",
+                                        show_default=False)]
 WhichOpt = Annotated[str, typer.Option("--which", help="Score the 'test' or the 'val' conditions.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 

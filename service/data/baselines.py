@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -295,7 +295,8 @@ def dose_interpolation_baseline(task: PredictionTask) -> ad.AnnData:
 def _dose_applies(task: PredictionTask) -> bool:
     t = task.train.conditions
     dosed = set(t.loc[t[DOSE].notna(), PERTURBATION])
-    return any(p in dosed and not np.isnan(d) for p, d in zip(task.targets[PERTURBATION], task.targets[DOSE]))
+    pairs = zip(task.targets[PERTURBATION], task.targets[DOSE], strict=True)
+    return any(p in dosed and not np.isnan(d) for p, d in pairs)
 
 
 def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
@@ -376,7 +377,7 @@ class GeneNeighbours:
         order = np.argsort(-sims, kind="stable")[:GENE_SIM_NEIGHBOURS]
         w = np.clip(sims[order], 0.0, None)
         w = w / w.sum() if w.sum() > 0 else np.full(len(order), 1.0 / len(order))
-        return [(self.candidates[j], float(weight)) for j, weight in zip(order, w)]
+        return [(self.candidates[j], float(weight)) for j, weight in zip(order, w, strict=True)]
 
 
 def gene_similarity_baseline(task: PredictionTask) -> ad.AnnData:

@@ -34,9 +34,9 @@ from pydantic import BaseModel
 
 from . import metrics as M
 from .baselines import PredictionTask, Which, load_task, mean_delta_baseline, require_obs
-from .splits import Split
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .errors import DataError, SplitDirectoryError, preview
+from .splits import Split
 
 DE_MIN_CELLS = 20  # both groups need this many cells for the Wilcoxon-based DE overlap / peak AUCs
 DE_MAX_CELLS = 300  # cells per group fed to the rank test (seeded subsample), to bound its cost

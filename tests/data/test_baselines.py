@@ -12,8 +12,14 @@ import pytest
 import scipy.sparse as sp
 
 from service.data import SplitInfo, condition_key
-from service.data.baselines import (PCA_RIDGE_K, PCA_RIDGE_LAMBDA, GeneNeighbours, linear_pca_ridge_baseline,
-                                    load_task, run_baselines)
+from service.data.baselines import (
+    PCA_RIDGE_K,
+    PCA_RIDGE_LAMBDA,
+    GeneNeighbours,
+    linear_pca_ridge_baseline,
+    load_task,
+    run_baselines,
+)
 from service.data.evaluate import Evaluator
 
 GENES = [f"G{i}" for i in range(12)]

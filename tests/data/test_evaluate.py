@@ -143,7 +143,7 @@ def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
     assert report.summary["atac_roc_auc"] > 0.95 and report.summary["atac_pr_auc"] > 0.8
     cols = ev.groups[-1][1]
     for r, sig, p in zip(report.per_condition, ev.truth.de_significant[:, cols],
-                         ev.truth.mean[:, cols] - ev.truth.control[:, cols]):
+                         ev.truth.mean[:, cols] - ev.truth.control[:, cols], strict=True):
         assert r["atac_roc_auc"] == pytest.approx(roc_auc_score(sig, np.abs(p)))
     # Gene metrics use the RNA block only.
     assert ev.groups[0][1].tolist() == list(range(30))

@@ -75,7 +75,7 @@ def test_welch_t_and_top20_match_scanpy_rank_genes_groups(rng):
 
 def test_direction_accuracy_counts_matching_signs(rng):
     p, t = rng.normal(size=(4, 20)), rng.normal(size=(4, 20))
-    expected = [np.mean([np.sign(x) == np.sign(y) for x, y in zip(p[i], t[i])]) for i in range(4)]
+    expected = [np.mean([np.sign(x) == np.sign(y) for x, y in zip(p[i], t[i], strict=True)]) for i in range(4)]
     np.testing.assert_allclose(M.direction_accuracy(p, t), expected)
     # Predicting no change (up to float32 rounding) gets no direction right.
     assert M.direction_accuracy(np.full((1, 20), 1e-7), t[:1])[0] == 0.0
