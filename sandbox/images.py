@@ -193,7 +193,8 @@ def _flavor_dir(flavor: str, images_dir: Path | None) -> Path:
 
 def _client() -> docker.APIClient:
     try:
-        client = docker.APIClient(base_url=os.environ.get("DOCKER_HOST"), version="auto", timeout=600)
+        # from_env honours DOCKER_HOST and the TLS variables, like the docker CLI does.
+        client = docker.from_env(timeout=600).api
         client.ping()
     except docker.errors.DockerException as exc:
         raise DockerUnavailable(
