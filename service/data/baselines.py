@@ -111,19 +111,14 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
 
 
 def read_controls(split: Split, which: Which) -> ad.AnnData:
-    """Control cells of the contexts to predict: test_inputs.h5ad for test; for val the val
-    controls of a context when val has any, else the training controls of that context."""
+    """Control cells of the contexts to predict: those of test_inputs.h5ad for test; for val the
+    training controls (a split keeps every control cell in train)."""
     if which == "test":
-        inputs = split.test_inputs
-        require_obs(inputs, split.path / "test_inputs.h5ad", (CONTEXT, IS_CONTROL))
-        return inputs[inputs.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
-    val, train = split.val, split.train
-    require_obs(val, split.path / "val.h5ad", (CONTEXT, IS_CONTROL))
-    val_ctrl = val[val.obs[IS_CONTROL].to_numpy(dtype=bool)]
-    have = set(val_ctrl.obs[CONTEXT].astype(str))
-    train_ctrl = train[train.obs[IS_CONTROL].to_numpy(dtype=bool)
-                       & ~train.obs[CONTEXT].astype(str).isin(have).to_numpy()]
-    return ad.concat([val_ctrl, train_ctrl], join="inner", merge="same")
+        cells, name = split.test_inputs, "test_inputs.h5ad"
+    else:
+        cells, name = split.train, "train.h5ad"
+    require_obs(cells, split.path / name, (CONTEXT, IS_CONTROL))
+    return cells[cells.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
 
 
 def read_targets(split: Split, which: Which) -> pd.DataFrame:
