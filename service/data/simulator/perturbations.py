@@ -11,9 +11,9 @@ from itertools import combinations
 
 import numpy as np
 
+from ..conditions import CONTROL
 from .network import GeneNetwork
 
-CONTROL = "control"
 DRUG_DOSES = (0.01, 0.1, 1.0, 10.0)
 CYTOKINES = (
     "IFNG", "TNF", "IL1B", "IL4", "IL6", "IL10", "IL13", "IL17A", "IL2", "TGFB1", "IFNB1",
@@ -171,8 +171,6 @@ def cytokines(
 ) -> Design:
     """Cytokines act through a receptor whose level differs by cell type, on shared and type-specific genes."""
     n_types = control.shape[0]
-    if n_cytokines > len(CYTOKINES):
-        raise ValueError(f"n_perturbations={n_cytokines}: at most {len(CYTOKINES)} cytokines are simulated")
     # Receptors: genes whose control expression varies most between cell types.
     spread = control.std(axis=0) / control.mean(axis=0)
     candidates = np.argsort(spread)[::-1][: max(4 * n_cytokines, 20)]

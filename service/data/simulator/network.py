@@ -79,11 +79,9 @@ def gene_symbols(n_genes: int) -> list[str]:
 def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> GeneNetwork:
     """Random modular GRN: per module a few master regulators, a deep TF hierarchy, hub TFs that need
     several module TFs at once (complexes), and many targets that mostly hang off those hubs."""
-    if n_genes < 50:
-        raise ValueError(f"n_genes={n_genes}: the simulator needs at least 50 genes")
     n_housekeeping = int(round(HOUSEKEEPING_FRACTION * n_genes))
     n_module_genes = n_genes - n_housekeeping
-    n_modules = int(np.clip(n_module_genes // 300, 3, 12))
+    n_modules = int(np.clip(n_module_genes // 300, max(1, min(3, n_module_genes // 40)), 12))
     sizes = _split_sizes(rng, n_module_genes, n_modules)
     n_tfs = [max(5, int(round(TF_FRACTION * s))) for s in sizes]
     n_targets = [s - t for s, t in zip(sizes, n_tfs)]
@@ -133,7 +131,7 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
         ids = tf_ids_by_module[m]
         n_par = min(len(ids), int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25])))
         parents = [int(p) for p in rng.choice(ids, size=n_par, replace=False, p=reach[ids] / reach[ids].sum())]
-        if rng.random() < CROSS_MODULE_PROB:
+        if n_modules > 1 and rng.random() < CROSS_MODULE_PROB:
             parents.append(int(rng.choice(np.flatnonzero(tf_module != m))))
         if len(parents) >= 2 and rng.random() < COOPERATIVE_PROB:
             # Cooperative pair: the target needs both (AND), a genuine non-additive interaction.
@@ -232,6 +230,6 @@ class _EdgeList:
 
 def _split_sizes(rng: np.random.Generator, total: int, parts: int) -> list[int]:
     shares = rng.dirichlet(np.full(parts, 8.0))
-    sizes = np.maximum(20, np.floor(shares * total)).astype(int)
+    sizes = np.maximum(min(20, total // parts), np.floor(shares * total)).astype(int)
     sizes[-1] = total - sizes[:-1].sum()
     return [int(s) for s in sizes]

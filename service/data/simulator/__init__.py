@@ -13,10 +13,12 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from ..conditions import condition_keys
+from ..errors import DataError
 from . import counts, readouts
 from .dynamics import calibrate, steady_state
 from .network import GeneNetwork, build_network
-from .perturbations import CONTROL, Design, combos, cytokines, drugs, knockouts
+from .perturbations import CONTROL, CYTOKINES, Design, combos, cytokines, drugs, knockouts
 
 KINDS = ("knockout", "combo", "drug", "cytokine", "multiome")
 CELL_TYPES = ("T_cell", "B_cell", "monocyte", "NK_cell", "dendritic", "fibroblast", "epithelial", "endothelial")
@@ -25,7 +27,7 @@ ESCAPE_FRACTION = 0.1  # perturbed cells whose guide did not work (genetic kinds
 __all__ = ["KINDS", "SimulationError", "simulate"]
 
 
-class SimulationError(ValueError):
+class SimulationError(DataError):
     """Simulation parameters that cannot produce a dataset."""
 
 
@@ -110,6 +112,8 @@ def _check(
         raise SimulationError(f"n_cells={n_cells}: at least 100 cells are needed")
     if n_perts is not None and n_perts < 1:
         raise SimulationError(f"n_perturbations={n_perts}: expected at least 1")
+    if kind == "cytokine" and n_perts is not None and n_perts > len(CYTOKINES):
+        raise SimulationError(f"n_perturbations={n_perts}: at most {len(CYTOKINES)} cytokines are simulated")
 
 
 def _design(
@@ -147,11 +151,6 @@ def _allocate_cells(rng: np.random.Generator, n_cells: int, n_cond: int, n_types
     return rng.permutation(np.repeat(np.arange(grid.size), n_per_state))
 
 
-def _condition_key(perturbation: str, dose: float, context: str) -> str:
-    dose_str = "" if np.isnan(dose) else f"{dose:g}"
-    return f"{perturbation}|{dose_str}|{context}"
-
-
 def _truth(
     kind: str,
     seed: int,
@@ -177,7 +176,7 @@ def _truth(
         "control_label": CONTROL,
         "cell_types": cell_types.astype(str),
         "conditions": {
-            "condition": np.array([_condition_key(p, d, c) for p, d, c in zip(pert, dose, context)]),
+            "condition": condition_keys(pert, dose, context).astype(str),
             "perturbation": pert,
             "dose": dose,
             "context": context,
