@@ -44,3 +44,4 @@ from .profile import DataProfile, profile_dataset
 from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split
 from .baselines import BASELINES, PredictionTask, applicable_baselines, load_task, run_baselines
 from .evaluate import EvaluationReport, Evaluator, PredictionsError, evaluate
+from .simulator import KINDS as SIMULATION_KINDS, SimulationError, simulate
