@@ -35,6 +35,7 @@ from .preprocess import (
     binarize,
     clr,
     highly_variable_genes,
+    mean_var,
     normalize_log1p,
     pseudobulk,
     tfidf,

@@ -102,17 +102,23 @@ def inverse_document_frequency(X) -> np.ndarray:
 
 
 def mean_var(X) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and (population) variance without densifying."""
-    n = X.shape[0]
+    """Per-gene mean and (population) variance without densifying or copying a sparse X."""
+    n = max(X.shape[0], 1)
     if sp.issparse(X):
-        mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
-        sq = X.copy()
-        sq.data = sq.data.astype(np.float64) ** 2
-        mean_sq = np.asarray(sq.sum(axis=0), dtype=np.float64).ravel() / max(n, 1)
+        csr = X.tocsr()
+        total = np.zeros(X.shape[1])
+        total_sq = np.zeros(X.shape[1])
+        # Over the stored values in slices, so the float64 squares never cost a full copy of X.
+        for lo in range(0, csr.nnz, _SCALE_BLOCK):
+            idx = csr.indices[lo:lo + _SCALE_BLOCK]
+            vals = csr.data[lo:lo + _SCALE_BLOCK].astype(np.float64)
+            total += np.bincount(idx, weights=vals, minlength=X.shape[1])
+            total_sq += np.bincount(idx, weights=vals * vals, minlength=X.shape[1])
+        mean, mean_sq = total / n, total_sq / n
     else:
         arr = np.asarray(X)
         mean = arr.mean(axis=0, dtype=np.float64)
-        mean_sq = np.einsum("ij,ij->j", arr, arr, dtype=np.float64) / max(n, 1)
+        mean_sq = np.einsum("ij,ij->j", arr, arr, dtype=np.float64) / n
     return mean, np.maximum(mean_sq - mean**2, 0.0)
 
 

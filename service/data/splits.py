@@ -312,7 +312,9 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
             if n_genes is not None and n_genes < n_rna:
                 perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val"], PERTURBATION]
                              .unique() for g in combo_genes(p)}
-                hvg = highly_variable_genes(X[:, :n_rna], var_names[order[:n_rna]], n_genes, keep=perturbed)
+                rna_block = X if n_rna == X.shape[1] else X[:, :n_rna]
+                hvg = highly_variable_genes(rna_block, var_names[order[:n_rna]], n_genes, keep=perturbed)
+                del rna_block
                 selected = np.concatenate([hvg, np.arange(n_rna, len(order))])
             feature_counts = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).value_counts().to_dict()
         if len(selected) != X.shape[1]:

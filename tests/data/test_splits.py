@@ -18,6 +18,7 @@ from service.data import (
     highly_variable_genes,
     load_split,
     make_split,
+    mean_var,
     normalize_log1p,
     pseudobulk,
     tfidf,
@@ -303,3 +304,12 @@ def test_split_error_names_the_file(make_adata, h5ad_path, tmp_path):
     path = h5ad_path(make_adata(perturbations=("G1",)))
     with pytest.raises(SplitError, match=r"data\.h5ad: need at least 2 distinct perturbations"):
         make_split(path, "unseen-perturbation", 0, tmp_path / "out")
+
+
+def test_mean_var_sparse_matches_dense(make_adata):
+    X = normalize_log1p(make_adata().X)
+    mean, var = mean_var(X)
+    dense = X.toarray().astype(np.float64)
+    np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(var, dense.var(0), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(mean_var(dense)[1], dense.var(0), rtol=1e-6, atol=1e-9)
