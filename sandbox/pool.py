@@ -72,6 +72,11 @@ class _Slot:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _alive(sandbox: Any) -> bool:
+    """No round trip: the kernel client's socket monitor flags a lost connection as it happens."""
+    return not (sandbox.closed or sandbox.dead or sandbox.client.lost.is_set())
+
+
 class PooledSandbox:
     """A tenant's lease on a sandbox. Same methods as `Sandbox`; `close()` gives it back to the pool.
 
@@ -378,7 +383,7 @@ class SandboxPool:
         now = time.monotonic()
         while slot.ready:
             warm = slot.ready.popleft()
-            if now - warm.created < self.max_lifetime and not warm.sandbox.dead:
+            if now - warm.created < self.max_lifetime and _alive(warm.sandbox):
                 self._refill(key)
                 return warm
             self._counts["warm_recycled"] += 1

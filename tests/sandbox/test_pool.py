@@ -223,3 +223,15 @@ def test_sync_sandbox_blocks_streams_and_closes(docker_image, engine):
         sandbox_id = sb.id
     assert _gone(engine, sandbox_id)
     sb.close()  # twice is harmless
+
+
+async def test_a_warm_sandbox_that_died_while_waiting_is_never_handed_out(spec, engine):
+    async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
+        await pool.wait_warm(timeout=60)
+        (victim,) = engine.containers.list(filters={"label": f"{OWNER_LABEL}={current_owner().label}"})
+        victim.kill()
+        await asyncio.sleep(0.5)  # the kernel client's socket monitor notices the lost connection
+        lease = await pool.acquire(spec, tenant="t1")
+        assert (await lease.execute("1+1")).result == "2"
+        assert pool.stats().warm_recycled == 1 and pool.stats().cold_starts == 1
+        await lease.close()
