@@ -1,0 +1,100 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+CONTROL = "control"
+
+
+def pick_device(config: dict) -> torch.device:
+    """CUDA when present (and not pinned to cpu by the config), else cpu."""
+    if config.get("device", "auto") != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def dense(X) -> np.ndarray:
+    return X.toarray() if sp.issparse(X) else np.asarray(X)
+
+
+def group_means(X, labels: np.ndarray, order: list[str]) -> np.ndarray:
+    """Mean row of X per label in `order`, without densifying X (sparse indicator product)."""
+    index = {c: i for i, c in enumerate(order)}
+    rows = np.array([index.get(str(lab), -1) for lab in labels])
+    keep = np.flatnonzero(rows >= 0)
+    indicator = sp.csr_matrix((np.ones(len(keep)), (rows[keep], keep)), shape=(len(order), len(labels)))
+    counts = np.asarray(indicator.sum(axis=1)).ravel()
+    return dense(indicator @ X) / np.maximum(counts, 1)[:, None]
+
+
+def dose_of(value) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return out
+
+
+def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """One row per perturbed condition: condition, perturbation, dose, context."""
+    perturbed = obs.loc[~obs["is_control"].astype(bool)]
+    table = perturbed.loc[:, ["condition", "perturbation", "dose", "context"]].drop_duplicates("condition")
+    table = table.astype({"condition": str, "perturbation": str, "context": str, "dose": float})
+    return table.sort_values("condition").reset_index(drop=True)
+
+
+def control_means(adata) -> dict[str, np.ndarray]:
+    ctrl = adata.obs["is_control"].astype(bool).to_numpy()
+    contexts = adata.obs["context"].astype(str).to_numpy()[ctrl]
+    order = sorted(set(contexts))
+    means = group_means(adata.X[ctrl], contexts, order)
+    return {c: means[i] for i, c in enumerate(order)}
+
+
+class ConditionSet:
+    """Conditions of one split part: identity table, the control profile of each row, Δ when known."""
+
+    def __init__(self, table: pd.DataFrame, controls: dict[str, np.ndarray], means: np.ndarray | None = None):
+        self.table = table.reset_index(drop=True)
+        pooled = np.mean(list(controls.values()), axis=0)
+        self.control = np.stack([controls.get(c, pooled) for c in self.table["context"]]) if len(self.table) \
+            else np.zeros((0, len(pooled)))
+        self.delta = None if means is None else means - self.control
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @classmethod
+    def from_cells(cls, adata, controls: dict[str, np.ndarray]) -> "ConditionSet":
+        table = condition_table(adata.obs)
+        means = group_means(adata.X, adata.obs["condition"].astype(str).to_numpy(), list(table["condition"]))
+        return cls(table, controls, means)
+
+
+def context_onehot(contexts: list[str], vocabulary: list[str]) -> np.ndarray:
+    out = np.zeros((len(contexts), len(vocabulary)))
+    pos = {c: i for i, c in enumerate(vocabulary)}
+    for row, context in enumerate(contexts):
+        if context in pos:
+            out[row, pos[context]] = 1.0
+    return out
+
+
+def ridge(F: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
+    """W minimising |F W − Y|² + λ|W|² in closed form."""
+    return np.linalg.solve(F.T @ F + lam * np.eye(F.shape[1]), F.T @ Y)
+
+
+def mean_delta_by(table: pd.DataFrame, delta: np.ndarray, context: str, dose: float) -> np.ndarray:
+    """Mean training Δ preferring the same context and dose (the mean-Δ baseline's rule)."""
+    doses = table["dose"].to_numpy(dtype=float)
+    same_dose = (np.isnan(doses) & np.isnan(dose)) | np.isclose(doses, dose)
+    same_ctx = (table["context"] == context).to_numpy()
+    for mask in (same_ctx & same_dose, same_ctx, same_dose, np.ones(len(table), dtype=bool)):
+        if mask.any():
+            return delta[mask].mean(axis=0)
+    return np.zeros(delta.shape[1])

@@ -1,0 +1,17 @@
+class PerturbationEncoder:
+    """One indicator per training perturbation; a perturbation never seen in training gets zeros
+    (its prediction then comes from the context and base terms alone)."""
+
+    def __init__(self, config: dict):
+        self.dim = int(config["embedding_dim"])
+
+    def fit(self, train: ConditionSet, genes: list[str], control_cells: np.ndarray) -> "PerturbationEncoder":
+        self.vocabulary = sorted(set(train.table["perturbation"]))
+        return self
+
+    @property
+    def width(self) -> int:
+        return len(self.vocabulary)
+
+    def transform(self, table: pd.DataFrame) -> np.ndarray:
+        return context_onehot(list(table["perturbation"]), self.vocabulary)

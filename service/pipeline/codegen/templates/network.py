@@ -1,0 +1,141 @@
+class SelfEffect:
+    """A knocked-down gene's own expression falls by a typical fraction of its control level; that
+    fraction (the median over training knockouts whose target is measured) replaces the target
+    gene's predicted Δ, which no gene-embedding model gets right for an unseen target."""
+
+    def __init__(self, genes: list[str]):
+        self.pos = {g: i for i, g in enumerate(genes)}
+        self.fraction = 0.0
+
+    def _targets(self, table: pd.DataFrame) -> list[list[int]]:
+        return [[self.pos[g] for g in str(p).split("+") if g in self.pos] for p in table["perturbation"]]
+
+    def fit(self, train: ConditionSet) -> "SelfEffect":
+        ratios = [train.delta[row, i] / train.control[row, i]
+                  for row, idx in enumerate(self._targets(train.table)) for i in idx if train.control[row, i] > 0.05]
+        self.fraction = float(np.median(ratios)) if ratios else 0.0
+        return self
+
+    def apply(self, conditions: ConditionSet, delta: np.ndarray) -> np.ndarray:
+        out = delta.copy()
+        for row, idx in enumerate(self._targets(conditions.table)):
+            for i in idx:
+                out[row, i] = self.fraction * conditions.control[row, i]
+        return out
+
+
+class ExpressionInput:
+    """The control profile of a condition's context, projected on the top principal components of
+    control cells ({expression_encoder}: control_sampling draws the mean of a random half of the
+    context's control cells per training example, mean_control uses the full mean)."""
+
+    def __init__(self, dim: int, sampling: bool):
+        self.dim, self.sampling = dim, sampling
+
+    def fit(self, control_cells: np.ndarray, contexts: np.ndarray) -> "ExpressionInput":
+        self.centre = control_cells.mean(axis=0)
+        k = max(1, min(self.dim, control_cells.shape[0] - 1, control_cells.shape[1]))
+        self.components = np.linalg.svd(control_cells - self.centre, full_matrices=False)[2][:k]
+        self.cells = {c: control_cells[contexts == c] for c in np.unique(contexts)}
+        return self
+
+    def transform(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
+        profiles = conditions.control
+        if self.sampling and rng is not None:
+            profiles = profiles.copy()
+            for row, context in enumerate(conditions.table["context"]):
+                cells = self.cells.get(context)
+                if cells is not None and len(cells) > 1:
+                    half = rng.choice(len(cells), size=max(1, len(cells) // 2), replace=False)
+                    profiles[row] = cells[half].mean(axis=0)
+        return (profiles - self.centre) @ self.components.T
+
+
+class ResidualMLP(nn.Module):
+    """MLP from [perturbation features, expression input] to a Δ residual added to the base.
+    The last layer starts at zero, so before training the model *is* the closed-form base."""
+
+    def __init__(self, in_dim: int, n_genes: int, width: int, depth: int, dropout: float):
+        super().__init__()
+        layers, last = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(last, width), nn.GELU(), nn.Dropout(dropout)]
+            last = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(last, n_genes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def delta_loss(pred: torch.Tensor, true: torch.Tensor, loss_cfg: dict) -> torch.Tensor:
+    """Squared error on Δ ({loss_kind}), the top-DE genes of each condition weighted up, plus
+    pearson_weight × (1 − Pearson Δ) when the plan asks for it."""
+    weights = torch.ones_like(true)
+    if loss_cfg["de_weighting"] == "top_de":
+        k = min(int(loss_cfg["de_top_k"]), true.shape[1])
+        top = true.abs().topk(k, dim=1).indices
+        weights.scatter_(1, top, float(loss_cfg["de_weight"]))
+    loss = (weights * (pred - true) ** 2).sum() / weights.sum()
+    if loss_cfg["kind"] == "mse_pearson_delta":
+        pc = pred - pred.mean(dim=1, keepdim=True)
+        tc = true - true.mean(dim=1, keepdim=True)
+        r = (pc * tc).sum(dim=1) / (pc.norm(dim=1) * tc.norm(dim=1) + 1e-8)
+        loss = loss + float(loss_cfg["pearson_weight"]) * (1.0 - r).mean()
+    return loss
+
+
+class PerturbationModel:
+    """Encoder + closed-form base + residual network: everything a prediction needs."""
+
+    def __init__(self, config: dict, genes: list[str]):
+        self.config = config
+        self.genes = list(genes)
+        self.encoder = PerturbationEncoder(config)
+        self.base = BasePredictor(config)
+        self.expression = ExpressionInput(int(config["embedding_dim"]),
+                                          config["expression_encoder"] == "control_sampling")
+        self.self_effect = SelfEffect(self.genes) if config.get("self_knockdown") else None
+        self.contexts: list[str] = []
+        self.net: ResidualMLP | None = None
+
+    def features(self, conditions: ConditionSet) -> np.ndarray:
+        parts = [self.encoder.transform(conditions.table)]
+        if self.config["context_embedding"]:
+            parts.append(context_onehot(list(conditions.table["context"]), self.contexts))
+        return np.concatenate(parts, axis=1)
+
+    def fit_closed_form(self, train: ConditionSet, val: ConditionSet, control_cells: np.ndarray,
+                        control_contexts: np.ndarray) -> None:
+        self.contexts = sorted(set(train.table["context"]))
+        self.encoder.fit(train, self.genes, control_cells)
+        self.expression.fit(control_cells, control_contexts)
+        self.base.fit(train, self.features(train), val, self.features(val))
+        if self.self_effect is not None:
+            self.self_effect.fit(train)
+
+    def net_input(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
+        x = np.concatenate([self.features(conditions), self.expression.transform(conditions, rng)], axis=1)
+        return (x - self.x_mean) / self.x_scale
+
+    def set_input_scaling(self, train: ConditionSet) -> None:
+        x = np.concatenate([self.features(train), self.expression.transform(train)], axis=1)
+        self.x_mean, self.x_scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+
+    def build_net(self, in_dim: int) -> ResidualMLP:
+        c = self.config
+        self.net = ResidualMLP(in_dim, len(self.genes), int(c["hidden_width"]), int(c["depth"]), float(c["dropout"]))
+        return self.net
+
+    def predict_delta(self, conditions: ConditionSet, device: torch.device) -> np.ndarray:
+        delta = self.base.predict(conditions, self.features(conditions))
+        if len(conditions) and self.net is not None and self.config["residual_delta"]:
+            self.net.eval()
+            with torch.no_grad():
+                x = torch.as_tensor(self.net_input(conditions), dtype=torch.float32, device=device)
+                delta = delta + self.net(x).double().cpu().numpy()
+        if self.self_effect is not None:
+            delta = self.self_effect.apply(conditions, delta)
+        return delta

@@ -1,0 +1,164 @@
+"""Train the generated model: `python train.py --data DIR --out DIR --config config.json`.
+
+Reads DIR/train.h5ad, DIR/val.h5ad, DIR/test_inputs.h5ad; writes predictions.h5ad (test conditions),
+val_predictions.h5ad, model.pt, val_metrics.json and train_log.jsonl (one line per epoch) to --out.
+Epoch 0 is the closed-form base alone; the residual network is kept only where it lowers the
+validation loss (early stopping on val), so the result is never worse than the base on val.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from model import ConditionSet, PerturbationModel, control_means, delta_loss, dense, pick_device
+
+
+def read_part(data: Path, name: str) -> ad.AnnData:
+    path = data / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: expected train.h5ad, val.h5ad and test_inputs.h5ad in {data}")
+    return ad.read_h5ad(path)
+
+
+def targets_of(test_inputs: ad.AnnData) -> pd.DataFrame:
+    predict = test_inputs.uns["predict"]
+    table = pd.DataFrame({k: list(predict[k]) for k in ("condition", "perturbation", "dose", "context")})
+    return table.astype({"condition": str, "perturbation": str, "context": str, "dose": float})
+
+
+def val_controls(val: ad.AnnData, train_controls: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Val controls of a context when val has any, else the training controls of that context."""
+    own = control_means(val) if val.obs["is_control"].astype(bool).any() else {}
+    return {**train_controls, **own}
+
+
+def write_predictions(path: Path, conditions: ConditionSet, delta: np.ndarray, genes) -> None:
+    obs = conditions.table.loc[:, ["condition", "perturbation", "dose", "context"]].copy()
+    obs.index = obs["condition"].to_numpy()
+    X = (conditions.control + delta).astype(np.float32)
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes])).write_h5ad(path)
+
+
+def control_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    ctrl = np.flatnonzero(train.obs["is_control"].astype(bool).to_numpy())
+    pick = np.sort(np.random.default_rng(seed).choice(ctrl, size=min(limit, len(ctrl)), replace=False))
+    return dense(train.X[pick]).astype(np.float64), train.obs["context"].astype(str).to_numpy()[pick]
+
+
+def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config: dict, device: torch.device,
+        log_path: Path) -> dict:
+    """Train the residual network with early stopping on val; returns the best epoch's numbers."""
+    rng = np.random.default_rng(int(config["seed"]))
+    torch.manual_seed(int(config["seed"]))
+    model.set_input_scaling(train)
+    base_train = model.base.out_of_fold(train, model.features(train))
+    base_val = model.base.predict(val, model.features(val))
+    net = model.build_net(model.net_input(train).shape[1]).to(device)
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    opt = optimizers[config["optimizer"]](net.parameters(), lr=float(config["lr"]),
+                                          weight_decay=float(config["weight_decay"]))
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    y_train, b_train = as_t(train.delta), as_t(base_train)
+    y_val, b_val, x_val = as_t(val.delta), as_t(base_val), as_t(model.net_input(val)) if len(val) else None
+
+    def val_loss() -> float:
+        if not len(val):
+            return float("nan")
+        net.eval()
+        with torch.no_grad():
+            return float(delta_loss(b_val + net(x_val), y_val, config["loss"]))
+
+    best = {"epoch": 0, "val_loss": val_loss(), "train_loss": float(delta_loss(b_train, y_train, config["loss"]))}
+    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    with log_path.open("w") as log:
+        log.write(json.dumps({"epoch": 0, "train_loss": best["train_loss"], "val_loss": best["val_loss"]}) + "\n")
+        print(f"epoch=0 train_loss={best['train_loss']:.6f} val_loss={best['val_loss']:.6f}", flush=True)
+        if not config["residual_delta"]:
+            return best
+        batch = int(config["batch_size"])
+        stale = 0
+        for epoch in range(1, int(config["epochs"]) + 1):
+            net.train()
+            x_train = as_t(model.net_input(train, rng))
+            order = torch.as_tensor(rng.permutation(len(train)), device=device)
+            total = 0.0
+            for start in range(0, len(train), batch):
+                idx = order[start:start + batch]
+                loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config["loss"])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {epoch} (lr={config['lr']}, "
+                        f"grad_clip={config.get('grad_clip')}): training diverged")
+                opt.zero_grad()
+                loss.backward()
+                if config.get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
+                opt.step()
+                total += float(loss) * len(idx)
+            current = val_loss()
+            line = {"epoch": epoch, "train_loss": total / len(train), "val_loss": current}
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            print(f"epoch={epoch} train_loss={line['train_loss']:.6f} val_loss={current:.6f}", flush=True)
+            if not np.isfinite(current):
+                raise FloatingPointError(f"non-finite validation loss at epoch {epoch} (lr={config['lr']})")
+            if current < best["val_loss"] - 1e-9:
+                best = {"epoch": epoch, "val_loss": current, "train_loss": line["train_loss"]}
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                stale = 0
+            else:
+                stale += 1
+                if stale >= int(config["early_stopping_patience"]):
+                    break
+    net.load_state_dict(best_state)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--config", required=True, type=Path)
+    args = parser.parse_args(argv)
+    started = time.time()
+    config = json.loads(args.config.read_text())
+    np.random.seed(int(config["seed"]))
+    device = pick_device(config)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    train_cells, val_cells, test_inputs = (read_part(args.data, n) for n in
+                                           ("train.h5ad", "val.h5ad", "test_inputs.h5ad"))
+    genes = list(train_cells.var_names)
+    controls = control_means(train_cells)
+    train = ConditionSet.from_cells(train_cells, controls)
+    val = ConditionSet.from_cells(val_cells, val_controls(val_cells, controls))
+    test = ConditionSet(targets_of(test_inputs), {**controls, **control_means(test_inputs)})
+    print(f"device={device} genes={len(genes)} train_conditions={len(train)} val_conditions={len(val)} "
+          f"test_conditions={len(test)}", flush=True)
+
+    model = PerturbationModel(config, genes)
+    cells, contexts = control_sample(train_cells, int(config.get("control_sample", 2000)), int(config["seed"]))
+    model.fit_closed_form(train, val, cells, contexts)
+    best = fit(model, train, val, config, device, args.out / "train_log.jsonl")
+
+    val_delta = model.predict_delta(val, device)
+    write_predictions(args.out / "val_predictions.h5ad", val, val_delta, genes)
+    write_predictions(args.out / "predictions.h5ad", test, model.predict_delta(test, device), genes)
+    torch.save({"config": config, "genes": genes, "state_dict": model.net.state_dict(),
+                "base": model.base.chosen, "self_knockdown_fraction": getattr(model.self_effect, "fraction", None)},
+               args.out / "model.pt")
+    metrics = {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "train_loss": best["train_loss"],
+               "val_mse": float(np.mean((val_delta - val.delta) ** 2)) if len(val) else None,
+               "base": model.base.chosen, "device": str(device), "seconds": round(time.time() - started, 2)}
+    (args.out / "val_metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    print(f"done best_epoch={best['epoch']} val_loss={best['val_loss']:.6f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
