@@ -23,8 +23,10 @@ data_app = typer.Typer(help="Profile, split and simulate perturbation datasets (
 err = Console(stderr=True)
 
 FileArg = Annotated[Path, typer.Argument(help="An AnnData .h5ad file.", show_default=False)]
-KeyOpt = Annotated[str | None, typer.Option("--perturbation-key", help="obs column of the perturbation (default: detected).")]
+KeyOpt = Annotated[str | None, typer.Option("--perturbation-key", help="obs column of the perturbation.")]
 ControlOpt = Annotated[str | None, typer.Option("--control", help="Control label (default: detected).")]
+DoseKeyOpt = Annotated[str | None, typer.Option("--dose-key", help="obs column of the dose (default: detected).")]
+ContextKeyOpt = Annotated[str | None, typer.Option("--context-key", help="obs column of the cell type / context.")]
 MinCellsOpt = Annotated[int, typer.Option("--min-cells", help="Fail on conditions with fewer cells (0: never).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
@@ -78,13 +80,15 @@ def _show_profile(p: DataProfile) -> None:
 
 
 @data_app.command("profile")
-def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt = None,
-            min_cells: MinCellsOpt = DEFAULT_MIN_CELLS, json_out: JsonOpt = False) -> None:
+def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt = None, dose_key: DoseKeyOpt = None,
+            context_key: ContextKeyOpt = None, min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
+            json_out: JsonOpt = False) -> None:
     """Detect the layout of FILE, validate it and print its profile."""
     try:
         with _progress() as progress:
             task = progress.add_task("profiling", total=1.0)
-            result = profile_dataset(file, perturbation_key=perturbation_key, control=control, min_cells=min_cells,
+            result = profile_dataset(file, perturbation_key=perturbation_key, control=control, dose_key=dose_key,
+                                     context_key=context_key, min_cells=min_cells,
                                      on_progress=lambda frac: progress.update(task, completed=frac))
     except DataError as exc:
         fail(exc, json_out)
@@ -100,11 +104,16 @@ def split(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the split into.", show_default=False)],
     scheme: Annotated[str, typer.Option("--scheme", help=f"One of: {', '.join(SCHEMES)}.", show_default=False)],
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same split.")] = 0,
-    n_genes: Annotated[int | None, typer.Option("--n-genes", help="Keep this many highly variable genes (perturbed genes always kept).")] = None,
+    n_genes: Annotated[int | None, typer.Option(
+        "--n-genes", help="Keep this many highly variable genes (perturbed genes always kept).")] = None,
     perturbation_key: KeyOpt = None,
     control: ControlOpt = None,
-    context: Annotated[str | None, typer.Option("--context", help="unseen-context: the context to hold out (default: drawn).")] = None,
-    few_shot_k: Annotated[int, typer.Option("--few-shot-k", help="unseen-context: conditions of the held-out context kept in train.")] = 0,
+    dose_key: DoseKeyOpt = None,
+    context_key: ContextKeyOpt = None,
+    context: Annotated[str | None, typer.Option(
+        "--context", help="unseen-context: the context to hold out (default: drawn).")] = None,
+    few_shot_k: Annotated[int, typer.Option(
+        "--few-shot-k", help="unseen-context: conditions of the held-out context kept in train.")] = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
     min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
@@ -115,7 +124,8 @@ def split(
         with _progress() as progress:
             task = progress.add_task("loading", total=None)
             info = make_split(file, scheme, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
-                              min_cells=min_cells, test_fraction=test_fraction, val_fraction=val_fraction,
+                              dose_key=dose_key, context_key=context_key, min_cells=min_cells,
+                              test_fraction=test_fraction, val_fraction=val_fraction,
                               context=context, few_shot_k=few_shot_k,
                               on_progress=lambda msg: progress.update(task, description=msg))
     except DataError as exc:

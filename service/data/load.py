@@ -289,10 +289,13 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
         if found:
             return col, found
     col = candidates[0]
-    wanted = repr(control) if control is not None else "a control label (control, ctrl, non-targeting, NT, DMSO, vehicle, unstimulated, PBS, ...)"
+    if control is not None:
+        wanted, hint = repr(control), ""
+    else:
+        wanted = "a control label (control, ctrl, non-targeting, NT, DMSO, vehicle, unstimulated, PBS, ...)"
+        hint = "; pass --control LABEL if the control is spelled otherwise"
     raise NoControlCells(f"{source}: no control cells in perturbation column {col!r}: expected {wanted}; "
-                         f"labels seen: {preview(seen[col], 20)}"
-                         + ("" if control is not None else "; pass --control LABEL if the control is spelled otherwise"))
+                         f"labels seen: {preview(seen[col], 20)}{hint}")
 
 
 def _detect_kind(pert_key: str, controls: list[str], dose_key: str | None, labels: np.ndarray) -> Kind:
