@@ -55,11 +55,24 @@ def _report_table(report: EvaluationReport) -> Table:
     return table
 
 
+def _per_condition_table(report: EvaluationReport) -> Table:
+    columns = [m for m in HEADLINE if m in report.summary]
+    table = Table(title="per condition", title_justify="left")
+    table.add_column("condition")
+    table.add_column("cells", justify="right")
+    for m in columns:
+        table.add_column(m, justify="right")
+    for row in report.per_condition:
+        table.add_row(row["condition"], str(row["n_cells"]), *(_fmt(row.get(m)) for m in columns))
+    return table
+
+
 def score(
     split: SplitOpt,
     predictions: Annotated[Path, typer.Option("--predictions", help="Predictions .h5ad (one row per condition).",
                                               show_default=False)],
     which: WhichOpt = "test",
+    per_condition: Annotated[bool, typer.Option("--per-condition", help="Also print one row per condition.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Score PREDICTIONS against the real cells of the split: per-condition metrics averaged, the data
@@ -71,7 +84,10 @@ def score(
             report = evaluator.score(predictions)
     except DataError as exc:
         fail(exc, json_out)
-    Console().print(_report_table(report))
+    console = Console()
+    if per_condition:
+        console.print(_per_condition_table(report))
+    console.print(_report_table(report))
     if json_out:
         print(json.dumps({"ok": True, **report.model_dump()}), flush=True)
 

@@ -306,9 +306,10 @@ class Evaluator:
                 f"predictions genes differ from the split's {len(want)} genes: missing {preview(lack)}; "
                 f"unexpected {preview(more)}")
         X = predictions.X
-        if X is None or X.ndim != 2 or X.shape != (len(given), len(genes)):
-            raise PredictionsError(f"predictions X has shape {getattr(X, 'shape', None)}; expected "
-                                   f"({len(given)}, {len(genes)}) = conditions × genes")
+        # AnnData itself keeps X at (n_obs, n_vars); what can still be wrong is no X at all.
+        if X is None:
+            raise PredictionsError(f"predictions have no X; expected a dense ({len(given)}, {len(genes)}) "
+                                   "= conditions × genes matrix of predicted mean profiles")
         dense = M.as_dense(X)
         bad = ~np.isfinite(dense)
         if bad.any():

@@ -202,6 +202,12 @@ def test_missing_condition_column_and_duplicates(ev, split):
         ev.score(ad.concat([pred, pred[:1]]))
 
 
+def test_predictions_without_x_are_rejected(ev, split):
+    pred = truth_predictions(split)
+    with pytest.raises(PredictionsError, match=r"no X; expected a dense \(4, 50\)"):
+        ev.score(ad.AnnData(obs=pred.obs, var=pred.var))
+
+
 def test_bad_file_is_a_predictions_error(ev, tmp_path):
     with pytest.raises(PredictionsError, match="not found"):
         ev.score(tmp_path / "nope.h5ad")
@@ -226,9 +232,12 @@ def test_cli_score_prints_table_and_json(split, tmp_path):
 
     path = tmp_path / "pred.h5ad"
     truth_predictions(split).write_h5ad(path)
-    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
+    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json",
+                                      "--per-condition"])
     assert result.exit_code == 0, result.output
     assert "pearson_delta" in result.output and "ceiling" in result.output
+    first = truth_predictions(split).obs["condition"].iloc[0]
+    assert first in result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["summary"]["mse"] == pytest.approx(0.0, abs=1e-10)
     assert len(report["per_condition"]) == report["n_conditions"] == 4
