@@ -13,7 +13,8 @@ log-normalized profile. Besides the model's scores the report carries
 - `normalized`: (model − mean_baseline) / (target − mean_baseline), where the mean baseline is
   `mean_delta` and the target is the ceiling where one is reported, else the metric's ideal value
   (1 for R², accuracies, discrimination, overlaps and AUCs). 0 = no better than the mean baseline,
-  1 = at the ceiling; lower-is-better MSEs map the same way.
+  1 = at the ceiling; lower-is-better MSEs map the same way. A metric whose ceiling is not better
+  than the mean baseline (small samples) is left out rather than normalized by a meaningless gap.
 
 Features: with `var["feature_types"]` (10x convention) the main metrics use `Gene Expression`
 features, proteins (`Antibody Capture`) get the same metrics prefixed `protein_`, and peaks get
@@ -338,13 +339,18 @@ class Evaluator:
                                 ceiling=self.ceiling, mean_baseline=self.baseline)
 
     def _normalize(self, summary: dict[str, float]) -> dict[str, float]:
+        """(model − base) / (target − base), only where the target is better than the mean baseline:
+        when noise puts the baseline at or past the ceiling, the ratio would flip sign or explode."""
         out = {}
         for name, value in summary.items():
+            plain = name.removeprefix(PROTEIN_PREFIX)
             base = self.baseline.get(name)
-            target = self.ceiling.get(name, IDEAL.get(name.removeprefix(PROTEIN_PREFIX)))
-            if base is None or target is None or abs(target - base) < 1e-12:
+            target = self.ceiling.get(name, IDEAL.get(plain))
+            if base is None or target is None:
                 continue
-            out[name] = (value - base) / (target - base)
+            gap = (base - target) if plain in ERRORS else (target - base)
+            if gap > 1e-12:
+                out[name] = (value - base) / (target - base)
         return out
 
 

@@ -112,6 +112,16 @@ def test_mean_baseline_normalizes_to_zero(split):
     assert report.mean_baseline == report.summary
 
 
+def test_normalization_only_where_the_ceiling_beats_the_baseline(ev):
+    ev.baseline = {"pearson_delta": 0.5, "mse": 0.2, "r2_delta": 0.2, "pearson": 0.9}
+    ev.ceiling = {"pearson_delta": 0.9, "mse": 0.1, "pearson": 0.85}
+    got = ev._normalize({"pearson_delta": 0.7, "mse": 0.15, "r2_delta": 0.6, "pearson": 0.95})
+    assert got["pearson_delta"] == pytest.approx(0.5)
+    assert got["mse"] == pytest.approx(0.5)
+    assert got["r2_delta"] == pytest.approx(0.5)  # against the ideal R² of 1
+    assert "pearson" not in got  # the baseline already beats the ceiling
+
+
 def test_val_is_scored_against_val_cells(split):
     report = evaluate(split, truth_predictions(split, "val"), which="val")
     assert report.which == "val"
