@@ -57,6 +57,7 @@ PERTURBATION_COLUMNS = (
     "treatment", "drug", "compound", "perturbagen", "product_name", "stimulation", "stim",
     "cytokine", "ligand",
 )
+_PERTURBATION_NORMS = frozenset(re.sub(r"[^0-9a-z]", "", n) for n in PERTURBATION_COLUMNS)
 DOSE_COLUMNS = ("dose", "dose_value", "dosage", "concentration", "dose_um", "dose_nm", "conc", "dose_val")
 CONTEXT_COLUMNS = (
     "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
@@ -88,6 +89,7 @@ FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "prote
                  "adt": "protein", "peaks": "atac", "atac": "atac", "chromatin accessibility": "atac"}
 
 DEFAULT_MIN_CELLS = 5
+LOGNORM_MAX = 30.0
 BACKED_ABOVE_BYTES = 1 << 30
 _ROW_CHUNK = 4_096
 _SAMPLE_ROWS = 2_000
@@ -227,7 +229,11 @@ def _rna_is_counts(adata: ad.AnnData, rna_mask: np.ndarray) -> bool:
         vals = np.asarray(block)[:, rna_mask]
     vals = np.asarray(vals, dtype=np.float64).ravel()
     vals = vals[np.isfinite(vals)]
-    return bool(vals.size == 0 or ((vals >= 0).all() and (vals == np.round(vals)).all()))
+    if vals.size == 0:
+        return True
+    integral = bool((vals >= 0).all() and (vals == np.round(vals)).all())
+    # log1p of counts per 10k never exceeds ~10; larger non-integer values are corrected/scaled counts.
+    return integral or float(vals.max()) > LOGNORM_MAX
 
 
 def _standard_labels(raw: pd.Series, control_labels: set[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +247,8 @@ def _standard_labels(raw: pd.Series, control_labels: set[str]) -> tuple[np.ndarr
         if label in control_labels:
             mapped.append(CONTROL)
             continue
-        parts = [p.strip() for p in label.split(COMBO_SEPARATOR)]
+        # "|" separates the fields of a condition key, so it cannot appear inside a label.
+        parts = [p.strip().replace("|", "/") for p in label.split(COMBO_SEPARATOR)]
         kept = sorted({p for p in parts if p and not is_control_label(p)})
         mapped.append(COMBO_SEPARATOR.join(kept) if kept else CONTROL)
     labels = np.asarray(mapped, dtype=object)[codes]
@@ -262,6 +269,11 @@ def _parse_dose(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
     return dose.to_numpy(dtype=float)
 
 
+def _is_text(col: pd.Series) -> bool:
+    return isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(col) or \
+        pd.api.types.is_string_dtype(col)
+
+
 def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str | None,
                               source: str) -> tuple[str, list[str]]:
     if key is not None:
@@ -272,6 +284,8 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
     else:
         by_norm = {_norm(c): c for c in reversed(list(obs.columns))}
         candidates = [by_norm[_norm(n)] for n in PERTURBATION_COLUMNS if _norm(n) in by_norm]
+        # Then any other text column: a column holding a control label is very likely the perturbation.
+        candidates += [c for c in obs.columns if _is_text(obs[c]) and c not in candidates]
         candidates = list(dict.fromkeys(candidates))
         if not candidates:
             raise PerturbationColumnNotFound(
@@ -288,7 +302,13 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
             found = [lab for lab in labels if is_control_label(lab)]
         if found:
             return col, found
-    col = candidates[0]
+    named = [c for c in candidates if _norm(c) in _PERTURBATION_NORMS] or [key]
+    col = named[0]
+    if col is None:
+        raise PerturbationColumnNotFound(
+            f"{source}: no perturbation column found and no obs column holds a control label; obs columns are: "
+            f"{preview(obs.columns, 40)}; expected one of {preview(PERTURBATION_COLUMNS, 40)} or pass "
+            "--perturbation-key (and --control)")
     if control is not None:
         wanted, hint = repr(control), ""
     else:
@@ -335,7 +355,8 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     dose = _parse_dose(obs, dose_key, source) if dose_key else np.full(adata.n_obs, np.nan)
     dose = np.where(is_ctrl, np.nan, dose)
     if context_key:
-        context = obs[context_key].astype(str).fillna("unknown").to_numpy(dtype=object)
+        col = obs[context_key].astype(object)
+        context = col.where(col.notna(), "unknown").astype(str).str.replace("|", "/", regex=False).to_numpy(dtype=object)
     else:
         context = np.full(adata.n_obs, NO_CONTEXT, dtype=object)
 

@@ -96,6 +96,13 @@ def test_falls_through_to_a_column_that_has_controls(make_adata):
     assert load_dataset(adata).layout.perturbation_key == "guide_identity"
 
 
+def test_non_integer_count_scale_values_are_counts(make_adata):
+    adata = make_adata(sparse=False)
+    adata.X = adata.X * 1.37  # e.g. ambient-corrected counts: not integers, far above log-normalized range
+    adata.X[0, :] = 100.5
+    assert load_dataset(adata).layout.rna_is_counts
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_counts_vs_lognorm(make_adata, sparse):
     assert load_dataset(make_adata(sparse=sparse)).layout.modalities == ["rna_counts"]
@@ -153,11 +160,26 @@ def test_hdf5_that_is_not_anndata(tmp_path):
 
 
 def test_no_perturbation_column_lists_columns(make_adata):
-    adata = make_adata()
+    adata = make_adata(control_label="wildtype")
     adata.obs = adata.obs.rename(columns={"perturbation": "mystery"})
     with pytest.raises(PerturbationColumnNotFound) as e:
         load_dataset(adata)
     assert "'mystery'" in str(e.value) and "'batch'" in str(e.value) and "--perturbation-key" in str(e.value)
+
+
+def test_unnamed_column_with_control_labels_is_found(make_adata):
+    adata = make_adata(control_label="non-targeting")
+    adata.obs = adata.obs.rename(columns={"perturbation": "sgRNA_call"})
+    assert load_dataset(adata).layout.perturbation_key == "sgRNA_call"
+
+
+def test_pipe_in_labels_and_missing_context_stay_parseable(make_adata):
+    adata = make_adata(perturbations=("G1|a", "G2"), contexts=["A", "B"])
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[:5, adata.obs.columns.get_loc("cell_type")] = None
+    obs = load_dataset(adata).obs
+    assert "G1/a" in set(obs["perturbation"]) and "unknown" in set(obs["context"])
+    assert all(key.count("|") == 2 for key in obs["condition"])
 
 
 def test_unknown_perturbation_key_lists_keys(make_adata):
