@@ -75,8 +75,7 @@ def score(
     per_condition: Annotated[bool, typer.Option("--per-condition", help="Also print one row per condition.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Score PREDICTIONS against the real cells of the split: per-condition metrics averaged, the data
-    ceiling, and each score normalized against the mean-Δ baseline."""
+    """Score predictions against the real cells of the split, with the data ceiling and the mean-Δ baseline."""
     try:
         with _progress() as progress:
             evaluator = _evaluator(split, which, progress)
@@ -98,7 +97,7 @@ def baselines(
     out: Annotated[Path | None, typer.Option("--out", help="Also write each baseline's predictions here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run every applicable baseline on the split and score it; one table of baselines vs the ceiling."""
+    """Run and score every applicable baseline on the split: one table of baselines vs the ceiling."""
     reports: dict[str, EvaluationReport] = {}
     written: dict[str, str] = {}
     try:
