@@ -64,6 +64,9 @@ CONTEXT_COLUMNS = (
     "context", "cell_context", "tissue",
 )
 BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor")
+# Where gene symbols live when var_names are Ensembl ids (GEARS: gene_name; CELLxGENE: feature_name).
+SYMBOL_COLUMNS = ("gene_name", "gene_names", "gene_symbol", "gene_symbols", "symbol", "feature_name", "gene")
+_ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
 FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type", "modality")
 
 # Control labels, normalized (lower-case, alphanumerics only, trailing guide numbers dropped).
@@ -107,6 +110,7 @@ class DatasetLayout(BaseModel):
     context_key: str | None = None
     batch_key: str | None = None
     feature_types_key: str | None = None
+    gene_symbols_key: str | None = None  # var column used as gene names (var_names are Ensembl ids)
     kind: Kind
     modalities: list[Modality]
     rna_is_counts: bool
@@ -121,6 +125,7 @@ class Dataset:
     layout: DatasetLayout
     obs: pd.DataFrame
     feature_block: np.ndarray = field(repr=False)  # per var: "rna" | "protein" | "atac" | "other"
+    gene_names: pd.Index = field(repr=False)  # per var: symbols when var_names are Ensembl ids, else var_names
 
     @property
     def rna_mask(self) -> np.ndarray:
@@ -204,6 +209,20 @@ def _first_entry(block, bad, columns: np.ndarray | None = None) -> tuple[int, in
         hits &= columns[None, :]
     row, col = (int(i[0]) for i in np.nonzero(hits))
     return row, col, float(dense[row, col])
+
+
+def _gene_names(adata: ad.AnnData) -> tuple[str | None, pd.Index]:
+    """Gene symbols when var_names are Ensembl ids and var has a symbol column, since perturbation
+    labels name genes by symbol; otherwise var_names. Duplicate symbols get anndata's `-1` suffixes."""
+    names = adata.var_names
+    if not len(names) or names.str.match(_ENSEMBL_ID).mean() < 0.5:
+        return None, names
+    key = _find_column(list(adata.var.columns), SYMBOL_COLUMNS)
+    if key is None:
+        return None, names
+    col = adata.var[key].astype(object)
+    symbols = col.where(col.notna() & (col.astype(str).str.strip() != ""), pd.Series(names, index=col.index))
+    return key, ad.utils.make_index_unique(pd.Index(symbols.astype(str).to_numpy()))
 
 
 def _detect_feature_blocks(adata: ad.AnnData) -> tuple[str | None, np.ndarray]:
@@ -334,8 +353,8 @@ def _detect_kind(pert_key: str, controls: list[str], dose_key: str | None, label
 
 def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_key: str | None = None,
                   control: str | None = None, dose_key: str | None = None, context_key: str | None = None,
-                  batch_key: str | None = None) -> tuple[DatasetLayout, pd.DataFrame, np.ndarray]:
-    """Detect the layout and build the standard obs columns; returns `(layout, obs, feature_block)`."""
+                  batch_key: str | None = None) -> Dataset:
+    """Detect the layout and build the standard obs columns (no validation of the values: see `validate`)."""
     obs = adata.obs
     pert_key, controls = _pick_perturbation_column(obs, perturbation_key, control, source)
     dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)
@@ -367,6 +386,7 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
         std[BATCH] = obs[batch_key].astype(str).to_numpy()
 
     ft_key, blocks = _detect_feature_blocks(adata)
+    symbols_key, gene_names = _gene_names(adata)
     rna_mask = blocks == "rna"
     counts = _rna_is_counts(adata, rna_mask)
     modalities: list[Modality] = []
@@ -384,15 +404,15 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     layout = DatasetLayout(
         source=source, n_cells=adata.n_obs, n_features=adata.n_vars, perturbation_key=pert_key,
         control_labels=sorted(controls), dose_key=dose_key, context_key=context_key, batch_key=batch_key,
-        feature_types_key=ft_key, kind=_detect_kind(pert_key, controls, dose_key, labels),
+        feature_types_key=ft_key, gene_symbols_key=symbols_key, kind=_detect_kind(pert_key, controls, dose_key, labels),
         modalities=modalities, rna_is_counts=counts, backed=bool(adata.isbacked),
     )
-    return layout, std, blocks
+    return Dataset(adata=adata, layout=layout, obs=std, feature_block=blocks, gene_names=gene_names)
 
 
-def validate(adata: ad.AnnData, obs: pd.DataFrame, blocks: np.ndarray, *, source: str,
-             min_cells: int = DEFAULT_MIN_CELLS) -> None:
+def validate(dataset: Dataset, min_cells: int = DEFAULT_MIN_CELLS) -> None:
     """Raise the specific DataError for the first defect found; pass silently on good data."""
+    adata, obs, blocks, source = dataset.adata, dataset.obs, dataset.feature_block, dataset.layout.source
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataFileError(f"{source}: empty matrix ({adata.n_obs} cells x {adata.n_vars} features)")
     dup = adata.var_names[adata.var_names.duplicated()]
@@ -437,8 +457,8 @@ def load_dataset(data: str | Path | ad.AnnData, *, perturbation_key: str | None 
         adata, source = data, "<AnnData>"
     else:
         adata, source = read_h5ad(data, backed=backed), str(data)
-    layout, obs, blocks = detect_layout(adata, source=source, perturbation_key=perturbation_key, control=control,
-                                        dose_key=dose_key, context_key=context_key, batch_key=batch_key)
+    dataset = detect_layout(adata, source=source, perturbation_key=perturbation_key, control=control,
+                            dose_key=dose_key, context_key=context_key, batch_key=batch_key)
     if check:
-        validate(adata, obs, blocks, source=source, min_cells=min_cells)
-    return Dataset(adata=adata, layout=layout, obs=obs, feature_block=blocks)
+        validate(dataset, min_cells=min_cells)
+    return dataset

@@ -363,7 +363,7 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     typical = int(obs.loc[~is_ctrl, CONDITION].value_counts().median()) if (~is_ctrl).any() else 0
     groups = _groups(obs, typical)
     scan = _scan(dataset, groups, on_progress)
-    rna_names = adata.var_names[dataset.rna_mask]
+    rna_names = dataset.gene_names[dataset.rna_mask]
     effects = _effects(obs, groups, scan, pd.Index(rna_names))
 
     perturbed = obs.loc[~is_ctrl]

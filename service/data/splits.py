@@ -298,7 +298,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     blocks = dataset.feature_block
-    var_names = dataset.adata.var_names
+    var_names = dataset.gene_names
     selected: np.ndarray | None = None
     feature_counts: dict[str, int] = {}
     multimodal = len(set(blocks[blocks != "other"])) > 1
@@ -320,6 +320,8 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
         if len(selected) != X.shape[1]:
             X = X[:, selected]
         var = pd.DataFrame(index=pd.Index(var_names[order[selected]], dtype=str))
+        if layout.gene_symbols_key is not None:
+            var["gene_id"] = dataset.adata.var_names[order[selected]].to_numpy()
         if multimodal:
             var["feature_types"] = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).to_numpy()
         part = ad.AnnData(X=X, obs=_part_obs(dataset, masks[name]), var=var)

@@ -23,6 +23,9 @@ from service.data import (
     UnknownPerturbationKey,
     is_control_label,
     load_dataset,
+    load_split,
+    make_split,
+    profile_dataset,
     read_h5ad,
 )
 
@@ -272,3 +275,19 @@ def test_obs_index_preserved(make_adata):
     adata = make_adata()
     ds = load_dataset(adata)
     pd.testing.assert_index_equal(ds.obs.index, adata.obs.index)
+
+
+def test_ensembl_var_names_use_the_symbol_column(make_adata, tmp_path):
+    adata = make_adata()
+    symbols = list(adata.var_names)
+    symbols[20] = "G1"  # a duplicated symbol gets a suffix rather than colliding
+    adata.var["gene_name"] = symbols
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    ds = load_dataset(adata)
+    assert ds.layout.gene_symbols_key == "gene_name"
+    assert ds.gene_names[3] == "G3" and ds.gene_names[20] == "G1-1"
+    info = make_split(ds, "unseen-perturbation", 0, tmp_path)
+    assert "G0" in info.genes and "ENSG00000000000" not in info.genes
+    train = load_split(tmp_path).train
+    assert train.var.loc["G5", "gene_id"] == "ENSG00000000005"
+    assert profile_dataset(ds).target_genes_measured_fraction == 1.0
