@@ -273,3 +273,14 @@ def test_split_without_val_conditions_says_so(make_adata, tmp_path):
     make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.0)
     with pytest.raises(SplitDirectoryError, match="no val conditions"):
         Evaluator(tmp_path / "split", "val")
+
+
+def test_truth_lacking_a_condition_is_a_split_error(split):
+    from service.data import SplitDirectoryError
+
+    truth = ad.read_h5ad(split / "test_truth.h5ad")
+    gone = truth.obs["condition"].astype(str).iloc[0]
+    truth[truth.obs["condition"] != gone].copy().write_h5ad(split / "test_truth.h5ad")
+    expected = rf"test_truth.h5ad: no cells for the condition\(s\) '{re.escape(gone)}'"
+    with pytest.raises(SplitDirectoryError, match=expected):
+        Evaluator(split)
