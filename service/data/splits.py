@@ -17,7 +17,6 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from pydantic import BaseModel, ValidationError
 
 from .conditions import BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, combo_genes
@@ -51,7 +50,7 @@ class SplitInfo(BaseModel):
     genes: list[str]
     normalization: str = NORMALIZATION
     # Per held-out (val/test) condition: combo `seen0|seen1|seen2|unseen_single`,
-    # dose `interpolation|extrapolation`, context `zero_shot`; absent for plain held-out perturbations.
+    # dose `interpolation|extrapolation`, context `zero_shot|few_shot`; absent for plain held-out perturbations.
     categories: dict[str, str] = {}
     held_out_context: str | None = None
     few_shot_k: int = 0
@@ -59,7 +58,9 @@ class SplitInfo(BaseModel):
 
 
 @dataclass
-class _Assignment:
+class ConditionAssignment:
+    """Where each non-control condition goes, and the category of each held-out one."""
+
     part: dict[str, str]  # condition -> train | val | test
     categories: dict[str, str] = field(default_factory=dict)
     held_out_context: str | None = None
@@ -84,16 +85,16 @@ def _by_unit(conds: pd.DataFrame, unit: pd.Series, units_part: dict) -> dict[str
 
 
 def _unseen_perturbation(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float,
-                         what: str = "perturbations") -> _Assignment:
+                         what: str = "perturbations") -> ConditionAssignment:
     units = _shuffled(conds[PERTURBATION].unique(), rng)
     n_test, n_val = _sizes(len(units), test_fraction, val_fraction)
     if n_test == 0:
         raise SplitError(f"need at least 2 distinct {what} to hold any out; found {preview(units)}")
     part = {u: "test" for u in units[:n_test]} | {u: "val" for u in units[n_test:n_test + n_val]}
-    return _Assignment(_by_unit(conds, conds[PERTURBATION], part))
+    return ConditionAssignment(_by_unit(conds, conds[PERTURBATION], part))
 
 
-def _combo(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float) -> _Assignment:
+def _combo(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float) -> ConditionAssignment:
     perts = conds[PERTURBATION].unique()
     combos = [p for p in perts if len(combo_genes(p)) > 1]
     singles = [p for p in perts if len(combo_genes(p)) == 1]
@@ -101,9 +102,9 @@ def _combo(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float) 
         raise SplitError(f"scheme 'combo' needs combinations written 'A+B'; the perturbations are single: "
                          f"{preview(perts)} (use unseen-perturbation)")
     # Hold out some single genes entirely so that test combos cover 0, 1 and 2 genes seen as singles.
-    genes = _shuffled(singles, rng)
-    n_test, n_val = _sizes(len(genes), test_fraction, val_fraction) if len(genes) >= 3 else (0, 0)
-    unseen_test, unseen_val = set(genes[:n_test]), set(genes[n_test:n_test + n_val])
+    shuffled = _shuffled(singles, rng)
+    n_test, n_val = _sizes(len(shuffled), test_fraction, val_fraction) if len(shuffled) >= 3 else (0, 0)
+    unseen_test, unseen_val = set(shuffled[:n_test]), set(shuffled[n_test:n_test + n_val])
     seen = set(singles) - unseen_test - unseen_val
 
     part: dict[str, str] = {}
@@ -132,7 +133,7 @@ def _combo(conds: pd.DataFrame, rng, test_fraction: float, val_fraction: float) 
     assignment = _by_unit(conds, conds[PERTURBATION], part)
     cond_categories = {cond: categories[p] for cond, p in zip(conds[CONDITION], conds[PERTURBATION], strict=True)
                        if p in categories}
-    return _Assignment(assignment, cond_categories)
+    return ConditionAssignment(assignment, cond_categories)
 
 
 def _require_dose(dataset: Dataset, scheme: str) -> None:
@@ -141,7 +142,7 @@ def _require_dose(dataset: Dataset, scheme: str) -> None:
                          f"(columns: {preview(dataset.adata.obs.columns, 30)}); use unseen-perturbation")
 
 
-def _unseen_dose(conds: pd.DataFrame, rng, val_fraction: float) -> _Assignment:
+def _unseen_dose(conds: pd.DataFrame, rng, val_fraction: float) -> ConditionAssignment:
     levels = conds.groupby(PERTURBATION)[DOSE].apply(lambda d: sorted(set(d.dropna())))
     multi = levels[levels.map(len) >= 2]
     if multi.empty:
@@ -169,20 +170,20 @@ def _unseen_dose(conds: pd.DataFrame, rng, val_fraction: float) -> _Assignment:
             kept = [d for d in multi[drug] if held.get((drug, d), "train") == "train"]
             inside = bool(kept) and min(kept) < dose < max(kept)
             categories[cond] = "interpolation" if inside else "extrapolation"
-    return _Assignment(part, categories)
+    return ConditionAssignment(part, categories)
 
 
 def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: float, context: str | None,
-                    few_shot_k: int) -> _Assignment:
+                    few_shot_k: int) -> ConditionAssignment:
     obs = dataset.obs
     with_controls = set(obs.loc[obs[IS_CONTROL], CONTEXT])
     contexts = sorted(set(conds[CONTEXT]) & with_controls)
     if len(set(obs[CONTEXT])) < 2:
-        raise SplitError(f"scheme 'unseen-context' needs 2 or more contexts; "
+        raise SplitError("scheme 'unseen-context' needs 2 or more contexts; "
                          f"context column {dataset.layout.context_key!r} has {preview(set(obs[CONTEXT]))}")
     if context is None:
         if not contexts:
-            raise SplitError(f"no context has both control cells and perturbed cells")
+            raise SplitError("no context has both control cells and perturbed cells")
         context = contexts[int(rng.integers(len(contexts)))]
     elif context not in contexts:
         raise SplitError(f"context {context!r} cannot be held out; contexts with controls "
@@ -197,11 +198,11 @@ def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: fl
     n_val = min(max(1, round(val_fraction * len(others))), len(others) - 1) if len(others) >= 2 else 0
     part |= {c: "val" for c in others[:n_val]} | {c: "train" for c in others[n_val:]}
     label = "few_shot" if few_shot_k else "zero_shot"
-    return _Assignment(part, {c: label for c in held[few_shot_k:]}, held_out_context=context)
+    return ConditionAssignment(part, {c: label for c in held[few_shot_k:]}, held_out_context=context)
 
 
 def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction: float = 0.2,
-                      val_fraction: float = 0.1, context: str | None = None, few_shot_k: int = 0) -> _Assignment:
+                      val_fraction: float = 0.1, context: str | None = None, few_shot_k: int = 0) -> ConditionAssignment:
     """Decide train/val/test per (non-control) condition for `scheme`, reproducibly from `seed`."""
     if scheme not in SCHEMES:
         raise SplitError(f"unknown split scheme {scheme!r}; expected one of {preview(SCHEMES)}")
@@ -220,25 +221,25 @@ def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction
         raise SplitError(f"{dataset.layout.source}: {exc}") from None
 
 
-def _scheme_unseen_perturbation(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+def _scheme_unseen_perturbation(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> ConditionAssignment:
     return _unseen_perturbation(conds, rng, test_fraction, val_fraction)
 
 
-def _scheme_combo(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+def _scheme_combo(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> ConditionAssignment:
     return _combo(conds, rng, test_fraction, val_fraction)
 
 
-def _scheme_unseen_drug(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> _Assignment:
+def _scheme_unseen_drug(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> ConditionAssignment:
     _require_dose(dataset, "unseen-drug")
     return _unseen_perturbation(conds, rng, test_fraction, val_fraction, what="drugs")
 
 
-def _scheme_unseen_dose(dataset, conds, rng, *, val_fraction, **_) -> _Assignment:
+def _scheme_unseen_dose(dataset, conds, rng, *, val_fraction, **_) -> ConditionAssignment:
     _require_dose(dataset, "unseen-dose")
     return _unseen_dose(conds, rng, val_fraction)
 
 
-def _scheme_unseen_context(dataset, conds, rng, *, val_fraction, context, few_shot_k, **_) -> _Assignment:
+def _scheme_unseen_context(dataset, conds, rng, *, val_fraction, context, few_shot_k, **_) -> ConditionAssignment:
     return _unseen_context(dataset, conds, rng, val_fraction, context, few_shot_k)
 
 
