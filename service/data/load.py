@@ -355,6 +355,9 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
                   control: str | None = None, dose_key: str | None = None, context_key: str | None = None,
                   batch_key: str | None = None) -> Dataset:
     """Detect the layout and build the standard obs columns (no validation of the values: see `validate`)."""
+    if adata.X is None:
+        raise DataFileError(f"{source}: X is empty (layers: {preview(adata.layers.keys())}); expected the expression "
+                            "matrix in X (raw counts or log-normalized)")
     obs = adata.obs
     pert_key, controls = _pick_perturbation_column(obs, perturbation_key, control, source)
     dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)

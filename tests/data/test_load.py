@@ -162,6 +162,14 @@ def test_hdf5_that_is_not_anndata(tmp_path):
         load_dataset(p)
 
 
+def test_missing_x(make_adata):
+    adata = make_adata()
+    adata.layers["counts"] = adata.X
+    adata.X = None
+    with pytest.raises(DataFileError, match=r"X is empty \(layers: 'counts'\)"):
+        load_dataset(adata)
+
+
 def test_no_perturbation_column_lists_columns(make_adata):
     adata = make_adata(control_label="wildtype")
     adata.obs = adata.obs.rename(columns={"perturbation": "mystery"})
