@@ -1,0 +1,167 @@
+"""The debugging agent: a failed attempt (traceback, pytest failure, validation failure) → a diagnosis
+and a patch to the bundle.
+
+LLM mode: the request carries the failure (traceback, output tail, validation problems), the failing
+file(s) and config.json; the reply is a `DebugPatch` of minimal search/replace edits (or whole-file
+replacements) and config changes. Offline mode: rules for known failure classes, as config patches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from service.agents.prompts import schema_json
+from service.llm import LLMRequest
+from service.pipeline.codegen import BUNDLE_FILES, Bundle
+from service.pipeline.execute import StepFailure
+
+DEBUG = "debug"
+BundleFile = Literal["model.py", "train.py", "test_model.py", "config.json"]
+
+
+class PatchError(ValueError):
+    """A patch does not apply to the bundle (search text absent or ambiguous, unknown config key)."""
+
+
+class FileEdit(BaseModel):
+    path: BundleFile
+    search: str | None = Field(default=None, description="exact text to replace (must occur exactly once)")
+    replace: str | None = Field(default=None, description="replacement for `search`")
+    content: str | None = Field(default=None, description="the whole new file, instead of search/replace")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> FileEdit:
+        if (self.content is None) == (self.search is None):
+            raise ValueError("an edit gives either `content` or `search` + `replace`")
+        if self.search is not None and self.replace is None:
+            raise ValueError("`search` needs `replace`")
+        return self
+
+
+class DebugPatch(BaseModel):
+    failure_class: str = Field(min_length=1, description="e.g. out_of_memory, divergence, timeout, code_error")
+    diagnosis: str = Field(min_length=1)
+    edits: list[FileEdit] = Field(default_factory=list)
+    config_changes: dict[str, Any] = Field(default_factory=dict, description="top-level config.json keys")
+    give_up: bool = Field(default=False, description="true when no fix is known; the run stops")
+
+
+def failing_files(failure: StepFailure, bundle: Bundle) -> list[str]:
+    """Bundle files the traceback or output names; train.py and model.py when none is named."""
+    text = "\n".join(failure.traceback) + "\n" + failure.output_tail
+    named = [name for name in BUNDLE_FILES if name != "config.json" and name in text]
+    return named or ["train.py", "model.py"]
+
+
+def debug_context(attempt: int, failure: StepFailure | None, problems: list[str], bundle: Bundle) -> dict[str, Any]:
+    files = failing_files(failure, bundle) if failure else ["train.py", "model.py"]
+    return {
+        "attempt": attempt,
+        "failure": None if failure is None else {
+            "stage": failure.stage, "outcome": failure.outcome, "ename": failure.ename, "evalue": failure.evalue,
+            "traceback": failure.traceback, "died_cause": failure.died_cause, "output_tail": failure.output_tail,
+        },
+        "validation_problems": problems,
+        "files": {name: bundle.files[name] for name in files},
+        "config": bundle.config(),
+    }
+
+
+def debug_request(context: dict[str, Any]) -> LLMRequest:
+    system = (
+        "You are CellForge's debugging agent. A generated training bundle failed: read the traceback, the "
+        "test failures or the validation problems in context, find the cause in the failing files and reply "
+        "with the smallest patch that fixes it: search/replace edits (the search text copied exactly, once) "
+        "and/or config.json changes. Set give_up only when no fix is possible.\n\n"
+        f"Reply with one JSON object that validates against this JSON schema (DebugPatch):\n{schema_json(DebugPatch)}"
+    )
+    user = f"Attempt {context['attempt']} failed. Diagnose it and patch the bundle."
+    return LLMRequest(kind=DEBUG, system=system, user=user, context=context, schema=DebugPatch)
+
+
+# --- offline rules --------------------------------------------------------------------------------
+
+_OOM = re.compile(r"out of memory|MemoryError|exit code 137|Killed|std::bad_alloc", re.I)
+_DIVERGED = re.compile(r"non-finite|\bnan\b|\binf\b|FloatingPointError|diverged", re.I)
+_DEVICE = re.compile(r"Expected all tensors to be on the same device|CUDA error|no CUDA GPUs", re.I)
+_DTYPE = re.compile(r"expected scalar type|dtype", re.I)
+
+
+def _text(context: dict[str, Any]) -> str:
+    failure = context.get("failure") or {}
+    parts = [str(failure.get(k) or "") for k in ("ename", "evalue", "died_cause", "output_tail")]
+    return "\n".join(parts + list(failure.get("traceback") or []) + list(context.get("validation_problems") or []))
+
+
+def offline_debug(context: dict[str, Any]) -> DebugPatch:
+    """Known failure classes → config patches; anything else is reported, not guessed at."""
+    failure = context.get("failure") or {}
+    config = context["config"]
+    text = _text(context)
+    if failure.get("outcome") == "timeout":
+        epochs = max(5, int(config["epochs"]) // 2)
+        return DebugPatch(failure_class="timeout", diagnosis=f"{failure.get('stage')} ran out of time; halving "
+                          f"epochs to {epochs} and stopping earlier",
+                          config_changes={"epochs": epochs,
+                                          "early_stopping_patience": max(3, int(config["early_stopping_patience"]) // 2)})
+    if _OOM.search(text):
+        changes = {"batch_size": max(8, int(config["batch_size"]) // 2),
+                   "hidden_width": max(16, int(config["hidden_width"]) // 2),
+                   "control_sample": max(200, int(config.get("control_sample", 2000)) // 2)}
+        cause = failure.get("died_cause") or failure.get("ename")
+        return DebugPatch(failure_class="out_of_memory", diagnosis=f"out of memory ({cause}); smaller batch, "
+                          "width and control sample", config_changes=changes)
+    if _DIVERGED.search(text):
+        lr = min(float(config["lr"]) * 0.1, 1e-3)
+        return DebugPatch(failure_class="divergence", diagnosis=f"training diverged (non-finite loss) at "
+                          f"lr={config['lr']}; lowering lr to {lr:g} and clipping gradients at 1.0",
+                          config_changes={"lr": lr, "grad_clip": 1.0})
+    if _DEVICE.search(text):
+        return DebugPatch(failure_class="device", diagnosis="a device error; pinning the run to the CPU",
+                          config_changes={"device": "cpu"})
+    problems = context.get("validation_problems") or []
+    if any(p.startswith("validation score") for p in problems) and config.get("residual_delta"):
+        return DebugPatch(failure_class="below_baseline", diagnosis=f"{problems[0]}; keeping the closed-form base "
+                          f"only and regularising it more strongly",
+                          config_changes={"residual_delta": False,
+                                          "ridge_lambdas": [x * 10 for x in config["ridge_lambdas"]]})
+    if _DTYPE.search(text):
+        return DebugPatch(failure_class="dtype", diagnosis=f"a dtype error with no known config fix: {failure.get('evalue')}",
+                          give_up=True)
+    what = failure.get("evalue") or (problems[0] if problems else "unknown failure")
+    return DebugPatch(failure_class="unknown", diagnosis=f"no rule matches: {what}", give_up=True)
+
+
+def apply_patch(bundle: Bundle, patch: DebugPatch) -> Bundle:
+    files = dict(bundle.files)
+    for edit in patch.edits:
+        if edit.content is not None:
+            files[edit.path] = edit.content
+            continue
+        count = files[edit.path].count(edit.search)
+        if count != 1:
+            raise PatchError(f"{edit.path}: the search text occurs {count} times (expected exactly once): "
+                             f"{edit.search[:120]!r}")
+        files[edit.path] = files[edit.path].replace(edit.search, edit.replace)
+    if patch.config_changes:
+        config = json.loads(files["config.json"])
+        unknown = [k for k in patch.config_changes if k not in config]
+        if unknown:
+            raise PatchError(f"config.json has no key(s) {unknown}; known: {sorted(config)}")
+        config.update(patch.config_changes)
+        files["config.json"] = json.dumps(config, indent=1) + "\n"
+    return Bundle(files=files)
+
+
+def unified_diff(before: Bundle, after: Bundle) -> str:
+    out = []
+    for name in BUNDLE_FILES:
+        out += difflib.unified_diff(before.files.get(name, "").splitlines(keepends=True),
+                                    after.files.get(name, "").splitlines(keepends=True),
+                                    fromfile=f"a/{name}", tofile=f"b/{name}")
+    return "".join(out)

@@ -1,0 +1,141 @@
+"""One attempt in a sandbox: put the bundle in, run its tests, train, fetch the outputs.
+
+The sandbox sees the bundle and `/data` (read-only: train, val, test_inputs — nothing else) and an
+empty environment. Every step's output is written under the attempt's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, DockerBackend, ExecutionResult, LocalBackend, Mount,
+                     SandboxError, SandboxSpec, SyncSandbox)
+from service.pipeline.progress import ProgressCallback, ProgressEvent, epoch_event
+
+Stage = Literal["sandbox", "pytest", "train", "fetch"]
+OUTPUT_FILES = ("predictions.h5ad", "val_predictions.h5ad", "model.pt", "val_metrics.json", "train_log.jsonl")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    backend: Literal["docker", "local"] = "docker"
+    image: str | None = None  # default: the CPU image, or the GPU image when gpus > 0
+    gpus: int = 0
+    cpus: float = 2.0
+    memory: str = "4g"
+    workspace_quota: str = "2g"
+
+    def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
+        image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
+        return SandboxSpec(
+            image=image, cpus=self.cpus, memory=self.memory, gpus=self.gpus or None, timeout=timeout,
+            tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
+            mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
+            env={}, labels={"cellforge.role": "design"},
+        )
+
+
+@dataclass
+class StepFailure:
+    """What went wrong in one stage, as the debugging agent reads it."""
+
+    stage: Stage
+    outcome: str
+    ename: str | None = None
+    evalue: str | None = None
+    traceback: list[str] = field(default_factory=list)
+    died_cause: str | None = None
+    output_tail: str = ""
+
+    def summary(self) -> str:
+        what = self.died_cause or f"{self.ename or self.outcome}: {self.evalue or ''}".strip()
+        return f"{self.stage} failed ({self.outcome}): {what}"
+
+
+@dataclass
+class AttemptOutcome:
+    out_dir: Path
+    data_listing: list[str]
+    seconds: float
+    failure: StepFailure | None = None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["out_dir"] = str(self.out_dir)
+        return out
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _failure(stage: Stage, res: ExecutionResult) -> StepFailure:
+    output = (res.stdout or "") + ("\n" + res.stderr if res.stderr else "")
+    return StepFailure(stage=stage, outcome=str(res.outcome.value if hasattr(res.outcome, "value") else res.outcome),
+                       ename=res.ename, evalue=res.evalue, traceback=list(res.traceback or []),
+                       died_cause=res.died_cause, output_tail=_tail(output))
+
+
+def _log(path: Path, res: ExecutionResult) -> None:
+    path.write_text((res.stdout or "") + ("\n--- stderr ---\n" + res.stderr if res.stderr else ""))
+
+
+def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int, settings: SandboxSettings,
+                time_left: float, on_progress: ProgressCallback) -> AttemptOutcome:
+    """Run tests then training of the bundle in `code_dir` in a fresh sandbox; outputs land in
+    `attempt_dir/out`. A failure is returned (never raised) so the debugging agent can read it."""
+    import time
+
+    started = time.monotonic()
+    out_dir = attempt_dir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remaining = lambda: max(5.0, time_left - (time.monotonic() - started))  # noqa: E731
+    backend = DockerBackend() if settings.backend == "docker" else LocalBackend()
+    on_progress(ProgressEvent("sandbox", f"starting a {settings.backend} sandbox", attempt=attempt))
+    try:
+        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=backend)
+    except SandboxError as exc:
+        failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
+        return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
+    try:
+        listing = sb.run_command(["ls", "-1", "/data"], timeout=30)
+        data_listing = sorted((listing.stdout or "").split())
+        workspace = sb.workspace
+        sb.put_dir(code_dir, "code")
+        on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
+        res = sb.run_command(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+                             cwd=f"{workspace}/code", timeout=remaining())
+        _log(attempt_dir / "pytest.log", res)
+        if res.outcome != "ok":
+            return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
+
+        on_progress(ProgressEvent("train", "training", attempt=attempt))
+
+        def on_event(event) -> None:
+            for line in (getattr(event, "text", "") or "").splitlines():
+                progress = epoch_event(line, attempt)
+                if progress is not None:
+                    on_progress(progress)
+
+        res = sb.run_command(["python", "train.py", "--data", "/data", "--out", f"{workspace}/out",
+                              "--config", "config.json"], cwd=f"{workspace}/code", timeout=remaining(),
+                             on_event=on_event)
+        _log(attempt_dir / "train.log", res)
+        # Whatever training wrote is kept, even after a failure, for the diagnosis.
+        try:
+            sb.get_dir("out", out_dir)
+        except SandboxError as exc:
+            if res.outcome == "ok":
+                failure = StepFailure(stage="fetch", outcome="error", ename=type(exc).__name__, evalue=str(exc))
+                return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, failure)
+        failure = None if res.outcome == "ok" else _failure("train", res)
+        return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, failure)
+    finally:
+        sb.close()
+
+
+def save_outcome(attempt_dir: Path, outcome: AttemptOutcome) -> None:
+    (attempt_dir / "outcome.json").write_text(json.dumps(outcome.to_json(), indent=1, default=str))

@@ -1,0 +1,78 @@
+"""Live progress of a design run: typed events, and a rich renderer for the command line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
+          "debug", "evaluate", "report", "done")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    phase: str
+    message: str = ""
+    round: int | None = None
+    attempt: int | None = None
+    epoch: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+_EPOCH_LINE = re.compile(r"epoch=(\d+) train_loss=(\S+) val_loss=(\S+)")
+
+
+def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
+    """The progress event of one `epoch=E train_loss=… val_loss=…` line printed by train.py."""
+    match = _EPOCH_LINE.search(line)
+    if not match:
+        return None
+    epoch, train_loss, val_loss = match.groups()
+    return ProgressEvent("train", f"epoch {epoch}", attempt=attempt, epoch=int(epoch),
+                         train_loss=float(train_loss), val_loss=float(val_loss))
+
+
+class RichProgress:
+    """A live status table (phase, round, attempt, epoch, losses) plus one printed line per milestone."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.state: dict[str, str] = {"phase": "-", "round": "-", "attempt": "-", "epoch": "-", "loss": "-",
+                                      "message": ""}
+        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
+
+    def _table(self) -> Table:
+        table = Table(show_header=True, header_style="bold")
+        for key in self.state:
+            table.add_column(key)
+        table.add_row(*self.state.values())
+        return table
+
+    def __enter__(self) -> RichProgress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.__exit__(*exc)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.phase != self.state["phase"] and event.phase != "train":
+            self.console.print(f"[bold]{event.phase}[/bold] {event.message}")
+        self.state["phase"] = event.phase
+        self.state["message"] = event.message[:80]
+        if event.round is not None:
+            self.state["round"] = str(event.round)
+        if event.attempt is not None:
+            self.state["attempt"] = str(event.attempt)
+        if event.epoch is not None:
+            self.state["epoch"] = str(event.epoch)
+            self.state["loss"] = f"train {event.train_loss:.4f} / val {event.val_loss:.4f}"
+        self.live.update(self._table())
