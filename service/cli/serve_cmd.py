@@ -1,9 +1,140 @@
-"""CLI commands (to be filled in)."""
+"""`cellforge serve` (HTTP + gRPC over one core) and `cellforge tenants create|list|revoke`."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+
+DEFAULT_DATA_DIR = os.environ.get("CELLFORGE_DATA_DIR", str(Path.home() / ".local" / "share" / "cellforge"))
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: SQLite under --data-dir)")]
+DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="uploads, artifacts and the default SQLite file")]
+
+
+def _database(db: str | None, data_dir: Path):
+    from service.jobs.db import Database, default_db_url
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(db or os.environ.get("CELLFORGE_DB") or default_db_url(data_dir))
+    database.create_all()
+    return database
+
+
+tenants_app = typer.Typer(help="Create, list and revoke API tenants.", no_args_is_help=True)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="tenant name (letters, digits, . _ -)")],
+    db: DbOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),
+    max_sandboxes: Annotated[int, typer.Option(help="live sandboxes at once")] = 4,
+    max_jobs: Annotated[int, typer.Option(help="queued + running jobs at once")] = 2,
+    max_gpus: Annotated[int, typer.Option(help="GPUs over all live sandboxes")] = 0,
+    max_memory: Annotated[str, typer.Option(help="memory over all live sandboxes, e.g. 8g")] = "8g",
+    rate_limit: Annotated[float, typer.Option(help="API requests per second (burst: twice that)")] = 50.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Create a tenant and print its API key (shown only this once)."""
+    from service.api.errors import ServiceError
+    from service.api.tenants import create_tenant
+
+    try:
+        tenant, key = create_tenant(
+            _database(db, data_dir), name, max_sandboxes=max_sandboxes, max_jobs=max_jobs,
+            max_gpus=max_gpus, max_memory=max_memory, rate_limit=rate_limit,
+        )
+    except ServiceError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"id": tenant.id, "name": tenant.name, "api_key": key}))
+        return
+    err.print(f"created tenant [bold]{tenant.name}[/bold] ({tenant.id}); its API key (shown only once):")
+    print(key)
+
+
+@tenants_app.command("list")
+def tenants_list(
+    db: DbOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """List tenants and their limits (never their keys)."""
+    from dataclasses import asdict
+
+    from service.api.tenants import list_tenants
+
+    tenants = list_tenants(_database(db, data_dir))
+    if as_json:
+        print(json.dumps({"tenants": [asdict(t) for t in tenants]}))
+        return
+    table = Table("id", "name", "sandboxes", "jobs", "gpus", "memory", "rate/s", "state")
+    for t in tenants:
+        state = "revoked" if t.revoked_at else "active"
+        table.add_row(t.id, t.name, str(t.max_sandboxes), str(t.max_jobs), str(t.max_gpus), t.max_memory,
+                      f"{t.rate_limit:g}", state)
+    out.print(table)
+
+
+@tenants_app.command("revoke")
+def tenants_revoke(
+    name: Annotated[str, typer.Argument(help="tenant name or id")],
+    db: DbOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Revoke a tenant's API key; its later calls answer 401."""
+    from service.api.errors import ServiceError
+    from service.api.tenants import revoke_tenant
+
+    try:
+        tenant = revoke_tenant(_database(db, data_dir), name)
+    except ServiceError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"id": tenant.id, "name": tenant.name, "revoked_at": tenant.revoked_at}))
+    else:
+        err.print(f"revoked tenant [bold]{tenant.name}[/bold] ({tenant.id})")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `serve` and the `tenants` group to the top-level app."""
+    app.command("serve")(serve)
+    app.add_typer(tenants_app, name="tenants")
+
+
+def serve(
+    http_port: Annotated[int, typer.Option(help="HTTP port (0: none)")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (0: none)")] = 50051,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    db: DbOpt = None,
+    data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),
+    warm: Annotated[int, typer.Option(help="warm sandboxes kept ready for the default spec")] = 1,
+    preload: Annotated[str, typer.Option(help="code run in each new sandbox before it is handed out")] = (
+        "import numpy, pandas, scipy"
+    ),
+    workers: Annotated[int, typer.Option(help="job worker tasks")] = 2,
+    idle_timeout: Annotated[float, typer.Option(help="seconds before an idle sandbox is reaped")] = 600.0,
+    max_lifetime: Annotated[float, typer.Option(help="seconds a sandbox may live")] = 3600.0,
+    max_upload: Annotated[str, typer.Option(help="largest accepted dataset upload")] = "2g",
+) -> None:
+    """Serve the HTTP and gRPC APIs over one core (sandboxes, datasets, jobs, regressions)."""
+    from service.api.server import ServerConfig, run_server
+
+    config = ServerConfig(
+        http_port=http_port, grpc_port=grpc_port, host=host, db_url=db, data_dir=data_dir, warm=warm,
+        preload=preload, workers=workers, idle_timeout=idle_timeout, max_lifetime=max_lifetime,
+        max_upload=max_upload,
+    )
+    run_server(config)

@@ -1,0 +1,199 @@
+"""The HTTP transport (FastAPI): thin routes over `CellForgeCore`; errors become status codes with JSON bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from sandbox import ExecutionResult
+
+from .core import CellForgeCore
+from .errors import BadRequest, PayloadTooLarge, ServiceError
+from .sandboxes import MAX_FILE_BYTES, parse_request
+from .tenants import Tenant
+
+TRANSPORT = "http"
+
+
+class ExecuteBody(BaseModel):
+    code: str
+    timeout: float | None = Field(default=None, gt=0, le=86400)
+
+
+def error_body(exc: ServiceError) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+def create_app(core: CellForgeCore) -> FastAPI:
+    app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.")
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+        return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse(error_body(BadRequest(f"malformed request: {problems}")), status_code=400)
+
+    async def tenant_of(request: Request) -> Tenant:
+        action = f"{request.method} {request.scope.get('route').path if request.scope.get('route') else request.url.path}"
+        return await core.authenticate(request.headers.get("authorization"), TRANSPORT, action)
+
+    def audited(tenant: Tenant, action: str, resource: str | None = None):
+        return core.audited(tenant, TRANSPORT, action, resource)
+
+    # -- health and metrics ---------------------------------------------------------------------
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        return JSONResponse({"ready": core.ready}, status_code=200 if core.ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        core.sandboxes.prune()
+        return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- sandboxes --------------------------------------------------------------------------------
+
+    @app.post("/v1/sandboxes", status_code=201)
+    async def create_sandbox(request: Request, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "sandbox.create"):
+            body = await _json(request, allow_empty=True)
+            info = await core.sandboxes.create(tenant, parse_request(body))
+        return info.to_dict()
+
+    @app.get("/v1/sandboxes")
+    async def list_sandboxes(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "sandbox.list"):
+            return {"sandboxes": [i.to_dict() for i in core.sandboxes.list(tenant)]}
+
+    @app.get("/v1/sandboxes/{sandbox_id}")
+    async def get_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "sandbox.get", sandbox_id):
+            return core.sandboxes.get(tenant, sandbox_id).to_dict()
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204)
+    async def delete_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> Response:
+        with audited(tenant, "sandbox.delete", sandbox_id):
+            await core.sandboxes.delete(tenant, sandbox_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/execute")
+    async def execute(sandbox_id: str, body: ExecuteBody, request: Request,
+                      tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
+        """Stream the execution as NDJSON (one event per line, last `{"kind": "done", "result": ...}`),
+        or as server-sent events with `Accept: text/event-stream`. Disconnecting interrupts the code."""
+        with audited(tenant, "sandbox.execute", sandbox_id):
+            core.sandboxes.get(tenant, sandbox_id)  # a 404 before the stream starts
+        sse = "text/event-stream" in request.headers.get("accept", "")
+        items = core.sandboxes.execute(tenant, sandbox_id, body.code, body.timeout, TRANSPORT)
+        return StreamingResponse(
+            _encode(items, sse), media_type="text/event-stream" if sse else "application/x-ndjson",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/sandboxes/{sandbox_id}/interrupt", status_code=202)
+    async def interrupt(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, str]:
+        with audited(tenant, "sandbox.interrupt", sandbox_id):
+            await core.sandboxes.interrupt(tenant, sandbox_id)
+        return {"status": "interrupted"}
+
+    @app.post("/v1/sandboxes/{sandbox_id}/restart")
+    async def restart(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, str]:
+        with audited(tenant, "sandbox.restart", sandbox_id):
+            await core.sandboxes.restart(tenant, sandbox_id)
+        return {"status": "restarted"}
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files/{path:path}", status_code=204)
+    async def put_file(sandbox_id: str, path: str, request: Request, tenant: Tenant = Depends(tenant_of)) -> Response:
+        with audited(tenant, "sandbox.put_file", f"{sandbox_id}/{path}"):
+            core.sandboxes.get(tenant, sandbox_id)
+            data = await _body(request, limit=MAX_FILE_BYTES)
+            await core.sandboxes.put_file(tenant, sandbox_id, path, data)
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/{path:path}")
+    async def get_file(sandbox_id: str, path: str, tenant: Tenant = Depends(tenant_of)) -> Response:
+        with audited(tenant, "sandbox.get_file", f"{sandbox_id}/{path}"):
+            data = await core.sandboxes.get_file(tenant, sandbox_id, path)
+        return Response(data, media_type="application/octet-stream")
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    @app.post("/v1/datasets", status_code=201)
+    async def upload_dataset(request: Request, name: str | None = None,
+                             tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        """Upload an `.h5ad` as the raw request body (`?name=file.h5ad`); validated before it is kept."""
+        with audited(tenant, "dataset.upload", name):
+            if request.headers.get("content-type", "").startswith("multipart/"):
+                raise BadRequest("send the .h5ad as the raw request body (application/octet-stream), not a form")
+            declared = request.headers.get("content-length")
+            return await core.datasets.upload(tenant, name, request.stream(),
+                                              int(declared) if declared and declared.isdigit() else None)
+
+    @app.get("/v1/datasets")
+    async def list_datasets(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "dataset.list"):
+            return {"datasets": core.datasets.list(tenant)}
+
+    app.state.core = core
+    return app
+
+
+async def _json(request: Request, allow_empty: bool = False) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise BadRequest("malformed request: expected a JSON body")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed request: the body is not valid JSON ({exc})") from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _encode(items: AsyncIterator[Any], sse: bool) -> AsyncIterator[bytes]:
+    def frame(kind: str, payload: dict[str, Any]) -> bytes:
+        if sse:
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+        return (json.dumps(payload) + "\n").encode()
+
+    try:
+        async for item in items:
+            if isinstance(item, ExecutionResult):
+                yield frame("done", {"kind": "done", "result": item.model_dump(mode="json")})
+            else:
+                yield frame(item.kind, item.model_dump(mode="json"))
+    except ServiceError as exc:
+        # Headers are gone already: the failure travels in the stream.
+        yield frame("failed", {"kind": "failed", **error_body(exc)})
+    finally:
+        await items.aclose()
