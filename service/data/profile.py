@@ -377,7 +377,7 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     n_contexts = contexts.n_contexts if contexts else 1
 
     targets: list[str] = []
-    if layout.kind in ("genetic", "genetic_combo"):
+    if layout.kind in ("genetic", "genetic_combo") and dataset.rna_mask.any():
         targets = sorted({g for p in perts for g in combo_genes(p)})
     measured = set(rna_names)
     missing = [t for t in targets if t not in measured]
@@ -401,7 +401,7 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
                      "cannot be predicted or scored")
     if effects["target_knockdown_fraction"] is not None and effects["target_knockdown_fraction"] < 0.5:
         notes.append("fewer than half of the measured targets go down in their own condition: check the labels")
-    if effects["above_noise_fraction"] < 0.3:
+    if dataset.rna_mask.any() and effects["above_noise_fraction"] < 0.3:
         notes.append(f"weak effects: only {effects['above_noise_fraction']:.0%} of conditions differ from control "
                      "beyond sampling noise; the control baseline will be hard to beat")
     if one_batch is not None and one_batch > 0.8:
