@@ -1,9 +1,132 @@
-"""CLI commands (to be filled in)."""
+"""`cellforge design`, `cellforge replay` and `cellforge demo`: the design pipeline from the command line."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from sandbox import SandboxError
+from service.agents import AnalysisError, DiscussionError
+from service.data import DataError
+from service.llm import LLMConfig, LLMError
+from service.pipeline import (CodegenError, DesignResult, DesignSettings, PatchError, PipelineError, RichProgress,
+                              run_design)
+
+from .data_cmd import fail
+
+err = Console(stderr=True)
+out = Console()
+HANDLED = (DataError, LLMError, PipelineError, SandboxError, AnalysisError, DiscussionError, CodegenError,
+           PatchError)
+TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
+AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
+MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]
+SandboxOpt = Annotated[str, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
+
+
+def _metrics_table(metrics: dict[str, Any]) -> Table:
+    table = Table(title=f"test split: model vs baselines ({metrics.get('n_test_conditions', '?')} conditions)",
+                  title_justify="left")
+    table.add_column("predictor")
+    for m in TABLE:
+        table.add_column(m, justify="right")
+    rows = {"model": metrics["model"], **metrics["baselines"], "data ceiling": metrics.get("ceiling", {})}
+    for name, scores in rows.items():
+        table.add_row(name, *(f"{scores[m]:.4f}" if m in scores else "-" for m in TABLE))
+    return table
+
+
+def _finish(result: DesignResult, json_out: bool) -> None:
+    metrics = result.metrics
+    if "model" in metrics:
+        out.print(_metrics_table(metrics))
+    out.print(f"status: [bold]{result.status}[/bold]; run directory {result.run_dir}; "
+              f"report {result.run_dir / 'report.html'}", highlight=False)
+    if json_out:
+        summary = {k: v for k, v in metrics.items() if k != "per_condition"}
+        print(json.dumps({"ok": result.status != "failed", "run_dir": str(result.run_dir),
+                          "report": str(result.run_dir / "report.html"), **summary}, default=str), flush=True)
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+def _run(settings: DesignSettings, config: LLMConfig | None, replay_from: Path | None, json_out: bool) -> None:
+    try:
+        with RichProgress(err) as progress:
+            result = run_design(settings, config, replay_from=replay_from, on_progress=progress)
+    except HANDLED as exc:
+        fail(exc, json_out)
+    _finish(result, json_out)
+
+
+def design(
+    data: Annotated[Path, typer.Option("--data", help="The dataset (.h5ad).", show_default=False)],
+    task: Annotated[str, typer.Option("--task", help="What to predict, in plain language.", show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<data stem>).")] = None,
+    llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (any compatible endpoint).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="LLM model name.")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
+    sandbox: SandboxOpt = "docker",
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")] = 0,
+    max_attempts: AttemptsOpt = 4,
+    max_minutes: MinutesOpt = 30.0,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Design, train and score a model for a dataset and a task."""
+    try:
+        config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
+        settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
+                                  max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus)
+    except (LLMError, ValueError) as exc:
+        fail(exc, json_out)
+    _run(settings, config, None, json_out)
+
+
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="A recorded run directory.", show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to re-run (default: RUN_DIR-replay).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-run a recorded run from its recorded LLM replies (no endpoint), same arguments and seed."""
+    try:
+        recorded = json.loads((run_dir / "run.json").read_text())
+        settings = DesignSettings.model_validate(
+            {**recorded["settings"], "out": str(out_dir or run_dir.with_name(run_dir.name + "-replay"))})
+    except (OSError, ValueError, KeyError) as exc:
+        fail(PipelineError(f"{run_dir}: not a recorded run (run.json unreadable: {exc})"), json_out)
+    _run(settings, None, run_dir, json_out)
+
+
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo data and run go.")] = Path("runs/demo"),
+    sandbox: SandboxOpt = "docker",
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Simulate a small knockout screen and design a model for it, offline, in Docker."""
+    from service.data import simulate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir / "knockout.h5ad"
+    err.print(f"simulating a knockout screen (8,000 cells × 500 genes) into {data}")
+    simulate("knockout", seed, n_cells=8000, n_genes=500).write_h5ad(data)
+    settings = DesignSettings(data=data, task="Predict expression after CRISPR knockout of unseen genes",
+                              out=out_dir / time.strftime("run-%Y%m%d-%H%M%S"), seed=seed, sandbox=sandbox, max_minutes=15)
+    _run(settings, LLMConfig(), None, json_out)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.command("design")(design)
+    app.command("replay")(replay)
+    app.command("demo")(demo)

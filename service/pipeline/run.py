@@ -168,9 +168,11 @@ def _evaluate(rd: RunDir, test_eval: Evaluator, primary: str) -> dict[str, Any]:
 
 
 def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
-               replay_from: Path | None = None, on_progress: ProgressCallback | None = None) -> DesignResult:
+               replay_from: Path | None = None, on_progress: ProgressCallback | None = None,
+               handlers: dict[str, Any] | None = None) -> DesignResult:
     """Run the whole pipeline into `settings.out`; never raises for a model that fails to train
-    (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself."""
+    (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
+    `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
     emit = on_progress or (lambda event: None)
     started = time.monotonic()
     deadline = started + settings.max_minutes * 60
@@ -181,7 +183,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     rd.write_json(rd.run_json, {"settings": json.loads(settings.model_dump_json()),
                                 "llm": {"backend": config.backend, "model": config.model, "base_url": config.base_url},
                                 "replay_of": str(replay_from) if replay_from else None})
-    llm = make_backend(config, pipeline_handlers(), rd.root, replay_from=replay_from)
+    llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from)
 
     emit(ProgressEvent("profile", f"profiling {settings.data}"))
     profile = profile_dataset(settings.data)
