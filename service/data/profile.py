@@ -97,6 +97,7 @@ class DataProfile(BaseModel):
     target_genes_measured_fraction: float | None
     targets_not_measured: list[str]  # first 50
     target_knockdown_fraction: float | None  # measured single targets lower than control in their own condition
+    target_direction: str | None  # "down" (CRISPRi/KO), "up" (CRISPRa/overexpression) or "mixed"
     delta_norm: dict[str, float]  # L2 norm of pseudobulk Δ vs control, quantiles over conditions
     above_noise_fraction: float  # conditions whose Δ beats every random control subset of the same size
     de_top20_fraction: float  # share of a condition's |Δ| carried by its top-20 genes (mean)
@@ -399,8 +400,13 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     if targets and missing:
         notes.append(f"{len(missing)} of {len(targets)} target genes are not measured; their own knock-down "
                      "cannot be predicted or scored")
-    if effects["target_knockdown_fraction"] is not None and effects["target_knockdown_fraction"] < 0.5:
-        notes.append("fewer than half of the measured targets go down in their own condition: check the labels")
+    knockdown = effects["target_knockdown_fraction"]
+    direction = None if knockdown is None else "down" if knockdown >= 0.7 else "up" if knockdown <= 0.3 else "mixed"
+    if direction == "up":
+        notes.append(f"{1 - knockdown:.0%} of measured targets go up in their own condition: an activation "
+                     "(CRISPRa / overexpression) screen")
+    elif direction == "mixed":
+        notes.append(f"measured targets move both ways ({knockdown:.0%} down): weak guides or mislabelled cells")
     if dataset.rna_mask.any() and effects["above_noise_fraction"] < 0.3:
         notes.append(f"weak effects: only {effects['above_noise_fraction']:.0%} of conditions differ from control "
                      "beyond sampling noise; the control baseline will be hard to beat")
@@ -432,7 +438,8 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
         n_batches=n_batches, conditions_in_one_batch_fraction=one_batch,
         n_target_genes=len(targets) if targets else None,
         target_genes_measured_fraction=(1 - len(missing) / len(targets)) if targets else None,
-        targets_not_measured=missing[:_LIST_LIMIT], target_knockdown_fraction=effects["target_knockdown_fraction"],
+        targets_not_measured=missing[:_LIST_LIMIT], target_knockdown_fraction=knockdown,
+        target_direction=direction,
         delta_norm=effects["delta_norm"], above_noise_fraction=effects["above_noise_fraction"],
         de_top20_fraction=effects["de_top20_fraction"],
         recommended_split=split, alternative_splits=alternatives, recommended_metrics=metrics, notes=notes,

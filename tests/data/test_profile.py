@@ -25,11 +25,21 @@ def test_genetic_profile_counts_and_quantiles(make_adata):
     assert p.genes_detected["max"] == float((X > 0).sum(1).max())
     assert p.n_target_genes == 10 and p.target_genes_measured_fraction == 1.0
     # The factory knocks each target down to 15%: every measured target must go down.
-    assert p.target_knockdown_fraction == 1.0
+    assert p.target_knockdown_fraction == 1.0 and p.target_direction == "down"
     assert p.above_noise_fraction >= 0.8
     assert p.recommended_split == "unseen-perturbation"
     assert "pearson_delta" in p.recommended_metrics and "de_overlap" in p.recommended_metrics
     assert p.n_batches == 2 and p.conditions_in_one_batch_fraction == 0.0
+
+
+def test_activation_screen_targets_go_up(make_adata):
+    adata = make_adata(cells_per_condition=30, n_control=100, sparse=False)
+    perts = adata.obs["perturbation"].to_numpy()
+    for i in range(10):  # overexpress each target instead of knocking it down
+        adata.X[perts == f"G{i}", i] = adata.X[perts == f"G{i}", i] * 10 + 20
+    p = profile_dataset(adata)
+    assert p.target_direction == "up" and p.target_knockdown_fraction == 0.0
+    assert any("activation" in n for n in p.notes)
 
 
 def test_shuffled_labels_show_no_signal(make_adata):
