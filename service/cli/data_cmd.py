@@ -7,6 +7,7 @@ sub-app by decorating further functions below.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from service.data import DataError, DataProfile, make_split, profile_dataset
 from service.data.load import DEFAULT_MIN_CELLS
-from service.data.splits import SCHEMES
+from service.data.splits import SCHEMES, SplitInfo
 
 data_app = typer.Typer(help="Profile, split and simulate perturbation datasets (.h5ad).", no_args_is_help=True)
 err = Console(stderr=True)
@@ -130,11 +131,26 @@ def split(
                               on_progress=lambda msg: progress.update(task, description=msg))
     except DataError as exc:
         fail(exc, json_out)
-    sizes = {k: len(v) for k, v in info.conditions.items()}
-    err.print(f"[green]split[/] {info.scheme} (seed {info.seed}) -> {out}: conditions train {sizes['train']}, "
-              f"val {sizes['val']}, test {sizes['test']}; {len(info.genes)} features", highlight=False)
     if json_out:
         print(json.dumps({"ok": True, "out": str(out), **info.model_dump()}), flush=True)
+    else:
+        _show_split(info, out)
+
+
+def _show_split(info: SplitInfo, out: Path) -> None:
+    held = f", held-out context {info.held_out_context!r}" if info.held_out_context else ""
+    table = Table(title=f"{info.scheme} split (seed {info.seed}{held}) -> {out}", title_justify="left")
+    for column in ("part", "conditions", "cells", "categories"):
+        table.add_column(column)
+    cells = {"train": info.n_cells["train"], "val": info.n_cells["val"], "test": info.n_cells["test_truth"]}
+    for part, conds in info.conditions.items():
+        counts = Counter(info.categories[c] for c in conds if c in info.categories)
+        table.add_row(part, str(len(conds)), str(cells[part]), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    table.add_row("test_inputs", "-", str(info.n_cells["test_inputs"]), "control cells of the test contexts")
+    out_console = Console()
+    out_console.print(table)
+    out_console.print(f"{len(info.genes)} features ({', '.join(f'{k} {v}' for k, v in info.feature_types.items())}), "
+                      f"{info.normalization}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -313,3 +313,12 @@ def test_mean_var_sparse_matches_dense(make_adata):
     np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-6)
     np.testing.assert_allclose(var, dense.var(0), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(mean_var(dense)[1], dense.var(0), rtol=1e-6, atol=1e-9)
+
+
+def test_cli_split_table(make_adata, h5ad_path, tmp_path):
+    path = h5ad_path(make_adata(contexts=["A", "B"]))
+    result = CliRunner().invoke(app, ["data", "split", str(path), "--scheme", "unseen-context", "--context", "A",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "held-out context 'A'" in result.stdout and "zero_shot 10" in result.stdout
+    assert load_split(tmp_path / "out").info.held_out_context == "A"
