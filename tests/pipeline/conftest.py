@@ -1,0 +1,38 @@
+"""Fixtures of the pipeline tests: a small simulated knockout screen and one offline design run in Docker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.data import simulate
+from service.pipeline import DesignResult, DesignSettings, run_design
+
+TASK = "Predict expression after CRISPR knockout of unseen genes"
+
+
+@pytest.fixture(scope="session")
+def knockout_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "knockout.h5ad"
+    simulate("knockout", 0, n_cells=6000, n_genes=300).write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def design_settings(knockout_data, docker_image):
+    """Settings of a small, quick design run; override fields per test."""
+    def make(out: Path, **overrides) -> DesignSettings:
+        values = dict(data=knockout_data, task=TASK, out=out, image=docker_image, memory="2g", cpus=1.0,
+                      max_minutes=8, max_attempts=3)
+        values.update(overrides)
+        return DesignSettings(**values)
+    return make
+
+
+@pytest.fixture(scope="session")
+def offline_run(design_settings, tmp_path_factory) -> DesignResult:
+    events = []
+    result = run_design(design_settings(tmp_path_factory.mktemp("runs") / "offline"), on_progress=events.append)
+    result.events = events
+    return result

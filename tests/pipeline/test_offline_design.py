@@ -1,0 +1,85 @@
+"""The whole offline pipeline on a simulated knockout screen, through real Docker sandboxes."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+
+from service.agents import Plan
+from service.pipeline import DesignSettings, RunDir, run_design
+from service.pipeline.rundir import SANDBOX_FILES
+
+
+def test_run_directory_holds_every_artefact(offline_run):
+    rd = RunDir(offline_run.run_dir)
+    assert offline_run.status == "validated"
+    for path in (rd.task_analysis, rd.plan, rd.weights, rd.predictions, rd.metrics, rd.llm_calls, rd.report,
+                 rd.train_log, rd.run_json):
+        assert path.is_file(), path
+    assert sorted(p.name for p in rd.code.iterdir()) == ["config.json", "model.py", "test_model.py", "train.py"]
+    assert list((rd.discussion).glob("round_*.json"))
+    attempt = rd.attempts / "01"
+    assert (attempt / "code" / "train.py").is_file() and (attempt / "pytest.log").is_file()
+    assert "passed" in (attempt / "pytest.log").read_text()
+    predictions = ad.read_h5ad(rd.predictions)
+    assert predictions.n_obs == offline_run.metrics["n_test_conditions"]
+
+
+def test_test_truth_never_entered_the_sandbox(offline_run):
+    rd = RunDir(offline_run.run_dir)
+    assert sorted(p.name for p in rd.sandbox_data.iterdir()) == sorted(SANDBOX_FILES)
+    seen = json.loads((rd.attempts / "01" / "outcome.json").read_text())["data_listing"]
+    assert seen == sorted(SANDBOX_FILES)  # what `ls /data` printed inside the container
+    assert (rd.split / "test_truth.h5ad").is_file()
+
+
+def test_metrics_hold_model_baselines_and_ceiling(offline_run):
+    metrics = json.loads((offline_run.run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "validated" and metrics["chosen_attempt"] == 1
+    assert {"mean_delta", "linear_pca_ridge", "control"} <= set(metrics["baselines"])
+    for scores in (metrics["model"], *metrics["baselines"].values()):
+        assert "pearson_delta_pert" in scores and "mse_top20_de" in scores
+    assert "pearson_delta_pert" in metrics["ceiling"]
+    assert metrics["val"]["score"] > metrics["val"]["mean_baseline"]  # validation beat the mean baseline
+
+
+def test_plan_shapes_the_generated_code(offline_run):
+    rd = RunDir(offline_run.run_dir)
+    plan = Plan.model_validate_json(rd.plan.read_text())
+    config = json.loads((rd.code / "config.json").read_text())
+    a = plan.architecture
+    assert (config["perturbation_encoder"], config["hidden_width"], config["depth"], config["embedding_dim"]) == \
+        (a.perturbation_encoder, a.hidden_width, a.depth, a.embedding_dim)
+    assert (config["lr"], config["epochs"], config["loss"]["kind"]) == \
+        (plan.training.lr, plan.training.epochs, plan.loss.kind)
+    model_py = (rd.code / "model.py").read_text()
+    assert f"{a.perturbation_encoder} encoder" in model_py
+    assert "learnt from training data (source: pca)" in model_py  # only the chosen encoder is emitted
+    assert "drug" not in model_py.lower()
+
+
+def test_progress_reports_phases_rounds_attempts_and_epochs(offline_run):
+    phases = {e.phase for e in offline_run.events}
+    assert {"profile", "analysis", "discussion", "split", "codegen", "pytest", "train", "evaluate", "done"} <= phases
+    assert any(e.round for e in offline_run.events if e.phase == "discussion")
+    epochs = [e for e in offline_run.events if e.epoch is not None]
+    assert epochs and epochs[0].attempt == 1 and epochs[0].val_loss is not None
+
+
+def test_report_embeds_plots_and_the_metrics_table(offline_run):
+    page = (offline_run.run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # training curve + predicted vs true Δ
+    assert "linear_pca_ridge" in page and "data ceiling" in page
+
+
+def test_replay_reproduces_plan_and_code_exactly(offline_run, tmp_path):
+    recorded = json.loads((offline_run.run_dir / "run.json").read_text())["settings"]
+    settings = DesignSettings.model_validate({**recorded, "out": str(tmp_path / "replay")})
+    again = run_design(settings, replay_from=offline_run.run_dir)
+    assert (again.run_dir / "plan.json").read_bytes() == (offline_run.run_dir / "plan.json").read_bytes()
+    for name in ("model.py", "train.py", "test_model.py", "config.json"):
+        assert (again.run_dir / "code" / name).read_bytes() == (offline_run.run_dir / "code" / name).read_bytes()
+    recorded_calls = (offline_run.run_dir / "llm_calls.jsonl").read_text().splitlines()
+    assert len((again.run_dir / "llm_calls.jsonl").read_text().splitlines()) == len(recorded_calls)
+    assert again.status == "validated"
