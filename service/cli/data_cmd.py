@@ -117,6 +117,7 @@ def split(
         "--few-shot-k", help="unseen-context: conditions of the held-out context kept in train.")] = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
+    atac: Annotated[str, typer.Option("--atac", help="Peaks: binarize, or tfidf (idf of the training cells).")] = "binarize",
     min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
     json_out: JsonOpt = False,
 ) -> None:
@@ -127,7 +128,7 @@ def split(
             info = make_split(file, scheme, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
                               dose_key=dose_key, context_key=context_key, min_cells=min_cells,
                               test_fraction=test_fraction, val_fraction=val_fraction,
-                              context=context, few_shot_k=few_shot_k,
+                              context=context, few_shot_k=few_shot_k, atac=atac,
                               on_progress=lambda msg: progress.update(task, description=msg))
     except DataError as exc:
         fail(exc, json_out)

@@ -35,6 +35,7 @@ from .preprocess import (
     binarize,
     clr,
     highly_variable_genes,
+    inverse_document_frequency,
     mean_var,
     normalize_log1p,
     pseudobulk,

@@ -173,14 +173,21 @@ def pseudobulk(X, labels: Sequence[str] | np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(means, index=groups)
 
 
-def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "binarize", *, in_place: bool = False):
+ATAC_TRANSFORMS = ("binarize", "tfidf")
+
+
+def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "binarize",
+                     idf: np.ndarray | None = None, *, in_place: bool = False):
     """Transform each modality block of X on its own and return them side by side (RNA, protein, ATAC).
 
     RNA counts are `normalize_log1p`-ed on RNA columns only (proteins and peaks must not enter the
-    library size); log-normalized RNA is kept; proteins get CLR; peaks are binarized (or TF-IDF).
-    Columns of any other feature type are dropped. Returns `(matrix, column_order)`.
+    library size); log-normalized RNA is kept; proteins get CLR; peaks are binarized, or TF-IDF-ed
+    with `idf` (pass the training cells' idf so every part is weighted alike). Columns of any other
+    feature type are dropped. Returns `(matrix, column_order)`.
     `in_place=True` lets RNA normalization reuse X's buffers (X must be the caller's own copy).
     """
+    if atac not in ATAC_TRANSFORMS:
+        raise ValueError(f"atac transform {atac!r}: expected one of {ATAC_TRANSFORMS}")
     parts, order = [], []
     for name in ("rna", "protein", "atac"):
         cols = np.flatnonzero(blocks == name)
@@ -193,7 +200,7 @@ def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "bi
         elif name == "protein":
             sub = clr(sub)
         else:
-            sub = tfidf(sub) if atac == "tfidf" else binarize(sub)
+            sub = tfidf(sub, idf) if atac == "tfidf" else binarize(sub)
         parts.append(sub)
         order.append(cols)
     column_order = np.concatenate(order)

@@ -22,7 +22,13 @@ from pydantic import BaseModel, ValidationError
 from .conditions import BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, combo_genes
 from .errors import DataFileError, SplitDirectoryError, SplitError, preview
 from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset
-from .preprocess import NORMALIZATION, highly_variable_genes, transform_blocks
+from .preprocess import (
+    ATAC_TRANSFORMS,
+    NORMALIZATION,
+    highly_variable_genes,
+    inverse_document_frequency,
+    transform_blocks,
+)
 
 Scheme = Literal["unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context"]
 SCHEMES: tuple[str, ...] = ("unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context")
@@ -55,6 +61,7 @@ class SplitInfo(BaseModel):
     held_out_context: str | None = None
     few_shot_k: int = 0
     feature_types: dict[str, int] = {}
+    atac_transform: str | None = None  # "binarize" or "tfidf" (idf of the training cells) when there are peaks
 
 
 @dataclass
@@ -268,12 +275,15 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
                n_genes: int | None = None, *, perturbation_key: str | None = None, control: str | None = None,
                dose_key: str | None = None, context_key: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
                test_fraction: float = 0.2, val_fraction: float = 0.1, context: str | None = None,
-               few_shot_k: int = 0, backed: bool | None = None, on_progress=None) -> SplitInfo:
+               few_shot_k: int = 0, atac: str = "binarize", backed: bool | None = None,
+               on_progress=None) -> SplitInfo:
     """Split a dataset by `scheme` and write the split directory; returns what split.json holds.
 
     `n_genes` keeps that many highly variable genes (chosen on training cells only, perturbed genes
-    always kept); proteins and peaks are kept whole in their own blocks.
+    always kept); proteins (CLR) and peaks (`atac`: binarize or TF-IDF) are kept whole in their own blocks.
     """
+    if atac not in ATAC_TRANSFORMS:
+        raise SplitError(f"atac transform {atac!r}: expected one of {preview(ATAC_TRANSFORMS)}")
     def progress(msg: str) -> None:
         if on_progress is not None:
             on_progress(msg)
@@ -303,10 +313,16 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     selected: np.ndarray | None = None
     feature_counts: dict[str, int] = {}
     multimodal = len(set(blocks[blocks != "other"])) > 1
-    for name in PARTS:  # train first: the gene selection is made on training cells only
+    peaks = np.flatnonzero(blocks == "atac")
+    idf: np.ndarray | None = None
+    for name in PARTS:  # train first: gene selection and ATAC idf come from training cells only
         progress(f"writing {name}.h5ad")
         # Fancy row indexing returns a fresh matrix, so it can be normalized in its own buffers.
-        X, order = transform_blocks(_rows(dataset.adata.X, masks[name]), blocks, layout.rna_is_counts, in_place=True)
+        rows = _rows(dataset.adata.X, masks[name])
+        if atac == "tfidf" and peaks.size and idf is None:
+            idf = inverse_document_frequency(rows[:, peaks])
+        X, order = transform_blocks(rows, blocks, layout.rna_is_counts, atac, idf, in_place=True)
+        del rows
         if selected is None:
             selected = np.arange(len(order))
             n_rna = int((blocks[order] == "rna").sum())
@@ -344,6 +360,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
         conditions={p: sorted(c for c, q in plan.part.items() if q == p) for p in ("train", "val", "test")},
         n_cells={name: int(m.sum()) for name, m in masks.items()}, genes=genes, categories=plan.categories,
         held_out_context=plan.held_out_context, few_shot_k=few_shot_k, feature_types=feature_counts,
+        atac_transform=atac if peaks.size else None,
     )
     (out / "split.json").write_text(json.dumps(info.model_dump(), indent=1))
     return info

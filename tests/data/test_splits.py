@@ -16,6 +16,7 @@ from service.data import (
     binarize,
     clr,
     highly_variable_genes,
+    inverse_document_frequency,
     load_split,
     make_split,
     mean_var,
@@ -322,3 +323,17 @@ def test_cli_split_table(make_adata, h5ad_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert "held-out context 'A'" in result.stdout and "zero_shot 10" in result.stdout
     assert load_split(tmp_path / "out").info.held_out_context == "A"
+
+
+def test_atac_tfidf_uses_training_idf(make_adata, tmp_path):
+    adata = make_adata(feature_types={"Peaks": 12})
+    info = make_split(adata, "unseen-perturbation", 0, tmp_path, atac="tfidf")
+    assert info.atac_transform == "tfidf"
+    s = load_split(tmp_path)
+    peaks = (s.train.var["feature_types"] == "Peaks").to_numpy()
+    raw_train = adata[s.train.obs_names].X[:, 60:]
+    raw_truth = adata[s.test_truth.obs_names].X[:, 60:]
+    idf = inverse_document_frequency(raw_train)
+    np.testing.assert_allclose(s.test_truth.X[:, peaks].toarray(), tfidf(raw_truth, idf).toarray(), rtol=1e-5)
+    with pytest.raises(SplitError, match="atac transform 'lsi'"):
+        make_split(adata, "unseen-perturbation", 0, tmp_path / "x", atac="lsi")
