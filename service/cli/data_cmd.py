@@ -49,15 +49,16 @@ def _show_profile(p: DataProfile) -> None:
     table = Table(title=f"{p.source}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    cpc = p.cells_per_condition
+    cpc, lib = p.cells_per_condition, p.library_size
     rows = [
-        ("cells x genes", f"{p.n_cells:,} x {p.n_genes:,}" + (f" ({p.n_features:,} features)" if p.n_features != p.n_genes else "")),
+        ("cells x genes", f"{p.n_cells:,} x {p.n_genes:,}"
+         + (f" ({p.n_features:,} features)" if p.n_features != p.n_genes else "")),
         ("modalities", ", ".join(p.modalities) + f" ({p.normalization})"),
         ("perturbation", f"{p.perturbation_kind}; column {p.perturbation_key!r}, control {', '.join(p.control_labels)}"),
         ("perturbations / conditions", f"{p.n_perturbations:,} / {p.n_conditions:,}; {p.n_control_cells:,} control cells"),
         ("cells per condition", f"min {cpc['min']:g}, median {cpc['median']:g}, max {cpc['max']:g}"),
         ("sparsity", f"{p.sparsity:.1%}"),
-        ("library size", f"median {p.library_size['median']:g} (q10 {p.library_size['q10']:g}, q90 {p.library_size['q90']:g})"),
+        ("library size", f"median {lib['median']:g} (q10 {lib['q10']:g}, q90 {lib['q90']:g})"),
         ("contexts", f"{p.n_contexts} ({p.context_key})" if p.context_key else "none"),
         ("doses", f"{p.n_doses} levels ({p.dose_key})" if p.dose_key else "none"),
         ("combos", f"{p.n_combos}" + (f", {p.combos.both_singles_present} with both singles" if p.combos else "")),
@@ -69,7 +70,8 @@ def _show_profile(p: DataProfile) -> None:
         rows.append(("targets knocked down", f"{p.target_knockdown_fraction:.0%}"))
     rows += [
         ("effects above noise", f"{p.above_noise_fraction:.0%} of conditions"),
-        ("recommended split", p.recommended_split + (f" (also {', '.join(p.alternative_splits)})" if p.alternative_splits else "")),
+        ("recommended split", p.recommended_split
+         + (f" (also {', '.join(p.alternative_splits)})" if p.alternative_splits else "")),
         ("recommended metrics", ", ".join(p.recommended_metrics)),
     ]
     for key, value in rows:

@@ -430,7 +430,8 @@ def validate(dataset: Dataset, min_cells: int = DEFAULT_MIN_CELLS) -> None:
             n_bad = int((~np.isfinite(vals)).sum())
             row, col, _ = _first_entry(block, lambda v: ~np.isfinite(v))
             raise NonFiniteValues(f"{source}: X holds {n_bad} NaN/inf values (first at cell "
-                                  f"{adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}); expected finite values")
+                                  f"{adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}); "
+                                  "expected finite values")
         if all_rna:
             negative = vals.min(initial=0) < 0
         elif sp.issparse(block):

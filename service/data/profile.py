@@ -25,6 +25,8 @@ from .preprocess import normalize_log1p
 QUANTILES = {"min": 0.0, "q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9, "max": 1.0}
 SMALL_CONDITION_CELLS = 20  # below this a condition's pseudobulk and DE tests are noisy
 DE_OVERLAP_MIN_CELLS = 30
+HVG_ABOVE = 8_000  # beyond this many genes, most carry no perturbation signal: keep the variable ones
+HVG_KEEP = 5_000  # GEARS' choice for Norman / Replogle
 _LIST_LIMIT = 50
 
 
@@ -103,6 +105,7 @@ class DataProfile(BaseModel):
     de_top20_fraction: float  # share of a condition's |Δ| carried by its top-20 genes (mean)
 
     recommended_split: str
+    recommended_n_genes: int | None  # highly variable genes to keep (perturbed genes always kept); None: all
     alternative_splits: list[str]
     recommended_metrics: list[str]
     notes: list[str]
@@ -442,5 +445,7 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
         target_direction=direction,
         delta_norm=effects["delta_norm"], above_noise_fraction=effects["above_noise_fraction"],
         de_top20_fraction=effects["de_top20_fraction"],
-        recommended_split=split, alternative_splits=alternatives, recommended_metrics=metrics, notes=notes,
+        recommended_split=split,
+        recommended_n_genes=HVG_KEEP if int(dataset.rna_mask.sum()) > HVG_ABOVE else None,
+        alternative_splits=alternatives, recommended_metrics=metrics, notes=notes,
     )

@@ -27,7 +27,7 @@ def test_genetic_profile_counts_and_quantiles(make_adata):
     # The factory knocks each target down to 15%: every measured target must go down.
     assert p.target_knockdown_fraction == 1.0 and p.target_direction == "down"
     assert p.above_noise_fraction >= 0.8
-    assert p.recommended_split == "unseen-perturbation"
+    assert p.recommended_split == "unseen-perturbation" and p.recommended_n_genes is None
     assert "pearson_delta" in p.recommended_metrics and "de_overlap" in p.recommended_metrics
     assert p.n_batches == 2 and p.conditions_in_one_batch_fraction == 0.0
 
