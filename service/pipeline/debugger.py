@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from service.agents.prompts import schema_json
 from service.llm import LLMRequest
 from service.pipeline.codegen import BUNDLE_FILES, Bundle
 from service.pipeline.execute import StepFailure
@@ -77,8 +76,7 @@ def debug_request(context: dict[str, Any]) -> LLMRequest:
         "You are CellForge's debugging agent. A generated training bundle failed: read the traceback, the "
         "test failures or the validation problems in context, find the cause in the failing files and reply "
         "with the smallest patch that fixes it: search/replace edits (the search text copied exactly, once) "
-        "and/or config.json changes. Set give_up only when no fix is possible.\n\n"
-        f"Reply with one JSON object that validates against this JSON schema (DebugPatch):\n{schema_json(DebugPatch)}"
+        "and/or config.json changes. Set give_up only when no fix is possible."
     )
     user = f"Attempt {context['attempt']} failed. Diagnose it and patch the bundle."
     return LLMRequest(kind=DEBUG, system=system, user=user, context=context, schema=DebugPatch)

@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import field_validator
 
-from service.agents.prompts import schema_json
 from service.llm import LLMRequest
 from service.pipeline.codegen import BUNDLE_FILES, Bundle
 
@@ -33,9 +32,7 @@ def codegen_request(plan_json: dict[str, Any], vetted: Bundle) -> LLMRequest:
         "model.py, train.py, test_model.py and config.json, following the generated-code contract "
         "(`python train.py --data /data --out OUT --config config.json` writes predictions.h5ad, "
         "val_predictions.h5ad, model.pt, val_metrics.json, train_log.jsonl). context.vetted_bundle is the "
-        "bundle assembled from vetted components for this plan; keep its interfaces.\n\n"
-        f"Reply with one JSON object that validates against this JSON schema (GeneratedBundle):\n"
-        f"{schema_json(GeneratedBundle)}"
+        "bundle assembled from vetted components for this plan; keep its interfaces."
     )
     user = "Generate the bundle for context.plan."
     return LLMRequest(kind=CODEGEN, system=system, user=user,
