@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 # The scripted OpenAI-compatible server (the only stand-in allowed) is a plugin every package can use.
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.append(str(pathlib.Path(__file__).parent))
 pytest_plugins = ["fake_llm_server"]
 
 SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
