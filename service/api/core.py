@@ -15,11 +15,13 @@ from typing import Any
 
 from sandbox import DockerBackend, SandboxPool, SandboxSpec
 from sandbox.spec import parse_size
+from service.jobs import Job, JobRunner, JobStore, job_kinds
 from service.jobs.db import Database, default_db_url
 
 from .audit import AuditLog
 from .datasets import DatasetService
 from .errors import ServiceError
+from .jobs_api import JobService
 from .limits import RateLimiter
 from .metrics import ServiceMetrics
 from .sandboxes import SandboxService
@@ -59,6 +61,12 @@ class CellForgeCore:
         )
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
         self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder)
+        self.store = JobStore(self.db)
+        self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
+                                on_finish=self._job_finished)
+        uploads = self.data_dir / "uploads"
+        uploads.mkdir(exist_ok=True)
+        self.jobs = JobService(self.store, self.runner, self.datasets, uploads)
         self.ready = False
 
     async def start(self) -> None:
@@ -67,14 +75,25 @@ class CellForgeCore:
         # Starting the pool reaps containers orphaned by a previous (killed) server process.
         await self.pool.start()
         await self.audit.start()
+        await self.runner.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        await self.runner.stop()
         await self.sandboxes.close_all()
         await self.pool.shutdown()
         await self.audit.stop()
         self.db.dispose()
+
+    def _job_finished(self, job: Job, seconds: float) -> None:
+        self.metrics.job_seconds.labels(kind=job.kind, status=job.status).observe(seconds)
+
+    async def refresh_metrics(self) -> None:
+        self.sandboxes.prune()
+        queued, running = await asyncio.to_thread(self.store.queue_depth)
+        self.metrics.queue_depth.set(queued)
+        self.metrics.running_jobs.set(running)
 
     async def authenticate(self, authorization: str | None, transport: str, action: str) -> Tenant:
         """The caller's tenant, after its rate limit; failures are audited too."""

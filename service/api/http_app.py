@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -20,6 +20,12 @@ from .sandboxes import MAX_FILE_BYTES, parse_request
 from .tenants import Tenant
 
 TRANSPORT = "http"
+
+
+class JobBody(BaseModel):
+    dataset_id: str
+    task: str
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecuteBody(BaseModel):
@@ -65,7 +71,7 @@ def create_app(core: CellForgeCore) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        core.sandboxes.prune()
+        await core.refresh_metrics()
         return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- sandboxes --------------------------------------------------------------------------------
@@ -151,6 +157,59 @@ def create_app(core: CellForgeCore) -> FastAPI:
         with audited(tenant, "dataset.list"):
             return {"datasets": core.datasets.list(tenant)}
 
+    # -- design jobs ------------------------------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=201)
+    async def submit_job(body: JobBody, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "job.submit", body.dataset_id):
+            return await core.jobs.submit_design(tenant, body.dataset_id, body.task, body.options)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "job.list"):
+            return {"jobs": await core.jobs.list(tenant)}
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "job.get", job_id):
+            return await core.jobs.get(tenant, job_id)
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request, after_seq: int = 0,
+                         tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
+        """Recorded events after `after_seq`, then live ones until the job ends (NDJSON, or SSE)."""
+        with audited(tenant, "job.events", job_id):
+            await core.jobs.get(tenant, job_id)
+        sse = "text/event-stream" in request.headers.get("accept", "")
+        return StreamingResponse(_encode_events(core.jobs.events(tenant, job_id, after_seq), sse),
+                                 media_type="text/event-stream" if sse else "application/x-ndjson",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "job.cancel", job_id):
+            return await core.jobs.cancel(tenant, job_id)
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}")
+    async def get_artifact(job_id: str, name: str, tenant: Tenant = Depends(tenant_of)) -> FileResponse:
+        with audited(tenant, "job.artifact", f"{job_id}/{name}"):
+            path = await core.jobs.artifact(tenant, job_id, name)
+        return FileResponse(path, filename=name, media_type="application/octet-stream")
+
+    # -- regression runs --------------------------------------------------------------------------
+
+    @app.post("/v1/regressions", status_code=201)
+    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        """`{"kind": "pytest", "bundle_zip_b64" | "job_id", "dataset_id"?}`, or `{"kind": "rescore" |
+        "replay", "job_id", "tolerances"?}`; poll `GET /v1/regressions/{id}` for the verdict."""
+        with audited(tenant, "regression.submit"):
+            return await core.jobs.submit_regression(tenant, await _json(request))
+
+    @app.get("/v1/regressions/{job_id}")
+    async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        with audited(tenant, "regression.get", job_id):
+            return await core.jobs.get(tenant, job_id, regression=True)
+
     app.state.core = core
     return app
 
@@ -197,3 +256,14 @@ async def _encode(items: AsyncIterator[Any], sse: bool) -> AsyncIterator[bytes]:
         yield frame("failed", {"kind": "failed", **error_body(exc)})
     finally:
         await items.aclose()
+
+
+async def _encode_events(events: AsyncIterator[dict[str, Any]], sse: bool) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            if sse:
+                yield f"id: {event['seq']}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
+            else:
+                yield (json.dumps(event) + "\n").encode()
+    finally:
+        await events.aclose()

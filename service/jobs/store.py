@@ -1,0 +1,177 @@
+"""The durable job store: jobs and their events in the database, the queue being the `queued` rows.
+
+Every state change is committed before it is acted on, so a server killed at any point finds, on
+restart, exactly which jobs waited, which ran (and from which finished phase), and which ended.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from .db import FINAL_STATES, Database, JobEventRow, JobRow
+
+INTERRUPTED = "interrupted by restart"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A detached snapshot of a job row."""
+
+    id: str
+    tenant_id: str
+    kind: str
+    status: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    phase: str | None
+    checkpoint: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATES
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(
+            id=row.id, tenant_id=row.tenant_id, kind=row.kind, status=row.status, params=dict(row.params or {}),
+            result=row.result, error=row.error, phase=row.phase, checkpoint=row.checkpoint, attempts=row.attempts,
+            cancel_requested=bool(row.cancel_requested), created_at=row.created_at, started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    seq: int
+    ts: float
+    kind: str
+    data: dict[str, Any]
+
+
+class JobStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        # Event numbers are max+1 per job: writers in this process take turns.
+        self._event_lock = threading.Lock()
+
+    def create(self, tenant_id: str, kind: str, params: dict[str, Any]) -> Job:
+        row = JobRow(id="job_" + secrets.token_hex(8), tenant_id=tenant_id, kind=kind, status="queued",
+                     params=params, created_at=time.time(), attempts=0, cancel_requested=0)
+        with self.db.session() as s:
+            s.add(row)
+        self.add_event(row.id, "status", {"status": "queued"})
+        return Job.from_row(row)
+
+    def get(self, job_id: str) -> Job | None:
+        with self.db.session() as s:
+            row = s.get(JobRow, job_id)
+            return Job.from_row(row) if row is not None else None
+
+    def list(self, tenant_id: str, kinds: tuple[str, ...] | None = None) -> list[Job]:
+        query = select(JobRow).where(JobRow.tenant_id == tenant_id)
+        if kinds:
+            query = query.where(JobRow.kind.in_(kinds))
+        with self.db.session() as s:
+            return [Job.from_row(r) for r in s.scalars(query.order_by(JobRow.created_at))]
+
+    def active_count(self, tenant_id: str) -> int:
+        with self.db.session() as s:
+            return s.scalar(select(func.count()).select_from(JobRow).where(
+                JobRow.tenant_id == tenant_id, JobRow.status.in_(("queued", "running")))) or 0
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(queued, running) over all tenants."""
+        with self.db.session() as s:
+            rows = dict(s.execute(select(JobRow.status, func.count()).where(
+                JobRow.status.in_(("queued", "running"))).group_by(JobRow.status)).all())
+        return rows.get("queued", 0), rows.get("running", 0)
+
+    def claim_next(self) -> Job | None:
+        """Move the oldest queued job to `running` and return it; None when the queue is empty.
+        The conditional update makes a claim atomic even with several workers or servers."""
+        with self.db.session() as s:
+            candidates = s.scalars(select(JobRow.id).where(JobRow.status == "queued")
+                                   .order_by(JobRow.created_at).limit(5)).all()
+            for job_id in candidates:
+                claimed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
+                    status="running", started_at=time.time(), attempts=JobRow.attempts + 1)).rowcount
+                if claimed:
+                    row = s.get(JobRow, job_id)
+                    s.refresh(row)
+                    job = Job.from_row(row)
+                    break
+            else:
+                return None
+        self.add_event(job.id, "status", {"status": "running", "attempt": job.attempts})
+        return job
+
+    def set_phase(self, job_id: str, phase: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(phase=phase))
+
+    def set_checkpoint(self, job_id: str, phase: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(checkpoint=phase))
+
+    def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
+        with self.db.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(
+                status=status, result=result, error=error, finished_at=time.time()))
+        self.add_event(job_id, "status", {"status": status, **({"error": error} if error else {})})
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Queued jobs end at once; running ones are flagged for their worker to stop."""
+        with self.db.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=1))
+            cancelled_now = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
+                status="cancelled", error="cancelled before it started", finished_at=time.time())).rowcount
+        if cancelled_now:
+            self.add_event(job_id, "status", {"status": "cancelled"})
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def recover_after_restart(self, resumable: set[str]) -> tuple[list[str], list[str]]:
+        """Jobs a killed server left `running`: requeued when their kind can resume (from their
+        checkpoint), otherwise failed as interrupted. Returns (requeued ids, failed ids)."""
+        requeued, failed = [], []
+        with self.db.session() as s:
+            for row in s.scalars(select(JobRow).where(JobRow.status == "running")):
+                if row.kind in resumable and not row.cancel_requested:
+                    row.status = "queued"
+                    requeued.append(row.id)
+                else:
+                    row.status, row.error, row.finished_at = "failed", INTERRUPTED, time.time()
+                    failed.append(row.id)
+        for job_id in requeued:
+            self.add_event(job_id, "status", {"status": "queued", "detail": "requeued after a server restart"})
+        for job_id in failed:
+            self.add_event(job_id, "status", {"status": "failed", "error": INTERRUPTED})
+        return requeued, failed
+
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> int:
+        with self._event_lock, self.db.session() as s:
+            seq = (s.scalar(select(func.max(JobEventRow.seq)).where(JobEventRow.job_id == job_id)) or 0) + 1
+            s.add(JobEventRow(job_id=job_id, seq=seq, ts=time.time(), kind=kind, data=data))
+        return seq
+
+    def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        with self.db.session() as s:
+            rows = s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
+                             .order_by(JobEventRow.seq)).all()
+            return [JobEvent(seq=r.seq, ts=r.ts, kind=r.kind, data=r.data) for r in rows]

@@ -1,0 +1,141 @@
+"""Real `cellforge serve` processes on loopback, tenants made with the real CLI, clients for both transports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def _import_packages_past_test_folders() -> None:
+    """The root conftest puts tests/ on sys.path, where tests/sandbox would be taken for the `sandbox`
+    package (a namespace package shadowing the editable install). Import the real ones first."""
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    for name in [m for m in sys.modules if m == "sandbox" or m.startswith("sandbox.")]:
+        if getattr(sys.modules[name], "__file__", None) is None:
+            del sys.modules[name]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != tests_dir]
+    try:
+        import sandbox  # noqa: F401
+        import service.client  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_packages_past_test_folders()
+
+from service.client import CellForgeClient  # noqa: E402
+
+CLI = [sys.executable, "-m", "service.cli"] if not (Path(sys.executable).parent / "cellforge").exists() else [
+    str(Path(sys.executable).parent / "cellforge")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cellforge {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@dataclass
+class Tenant:
+    name: str
+    key: str
+
+
+class Server:
+    """One `cellforge serve` subprocess; can be SIGKILLed and started again on the same data dir."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.extra = extra
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 60.0) -> Server:
+        args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--http-port", str(self.http_port),
+                "--grpc-port", str(self.grpc_port), "--warm", "0", "--preload", "", *self.extra]
+        self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout}s: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def tenant(self, name: str, *options: str) -> Tenant:
+        out = cli("tenants", "create", name, "--data-dir", str(self.data_dir), "--json", *options)
+        return Tenant(name, json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
+
+    def client(self, tenant: Tenant, transport: str = "http") -> CellForgeClient:
+        return CellForgeClient(self.url if transport == "http" else self.grpc_target, tenant.key, transport=transport)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, docker_image):
+    srv = Server(tmp_path_factory.mktemp("api"), "--max-upload", "4m", "--workers", "1")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def alice(server) -> Tenant:
+    return server.tenant("alice", "--max-sandboxes", "3", "--max-jobs", "3", "--rate-limit", "200")
+
+
+@pytest.fixture(scope="module")
+def bob(server) -> Tenant:
+    return server.tenant("bob", "--max-sandboxes", "2", "--rate-limit", "200")
+
+
+@pytest.fixture(params=["http", "grpc"])
+def transport(request) -> str:
+    return request.param
+
+
