@@ -134,6 +134,12 @@ def bob(server) -> Tenant:
     return server.tenant("bob", "--max-sandboxes", "2", "--rate-limit", "200")
 
 
+@pytest.fixture(scope="session")
+def run_cli():
+    """`cellforge ...` in a subprocess; raises on a non-zero exit unless check=False."""
+    return cli
+
+
 @pytest.fixture(params=["http", "grpc"])
 def transport(request) -> str:
     return request.param
