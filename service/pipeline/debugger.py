@@ -110,10 +110,10 @@ def offline_debug(context: dict[str, Any]) -> DebugPatch:
     if _OOM.search(text):
         changes = {"batch_size": max(8, int(config["batch_size"]) // 2),
                    "hidden_width": max(16, int(config["hidden_width"]) // 2),
-                   "control_sample": max(200, int(config.get("control_sample", 2000)) // 2)}
+                   "cell_sample": max(400, int(config["cell_sample"]) // 2)}
         cause = failure.get("died_cause") or failure.get("ename")
         return DebugPatch(failure_class="out_of_memory", diagnosis=f"out of memory ({cause}); smaller batch, "
-                          "width and control sample", config_changes=changes)
+                          "width and cell sample", config_changes=changes)
     if _DIVERGED.search(text):
         lr = min(float(config["lr"]) * 0.1, 1e-3)
         return DebugPatch(failure_class="divergence", diagnosis=f"training diverged (non-finite loss) at "

@@ -16,7 +16,7 @@ def _context(config: dict, **failure) -> dict:
                                       **failure}, "validation_problems": [], "files": {}, "config": config}
 
 
-CONFIG = {"lr": 0.5, "grad_clip": None, "batch_size": 128, "hidden_width": 256, "control_sample": 2000,
+CONFIG = {"lr": 0.5, "grad_clip": None, "batch_size": 128, "hidden_width": 256, "cell_sample": 4000,
           "epochs": 200, "early_stopping_patience": 20, "residual_delta": True, "ridge_lambdas": [0.1, 1.0]}
 
 

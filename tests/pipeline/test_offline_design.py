@@ -55,7 +55,7 @@ def test_plan_shapes_the_generated_code(offline_run):
         (plan.training.lr, plan.training.epochs, plan.loss.kind)
     model_py = (rd.code / "model.py").read_text()
     assert f"{a.perturbation_encoder} encoder" in model_py
-    assert "learnt from training data (source: pca)" in model_py  # only the chosen encoder is emitted
+    assert "learnt from training cells (source: pca)" in model_py  # only the chosen encoder is emitted
     assert "drug" not in model_py.lower()
 
 

@@ -83,7 +83,7 @@ def config_from_plan(plan: Plan) -> dict:
         "grad_clip": t.grad_clip,
         "seed": t.seed,
         "device": "auto",
-        "control_sample": 2000,
+        "cell_sample": 4000,
     }
 
 

@@ -107,11 +107,12 @@ class PerturbationModel:
             parts.append(context_onehot(list(conditions.table["context"]), self.contexts))
         return np.concatenate(parts, axis=1)
 
-    def fit_closed_form(self, train: ConditionSet, val: ConditionSet, control_cells: np.ndarray,
-                        control_contexts: np.ndarray) -> None:
+    def fit_closed_form(self, train: ConditionSet, val: ConditionSet, cells: np.ndarray, contexts: np.ndarray,
+                        is_control: np.ndarray) -> None:
+        """`cells`: a sample of training cells (log-normalized), with their contexts and control flags."""
         self.contexts = sorted(set(train.table["context"]))
-        self.encoder.fit(train, self.genes, control_cells)
-        self.expression.fit(control_cells, control_contexts)
+        self.encoder.fit(train, self.genes, cells)
+        self.expression.fit(cells[is_control], contexts[is_control])
         self.base.fit(train, self.features(train), val, self.features(val))
         if self.self_effect is not None:
             self.self_effect.fit(train)

@@ -77,8 +77,7 @@ def fitted(split_dir):
     tr = ConditionSet.from_cells(train_cells, controls)
     va = ConditionSet.from_cells(val_cells, train.val_controls(val_cells, controls))
     model = PerturbationModel(CONFIG, list(train_cells.var_names))
-    cells, contexts = train.control_sample(train_cells, 500, 0)
-    model.fit_closed_form(tr, va, cells, contexts)
+    model.fit_closed_form(tr, va, *train.cell_sample(train_cells, 500, 0))
     model.set_input_scaling(tr)
     return model, tr, va
 

@@ -3,7 +3,7 @@
 Reads DIR/train.h5ad, DIR/val.h5ad, DIR/test_inputs.h5ad; writes predictions.h5ad (test conditions),
 val_predictions.h5ad, model.pt, val_metrics.json and train_log.jsonl (one line per epoch) to --out.
 Epoch 0 is the closed-form base alone; the residual network is kept only where it lowers the
-validation loss (early stopping on val), so the result is never worse than the base on val.
+stopping loss (validation conditions + held-out training conditions), so it never makes that worse.
 """
 
 import argparse
@@ -45,15 +45,25 @@ def write_predictions(path: Path, conditions: ConditionSet, delta: np.ndarray, g
     ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes])).write_h5ad(path)
 
 
-def control_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    ctrl = np.flatnonzero(train.obs["is_control"].astype(bool).to_numpy())
-    pick = np.sort(np.random.default_rng(seed).choice(ctrl, size=min(limit, len(ctrl)), replace=False))
-    return dense(train.X[pick]).astype(np.float64), train.obs["context"].astype(str).to_numpy()[pick]
+def cell_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A dense sample of training cells with their contexts and control flags (controls always kept
+    up to half the sample, so the expression input has enough of them)."""
+    rng = np.random.default_rng(seed)
+    is_ctrl = train.obs["is_control"].astype(bool).to_numpy()
+    ctrl, other = np.flatnonzero(is_ctrl), np.flatnonzero(~is_ctrl)
+    take_ctrl = rng.choice(ctrl, size=min(limit // 2, len(ctrl)), replace=False)
+    take_other = rng.choice(other, size=min(limit - len(take_ctrl), len(other)), replace=False)
+    pick = np.sort(np.concatenate([take_ctrl, take_other]))
+    return (dense(train.X[pick]).astype(np.float64), train.obs["context"].astype(str).to_numpy()[pick],
+            is_ctrl[pick])
 
 
 def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config: dict, device: torch.device,
         log_path: Path) -> dict:
-    """Train the residual network with early stopping on val; returns the best epoch's numbers."""
+    """Train the residual network with early stopping; returns the best epoch's numbers.
+
+    The stopping loss pools the validation conditions with every fifth training condition, held out
+    from the network's training: a split with a handful of validation conditions cannot steer it alone."""
     rng = np.random.default_rng(int(config["seed"]))
     torch.manual_seed(int(config["seed"]))
     model.set_input_scaling(train)
@@ -63,18 +73,25 @@ def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     opt = optimizers[config["optimizer"]](net.parameters(), lr=float(config["lr"]),
                                           weight_decay=float(config["weight_decay"]))
-    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
+    as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
+    inner = rng.permutation(len(train))[::5] if len(train) >= 10 else np.array([], dtype=int)
+    fit_rows = np.setdiff1d(np.arange(len(train)), inner)
     y_train, b_train = as_t(train.delta), as_t(base_train)
-    y_val, b_val, x_val = as_t(val.delta), as_t(base_val), as_t(model.net_input(val)) if len(val) else None
+    y_stop = torch.cat([as_t(val.delta), y_train[inner]])
+    b_stop = torch.cat([as_t(base_val), b_train[inner]])
+    x_stop_val = as_t(model.net_input(val)) if len(val) else as_t(np.zeros((0, model.x_mean.shape[0])))
 
-    def val_loss() -> float:
-        if not len(val):
+    def stop_loss(x_train: torch.Tensor) -> float:
+        if not len(y_stop):
             return float("nan")
         net.eval()
         with torch.no_grad():
-            return float(delta_loss(b_val + net(x_val), y_val, config["loss"]))
+            x = torch.cat([x_stop_val, x_train[inner]])
+            return float(delta_loss(b_stop + net(x), y_stop, config["loss"]))
 
-    best = {"epoch": 0, "val_loss": val_loss(), "train_loss": float(delta_loss(b_train, y_train, config["loss"]))}
+    x_plain = as_t(model.net_input(train))
+    best = {"epoch": 0, "val_loss": stop_loss(x_plain),
+            "train_loss": float(delta_loss(b_train[fit_rows], y_train[fit_rows], config["loss"]))}
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     with log_path.open("w") as log:
         log.write(json.dumps({"epoch": 0, "train_loss": best["train_loss"], "val_loss": best["val_loss"]}) + "\n")
@@ -86,9 +103,9 @@ def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config
         for epoch in range(1, int(config["epochs"]) + 1):
             net.train()
             x_train = as_t(model.net_input(train, rng))
-            order = torch.as_tensor(rng.permutation(len(train)), device=device)
+            order = torch.as_tensor(rng.permutation(fit_rows), device=device)
             total = 0.0
-            for start in range(0, len(train), batch):
+            for start in range(0, len(order), batch):
                 idx = order[start:start + batch]
                 loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config["loss"])
                 if not torch.isfinite(loss):
@@ -101,8 +118,8 @@ def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config
                     torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
                 opt.step()
                 total += float(loss) * len(idx)
-            current = val_loss()
-            line = {"epoch": epoch, "train_loss": total / len(train), "val_loss": current}
+            current = stop_loss(x_plain)
+            line = {"epoch": epoch, "train_loss": total / len(order), "val_loss": current}
             log.write(json.dumps(line) + "\n")
             log.flush()
             print(f"epoch={epoch} train_loss={line['train_loss']:.6f} val_loss={current:.6f}", flush=True)
@@ -143,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
           f"test_conditions={len(test)}", flush=True)
 
     model = PerturbationModel(config, genes)
-    cells, contexts = control_sample(train_cells, int(config.get("control_sample", 2000)), int(config["seed"]))
-    model.fit_closed_form(train, val, cells, contexts)
+    cells, contexts, is_control = cell_sample(train_cells, int(config["cell_sample"]), int(config["seed"]))
+    model.fit_closed_form(train, val, cells, contexts, is_control)
     best = fit(model, train, val, config, device, args.out / "train_log.jsonl")
 
     val_delta = model.predict_delta(val, device)

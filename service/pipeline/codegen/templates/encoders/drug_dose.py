@@ -16,7 +16,7 @@ class PerturbationEncoder:
         self.encoding = config["dose_encoding"]
         self.signature = config["perturbation_encoder"] == "drug_embedding_dose"
 
-    def fit(self, train: ConditionSet, genes: list[str], control_cells: np.ndarray) -> "PerturbationEncoder":
+    def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.max_dose = float(np.nanmax(train.table["dose"].to_numpy(dtype=float), initial=1.0))
         self.drugs = sorted(set(train.table["perturbation"]))
         if self.signature:

@@ -1,23 +1,26 @@
 class PerturbationEncoder:
-    """Target gene(s) → a vector of a gene embedding learnt from training data (source: {source}).
+    """Target gene(s) → a vector of a gene embedding learnt from training cells (source: {source}).
 
-    pca: rows of the top principal directions of the training Δ matrix (genes × conditions), so an
-    unseen knockout is placed by how its target gene co-varies with measured responses;
-    coexpression: gene loadings of the control cells' principal components. Combos sum (or average)
-    their genes' rows; a target that is not a measured gene gets the zero vector."""
+    Each gene is embedded by its loadings on the top principal components of a sample of training
+    cells (perturbed and control), scaled by each component's spread and normalised to unit length,
+    so genes that co-vary across cells lie close: an unseen knockout is placed next to the perturbed
+    genes it is co-regulated with. pca works on centred log-expression (covariance); coexpression on
+    z-scored genes (correlation). Combos sum (gene_set: sum or average) their genes' rows; a target
+    that is not a measured gene gets the zero vector."""
 
     def __init__(self, config: dict):
         self.dim = int(config["embedding_dim"])
         self.source = config["gene_embedding_source"]
         self.aggregation = config.get("combo_aggregation") or "sum"
 
-    def fit(self, train: ConditionSet, genes: list[str], control_cells: np.ndarray) -> "PerturbationEncoder":
-        if self.source == "pca":
-            Y = train.delta.T - train.delta.T.mean(axis=1, keepdims=True)
-        else:
-            Y = (control_cells - control_cells.mean(axis=0)).T
-        k = max(1, min(self.dim, Y.shape[1] - 1, Y.shape[0]))
-        self.G = np.linalg.svd(Y, full_matrices=False)[0][:, :k]
+    def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
+        centred = cells - cells.mean(axis=0)
+        if self.source == "coexpression":
+            centred = centred / np.maximum(centred.std(axis=0), 1e-6)
+        k = max(1, min(self.dim, centred.shape[0] - 1, centred.shape[1]))
+        _, spread, components = np.linalg.svd(centred, full_matrices=False)
+        G = components[:k].T * spread[:k]
+        self.G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-12)
         self.pos = {g: i for i, g in enumerate(genes)}
         return self
 

@@ -5,7 +5,7 @@ class PerturbationEncoder:
     def __init__(self, config: dict):
         self.dim = int(config["embedding_dim"])
 
-    def fit(self, train: ConditionSet, genes: list[str], control_cells: np.ndarray) -> "PerturbationEncoder":
+    def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.vocabulary = sorted(set(train.table["perturbation"]))
         return self
 
