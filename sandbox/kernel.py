@@ -125,17 +125,14 @@ class _Listener:
 
 
 class _ReplyWaiter(_Listener):
+    """Keeps the latest shell reply to any of the requests it listens to."""
+
     def __init__(self) -> None:
         self.reply: dict[str, Any] | None = None
-        self.iopub: list[dict[str, Any]] = []
         self.done = asyncio.Event()
 
     def on_reply(self, msg: dict[str, Any]) -> None:
         self.reply = msg
-        self.done.set()
-
-    def on_iopub(self, msg: dict[str, Any]) -> None:
-        self.iopub.append(msg)
         self.done.set()
 
     def on_lost(self) -> None:
@@ -281,14 +278,21 @@ class KernelClient:
         ]
 
     async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+        # recv_multipart, not the channel's get_msg(): that one polls through a zmq Poller, whose
+        # wake-up can be lost when a send on the same socket consumes the edge-triggered ZMQ fd
+        # event (seen as a reply that never arrives); a pending recv future is re-armed by pyzmq.
+        socket, session = channel.socket, self._kc.session
         while True:
             try:
-                msg = await channel.get_msg()
+                frames = await socket.recv_multipart()
             except zmq.ZMQError:
-                if channel.socket is None or channel.socket.closed:
+                if socket.closed:
                     return
                 log.debug("ZMQ error on %s", channel, exc_info=True)
                 continue
+            try:
+                _, msg_frames = session.feed_identities(frames)
+                msg = session.deserialize(msg_frames)
             except ValueError:
                 # Bad signature or malformed frames: not from our kernel, ignore.
                 log.warning("dropped an unreadable message from the kernel", exc_info=True)
@@ -325,23 +329,24 @@ class KernelClient:
         """Until a kernel (other than `previous_session`) answers on shell and iopub reaches us.
 
         kernel_info requests are re-sent with a growing interval, since one sent to a kernel that is
-        being replaced is lost with it.
+        being replaced is lost with it; a reply to any of them counts (a booting kernel answers the
+        queued ones all at once).
         """
+        waiter = _ReplyWaiter()
+        sent: list[str] = []
         interval = 0.05
-        async with asyncio.timeout(timeout):
-            while True:
-                waiter = _ReplyWaiter()
-                msg_id = self._kc.kernel_info()
-                self._listeners[msg_id] = waiter
-                try:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg_id = self._send(self._kc.shell_channel.socket, "kernel_info_request", {}, waiter)
+                    sent.append(msg_id)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(interval):
-                            while waiter.reply is None:
+                            while not self._answered(waiter, previous_session):
                                 waiter.done.clear()
                                 await waiter.done.wait()
-                    reply = waiter.reply
-                    session = reply["header"].get("session") if reply else None
-                    if session and session != previous_session:
+                    if self._answered(waiter, previous_session):
+                        session = waiter.reply["header"]["session"]
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(interval):
                                 while self._iopub_session != session:
@@ -349,14 +354,42 @@ class KernelClient:
                                     await self._iopub_seen.wait()
                         if self._iopub_session == session:
                             self.session_id = session
-                            self.kernel_info = reply["content"]
+                            self.kernel_info = waiter.reply["content"]
                             self.lost.clear()
                             return
-                    else:
-                        await asyncio.sleep(interval)
-                finally:
-                    self._listeners.pop(msg_id, None)
-                interval = min(interval * 2, 0.5)
+                    interval = min(interval * 2, 0.5)
+        finally:
+            for msg_id in sent:
+                self._listeners.pop(msg_id, None)
+
+    @staticmethod
+    def _answered(waiter: _ReplyWaiter, previous_session: str | None) -> bool:
+        return waiter.reply is not None and waiter.reply["header"].get("session") not in (None, previous_session)
+
+    def _send(
+        self,
+        socket: zmq.asyncio.Socket,
+        msg_type: str,
+        content: dict[str, Any],
+        listener: _Listener | None = None,
+        buffers: list[Any] | None = None,
+    ) -> str:
+        """Sign and send one message; returns its msg_id (the listener is registered first).
+
+        Sent through the asyncio socket itself, not `Session.send` (which sends on a synchronous
+        shadow socket): a send can consume the edge-triggered ZMQ fd event of a reply that just
+        arrived, and only pyzmq's own send path re-arms the pending receive — otherwise that reply
+        sits unread in the socket.
+        """
+        msg = self._kc.session.msg(msg_type, content)
+        msg_id = msg["header"]["msg_id"]
+        if listener is not None:
+            self._listeners[msg_id] = listener
+        frames = self._kc.session.serialize(msg)
+        if buffers:
+            frames.extend(buffers)
+        socket.send_multipart(frames, copy=False)
+        return msg_id
 
     def execute(
         self,
@@ -367,32 +400,27 @@ class KernelClient:
         store_history: bool = True,
         user_expressions: dict[str, str] | None = None,
     ) -> str:
-        msg_id = self._kc.execute(
-            code,
-            silent=silent,
-            store_history=store_history,
-            user_expressions=user_expressions,
-            allow_stdin=False,
-            stop_on_error=False,
-        )
-        self._listeners[msg_id] = listener
-        return msg_id
+        content = {
+            "code": code,
+            "silent": silent,
+            "store_history": store_history,
+            "user_expressions": user_expressions or {},
+            "allow_stdin": False,
+            "stop_on_error": False,
+        }
+        return self._send(self._kc.shell_channel.socket, "execute_request", content, listener)
 
     def send_shell(
-        self, msg_type: str, content: dict[str, Any], listener: _Listener | None = None, buffers: list[bytes] | None = None
+        self, msg_type: str, content: dict[str, Any], listener: _Listener | None = None, buffers: list[Any] | None = None
     ) -> str:
-        msg = self._kc.session.msg(msg_type, content)
-        if listener is not None:
-            self._listeners[msg["header"]["msg_id"]] = listener
-        self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
-        return msg["header"]["msg_id"]
+        return self._send(self._kc.shell_channel.socket, msg_type, content, listener, buffers)
 
     def forget(self, msg_id: str) -> None:
         self._listeners.pop(msg_id, None)
 
     def interrupt(self) -> None:
         """Ask the kernel (control channel) to SIGINT its process group; does not wait."""
-        self._kc.control_channel.send(self._kc.session.msg("interrupt_request", {}))
+        self._send(self._kc.control_channel.socket, "interrupt_request", {})
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -22,6 +22,13 @@ import subprocess
 import sys
 
 KERNEL_ARGS = ("--HistoryManager.enabled=False", "--IPKernelApp.capture_fd_output=True")
+# ipykernel_launcher, minus the debugger: importing debugpy costs a few hundred ms of every start,
+# and a sandbox has no debugger client (nor should it open debug sockets). A None entry in
+# sys.modules makes `import debugpy` fail, which ipykernel treats as "not installed".
+KERNEL_BOOT = (
+    "import sys; sys.modules['debugpy'] = None; sys.path[0] == '' and sys.path.pop(0); "
+    "from ipykernel.kernelapp import launch_new_instance; launch_new_instance()"
+)
 
 
 def main() -> None:
@@ -29,7 +36,7 @@ def main() -> None:
     if not args:
         sys.exit("usage: supervisor.py CONNECTION_FILE [--contained]")
     connection_file, contained = args[0], "--contained" in args[1:]
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file, *KERNEL_ARGS]
+    argv = [sys.executable, "-c", KERNEL_BOOT, "-f", connection_file, *KERNEL_ARGS]
     requested = {"restart": False, "stop": False}
 
     def start() -> subprocess.Popen:
