@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass, field
 
@@ -110,7 +111,23 @@ def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
             container.remove(force=True, v=True)
         except docker.errors.NotFound:
             pass  # removed concurrently (e.g. another process reaping at start-up): same outcome
+        _remove_kernel_dir(container)
         log.info("reaped orphan sandbox container %s: %s", container.short_id, reason)
         report.removed.append(container.id)
     return report
 
+
+
+def _remove_kernel_dir(container: docker.models.containers.Container) -> None:
+    """The host folder holding the dead sandbox's kernel sockets, bind-mounted into its container.
+
+    Only a bind source whose folder is named after the container's sandbox id is removed, so a
+    crafted label can never point the reaper at another host folder.
+    """
+    from .docker_backend import SANDBOX_LABEL  # the backend imports this module at load time
+
+    sandbox_id = (container.labels or {}).get(SANDBOX_LABEL)
+    for mount in container.attrs.get("Mounts") or []:
+        source = mount.get("Source") or ""
+        if sandbox_id and mount.get("Type") == "bind" and os.path.basename(source) == sandbox_id:
+            shutil.rmtree(source, ignore_errors=True)

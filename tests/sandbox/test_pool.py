@@ -10,13 +10,17 @@ import time
 
 import docker
 import docker.errors
+import docker.types
 import psutil
 import pytest
 
+from sandbox import DockerBackend, LocalBackend
+from sandbox.docker_backend import SANDBOX_LABEL
+from sandbox.events import StdoutEvent
+from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped
 from sandbox.reaper import MANAGED_LABEL, OWNER_LABEL, Owner, current_owner, reap_orphans
-
-pytestmark = pytest.mark.docker
-
+from sandbox.spec import SandboxSpec
+from sandbox.sync import SyncSandbox
 
 @pytest.fixture(scope="module")
 def engine() -> docker.DockerClient:
@@ -32,7 +36,8 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine):
+@pytest.mark.docker
+def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine, tmp_path):
     me = current_owner()
     owners = {
         "dead": Owner(socket.gethostname(), _dead_pid(), time.time() - 60).label,
@@ -44,13 +49,25 @@ def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine):
     made = {
         name: engine.containers.create(docker_image, "true", labels={MANAGED_LABEL: "true", OWNER_LABEL: owner})
         for name, owner in owners.items()
+        if name != "dead"
     }
+    # The dead owner's sandbox also left its kernel socket folder on the host.
+    kernel_dir = tmp_path / "deadbeef0001"
+    kernel_dir.mkdir()
+    (kernel_dir / "kernel.json").write_text("{}")
+    made["dead"] = engine.containers.create(
+        docker_image,
+        "true",
+        labels={MANAGED_LABEL: "true", OWNER_LABEL: owners["dead"], SANDBOX_LABEL: kernel_dir.name},
+        mounts=[docker.types.Mount("/run/kernel", str(kernel_dir), type="bind")],
+    )
     try:
         report = reap_orphans(engine)
         assert set(report.removed) >= {made["dead"].id, made["reused"].id}
         for name in ("dead", "reused"):
             with pytest.raises(docker.errors.NotFound):
                 engine.containers.get(made[name].id)
+        assert not kernel_dir.exists()
         assert "alive" in report.kept[made["alive"].id]
         assert "another host" in report.kept[made["foreign"].id]
         engine.containers.get(made["alive"].id)
@@ -73,10 +90,6 @@ def test_owner_label_round_trips():
 
 # -- the pool ------------------------------------------------------------------------------------
 
-from sandbox import DockerBackend, LocalBackend  # noqa: E402
-from sandbox.docker_backend import SANDBOX_LABEL  # noqa: E402
-from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped  # noqa: E402
-from sandbox.spec import SandboxSpec  # noqa: E402
 
 PRELOAD = "import numpy, anndata"
 
@@ -90,6 +103,7 @@ def _gone(engine: docker.DockerClient, sandbox_id: str) -> bool:
     return not engine.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
 
 
+@pytest.mark.docker
 async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, engine):
     async with SandboxPool(DockerBackend(), [spec], warm=1, preload=PRELOAD, reap_orphans=False) as pool:
         await pool.wait_warm(timeout=60)
@@ -108,6 +122,7 @@ async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, eng
         assert stats.warm == 1 and stats.warm_hits == 1 and stats.created == 2
 
 
+@pytest.mark.docker
 async def test_no_sandbox_is_handed_to_a_second_tenant(spec):
     seen: dict[str, str] = {}
     async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
@@ -150,6 +165,7 @@ async def test_tenant_cap_raises_quota_exceeded_and_frees_on_release():
         await pool.acquire(local, tenant="t1")
 
 
+@pytest.mark.docker
 async def test_idle_leases_are_reaped_and_their_containers_removed(spec, engine):
     async with SandboxPool(
         DockerBackend(), [], warm=0, preload="", idle_timeout=0.5, reap_interval=0.1, reap_orphans=False
@@ -190,6 +206,7 @@ async def test_leases_and_warm_sandboxes_past_max_lifetime_are_replaced():
         assert stats.reaped_lifetime == 1 and stats.warm_recycled >= 1
 
 
+@pytest.mark.docker
 async def test_out_of_memory_in_a_pooled_sandbox_dies_and_the_pool_recovers(docker_image):
     small = SandboxSpec(image=docker_image, memory="256m")
     async with SandboxPool(DockerBackend(), [small], warm=1, preload="", reap_orphans=False) as pool:
@@ -204,12 +221,23 @@ async def test_out_of_memory_in_a_pooled_sandbox_dies_and_the_pool_recovers(dock
         await after.close()
 
 
+@pytest.mark.docker
+async def test_a_warm_sandbox_that_died_while_waiting_is_never_handed_out(spec, engine):
+    async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
+        await pool.wait_warm(timeout=60)
+        (victim,) = engine.containers.list(filters={"label": f"{OWNER_LABEL}={current_owner().label}"})
+        victim.kill()
+        await asyncio.sleep(0.5)  # the kernel client's socket monitor notices the lost connection
+        lease = await pool.acquire(spec, tenant="t1")
+        assert (await lease.execute("1+1")).result == "2"
+        assert pool.stats().warm_recycled == 1 and pool.stats().cold_starts == 1
+        await lease.close()
+
+
 # -- the sync wrapper ------------------------------------------------------------------------------
 
-from sandbox.events import StdoutEvent  # noqa: E402
-from sandbox.sync import SyncSandbox  # noqa: E402
 
-
+@pytest.mark.docker
 def test_sync_sandbox_blocks_streams_and_closes(docker_image, engine):
     with SyncSandbox(SandboxSpec(image=docker_image, memory="512m")) as sb:
         assert sb.isolated
@@ -223,15 +251,3 @@ def test_sync_sandbox_blocks_streams_and_closes(docker_image, engine):
         sandbox_id = sb.id
     assert _gone(engine, sandbox_id)
     sb.close()  # twice is harmless
-
-
-async def test_a_warm_sandbox_that_died_while_waiting_is_never_handed_out(spec, engine):
-    async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
-        await pool.wait_warm(timeout=60)
-        (victim,) = engine.containers.list(filters={"label": f"{OWNER_LABEL}={current_owner().label}"})
-        victim.kill()
-        await asyncio.sleep(0.5)  # the kernel client's socket monitor notices the lost connection
-        lease = await pool.acquire(spec, tenant="t1")
-        assert (await lease.execute("1+1")).result == "2"
-        assert pool.stats().warm_recycled == 1 and pool.stats().cold_starts == 1
-        await lease.close()
