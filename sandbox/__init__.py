@@ -70,3 +70,4 @@ __all__ = [
     "WorkspaceQuotaError",
     "parse_size",
 ]
+from .pool import PoolClosed, PoolError, PooledSandbox, PoolStats, QuotaExceeded, SandboxReaped, WarmupFailed  # noqa: E402,F401
