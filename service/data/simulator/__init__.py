@@ -190,11 +190,13 @@ def _truth(
             "source": names[net.edge_src],
             "target": names[net.edge_dst],
             "weight": net.edge_weight,
-            # AND groups: group_target[g] gets group_weight[g] × geometric mean of its members' activity.
+            # Groups: group_target[g] gets group_weight[g] × the geometric mean of its members' Hill
+            # activations (complex) or × (1 - Π(1 - activation)) when group_redundant[g] (either suffices).
             "group_member": names[net.group_member],
             "group_of_member": net.group_of_member,
             "group_target": names[net.group_dst],
             "group_weight": net.group_weight,
+            "group_redundant": net.group_redundant,
         },
         "genes": {
             "name": names[order],

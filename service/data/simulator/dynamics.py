@@ -1,7 +1,8 @@
 """Steady-state expression of the network, propagated layer by layer along the DAG.
 
 Production of gene j in a state: masters produce their cell-type level; other genes produce
-  basal_j + Σ_i w_ij·f_i + Σ_{w_ij<0} |w_ij| + Σ_groups w_g·(Π_{i∈g} f_i)^(1/|g|),
+  basal_j + Σ_i w_ij·f_i + Σ_{w_ij<0} |w_ij| + Σ_complexes w_g·(Π_{i∈g} f_i)^(1/|g|)
+          + Σ_redundant w_g·(1 - Π_{i∈g} (1 - f_i)),
 where f_i = x_i^n / (k_i^n + x_i^n) is the Hill activation of regulator i (a repressor contributes
 |w|·(1 - f_i), hence the constant). Expression is scale_j × production_j × multiplier_j (decay = 1),
 and the multiplier carries the perturbation (knockdown, drug, cytokine) into the cascade.
@@ -53,6 +54,7 @@ def _propagate(
     x = np.zeros((n_states, net.n_genes))
     act = np.zeros((n_states, net.n_genes))  # Hill activation of every computed regulator
     log_act = np.zeros((n_states, net.n_genes))
+    log_inact = np.zeros((n_states, net.n_genes))
 
     roots = net.depth == 0
     production = np.where(net.is_master, net.master_levels[cell_type], net.basal)
@@ -63,8 +65,11 @@ def _propagate(
             prod = net.basal[layer] + repress_const[layer] + (weights[:, layer].T @ act.T).T
             sel = np.flatnonzero(np.isin(net.group_dst, layer))
             if sel.size:
-                terms = np.exp((groups[:, sel].T @ log_act.T).T) * net.group_weight[sel]
-                np.add.at(prod.T, np.searchsorted(layer, net.group_dst[sel]), terms.T)
+                member_of = groups[:, sel].T
+                redundant = net.group_redundant[sel][:, None]
+                terms = np.where(redundant, 1.0 - np.exp(member_of @ log_inact.T), np.exp(member_of @ log_act.T))
+                terms *= net.group_weight[sel][:, None]
+                np.add.at(prod.T, np.searchsorted(layer, net.group_dst[sel]), terms)
             x[:, layer] = net.scale[layer] * prod * mult[:, layer]
         regs = layer[net.is_tf[layer]]
         if regs.size:
@@ -73,4 +78,5 @@ def _propagate(
             ratio = (x[:, regs] / hill_k[regs]) ** net.hill_n[regs]
             act[:, regs] = ratio / (1.0 + ratio)
             log_act[:, regs] = np.log(np.maximum(act[:, regs], 1e-300))
+            log_inact[:, regs] = np.log(np.maximum(1.0 - act[:, regs], 1e-300))
     return x

@@ -15,6 +15,10 @@ import scipy.sparse as sp
 # Share of genes nobody regulates (housekeeping), and of TFs among module genes.
 HOUSEKEEPING_FRACTION = 0.15
 TF_FRACTION = 0.07
+# Few, large modules: a genome's programmes that ~10 principal components can still tell apart.
+GENES_PER_MODULE = 400
+MAX_MODULES = 8
+TF_CP10K = 8.0
 ACTIVATING_FRACTION = 0.75
 CROSS_MODULE_PROB = 0.12
 COOPERATIVE_PROB = 0.2
@@ -35,11 +39,14 @@ class GeneNetwork:
     edge_src: np.ndarray  # int
     edge_dst: np.ndarray  # int
     edge_weight: np.ndarray  # float, signed (negative = repression)
-    # Cooperative (AND) regulation: group g adds w_g · geometric mean of its members' activations.
+    # Regulation by groups of TFs. A complex (AND) adds w_g × the geometric mean of its members'
+    # activations; a redundant group (OR, e.g. paralogs) adds w_g × (1 - Π(1 - f_i)), so either member
+    # suffices and only losing both hurts: a genuine, non-additive genetic interaction.
     group_member: np.ndarray  # int, member gene of each membership row
     group_of_member: np.ndarray  # int, group of each membership row
     group_dst: np.ndarray  # int, target of each group
     group_weight: np.ndarray
+    group_redundant: np.ndarray  # bool, OR group (else complex)
     master_levels: np.ndarray  # (n_cell_types, n_genes), used only on masters
     names: np.ndarray  # public gene symbol of each internal gene
     # Half-saturation constants, set by calibration on control states (mean control expression).
@@ -56,12 +63,25 @@ class GeneNetwork:
         )
 
     def group_matrix(self) -> sp.csc_matrix:
-        """Gene × group matrix of 1/|group| on memberships (log-activations @ it = log geometric mean)."""
+        """Gene × group membership matrix: 1/|group| for complexes (log-activations @ it = log of the
+        geometric mean), 1 for redundant groups (log-inactivations @ it = log Π(1 - f_i))."""
         sizes = np.bincount(self.group_of_member, minlength=len(self.group_dst))
+        value = np.where(self.group_redundant[self.group_of_member], 1.0, 1.0 / sizes[self.group_of_member])
         return sp.csc_matrix(
-            (1.0 / sizes[self.group_of_member], (self.group_member, self.group_of_member)),
-            shape=(self.n_genes, len(self.group_dst)),
+            (value, (self.group_member, self.group_of_member)), shape=(self.n_genes, len(self.group_dst))
         )
+
+    def ancestors(self, gene: int) -> set[int]:
+        """Every regulator upstream of an internal gene index (through edges and groups)."""
+        parents_of = np.concatenate([self.edge_src, self.group_member])
+        child_of = np.concatenate([self.edge_dst, self.group_dst[self.group_of_member]])
+        seen: set[int] = set()
+        frontier = [gene]
+        while frontier:
+            new = set(parents_of[np.isin(child_of, frontier)].tolist()) - seen
+            seen |= new
+            frontier = list(new)
+        return seen
 
     def targets_of(self, gene: int) -> tuple[np.ndarray, np.ndarray]:
         """Direct targets of an internal gene index and the sign of each (group memberships activate)."""
@@ -81,7 +101,7 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
     several module TFs at once (complexes), and many targets that mostly hang off those hubs."""
     n_housekeeping = int(round(HOUSEKEEPING_FRACTION * n_genes))
     n_module_genes = n_genes - n_housekeeping
-    n_modules = int(np.clip(n_module_genes // 300, max(1, min(3, n_module_genes // 40)), 12))
+    n_modules = int(np.clip(n_module_genes // GENES_PER_MODULE, max(1, min(3, n_module_genes // 40)), MAX_MODULES))
     sizes = _split_sizes(rng, n_module_genes, n_modules)
     n_tfs = [max(5, int(round(TF_FRACTION * s))) for s in sizes]
     n_targets = [s - t for s, t in zip(sizes, n_tfs)]
@@ -102,25 +122,31 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
     for ids in tf_ids_by_module:
         n_masters = max(1, len(ids) // 8)
         n_hubs = max(1, len(ids) // 8)
+        first_hub = min(len(ids) - n_hubs, max(n_masters + 3, int(0.45 * len(ids))))
+        hubs = ids[first_hub : first_hub + n_hubs]
         is_master[ids[:n_masters]] = True
         for k, tf in enumerate(ids[n_masters:], start=n_masters):
-            if k >= len(ids) - n_hubs:
+            if tf in hubs:
                 # Hub: a complex of several module TFs (geometric mean of their activities), so that
                 # knocking down any of them moves the whole module: a shared, module-wide programme.
-                # Members come from the lower part of the hierarchy, so they also follow upstream
-                # knockdowns: a member co-varies with the programme it drives, as in real modules.
-                lower = ids[k // 3 : k]
+                # Members come from the lower part of the hierarchy above it, so they also follow
+                # upstream knockdowns: a member co-varies with the programme it drives.
+                lower = ids[k // 3 : first_hub]
                 size = min(len(lower), max(3, int(rng.uniform(0.4, 0.7) * len(lower))))
                 members = rng.choice(lower, size=size, replace=False)
                 edges.add_group(members, int(tf), rng.uniform(1.0, 2.0))
                 reach[tf] = reach[ids].sum()  # hubs regulate about half of the module's targets
                 continue
             # A dominant parent among the last few TFs makes the hierarchy deep, so that an
-            # upstream knockdown cascades through much of its module.
-            main = int(ids[k - 1 - min(k - 1, int(rng.integers(0, 3)))])
+            # upstream knockdown cascades through much of its module; below the hubs it is often a
+            # hub, so those TFs carry the module's programme too.
+            if k > hubs[-1] and rng.random() < 0.5:
+                main = int(rng.choice(hubs))
+            else:
+                main = int(ids[k - 1 - min(k - 1, int(rng.integers(0, 3)))])
             edges.add(main, int(tf), dominant=True)
             others = np.setdiff1d(ids[:k], [main])
-            if others.size and rng.random() < 0.5:
+            if others.size and rng.random() < 0.6:
                 edges.add(int(rng.choice(others, p=reach[others] / reach[others].sum())), int(tf))
             earlier_foreign = np.arange(int(ids[0]))
             if earlier_foreign.size and rng.random() < CROSS_MODULE_PROB:
@@ -134,8 +160,8 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
         if n_modules > 1 and rng.random() < CROSS_MODULE_PROB:
             parents.append(int(rng.choice(np.flatnonzero(tf_module != m))))
         if len(parents) >= 2 and rng.random() < COOPERATIVE_PROB:
-            # Cooperative pair: the target needs both (AND), a genuine non-additive interaction.
-            edges.add_group(np.asarray(parents[:2]), j, rng.uniform(1.0, 2.0))
+            # Redundant pair (paralog-like): either TF suffices, losing both is synergistic.
+            edges.add_group(np.asarray(parents[:2]), j, rng.uniform(1.0, 2.0), redundant=True)
             parents = parents[2:]
         for p in parents:
             edges.add(p, j)
@@ -172,8 +198,10 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
 
     scale = np.exp(rng.normal(0.0, 1.5, n_genes))
     # Regulators are well expressed (as the perturbed genes of most screens are), so their own
-    # knockdown and their response to others are measurable in log-normalised counts.
-    scale[is_tf] = np.exp(rng.normal(1.5, 0.6, int(is_tf.sum())))
+    # knockdown and their response to others are measurable in log-normalised counts whatever the
+    # number of genes: their scale is set from a share of the library (TF_CP10K counts per 10k).
+    tf_share = np.exp(rng.normal(np.log(TF_CP10K), 0.6, int(is_tf.sum()))) / 1e4
+    scale[is_tf] = tf_share / (1.0 - tf_share.sum()) * scale[~is_tf].sum() * 2.0  # production ≈ 0.5
     hill_n = rng.uniform(2.0, 4.0, n_genes)
 
     # Each cell type runs one or two identity modules high; other masters vary moderately.
@@ -199,6 +227,7 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
         group_of_member=group_of_member,
         group_dst=group_dst,
         group_weight=group_weight,
+        group_redundant=np.asarray(edges.group_redundant, dtype=bool),
         master_levels=master_levels,
         names=names,
     )
@@ -213,6 +242,7 @@ class _EdgeList:
     group_of_member: list[int] = field(default_factory=list)
     group_dst: list[int] = field(default_factory=list)
     group_mag: list[float] = field(default_factory=list)
+    group_redundant: list[bool] = field(default_factory=list)
 
     def add(self, src: int, dst: int, dominant: bool = False) -> None:
         if dominant:
@@ -220,12 +250,13 @@ class _EdgeList:
         self.src.append(src)
         self.dst.append(dst)
 
-    def add_group(self, members: np.ndarray, dst: int, magnitude: float) -> None:
+    def add_group(self, members: np.ndarray, dst: int, magnitude: float, redundant: bool = False) -> None:
         g = len(self.group_dst)
         self.group_member.extend(int(x) for x in members)
         self.group_of_member.extend([g] * len(members))
         self.group_dst.append(dst)
         self.group_mag.append(float(magnitude))
+        self.group_redundant.append(redundant)
 
 
 def _split_sizes(rng: np.random.Generator, total: int, parts: int) -> list[int]:

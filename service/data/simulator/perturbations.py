@@ -58,16 +58,18 @@ def knockouts(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts:
 
 
 def combos(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts: int) -> Design:
-    """Single and double knockdowns. Half the pairs are members of one cooperative (AND) group, which
-    interact non-additively on the group's target; the rest are TFs of one module sharing targets."""
+    """Single and double knockdowns. Half the pairs are redundant regulators of a shared target
+    (either suffices), which interact non-additively; the rest are TFs of one module."""
     n_pairs = max(2, n_perts // 2)
     cooperative = sorted(
         {
             tuple(sorted(p))
-            for g in range(len(net.group_dst))
+            for g in np.flatnonzero(net.group_redundant)
             for p in combinations(net.group_member[net.group_of_member == g].tolist(), 2)
         }
     )
+    # Parallel regulators only: when one is upstream of the other, the pair is just a longer cascade.
+    cooperative = [(a, b) for a, b in cooperative if a not in net.ancestors(b) and b not in net.ancestors(a)]
     rng.shuffle(cooperative)
     pairs = cooperative[: n_pairs // 2]
     same_module = [
@@ -188,7 +190,10 @@ def cytokines(
         gain = rng.uniform(1.5, 4.0, len(shared))
         m[:, shared] *= 1.0 + activity[:, None] * gain
         for c in range(n_types):
-            own = rng.choice(regulated, size=max(10, net.n_genes // 50), replace=False)
+            # Each cell type wires the signal to its own TFs (which cascade) and its own genes.
+            own_tfs = rng.choice(non_tf_masters, size=2, replace=False)
+            m[c, own_tfs] *= 1.0 + activity[c] * rng.uniform(1.5, 4.0, 2)
+            own = rng.choice(regulated, size=max(10, net.n_genes // 30), replace=False)
             own_gain = rng.uniform(-0.7, 3.0, len(own))
             m[c, own] *= np.maximum(0.1, 1.0 + activity[c] * own_gain)
         rows.append(m)
