@@ -230,6 +230,10 @@ class DockerKernelHost:
         return describe_exit(int(state.get("ExitCode", 0)), bool(state.get("OOMKilled")))
 
     async def revive(self) -> None:
+        if await self.exit_cause(timeout=0) is None:
+            # Still running (only the kernel's connection was lost): replacing the kernel is enough.
+            await self.restart_kernel()
+            return
         self.backend.set_kernel_dir_writable(self.host_dir, True)
         for leftover in self.host_dir.glob("k-*"):
             leftover.unlink(missing_ok=True)

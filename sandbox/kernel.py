@@ -510,6 +510,11 @@ class Sandbox:
         return self._dead
 
     @property
+    def healthy(self) -> bool:
+        """Open, alive and connected, known without a round trip to the kernel."""
+        return not (self._closed or self._dead or self._client.lost.is_set())
+
+    @property
     def client(self) -> KernelClient:
         return self._client
 
@@ -549,7 +554,11 @@ class Sandbox:
         return result
 
     async def stream(self, code: str, timeout: float | None = None) -> AsyncIterator[StreamEvent | ExecutionResult]:
-        """Events as they happen, then the `ExecutionResult` as the last item."""
+        """Events as they happen, then the `ExecutionResult` as the last item.
+
+        Leaving early (break, cancellation) interrupts the code; wrap in `contextlib.aclosing` to
+        make that immediate rather than at garbage collection.
+        """
         async for item in self._events(lambda emit: self._run(code, timeout, emit)):
             yield item[0] if isinstance(item, tuple) else item
 
@@ -666,7 +675,12 @@ class Sandbox:
             return collector.to_result(Outcome.TIMEOUT, started)
         detail = f"interrupt ignored for {self.spec.interrupt_grace:g}s; restarting the kernel, its state is lost"
         collector.emit(StatusEvent(state="restarting", detail=detail))
-        await self._restart_kernel()
+        try:
+            await self._restart_kernel()
+        except SandboxStartError as exc:
+            self._dead = str(exc)
+            collector.emit(StatusEvent(state="died", detail=self._dead))
+            return collector.to_result(Outcome.DIED, started, died_cause=self._dead, state_lost=True)
         collector.emit(StatusEvent(state="restarted", detail="fresh kernel; variables and imports are gone"))
         return collector.to_result(Outcome.KILLED, started, state_lost=True)
 
@@ -676,11 +690,17 @@ class Sandbox:
         collector.emit(StatusEvent(state="died", detail=cause))
         return collector.to_result(Outcome.DIED, started, died_cause=cause, state_lost=True)
 
-    async def _restart_kernel(self) -> None:
+    async def _restart_kernel(self, revive: bool = False) -> None:
+        """A new kernel in place (or, with `revive`, a restarted host); SandboxStartError if none answers."""
         previous = self._client.session_id
         self.files_channel = None
-        await self._host.restart_kernel()
-        await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
+        await (self._host.revive() if revive else self._host.restart_kernel())
+        try:
+            await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
+        except TimeoutError:
+            cause = await self._host.exit_cause(timeout=0.5)
+            state = f"it stopped ({cause})" if cause else f"no answer within {self.spec.start_timeout:g}s"
+            raise SandboxStartError(f"sandbox {self.id}: the kernel did not come back after a restart, {state}") from None
         await self._host.kernel_ready()
 
     # --- control -----------------------------------------------------------------------------
@@ -701,11 +721,7 @@ class Sandbox:
                 await self._restart_kernel()
             return
         async with self._lock:
-            previous = self._client.session_id
-            self.files_channel = None
-            await self._host.revive()
-            await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
-            await self._host.kernel_ready()
+            await self._restart_kernel(revive=True)
             self._dead = None
 
     async def close(self) -> None:

@@ -207,3 +207,12 @@ async def test_a_dead_kernel_is_reported_and_can_be_revived(backend, small_spec)
         await sb.close()
     with pytest.raises(SandboxClosedError):
         await sb.execute("1")
+
+
+async def test_leaving_a_stream_early_interrupts_the_code(shared_sandbox):
+    async for event in shared_sandbox.stream("import time\nprint('started', flush=True)\ntime.sleep(60)\nfinished = True"):
+        assert isinstance(event, StdoutEvent) and event.text == "started\n"
+        break
+    started = time.perf_counter()
+    res = await shared_sandbox.execute("'finished' in globals()", timeout=10)
+    assert res.result == "False" and time.perf_counter() - started < 5
