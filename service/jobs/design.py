@@ -34,7 +34,9 @@ def progress_bridge(ctx: JobContext):
                 ctx.checkpoint(last_phase[0])
             last_phase[0] = event.phase
             ctx.store.set_phase(ctx.job.id, event.phase)
-        ctx.emit("progress", phase=event.phase, message=event.message or None, round=event.round,
+        # Messages may name the run folder; tenants see paths relative to it, never the server's layout.
+        message = (event.message or "").replace(str(ctx.work_dir) + "/", "")
+        ctx.emit("progress", phase=event.phase, message=message or None, round=event.round,
                  attempt=event.attempt, epoch=event.epoch, train_loss=event.train_loss, val_loss=event.val_loss)
 
     return on_progress

@@ -24,6 +24,7 @@ from .runner import JobContext, JobFailed
 
 JUNIT_MAX_BYTES = 32 << 20
 DEFAULT_TOLERANCE = {"rescore": 1e-9, "replay": 1e-6}
+_releasing: set[asyncio.Future] = set()  # sandboxes being given back after a cancel (held so they are not GC'd)
 
 
 def parse_junit(xml: bytes) -> dict[str, Any]:
@@ -54,7 +55,7 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
                        timeout=params.get("timeout", 600.0), labels={"tenant": ctx.job.tenant_id})
     ctx.phase("sandbox", "starting a sandbox")
     try:
-        async with await pool.acquire(spec, tenant=ctx.job.tenant_id) as sb:
+        async with await _acquire(pool, spec, ctx.job.tenant_id) as sb:
             ctx.phase("upload", "copying the bundle")
             files = await sb.put_dir(params["bundle_dir"], "bundle")
             ctx.emit("log", message=f"{len(files)} files copied")
@@ -82,6 +83,23 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
     (ctx.artifacts_dir / "results.json").write_text(json.dumps(result, indent=1))
     ctx.emit("metrics", **report["summary"])
     return result
+
+
+async def _acquire(pool: Any, spec: SandboxSpec, tenant: str) -> Any:
+    """A sandbox from the pool. A cancel while it starts lets the start finish and then releases it:
+    cancelling a half-made container would leave it behind."""
+    start = asyncio.ensure_future(pool.acquire(spec, tenant=tenant))
+    try:
+        return await asyncio.shield(start)
+    except asyncio.CancelledError:
+        def release(task: asyncio.Future) -> None:
+            if not task.cancelled() and task.exception() is None:
+                closing = asyncio.ensure_future(task.result().close())
+                _releasing.add(closing)
+                closing.add_done_callback(_releasing.discard)
+
+        start.add_done_callback(release)
+        raise
 
 
 def compare_metrics(recorded: dict[str, Any], now: dict[str, Any], tolerances: dict[str, float],

@@ -118,7 +118,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, docker_image):
-    srv = Server(tmp_path_factory.mktemp("api"), "--max-upload", "4m", "--workers", "1")
+    srv = Server(tmp_path_factory.mktemp("api"), "--max-upload", "4m", "--workers", "2")
     srv.start()
     yield srv
     srv.stop()
@@ -132,6 +132,12 @@ def alice(server) -> Tenant:
 @pytest.fixture(scope="module")
 def bob(server) -> Tenant:
     return server.tenant("bob", "--max-sandboxes", "2", "--rate-limit", "200")
+
+
+@pytest.fixture(scope="session")
+def make_server():
+    """The `Server` class, for tests that run (and kill) a server of their own."""
+    return Server
 
 
 @pytest.fixture(scope="session")
