@@ -19,6 +19,9 @@ TF_FRACTION = 0.07
 GENES_PER_MODULE = 400
 MAX_MODULES = 8
 TF_CP10K = 8.0
+# How much cell types differ: spread of master levels, and the boost of each type's identity modules.
+MASTER_SPREAD = 0.35
+IDENTITY_BOOST = 1.7
 ACTIVATING_FRACTION = 0.75
 CROSS_MODULE_PROB = 0.12
 COOPERATIVE_PROB = 0.2
@@ -205,10 +208,10 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
     hill_n = rng.uniform(2.0, 4.0, n_genes)
 
     # Each cell type runs one or two identity modules high; other masters vary moderately.
-    master_levels = np.exp(rng.normal(0.0, 0.35, (n_cell_types, n_genes)))
+    master_levels = np.exp(rng.normal(0.0, MASTER_SPREAD, (n_cell_types, n_genes)))
     for c in range(n_cell_types):
         for m in {c % n_modules, (c + n_cell_types) % n_modules}:
-            master_levels[c, tf_ids_by_module[m][is_master[tf_ids_by_module[m]]]] *= 1.7
+            master_levels[c, tf_ids_by_module[m][is_master[tf_ids_by_module[m]]]] *= IDENTITY_BOOST
 
     names = np.asarray(gene_symbols(n_genes), dtype=object)[rng.permutation(n_genes)]
     return GeneNetwork(
