@@ -6,7 +6,6 @@ Knows nothing of agents, biology or the service.
 from .docker_backend import DockerBackend
 from .errors import (
     FileTransferError,
-    SandboxBusyError,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
@@ -51,7 +50,6 @@ __all__ = [
     "Outcome",
     "ResultEvent",
     "Sandbox",
-    "SandboxBusyError",
     "SandboxClosedError",
     "SandboxDeadError",
     "SandboxError",

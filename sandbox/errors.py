@@ -28,10 +28,6 @@ class SandboxDeadError(SandboxError):
     """The kernel or container is gone (see the `died` result); call `restart()` to get a fresh one."""
 
 
-class SandboxBusyError(SandboxError):
-    """A call could not get the kernel within its timeout because another execution holds it."""
-
-
 class WorkspacePathError(SandboxError, ValueError):
     """A workspace path is absolute, escapes the workspace (`..`, symlink) or is otherwise unusable."""
 

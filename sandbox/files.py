@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .errors import FileTransferError, SandboxStartError, WorkspacePathError, WorkspaceQuotaError
-from .kernel import _Listener
+from .kernel import Listener, ReplyWaiter
 
 if TYPE_CHECKING:
     from .kernel import Sandbox
@@ -136,7 +136,7 @@ def workspace_path(path: str, *, allow_root: bool = False) -> str:
     return normalized
 
 
-class _CommReply(_Listener):
+class _CommReply(Listener):
     def __init__(self) -> None:
         self.msg: dict[str, Any] | None = None
         self.lost = False
@@ -157,7 +157,7 @@ async def _channel(sb: Sandbox) -> str:
     if sb.files_channel is not None:
         return sb.files_channel
     client = sb.client
-    setup = _ReplyOnly()
+    setup = ReplyWaiter()
     msg_id = client.execute(
         _KERNEL_SIDE.replace("ROOT, TARGET", f"{sb.workspace!r}, {COMM_TARGET!r}"), setup, silent=True, store_history=False
     )
@@ -165,26 +165,14 @@ async def _channel(sb: Sandbox) -> str:
         await setup.done.wait()
     finally:
         client.forget(msg_id)
-    if setup.reply is None or setup.reply.get("status") != "ok":
-        detail = (setup.reply or {}).get("evalue", "kernel connection lost")
+    reply = setup.reply["content"] if setup.reply else {}
+    if reply.get("status") != "ok":
+        detail = reply.get("evalue", "kernel connection lost")
         raise SandboxStartError(f"sandbox {sb.id}: could not set up file transfer in the kernel: {detail}")
     comm_id = uuid.uuid4().hex
     client.send_shell("comm_open", {"comm_id": comm_id, "target_name": COMM_TARGET, "data": {}})
     sb.files_channel = comm_id
     return comm_id
-
-
-class _ReplyOnly(_Listener):
-    def __init__(self) -> None:
-        self.reply: dict[str, Any] | None = None
-        self.done = asyncio.Event()
-
-    def on_reply(self, msg: dict[str, Any]) -> None:
-        self.reply = msg["content"]
-        self.done.set()
-
-    def on_lost(self) -> None:
-        self.done.set()
 
 
 async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | None = None) -> tuple[dict, list]:

@@ -111,7 +111,7 @@ def trim_traceback(lines: Sequence[str]) -> list[str]:
     return kept
 
 
-class _Listener:
+class Listener:
     """Receives the messages whose parent is one request."""
 
     def on_iopub(self, msg: dict[str, Any]) -> None:
@@ -124,7 +124,7 @@ class _Listener:
         pass
 
 
-class _ReplyWaiter(_Listener):
+class ReplyWaiter(Listener):
     """Keeps the latest shell reply to any of the requests it listens to."""
 
     def __init__(self) -> None:
@@ -139,7 +139,7 @@ class _ReplyWaiter(_Listener):
         self.done.set()
 
 
-class ExecutionCollector(_Listener):
+class ExecutionCollector(Listener):
     """Turns the iopub messages of one execution into events and a capped record of its output."""
 
     def __init__(self, limit: int, emit: Emit) -> None:
@@ -256,7 +256,7 @@ class KernelClient:
     def __init__(self, connection_info: dict[str, Any]) -> None:
         self._kc = AsyncKernelClient(context=_context())
         self._kc.load_connection_info(connection_info)
-        self._listeners: dict[str, _Listener] = {}
+        self._listeners: dict[str, Listener] = {}
         self._tasks: list[asyncio.Task] = []
         self._monitor: zmq.asyncio.Socket | None = None
         self._iopub_session: str | None = None
@@ -332,7 +332,7 @@ class KernelClient:
         being replaced is lost with it; a reply to any of them counts (a booting kernel answers the
         queued ones all at once).
         """
-        waiter = _ReplyWaiter()
+        waiter = ReplyWaiter()
         sent: list[str] = []
         interval = 0.05
         try:
@@ -363,7 +363,7 @@ class KernelClient:
                 self._listeners.pop(msg_id, None)
 
     @staticmethod
-    def _answered(waiter: _ReplyWaiter, previous_session: str | None) -> bool:
+    def _answered(waiter: ReplyWaiter, previous_session: str | None) -> bool:
         return waiter.reply is not None and waiter.reply["header"].get("session") not in (None, previous_session)
 
     def _send(
@@ -371,7 +371,7 @@ class KernelClient:
         socket: zmq.asyncio.Socket,
         msg_type: str,
         content: dict[str, Any],
-        listener: _Listener | None = None,
+        listener: Listener | None = None,
         buffers: list[Any] | None = None,
     ) -> str:
         """Sign and send one message; returns its msg_id (the listener is registered first).
@@ -394,7 +394,7 @@ class KernelClient:
     def execute(
         self,
         code: str,
-        listener: _Listener,
+        listener: Listener,
         *,
         silent: bool = False,
         store_history: bool = True,
@@ -411,7 +411,7 @@ class KernelClient:
         return self._send(self._kc.shell_channel.socket, "execute_request", content, listener)
 
     def send_shell(
-        self, msg_type: str, content: dict[str, Any], listener: _Listener | None = None, buffers: list[Any] | None = None
+        self, msg_type: str, content: dict[str, Any], listener: Listener | None = None, buffers: list[Any] | None = None
     ) -> str:
         return self._send(self._kc.shell_channel.socket, msg_type, content, listener, buffers)
 
