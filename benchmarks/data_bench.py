@@ -20,7 +20,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -58,28 +60,31 @@ def pipeline(path: str, split_dir: str, seed: int, result: mp.Queue) -> None:
     from service.data import Evaluator, make_split, profile_dataset, run_baselines
 
     times: dict[str, float] = {}
+    peaks: dict[str, int] = {}
     start_rss = psutil.Process().memory_info().rss
-    with PeakRss() as rss:
-        t = time.perf_counter()
-        profile = profile_dataset(path)
-        times["profile_s"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        info = make_split(path, "unseen-perturbation", seed, split_dir)
-        times["split_s"] = time.perf_counter() - t
+    def phase(name: str, work: Callable[[], Any]) -> Any:
+        with PeakRss() as rss:
+            t = time.perf_counter()
+            value = work()
+            times[f"{name}_s"] = time.perf_counter() - t
+        peaks[name] = rss.peak
+        return value
 
-        t = time.perf_counter()
-        predictions = run_baselines(split_dir, "test")
-        times["baselines_s"] = time.perf_counter() - t
+    profile = phase("profile", lambda: profile_dataset(path))
+    info = phase("split", lambda: make_split(path, "unseen-perturbation", seed, split_dir))
+    predictions = phase("baselines", lambda: run_baselines(split_dir, "test"))
 
-        t = time.perf_counter()
+    def score() -> dict:
         evaluator = Evaluator(split_dir, "test")
-        reports = {name: evaluator.score(pred) for name, pred in predictions.items()}
-        times["scoring_s"] = time.perf_counter() - t
+        return {name: evaluator.score(pred) for name, pred in predictions.items()}
+
+    reports = phase("scoring", score)
     result.put(
         {
             "times": times,
-            "peak_rss": rss.peak,
+            "peak_rss": max(peaks.values()),
+            "phase_peak_rss": peaks,
             "start_rss": start_rss,
             "kind": profile.perturbation_kind,
             "conditions": {k: len(v) for k, v in info.conditions.items()},
@@ -125,6 +130,7 @@ def run_case(cells: int, genes: int, seed: int, cell_types: int) -> dict:
         "pipeline_s": round(pipeline_s, 2),
         **{k: round(v, 2) for k, v in out["times"].items()},
         "pipeline_peak_rss_mb": round(out["peak_rss"] / 2**20, 1),
+        "phase_peak_rss_mb": {k: round(v / 2**20, 1) for k, v in out["phase_peak_rss"].items()},
         "pipeline_start_rss_mb": round(out["start_rss"] / 2**20, 1),
         "peak_over_dataset": round(out["peak_rss"] / dataset_bytes, 2),
         "peak_above_start_over_dataset": round((out["peak_rss"] - out["start_rss"]) / dataset_bytes, 2),
