@@ -115,8 +115,8 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    http_port: Annotated[int, typer.Option(help="HTTP port (0: none)")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (0: none)")] = 50051,
+    http_port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (0: no gRPC)")] = 50051,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     db: DbOpt = None,
     data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),

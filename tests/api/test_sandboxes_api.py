@@ -148,3 +148,20 @@ def test_another_tenant_gets_404_on_every_sandbox_call(server, alice, bob, alice
     # Alice's sandbox is untouched by all of it.
     with server.client(alice) as c:
         assert c.execute(alice_sandbox, "1 + 1").result == "2"
+
+
+def test_idle_sandboxes_are_reaped_and_free_their_quota(tmp_path, docker_image, make_server):
+    server = make_server(tmp_path, "--idle-timeout", "2").start()
+    try:
+        solo = server.tenant("solo", "--max-sandboxes", "1")
+        with server.client(solo) as c:
+            sb = c.create_sandbox(memory="256m")["id"]
+            assert c.execute(sb, "1").outcome.value == "ok"
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and c.list_sandboxes():
+                time.sleep(0.5)
+            with pytest.raises(NotFoundError):
+                c.get_sandbox(sb)
+            c.delete_sandbox(c.create_sandbox(memory="256m")["id"])  # the quota place came back
+    finally:
+        server.stop()
