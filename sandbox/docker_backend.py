@@ -246,7 +246,9 @@ class DockerKernelHost:
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
-                log.error("could not remove container %s of sandbox %s: %s", self.container_id[:12], self.sandbox_id, exc)
+                log.error(
+                    "could not remove container %s of sandbox %s: %s", self.container_id[:12], self.sandbox_id, exc
+                )
         await asyncio.to_thread(shutil.rmtree, self.host_dir, True)
 
     async def logs(self) -> str:

@@ -158,9 +158,8 @@ async def _channel(sb: Sandbox) -> str:
         return sb.files_channel
     client = sb.client
     setup = ReplyWaiter()
-    msg_id = client.execute(
-        _KERNEL_SIDE.replace("ROOT, TARGET", f"{sb.workspace!r}, {COMM_TARGET!r}"), setup, silent=True, store_history=False
-    )
+    code = _KERNEL_SIDE.replace("ROOT, TARGET", f"{sb.workspace!r}, {COMM_TARGET!r}")
+    msg_id = client.execute(code, setup, silent=True, store_history=False)
     try:
         await setup.done.wait()
     finally:
@@ -214,7 +213,8 @@ async def _put(sb: Sandbox, rel: str, data: bytes) -> None:
     offsets = range(0, max(len(view), 1), CHUNK_BYTES)
     try:
         for offset in offsets:
-            await _request(sb, {"op": "write", "path": rel, "append": offset > 0}, [view[offset : offset + CHUNK_BYTES]])
+            chunk = view[offset : offset + CHUNK_BYTES]
+            await _request(sb, {"op": "write", "path": rel, "append": offset > 0}, [chunk])
     except WorkspaceQuotaError:
         # Leave no half-written file taking up the quota.
         with contextlib.suppress(FileTransferError):

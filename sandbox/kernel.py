@@ -105,7 +105,8 @@ def strip_ansi(text: str) -> str:
 def trim_traceback(lines: Sequence[str]) -> list[str]:
     """ANSI-free traceback entries, keeping the last (innermost) ones and capping each entry."""
     kept = [strip_ansi(line) for line in lines[-MAX_TRACEBACK_ENTRIES:]]
-    kept = [line if len(line) <= MAX_TRACEBACK_ENTRY_CHARS else line[:MAX_TRACEBACK_ENTRY_CHARS] + " […]" for line in kept]
+    cap = MAX_TRACEBACK_ENTRY_CHARS
+    kept = [line if len(line) <= cap else line[:cap] + " […]" for line in kept]
     if len(lines) > MAX_TRACEBACK_ENTRIES:
         kept.insert(0, f"[{len(lines) - MAX_TRACEBACK_ENTRIES} outer traceback entries omitted]")
     return kept
@@ -595,7 +596,9 @@ class Sandbox:
             }
         )
 
-    async def _with_events(self, run: _Runner, on_event: EventCallback | None) -> tuple[ExecutionResult, ExecutionCollector]:
+    async def _with_events(
+        self, run: _Runner, on_event: EventCallback | None
+    ) -> tuple[ExecutionResult, ExecutionCollector]:
         if on_event is None:
             return await run(_ignore)
         if not asyncio.iscoroutinefunction(on_event):
@@ -700,7 +703,9 @@ class Sandbox:
         except TimeoutError:
             cause = await self._host.exit_cause(timeout=0.5)
             state = f"it stopped ({cause})" if cause else f"no answer within {self.spec.start_timeout:g}s"
-            raise SandboxStartError(f"sandbox {self.id}: the kernel did not come back after a restart, {state}") from None
+            raise SandboxStartError(
+                f"sandbox {self.id}: the kernel did not come back after a restart, {state}"
+            ) from None
         await self._host.kernel_ready()
 
     # --- control -----------------------------------------------------------------------------

@@ -15,10 +15,10 @@ _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-import pytest
+import pytest  # noqa: E402
 import pytest_asyncio  # noqa: E402
 
-from sandbox import DockerBackend, Sandbox, SandboxSpec
+from sandbox import DockerBackend, Sandbox, SandboxSpec  # noqa: E402
 
 
 def _small_spec(image: str, **overrides) -> SandboxSpec:

@@ -210,7 +210,8 @@ async def test_a_dead_kernel_is_reported_and_can_be_revived(backend, small_spec)
 
 
 async def test_leaving_a_stream_early_interrupts_the_code(shared_sandbox):
-    async for event in shared_sandbox.stream("import time\nprint('started', flush=True)\ntime.sleep(60)\nfinished = True"):
+    code = "import time\nprint('started', flush=True)\ntime.sleep(60)\nfinished = True"
+    async for event in shared_sandbox.stream(code):
         assert isinstance(event, StdoutEvent) and event.text == "started\n"
         break
     started = time.perf_counter()

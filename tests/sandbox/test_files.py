@@ -38,7 +38,10 @@ async def test_folders_round_trip(shared_sandbox, tmp_path):
     run = await shared_sandbox.run_command(["python", "train.py"], cwd="/workspace/code")
     assert run.outcome is Outcome.OK and run.stdout == "training\n"
 
-    await shared_sandbox.execute("import os; os.makedirs('out/sub', exist_ok=True); open('out/sub/p.txt','w').write('pred'); os.symlink('/etc/hostname', 'out/link')")
+    await shared_sandbox.execute(
+        "import os; os.makedirs('out/sub', exist_ok=True); open('out/sub/p.txt', 'w').write('pred')\n"
+        "os.symlink('/etc/hostname', 'out/link')"
+    )
     copied = await shared_sandbox.get_dir("out", tmp_path / "back")
     assert [os.path.relpath(p, tmp_path / "back") for p in copied] == ["sub/p.txt"]
     assert (tmp_path / "back" / "sub" / "p.txt").read_text() == "pred"
