@@ -17,7 +17,7 @@ import pytest
 from sandbox import DockerBackend, LocalBackend
 from sandbox.docker_backend import SANDBOX_LABEL
 from sandbox.events import StdoutEvent
-from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped
+from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped, WarmupFailed
 from sandbox.reaper import MANAGED_LABEL, OWNER_LABEL, Owner, current_owner, reap_orphans
 from sandbox.spec import SandboxSpec
 from sandbox.sync import SyncSandbox
@@ -232,6 +232,19 @@ async def test_a_warm_sandbox_that_died_while_waiting_is_never_handed_out(spec, 
         assert (await lease.execute("1+1")).result == "2"
         assert pool.stats().warm_recycled == 1 and pool.stats().cold_starts == 1
         await lease.close()
+
+
+async def test_a_failing_preload_is_reported_and_retried_with_backoff():
+    local = SandboxSpec(image="local", memory="512m")
+    async with SandboxPool(
+        LocalBackend(), [local], warm=1, preload="import no_such_module_xyz", reap_orphans=False
+    ) as pool:
+        with pytest.raises(WarmupFailed, match="import no_such_module_xyz.*ModuleNotFoundError"):
+            await pool.acquire(local, tenant="t1")
+        await asyncio.sleep(1.0)
+        failures = pool.stats().warmup_failures
+        assert 1 <= failures <= 3  # backing off (0.5 s, 1 s, ...), not a tight loop
+        assert pool.stats().live_per_tenant == {}
 
 
 # -- the sync wrapper ------------------------------------------------------------------------------
