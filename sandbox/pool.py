@@ -195,8 +195,8 @@ class SandboxPool:
 
     `backend` is any sandbox backend (`DockerBackend`, `LocalBackend`, ...): `await backend.create(spec)`
     returns a `Sandbox` whose kernel is ready. `specs` are kept warm from `start()` on; a spec not in
-    the list is served cold. With `reap_orphans` (default), `start()` first removes containers left by
-    crashed processes (see `sandbox.reaper`); it needs a reachable Docker engine.
+    the list is served cold. With `reap_orphans` (default: when the backend is isolated, i.e. Docker),
+    `start()` first removes containers left by crashed processes (see `sandbox.reaper`).
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class SandboxPool:
         idle_timeout: float = 600.0,
         max_lifetime: float = 3600.0,
         reap_interval: float = 5.0,
-        reap_orphans: bool = True,
+        reap_orphans: bool | None = None,
     ) -> None:
         if warm < 0 or max_per_tenant < 1 or idle_timeout <= 0 or max_lifetime <= 0 or reap_interval <= 0:
             raise ValueError(
@@ -226,7 +226,7 @@ class SandboxPool:
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self.reap_interval = reap_interval
-        self._reap_orphans = reap_orphans
+        self._reap_orphans = bool(getattr(backend, "isolated", False)) if reap_orphans is None else reap_orphans
         self._slots: dict[str, _Slot] = {spec_key(s): _Slot(spec=s, target=warm) for s in specs}
         self._leases: set[PooledSandbox] = set()
         self._reserved: defaultdict[str, int] = defaultdict(int)
@@ -249,7 +249,7 @@ class SandboxPool:
         if self._reap_orphans:
             from .reaper import reap_orphans
 
-            report = await asyncio.to_thread(reap_orphans)
+            report = await asyncio.to_thread(reap_orphans, getattr(self.backend, "client", None))
             if report.removed:
                 log.warning("removed %d orphan sandbox container(s) at start-up", len(report.removed))
         for key in self._slots:

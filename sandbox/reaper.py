@@ -19,6 +19,8 @@ import docker
 import docker.errors
 import psutil
 
+from .errors import SandboxError
+
 log = logging.getLogger(__name__)
 
 MANAGED_LABEL = "cellforge.managed"
@@ -100,7 +102,11 @@ def classify(labels: dict[str, str]) -> tuple[bool, str]:
 
 def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
     """Remove (force, with volumes) every managed container whose owner on this host is gone."""
-    client = client or docker.from_env()
+    if client is None:
+        try:
+            client = docker.from_env()
+        except docker.errors.DockerException as exc:
+            raise SandboxError(f"cannot reap orphan sandboxes: Docker engine not reachable ({exc})") from None
     report = ReapReport()
     for container in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
         orphan, reason = classify(container.labels or {})

@@ -80,6 +80,21 @@ def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine, tmp
                 pass
 
 
+@pytest.mark.docker
+async def test_starting_a_docker_pool_reaps_orphans(docker_image, engine):
+    dead = Owner(socket.gethostname(), _dead_pid(), time.time() - 60).label
+    orphan = engine.containers.create(docker_image, "true", labels={MANAGED_LABEL: "true", OWNER_LABEL: dead})
+    try:
+        async with SandboxPool(DockerBackend(), [], warm=0):
+            with pytest.raises(docker.errors.NotFound):
+                engine.containers.get(orphan.id)
+    finally:
+        try:
+            orphan.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
 def test_owner_label_round_trips():
     me = current_owner()
     assert Owner.parse(me.label) == Owner(me.host, me.pid, round(me.started, 2))
