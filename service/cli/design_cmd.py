@@ -80,13 +80,15 @@ def design(
     max_attempts: AttemptsOpt = 4,
     max_minutes: MinutesOpt = 30.0,
     seed: SeedOpt = 0,
+    candidates: Annotated[int, typer.Option("--candidates", help="Plans tried; the best by validation is kept.")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Design, train and score a model for a dataset and a task."""
     try:
         config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
         settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
-                                  max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus)
+                                  max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus,
+                                  candidates=candidates)
     except (LLMError, ValueError) as exc:
         fail(exc, json_out)
     _run(settings, config, None, json_out)

@@ -21,6 +21,7 @@ from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
 from service.data.evaluate import Evaluator
 from service.llm import Backend, LLMConfig, make_backend, summarize_run
+from service.pipeline.candidates import candidate_plans
 from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
 from service.pipeline.debugger import (DEBUG, DebugPatch, PatchError, apply_patch, debug_context, debug_request,
@@ -55,6 +56,7 @@ class DesignSettings(BaseModel):
     memory: str = "4g"
     cpus: float = 2.0
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
+    candidates: int = Field(1, ge=1, le=7, description="plans tried (the discussion's + variants); best by val")
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
@@ -68,6 +70,7 @@ class AttemptRecord:
     failure: str | None
     patch: DebugPatch | None = None
     seconds: float = 0.0
+    candidate: int = 1
 
 
 @dataclass
@@ -94,14 +97,12 @@ def _discussion_progress(on_progress: ProgressCallback):
 
 
 def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSettings, deadline: float,
-                  val_eval: Evaluator, test_eval: Evaluator, primary: str,
-                  on_progress: ProgressCallback) -> tuple[list[AttemptRecord], int | None]:
-    """Attempts until one validates or the budget is spent; returns them and the chosen attempt
-    (the validated one, else the trained one with the best validation score)."""
+                  val_eval: Evaluator, test_eval: Evaluator, primary: str, on_progress: ProgressCallback,
+                  first: int = 1, candidate: int = 1) -> list[AttemptRecord]:
+    """Attempts of one candidate bundle until one validates or its budget (attempts, time) is spent."""
     records: list[AttemptRecord] = []
-    chosen: int | None = None
-    data_dir = rd.prepare_sandbox_data()
-    for number in range(1, settings.max_attempts + 1):
+    data_dir = rd.sandbox_data
+    for number in range(first, first + settings.max_attempts):
         time_left = deadline - time.monotonic()
         if time_left <= 10:
             on_progress(ProgressEvent("debug", "time budget spent", attempt=number))
@@ -115,21 +116,16 @@ def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSett
         if outcome.failure is None:
             on_progress(ProgressEvent("validate", "scoring val predictions", attempt=number))
             validation = validate_outputs(outcome.out_dir, val_eval, test_eval, primary)
-            rd.write_json(attempt_dir / "validation.json", validation.__dict__)
+            rd.write_json(attempt_dir / "validation.json", {**validation.__dict__, "candidate": candidate})
         record = AttemptRecord(number, validation, outcome.failure.summary() if outcome.failure else None,
-                               seconds=outcome.seconds)
+                               seconds=outcome.seconds, candidate=candidate)
         records.append(record)
-        if validation is not None and validation.trained:
-            best = records[chosen - 1].validation if chosen else None
-            if best is None or (validation.val_score is not None and best.val_score is not None
-                                and better(primary, validation.val_score, best.val_score)):
-                chosen = number
         if validation is not None and validation.ok:
             on_progress(ProgressEvent("validate", f"attempt {number} validated: {primary}="
                                       f"{validation.val_score:.4f} (mean baseline {validation.mean_baseline_score:.4f})",
                                       attempt=number))
             break
-        if number == settings.max_attempts:
+        if number == first + settings.max_attempts - 1:
             break
         problems = validation.problems if validation else []
         on_progress(ProgressEvent("debug", outcome.failure.summary() if outcome.failure else "; ".join(problems),
@@ -150,7 +146,20 @@ def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSett
         (attempt_dir / "patch.diff").write_text(unified_diff(bundle, patched))
         on_progress(ProgressEvent("debug", f"{patch.failure_class}: {patch.diagnosis}", attempt=number))
         bundle = patched
-    return records, chosen
+    return records
+
+
+def choose_attempt(records: list[AttemptRecord], primary: str) -> AttemptRecord | None:
+    """The validated attempt with the best validation score, else the best trained one; never by test."""
+    trained = [r for r in records if r.validation is not None and r.validation.trained]
+    pool = [r for r in trained if r.validation.ok] or trained
+    best: AttemptRecord | None = None
+    for record in pool:
+        score = record.validation.val_score
+        if best is None or (score is not None and (best.validation.val_score is None
+                                                   or better(primary, score, best.validation.val_score))):
+            best = record
+    return best
 
 
 def _evaluate(rd: RunDir, test_eval: Evaluator, primary: str) -> dict[str, Any]:
@@ -207,25 +216,38 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                on_progress=lambda msg: emit(ProgressEvent("split", msg)))
     val_eval, test_eval = Evaluator(rd.split, "val"), Evaluator(rd.split, "test")
 
-    emit(ProgressEvent("codegen", f"{plan.architecture.perturbation_encoder} encoder, "
-                                  f"base {plan.architecture.base_predictor}"))
-    vetted = render_bundle(plan)
-    generated = llm.ask(codegen_request(json.loads(plan.model_dump_json()), vetted))
-    bundle = Bundle(files=dict(generated.files))
-
     primary = plan.evaluation.primary_metric
-    records, chosen = _run_attempts(rd, bundle, llm, settings, deadline, val_eval, test_eval, primary, emit)
+    rd.prepare_sandbox_data()
+    records: list[AttemptRecord] = []
+    candidates = candidate_plans(plan, settings.candidates)
+    for index, (label, candidate) in enumerate(candidates, 1):
+        emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
+                                      f"{candidate.architecture.perturbation_encoder} encoder, "
+                                      f"base {candidate.architecture.base_predictor}"))
+        generated = llm.ask(codegen_request(json.loads(candidate.model_dump_json()), render_bundle(candidate)))
+        records += _run_attempts(rd, Bundle(files=dict(generated.files)), llm, settings, deadline, val_eval,
+                                 test_eval, primary, emit, first=len(records) + 1, candidate=index)
+    if len(candidates) > 1:
+        rd.write_json(rd.root / "candidates.json", [
+            {"candidate": i, "label": label, "plan": json.loads(p.model_dump_json()),
+             "attempts": [r.number for r in records if r.candidate == i],
+             "val_scores": [r.validation.val_score for r in records if r.candidate == i and r.validation]}
+            for i, (label, p) in enumerate(candidates, 1)])
 
+    best = choose_attempt(records, primary)
+    chosen = best.number if best else None
     status: Status = "failed"
     metrics: dict[str, Any] = {"primary_metric": primary}
-    if chosen is not None:
+    if best is not None:
+        if best.candidate != 1:  # plan.json describes the code that was kept
+            rd.plan.write_text(candidates[best.candidate - 1][1].model_dump_json(indent=1) + "\n")
         chosen_dir = rd.attempt(chosen)
         if rd.code.exists():
             shutil.rmtree(rd.code)
         shutil.copytree(chosen_dir / "code", rd.code)
         for name in FINAL_OUTPUTS:
             shutil.copy2(chosen_dir / "out" / name, rd.root / name)
-        validation = records[chosen - 1].validation
+        validation = best.validation
         status = "validated" if validation.ok else "below_baseline"
         emit(ProgressEvent("evaluate", "scoring test predictions and baselines"))
         metrics = _evaluate(rd, test_eval, primary)
@@ -237,6 +259,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
         if last.exists():
             shutil.copytree(last, rd.code, dirs_exist_ok=True)
     metrics.update({"status": status, "chosen_attempt": chosen, "attempts": len(records),
+                    "chosen_candidate": best.candidate if best else None, "candidates": len(candidates),
                     "seconds": round(time.monotonic() - started, 1),
                     "llm_usage": summarize_run(rd.root).model_dump(mode="json")})
     rd.write_json(rd.metrics, metrics)

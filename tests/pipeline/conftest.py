@@ -33,6 +33,7 @@ def design_settings(knockout_data, docker_image):
 @pytest.fixture(scope="session")
 def offline_run(design_settings, tmp_path_factory) -> DesignResult:
     events = []
-    result = run_design(design_settings(tmp_path_factory.mktemp("runs") / "offline"), on_progress=events.append)
+    result = run_design(design_settings(tmp_path_factory.mktemp("runs") / "offline", candidates=2),
+                        on_progress=events.append)
     result.events = events
     return result

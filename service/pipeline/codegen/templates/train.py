@@ -117,7 +117,7 @@ def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config
                 if config.get("grad_clip"):
                     torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             current = stop_loss(x_plain)
             line = {"epoch": epoch, "train_loss": total / len(order), "val_loss": current}
             log.write(json.dumps(line) + "\n")
