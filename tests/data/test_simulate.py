@@ -65,7 +65,8 @@ def test_counts_shapes_and_obs(datasets: dict[str, ad.AnnData], kind: str) -> No
     if kind == "combo":
         assert any("+" in lab for lab in labels)
     assert adata.obs["cell_type"].nunique() == 3 and adata.obs["batch"].nunique() == 2
-    assert adata.uns["simulation"]["delta"].shape == (len(adata.uns["simulation"]["conditions"]["condition"]), len(genes))
+    truth = adata.uns["simulation"]
+    assert truth["delta"].shape == (len(truth["conditions"]["condition"]), len(genes))
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,8 @@ def test_combo_has_non_additive_interactions(seed: int) -> None:
     synergy = []
     for pair in pairs:
         a, b = pair.split("+")
-        shared = set(net["group_of_member"][net["group_member"] == a]) & set(net["group_of_member"][net["group_member"] == b])
+        groups_of = {g: set(net["group_of_member"][net["group_member"] == g]) for g in (a, b)}
+        shared = groups_of[a] & groups_of[b]
         for group in shared:
             if net["group_redundant"][group]:
                 j = index[net["group_target"][group]]
@@ -200,7 +202,7 @@ def test_multiome_has_three_feature_types(datasets: dict[str, ad.AnnData]) -> No
 
 
 def test_simulation_truth_round_trips_through_h5ad(datasets: dict[str, ad.AnnData], tmp_path) -> None:
-    for kind in ("combo", "drug", "cytokine"):
+    for kind in ("combo", "drug", "cytokine", "multiome"):
         path = tmp_path / f"{kind}.h5ad"
         datasets[kind].write_h5ad(path)
         back = ad.read_h5ad(path)

@@ -41,7 +41,19 @@ def simulate(
     n_cell_types: int = 3,
     n_batches: int = 2,
 ) -> AnnData:
-    """Simulate a perturbation dataset of raw counts; deterministic for a given seed and arguments."""
+    """Simulate a perturbation dataset of raw counts; deterministic for a given seed and arguments.
+
+    kind: `knockout` (CRISPRi-like knockdowns, mostly of regulators), `combo` (singles and `A+B`
+    doubles), `drug` (compounds at 4 doses, obs `dose`), `cytokine` (responses that depend on the
+    cell type), `multiome` (knockdowns read out as RNA + surface proteins + ATAC peaks).
+    obs: `perturbation` (`control` for controls), `dose` (drug only), `cell_type`, `batch`.
+    var: gene symbols `G0001`…; `feature_types` (10x convention). X: float32 CSR of integer counts.
+    uns["simulation"]: `conditions` (condition keys with perturbation/dose/context), `delta`
+    (noise-free log1p-cp10k Δ vs the control of the same cell type; rows = conditions, columns = the
+    Gene Expression features), `network` (edges and TF groups), `genes` (module, TF, master flags) and
+    what was done per kind (`knockdown`, `cooperative_pairs`, `drug_targets`, `cytokine_receptors`,
+    `protein_genes`/`peak_genes` for multiome).
+    """
     _check(kind, n_cells, n_genes, n_cell_types, n_batches, n_perturbations)
     net_rng, design_rng, cell_rng, count_rng, readout_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
@@ -94,6 +106,9 @@ def simulate(
     var = pd.DataFrame({"feature_types": pd.Categorical(feature_types)}, index=var_names)
     adata = AnnData(X=x, obs=obs, var=var)
     adata.uns["simulation"] = _truth(kind, seed, net, order, design, expression, cell_types)
+    if kind == "multiome":
+        adata.uns["simulation"]["protein_genes"] = gene_names[prot.linked_gene]
+        adata.uns["simulation"]["peak_genes"] = gene_names[peak.linked_gene]
     return adata
 
 
