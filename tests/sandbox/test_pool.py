@@ -120,6 +120,8 @@ def _gone(engine: docker.DockerClient, sandbox_id: str) -> bool:
 
 @pytest.mark.docker
 async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, engine):
+    mine = {"label": f"{OWNER_LABEL}={current_owner().label}"}
+    before = {c.id for c in engine.containers.list(all=True, filters=mine)}
     async with SandboxPool(DockerBackend(), [spec], warm=1, preload=PRELOAD, reap_orphans=False) as pool:
         await pool.wait_warm(timeout=60)
         start = time.perf_counter()
@@ -135,6 +137,10 @@ async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, eng
         await pool.wait_warm(timeout=60)
         stats = pool.stats()
         assert stats.warm == 1 and stats.warm_hits == 1 and stats.created == 2
+        held = await pool.acquire(spec, tenant="t2")
+    # Shutdown destroys the held lease, the refilled warm one and any still starting.
+    assert held.reaped == "the pool was shut down"
+    assert {c.id for c in engine.containers.list(all=True, filters=mine)} <= before
 
 
 @pytest.mark.docker
