@@ -1,6 +1,6 @@
 """Sandbox layer benchmark: prints one JSON object (the same figures as `cellforge sandbox bench --json`).
 
-    .venv/bin/python benchmarks/sandbox_bench.py [--n 10] [--roundtrips 200] [--max-live 30] [--image I]
+    .venv/bin/python benchmarks/sandbox_bench.py [--n 10] [--roundtrips 200] [--max-live 30] [--image I] [--preload CODE]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 from sandbox import DockerBackend
 from sandbox.bench import run_bench
 from sandbox.images import DEFAULT_CPU_IMAGE
+from sandbox.pool import DEFAULT_PRELOAD
 
 
 def main() -> None:
@@ -20,6 +21,7 @@ def main() -> None:
     parser.add_argument("--max-live", type=int, default=30)
     parser.add_argument("--live-memory", default="512m")
     parser.add_argument("--image", default=DEFAULT_CPU_IMAGE)
+    parser.add_argument("--preload", default=DEFAULT_PRELOAD)
     args = parser.parse_args()
     result = asyncio.run(
         run_bench(
@@ -29,6 +31,7 @@ def main() -> None:
             roundtrips=args.roundtrips,
             live_limit=args.max_live,
             live_memory=args.live_memory,
+            preload=args.preload,
         )
     )
     print(result.model_dump_json())

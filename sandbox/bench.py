@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .pool import SandboxPool
+from .pool import DEFAULT_PRELOAD, SandboxPool
 from .spec import SandboxSpec
 
 # The targets of issue 2; `BenchResult.targets_met` checks the figures against them.
@@ -82,10 +82,12 @@ async def cold_start_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progr
     return samples
 
 
-async def warm_acquire_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def warm_acquire_ms(
+    backend: Any, spec: SandboxSpec, n: int, preload: str = DEFAULT_PRELOAD, progress: Progress = _no_progress
+) -> list[float]:
     """acquire() from a pool whose warm sandbox is ready; the refill is awaited between samples."""
     samples = []
-    async with SandboxPool(backend, [spec], warm=1, max_per_tenant=1, reap_orphans=False) as pool:
+    async with SandboxPool(backend, [spec], warm=1, preload=preload, max_per_tenant=1, reap_orphans=False) as pool:
         for i in range(n):
             await pool.wait_warm()
             start = time.perf_counter()
@@ -140,12 +142,13 @@ async def run_bench(
     roundtrips: int = 200,
     live_limit: int = 30,
     live_memory: str = "512m",
+    preload: str = DEFAULT_PRELOAD,
     progress: Progress = _no_progress,
 ) -> BenchResult:
     spec = SandboxSpec(image=image)
     bare = await asyncio.to_thread(bare_docker_run_ms, image, n, progress)
     cold = await cold_start_ms(backend, spec, n, progress)
-    warm = await warm_acquire_ms(backend, spec, n, progress)
+    warm = await warm_acquire_ms(backend, spec, n, preload, progress)
     rt = await roundtrip_ms(backend, spec, roundtrips, progress)
     alive = await max_live(backend, spec.model_copy(update={"memory": live_memory}), live_limit, progress)
     result = dict(

@@ -26,6 +26,7 @@ from sandbox.events import (
     TruncatedEvent,
 )
 from sandbox.images import DEFAULT_CPU_IMAGE
+from sandbox.pool import DEFAULT_PRELOAD
 from sandbox.spec import SandboxSpec
 
 sandbox_app = typer.Typer(help="Run code in a sandbox and measure the sandbox layer.", no_args_is_help=True)
@@ -162,6 +163,7 @@ def bench(
     max_live: Annotated[int, typer.Option(min=1, help="Most sandboxes to start at once.")] = 30,
     live_memory: Annotated[str, typer.Option(help="Memory limit of each of those sandboxes.")] = "512m",
     image: Annotated[str, typer.Option(help="Sandbox image to measure.")] = DEFAULT_CPU_IMAGE,
+    preload: Annotated[str, typer.Option(help="Code the pool runs in each warm sandbox.")] = DEFAULT_PRELOAD,
 ) -> None:
     """Measure cold start, warm acquire, execute round trip and density of Docker sandboxes.
 
@@ -186,6 +188,7 @@ def bench(
                     roundtrips=roundtrips,
                     live_limit=max_live,
                     live_memory=live_memory,
+                    preload=preload,
                     progress=progress,
                 )
             )

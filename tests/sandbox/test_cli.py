@@ -95,3 +95,22 @@ def test_run_rejects_bad_input_with_a_clear_message(tmp_path):
     assert bad_memory.returncode == 2
     assert "memory" in bad_memory.stderr and "'lots'" in bad_memory.stderr
     assert "Traceback" not in missing.stderr + bad_memory.stderr
+
+
+@pytest.mark.docker
+def test_bench_json_has_every_figure(docker_image):
+    res = cellforge(
+        "sandbox", "bench", "--json", "--n", "1", "--roundtrips", "20", "--max-live", "2", "--image", docker_image,
+        "--preload", "import numpy",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    figures = last_json(res.stdout)
+    for key in ("cold_start_ms_p50", "bare_docker_run_ms_p50", "warm_acquire_ms_p50",
+                "exec_roundtrip_ms_p50", "exec_roundtrip_ms_p95"):
+        assert figures[key] > 0, key
+    assert figures["exec_roundtrip_ms_p50"] <= figures["exec_roundtrip_ms_p95"]
+    assert figures["max_live_sandboxes"] == 2
+    assert set(figures["targets_met"]) == {
+        "warm_acquire_ms_p50", "cold_start_vs_bare", "exec_roundtrip_ms_p50", "max_live_sandboxes"
+    }
