@@ -202,10 +202,17 @@ async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | Non
 async def _exclusive(sb: Sandbox, timeout: float | None):
     """Hold the sandbox (after any running execution) for one transfer, within `timeout`."""
     sb.check_usable()
-    async with asyncio.timeout(sb.spec.timeout if timeout is None else timeout):
-        async with sb.lock:
-            sb.check_usable()
-            yield
+    limit = sb.spec.timeout if timeout is None else timeout
+    try:
+        async with asyncio.timeout(limit):
+            async with sb.lock:
+                sb.check_usable()
+                yield
+    except TimeoutError:
+        raise FileTransferError(
+            f"sandbox {sb.id}: the transfer did not finish within {limit:g}s (a running execution holds "
+            "the kernel, or the data is too large for this timeout)"
+        ) from None
 
 
 async def _put(sb: Sandbox, rel: str, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
@@ -93,3 +94,12 @@ async def test_missing_files_and_folders_are_clear_errors(shared_sandbox, tmp_pa
     await shared_sandbox.put_file("big.txt", b"y" * 5000)
     with pytest.raises(FileTransferError, match="more than the 100 allowed"):
         await shared_sandbox.get_file("big.txt", max_bytes=100)
+
+
+async def test_a_transfer_that_cannot_get_the_kernel_in_time_is_a_clear_error(shared_sandbox):
+    busy = asyncio.create_task(shared_sandbox.execute("import time; time.sleep(3)"))
+    await asyncio.sleep(0.2)
+    with pytest.raises(FileTransferError, match="did not finish within 0.5s"):
+        await shared_sandbox.put_file("late.txt", b"x", timeout=0.5)
+    assert (await busy).outcome is Outcome.OK
+    await shared_sandbox.put_file("late.txt", b"x")
