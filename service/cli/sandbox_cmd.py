@@ -30,7 +30,7 @@ from sandbox.pool import DEFAULT_PRELOAD
 from sandbox.spec import SandboxSpec
 
 sandbox_app = typer.Typer(help="Run code in a sandbox and measure the sandbox layer.", no_args_is_help=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths, for grep and logs)
 
 # Exit status of `sandbox run` per outcome; only `ok` is 0. 124 follows coreutils `timeout`,
 # 137 (128 + SIGKILL) is what a shell reports for a process the kernel's OOM killer ended.

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
 
 CLI = [str(Path(sys.executable).with_name("cellforge"))]
 REPO = Path(__file__).resolve().parents[2]
@@ -88,13 +91,16 @@ def test_run_on_the_local_backend(tmp_path):
 
 
 def test_run_rejects_bad_input_with_a_clear_message(tmp_path):
-    missing = cellforge("sandbox", "run", str(tmp_path / "nope.py"), "--backend", "local")
-    assert missing.returncode == 2
-    assert "nope.py" in missing.stderr
-    bad_memory = cellforge("sandbox", "run", script(tmp_path, "1\n"), "--backend", "local", "--memory", "lots")
-    assert bad_memory.returncode == 2
+    # In-process (same parsing and error paths, without paying the CLI's start-up twice).
+    runner = CliRunner()
+    missing = runner.invoke(app, ["sandbox", "run", str(tmp_path / "nope.py"), "--backend", "local"])
+    assert missing.exit_code == 2
+    assert "nope.py" in missing.stderr and "No such file" in missing.stderr
+    bad_memory = runner.invoke(app, ["sandbox", "run", script(tmp_path, "1\n"), "--backend", "local", "--memory", "lots"])
+    assert bad_memory.exit_code == 2
     assert "memory" in bad_memory.stderr and "'lots'" in bad_memory.stderr
-    assert "Traceback" not in missing.stderr + bad_memory.stderr
+    assert missing.exception is None or isinstance(missing.exception, SystemExit)
+    assert bad_memory.exception is None or isinstance(bad_memory.exception, SystemExit)
 
 
 @pytest.mark.docker
