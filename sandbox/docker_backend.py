@@ -17,7 +17,8 @@ While a kernel runs, its socket folder is made read-only to it (owner root, grou
 so sandboxed code cannot fill the host's disk through the bind mount; it is opened only while a
 kernel (re)binds its sockets. This needs the host process to be root; otherwise the container runs
 as the host user's uid (still unprivileged, no capabilities) and the folder stays writable.
-Every Docker SDK call runs in a worker thread with a timeout, so many sandboxes share one loop.
+Every Docker SDK call runs in the backend's own thread pool (the default one has only cpus + 4
+threads) with an HTTP timeout, so many sandboxes share one event loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ TENANT_LABEL = "cellforge.tenant"
 SANDBOX_LABEL = "cellforge.sandbox"
 _MAX_ROOT_LEN = 70
 _API_TIMEOUT_S = 60.0
+_API_THREADS = 32
 
 
 class DockerBackend:
@@ -75,6 +80,11 @@ class DockerBackend:
             raise SandboxError(f"Docker engine not reachable: {exc}") from None
         self.api_timeout = api_timeout
         self._root_host = os.geteuid() == 0
+        self._threads = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="cellforge-docker")
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking Docker SDK call in the backend's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args, **kwargs))
 
     @property
     def container_user(self) -> tuple[int, int]:
@@ -88,8 +98,8 @@ class DockerBackend:
         self._make_kernel_dir(host_dir, key)
         host = DockerKernelHost(self, sandbox_id, host_dir)
         try:
-            host.container_id = await asyncio.to_thread(self._create_container, spec, sandbox_id, host_dir)
-            await asyncio.to_thread(self.client.api.start, host.container_id)
+            host.container_id = await self.call(self._create_container, spec, sandbox_id, host_dir)
+            await self.call(self.client.api.start, host.container_id)
         except BaseException as exc:
             await host.destroy()
             if isinstance(exc, docker.errors.ImageNotFound):
@@ -110,10 +120,11 @@ class DockerBackend:
         sandbox_id = secrets.token_hex(6)
         host_dir = self.runtime_root / sandbox_id
         self._make_kernel_dir(host_dir, secrets.token_hex(32))
-        return await asyncio.to_thread(self._create_container, spec, sandbox_id, host_dir)
+        return await self.call(self._create_container, spec, sandbox_id, host_dir)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.client.close)
+        # The threads stay: sandboxes of this backend may still be closed after it.
+        await self.call(self.client.close)
 
     def _make_kernel_dir(self, host_dir: Path, key: str) -> None:
         self.runtime_root.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -208,7 +219,7 @@ class DockerKernelHost:
 
     async def restart_kernel(self) -> None:
         self.backend.set_kernel_dir_writable(self.host_dir, True)
-        await asyncio.to_thread(self._api.kill, self.container_id, "SIGUSR1")
+        await self.backend.call(self._api.kill, self.container_id, "SIGUSR1")
 
     def _state(self, wait_s: float) -> dict[str, Any]:
         if wait_s > 0:
@@ -222,7 +233,7 @@ class DockerKernelHost:
         if self.container_id is None:
             return "container never created"
         try:
-            state = await asyncio.to_thread(self._state, timeout)
+            state = await self.backend.call(self._state, timeout)
         except docker.errors.NotFound:
             return "container removed"
         if state.get("Running"):
@@ -237,25 +248,25 @@ class DockerKernelHost:
         self.backend.set_kernel_dir_writable(self.host_dir, True)
         for leftover in self.host_dir.glob("k-*"):
             leftover.unlink(missing_ok=True)
-        await asyncio.to_thread(self._api.start, self.container_id)
+        await self.backend.call(self._api.start, self.container_id)
 
     async def destroy(self) -> None:
         if self.container_id is not None:
             try:
-                await asyncio.to_thread(self._api.remove_container, self.container_id, force=True, v=True)
+                await self.backend.call(self._api.remove_container, self.container_id, force=True, v=True)
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
                 log.error(
                     "could not remove container %s of sandbox %s: %s", self.container_id[:12], self.sandbox_id, exc
                 )
-        await asyncio.to_thread(shutil.rmtree, self.host_dir, True)
+        await self.backend.call(shutil.rmtree, self.host_dir, True)
 
     async def logs(self) -> str:
         if self.container_id is None:
             return ""
         try:
-            raw = await asyncio.to_thread(self._api.logs, self.container_id, tail=60)
+            raw = await self.backend.call(self._api.logs, self.container_id, tail=60)
         except docker.errors.APIError:
             return ""
         return raw.decode("utf-8", "replace")
