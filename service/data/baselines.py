@@ -310,22 +310,13 @@ def _target_embedding(perturbation: str, gene_pos: dict[str, int], emb: np.ndarr
     return emb[idx].sum(axis=0) if idx else None
 
 
-def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
-    """Linear model of Ahlmann-Eltze et al. (2025) on training Δs: Y (genes × conditions) ≈ b + G W Pᵀ
-    with G = the top-K (K=10) principal directions of the centred training Δ matrix (gene embedding),
-    P = the rows of G of each condition's target gene(s) (summed for combos), W by ridge (λ=0.1) in
-    closed form. An unseen perturbation is predicted from its target gene's row of G; a target that
-    is not a measured gene gets b, the mean training Δ."""
-    train = task.train
-    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
-    Y = train.deltas.T  # genes × conditions
-    b = Y.mean(axis=1, keepdims=True) if Y.shape[1] else np.zeros((len(task.genes), 1))
+def _fit_pca_ridge(Y: np.ndarray, perturbations: pd.Series,
+                   gene_pos: dict[str, int]) -> Callable[[str], np.ndarray]:
+    """Closed-form fit of Y (genes × conditions) ≈ b + G W Pᵀ; returns perturbation → predicted Δ."""
+    b = Y.mean(axis=1, keepdims=True)
     k = max(1, min(PCA_RIDGE_K, Y.shape[1] - 1, Y.shape[0]))
-    if Y.shape[1] >= 2:
-        G = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k]
-    else:
-        G = np.zeros((Y.shape[0], k))
-    rows = [_target_embedding(p, gene_pos, G) for p in train.conditions[PERTURBATION]]
+    G = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k] if Y.shape[1] >= 2 else np.zeros((Y.shape[0], k))
+    rows = [_target_embedding(p, gene_pos, G) for p in perturbations]
     fit = [i for i, r in enumerate(rows) if r is not None]
     W = np.zeros((k, k))
     if fit:
@@ -334,9 +325,34 @@ def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
         left = np.linalg.solve(G.T @ G + lam, G.T @ (Y[:, fit] - b))
         W = np.linalg.solve((P.T @ P + lam).T, (left @ P).T).T
 
-    def delta(row: pd.Series) -> np.ndarray:
-        emb = _target_embedding(row[PERTURBATION], gene_pos, G)
+    def predict(perturbation: str) -> np.ndarray:
+        emb = _target_embedding(perturbation, gene_pos, G)
         return b[:, 0] + (G @ W @ emb if emb is not None else 0.0)
+
+    return predict
+
+
+def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
+    """Linear model of Ahlmann-Eltze et al. (2025) on training Δs: Y (genes × conditions) ≈ b + G W Pᵀ
+    with G = the top-K (K=10) principal directions of the centred training Δ matrix (gene embedding),
+    P = the rows of G of each condition's target gene(s) (summed for combos), W by ridge (λ=0.1) in
+    closed form. An unseen perturbation is predicted from its target gene's row of G; a target that
+    is not a measured gene gets b, the mean training Δ. Like the paper (one fit per cell line), the
+    model is fitted per context when that context has training conditions of its own, else pooled."""
+    train = task.train
+    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
+    if not len(train.conditions):
+        return _predict_each(task, lambda row: np.zeros(len(task.genes)))
+    contexts = train.conditions[CONTEXT].to_numpy()
+    fits: dict[str | None, Callable[[str], np.ndarray]] = {
+        None: _fit_pca_ridge(train.deltas.T, train.conditions[PERTURBATION], gene_pos)}
+    for ctx in set(task.targets[CONTEXT]):
+        own = contexts == ctx
+        if own.sum() >= 2 and own.sum() < len(contexts):
+            fits[ctx] = _fit_pca_ridge(train.deltas[own].T, train.conditions.loc[own, PERTURBATION], gene_pos)
+
+    def delta(row: pd.Series) -> np.ndarray:
+        return fits.get(row[CONTEXT], fits[None])(row[PERTURBATION])
 
     return _predict_each(task, delta)
 
