@@ -108,7 +108,19 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def tenant(self, name: str, *options: str) -> Tenant:
+    def tenant(self, name: str, **limits) -> Tenant:
+        """A tenant in the server's database (in-process: the CLI itself is tested in test_tenants_and_limits)."""
+        from service.api.tenants import create_tenant
+        from service.jobs.db import Database, default_db_url
+
+        db = Database(default_db_url(self.data_dir))
+        try:
+            _, key = create_tenant(db, name, **limits)
+        finally:
+            db.dispose()
+        return Tenant(name, key)
+
+    def cli_tenant(self, name: str, *options: str) -> Tenant:
         out = cli("tenants", "create", name, "--data-dir", str(self.data_dir), "--json", *options)
         return Tenant(name, json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
 
@@ -126,12 +138,12 @@ def server(tmp_path_factory, docker_image):
 
 @pytest.fixture(scope="module")
 def alice(server) -> Tenant:
-    return server.tenant("alice", "--max-sandboxes", "3", "--max-jobs", "3", "--rate-limit", "200")
+    return server.tenant("alice", max_sandboxes=3, max_jobs=3, rate_limit=200)
 
 
 @pytest.fixture(scope="module")
 def bob(server) -> Tenant:
-    return server.tenant("bob", "--max-sandboxes", "2", "--rate-limit", "200")
+    return server.tenant("bob", max_sandboxes=2, rate_limit=200)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def _owned_by(pid: int) -> list:
 def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, docker_image, make_server):
     server = make_server(tmp_path, "--workers", "2").start()
     try:
-        tenant = server.tenant("durable", "--max-jobs", "5", "--max-sandboxes", "5")
+        tenant = server.tenant("durable", max_jobs=5, max_sandboxes=5)
         data = tmp_path / "ko.h5ad"
         simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(data)
         with server.client(tenant) as c:

@@ -106,7 +106,7 @@ def test_running_jobs_stream_events_live_and_can_be_cancelled(server, alice, tra
 
 
 def test_job_quota_and_cancelling_a_queued_job(server, transport):
-    solo = server.tenant(f"solo-{transport}", "--max-jobs", "1")
+    solo = server.tenant(f"solo-{transport}", max_jobs=1)
     slow = {"test_slow.py": "import time\n\ndef test_sleeps():\n    time.sleep(30)\n"}
     with server.client(solo, transport) as c:
         first = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(slow))

@@ -153,7 +153,7 @@ def test_another_tenant_gets_404_on_every_sandbox_call(server, alice, bob, alice
 def test_idle_sandboxes_are_reaped_and_free_their_quota(tmp_path, docker_image, make_server):
     server = make_server(tmp_path, "--idle-timeout", "2").start()
     try:
-        solo = server.tenant("solo", "--max-sandboxes", "1")
+        solo = server.tenant("solo", max_sandboxes=1)
         with server.client(solo) as c:
             sb = c.create_sandbox(memory="256m")["id"]
             assert c.execute(sb, "1").outcome.value == "ok"
