@@ -15,8 +15,12 @@ import pytest
 import pathlib
 import sys
 
-# The scripted OpenAI-compatible server (the only stand-in allowed) is a plugin every package can use.
-sys.path.append(str(pathlib.Path(__file__).parent))
+# The repository root goes first so that `sandbox` is the package, never the namespace `tests/sandbox`
+# (the editable install's finder comes after sys.path). tests/ is appended for the scripted
+# OpenAI-compatible server (the only stand-in allowed), a plugin every package can use.
+_TESTS = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(_TESTS.parent))
+sys.path.append(str(_TESTS))
 pytest_plugins = ["fake_llm_server"]
 
 SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
