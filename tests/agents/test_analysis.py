@@ -9,7 +9,7 @@ from service.agents.knowledge import KnowledgeBase, KnowledgeBaseError, load_car
 from service.agents.llm_kinds import TASK_ANALYSIS
 from service.agents.offline_experts import task_analysis
 from service.data import profile_dataset
-from service.data.simulate import simulate
+from service.data import simulate
 from service.llm import OfflineBackend
 
 from agent_profiles import CYTOKINE, DRUG, KNOCKOUT, TASKS, make_facts
