@@ -83,7 +83,9 @@ class _LiveOutput:
             self.ends_with_newline = text.endswith("\n")
 
 
-async def _run_file(code: str, spec: Any, backend: BackendName, timeout: float, live: _LiveOutput, json_out: bool):
+async def _run_file(
+    code: str, spec: SandboxSpec, backend: BackendName, timeout: float, live: _LiveOutput
+) -> tuple[Any, ExecutionResult]:
     with err.status(f"starting a {backend.value} sandbox ({spec.image})", spinner="dots"):
         try:
             sb = await _make_backend(backend).create(spec)
@@ -91,8 +93,6 @@ async def _run_file(code: str, spec: Any, backend: BackendName, timeout: float, 
             err.print(f"[red]could not start the sandbox:[/] {exc}")
             raise typer.Exit(EXIT_START_FAILED) from None
     try:
-        if not sb.isolated and not json_out:
-            err.print("[yellow]local backend: the code runs on this machine, NOT isolated[/]")
         return sb, await sb.execute(code, timeout=timeout, on_event=live)
     finally:
         await sb.close()
@@ -143,7 +143,7 @@ def run(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     live = _LiveOutput()
-    sb, res = asyncio.run(_run_file(code, spec, backend, timeout, live, json_out))
+    sb, res = asyncio.run(_run_file(code, spec, backend, timeout, live))
     if json_out:
         if not live.ends_with_newline:
             sys.stdout.write("\n")
