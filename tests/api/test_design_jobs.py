@@ -10,6 +10,7 @@ import zipfile
 import pytest
 
 from service.data import simulate
+from service.client.remote import run_design
 from service.jobs import compare_metrics
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -19,17 +20,17 @@ TASK = "Predict expression after CRISPR knockout of unseen genes"
 
 @pytest.fixture(scope="module")
 def design_job(server, alice, tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "knockout.h5ad"
-    simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(path)
-    with server.client(alice, "grpc") as c:
-        ds = c.upload_dataset(path)
-        job = c.submit_job(ds["id"], TASK, max_attempts=2, max_minutes=8)
-        events = list(c.job_events(job["id"]))  # live until the job ends
-        return c.get_job(job["id"]), events
+    """One design run the way `cellforge design --server` does it (upload, submit, follow, download)."""
+    folder = tmp_path_factory.mktemp("design")
+    simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(folder / "knockout.h5ad")
+    events = []
+    job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
+                     on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8)
+    return job, events, folder / "outputs"
 
 
 def test_design_job_streams_its_progress_and_succeeds(design_job):
-    job, events = design_job
+    job, events, outputs = design_job
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["status"] in ("validated", "below_baseline")
     assert "pearson_delta" in job["result"]["metrics"]["model"]
@@ -41,10 +42,11 @@ def test_design_job_streams_its_progress_and_succeeds(design_job):
     assert epochs and all("train_loss" in e and "val_loss" in e for e in epochs)
     # No server path reaches the tenant.
     assert "/jobs/" not in json.dumps(events)
+    assert sorted(p.name for p in outputs.iterdir()) == sorted(job["artifacts"])
 
 
 def test_design_artifacts_download(server, alice, design_job, transport):
-    job, _ = design_job
+    job, _, _ = design_job
     assert {"code.zip", "model.pt", "predictions.h5ad", "report.html", "metrics.json"} <= set(job["artifacts"])
     with server.client(alice, transport) as c:
         bundle = zipfile.ZipFile(io.BytesIO(c.get_artifact(job["id"], "code.zip")))
@@ -54,7 +56,7 @@ def test_design_artifacts_download(server, alice, design_job, transport):
 
 
 def test_rescore_replay_and_pytest_regressions_pass_on_the_stored_run(server, alice, design_job):
-    job, _ = design_job
+    job, _, _ = design_job
     with server.client(alice) as c:
         runs = {kind: c.submit_regression(kind=kind, job_id=job["id"]) for kind in ("rescore", "replay", "pytest")}
         done = {kind: c.wait(run["id"], timeout=300) for kind, run in runs.items()}

@@ -1,0 +1,46 @@
+"""What the command line does against a remote server (`--server URL --api-key K`): run one script in a
+fresh sandbox, or run a whole design job and fetch its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sandbox.events import ExecutionResult, StreamEvent, StreamEventAdapter
+
+from . import CellForgeClient
+
+
+def run_script(url: str, api_key: str, code: str, *, transport: str = "http",
+               on_event: Callable[[StreamEvent], None] | None = None, **spec: Any) -> ExecutionResult:
+    """Run `code` in a new sandbox on the server (spec: image, cpus, memory, gpus, timeout), streaming its
+    typed events to `on_event`; the sandbox is deleted afterwards."""
+    with CellForgeClient(url, api_key, transport=transport) as client:
+        sandbox = client.create_sandbox(**{k: v for k, v in spec.items() if v is not None})["id"]
+        try:
+            return client.execute(sandbox, code, timeout=spec.get("timeout"),
+                                  on_event=(lambda e: on_event(StreamEventAdapter.validate_python(e)))
+                                  if on_event else None)
+        finally:
+            client.delete_sandbox(sandbox)
+
+
+def run_design(url: str, api_key: str, data: Path, task: str, *, transport: str = "http",
+               on_event: Callable[[dict[str, Any]], None] | None = None, download_to: Path | None = None,
+               **options: Any) -> dict[str, Any]:
+    """Upload `data`, run a design job on it and follow its events (`on_event` gets each event dict: kind,
+    seq, data with phase/message/round/attempt/epoch/losses); the job's artifacts are downloaded into
+    `download_to`. Returns the finished job."""
+    with CellForgeClient(url, api_key, transport=transport) as client:
+        dataset = client.upload_dataset(data)
+        job = client.submit_job(dataset["id"], task, **{k: v for k, v in options.items() if v is not None})
+        for event in client.job_events(job["id"]):
+            if on_event is not None:
+                on_event(event)
+        job = client.get_job(job["id"])
+        if download_to is not None:
+            download_to.mkdir(parents=True, exist_ok=True)
+            for name in job["artifacts"]:
+                (download_to / name).write_bytes(client.get_artifact(job["id"], name))
+        return job
