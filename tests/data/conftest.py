@@ -7,15 +7,8 @@ other genes, so detection, profiles, splits and metrics see genuine structure.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-# tests/conftest.py puts tests/ first on sys.path, where tests/sandbox would shadow the `sandbox`
-# package that `service.cli` imports; the repository root must come first.
-_REPO_ROOT = str(Path(__file__).resolve().parents[2])
-if sys.path[0] != _REPO_ROOT:
-    sys.path.insert(0, _REPO_ROOT)
 
 import anndata as ad
 import numpy as np

@@ -6,19 +6,10 @@ per module; tests that kill, restart or exhaust a sandbox make their own.
 
 from __future__ import annotations
 
-import pathlib
-import sys
+import pytest
+import pytest_asyncio
 
-# tests/conftest.py puts tests/ on sys.path, where tests/sandbox would shadow the `sandbox` package
-# (a namespace package found before the editable install's finder); the repository root wins.
-_REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-import pytest  # noqa: E402
-import pytest_asyncio  # noqa: E402
-
-from sandbox import DockerBackend, Sandbox, SandboxSpec  # noqa: E402
+from sandbox import DockerBackend, Sandbox, SandboxSpec
 
 
 def _small_spec(image: str, **overrides) -> SandboxSpec:
