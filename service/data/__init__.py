@@ -44,6 +44,38 @@ from .preprocess import (
 )
 from .profile import DataProfile, profile_dataset
 from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split
-from .baselines import BASELINES, PredictionTask, applicable_baselines, load_task, run_baselines
-from .evaluate import EvaluationReport, Evaluator, PredictionsError, evaluate
-from .simulator import KINDS as SIMULATION_KINDS, SimulationError, simulate
+
+# Baselines, evaluator and simulator pull in scikit-learn and numba (seconds and ~150 MB at import):
+# loaded on first use, so the CLI and the loaders stay quick and lean.
+_LAZY = {
+    "BASELINES": ("baselines", "BASELINES"),
+    "PredictionTask": ("baselines", "PredictionTask"),
+    "applicable_baselines": ("baselines", "applicable_baselines"),
+    "load_task": ("baselines", "load_task"),
+    "run_baselines": ("baselines", "run_baselines"),
+    "EvaluationReport": ("evaluate", "EvaluationReport"),
+    "Evaluator": ("evaluate", "Evaluator"),
+    "PredictionsError": ("evaluate", "PredictionsError"),
+    "evaluate": ("evaluate", "evaluate"),
+    "SIMULATION_KINDS": ("simulator", "KINDS"),
+    "SimulationError": ("simulator", "SimulationError"),
+    "simulate": ("simulator", "simulate"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    # Importing a submodule binds it on the package (`evaluate` the module); the export wins.
+    for export, (mod, source) in _LAZY.items():
+        if mod == module_name:
+            globals()[export] = getattr(module, source)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
