@@ -72,7 +72,7 @@ def design(
     data: Annotated[Path, typer.Option("--data", help="The dataset (.h5ad).", show_default=False)],
     task: Annotated[str, typer.Option("--task", help="What to predict, in plain language.", show_default=False)],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<data stem>).")] = None,
-    llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (any compatible endpoint).")] = None,
+    llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (compatible endpoint).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="LLM model name.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
     sandbox: SandboxOpt = "docker",
@@ -123,7 +123,8 @@ def demo(
     err.print(f"simulating a knockout screen (8,000 cells × 500 genes) into {data}")
     simulate("knockout", seed, n_cells=8000, n_genes=500).write_h5ad(data)
     settings = DesignSettings(data=data, task="Predict expression after CRISPR knockout of unseen genes",
-                              out=out_dir / time.strftime("run-%Y%m%d-%H%M%S"), seed=seed, sandbox=sandbox, max_minutes=15)
+                              out=out_dir / time.strftime("run-%Y%m%d-%H%M%S"), seed=seed, sandbox=sandbox,
+                              max_minutes=15)
     _run(settings, LLMConfig(), None, json_out)
 
 

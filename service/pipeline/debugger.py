@@ -103,10 +103,11 @@ def offline_debug(context: dict[str, Any]) -> DebugPatch:
     text = _text(context)
     if failure.get("outcome") == "timeout":
         epochs = max(5, int(config["epochs"]) // 2)
+        patience = max(3, int(config["early_stopping_patience"]) // 2)
         return DebugPatch(failure_class="timeout", diagnosis=f"{failure.get('stage')} ran out of time; halving "
                           f"epochs to {epochs} and stopping earlier",
                           config_changes={"epochs": epochs,
-                                          "early_stopping_patience": max(3, int(config["early_stopping_patience"]) // 2)})
+                                          "early_stopping_patience": patience})
     if _OOM.search(text):
         changes = {"batch_size": max(8, int(config["batch_size"]) // 2),
                    "hidden_width": max(16, int(config["hidden_width"]) // 2),
@@ -129,7 +130,8 @@ def offline_debug(context: dict[str, Any]) -> DebugPatch:
                           config_changes={"residual_delta": False,
                                           "ridge_lambdas": [x * 10 for x in config["ridge_lambdas"]]})
     if _DTYPE.search(text):
-        return DebugPatch(failure_class="dtype", diagnosis=f"a dtype error with no known config fix: {failure.get('evalue')}",
+        return DebugPatch(failure_class="dtype",
+                          diagnosis=f"a dtype error with no known config fix: {failure.get('evalue')}",
                           give_up=True)
     what = failure.get("evalue") or (problems[0] if problems else "unknown failure")
     return DebugPatch(failure_class="unknown", diagnosis=f"no rule matches: {what}", give_up=True)

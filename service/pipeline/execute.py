@@ -7,6 +7,7 @@ empty environment. Every step's output is written under the attempt's folder.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,7 +75,7 @@ def _tail(text: str, lines: int = 60) -> str:
 
 def _failure(stage: Stage, res: ExecutionResult) -> StepFailure:
     output = (res.stdout or "") + ("\n" + res.stderr if res.stderr else "")
-    return StepFailure(stage=stage, outcome=str(res.outcome.value if hasattr(res.outcome, "value") else res.outcome),
+    return StepFailure(stage=stage, outcome=res.outcome.value,
                        ename=res.ename, evalue=res.evalue, traceback=list(res.traceback or []),
                        died_cause=res.died_cause, output_tail=_tail(output))
 
@@ -87,8 +88,6 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
                 time_left: float, on_progress: ProgressCallback) -> AttemptOutcome:
     """Run tests then training of the bundle in `code_dir` in a fresh sandbox; outputs land in
     `attempt_dir/out`. A failure is returned (never raised) so the debugging agent can read it."""
-    import time
-
     started = time.monotonic()
     out_dir = attempt_dir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,12 +116,14 @@ def write_report(rd: RunDir, plan: Plan, analysis: TaskAnalysis, discussion: Dis
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
 <h1>CellForge design report</h1>
-<p>Status: <b>{html.escape(str(metrics.get('status')))}</b>; primary metric {html.escape(plan.evaluation.primary_metric)};
+<p>Status: <b>{html.escape(str(metrics.get('status')))}</b>;
+primary metric {html.escape(plan.evaluation.primary_metric)};
 attempts: {metrics.get('attempts')}; chosen attempt: {metrics.get('chosen_attempt')}.</p>
 <h2>Task</h2><p>{html.escape(analysis.problem_definition)}</p>
 <p>Kind {analysis.perturbation_kind}; split {analysis.split_scheme}; cited:
 {html.escape(', '.join(c.card_id for c in analysis.cited_cards))}</p>
-<h2>Plan</h2><p>{html.escape(a.perturbation_encoder)} encoder (dim {a.embedding_dim}), base {html.escape(a.base_predictor)},
+<h2>Plan</h2><p>{html.escape(a.perturbation_encoder)} encoder (dim {a.embedding_dim}),
+base {html.escape(a.base_predictor)},
 residual MLP {a.depth}×{a.hidden_width}, dropout {a.dropout}; loss {html.escape(plan.loss.kind)};
 {html.escape(plan.training.optimizer)} lr {plan.training.lr:g}, {plan.training.epochs} epochs.</p>
 <h3>Discussion</h3><ul>{rounds}</ul><h3>Which argument set which choice</h3><ul>{provenance}</ul>

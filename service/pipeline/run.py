@@ -121,9 +121,8 @@ def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSett
                                seconds=outcome.seconds, candidate=candidate)
         records.append(record)
         if validation is not None and validation.ok:
-            on_progress(ProgressEvent("validate", f"attempt {number} validated: {primary}="
-                                      f"{validation.val_score:.4f} (mean baseline {validation.mean_baseline_score:.4f})",
-                                      attempt=number))
+            on_progress(ProgressEvent("validate", f"attempt {number} validated: {primary}={validation.val_score:.4f} "
+                                      f"(mean baseline {validation.mean_baseline_score:.4f})", attempt=number))
             break
         if number == first + settings.max_attempts - 1:
             break

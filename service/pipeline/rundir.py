@@ -23,15 +23,69 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 
-    def __getattr__(self, name: str) -> Path:
-        files = {"task_analysis": "task_analysis.json", "plan": "plan.json", "metrics": "metrics.json",
-                 "predictions": "predictions.h5ad", "weights": "model.pt", "report": "report.html",
-                 "run_json": "run.json", "llm_calls": "llm_calls.jsonl", "profile": "profile.json",
-                 "discussion": "discussion", "code": "code", "split": "split", "sandbox_data": "sandbox_data",
-                 "attempts": "attempts", "val_predictions": "val_predictions.h5ad", "train_log": "train_log.jsonl"}
-        if name in files:
-            return self.root / files[name]
-        raise AttributeError(name)
+    @property
+    def task_analysis(self) -> Path:
+        return self.root / "task_analysis.json"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile.json"
+
+    @property
+    def discussion(self) -> Path:
+        return self.root / "discussion"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split"
+
+    @property
+    def sandbox_data(self) -> Path:
+        return self.root / "sandbox_data"
+
+    @property
+    def code(self) -> Path:
+        return self.root / "code"
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / "attempts"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.h5ad"
+
+    @property
+    def val_predictions(self) -> Path:
+        return self.root / "val_predictions.h5ad"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def llm_calls(self) -> Path:
+        return self.root / "llm_calls.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
 
     def attempt(self, n: int) -> Path:
         path = self.attempts / f"{n:02d}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import anndata as ad
+from typer.testing import CliRunner
 
 from service.agents import Plan
-from service.pipeline import DesignSettings, RunDir, run_design
+from service.cli import app
+from service.pipeline import RunDir
 from service.pipeline.rundir import SANDBOX_FILES
 
 
@@ -87,13 +89,22 @@ def test_report_embeds_plots_and_the_metrics_table(offline_run):
     assert "linear_pca_ridge" in page and "data ceiling" in page
 
 
-def test_replay_reproduces_plan_and_code_exactly(offline_run, tmp_path):
-    recorded = json.loads((offline_run.run_dir / "run.json").read_text())["settings"]
-    settings = DesignSettings.model_validate({**recorded, "out": str(tmp_path / "replay")})
-    again = run_design(settings, replay_from=offline_run.run_dir)
-    assert (again.run_dir / "plan.json").read_bytes() == (offline_run.run_dir / "plan.json").read_bytes()
+def test_cli_replay_reproduces_plan_and_code_exactly(offline_run, tmp_path):
+    out = tmp_path / "replay"
+    result = CliRunner().invoke(app, ["replay", str(offline_run.run_dir), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["status"] == "validated" and summary["run_dir"] == str(out)
+    assert (out / "plan.json").read_bytes() == (offline_run.run_dir / "plan.json").read_bytes()
     for name in ("model.py", "train.py", "test_model.py", "config.json"):
-        assert (again.run_dir / "code" / name).read_bytes() == (offline_run.run_dir / "code" / name).read_bytes()
+        assert (out / "code" / name).read_bytes() == (offline_run.run_dir / "code" / name).read_bytes()
     recorded_calls = (offline_run.run_dir / "llm_calls.jsonl").read_text().splitlines()
-    assert len((again.run_dir / "llm_calls.jsonl").read_text().splitlines()) == len(recorded_calls)
-    assert again.status == "validated"
+    assert len((out / "llm_calls.jsonl").read_text().splitlines()) == len(recorded_calls)
+    assert json.loads((out / "run.json").read_text())["replay_of"] == str(offline_run.run_dir)
+
+
+def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
+    result = CliRunner().invoke(app, ["replay", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["error"] == "PipelineError" and "run.json" in last["message"]

@@ -21,6 +21,18 @@ def dense(X) -> np.ndarray:
     return X.toarray() if sp.issparse(X) else np.asarray(X)
 
 
+def write_h5ad(adata, path) -> None:
+    """Write with plain string storage: text columns as categoricals and object-dtype names, which every
+    anndata version writes and reads (pandas ≥ 3 would otherwise hand it nullable string arrays)."""
+    for frame in (adata.obs, adata.var):
+        for column in frame.columns:
+            if frame[column].dtype.kind in "OSU" or str(frame[column].dtype).startswith("str"):
+                frame[column] = pd.Categorical(frame[column].astype(object))
+    adata.obs_names = pd.Index([str(x) for x in adata.obs_names], dtype=object)
+    adata.var_names = pd.Index([str(x) for x in adata.var_names], dtype=object)
+    adata.write_h5ad(path)
+
+
 def group_means(X, labels: np.ndarray, order: list[str]) -> np.ndarray:
     """Mean row of X per label in `order`, without densifying X (sparse indicator product)."""
     index = {c: i for i, c in enumerate(order)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from model import ConditionSet, PerturbationModel, control_means, delta_loss
+from model import ConditionSet, PerturbationModel, control_means, delta_loss, write_h5ad
 
 CONFIG = json.loads((Path(__file__).parent / "config.json").read_text())
 N_GENES = 40
@@ -57,15 +57,16 @@ def split_dir(tmp_path_factory) -> Path:
         X = np.vstack([b[0] for b in blocks[name]])
         obs = pd.concat([b[1] for b in blocks[name]], ignore_index=True)
         obs.index = [f"c{i}" for i in range(len(obs))]
-        ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(out / f"{name}.h5ad")
+        write_h5ad(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes)), out / f"{name}.h5ad")
     ctrl = [b for b in blocks["test"] if b[1]["perturbation"].iloc[0] == "control"]
     X = np.vstack([b[0] for b in ctrl])
     obs = pd.concat([b[1] for b in ctrl], ignore_index=True)
     obs.index = [f"t{i}" for i in range(len(obs))]
     rows = [(f"{p}|{'' if np.isnan(d) else f'{d:g}'}|{c}", p, d, c) for p, d in parts["test"] for c in CONTEXTS]
     test = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
-    test.uns["predict"] = {k: [r[i] for r in rows] for i, k in enumerate(("condition", "perturbation", "dose", "context"))}
-    test.write_h5ad(out / "test_inputs.h5ad")
+    keys = ("condition", "perturbation", "dose", "context")
+    test.uns["predict"] = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+    write_h5ad(test, out / "test_inputs.h5ad")
     return out
 
 

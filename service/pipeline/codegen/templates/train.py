@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import ConditionSet, PerturbationModel, control_means, delta_loss, dense, pick_device
+from model import ConditionSet, PerturbationModel, control_means, delta_loss, dense, pick_device, write_h5ad
 
 
 def read_part(data: Path, name: str) -> ad.AnnData:
@@ -42,7 +42,7 @@ def write_predictions(path: Path, conditions: ConditionSet, delta: np.ndarray, g
     obs = conditions.table.loc[:, ["condition", "perturbation", "dose", "context"]].copy()
     obs.index = obs["condition"].to_numpy()
     X = (conditions.control + delta).astype(np.float32)
-    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes])).write_h5ad(path)
+    write_h5ad(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes])), path)
 
 
 def cell_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,8 +10,10 @@ class BasePredictor:
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
+        if not len(conditions):
+            return np.zeros((0, self.delta.shape[1]))
         return np.stack([mean_delta_by(self.table, self.delta, r.context, r.dose)
-                         for r in conditions.table.itertuples()]) if len(conditions) else np.zeros((0, self.delta.shape[1]))
+                         for r in conditions.table.itertuples()])
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
         return self.predict(train, F_train)
