@@ -131,12 +131,16 @@ class PerturbationModel:
         return self.net
 
     def predict_delta(self, conditions: ConditionSet, device: torch.device) -> np.ndarray:
+        """Base + residual. The residual is left out for contexts absent from training: the network never
+        saw their inputs, and an unseen context is the closed-form base's job (transfer across contexts)."""
         delta = self.base.predict(conditions, self.features(conditions))
         if len(conditions) and self.net is not None and self.config["residual_delta"]:
             self.net.eval()
             with torch.no_grad():
                 x = torch.as_tensor(self.net_input(conditions), dtype=torch.float32, device=device)
-                delta = delta + self.net(x).double().cpu().numpy()
+                residual = self.net(x).double().cpu().numpy()
+            seen = conditions.table["context"].isin(self.contexts).to_numpy()
+            delta = delta + residual * seen[:, None]
         if self.self_effect is not None:
             delta = self.self_effect.apply(conditions, delta)
         return delta

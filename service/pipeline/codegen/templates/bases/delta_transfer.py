@@ -1,8 +1,9 @@
 class BasePredictor:
-    """Closed-form base: a blend a·T + b·M of the perturbation's Δ measured in the other training
-    contexts (T, same dose when there is one) and the mean training Δ (M). a and b are fitted by
-    least squares on leave-context-out predictions of the training conditions, so they say how well
-    responses transfer across contexts in this dataset (a → 0 when they do not)."""
+    """Closed-form base: a convex blend a·T + (1 − a)·M of the perturbation's Δ measured in the other
+    training contexts (T, same dose when there is one) and the mean training Δ (M). a ∈ [0, 1] is
+    fitted by least squares on leave-context-out predictions of the training conditions, so it says how
+    well responses transfer across contexts in this dataset; a convex blend never shrinks the response
+    magnitude, which a new context need not share with the training ones."""
 
     def __init__(self, config: dict):
         self.chosen = {}
@@ -25,9 +26,11 @@ class BasePredictor:
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         parts = np.stack([self._parts(r.perturbation, r.dose, r.context, True) for r in train.table.itertuples()])
-        if (train.table["context"].nunique() > 1):
-            A = parts.transpose(0, 2, 1).reshape(-1, 2)  # (conditions·genes) × [T, M]
-            self.weights = np.linalg.lstsq(A, train.delta.reshape(-1), rcond=None)[0]
+        if train.table["context"].nunique() > 1:
+            gap = (parts[:, 0] - parts[:, 1]).reshape(-1)
+            target = (train.delta - parts[:, 1]).reshape(-1)
+            a = float(np.clip(gap @ target / max(gap @ gap, 1e-12), 0.0, 1.0))
+            self.weights = np.array([a, 1.0 - a])
         self.chosen = {"transfer_weight": float(self.weights[0]), "mean_weight": float(self.weights[1])}
         return self
 
