@@ -26,6 +26,7 @@ import grpc
 import httpx
 
 from sandbox import DockerBackend, SandboxSpec
+from service.api.grpc_server import struct
 from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import CellForgeClient
@@ -45,35 +46,48 @@ def _pct(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
-async def direct_latencies(calls: int) -> list[float]:
+async def latencies(url: str, target: str, key: str, calls: int, block: int = 20) -> dict[str, list[float]]:
+    """Sequential executions of the same code directly on an in-process sandbox, through HTTP (NDJSON
+    stream read to the end) and through gRPC, interleaved in blocks so that all three see the same load."""
     backend = DockerBackend()
-    sb = await backend.create(SandboxSpec(memory="256m"))
-    try:
-        await sb.execute(CODE)
-        out = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            res = await sb.execute(CODE)
-            out.append((time.perf_counter() - t) * 1000)
-            assert res.ok, res
-        return out
-    finally:
-        await sb.close()
+    direct = await backend.create(SandboxSpec(memory="256m"))
+    headers = {"Authorization": f"Bearer {key}"}
+    metadata = (("authorization", f"Bearer {key}"),)
+    out: dict[str, list[float]] = {"direct": [], "http": [], "grpc": []}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http, \
+            grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CellForgeStub(channel)
+        sb_http = (await http.post("/v1/sandboxes", json={"memory": "256m"})).json()["id"]
+        sb_grpc = (await stub.CreateSandbox(pb.CreateSandboxRequest(spec=struct({"memory": "256m"})), metadata=metadata)).id
 
+        async def via_direct() -> None:
+            assert (await direct.execute(CODE)).ok
 
-def api_latencies(client: CellForgeClient, calls: int) -> list[float]:
-    sb = client.create_sandbox(memory="256m")["id"]
-    try:
-        client.execute(sb, CODE)
-        out = []
-        for _ in range(calls):
-            t = time.perf_counter()
-            res = client.execute(sb, CODE)
-            out.append((time.perf_counter() - t) * 1000)
-            assert res.outcome.value == "ok", res
-        return out
-    finally:
-        client.delete_sandbox(sb)
+        async def via_http() -> None:
+            async with http.stream("POST", f"/v1/sandboxes/{sb_http}/execute", json={"code": CODE}) as r:
+                lines = [line async for line in r.aiter_lines() if line]
+            assert json.loads(lines[-1])["result"]["outcome"] == "ok"
+
+        async def via_grpc() -> None:
+            events = [e async for e in stub.Execute(pb.ExecuteRequest(sandbox_id=sb_grpc, code=CODE),
+                                                    metadata=metadata)]
+            assert events[-1].result.outcome == "ok"
+
+        try:
+            runners = {"direct": via_direct, "http": via_http, "grpc": via_grpc}
+            for run in runners.values():
+                await run()  # warm-up
+            while len(out["direct"]) < calls:
+                for name, run in runners.items():
+                    for _ in range(min(block, calls - len(out[name]))):
+                        t = time.perf_counter()
+                        await run()
+                        out[name].append((time.perf_counter() - t) * 1000)
+        finally:
+            await direct.close()
+            await http.delete(f"/v1/sandboxes/{sb_http}")
+            await stub.DeleteSandbox(pb.SandboxRef(sandbox_id=sb_grpc), metadata=metadata)
+    return out
 
 
 async def load(url: str, target: str, key: str, sandboxes: list[str], clients: int, duration: float) -> dict:
@@ -152,7 +166,6 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     args = parser.parse_args()
 
-    direct = asyncio.run(direct_latencies(args.calls))
     data_dir = Path(tempfile.mkdtemp(prefix="cellforge-bench-"))
     http_port, grpc_port = _port(), _port()
     created = subprocess.run([CLI, "tenants", "create", "bench", "--data-dir", str(data_dir), "--json",
@@ -170,9 +183,8 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        with CellForgeClient(url, key) as http_client, CellForgeClient(target, key, transport="grpc") as grpc_client:
-            via_http = api_latencies(http_client, args.calls)
-            via_grpc = api_latencies(grpc_client, args.calls)
+        series = asyncio.run(latencies(url, target, key, args.calls))
+        with CellForgeClient(url, key) as http_client:
             sandboxes = [http_client.create_sandbox(memory="256m")["id"] for _ in range(args.sandboxes)]
             time.sleep(3)  # let the fresh kernels settle before measuring them idle
             memory = idle_memory(sandboxes)
@@ -182,10 +194,10 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
-    p50 = {"direct": _pct(direct, 0.5), "http": _pct(via_http, 0.5), "grpc": _pct(via_grpc, 0.5)}
+    p50 = {name: _pct(values, 0.5) for name, values in series.items()}
     print(json.dumps({
         "execute_ms_p50": p50,
-        "execute_ms_p99": {"direct": _pct(direct, 0.99), "http": _pct(via_http, 0.99), "grpc": _pct(via_grpc, 0.99)},
+        "execute_ms_p99": {name: _pct(values, 0.99) for name, values in series.items()},
         "overhead_ms_p50": {"http": round(p50["http"] - p50["direct"], 3), "grpc": round(p50["grpc"] - p50["direct"], 3)},
         "calls": args.calls,
         "concurrent": concurrent,

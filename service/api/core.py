@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from .sandboxes import SandboxService
 from .tenants import Tenant, authenticate
 
 log = logging.getLogger(__name__)
+
+AUTH_CACHE_S = 1.0
 
 
 @dataclass
@@ -67,6 +70,7 @@ class CellForgeCore:
         uploads = self.data_dir / "uploads"
         uploads.mkdir(exist_ok=True)
         self.jobs = JobService(self.store, self.runner, self.datasets, uploads)
+        self._auth_cache: dict[str, tuple[Tenant, float]] = {}
         self.ready = False
 
     async def start(self) -> None:
@@ -99,12 +103,24 @@ class CellForgeCore:
         """The caller's tenant, after its rate limit; failures are audited too."""
         tenant: Tenant | None = None
         try:
-            tenant = await asyncio.to_thread(authenticate, self.db, authorization)
+            tenant = await self._cached_tenant(authorization)
             self.limiter.check(tenant.id, tenant.rate_limit)
         except ServiceError as exc:
             self.audit.record(tenant and tenant.id, transport, action, None, type(exc).__name__, str(exc))
             self.metrics.requests.labels(transport=transport, outcome=type(exc).__name__).inc()
             raise
+        return tenant
+
+    async def _cached_tenant(self, authorization: str | None) -> Tenant:
+        """A key's tenant is looked up at most once per AUTH_CACHE_S, so a revoke takes effect within that."""
+        now = time.monotonic()
+        hit = self._auth_cache.get(authorization or "")
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        tenant = await asyncio.to_thread(authenticate, self.db, authorization)
+        if len(self._auth_cache) > 10_000:
+            self._auth_cache.clear()
+        self._auth_cache[authorization or ""] = (tenant, now + AUTH_CACHE_S)
         return tenant
 
     @contextlib.contextmanager
