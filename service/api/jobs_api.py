@@ -9,6 +9,7 @@ import binascii
 import io
 import posixpath
 import secrets
+import shutil
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,18 +142,23 @@ class JobService:
             raise BadRequest(f"bundle: {len(members)} files; at most {BUNDLE_MAX_FILES} are accepted")
         if sum(m.file_size for m in members) > BUNDLE_MAX_BYTES:
             raise PayloadTooLarge(f"bundle: unpacks to more than {BUNDLE_MAX_BYTES} bytes")
-        target = self.uploads / ("bundle_" + secrets.token_hex(8))
+        if not members:
+            raise BadRequest("bundle: the zip archive is empty")
         for member in members:
             name = posixpath.normpath(member.filename)
             if name.startswith(("/", "../")) or name == ".." or "\x00" in name:
                 raise BadRequest(f"bundle: member {member.filename!r} escapes the bundle folder")
             if (member.external_attr >> 16) & 0o170000 == 0o120000:
                 raise BadRequest(f"bundle: member {member.filename!r} is a symbolic link")
-            path = target / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(archive.read(member))
-        if not members:
-            raise BadRequest("bundle: the zip archive is empty")
+        target = self.uploads / ("bundle_" + secrets.token_hex(8))
+        try:
+            for member in members:
+                path = target / posixpath.normpath(member.filename)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(archive.read(member))
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise BadRequest(f"bundle: a member cannot be unpacked ({exc})") from None
         return target
 
     async def _enqueue(self, tenant: Tenant, kind: str, params: dict[str, Any]) -> dict[str, Any]:

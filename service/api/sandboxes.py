@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,10 +77,6 @@ class _Live:
     request: SandboxRequest
     created_at: float
 
-    @property
-    def memory(self) -> int:
-        return parse_size(self.request.memory)
-
 
 def parse_request(data: Any) -> SandboxRequest:
     if data is None:
@@ -100,11 +97,12 @@ def parse_request(data: Any) -> SandboxRequest:
 
 
 class SandboxService:
-    def __init__(self, pool: SandboxPool, db: Database, metrics: ServiceMetrics, dataset_dir) -> None:
+    def __init__(self, pool: SandboxPool, db: Database, metrics: ServiceMetrics,
+                 dataset_dir: Callable[[str, str], Path]) -> None:
         self.pool = pool
         self.db = db
         self.metrics = metrics
-        self._dataset_dir = dataset_dir  # callable (tenant_id, dataset_id) -> host folder, or NotFound
+        self._dataset_dir = dataset_dir  # (tenant id, dataset id) -> host folder; NotFound for others' ids
         self._live: dict[str, _Live] = {}
         self._reserved: dict[str, list[_Live | SandboxRequest]] = {}
         self._lock = asyncio.Lock()
