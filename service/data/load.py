@@ -33,6 +33,7 @@ from .conditions import (
     condition_keys,
 )
 from .errors import (
+    DataError,
     DataFileError,
     DuplicateGeneNames,
     InvalidDose,
@@ -63,6 +64,9 @@ CONTEXT_COLUMNS = (
     "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
     "context", "cell_context", "tissue",
 )
+# Per-perturbation annotations (what a compound targets), as sci-Plex / Tahoe-style screens ship them.
+ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "pathway", "pathways")
+ANNOTATION_SEPARATORS = re.compile(r"[;,|]")
 BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor")
 # Where gene symbols live when var_names are Ensembl ids (GEARS: gene_name; CELLxGENE: feature_name).
 SYMBOL_COLUMNS = ("gene_name", "gene_names", "gene_symbol", "gene_symbols", "symbol", "feature_name", "gene")
@@ -109,6 +113,7 @@ class DatasetLayout(BaseModel):
     dose_key: str | None = None
     context_key: str | None = None
     batch_key: str | None = None
+    annotation_key: str | None = None  # obs column of per-perturbation target genes / pathways
     feature_types_key: str | None = None
     gene_symbols_key: str | None = None  # var column used as gene names (var_names are Ensembl ids)
     kind: Kind
@@ -126,10 +131,49 @@ class Dataset:
     obs: pd.DataFrame
     feature_block: np.ndarray = field(repr=False)  # per var: "rna" | "protein" | "atac" | "other"
     gene_names: pd.Index = field(repr=False)  # per var: symbols when var_names are Ensembl ids, else var_names
+    # perturbation -> annotated target genes / pathways (from layout.annotation_key); empty when none
+    annotations: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @property
     def rna_mask(self) -> np.ndarray:
         return self.feature_block == "rna"
+
+
+class InconsistentAnnotation(DataError):
+    """A perturbation carries different annotations (targets / pathway) on different cells."""
+
+
+def _annotation_column(obs: pd.DataFrame, kind: str, taken: set[str | None]) -> str | None:
+    """The annotation column, for drugs and cytokines only: a genetic perturbation is its own target."""
+    if kind in ("genetic", "genetic_combo"):
+        return None
+    col = _find_column([c for c in obs.columns if c not in taken], ANNOTATION_COLUMNS)
+    return col if col is not None and _is_text(obs[col]) else None
+
+
+def split_annotation(value: object) -> list[str]:
+    """`"G1; G2"` -> ["G1", "G2"]; empty / NaN -> []."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [t.strip() for t in ANNOTATION_SEPARATORS.split(str(value)) if t.strip()]
+
+
+def _annotations(obs: pd.DataFrame, key: str, labels: np.ndarray, is_ctrl: np.ndarray,
+                 source: str) -> dict[str, list[str]]:
+    """perturbation -> its annotation, read per distinct (label, value) pair; every cell of a
+    perturbation must agree (cells left blank defer to the others)."""
+    pairs = pd.DataFrame({"p": labels[~is_ctrl], "v": obs[key].astype(object).to_numpy()[~is_ctrl]})
+    out: dict[str, list[str]] = {}
+    for (pert, value), _ in pairs.groupby(["p", "v"], dropna=False, sort=True):
+        genes = split_annotation(value)
+        if not genes:
+            continue
+        if pert in out and sorted(out[pert]) != sorted(genes):
+            raise InconsistentAnnotation(
+                f"{source}: perturbation {pert!r} has different values in annotation column {key!r}: "
+                f"{';'.join(out[pert])!r} and {';'.join(genes)!r}; expected one annotation per perturbation")
+        out[pert] = genes
+    return out
 
 
 def _norm(name: object) -> str:
@@ -404,13 +448,19 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
                             f"(seen {preview(pd.unique(adata.var[ft_key].astype(str)))}); expected "
                             "'Gene Expression', 'Antibody Capture' or 'Peaks'")
 
+    kind = _detect_kind(pert_key, controls, dose_key, labels)
+    annotation_key = _annotation_column(obs, kind, {pert_key, dose_key, context_key, batch_key})
+    annotations = _annotations(obs, annotation_key, labels, is_ctrl, source) if annotation_key else {}
+    if annotation_key and not annotations:
+        annotation_key = None  # a column of blanks annotates nothing
     layout = DatasetLayout(
         source=source, n_cells=adata.n_obs, n_features=adata.n_vars, perturbation_key=pert_key,
         control_labels=sorted(controls), dose_key=dose_key, context_key=context_key, batch_key=batch_key,
-        feature_types_key=ft_key, gene_symbols_key=symbols_key, kind=_detect_kind(pert_key, controls, dose_key, labels),
+        annotation_key=annotation_key, feature_types_key=ft_key, gene_symbols_key=symbols_key, kind=kind,
         modalities=modalities, rna_is_counts=counts, backed=bool(adata.isbacked),
     )
-    return Dataset(adata=adata, layout=layout, obs=std, feature_block=blocks, gene_names=gene_names)
+    return Dataset(adata=adata, layout=layout, obs=std, feature_block=blocks, gene_names=gene_names,
+                   annotations=annotations)
 
 
 def validate(dataset: Dataset, min_cells: int = DEFAULT_MIN_CELLS) -> None:

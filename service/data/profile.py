@@ -95,7 +95,9 @@ class DataProfile(BaseModel):
     n_batches: int
     conditions_in_one_batch_fraction: float | None  # high = perturbation confounded with batch
 
-    n_target_genes: int | None  # genetic: distinct genes targeted
+    annotation_key: str | None = None  # obs column of per-perturbation target annotations (drugs, cytokines)
+    annotated_perturbations_fraction: float | None = None  # perturbations with a non-empty annotation
+    n_target_genes: int | None  # genetic: distinct genes targeted; annotated data: distinct annotated targets
     target_genes_measured_fraction: float | None
     targets_not_measured: list[str]  # first 50
     target_knockdown_fraction: float | None  # measured single targets lower than control in their own condition
@@ -383,6 +385,8 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     targets: list[str] = []
     if layout.kind in ("genetic", "genetic_combo") and dataset.rna_mask.any():
         targets = sorted({g for p in perts for g in combo_genes(p)})
+    elif dataset.annotations and dataset.rna_mask.any():
+        targets = sorted({g for genes in dataset.annotations.values() for g in genes})
     measured = set(rna_names)
     missing = [t for t in targets if t not in measured]
 
@@ -400,9 +404,15 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     if len(small):
         notes.append(f"{len(small)} of {len(cond_sizes)} conditions have fewer than {SMALL_CONDITION_CELLS} cells; "
                      "their pseudobulk and DE genes are noisy")
-    if targets and missing:
+    if targets and missing and not dataset.annotations:
         notes.append(f"{len(missing)} of {len(targets)} target genes are not measured; their own knock-down "
                      "cannot be predicted or scored")
+    annotated = len([p for p in perts if dataset.annotations.get(p)]) / len(perts) if dataset.annotations and perts \
+        else None
+    if annotated is not None:
+        notes.append(f"{annotated:.0%} of perturbations are annotated in obs[{layout.annotation_key!r}] "
+                     f"({len(targets) - len(missing)} of {len(targets)} annotated targets are measured genes): "
+                     "an unseen perturbation can be described by its targets")
     knockdown = effects["target_knockdown_fraction"]
     direction = None if knockdown is None else "down" if knockdown >= 0.7 else "up" if knockdown <= 0.3 else "mixed"
     if direction == "up":
@@ -439,6 +449,7 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
         n_doses=len([d for d in doses.dose_levels if d != 0]) if doses else 0, doses=doses,
         n_combos=combos.n_combos if combos else 0, combos=combos,
         n_batches=n_batches, conditions_in_one_batch_fraction=one_batch,
+        annotation_key=layout.annotation_key, annotated_perturbations_fraction=annotated,
         n_target_genes=len(targets) if targets else None,
         target_genes_measured_fraction=(1 - len(missing) / len(targets)) if targets else None,
         targets_not_measured=missing[:_LIST_LIMIT], target_knockdown_fraction=knockdown,

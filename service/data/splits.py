@@ -34,6 +34,7 @@ Scheme = Literal["unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "
 SCHEMES: tuple[str, ...] = ("unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context")
 PARTS = ("train", "val", "test_inputs", "test_truth")
 SPLIT_FILES = tuple(f"{p}.h5ad" for p in PARTS) + ("split.json",)
+TARGETS_UNS = "perturbation_targets"  # uns key of the per-perturbation annotation table
 FEATURE_TYPE_NAMES = {"rna": "Gene Expression", "protein": "Antibody Capture", "atac": "Peaks"}
 
 
@@ -49,6 +50,7 @@ class SplitInfo(BaseModel):
     control_labels: list[str]
     dose_key: str | None
     context_key: str | None
+    annotation_key: str | None = None  # obs column the uns["perturbation_targets"] tables come from
     kind: str
     modalities: list[str]
     conditions: dict[str, list[str]]
@@ -271,6 +273,15 @@ def _part_obs(dataset: Dataset, mask: np.ndarray) -> pd.DataFrame:
     return obs
 
 
+def _targets_table(dataset: Dataset, obs: pd.DataFrame, masks: dict[str, np.ndarray],
+                   name: str) -> dict[str, str]:
+    """perturbation -> `;`-joined annotation, for the perturbations a model-facing part concerns:
+    its own cells' for train/val, the conditions to predict for test_inputs (an input, like the name)."""
+    cells = masks["test_truth"] if name == "test_inputs" else masks[name]
+    perts = sorted(set(obs.loc[cells & ~obs[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]))
+    return {p: ";".join(dataset.annotations[p]) for p in perts if p in dataset.annotations}
+
+
 def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, out_dir: str | Path,
                n_genes: int | None = None, *, perturbation_key: str | None = None, control: str | None = None,
                dose_key: str | None = None, context_key: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
@@ -329,6 +340,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
             if n_genes is not None and n_genes < n_rna:
                 perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val"], PERTURBATION]
                              .unique() for g in combo_genes(p)}
+                perturbed |= {g for genes in dataset.annotations.values() for g in genes}
                 rna_block = X if n_rna == X.shape[1] else X[:, :n_rna]
                 hvg = highly_variable_genes(rna_block, var_names[order[:n_rna]], n_genes, keep=perturbed)
                 del rna_block
@@ -349,6 +361,8 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
                                    PERTURBATION: predict[PERTURBATION].astype(str).tolist(),
                                    DOSE: predict[DOSE].astype(float).tolist(),
                                    CONTEXT: predict[CONTEXT].astype(str).tolist()}
+        if dataset.annotations and name != "test_truth":
+            part.uns[TARGETS_UNS] = _targets_table(dataset, obs, masks, name)
         part.write_h5ad(out / f"{name}.h5ad")
         del part, X
 
@@ -356,7 +370,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     info = SplitInfo(
         scheme=scheme, seed=seed, source=layout.source, perturbation_key=layout.perturbation_key,
         control_label=layout.control_labels[0], control_labels=layout.control_labels, dose_key=layout.dose_key,
-        context_key=layout.context_key, kind=layout.kind, modalities=list(layout.modalities),
+        context_key=layout.context_key, annotation_key=layout.annotation_key, kind=layout.kind, modalities=list(layout.modalities),
         conditions={p: sorted(c for c, q in plan.part.items() if q == p) for p in ("train", "val", "test")},
         n_cells={name: int(m.sum()) for name, m in masks.items()}, genes=genes, categories=plan.categories,
         held_out_context=plan.held_out_context, few_shot_k=few_shot_k, feature_types=feature_counts,
@@ -401,6 +415,18 @@ class Split:
         """The test conditions to predict (from `test_inputs.uns["predict"]`)."""
         p = self.test_inputs.uns["predict"]
         return pd.DataFrame({k: np.asarray(p[k]) for k in (CONDITION, PERTURBATION, DOSE, CONTEXT)})
+
+
+def perturbation_targets(split: Split) -> dict[str, list[str]]:
+    """The annotation table of the model-facing parts merged (train, val, test_inputs): perturbation ->
+    target genes / pathways; empty when the data has no annotation column."""
+    out: dict[str, list[str]] = {}
+    if split.info.annotation_key is None:
+        return out
+    for part in (split.train, split.val, split.test_inputs):
+        for pert, value in dict(part.uns.get(TARGETS_UNS, {})).items():
+            out[str(pert)] = [g for g in str(value).split(";") if g]
+    return out
 
 
 def load_split(split_dir: str | Path) -> Split:

@@ -46,7 +46,8 @@ def simulate(
     kind: `knockout` (CRISPRi-like knockdowns, mostly of regulators), `combo` (singles and `A+B`
     doubles), `drug` (compounds at 4 doses, obs `dose`), `cytokine` (responses that depend on the
     cell type), `multiome` (knockdowns read out as RNA + surface proteins + ATAC peaks).
-    obs: `perturbation` (`control` for controls), `dose` (drug only), `cell_type`, `batch`.
+    obs: `perturbation` (`control` for controls), `dose` and `targets` (drug only: the compound's annotated
+    target genes, `;`-separated, empty for controls), `cell_type`, `batch`.
     var: gene symbols `G0001`…; `feature_types` (10x convention). X: float32 CSR of integer counts.
     uns["simulation"]: `conditions` (condition keys with perturbation/dose/context), `delta`
     (noise-free log1p-cp10k Δ vs the control of the same cell type; rows = conditions, columns = the
@@ -103,6 +104,7 @@ def simulate(
     )
     if kind == "drug":
         obs.insert(1, "dose", design.dose[condition_of_cell])
+        obs.insert(2, "targets", pd.Categorical(np.asarray(_target_labels(design))[condition_of_cell]))
     var = pd.DataFrame({"feature_types": pd.Categorical(feature_types)}, index=var_names)
     adata = AnnData(X=x, obs=obs, var=var)
     adata.uns["simulation"] = _truth(kind, seed, net, order, design, expression, cell_types)
@@ -110,6 +112,16 @@ def simulate(
         adata.uns["simulation"]["protein_genes"] = gene_names[prot.linked_gene]
         adata.uns["simulation"]["peak_genes"] = gene_names[peak.linked_gene]
     return adata
+
+
+def _target_labels(design: Design) -> list[str]:
+    """Each condition's annotated target genes as a screen lists them (`G0012;G0345`, empty for the
+    control): an input describing the compound, not its response."""
+    table = design.truth["drug_targets"]
+    by_drug: dict[str, list[str]] = {}
+    for drug, gene in zip(table["drug"], table["gene"], strict=True):
+        by_drug.setdefault(str(drug), []).append(str(gene))
+    return [";".join(by_drug.get(p, [])) for p in design.perturbation]
 
 
 def _check(
