@@ -143,9 +143,15 @@ class JobRunner:
         task = asyncio.ensure_future(kind.handler(ctx))
         self._running[job.id] = (ctx, task)
         try:
+            # A cancel that came between the claim and the line above only reached the database.
+            fresh = await asyncio.to_thread(self.store.get, job.id)
+            if fresh is not None and fresh.cancel_requested:
+                ctx.cancelled.set()
+                task.cancel()
             result = await task
         except (JobCancelled, asyncio.CancelledError):
             if not ctx.cancelled.is_set():
+                task.cancel()
                 raise  # the server is stopping: the job stays `running` for the next start to recover
             status, result, error = "cancelled", None, "cancelled by its tenant"
         except JobFailed as exc:
