@@ -90,6 +90,16 @@ def test_job_events_replay_the_run_in_order(server, alice, finished_regression, 
     assert [e["seq"] for e in later] == [events[-1]["seq"]]
 
 
+def test_job_events_as_server_sent_events(server, alice, finished_regression):
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{finished_regression['id']}/events",
+                      headers={"Authorization": f"Bearer {alice.key}", "Accept": "text/event-stream"}) as r:
+        frames = [f for f in r.read().decode().split("\n\n") if f.strip()]
+    first = frames[0].splitlines()
+    assert first[0] == "id: 1" and first[1] == "event: status"
+    assert json.loads(first[2].removeprefix("data: "))["data"] == {"status": "queued"}
+    assert frames[-1].splitlines()[1] == "event: status"
+
+
 def test_running_jobs_stream_events_live_and_can_be_cancelled(server, alice, transport):
     slow = {"test_slow.py": "import time\n\ndef test_sleeps():\n    print('sleeping', flush=True)\n    time.sleep(60)\n"}
     with server.client(alice, transport) as c:

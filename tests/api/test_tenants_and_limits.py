@@ -127,11 +127,30 @@ def test_malformed_execute_and_unknown_routes_then_the_server_still_serves(serve
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
 
 
-def test_metrics_and_openapi(server, alice):
-    metrics = httpx.get(f"{server.url}/metrics").text
-    for name in ("cellforge_live_sandboxes", "cellforge_executions_total", "cellforge_job_queue_depth",
-                 "cellforge_job_duration_seconds"):
-        assert name in metrics
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_follow_sandboxes_and_executions(server, alice):
+    before = httpx.get(f"{server.url}/metrics").text
+    with server.client(alice) as c:
+        sb = c.create_sandbox(memory="256m")["id"]
+        c.execute(sb, "1")
+        c.execute(sb, "1/0")
+        during = httpx.get(f"{server.url}/metrics").text
+        c.delete_sandbox(sb)
+    after = httpx.get(f"{server.url}/metrics").text
+    assert _metric(during, "cellforge_live_sandboxes") == _metric(before, "cellforge_live_sandboxes") + 1
+    assert _metric(after, "cellforge_live_sandboxes") == _metric(before, "cellforge_live_sandboxes")
+    ok = 'cellforge_executions_total{outcome="ok",transport="http"}'
+    error = 'cellforge_executions_total{outcome="error",transport="http"}'
+    assert _metric(during, ok) == _metric(before, ok) + 1
+    assert _metric(during, error) == _metric(before, error) + 1
+    for name in ("cellforge_job_queue_depth", "cellforge_jobs_running", "cellforge_job_duration_seconds"):
+        assert name in after
+
+
+def test_openapi_lists_every_path(server):
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     for path in ("/v1/sandboxes", "/v1/sandboxes/{sandbox_id}/execute", "/v1/datasets", "/v1/jobs",
                  "/v1/jobs/{job_id}/events", "/v1/regressions", "/v1/regressions/{job_id}"):
