@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,20 @@ class ServerConfig:
         )
 
 
+class _HttpServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT once it has stopped serving, which ends the process before the
+    core shuts down and leaves its sandboxes running; this one just stops serving on them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers), then stop both transports and the core."""
     core = CellForgeCore(config.core_config())
@@ -47,7 +63,7 @@ async def serve(config: ServerConfig) -> None:
         if config.grpc_port:
             grpc_server, bound = await start_grpc(core, config.host, config.grpc_port)
             log.warning("gRPC on %s:%d", config.host, bound)
-        http = uvicorn.Server(uvicorn.Config(
+        http = _HttpServer(uvicorn.Config(
             create_app(core), host=config.host, port=config.http_port, log_level="warning", lifespan="off",
             timeout_graceful_shutdown=5,
         ))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import socket
-import time
 import zipfile
 
 import docker
@@ -72,9 +71,11 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, docker_image, make
             assert dataset["id"] in {d["id"] for d in c.list_datasets()}
             assert b"testcase" in c.get_artifact(before["id"], "junit.xml")
             statuses = [e["data"] for e in c.job_events(slow["id"]) if e["kind"] == "status"]
-        assert [s["status"] for s in statuses] == ["queued", "running", "queued", "running", "succeeded"]
-        assert "restart" in statuses[2]["detail"]
+            assert [s["status"] for s in statuses] == ["queued", "running", "queued", "running", "succeeded"]
+            assert "restart" in statuses[2]["detail"]
+            c.create_sandbox(memory="256m")
+            assert _owned_by(server.proc.pid)
     finally:
         server.stop()
-    time.sleep(0.5)
-    assert not _owned_by(server.proc.pid), "a clean stop removes its sandboxes"
+    assert server.proc.returncode == 0
+    assert not _owned_by(server.proc.pid), "a clean stop (SIGTERM) removes its sandboxes"
