@@ -13,15 +13,15 @@ from . import CellForgeClient
 
 
 def run_script(url: str, api_key: str, code: str, *, transport: str = "http",
-               on_event: Callable[[StreamEvent], None] | None = None, **spec: Any) -> ExecutionResult:
+               on_event: Callable[[StreamEvent], None] | None = None, **spec: Any) -> tuple[str, ExecutionResult]:
     """Run `code` in a new sandbox on the server (spec: image, cpus, memory, gpus, timeout), streaming its
-    typed events to `on_event`; the sandbox is deleted afterwards."""
+    typed events to `on_event`; the sandbox is deleted afterwards. Returns (sandbox id, result)."""
     with CellForgeClient(url, api_key, transport=transport) as client:
         sandbox = client.create_sandbox(**{k: v for k, v in spec.items() if v is not None})["id"]
         try:
-            return client.execute(sandbox, code, timeout=spec.get("timeout"),
-                                  on_event=(lambda e: on_event(StreamEventAdapter.validate_python(e)))
-                                  if on_event else None)
+            return sandbox, client.execute(sandbox, code, timeout=spec.get("timeout"),
+                                           on_event=(lambda e: on_event(StreamEventAdapter.validate_python(e)))
+                                           if on_event else None)
         finally:
             client.delete_sandbox(sandbox)
 

@@ -49,12 +49,13 @@ def test_run_script_remotely_as_the_cli_does(server, alice, transport):
 
     seen = []
     url = server.url if transport == "http" else server.grpc_target
-    res = run_script(url, alice.key, "print('remote', flush=True)\n2 ** 10", transport=transport,
+    sandbox_id, res = run_script(url, alice.key, "print('remote', flush=True)\n2 ** 10", transport=transport,
                      on_event=seen.append, memory="256m", timeout=30)
     assert res.outcome.value == "ok" and res.result == "1024"
     assert isinstance(seen[0], StdoutEvent) and seen[0].text == "remote\n"
     with server.client(alice, transport) as c:
-        assert all(s["spec"]["memory"] != "256m" for s in c.list_sandboxes())  # deleted afterwards
+        with pytest.raises(NotFoundError):
+            c.get_sandbox(sandbox_id)  # deleted afterwards
 
 
 def test_errors_come_back_as_results_with_the_traceback(server, alice, alice_sandbox, transport):
