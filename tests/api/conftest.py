@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,20 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def database_url(data_dir: Path) -> str:
+    """SQLite in the data dir; with CELLFORGE_TEST_POSTGRES=postgresql+psycopg://user@host:port, a fresh
+    PostgreSQL database per server instead (the same suite then runs against PostgreSQL)."""
+    server = os.environ.get("CELLFORGE_TEST_POSTGRES")
+    if not server:
+        return f"sqlite:///{data_dir / 'cellforge.db'}"
+    import psycopg
+
+    name = f"cellforge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
 @dataclass
 class Tenant:
     name: str
@@ -63,6 +79,7 @@ class Server:
 
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
+        self.db_url = database_url(data_dir)
         self.extra = extra
         self.http_port = free_port()
         self.grpc_port = free_port()
@@ -78,7 +95,7 @@ class Server:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 60.0) -> Server:
-        args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--http-port", str(self.http_port),
+        args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--db", self.db_url, "--http-port", str(self.http_port),
                 "--grpc-port", str(self.grpc_port), "--warm", "0", "--preload", "", *self.extra]
         self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -111,17 +128,21 @@ class Server:
     def tenant(self, name: str, **limits) -> Tenant:
         """A tenant in the server's database (in-process: the CLI itself is tested in test_tenants_and_limits)."""
         from service.api.tenants import create_tenant
-        from service.jobs.db import Database, default_db_url
+        from service.jobs.db import Database
 
-        db = Database(default_db_url(self.data_dir))
+        db = Database(self.db_url)
         try:
             _, key = create_tenant(db, name, **limits)
         finally:
             db.dispose()
         return Tenant(name, key)
 
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`cellforge tenants ...` against this server's database."""
+        return cli(*args, "--data-dir", str(self.data_dir), "--db", self.db_url, check=check)
+
     def cli_tenant(self, name: str, *options: str) -> Tenant:
-        out = cli("tenants", "create", name, "--data-dir", str(self.data_dir), "--json", *options)
+        out = self.cli("tenants", "create", name, "--json", *options)
         return Tenant(name, json.loads(out.stdout.strip().splitlines()[-1])["api_key"])
 
     def client(self, tenant: Tenant, transport: str = "http") -> CellForgeClient:
@@ -150,12 +171,6 @@ def bob(server) -> Tenant:
 def make_server():
     """The `Server` class, for tests that run (and kill) a server of their own."""
     return Server
-
-
-@pytest.fixture(scope="session")
-def run_cli():
-    """`cellforge ...` in a subprocess; raises on a non-zero exit unless check=False."""
-    return cli
 
 
 @pytest.fixture(params=["http", "grpc"])

@@ -4,7 +4,7 @@ RESOURCE_EXHAUSTED), malformed requests answered 4xx while the server keeps serv
 from __future__ import annotations
 
 import json
-import sqlite3
+import hashlib
 import time
 
 import grpc
@@ -23,19 +23,34 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_cli_creates_lists_and_revokes_tenants_with_keys_stored_hashed(server, run_cli):
+def _rows(server, query: str) -> list[tuple]:
+    from sqlalchemy import text
+
+    from service.jobs.db import Database
+
+    db = Database(server.db_url)
+    try:
+        with db.session() as s:
+            return [tuple(r) for r in s.execute(text(query))]
+    finally:
+        db.dispose()
+
+
+def test_cli_creates_lists_and_revokes_tenants_with_keys_stored_hashed(server):
     dave = server.cli_tenant("dave", "--max-sandboxes", "3", "--max-memory", "2g")
-    listing = json.loads(run_cli("tenants", "list", "--data-dir", str(server.data_dir), "--json").stdout.splitlines()[-1])
+    listing = json.loads(server.cli("tenants", "list", "--json").stdout.splitlines()[-1])
     names = {t["name"]: t for t in listing["tenants"]}
     assert names["dave"]["max_sandboxes"] == 3 and names["dave"]["max_memory"] == "2g"
     assert dave.key not in json.dumps(listing)
     secret = dave.key.rsplit("_", 1)[1]
-    assert secret.encode() not in (server.data_dir / "cellforge.db").read_bytes()
-    duplicate = run_cli("tenants", "create", "dave", "--data-dir", str(server.data_dir), check=False)
+    stored = _rows(server, "SELECT * FROM tenants WHERE name = 'dave'")
+    assert len(stored) == 1 and not any(secret in str(value) for value in stored[0])
+    assert hashlib.sha256(secret.encode()).hexdigest() in stored[0]
+    duplicate = server.cli("tenants", "create", "dave", check=False)
     assert duplicate.returncode == 2 and "already exists" in duplicate.stderr, duplicate.stderr
     with server.client(dave) as http, server.client(dave, "grpc") as rpc:
         assert http.list_sandboxes() == rpc.list_sandboxes() == []
-        run_cli("tenants", "revoke", "dave", "--data-dir", str(server.data_dir))
+        server.cli("tenants", "revoke", "dave")
         time.sleep(AUTH_CACHE_S)  # the server looks a key up again at most this long after it last did
         for client in (http, rpc):
             with pytest.raises(AuthenticationError, match="revoked"):
@@ -174,9 +189,8 @@ def test_the_audit_log_records_who_did_what(server, alice, bob):
         with pytest.raises(Exception):
             c.get_sandbox("feedfacefeed")
     time.sleep(0.8)  # entries are flushed in batches
-    with sqlite3.connect(server.data_dir / "cellforge.db") as db:
-        rows = db.execute("SELECT t.name, a.transport, a.action, a.resource, a.outcome FROM audit_log a "
-                          "LEFT JOIN tenants t ON t.id = a.tenant_id").fetchall()
+    rows = _rows(server, "SELECT t.name, a.transport, a.action, a.resource, a.outcome FROM audit_log a "
+                         "LEFT JOIN tenants t ON t.id = a.tenant_id")
     assert ("bob", "http", "sandbox.get", "feedfacefeed", "NotFound") in rows
     assert any(r[0] == "alice" and r[2] == "sandbox.create" and r[4] == "ok" for r in rows)
     assert any(r[0] is None and r[4] == "Unauthenticated" for r in rows)
