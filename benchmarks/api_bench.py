@@ -58,7 +58,8 @@ async def latencies(url: str, target: str, key: str, calls: int, block: int = 20
             grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.CellForgeStub(channel)
         sb_http = (await http.post("/v1/sandboxes", json={"memory": "256m"})).json()["id"]
-        sb_grpc = (await stub.CreateSandbox(pb.CreateSandboxRequest(spec=struct({"memory": "256m"})), metadata=metadata)).id
+        created = await stub.CreateSandbox(pb.CreateSandboxRequest(spec=struct({"memory": "256m"})), metadata=metadata)
+        sb_grpc = created.id
 
         async def via_direct() -> None:
             assert (await direct.execute(CODE)).ok
@@ -198,7 +199,7 @@ def main() -> None:
     print(json.dumps({
         "execute_ms_p50": p50,
         "execute_ms_p99": {name: _pct(values, 0.99) for name, values in series.items()},
-        "overhead_ms_p50": {"http": round(p50["http"] - p50["direct"], 3), "grpc": round(p50["grpc"] - p50["direct"], 3)},
+        "overhead_ms_p50": {name: round(p50[name] - p50["direct"], 3) for name in ("http", "grpc")},
         "calls": args.calls,
         "concurrent": concurrent,
         "idle_memory": memory,

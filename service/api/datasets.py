@@ -38,7 +38,8 @@ class DatasetService:
         """Store the upload, then validate it; an invalid file is removed and answered with why."""
         name = name or "dataset.h5ad"
         if not _NAME_RE.match(name):
-            raise BadRequest(f"dataset name: expected a file name ending in .h5ad (letters, digits, . _ -), got {name!r}")
+            raise BadRequest(
+                f"dataset name: expected a file name ending in .h5ad (letters, digits, . _ -), got {name!r}")
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLarge(f"upload of {declared_size} bytes exceeds the limit of {self.max_bytes} bytes")
         dataset_id = "ds_" + secrets.token_hex(8)

@@ -1,4 +1,4 @@
-"""The gRPC transport (grpc.aio): the `cellforge.v1.CellForge` service over `CellForgeCore`, plus health and reflection."""
+"""The gRPC transport (grpc.aio): `cellforge.v1.CellForge` over `CellForgeCore`, plus health and reflection."""
 
 from __future__ import annotations
 

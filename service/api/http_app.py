@@ -53,7 +53,8 @@ def create_app(core: CellForgeCore) -> FastAPI:
         return JSONResponse(error_body(BadRequest(f"malformed request: {problems}")), status_code=400)
 
     async def tenant_of(request: Request) -> Tenant:
-        action = f"{request.method} {request.scope.get('route').path if request.scope.get('route') else request.url.path}"
+        route = request.scope.get("route")
+        action = f"{request.method} {route.path if route else request.url.path}"
         return await core.authenticate(request.headers.get("authorization"), TRANSPORT, action)
 
     def audited(tenant: Tenant, action: str, resource: str | None = None):

@@ -64,7 +64,8 @@ class JobService:
 
     # -- submit ---------------------------------------------------------------------------------
 
-    async def submit_design(self, tenant: Tenant, dataset_id: str, task: str, options: dict[str, Any]) -> dict[str, Any]:
+    async def submit_design(self, tenant: Tenant, dataset_id: str, task: str,
+                            options: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(task, str) or not task.strip():
             raise BadRequest("task: expected a non-empty description of what to predict")
         if not isinstance(options, dict):

@@ -11,7 +11,9 @@ class ServiceMetrics:
         self.live_sandboxes = Gauge(
             "cellforge_live_sandboxes", "Sandboxes leased to tenants", registry=self.registry
         )
-        self.warm_sandboxes = Gauge("cellforge_warm_sandboxes", "Warm sandboxes ready in the pool", registry=self.registry)
+        self.warm_sandboxes = Gauge(
+            "cellforge_warm_sandboxes", "Warm sandboxes ready in the pool", registry=self.registry
+        )
         self.executions = Counter(
             "cellforge_executions", "Executions by outcome", ["outcome", "transport"], registry=self.registry
         )

@@ -95,7 +95,8 @@ class Server:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 60.0) -> Server:
-        args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--db", self.db_url, "--http-port", str(self.http_port),
+        args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--db", self.db_url,
+                "--http-port", str(self.http_port),
                 "--grpc-port", str(self.grpc_port), "--warm", "0", "--preload", "", *self.extra]
         self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -101,7 +101,8 @@ def test_job_events_as_server_sent_events(server, alice, finished_regression):
 
 
 def test_running_jobs_stream_events_live_and_can_be_cancelled(server, alice, transport):
-    slow = {"test_slow.py": "import time\n\ndef test_sleeps():\n    print('sleeping', flush=True)\n    time.sleep(60)\n"}
+    slow = {"test_slow.py": "import time\n\ndef test_sleeps():\n    print('sleeping', flush=True)\n"
+                            "    time.sleep(60)\n"}
     with server.client(alice, transport) as c:
         run = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(slow), timeout=120)
         seen = []
