@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -195,6 +196,7 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+        shutil.rmtree(data_dir, ignore_errors=True)
     p50 = {name: _pct(values, 0.5) for name, values in series.items()}
     print(json.dumps({
         "execute_ms_p50": p50,
