@@ -17,25 +17,7 @@ import httpx
 import pytest
 
 
-def _import_packages_past_test_folders() -> None:
-    """The root conftest puts tests/ on sys.path, where tests/sandbox would be taken for the `sandbox`
-    package (a namespace package shadowing the editable install). Import the real ones first."""
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    for name in [m for m in sys.modules if m == "sandbox" or m.startswith("sandbox.")]:
-        if getattr(sys.modules[name], "__file__", None) is None:
-            del sys.modules[name]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != tests_dir]
-    try:
-        import sandbox  # noqa: F401
-        import service.client  # noqa: F401
-    finally:
-        sys.path[:] = saved
-
-
-_import_packages_past_test_folders()
-
-from service.client import CellForgeClient  # noqa: E402
+from service.client import CellForgeClient
 
 CLI = [sys.executable, "-m", "service.cli"] if not (Path(sys.executable).parent / "cellforge").exists() else [
     str(Path(sys.executable).parent / "cellforge")]
