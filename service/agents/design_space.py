@@ -93,6 +93,17 @@ _ENCODER = Component(
             ("gears", "linear_baseline", "genept"),
         ),
         Option(
+            "drug_target_dose",
+            "drugs held out as a whole and annotated with target genes that are measured: embed each drug by "
+            "its targets' gene embeddings × dose",
+            lambda f, a: f.perturbation_kind == "chemical" and a.split_scheme in ("unseen-drug", "unseen-perturbation")
+            and bool(f.target_genes_measured_fraction),
+            lambda f, a: f"{f.n_perturbations} drugs, test drugs unseen, and the data annotates their targets "
+            f"({_measured(f)} of annotated target genes measured): a drug is placed by what it hits, the sum of "
+            "its targets' gene embeddings scaled by the dose encoding",
+            ("chemcpa", "linear_baseline", "dose_response"),
+        ),
+        Option(
             "drug_embedding_dose",
             "drugs held out as a whole: describe each drug by features (its response signature / targets) × dose",
             lambda f, a: f.perturbation_kind == "chemical" and a.split_scheme in ("unseen-drug", "unseen-perturbation"),

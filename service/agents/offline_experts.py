@@ -128,6 +128,8 @@ def task_analysis(context: dict[str, Any]) -> TaskAnalysis:
         baselines.append("context_mean")
     if scheme == "unseen-context":
         baselines.append("delta_transfer")
+    if facts.perturbation_kind == "chemical" and facts.target_genes_measured_fraction:
+        baselines.append("drug_target_ridge")  # annotated targets: the linear reference a target encoder must beat
     citations = [
         CardCitation(card_id=c["id"], score=min(1.0, max(0.0, c["score"])),
                      why=f"{c['name']} applies to {facts.perturbation_kind} data: {c['when_to_use']}")
@@ -233,7 +235,9 @@ def _onehot_unseen(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -
     enc = v.get("architecture.perturbation_encoder")
     if a.split_scheme not in ("unseen-perturbation", "unseen-drug") or enc not in ("onehot", "drug_onehot_dose"):
         return None
-    better = {"genetic": "gene_embedding", "chemical": "drug_embedding_dose"}.get(f.perturbation_kind)
+    annotated = bool(f.target_genes_measured_fraction)
+    better = {"genetic": "gene_embedding",
+              "chemical": "drug_target_dose" if annotated else "drug_embedding_dose"}.get(f.perturbation_kind)
     return Objection(
         1.0,
         f"split {a.split_scheme}: test perturbations are absent from training, so a {enc} encoder has no "

@@ -36,7 +36,8 @@ MetricName = Literal[
     "atac_pr_auc",
 ]
 BaselineName = Literal[
-    "control", "mean_delta", "context_mean", "additive", "linear_pca_ridge", "delta_transfer", "gene_similarity"
+    "control", "mean_delta", "context_mean", "additive", "linear_pca_ridge", "delta_transfer", "gene_similarity",
+    "drug_target_ridge",
 ]
 PerturbationEncoder = Literal[
     "gene_embedding",  # embedding of the target gene from PCA / co-expression of training data
@@ -44,6 +45,7 @@ PerturbationEncoder = Literal[
     "gene_set",  # combos: aggregate (sum / attention) the single-gene embeddings
     "drug_onehot_dose",  # drug identity one-hot times a dose encoding
     "drug_embedding_dose",  # drug features (targets / response signature) times a dose encoding
+    "drug_target_dose",  # annotated target genes' embeddings (summed) times a dose encoding
 ]
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)

@@ -13,7 +13,7 @@ context, and a prediction is always "control of the target context + some Δ".
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ from sklearn.decomposition import PCA
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .errors import SplitDirectoryError, preview
 from .metrics import group_means
-from .splits import Split, load_split
+from .splits import Split, load_split, perturbation_targets
 
 Which = Literal["test", "val"]
 
@@ -61,6 +61,8 @@ class PredictionTask:
     controls: ad.AnnData  # control cells of the target contexts
     control_means: dict[str, np.ndarray]
     train: TrainingSummary
+    # perturbation -> annotated target genes (uns["perturbation_targets"]); empty without annotations
+    annotations: dict[str, list[str]] = field(default_factory=dict)
 
 
 def require_obs(adata: ad.AnnData, path: Path, columns: tuple[str, ...]) -> None:
@@ -157,7 +159,7 @@ def load_task(split_dir: str | Path | Split, which: Which = "test") -> Predictio
     feature_types = (train.var["feature_types"].astype(str).to_numpy()
                      if "feature_types" in train.var.columns else None)
     return PredictionTask(split, which, genes, feature_types, targets, controls, control_means,
-                          summarise_training(train))
+                          summarise_training(train), perturbation_targets(split))
 
 
 # --- Δ look-ups shared by several baselines -------------------------------------------------------
@@ -305,18 +307,19 @@ def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
     return _predict_each(task, delta)
 
 
-def _target_embedding(perturbation: str, gene_pos: dict[str, int], emb: np.ndarray) -> np.ndarray | None:
-    idx = [gene_pos[g] for g in combo_genes(perturbation) if g in gene_pos]
+def _target_embedding(genes: list[str], gene_pos: dict[str, int], emb: np.ndarray) -> np.ndarray | None:
+    idx = [gene_pos[g] for g in genes if g in gene_pos]
     return emb[idx].sum(axis=0) if idx else None
 
 
-def _fit_pca_ridge(Y: np.ndarray, perturbations: pd.Series,
-                   gene_pos: dict[str, int]) -> Callable[[str], np.ndarray]:
-    """Closed-form fit of Y (genes × conditions) ≈ b + G W Pᵀ; returns perturbation → predicted Δ."""
+def _fit_pca_ridge(Y: np.ndarray, perturbations: pd.Series, gene_pos: dict[str, int],
+                   targets_of: Callable[[str], list[str]] = combo_genes) -> Callable[[str], np.ndarray]:
+    """Closed-form fit of Y (genes × conditions) ≈ b + G W Pᵀ, a perturbation embedded by the summed
+    rows of G of its target genes (`targets_of`); returns perturbation → predicted Δ."""
     b = Y.mean(axis=1, keepdims=True)
     k = max(1, min(PCA_RIDGE_K, Y.shape[1] - 1, Y.shape[0]))
     G = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k] if Y.shape[1] >= 2 else np.zeros((Y.shape[0], k))
-    rows = [_target_embedding(p, gene_pos, G) for p in perturbations]
+    rows = [_target_embedding(targets_of(p), gene_pos, G) for p in perturbations]
     fit = [i for i, r in enumerate(rows) if r is not None]
     W = np.zeros((k, k))
     if fit:
@@ -326,7 +329,7 @@ def _fit_pca_ridge(Y: np.ndarray, perturbations: pd.Series,
         W = np.linalg.solve((P.T @ P + lam).T, (left @ P).T).T
 
     def predict(perturbation: str) -> np.ndarray:
-        emb = _target_embedding(perturbation, gene_pos, G)
+        emb = _target_embedding(targets_of(perturbation), gene_pos, G)
         return b[:, 0] + (G @ W @ emb if emb is not None else 0.0)
 
     return predict
@@ -355,6 +358,43 @@ def linear_pca_ridge_baseline(task: PredictionTask) -> ad.AnnData:
         return fits.get(row[CONTEXT], fits[None])(row[PERTURBATION])
 
     return _predict_each(task, delta)
+
+
+def drug_target_ridge_baseline(task: PredictionTask) -> ad.AnnData:
+    """The PCA-ridge above for annotated drugs: a drug is embedded by the summed rows of G of its
+    annotated target genes, fitted per dose level on the training Δ minus the mean-Δ baseline's
+    prediction (mean Δ of the same context and dose), so it is mean-Δ plus what the targets explain.
+    A dose absent from training uses one fit pooled over doses; a drug with no measured annotated
+    target gets the mean-Δ prediction."""
+    train = task.train
+    gene_pos = {str(g): i for i, g in enumerate(task.genes)}
+    if not len(train.conditions):
+        return _predict_each(task, lambda row: np.zeros(len(task.genes)))
+    t = train.conditions
+    offsets = np.stack([mean_training_delta(train, r[CONTEXT], r[DOSE]) for _, r in t.iterrows()])
+    residual = train.deltas - offsets
+
+    def targets_of(perturbation: str) -> list[str]:
+        return task.annotations.get(perturbation, [])
+
+    fits: dict[float | None, Callable[[str], np.ndarray]] = {
+        None: _fit_pca_ridge(residual.T, t[PERTURBATION], gene_pos, targets_of)}
+    for dose in set(task.targets[DOSE].astype(float)):
+        own = _same_dose(t[DOSE], dose)
+        if own.sum() >= 2:
+            fits[dose] = _fit_pca_ridge(residual[own].T, t.loc[own, PERTURBATION], gene_pos, targets_of)
+
+    def delta(row: pd.Series) -> np.ndarray:
+        fit = next((f for d, f in fits.items() if d is not None and _same_dose(pd.Series([d]), row[DOSE])[0]),
+                   fits[None])
+        return mean_training_delta(train, row[CONTEXT], row[DOSE]) + fit(row[PERTURBATION])
+
+    return _predict_each(task, delta)
+
+
+def _annotations_apply(task: PredictionTask) -> bool:
+    genes = set(map(str, task.genes))
+    return any(g in genes for p in task.targets[PERTURBATION] for g in task.annotations.get(p, []))
 
 
 @dataclass
@@ -432,6 +472,7 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
     "delta_transfer": (delta_transfer_baseline, _transfer_applies),
     "dose_interpolation": (dose_interpolation_baseline, _dose_applies),
     "gene_similarity": (gene_similarity_baseline, _targets_are_genes),
+    "drug_target_ridge": (drug_target_ridge_baseline, _annotations_apply),
 }
 
 

@@ -19,6 +19,10 @@ FACTS = {
                       recommended_split="unseen-perturbation"), "Predict unseen CRISPR knockouts"),
     "drug": (dict(perturbation_kind="chemical", n_perturbations=30, n_conditions=360, n_doses=4, n_contexts=3,
                   recommended_split="unseen-drug"), "Predict responses to unseen drugs at several doses"),
+    # The data profile reports the share of annotated drug targets that are measured genes.
+    "annotated_drug": (dict(perturbation_kind="chemical", n_perturbations=30, n_conditions=360, n_doses=4,
+                            n_contexts=3, target_genes_measured_fraction=0.9, recommended_split="unseen-drug"),
+                       "Predict responses to unseen drugs at several doses"),
 }
 
 
@@ -49,6 +53,16 @@ def test_different_kinds_get_different_components(plans):
     assert "class SelfEffect" in knockout  # every bundle carries the knock-down term class...
     assert render_bundle(plans["knockout"]).config()["self_knockdown"] is True  # ...only genetic plans use it
     assert render_bundle(plans["drug"]).config()["self_knockdown"] is False
+
+
+def test_annotated_unseen_drugs_get_the_target_encoder(plans):
+    annotated, plain = plans["annotated_drug"], plans["drug"]
+    assert annotated.architecture.perturbation_encoder == "drug_target_dose"
+    assert plain.architecture.perturbation_encoder == "drug_embedding_dose"  # no annotations: no target encoder
+    assert "drug_target_ridge" in annotated.evaluation.baselines and "drug_target_ridge" not in plain.evaluation.baselines
+    model = render_bundle(annotated).files["model.py"]
+    assert "annotated target genes" in model and "def dose_features" in model
+    assert annotated.architecture.base_predictor == "linear_ridge" and annotated.architecture.residual_delta
 
 
 def test_candidate_plans_are_valid_distinct_variants(plans):

@@ -119,8 +119,12 @@ def hill(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def drugs(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_drugs: int) -> Design:
-    """Compounds with sparse signed target sets, Hill dose–response, and mild toxicity at high dose."""
+    """Compounds with sparse signed target sets, Hill dose–response, and mild toxicity at high dose.
+    The sign belongs to the target (80% of targets are inhibited, the rest activated, by every compound
+    that hits them), as compounds sharing a target mostly share its mode of action: target annotations
+    then carry the information a model needs, not a coin flip per compound."""
     tfs = net.tfs
+    target_sign = np.where(rng.random(len(tfs)) < 0.8, -1.0, 1.0)
     stress = rng.choice(np.flatnonzero(net.module == -1), size=max(5, net.n_genes // 100), replace=False)
     doses = np.asarray(DRUG_DOSES)
     rows = [np.ones((n_types, net.n_genes))]
@@ -128,8 +132,8 @@ def drugs(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_drugs: int
     t_drug, t_gene, t_sign, t_ic50, t_emax, t_hill = [], [], [], [], [], []
     for d in range(n_drugs):
         name = f"drug_{d + 1:02d}"
-        targets = rng.choice(tfs, size=int(rng.integers(1, 4)), replace=False)
-        sign = np.where(rng.random(len(targets)) < 0.8, -1.0, 1.0)
+        picked = rng.choice(len(tfs), size=int(rng.integers(1, 4)), replace=False)
+        targets, sign = tfs[picked], target_sign[picked]
         ic50 = np.exp(rng.uniform(np.log(0.03), np.log(3.0), len(targets)))
         emax = rng.uniform(0.6, 0.95, len(targets))
         n_hill = rng.uniform(0.8, 2.0, len(targets))

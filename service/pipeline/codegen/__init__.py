@@ -25,6 +25,7 @@ _ENCODER_TEMPLATE = {
     "onehot": "onehot.py",
     "drug_onehot_dose": "drug_dose.py",
     "drug_embedding_dose": "drug_dose.py",
+    "drug_target_dose": "drug_target.py",
 }
 
 
@@ -120,7 +121,8 @@ def render_model(plan: Plan) -> str:
         f"residual MLP {a.depth}x{a.hidden_width} (dropout {a.dropout}), loss {plan.loss.kind}.\n\n"
         f'Hyperparameters are read from config.json."""\n\n'
     )
-    body = [_template("common.py"), _template("encoders", encoder), _template("bases", f"{a.base_predictor}.py"),
+    dose = [_template("dose.py")] if a.dose_encoding else []
+    body = [_template("common.py"), *dose, _template("encoders", encoder), _template("bases", f"{a.base_predictor}.py"),
             _template("network.py")]
     return header + "\n\n".join(_fill(part, values).rstrip() + "\n" for part in body)
 

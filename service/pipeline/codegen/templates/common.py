@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 CONTROL = "control"
+TARGETS_UNS = "perturbation_targets"  # the split's per-perturbation annotation table (targets)
 
 
 def pick_device(config: dict) -> torch.device:
@@ -59,6 +60,13 @@ def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("condition").reset_index(drop=True)
 
 
+def annotate(table: pd.DataFrame, uns) -> pd.DataFrame:
+    """Add a `targets` column (`;`-joined annotated target genes, empty when unknown) from a split part's
+    uns["perturbation_targets"]; a split without annotations gives empty strings."""
+    known = {str(k): str(v) for k, v in dict(uns.get(TARGETS_UNS, {})).items()}
+    return table.assign(targets=[known.get(p, "") for p in table["perturbation"]])
+
+
 def control_means(adata) -> dict[str, np.ndarray]:
     ctrl = adata.obs["is_control"].astype(bool).to_numpy()
     contexts = adata.obs["context"].astype(str).to_numpy()[ctrl]
@@ -82,7 +90,7 @@ class ConditionSet:
 
     @classmethod
     def from_cells(cls, adata, controls: dict[str, np.ndarray]) -> "ConditionSet":
-        table = condition_table(adata.obs)
+        table = annotate(condition_table(adata.obs), adata.uns)
         means = group_means(adata.X, adata.obs["condition"].astype(str).to_numpy(), list(table["condition"]))
         return cls(table, controls, means)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from model import ConditionSet, PerturbationModel, control_means, delta_loss, write_h5ad
+from model import TARGETS_UNS, ConditionSet, PerturbationModel, control_means, delta_loss, write_h5ad
 
 CONFIG = json.loads((Path(__file__).parent / "config.json").read_text())
 N_GENES = 40
@@ -24,6 +24,13 @@ def _perturbations() -> list[tuple[str, float]]:
         singles = [f"g{i}" for i in range(8)]
         return [(g, float("nan")) for g in singles] + [(f"g{i}+g{i + 1}", float("nan")) for i in range(0, 8, 2)]
     return [(f"g{i}", float("nan")) for i in range(10)]
+
+
+def _annotations(items: list[tuple[str, float]]) -> dict[str, str]:
+    """Drugs carry target-gene annotations, as a split of annotated drug data does."""
+    if CONFIG["perturbation_kind"] != "chemical":
+        return {}
+    return {pert: f"g{int(pert.split('_')[1])};g{int(pert.split('_')[1]) + 7}" for pert, _ in items}
 
 
 def _cells(rng, pert: str, dose: float, context: str, n: int, effect: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
@@ -57,7 +64,9 @@ def split_dir(tmp_path_factory) -> Path:
         X = np.vstack([b[0] for b in blocks[name]])
         obs = pd.concat([b[1] for b in blocks[name]], ignore_index=True)
         obs.index = [f"c{i}" for i in range(len(obs))]
-        write_h5ad(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes)), out / f"{name}.h5ad")
+        part = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+        part.uns[TARGETS_UNS] = _annotations(parts[name])
+        write_h5ad(part, out / f"{name}.h5ad")
     ctrl = [b for b in blocks["test"] if b[1]["perturbation"].iloc[0] == "control"]
     X = np.vstack([b[0] for b in ctrl])
     obs = pd.concat([b[1] for b in ctrl], ignore_index=True)
@@ -66,6 +75,7 @@ def split_dir(tmp_path_factory) -> Path:
     test = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
     keys = ("condition", "perturbation", "dose", "context")
     test.uns["predict"] = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+    test.uns[TARGETS_UNS] = _annotations(parts["test"])
     write_h5ad(test, out / "test_inputs.h5ad")
     return out
 

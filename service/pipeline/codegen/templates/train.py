@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import ConditionSet, PerturbationModel, control_means, delta_loss, dense, pick_device, write_h5ad
+from model import ConditionSet, PerturbationModel, annotate, control_means, delta_loss, dense, pick_device, write_h5ad
 
 
 def read_part(data: Path, name: str) -> ad.AnnData:
@@ -29,7 +29,8 @@ def read_part(data: Path, name: str) -> ad.AnnData:
 def targets_of(test_inputs: ad.AnnData) -> pd.DataFrame:
     predict = test_inputs.uns["predict"]
     table = pd.DataFrame({k: list(predict[k]) for k in ("condition", "perturbation", "dose", "context")})
-    return table.astype({"condition": str, "perturbation": str, "context": str, "dose": float})
+    return annotate(table.astype({"condition": str, "perturbation": str, "context": str, "dose": float}),
+                    test_inputs.uns)
 
 
 def val_controls(val: ad.AnnData, train_controls: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -2,7 +2,9 @@ class BasePredictor:
     """Closed-form base: Δ ≈ mean Δ(context, dose) + F·W, W by ridge on the perturbation features F
     (the linear-PCA-ridge recipe). λ is chosen from config.ridge_lambdas by the squared error of
     5-fold out-of-fold predictions of the training conditions plus that of the validation conditions,
-    so a handful of validation conditions cannot pick it alone."""
+    so a handful of validation conditions cannot pick it alone. With doses, folds hold out whole
+    perturbations (every dose and context), as a split of unseen compounds does: a fold that keeps the
+    other doses of a held-out compound rewards memorising it and picks a λ too small for unseen ones."""
 
     def __init__(self, config: dict):
         self.lambdas = [float(x) for x in config["ridge_lambdas"]]
@@ -15,9 +17,13 @@ class BasePredictor:
         n = len(train)
         out = np.zeros_like(train.delta)
         R = train.delta - self._offsets(train.table)
-        order = np.random.default_rng(0).permutation(n)
-        for k in range(min(folds, n)):
-            held = order[k::folds]
+        # Fold unit: the perturbation when there are doses (its doses are one response curve, near-duplicates
+        # of each other), else the condition.
+        dosed = not np.isnan(train.table["dose"].to_numpy(dtype=float)).all()
+        unit_of = train.table["perturbation"].to_numpy() if dosed else np.arange(n)
+        units = np.random.default_rng(0).permutation(np.unique(unit_of))
+        for k in range(min(folds, len(units))):
+            held = np.flatnonzero(np.isin(unit_of, units[k::folds]))
             fit = np.setdiff1d(np.arange(n), held)
             W = ridge(F_train[fit], R[fit], lam) if len(fit) else np.zeros((F_train.shape[1], R.shape[1]))
             out[held] = self._offsets(train.table.iloc[held]) + F_train[held] @ W
