@@ -5,25 +5,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from sandbox import SandboxError
-from service.agents import AnalysisError, DiscussionError
-from service.data import DataError
-from service.llm import LLMConfig, LLMError
-from service.pipeline import (CodegenError, DesignResult, DesignSettings, PatchError, PipelineError, RichProgress,
-                              run_design)
-
 from .data_cmd import fail
+
+# The pipeline, agents and LLM SDK are imported inside the commands: they cost seconds at import,
+# and every other `cellforge` command would pay for them.
+if TYPE_CHECKING:
+    from service.llm import LLMConfig
+    from service.pipeline import DesignResult, DesignSettings
 
 err = Console(stderr=True)
 out = Console()
-HANDLED = (DataError, LLMError, PipelineError, SandboxError, AnalysisError, DiscussionError, CodegenError,
-           PatchError)
 TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
@@ -59,11 +56,24 @@ def _finish(result: DesignResult, json_out: bool) -> None:
         raise typer.Exit(1)
 
 
+def _handled_errors() -> tuple[type[Exception], ...]:
+    from sandbox import SandboxError
+    from service.agents import AnalysisError, DiscussionError
+    from service.data import DataError
+    from service.llm import LLMError
+    from service.pipeline import CodegenError, PatchError, PipelineError
+
+    return (DataError, LLMError, PipelineError, SandboxError, AnalysisError, DiscussionError, CodegenError,
+            PatchError)
+
+
 def _run(settings: DesignSettings, config: LLMConfig | None, replay_from: Path | None, json_out: bool) -> None:
+    from service.pipeline import RichProgress, run_design
+
     try:
         with RichProgress(err) as progress:
             result = run_design(settings, config, replay_from=replay_from, on_progress=progress)
-    except HANDLED as exc:
+    except _handled_errors() as exc:
         fail(exc, json_out)
     _finish(result, json_out)
 
@@ -82,8 +92,18 @@ def design(
     seed: SeedOpt = 0,
     candidates: Annotated[int, typer.Option("--candidates", help="Plans tried; the best by validation is kept.")] = 1,
     json_out: JsonOpt = False,
+    server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
+                                                help="API key for --server.")] = None,
 ) -> None:
     """Design, train and score a model for a dataset and a task."""
+    from service.llm import LLMConfig, LLMError
+    from service.pipeline import DesignSettings
+
+    if server:
+        _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
+                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus)
+        return
     try:
         config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
         settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
@@ -94,12 +114,43 @@ def design(
     _run(settings, config, None, json_out)
 
 
+def _run_remote(server: str, api_key: str | None, data: Path, task: str, out_dir: Path, json_out: bool,
+                **options: Any) -> None:
+    """The same design as a job on a server: its events drive the same live progress, its artifacts
+    land in `out_dir`."""
+    from service.client import APIError
+    from service.client.remote import run_design
+    from service.pipeline import PipelineError, ProgressEvent, RichProgress
+
+    if not api_key:
+        fail(PipelineError("--server needs --api-key (or CELLFORGE_API_KEY)"), json_out)
+    try:
+        with RichProgress(err) as progress:
+            job = run_design(server, api_key, data, task, download_to=out_dir, **options,
+                             on_event=lambda e: progress(ProgressEvent(**e["data"])) if e["kind"] == "progress"
+                             else None)
+    except APIError as exc:
+        fail(PipelineError(f"the server refused the job: {exc}"), json_out)
+    metrics = (job.get("result") or {}).get("metrics") or {}
+    if "model" in metrics:
+        out.print(_metrics_table(metrics))
+    out.print(f"job {job['id']}: [bold]{job['status']}[/bold]; artifacts in {out_dir}", highlight=False)
+    if json_out:
+        print(json.dumps({**metrics, "ok": job["status"] == "succeeded", "job": job["id"], "status": job["status"],
+                          "run_status": metrics.get("status"), "error": job.get("error"), "out": str(out_dir)},
+                         default=str), flush=True)
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
 def replay(
     run_dir: Annotated[Path, typer.Argument(help="A recorded run directory.", show_default=False)],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to re-run (default: RUN_DIR-replay).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-run a recorded run from its recorded LLM replies (no endpoint), same arguments and seed."""
+    from service.pipeline import DesignSettings, PipelineError
+
     try:
         recorded = json.loads((run_dir / "run.json").read_text())
         settings = DesignSettings.model_validate(
@@ -117,6 +168,8 @@ def demo(
 ) -> None:
     """Simulate a small knockout screen and design a model for it, offline, in Docker."""
     from service.data import simulate
+    from service.llm import LLMConfig
+    from service.pipeline import DesignSettings
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / "knockout.h5ad"

@@ -98,7 +98,23 @@ async def _run_file(
         await sb.close()
 
 
-def _summary(res: ExecutionResult, sandbox_id: str, backend: BackendName, isolated: bool) -> dict[str, Any]:
+def _run_remote(server: str, api_key: str | None, code: str, spec: SandboxSpec,
+                live: _LiveOutput) -> tuple[str, ExecutionResult]:
+    from service.client import APIError
+    from service.client.remote import run_script
+
+    if not api_key:
+        err.print("[red]--server needs --api-key (or CELLFORGE_API_KEY)[/]")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        return run_script(server, api_key, code, on_event=live, image=spec.image, cpus=spec.cpus,
+                          memory=spec.memory, gpus=spec.gpus, timeout=spec.timeout)
+    except APIError as exc:
+        err.print(f"[red]the server refused the run:[/] {exc}")
+        raise typer.Exit(EXIT_START_FAILED) from None
+
+
+def _summary(res: ExecutionResult, sandbox_id: str, backend: str, isolated: bool) -> dict[str, Any]:
     return {
         "outcome": res.outcome.value,
         "ename": res.ename,
@@ -109,7 +125,7 @@ def _summary(res: ExecutionResult, sandbox_id: str, backend: BackendName, isolat
         "truncated": res.truncated,
         "state_lost": res.state_lost,
         "sandbox_id": sandbox_id,
-        "backend": backend.value,
+        "backend": backend,
         "isolated": isolated,
     }
 
@@ -126,6 +142,8 @@ def run(
     gpus: Annotated[int | None, typer.Option(help="Number of GPUs to attach.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is interrupted.")] = 600.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
+    server: Annotated[str | None, typer.Option(help="Run on a CellForge server (URL) instead of here.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="CELLFORGE_API_KEY", help="API key for --server.")] = None,
 ) -> None:
     """Run FILE in a fresh sandbox, streaming its output live.
 
@@ -143,11 +161,15 @@ def run(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     live = _LiveOutput()
-    sb, res = asyncio.run(_run_file(code, spec, backend, timeout, live))
+    if server:
+        (sandbox_id, res), backend_name, isolated = _run_remote(server, api_key, code, spec, live), "remote", True
+    else:
+        sb, res = asyncio.run(_run_file(code, spec, backend, timeout, live))
+        sandbox_id, backend_name, isolated = sb.id, backend.value, sb.isolated
     if json_out:
         if not live.ends_with_newline:
             sys.stdout.write("\n")
-        print(json.dumps(_summary(res, sb.id, backend, sb.isolated)), flush=True)
+        print(json.dumps(_summary(res, sandbox_id, backend_name, isolated)), flush=True)
     else:
         colour = "green" if res.ok else "red"
         detail = res.died_cause or (f"{res.ename}: {res.evalue}" if res.ename else "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,8 +12,10 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from service.data import DataError
-from service.data.baselines import BASELINES, applicable_baselines
-from service.data.evaluate import EvaluationReport, Evaluator
+
+# The evaluator and baselines (scikit-learn) load inside the commands, not with the whole CLI.
+if TYPE_CHECKING:
+    from service.data.evaluate import EvaluationReport, Evaluator
 
 from .data_cmd import fail
 
@@ -41,6 +43,8 @@ def _fmt(value: float | None) -> str:
 def _evaluator(split: Path, which: str, progress: Progress) -> Evaluator:
     if which not in ("test", "val"):
         raise DataError(f"--which must be 'test' or 'val', not {which!r}")
+    from service.data.evaluate import Evaluator
+
     progress.add_task(f"reading {split} and the real {which} cells", total=None)
     return Evaluator(split, which)
 
@@ -98,6 +102,8 @@ def baselines(
     json_out: JsonOpt = False,
 ) -> None:
     """Run and score every applicable baseline on the split: one table of baselines vs the ceiling."""
+    from service.data.baselines import BASELINES, applicable_baselines
+
     reports: dict[str, EvaluationReport] = {}
     written: dict[str, str] = {}
     try:

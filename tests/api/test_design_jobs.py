@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +85,17 @@ def test_metric_comparison_reports_each_difference_under_its_tolerance():
     assert rows["pearson_delta"]["difference"] == pytest.approx(0.10)
     assert rows["de_overlap"]["ok"]  # absent on both sides is no regression
     assert compare_metrics({"mse": 0.2}, {}, {}, 1e-6)["failed_metrics"] == ["mse"]
+
+
+def test_cli_design_targets_a_remote_server(server, alice, tmp_path):
+    data = tmp_path / "small.h5ad"
+    simulate("knockout", 1, n_cells=2000, n_genes=80).write_h5ad(data)
+    cellforge = str(Path(sys.executable).parent / "cellforge")
+    done = subprocess.run([cellforge, "design", "--data", str(data), "--task", TASK, "--out", str(tmp_path / "run"),
+                           "--server", server.url, "--max-attempts", "2", "--json"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CELLFORGE_API_KEY": alice.key})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded" and "pearson_delta" in summary["model"]
+    assert {"predictions.h5ad", "metrics.json", "report.html"} <= {p.name for p in (tmp_path / "run").iterdir()}

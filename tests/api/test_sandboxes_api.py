@@ -4,7 +4,11 @@ disconnect, restart, and every sandbox call tried by another tenant."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -13,6 +17,8 @@ import pytest
 from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import NotFoundError
+
+CLI = [str(Path(sys.executable).parent / "cellforge")]
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -180,3 +186,22 @@ def test_idle_sandboxes_are_reaped_and_free_their_quota(tmp_path, docker_image, 
             c.delete_sandbox(c.create_sandbox(memory="256m")["id"])  # the quota place came back
     finally:
         server.stop()
+
+
+def test_cli_sandbox_run_targets_a_remote_server(server, alice, tmp_path):
+    script = tmp_path / "remote.py"
+    script.write_text("print('from the server', flush=True)\n")
+    env = {**os.environ, "CELLFORGE_API_KEY": alice.key}
+    done = subprocess.run([*CLI, "sandbox", "run", str(script), "--server", server.url, "--memory", "256m", "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "from the server" in done.stdout
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] == "ok" and summary["backend"] == "remote" and summary["isolated"] is True
+    with server.client(alice) as c:  # the CLI's sandbox was deleted afterwards
+        with pytest.raises(NotFoundError):
+            c.get_sandbox(summary["sandbox_id"])
+
+    refused = subprocess.run([*CLI, "sandbox", "run", str(script), "--server", server.url, "--api-key", "cf_bad_key"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 3 and "refused" in refused.stderr
