@@ -16,6 +16,8 @@ from service.data.baselines import (
     PCA_RIDGE_K,
     PCA_RIDGE_LAMBDA,
     GeneNeighbours,
+    applicable_baselines,
+    drug_target_ridge_baseline,
     linear_pca_ridge_baseline,
     load_task,
     run_baselines,
@@ -239,3 +241,72 @@ def test_control_baseline_has_no_delta_correlation(genetic):
     report = ev.score(run_baselines(ev.task)["control"])
     assert "pearson_delta" not in report.summary
     assert report.summary["direction_acc_top20_de"] == 0.0
+
+
+def annotate_split(split: Path, targets: dict[str, str]) -> None:
+    """Give a constructed split drug-target annotations, as `make_split` writes them for annotated data."""
+    for name in ("train", "val", "test_inputs"):
+        part = ad.read_h5ad(split / f"{name}.h5ad")
+        perts = part.uns["predict"]["perturbation"] if name == "test_inputs" else part.obs["perturbation"].unique()
+        part.uns["perturbation_targets"] = {p: targets[p] for p in perts if p in targets}
+        part.write_h5ad(split / f"{name}.h5ad")
+    info = json.loads((split / "split.json").read_text())
+    (split / "split.json").write_text(json.dumps({**info, "annotation_key": "targets"}))
+
+
+@pytest.fixture
+def annotated_drugs(tmp_path):
+    """Drugs D1..D4 at doses 1 and 10 in train, each hitting measured genes; test: D5 (targets G1;G6)
+    and D6 (target OR5, not a measured gene) at both doses."""
+    rng = np.random.default_rng(3)
+    ctrl = rng.uniform(3, 5, 12)
+    targets = {"D1": "G1;G2", "D2": "G3", "D3": "G2;G4;G5", "D4": "G6", "D5": "G1;G6", "D6": "OR5"}
+    means = {("control", float("nan"), "all"): ctrl}
+    for drug in targets:
+        for dose in (1.0, 10.0):
+            means[(drug, dose, "all")] = ctrl + rng.normal(0, 1, 12) * np.log1p(dose)
+    test = [(drug, dose, "all") for drug in ("D5", "D6") for dose in (1.0, 10.0)]
+    split = write_constructed_split(tmp_path / "split", means, test)
+    annotate_split(split, targets)
+    return split, ctrl, targets
+
+
+def test_drug_target_ridge_is_mean_delta_plus_the_targets_pca_ridge_per_dose(annotated_drugs):
+    split, ctrl, targets = annotated_drugs
+    task = load_task(split)
+    assert task.annotations["D5"] == ["G1", "G6"] and "drug_target_ridge" in applicable_baselines(task)
+    pred = drug_target_ridge_baseline(task)
+    mean = {dose: np.mean([task.train.deltas[i] for i, d in enumerate(task.train.conditions["dose"]) if d == dose],
+                          axis=0) for dose in (1.0, 10.0)}
+    pos = {g: i for i, g in enumerate(GENES)}
+    for dose in (1.0, 10.0):
+        own = (task.train.conditions["dose"] == dose).to_numpy()
+        Y = (task.train.deltas[own] - mean[dose]).T  # residual of the mean-Δ baseline, genes × drugs
+        b = Y.mean(axis=1, keepdims=True)
+        k = min(PCA_RIDGE_K, Y.shape[1] - 1)
+        U = np.linalg.svd(Y - b, full_matrices=False)[0][:, :k]
+
+        def emb(drug: str) -> np.ndarray:
+            return U[[pos[g] for g in targets[drug].split(";")]].sum(axis=0)
+
+        P = np.stack([emb(d) for d in task.train.conditions.loc[own, "perturbation"]])
+        lam = PCA_RIDGE_LAMBDA * np.eye(k)
+        W = np.linalg.inv(U.T @ U + lam) @ U.T @ (Y - b) @ P @ np.linalg.inv(P.T @ P + lam)
+        got = pred[condition_key("D5", dose, "all")].X.ravel()
+        np.testing.assert_allclose(got, ctrl + mean[dose] + b[:, 0] + U @ W @ emb("D5"), rtol=1e-4, atol=1e-4)
+        # No measured target: nothing to place the drug by, so the mean-Δ prediction (plus the mean residual).
+        np.testing.assert_allclose(pred[condition_key("D6", dose, "all")].X.ravel(), ctrl + mean[dose] + b[:, 0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_drug_target_ridge_applies_only_with_annotations(annotated_drugs, tmp_path):
+    split, *_ = annotated_drugs
+    ev = Evaluator(split, de_min_cells=3)
+    preds = run_baselines(ev.task)
+    assert "drug_target_ridge" in preds
+    pred = preds["drug_target_ridge"]
+    assert list(pred.obs["condition"]) == list(ev.task.targets["condition"]) and np.isfinite(pred.X).all()
+    assert ev.score(pred).n_conditions == 4
+    info = json.loads((split / "split.json").read_text())
+    (split / "split.json").write_text(json.dumps({**info, "annotation_key": None}))
+    assert "drug_target_ridge" not in run_baselines(split)

@@ -28,6 +28,7 @@ from service.data import (
     profile_dataset,
     read_h5ad,
 )
+from service.data.load import InconsistentAnnotation
 
 
 @pytest.mark.parametrize(
@@ -299,3 +300,32 @@ def test_ensembl_var_names_use_the_symbol_column(make_adata, tmp_path):
     train = load_split(tmp_path).train
     assert train.var.loc["G5", "gene_id"] == "ENSG00000000005"
     assert profile_dataset(ds).target_genes_measured_fraction == 1.0
+
+
+def _with_targets(adata, targets: dict[str, str], column: str = "targets"):
+    adata.obs[column] = [targets.get(p, "") for p in adata.obs["drug"].astype(str)]
+    return adata
+
+
+def test_drug_target_annotations_are_read_per_perturbation(make_adata):
+    adata = _with_targets(make_adata(perturbation_key="drug", control_label="DMSO", doses=[1.0, 10.0],
+                                     perturbations=("dA", "dB", "dC")),
+                          {"dA": "G1;G2", "dB": "G3, G4", "dC": ""}, column="target_genes")
+    ds = load_dataset(adata)
+    assert ds.layout.perturbation_key == "drug" and ds.layout.annotation_key == "target_genes"
+    assert ds.annotations == {"dA": ["G1", "G2"], "dB": ["G3", "G4"]}  # dC: not annotated
+
+
+def test_genetic_data_has_no_annotation_column(make_adata):
+    adata = make_adata()
+    adata.obs["target_gene"] = adata.obs["perturbation"].astype(str)
+    ds = load_dataset(adata)
+    assert ds.layout.annotation_key is None and ds.annotations == {}
+
+
+def test_inconsistent_annotation_names_the_perturbation_and_values(make_adata):
+    adata = _with_targets(make_adata(perturbation_key="drug", control_label="DMSO", doses=[1.0, 10.0],
+                                     perturbations=("dA", "dB")), {"dA": "G1", "dB": "G3"})
+    adata.obs.loc[adata.obs.index[(adata.obs["drug"] == "dA").to_numpy()][:2], "targets"] = "G2"
+    with pytest.raises(InconsistentAnnotation, match=r"'dA'.*'targets'.*'G1'.*'G2'|'dA'.*'targets'.*'G2'.*'G1'"):
+        load_dataset(adata)

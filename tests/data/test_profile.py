@@ -154,3 +154,21 @@ def test_cli_profile_errors(make_adata, h5ad_path, tmp_path):
     assert payload["error"] == "UnknownPerturbationKey" and "'perturbation'" in payload["message"]
     result = runner.invoke(app, ["data", "profile", str(tmp_path / "missing.h5ad")])
     assert result.exit_code == 1 and "DataFileError" in result.output and "Traceback" not in result.output
+
+
+def test_drug_annotations_are_reported_with_their_gene_coverage(make_adata):
+    from service.agents.profile_facts import facts_from_profile
+
+    adata = make_adata(perturbations=("dA", "dB", "dC", "dD"), perturbation_key="drug", control_label="DMSO",
+                       doses=[0.1, 1.0, 10.0])
+    targets = {"dA": "G1;G2", "dB": "G3;NOT_MEASURED", "dC": "G4"}  # dD is not annotated
+    plain = profile_dataset(adata)
+    adata.obs["targets"] = [targets.get(p, "") for p in adata.obs["drug"].astype(str)]
+    p = profile_dataset(adata)
+    assert p.annotation_key == "targets" and p.annotated_perturbations_fraction == pytest.approx(0.75)
+    assert p.n_target_genes == 5 and p.target_genes_measured_fraction == pytest.approx(0.8)
+    assert p.targets_not_measured == ["NOT_MEASURED"]
+    assert any("annotated in obs['targets']" in note for note in p.notes)
+    # The agents see the coverage as the measured share of target genes; without annotations there is none.
+    assert facts_from_profile(p).target_genes_measured_fraction == pytest.approx(0.8)
+    assert plain.annotation_key is None and plain.target_genes_measured_fraction is None

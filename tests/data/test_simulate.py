@@ -248,3 +248,21 @@ def test_cli_writes_h5ad_and_prints_json(tmp_path) -> None:
     bad = CliRunner().invoke(app, ["data", "simulate", "--kind", "nope", "--out", str(out), "--json"])
     assert bad.exit_code == 1
     assert json.loads(bad.stdout.strip().splitlines()[-1])["error"] == "SimulationError"
+
+
+def test_drug_cells_carry_their_target_annotations(datasets: dict[str, ad.AnnData]) -> None:
+    adata = datasets["drug"]
+    table = adata.uns["simulation"]["drug_targets"]
+    obs = adata.obs
+    assert (obs.loc[obs["perturbation"] == "control", "targets"] == "").all()
+    for drug in np.unique(table["drug"]):
+        (label,) = obs.loc[obs["perturbation"] == drug, "targets"].unique()
+        assert label.split(";") == list(table["gene"][table["drug"] == drug])
+    # A target is inhibited (or activated) by every compound that hits it: annotations carry the mode of action.
+    signs: dict[str, set[float]] = {}
+    for gene, sign in zip(table["gene"], table["sign"], strict=True):
+        signs.setdefault(str(gene), set()).add(float(sign))
+    assert all(len(s) == 1 for s in signs.values())
+    dataset = load_dataset(adata)
+    assert dataset.layout.perturbation_key == "perturbation" and dataset.layout.annotation_key == "targets"
+    assert "targets" not in datasets["knockout"].obs.columns

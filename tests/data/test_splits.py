@@ -25,6 +25,7 @@ from service.data import (
     tfidf,
 )
 from service.data.conditions import combo_genes, parse_condition_key
+from service.data.splits import perturbation_targets
 
 SINGLES = tuple(f"G{i}" for i in range(10))
 COMBOS = ("G0+G1", "G2+G3", "G4+G5", "G0+G6", "G1+G7", "G3+G5", "G6+G7", "G2+G4", "G1+G5", "G0+G2", "G8+G9",
@@ -337,3 +338,28 @@ def test_atac_tfidf_uses_training_idf(make_adata, tmp_path):
     np.testing.assert_allclose(s.test_truth.X[:, peaks].toarray(), tfidf(raw_truth, idf).toarray(), rtol=1e-5)
     with pytest.raises(SplitError, match="atac transform 'lsi'"):
         make_split(adata, "unseen-perturbation", 0, tmp_path / "x", atac="lsi")
+
+
+def test_drug_targets_travel_as_inputs_in_the_model_facing_parts(make_adata, tmp_path):
+    targets = {"dA": "G1;G2", "dB": "G3", "dC": "G4;G5", "dD": "G6", "dE": "G7;G55"}
+    adata = make_adata(perturbations=tuple(targets), perturbation_key="drug", control_label="DMSO",
+                       doses=[0.1, 1.0, 10.0], cells_per_condition=6, n_genes=60)
+    adata.obs["targets"] = [targets.get(p, "") for p in adata.obs["drug"].astype(str)]
+    info = make_split(adata, "unseen-drug", 0, tmp_path / "s", n_genes=20)
+    s = load_split(tmp_path / "s")
+    assert info.annotation_key == "targets"
+    assert {"G1", "G2", "G3", "G4", "G5", "G6", "G7", "G55"} <= set(info.genes)  # annotated targets kept
+    drugs = {k: {parse_condition_key(c)[0] for c in v} for k, v in info.conditions.items()}
+    for part, name in ((s.train, "train"), (s.val, "val"), (s.test_inputs, "test")):
+        table = dict(part.uns["perturbation_targets"])
+        # Exactly the part's own perturbations, each with its annotation string and nothing about its response.
+        assert table == {d: targets[d] for d in drugs[name]}
+    assert set(s.test_inputs.uns) == {"predict", "perturbation_targets"}
+    assert "perturbation_targets" not in s.test_truth.uns
+    assert perturbation_targets(s) == {d: targets[d].split(";") for d in targets}
+
+
+def test_split_without_annotations_has_no_target_table(splits):
+    _, s = splits["unseen-drug"]
+    assert s.info.annotation_key is None and perturbation_targets(s) == {}
+    assert all("perturbation_targets" not in p.uns for p in (s.train, s.val, s.test_inputs))
