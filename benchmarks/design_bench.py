@@ -2,7 +2,8 @@
 
 1. Quality: on simulated knockout (unseen perturbations), drug (unseen drugs) and cytokine (unseen cell
    type) data over several seeds, the offline-designed model vs the mean-Δ, linear-ridge and (annotated
-   drugs) drug-target-ridge baselines (and every other baseline) on `pearson_delta_pert` and `mse_top20_de`, the data ceiling beside.
+   drugs) drug-target-ridge baselines (and every other baseline) on `pearson_delta_pert` and
+   `mse_top20_de`, the data ceiling beside.
 2. Scale: the wall time of one offline design run on 20,000 cells × 2,000 genes (target ≤ 15 min).
 
     .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout drug cytokine]

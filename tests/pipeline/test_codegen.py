@@ -59,7 +59,8 @@ def test_annotated_unseen_drugs_get_the_target_encoder(plans):
     annotated, plain = plans["annotated_drug"], plans["drug"]
     assert annotated.architecture.perturbation_encoder == "drug_target_dose"
     assert plain.architecture.perturbation_encoder == "drug_embedding_dose"  # no annotations: no target encoder
-    assert "drug_target_ridge" in annotated.evaluation.baselines and "drug_target_ridge" not in plain.evaluation.baselines
+    assert "drug_target_ridge" in annotated.evaluation.baselines
+    assert "drug_target_ridge" not in plain.evaluation.baselines
     model = render_bundle(annotated).files["model.py"]
     assert "annotated target genes" in model and "def dose_features" in model
     assert annotated.architecture.base_predictor == "linear_ridge" and annotated.architecture.residual_delta
