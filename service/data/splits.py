@@ -274,12 +274,14 @@ def _part_obs(dataset: Dataset, mask: np.ndarray) -> pd.DataFrame:
 
 
 def _targets_table(dataset: Dataset, obs: pd.DataFrame, masks: dict[str, np.ndarray],
-                   name: str) -> dict[str, str]:
-    """perturbation -> `;`-joined annotation, for the perturbations a model-facing part concerns:
-    its own cells' for train/val, the conditions to predict for test_inputs (an input, like the name)."""
+                   name: str) -> dict[str, list[str]]:
+    """Equal-length lists `perturbation` and `targets` (`;`-joined) for the perturbations a model-facing
+    part concerns: its own cells' for train/val, the conditions to predict for test_inputs (an input,
+    like the name). Lists, not a dict keyed by perturbation: h5ad would nest a key holding '/'."""
     cells = masks["test_truth"] if name == "test_inputs" else masks[name]
     perts = sorted(set(obs.loc[cells & ~obs[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]))
-    return {p: ";".join(dataset.annotations[p]) for p in perts if p in dataset.annotations}
+    perts = [p for p in perts if p in dataset.annotations]
+    return {PERTURBATION: perts, "targets": [";".join(dataset.annotations[p]) for p in perts]}
 
 
 def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, out_dir: str | Path,
@@ -370,7 +372,8 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     info = SplitInfo(
         scheme=scheme, seed=seed, source=layout.source, perturbation_key=layout.perturbation_key,
         control_label=layout.control_labels[0], control_labels=layout.control_labels, dose_key=layout.dose_key,
-        context_key=layout.context_key, annotation_key=layout.annotation_key, kind=layout.kind, modalities=list(layout.modalities),
+        context_key=layout.context_key, annotation_key=layout.annotation_key, kind=layout.kind,
+        modalities=list(layout.modalities),
         conditions={p: sorted(c for c, q in plan.part.items() if q == p) for p in ("train", "val", "test")},
         n_cells={name: int(m.sum()) for name, m in masks.items()}, genes=genes, categories=plan.categories,
         held_out_context=plan.held_out_context, few_shot_k=few_shot_k, feature_types=feature_counts,
@@ -424,7 +427,8 @@ def perturbation_targets(split: Split) -> dict[str, list[str]]:
     if split.info.annotation_key is None:
         return out
     for part in (split.train, split.val, split.test_inputs):
-        for pert, value in dict(part.uns.get(TARGETS_UNS, {})).items():
+        table = part.uns.get(TARGETS_UNS, {})
+        for pert, value in zip(table.get(PERTURBATION, []), table.get("targets", []), strict=True):
             out[str(pert)] = [g for g in str(value).split(";") if g]
     return out
 

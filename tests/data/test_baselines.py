@@ -248,7 +248,8 @@ def annotate_split(split: Path, targets: dict[str, str]) -> None:
     for name in ("train", "val", "test_inputs"):
         part = ad.read_h5ad(split / f"{name}.h5ad")
         perts = part.uns["predict"]["perturbation"] if name == "test_inputs" else part.obs["perturbation"].unique()
-        part.uns["perturbation_targets"] = {p: targets[p] for p in perts if p in targets}
+        named = [p for p in perts if p in targets]
+        part.uns["perturbation_targets"] = {"perturbation": named, "targets": [targets[p] for p in named]}
         part.write_h5ad(split / f"{name}.h5ad")
     info = json.loads((split / "split.json").read_text())
     (split / "split.json").write_text(json.dumps({**info, "annotation_key": "targets"}))

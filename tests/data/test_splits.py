@@ -351,9 +351,10 @@ def test_drug_targets_travel_as_inputs_in_the_model_facing_parts(make_adata, tmp
     assert {"G1", "G2", "G3", "G4", "G5", "G6", "G7", "G55"} <= set(info.genes)  # annotated targets kept
     drugs = {k: {parse_condition_key(c)[0] for c in v} for k, v in info.conditions.items()}
     for part, name in ((s.train, "train"), (s.val, "val"), (s.test_inputs, "test")):
-        table = dict(part.uns["perturbation_targets"])
-        # Exactly the part's own perturbations, each with its annotation string and nothing about its response.
-        assert table == {d: targets[d] for d in drugs[name]}
+        table = part.uns["perturbation_targets"]
+        assert set(table) == {"perturbation", "targets"}  # nothing about the response
+        # Exactly the part's own perturbations, each with its annotation string.
+        assert dict(zip(table["perturbation"], table["targets"], strict=True)) == {d: targets[d] for d in drugs[name]}
     assert set(s.test_inputs.uns) == {"predict", "perturbation_targets"}
     assert "perturbation_targets" not in s.test_truth.uns
     assert perturbation_targets(s) == {d: targets[d].split(";") for d in targets}
@@ -363,3 +364,11 @@ def test_split_without_annotations_has_no_target_table(splits):
     _, s = splits["unseen-drug"]
     assert s.info.annotation_key is None and perturbation_targets(s) == {}
     assert all("perturbation_targets" not in p.uns for p in (s.train, s.val, s.test_inputs))
+
+
+def test_target_table_keeps_perturbation_names_with_slashes(make_adata, tmp_path):
+    adata = make_adata(perturbations=("dA/x", "dB", "dC", "dD", "dE"), perturbation_key="drug",
+                       control_label="DMSO", doses=[1.0, 10.0], cells_per_condition=6)
+    adata.obs["targets"] = ["" if p == "DMSO" else f"G{len(p)}" for p in adata.obs["drug"].astype(str)]
+    make_split(adata, "unseen-drug", 0, tmp_path / "s")
+    assert perturbation_targets(load_split(tmp_path / "s"))["dA/x"] == ["G4"]

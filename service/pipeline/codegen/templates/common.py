@@ -62,8 +62,9 @@ def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
 
 def annotate(table: pd.DataFrame, uns) -> pd.DataFrame:
     """Add a `targets` column (`;`-joined annotated target genes, empty when unknown) from a split part's
-    uns["perturbation_targets"]; a split without annotations gives empty strings."""
-    known = {str(k): str(v) for k, v in dict(uns.get(TARGETS_UNS, {})).items()}
+    uns["perturbation_targets"] (equal-length lists `perturbation`, `targets`); no annotations: empty strings."""
+    listed = uns.get(TARGETS_UNS, {})
+    known = {str(p): str(t) for p, t in zip(listed.get("perturbation", []), listed.get("targets", []))}
     return table.assign(targets=[known.get(p, "") for p in table["perturbation"]])
 
 

@@ -26,11 +26,10 @@ def _perturbations() -> list[tuple[str, float]]:
     return [(f"g{i}", float("nan")) for i in range(10)]
 
 
-def _annotations(items: list[tuple[str, float]]) -> dict[str, str]:
+def _annotations(items: list[tuple[str, float]]) -> dict[str, list[str]]:
     """Drugs carry target-gene annotations, as a split of annotated drug data does."""
-    if CONFIG["perturbation_kind"] != "chemical":
-        return {}
-    return {pert: f"g{int(pert.split('_')[1])};g{int(pert.split('_')[1]) + 7}" for pert, _ in items}
+    perts = sorted({pert for pert, _ in items}) if CONFIG["perturbation_kind"] == "chemical" else []
+    return {"perturbation": perts, "targets": [f"g{int(p.split('_')[1])};g{int(p.split('_')[1]) + 7}" for p in perts]}
 
 
 def _cells(rng, pert: str, dose: float, context: str, n: int, effect: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
