@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -64,6 +66,17 @@ def test_annotated_unseen_drugs_get_the_target_encoder(plans):
     model = render_bundle(annotated).files["model.py"]
     assert "annotated target genes" in model and "def dose_features" in model
     assert annotated.architecture.base_predictor == "linear_ridge" and annotated.architecture.residual_delta
+
+
+def test_target_encoder_bundle_passes_its_own_tests(plans, tmp_path):
+    """The generated test suite of the annotated-drug bundle (a small split with target annotations:
+    shapes, forward pass, one-batch overfit, a short training run) passes on the host."""
+    plan = plans["annotated_drug"].model_copy(deep=True)
+    plan.training.epochs = 3
+    code = render_bundle(plan).write(tmp_path / "code")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+                          cwd=code, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 
 def test_candidate_plans_are_valid_distinct_variants(plans):
