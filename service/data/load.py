@@ -153,7 +153,7 @@ def _annotation_column(obs: pd.DataFrame, kind: str, taken: set[str | None]) -> 
 
 def split_annotation(value: object) -> list[str]:
     """`"G1; G2"` -> ["G1", "G2"]; empty / NaN -> []."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
         return []
     return [t.strip() for t in ANNOTATION_SEPARATORS.split(str(value)) if t.strip()]
 
