@@ -76,6 +76,11 @@ class SyncSandbox:
     def workspace(self) -> str:
         return self._sb.workspace
 
+    @property
+    def data_root(self) -> str:
+        """Where the data mounts are seen from inside: `/data` in Docker, a folder on the local backend."""
+        return self._sb.data_root
+
     def execute(self, code: str, timeout: float | None = None, on_event: Callable[[Any], Any] | None = None) -> Any:
         """Run code in the kernel; `on_event` is called (on the sandbox's thread) for each stream event."""
         return self._lt.run(self._sb.execute(code, timeout=timeout, on_event=on_event))

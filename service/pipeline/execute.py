@@ -100,7 +100,7 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
         failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
         return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
     try:
-        listing = sb.run_command(["ls", "-1", "/data"], timeout=30)
+        listing = sb.run_command(["ls", "-1", sb.data_root], timeout=30)
         data_listing = sorted((listing.stdout or "").split())
         workspace = sb.workspace
         sb.put_dir(code_dir, "code")
@@ -119,7 +119,7 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
                 if progress is not None:
                     on_progress(progress)
 
-        res = sb.run_command(["python", "train.py", "--data", "/data", "--out", f"{workspace}/out",
+        res = sb.run_command(["python", "train.py", "--data", sb.data_root, "--out", f"{workspace}/out",
                               "--config", "config.json"], cwd=f"{workspace}/code", timeout=remaining(),
                              on_event=on_event)
         _log(attempt_dir / "train.log", res)

@@ -108,3 +108,15 @@ def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
     assert result.exit_code == 1
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["error"] == "PipelineError" and "run.json" in last["message"]
+
+
+def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path):
+    """Machines without Docker: the bundle sees its data where the local backend links it, not /data."""
+    from service.pipeline import DesignSettings, run_design
+
+    result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes", out=tmp_path / "local", sandbox="local",
+                                       max_minutes=8, max_attempts=2))
+    assert result.status in ("validated", "below_baseline"), result.metrics
+    seen = json.loads((RunDir(result.run_dir).attempts / "01" / "outcome.json").read_text())["data_listing"]
+    assert seen == sorted(SANDBOX_FILES)
+    assert "pearson_delta" in result.metrics["model"]
