@@ -18,6 +18,7 @@ from .errors import (
     DataError,
     DataFileError,
     DuplicateGeneNames,
+    InconsistentAnnotation,
     InvalidDose,
     MissingLabels,
     NegativeCounts,
@@ -43,7 +44,7 @@ from .preprocess import (
     transform_blocks,
 )
 from .profile import DataProfile, profile_dataset
-from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split
+from .splits import SCHEMES, Split, SplitInfo, assign_conditions, load_split, make_split, perturbation_targets
 
 # Baselines, evaluator and simulator pull in scikit-learn and numba (seconds and ~150 MB at import):
 # loaded on first use, so the CLI and the loaders stay quick and lean.

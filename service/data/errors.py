@@ -72,3 +72,7 @@ class SplitDirectoryError(DataError):
 
 class MissingLabels(DataError):
     """Some cells have no perturbation label (NaN or empty)."""
+
+
+class InconsistentAnnotation(DataError):
+    """A perturbation carries different annotations (targets / pathway) on different cells."""

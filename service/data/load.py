@@ -36,6 +36,7 @@ from .errors import (
     DataError,
     DataFileError,
     DuplicateGeneNames,
+    InconsistentAnnotation,
     InvalidDose,
     MissingLabels,
     NegativeCounts,
@@ -137,10 +138,6 @@ class Dataset:
     @property
     def rna_mask(self) -> np.ndarray:
         return self.feature_block == "rna"
-
-
-class InconsistentAnnotation(DataError):
-    """A perturbation carries different annotations (targets / pathway) on different cells."""
 
 
 def _annotation_column(obs: pd.DataFrame, kind: str, taken: set[str | None]) -> str | None:

@@ -28,7 +28,7 @@ from service.data import (
     profile_dataset,
     read_h5ad,
 )
-from service.data.load import InconsistentAnnotation
+from service.data import InconsistentAnnotation
 
 
 @pytest.mark.parametrize(
