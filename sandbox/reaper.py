@@ -108,8 +108,10 @@ def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
         except docker.errors.DockerException as exc:
             raise SandboxError(f"cannot reap orphan sandboxes: Docker engine not reachable ({exc})") from None
     report = ReapReport()
-    for container in client.containers.list(all=True, filters={"label": f"{MANAGED_LABEL}=true"}):
-        orphan, reason = classify(container.labels or {})
+    # Sparse: a full listing inspects each container after listing it, and one removed in between
+    # (by its owner, or another process reaping) would fail the whole reap with NotFound.
+    for container in client.containers.list(all=True, sparse=True, filters={"label": f"{MANAGED_LABEL}=true"}):
+        orphan, reason = classify(_labels(container))
         if not orphan:
             report.kept[container.id] = reason
             continue
@@ -123,6 +125,10 @@ def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
     return report
 
 
+def _labels(container: docker.models.containers.Container) -> dict[str, str]:
+    """Labels of a sparse (listed, not inspected) container."""
+    return container.attrs.get("Labels") or {}
+
 
 def _remove_kernel_dir(container: docker.models.containers.Container) -> None:
     """The host folder holding the dead sandbox's kernel sockets, bind-mounted into its container.
@@ -132,7 +138,7 @@ def _remove_kernel_dir(container: docker.models.containers.Container) -> None:
     """
     from .docker_backend import SANDBOX_LABEL  # the backend imports this module at load time
 
-    sandbox_id = (container.labels or {}).get(SANDBOX_LABEL)
+    sandbox_id = _labels(container).get(SANDBOX_LABEL)
     for mount in container.attrs.get("Mounts") or []:
         source = mount.get("Source") or ""
         if sandbox_id and mount.get("Type") == "bind" and os.path.basename(source) == sandbox_id:

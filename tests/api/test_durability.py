@@ -31,8 +31,8 @@ SLOW = _bundle("import time\n\ndef test_slow():\n    time.sleep(6)\n")
 
 def _owned_by(pid: int) -> list:
     prefix = f"{socket.gethostname()}:{pid}:"
-    return [c for c in docker.from_env().containers.list(all=True, filters={"label": "cellforge.managed=true"})
-            if c.labels.get("cellforge.owner", "").startswith(prefix)]
+    listed = docker.from_env().containers.list(all=True, sparse=True, filters={"label": "cellforge.managed=true"})
+    return [c for c in listed if (c.attrs.get("Labels") or {}).get("cellforge.owner", "").startswith(prefix)]
 
 
 def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, docker_image, make_server):

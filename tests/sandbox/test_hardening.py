@@ -218,7 +218,7 @@ async def test_close_removes_container_and_kernel_folder(backend, small_spec):
     await sb.close()
     engine = docker.from_env()
     try:
-        assert engine.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={sb.id}"}) == []
+        assert engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sb.id}"}) == []
     finally:
         engine.close()
     assert not os.path.exists(host_dir)

@@ -115,13 +115,13 @@ def spec(docker_image) -> SandboxSpec:
 
 
 def _gone(engine: docker.DockerClient, sandbox_id: str) -> bool:
-    return not engine.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
+    return not engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
 
 
 @pytest.mark.docker
 async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, engine):
     mine = {"label": f"{OWNER_LABEL}={current_owner().label}"}
-    before = {c.id for c in engine.containers.list(all=True, filters=mine)}
+    before = {c.id for c in engine.containers.list(all=True, sparse=True, filters=mine)}
     async with SandboxPool(DockerBackend(), [spec], warm=1, preload=PRELOAD, reap_orphans=False) as pool:
         await pool.wait_warm(timeout=60)
         start = time.perf_counter()
@@ -140,7 +140,7 @@ async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, eng
         held = await pool.acquire(spec, tenant="t2")
     # Shutdown destroys the held lease, the refilled warm one and any still starting.
     assert held.reaped == "the pool was shut down"
-    assert {c.id for c in engine.containers.list(all=True, filters=mine)} <= before
+    assert {c.id for c in engine.containers.list(all=True, sparse=True, filters=mine)} <= before
 
 
 @pytest.mark.docker
