@@ -20,8 +20,9 @@ BUNDLE_FILES = ("model.py", "train.py", "test_model.py", "config.json")
 RIDGE_LAMBDAS = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 _ENCODER_TEMPLATE = {
+    # A combination's genes are aggregated (sum or mean, from the plan) by the gene-embedding encoder.
     "gene_embedding": "gene_embedding.py",
-    "gene_set": "gene_set.py",
+    "gene_set": "gene_embedding.py",
     "onehot": "onehot.py",
     "drug_onehot_dose": "drug_dose.py",
     "drug_embedding_dose": "drug_dose.py",
