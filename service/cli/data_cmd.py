@@ -9,19 +9,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from service.data import DataError, DataProfile, make_split, profile_dataset
 from service.data.load import DEFAULT_MIN_CELLS
 from service.data.splits import SCHEMES, SplitInfo
 
+from .output import JsonOpt, err, fail, spinner
+
 data_app = typer.Typer(help="Profile, split and simulate perturbation datasets (.h5ad).", no_args_is_help=True)
-err = Console(stderr=True)
 
 FileArg = Annotated[Path, typer.Argument(help="An AnnData .h5ad file.", show_default=False)]
 KeyOpt = Annotated[str | None, typer.Option("--perturbation-key", help="obs column of the perturbation.")]
@@ -29,20 +29,6 @@ ControlOpt = Annotated[str | None, typer.Option("--control", help="Control label
 DoseKeyOpt = Annotated[str | None, typer.Option("--dose-key", help="obs column of the dose (default: detected).")]
 ContextKeyOpt = Annotated[str | None, typer.Option("--context-key", help="obs column of the cell type / context.")]
 MinCellsOpt = Annotated[int, typer.Option("--min-cells", help="Fail on conditions with fewer cells (0: never).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
-
-
-def fail(exc: Exception, json_out: bool) -> NoReturn:
-    """Report a data error in one readable line (and as JSON with --json), exit 1."""
-    err.print(f"[red]{type(exc).__name__}:[/] {exc}", highlight=False)
-    if json_out:
-        print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}), flush=True)
-    raise typer.Exit(1)
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=err, transient=True)
 
 
 def _show_profile(p: DataProfile) -> None:
@@ -88,7 +74,7 @@ def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt 
             json_out: JsonOpt = False) -> None:
     """Detect the layout of FILE, validate it and print its profile."""
     try:
-        with _progress() as progress:
+        with spinner() as progress:
             task = progress.add_task("profiling", total=1.0)
             result = profile_dataset(file, perturbation_key=perturbation_key, control=control, dose_key=dose_key,
                                      context_key=context_key, min_cells=min_cells,
@@ -125,7 +111,7 @@ def split(
 ) -> None:
     """Split FILE by SCHEME into train/val/test_inputs/test_truth + split.json under OUT."""
     try:
-        with _progress() as progress:
+        with spinner() as progress:
             task = progress.add_task("loading", total=None)
             info = make_split(file, scheme, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
                               dose_key=dose_key, context_key=context_key, min_cells=min_cells,
@@ -175,7 +161,7 @@ def simulate_cmd(
     from service.data import simulate
 
     try:
-        with _progress() as progress:
+        with spinner() as progress:
             progress.add_task(f"simulating {kind}: {cells:,} cells x {genes:,} genes", total=None)
             adata = simulate(kind, seed, cells, genes, n_perturbations=perturbations)
             out.parent.mkdir(parents=True, exist_ok=True)

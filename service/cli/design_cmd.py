@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .data_cmd import fail
+from .output import JsonOpt, err, fail
 
 # The pipeline, agents and LLM SDK are imported inside the commands: they cost seconds at import,
 # and every other `cellforge` command would pay for them.
@@ -19,11 +19,9 @@ if TYPE_CHECKING:
     from service.llm import LLMConfig
     from service.pipeline import DesignResult, DesignSettings
 
-err = Console(stderr=True)
 out = Console()
 TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
 AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
 MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]

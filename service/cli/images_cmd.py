@@ -8,13 +8,13 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from sandbox.images import ImageBuildError, build_image, image_tag
 
+from .output import JsonOpt, err, fail
+
 images_app = typer.Typer(help="Build the sandbox images offline (no registry needed).", no_args_is_help=True)
-err = Console(stderr=True)
 
 
 class Flavor(str, Enum):
@@ -27,7 +27,6 @@ BaseOpt = Annotated[
     str | None,
     typer.Option("--base", help="Base image; default python:3.11-slim if present or pullable, else debootstrap."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 
 @images_app.command("build")
@@ -52,7 +51,7 @@ def build(
 
             result = build_image(flavor.value, base=base, force=force, on_log=on_log)
     except ImageBuildError as exc:
-        _fail(exc, json_out)
+        fail(exc, json_out)
     verb = "built" if result.built else "up to date:"
     err.print(f"[green]{verb}[/] {result.tag} (alias {result.alias}, base {result.base}) in {result.seconds:.1f} s")
     if json_out:
@@ -65,15 +64,8 @@ def tag(flavor: FlavorOpt = Flavor.cpu, base: BaseOpt = None, json_out: JsonOpt 
     try:
         content_tag = image_tag(flavor.value, base=base)
     except ImageBuildError as exc:
-        _fail(exc, json_out)
+        fail(exc, json_out)
     print(json.dumps({"ok": True, "tag": content_tag}) if json_out else content_tag, flush=True)
-
-
-def _fail(exc: ImageBuildError, json_out: bool) -> None:
-    err.print(f"[red]{type(exc).__name__}:[/] {exc}")
-    if json_out:
-        print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}), flush=True)
-    raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

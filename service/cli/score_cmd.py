@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from service.data import DataError
@@ -17,23 +17,16 @@ from service.data import DataError
 if TYPE_CHECKING:
     from service.data.evaluate import EvaluationReport, Evaluator
 
-from .data_cmd import fail
+from .output import JsonOpt, fail, spinner
 
-err = Console(stderr=True)
 
 SplitOpt = Annotated[Path, typer.Option("--split", help="A split directory (cellforge data split).",
                                         show_default=False)]
 WhichOpt = Annotated[str, typer.Option("--which", help="Score the 'test' or the 'val' conditions.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 
 # The columns of the baselines table: the metrics models are compared on.
 HEADLINE = ("pearson_delta", "pearson_delta_pert", "pearson_delta_top20_de", "mse_top20_de", "r2_delta",
             "discrimination_l1", "de_overlap")
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=err, transient=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -81,7 +74,7 @@ def score(
 ) -> None:
     """Score predictions against the real cells of the split, with the data ceiling and the mean-Δ baseline."""
     try:
-        with _progress() as progress:
+        with spinner() as progress:
             evaluator = _evaluator(split, which, progress)
             progress.add_task("scoring", total=None)
             report = evaluator.score(predictions)
@@ -107,7 +100,7 @@ def baselines(
     reports: dict[str, EvaluationReport] = {}
     written: dict[str, str] = {}
     try:
-        with _progress() as progress:
+        with spinner() as progress:
             evaluator = _evaluator(split, which, progress)
             names = applicable_baselines(evaluator.task)
             bar = progress.add_task("baselines", total=len(names))
