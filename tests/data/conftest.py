@@ -61,7 +61,7 @@ def make_perturbation_adata(
 
     base = rng.gamma(2.0, 1.5, size=n_genes)
     effects = {}
-    for pert in set(obs[perturbation_key]) - {control_label}:
+    for pert in sorted(set(obs[perturbation_key]) - {control_label}):  # sorted: same data in every process
         eff = np.ones(n_genes)
         for part in pert.split("+"):
             if part in genes:
