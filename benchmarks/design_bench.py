@@ -1,9 +1,9 @@
 """Benchmark of the offline design pipeline; prints one JSON object.
 
 1. Quality: on simulated knockout (unseen perturbations), drug (unseen drugs) and cytokine (unseen cell
-   type) data over several seeds, the offline-designed model vs the mean-Δ, linear-ridge and (annotated
-   drugs) drug-target-ridge baselines (and every other baseline) on `pearson_delta_pert` and
-   `mse_top20_de`, the data ceiling beside.
+   type) data over several seeds, the offline-designed model vs the mean-Δ and linear-ridge baselines
+   (linear_pca_ridge; drug_target_ridge for annotated drugs; linear_context_ridge for an unseen context)
+   and every other baseline on `pearson_delta_pert` and `mse_top20_de`, the data ceiling beside.
 2. Scale: the wall time of one offline design run on 20,000 cells × 2,000 genes (target ≤ 15 min).
 
     .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout drug cytokine]
@@ -30,7 +30,7 @@ TASKS = {
     "cytokine": "Predict cytokine stimulation responses in an unseen cell type",
 }
 METRICS = {"pearson_delta_pert": "higher", "mse_top20_de": "lower"}
-REFERENCES = ("mean_delta", "linear_pca_ridge", "drug_target_ridge")
+REFERENCES = ("mean_delta", "linear_pca_ridge", "drug_target_ridge", "linear_context_ridge")
 
 
 def _beats(metric: str, model: float, other: float | None) -> bool | None:

@@ -332,10 +332,11 @@ DESIGN_SPACE: tuple[Component, ...] = (
         (
             Option(
                 "delta_transfer",
-                "unseen context: the perturbation's mean Δ in the contexts where it was measured",
+                "unseen context: its Δ where measured, the pull toward the other contexts' profiles and a "
+                "ridge on the context's control profile, fitted leave-context-out",
                 lambda f, a: a.split_scheme == "unseen-context",
                 lambda f, a: f"the split holds out a context among {f.n_contexts}: each test perturbation was "
-                "measured elsewhere, and its Δ there is the baseline to beat and start from",
+                "measured elsewhere, and its Δ there and the context's own control profile are what place it",
                 ("scgen", "linear_baseline"),
             ),
             Option(

@@ -127,7 +127,7 @@ def task_analysis(context: dict[str, Any]) -> TaskAnalysis:
     if facts.n_contexts > 1:
         baselines.append("context_mean")
     if scheme == "unseen-context":
-        baselines.append("delta_transfer")
+        baselines += ["delta_transfer", "linear_context_ridge"]
     if facts.perturbation_kind == "chemical" and facts.target_genes_measured_fraction:
         baselines.append("drug_target_ridge")  # annotated targets: the linear reference a target encoder must beat
     citations = [

@@ -37,7 +37,7 @@ MetricName = Literal[
 ]
 BaselineName = Literal[
     "control", "mean_delta", "context_mean", "additive", "linear_pca_ridge", "delta_transfer", "gene_similarity",
-    "drug_target_ridge",
+    "drug_target_ridge", "linear_context_ridge", "dose_interpolation",
 ]
 PerturbationEncoder = Literal[
     "gene_embedding",  # embedding of the target gene from PCA / co-expression of training data

@@ -32,6 +32,8 @@ Which = Literal["test", "val"]
 
 PCA_RIDGE_K = 10
 PCA_RIDGE_LAMBDA = 0.1
+CONTEXT_RIDGE_K = 10
+CONTEXT_RIDGE_LAMBDA = 0.1
 GENE_SIM_DIM = 20
 GENE_SIM_NEIGHBOURS = 5
 GENE_SIM_MAX_CELLS = 2000
@@ -307,6 +309,44 @@ def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
     return _predict_each(task, delta)
 
 
+def _context_embedding(task: PredictionTask) -> dict[str, np.ndarray]:
+    """Each context's control centroid (training and target contexts), centred on their mean and
+    projected on the top K = min(10, contexts − 1) principal directions of the centred centroids."""
+    centroids = {**task.train.control_means, **task.control_means}
+    names = sorted(centroids)
+    C = np.stack([centroids[c] for c in names])
+    C = C - C.mean(axis=0)
+    k = max(1, min(CONTEXT_RIDGE_K, len(names) - 1))
+    Z = C @ np.linalg.svd(C, full_matrices=False)[2][:k].T
+    return dict(zip(names, Z, strict=True))
+
+
+def linear_context_ridge_baseline(task: PredictionTask) -> ad.AnnData:
+    """Unseen context: Δ of a perturbation as a linear function of the context's control state,
+    fitted across the training contexts; an unseen context is placed by its control profile. A
+    context is embedded by `_context_embedding` (z); per target, Δ ≈ b + (z − z̄) W over the
+    perturbation's training conditions (same dose when available, else any dose; all training
+    conditions when the perturbation was never seen), W by ridge (λ=0.1) in closed form with the
+    intercept b unpenalized. With a single training context this is the mean Δ of those conditions."""
+    train, t = task.train, task.train.conditions
+    if not len(t):
+        return _predict_each(task, lambda row: np.zeros(len(task.genes)))
+    z = _context_embedding(task)
+    centre = np.zeros_like(next(iter(z.values())))  # for a training context without controls of its own
+    Z = np.stack([z.get(c, centre) for c in t[CONTEXT]])
+
+    def delta(row: pd.Series) -> np.ndarray:
+        same = (t[PERTURBATION] == row[PERTURBATION]).to_numpy()
+        rows = same & _same_dose(t[DOSE], row[DOSE])
+        rows = rows if rows.any() else same if same.any() else np.ones(len(t), dtype=bool)
+        Y, z_mean = train.deltas[rows], Z[rows].mean(axis=0)
+        Zc, b = Z[rows] - z_mean, Y.mean(axis=0)
+        W = np.linalg.solve(Zc.T @ Zc + CONTEXT_RIDGE_LAMBDA * np.eye(Zc.shape[1]), Zc.T @ (Y - b))
+        return b + (z[row[CONTEXT]] - z_mean) @ W
+
+    return _predict_each(task, delta)
+
+
 def _target_embedding(genes: list[str], gene_pos: dict[str, int], emb: np.ndarray) -> np.ndarray | None:
     idx = [gene_pos[g] for g in genes if g in gene_pos]
     return emb[idx].sum(axis=0) if idx else None
@@ -456,6 +496,11 @@ def _targets_are_genes(task: PredictionTask) -> bool:
     return any(all(g in genes for g in combo_genes(p)) for p in task.targets[PERTURBATION])
 
 
+def _context_transfer_applies(task: PredictionTask) -> bool:
+    trained = set(task.train.conditions[CONTEXT])
+    return len(trained) >= 2 and bool(set(task.targets[CONTEXT]) - trained)
+
+
 def _transfer_applies(task: PredictionTask) -> bool:
     t = task.train.conditions
     return any(((t[PERTURBATION] == row[PERTURBATION]) & (t[CONTEXT] != row[CONTEXT])).any()
@@ -470,6 +515,7 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
                  lambda task: any(len(combo_genes(p)) > 1 for p in task.targets[PERTURBATION])),
     "linear_pca_ridge": (linear_pca_ridge_baseline, _targets_are_genes),
     "delta_transfer": (delta_transfer_baseline, _transfer_applies),
+    "linear_context_ridge": (linear_context_ridge_baseline, _context_transfer_applies),
     "dose_interpolation": (dose_interpolation_baseline, _dose_applies),
     "gene_similarity": (gene_similarity_baseline, _targets_are_genes),
     "drug_target_ridge": (drug_target_ridge_baseline, _annotations_apply),
@@ -479,7 +525,9 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
 def applicable_baselines(task: PredictionTask) -> list[str]:
     """Names of the baselines that make sense for this task: combos for `additive`, perturbations
     that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer`,
-    drugs dosed in training for `dose_interpolation`."""
+    a target context without training conditions (training spanning 2+ contexts) for
+    `linear_context_ridge`, drugs dosed in training for `dose_interpolation`, annotated targets that
+    are measured genes for `drug_target_ridge`."""
     return [name for name, (_, applies) in BASELINES.items() if applies(task)]
 
 

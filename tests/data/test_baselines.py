@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from service.data import SplitInfo, condition_key
+from service.data import SplitInfo, condition_key, make_split, simulate
 from service.data.baselines import (
     PCA_RIDGE_K,
     PCA_RIDGE_LAMBDA,
     GeneNeighbours,
     applicable_baselines,
+    delta_transfer_baseline,
     drug_target_ridge_baseline,
+    linear_context_ridge_baseline,
     linear_pca_ridge_baseline,
     load_task,
     run_baselines,
@@ -129,6 +131,43 @@ def test_linear_pca_ridge_follows_the_published_closed_form(genetic):
     np.testing.assert_allclose(row(pred, "G4", "K"), ctrl_k + b[:, 0] + U @ W @ U[pos["G4"]], rtol=1e-5, atol=1e-5)
     # A target that is not a measured gene has no embedding: the mean training Δ.
     np.testing.assert_allclose(row(pred, "OR5", "K"), ctrl_k + b[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_context_ridge_applies_to_unseen_contexts_only(tmp_path):
+    """A cytokine split holding out a cell type gets it; a knockout split holding out perturbations
+    (every target context has training conditions) does not."""
+    make_split(simulate("cytokine", 0, n_cells=1500, n_genes=200), "unseen-context", 0, tmp_path / "ctx")
+    ev = Evaluator(tmp_path / "ctx", de_min_cells=3)
+    assert "linear_context_ridge" in applicable_baselines(ev.task)
+    pred = run_baselines(ev.task)["linear_context_ridge"]
+    assert np.isfinite(pred.X).all() and ev.score(pred).n_conditions == len(ev.task.targets)
+    make_split(simulate("knockout", 0, n_cells=1500, n_genes=200), "unseen-perturbation", 0, tmp_path / "ko")
+    assert "linear_context_ridge" not in applicable_baselines(load_task(tmp_path / "ko"))
+
+
+def test_linear_context_ridge_recovers_a_delta_linear_in_the_control_state(tmp_path):
+    """Contexts A..D (train) and E (held out) have controls base + s·U for a 2-d state s, and each
+    perturbation's Δ is a + s·V: linear in the control centroid. The ridge over context embeddings
+    recovers E's Δ up to the slight shrinkage of λ; averaging over the training contexts does not.
+    P3 was never seen: the pooled fit, here the average of P1's and P2's Δ in E."""
+    rng = np.random.default_rng(4)
+    nan = float("nan")
+    base, U = rng.uniform(3, 5, 12), rng.normal(0, 1, (2, 12))
+    state = {"A": (0.0, 0.0), "B": (2.0, 0.0), "C": (0.0, 2.0), "D": (2.0, 2.0), "E": (3.0, -1.0)}
+    ctrl = {c: base + np.array(s) @ U for c, s in state.items()}
+    effect = {p: (rng.normal(0, 1, 12), rng.normal(0, 1, (2, 12))) for p in ("P1", "P2", "P3")}
+    delta = {(p, c): a + np.array(state[c]) @ V for p, (a, V) in effect.items() for c in state}
+    means = {("control", nan, c): ctrl[c] for c in state}
+    means |= {(p, nan, c): ctrl[c] + delta[(p, c)] for p, c in delta if p != "P3" or c == "E"}
+    test = [("P1", nan, "E"), ("P2", nan, "E"), ("P3", nan, "E")]
+    task = load_task(write_constructed_split(tmp_path / "split", means, test))
+    assert "linear_context_ridge" in applicable_baselines(task)
+    pred, transfer = linear_context_ridge_baseline(task), delta_transfer_baseline(task)
+    for p in ("P1", "P2"):
+        np.testing.assert_allclose(row(pred, p, "E"), ctrl["E"] + delta[(p, "E")], atol=0.02)
+        assert np.abs(row(transfer, p, "E") - ctrl["E"] - delta[(p, "E")]).max() > 1.0
+    pooled = ctrl["E"] + (delta[("P1", "E")] + delta[("P2", "E")]) / 2
+    np.testing.assert_allclose(row(pred, "P3", "E"), pooled, atol=0.05)
 
 
 def test_predictions_format_is_what_the_evaluator_takes(genetic):

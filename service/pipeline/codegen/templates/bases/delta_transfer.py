@@ -1,43 +1,88 @@
 class BasePredictor:
-    """Closed-form base: a convex blend a·T + (1 − a)·M of the perturbation's Δ measured in the other
-    training contexts (T, same dose when there is one) and the mean training Δ (M). a ∈ [0, 1] is
-    fitted by least squares on leave-context-out predictions of the training conditions, so it says how
-    well responses transfer across contexts in this dataset; a convex blend never shrinks the response
-    magnitude, which a new context need not share with the training ones."""
+    """Closed-form base for a context unseen in training: the mean of two linear predictors of Δ that
+    place a context by its control profile.
+
+    Convergence blend M + a·(T − M) + k·P: T the perturbation's Δ measured in the other training contexts
+    (same dose when there is one), M the mean training Δ, P = (mean control profile of the other training
+    contexts − this context's control profile), how far the context sits from the others, which responses
+    partly close (stimulated cells of different types converge on shared states). a, k ∈ [0, 1] are fitted
+    by least squares on leave-context-out predictions of the training conditions; both 0 is mean Δ.
+
+    Context ridge: the perturbation's Δ as a linear function of the context's control profile (its
+    coordinates on the principal directions of the training contexts' control profiles), ridge-fitted
+    over the training contexts where it was measured (the linear_context_ridge baseline's recipe).
+
+    Their weights cannot be fitted leave-context-out when training has two contexts (the ridge from one
+    context is T), so they are averaged: two different estimators of one response, whose errors partly
+    cancel."""
 
     def __init__(self, config: dict):
         self.chosen = {}
-        self.weights = np.array([1.0, 0.0])
+        self.a, self.k = 1.0, 0.0
+        self.lam = 0.1
 
-    def _parts(self, perturbation: str, dose: float, context: str, exclude_same_context: bool) -> np.ndarray:
+    def _ridge(self, row, pool: np.ndarray, mean: np.ndarray) -> np.ndarray:
         t = self.table
-        mean = mean_delta_by(t, self.delta, context, dose) if not exclude_same_context else \
-            mean_delta_by(t[(t["context"] != context).to_numpy()], self.delta[(t["context"] != context).to_numpy()],
-                          context, dose)
-        same = (t["perturbation"] == perturbation).to_numpy() & (t["context"] != context).to_numpy()
-        transfer = mean_delta_by(t[same], self.delta[same], context, dose) if same.any() else mean
-        return np.stack([transfer, mean])
+        rows = pool & (t["perturbation"] == row.perturbation).to_numpy()
+        doses = t["dose"].to_numpy(dtype=float)
+        same_dose = rows & ((np.isnan(doses) & np.isnan(row.dose)) | np.isclose(doses, row.dose))
+        rows = same_dose if same_dose.any() else rows if rows.any() else pool
+        if not rows.any():
+            return mean
+        Z, Y = self.z_of(t["context"][rows]), self.delta[rows]
+        z_mean, y_mean = Z.mean(axis=0), Y.mean(axis=0)
+        W = ridge(Z - z_mean, Y - y_mean, self.lam)
+        return y_mean + (self.project(row.control) - z_mean) @ W
 
-    def _blend(self, conditions: ConditionSet, exclude_same_context: bool) -> np.ndarray:
-        parts = [self._parts(r.perturbation, r.dose, r.context, exclude_same_context)
-                 for r in conditions.table.itertuples()]
-        return np.stack([self.weights @ p for p in parts])
+    def _parts(self, row, exclude_same_context: bool) -> tuple[np.ndarray, ...]:
+        t, context = self.table, row.context
+        other = (t["context"] != context).to_numpy()
+        pool = other if exclude_same_context else np.ones(len(t), dtype=bool)
+        mean = mean_delta_by(t[pool], self.delta[pool], context, row.dose)
+        same = (t["perturbation"] == row.perturbation).to_numpy() & other
+        transfer = mean_delta_by(t[same], self.delta[same], context, row.dose) if same.any() else mean
+        # A context with training conditions of its own: its mean Δ already holds its convergence.
+        others = [profile for c, profile in self.controls.items() if c != context]
+        unseen = exclude_same_context or context not in self.controls
+        pull = np.mean(others, axis=0) - row.control if others and unseen else np.zeros_like(mean)
+        return transfer, mean, pull, self._ridge(row, pool, mean)
+
+    def _rows(self, conditions: ConditionSet, exclude_same_context: bool) -> list[tuple[np.ndarray, ...]]:
+        table = conditions.table.assign(control=list(conditions.control))
+        return [self._parts(r, exclude_same_context) for r in table.itertuples()]
+
+    def _combine(self, rows: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+        return np.stack([0.5 * (m + self.a * (t - m) + self.k * p) + 0.5 * r for t, m, p, r in rows])
+
+    def project(self, profile: np.ndarray) -> np.ndarray:
+        return (profile - self.centre) @ self.directions.T
+
+    def z_of(self, contexts: pd.Series) -> np.ndarray:
+        return np.stack([self.project(self.controls[c]) for c in contexts])
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
-        parts = np.stack([self._parts(r.perturbation, r.dose, r.context, True) for r in train.table.itertuples()])
-        if train.table["context"].nunique() > 1:
-            gap = (parts[:, 0] - parts[:, 1]).reshape(-1)
-            target = (train.delta - parts[:, 1]).reshape(-1)
-            a = float(np.clip(gap @ target / max(gap @ gap, 1e-12), 0.0, 1.0))
-            self.weights = np.array([a, 1.0 - a])
-        self.chosen = {"transfer_weight": float(self.weights[0]), "mean_weight": float(self.weights[1])}
+        self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
+        profiles = np.stack(list(self.controls.values()))
+        self.centre = profiles.mean(axis=0)
+        k = max(1, min(10, len(profiles) - 1))
+        self.directions = np.linalg.svd(profiles - self.centre, full_matrices=False)[2][:k]
+        if len(self.controls) > 1:
+            rows = self._rows(train, True)
+            gap = np.concatenate([t - m for t, m, _, _ in rows])
+            pull = np.concatenate([p for _, _, p, _ in rows])
+            target = np.concatenate([d - m for d, (_, m, _, _) in zip(train.delta, rows)])
+            a, k = np.linalg.lstsq(np.stack([gap, pull], axis=1), target, rcond=None)[0]
+            self.a = float(np.clip(a, 0.0, 1.0))
+            # a clipped: the best k given that a, in closed form.
+            self.k = float(np.clip(pull @ (target - self.a * gap) / max(pull @ pull, 1e-12), 0.0, 1.0))
+        self.chosen = {"transfer_weight": self.a, "convergence_weight": self.k, "context_ridge_lambda": self.lam}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        return self._blend(conditions, False)
+        return self._combine(self._rows(conditions, False))
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
-        return self._blend(train, True)
+        return self._combine(self._rows(train, True))
