@@ -119,3 +119,9 @@ def mean_delta_by(table: pd.DataFrame, delta: np.ndarray, context: str, dose: fl
         if mask.any():
             return delta[mask].mean(axis=0)
     return np.zeros(delta.shape[1])
+
+
+def response_residuals(table: pd.DataFrame, delta: np.ndarray) -> np.ndarray:
+    """Δ minus the mean Δ of its context and dose: what is specific to each perturbation, whose principal
+    directions embed genes (the mean-Δ offsets are the base's job, and would otherwise lead them)."""
+    return delta - np.stack([mean_delta_by(table, delta, r.context, r.dose) for r in table.itertuples()])

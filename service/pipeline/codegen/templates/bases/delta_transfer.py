@@ -75,7 +75,10 @@ class BasePredictor:
             a, k = np.linalg.lstsq(np.stack([gap, pull], axis=1), target, rcond=None)[0]
             self.a = float(np.clip(a, 0.0, 1.0))
             # a clipped: the best k given that a, in closed form.
-            self.k = float(np.clip(pull @ (target - self.a * gap) / max(pull @ pull, 1e-12), 0.0, 1.0))
+            k = pull @ (target - self.a * gap) / max(pull @ pull, 1e-12)
+            # Leave-context-out, T carries the other contexts' convergence, −k·P/(n − 1) of the held-out one,
+            # so the fitted slope is k·(1 + a/(n − 1)); a new context's T (all n contexts) carries none.
+            self.k = float(np.clip(k / (1.0 + self.a / (len(self.controls) - 1)), 0.0, 1.0))
         self.chosen = {"transfer_weight": self.a, "convergence_weight": self.k, "context_ridge_lambda": self.lam}
         return self
 

@@ -1,10 +1,25 @@
+from scipy.optimize import nnls
+
+
 class BasePredictor:
-    """Closed-form base: Δ ≈ mean Δ(context, dose) + F·W, W by ridge on the perturbation features F
-    (the linear-PCA-ridge recipe). λ is chosen from config.ridge_lambdas by the squared error of
-    5-fold out-of-fold predictions of the training conditions plus that of the validation conditions,
-    so a handful of validation conditions cannot pick it alone. With doses, folds hold out whole
-    perturbations (every dose and context), as a split of unseen compounds does: a fold that keeps the
-    other doses of a held-out compound rewards memorising it and picks a λ too small for unseen ones."""
+    """Closed-form base: Δ ≈ mean Δ(context, dose) + a stack of three predictors of the rest from the
+    perturbation features F:
+
+    - pooled ridge: F·W over every training condition (the linear-PCA-ridge recipe);
+    - grouped ridge: the same fitted per context (per dose when there are doses), as the linear
+      baselines fit one model per cell line: responses may differ by context;
+    - neighbours: the mean residual of the 5 training perturbations whose features are most similar
+      (cosine, positive only) in the same context and dose, which a linear map smooths away.
+
+    Each ridge's λ (from config.ridge_lambdas) and the stack's non-negative weights are fitted on
+    out-of-fold predictions of the training conditions plus the validation conditions, so a handful of
+    validation conditions cannot pick them alone. Folds hold out whole perturbations (every dose and
+    context), as a split of unseen perturbations does: a fold keeping the held-out perturbation's other
+    contexts or doses rewards memorising it."""
+
+    COMPONENTS = ("pooled_ridge", "grouped_ridge", "neighbours")
+    NEIGHBOURS = 5
+    RANK = 10
 
     def __init__(self, config: dict):
         self.lambdas = [float(x) for x in config["ridge_lambdas"]]
@@ -13,43 +28,93 @@ class BasePredictor:
     def _offsets(self, table: pd.DataFrame) -> np.ndarray:
         return np.stack([mean_delta_by(self.table, self.delta, r.context, r.dose) for r in table.itertuples()])
 
-    def _folds(self, train: ConditionSet, F_train: np.ndarray, lam: float, folds: int = 5) -> np.ndarray:
-        n = len(train)
-        out = np.zeros_like(train.delta)
-        R = train.delta - self._offsets(train.table)
-        # Fold unit: the perturbation when there are doses (its doses are one response curve, near-duplicates
-        # of each other), else the condition.
-        dosed = not np.isnan(train.table["dose"].to_numpy(dtype=float)).all()
-        unit_of = train.table["perturbation"].to_numpy() if dosed else np.arange(n)
+    @staticmethod
+    def _groups(table: pd.DataFrame) -> np.ndarray:
+        dosed = not np.isnan(table["dose"].to_numpy(dtype=float)).all()
+        return (table["dose"].round(9).astype(str) if dosed else table["context"]).to_numpy()
+
+    @staticmethod
+    def _slices(table: pd.DataFrame) -> np.ndarray:
+        """Context and dose of each row: where neighbours are looked for."""
+        return (table["context"] + "|" + table["dose"].round(9).astype(str)).to_numpy()
+
+    def _component(self, name: str, lam: float, fit: np.ndarray, F_q: np.ndarray, q_table: pd.DataFrame) -> np.ndarray:
+        """Residual predictions for the query rows from the training rows `fit`."""
+        F, R, table = self.F[fit], self.R[fit], self.table.iloc[fit]
+        out = np.zeros((len(F_q), R.shape[1]))
+        if not len(fit):
+            return out
+        if name != "neighbours":
+            # Reduced rank, as the linear baselines: responses live on a few principal directions, and
+            # fitting every gene's noise over a few perturbations does not generalise.
+            V = np.linalg.svd(R, full_matrices=False)[2][: self.RANK]
+            R = R @ V.T @ V
+        if name == "pooled_ridge":
+            return F_q @ ridge(F, R, lam)
+        if name == "grouped_ridge":
+            groups, q_groups = self._groups(table), self._groups(q_table)
+            pooled = ridge(F, R, lam)
+            for g in np.unique(q_groups):
+                own = groups == g
+                W = ridge(F[own], R[own], lam) if own.sum() >= 2 else pooled
+                out[q_groups == g] = F_q[q_groups == g] @ W
+            return out
+        unit = lambda A: A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        sims = unit(F_q) @ unit(F).T
+        slices, q_slices = self._slices(table), self._slices(q_table)
+        for row in range(len(F_q)):
+            candidates = np.flatnonzero(slices == q_slices[row])
+            if not len(candidates):
+                continue
+            s = sims[row, candidates]
+            top = np.argsort(-s, kind="stable")[: self.NEIGHBOURS]
+            w = np.clip(s[top], 0.0, None)
+            if w.sum() > 0:
+                out[row] = (w / w.sum()) @ R[candidates[top]]
+        return out
+
+    def _out_of_fold(self, name: str, lam: float, folds: int = 5) -> np.ndarray:
+        n = len(self.table)
+        out = np.zeros_like(self.R)
+        unit_of = self.table["perturbation"].to_numpy()
         units = np.random.default_rng(0).permutation(np.unique(unit_of))
         for k in range(min(folds, len(units))):
             held = np.flatnonzero(np.isin(unit_of, units[k::folds]))
             fit = np.setdiff1d(np.arange(n), held)
-            W = ridge(F_train[fit], R[fit], lam) if len(fit) else np.zeros((F_train.shape[1], R.shape[1]))
-            out[held] = self._offsets(train.table.iloc[held]) + F_train[held] @ W
+            out[held] = self._component(name, lam, fit, self.F[held], self.table.iloc[held])
         return out
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
-        self.table, self.delta = train.table, train.delta
-        R = train.delta - self._offsets(train.table)
-        scores = {}
-        for lam in self.lambdas:
-            errors = np.sum((self._folds(train, F_train, lam) - train.delta) ** 2)
-            if len(val):
-                pred = self._offsets(val.table) + F_val @ ridge(F_train, R, lam)
-                errors += np.sum((pred - val.delta) ** 2)
-            scores[lam] = float(errors / ((len(train) + len(val)) * train.delta.shape[1]))
-        self.lam = min(scores, key=lambda lam: (scores[lam], -lam))
-        self.W = ridge(F_train, R, self.lam)
-        self.chosen = {"ridge_lambda": self.lam, "cv_mse_by_lambda": scores}
+        self.table, self.delta, self.F = train.table, train.delta, F_train
+        self.R = train.delta - self._offsets(train.table)
+        R_val = val.delta - self._offsets(val.table) if len(val) else np.zeros((0, self.R.shape[1]))
+        everything = np.arange(len(train))
+        self.lam, oof, on_val, scores = {}, {}, {}, {}
+        for name in self.COMPONENTS:
+            for lam in self.lambdas if name != "neighbours" else [0.0]:
+                o = self._out_of_fold(name, lam)
+                v = self._component(name, lam, everything, F_val, val.table) if len(val) else R_val
+                score = (np.sum((o - self.R) ** 2) + np.sum((v - R_val) ** 2)) / ((len(train) + len(val)) * self.R.shape[1])
+                scores[f"{name}:{lam:g}"] = float(score)
+                if name not in self.lam or score < scores[f"{name}:{self.lam[name]:g}"]:
+                    self.lam[name], oof[name], on_val[name] = lam, o, v
+        stacked = np.stack([np.concatenate([oof[n], on_val[n]]).ravel() for n in self.COMPONENTS], axis=1)
+        self.weights = nnls(stacked, np.concatenate([self.R, R_val]).ravel())[0]
+        self.oof = sum(w * oof[n] for w, n in zip(self.weights, self.COMPONENTS))
+        self.chosen = {"ridge_lambda": {n: self.lam[n] for n in self.COMPONENTS if n != "neighbours"},
+                       "stack_weights": dict(zip(self.COMPONENTS, map(float, self.weights))),
+                       "cv_mse": scores}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        return self._offsets(conditions.table) + F @ self.W
+        everything = np.arange(len(self.table))
+        rest = sum(w * self._component(n, self.lam[n], everything, F, conditions.table)
+                   for w, n in zip(self.weights, self.COMPONENTS) if w > 0)
+        return self._offsets(conditions.table) + rest
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
         """Base predictions of training conditions from fits that did not see them, so the residual
         network learns the base's generalisation error rather than its in-sample fit."""
-        return self._folds(train, F_train, self.lam)
+        return self._offsets(train.table) + self.oof

@@ -3,8 +3,8 @@ class PerturbationEncoder:
     what it hits (chemCPA-style features, here from the data's own annotations).
 
     Genes are embedded as in the linear baseline of Ahlmann-Eltze et al.: their rows of the top principal
-    directions (K ≤ 10) of the centred training Δ matrix, i.e. how each gene moves across the training
-    responses. A drug is the sum of its measured target genes' rows (`targets` column, from the split's
+    directions (K ≤ 10) of the training Δ minus the mean Δ of each context and dose, i.e. how each gene
+    moves across the training drugs' specific responses. A drug is the sum of its measured target genes' rows (`targets` column, from the split's
     uns["perturbation_targets"]). Features: the dose terms and the target embedding times each dose term,
     so a linear map can give every dose its own response to the same targets. A drug with no measured
     target keeps only the dose terms (the average drug response at that dose)."""
@@ -15,9 +15,9 @@ class PerturbationEncoder:
 
     def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.max_dose = float(np.nanmax(train.table["dose"].to_numpy(dtype=float), initial=1.0))
-        centred = train.delta - train.delta.mean(axis=0)
-        k = max(1, min(self.dim, centred.shape[0] - 1, centred.shape[1]))
-        self.G = np.linalg.svd(centred, full_matrices=False)[2][:k].T
+        residuals = response_residuals(train.table, train.delta)
+        k = max(1, min(self.dim, residuals.shape[0] - 1, residuals.shape[1]))
+        self.G = np.linalg.svd(residuals, full_matrices=False)[2][:k].T
         self.pos = {g: i for i, g in enumerate(genes)}
         return self
 

@@ -23,7 +23,7 @@ class PerturbationEncoder:
         G = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-12)
         # Beside co-variation across cells, co-variation across the training responses (the gene
         # embedding of the linear PCA-ridge baseline): genes that move together when perturbed.
-        delta = train.delta - train.delta.mean(axis=0)
+        delta = response_residuals(train.table, train.delta)
         kd = max(1, min(self.dim, delta.shape[0] - 1, delta.shape[1]))
         D = np.linalg.svd(delta, full_matrices=False)[2][:kd].T
         self.G = np.hstack([G, D])

@@ -1,0 +1,136 @@
+"""The generated closed-form bases (the model's starting point), imported from a rendered bundle and fitted
+on small hand-built condition sets whose answer is known."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from service.agents import ProfileFacts, analyse_task, run_discussion
+from service.llm import OfflineBackend
+from service.pipeline import pipeline_handlers, render_bundle
+
+FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
+             n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
+             n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
+             target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
+
+
+def _model_module(base: str, tmp_path_factory):
+    facts = ProfileFacts.model_validate(FACTS)
+    llm = OfflineBackend(pipeline_handlers())
+    plan = run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
+                          tmp_path_factory.mktemp("discussion")).plan
+    plan.architecture.base_predictor = base
+    code = render_bundle(plan).write(tmp_path_factory.mktemp(base))
+    spec = importlib.util.spec_from_file_location(f"generated_model_{base}", code / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ridge_model(tmp_path_factory):
+    return _model_module("linear_ridge", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def transfer_model(tmp_path_factory):
+    return _model_module("delta_transfer", tmp_path_factory)
+
+
+def _conditions(m, perturbations, contexts, controls, delta):
+    table = pd.DataFrame({"condition": [f"{p}||{c}" for p, c in zip(perturbations, contexts)],
+                          "perturbation": perturbations, "dose": np.nan, "context": contexts, "targets": ""})
+    rows = np.stack([controls[c] for c in contexts]) if len(contexts) else np.zeros((0, delta.shape[1]))
+    return m.ConditionSet(table, controls, rows + delta)
+
+
+def _ridge_case(m, signal: float, seed: int = 0):
+    """60 training and 20 held-out perturbations, one context; Δ = mean + signal·F·W* + noise."""
+    rng = np.random.default_rng(seed)
+    n, genes, dim = 80, 40, 6
+    F = rng.normal(size=(n, dim))
+    delta = 0.5 + signal * F @ rng.normal(size=(dim, genes)) + 0.3 * rng.normal(size=(n, genes))
+    controls = {"c": np.full(genes, 2.0)}
+    names = [f"P{i}" for i in range(n)]
+    train = _conditions(m, names[:60], ["c"] * 60, controls, delta[:60])
+    test = _conditions(m, names[60:], ["c"] * 20, controls, delta[60:])
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0]}).fit(train, F[:60], empty, F[:0])
+    return base, base.predict(test, F[60:]), delta[60:], train
+
+
+def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_model):
+    base, pred, true, train = _ridge_case(ridge_model, signal=1.0)
+    weights = base.chosen["stack_weights"]
+    assert all(w >= 0 for w in weights.values())
+    assert weights["pooled_ridge"] + weights["grouped_ridge"] > 0.8  # the linear parts carry it
+    mean_only = np.mean((train.delta.mean(axis=0) - true) ** 2)
+    assert np.mean((pred - true) ** 2) < 0.1 * mean_only
+    # Out-of-fold predictions come from fits that never saw the row: worse than the in-sample fit.
+    oof = base.out_of_fold(train, base.F)
+    in_sample = base.predict(train, base.F)
+    assert np.mean((oof - train.delta) ** 2) > np.mean((in_sample - train.delta) ** 2)
+
+
+def test_stacked_ridge_falls_back_to_the_mean_when_features_say_nothing(ridge_model):
+    base, pred, true, train = _ridge_case(ridge_model, signal=0.0)
+    assert sum(base.chosen["stack_weights"].values()) < 0.2
+    assert np.abs(pred - train.delta.mean(axis=0)).max() < 0.15
+
+
+def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model):
+    """Δ depends on which cluster a perturbation's features sit in, not linearly on them: the neighbour
+    part carries the stack."""
+    m = ridge_model
+    rng = np.random.default_rng(1)
+    genes, n = 30, 90
+    centres = rng.normal(size=(3, 8)) * 3
+    cluster = np.arange(n) % 3
+    F = centres[cluster] + 0.1 * rng.normal(size=(n, 8))
+    profiles = rng.normal(size=(3, genes)) * 2
+    # Cluster 2's response is the sum of the others', so no linear map of F fits all three.
+    profiles[2] = -(profiles[0] + profiles[1])
+    F[cluster == 2] = np.abs(F[cluster == 2])
+    delta = profiles[cluster] + 0.05 * rng.normal(size=(n, genes))
+    controls = {"c": np.zeros(genes)}
+    names = [f"P{i}" for i in range(n)]
+    train = _conditions(m, names[:75], ["c"] * 75, controls, delta[:75])
+    test = _conditions(m, names[75:], ["c"] * 15, controls, delta[75:])
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor({"ridge_lambdas": [0.1, 10.0]}).fit(train, F[:75], empty, F[:0])
+    assert base.chosen["stack_weights"]["neighbours"] > 0.5
+    assert np.mean((base.predict(test, F[75:]) - delta[75:]) ** 2) < 0.05
+
+
+def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_model):
+    """Δ(p, c) = s_p + 0.4·(mean control of the other contexts − control of c): the blend's convergence
+    weight is recovered leave-context-out and an unseen context is predicted far better than by the
+    perturbation's Δ elsewhere (the delta_transfer baseline)."""
+    m = transfer_model
+    rng = np.random.default_rng(2)
+    genes, contexts = 50, ["A", "B", "C", "D"]
+    controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
+    shared = {p: rng.normal(size=genes) for p in ("P1", "P2", "P3", "P4")}
+
+    def truth(p, c, pool):
+        return shared[p] + 0.4 * (np.mean([controls[x] for x in pool if x != c], axis=0) - controls[c])
+
+    seen = ["A", "B", "C"]
+    rows = [(p, c) for p in shared for c in seen]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
+                        np.stack([truth(p, c, seen) for p, c in rows]))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor({}).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
+    assert base.chosen["convergence_weight"] == pytest.approx(0.4, abs=0.05)
+    assert base.chosen["transfer_weight"] > 0.9
+    test = _conditions(m, list(shared), ["D"] * 4, controls, np.stack([truth(p, "D", seen) for p in shared]))
+    pred = base.predict(test, np.zeros((4, 1)))
+    transfer = np.stack([shared[p] + np.mean([truth(p, c, seen) - shared[p] for c in seen], axis=0) for p in shared])
+    assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
