@@ -110,10 +110,15 @@ def ridge(F: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.solve(F.T @ F + lam * np.eye(F.shape[1]), F.T @ Y)
 
 
+def same_dose_as(table: pd.DataFrame, dose: float) -> np.ndarray:
+    """Rows of `table` at `dose` (both undosed counts as the same)."""
+    doses = table["dose"].to_numpy(dtype=float)
+    return (np.isnan(doses) & np.isnan(dose)) | np.isclose(doses, dose)
+
+
 def mean_delta_by(table: pd.DataFrame, delta: np.ndarray, context: str, dose: float) -> np.ndarray:
     """Mean training Δ preferring the same context and dose (the mean-Δ baseline's rule)."""
-    doses = table["dose"].to_numpy(dtype=float)
-    same_dose = (np.isnan(doses) & np.isnan(dose)) | np.isclose(doses, dose)
+    same_dose = same_dose_as(table, dose)
     same_ctx = (table["context"] == context).to_numpy()
     for mask in (same_ctx & same_dose, same_ctx, same_dose, np.ones(len(table), dtype=bool)):
         if mask.any():

@@ -24,8 +24,7 @@ class BasePredictor:
     def _ridge(self, row, pool: np.ndarray, mean: np.ndarray) -> np.ndarray:
         t = self.table
         rows = pool & (t["perturbation"] == row.perturbation).to_numpy()
-        doses = t["dose"].to_numpy(dtype=float)
-        same_dose = rows & ((np.isnan(doses) & np.isnan(row.dose)) | np.isclose(doses, row.dose))
+        same_dose = rows & same_dose_as(t, row.dose)
         rows = same_dose if same_dose.any() else rows if rows.any() else pool
         if not rows.any():
             return mean
@@ -65,8 +64,8 @@ class BasePredictor:
         self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
         profiles = np.stack(list(self.controls.values()))
         self.centre = profiles.mean(axis=0)
-        k = max(1, min(10, len(profiles) - 1))
-        self.directions = np.linalg.svd(profiles - self.centre, full_matrices=False)[2][:k]
+        rank = max(1, min(10, len(profiles) - 1))
+        self.directions = np.linalg.svd(profiles - self.centre, full_matrices=False)[2][:rank]
         if len(self.controls) > 1:
             rows = self._rows(train, True)
             gap = np.concatenate([t - m for t, m, _, _ in rows])

@@ -38,6 +38,17 @@ class BasePredictor:
         """Context and dose of each row: where neighbours are looked for."""
         return (table["context"] + "|" + table["dose"].round(9).astype(str)).to_numpy()
 
+    def _reduced(self, fit: np.ndarray) -> np.ndarray:
+        """R of the rows `fit` on its top principal directions (reduced rank, as the linear baselines:
+        responses live on a few directions, and fitting every gene's noise over a few perturbations does
+        not generalise). Cached: every ridge and λ of a fold fits the same rows."""
+        key = fit.tobytes()
+        if key not in self._reduced_cache:
+            R = self.R[fit]
+            V = np.linalg.svd(R, full_matrices=False)[2][: self.RANK]
+            self._reduced_cache[key] = R @ V.T @ V
+        return self._reduced_cache[key]
+
     def _component(self, name: str, lam: float, fit: np.ndarray, F_q: np.ndarray, q_table: pd.DataFrame) -> np.ndarray:
         """Residual predictions for the query rows from the training rows `fit`."""
         F, R, table = self.F[fit], self.R[fit], self.table.iloc[fit]
@@ -45,10 +56,7 @@ class BasePredictor:
         if not len(fit):
             return out
         if name != "neighbours":
-            # Reduced rank, as the linear baselines: responses live on a few principal directions, and
-            # fitting every gene's noise over a few perturbations does not generalise.
-            V = np.linalg.svd(R, full_matrices=False)[2][: self.RANK]
-            R = R @ V.T @ V
+            R = self._reduced(fit)
         if name == "pooled_ridge":
             return F_q @ ridge(F, R, lam)
         if name == "grouped_ridge":
@@ -86,7 +94,8 @@ class BasePredictor:
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
         self.table, self.delta, self.F = train.table, train.delta, F_train
-        self.R = train.delta - self._offsets(train.table)
+        self.R = response_residuals(train.table, train.delta)
+        self._reduced_cache = {}
         R_val = val.delta - self._offsets(val.table) if len(val) else np.zeros((0, self.R.shape[1]))
         everything = np.arange(len(train))
         self.lam, oof, on_val, scores = {}, {}, {}, {}

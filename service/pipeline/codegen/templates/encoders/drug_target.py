@@ -4,8 +4,8 @@ class PerturbationEncoder:
 
     Genes are embedded as in the linear baseline of Ahlmann-Eltze et al.: their rows of the top principal
     directions (K ≤ 10) of the training Δ minus the mean Δ of each context and dose, i.e. how each gene
-    moves across the training drugs' specific responses. A drug is the sum of its measured target genes' rows (`targets` column, from the split's
-    uns["perturbation_targets"]). Features: the dose terms and the target embedding times each dose term,
+    moves across the training drugs' specific responses. A drug is the sum of its measured target genes'
+    rows (`targets` column, from the split's uns["perturbation_targets"]). Features: the dose terms and the target embedding times each dose term,
     so a linear map can give every dose its own response to the same targets. A drug with no measured
     target keeps only the dose terms (the average drug response at that dose)."""
 
