@@ -20,6 +20,9 @@ FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbat
              target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
 
 
+GENES = [f"G{i:03d}" for i in range(200)]
+
+
 def _model_module(base: str, tmp_path_factory):
     facts = ProfileFacts.model_validate(FACTS)
     llm = OfflineBackend(pipeline_handlers())
@@ -44,9 +47,9 @@ def transfer_model(tmp_path_factory):
     return _model_module("delta_transfer", tmp_path_factory)
 
 
-def _conditions(m, perturbations, contexts, controls, delta):
+def _conditions(m, perturbations, contexts, controls, delta, dose=np.nan, targets=""):
     table = pd.DataFrame({"condition": [f"{p}||{c}" for p, c in zip(perturbations, contexts)],
-                          "perturbation": perturbations, "dose": np.nan, "context": contexts, "targets": ""})
+                          "perturbation": perturbations, "dose": dose, "context": contexts, "targets": targets})
     rows = np.stack([controls[c] for c in contexts]) if len(contexts) else np.zeros((0, delta.shape[1]))
     return m.ConditionSet(table, controls, rows + delta)
 
@@ -62,7 +65,8 @@ def _ridge_case(m, signal: float, seed: int = 0):
     train = _conditions(m, names[:60], ["c"] * 60, controls, delta[:60])
     test = _conditions(m, names[60:], ["c"] * 20, controls, delta[60:])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0]}).fit(train, F[:60], empty, F[:0])
+    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0]}, GENES[:genes]).fit(
+        train, F[:60], empty, F[:0])
     return base, base.predict(test, F[60:]), delta[60:], train
 
 
@@ -104,7 +108,7 @@ def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model
     train = _conditions(m, names[:75], ["c"] * 75, controls, delta[:75])
     test = _conditions(m, names[75:], ["c"] * 15, controls, delta[75:])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({"ridge_lambdas": [0.1, 10.0]}).fit(train, F[:75], empty, F[:0])
+    base = m.BasePredictor({"ridge_lambdas": [0.1, 10.0]}, GENES[:genes]).fit(train, F[:75], empty, F[:0])
     assert base.chosen["stack_weights"]["neighbours"] > 0.5
     assert np.mean((base.predict(test, F[75:]) - delta[75:]) ** 2) < 0.05
 
@@ -127,10 +131,59 @@ def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_mo
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
                         np.stack([truth(p, c, seen) for p, c in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({}).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
+    base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
     assert base.chosen["convergence_weight"] == pytest.approx(0.4, abs=0.05)
     assert base.chosen["transfer_weight"] > 0.9
     test = _conditions(m, list(shared), ["D"] * 4, controls, np.stack([truth(p, "D", seen) for p in shared]))
     pred = base.predict(test, np.zeros((4, 1)))
     transfer = np.stack([shared[p] + np.mean([truth(p, c, seen) - shared[p] for c in seen], axis=0) for p in shared])
     assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
+
+
+def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
+    """A linear cascade: hitting gene t pins it at −s and every other gene moves by Σ_i B[i, g]·Δ_i. Genes
+    0–29 regulate a few of genes 30–34 (and, weakly, the rest); 30–34 drive genes 35–79. Each training
+    drug hits a different gene of 0–29; a test drug hits one of 30–34, which no drug hit but which moved
+    downstream of the others. It is predicted from how its target co-varied with the rest across the
+    training drugs."""
+    m = ridge_model
+    rng = np.random.default_rng(3)
+    genes, regulators, s = 80, 35, 1.5
+    B = np.zeros((genes, genes))
+    B[:30, 30:35] = rng.normal(size=(30, 5)) * (rng.random((30, 5)) < 0.3)
+    B[30:35, 35:] = rng.normal(size=(5, genes - 35))
+    B[:30, 35:] = 0.2 * rng.normal(size=(30, genes - 35)) * (rng.random((30, genes - 35)) < 0.1)
+
+    def response(targets):
+        delta = np.zeros(genes)
+        for g in range(genes):  # B is upper triangular: regulators come first
+            delta[g] = -s if g in targets else delta @ B[:, g]
+        return delta
+
+    train_targets = [[t] for t in rng.permutation(30)]
+    test_targets = [[t] for t in range(30, 35)]
+    label = lambda ts: ";".join(GENES[t] for t in ts)  # noqa: E731
+    controls = {"c": np.full(genes, 5.0)}
+    noise = 0.02 * rng.normal(size=(30, genes))
+    train = _conditions(m, [f"D{i}" for i in range(30)], ["c"] * 30, controls,
+                        np.stack([response(t) for t in train_targets]) + noise, dose=1.0,
+                        targets=[label(t) for t in train_targets])
+    test = _conditions(m, [f"T{i}" for i in range(5)], ["c"] * 5, controls,
+                       np.stack([response(t) for t in test_targets]), dose=1.0,
+                       targets=[label(t) for t in test_targets])
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)), dose=1.0)
+    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0]}, GENES[:genes]).fit(
+        train, np.zeros((30, 1)), empty, np.zeros((0, 1)))
+    assert base.chosen["stack_weights"]["target_covariation"] > 0.5
+    pred = base.predict(test, np.zeros((5, 1)))
+    mean_only = np.mean((train.delta.mean(axis=0) - test.delta) ** 2)
+    assert np.mean((pred - test.delta) ** 2) < 0.3 * mean_only
+    # The drug-specific part (beyond the mean Δ) of the genes downstream points the right way.
+    specific = pred - train.delta.mean(axis=0), test.delta - train.delta.mean(axis=0)
+    r = [np.corrcoef(specific[0][i, regulators:], specific[1][i, regulators:])[0, 1] for i in range(5)]
+    assert min(r) > 0.6
+
+
+def test_target_ridges_stay_out_without_annotated_targets(ridge_model):
+    base, _, _, _ = _ridge_case(ridge_model, signal=1.0)
+    assert set(base.chosen["stack_weights"]) == {"pooled_ridge", "grouped_ridge", "neighbours"}

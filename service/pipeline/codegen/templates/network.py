@@ -94,7 +94,7 @@ class PerturbationModel:
         self.config = config
         self.genes = list(genes)
         self.encoder = PerturbationEncoder(config)
-        self.base = BasePredictor(config)
+        self.base = BasePredictor(config, self.genes)
         self.expression = ExpressionInput(int(config["embedding_dim"]),
                                           config["expression_encoder"] == "control_sampling")
         self.self_effect = SelfEffect(self.genes) if config.get("self_knockdown") else None

@@ -16,7 +16,7 @@ class BasePredictor:
     context is T), so they are averaged: two different estimators of one response, whose errors partly
     cancel."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, genes: list[str]):
         self.chosen = {}
         self.a, self.k = 1.0, 0.0
         self.lam = 0.1

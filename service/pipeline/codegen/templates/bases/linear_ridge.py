@@ -2,7 +2,7 @@ from scipy.optimize import nnls
 
 
 class BasePredictor:
-    """Closed-form base: Δ ≈ mean Δ(context, dose) + a stack of three predictors of the rest from the
+    """Closed-form base: Δ ≈ mean Δ(context, dose) + a stack of predictors of the rest from the
     perturbation features F:
 
     - pooled ridge: F·W over every training condition (the linear-PCA-ridge recipe);
@@ -11,6 +11,14 @@ class BasePredictor:
     - neighbours: the mean residual of the 5 training perturbations whose features are most similar
       (cosine, positive only) in the same context and dose, which a linear map smooths away.
 
+    When perturbations carry annotated target genes (compounds), three more read the targets directly:
+    - target pooled / grouped ridge: the two ridges on target indicators (which measured genes a
+      compound hits) instead of F, so compounds sharing a target share its fitted response;
+    - target covariation: a compound hitting gene t moves the other genes as they co-vary with t across
+      the training residuals (β_t = Rᵀr_t / (r_tᵀr_t + λ·mean‖r‖²)), scaled by the typical residual
+      of a target gene at that dose. It needs no training compound with the same target: a target
+      that moved downstream of other compounds' targets already shows what it drives.
+
     Each ridge's λ (from config.ridge_lambdas) and the stack's non-negative weights are fitted on
     out-of-fold predictions of the training conditions plus the validation conditions, so a handful of
     validation conditions cannot pick them alone. Folds hold out whole perturbations (every dose and
@@ -18,12 +26,47 @@ class BasePredictor:
     contexts or doses rewards memorising it."""
 
     COMPONENTS = ("pooled_ridge", "grouped_ridge", "neighbours")
+    TARGET_COMPONENTS = ("target_pooled_ridge", "target_grouped_ridge", "target_covariation")
     NEIGHBOURS = 5
     RANK = 10
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, genes: list[str]):
         self.lambdas = [float(x) for x in config["ridge_lambdas"]]
+        self.pos = {g: i for i, g in enumerate(genes)}
         self.chosen = {}
+
+    def _targets(self, table: pd.DataFrame) -> list[list[int]]:
+        """Positions of each row's annotated target genes that are measured."""
+        column = table["targets"] if "targets" in table.columns else [""] * len(table)
+        return [[self.pos[g] for g in str(v).split(";") if g in self.pos] for v in column]
+
+    def _indicators(self, table: pd.DataFrame, q_table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Target indicator rows of the fitted and the query conditions over the fitted rows' targets."""
+        fitted = self._targets(table)
+        vocabulary = {t: i for i, t in enumerate(sorted({t for row in fitted for t in row}))}
+        out = []
+        for rows in (fitted, self._targets(q_table)):
+            X = np.zeros((len(rows), max(1, len(vocabulary))))
+            for r, targets in enumerate(rows):
+                for t in targets:
+                    if t in vocabulary:
+                        X[r, vocabulary[t]] = 1.0
+            out.append(X)
+        return out[0], out[1]
+
+    def _covariation(self, lam: float, fit: np.ndarray, q_table: pd.DataFrame) -> np.ndarray:
+        R, table = self.R[fit], self.table.iloc[fit]
+        out = np.zeros((len(q_table), R.shape[1]))
+        fitted = self._targets(table)
+        reg = lam * float(np.mean(np.sum(R ** 2, axis=0)))
+        for row, (targets, dose) in enumerate(zip(self._targets(q_table), q_table["dose"].to_numpy(dtype=float))):
+            same = same_dose_as(table, dose)
+            rows = np.flatnonzero(same) if same.any() else np.arange(len(fit))
+            own = [R[r, t] for r in rows for t in fitted[r]]
+            typical = float(np.mean(own)) if own else 0.0
+            for t in targets:
+                out[row] += typical * (R.T @ R[:, t]) / (R[:, t] @ R[:, t] + reg + 1e-12)
+        return out
 
     def _offsets(self, table: pd.DataFrame) -> np.ndarray:
         return np.stack([mean_delta_by(self.table, self.delta, r.context, r.dose) for r in table.itertuples()])
@@ -55,11 +98,15 @@ class BasePredictor:
         out = np.zeros((len(F_q), R.shape[1]))
         if not len(fit):
             return out
+        if name == "target_covariation":
+            return self._covariation(lam, fit, q_table)
         if name != "neighbours":
             R = self._reduced(fit)
-        if name == "pooled_ridge":
+        if name.startswith("target_"):
+            F, F_q = self._indicators(table, q_table)
+        if name.endswith("pooled_ridge"):
             return F_q @ ridge(F, R, lam)
-        if name == "grouped_ridge":
+        if name.endswith("grouped_ridge"):
             groups, q_groups = self._groups(table), self._groups(q_table)
             pooled = ridge(F, R, lam)
             for g in np.unique(q_groups):
@@ -98,8 +145,10 @@ class BasePredictor:
         self._reduced_cache = {}
         R_val = val.delta - self._offsets(val.table) if len(val) else np.zeros((0, self.R.shape[1]))
         everything = np.arange(len(train))
+        annotated = any(self._targets(train.table))
+        self.components = self.COMPONENTS + (self.TARGET_COMPONENTS if annotated else ())
         self.lam, oof, on_val, scores = {}, {}, {}, {}
-        for name in self.COMPONENTS:
+        for name in self.components:
             for lam in self.lambdas if name != "neighbours" else [0.0]:
                 o = self._out_of_fold(name, lam)
                 v = self._component(name, lam, everything, F_val, val.table) if len(val) else R_val
@@ -107,11 +156,11 @@ class BasePredictor:
                 scores[f"{name}:{lam:g}"] = float(score)
                 if name not in self.lam or score < scores[f"{name}:{self.lam[name]:g}"]:
                     self.lam[name], oof[name], on_val[name] = lam, o, v
-        stacked = np.stack([np.concatenate([oof[n], on_val[n]]).ravel() for n in self.COMPONENTS], axis=1)
+        stacked = np.stack([np.concatenate([oof[n], on_val[n]]).ravel() for n in self.components], axis=1)
         self.weights = nnls(stacked, np.concatenate([self.R, R_val]).ravel())[0]
-        self.oof = sum(w * oof[n] for w, n in zip(self.weights, self.COMPONENTS))
-        self.chosen = {"ridge_lambda": {n: self.lam[n] for n in self.COMPONENTS if n != "neighbours"},
-                       "stack_weights": dict(zip(self.COMPONENTS, map(float, self.weights))),
+        self.oof = sum(w * oof[n] for w, n in zip(self.weights, self.components))
+        self.chosen = {"ridge_lambda": {n: self.lam[n] for n in self.components if n != "neighbours"},
+                       "stack_weights": dict(zip(self.components, map(float, self.weights))),
                        "cv_mse": scores}
         return self
 
@@ -120,7 +169,7 @@ class BasePredictor:
             return np.zeros((0, self.delta.shape[1]))
         everything = np.arange(len(self.table))
         rest = sum(w * self._component(n, self.lam[n], everything, F, conditions.table)
-                   for w, n in zip(self.weights, self.COMPONENTS) if w > 0)
+                   for w, n in zip(self.weights, self.components) if w > 0)
         return self._offsets(conditions.table) + rest
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
