@@ -54,7 +54,10 @@ def _conditions(m, perturbations, contexts, controls, delta, dose=np.nan, target
     return m.ConditionSet(table, controls, rows + delta)
 
 
-def _ridge_case(m, signal: float, seed: int = 0):
+TOP_DE_LOSS = {"de_weighting": "top_de", "de_top_k": 5, "de_weight": 5.0}
+
+
+def _ridge_case(m, signal: float, seed: int = 0, loss: dict | None = None):
     """60 training and 20 held-out perturbations, one context; Δ = mean + signal·F·W* + noise."""
     rng = np.random.default_rng(seed)
     n, genes, dim = 80, 40, 6
@@ -65,13 +68,14 @@ def _ridge_case(m, signal: float, seed: int = 0):
     train = _conditions(m, names[:60], ["c"] * 60, controls, delta[:60])
     test = _conditions(m, names[60:], ["c"] * 20, controls, delta[60:])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0]}, GENES[:genes]).fit(
-        train, F[:60], empty, F[:0])
+    config = {"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0], "loss": loss or {}}
+    base = m.BasePredictor(config, GENES[:genes]).fit(train, F[:60], empty, F[:0])
     return base, base.predict(test, F[60:]), delta[60:], train
 
 
-def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_model):
-    base, pred, true, train = _ridge_case(ridge_model, signal=1.0)
+@pytest.mark.parametrize("loss", [None, TOP_DE_LOSS], ids=["plain", "top_de_weighted"])
+def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_model, loss):
+    base, pred, true, train = _ridge_case(ridge_model, signal=1.0, loss=loss)
     weights = base.chosen["stack_weights"]
     assert all(w >= 0 for w in weights.values())
     assert weights["pooled_ridge"] + weights["grouped_ridge"] > 0.8  # the linear parts carry it
@@ -83,8 +87,9 @@ def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_mo
     assert np.mean((oof - train.delta) ** 2) > np.mean((in_sample - train.delta) ** 2)
 
 
-def test_stacked_ridge_falls_back_to_the_mean_when_features_say_nothing(ridge_model):
-    base, pred, true, train = _ridge_case(ridge_model, signal=0.0)
+@pytest.mark.parametrize("loss", [None, TOP_DE_LOSS], ids=["plain", "top_de_weighted"])
+def test_stacked_ridge_falls_back_to_the_mean_when_features_say_nothing(ridge_model, loss):
+    base, pred, true, train = _ridge_case(ridge_model, signal=0.0, loss=loss)
     assert sum(base.chosen["stack_weights"].values()) < 0.2
     assert np.abs(pred - train.delta.mean(axis=0)).max() < 0.15
 

@@ -32,6 +32,7 @@ class BasePredictor:
 
     def __init__(self, config: dict, genes: list[str]):
         self.lambdas = [float(x) for x in config["ridge_lambdas"]]
+        self.loss = config.get("loss", {})
         self.pos = {g: i for i, g in enumerate(genes)}
         self.chosen = {}
 
@@ -139,29 +140,42 @@ class BasePredictor:
             out[held] = self._component(name, lam, fit, self.F[held], self.table.iloc[held])
         return out
 
+    def _loss_weights(self, delta: np.ndarray) -> np.ndarray:
+        """Per-entry weights of the plan's loss: its top-DE genes of each condition (by |Δ|) weighted up."""
+        weights = np.ones_like(delta)
+        if self.loss.get("de_weighting") == "top_de" and delta.size:
+            top = np.argsort(-np.abs(delta), axis=1)[:, : int(self.loss["de_top_k"])]
+            np.put_along_axis(weights, top, float(self.loss["de_weight"]), axis=1)
+        return weights
+
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
+        """λ per part and the stack's weights minimise the plan's loss (top-DE genes weighted up, as the
+        network trains and the evaluator scores) over out-of-fold training and validation predictions."""
         self.table, self.delta, self.F = train.table, train.delta, F_train
         self.R = response_residuals(train.table, train.delta)
         self._reduced_cache = {}
         R_val = val.delta - self._offsets(val.table) if len(val) else np.zeros((0, self.R.shape[1]))
+        R_all = np.concatenate([self.R, R_val])
+        weights = self._loss_weights(np.concatenate([train.delta, val.delta]) if len(val) else train.delta)
         everything = np.arange(len(train))
         annotated = any(self._targets(train.table))
         self.components = self.COMPONENTS + (self.TARGET_COMPONENTS if annotated else ())
-        self.lam, oof, on_val, scores = {}, {}, {}, {}
+        self.lam, fitted, scores = {}, {}, {}
         for name in self.components:
             for lam in self.lambdas if name != "neighbours" else [0.0]:
                 o = self._out_of_fold(name, lam)
                 v = self._component(name, lam, everything, F_val, val.table) if len(val) else R_val
-                score = (np.sum((o - self.R) ** 2) + np.sum((v - R_val) ** 2)) / ((len(train) + len(val)) * self.R.shape[1])
-                scores[f"{name}:{lam:g}"] = float(score)
-                if name not in self.lam or score < scores[f"{name}:{self.lam[name]:g}"]:
-                    self.lam[name], oof[name], on_val[name] = lam, o, v
-        stacked = np.stack([np.concatenate([oof[n], on_val[n]]).ravel() for n in self.components], axis=1)
-        self.weights = nnls(stacked, np.concatenate([self.R, R_val]).ravel())[0]
-        self.oof = sum(w * oof[n] for w, n in zip(self.weights, self.components))
+                both = np.concatenate([o, v])
+                scores[f"{name}:{lam:g}"] = float(np.sum(weights * (both - R_all) ** 2) / weights.sum())
+                if name not in self.lam or scores[f"{name}:{lam:g}"] < scores[f"{name}:{self.lam[name]:g}"]:
+                    self.lam[name], fitted[name] = lam, both
+        root = np.sqrt(weights)
+        stacked = np.stack([(root * fitted[n]).ravel() for n in self.components], axis=1)
+        self.weights = nnls(stacked, (root * R_all).ravel())[0]
+        self.oof = sum(w * fitted[n][: len(train)] for w, n in zip(self.weights, self.components))
         self.chosen = {"ridge_lambda": {n: self.lam[n] for n in self.components if n != "neighbours"},
                        "stack_weights": dict(zip(self.components, map(float, self.weights))),
-                       "cv_mse": scores}
+                       "cv_loss": scores}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
