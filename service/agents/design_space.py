@@ -341,7 +341,8 @@ DESIGN_SPACE: tuple[Component, ...] = (
             ),
             Option(
                 "linear_ridge",
-                "≥10 training conditions: ridge on PCA embeddings, the network learns the residual",
+                "≥10 training conditions: ridges on PCA embeddings (and, for compounds with annotated targets, "
+                "on the targets and their co-variation) stacked out-of-fold; the network learns the residual",
                 lambda f, a: f.n_conditions >= 10,
                 lambda f, a: f"{f.n_conditions} conditions support a ridge fit of Δ on embeddings; the network "
                 "only has to learn what ridge misses, so it starts at the baseline it must beat",
