@@ -68,6 +68,12 @@ def annotate(table: pd.DataFrame, uns) -> pd.DataFrame:
     return table.assign(targets=[known.get(p, "") for p in table["perturbation"]])
 
 
+def target_positions(table: pd.DataFrame, pos: dict[str, int]) -> list[list[int]]:
+    """Positions (in `pos`) of each row's annotated target genes that are measured (`targets` column)."""
+    column = table["targets"] if "targets" in table.columns else [""] * len(table)
+    return [[pos[g] for g in str(value).split(";") if g in pos] for value in column]
+
+
 def control_means(adata) -> dict[str, np.ndarray]:
     ctrl = adata.obs["is_control"].astype(bool).to_numpy()
     contexts = adata.obs["context"].astype(str).to_numpy()[ctrl]

@@ -36,31 +36,27 @@ class BasePredictor:
         self.pos = {g: i for i, g in enumerate(genes)}
         self.chosen = {}
 
-    def _targets(self, table: pd.DataFrame) -> list[list[int]]:
-        """Positions of each row's annotated target genes that are measured."""
-        column = table["targets"] if "targets" in table.columns else [""] * len(table)
-        return [[self.pos[g] for g in str(v).split(";") if g in self.pos] for v in column]
-
-    def _indicators(self, table: pd.DataFrame, q_table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def _indicators(self, fit: np.ndarray, q_table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Target indicator rows of the fitted and the query conditions over the fitted rows' targets."""
-        fitted = self._targets(table)
+        fitted = [self.targets[i] for i in fit]
         vocabulary = {t: i for i, t in enumerate(sorted({t for row in fitted for t in row}))}
         out = []
-        for rows in (fitted, self._targets(q_table)):
+        for rows in (fitted, target_positions(q_table, self.pos)):
             X = np.zeros((len(rows), max(1, len(vocabulary))))
             for r, targets in enumerate(rows):
                 for t in targets:
                     if t in vocabulary:
                         X[r, vocabulary[t]] = 1.0
             out.append(X)
-        return out[0], out[1]
+        return tuple(out)
 
     def _covariation(self, lam: float, fit: np.ndarray, q_table: pd.DataFrame) -> np.ndarray:
         R, table = self.R[fit], self.table.iloc[fit]
         out = np.zeros((len(q_table), R.shape[1]))
-        fitted = self._targets(table)
+        fitted = [self.targets[i] for i in fit]
         reg = lam * float(np.mean(np.sum(R ** 2, axis=0)))
-        for row, (targets, dose) in enumerate(zip(self._targets(q_table), q_table["dose"].to_numpy(dtype=float))):
+        query = target_positions(q_table, self.pos)
+        for row, (targets, dose) in enumerate(zip(query, q_table["dose"].to_numpy(dtype=float))):
             same = same_dose_as(table, dose)
             rows = np.flatnonzero(same) if same.any() else np.arange(len(fit))
             own = [R[r, t] for r in rows for t in fitted[r]]
@@ -104,7 +100,7 @@ class BasePredictor:
         if name != "neighbours":
             R = self._reduced(fit)
         if name.startswith("target_"):
-            F, F_q = self._indicators(table, q_table)
+            F, F_q = self._indicators(fit, q_table)
         if name.endswith("pooled_ridge"):
             return F_q @ ridge(F, R, lam)
         if name.endswith("grouped_ridge"):
@@ -153,12 +149,13 @@ class BasePredictor:
         network trains and the evaluator scores) over out-of-fold training and validation predictions."""
         self.table, self.delta, self.F = train.table, train.delta, F_train
         self.R = response_residuals(train.table, train.delta)
+        self.targets = target_positions(train.table, self.pos)
         self._reduced_cache = {}
         R_val = val.delta - self._offsets(val.table) if len(val) else np.zeros((0, self.R.shape[1]))
         R_all = np.concatenate([self.R, R_val])
         weights = self._loss_weights(np.concatenate([train.delta, val.delta]) if len(val) else train.delta)
         everything = np.arange(len(train))
-        annotated = any(self._targets(train.table))
+        annotated = any(self.targets)
         self.components = self.COMPONENTS + (self.TARGET_COMPONENTS if annotated else ())
         self.lam, fitted, scores = {}, {}, {}
         for name in self.components:

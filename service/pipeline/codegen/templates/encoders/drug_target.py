@@ -31,9 +31,7 @@ class PerturbationEncoder:
 
     def embed(self, table: pd.DataFrame) -> np.ndarray:
         out = np.zeros((len(table), self.G.shape[1]))
-        targets = table["targets"] if "targets" in table.columns else [""] * len(table)
-        for row, value in enumerate(targets):
-            idx = [self.pos[g] for g in str(value).split(";") if g in self.pos]
+        for row, idx in enumerate(target_positions(table, self.pos)):
             if idx:
                 out[row] = self.G[idx].sum(axis=0)
         return out
