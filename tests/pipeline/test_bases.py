@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.llm import OfflineBackend
@@ -192,3 +193,31 @@ def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ri
 def test_target_ridges_stay_out_without_annotated_targets(ridge_model):
     base, _, _, _ = _ridge_case(ridge_model, signal=1.0)
     assert set(base.chosen["stack_weights"]) == {"pooled_ridge", "grouped_ridge", "neighbours"}
+
+
+def test_centroid_delta_is_the_mean_training_response_of_the_context(ridge_model):
+    m = ridge_model
+    controls = {"a": np.zeros(4), "b": np.ones(4), "new": np.full(4, 2.0)}
+    delta = np.array([[1.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 0, 2.0, 0]])
+    train = _conditions(m, ["P1", "P2", "P3"], ["a", "a", "b"], controls, delta)
+    query = _conditions(m, ["Q1", "Q2", "Q3"], ["b", "a", "new"], controls, np.zeros((3, 4)))
+    np.testing.assert_allclose(m.centroid_delta(train, query),
+                               [[0, 0, 2.0, 0], [2.0, 0, 0, 0], [4 / 3, 0, 2 / 3, 0]])
+
+
+def test_pearson_term_is_taken_against_the_perturbed_centroid(ridge_model):
+    """Predicting the average response for every perturbation correlates with each true Δ against the control,
+    and not at all against the perturbed centroid, which is how the evaluator scores Pearson Δ."""
+    rng = np.random.default_rng(0)
+    average = torch.as_tensor(rng.normal(size=50) * 3.0)
+    true = average + torch.as_tensor(rng.normal(size=(6, 50)))
+    centroid = true.mean(dim=0, keepdim=True).expand(6, 50)
+    pred = centroid.clone()
+    pearson_only = {"kind": "mse_pearson_delta", "pearson_weight": 1.0, "de_weighting": "none"}
+    mse = float(((pred - true) ** 2).mean())
+    vs_control = float(ridge_model.delta_loss(pred, true, pearson_only)) - mse
+    vs_centroid = float(ridge_model.delta_loss(pred, true, pearson_only, centroid)) - mse
+    assert vs_control < 0.2
+    assert vs_centroid == pytest.approx(1.0, abs=1e-6)
+    # A prediction carrying each perturbation's own part scores well on both.
+    assert float(ridge_model.delta_loss(true, true, pearson_only, centroid)) == pytest.approx(0.0, abs=1e-6)

@@ -132,6 +132,17 @@ def mean_delta_by(table: pd.DataFrame, delta: np.ndarray, context: str, dose: fl
     return np.zeros(delta.shape[1])
 
 
+def centroid_delta(train: ConditionSet, conditions: ConditionSet) -> np.ndarray:
+    """Per row of `conditions`, the mean training Δ of its context (of all contexts for an unseen one):
+    the perturbed centroid that the evaluator's Pearson Δ is measured against."""
+    out = np.zeros((len(conditions), train.delta.shape[1]))
+    contexts = train.table["context"].to_numpy()
+    for row, context in enumerate(conditions.table["context"]):
+        same = contexts == context
+        out[row] = train.delta[same].mean(axis=0) if same.any() else train.delta.mean(axis=0)
+    return out
+
+
 def response_residuals(table: pd.DataFrame, delta: np.ndarray) -> np.ndarray:
     """Δ minus the mean Δ of its context and dose: what is specific to each perturbation, whose principal
     directions embed genes (the mean-Δ offsets are the base's job, and would otherwise lead them)."""

@@ -70,9 +70,13 @@ class ResidualMLP(nn.Module):
         return self.head(self.body(x))
 
 
-def delta_loss(pred: torch.Tensor, true: torch.Tensor, loss_cfg: dict) -> torch.Tensor:
+def delta_loss(pred: torch.Tensor, true: torch.Tensor, loss_cfg: dict,
+               reference: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error on Δ ({loss_kind}), the top-DE genes of each condition weighted up, plus
-    pearson_weight × (1 − Pearson Δ) when the plan asks for it."""
+    pearson_weight × (1 − Pearson Δ) when the plan asks for it. With `reference` (the perturbed centroid
+    Δ of each condition's context, `centroid_delta`) that Pearson is taken on Δ − reference, as the
+    evaluator scores it: against the control, every prediction near the average response already
+    correlates, and the term would reward moving towards it."""
     weights = torch.ones_like(true)
     if loss_cfg["de_weighting"] == "top_de":
         k = min(int(loss_cfg["de_top_k"]), true.shape[1])
@@ -80,6 +84,8 @@ def delta_loss(pred: torch.Tensor, true: torch.Tensor, loss_cfg: dict) -> torch.
         weights.scatter_(1, top, float(loss_cfg["de_weight"]))
     loss = (weights * (pred - true) ** 2).sum() / weights.sum()
     if loss_cfg["kind"] == "mse_pearson_delta":
+        if reference is not None:
+            pred, true = pred - reference, true - reference
         pc = pred - pred.mean(dim=1, keepdim=True)
         tc = true - true.mean(dim=1, keepdim=True)
         r = (pc * tc).sum(dim=1) / (pc.norm(dim=1) * tc.norm(dim=1) + 1e-8)
