@@ -386,7 +386,7 @@ DESIGN_SPACE: tuple[Component, ...] = (
     ),
     Component("loss.kind", "training objective",
               (Option("mse", "MSE on Δ by default", _always, lambda f, a: "MSE on predicted Δ"),)),
-    Component("loss.pearson_weight", "weight of (1 − Pearson Δ)",
+    Component("loss.pearson_weight", "weight of (1 − Pearson Δ against the perturbed centroid)",
               (Option(0.0, "0 with plain MSE", _always, lambda f, a: "no correlation term with plain MSE"),)),
     Component("loss.de_weighting", "up-weight DE genes",
               (Option("none", "uniform by default", _always, lambda f, a: "uniform gene weights"),)),

@@ -116,7 +116,8 @@ class Architecture(BaseModel):
 class Loss(BaseModel):
     model_config = _STRICT
     kind: Literal["mse", "mse_pearson_delta"]
-    pearson_weight: float = Field(ge=0.0, le=1.0, description="weight of (1 - Pearson Δ) when kind=mse_pearson_delta")
+    pearson_weight: float = Field(ge=0.0, le=1.0, description="weight of (1 - Pearson Δ against the perturbed "
+                                                              "centroid) when kind=mse_pearson_delta")
     de_weighting: Literal["none", "top_de"] = Field(description="up-weight each condition's top DE genes")
     de_top_k: int = Field(ge=1, le=2000)
     de_weight: float = Field(ge=1.0, le=100.0, description="multiplier on the DE genes' squared error")
