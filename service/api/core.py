@@ -26,6 +26,7 @@ from sandbox import DockerBackend, SandboxPool, SandboxSpec
 from sandbox.spec import parse_size
 from service.jobs import Job, JobRunner, JobStore, job_kinds
 from service.jobs.db import Database, default_db_url
+from service.jobs.store import WRITE_RETRY_S
 
 from .audit import AuditLog
 from .datasets import DatasetService
@@ -57,6 +58,7 @@ class CoreConfig:
     max_lifetime: float = 3600.0
     max_upload: str = "2g"
     workers: int = 2
+    db_retry: float = WRITE_RETRY_S  # seconds a failing write of the job machinery is retried
     backend: Any = field(default=None, repr=False)  # a sandbox backend; DockerBackend() when None
 
 
@@ -79,7 +81,7 @@ class CellForgeCore:
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
         self.uploads = UploadMeter(self.db)
         self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder)
-        self.store = JobStore(self.db)
+        self.store = JobStore(self.db, retry_for=config.db_retry)
         self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
                                 on_finish=self._job_finished,
                                 private_roots=(self.data_dir, Path(getattr(self.backend, "runtime_root", self.data_dir))))

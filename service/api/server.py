@@ -35,6 +35,7 @@ class ServerConfig:
     idle_timeout: float = 600.0
     max_lifetime: float = 3600.0
     max_upload: str = "2g"
+    db_retry: float = 10.0
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     # uvicorn's own limits: requests in flight (more answer 503), idle keep-alive, a request head's
     # largest size, the listen backlog.
@@ -50,7 +51,7 @@ class ServerConfig:
         return CoreConfig(
             data_dir=self.data_dir, db_url=self.db_url, warm=self.warm, preload=self.preload,
             idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, max_upload=self.max_upload,
-            workers=self.workers,
+            workers=self.workers, db_retry=self.db_retry,
         )
 
 
@@ -119,5 +120,6 @@ def _raise_fd_limit(connections: int) -> None:
 
 def run_server(config: ServerConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    throttle_logs("uvicorn.error", "cellforge.connections", "service.api.http_app", "service.api.grpc_server")
+    throttle_logs("uvicorn.error", "cellforge.connections", "service.api.http_app", "service.api.grpc_server",
+                  "service.jobs.store")
     asyncio.run(serve(config))

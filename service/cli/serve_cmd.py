@@ -142,6 +142,8 @@ def serve(
     limit_concurrency: Annotated[int, typer.Option(help="HTTP requests in flight (more answer 503)")] = 1024,
     keep_alive: Annotated[float, typer.Option(help="seconds an idle HTTP keep-alive connection stays open")] = 5.0,
     backlog: Annotated[int, typer.Option(help="listen backlog of the HTTP socket")] = 1024,
+    db_retry: Annotated[float, typer.Option(
+        help="seconds a failing database write of a job is retried before the job fails")] = 10.0,
     grpc_max_rpcs: Annotated[int, typer.Option(help="gRPC calls in flight (more answer RESOURCE_EXHAUSTED)")] = 256,
 ) -> None:
     """Serve the HTTP and gRPC APIs over one core (sandboxes, datasets, jobs, regressions)."""
@@ -155,6 +157,6 @@ def serve(
         max_upload=max_upload, limit_concurrency=limit_concurrency, timeout_keep_alive=keep_alive, backlog=backlog,
         connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections,
                                      max_per_client=max_connections_per_client),
-        grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs),
+        grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry,
     )
     run_server(config)

@@ -26,12 +26,9 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted by restart"
 # How long a write of the job machinery is retried (locked or unreachable database) before it gives up.
 WRITE_RETRY_S = 10.0
-
-# A write that failed for a passing reason (SQLite locked, connection lost) is tried again with backoff.
-retrying = retry(
-    retry=retry_if_exception_type(OperationalError), wait=wait_exponential(multiplier=0.1, max=2.0),
-    stop=stop_after_delay(WRITE_RETRY_S), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING),
-)
+# The writes the runner depends on; each is tried again with backoff when it fails for a passing
+# reason (SQLite locked, connection lost).
+_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel")
 
 
 @dataclass(frozen=True)
@@ -76,10 +73,16 @@ class JobEvent:
 
 
 class JobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, retry_for: float = WRITE_RETRY_S) -> None:
         self.db = db
         # Event numbers are max+1 per job: writers in this process take turns.
         self._event_lock = threading.Lock()
+        retrying = retry(
+            retry=retry_if_exception_type(OperationalError), wait=wait_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_delay(retry_for), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING),
+        )
+        for name in _RETRIED_WRITES:
+            setattr(self, name, retrying(getattr(self, name)))
 
     def create(self, tenant_id: str, kind: str, params: dict[str, Any],
                admit: Callable[[Session], None] | None = None) -> Job:
@@ -91,6 +94,7 @@ class JobStore:
             if admit is not None:
                 admit(s)
             s.add(row)
+            s.flush()  # the job row before its first event (the foreign key)
             s.add(JobEventRow(job_id=row.id, seq=1, ts=time.time(), kind="status", data={"status": "queued"}))
         return Job.from_row(row)
 
@@ -118,7 +122,6 @@ class JobStore:
                 JobRow.status.in_(("queued", "running"))).group_by(JobRow.status)).all())
         return rows.get("queued", 0), rows.get("running", 0)
 
-    @retrying
     def claim_next(self) -> Job | None:
         """Move the oldest queued job to `running` and return it; None when the queue is empty.
         The conditional update makes a claim atomic even with several workers or servers."""
@@ -135,7 +138,6 @@ class JobStore:
                     return Job.from_row(row)
             return None
 
-    @retrying
     def record(self, job_id: str, updates: list[tuple[str, Any]]) -> None:
         """A batch of a running job's progress, in order and in one transaction: ("event", (kind,
         data)), ("phase", name) or ("checkpoint", name)."""
@@ -146,7 +148,6 @@ class JobStore:
                 else:
                     s.execute(update(JobRow).where(JobRow.id == job_id).values({what: value}))
 
-    @retrying
     def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
         with self._event_lock, self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(
@@ -156,7 +157,6 @@ class JobStore:
         assert job is not None
         return job
 
-    @retrying
     def request_cancel(self, job_id: str, reason: str = "cancelled before it started") -> Job:
         """Queued jobs end at once; running ones are flagged for their worker to stop."""
         with self.db.session() as s:
