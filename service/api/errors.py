@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# What a caller hears of a database error (the statement and its parameters stay in the server log).
+DATABASE_UNAVAILABLE = "the service's database is busy or unavailable; retry in a few seconds"
+
 
 class ServiceError(Exception):
     """Base class: a message meant for the API caller."""

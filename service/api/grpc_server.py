@@ -2,7 +2,7 @@
 
 Every CellForge call is authenticated by `AuthInterceptor` from its metadata before the server reads
 its request message; a refused call is answered without reading it. Each method has a message size
-limit matching the HTTP route's, under the server-wide cap (`GRPC_LIMITS`).
+limit matching the HTTP route's (`METHOD_LIMITS`); `GrpcLimits` holds the server-wide ones.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sandbox import ExecutionResult
 
 from .core import CellForgeCore
-from .errors import BadRequest, PayloadTooLarge, ServiceError, Unavailable
+from .errors import DATABASE_UNAVAILABLE, BadRequest, PayloadTooLarge, ServiceError, Unavailable
 from .limits import DATASET_CHUNK_BYTES, FILE_BODY_BYTES, JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .proto.cellforge.v1 import cellforge_pb2 as pb
 from .proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
@@ -175,7 +175,7 @@ def _service_error(exc: Exception) -> ServiceError:
         return exc
     # The statement and its parameters stay in the server log.
     log.error("database error in a gRPC call: %s", exc)
-    return Unavailable("the service's database is busy or unavailable; retry in a few seconds")
+    return Unavailable(DATABASE_UNAVAILABLE)
 
 
 def _rpc(action: str) -> Callable:

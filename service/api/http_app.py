@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
-
-import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sandbox import ExecutionResult
 
 from .core import CellForgeCore
-from .errors import BadRequest, ServiceError, Unavailable
+from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable
 from .http_guard import TENANT_SCOPE_KEY, BodyLimits, RequestGuard, error_body
 from .limits import JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .sandboxes import MAX_FILE_BYTES, parse_request
@@ -27,7 +26,6 @@ from .tenants import Tenant
 log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
-DATABASE_BUSY = "the service's database is busy or unavailable; retry in a few seconds"
 
 
 class JobBody(BaseModel):
@@ -64,7 +62,7 @@ def create_app(core: CellForgeCore) -> FastAPI:
     async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         # The statement and its parameters stay in the server log.
         log.error("database error on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(error_body(Unavailable(DATABASE_BUSY)), status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(error_body(Unavailable(DATABASE_UNAVAILABLE)), status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:

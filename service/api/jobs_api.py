@@ -58,10 +58,6 @@ def _problems(exc: ValidationError) -> str:
                      for e in exc.errors())
 
 
-def _problems_of(exc: ValidationError | SpecError) -> str:
-    return _problems(exc) if isinstance(exc, ValidationError) else str(exc)
-
-
 def sandbox_size(tenant: Tenant, memory: str | None, cpus: float | None, gpus: int, default_memory: str,
                  default_cpus: float) -> tuple[str, float, Resources]:
     """A job sandbox's memory and CPUs: what was asked, else the server's default lowered to the
@@ -101,8 +97,8 @@ class JobService:
         params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": dict(options)}
         try:
             defaults = design_settings(params, Path("/unused"))
-        except (ValidationError, SpecError) as exc:
-            raise BadRequest(f"invalid design options: {_problems_of(exc)}") from None
+        except ValidationError as exc:
+            raise BadRequest(f"invalid design options: {_problems(exc)}") from None
         memory, cpus, want = sandbox_size(tenant, options.get("memory"), options.get("cpus"), defaults.gpus,
                                           defaults.memory, defaults.cpus)
         params["options"].update(memory=memory, cpus=cpus)
