@@ -41,6 +41,13 @@ class PayloadTooLarge(ServiceError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class RequestTimeout(ServiceError):
+    """The client stopped sending its request body."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class Conflict(ServiceError):
     http_status = 409
     grpc_code = "FAILED_PRECONDITION"

@@ -44,14 +44,14 @@ def body_limits(core: CellForgeCore) -> BodyLimits:
                       regression=REGRESSION_BODY_BYTES)
 
 
-def create_app(core: CellForgeCore) -> FastAPI:
+def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.")
 
     async def authenticate(authorization: str | None, action: str) -> Tenant:
         return await core.authenticate(authorization, TRANSPORT, action)
 
     # Authentication and body limits come before FastAPI reads any body (see http_guard).
-    app.add_middleware(RequestGuard, authenticate=authenticate, limits=body_limits(core))
+    app.add_middleware(RequestGuard, authenticate=authenticate, limits=body_limits(core), body_timeout=body_timeout)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:

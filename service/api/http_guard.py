@@ -5,18 +5,20 @@ FastAPI reads and parses a route's body parameters before it resolves the route'
 authentication dependency alone would let anyone make the server read and parse any body. This ASGI
 middleware answers 401 (and 429 for the rate limit) from the headers alone, and 413 from a declared
 `Content-Length` over the limit, or as soon as the counted stream passes it; either way without reading
-the rest, and with `Connection: close` so the server drops the unread remainder.
+the rest, and with `Connection: close` so the server drops the unread remainder. A body that stops
+arriving for `body_timeout` seconds is answered 408 the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PayloadTooLarge, ServiceError
+from .errors import PayloadTooLarge, RequestTimeout, ServiceError
 
 TENANT_SCOPE_KEY = "cellforge.tenant"
 _FILE_ROUTE = re.compile(r"^/v1/sandboxes/[^/]+/files/")
@@ -43,10 +45,12 @@ class BodyLimits:
 
 
 class RequestGuard:
-    def __init__(self, app: Any, authenticate: Callable[[str | None, str], Any], limits: BodyLimits) -> None:
+    def __init__(self, app: Any, authenticate: Callable[[str | None, str], Any], limits: BodyLimits,
+                 body_timeout: float = 30.0) -> None:
         self.app = app
         self.authenticate = authenticate  # (Authorization header, action) -> tenant; raises ServiceError
         self.limits = limits
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -66,31 +70,38 @@ class RequestGuard:
             await send_error(send, PayloadTooLarge(
                 f"request body of {declared} bytes exceeds this route's limit of {limit} bytes"), close=True)
             return
-        await self.app(scope, *_capped(receive, send, limit))
+        await self.app(scope, *_capped(receive, send, limit, self.body_timeout))
 
 
-def _capped(receive: Callable, send: Callable, limit: int) -> tuple[Callable, Callable]:
-    """`receive` counting body bytes: past `limit` it stops the app (an error from `receive`) and the
-    app's own answer is replaced by a 413."""
-    state = {"read": 0, "over": False, "started": False}
+def _capped(receive: Callable, send: Callable, limit: int, timeout: float) -> tuple[Callable, Callable]:
+    """`receive` counting body bytes and timing each part: past `limit`, or after `timeout` seconds
+    without a part, it stops the app (an error from `receive`) and the app's own answer is replaced
+    by a 413 (408). Once the body is complete, `receive` only waits for the client to go away."""
+    state: dict[str, Any] = {"read": 0, "failure": None, "started": False, "complete": False}
 
     async def counted_receive() -> dict[str, Any]:
-        if state["over"]:
-            raise PayloadTooLarge(f"request body exceeds this route's limit of {limit} bytes")
-        message = await receive()
-        if message["type"] == "http.request":
-            state["read"] += len(message.get("body", b""))
-            if state["read"] > limit:
-                state["over"] = True
-                raise PayloadTooLarge(f"request body exceeds this route's limit of {limit} bytes")
-        return message
+        if state["complete"]:
+            return await receive()
+        if state["failure"] is None:
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                state["failure"] = RequestTimeout(f"no part of the request body arrived for {timeout:g}s")
+            else:
+                if message["type"] != "http.request":
+                    return message
+                state["read"] += len(message.get("body", b""))
+                if state["read"] <= limit:
+                    state["complete"] = not message.get("more_body", False)
+                    return message
+                state["failure"] = PayloadTooLarge(f"request body exceeds this route's limit of {limit} bytes")
+        raise state["failure"]
 
     async def guarded_send(message: dict[str, Any]) -> None:
-        if state["over"]:
+        if state["failure"] is not None:
             if message["type"] == "http.response.start" and not state["started"]:
                 state["started"] = True
-                await send_error(send, PayloadTooLarge(
-                    f"request body exceeds this route's limit of {limit} bytes"), close=True)
+                await send_error(send, state["failure"], close=True)
             return  # the app's own answer to the error it got is dropped
         if message["type"] == "http.response.start":
             state["started"] = True

@@ -37,6 +37,7 @@ class ServerConfig:
     max_upload: str = "2g"
     db_retry: float = 10.0
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    body_timeout: float = 30.0  # seconds a request body may pause before the request is answered 408
     # uvicorn's own limits: requests in flight (more answer 503), idle keep-alive, a request head's
     # largest size, the listen backlog.
     limit_concurrency: int = 1024
@@ -94,7 +95,7 @@ async def serve(config: ServerConfig, http: list[uvicorn.Server] | None = None) 
         if config.grpc_port:
             grpc_server, bound = await start_grpc(core, config.host, config.grpc_port, config.grpc)
             log.warning("gRPC on %s:%d", config.host, bound)
-        server = _HttpServer(http_config(create_app(core), config))
+        server = _HttpServer(http_config(create_app(core, config.body_timeout), config))
         if http is not None:
             http.append(server)
         log.warning("HTTP on http://%s:%d", config.host, config.http_port)

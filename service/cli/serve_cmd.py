@@ -137,6 +137,8 @@ def serve(
     max_upload: Annotated[str, typer.Option(help="largest accepted dataset upload")] = "2g",
     header_timeout: Annotated[float, typer.Option(
         help="seconds an HTTP connection has to send a complete request head")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds a request body may pause before the request is answered 408")] = 30.0,
     max_connections: Annotated[int, typer.Option(help="open HTTP connections (more are closed at once)")] = 2048,
     max_connections_per_client: Annotated[int, typer.Option(help="open HTTP connections from one address")] = 256,
     limit_concurrency: Annotated[int, typer.Option(help="HTTP requests in flight (more answer 503)")] = 1024,
@@ -154,7 +156,7 @@ def serve(
     config = ServerConfig(
         http_port=http_port, grpc_port=grpc_port, host=host, db_url=db, data_dir=data_dir, warm=warm,
         preload=preload, workers=workers, idle_timeout=idle_timeout, max_lifetime=max_lifetime,
-        max_upload=max_upload, limit_concurrency=limit_concurrency, timeout_keep_alive=keep_alive, backlog=backlog,
+        max_upload=max_upload, body_timeout=body_timeout, limit_concurrency=limit_concurrency, timeout_keep_alive=keep_alive, backlog=backlog,
         connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections,
                                      max_per_client=max_connections_per_client),
         grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry,

@@ -158,8 +158,10 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, docker_image, make_server):
-    srv = make_server(tmp_path, "--header-timeout", "1", "--max-connections-per-client", "40").start()
+    srv = make_server(tmp_path, "--header-timeout", "1", "--body-timeout", "1",
+                      "--max-connections-per-client", "40").start()
     try:
+        key = srv.tenant("trickler").key
         log_lines = len(srv.log.read_text().splitlines())
         slow = []
         for _ in range(30):
@@ -176,6 +178,15 @@ def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, dock
         assert all(_closed_within(sock, 3.0) for sock in slow)
         for sock in slow:
             sock.close()
+        # A body that stops arriving is answered 408 at the body timeout, and the connection closed.
+        with socket.create_connection(("127.0.0.1", srv.http_port)) as sock:
+            sock.sendall(f"POST /v1/sandboxes HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mem".encode())
+            sock.settimeout(5)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"no part of the request body" in answer, answer
         # Past the per-address cap, new connections are closed at once; another address is still served.
         held = [socket.create_connection(("127.0.0.1", srv.http_port)) for _ in range(60)]
         cut = sum(_closed_within(sock, 0.3) for sock in held)
@@ -193,6 +204,11 @@ def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, dock
         assert len(added) < 25, "\n".join(added[:40])
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
         other.close()
+        # The body timeout stops at the end of the body: a response streamed for longer is untouched.
+        with srv.client(Tenant("trickler", key)) as c:
+            sb = c.create_sandbox(memory="256m")["id"]
+            assert c.execute(sb, "import time; time.sleep(2.5); 7 * 6").result == "42"
+            c.delete_sandbox(sb)
     finally:
         srv.stop()
 
