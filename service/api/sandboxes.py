@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from sandbox import ExecutionResult, SandboxSpec, StreamEvent
 from sandbox.errors import (
@@ -33,10 +33,10 @@ from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
 from sandbox.spec import Mount
 from service.jobs.db import Database
 
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unavailable
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable
 from .metrics import ServiceMetrics
 from .quotas import Resources, admit_sandbox
-from .records import SandboxRow
+from .records import SandboxRow, TenantRow
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
@@ -155,7 +155,10 @@ class SandboxService:
         live = _Live(lease=lease, tenant_id=tenant.id, request=request, created_at=time.time())
         self._live[lease.id] = live
         self.metrics.live_sandboxes.set(len(self._live))
-        await self.db.run(self._activate_row, reservation, lease.id)
+        if not await self.db.run(self._activate_row, reservation, lease.id, tenant.id):
+            # Revoked while it started: the revocation closed the tenant's other sandboxes already.
+            await self._drop(lease.id, "its tenant's API key was revoked")
+            raise Unauthenticated("this API key was revoked")
         return self._info(lease.id, live)
 
     def get(self, tenant: Tenant, sandbox_id: str) -> SandboxInfo:
@@ -287,9 +290,11 @@ class SandboxService:
                            status="dead" if live.lease.dead else "live", created_at=live.created_at,
                            dataset_id=live.request.dataset_id)
 
-    def _activate_row(self, reservation: str, sid: str) -> None:
+    def _activate_row(self, reservation: str, sid: str, tenant_id: str) -> bool:
+        """The reservation becomes the live sandbox's row; False if the tenant was revoked meanwhile."""
         with self.db.session() as s:
             s.execute(update(SandboxRow).where(SandboxRow.id == reservation).values(id=sid, status="live"))
+            return s.scalar(select(TenantRow.revoked_at).where(TenantRow.id == tenant_id)) is None
 
     def _close_row(self, sid: str, reason: str) -> None:
         with self.db.session() as s:

@@ -15,15 +15,12 @@ security review first, then what the service now does about it.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import re
 import socket
 import sqlite3
 import threading
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,21 +34,13 @@ from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import APIError, AuthenticationError, InvalidRequestError, QuotaError
 from service.data import simulate
 
-from .conftest import Tenant, free_port
+from .conftest import Tenant, bundle, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 MB = 1 << 20
 SLOW = {"test_slow.py": "import time\n\ndef test_sleeps():\n    time.sleep(30)\n"}
 QUICK = {"test_quick.py": "def test_quick():\n    assert True\n"}
-
-
-def bundle(files: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def rss(pid: int) -> int:
