@@ -71,9 +71,12 @@ def usage(s: Session, tenant_id: str) -> Usage:
         select(SandboxRow.spec).where(SandboxRow.tenant_id == tenant_id, SandboxRow.status.in_(HELD_SANDBOX_STATES)))]
     jobs = [Resources.from_dict((params or {}).get("resources")) for params in s.scalars(
         select(JobRow.params).where(JobRow.tenant_id == tenant_id, JobRow.status.in_(ACTIVE_JOB_STATES)))]
-    storage = s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
-                       .where(DatasetRow.tenant_id == tenant_id)) or 0
-    return Usage(len(sandboxes), len(jobs), sum(sandboxes + jobs, Resources()), int(storage))
+    return Usage(len(sandboxes), len(jobs), sum(sandboxes + jobs, Resources()), _stored(s, tenant_id))
+
+
+def _stored(s: Session, tenant_id: str) -> int:
+    return int(s.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0))
+                        .where(DatasetRow.tenant_id == tenant_id)) or 0)
 
 
 @contextlib.contextmanager
@@ -158,7 +161,7 @@ def check_storage(tenant: Tenant, used: int, adding: int) -> None:
 
 def stored_bytes(db: Database, tenant_id: str) -> int:
     with db.session() as s:
-        return usage(s, tenant_id).storage
+        return _stored(s, tenant_id)
 
 
 class UploadMeter:
@@ -173,7 +176,7 @@ class UploadMeter:
                       declared: int | None = None) -> AsyncIterator[bytes]:
         used = await self.db.run(stored_bytes, self.db, tenant.id)
         if declared:
-            check_storage(tenant, used + self._in_flight[tenant.id], declared)
+            check_storage(tenant, used + self._in_flight.get(tenant.id, 0), declared)
         sent = 0
         try:
             async for chunk in chunks:

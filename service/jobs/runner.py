@@ -48,13 +48,15 @@ class Redactor:
     the job's folder become relative to it, other server paths `<server>`, tenant ids `<tenant>`."""
 
     def __init__(self, work_dir: Path, private_roots: tuple[Path, ...]) -> None:
-        self._pairs = [(str(work_dir) + "/", ""), (str(work_dir), ".")]
-        self._pairs += [(str(root), "<server>") for root in sorted(private_roots, key=lambda r: -len(str(r)))]
+        self._names = {str(work_dir) + "/": "", str(work_dir): ".", **{str(root): "<server>" for root in private_roots}}
+        # Longest first, and a root only as a whole path component (`/d` is not the start of `/data`).
+        alternatives = sorted(self._names, key=len, reverse=True)
+        self._paths = re.compile("|".join(re.escape(p) + ("" if p.endswith("/") else r"(?![\w.-])")
+                                          for p in alternatives))
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, str):
-            for old, new in self._pairs:
-                value = value.replace(old, new)
+            value = self._paths.sub(lambda m: self._names[m.group(0)], value)
             return _TENANT_ID_RE.sub("<tenant>", value)
         if isinstance(value, dict):
             return {k: self(v) for k, v in value.items()}
