@@ -18,6 +18,7 @@ from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_remote_addr
 
 log = logging.getLogger("cellforge.connections")
 
@@ -25,7 +26,7 @@ log = logging.getLogger("cellforge.connections")
 @dataclass(frozen=True)
 class ConnectionLimits:
     header_timeout: float = 10.0
-    max_connections: int = 2048
+    max_connections: int = 1000
     max_per_client: int = 256
 
 
@@ -38,12 +39,16 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         _counted: str | None = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            host = self.client[0] if self.client else "?"
-            if len(self.connections) > limits.max_connections or per_client[host] >= limits.max_per_client:
+            # Checked before uvicorn counts the connection: a refused one never counts against the
+            # requests in flight (uvicorn's limit_concurrency counts open connections too).
+            address = get_remote_addr(transport)
+            host = address[0] if address else "?"
+            if len(self.connections) >= limits.max_connections or per_client[host] >= limits.max_per_client:
                 log.warning("refused a connection from %s: connection limit reached", host)
-                self.transport.abort()
+                self.transport = transport
+                transport.abort()
                 return
+            super().connection_made(transport)
             per_client[host] += 1
             self._counted = host
             self._arm()

@@ -38,8 +38,8 @@ class ServerConfig:
     db_retry: float = 10.0
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     body_timeout: float = 30.0  # seconds a request body may pause before the request is answered 408
-    # uvicorn's own limits: requests in flight (more answer 503), idle keep-alive, a request head's
-    # largest size, the listen backlog.
+    # uvicorn's own limits: requests in flight (more answer 503; it counts open connections too, so it
+    # stays above the connection cap), idle keep-alive, a request head's largest size, the listen backlog.
     limit_concurrency: int = 1024
     timeout_keep_alive: float = 5.0
     max_head_bytes: int = 16 << 10

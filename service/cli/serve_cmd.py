@@ -139,9 +139,10 @@ def serve(
         help="seconds an HTTP connection has to send a complete request head")] = 10.0,
     body_timeout: Annotated[float, typer.Option(
         help="seconds a request body may pause before the request is answered 408")] = 30.0,
-    max_connections: Annotated[int, typer.Option(help="open HTTP connections (more are closed at once)")] = 2048,
+    max_connections: Annotated[int, typer.Option(help="open HTTP connections (more are closed at once)")] = 1000,
     max_connections_per_client: Annotated[int, typer.Option(help="open HTTP connections from one address")] = 256,
-    limit_concurrency: Annotated[int, typer.Option(help="HTTP requests in flight (more answer 503)")] = 1024,
+    limit_concurrency: Annotated[int, typer.Option(
+        help="HTTP requests in flight (more answer 503); keep it above --max-connections")] = 1024,
     keep_alive: Annotated[float, typer.Option(help="seconds an idle HTTP keep-alive connection stays open")] = 5.0,
     backlog: Annotated[int, typer.Option(help="listen backlog of the HTTP socket")] = 1024,
     db_retry: Annotated[float, typer.Option(
