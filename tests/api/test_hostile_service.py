@@ -147,7 +147,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, docker_image, make_server):
-    srv = make_server(tmp_path, "--header-timeout", "1", "--body-timeout", "1",
+    srv = make_server(tmp_path, "--header-timeout", "2", "--body-timeout", "1",
                       "--max-connections-per-client", "40").start()
     try:
         key = srv.tenant("trickler").key
@@ -158,13 +158,12 @@ def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, dock
             sock.sendall(b"GET /heal")  # half a request line, never finished
             slow.append(sock)
         # While they hang, a normal client is served (from the same address and from another).
-        started = time.monotonic()
         assert httpx.get(f"{srv.url}/healthz", timeout=5).status_code == 200
         other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=5)
         assert other.get(f"{srv.url}/healthz").status_code == 200
-        assert time.monotonic() - started < 1.0
-        # Each is disconnected at the header timeout (1 s), not left open.
-        assert all(_closed_within(sock, 3.0) for sock in slow)
+        assert not _closed_within(slow[-1], 0.01), "served only after the slow clients were cut"
+        # Each is disconnected at the header timeout (2 s), not left open.
+        assert all(_closed_within(sock, 4.0) for sock in slow)
         for sock in slow:
             sock.close()
         # A body that stops arriving is answered 408 at the body timeout, and the connection closed.
@@ -256,7 +255,7 @@ def test_a_saturated_default_executor_and_work_pool_do_not_delay_authentication(
         assert httpx.get(f"{url}/v1/jobs", headers=headers, timeout=5).json() == {"jobs": []}
         stub = pb_grpc.CellForgeStub(grpc.insecure_channel(target))
         stub.ListDatasets(pb.ListRequest(), metadata=(("authorization", f"Bearer {victim}"),), timeout=5)
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 10.0  # blocked, they would wait for the release (60 s)
         # The full bundle pool refuses more work at once instead of queueing it without bound.
         r = httpx.post(f"{url}/v1/regressions", headers={"Authorization": f"Bearer {hostile}"}, timeout=5,
                        json={"kind": "pytest", "bundle_zip_b64": bundle(QUICK)})
