@@ -16,6 +16,7 @@ from sqlalchemy import select
 from service.jobs.db import Database
 
 from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge
+from .quotas import admit_dataset
 from .records import DatasetRow
 from .tenants import Tenant
 
@@ -62,7 +63,11 @@ class DatasetService:
             raise
         row = DatasetRow(id=dataset_id, tenant_id=tenant.id, name=name, path=str(path), size_bytes=size,
                          layout=layout, created_at=time.time())
-        await asyncio.to_thread(self._insert, row)
+        try:  # the tenant's storage quota, decided atomically with the insert
+            await self.db.run(admit_dataset, self.db, tenant.id, row)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return dataset_dict(row)
 
     def get(self, tenant: Tenant, dataset_id: str) -> DatasetRow:
@@ -85,10 +90,6 @@ class DatasetService:
         if row is None or row.tenant_id != tenant_id:
             raise NotFound(f"no dataset {dataset_id!r}")
         return Path(row.path).parent
-
-    def _insert(self, row: DatasetRow) -> None:
-        with self.db.session() as s:
-            s.add(row)
 
 
 def _validate(path: Path, name: str) -> dict[str, Any]:
