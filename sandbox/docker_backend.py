@@ -44,6 +44,7 @@ from docker.types import Mount as DockerMount
 from .errors import SandboxError, SandboxStartError
 from .kernel import Sandbox, connection_info, describe_exit
 from .reaper import owner_labels
+from .runtimes import unregistered
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class DockerBackend:
                 raise SandboxStartError(
                     f"sandbox image {spec.image!r} not found; build it with `cellforge images build`"
                 ) from None
+            if isinstance(exc, docker.errors.APIError) and spec.runtime and "unknown runtime" in str(exc).lower():
+                raise unregistered(spec.runtime) from None
             if isinstance(exc, docker.errors.APIError):
                 raise SandboxStartError(f"Docker refused sandbox {sandbox_id}: {exc.explanation or exc}") from None
             raise
