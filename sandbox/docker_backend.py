@@ -222,7 +222,14 @@ class DockerKernelHost:
 
     async def restart_kernel(self) -> None:
         self.backend.set_kernel_dir_writable(self.host_dir, True)
+        self._remove_sockets()
         await self.backend.call(self._api.kill, self.container_id, "SIGUSR1")
+
+    def _remove_sockets(self) -> None:
+        # The next kernel binds the same socket paths. Under gVisor (runsc) a socket file on the bind
+        # mount cannot be unlinked from inside (EPERM), so the host removes the old ones first.
+        for leftover in self.host_dir.glob("k-*"):
+            leftover.unlink(missing_ok=True)
 
     def _state(self, wait_s: float) -> dict[str, Any]:
         if wait_s > 0:
@@ -249,8 +256,7 @@ class DockerKernelHost:
             await self.restart_kernel()
             return
         self.backend.set_kernel_dir_writable(self.host_dir, True)
-        for leftover in self.host_dir.glob("k-*"):
-            leftover.unlink(missing_ok=True)
+        self._remove_sockets()
         await self.backend.call(self._api.start, self.container_id)
 
     async def destroy(self) -> None:
