@@ -371,9 +371,15 @@ def verify_lock(index: PackageIndex, flavor_dir: Path) -> list[Pin]:
         pins = closure(index, torch, read_pins(flavor_dir / "requirements.txt"), locked)
     except LockError as exc:
         raise LockError(f"{path} is not whole: {exc}; run `cellforge images lock --flavor gpu`") from None
-    unneeded = sorted(set(locked) - {p.name for p in pins})
-    if unneeded:
-        raise LockError(f"{path} pins wheels torch {locked['torch']} does not need: {', '.join(unneeded)}")
+    needed = {p.name for p in pins}
+    if needed != set(locked):
+        lacks, extra = sorted(needed - set(locked)), sorted(set(locked) - needed)
+        raise LockError(
+            f"{path} is not whole for torch {locked['torch']}: "
+            + "; ".join([*(["it lacks " + ", ".join(lacks)] if lacks else []),
+                         *(["it pins unneeded " + ", ".join(extra)] if extra else [])])
+            + "; run `cellforge images lock --flavor gpu`"
+        )
     return pins
 
 
