@@ -38,13 +38,13 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from .errors import SandboxError, SandboxStartError
 from .kernel import Sandbox, connection_info, describe_exit
 from .reaper import owner_labels
-from .runtimes import unregistered
+from .runtimes import task_limits, unregistered
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class DockerBackend:
             device_requests = [DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
         elif spec.gpus:
             device_requests = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
+        host_pids, guest_nproc = task_limits(spec.runtime, spec.pids_limit)
         host_config = self.client.api.create_host_config(
             network_mode="none",
             cap_drop=["ALL"],
@@ -167,7 +168,8 @@ class DockerBackend:
                 WORKSPACE: f"rw,nosuid,nodev,size={spec.workspace_bytes},uid={uid},gid={gid},mode=0755",
             },
             mounts=mounts,
-            pids_limit=spec.pids_limit,
+            pids_limit=host_pids,
+            ulimits=[Ulimit(name="nproc", soft=guest_nproc, hard=guest_nproc)] if guest_nproc else None,
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9),
