@@ -20,7 +20,8 @@ import pytest_asyncio
 from sandbox import RUNSC, Outcome, SandboxStartError, require_runtime
 from sandbox.runtimes import unregistered
 
-pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = pytest.mark.docker
+on_module_loop = pytest.mark.asyncio(loop_scope="module")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,9 +38,14 @@ def runsc(docker_image) -> str:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gvisor_sandbox(backend, small_spec, runsc):
-    sb = await backend.create(small_spec(runtime=runsc))
+    sb = await backend.create(with_runtime(small_spec(), runsc))
     yield sb
     await sb.close()
+
+
+def with_runtime(spec, runtime: str):
+    """The test spec under `runtime`, whatever CELLFORGE_TEST_RUNTIME gave the rest of the suite."""
+    return spec.model_copy(update={"runtime": runtime})
 
 
 async def run_ok(sb, code: str) -> str:
@@ -48,6 +54,7 @@ async def run_ok(sb, code: str) -> str:
     return res.stdout
 
 
+@on_module_loop
 async def test_the_container_runs_on_gvisor_not_the_host_kernel(gvisor_sandbox):
     engine = docker.from_env()
     try:
@@ -60,6 +67,7 @@ async def test_the_container_runs_on_gvisor_not_the_host_kernel(gvisor_sandbox):
     assert release and release != os.uname().release
 
 
+@on_module_loop
 async def test_execute_timeout_keeps_state_and_restart_drops_it(gvisor_sandbox):
     await run_ok(gvisor_sandbox, "kept = 41")
     await gvisor_sandbox.put_file("notes/survives.txt", b"workspace is kept")
@@ -73,6 +81,7 @@ async def test_execute_timeout_keeps_state_and_restart_drops_it(gvisor_sandbox):
     assert await gvisor_sandbox.get_file("notes/survives.txt") == b"workspace is kept"
 
 
+@on_module_loop
 async def test_ignored_interrupt_is_killed_and_the_kernel_comes_back(gvisor_sandbox):
     await run_ok(gvisor_sandbox, "doomed = 1")
     res = await gvisor_sandbox.execute(
@@ -83,6 +92,7 @@ async def test_ignored_interrupt_is_killed_and_the_kernel_comes_back(gvisor_sand
     assert (await gvisor_sandbox.execute("'doomed' in globals(), 6 * 7")).result == "(False, 42)"
 
 
+@on_module_loop
 async def test_no_network_and_a_read_only_root(gvisor_sandbox):
     out = await run_ok(
         gvisor_sandbox,
@@ -111,6 +121,41 @@ for path in ["/out/evil", "/usr/lib/evil.so"]:
     assert "WROTE" not in out
 
 
+@on_module_loop
+async def test_a_fork_bomb_meets_the_task_limit_and_the_sandbox_survives(gvisor_sandbox):
+    # The guest's limit is RLIMIT_NPROC, counted by gVisor; the host pids limit only bounds gVisor.
+    engine = docker.from_env()
+    try:
+        host = engine.api.inspect_container(f"cellforge-{gvisor_sandbox.id}")["HostConfig"]
+    finally:
+        engine.close()
+    limit = gvisor_sandbox.spec.pids_limit
+    assert host["Ulimits"] == [{"Name": "nproc", "Soft": limit, "Hard": limit}] and host["PidsLimit"] > limit
+    out = await run_ok(
+        gvisor_sandbox,
+        """
+import os, time
+children, failure = [], None
+for _ in range(1000):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        failure = type(exc).__name__
+        break
+    if pid == 0:
+        time.sleep(1.0)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print("forked", len(children), "then", failure)
+""",
+    )
+    assert "then BlockingIOError" in out and int(out.split()[1]) < limit
+    assert (await gvisor_sandbox.execute("6 * 7")).result == "42"
+
+
+@on_module_loop
 async def test_files_round_trip(gvisor_sandbox):
     payload = os.urandom(3 << 20)
     await gvisor_sandbox.put_file("data/blob.bin", payload)
@@ -119,8 +164,9 @@ async def test_files_round_trip(gvisor_sandbox):
     assert res.outcome is Outcome.OK and res.stdout.strip() == str(len(payload))
 
 
+@on_module_loop
 async def test_out_of_memory_dies_with_its_cause_and_restarts(backend, small_spec, runsc):
-    sb = await backend.create(small_spec(runtime=runsc, memory="256m"))
+    sb = await backend.create(with_runtime(small_spec(memory="256m"), runsc))
     try:
         await run_ok(sb, "kept = 1")
         res = await sb.execute("hog = b'x' * (1 << 30)", timeout=60)
@@ -131,9 +177,10 @@ async def test_out_of_memory_dies_with_its_cause_and_restarts(backend, small_spe
         await sb.close()
 
 
+@on_module_loop
 async def test_an_unregistered_runtime_is_named_with_the_fix(backend, small_spec):
     with pytest.raises(SandboxStartError, match="runtime 'cellforge-no-such-runtime' is not registered with the Docker"):
-        await backend.create(small_spec(runtime="cellforge-no-such-runtime"))
+        await backend.create(with_runtime(small_spec(), "cellforge-no-such-runtime"))
     with pytest.raises(SandboxStartError, match=r"it knows: .*runc"):
         require_runtime("cellforge-no-such-runtime")
     # The command the runsc hint names is the one in this repository.
