@@ -42,11 +42,12 @@ WHEEL_PLATFORMS = (
     *(f"manylinux_2_{minor}_x86_64" for minor in range(5, GLIBC_MINOR_MAX + 1)),
 )
 PYTHON = (3, 11)
+PYTHON_FULL = "3.11.2"  # bookworm's python3
 # The marker environment of the sandbox's interpreter.
 MARKER_ENV = {
-    "implementation_name": "cpython", "implementation_version": "3.11.2", "os_name": "posix",
+    "implementation_name": "cpython", "implementation_version": PYTHON_FULL, "os_name": "posix",
     "platform_machine": "x86_64", "platform_python_implementation": "CPython", "platform_release": "",
-    "platform_system": "Linux", "platform_version": "", "python_full_version": "3.11.2",
+    "platform_system": "Linux", "platform_version": "", "python_full_version": PYTHON_FULL,
     "python_version": "3.11", "sys_platform": "linux",
 }
 _TIMEOUT_S = 30.0
@@ -75,8 +76,6 @@ class WheelFile:
     version: Version
     filename: str
     url: str
-    sha256: str
-    requires_python: str
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,6 @@ class Pin:
     name: str
     version: str
     filename: str
-    sha256: str
     required_by: str
 
     def line(self) -> str:
@@ -138,8 +136,7 @@ class PackageIndex:
             raise LockError(f"package index {self.url} answered {response.status_code} for {page}")
         if "json" in response.headers.get("content-type", ""):
             entries = [
-                (urljoin(page, f["url"]), f["filename"], f.get("hashes", {}).get("sha256", ""),
-                 f.get("requires-python") or "", bool(f.get("yanked")))
+                (urljoin(page, f["url"]), f["filename"], f.get("requires-python") or "", bool(f.get("yanked")))
                 for f in response.json()["files"]
             ]
         else:
@@ -147,11 +144,11 @@ class PackageIndex:
             parser.feed(response.text)
             entries = []
             for href, attrs in parser.links:
-                url, _, fragment = urljoin(page, href).partition("#")
-                entries.append((url, Path(urlsplit(url).path).name, fragment.removeprefix("sha256="),
-                                attrs.get("data-requires-python") or "", "data-yanked" in attrs))
+                url = urljoin(page, href).partition("#")[0]
+                entries.append((url, Path(urlsplit(url).path).name, attrs.get("data-requires-python") or "",
+                                "data-yanked" in attrs))
         found = []
-        for url, filename, sha256, requires_python, yanked in entries:
+        for url, filename, requires_python, yanked in entries:
             if yanked or not filename.endswith(".whl"):
                 continue
             try:
@@ -160,9 +157,9 @@ class PackageIndex:
                 continue
             if tags.isdisjoint(self.tags):
                 continue
-            if requires_python and Version("3.11.2") not in SpecifierSet(requires_python):
+            if requires_python and Version(PYTHON_FULL) not in SpecifierSet(requires_python):
                 continue
-            found.append(WheelFile(key, version, filename, url, sha256, requires_python))
+            found.append(WheelFile(key, version, filename, url))
         found.sort(key=lambda w: w.version, reverse=True)
         self._files[key] = found
         return found
@@ -268,7 +265,7 @@ def closure(
 
     Raises LockError naming the first requirement the index cannot serve or the pins cannot meet.
     """
-    pins: dict[str, Pin] = {"torch": Pin("torch", str(torch.version), torch.filename, torch.sha256, "")}
+    pins: dict[str, Pin] = {"torch": Pin("torch", str(torch.version), torch.filename, "")}
     chosen: dict[str, WheelFile] = {"torch": torch}
     queue: list[tuple[WheelFile, tuple[str, ...]]] = [(torch, ())]
     seen: set[tuple[str, tuple[str, ...]]] = set()
@@ -298,7 +295,7 @@ def closure(
                         "CPython 3.11 on x86-64 Linux"
                     )
                 chosen[name] = served[0]
-                pins[name] = Pin(name, str(served[0].version), served[0].filename, served[0].sha256, who)
+                pins[name] = Pin(name, str(served[0].version), served[0].filename, who)
             elif chosen[name].version not in requirement.specifier:
                 raise LockError(f"{who} requires {requirement}, which conflicts with {name}=={chosen[name].version}")
             queue.append((chosen[name], tuple(sorted(requirement.extras))))
