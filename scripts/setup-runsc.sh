@@ -43,7 +43,7 @@ log "$("$RUNSC" --version | head -1) at $RUNSC"
 flags=$("$RUNSC" flags 2>&1 || true)
 has_flag() { grep -q -- "^ *-$1\b" <<<"$flags"; }
 works() {  # a container-less sandbox running /bin/true on this platform, bounded in time
-  as_root timeout 20 "$RUNSC" --platform="$1" --network=none do /bin/true >/dev/null 2>&1
+  as_root timeout 10 "$RUNSC" --platform="$1" --network=none do /bin/true >/dev/null 2>&1
 }
 
 platform=${CELLFORGE_RUNSC_PLATFORM:-}
