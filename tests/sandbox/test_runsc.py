@@ -188,3 +188,17 @@ def test_cli_runs_a_script_under_runsc(runsc, docker_image, tmp_path):
     )
     assert missing.returncode == 3
     assert "runtime 'cellforge-no-such-runtime' is not registered" in missing.stderr
+
+
+def test_design_refuses_an_unregistered_runtime_before_it_starts(docker_image, tmp_path):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["design", "--data", str(tmp_path / "d.h5ad"), "--task", "predict",
+                                      "--out", str(out), "--runtime", "cellforge-no-such-runtime", "--json"])
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is False and "runtime 'cellforge-no-such-runtime' is not registered" in summary["message"]
+    assert not out.exists(), "nothing may run before the runtime is known to be there"
