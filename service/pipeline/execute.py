@@ -28,6 +28,7 @@ class SandboxSettings:
     cpus: float = 2.0
     memory: str = "4g"
     workspace_quota: str = "2g"
+    runtime: str | None = None  # container runtime of the docker sandbox (runsc: gVisor); None: the engine's
 
     def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
         image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
@@ -35,7 +36,7 @@ class SandboxSettings:
             image=image, cpus=self.cpus, memory=self.memory, gpus=self.gpus or None, timeout=timeout,
             tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
-            env={}, labels={"cellforge.role": "design"},
+            env={}, labels={"cellforge.role": "design"}, runtime=self.runtime if self.backend == "docker" else None,
         )
 
 
