@@ -1,8 +1,8 @@
 """Uploaded `.h5ad` datasets: streamed to disk under a size cap, validated by `service.data`, kept per tenant.
 
-An upload is hostile until checked, so the check runs in a child process of its own (forked from a
-forkserver that has the data layer loaded), under an address-space cap and a deadline after which it
-is killed, at most `UploadChecks.workers` at once and `per_tenant` for one tenant; beyond that the
+An upload is hostile until checked, so the check runs in a child process of its own
+(`service.data.check_isolated`), under an address-space cap and a deadline after which it is
+killed, at most `UploadChecks.workers` at once and `per_tenant` for one tenant; beyond that the
 answer is 503 / 429 with Retry-After, never a queue. Neither the default executor (which
 authentication uses) nor the event loop ever waits on a tenant's file.
 """
@@ -10,16 +10,14 @@ authentication uses) nor the event loop ever waits on a tenant's file.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import re
-import resource
 import secrets
 import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from sqlalchemy import select
 
 from service.data.h5safety import H5Limits, settings_from_env, size_text
+from service.data import check_isolated, start_forkserver
 from service.jobs.db import Database
 
 from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
@@ -37,8 +36,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.h5ad$")
 ENV_PREFIX = "CELLFORGE_UPLOAD_"
 MAX_MESSAGE_CHARS = 1_000
 RETRY_AFTER_S = 5
-# The data layer is imported once, in the forkserver; each check is a fork of it (milliseconds).
-_FORK = multiprocessing.get_context("forkserver")
 
 
 class UploadChecks(BaseModel):
@@ -138,14 +135,14 @@ class DatasetService:
 
 
 class UploadChecker:
-    """Runs upload checks in killable child processes, a bounded number at once."""
+    """Runs upload checks (`service.data.check_isolated`) a bounded number at once."""
 
     def __init__(self, checks: UploadChecks) -> None:
         self.checks = checks
         # Threads only wait on the children (a poll with a deadline); never the default executor.
         self._threads = ThreadPoolExecutor(checks.workers, thread_name_prefix="upload-check")
         self._running: Counter[str] = Counter()
-        _FORK.set_forkserver_preload(["service.data.load"])
+        start_forkserver()
 
     def admit(self, tenant_id: str) -> None:
         """Raise QuotaExceeded (429) or ChecksBusy (503) now if a check could not start now."""
@@ -159,76 +156,31 @@ class UploadChecker:
         """The dataset's layout, or InvalidDataset (422) / PayloadTooLarge (413) saying why not."""
         self.admit(tenant_id)
         self._running[tenant_id] += 1
-        future = asyncio.get_running_loop().run_in_executor(self._threads, _run_check, path, name, self.checks)
+        checks = self.checks
+        future = asyncio.get_running_loop().run_in_executor(self._threads, partial(
+            check_isolated, path, limits=checks.limits, timeout_s=checks.timeout_s, memory_bytes=checks.memory_bytes))
         # The slot is held until the child is gone, even if the caller hangs up meanwhile.
         future.add_done_callback(lambda _: self._release(tenant_id))
-        outcome, value = await asyncio.shield(future)
-        if outcome == "ok":
-            return value
-        if outcome == "too_large":
-            raise PayloadTooLarge(value)
-        if outcome == "timeout":
-            raise PayloadTooLarge(f"{name}: checking it took longer than {self.checks.timeout_s:g}s, so it was "
-                                  f"stopped; the file is too large or too slow to read ({ENV_PREFIX}TIMEOUT_S)")
-        if outcome == "crashed":
-            raise InvalidDataset(f"{name}: the file crashed the HDF5 reader (exit code {value}); it is corrupt")
-        raise InvalidDataset(value)
+        result = await asyncio.shield(future)
+        if result.outcome == "ok":
+            return result.layout
+        if result.outcome == "too_large":
+            raise PayloadTooLarge(_public(result.message, path, name))
+        if result.outcome == "memory":
+            raise PayloadTooLarge(f"{name}: checking it needs more than {size_text(checks.memory_bytes)} of memory "
+                                  f"({ENV_PREFIX}MEMORY_BYTES)")
+        if result.outcome == "timeout":
+            raise PayloadTooLarge(f"{name}: checking it took longer than {checks.timeout_s:g}s, so it was stopped; "
+                                  f"the file is too large or too slow to read ({ENV_PREFIX}TIMEOUT_S)")
+        if result.outcome == "crashed":
+            raise InvalidDataset(f"{name}: the file crashed the HDF5 reader (exit code {result.exit_code}); "
+                                 "it is corrupt")
+        raise InvalidDataset(_public(result.message, path, name))
 
     def _release(self, tenant_id: str) -> None:
         self._running[tenant_id] -= 1
         if self._running[tenant_id] <= 0:
             del self._running[tenant_id]
-
-
-def _run_check(path: Path, name: str, checks: UploadChecks) -> tuple[str, Any]:
-    """Check `path` in a child process; (outcome, layout or message). Runs in an UploadChecker thread."""
-    receiver, sender = _FORK.Pipe(duplex=False)
-    child = _FORK.Process(target=_check_in_child, args=(sender, path, name, checks), daemon=True,
-                          name="cellforge-upload-check")
-    child.start()
-    sender.close()
-    try:
-        if not receiver.poll(checks.timeout_s):
-            return "timeout", None
-        try:
-            return receiver.recv()
-        except EOFError:  # it died without answering: killed for memory, or crashed in native code
-            child.join(5)
-            return "crashed", child.exitcode
-    finally:
-        if child.is_alive():
-            child.kill()
-        child.join()
-        child.close()
-        receiver.close()
-
-
-def _check_in_child(sender: Connection, path: Path, name: str, checks: UploadChecks) -> None:
-    """The child: cap its own address space, check the file, send one (outcome, value) back."""
-    from service.data import DataError, DataTooLarge, load_dataset
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not dump a tenant's data
-    cap = _address_space() + checks.memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    try:
-        dataset = load_dataset(path, backed=True, limits=checks.limits)
-        answer: tuple[str, Any] = "ok", dataset.layout.model_dump(mode="json", exclude={"source"})
-    except DataTooLarge as exc:
-        answer = "too_large", _public(str(exc), path, name)
-    except DataError as exc:
-        answer = "invalid", _public(str(exc), path, name)
-    except MemoryError:
-        answer = "too_large", (f"{name}: checking it needs more than {size_text(checks.memory_bytes)} of memory "
-                               f"({ENV_PREFIX}MEMORY_BYTES)")
-    except Exception as exc:  # anything else the readers raise on a malformed file: its type, no contents
-        answer = "invalid", f"{name}: cannot be read as AnnData ({type(exc).__name__})"
-    sender.send(answer)
-    sender.close()
-
-
-def _address_space() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[0]) * resource.getpagesize()
 
 
 def _public(message: str, path: Path, name: str) -> str:

@@ -34,6 +34,7 @@ from .errors import (
     UnsafeDataFile,
 )
 from .h5safety import H5Limits
+from .isolated import CheckResult, check_isolated, start_forkserver
 from .load import Dataset, DatasetLayout, detect_layout, is_control_label, load_dataset, read_h5ad, validate
 from .preprocess import (
     binarize,
