@@ -211,20 +211,16 @@ def _inventory(f: h5py.File, p: Path, st: os.stat_result, limits: H5Limits) -> I
 
 
 def _walk(f: h5py.File, p: Path, limits: H5Limits) -> list[_Dataset]:
-    """Every dataset reached through hard links from the root, refusing any other kind of link and any
-    object reached twice (a hard-link cycle would send anndata's recursive reader round forever)."""
-    found: list[_Dataset] = []
+    """Every dataset and attribute reached through hard links from the root, refusing any other kind
+    of link and any object reached twice (a hard-link cycle sends anndata's reader round forever)."""
+    found: list[_Dataset] = _attributes(f.id, p, "/")
     seen: dict[int, str] = {}
     stack: list[tuple[h5py.h5g.GroupID, str, int]] = [(f.id, "", 0)]
-    count = 0
+    count = len(found)
     while stack:
         gid, where, depth = stack.pop()
         for raw in gid:
             here = f"{where}/{raw.decode('utf-8', 'replace')}"
-            count += 1
-            if count > limits.max_objects:
-                raise DataTooLarge(f"{p}: more than {limits.max_objects:,} groups and datasets; "
-                                   f"the limit is {limits.max_objects:,} ({_raise_hint('max_objects')})")
             info = gid.links.get_info(raw)
             if info.type != h5py.h5l.TYPE_HARD:
                 kind = _LINK_KINDS.get(info.type, f"a user-defined link (type {info.type})")
@@ -235,6 +231,12 @@ def _walk(f: h5py.File, p: Path, limits: H5Limits) -> list[_Dataset]:
                                      "cycle); anndata writes each group and dataset once")
             seen[info.u] = here
             obj = h5py.h5o.open(gid, raw)
+            attributes = _attributes(obj, p, here)
+            found += attributes
+            count += 1 + len(attributes)
+            if count > limits.max_objects:
+                raise DataTooLarge(f"{p}: more than {limits.max_objects:,} groups, datasets and attributes; "
+                                   f"the limit is {limits.max_objects:,} ({_raise_hint('max_objects')})")
             if isinstance(obj, h5py.h5g.GroupID):
                 if depth + 1 > limits.max_depth:
                     raise DataTooLarge(f"{p}: {here} is nested {depth + 1} groups deep; the limit is "
@@ -243,6 +245,28 @@ def _walk(f: h5py.File, p: Path, limits: H5Limits) -> list[_Dataset]:
             elif isinstance(obj, h5py.h5d.DatasetID):
                 found.append(_Dataset(here, _check_dataset(obj, p, here, limits)))
     return found
+
+
+def _attributes(oid: h5py.h5o.ObjectID, p: Path, here: str) -> list[_Dataset]:
+    """The object's attributes (read whole by anndata), refusing references: one can name an object
+    no link reaches (and so never walked), and anndata follows those of pre-0.7 categoricals."""
+    out = []
+    for i in range(h5py.h5o.get_info(oid).num_attrs):
+        aid = h5py.h5a.open(oid, index=i)
+        name = aid.get_name().decode("utf-8", "replace")
+        tid = aid.get_type()
+        if tid.get_class() == h5py.h5t.REFERENCE or tid.detect_class(h5py.h5t.REFERENCE):
+            raise UnsafeDataFile(f"{p}: attribute {name!r} of {here} holds HDF5 references; refused (files "
+                                 "written before anndata 0.7 use them: write it again with a current anndata)")
+        out.append(_Dataset(f"{here} attribute {name!r}", _declared(aid.get_space(), tid)))
+    return out
+
+
+def _declared(space: h5py.h5s.SpaceID, tid: h5py.h5t.TypeID) -> int:
+    """Bytes of the data as declared (shape x item size); 0 for an empty (null) dataspace."""
+    if space.get_simple_extent_type() == h5py.h5s.NULL:
+        return 0
+    return math.prod(space.shape) * tid.get_size()
 
 
 def _check_dataset(dsid: h5py.h5d.DatasetID, p: Path, here: str, limits: H5Limits) -> int:
@@ -262,15 +286,13 @@ def _check_dataset(dsid: h5py.h5d.DatasetID, p: Path, here: str, limits: H5Limit
                                  f"allowed: {', '.join(map(str, limits.allowed_filters))} "
                                  f"({_raise_hint('allowed_filters')})")
     tid = dsid.get_type()
-    if tid.get_class() == h5py.h5t.REFERENCE:
-        raise UnsafeDataFile(f"{p}: {here} holds HDF5 references (which can name other files); refused")
-    space = dsid.get_space()
-    if space.get_simple_extent_type() == h5py.h5s.NULL:
-        return 0
-    shape = space.shape
-    declared = math.prod(shape) * tid.get_size()
+    if tid.get_class() == h5py.h5t.REFERENCE or tid.detect_class(h5py.h5t.REFERENCE):
+        raise UnsafeDataFile(f"{p}: {here} holds HDF5 references (which can name objects no link reaches, "
+                             "or other files); refused")
+    declared = _declared(dsid.get_space(), tid)
     if declared == 0:
         return 0
+    shape = dsid.shape
     shape_text = " x ".join(f"{n:,}" for n in shape) or "scalar"
     if layout == h5py.h5d.CHUNKED:
         chunk = dcpl.get_chunk()

@@ -118,6 +118,22 @@ def test_soft_link_loop_and_hard_link_cycle_are_refused(tmp_path):
     refused(lambda: read_h5ad(cycle), UnsafeDataFile, "/uns/a/again is the same object as /uns/a")
 
 
+def test_references_are_refused(tmp_path):
+    # An object reference can name an object no link reaches (never walked); anndata dereferences
+    # the `categories` attribute of pre-0.7 categoricals.
+    evil = H.plain(tmp_path / "evil.h5ad")
+    with h5py.File(evil, "a") as f:
+        f["obs/perturbation"].attrs["categories"] = f["var"].ref
+    refused(lambda: read_h5ad(evil), UnsafeDataFile, "attribute 'categories' of /obs/perturbation",
+            "HDF5 references")
+
+
+def test_a_multi_driver_file_is_not_opened(tmp_path):
+    with h5py.File(tmp_path / "split.h5ad", "w", driver="split") as f:  # -m.h5 metadata, -r.h5 raw data
+        f["obs/_index"] = np.array([b"c0"])
+    refused(lambda: read_h5ad(tmp_path / "split.h5ad-m.h5"), DataError, "multi driver should be used")
+
+
 def test_a_filter_that_is_not_built_in_is_refused(tmp_path):
     evil = H.plain(tmp_path / "evil.h5ad")
     with h5py.File(evil, "a") as f:
@@ -203,7 +219,7 @@ def test_declared_beyond_memory_opens_backed_or_is_refused_in_memory(tmp_path):
 @pytest.mark.parametrize(("field", "value", "fragment"), [
     ("max_cells", 10, "24 cells"),
     ("max_features", 5, "6 features"),
-    ("max_objects", 5, "more than 5 groups and datasets"),
+    ("max_objects", 5, "more than 5 groups, datasets and attributes"),
     ("max_depth", 1, "nested 2 groups deep"),
     ("max_declared_bytes", 100, "the limit is 100 B"),
 ])
