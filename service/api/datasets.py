@@ -24,8 +24,8 @@ from typing import Any
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from sqlalchemy import select
 
-from service.data.h5safety import H5Limits, settings_from_env, size_text
-from service.data import check_isolated, start_forkserver
+from service.data import H5Limits, check_isolated, start_forkserver
+from service.data.h5safety import settings_from_env, size_text
 from service.jobs.db import Database
 
 from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable

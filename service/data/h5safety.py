@@ -5,7 +5,7 @@ file, a FIFO, a device), external links and virtual datasets (other HDF5 files),
 as plugins. anndata follows all of them, so an obs column stored "externally" in `/etc/shadow` has
 the reader load that file and echo it in an error. A chunked dataset whose chunks were never written
 reads as fill values: a 200 KB file can declare gigabytes. The walk here reads metadata only (links,
-creation properties, chunk counts, two shape attributes) and refuses all of that, with the HDF5 path
+creation properties, chunk counts, shapes and types) and refuses all of that, naming the HDF5 path
 at fault and, for limits, the environment variable that raises them.
 """
 
@@ -46,10 +46,10 @@ class H5Limits(BaseModel):
 
     max_cells: int = Field(20_000_000, gt=0, description="rows of X (or of obs)")
     max_features: int = Field(2_000_000, gt=0, description="columns of X (or rows of var)")
-    max_objects: int = Field(200_000, gt=0, description="groups and datasets in the file")
+    max_objects: int = Field(200_000, gt=0, description="groups, datasets and attributes")
     max_depth: int = Field(32, gt=0, description="nesting of groups")
     max_declared_bytes: ByteSize = Field(ByteSize(64 << 30), gt=0,
-                                         description="declared size of all datasets together")
+                                         description="declared size of all datasets and attributes")
     max_expansion: float = Field(100.0, gt=0, description="declared size over the file's size")
     expansion_floor_bytes: ByteSize = Field(ByteSize(256 << 20), ge=0,
                                             description="declared size always allowed, whatever the ratio")
