@@ -27,7 +27,6 @@ from service.data import (
     NoControlCells,
     UnsafeDataFile,
     check_isolated,
-    evaluate,
     load_dataset,
     load_split,
     make_split,
@@ -35,7 +34,7 @@ from service.data import (
     read_h5ad,
     run_baselines,
 )
-from service.data.evaluate import PredictionsError
+from service.data.evaluate import PredictionsError, evaluate  # the function, not the lazily bound module
 
 CLI = [str(Path(sys.executable).parent / "cellforge")]
 
