@@ -20,8 +20,8 @@ import pandas as pd
 from pydantic import BaseModel, ValidationError
 
 from .conditions import BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, combo_genes
-from .errors import DataFileError, SplitDirectoryError, SplitError, preview
-from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset
+from .errors import SplitDirectoryError, SplitError, preview
+from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, read_h5ad
 from .preprocess import (
     ATAC_TRANSFORMS,
     NORMALIZATION,
@@ -391,11 +391,8 @@ class Split:
     info: SplitInfo
 
     def _read(self, name: str) -> ad.AnnData:
-        file = self.path / f"{name}.h5ad"
-        try:
-            return ad.read_h5ad(file)
-        except Exception as exc:  # corrupt or truncated part
-            raise DataFileError(f"{file}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
+        # A split directory may come from anyone (`cellforge baselines --split`): the checked opener.
+        return read_h5ad(self.path / f"{name}.h5ad", backed=False)
 
     @cached_property
     def train(self) -> ad.AnnData:
