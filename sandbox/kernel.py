@@ -70,6 +70,7 @@ FRAME_SLACK_BYTES = 256 << 10
 HOST_QUEUE_BYTES = 32 << 20
 # Header, parent header and metadata together; an honest kernel sends a few hundred bytes.
 MAX_HEADERS_BYTES = 64 << 10
+_CHANNELS = ("shell", "iopub", "control")
 _OUTPUT_KINDS = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
 
 _zmq_context: zmq.asyncio.Context | None = None
@@ -264,7 +265,7 @@ class ExecutionCollector(Listener):
 
     def _set_error(self, content: dict[str, Any]) -> None:
         self.error = (
-            str(content.get("ename", "Error")),
+            strip_escapes(str(content.get("ename", "Error"))),
             strip_escapes(str(content.get("evalue", ""))),
             trim_traceback([str(line) for line in content.get("traceback", [])]),
         )
@@ -313,9 +314,9 @@ class KernelClient:
         self.content_limit = output_limit + FRAME_SLACK_BYTES
         self.queue_limit = max(2, HOST_QUEUE_BYTES // self.frame_limit)
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._monitors: dict[str, zmq.asyncio.Socket] = {}
+        self._tasks: dict[str, list[asyncio.Task]] = {}
         self._listeners: dict[str, Listener] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._monitors: list[zmq.asyncio.Socket] = []
         self._iopub_session: str | None = None
         self._iopub_seen = asyncio.Event()
         self.session_id: str | None = None
@@ -323,33 +324,52 @@ class KernelClient:
         # Set when the kernel's end of the shell connection went away (it exited or was killed).
         self.lost = asyncio.Event()
 
-    def _connect(self, channel: str, socket_type: int) -> zmq.asyncio.Socket:
+    def start(self) -> None:
+        for channel in _CHANNELS:
+            self._open(channel)
+
+    def _open(self, channel: str) -> None:
+        """A fresh socket for `channel`, its reader, and a monitor that reports the connection dropping."""
+        socket_type, handle, on_drop = {
+            "shell": (zmq.DEALER, self._on_shell, self._on_shell_lost),
+            "iopub": (zmq.SUB, self._on_iopub, self._on_iopub_gap),
+            "control": (zmq.DEALER, lambda msg: None, lambda: None),
+        }[channel]
         socket = _context().socket(socket_type)
         self._sockets[channel] = socket
-        # Both before connect(): libzmq copies them into each connection as it is made.
+        # Before connect(): libzmq copies them into each connection as it is made.
         socket.setsockopt(zmq.MAXMSGSIZE, self.frame_limit)
         socket.setsockopt(zmq.RCVHWM, self.queue_limit)
         if socket_type == zmq.SUB:
             socket.setsockopt(zmq.SUBSCRIBE, b"")
         else:
             socket.setsockopt(zmq.IDENTITY, self.session.bsession)
-        info = self._info
-        port = info[f"{channel}_port"]
+        monitor = self._monitors[channel] = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        info, port = self._info, self._info[f"{channel}_port"]
         socket.connect(f"ipc://{info['ip']}-{port}" if info["transport"] == "ipc" else f"tcp://{info['ip']}:{port}")
-        return socket
 
-    def start(self) -> None:
-        shell = self._connect("shell", zmq.DEALER)
-        iopub = self._connect("iopub", zmq.SUB)
-        control = self._connect("control", zmq.DEALER)
-        self._monitors = [s.get_monitor_socket(zmq.EVENT_DISCONNECTED) for s in (shell, iopub)]
-        self._tasks = [
-            asyncio.create_task(self._read(shell, self._on_shell)),
-            asyncio.create_task(self._read(iopub, self._on_iopub)),
-            asyncio.create_task(self._read(control, lambda msg: None)),
-            asyncio.create_task(self._watch(self._monitors[0], self._on_shell_lost)),
-            asyncio.create_task(self._watch(self._monitors[1], self._on_iopub_gap)),
+        def dropped() -> None:
+            on_drop()
+            # libzmq reconnects after a connection error, but gives a connection up for good after a
+            # protocol error (a frame over MAXMSGSIZE): a fresh socket is right either way.
+            self._close(channel)
+            self._open(channel)
+
+        self._tasks[channel] = [
+            asyncio.create_task(self._read(socket, handle)),
+            asyncio.create_task(self._watch(monitor, dropped)),
         ]
+
+    def _close(self, channel: str) -> None:
+        for task in self._tasks.pop(channel, []):
+            task.cancel()
+        socket, monitor = self._sockets.pop(channel, None), self._monitors.pop(channel, None)
+        if socket is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            socket.close(linger=0)
+        if monitor is not None:
+            monitor.close(linger=0)
 
     async def _read(self, socket: zmq.asyncio.Socket, handle: Callable[[dict[str, Any]], None]) -> None:
         # recv_multipart on the asyncio socket, not a Poller: a poller's wake-up can be lost when a
@@ -527,19 +547,12 @@ class KernelClient:
         self._send(self._sockets["control"], "interrupt_request", {})
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        tasks = [task for channel_tasks in self._tasks.values() for task in channel_tasks]
+        for channel in list(self._sockets):
+            self._close(channel)
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._tasks = []
-        for socket in self._sockets.values():
-            with contextlib.suppress(zmq.ZMQError):
-                socket.disable_monitor()
-        for socket in [*self._monitors, *self._sockets.values()]:
-            socket.close(linger=0)
-        self._monitors = []
-        self._sockets = {}
         for listener in list(self._listeners.values()):
             listener.on_lost()
         self._listeners.clear()
@@ -884,10 +897,12 @@ class Sandbox:
 
         return await put_dir(self, Path(local_dir), path, timeout)
 
-    async def get_dir(self, path: str, local_dir: str | Path, timeout: float | None = None) -> list[str]:
+    async def get_dir(
+        self, path: str, local_dir: str | Path, timeout: float | None = None, max_bytes: int | None = None
+    ) -> list[str]:
         from .files import get_dir
 
-        return await get_dir(self, path, Path(local_dir), timeout)
+        return await get_dir(self, path, Path(local_dir), timeout, max_bytes)
 
 
 class _HostStopped(Exception):
