@@ -7,11 +7,13 @@ readers feed it, and the caller awaits one event. A ZMQ socket monitor on the sh
 the moment the kernel's end of the connection goes away, which is how a dead kernel is noticed
 without heartbeat polling.
 
-Everything the kernel sends is hostile input (the sandboxed code holds the key and can write to the
-connection). So what the host buffers is bounded: a frame above `frame_limit` drops the connection
-(ZMQ's MAXMSGSIZE; the largest honest frame is a file chunk or an output at the output limit), the
-receive queues hold a few messages (RCVHWM: the kernel's own send queue, in the sandbox's memory,
-takes the rest), and a message content above the output limit is never decoded.
+Everything the kernel sends is hostile input (the sandboxed code holds the key and can write raw
+bytes on the connection). So what the host buffers is bounded: a message above `message_limit` is
+cut by the relay in between (relay.py; libzmq has no limit on a message, only on a frame), a frame
+above `frame_limit` drops the connection (ZMQ's MAXMSGSIZE; the largest honest frame is a file chunk
+or an output at the output limit), the receive queues hold a few messages (RCVHWM: the kernel's own
+send queue, in the sandbox's memory, takes the rest), and a content above the output limit is never
+decoded.
 
 `Sandbox` turns that into outcomes (ok, error, timeout, killed, died) using a `KernelHost` — what a
 backend provides: restart the kernel in place, say why it exited, start it again, destroy it.
@@ -47,6 +49,7 @@ from .events import (
     StreamEvent,
     TruncatedEvent,
 )
+from .relay import KernelRelay
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,16 @@ def _context() -> zmq.asyncio.Context:
         ctx.setsockopt(zmq.LINGER, 0)
         _zmq_context = ctx
     return _zmq_context
+
+
+def frame_limit(output_limit: int) -> int:
+    """The largest frame the host takes from a kernel."""
+    return max(output_limit, TRANSFER_CHUNK_BYTES) + FRAME_SLACK_BYTES
+
+
+def message_limit(output_limit: int) -> int:
+    """The largest message (all its frames) the host takes from a kernel."""
+    return frame_limit(output_limit) + FRAME_SLACK_BYTES
 
 
 def connection_info(ip: str, key: str) -> dict[str, Any]:
@@ -310,9 +323,9 @@ class KernelClient:
             key=connection_info["key"].encode(), signature_scheme=connection_info["signature_scheme"]
         )
         self._info = connection_info
-        self.frame_limit = max(output_limit, TRANSFER_CHUNK_BYTES) + FRAME_SLACK_BYTES
+        self.frame_limit = frame_limit(output_limit)
         self.content_limit = output_limit + FRAME_SLACK_BYTES
-        self.queue_limit = max(2, HOST_QUEUE_BYTES // self.frame_limit)
+        self.queue_limit = max(2, HOST_QUEUE_BYTES // message_limit(output_limit))
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: dict[str, list[asyncio.Task]] = {}
@@ -604,7 +617,8 @@ class Sandbox:
         self.isolated = isolated
         self.data_root = data_root
         self._host = host
-        self._client = KernelClient(connection_info, spec.output_limit)
+        self._relay = KernelRelay(connection_info, message_limit(spec.output_limit))
+        self._client = KernelClient(self._relay.info, spec.output_limit)
         self._lock = asyncio.Lock()
         self._closed = False
         self._dead: str | None = None
@@ -640,6 +654,7 @@ class Sandbox:
     async def start(self) -> None:
         """Connect and wait for the kernel; on any failure destroy the host and raise SandboxStartError."""
         try:
+            await self._relay.start()
             self._client.start()
             await self._wait_kernel()
         except BaseException as exc:
@@ -872,6 +887,7 @@ class Sandbox:
             return
         self._closed = True
         await self._client.close()
+        await self._relay.close()
         await self._host.destroy()
 
     async def __aenter__(self) -> Sandbox:
