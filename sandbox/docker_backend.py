@@ -106,11 +106,12 @@ class DockerBackend:
         except docker.errors.DockerException as exc:
             raise SandboxError(f"Docker engine not reachable: {exc}") from None
         self.api_timeout = api_timeout
-        if sandbox_uid is None and os.environ.get(SANDBOX_UID_ENV):
+        configured = os.environ.get(SANDBOX_UID_ENV)
+        if sandbox_uid is None and configured:
             try:
-                sandbox_uid = int(os.environ[SANDBOX_UID_ENV])
+                sandbox_uid = int(configured)
             except ValueError:
-                raise SandboxError(f"{SANDBOX_UID_ENV}: expected a number, got {os.environ[SANDBOX_UID_ENV]!r}") from None
+                raise SandboxError(f"{SANDBOX_UID_ENV}: expected a number, got {configured!r}") from None
         self._requested_uid = sandbox_uid
         self._ids: EngineIds | None = None
         self._threads = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="cellforge-docker")

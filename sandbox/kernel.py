@@ -658,17 +658,11 @@ class Sandbox:
             self._client.start()
             await self._wait_kernel()
         except BaseException as exc:
-            cause = exc.cause if isinstance(exc, _HostStopped) else await self._host.exit_cause(timeout=0.5)
+            reason = await self._why_no_kernel(exc, "connecting to it failed")
             logs = await self._host.logs()
             await self.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            if cause:
-                reason = f"it stopped ({cause})"
-            elif isinstance(exc, TimeoutError):
-                reason = f"no answer within {self.spec.start_timeout:g}s"
-            else:
-                reason = f"connecting to it failed ({type(exc).__name__}: {exc})"
             tail = f"; its output ended with:\n{strip_escapes(logs[-2000:])}" if logs.strip() else ""
             raise SandboxStartError(f"sandbox {self.id}: the kernel did not start, {reason}{tail}") from None
 
@@ -850,15 +844,18 @@ class Sandbox:
             await (self._host.revive() if revive else self._host.restart_kernel())
             await self._wait_kernel(previous)
         except Exception as exc:  # noqa: BLE001 - whatever stopped it, the sandbox is dead and says why
-            cause = exc.cause if isinstance(exc, _HostStopped) else await self._host.exit_cause(timeout=0.5)
-            if cause:
-                state = f"it stopped ({cause})"
-            elif isinstance(exc, TimeoutError):
-                state = f"no answer within {self.spec.start_timeout:g}s"
-            else:
-                state = f"the restart failed ({type(exc).__name__}: {exc})"
-            self._dead = f"the kernel did not come back after a restart, {state}"
+            why = await self._why_no_kernel(exc, "the restart failed")
+            self._dead = f"the kernel did not come back after a restart, {why}"
             raise SandboxStartError(f"sandbox {self.id}: {self._dead}") from None
+
+    async def _why_no_kernel(self, exc: BaseException, failure: str) -> str:
+        """Why a (re)started kernel did not answer, for an error message."""
+        cause = exc.cause if isinstance(exc, _HostStopped) else await self._host.exit_cause(timeout=0.5)
+        if cause:
+            return f"it stopped ({cause})"
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self.spec.start_timeout:g}s"
+        return f"{failure} ({type(exc).__name__}: {exc})"
 
     # --- control -----------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ class ZmtpLimiter:
                 self._greeting += data[at : at + take]
                 at += take
                 greeting = self._greeting
-                if greeting[:1] not in (b"", b"\xff") or (len(greeting) > 10 and (greeting[9] != 0x7F or greeting[10] < 3)):
+                if greeting[0] != 0xFF or (len(greeting) > 10 and (greeting[9] != 0x7F or greeting[10] < 3)):
                     return False  # not a ZMTP 3 peer
                 continue
             if self._skip:
@@ -106,7 +106,9 @@ class KernelRelay:
         self._pumps.add(task)
         task.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, kernel_path: str, host_reader: asyncio.StreamReader, host_writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, kernel_path: str, host_reader: asyncio.StreamReader, host_writer: asyncio.StreamWriter
+    ) -> None:
         kernel_writer = None
         from_host = asyncio.ensure_future(host_reader.read(_CHUNK))
         try:
