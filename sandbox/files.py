@@ -191,7 +191,9 @@ async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | Non
             f"sandbox {sb.id}: {data['op']} {data.get('path')!r}: the kernel's reply of {waiter.msg['oversize']} "
             "bytes is over the output limit"
         )
-    reply = waiter.msg["content"].get("data") or {}
+    reply = waiter.msg["content"].get("data")
+    if not isinstance(reply, dict):
+        raise FileTransferError(f"sandbox {sb.id}: {data['op']} {data.get('path')!r}: the kernel's reply is malformed")
     if not reply.get("ok"):
         kind, message = reply.get("kind"), str(reply.get("message", "no detail"))[:500]
         path = data.get("path")

@@ -358,8 +358,7 @@ class KernelClient:
         else:
             socket.setsockopt(zmq.IDENTITY, self.session.bsession)
         monitor = self._monitors[channel] = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        info, port = self._info, self._info[f"{channel}_port"]
-        socket.connect(f"ipc://{info['ip']}-{port}" if info["transport"] == "ipc" else f"tcp://{info['ip']}:{port}")
+        socket.connect(f"ipc://{self._info['ip']}-{self._info[f'{channel}_port']}")
 
         def dropped() -> None:
             on_drop()
@@ -402,11 +401,12 @@ class KernelClient:
                     raise ValueError("message headers over the limit")
                 # The content stays packed: decoded later, only if someone wants it and it is small.
                 msg = self.session.deserialize(msg_frames, content=False)
+                if not (isinstance(msg["parent_header"], dict) and isinstance(msg["msg_type"], str)):
+                    raise ValueError("malformed message headers")
+                handle(msg)
             except Exception:  # noqa: BLE001 - anything the kernel sends is untrusted; never stop reading
-                # Not a well-formed message of our kernel (bad signature, malformed frames): ignore.
+                # Not a well-formed message of our kernel (bad signature, malformed frames or fields).
                 log.debug("dropped an unreadable message from the kernel", exc_info=True)
-                continue
-            handle(msg)
 
     def _unpack(self, msg: dict[str, Any]) -> bool:
         """Decode the content in place (left empty, with `oversize`, above the limit); False if unreadable."""

@@ -2,8 +2,8 @@
 
 libzmq caps each frame it receives (MAXMSGSIZE) but not a message: a kernel writing raw ZMTP on its
 connection can send one message of endless frames, and the host's libzmq would buffer all of it. So
-the host's sockets connect to this relay (unix sockets in a private 0700 folder of the host), which
-connects to the kernel's. From the kernel's side it follows the ZMTP 3 framing — the greeting, then a
+the host's sockets connect to this relay (unix sockets in a 0700 folder beside the kernel's, named
+by `relay_folder`), which connects to the kernel's. From the kernel's side it follows the ZMTP 3 framing — the greeting, then a
 flags byte and a size per frame — counting payload bytes without reading them, and closes the
 connection as soon as a message or a command grows past its limit, before those bytes reach libzmq.
 What the host sends is copied as is. The relay holds a host connection open while the kernel's end
@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-import tempfile
+from pathlib import Path
 from typing import Any
 
 CHANNELS = ("shell", "iopub", "control")
@@ -77,6 +77,11 @@ class ZmtpLimiter:
         return True
 
 
+def relay_folder(kernel_folder: str) -> Path:
+    """Where the relay of the kernel whose sockets are in `kernel_folder` keeps its own."""
+    return Path(f"{kernel_folder.rstrip('/')}-relay")
+
+
 class KernelRelay:
     """The relay of one kernel connection: `info` is what the host's client connects to."""
 
@@ -85,12 +90,13 @@ class KernelRelay:
             raise ValueError(f"KernelRelay: expected an ipc connection, got {kernel_info.get('transport')!r}")
         self._kernel = kernel_info
         self.message_limit = message_limit
-        self._folder = tempfile.mkdtemp(prefix="cf-relay-")
-        self.info = {**kernel_info, "ip": os.path.join(self._folder, "k")}
+        self._folder = relay_folder(os.path.dirname(kernel_info["ip"]))
+        self.info = {**kernel_info, "ip": str(self._folder / "k")}
         self._servers: list[asyncio.AbstractServer] = []
         self._pumps: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self._folder.mkdir(mode=0o700)
         for channel in CHANNELS:
             port = self._kernel[f"{channel}_port"]
             kernel_path = f"{self._kernel['ip']}-{port}"
