@@ -73,6 +73,9 @@ FRAME_SLACK_BYTES = 256 << 10
 HOST_QUEUE_BYTES = 32 << 20
 # Header, parent header and metadata together; an honest kernel sends a few hundred bytes.
 MAX_HEADERS_BYTES = 64 << 10
+# A connection dropping again within a second is reopened after a growing delay: a kernel that
+# keeps breaking its connection (oversized messages) must not keep the host's loop busy.
+REOPEN_DELAY_S = (0.05, 1.0)
 _CHANNELS = ("shell", "iopub", "control")
 _OUTPUT_KINDS = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
 
@@ -329,6 +332,7 @@ class KernelClient:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: dict[str, list[asyncio.Task]] = {}
+        self._drops: dict[str, tuple[float, float]] = {}  # channel: (when it last dropped, reopen delay)
         self._listeners: dict[str, Listener] = {}
         self._iopub_session: str | None = None
         self._iopub_seen = asyncio.Event()
@@ -341,8 +345,9 @@ class KernelClient:
         for channel in _CHANNELS:
             self._open(channel)
 
-    def _open(self, channel: str) -> None:
-        """A fresh socket for `channel`, its reader, and a monitor that reports the connection dropping."""
+    def _open(self, channel: str, delay: float = 0.0) -> None:
+        """A fresh socket for `channel` (connected after `delay` s), its reader, and a monitor that
+        reports the connection dropping."""
         socket_type, handle, on_drop = {
             "shell": (zmq.DEALER, self._on_shell, self._on_shell_lost),
             "iopub": (zmq.SUB, self._on_iopub, self._on_iopub_gap),
@@ -358,19 +363,32 @@ class KernelClient:
         else:
             socket.setsockopt(zmq.IDENTITY, self.session.bsession)
         monitor = self._monitors[channel] = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        socket.connect(f"ipc://{self._info['ip']}-{self._info[f'{channel}_port']}")
+        url = f"ipc://{self._info['ip']}-{self._info[f'{channel}_port']}"
+        if delay:
+            # Sends meanwhile wait in the socket's queue.
+            asyncio.get_running_loop().call_later(delay, lambda: socket.closed or socket.connect(url))
+        else:
+            socket.connect(url)
 
         def dropped() -> None:
             on_drop()
             # libzmq reconnects after a connection error, but gives a connection up for good after a
-            # protocol error (a frame over MAXMSGSIZE): a fresh socket is right either way.
+            # protocol error (a frame over MAXMSGSIZE) or the relay's cut: a fresh socket either way.
             self._close(channel)
-            self._open(channel)
+            self._open(channel, self._reopen_delay(channel))
 
         self._tasks[channel] = [
             asyncio.create_task(self._read(socket, handle)),
             asyncio.create_task(self._watch(monitor, dropped)),
         ]
+
+    def _reopen_delay(self, channel: str) -> float:
+        now = time.monotonic()
+        last, delay = self._drops.get(channel, (-1e9, 0.0))
+        low, high = REOPEN_DELAY_S
+        delay = min(high, max(low, delay * 2)) if now - last < high else 0.0
+        self._drops[channel] = (now, delay)
+        return delay
 
     def _close(self, channel: str) -> None:
         for task in self._tasks.pop(channel, []):

@@ -5,8 +5,10 @@ connection can send one message of endless frames, and the host's libzmq would b
 the host's sockets connect to this relay (unix sockets in a 0700 folder beside the kernel's, named
 by `relay_folder`), which connects to the kernel's. From the kernel's side it follows the ZMTP 3 framing — the greeting, then a
 flags byte and a size per frame — counting payload bytes without reading them, and closes the
-connection as soon as a message or a command grows past its limit, before those bytes reach libzmq.
-What the host sends is copied as is. The relay holds a host connection open while the kernel's end
+connection as soon as a message grows past its size or frame count, or the kernel sends more than a
+few commands (an honest one sends READY and nothing else), before those bytes reach libzmq; so the
+relay never spends more than a few dozen frame headers of work on a hostile message either. What
+the host sends is copied as is. The relay holds a host connection open while the kernel's end
 does not answer yet (a kernel starting or restarting), as a listening socket's backlog would.
 """
 
@@ -24,12 +26,16 @@ _CHUNK = 1 << 16
 _RETRY_S = 0.01
 _GREETING_BYTES = 64
 _COMMAND_LIMIT = 64 << 10
+_MAX_COMMANDS = 16
+# An honest Jupyter message: topic or delimiter, signature, four parts, a few buffers.
+MAX_FRAMES = 64
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 
 
 class ZmtpLimiter:
     """Follows the ZMTP 3 framing of one direction of a connection; `feed` is False once the
-    stream is not ZMTP 3 or a message (all its frames) or a command is over its limit."""
+    stream is not ZMTP 3, a message (all its frames) is over `message_limit` bytes or MAX_FRAMES
+    frames, or the commands are too many or too large."""
 
     def __init__(self, message_limit: int) -> None:
         self.message_limit = message_limit
@@ -37,6 +43,8 @@ class ZmtpLimiter:
         self._header = bytearray()
         self._skip = 0  # payload bytes of the current frame still to come
         self._message = 0  # bytes of the current message so far
+        self._frames = 0  # frames of the current message so far
+        self._commands = 0
 
     def feed(self, data: bytes) -> bool:
         at, end = 0, len(data)
@@ -65,14 +73,16 @@ class ZmtpLimiter:
             size = int.from_bytes(self._header[1:need], "big")
             self._header.clear()
             if flags & _COMMAND:
-                if size > _COMMAND_LIMIT:
+                self._commands += 1
+                if size > _COMMAND_LIMIT or self._commands > _MAX_COMMANDS:
                     return False
             else:
                 self._message += size
-                if self._message > self.message_limit:
+                self._frames += 1
+                if self._message > self.message_limit or self._frames > MAX_FRAMES:
                     return False
                 if not flags & _MORE:
-                    self._message = 0
+                    self._message = self._frames = 0
             self._skip = size
         return True
 

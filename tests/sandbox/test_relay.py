@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.relay import ZmtpLimiter
+from sandbox.relay import MAX_FRAMES, ZmtpLimiter
 
 GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 1]) + b"NULL".ljust(20, b"\0") + b"\0" * 32
 _READY_BODY = b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB"
@@ -35,6 +35,14 @@ def test_a_message_over_the_limit_is_cut_even_in_frames_under_it(step):
     endless = frame(b"x" * 400, more=True) * 3  # 1200 bytes, never finished
     assert not feed(GREETING + READY + endless, limit=1000, step=step)
     assert feed(GREETING + READY + frame(b"x" * 400, True) + frame(b"x" * 400) + frame(b"x" * 400), limit=1000)
+
+
+@pytest.mark.parametrize("step", [None, 3])
+def test_floods_of_tiny_frames_or_commands_are_cut_early(step):
+    assert feed(GREETING + READY + frame(b"x", more=True) * (MAX_FRAMES - 1) + frame(b"x"), limit=1000, step=step)
+    assert not feed(GREETING + READY + frame(b"x", more=True) * (MAX_FRAMES + 1), limit=1000, step=step)
+    ping = bytes([0x04, 5]) + b"\x04PING"
+    assert not feed(GREETING + READY + ping * 20, limit=1000, step=step)
 
 
 def test_anything_but_zmtp3_is_cut():
