@@ -153,6 +153,10 @@ class _CommReply(Listener):
         self.lost = True
         self.done.set()
 
+    def on_iopub_gap(self) -> None:
+        # The reply travels on iopub: it may be lost with the connection.
+        self.on_lost()
+
 
 async def _channel(sb: Sandbox) -> str:
     """The comm id of the file channel of the current kernel, set up on first use."""
@@ -178,6 +182,7 @@ async def _channel(sb: Sandbox) -> str:
 
 async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | None = None) -> tuple[dict, list]:
     comm_id = await _channel(sb)
+    await sb.client.iopub_ready()
     waiter = _CommReply()
     msg_id = sb.client.send_shell("comm_msg", {"comm_id": comm_id, "data": data}, waiter, buffers)
     try:
@@ -185,7 +190,7 @@ async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | Non
     finally:
         sb.client.forget(msg_id)
     if waiter.msg is None:
-        raise FileTransferError(f"sandbox {sb.id}: the kernel went away during a file transfer")
+        raise FileTransferError(f"sandbox {sb.id}: the kernel's connection dropped during a file transfer")
     if "oversize" in waiter.msg:
         raise FileTransferError(
             f"sandbox {sb.id}: {data['op']} {data.get('path')!r}: the kernel's reply of {waiter.msg['oversize']} "

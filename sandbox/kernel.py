@@ -76,6 +76,8 @@ MAX_HEADERS_BYTES = 64 << 10
 # A connection dropping again within a second is reopened after a growing delay: a kernel that
 # keeps breaking its connection (oversized messages) must not keep the host's loop busy.
 REOPEN_DELAY_S = (0.05, 1.0)
+# How long a request waits for a reopened iopub connection to deliver again before it is sent anyway.
+IOPUB_SETTLE_S = 2.0
 _CHANNELS = ("shell", "iopub", "control")
 _OUTPUT_KINDS = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
 
@@ -336,6 +338,9 @@ class KernelClient:
         self._listeners: dict[str, Listener] = {}
         self._iopub_session: str | None = None
         self._iopub_seen = asyncio.Event()
+        # Set while iopub is known to deliver: cleared when it drops, set by the next message on it
+        # (ipykernel greets each new subscriber with `iopub_welcome`).
+        self._iopub_live = asyncio.Event()
         self.session_id: str | None = None
         self.kernel_info: dict[str, Any] = {}
         # Set when the kernel's end of the shell connection went away (it exited or was killed).
@@ -454,6 +459,7 @@ class KernelClient:
         listener.on_reply(msg)
 
     def _on_iopub(self, msg: dict[str, Any]) -> None:
+        self._iopub_live.set()
         session = msg["header"].get("session")
         if session != self._iopub_session:
             self._iopub_session = session
@@ -468,6 +474,7 @@ class KernelClient:
             listener.on_lost()
 
     def _on_iopub_gap(self) -> None:
+        self._iopub_live.clear()
         for listener in list(self._listeners.values()):
             listener.on_iopub_gap()
 
@@ -479,6 +486,13 @@ class KernelClient:
                 return
             if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
                 on_disconnected()
+
+    async def iopub_ready(self, timeout: float = IOPUB_SETTLE_S) -> bool:
+        """Whether iopub delivers (waiting up to `timeout` for a reopened connection to)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._iopub_live.wait()
+        return self._iopub_live.is_set()
 
     async def wait_ready(self, timeout: float, previous_session: str | None = None) -> None:
         """Until a kernel (other than `previous_session`) answers on shell and iopub reaches us.
@@ -805,9 +819,12 @@ class Sandbox:
             collector = ExecutionCollector(self.spec.output_limit, emit)
             if self._client.lost.is_set():
                 return await self._died(collector, started), collector
+            iopub_live = await self._client.iopub_ready()
             msg_id = self._client.execute(
                 code, collector, store_history=store_history, user_expressions=user_expressions
             )
+            if not iopub_live:
+                collector.on_iopub_gap()  # its output may not reach us: finish on the reply
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
