@@ -41,8 +41,6 @@ def test_strip_escapes_keeps_text_tabs_and_newlines():
 
 @pytest.mark.docker
 def test_cellforge_sandbox_run_shows_no_escape_from_the_sandbox(docker_image, sandbox_runtime, tmp_path):
-    if sandbox_runtime:
-        pytest.skip("`cellforge sandbox run` has no runtime option")
     hostile = "".join(ESCAPES.values())
     script = tmp_path / "hostile.py"
     script.write_text(
@@ -53,7 +51,8 @@ def test_cellforge_sandbox_run_shows_no_escape_from_the_sandbox(docker_image, sa
     )
     cli = str(Path(sys.executable).with_name("cellforge"))
     res = subprocess.run(
-        [cli, "sandbox", "run", str(script), "--image", docker_image, "--memory", "512m"],
+        [cli, "sandbox", "run", str(script), "--image", docker_image, "--memory", "512m",
+         *(["--runtime", sandbox_runtime] if sandbox_runtime else [])],
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 1
