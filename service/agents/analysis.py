@@ -10,6 +10,7 @@ from service.agents.plan import TaskAnalysis
 from service.agents.profile_facts import ProfileFacts, facts_from_profile
 from service.agents.prompts import task_analysis_request
 from service.llm import Backend
+from service.errors import CellForgeError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ _KIND_WORDS = {
 _EVALUATION_QUERY = "evaluation baseline linear ridge mean pearson delta systematic variation benchmark"
 
 
-class AnalysisError(ValueError):
+class AnalysisError(CellForgeError, ValueError):
     """The task analysis could not be produced or is inconsistent with the data."""
 
 

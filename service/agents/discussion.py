@@ -38,6 +38,7 @@ from service.agents.plan import ArgumentRef, Plan, TaskAnalysis, plan_field_path
 from service.agents.profile_facts import facts_from_profile
 from service.agents.prompts import critique_request, proposal_request, scores_request
 from service.llm import Backend
+from service.errors import CellForgeError
 
 LAMBDA = 0.5
 W_SCORE = 0.5
@@ -47,7 +48,7 @@ CONSENSUS_SPREAD = 0.2
 MISSING_SCORE = 0.5  # a proposal the critic did not score counts as neither good nor bad
 
 
-class DiscussionError(RuntimeError):
+class DiscussionError(CellForgeError, RuntimeError):
     """The discussion could not produce a valid plan."""
 
 

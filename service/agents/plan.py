@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from service.errors import CellForgeError
 
 PerturbationKind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
 Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
@@ -207,7 +208,7 @@ def plan_field_paths() -> list[str]:
     return [f"{s}.{f}" for s, model in _section_models().items() for f in model.model_fields]
 
 
-class PlanFieldError(ValueError):
+class PlanFieldError(CellForgeError, ValueError):
     """A proposed value does not fit the named plan field (unknown path, wrong type or out of range)."""
 
 

@@ -11,9 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.agents.plan import Modality, PerturbationKind, SplitScheme
+from service.errors import CellForgeError
 
 
-class ProfileFactsError(ValueError):
+class ProfileFactsError(CellForgeError, ValueError):
     """The data profile lacks a number the agents need, or holds an impossible one."""
 
 

@@ -7,9 +7,9 @@ import contextlib
 import logging
 import time
 
-from service.jobs.db import Database
+from service.db import Database
 
-from .records import AuditRow
+from service.db import AuditRow
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sandbox import DockerBackend, SandboxPool, SandboxSpec
 from sandbox.spec import parse_size
 from service.jobs import Job, JobRunner, JobStore, job_kinds
-from service.jobs.db import Database, default_db_url
+from service.db import Database, default_db_url
 from service.jobs.store import WRITE_RETRY_S
 
 from .audit import AuditLog
@@ -35,7 +35,7 @@ from .jobs_api import JobService
 from .limits import RateLimiter
 from .metrics import ServiceMetrics
 from .quotas import UploadMeter
-from .records import TenantRow
+from service.db import TenantRow
 from .sandboxes import SandboxService
 from .tenants import Tenant, authenticate
 from .workpool import WorkPool
@@ -96,7 +96,7 @@ class CellForgeCore:
         self.ready = False
 
     async def start(self) -> None:
-        await self.db.run(self.db.create_all)
+        await self.db.run(self.db.upgrade)
         await self.db.run(self.sandboxes.mark_lost_after_restart)
         # Starting the pool reaps containers orphaned by a previous (killed) server process.
         await self.pool.start()

@@ -26,11 +26,11 @@ from sqlalchemy import select
 
 from service.data import H5Limits, check_isolated, start_forkserver
 from service.data.h5safety import settings_from_env, size_text
-from service.jobs.db import Database
+from service.db import Database
 
 from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
 from .quotas import admit_dataset
-from .records import DatasetRow
+from service.db import DatasetRow
 from .tenants import Tenant
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.h5ad$")

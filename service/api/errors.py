@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from service.errors import CellForgeError
+
 # What a caller hears of a database error (the statement and its parameters stay in the server log).
 DATABASE_UNAVAILABLE = "the service's database is busy or unavailable; retry in a few seconds"
 
 
-class ServiceError(Exception):
+class ServiceError(CellForgeError):
     """Base class: a message meant for the API caller."""
 
     http_status = 500

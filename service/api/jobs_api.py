@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox.errors import SpecError
 from sandbox.spec import parse_size
-from service.jobs import FINAL_STATES, REGRESSION_KINDS, Job, JobRunner, JobStore, design_settings
+from service.db import FINAL_STATES
+from service.jobs import REGRESSION_KINDS, Job, JobRunner, JobStore, design_settings
 
 from .datasets import DatasetService
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge

@@ -23,10 +23,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from sandbox.spec import parse_size
-from service.jobs.db import Database, JobRow
+from service.db import Database, JobRow
 
 from .errors import QuotaExceeded, Unauthenticated
-from .records import DatasetRow, SandboxRow, TenantRow
+from service.db import DatasetRow, SandboxRow, TenantRow
 from .tenants import Tenant
 
 HELD_SANDBOX_STATES = ("starting", "live")

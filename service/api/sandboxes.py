@@ -31,12 +31,12 @@ from sandbox.errors import (
 from sandbox.images import DEFAULT_CPU_IMAGE
 from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
 from sandbox.spec import Mount
-from service.jobs.db import Database
+from service.db import Database
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable
 from .metrics import ServiceMetrics
 from .quotas import Resources, admit_sandbox
-from .records import SandboxRow, TenantRow
+from service.db import SandboxRow, TenantRow
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"

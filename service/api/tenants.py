@@ -19,10 +19,10 @@ from sqlalchemy.exc import IntegrityError
 
 from sandbox.spec import parse_size
 from sandbox.errors import SpecError
-from service.jobs.db import Database
+from service.db import Database
 
 from .errors import BadRequest, Conflict, NotFound, Unauthenticated
-from .records import TenantRow
+from service.db import TenantRow
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_RE = re.compile(r"^cf_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")

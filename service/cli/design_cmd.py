@@ -57,14 +57,11 @@ def _finish(result: DesignResult, json_out: bool) -> None:
 
 
 def _handled_errors() -> tuple[type[Exception], ...]:
+    """Every explained failure: the service's errors and the sandbox layer's (which knows nothing of the service)."""
     from sandbox import SandboxError
-    from service.agents import AnalysisError, DiscussionError
-    from service.data import DataError
-    from service.llm import LLMError
-    from service.pipeline import CodegenError, PatchError, PipelineError
+    from service.errors import CellForgeError
 
-    return (DataError, LLMError, PipelineError, SandboxError, AnalysisError, DiscussionError, CodegenError,
-            PatchError)
+    return (CellForgeError, SandboxError)
 
 
 def _run(settings: DesignSettings, config: LLMConfig | None, replay_from: Path | None, json_out: bool) -> None:

@@ -21,11 +21,11 @@ DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="uploads, artifacts
 
 
 def _database(db: str | None, data_dir: Path):
-    from service.jobs.db import Database, default_db_url
+    from service.db import Database, default_db_url
 
     data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(db or os.environ.get("CELLFORGE_DB") or default_db_url(data_dir))
-    database.create_all()
+    database.upgrade()
     return database
 
 

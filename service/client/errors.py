@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from service.errors import CellForgeError
 
-class APIError(Exception):
+
+class APIError(CellForgeError):
     """The server refused or failed a call. `status` is the HTTP status (gRPC codes are mapped to it)."""
 
     def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None) -> None:

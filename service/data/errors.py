@@ -7,6 +7,7 @@ Every error names the file, column or value at fault and says what was expected,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from service.errors import CellForgeError
 
 
 PREVIEW_CHARS = 60
@@ -26,7 +27,7 @@ def _cut(text: str) -> str:
     return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS - 3] + "..."
 
 
-class DataError(ValueError):
+class DataError(CellForgeError, ValueError):
     """Base class: the dataset (or split directory) cannot be used as given."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from .store import Job, JobStore
+from service.errors import CellForgeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,7 +40,7 @@ class JobCancelled(Exception):
     """Raised inside a handler at a cancellation point after the job was cancelled."""
 
 
-class JobFailed(Exception):
+class JobFailed(CellForgeError):
     """A handler's own, explained failure; the message becomes the job's error."""
 
 

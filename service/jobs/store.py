@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from .db import FINAL_STATES, Database, JobEventRow, JobRow
+from service.db import FINAL_STATES, Database, JobEventRow, JobRow
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
+from service.errors import CellForgeError
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TracedBackend(Backend, Protocol):
     def answer(self, request: LLMRequest) -> Answer: ...
 
 
-class LLMError(Exception):
+class LLMError(CellForgeError):
     """Base of every error the LLM layer raises."""
 
 

@@ -18,12 +18,13 @@ from pydantic import BaseModel, Field, model_validator
 from service.llm import LLMRequest
 from service.pipeline.codegen import BUNDLE_FILES, Bundle
 from service.pipeline.execute import StepFailure
+from service.errors import CellForgeError
 
 DEBUG = "debug"
 BundleFile = Literal["model.py", "train.py", "test_model.py", "config.json"]
 
 
-class PatchError(ValueError):
+class PatchError(CellForgeError, ValueError):
     """A patch does not apply to the bundle (search text absent or ambiguous, unknown config key)."""
 
 

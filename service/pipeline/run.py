@@ -32,12 +32,13 @@ from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.report import write_report
 from service.pipeline.rundir import RunDir
 from service.pipeline.validate import Validation, better, validate_outputs
+from service.errors import CellForgeError
 
 Status = Literal["validated", "below_baseline", "failed"]
 FINAL_OUTPUTS = ("predictions.h5ad", "val_predictions.h5ad", "model.pt", "val_metrics.json", "train_log.jsonl")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(CellForgeError, RuntimeError):
     """The design run could not proceed (bad arguments, a replay that does not match its record)."""
 
 

@@ -123,7 +123,7 @@ class Server:
     def tenant(self, name: str, **limits) -> Tenant:
         """A tenant in the server's database (in-process: the CLI itself is tested in test_tenants_and_limits)."""
         from service.api.tenants import create_tenant
-        from service.jobs.db import Database
+        from service.db import Database
 
         db = Database(self.db_url)
         try:

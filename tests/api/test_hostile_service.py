@@ -209,7 +209,7 @@ def embedded(tmp_path, docker_image):
     """A server in this process (its own thread and event loop), so a test can fill its executors."""
     from service.api.server import ServerConfig, serve
     from service.api.tenants import create_tenant
-    from service.jobs.db import Database, default_db_url
+    from service.db import Database, default_db_url
 
     config = ServerConfig(data_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), warm=0, preload="")
     servers: list = []
@@ -435,7 +435,7 @@ def _containers_of(tenant_id: str) -> list:
 def test_revoking_a_tenant_stops_its_sandboxes_and_jobs_within_seconds(server):
     from sqlalchemy import text
 
-    from service.jobs.db import Database
+    from service.db import Database
 
     leaver, tenant_id = _tenant_with_id(server, "leaver", "--max-jobs", "3")
     client = server.client(leaver)

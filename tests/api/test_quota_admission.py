@@ -1,6 +1,5 @@
 """Quota admissions against the real database (SQLite; PostgreSQL too with CELLFORGE_TEST_POSTGRES):
-parallel claims from many threads never pass a quota together, and a database made by an older
-version gets the new tenant columns with their defaults."""
+parallel claims from many threads never pass a quota together."""
 
 from __future__ import annotations
 
@@ -8,13 +7,11 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
 
 from service.api.errors import QuotaExceeded
 from service.api.quotas import Resources, admit_sandbox, job_admitter
-from service.api.records import SandboxRow
-from service.api.tenants import create_tenant, list_tenants
-from service.jobs.db import Database
+from service.api.tenants import create_tenant
+from service.db import Database, SandboxRow
 from service.jobs.store import JobStore
 
 from .conftest import database_url
@@ -23,7 +20,7 @@ from .conftest import database_url
 @pytest.fixture
 def db(tmp_path):
     database = Database(database_url(tmp_path))
-    database.create_all()
+    database.upgrade()
     yield database
     database.dispose()
 
@@ -71,22 +68,3 @@ def test_parallel_sandbox_and_job_admissions_share_the_memory_quota(db):
                           gib)
 
     assert sum(_race(10, claim)) == 2  # 2 GiB in 1 GiB claims, whatever their kind
-
-
-def test_an_older_database_gets_the_new_tenant_columns_with_defaults(tmp_path):
-    db = Database(database_url(tmp_path))
-    try:
-        with db.engine.begin() as conn:  # the tenants table as the first release made it
-            conn.execute(text(
-                "CREATE TABLE tenants (id VARCHAR(40) PRIMARY KEY, name VARCHAR(128) UNIQUE, key_id VARCHAR(32),"
-                " key_hash VARCHAR(64), max_sandboxes INTEGER, max_jobs INTEGER, max_gpus INTEGER,"
-                " max_memory VARCHAR(16), rate_limit FLOAT, created_at FLOAT, revoked_at FLOAT)"))
-            conn.execute(text("INSERT INTO tenants VALUES ('tn_000000000001', 'old', 'k', 'h', 4, 2, 0, '8g', 50,"
-                              " 0, NULL)"))
-        db.create_all()
-        (old,) = list_tenants(db)
-        assert (old.max_cpus, old.max_storage, old.runtime) == (8.0, "20g", None)
-        fresh, _ = create_tenant(db, "new", max_storage="1g", runtime="runsc")
-        assert (fresh.max_storage, fresh.runtime) == ("1g", "runsc")
-    finally:
-        db.dispose()

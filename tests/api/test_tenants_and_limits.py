@@ -14,7 +14,7 @@ import pytest
 from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.api.core import AUTH_CACHE_S
-from service.client import AuthenticationError, QuotaError
+from service.client import AuthenticationError, NotFoundError, QuotaError
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def _auth(key: str) -> dict[str, str]:
 def _rows(server, query: str) -> list[tuple]:
     from sqlalchemy import text
 
-    from service.jobs.db import Database
+    from service.db import Database
 
     db = Database(server.db_url)
     try:
@@ -186,7 +186,7 @@ def test_grpc_health_and_reflection(server):
 
 def test_the_audit_log_records_who_did_what(server, alice, bob):
     with server.client(bob) as c:
-        with pytest.raises(Exception):
+        with pytest.raises(NotFoundError):
             c.get_sandbox("feedfacefeed")
     time.sleep(0.8)  # entries are flushed in batches
     rows = _rows(server, "SELECT t.name, a.transport, a.action, a.resource, a.outcome FROM audit_log a "

@@ -17,11 +17,12 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 from service.agents.plan import PerturbationKind
+from service.errors import CellForgeError
 
 CARDS_DIR = Path(__file__).parent / "cards"
 
 
-class KnowledgeBaseError(ValueError):
+class KnowledgeBaseError(CellForgeError, ValueError):
     """A method card file is missing fields, malformed, or duplicated."""
 
 

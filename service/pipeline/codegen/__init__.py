@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from service.agents import Plan
+from service.errors import CellForgeError
 
 TEMPLATES = Path(__file__).parent / "templates"
 BUNDLE_FILES = ("model.py", "train.py", "test_model.py", "config.json")
@@ -30,7 +31,7 @@ _ENCODER_TEMPLATE = {
 }
 
 
-class CodegenError(ValueError):
+class CodegenError(CellForgeError, ValueError):
     """The plan asks for a component that has no vetted template."""
 
 
