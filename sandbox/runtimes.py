@@ -57,7 +57,7 @@ def engine_runtimes(client: Any) -> dict[str, dict]:
 
 def unregistered(runtime: str, known: list[str] | None = None) -> SandboxStartError:
     """The error for a runtime the engine does not know, saying how to register it."""
-    hint = SETUP_HINT.get(runtime, f"register it under \"runtimes\" in /etc/docker/daemon.json")
+    hint = SETUP_HINT.get(runtime, "register it under \"runtimes\" in /etc/docker/daemon.json")
     knows = f" (it knows: {', '.join(sorted(known))})" if known else ""
     return SandboxStartError(f"runtime {runtime!r} is not registered with the Docker engine{knows}; {hint}")
 

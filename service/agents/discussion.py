@@ -402,11 +402,11 @@ def render_round_markdown(record: RoundRecord) -> str:
         lines += [f"- `{c.field}` = `{c.value!r}` — {c.argument}" for c in m.proposal.choices]
         lines.append("")
     lines += ["## Critiques", ""]
-    for m in record.critiques:
-        lines.append(f"### {m.author} → {m.target} (`{m.message_id}`)")
-        if not m.critique.items:
+    for c in record.critiques:
+        lines.append(f"### {c.author} → {c.target} (`{c.message_id}`)")
+        if not c.critique.items:
             lines.append("- nothing to add")
-        for i in m.critique.items:
+        for i in c.critique.items:
             suggestion = f" → suggests `{i.suggested_value!r}`" if i.suggested_value is not None else ""
             lines.append(f"- **{i.stance}** `{i.field}` (severity {i.severity:.1f}){suggestion}: {i.argument}")
         lines.append("")

@@ -7,7 +7,7 @@ hallucinated value is rejected at the boundary instead of surfacing as a trainin
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from service.errors import CellForgeError
@@ -221,7 +221,7 @@ def validate_field_value(path: str, value: Any) -> Any:
     info = model.model_fields[name]
     annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     try:
-        return TypeAdapter(annotation).validate_python(value)
+        return TypeAdapter(cast(Any, annotation)).validate_python(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PlanFieldError(f"plan field {path!r}: value {value!r} rejected: {first['msg']}") from None

@@ -38,7 +38,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         _timer: Any = None
         _counted: str | None = None
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             # Checked before uvicorn counts the connection: a refused one never counts against the
             # requests in flight (uvicorn's limit_concurrency counts open connections too).
             address = get_remote_addr(transport)

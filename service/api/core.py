@@ -172,7 +172,7 @@ class CellForgeCore:
             tenant = await self._cached_tenant(authorization)
             self.limiter.check(tenant.id, tenant.rate_limit)
         except ServiceError as exc:
-            self.audit.record(tenant and tenant.id, transport, action, None, type(exc).__name__, str(exc))
+            self.audit.record(tenant.id if tenant else None, transport, action, None, type(exc).__name__, str(exc))
             self.metrics.requests.labels(transport=transport, outcome=type(exc).__name__).inc()
             raise
         return tenant

@@ -163,7 +163,7 @@ class UploadChecker:
         # The slot is held until the child is gone, even if the caller hangs up meanwhile.
         future.add_done_callback(lambda _: self._release(tenant_id))
         result = await asyncio.shield(future)
-        if result.outcome == "ok":
+        if result.outcome == "ok" and result.layout is not None:
             return result.layout
         if result.outcome == "too_large":
             raise PayloadTooLarge(_public(result.message, path, name))

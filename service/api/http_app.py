@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -245,7 +245,7 @@ async def _json(request: Request, allow_empty: bool = False) -> Any:
         raise BadRequest(f"malformed request: the body is not valid JSON ({exc})") from None
 
 
-async def _encode(items: AsyncIterator[Any], sse: bool) -> AsyncIterator[bytes]:
+async def _encode(items: AsyncGenerator[Any, None], sse: bool) -> AsyncIterator[bytes]:
     def frame(kind: str, payload: dict[str, Any]) -> bytes:
         if sse:
             return f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
@@ -264,7 +264,7 @@ async def _encode(items: AsyncIterator[Any], sse: bool) -> AsyncIterator[bytes]:
         await items.aclose()
 
 
-async def _encode_events(events: AsyncIterator[dict[str, Any]], sse: bool) -> AsyncIterator[bytes]:
+async def _encode_events(events: AsyncGenerator[dict[str, Any], None], sse: bool) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             if sse:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import io
 import posixpath
 import secrets
 import shutil
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +96,8 @@ class JobService:
             raise BadRequest(f"options: expected an object, got {type(options).__name__}")
         _runs_design(tenant)
         row = await self.db.run(self.datasets.get, tenant, dataset_id or "")
-        params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": dict(options)}
+        params: dict[str, Any] = {"dataset_id": row.id, "dataset_path": row.path, "task": task,
+                                  "options": dict(options)}
         try:
             defaults = design_settings(params, Path("/unused"))
         except ValidationError as exc:
@@ -110,6 +112,7 @@ class JobService:
         if not isinstance(request, dict):
             raise BadRequest(f"regression request: expected a JSON object, got {type(request).__name__}")
         kind = request.get("kind")
+        spec: PytestRegression | CompareRegression
         try:
             if kind == "pytest":
                 spec = PytestRegression.model_validate(request)
@@ -122,7 +125,8 @@ class JobService:
         if isinstance(spec, PytestRegression):
             return await self._submit_pytest(tenant, spec)
         source = await self._own(tenant, spec.job_id)
-        params = {"source_job_id": source.id, "run_dir": str(self._run_dir(source)), "tolerances": spec.tolerances}
+        params: dict[str, Any] = {"source_job_id": source.id, "run_dir": str(self._run_dir(source)),
+                                  "tolerances": spec.tolerances}
         if spec.default_tolerance is not None:
             params["default_tolerance"] = spec.default_tolerance
         if spec.kind == "replay":  # a design run again, in a sandbox sized within the tenant's limits
@@ -224,7 +228,7 @@ class JobService:
         await self.runner.cancel(job_id)
         return self.to_dict(await self._own(tenant, job_id))
 
-    async def events(self, tenant: Tenant, job_id: str, after_seq: int = 0) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, tenant: Tenant, job_id: str, after_seq: int = 0) -> AsyncGenerator[dict[str, Any], None]:
         """Recorded events after `after_seq`, then new ones as they come, until the job has ended."""
         await self._own(tenant, job_id)
         seq = max(0, int(after_seq))
@@ -263,7 +267,7 @@ class JobService:
             raise Conflict(f"job {source.id} is {source.status}; only a succeeded design run can be compared")
         return self.runner.work_dir(source.id) / "run"
 
-    def _artifacts(self, job_id: str) -> list[str]:
+    def _artifacts(self, job_id: str) -> builtins.list[str]:
         folder = self.runner.work_dir(job_id) / "artifacts"
         return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 

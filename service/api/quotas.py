@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -173,7 +173,7 @@ class UploadMeter:
         self._in_flight: defaultdict[str, int] = defaultdict(int)
 
     async def metered(self, tenant: Tenant, chunks: AsyncIterator[bytes],
-                      declared: int | None = None) -> AsyncIterator[bytes]:
+                      declared: int | None = None) -> AsyncGenerator[bytes, None]:
         used = await self.db.run(stored_bytes, self.db, tenant.id)
         if declared:
             check_storage(tenant, used + self._in_flight.get(tenant.id, 0), declared)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,7 @@ class SandboxService:
 
     async def execute(
         self, tenant: Tenant, sandbox_id: str, code: str, timeout: float | None, transport: str
-    ) -> AsyncIterator[StreamEvent | ExecutionResult]:
+    ) -> AsyncGenerator[StreamEvent | ExecutionResult, None]:
         """The execution's events as they happen, then its result. Closing the iterator early (a
         client that went away) interrupts the code."""
         if not isinstance(code, str):

@@ -41,7 +41,7 @@ class ServerConfig:
     # uvicorn's own limits: requests in flight (more answer 503; it counts open connections too, so it
     # stays above the connection cap), idle keep-alive, a request head's largest size, the listen backlog.
     limit_concurrency: int = 1024
-    timeout_keep_alive: float = 5.0
+    timeout_keep_alive: int = 5
     max_head_bytes: int = 16 << 10
     backlog: int = 1024
     grpc: GrpcLimits = field(default_factory=GrpcLimits)

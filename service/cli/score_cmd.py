@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -39,7 +39,7 @@ def _evaluator(split: Path, which: str, progress: Progress) -> Evaluator:
     from service.data.evaluate import Evaluator
 
     progress.add_task(f"reading {split} and the real {which} cells", total=None)
-    return Evaluator(split, which)
+    return Evaluator(split, cast(Literal["test", "val"], which))
 
 
 def _report_table(report: EvaluationReport) -> Table:

@@ -143,7 +143,7 @@ def serve(
     max_connections_per_client: Annotated[int, typer.Option(help="open HTTP connections from one address")] = 256,
     limit_concurrency: Annotated[int, typer.Option(
         help="HTTP requests in flight (more answer 503); keep it above --max-connections")] = 1024,
-    keep_alive: Annotated[float, typer.Option(help="seconds an idle HTTP keep-alive connection stays open")] = 5.0,
+    keep_alive: Annotated[int, typer.Option(help="seconds an idle HTTP keep-alive connection stays open")] = 5,
     backlog: Annotated[int, typer.Option(help="listen backlog of the HTTP socket")] = 1024,
     db_retry: Annotated[float, typer.Option(
         help="seconds a failing database write of a job is retried before the job fails")] = 10.0,

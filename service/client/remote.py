@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sandbox.events import ExecutionResult, StreamEvent, StreamEventAdapter
 
 from . import CellForgeClient
 
 
-def run_script(url: str, api_key: str, code: str, *, transport: str = "http",
+def run_script(url: str, api_key: str, code: str, *, transport: Literal["http", "grpc"] = "http",
                on_event: Callable[[StreamEvent], None] | None = None, **spec: Any) -> tuple[str, ExecutionResult]:
     """Run `code` in a new sandbox on the server (spec: image, cpus, memory, gpus, timeout), streaming its
     typed events to `on_event`; the sandbox is deleted afterwards. Returns (sandbox id, result)."""
@@ -26,7 +26,7 @@ def run_script(url: str, api_key: str, code: str, *, transport: str = "http",
             client.delete_sandbox(sandbox)
 
 
-def run_design(url: str, api_key: str, data: Path, task: str, *, transport: str = "http",
+def run_design(url: str, api_key: str, data: Path, task: str, *, transport: Literal["http", "grpc"] = "http",
                on_event: Callable[[dict[str, Any]], None] | None = None, download_to: Path | None = None,
                **options: Any) -> dict[str, Any]:
     """Upload `data`, run a design job on it and follow its events (`on_event` gets each event dict: kind,

@@ -96,7 +96,7 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
     control_means = context_means(X[is_ctrl], contexts[is_ctrl]) if is_ctrl.any() else {}
     if not control_means:
         raise SplitDirectoryError("train.h5ad: no control cells; every split keeps controls in train")
-    pooled_control = np.mean(list(control_means.values()), axis=0)
+    pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
 
     perturbed = obs.loc[~is_ctrl]
     table = condition_table(perturbed)
@@ -207,7 +207,7 @@ def _as_predictions(task: PredictionTask, rows: list[np.ndarray]) -> ad.AnnData:
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=task.genes.astype(str)))
 
 
-def _predict_each(task: PredictionTask, delta_of: Callable[[pd.Series], np.ndarray]) -> ad.AnnData:
+def _predict_each(task: PredictionTask, delta_of: Callable[[pd.Series], np.ndarray | float]) -> ad.AnnData:
     rows = [task.control_means[row[CONTEXT]] + delta_of(row) for _, row in task.targets.iterrows()]
     return _as_predictions(task, rows)
 
@@ -363,7 +363,7 @@ def _fit_pca_ridge(Y: np.ndarray, perturbations: pd.Series, gene_pos: dict[str, 
     fit = [i for i, r in enumerate(rows) if r is not None]
     W = np.zeros((k, k))
     if fit:
-        P = np.stack([rows[i] for i in fit])  # conditions × K
+        P = np.stack([r for r in rows if r is not None])  # conditions × K (the `fit` rows)
         lam = PCA_RIDGE_LAMBDA * np.eye(k)
         left = np.linalg.solve(G.T @ G + lam, G.T @ (Y[:, fit] - b))
         W = np.linalg.solve((P.T @ P + lam).T, (left @ P).T).T

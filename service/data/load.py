@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -240,7 +240,7 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
         f.close()
 
 
-def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, object]]:
+def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, Any]]:
     """Yield `(start, rows)` blocks of X, so that work on a chunk never costs more than a chunk's memory
     (and a backed matrix is read from disk one chunk at a time)."""
     n = X.shape[0]
@@ -380,9 +380,9 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
             found = [lab for lab in labels if is_control_label(lab)]
         if found:
             return col, found
-    named = [c for c in candidates if _norm(c) in _PERTURBATION_NORMS] or [key]
-    col = named[0]
-    if col is None:
+    named = [c for c in candidates if _norm(c) in _PERTURBATION_NORMS]
+    guess = named[0] if named else key
+    if guess is None:
         raise PerturbationColumnNotFound(
             f"{source}: no perturbation column found and no obs column holds a control label; obs columns are: "
             f"{preview(obs.columns, 40)}; expected one of {preview(PERTURBATION_COLUMNS, 40)} or pass "
@@ -392,7 +392,7 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
     else:
         wanted = "a control label (control, ctrl, non-targeting, NT, DMSO, vehicle, unstimulated, PBS, ...)"
         hint = "; pass --control LABEL if the control is spelled otherwise"
-    raise NoControlCells(f"{source}: no control cells in perturbation column {col!r}: expected {wanted}; "
+    raise NoControlCells(f"{source}: no control cells in perturbation column {guess!r}: expected {wanted}; "
                          f"labels seen: {preview(seen[col], 20)}{hint}")
 
 

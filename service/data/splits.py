@@ -9,6 +9,7 @@ The test cells themselves go only to `test_truth.h5ad`, which never enters a san
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -252,7 +253,7 @@ def _scheme_unseen_context(dataset, conds, rng, *, val_fraction, context, few_sh
     return _unseen_context(dataset, conds, rng, val_fraction, context, few_shot_k)
 
 
-_SCHEME_FUNCTIONS = {
+_SCHEME_FUNCTIONS: dict[str, Callable[..., ConditionAssignment]] = {
     "unseen-perturbation": _scheme_unseen_perturbation,
     "combo": _scheme_combo,
     "unseen-drug": _scheme_unseen_drug,

@@ -141,7 +141,7 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
     run_dir = Path(params["run_dir"])
     recorded = _recorded_metrics(run_dir)
     ctx.phase("evaluate", "scoring the stored predictions")
-    from service.data import PredictionsError, evaluate
+    from service.data.evaluate import PredictionsError, evaluate
 
     try:
         report = await ctx.run_blocking(evaluate, run_dir / "split", run_dir / "predictions.h5ad", "test")

@@ -252,6 +252,7 @@ class JobRunner:
         task = asyncio.ensure_future(kind.handler(ctx))
         recording = asyncio.ensure_future(recorder.run())
         self._running[job.id] = (ctx, task)
+        error: str | None
         try:
             # A cancel that came between the claim and the line above only reached the database.
             fresh = await self.store.db.run(self.store.get, job.id)

@@ -6,15 +6,17 @@ restart, exactly which jobs waited, which ran (and from which finished phase), a
 
 from __future__ import annotations
 
+import builtins
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -110,7 +112,7 @@ class JobStore:
         with self.db.session() as s:
             return [Job.from_row(r) for r in s.scalars(query.order_by(JobRow.created_at))]
 
-    def active_ids(self, tenant_id: str) -> list[str]:
+    def active_ids(self, tenant_id: str) -> builtins.list[str]:
         with self.db.session() as s:
             return list(s.scalars(select(JobRow.id).where(
                 JobRow.tenant_id == tenant_id, JobRow.status.in_(("queued", "running")))))
@@ -129,16 +131,17 @@ class JobStore:
             candidates = s.scalars(select(JobRow.id).where(JobRow.status == "queued")
                                    .order_by(JobRow.created_at).limit(5)).all()
             for job_id in candidates:
-                claimed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                    status="running", started_at=time.time(), attempts=JobRow.attempts + 1)).rowcount
+                claimed = _rowcount(s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                                              .values(status="running", started_at=time.time(),
+                                                      attempts=JobRow.attempts + 1)))
                 if claimed:
-                    row = s.get(JobRow, job_id)
+                    row = s.get_one(JobRow, job_id)
                     s.refresh(row)
                     _append_event(s, job_id, "status", {"status": "running", "attempt": row.attempts})
                     return Job.from_row(row)
             return None
 
-    def record(self, job_id: str, updates: list[tuple[str, Any]]) -> None:
+    def record(self, job_id: str, updates: builtins.list[tuple[str, Any]]) -> None:
         """A batch of a running job's progress, in order and in one transaction: ("event", (kind,
         data)), ("phase", name) or ("checkpoint", name)."""
         with self._event_lock, self.db.session() as s:
@@ -161,15 +164,15 @@ class JobStore:
         """Queued jobs end at once; running ones are flagged for their worker to stop."""
         with self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=1))
-            cancelled_now = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                status="cancelled", error=reason, finished_at=time.time())).rowcount
+            cancelled_now = _rowcount(s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                                                .values(status="cancelled", error=reason, finished_at=time.time())))
         if cancelled_now:
             self.add_event(job_id, "status", {"status": "cancelled"})
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def recover_after_restart(self, resumable: set[str]) -> tuple[list[str], list[str]]:
+    def recover_after_restart(self, resumable: set[str]) -> tuple[builtins.list[str], builtins.list[str]]:
         """Jobs a killed server left `running`: requeued when their kind can resume (from their
         checkpoint), otherwise failed as interrupted. Returns (requeued ids, failed ids)."""
         requeued, failed = [], []
@@ -190,11 +193,16 @@ class JobStore:
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         self.record(job_id, [("event", (kind, data))])
 
-    def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+    def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]:
         with self.db.session() as s:
             rows = s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
                              .order_by(JobEventRow.seq)).all()
             return [JobEvent(seq=r.seq, ts=r.ts, kind=r.kind, data=r.data) for r in rows]
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched (its result is a cursor result; the session's signature says only `Result`)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _append_event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:

@@ -138,7 +138,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
 
 def _from_file(config_path: Path | str | None) -> tuple[str, dict[str, Any]]:
     explicit = config_path is not None
-    path = Path(config_path if explicit else default_config_path()).expanduser()
+    path = (Path(config_path) if config_path is not None else default_config_path()).expanduser()
     if not path.is_file():
         if explicit:
             raise LLMConfigError(f"config file {path} does not exist")

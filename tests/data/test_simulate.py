@@ -96,7 +96,7 @@ def test_knockdown_lowers_gene_and_moves_direct_targets_by_edge_sign(datasets: d
         delta = _truth_delta(adata, gene, context)
         assert delta[index[gene]] < -0.05, f"knocked-down {gene} not lower"
         sel = net["source"] == gene
-        for target, weight in zip(net["target"][sel], net["weight"][sel]):
+        for target, weight in zip(net["target"][sel], net["weight"][sel], strict=True):
             if abs(delta[index[target]]) > 0.05:
                 checked += 1
                 agree += np.sign(delta[index[target]]) == -np.sign(weight)  # less activator: down
@@ -120,7 +120,7 @@ def test_knockdown_lowers_gene_and_moves_direct_targets_by_edge_sign(datasets: d
 def test_knockdowns_give_module_structured_responses(seed: int) -> None:
     """Knockdowns of one module's regulators move that module alike (what co-expression predictors learn)."""
     truth = simulate("knockout", seed, n_cells=300, n_genes=400, n_perturbations=40).uns["simulation"]
-    module = dict(zip(truth["genes"]["name"], truth["genes"]["module"]))
+    module = dict(zip(truth["genes"]["name"], truth["genes"]["module"], strict=True))
     cond = truth["conditions"]
     rows = np.flatnonzero(cond["context"] == truth["cell_types"][0])
     delta = truth["delta"][rows]
@@ -168,7 +168,8 @@ def test_drug_response_grows_with_dose(datasets: dict[str, ad.AnnData]) -> None:
             deltas = [_truth_delta(adata, drug, context, d) for d in doses]
             size = [np.linalg.norm(d) for d in deltas]
             assert all(np.diff(size) > 0), f"{drug} in {context}: effect size {size} not increasing with dose"
-            for gene, sign in zip(targets["gene"][targets["drug"] == drug], targets["sign"][targets["drug"] == drug]):
+            for gene, sign in zip(targets["gene"][targets["drug"] == drug], targets["sign"][targets["drug"] == drug],
+                                  strict=True):
                 own = [d[index[gene]] * sign for d in deltas]  # inhibited targets fall, activated rise
                 assert own[-1] > own[0] and own[-1] > 0
     # Drugs differ by target set: their top-dose responses are not all alike.

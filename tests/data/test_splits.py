@@ -256,7 +256,9 @@ def test_normalize_log1p_matches_scanpy(make_adata, sparse):
     ref = adata.copy()
     sc.pp.normalize_total(ref, target_sum=1e4)
     sc.pp.log1p(ref)
-    dense = (lambda m: m.toarray() if sp.issparse(m) else m)
+    def dense(m):
+        return m.toarray() if sp.issparse(m) else m
+
     np.testing.assert_allclose(dense(ours), dense(ref.X), rtol=1e-5, atol=1e-6)
     assert sp.issparse(ours) == sparse and ours.dtype == np.float32
     np.testing.assert_array_equal(dense(adata.X), dense(before))  # not in place unless asked

@@ -47,8 +47,8 @@ def test_default_config_file_is_read_from_the_user_config_dir(tmp_path, monkeypa
 
 
 def test_flags_beat_environment_beat_file(tmp_path):
-    path = write_config(tmp_path, f'[llm]\nbase_url = "http://file/v1"\nmodel = "file-model"\n'
-                                  f'api_key = "file-key-123"\nmax_attempts = 7\n')
+    path = write_config(tmp_path, '[llm]\nbase_url = "http://file/v1"\nmodel = "file-model"\n'
+                                  'api_key = "file-key-123"\nmax_attempts = 7\n')
     env = {"CELLFORGE_LLM_MODEL": "env-model", "CELLFORGE_LLM_API_KEY": KEY,
            "OPENAI_BASE_URL": "http://openai-env/v1"}
     config = LLMConfig.resolve({"model": "flag-model", "base_url": None}, env=env, config_path=path)

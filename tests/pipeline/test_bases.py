@@ -49,7 +49,7 @@ def transfer_model(tmp_path_factory):
 
 
 def _conditions(m, perturbations, contexts, controls, delta, dose=np.nan, targets=""):
-    table = pd.DataFrame({"condition": [f"{p}||{c}" for p, c in zip(perturbations, contexts)],
+    table = pd.DataFrame({"condition": [f"{p}||{c}" for p, c in zip(perturbations, contexts, strict=True)],
                           "perturbation": perturbations, "dose": dose, "context": contexts, "targets": targets})
     rows = np.stack([controls[c] for c in contexts]) if len(contexts) else np.zeros((0, delta.shape[1]))
     return m.ConditionSet(table, controls, rows + delta)

@@ -107,7 +107,7 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
     n_modules = int(np.clip(n_module_genes // GENES_PER_MODULE, max(1, min(3, n_module_genes // 40)), MAX_MODULES))
     sizes = _split_sizes(rng, n_module_genes, n_modules)
     n_tfs = [max(5, int(round(TF_FRACTION * s))) for s in sizes]
-    n_targets = [s - t for s, t in zip(sizes, n_tfs)]
+    n_targets = [s - t for s, t in zip(sizes, n_tfs, strict=True)]
 
     # Internal order: TFs of every module, then targets of every module, then housekeeping.
     tf_module = np.concatenate([np.full(t, m) for m, t in enumerate(n_tfs)])
@@ -193,8 +193,8 @@ def build_network(rng: np.random.Generator, n_genes: int, n_cell_types: int) -> 
 
     depth = np.zeros(n_genes, dtype=np.int64)
     incoming = sorted(
-        [(d, s) for s, d in zip(edge_src, edge_dst)]
-        + [(group_dst[g], s) for s, g in zip(group_member, group_of_member)]
+        [(d, s) for s, d in zip(edge_src, edge_dst, strict=True)]
+        + [(group_dst[g], s) for s, g in zip(group_member, group_of_member, strict=True)]
     )
     for d, s in incoming:  # sources precede targets internally, so one ordered pass suffices
         depth[d] = max(depth[d], depth[s] + 1)

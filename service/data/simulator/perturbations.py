@@ -86,7 +86,7 @@ def combos(rng: np.random.Generator, net: GeneNetwork, n_types: int, n_perts: in
             pairs.append(p)
             taken.add(p)
     singles = sorted({g for p in pairs for g in p})
-    efficiency = dict(zip(singles, rng.uniform(0.7, 0.95, len(singles))))
+    efficiency = dict(zip(singles, rng.uniform(0.7, 0.95, len(singles)), strict=True))
     labels = [CONTROL] + [str(net.names[g]) for g in singles]
     labels += [f"{net.names[a]}+{net.names[b]}" for a, b in pairs]
     mult = _base(len(labels), n_types, net.n_genes)

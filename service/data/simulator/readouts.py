@@ -41,7 +41,7 @@ def peaks(rng: np.random.Generator, expression: np.ndarray) -> Readout:
     access = floor + (1.0 - floor) * ratio / (1.0 + ratio)
     chrom = rng.integers(1, 23, n)
     start = rng.integers(10_000, 200_000_000, n)
-    names = [f"chr{c}:{s}-{s + 500}" for c, s in zip(chrom, start)]
+    names = [f"chr{c}:{s}-{s + 500}" for c, s in zip(chrom, start, strict=True)]
     return Readout(names, genes, access)
 
 
