@@ -68,6 +68,7 @@ def test_annotated_unseen_drugs_get_the_target_encoder(plans):
     assert annotated.architecture.base_predictor == "linear_ridge" and annotated.architecture.residual_delta
 
 
+@pytest.mark.slow
 def test_target_encoder_bundle_passes_its_own_tests(plans, tmp_path):
     """The generated test suite of the annotated-drug bundle (a small split with target annotations:
     shapes, forward pass, one-batch overfit, a short training run) passes on the host."""

@@ -45,6 +45,7 @@ def test_patches_apply_exactly_or_fail_clearly():
         apply_patch(bundle, DebugPatch(failure_class="c", diagnosis="d", config_changes={"learning_rate": 1}))
 
 
+@pytest.mark.slow
 def test_injected_divergence_is_fixed_on_the_second_attempt(design_settings, tmp_path):
     def codegen_with_huge_lr(context: dict) -> GeneratedBundle:
         files = dict(context["vetted_bundle"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from fake_llm_server import Fail, Reply
 
 from service.agents import handlers
@@ -46,6 +48,7 @@ class ScriptedModel:
         return json.dumps(self.rules[_KINDS[schema]](context).model_dump(mode="json"))
 
 
+@pytest.mark.slow
 def test_llm_mode_debugs_a_real_bug_and_retries_server_errors(fake_llm, design_settings, tmp_path):
     model = ScriptedModel()
     fake_llm.script(Fail(429, retry_after="0"), *[Reply(model) for _ in range(20)], Fail(500),

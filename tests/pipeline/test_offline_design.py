@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import anndata as ad
+import pytest
 from typer.testing import CliRunner
 
 from service.agents import Plan
@@ -13,6 +14,7 @@ from service.pipeline import RunDir
 from service.pipeline.rundir import SANDBOX_FILES
 
 
+@pytest.mark.slow
 def test_run_directory_holds_every_artefact(offline_run):
     rd = RunDir(offline_run.run_dir)
     assert offline_run.status == "validated"
@@ -28,6 +30,7 @@ def test_run_directory_holds_every_artefact(offline_run):
     assert predictions.n_obs == offline_run.metrics["n_test_conditions"]
 
 
+@pytest.mark.slow
 def test_test_truth_never_entered_the_sandbox(offline_run):
     rd = RunDir(offline_run.run_dir)
     assert sorted(p.name for p in rd.sandbox_data.iterdir()) == sorted(SANDBOX_FILES)
@@ -36,6 +39,7 @@ def test_test_truth_never_entered_the_sandbox(offline_run):
     assert (rd.split / "test_truth.h5ad").is_file()
 
 
+@pytest.mark.slow
 def test_metrics_hold_model_baselines_and_ceiling(offline_run):
     metrics = json.loads((offline_run.run_dir / "metrics.json").read_text())
     assert metrics["status"] == "validated"
@@ -46,6 +50,7 @@ def test_metrics_hold_model_baselines_and_ceiling(offline_run):
     assert metrics["val"]["score"] > metrics["val"]["mean_baseline"]  # validation beat the mean baseline
 
 
+@pytest.mark.slow
 def test_best_candidate_is_kept_by_validation_score(offline_run):
     metrics = json.loads((offline_run.run_dir / "metrics.json").read_text())
     candidates = json.loads((offline_run.run_dir / "candidates.json").read_text())
@@ -60,6 +65,7 @@ def test_best_candidate_is_kept_by_validation_score(offline_run):
         (offline_run.run_dir / "attempts" / f"{metrics['chosen_attempt']:02d}" / "code" / "model.py").read_text()
 
 
+@pytest.mark.slow
 def test_plan_shapes_the_generated_code(offline_run):
     rd = RunDir(offline_run.run_dir)
     plan = Plan.model_validate_json(rd.plan.read_text())
@@ -75,6 +81,7 @@ def test_plan_shapes_the_generated_code(offline_run):
     assert "drug" not in model_py.lower()
 
 
+@pytest.mark.slow
 def test_progress_reports_phases_rounds_attempts_and_epochs(offline_run):
     phases = {e.phase for e in offline_run.events}
     assert {"profile", "analysis", "discussion", "split", "codegen", "pytest", "train", "evaluate", "done"} <= phases
@@ -83,12 +90,14 @@ def test_progress_reports_phases_rounds_attempts_and_epochs(offline_run):
     assert epochs and epochs[0].attempt == 1 and epochs[0].val_loss is not None
 
 
+@pytest.mark.slow
 def test_report_embeds_plots_and_the_metrics_table(offline_run):
     page = (offline_run.run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2  # training curve + predicted vs true Δ
     assert "linear_pca_ridge" in page and "data ceiling" in page
 
 
+@pytest.mark.slow
 def test_cli_replay_reproduces_plan_and_code_exactly(offline_run, tmp_path):
     out = tmp_path / "replay"
     result = CliRunner().invoke(app, ["replay", str(offline_run.run_dir), "--out", str(out), "--json"])
@@ -110,6 +119,7 @@ def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
     assert last["error"] == "PipelineError" and "run.json" in last["message"]
 
 
+@pytest.mark.slow
 def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path):
     """Machines without Docker: the bundle sees its data where the local backend links it, not /data."""
     from service.pipeline import DesignSettings, run_design
