@@ -393,7 +393,7 @@ def _pick_perturbation_column(obs: pd.DataFrame, key: str | None, control: str |
         wanted = "a control label (control, ctrl, non-targeting, NT, DMSO, vehicle, unstimulated, PBS, ...)"
         hint = "; pass --control LABEL if the control is spelled otherwise"
     raise NoControlCells(f"{source}: no control cells in perturbation column {guess!r}: expected {wanted}; "
-                         f"labels seen: {preview(seen[col], 20)}{hint}")
+                         f"labels seen: {preview(seen[guess], 20)}{hint}")
 
 
 def _detect_kind(pert_key: str, controls: list[str], dose_key: str | None, labels: np.ndarray) -> Kind:
