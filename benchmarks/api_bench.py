@@ -28,8 +28,8 @@ import httpx
 
 from sandbox import DockerBackend, SandboxSpec
 from service.api.grpc_server import struct
-from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
-from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import CellForgeClient
 
 CODE = "x = 1"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from service.errors import CellForgeError
+from service.protocol.errors import problems, unknown_fields
 
 # What a caller hears of a database error (the statement and its parameters stay in the server log).
 DATABASE_UNAVAILABLE = "the service's database is busy or unavailable; retry in a few seconds"
@@ -36,6 +40,20 @@ class InvalidDataset(BadRequest):
     """An uploaded file is not a usable perturbation dataset (names what is wrong)."""
 
     http_status = 422
+
+
+class UnknownFields(BadRequest):
+    """A request named fields the API does not know (a misspelt option): refused, never silently dropped."""
+
+    http_status = 422
+
+
+def invalid(what: str, errors: Sequence[Mapping[str, Any]]) -> BadRequest:
+    """The error for a request that failed validation: unknown fields first (named), else every problem."""
+    unknown = [name.removeprefix("body.") for name in unknown_fields(errors)]
+    if unknown:
+        return UnknownFields(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
+    return BadRequest(f"invalid {what}: {problems(errors)}")
 
 
 class PayloadTooLarge(ServiceError):

@@ -26,8 +26,9 @@ from sandbox import ExecutionResult
 from .core import CellForgeCore
 from .errors import DATABASE_UNAVAILABLE, BadRequest, PayloadTooLarge, ServiceError, Unavailable
 from .limits import DATASET_CHUNK_BYTES, FILE_BODY_BYTES, JSON_BODY_BYTES, REGRESSION_BODY_BYTES
-from .proto.cellforge.v1 import cellforge_pb2 as pb
-from .proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol import JobInfo
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from .sandboxes import parse_request
 from .tenants import Tenant
 
@@ -233,12 +234,11 @@ def result_message(res: ExecutionResult) -> pb.ExecutionResult:
     )
 
 
-def job_message(job: dict[str, Any]) -> pb.Job:
+def job_message(job: JobInfo) -> pb.Job:
     return pb.Job(
-        id=job["id"], kind=job["kind"], status=job["status"], phase=job.get("phase") or "",
-        error=job.get("error") or "", created_at=job["created_at"], started_at=job.get("started_at") or 0.0,
-        finished_at=job.get("finished_at") or 0.0, params=struct(job.get("params")),
-        result=struct(job.get("result")), artifacts=job.get("artifacts", []),
+        id=job.id, kind=job.kind, status=job.status, phase=job.phase or "", error=job.error or "",
+        created_at=job.created_at, started_at=job.started_at or 0.0, finished_at=job.finished_at or 0.0,
+        params=struct(job.params), result=struct(job.result), artifacts=job.artifacts,
     )
 
 
@@ -333,7 +333,8 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     @_rpc("job.submit")
     async def SubmitJob(self, tenant, request, context):
-        job = await self.core.jobs.submit_design(tenant, request.dataset_id, request.task, plain(request.options))
+        job = await self.core.jobs.submit_design(tenant, {"dataset_id": request.dataset_id, "task": request.task,
+                                                          "options": plain(request.options)})
         return job_message(job)
 
     @_rpc("job.get")

@@ -15,9 +15,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from sandbox import ExecutionResult
+from service.protocol import DesignJobRequest, JobInfo, JobList
 
 from .core import CellForgeCore
-from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable
+from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable, invalid
 from .http_guard import TENANT_SCOPE_KEY, BodyLimits, RequestGuard, error_body
 from .limits import JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .sandboxes import MAX_FILE_BYTES, parse_request
@@ -26,12 +27,6 @@ from .tenants import Tenant
 log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
-
-
-class JobBody(BaseModel):
-    dataset_id: str
-    task: str
-    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecuteBody(BaseModel):
@@ -66,10 +61,8 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        return JSONResponse(error_body(BadRequest(f"malformed request: {problems}")), status_code=400)
+        error = invalid("request", exc.errors())
+        return JSONResponse(error_body(error), status_code=error.http_status)
 
     async def tenant_of(request: Request) -> Tenant:
         """The tenant `RequestGuard` authenticated from the headers, before any body was read."""
@@ -179,17 +172,17 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     # -- design jobs ------------------------------------------------------------------------------
 
     @app.post("/v1/jobs", status_code=201)
-    async def submit_job(body: JobBody, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def submit_job(body: DesignJobRequest, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
         with audited(tenant, "job.submit", body.dataset_id):
-            return await core.jobs.submit_design(tenant, body.dataset_id, body.task, body.options)
+            return await core.jobs.submit_design(tenant, body)
 
     @app.get("/v1/jobs")
-    async def list_jobs(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def list_jobs(tenant: Tenant = Depends(tenant_of)) -> JobList:
         with audited(tenant, "job.list"):
-            return {"jobs": await core.jobs.list(tenant)}
+            return JobList(jobs=await core.jobs.list(tenant))
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def get_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
         with audited(tenant, "job.get", job_id):
             return await core.jobs.get(tenant, job_id)
 
@@ -205,7 +198,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
                                  headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def cancel_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
         with audited(tenant, "job.cancel", job_id):
             return await core.jobs.cancel(tenant, job_id)
 
@@ -218,14 +211,14 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     # -- regression runs --------------------------------------------------------------------------
 
     @app.post("/v1/regressions", status_code=201)
-    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
         """`{"kind": "pytest", "bundle_zip_b64" | "job_id", "dataset_id"?}`, or `{"kind": "rescore" |
         "replay", "job_id", "tolerances"?}`; poll `GET /v1/regressions/{id}` for the verdict."""
         with audited(tenant, "regression.submit"):
             return await core.jobs.submit_regression(tenant, await _json(request))
 
     @app.get("/v1/regressions/{job_id}")
-    async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+    async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
         with audited(tenant, "regression.get", job_id):
             return await core.jobs.get(tenant, job_id, regression=True)
 

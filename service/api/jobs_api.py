@@ -14,17 +14,18 @@ import shutil
 import zipfile
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from sandbox.errors import SpecError
 from sandbox.spec import parse_size
 from service.db import FINAL_STATES
+from service.protocol import CompareRegression, DesignJobRequest, JobInfo, PytestRegression, problems
 from service.jobs import REGRESSION_KINDS, Job, JobRunner, JobStore, design_settings
 
 from .datasets import DatasetService
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, invalid
 from .quotas import Resources, job_admitter, precheck_job, within_limits
 from .tenants import Tenant
 from .workpool import WorkPool
@@ -32,32 +33,6 @@ from .workpool import WorkPool
 BUNDLE_MAX_BYTES = 64 << 20
 BUNDLE_MAX_FILES = 2000
 EVENT_POLL_S = 0.3
-
-
-class _Regression(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PytestRegression(_Regression):
-    kind: Literal["pytest"]
-    bundle_zip_b64: str | None = Field(default=None, description="the code bundle as a base64 zip")
-    job_id: str | None = Field(default=None, description="or: a finished design job whose code bundle to test")
-    dataset_id: str | None = Field(default=None, description="mounted read-only at /data")
-    timeout: float = Field(default=600.0, gt=0, le=86400)
-    memory: str | None = Field(default=None, description="default: 2g, or the tenant's memory limit if lower")
-    cpus: float | None = Field(default=None, gt=0, le=64, description="default: 1, or the tenant's CPU limit if lower")
-
-
-class CompareRegression(_Regression):
-    kind: Literal["rescore", "replay"]
-    job_id: str = Field(description="the stored design run")
-    tolerances: dict[str, float] = Field(default_factory=dict, description="absolute tolerance per metric")
-    default_tolerance: float | None = Field(default=None, ge=0)
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in exc.errors())
 
 
 def sandbox_size(tenant: Tenant, memory: str | None, cpus: float | None, gpus: int, default_memory: str,
@@ -88,27 +63,31 @@ class JobService:
 
     # -- submit ---------------------------------------------------------------------------------
 
-    async def submit_design(self, tenant: Tenant, dataset_id: str, task: str,
-                            options: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(task, str) or not task.strip():
+    async def submit_design(self, tenant: Tenant, request: DesignJobRequest | dict[str, Any]) -> JobInfo:
+        """A design job; `request` as the HTTP body, already typed there, or as a dict (gRPC)."""
+        if not isinstance(request, DesignJobRequest):
+            try:
+                request = DesignJobRequest.model_validate(request)
+            except ValidationError as exc:
+                raise invalid("design job request", exc.errors()) from None
+        if not request.task.strip():
             raise BadRequest("task: expected a non-empty description of what to predict")
-        if not isinstance(options, dict):
-            raise BadRequest(f"options: expected an object, got {type(options).__name__}")
         _runs_design(tenant)
-        row = await self.db.run(self.datasets.get, tenant, dataset_id or "")
-        params: dict[str, Any] = {"dataset_id": row.id, "dataset_path": row.path, "task": task,
-                                  "options": dict(options)}
+        row = await self.db.run(self.datasets.get, tenant, request.dataset_id)
+        options = request.options.chosen()
+        params: dict[str, Any] = {"dataset_id": row.id, "dataset_path": row.path, "task": request.task,
+                                  "options": options}
         try:
             defaults = design_settings(params, Path("/unused"))
         except ValidationError as exc:
-            raise BadRequest(f"invalid design options: {_problems(exc)}") from None
+            raise BadRequest(f"invalid design options: {problems(exc)}") from None
         memory, cpus, want = sandbox_size(tenant, options.get("memory"), options.get("cpus"), defaults.gpus,
                                           defaults.memory, defaults.cpus)
         params["options"].update(memory=memory, cpus=cpus)
         params["resources"] = want.as_dict()
         return await self._enqueue(tenant, "design", params)
 
-    async def submit_regression(self, tenant: Tenant, request: Any) -> dict[str, Any]:
+    async def submit_regression(self, tenant: Tenant, request: Any) -> JobInfo:
         if not isinstance(request, dict):
             raise BadRequest(f"regression request: expected a JSON object, got {type(request).__name__}")
         kind = request.get("kind")
@@ -121,7 +100,7 @@ class JobService:
             else:
                 raise BadRequest(f"kind: expected 'pytest', 'rescore' or 'replay', got {kind!r}")
         except ValidationError as exc:
-            raise BadRequest(f"invalid regression request: {_problems(exc)}") from None
+            raise invalid("regression request", exc.errors()) from None
         if isinstance(spec, PytestRegression):
             return await self._submit_pytest(tenant, spec)
         source = await self._own(tenant, spec.job_id)
@@ -138,7 +117,7 @@ class JobService:
             params["resources"] = want.as_dict()
         return await self._enqueue(tenant, f"regression.{spec.kind}", params)
 
-    async def _submit_pytest(self, tenant: Tenant, spec: PytestRegression) -> dict[str, Any]:
+    async def _submit_pytest(self, tenant: Tenant, spec: PytestRegression) -> JobInfo:
         if (spec.bundle_zip_b64 is None) == (spec.job_id is None):
             raise BadRequest("pytest regression: give exactly one of bundle_zip_b64 or job_id")
         memory, cpus, want = sandbox_size(tenant, spec.memory, spec.cpus, 0, "2g", 1.0)
@@ -204,29 +183,29 @@ class JobService:
             raise BadRequest(f"bundle: a member cannot be unpacked ({exc})") from None
         return target
 
-    async def _enqueue(self, tenant: Tenant, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _enqueue(self, tenant: Tenant, kind: str, params: dict[str, Any]) -> JobInfo:
         want = Resources.from_dict(params.get("resources"))
         job = await self.db.run(self.store.create, tenant.id, kind, params, admit=job_admitter(tenant.id, want))
         self.runner.wake()
-        return self.to_dict(job)
+        return self.info(job)
 
     # -- read and control -----------------------------------------------------------------------
 
-    async def get(self, tenant: Tenant, job_id: str, regression: bool = False) -> dict[str, Any]:
+    async def get(self, tenant: Tenant, job_id: str, regression: bool = False) -> JobInfo:
         job = await self._own(tenant, job_id)
         if regression and job.kind not in REGRESSION_KINDS:
             raise NotFound(f"no regression run {job_id!r}")
-        return self.to_dict(job)
+        return self.info(job)
 
-    async def list(self, tenant: Tenant) -> list[dict[str, Any]]:
-        return [self.to_dict(j) for j in await self.db.run(self.store.list, tenant.id)]
+    async def list(self, tenant: Tenant) -> list[JobInfo]:
+        return [self.info(j) for j in await self.db.run(self.store.list, tenant.id)]
 
-    async def cancel(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
+    async def cancel(self, tenant: Tenant, job_id: str) -> JobInfo:
         job = await self._own(tenant, job_id)
         if job.final:
             raise Conflict(f"job {job_id} already ended ({job.status})")
         await self.runner.cancel(job_id)
-        return self.to_dict(await self._own(tenant, job_id))
+        return self.info(await self._own(tenant, job_id))
 
     async def events(self, tenant: Tenant, job_id: str, after_seq: int = 0) -> AsyncGenerator[dict[str, Any], None]:
         """Recorded events after `after_seq`, then new ones as they come, until the job has ended."""
@@ -271,13 +250,13 @@ class JobService:
         folder = self.runner.work_dir(job_id) / "artifacts"
         return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
-    def to_dict(self, job: Job) -> dict[str, Any]:
+    def info(self, job: Job) -> JobInfo:
         # Host paths stay on the server.
         params = {k: v for k, v in job.params.items() if not k.endswith(("_dir", "_path"))}
-        return {"id": job.id, "kind": job.kind, "status": job.status, "phase": job.phase, "error": job.error,
-                "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-                "attempts": job.attempts, "params": params, "result": job.result,
-                "artifacts": self._artifacts(job.id), "final": job.status in FINAL_STATES}
+        return JobInfo(id=job.id, kind=job.kind, status=job.status, phase=job.phase,
+                       error=job.error, created_at=job.created_at, started_at=job.started_at,
+                       finished_at=job.finished_at, attempts=job.attempts, params=params, result=job.result,
+                       artifacts=self._artifacts(job.id), final=job.status in FINAL_STATES)
 
 
 def _runs_design(tenant: Tenant) -> None:

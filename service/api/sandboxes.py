@@ -33,7 +33,7 @@ from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
 from sandbox.spec import Mount
 from service.db import Database
 
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable, invalid
 from .metrics import ServiceMetrics
 from .quotas import Resources, admit_sandbox
 from service.db import SandboxRow, TenantRow
@@ -96,11 +96,7 @@ def parse_request(data: Any) -> SandboxRequest:
     try:
         request = SandboxRequest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise BadRequest(f"invalid sandbox request: {problems}") from None
+        raise invalid("sandbox request", exc.errors()) from None
     if not request.image.startswith(ALLOWED_IMAGE_PREFIX):
         raise BadRequest(f"image: only {ALLOWED_IMAGE_PREFIX}* images are served, got {request.image!r}")
     return request

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
-from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 
 from .errors import api_error
 

@@ -29,8 +29,8 @@ import grpc
 import httpx
 import pytest
 
-from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
-from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import APIError, AuthenticationError, InvalidRequestError, QuotaError
 from service.data import simulate
 

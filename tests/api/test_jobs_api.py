@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
-from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import InvalidRequestError, NotFoundError, QuotaError
 from service.data import simulate
 
@@ -129,7 +129,6 @@ def test_job_quota_and_cancelling_a_queued_job(server, transport):
     ({"kind": "pytest", "bundle_zip_b64": "%%%"}, "not valid base64"),
     ({"kind": "pytest", "bundle_zip_b64": base64.b64encode(b"plain text").decode()}, "not a zip"),
     ({"kind": "pytest", "bundle_zip_b64": bundle({"../escape.py": "x"})}, "escapes the bundle folder"),
-    ({"kind": "pytest", "bundle_zip_b64": bundle(SUITE), "surprise": 1}, "surprise"),
     ({"kind": "rescore"}, "job_id"),
 ])
 def test_malformed_regression_requests_get_400(server, alice, request_body, expected):
@@ -137,6 +136,31 @@ def test_malformed_regression_requests_get_400(server, alice, request_body, expe
         with pytest.raises(InvalidRequestError) as info:
             c.submit_regression(**request_body)
     assert info.value.status == 400 and expected in info.value.message
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_unknown_options_are_refused_by_name_not_dropped(server, alice, screen_id, transport):
+    with server.client(alice, transport) as c:
+        before = len(c.list_jobs())
+        with pytest.raises(InvalidRequestError, match="max_minute") as design:
+            c.submit_job(screen_id, "predict knockouts", max_minute=5)
+        with pytest.raises(InvalidRequestError, match="surprise") as regression:
+            c.submit_regression(kind="pytest", bundle_zip_b64=bundle(SUITE), surprise=1)
+        assert len(c.list_jobs()) == before  # nothing was queued
+    if transport == "http":  # gRPC has one code for every invalid argument
+        assert design.value.status == regression.value.status == 422
+        assert design.value.kind == regression.value.kind == "UnknownFields"
+
+
+def test_job_routes_document_their_bodies_and_answers(server, alice):
+    spec = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {alice.key}"}).json()
+    submit = spec["paths"]["/v1/jobs"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/DesignJobRequest")
+    assert submit["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobInfo")
+    options = spec["components"]["schemas"]["DesignOptions"]
+    assert options["additionalProperties"] is False and "max_minutes" in options["properties"]
+    assert spec["paths"]["/v1/jobs"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"].endswith("/JobList")
 
 
 def test_design_job_requests_are_checked(server, alice, bob, screen_id):

@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
-from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
+from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
+from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.api.core import AUTH_CACHE_S
 from service.client import AuthenticationError, NotFoundError, QuotaError
 
@@ -117,7 +117,6 @@ def test_rate_limit_answers_429_then_recovers(server, transport):
     (b"[1, 2]", "expected a JSON object"),
     (b'{"memory": "lots"}', "memory"),
     (b'{"image": "ubuntu:latest"}', "only cellforge-sandbox"),
-    (b'{"mounts": [{"source": "/etc"}]}', "mounts"),
     (b'{"cpus": -1}', "cpus"),
     (b'{"env": {"LD_PRELOAD": "/x.so"}}', "LD_PRELOAD"),
 ])
@@ -126,6 +125,13 @@ def test_malformed_sandbox_requests_get_a_clear_400(server, alice, body, expecte
                    content=body)
     assert r.status_code == 400, r.text
     assert expected in r.json()["error"]["message"]
+
+
+def test_fields_the_api_does_not_know_get_422_naming_them(server, alice):
+    r = httpx.post(f"{server.url}/v1/sandboxes", headers={**_auth(alice.key), "Content-Type": "application/json"},
+                   content=b'{"mounts": [{"source": "/etc"}]}')
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "UnknownFields" and "'mounts'" in r.json()["error"]["message"]
 
 
 def test_malformed_execute_and_unknown_routes_then_the_server_still_serves(server, alice):

@@ -1,0 +1,34 @@
+"""The wire protocol: the typed requests and answers the HTTP routes and gRPC methods exchange, and the
+generated gRPC stubs (`service.protocol.proto`).
+
+Depends on pydantic only (the stubs on protobuf and grpcio), so a client installs it without the server.
+"""
+
+from .errors import ErrorBody, ErrorDetail, problems, unknown_fields
+from .jobs import (
+    FINAL_JOB_STATES,
+    CompareRegression,
+    DesignJobRequest,
+    DesignOptions,
+    JobEvent,
+    JobInfo,
+    JobList,
+    PytestRegression,
+    RegressionRequest,
+)
+
+__all__ = [
+    "FINAL_JOB_STATES",
+    "CompareRegression",
+    "DesignJobRequest",
+    "DesignOptions",
+    "ErrorBody",
+    "ErrorDetail",
+    "JobEvent",
+    "JobInfo",
+    "JobList",
+    "PytestRegression",
+    "RegressionRequest",
+    "problems",
+    "unknown_fields",
+]

@@ -1,0 +1,30 @@
+"""The error body every HTTP answer above 399 carries, and how a validation failure is put into words."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+class ErrorDetail(BaseModel):
+    type: str  # the service's error class: NotFound, QuotaExceeded, BadRequest, UnknownFields, ...
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def unknown_fields(errors: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The dotted names of fields a model does not know (pydantic's `extra_forbidden`)."""
+    return [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+
+
+def problems(errors: Sequence[Mapping[str, Any]] | ValidationError) -> str:
+    """`field: what is wrong; ...` for a validation failure."""
+    if isinstance(errors, ValidationError):
+        errors = errors.errors()
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in errors)
