@@ -7,14 +7,15 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from sandbox import ExecutionResult
+from service import protocol
 from service.protocol import DesignJobRequest, JobInfo, JobList
 
 from .core import CellForgeCore
@@ -27,11 +28,8 @@ from .tenants import Tenant
 log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
-
-
-class ExecuteBody(BaseModel):
-    code: str
-    timeout: float | None = Field(default=None, gt=0, le=86400)
+# Documents the scheme in OpenAPI; the key itself is checked by RequestGuard before any route runs.
+BEARER = HTTPBearer(auto_error=False, description="an API key from `cellforge serve tenants create`")
 
 
 def body_limits(core: CellForgeCore) -> BodyLimits:
@@ -64,7 +62,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         error = invalid("request", exc.errors())
         return JSONResponse(error_body(error), status_code=error.http_status)
 
-    async def tenant_of(request: Request) -> Tenant:
+    async def tenant_of(request: Request, _key: HTTPAuthorizationCredentials | None = Security(BEARER)) -> Tenant:
         """The tenant `RequestGuard` authenticated from the headers, before any body was read."""
         return request.scope[TENANT_SCOPE_KEY]
 
@@ -88,19 +86,19 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
 
     # -- sandboxes --------------------------------------------------------------------------------
 
-    @app.post("/v1/sandboxes", status_code=201)
+    @app.post("/v1/sandboxes", status_code=201, response_model=protocol.SandboxInfo)
     async def create_sandbox(request: Request, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "sandbox.create"):
             body = await _json(request, allow_empty=True)
             info = await core.sandboxes.create(tenant, parse_request(body))
         return info.to_dict()
 
-    @app.get("/v1/sandboxes")
+    @app.get("/v1/sandboxes", response_model=protocol.SandboxList)
     async def list_sandboxes(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "sandbox.list"):
             return {"sandboxes": [i.to_dict() for i in await core.sandboxes.list(tenant)]}
 
-    @app.get("/v1/sandboxes/{sandbox_id}")
+    @app.get("/v1/sandboxes/{sandbox_id}", response_model=protocol.SandboxInfo)
     async def get_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "sandbox.get", sandbox_id):
             return core.sandboxes.get(tenant, sandbox_id).to_dict()
@@ -112,7 +110,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/execute")
-    async def execute(sandbox_id: str, body: ExecuteBody, request: Request,
+    async def execute(sandbox_id: str, body: protocol.ExecuteRequest, request: Request,
                       tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
         """Stream the execution as NDJSON (one event per line, last `{"kind": "done", "result": ...}`),
         or as server-sent events with `Accept: text/event-stream`. Disconnecting interrupts the code."""
@@ -126,16 +124,16 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         )
 
     @app.post("/v1/sandboxes/{sandbox_id}/interrupt", status_code=202)
-    async def interrupt(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, str]:
+    async def interrupt(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.SandboxStatus:
         with audited(tenant, "sandbox.interrupt", sandbox_id):
             await core.sandboxes.interrupt(tenant, sandbox_id)
-        return {"status": "interrupted"}
+        return protocol.SandboxStatus(status="interrupted")
 
     @app.post("/v1/sandboxes/{sandbox_id}/restart")
-    async def restart(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, str]:
+    async def restart(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.SandboxStatus:
         with audited(tenant, "sandbox.restart", sandbox_id):
             await core.sandboxes.restart(tenant, sandbox_id)
-        return {"status": "restarted"}
+        return protocol.SandboxStatus(status="restarted")
 
     @app.put("/v1/sandboxes/{sandbox_id}/files/{path:path}", status_code=204)
     async def put_file(sandbox_id: str, path: str, request: Request, tenant: Tenant = Depends(tenant_of)) -> Response:
@@ -153,7 +151,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
 
     # -- datasets ---------------------------------------------------------------------------------
 
-    @app.post("/v1/datasets", status_code=201)
+    @app.post("/v1/datasets", status_code=201, response_model=protocol.DatasetInfo)
     async def upload_dataset(request: Request, name: str | None = None,
                              tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         """Upload an `.h5ad` as the raw request body (`?name=file.h5ad`); validated before it is kept."""
@@ -164,7 +162,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
             return await core.upload_dataset(tenant, name, request.stream(),
                                              int(declared) if declared and declared.isdigit() else None)
 
-    @app.get("/v1/datasets")
+    @app.get("/v1/datasets", response_model=protocol.DatasetList)
     async def list_datasets(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "dataset.list"):
             return {"datasets": await core.db.run(core.datasets.list, tenant)}

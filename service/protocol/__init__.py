@@ -16,19 +16,26 @@ from .jobs import (
     PytestRegression,
     RegressionRequest,
 )
+from .sandboxes import DatasetInfo, DatasetList, ExecuteRequest, SandboxInfo, SandboxList, SandboxStatus
 
 __all__ = [
     "FINAL_JOB_STATES",
     "CompareRegression",
+    "DatasetInfo",
+    "DatasetList",
     "DesignJobRequest",
     "DesignOptions",
     "ErrorBody",
     "ErrorDetail",
+    "ExecuteRequest",
     "JobEvent",
     "JobInfo",
     "JobList",
     "PytestRegression",
     "RegressionRequest",
+    "SandboxInfo",
+    "SandboxList",
+    "SandboxStatus",
     "problems",
     "unknown_fields",
 ]

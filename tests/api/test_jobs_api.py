@@ -152,15 +152,31 @@ def test_unknown_options_are_refused_by_name_not_dropped(server, alice, screen_i
         assert design.value.kind == regression.value.kind == "UnknownFields"
 
 
-def test_job_routes_document_their_bodies_and_answers(server, alice):
+# Routes answering JSON, and the model each answers with (the others stream or send files).
+JSON_ANSWERS = {
+    ("post", "/v1/sandboxes"): "SandboxInfo", ("get", "/v1/sandboxes"): "SandboxList",
+    ("get", "/v1/sandboxes/{sandbox_id}"): "SandboxInfo",
+    ("post", "/v1/sandboxes/{sandbox_id}/interrupt"): "SandboxStatus",
+    ("post", "/v1/sandboxes/{sandbox_id}/restart"): "SandboxStatus",
+    ("post", "/v1/datasets"): "DatasetInfo", ("get", "/v1/datasets"): "DatasetList",
+    ("post", "/v1/jobs"): "JobInfo", ("get", "/v1/jobs"): "JobList", ("get", "/v1/jobs/{job_id}"): "JobInfo",
+    ("post", "/v1/jobs/{job_id}/cancel"): "JobInfo", ("post", "/v1/regressions"): "JobInfo",
+    ("get", "/v1/regressions/{job_id}"): "JobInfo",
+}
+
+
+def test_openapi_documents_bodies_answers_and_the_bearer_scheme(server, alice):
     spec = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {alice.key}"}).json()
-    submit = spec["paths"]["/v1/jobs"]["post"]
-    assert submit["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/DesignJobRequest")
-    assert submit["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobInfo")
+    operations = {(method, path): op for path, ops in spec["paths"].items() for method, op in ops.items()}
+    for (method, path), model in JSON_ANSWERS.items():
+        answer = next(r for code, r in operations[method, path]["responses"].items() if code.startswith("2"))
+        assert answer["content"]["application/json"]["schema"]["$ref"].endswith(f"/{model}"), (method, path)
+    assert all(op["security"] == [{"HTTPBearer": []}] for (_, path), op in operations.items() if path.startswith("/v1"))
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    submit = operations["post", "/v1/jobs"]["requestBody"]["content"]["application/json"]["schema"]
+    assert submit["$ref"].endswith("/DesignJobRequest")
     options = spec["components"]["schemas"]["DesignOptions"]
     assert options["additionalProperties"] is False and "max_minutes" in options["properties"]
-    assert spec["paths"]["/v1/jobs"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
-        "$ref"].endswith("/JobList")
 
 
 def test_design_job_requests_are_checked(server, alice, bob, screen_id):
