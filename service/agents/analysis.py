@@ -66,7 +66,6 @@ def analyse_task(profile: Any, task_text: str, llm: Backend, kb: KnowledgeBase |
         ],
     }
     reply = llm.ask(task_analysis_request(context))
-    assert isinstance(reply, TaskAnalysis)
     if reply.perturbation_kind != facts.perturbation_kind:
         raise AnalysisError(
             f"analysis says perturbation kind {reply.perturbation_kind!r} but the data profile says "

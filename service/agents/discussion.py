@@ -180,7 +180,6 @@ def run_discussion(
         critiques = _critique(llm, base, rnd, graph, proposals, draft, confidences, emit)
         scores = llm.ask(scores_request({**base, "round": rnd, "draft": draft,
                                          "proposals": {k: m.proposal.model_dump() for k, m in proposals.items()}}))
-        assert isinstance(scores, CriticScores)
         emit(DiscussionEvent("scores", rnd, "critic", dict(confidences),
                              ", ".join(f"{s.expert}={s.score:.2f}" for s in scores.scores)))
 
@@ -231,7 +230,6 @@ def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, Pro
             ],
         }
         reply = llm.ask(proposal_request(expert, context))
-        assert isinstance(reply, ExpertProposal)
         message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
                                   proposal=reply)
         _check_remit(message)
@@ -251,7 +249,6 @@ def _critique(llm: Backend, base: dict[str, Any], rnd: int, graph: DiscussionGra
         context = {**base, "author": author, "target": target, "round": rnd,
                    "proposal": proposals[target].proposal.model_dump(), "draft": draft}
         reply = llm.ask(critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], context))
-        assert isinstance(reply, Critique)
         critiques.append(CritiqueMessage(message_id=f"r{rnd}.{author}->{target}.critique", round=rnd,
                                          author=author, target=target, critique=reply))
         emit(DiscussionEvent("critique", rnd, author, dict(confidences),

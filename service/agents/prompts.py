@@ -48,7 +48,7 @@ def field_schemas(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def task_analysis_request(context: dict[str, Any]) -> LLMRequest:
+def task_analysis_request(context: dict[str, Any]) -> LLMRequest[TaskAnalysis]:
     system = _with_schema(
         f"{_PREAMBLE}\nYou frame the task: perturbation kind, split scheme, metrics, baselines to beat, risks "
         "and preprocessing. Cite method cards only by the ids listed in context.cards, each with why it applies.",
@@ -59,7 +59,7 @@ def task_analysis_request(context: dict[str, Any]) -> LLMRequest:
     return LLMRequest(kind=TASK_ANALYSIS, system=system, user=user, context=context, schema=TaskAnalysis)
 
 
-def proposal_request(expert: Expert, context: dict[str, Any]) -> LLMRequest:
+def proposal_request(expert: Expert, context: dict[str, Any]) -> LLMRequest[ExpertProposal]:
     system = _with_schema(
         f"{_PREAMBLE}\nYou are the {expert.title} expert ({expert.focus}). Propose a value for each plan field "
         f"in your remit, one FieldChoice each, with an argument quoting the profile. Choose among the vetted "
@@ -76,7 +76,7 @@ def proposal_request(expert: Expert, context: dict[str, Any]) -> LLMRequest:
     return LLMRequest(kind=EXPERT_PROPOSAL, system=system, user=user, context=context, schema=ExpertProposal)
 
 
-def critique_request(author: Expert, target: Expert, context: dict[str, Any]) -> LLMRequest:
+def critique_request(author: Expert, target: Expert, context: dict[str, Any]) -> LLMRequest[Critique]:
     system = _with_schema(
         f"{_PREAMBLE}\nYou are the {author.title} expert ({author.focus}). Critique the {target.title} expert's "
         "proposal (context.proposal) from your domain, against the whole draft plan (context.draft). One item per "
@@ -89,7 +89,7 @@ def critique_request(author: Expert, target: Expert, context: dict[str, Any]) ->
     return LLMRequest(kind=EXPERT_CRITIQUE, system=system, user=user, context=context, schema=Critique)
 
 
-def scores_request(context: dict[str, Any]) -> LLMRequest:
+def scores_request(context: dict[str, Any]) -> LLMRequest[CriticScores]:
     system = _with_schema(
         f"{_PREAMBLE}\nYou are the critic. Score every proposal in context.proposals in [0, 1]: 1 when it has no "
         "weak point given the profile, lower by the weight of each weak point; list the reasons.",

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .request import Answer, CallStats, LLMError, LLMRequest, MissingHandler
+from .request import Answer, CallStats, LLMError, LLMRequest, MissingHandler, R
 
 Handler = Callable[[dict[str, Any]], BaseModel]
 
@@ -20,7 +20,7 @@ class OfflineBackend:
     def __init__(self, handlers: Mapping[str, Handler]) -> None:
         self.handlers = dict(handlers)
 
-    def answer(self, request: LLMRequest) -> Answer:
+    def answer(self, request: LLMRequest[R]) -> Answer[R]:
         handler = self.handlers.get(request.kind)
         if handler is None:
             known = ", ".join(sorted(self.handlers)) or "none"
@@ -30,11 +30,11 @@ class OfflineBackend:
         reply = handler(request.context)
         return Answer(reply=_as_schema(reply, request), stats=CallStats(backend=self.name, model="rules"))
 
-    def ask(self, request: LLMRequest) -> BaseModel:
+    def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply
 
 
-def _as_schema(reply: object, request: LLMRequest) -> BaseModel:
+def _as_schema(reply: object, request: LLMRequest[R]) -> R:
     # A handler may build a sibling model or a dict; the contract is an instance of the request's schema.
     if isinstance(reply, request.schema):
         return reply

@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 from openai import OpenAI
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -24,7 +24,7 @@ from tenacity import (
 )
 
 from .redact import Redactor
-from .request import Answer, CallStats, LLMInvalidReply, LLMRequest, LLMUnavailable
+from .request import Answer, CallStats, LLMInvalidReply, LLMRequest, LLMUnavailable, R
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class OpenAIBackend:
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r})"
 
-    def ask(self, request: LLMRequest) -> BaseModel:
+    def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply
 
-    def answer(self, request: LLMRequest) -> Answer:
+    def answer(self, request: LLMRequest[R]) -> Answer[R]:
         # A key pasted into a prompt or context would otherwise travel to the provider and its logs.
         user = _user_prompt(request, self.redactor.data(request.context))
         messages = [

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from .accounting import CALLS_FILE, CallRecord, RecordedRequest, UsageSummary, summarize_run
 from .redact import Redactor
-from .request import Answer, Backend, CallStats, LLMRequest
+from .request import Answer, Backend, CallStats, LLMRequest, R
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class RecordingBackend:
         self._lock = threading.Lock()
         self._next_index = _count_lines(self.path)
 
-    def answer(self, request: LLMRequest) -> Answer:
+    def answer(self, request: LLMRequest[R]) -> Answer[R]:
         started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         t0 = time.perf_counter()
         try:
@@ -47,7 +47,7 @@ class RecordingBackend:
         self._write(request, answer.reply, answer.stats, latency_ms, started_at)
         return answer
 
-    def ask(self, request: LLMRequest) -> BaseModel:
+    def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply
 
     def usage_summary(self) -> UsageSummary:
@@ -85,7 +85,7 @@ class RecordingBackend:
         log.debug("recorded LLM call %d (%s, %.0f ms)", record.index, record.kind, record.latency_ms)
 
 
-def _answer(backend: Backend, request: LLMRequest) -> Answer:
+def _answer(backend: Backend, request: LLMRequest[R]) -> Answer[R]:
     answer = getattr(backend, "answer", None)
     if callable(answer):
         return answer(request)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from .accounting import CALLS_FILE, read_calls
-from .request import Answer, CallStats, LLMRequest, ReplayedError, ReplayExhausted, ReplayMismatch
+from .request import Answer, CallStats, LLMRequest, R, ReplayedError, ReplayExhausted, ReplayMismatch
 
 
 class ReplayBackend:
@@ -29,7 +29,7 @@ class ReplayBackend:
     def remaining(self) -> int:
         return len(self.records) - self._position
 
-    def answer(self, request: LLMRequest) -> Answer:
+    def answer(self, request: LLMRequest[R]) -> Answer[R]:
         with self._lock:
             position = self._position
             if position >= len(self.records):
@@ -59,5 +59,5 @@ class ReplayBackend:
             ) from None
         return Answer(reply=reply, stats=stats)
 
-    def ask(self, request: LLMRequest) -> BaseModel:
+    def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 from service.errors import CellForgeError
 
+# The reply type of a request: `Backend.ask(LLMRequest[R]) -> R`, so callers need no isinstance checks.
+R = TypeVar("R", bound=BaseModel)
+
 
 @dataclass(frozen=True)
-class LLMRequest:
+class LLMRequest(Generic[R]):
     """One question an agent asks. `kind` names the step (e.g. "task_analysis", "propose", "debug");
     offline handlers and replay dispatch on it. `context` is the structured input (JSON-able): offline
     handlers reason over it, the OpenAI backend shows it to the model, the recorder stores it."""
@@ -19,7 +22,7 @@ class LLMRequest:
     system: str
     user: str
     context: dict[str, Any]
-    schema: type[BaseModel]
+    schema: type[R]
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ class CallStats:
 
 
 @dataclass(frozen=True)
-class Answer:
-    reply: BaseModel
+class Answer(Generic[R]):
+    reply: R
     stats: CallStats = field(default_factory=lambda: CallStats(backend="unknown"))
 
 
@@ -46,14 +49,14 @@ class Backend(Protocol):
 
     name: str
 
-    def ask(self, request: LLMRequest) -> BaseModel: ...
+    def ask(self, request: LLMRequest[R]) -> R: ...
 
 
 @runtime_checkable
 class TracedBackend(Backend, Protocol):
     """A backend that also reports what each answer cost; the recorder prefers this."""
 
-    def answer(self, request: LLMRequest) -> Answer: ...
+    def answer(self, request: LLMRequest[R]) -> Answer[R]: ...
 
 
 class LLMError(CellForgeError):

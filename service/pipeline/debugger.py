@@ -72,7 +72,7 @@ def debug_context(attempt: int, failure: StepFailure | None, problems: list[str]
     }
 
 
-def debug_request(context: dict[str, Any]) -> LLMRequest:
+def debug_request(context: dict[str, Any]) -> LLMRequest[DebugPatch]:
     system = (
         "You are CellForge's debugging agent. A generated training bundle failed: read the traceback, the "
         "test failures or the validation problems in context, find the cause in the failing files and reply "

@@ -134,7 +134,6 @@ def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSett
         on_progress(ProgressEvent("debug", outcome.failure.summary() if outcome.failure else "; ".join(problems),
                                   attempt=number))
         patch = llm.ask(debug_request(debug_context(number, outcome.failure, problems, bundle)))
-        assert isinstance(patch, DebugPatch)
         record.patch = patch
         rd.write_json(attempt_dir / "diagnosis.json", patch.model_dump(mode="json"))
         if patch.give_up:

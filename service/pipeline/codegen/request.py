@@ -26,7 +26,7 @@ class GeneratedBundle(Bundle):
         return files
 
 
-def codegen_request(plan_json: dict[str, Any], vetted: Bundle) -> LLMRequest:
+def codegen_request(plan_json: dict[str, Any], vetted: Bundle) -> LLMRequest[GeneratedBundle]:
     system = (
         "You are CellForge's code generator. Write the training bundle for the plan in context.plan: "
         "model.py, train.py, test_model.py and config.json, following the generated-code contract "
