@@ -9,14 +9,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
 from sandbox import ExecutionResult
 from service import protocol
-from service.protocol import DesignJobRequest, JobInfo, JobList
 
 from .core import CellForgeCore
 from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable, invalid
@@ -170,17 +169,17 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     # -- design jobs ------------------------------------------------------------------------------
 
     @app.post("/v1/jobs", status_code=201)
-    async def submit_job(body: DesignJobRequest, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
+    async def submit_job(body: protocol.DesignJobRequest, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         with audited(tenant, "job.submit", body.dataset_id):
             return await core.jobs.submit_design(tenant, body)
 
     @app.get("/v1/jobs")
-    async def list_jobs(tenant: Tenant = Depends(tenant_of)) -> JobList:
+    async def list_jobs(tenant: Tenant = Depends(tenant_of)) -> protocol.JobList:
         with audited(tenant, "job.list"):
-            return JobList(jobs=await core.jobs.list(tenant))
+            return protocol.JobList(jobs=await core.jobs.list(tenant))
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
+    async def get_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         with audited(tenant, "job.get", job_id):
             return await core.jobs.get(tenant, job_id)
 
@@ -196,7 +195,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
                                  headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
+    async def cancel_job(job_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         with audited(tenant, "job.cancel", job_id):
             return await core.jobs.cancel(tenant, job_id)
 
@@ -209,14 +208,14 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     # -- regression runs --------------------------------------------------------------------------
 
     @app.post("/v1/regressions", status_code=201)
-    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
+    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         """`{"kind": "pytest", "bundle_zip_b64" | "job_id", "dataset_id"?}`, or `{"kind": "rescore" |
         "replay", "job_id", "tolerances"?}`; poll `GET /v1/regressions/{id}` for the verdict."""
         with audited(tenant, "regression.submit"):
             return await core.jobs.submit_regression(tenant, await _json(request))
 
     @app.get("/v1/regressions/{job_id}")
-    async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> JobInfo:
+    async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         with audited(tenant, "regression.get", job_id):
             return await core.jobs.get(tenant, job_id, regression=True)
 
