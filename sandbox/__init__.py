@@ -1,16 +1,34 @@
 """Where code runs: hardened Docker sandboxes (and a local, non-isolated backend) driving Jupyter kernels.
 
-Knows nothing of agents, biology or the service.
+    backend = new_backend("docker")                  # or DockerBackend(), LocalBackend()
+    async with await backend.create(SandboxSpec()) as sb:
+        await sb.files.put("code/model.py", data)
+        result = await sb.commands.run(["python", "code/model.py"])
+        result = await sb.execute("1 + 1")
+
+Knows nothing of agents, biology or the service. Names that need the Docker SDK, ZMQ or Jupyter
+are imported on first use, so a process that only reads results (a remote client) does not load them.
 """
 
-from .docker_backend import DockerBackend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend, backend_class, new_backend
 from .errors import (
     FileTransferError,
+    PoolClosed,
+    PoolError,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    SandboxReaped,
     SandboxStartError,
     SpecError,
+    TenantCapError,
+    UsageError,
+    WarmupFailed,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
@@ -28,13 +46,43 @@ from .events import (
     StreamEventAdapter,
     TruncatedEvent,
 )
-from .images import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE
-from .kernel import KernelHost, Sandbox
-from .local_backend import LocalBackend
-from .pool import SandboxPool
-from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
-from .spec import Mount, SandboxSpec, parse_size
-from .sync import SyncSandbox
+from .spec import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, Mount, SandboxSpec, parse_size
+
+if TYPE_CHECKING:
+    from .commands import Commands
+    from .docker_backend import DockerBackend
+    from .files import Files
+    from .kernel import Sandbox
+    from .local_backend import LocalBackend
+    from .pool import PooledSandbox, PoolStats, SandboxPool
+    from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
+    from .sync import SyncSandbox
+
+_LAZY = {
+    "Commands": "commands",
+    "DockerBackend": "docker_backend",
+    "Files": "files",
+    "LocalBackend": "local_backend",
+    "PoolStats": "pool",
+    "PooledSandbox": "pool",
+    "RUNC": "runtimes",
+    "RUNSC": "runtimes",
+    "Sandbox": "kernel",
+    "SandboxPool": "pool",
+    "SyncSandbox": "sync",
+    "engine_runtimes": "runtimes",
+    "require_runtime": "runtimes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_CPU_IMAGE",
@@ -42,21 +90,32 @@ __all__ = [
     "RUNC",
     "RUNSC",
     "AnyStreamEvent",
+    "BackendHealth",
+    "BackendKind",
+    "Commands",
     "DisplayEvent",
     "DockerBackend",
     "ErrorEvent",
     "ExecutionResult",
     "FileTransferError",
+    "Files",
     "KernelHost",
     "LocalBackend",
     "Mount",
     "Outcome",
+    "PoolClosed",
+    "PoolError",
+    "PoolStats",
+    "PooledSandbox",
+    "ReapReport",
     "ResultEvent",
     "Sandbox",
+    "SandboxBackend",
     "SandboxClosedError",
     "SandboxDeadError",
     "SandboxError",
     "SandboxPool",
+    "SandboxReaped",
     "SandboxSpec",
     "SandboxStartError",
     "SpecError",
@@ -66,11 +125,19 @@ __all__ = [
     "StreamEvent",
     "StreamEventAdapter",
     "SyncSandbox",
+    "TenantCapError",
     "TruncatedEvent",
+    "UsageError",
+    "WarmupFailed",
     "WorkspacePathError",
     "WorkspaceQuotaError",
+    "backend_class",
     "engine_runtimes",
+    "new_backend",
     "parse_size",
     "require_runtime",
 ]
-from .pool import PoolClosed, PoolError, PooledSandbox, PoolStats, QuotaExceeded, SandboxReaped, WarmupFailed  # noqa: E402,F401
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -11,13 +11,18 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from .backend import SandboxBackend
 from .pool import DEFAULT_PRELOAD, SandboxPool
 from .runtimes import RUNC, require_runtime
 from .spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from .docker_backend import DockerBackend
+    from .kernel import Sandbox
 
 # The targets of issue 2; `BenchResult.targets_met` checks the figures against them.
 TARGET_WARM_ACQUIRE_MS = 50.0
@@ -76,7 +81,7 @@ def bare_docker_run_ms(
     return samples
 
 
-async def cold_start_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def cold_start_ms(backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
     """create() until the kernel is ready (what `create` guarantees on return)."""
     samples = []
     for i in range(n):
@@ -89,7 +94,11 @@ async def cold_start_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progr
 
 
 async def warm_acquire_ms(
-    backend: Any, spec: SandboxSpec, n: int, preload: str = DEFAULT_PRELOAD, progress: Progress = _no_progress
+    backend: SandboxBackend,
+    spec: SandboxSpec,
+    n: int,
+    preload: str = DEFAULT_PRELOAD,
+    progress: Progress = _no_progress,
 ) -> list[float]:
     """acquire() from a pool whose warm sandbox is ready; the refill is awaited between samples."""
     samples = []
@@ -104,7 +113,9 @@ async def warm_acquire_ms(
     return samples
 
 
-async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def roundtrip_ms(
+    backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress
+) -> list[float]:
     """execute("1+1") round trips on one sandbox, after a few unmeasured ones."""
     sb = await backend.create(spec)
     try:
@@ -124,7 +135,9 @@ async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progre
     return samples
 
 
-async def torch_import_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def torch_import_ms(
+    backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress
+) -> list[float]:
     """`import torch` in a fresh kernel: the first thing most generated code does."""
     samples = []
     for i in range(n):
@@ -141,9 +154,9 @@ async def torch_import_ms(backend: Any, spec: SandboxSpec, n: int, progress: Pro
     return samples
 
 
-async def max_live(backend: Any, spec: SandboxSpec, limit: int, progress: Progress = _no_progress) -> int:
+async def max_live(backend: SandboxBackend, spec: SandboxSpec, limit: int, progress: Progress = _no_progress) -> int:
     """Start up to `limit` sandboxes (two at a time) and count those that all answer at once."""
-    live: list[Any] = []
+    live: list[Sandbox] = []
     try:
         for i in range(0, limit, 2):
             batch = await asyncio.gather(*(backend.create(spec) for _ in range(min(2, limit - i))), return_exceptions=True)
@@ -159,7 +172,7 @@ async def max_live(backend: Any, spec: SandboxSpec, limit: int, progress: Progre
 
 
 async def run_bench(
-    backend: Any,
+    backend: DockerBackend,
     image: str,
     n: int = 10,
     roundtrips: int = 200,

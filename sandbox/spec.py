@@ -13,8 +13,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
-from .images import DEFAULT_CPU_IMAGE
 
+IMAGE_REPOSITORY = "cellforge-sandbox"
+# Built by `cellforge images build` (sandbox.images).
+DEFAULT_CPU_IMAGE = f"{IMAGE_REPOSITORY}:cpu"
+DEFAULT_GPU_IMAGE = f"{IMAGE_REPOSITORY}:gpu"
 DATA_ROOT = "/data"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

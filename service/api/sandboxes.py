@@ -29,7 +29,8 @@ from sandbox.errors import (
     WorkspaceQuotaError,
 )
 from sandbox.images import DEFAULT_CPU_IMAGE
-from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
+from sandbox.errors import SandboxReaped
+from sandbox.pool import PooledSandbox, SandboxPool
 from sandbox.spec import Mount
 from service.jobs.db import Database
 
@@ -208,7 +209,7 @@ class SandboxService:
             raise PayloadTooLarge(f"file {path!r} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
         live = self._own(tenant, sandbox_id)
         try:
-            await live.lease.put_file(path, data)
+            await live.lease.files.put(path, data)
         except WorkspaceQuotaError as exc:
             raise PayloadTooLarge(str(exc)) from None
         except WorkspacePathError as exc:
@@ -221,7 +222,7 @@ class SandboxService:
     async def get_file(self, tenant: Tenant, sandbox_id: str, path: str) -> bytes:
         live = self._own(tenant, sandbox_id)
         try:
-            return await live.lease.get_file(path, max_bytes=MAX_FILE_BYTES)
+            return await live.lease.files.get(path, max_bytes=MAX_FILE_BYTES)
         except WorkspacePathError as exc:
             raise BadRequest(str(exc)) from None
         except FileTransferError as exc:

@@ -59,10 +59,10 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
     try:
         async with await _acquire(pool, spec, ctx.job.tenant_id) as sb:
             ctx.phase("upload", "copying the bundle")
-            files = await sb.put_dir(params["bundle_dir"], "bundle")
+            files = await sb.files.put_dir(params["bundle_dir"], "bundle")
             ctx.emit("log", message=f"{len(files)} files copied")
             ctx.phase("pytest", "running the suite")
-            res = await sb.run_command(
+            res = await sb.commands.run(
                 ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml=/workspace/junit.xml"],
                 cwd="/workspace/bundle", timeout=params.get("timeout", 600.0),
                 on_event=lambda ev: ctx.emit("output", stream=ev.kind, text=getattr(ev, "text", None)),
@@ -70,7 +70,7 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
             if res.outcome.value not in ("ok", "error"):
                 raise JobFailed(f"the test run ended {res.outcome.value}: {res.died_cause or res.evalue or ''}".strip())
             try:
-                xml = await sb.get_file("junit.xml", max_bytes=JUNIT_MAX_BYTES)
+                xml = await sb.files.get("junit.xml", max_bytes=JUNIT_MAX_BYTES)
             except SandboxError:
                 raise JobFailed(f"pytest wrote no JUnit report (exit code {res.exit_code}); "
                                 f"its output ended with: {res.stdout[-1000:]}{res.stderr[-1000:]}") from None

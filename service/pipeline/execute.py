@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, DockerBackend, ExecutionResult, LocalBackend, Mount,
-                     SandboxError, SandboxSpec, SyncSandbox)
+from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, ExecutionResult, Mount, SandboxError,
+                     SandboxSpec, SyncSandbox)
 from service.pipeline.progress import ProgressCallback, ProgressEvent, epoch_event
 
 Stage = Literal["sandbox", "pytest", "train", "fetch"]
@@ -22,7 +22,7 @@ OUTPUT_FILES = ("predictions.h5ad", "val_predictions.h5ad", "model.pt", "val_met
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    backend: Literal["docker", "local"] = "docker"
+    backend: BackendKind = BackendKind.DOCKER
     image: str | None = None  # default: the CPU image, or the GPU image when gpus > 0
     gpus: int = 0
     cpus: float = 2.0
@@ -93,20 +93,19 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
     out_dir = attempt_dir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     remaining = lambda: max(5.0, time_left - (time.monotonic() - started))  # noqa: E731
-    backend = DockerBackend() if settings.backend == "docker" else LocalBackend()
     on_progress(ProgressEvent("sandbox", f"starting a {settings.backend} sandbox", attempt=attempt))
     try:
-        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=backend)
+        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=settings.backend)
     except SandboxError as exc:
         failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
         return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
     try:
-        listing = sb.run_command(["ls", "-1", sb.data_root], timeout=30)
+        listing = sb.commands.run(["ls", "-1", sb.data_root], timeout=30)
         data_listing = sorted((listing.stdout or "").split())
         workspace = sb.workspace
-        sb.put_dir(code_dir, "code")
+        sb.files.put_dir(code_dir, "code")
         on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
-        res = sb.run_command(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+        res = sb.commands.run(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
                              cwd=f"{workspace}/code", timeout=remaining())
         _log(attempt_dir / "pytest.log", res)
         if res.outcome != "ok":
@@ -120,13 +119,13 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
                 if progress is not None:
                     on_progress(progress)
 
-        res = sb.run_command(["python", "train.py", "--data", sb.data_root, "--out", f"{workspace}/out",
+        res = sb.commands.run(["python", "train.py", "--data", sb.data_root, "--out", f"{workspace}/out",
                               "--config", "config.json"], cwd=f"{workspace}/code", timeout=remaining(),
                              on_event=on_event)
         _log(attempt_dir / "train.log", res)
         # Whatever training wrote is kept, even after a failure, for the diagnosis.
         try:
-            sb.get_dir("out", out_dir)
+            sb.files.get_dir("out", out_dir)
         except SandboxError as exc:
             if res.outcome == "ok":
                 failure = StepFailure(stage="fetch", outcome="error", ename=type(exc).__name__, evalue=str(exc))
