@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from .backend import SandboxBackend
+from .errors import SandboxError
 from .pool import DEFAULT_PRELOAD, SandboxPool
 from .runtimes import RUNC, require_runtime
 from .spec import SandboxSpec
@@ -76,7 +77,7 @@ def bare_docker_run_ms(
         proc = subprocess.run(command, capture_output=True)
         samples.append(_ms(start))
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise SandboxError(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace').strip()}")
         progress("bare docker run", i + 1, n)
     return samples
 
@@ -127,7 +128,7 @@ async def roundtrip_ms(
             res = await sb.execute("1+1")
             samples.append(_ms(start))
             if res.outcome != "ok" or res.result != "2":
-                raise RuntimeError(f"1+1 gave outcome {res.outcome} result {res.result!r}")
+                raise SandboxError(f"1+1 gave outcome {res.outcome} result {res.result!r}")
             if (i + 1) % 20 == 0:
                 progress("execute round trip", i + 1, n)
     finally:
@@ -147,7 +148,7 @@ async def torch_import_ms(
             res = await sb.execute("import torch", timeout=120)
             samples.append(_ms(start))
             if res.outcome != "ok":
-                raise RuntimeError(f"import torch gave outcome {res.outcome}: {res.ename} {res.evalue}")
+                raise SandboxError(f"import torch gave outcome {res.outcome}: {res.ename} {res.evalue}")
         finally:
             await sb.close()
         progress("import torch", i + 1, n)

@@ -220,7 +220,7 @@ def bench(
                     progress=progress,
                 )
             )
-        except (SandboxError, RuntimeError) as exc:
+        except SandboxError as exc:
             err.print(f"[red]benchmark failed:[/] {exc}")
             raise typer.Exit(1) from None
     if json_out:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import docker
 import pytest
 
 import sandbox
@@ -126,6 +127,16 @@ async def test_backend_health_is_reported_without_raising():
     assert (await LocalBackend().health()).ok
     broken = await LocalBackend(python="/no/such/python").health()
     assert not broken.ok and "/no/such/python" in broken.detail
+
+
+@pytest.mark.docker
+async def test_docker_backend_health_names_the_engine_or_why_not(docker_image):
+    async with DockerBackend() as backend:
+        health = await backend.health()
+        assert health.ok and "Docker engine" in health.detail and "runc" in health.detail
+    unreachable = DockerBackend(client=docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41"))
+    health = await unreachable.health()
+    assert not health.ok and "not usable" in health.detail
 
 
 def test_sync_sandbox_offers_files_and_commands_blocking():
