@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sandbox.backend import BackendKind
+
 from .output import JsonOpt, err, fail
 
 # The pipeline, agents and LLM SDK are imported inside the commands: they cost seconds at import,
@@ -25,7 +27,7 @@ TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
 AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
 MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]
-SandboxOpt = Annotated[str, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
+SandboxOpt = Annotated[BackendKind, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
 RuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
 
@@ -85,7 +87,7 @@ def design(
     llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (compatible endpoint).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="LLM model name.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
-    sandbox: SandboxOpt = "docker",
+    sandbox: SandboxOpt = BackendKind.DOCKER,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")] = 0,
     runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
@@ -167,7 +169,7 @@ def replay(
 
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo data and run go.")] = Path("runs/demo"),
-    sandbox: SandboxOpt = "docker",
+    sandbox: SandboxOpt = BackendKind.DOCKER,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:

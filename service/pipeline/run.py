@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from sandbox import require_runtime
+from sandbox import BackendKind, require_runtime
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
@@ -51,7 +51,7 @@ class DesignSettings(BaseModel):
     max_attempts: int = Field(4, ge=1, le=50)
     max_minutes: float = Field(30.0, gt=0)
     max_rounds: int = Field(4, ge=1, le=20)
-    sandbox: Literal["docker", "local"] = "docker"
+    sandbox: BackendKind = BackendKind.DOCKER
     gpus: int = Field(0, ge=0)
     image: str | None = None
     runtime: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -185,7 +185,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
     `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
     emit = on_progress or (lambda event: None)
-    if settings.sandbox == "docker":
+    if settings.sandbox is BackendKind.DOCKER:
         require_runtime(settings.runtime)  # before any LLM call: a missing runtime would fail every attempt
     started = time.monotonic()
     deadline = started + settings.max_minutes * 60

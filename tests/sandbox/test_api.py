@@ -25,6 +25,7 @@ from sandbox import (
     SandboxPool,
     SandboxReaped,
     SandboxSpec,
+    SpecError,
     StdoutEvent,
     SyncSandbox,
     UsageError,
@@ -71,6 +72,36 @@ def test_every_sandbox_exception_derives_from_one_root_with_a_name_of_its_own():
     assert len(names) == len(set(names))
     service_names = {n for n, obj in vars(service_errors).items() if isinstance(obj, type)}
     assert set(names) & service_names == set()
+
+
+def test_the_sandbox_package_never_imports_the_service():
+    importers = []
+    for path in Path(sandbox.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(name.split(".")[0] == "service" for name in names):
+                importers.append(f"{path.name}:{node.lineno}")
+    assert importers == []
+
+
+def test_invalid_specs_are_spec_errors_naming_the_field_however_built():
+    cases = [
+        ({"memory": "lots"}, "invalid sandbox spec: memory: expected a size like '512m' or '2g', got 'lots'"),
+        ({"cpus": 0}, "invalid sandbox spec: cpus: Input should be greater than 0"),
+        ({"cpu": 2}, "invalid sandbox spec: cpu: Extra inputs are not permitted"),
+        ({"mounts": [{"source": "rel"}]}, "invalid sandbox spec: mounts.0: invalid mount: mount source: expected an "
+                                          "absolute path, got 'rel'"),
+    ]
+    for values, message in cases:
+        for build in (lambda v: SandboxSpec(**v), SandboxSpec.parse):
+            with pytest.raises(SpecError) as caught:
+                build(values)
+            assert str(caught.value) == message and isinstance(caught.value, SandboxError)
+    with pytest.raises(SpecError, match="memory: .*'lots'; .*env: 'LD_PRELOAD' is not allowed"):
+        SandboxSpec(memory="lots", env={"LD_PRELOAD": "x.so"})  # every problem at once
+    with pytest.raises(SpecError, match="^invalid sandbox spec: Input should be a valid dictionary"):
+        SandboxSpec.parse(["not", "a", "spec"])
 
 
 def test_a_facade_that_misses_a_method_of_its_class_fails_where_it_is_defined():
@@ -143,7 +174,15 @@ def test_sync_sandbox_offers_files_and_commands_blocking():
     with SyncSandbox(SandboxSpec(timeout=20), backend="local") as sb:
         assert not sb.isolated
         sb.files.put("code/run.py", b"print('from a file')\n")
-        assert sb.files.list() == ["code/run.py"]
+        sb.files.put("code/old.py", b"")
+        assert sb.files.list() == ["code/old.py", "code/run.py"]
+        sb.files.remove("code/old.py")
+        assert sb.files.list("code") == ["run.py"] and sb.files.get("code/run.py") == b"print('from a file')\n"
+        # Bad arguments are UsageErrors (SandboxErrors) naming what was expected, through the facade too.
+        with pytest.raises(UsageError, match="expected a non-empty list of strings, got 'python code/run.py'"):
+            sb.commands.run("python code/run.py")
+        with pytest.raises(UsageError, match=r"files.put\('x.txt'\): expected bytes, got str"):
+            sb.files.put("x.txt", "text")
         res = sb.commands.run(["python", "code/run.py"])
         assert res.outcome == "ok" and res.stdout == "from a file\n" and res.exit_code == 0
         events = list(sb.stream("print(6 * 7)"))
