@@ -36,7 +36,8 @@ class SandboxSettings:
             image=image, cpus=self.cpus, memory=self.memory, gpus=self.gpus or None, timeout=timeout,
             tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
-            env={}, labels={"cellforge.role": "design"}, runtime=self.runtime if self.backend is BackendKind.DOCKER else None,
+            env={}, labels={"cellforge.role": "design"},
+            runtime=self.runtime if self.backend is BackendKind.DOCKER else None,
         )
 
 
