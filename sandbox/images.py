@@ -31,7 +31,6 @@ import docker.errors
 
 from .errors import SandboxError
 from .gpu_lock import WHEEL_PLATFORMS, LockError, PackageIndex, verify_lock
-from .spec import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE  # noqa: F401 - their home before spec.py
 from .spec import IMAGE_REPOSITORY as REPOSITORY
 
 FLAVORS = ("cpu", "gpu")

@@ -17,21 +17,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select, update
 
-from sandbox import ExecutionResult, SandboxSpec, StreamEvent
-from sandbox.errors import (
+from sandbox import (
+    DEFAULT_CPU_IMAGE,
+    ExecutionResult,
     FileTransferError,
+    Mount,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    SandboxReaped,
+    SandboxSpec,
     SandboxStartError,
     SpecError,
+    StreamEvent,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
-from sandbox.images import DEFAULT_CPU_IMAGE
-from sandbox.errors import SandboxReaped
 from sandbox.pool import PooledSandbox, SandboxPool
-from sandbox.spec import Mount
 from service.jobs.db import Database
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable

@@ -28,7 +28,7 @@ from sandbox.events import (
     StdoutEvent,
     TruncatedEvent,
 )
-from sandbox.images import DEFAULT_CPU_IMAGE
+from sandbox.spec import DEFAULT_CPU_IMAGE
 from sandbox.pool import DEFAULT_PRELOAD
 from sandbox.spec import SandboxSpec
 
