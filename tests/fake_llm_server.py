@@ -33,6 +33,7 @@ class Reply:
     completion_tokens: int = 5
     delay: float = 0.0  # seconds before answering (to provoke client timeouts)
     model: str | None = None  # the model name reported back; default: the requested one
+    finish_reason: str = "stop"  # "length": the reply was cut by the output cap
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 "choices": [{
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "finish_reason": step.finish_reason,
                 }],
                 "usage": {
                     "prompt_tokens": step.prompt_tokens,
