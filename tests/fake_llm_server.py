@@ -53,6 +53,7 @@ class RecordedHTTPRequest:
     headers: dict[str, str]  # names lower-cased
     body: dict[str, Any]
     received_at: float  # time.monotonic()
+    answered_at: float | None = None  # when the reply was sent (None for a scripted failure)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -153,6 +154,7 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             if step.delay:
                 time.sleep(step.delay)
             content = step.content(body) if callable(step.content) else step.content
+            recorded.answered_at = time.monotonic()
             self._send(200, {
                 "id": f"chatcmpl-fake-{len(server.requests)}",
                 "object": "chat.completion",

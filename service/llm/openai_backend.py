@@ -127,28 +127,26 @@ class OpenAIBackend:
     def _answer(self, call: _Call) -> Answer:
         request, messages = call.request, call.transcript.messages
         for reask in range(self.max_reasks + 1):
+            call.reasks = reask
+            if reask:
+                messages += [
+                    {"role": "assistant", "content": self.redactor.text(last_part)},
+                    {"role": "user", "content": self.redactor.text(_reask_prompt(request, problem))},
+                ]
             content, last_part, truncated = self._reply(call)
             try:
-                if truncated:
-                    raise ValueError(f"the reply was cut off by the output limit ({self._cap(request)} tokens) "
-                                     f"after {self.max_continuations} continuation(s); answer more concisely")
                 reply = request.validate(parse_reply(content, request.schema))
             except ValueError as exc:  # pydantic's ValidationError included
-                problem = describe(exc)
+                problem = (f"- the reply was cut off by the output limit ({self._cap(request)} tokens) after "
+                           f"{self.max_continuations} continuation(s); answer more concisely" if truncated
+                           else describe(exc))
                 call.transcript.exchanges[-1].outcome = "rejected"
                 call.transcript.exchanges[-1].problem = problem
             else:
                 call.transcript.exchanges[-1].outcome = "accepted"
-                call.reasks = reask
                 return Answer(reply=reply, stats=call.stats(self), transcript=call.transcript)
             log.warning("LLM reply for %s is not a valid %s: %s", request.kind, request.schema.__name__,
                         self.redactor.text(problem))
-            messages += [
-                {"role": "assistant", "content": self.redactor.text(last_part)},
-                {"role": "user", "content": self.redactor.text(_reask_prompt(request, problem))},
-            ]
-            call.reasks = reask + 1
-        call.reasks = self.max_reasks
         raise LLMInvalidReply(
             f"{self.model} did not produce a valid {request.schema.__name__} for {request.kind!r} after "
             f"{self.max_reasks + 1} replies; last problem: {self.redactor.text(problem)}",
