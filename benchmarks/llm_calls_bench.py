@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -23,27 +22,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent_profiles import TASKS  # noqa: E402
 from fake_llm_server import FakeLLMServer, Reply  # noqa: E402
+from scripted_experts import RuleModel  # noqa: E402
 
 from service.agents import analyse_task, handlers, run_discussion  # noqa: E402
 from service.llm import LLMConfig, OfflineBackend, make_backend, read_calls  # noqa: E402
-
-_KIND_OF_SCHEMA = {"TaskAnalysis": "task_analysis", "ExpertProposal": "expert_proposal",
-                   "Critique": "expert_critique", "CriticScores": "critic_scores"}
-
-
-class RuleModel:
-    """Answers each chat request the way the rule-based expert would, reading only what a model reads."""
-
-    def __init__(self) -> None:
-        self.rules = handlers()
-
-    def __call__(self, body: dict) -> str:
-        system = body["messages"][0]["content"]
-        schema_name = re.search(r"JSON schema \((\w+)\)", system).group(1)
-        first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
-        context = json.loads(first_user.split("Context (JSON):\n", 1)[1])
-        return json.dumps(self.rules[_KIND_OF_SCHEMA[schema_name]](context).model_dump(mode="json"))
-
 
 def offline_run(facts, task: str, rounds: int, work: Path) -> dict:
     llm = OfflineBackend(handlers())
