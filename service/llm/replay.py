@@ -13,7 +13,8 @@ from .request import Answer, CallStats, LLMRequest, ReplayedError, ReplayExhaust
 
 class ReplayBackend:
     """Answers each request with the first unused recorded call of the same kind and key, in file order
-    (calls asked concurrently were recorded in the order they finished; their keys tell them apart).
+    (calls asked concurrently were recorded in the order they finished; their keys tell them apart; a
+    record without a key, from before keys, matches its kind in order).
 
     The reply must validate into the request's schema and pass its check; otherwise `ReplayMismatch`.
     A recorded failure is raised again as `ReplayedError`; a recorded fallback is served as it was."""
@@ -38,8 +39,9 @@ class ReplayBackend:
                     f"{self.path} holds {len(self.records)} recorded calls; call #{self._served} "
                     f"(kind {request.kind!r}) was never recorded"
                 )
-            position = next((i for i in self._unused if (self.records[i].kind, self.records[i].key)
-                             == (request.kind, request.key)), None)
+            # Records written before calls had keys match on kind alone, in order.
+            position = next((i for i in self._unused if self.records[i].kind == request.kind
+                             and self.records[i].key in (request.key, "")), None)
             if position is None:
                 first = self.records[self._unused[0]]
                 asked = f"kind {request.kind!r}" + (f" (key {request.key!r})" if request.key else "")
