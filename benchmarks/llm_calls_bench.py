@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -47,13 +48,18 @@ def scripted_run(facts, task: str, rounds: int, latency: float, work: Path) -> d
         result = run_discussion(analyse_task(facts, task, llm), facts, llm, run_dir, max_rounds=rounds)
         seconds = time.perf_counter() - started
         chars = [sum(len(m["content"]) for m in r.messages) for r in server.requests]
+        by_kind_chars: dict[str, int] = {}
+        for r, n in zip(server.requests, chars):
+            schema = re.search(r"JSON schema \((\w+)\)", r.messages[0]["content"]).group(1)
+            by_kind_chars[schema] = by_kind_chars.get(schema, 0) + n
         system_chars = [len(r.messages[0]["content"]) for r in server.requests]
         calls = read_calls(run_dir)
     finally:
         server.stop()
     return {"seconds": round(seconds, 3), "rounds": len(result.rounds), "plan": result.plan,
             "calls": len(calls), "http_requests": len(chars), "prompt_chars": sum(chars),
-            "prompt_tokens_est": sum(chars) // 4, "system_prompt_chars_mean": round(sum(system_chars) / len(chars)),
+            "prompt_tokens_est": sum(chars) // 4,
+            "prompt_chars_by_schema": dict(sorted(by_kind_chars.items())), "system_prompt_chars_mean": round(sum(system_chars) / len(chars)),
             "by_kind": {k: sum(1 for c in calls if c.kind == k) for k in sorted({c.kind for c in calls})}}
 
 

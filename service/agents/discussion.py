@@ -164,7 +164,9 @@ def run_discussion(
     transcript_dir = Path(out_dir) / "discussion"
     transcript_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda event: None)
-    base = {"facts": facts.model_dump(), "analysis": analysis.model_dump()}
+    # Every question carries the profile and the framing; the framing's key numbers are only profile
+    # numbers again, so they are left out of the ~40 questions of a discussion.
+    base = {"facts": facts.model_dump(), "analysis": analysis.model_dump(exclude={"key_numbers"})}
     checks = {e.id: proposal_check(e, facts, analysis) for e in PROPOSERS}
 
     confidences: dict[str, float] = {}
