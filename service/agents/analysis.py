@@ -9,7 +9,7 @@ from service.agents.knowledge import Hit, KnowledgeBase, default_knowledge_base
 from service.agents.plan import TaskAnalysis
 from service.agents.profile_facts import ProfileFacts, facts_from_profile
 from service.agents.prompts import task_analysis_request
-from service.llm import Backend
+from service.llm import Backend, Check
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def retrieve_cards(facts: ProfileFacts, task_text: str, kb: KnowledgeBase, k: in
     return [(h, "method") for h in methods] + [(h, "evaluation") for h in evaluation]
 
 
-def _kind_check(facts: ProfileFacts):
+def _kind_check(facts: ProfileFacts) -> Check:
     """The perturbation kind is read off the data, not chosen: a reply that says otherwise is re-asked."""
     def check(reply: TaskAnalysis) -> None:
         if reply.perturbation_kind != facts.perturbation_kind:

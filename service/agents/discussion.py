@@ -37,7 +37,7 @@ from service.agents.messages import Critique, CritiqueItem, CriticScores, Expert
 from service.agents.plan import ArgumentRef, Plan, TaskAnalysis, plan_field_paths
 from service.agents.profile_facts import facts_from_profile
 from service.agents.prompts import critique_request, proposal_request, scores_request
-from service.llm import Backend, ask_all
+from service.llm import Backend, Check, ask_all
 
 LAMBDA = 0.5
 W_SCORE = 0.5
@@ -220,7 +220,7 @@ def run_discussion(
 def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, ProposalMessage],
              inbox: dict[str, list[CritiqueMessage]], origin: dict[str, dict[str, ArgumentRef]],
              confidences: dict[str, float], emit: Callable[[DiscussionEvent], None],
-             checks: dict[str, Callable[[Any], None]]) -> dict[str, ProposalMessage]:
+             checks: dict[str, Check]) -> dict[str, ProposalMessage]:
     """Each proposer proposes (round 1) or revises its last proposal in the light of the critiques it
     received; proposers do not read each other's replies, so they are asked at once."""
     requests = []
@@ -269,7 +269,7 @@ def _critique(llm: Backend, base: dict[str, Any], rnd: int, graph: DiscussionGra
     return critiques
 
 
-def proposal_check(expert: Expert, facts: Any, analysis: TaskAnalysis) -> Callable[[Any], None]:
+def proposal_check(expert: Expert, facts: Any, analysis: TaskAnalysis) -> Check:
     """The rules a proposal keeps beyond its schema, each failure worded for the model: only fields of
     the expert's remit, each set once, and values that form a valid plan with the vetted defaults of the
     other fields (the cross-field rules: encoder options, loss weights, the primary metric listed)."""
@@ -296,7 +296,7 @@ def proposal_check(expert: Expert, facts: Any, analysis: TaskAnalysis) -> Callab
     return check
 
 
-def scores_check(proposals: dict[str, ProposalMessage]) -> Callable[[Any], None]:
+def scores_check(proposals: dict[str, ProposalMessage]) -> Check:
     """The critic scores proposals of this round only, each once."""
     def check(scores: CriticScores) -> None:
         named = [s.expert for s in scores.scores]

@@ -9,9 +9,7 @@ open). `check`s carry the rules beyond the schema; the backend re-asks with thei
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
-
 
 from service.agents import design_space
 from service.agents.experts import Expert
@@ -19,7 +17,7 @@ from service.agents.llm_kinds import CRITIC_SCORES, EXPERT_CRITIQUE, EXPERT_PROP
 from service.agents.messages import Critique, CriticScores, ExpertProposal
 from service.agents.offline_experts import ACCEPT_SEVERITY
 from service.agents.plan import Plan, TaskAnalysis
-from service.llm import LLMRequest
+from service.llm import Check, LLMRequest
 
 _PREAMBLE = (
     "You are part of CellForge, which designs models that predict single-cell perturbation responses "
@@ -43,9 +41,6 @@ def field_schemas(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
         section_ref = plan_schema["properties"][section]["$ref"].rsplit("/", 1)[-1]
         out[path] = defs[section_ref]["properties"][name]
     return out
-
-
-Check = Callable[[Any], None]
 
 
 def task_analysis_request(context: dict[str, Any], check: Check | None = None) -> LLMRequest:

@@ -126,6 +126,7 @@ class OpenAIBackend:
 
     def _answer(self, call: _Call) -> Answer:
         request, messages = call.request, call.transcript.messages
+        last_part = problem = ""  # of the previous reply, quoted back to the model on a re-ask
         for reask in range(self.max_reasks + 1):
             call.reasks = reask
             if reask:

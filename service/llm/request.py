@@ -9,6 +9,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, Field
 
 
+Check = Callable[[Any], None]  # raises ValueError with the reason the model is shown
+
+
 @dataclass(frozen=True)
 class LLMRequest:
     """One question an agent asks. `kind` names the step (e.g. "task_analysis", "propose", "debug");
@@ -26,7 +29,7 @@ class LLMRequest:
     context: dict[str, Any]
     schema: type[BaseModel]
     key: str = ""
-    check: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
+    check: Check | None = field(default=None, compare=False, repr=False)
     max_tokens: int | None = None
 
     def validate(self, reply: BaseModel) -> BaseModel:

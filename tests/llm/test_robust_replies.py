@@ -16,7 +16,6 @@ from service.llm import (
     LLMUnavailable,
     OpenAIBackend,
     RecordingBackend,
-    ReplayBackend,
     make_backend,
     parse_reply,
     read_calls,
