@@ -48,6 +48,11 @@ def test_expert_outside_its_remit_is_reasked_with_the_reason(fake_llm, tmp_path)
         reply["choices"].append({"field": "training.lr", "value": 0.5, "argument": "faster"})
         return reply
 
+    strict = llm_stack(fake_llm, tmp_path / "strict", RuleModel(first_proposal_of("biologist", overreach)),
+                       max_reasks=0, fallback=False)
+    with pytest.raises(LLMInvalidReply, match=r"fields outside the biologist remit"):  # the failure, as it was
+        discuss(strict, tmp_path / "strict")
+
     llm = llm_stack(fake_llm, tmp_path / "run", RuleModel(first_proposal_of("biologist", overreach)))
     result = discuss(llm, tmp_path / "run")
 

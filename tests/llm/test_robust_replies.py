@@ -117,6 +117,10 @@ def test_max_tokens_refused_is_sent_under_its_newer_name(fake_llm):
 
 def test_truncated_reply_is_continued(fake_llm):
     cut = len(GOOD) // 2
+    fake_llm.script(Reply(GOOD[:cut], finish_reason="length"))
+    with pytest.raises(LLMInvalidReply, match="cut off by the output limit"):  # the failure: half a JSON text
+        backend(fake_llm, max_continuations=0, max_reasks=0).ask(request())
+
     fake_llm.script(Reply(GOOD[:cut], finish_reason="length", completion_tokens=50),
                     Reply("```json\n" + GOOD[cut:] + "\n```", completion_tokens=30))
     answer = backend(fake_llm).answer(request())
