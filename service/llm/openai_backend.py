@@ -262,9 +262,12 @@ class OpenAIBackend:
     def _drop_refused(self, message: str, params: dict[str, Any]) -> str | None:
         """Step down from a parameter the server refused; what was dropped, or None if nothing applies."""
         if "response_format" in params and _FORMAT_REJECTED.search(message):
-            dropped = f"response_format={self.response_format}"
-            self.response_format = FORMATS[FORMATS.index(self.response_format) + 1]
-            return dropped
+            sent = params["response_format"]["type"]
+            # Concurrent questions may meet the same refusal: step down from what was sent, never twice.
+            weaker = FORMATS[FORMATS.index(sent) + 1]
+            if FORMATS.index(weaker) > FORMATS.index(self.response_format):
+                self.response_format = weaker
+            return f"response_format={sent}"
         if "temperature" in params and _TEMPERATURE_REJECTED.search(message):
             self.temperature = None  # reasoning models accept only their default temperature
             return "temperature"
