@@ -8,8 +8,16 @@ from pydantic import BaseModel
 
 from .offline import OfflineBackend
 from .openai_backend import CONFIGURATION_STATUS
-from .request import Answer, Backend, CallStats, Fallback, LLMBudgetSpent, LLMInvalidReply, LLMRequest, \
-    LLMUnavailable
+from .request import (
+    Answer,
+    Backend,
+    CallStats,
+    Fallback,
+    LLMBudgetSpent,
+    LLMInvalidReply,
+    LLMRequest,
+    LLMUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
