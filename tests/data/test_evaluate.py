@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from service.data import make_split
+from service.data import SplitDirectoryError, make_split
 from service.data.evaluate import Evaluator, PredictionsError, evaluate
 
 TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top20_de",
@@ -24,7 +24,7 @@ TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top
 
 def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
     """The real pseudobulk of every condition: a perfect model."""
-    cells = ad.read_h5ad(split / ("test_truth.h5ad" if which == "test" else "val.h5ad"))
+    cells = ad.read_h5ad(split / f"{which}_truth.h5ad")
     cells = cells[~cells.obs["is_control"].to_numpy(bool)]
     rows = cells.obs.drop_duplicates("condition")
     X = np.vstack([np.asarray(cells[cells.obs["condition"] == c].X.mean(axis=0)).ravel()
@@ -122,12 +122,19 @@ def test_normalization_only_where_the_ceiling_beats_the_baseline(ev):
     assert "pearson" not in got  # the baseline already beats the ceiling
 
 
-def test_val_is_scored_against_val_cells(split):
+def test_val_is_scored_against_val_truth(make_adata, tmp_path):
+    """The val conditions come from val_inputs (like test_inputs), their cells from val_truth only."""
+    adata = make_adata([f"G{i}" for i in range(20)], n_genes=40, cells_per_condition=12, contexts=["X", "Y"])
+    make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.25)
+    split = tmp_path / "split"
     report = evaluate(split, truth_predictions(split, "val"), which="val")
     assert report.which == "val"
     val = json.loads((split / "split.json").read_text())["conditions"]["val"]
-    assert len(val) == 2 and {r["condition"] for r in report.per_condition} == set(val)
+    assert len(val) == 10 and {r["condition"] for r in report.per_condition} == set(val)
     assert report.summary["mse"] == pytest.approx(0.0, abs=1e-10)
+    (split / "val_truth.h5ad").unlink()  # the inputs alone cannot score
+    with pytest.raises(SplitDirectoryError, match="val_truth.h5ad: missing"):
+        Evaluator(split, "val")
 
 
 def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
@@ -272,7 +279,7 @@ def test_split_without_val_conditions_says_so(make_adata, tmp_path):
     adata = make_adata([f"G{i}" for i in range(4)], n_genes=20, cells_per_condition=10, n_control=20)
     make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.0)
     with pytest.raises(SplitDirectoryError, match="no val conditions"):
-        Evaluator(tmp_path / "split", "val")
+        Evaluator(tmp_path / "split", "val")  # too few to hold out: cross-validation folds replace val
 
 
 def test_truth_lacking_a_condition_is_a_split_error(split):
