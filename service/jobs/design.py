@@ -13,7 +13,7 @@ from .runner import JobContext, JobFailed
 # Options a tenant may set; everything else about the run (paths, sandbox backend) is the server's.
 DESIGN_OPTIONS = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes")
 ARTIFACT_FILES = ("model.pt", "predictions.h5ad", "val_predictions.h5ad", "report.html", "metrics.json",
-                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json")
+                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json", "search.json")
 
 
 class _Stop(BaseException):
@@ -72,7 +72,7 @@ async def run_design_job(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"no attempt trained a model in {len(result.attempts)} attempt(s); see the job's events "
                         "and report.html")
     keep = ("status", "primary_metric", "model", "model_normalized", "baselines", "ceiling", "n_test_conditions",
-            "val", "chosen_attempt", "attempts", "seconds")
+            "val", "verdict", "delivered", "search", "chosen_attempt", "attempts", "seconds")
     return {"status": result.status, "metrics": {k: result.metrics[k] for k in keep if k in result.metrics}}
 
 

@@ -1,7 +1,7 @@
-"""One attempt in a sandbox: put the bundle in, run its tests, train, fetch the outputs.
+"""One run in a sandbox: put the bundle in, run its tests, train, fetch the outputs.
 
-The sandbox sees the bundle and `/data` (read-only: train, val, test_inputs — nothing else) and an
-empty environment. Every step's output is written under the attempt's folder.
+The sandbox sees the bundle and `/data` (read-only: train, val_inputs, test_inputs — no truth) and an
+empty environment. Every step's output is written under the run's folder.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def _log(path: Path, res: ExecutionResult) -> None:
 
 
 def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int, settings: SandboxSettings,
-                time_left: float, on_progress: ProgressCallback) -> AttemptOutcome:
-    """Run tests then training of the bundle in `code_dir` in a fresh sandbox; outputs land in
-    `attempt_dir/out`. A failure is returned (never raised) so the debugging agent can read it."""
+                time_left: float, on_progress: ProgressCallback, run_tests: bool = True) -> AttemptOutcome:
+    """Run tests (unless `run_tests` is false: the same code already passed them) then training of the
+    bundle in `code_dir` in a fresh sandbox; outputs land in `attempt_dir/out`. A failure is returned
+    (never raised) so the debugging agent can read it."""
     started = time.monotonic()
     out_dir = attempt_dir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +105,13 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
         data_listing = sorted((listing.stdout or "").split())
         workspace = sb.workspace
         sb.put_dir(code_dir, "code")
-        on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
-        res = sb.run_command(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
-                             cwd=f"{workspace}/code", timeout=remaining())
-        _log(attempt_dir / "pytest.log", res)
-        if res.outcome != "ok":
-            return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
+        if run_tests:
+            on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
+            res = sb.run_command(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+                                 cwd=f"{workspace}/code", timeout=remaining())
+            _log(attempt_dir / "pytest.log", res)
+            if res.outcome != "ok":
+                return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
 
         on_progress(ProgressEvent("train", "training", attempt=attempt))
 

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
-          "debug", "evaluate", "report", "done")
+          "debug", "improve", "compete", "deliver", "evaluate", "report", "done")
 
 
 @dataclass(frozen=True)
@@ -74,5 +74,5 @@ class RichProgress:
             self.state["attempt"] = str(event.attempt)
         if event.epoch is not None:
             self.state["epoch"] = str(event.epoch)
-            self.state["loss"] = f"train {event.train_loss:.4f} / val {event.val_loss:.4f}"
+            self.state["loss"] = f"train {event.train_loss:.4f} / stop {event.val_loss:.4f}"
         self.live.update(self._table())
