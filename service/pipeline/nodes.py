@@ -121,12 +121,13 @@ class NodeRunner:
     def val_predictions(self, node: Node) -> dict[str, Path]:
         return {f.name: self.run_dir(node, f.name) / "out" / "val_predictions.h5ad" for f in self.selection.folds}
 
+    def mean_run_seconds(self) -> float:
+        return sum(self.run_seconds) / len(self.run_seconds) if self.run_seconds else 60.0
+
     def node_seconds(self) -> float:
         """Expected wall time of one more node: the mean sandbox run, times the rounds its folds take."""
         rounds = 1 + math.ceil((len(self.selection.folds) - 1) / self.parallel)
-        if not self.run_seconds:
-            return 60.0 * rounds
-        return sum(self.run_seconds) / len(self.run_seconds) * min(rounds, len(self.selection.folds))
+        return self.mean_run_seconds() * min(rounds, len(self.selection.folds))
 
     def test_outputs(self, node: Node) -> tuple[Path | None, str | None]:
         """The folder of the node's outputs on the whole split (test predictions, weights): the val run's in

@@ -68,6 +68,7 @@ class DesignSettings(BaseModel):
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
     candidates: int = Field(1, ge=1, le=7, description="draft plans (the discussion's + variants)")
     max_nodes: int = Field(6, ge=0, le=100, description="improve steps after the first working model")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the groups held out for validation")
     cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
 
     def sandbox_settings(self) -> SandboxSettings:
@@ -247,7 +248,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                                                                              settings.max_genes)
     emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
     make_split(settings.data, analysis.split_scheme, settings.seed, rd.split,
-               n_genes=n_genes if n_genes < profile.n_genes else None, cv_folds=settings.cv_folds,
+               n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
+               cv_folds=settings.cv_folds,
                on_progress=lambda msg: emit(ProgressEvent("split", msg)))
     selection = prepare_selection(rd, emit)
     emit(ProgressEvent("split", f"selection by {selection.describe()}"))
@@ -262,8 +264,10 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                     _improve_calls_recorded(replay_from))
     candidates = candidate_plans(plan, settings.candidates)
     search.drafts(candidates)
-    # Room for the finish, and in a cross-validated search for the best node's run on the whole split.
-    reserve = FINISH_SECONDS + (runner.node_seconds() / len(selection.folds) * 1.5 if selection.mode == "cv" else 0)
+    # Room for the finish (a sandbox run checks delivered baseline/stack code), and in a cross-validated search
+    # for the best node's run on the whole split.
+    one_run = runner.mean_run_seconds()
+    reserve = FINISH_SECONDS + one_run + (1.5 * one_run if selection.mode == "cv" else 0)
     search.improve(reserve)
     tree = search.tree
     if len(candidates) > 1:
@@ -290,7 +294,8 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
     best = tree.best()
     designed_test: Path | None = None
     designed_failure = None
-    if best is not None:
+    if best is not None:  # plan.json describes the best designed model (metrics' "model")
+        rd.plan.write_text(best.plan.model_dump_json(indent=1) + "\n")
         out, designed_failure = runner.test_outputs(best)
         designed_test = out / "predictions.h5ad" if out is not None else None
     emit(ProgressEvent("compete", "designed model, baselines and their stack on validation"))
@@ -375,7 +380,6 @@ def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_ev
         out, _ = runner.test_outputs(best)
         shutil.copytree(runner.node_dir(best) / "code", rd.code)
         install_outputs(out, rd.root, tuple(n for n in FINAL_OUTPUTS if n != "val_predictions.h5ad"))
-        (rd.root / "plan.json").write_text(best.plan.model_dump_json(indent=1) + "\n")
         return Delivery(winner, reason, rd.predictions, {"ran": True, "matches": True, "node": best.id})
     if winner.kind == "baseline":
         predictions = test_members[winner.name]

@@ -69,6 +69,7 @@ class MetricVerdict(BaseModel):
     relative_margin_test: float | None = None
     beats_val: bool | None = None
     beats_test: bool | None = None
+    # Every baseline the model does not beat (a tie within float noise is no win), best first.
     baselines_beating_model_val: list[str] = Field(default_factory=list)
     baselines_beating_model_test: list[str] = Field(default_factory=list)
     spread_test: Spread | None = None
