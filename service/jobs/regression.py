@@ -145,7 +145,9 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
         report = await asyncio.to_thread(evaluate, run_dir / "split", run_dir / "predictions.h5ad", "test")
     except PredictionsError as exc:
         raise JobFailed(f"the stored predictions cannot be scored: {exc}") from None
-    comparison = compare_metrics(recorded["model"], report.summary, params.get("tolerances") or {},
+    # predictions.h5ad is the delivered predictor's (the designed model, a baseline or their stack).
+    delivered = (recorded.get("delivered") or {}).get("test") or recorded["model"]
+    comparison = compare_metrics(delivered, report.summary, params.get("tolerances") or {},
                                  params.get("default_tolerance", DEFAULT_TOLERANCE["rescore"]))
     ctx.emit("metrics", **{k: v for k, v in report.summary.items() if isinstance(v, (int, float))})
     (ctx.artifacts_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))

@@ -7,6 +7,7 @@ empty environment. Every step's output is written under the run's folder.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,11 +32,15 @@ class SandboxSettings:
 
     def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
         image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
+        # Thread pools sized to the CPU quota: torch and BLAS otherwise start one thread per host core and
+        # stall each other against the quota (twice as slow on a busy host).
+        threads = str(max(1, math.ceil(self.cpus)))
         return SandboxSpec(
             image=image, cpus=self.cpus, memory=self.memory, gpus=self.gpus or None, timeout=timeout,
             tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
-            env={}, labels={"cellforge.role": "design"},
+            env={name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+            labels={"cellforge.role": "design"},
         )
 
 

@@ -34,10 +34,9 @@ def design_settings(knockout_data, docker_image):
 
 @pytest.fixture(scope="session")
 def offline_run(design_settings, tmp_path_factory) -> DesignResult:
-    """Two drafts, then one improve step of the search."""
+    """One draft, then one improve step of the search."""
     events = []
-    result = run_design(design_settings(tmp_path_factory.mktemp("runs") / "offline", candidates=2, max_nodes=1,
-                                        max_minutes=15),
+    result = run_design(design_settings(tmp_path_factory.mktemp("runs") / "offline", max_nodes=1, max_minutes=15),
                         on_progress=events.append)
     result.events = events
     return result
