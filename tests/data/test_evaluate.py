@@ -260,6 +260,31 @@ def test_cli_score_prints_table_and_json(split, tmp_path):
     assert len(report["per_condition"]) == report["n_conditions"] == 4
 
 
+def test_cli_score_states_the_verdict_against_the_best_baseline_first(split, tmp_path):
+    """The mean-Δ baseline's own predictions tie it and lose to the better baselines: the verdict says so,
+    names the best baseline with its score and warns that 4 test conditions cannot decide."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from service.data.baselines import run_baselines
+
+    path = tmp_path / "pred.h5ad"
+    run_baselines(split)["mean_delta"].write_h5ad(path)
+    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    verdict = report["verdict"]
+    p = verdict["metrics"]["pearson_delta_pert"]
+    best = max(report["baselines"], key=lambda n: report["baselines"][n].get("pearson_delta_pert", -9))
+    assert verdict["beats_baselines"] is False and p["beats_test"] is False
+    assert (p["best_baseline_test"], p["best_baseline_test_score"]) == (best, report["baselines"][best]["pearson_delta_pert"])
+    assert "mean_delta" in p["baselines_beating_model_test"]  # a tie is no win
+    assert p["margin_test"] == pytest.approx(report["summary"]["pearson_delta_pert"] - p["best_baseline_test_score"])
+    assert set(verdict["metrics"]) == {"pearson_delta_pert", "mse_top20_de"}
+    assert any("fewer than 10" in w for w in verdict["warnings"])
+
+
 def test_cli_score_reports_a_bad_prediction_as_one_json_error(split, tmp_path):
     from typer.testing import CliRunner
 

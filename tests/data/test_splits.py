@@ -271,6 +271,7 @@ def test_cli_split_json(make_adata, h5ad_path, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["ok"] and payload["scheme"] == "combo" and payload["seed"] == 5
+    assert payload["validation"] == "cv" and payload["group_by"] == "perturbation" and len(payload["folds"]) == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "split.json", "test_inputs.h5ad", "test_truth.h5ad", "train.h5ad", "val_inputs.h5ad", "val_truth.h5ad"]
 

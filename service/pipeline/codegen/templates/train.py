@@ -205,23 +205,23 @@ def main(argv: list[str] | None = None) -> None:
     controls = control_means(train_cells)
     train = ConditionSet.from_cells(train_cells, controls)
     val, test = to_predict(val_inputs, controls), to_predict(test_inputs, controls)
+    seed = int(config["seed"])
     group_by = dict(train_cells.uns.get("split", {})).get("group_by", "perturbation")
-    held, group_by = stop_rows(train.table, group_by, int(config["seed"]))
+    held, group_by = stop_rows(train.table, group_by, seed)
     print(f"device={device} genes={len(genes)} train_conditions={len(train)} stop_conditions={int(held.sum())} "
           f"(whole {group_by} groups) val_conditions={len(val)} test_conditions={len(test)}", flush=True)
 
-    seed = int(config["seed"])
+    none = train.take(np.zeros(len(train), dtype=bool))
     with (args.out / "train_log.jsonl").open("w") as log:
-        if held.any():  # phase 1: how many epochs, judged on groups no part of the model saw
+        if held.any() and config["residual_delta"]:  # phase 1: how many epochs, on groups no part of the model saw
             fit_part, stop = train.take(~held), train.take(held)
             selected = fit(fitted_model(config, genes, train_cells, fit_part, stop, seed), fit_part, stop, config,
                            device, log)
         else:
             selected = {"epoch": 0, "val_loss": float("nan"), "train_loss": float("nan")}
         # phase 2: every training condition, that many epochs
-        model = fitted_model(config, genes, train_cells, train, train.take(np.zeros(len(train), dtype=bool)), seed)
-        final = fit(model, train, train.take(np.zeros(len(train), dtype=bool)), config, device, log,
-                    epochs=selected["epoch"])
+        model = fitted_model(config, genes, train_cells, train, none, seed)
+        final = fit(model, train, none, config, device, log, epochs=selected["epoch"])
 
     write_predictions(args.out / "val_predictions.h5ad", val, model.predict_delta(val, device), genes)
     write_predictions(args.out / "predictions.h5ad", test, model.predict_delta(test, device), genes)
