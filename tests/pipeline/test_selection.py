@@ -74,13 +74,16 @@ def _noisy(fold, rng, sigma: float) -> ad.AnnData:
 @pytest.mark.parametrize("which", ["cv_run", "holdout_run"])
 def test_stack_is_cross_fitted_and_beats_noisy_members(which, request):
     """Members = truth + independent noise: their blend averages the noise out, and the stack's validation
-    score — each chunk predicted with weights fitted on the other chunks — beats the best member's."""
+    score — each chunk predicted with weights fitted on the other chunks — beats the best member's. (On
+    real members a cross-fitted stack can score below its best member; then it does not win.)"""
     _, selection = request.getfixturevalue(which)
     rng = np.random.default_rng(0)
     members = {name: {f.name: _noisy(f, rng, 0.3) for f in selection.folds} for name in ("a", "b", "c")}
     stack = fit_stack(selection, members)
     assert stack is not None and all(w >= 0 for w in stack.weights.values())
     assert len(stack.chunk_weights) == len(chunks(selection))
+    for weights in (stack.weights, *stack.chunk_weights):  # an average of the members' Δ, never a shrinkage
+        assert sum(weights.values()) == pytest.approx(1.0)
     scores = {n: selection.score(p).summary["mse"] for n, p in members.items()}
     stacked = selection.score(stack.val_predictions).summary["mse"]
     assert stacked < min(scores.values())
