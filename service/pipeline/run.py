@@ -329,6 +329,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
         delivered_val=delivery.entry.score(primary), delivered_test=delivered_report.summary.get(primary),
         validation=selection.describe(), n_val_conditions=selection.n_conditions, n_test_conditions=n_test,
         not_competing=not_competing)
+    verdict.warnings += selection.warnings
     if designed_failure:
         verdict.warnings.append(f"the best designed node did not run on the whole split: {designed_failure}")
     metrics: dict[str, Any] = {

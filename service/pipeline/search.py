@@ -278,8 +278,28 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
     return out
 
 
+NO_EFFECT_STREAK = 2  # changes in a row that leave validation exactly as it was: the rules' knobs do not reach it
+
+
+def _no_effect_streak(history: list[dict[str, Any]]) -> int:
+    """How many of the last improve nodes scored exactly what their parent scored."""
+    score = {h["id"]: h.get("val") for h in history if "id" in h}
+    streak = 0
+    for h in reversed([h for h in history if h.get("kind") == "improve"]):
+        mine, theirs = h.get("val"), score.get(h.get("parent"))
+        if not (finite(mine) and finite(theirs) and abs(mine - theirs) <= 1e-12):
+            break
+        streak += 1
+    return streak
+
+
 def offline_improve(context: dict[str, Any]) -> Change:
-    """The first proposal the history has not tried yet (deterministic), or `stop`."""
+    """The first proposal the history has not tried yet (deterministic), or `stop` — also when the last
+    changes left validation exactly unchanged (e.g. the network's residual is not used for unseen cell
+    types, so its knobs cannot move their predictions)."""
+    if _no_effect_streak(context["history"]) >= NO_EFFECT_STREAK:
+        return Change(label="stop", rationale=f"the last {NO_EFFECT_STREAK} changes left validation exactly "
+                      "unchanged: the knobs the rules turn do not reach these predictions", stop=True)
     tried = {h["label"] for h in context["history"]}
     for change in _proposals(context):
         if change.label not in tried:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from service.data.baselines import BASELINES, applicable_baselines
 from service.data.evaluate import EvaluationReport, Evaluator
+from service.data.conditions import parse_condition_key
 from service.data.splits import Split, condition_groups, load_split, write_fold
 from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.rundir import RunDir, link_model_files
@@ -95,6 +96,7 @@ class Selection:
     folds: list[Fold]
     main_data: Path  # the whole split's model files: a run on them gives the test predictions
     baselines: list[str]  # baselines applicable on every fold: those that can compete
+    warnings: list[str] = field(default_factory=list)  # where validation cannot mirror the test fully
 
     def score(self, predictions: dict[str, ad.AnnData | Path]) -> PooledScore:
         """Pooled score of one prediction set per fold (a `PredictionsError` names what is wrong)."""
@@ -146,7 +148,27 @@ def prepare_selection(rd: RunDir, on_progress: ProgressCallback | None = None) -
         fold.baselines = {n: BASELINES[n][0](fold.evaluator.task) for n in names}
         per_fold.append(names)
     common = [n for n in per_fold[0] if all(n in names for names in per_fold)]
-    return Selection(split.info.validation, split.info.group_by, folds, main, common)
+    return Selection(split.info.validation, split.info.group_by, folds, main, common,
+                     _fold_warnings(split, folds))
+
+
+def _training_groups(conditions: pd.DataFrame, group_by: str) -> int:
+    return len(set(condition_groups(conditions, group_by)))
+
+
+def _fold_warnings(split: Split, folds: list[Fold]) -> list[str]:
+    """A fold whose training data holds a single group (e.g. one cell type) cannot show transfer learned
+    across groups, which the whole split's model can use: its validation is a weak guide."""
+    if split.info.validation != "cv":
+        return []
+    group_by = split.info.group_by
+    fewest = min(_training_groups(f.evaluator.task.train.conditions, group_by) for f in folds)
+    if fewest >= 2:
+        return []
+    keys = [parse_condition_key(c) for c in split.info.conditions["train"]]
+    whole = _training_groups(pd.DataFrame(keys, columns=["perturbation", "dose", "context"]), group_by)
+    return [f"a cross-validation fold trains on a single {group_by} while the test model trains on {whole}: "
+            f"validation cannot show what is learned across {group_by}s, so selection on it is a weak guide"]
 
 
 def stacked_frame(fold: Fold, prediction: ad.AnnData | Path) -> np.ndarray:

@@ -118,3 +118,16 @@ def test_the_journal_keeps_a_node_only_when_validation_improves(plan):
     for i, score in enumerate([0.5, 0.4, 0.6], 1):
         mse.judge(mse.add(_node(i, plan, score)))
     assert [n.status for n in mse.nodes] == ["kept", "kept", "discarded"]
+
+
+def test_changes_that_leave_validation_unchanged_stop_the_search(plan):
+    """Unseen cell types: the residual network is not used for them, so network knobs cannot move
+    validation; after two such changes the rules stop rather than spend the budget."""
+    table = _table({PRIMARY: 0.1, "mse_top20_de": 0.9}, {"control": {PRIMARY: 0.3, "mse_top20_de": 0.7}})
+    same = [{"id": 2, "parent": 1, "kind": "improve", "label": "a", "val": 0.1},
+            {"id": 3, "parent": 1, "kind": "improve", "label": "b", "val": 0.1}]
+    assert offline_improve(_context(plan, table, same[:1])).stop is False
+    stop = offline_improve(_context(plan, table, same))
+    assert stop.stop and "unchanged" in stop.rationale
+    moved = [*same[:1], {**same[1], "val": 0.12}]
+    assert offline_improve(_context(plan, table, moved)).stop is False
