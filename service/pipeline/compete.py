@@ -59,8 +59,10 @@ def rank(entries: list[Entry], primary: str) -> list[Entry]:
 
 
 def with_stack(selection: Selection, entries: list[Entry], primary: str) -> list[Entry]:
-    """The entries plus the stack of the best MAX_MEMBERS of them (when two or more can be stacked)."""
-    members = [e for e in rank(entries, primary) if finite(e.score(primary))][:MAX_MEMBERS]
+    """The entries plus the stack of the best MAX_MEMBERS of them (when two or more can be stacked). The
+    control baseline is no member: its Δ is zero, so weight on it would only shrink the blend towards the
+    control, trading the strongly changed genes for the unchanged ones."""
+    members = [e for e in rank(entries, primary) if finite(e.score(primary)) and e.name != "control"][:MAX_MEMBERS]
     stack = fit_stack(selection, {e.name: e.val_predictions for e in members})
     if stack is None:
         return entries

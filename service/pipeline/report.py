@@ -166,7 +166,7 @@ def search_svg(tree: dict[str, Any]) -> str:
         x, y = position.get(node["id"], (0, 0))
         score = (node.get("val") or {}).get("primary")
         colour = STATUS_COLOUR.get(node["status"], "#9e9e9e")
-        label = html.escape(str(node["label"])[:24])
+        label = html.escape(str(node["label"])[:18])
         text = f"{score:.4f}" if isinstance(score, (int, float)) else node["status"]
         parts.append(
             f'<g><rect x="{x * width + 5}" y="{y * height + 5}" width="{box_w}" height="{box_h}" rx="6" '

@@ -105,7 +105,9 @@ def test_the_choice_is_never_worse_on_validation_than_the_best_baseline(cv_run):
     rng = np.random.default_rng(1)
     bad = {f.name: _noisy(f, rng, 2.0) for f in selection.folds}
     entries.append(Entry("designed", "designed", selection.score(bad), bad))
-    ranked = rank(with_stack(selection, entries, primary), primary)
+    stacked = with_stack(selection, entries, primary)
+    assert "control" not in next(e for e in stacked if e.kind == "stack").weights  # it would only shrink the blend
+    ranked = rank(stacked, primary)
     best_baseline = max(e.score(primary) for e in entries if e.kind == "baseline")
     assert ranked[0].kind != "designed" and not better(primary, best_baseline, ranked[0].score(primary))
     # A tie goes to the simpler (baselines are listed first): a designed model equal to the best baseline does
