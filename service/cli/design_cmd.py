@@ -123,7 +123,8 @@ def design(
 
     if server:
         _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
-                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus)
+                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus, max_nodes=max_nodes,
+                    candidates=candidates)
         return
     try:
         config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})

@@ -11,7 +11,8 @@ from typing import Any
 from .runner import JobContext, JobFailed
 
 # Options a tenant may set; everything else about the run (paths, sandbox backend) is the server's.
-DESIGN_OPTIONS = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes")
+DESIGN_OPTIONS = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes", "max_nodes",
+                  "candidates")
 ARTIFACT_FILES = ("model.pt", "predictions.h5ad", "val_predictions.h5ad", "report.html", "metrics.json",
                   "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json", "search.json")
 

@@ -29,7 +29,8 @@ def design_job(server, alice, tmp_path_factory):
     simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(folder / "knockout.h5ad")
     events = []
     job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
-                     on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8)
+                     on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8,
+                     max_nodes=0)
     return job, events, folder / "outputs"
 
 
@@ -67,8 +68,10 @@ def test_rescore_replay_and_pytest_regressions_pass_on_the_stored_run(server, al
     for kind, run in done.items():
         assert run["status"] == "succeeded", (kind, run["error"])
         assert run["result"]["passed"] is True, (kind, run["result"])
+    # predictions.h5ad is the delivered predictor's (designed model, baseline or stack): every metric recorded
+    # for it is compared (the control baseline, for one, has no pearson_delta).
     compared = {d["metric"] for d in done["rescore"]["result"]["differences"]}
-    assert {"mse", "pearson_delta"} <= compared
+    assert "mse" in compared and compared == set(job["result"]["metrics"]["delivered"]["test"])
     assert all(d["difference"] == 0 for d in done["rescore"]["result"]["differences"] if d["difference"] is not None)
     assert done["replay"]["result"]["failed_metrics"] == []
     assert done["pytest"]["result"]["summary"]["failed"] == 0 and done["pytest"]["result"]["summary"]["total"] > 0
@@ -92,7 +95,7 @@ def test_cli_design_targets_a_remote_server(server, alice, tmp_path):
     simulate("knockout", 1, n_cells=2000, n_genes=80).write_h5ad(data)
     cellforge = str(Path(sys.executable).parent / "cellforge")
     done = subprocess.run([cellforge, "design", "--data", str(data), "--task", TASK, "--out", str(tmp_path / "run"),
-                           "--server", server.url, "--max-attempts", "2", "--json"],
+                           "--server", server.url, "--max-attempts", "2", "--max-nodes", "0", "--json"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CELLFORGE_API_KEY": alice.key})
     assert done.returncode == 0, done.stderr[-3000:]
