@@ -136,7 +136,8 @@ def _show_split(info: SplitInfo, out: Path) -> None:
         counts = Counter(info.categories[c] for c in conds if c in info.categories)
         table.add_row(part, str(len(conds)), str(cells[part]), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     for which in ("val", "test"):
-        table.add_row(f"{which}_inputs", "-", str(info.n_cells[f"{which}_inputs"]), f"control cells of the {which} contexts")
+        table.add_row(f"{which}_inputs", "-", str(info.n_cells[f"{which}_inputs"]),
+                      f"control cells of the {which} contexts")
     out_console = Console()
     out_console.print(table)
     if info.validation == "cv":

@@ -4,8 +4,9 @@ the evaluator.
 A baseline sees exactly what a model sees: the training cells, the conditions to predict and the
 control cells of their contexts (those of `val_inputs.h5ad` / `test_inputs.h5ad`; no truth is ever
 read here). `inputs_task` builds the same task from a folder of model files alone (a sandbox's `/data`),
-so a delivered baseline bundle runs this very module. Each writes predictions in the model format: one row per condition, `obs` with
-`condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean log-normalized profile.
+so a delivered baseline bundle runs this very module. Each writes predictions in the model format: one
+row per condition, `obs` with `condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean
+log-normalized profile.
 
 Throughout, Δ of a training condition is its pseudobulk minus the control pseudobulk of its own
 context, and a prediction is always "control of the target context + some Δ".

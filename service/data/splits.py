@@ -353,8 +353,8 @@ def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction
     except SplitError as exc:
         raise SplitError(f"{dataset.layout.source}: {exc}") from None
     # Its own stream: the test and val assignment of a seed stay what they were without folds.
-    plan.validation, plan.group_by, plan.folds = choose_validation(conds, plan, scheme, np.random.default_rng([seed, 1]),
-                                                                   cv_folds)
+    fold_rng = np.random.default_rng([seed, 1])
+    plan.validation, plan.group_by, plan.folds = choose_validation(conds, plan, scheme, fold_rng, cv_folds)
     return plan
 
 
@@ -415,7 +415,8 @@ def _targets_table(dataset: Dataset, obs: pd.DataFrame, masks: dict[str, np.ndar
 def predict_table(cells: pd.DataFrame) -> dict[str, list]:
     """`uns["predict"]` of an inputs part: equal-length lists naming each condition of `cells` (obs rows)."""
     predict = cells[[CONDITION, PERTURBATION, DOSE, CONTEXT]].drop_duplicates(CONDITION).sort_values(CONDITION)
-    return {CONDITION: predict[CONDITION].astype(str).tolist(), PERTURBATION: predict[PERTURBATION].astype(str).tolist(),
+    return {CONDITION: predict[CONDITION].astype(str).tolist(),
+            PERTURBATION: predict[PERTURBATION].astype(str).tolist(),
             DOSE: predict[DOSE].astype(float).tolist(), CONTEXT: predict[CONTEXT].astype(str).tolist()}
 
 

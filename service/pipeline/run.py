@@ -27,8 +27,8 @@ from service.llm import Backend, LLMConfig, make_backend, read_calls, summarize_
 from service.pipeline.candidates import candidate_plans
 from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
-from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank, stack_test_predictions,
-                                      verify_code, with_stack, write_predictor_code)
+from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
+                                      stack_test_predictions, verify_code, with_stack, write_predictor_code)
 from service.pipeline.debugger import (DEBUG, DebugPatch, PatchError, apply_patch, debug_context, debug_request,
                                        offline_debug, unified_diff)
 from service.pipeline.execute import OUTPUT_FILES, SandboxSettings

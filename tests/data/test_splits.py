@@ -69,7 +69,8 @@ def test_parts_are_disjoint_in_conditions_and_cells(splits, scheme):
         assert len(conds["val"]) >= MIN_VAL_CONDITIONS and not s.info.folds
     else:
         assert not conds["val"] and len(s.info.folds) >= 2
-    assert not (conds["train"] & conds["val"]) and not (conds["train"] & conds["test"]) and not (conds["val"] & conds["test"])
+    assert not (conds["train"] & conds["val"]) and not (conds["train"] & conds["test"])
+    assert not (conds["val"] & conds["test"])
     train_obs, val_obs, truth_obs = s.train.obs, s.val_truth.obs, s.test_truth.obs
     assert set(train_obs.loc[~train_obs["is_control"], "condition"]) == conds["train"]
     assert set(val_obs["condition"]) == conds["val"]

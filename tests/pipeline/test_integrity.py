@@ -105,7 +105,8 @@ def test_validation_is_leave_one_cell_type_out(hostile_run):
         split = json.loads((hostile_run.run_dir / "folds" / f"fold{k}" / "split" / "split.json").read_text())
         assert len({c.split("|")[2] for c in split["conditions"]["val"]}) == 1  # one whole cell type
     # Each fold trains on one cell type while the test model trains on two: the verdict says selection is weak.
-    assert any("single context while the test model trains on 2" in w for w in hostile_run.metrics["verdict"]["warnings"])
+    warnings = hostile_run.metrics["verdict"]["warnings"]
+    assert any("single context while the test model trains on 2" in w for w in warnings)
 
 
 def test_a_bundle_searching_for_validation_truth_finds_none(hostile_run):

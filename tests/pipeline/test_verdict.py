@@ -46,7 +46,8 @@ def test_a_baseline_that_beats_the_model_is_named_with_the_margins(losing):
     # A tie is no win: linear_pca_ridge equals the model on test, so it is listed as not beaten.
     assert p.baselines_beating_model_val == ["gene_similarity"]
     assert p.baselines_beating_model_test == ["gene_similarity", "linear_pca_ridge"]
-    assert p.spread_test.n == 6 and p.spread_test.min == pytest.approx(0.30) and p.spread_test.max == pytest.approx(0.35)
+    assert p.spread_test.n == 6
+    assert (p.spread_test.min, p.spread_test.max) == (pytest.approx(0.30), pytest.approx(0.35))
     assert p.paired_test.baseline == "gene_similarity" and p.paired_test.win_fraction == 0.0
     assert p.paired_test.ci95[1] < 0  # every condition lost: the interval excludes zero
 
