@@ -1,6 +1,7 @@
 """Sandbox layer benchmark: prints one JSON object (the same figures as `cellforge sandbox bench --json`).
 
     .venv/bin/python benchmarks/sandbox_bench.py [--n 10] [--roundtrips 200] [--max-live 30] [--image I] [--preload CODE]
+        [--runtime runsc]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--live-memory", default="512m")
     parser.add_argument("--image", default=DEFAULT_CPU_IMAGE)
     parser.add_argument("--preload", default=DEFAULT_PRELOAD)
+    parser.add_argument("--runtime", default=None, help="container runtime (runsc: gVisor); default the engine's")
     args = parser.parse_args()
     result = asyncio.run(
         run_bench(
@@ -32,6 +34,7 @@ def main() -> None:
             live_limit=args.max_live,
             live_memory=args.live_memory,
             preload=args.preload,
+            runtime=args.runtime,
         )
     )
     print(result.model_dump_json())

@@ -32,12 +32,15 @@ from .images import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE
 from .kernel import KernelHost, Sandbox
 from .local_backend import LocalBackend
 from .pool import SandboxPool
+from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
 from .spec import Mount, SandboxSpec, parse_size
 from .sync import SyncSandbox
 
 __all__ = [
     "DEFAULT_CPU_IMAGE",
     "DEFAULT_GPU_IMAGE",
+    "RUNC",
+    "RUNSC",
     "AnyStreamEvent",
     "DisplayEvent",
     "DockerBackend",
@@ -66,6 +69,8 @@ __all__ = [
     "TruncatedEvent",
     "WorkspacePathError",
     "WorkspaceQuotaError",
+    "engine_runtimes",
     "parse_size",
+    "require_runtime",
 ]
 from .pool import PoolClosed, PoolError, PooledSandbox, PoolStats, QuotaExceeded, SandboxReaped, WarmupFailed  # noqa: E402,F401

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .pool import DEFAULT_PRELOAD, SandboxPool
+from .runtimes import RUNC, require_runtime
 from .spec import SandboxSpec
 
 # The targets of issue 2; `BenchResult.targets_met` checks the figures against them.
@@ -29,12 +30,14 @@ Progress = Callable[[str, int, int], None]
 
 class BenchResult(BaseModel):
     image: str
+    runtime: str
     n: int
     cold_start_ms_p50: float
     bare_docker_run_ms_p50: float
     warm_acquire_ms_p50: float
     exec_roundtrip_ms_p50: float
     exec_roundtrip_ms_p95: float
+    torch_import_ms_p50: float
     max_live_sandboxes: int
     max_live_tried: int
     live_memory: str
@@ -57,15 +60,18 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     return None
 
 
-def bare_docker_run_ms(image: str, n: int, progress: Progress = _no_progress) -> list[float]:
-    """`docker run --rm IMAGE true`, the floor any container-based sandbox starts from."""
+def bare_docker_run_ms(
+    image: str, n: int, progress: Progress = _no_progress, runtime: str | None = None
+) -> list[float]:
+    """`docker run --rm [--runtime R] IMAGE true`, the floor any container-based sandbox starts from."""
     samples = []
+    command = ["docker", "run", "--rm", *(["--runtime", runtime] if runtime else []), image, "true"]
     for i in range(n):
         start = time.perf_counter()
-        proc = subprocess.run(["docker", "run", "--rm", image, "true"], capture_output=True)
+        proc = subprocess.run(command, capture_output=True)
         samples.append(_ms(start))
         if proc.returncode != 0:
-            raise RuntimeError(f"docker run --rm {image} true failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace').strip()}")
         progress("bare docker run", i + 1, n)
     return samples
 
@@ -118,6 +124,23 @@ async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progre
     return samples
 
 
+async def torch_import_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+    """`import torch` in a fresh kernel: the first thing most generated code does."""
+    samples = []
+    for i in range(n):
+        sb = await backend.create(spec)
+        try:
+            start = time.perf_counter()
+            res = await sb.execute("import torch", timeout=120)
+            samples.append(_ms(start))
+            if res.outcome != "ok":
+                raise RuntimeError(f"import torch gave outcome {res.outcome}: {res.ename} {res.evalue}")
+        finally:
+            await sb.close()
+        progress("import torch", i + 1, n)
+    return samples
+
+
 async def max_live(backend: Any, spec: SandboxSpec, limit: int, progress: Progress = _no_progress) -> int:
     """Start up to `limit` sandboxes (two at a time) and count those that all answer at once."""
     live: list[Any] = []
@@ -143,22 +166,27 @@ async def run_bench(
     live_limit: int = 30,
     live_memory: str = "512m",
     preload: str = DEFAULT_PRELOAD,
+    runtime: str | None = None,
     progress: Progress = _no_progress,
 ) -> BenchResult:
-    spec = SandboxSpec(image=image)
-    bare = await asyncio.to_thread(bare_docker_run_ms, image, n, progress)
+    spec = SandboxSpec(image=image, runtime=runtime)
+    require_runtime(runtime, backend.client)
+    bare = await asyncio.to_thread(bare_docker_run_ms, image, n, progress, runtime)
     cold = await cold_start_ms(backend, spec, n, progress)
     warm = await warm_acquire_ms(backend, spec, n, preload, progress)
     rt = await roundtrip_ms(backend, spec, roundtrips, progress)
+    torch = await torch_import_ms(backend, spec, max(1, min(n, 3)), progress)
     alive = await max_live(backend, spec.model_copy(update={"memory": live_memory}), live_limit, progress)
     result = dict(
         image=image,
+        runtime=runtime or RUNC,
         n=n,
         cold_start_ms_p50=p50(cold),
         bare_docker_run_ms_p50=p50(bare),
         warm_acquire_ms_p50=p50(warm),
         exec_roundtrip_ms_p50=p50(rt),
         exec_roundtrip_ms_p95=p95(rt),
+        torch_import_ms_p50=p50(torch),
         max_live_sandboxes=alive,
         max_live_tried=live_limit,
         live_memory=live_memory,

@@ -38,12 +38,13 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from .errors import SandboxError, SandboxStartError
 from .kernel import Sandbox, connection_info, describe_exit
 from .reaper import owner_labels
+from .runtimes import task_limits, unregistered
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class DockerBackend:
                 raise SandboxStartError(
                     f"sandbox image {spec.image!r} not found; build it with `cellforge images build`"
                 ) from None
+            if isinstance(exc, docker.errors.APIError) and spec.runtime and "unknown runtime" in str(exc).lower():
+                raise unregistered(spec.runtime) from None
             if isinstance(exc, docker.errors.APIError):
                 raise SandboxStartError(f"Docker refused sandbox {sandbox_id}: {exc.explanation or exc}") from None
             raise
@@ -154,6 +157,7 @@ class DockerBackend:
             device_requests = [DeviceRequest(device_ids=list(spec.gpus), capabilities=[["gpu"]])]
         elif spec.gpus:
             device_requests = [DeviceRequest(count=spec.gpus, capabilities=[["gpu"]])]
+        host_pids, guest_nproc = task_limits(spec.runtime, spec.pids_limit)
         host_config = self.client.api.create_host_config(
             network_mode="none",
             cap_drop=["ALL"],
@@ -164,7 +168,8 @@ class DockerBackend:
                 WORKSPACE: f"rw,nosuid,nodev,size={spec.workspace_bytes},uid={uid},gid={gid},mode=0755",
             },
             mounts=mounts,
-            pids_limit=spec.pids_limit,
+            pids_limit=host_pids,
+            ulimits=[Ulimit(name="nproc", soft=guest_nproc, hard=guest_nproc)] if guest_nproc else None,
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9),
@@ -219,7 +224,14 @@ class DockerKernelHost:
 
     async def restart_kernel(self) -> None:
         self.backend.set_kernel_dir_writable(self.host_dir, True)
+        self._remove_sockets()
         await self.backend.call(self._api.kill, self.container_id, "SIGUSR1")
+
+    def _remove_sockets(self) -> None:
+        # The next kernel binds the same socket paths. Under gVisor (runsc) a socket file on the bind
+        # mount cannot be unlinked from inside (EPERM), so the host removes the old ones first.
+        for leftover in self.host_dir.glob("k-*"):
+            leftover.unlink(missing_ok=True)
 
     def _state(self, wait_s: float) -> dict[str, Any]:
         if wait_s > 0:
@@ -246,8 +258,7 @@ class DockerKernelHost:
             await self.restart_kernel()
             return
         self.backend.set_kernel_dir_writable(self.host_dir, True)
-        for leftover in self.host_dir.glob("k-*"):
-            leftover.unlink(missing_ok=True)
+        self._remove_sockets()
         await self.backend.call(self._api.start, self.container_id)
 
     async def destroy(self) -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from .gpu_lock import WHEEL_PLATFORMS, LockError, PackageIndex, verify_lock
+
 REPOSITORY = "cellforge-sandbox"
 DEFAULT_CPU_IMAGE = f"{REPOSITORY}:cpu"
 DEFAULT_GPU_IMAGE = f"{REPOSITORY}:gpu"
@@ -47,11 +49,6 @@ ROOTFS_EXCLUDES = (
     "./usr/share/doc/*", "./usr/share/man/*", "./usr/share/info/*", "./usr/share/locale/*",
 )
 
-# The sandbox runs Python 3.11 on x86-64 Linux; every manylinux tag up to bookworm's glibc 2.36.
-WHEEL_PLATFORMS = (
-    "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64",
-    "manylinux_2_28_x86_64", "manylinux_2_34_x86_64",
-)
 WHEEL_PYTHON = "3.11"
 _WHEELHOUSE_STAMP = ".complete"
 
@@ -145,10 +142,22 @@ def fill_wheelhouse(flavor: str, log: LogFn | None = None, images_dir: Path | No
     requirements = flavor_dir / "requirements.txt"
     wheelhouse = flavor_dir.parent / ".wheelhouse" / flavor
     stamp = wheelhouse / _WHEELHOUSE_STAMP
-    want = hashlib.sha256(requirements.read_bytes() + "|".join(WHEEL_PLATFORMS).encode()).hexdigest()
+    # Every requirements file of the flavor counts (the GPU one includes its torch lock).
+    pinned = b"".join(path.read_bytes() for path in sorted(flavor_dir.glob("*.txt")))
+    want = hashlib.sha256(pinned + "|".join(WHEEL_PLATFORMS).encode()).hexdigest()
     if stamp.is_file() and stamp.read_text().strip() == want:
         return wheelhouse
 
+    if flavor == "gpu":
+        # Metadata only: a lock the index cannot serve fails here, not after gigabytes of downloads.
+        log("checking that the index serves every wheel of the CUDA torch lock")
+        index = PackageIndex()
+        try:
+            verify_lock(index, flavor_dir)
+        except LockError as exc:
+            raise WheelhouseError(str(exc)) from None
+        finally:
+            index.close()
     wheelhouse.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version",

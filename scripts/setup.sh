@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for CellForge, idempotently: Docker engine (installed and started when
-# missing), the Python environment in .venv, and the CPU sandbox image (built offline, cached by
-# content). Prints what it does; safe to run again.
+# missing), the Python environment in .venv, the CPU sandbox image (built offline, cached by
+# content), and gVisor's runsc runtime under CI or with CELLFORGE_RUNSC=1. Prints what it does; safe
+# to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,3 +51,12 @@ fi
 
 log "sandbox image"
 .venv/bin/cellforge images build --flavor cpu
+
+# gVisor: CI runs the gVisor sandbox tests, so there it must be installed and registered (a failure
+# fails setup rather than letting those tests skip); elsewhere it is opt-in.
+if [ "${CI:-}" = true ] || [ "${CELLFORGE_RUNSC:-}" = 1 ]; then
+  log "gVisor runtime (runsc)"
+  ./scripts/setup-runsc.sh
+elif ! docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
+  log "gVisor (runsc) is not registered; CELLFORGE_RUNSC=1 ./scripts/setup.sh (or scripts/setup-runsc.sh) adds it"
+fi

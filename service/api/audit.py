@@ -36,7 +36,7 @@ class AuditLog:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self.flush)
+        await self.db.run(self.flush)
 
     def flush(self) -> None:
         rows, self._pending = self._pending, []
@@ -51,4 +51,4 @@ class AuditLog:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_every)
-            await asyncio.to_thread(self.flush)
+            await self.db.run(self.flush)

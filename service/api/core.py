@@ -1,6 +1,11 @@
 """The service core both transports call: authentication, rate limits, audit, sandboxes, datasets, jobs.
 
 HTTP (`http_app`) and gRPC (`grpc_server`) only translate requests and errors; every rule lives here.
+
+Threads: authentication has its own two threads and every other database call the database's own
+(`Database.run`); untrusted CPU work (bundle unpacking) has a bounded pool, job pipelines the runner's.
+None of them is the event loop's default executor, so whatever fills one (a tenant's uploads, Docker
+calls) never delays another tenant's authentication.
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import select
 
 from sandbox import DockerBackend, SandboxPool, SandboxSpec
 from sandbox.spec import parse_size
 from service.jobs import Job, JobRunner, JobStore, job_kinds
 from service.jobs.db import Database, default_db_url
+from service.jobs.store import WRITE_RETRY_S
 
 from .audit import AuditLog
 from .datasets import DatasetService
@@ -25,12 +34,18 @@ from .errors import ServiceError
 from .jobs_api import JobService
 from .limits import RateLimiter
 from .metrics import ServiceMetrics
+from .quotas import UploadMeter
+from .records import TenantRow
 from .sandboxes import SandboxService
 from .tenants import Tenant, authenticate
+from .workpool import WorkPool
 
 log = logging.getLogger(__name__)
 
 AUTH_CACHE_S = 1.0
+# How often the server looks for revoked tenants whose sandboxes and jobs it must stop.
+REVOCATION_POLL_S = 1.0
+REVOKED = "its tenant's API key was revoked"
 
 
 @dataclass
@@ -43,6 +58,7 @@ class CoreConfig:
     max_lifetime: float = 3600.0
     max_upload: str = "2g"
     workers: int = 2
+    db_retry: float = WRITE_RETRY_S  # seconds a failing write of the job machinery is retried
     backend: Any = field(default=None, repr=False)  # a sandbox backend; DockerBackend() when None
 
 
@@ -63,41 +79,91 @@ class CellForgeCore:
             reap_interval=min(5.0, config.idle_timeout / 2), reap_orphans=isinstance(self.backend, DockerBackend),
         )
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
+        self.uploads = UploadMeter(self.db)
         self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder)
-        self.store = JobStore(self.db)
+        self.store = JobStore(self.db, retry_for=config.db_retry)
         self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
-                                on_finish=self._job_finished)
+                                on_finish=self._job_finished,
+                                private_roots=(self.data_dir, Path(getattr(self.backend, "runtime_root", self.data_dir))))
         uploads = self.data_dir / "uploads"
         uploads.mkdir(exist_ok=True)
-        self.jobs = JobService(self.store, self.runner, self.datasets, uploads)
+        self.work = WorkPool(threads=2, queue=4, name="bundle unpacking")
+        self.jobs = JobService(self.store, self.runner, self.datasets, uploads, self.work)
         self._auth_cache: dict[str, tuple[Tenant, float]] = {}
+        self._auth_executor = ThreadPoolExecutor(2, thread_name_prefix="cellforge-auth")
+        self._revoked: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
         self.ready = False
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.db.create_all)
-        await asyncio.to_thread(self.sandboxes.mark_lost_after_restart)
+        await self.db.run(self.db.create_all)
+        await self.db.run(self.sandboxes.mark_lost_after_restart)
         # Starting the pool reaps containers orphaned by a previous (killed) server process.
         await self.pool.start()
         await self.audit.start()
+        await self.stop_revoked()  # before the runner: a revoked tenant's queued jobs never start
         await self.runner.start()
+        self._watcher = asyncio.create_task(self._watch_revocations(), name="revocation-watch")
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.runner.stop()
         await self.sandboxes.close_all()
         await self.pool.shutdown()
         await self.audit.stop()
+        self.work.shutdown()
+        self._auth_executor.shutdown(wait=False, cancel_futures=True)
         self.db.dispose()
 
     def _job_finished(self, job: Job, seconds: float) -> None:
         self.metrics.job_seconds.labels(kind=job.kind, status=job.status).observe(seconds)
+        self.jobs.job_finished(job)
 
     async def refresh_metrics(self) -> None:
-        self.sandboxes.prune()
-        queued, running = await asyncio.to_thread(self.store.queue_depth)
+        await self.sandboxes.prune()
+        queued, running = await self.db.run(self.store.queue_depth)
         self.metrics.queue_depth.set(queued)
         self.metrics.running_jobs.set(running)
+
+    # -- revocation -------------------------------------------------------------------------------
+
+    async def stop_revoked(self) -> list[str]:
+        """Close the sandboxes and cancel the jobs of tenants revoked since the last look (by the CLI,
+        in another process: the database is where revocations meet). Returns their ids."""
+        revoked = await self.db.run(_revoked_ids, self.db)
+        fresh = [tenant_id for tenant_id in revoked if tenant_id not in self._revoked]
+        for tenant_id in fresh:
+            self._auth_cache = {k: v for k, v in self._auth_cache.items() if v[0].id != tenant_id}
+            closed = await self.sandboxes.close_tenant(tenant_id, REVOKED)
+            jobs = await self.db.run(self.store.active_ids, tenant_id)
+            for job_id in jobs:
+                await self.runner.cancel(job_id, reason=REVOKED)
+            self._revoked.add(tenant_id)
+            if closed or jobs:
+                log.warning("tenant %s was revoked: closed %d sandboxes, cancelled %d jobs", tenant_id, closed,
+                            len(jobs))
+        return fresh
+
+    async def _watch_revocations(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_POLL_S)
+            try:
+                await self.stop_revoked()
+            except Exception:  # noqa: BLE001 - a database hiccup: look again next time
+                log.exception("could not check for revoked tenants")
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    async def upload_dataset(self, tenant: Tenant, name: str | None, chunks: AsyncIterator[bytes],
+                             declared_size: int | None = None) -> dict[str, Any]:
+        """An upload within the tenant's storage quota: stopped once it would pass it, and admitted
+        atomically with its record."""
+        async with contextlib.aclosing(self.uploads.metered(tenant, chunks, declared_size)) as metered:
+            return await self.datasets.upload(tenant, name, metered, declared_size)
 
     async def authenticate(self, authorization: str | None, transport: str, action: str) -> Tenant:
         """The caller's tenant, after its rate limit; failures are audited too."""
@@ -117,7 +183,8 @@ class CellForgeCore:
         hit = self._auth_cache.get(authorization or "")
         if hit is not None and hit[1] > now:
             return hit[0]
-        tenant = await asyncio.to_thread(authenticate, self.db, authorization)
+        loop = asyncio.get_running_loop()
+        tenant = await loop.run_in_executor(self._auth_executor, authenticate, self.db, authorization)
         if len(self._auth_cache) > 10_000:
             self._auth_cache.clear()
         self._auth_cache[authorization or ""] = (tenant, now + AUTH_CACHE_S)
@@ -138,3 +205,8 @@ class CellForgeCore:
             raise
         self.audit.record(tenant.id, transport, action, resource, "ok")
         self.metrics.requests.labels(transport=transport, outcome="ok").inc()
+
+
+def _revoked_ids(db: Database) -> list[str]:
+    with db.session() as s:
+        return list(s.scalars(select(TenantRow.id).where(TenantRow.revoked_at.is_not(None))))

@@ -1,4 +1,11 @@
-"""Uploaded `.h5ad` datasets: streamed to disk under a size cap, validated by `service.data`, kept per tenant."""
+"""Uploaded `.h5ad` datasets: streamed to disk under a size cap, validated by `service.data`, kept per tenant.
+
+An upload is hostile until checked, so the check runs in a child process of its own
+(`service.data.check_isolated`), under an address-space cap and a deadline after which it is
+killed, at most `UploadChecks.workers` at once and `per_tenant` for one tenant; beyond that the
+answer is 503 / 429 with Retry-After, never a queue. Neither the default executor (which
+authentication uses) nor the event loop ever waits on a tenant's file.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +14,54 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from sqlalchemy import select
 
+from service.data import H5Limits, check_isolated, start_forkserver
+from service.data.h5safety import settings_from_env, size_text
 from service.jobs.db import Database
 
-from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge
+from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
+from .quotas import admit_dataset
 from .records import DatasetRow
 from .tenants import Tenant
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.h5ad$")
+ENV_PREFIX = "CELLFORGE_UPLOAD_"
+MAX_MESSAGE_CHARS = 1_000
+RETRY_AFTER_S = 5
+
+
+class UploadChecks(BaseModel):
+    """How uploads are checked; each field is set by `CELLFORGE_UPLOAD_<FIELD>`, `limits` by the
+    `CELLFORGE_DATA_*` variables (`service.data.H5Limits`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: int = Field(2, gt=0, description="checks running at once, over all tenants")
+    per_tenant: int = Field(1, gt=0, description="checks running at once for one tenant")
+    timeout_s: float = Field(300.0, gt=0, description="a check still running then is killed (413)")
+    memory_bytes: ByteSize = Field(ByteSize(4 << 30), gt=0, description="address space a check may add")
+    limits: H5Limits = Field(default_factory=H5Limits)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> UploadChecks:
+        return settings_from_env(cls, ENV_PREFIX, env, limits=H5Limits.from_env(env))
+
+
+class ChecksBusy(Unavailable):
+    """Every upload checker is busy: try again in `retry_after` seconds (503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def dataset_dict(row: DatasetRow) -> dict[str, Any]:
@@ -28,10 +70,11 @@ def dataset_dict(row: DatasetRow) -> dict[str, Any]:
 
 
 class DatasetService:
-    def __init__(self, db: Database, root: Path, max_bytes: int) -> None:
+    def __init__(self, db: Database, root: Path, max_bytes: int, checks: UploadChecks | None = None) -> None:
         self.db = db
         self.root = root
         self.max_bytes = max_bytes
+        self.checker = UploadChecker(checks or UploadChecks.from_env())
 
     async def upload(self, tenant: Tenant, name: str | None, chunks: AsyncIterator[bytes],
                      declared_size: int | None = None) -> dict[str, Any]:
@@ -42,6 +85,7 @@ class DatasetService:
                 f"dataset name: expected a file name ending in .h5ad (letters, digits, . _ -), got {name!r}")
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLarge(f"upload of {declared_size} bytes exceeds the limit of {self.max_bytes} bytes")
+        self.checker.admit(tenant.id)  # before the body: a busy answer should not cost the upload
         dataset_id = "ds_" + secrets.token_hex(8)
         folder = self.root / tenant.id / dataset_id
         folder.mkdir(parents=True)
@@ -56,13 +100,17 @@ class DatasetService:
                     fh.write(chunk)
             if size == 0:
                 raise InvalidDataset(f"{name}: the upload is empty; expected an AnnData .h5ad file")
-            layout = await asyncio.to_thread(_validate, path, name)
+            layout = await self.checker.check(tenant.id, path, name)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         row = DatasetRow(id=dataset_id, tenant_id=tenant.id, name=name, path=str(path), size_bytes=size,
                          layout=layout, created_at=time.time())
-        await asyncio.to_thread(self._insert, row)
+        try:  # the tenant's storage quota, decided atomically with the insert
+            await self.db.run(admit_dataset, self.db, tenant.id, row)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return dataset_dict(row)
 
     def get(self, tenant: Tenant, dataset_id: str) -> DatasetRow:
@@ -86,17 +134,57 @@ class DatasetService:
             raise NotFound(f"no dataset {dataset_id!r}")
         return Path(row.path).parent
 
-    def _insert(self, row: DatasetRow) -> None:
-        with self.db.session() as s:
-            s.add(row)
+
+class UploadChecker:
+    """Runs upload checks (`service.data.check_isolated`) a bounded number at once."""
+
+    def __init__(self, checks: UploadChecks) -> None:
+        self.checks = checks
+        # Threads only wait on the children (a poll with a deadline); never the default executor.
+        self._threads = ThreadPoolExecutor(checks.workers, thread_name_prefix="upload-check")
+        self._running: Counter[str] = Counter()
+        start_forkserver()
+
+    def admit(self, tenant_id: str) -> None:
+        """Raise QuotaExceeded (429) or ChecksBusy (503) now if a check could not start now."""
+        if self._running[tenant_id] >= self.checks.per_tenant:
+            raise QuotaExceeded(f"{self._running[tenant_id]} of your uploads are being checked (at most "
+                                f"{self.checks.per_tenant} at once); retry when it is done", retry_after=RETRY_AFTER_S)
+        if sum(self._running.values()) >= self.checks.workers:
+            raise ChecksBusy(f"all {self.checks.workers} upload checkers are busy; retry in {RETRY_AFTER_S}s")
+
+    async def check(self, tenant_id: str, path: Path, name: str) -> dict[str, Any]:
+        """The dataset's layout, or InvalidDataset (422) / PayloadTooLarge (413) saying why not."""
+        self.admit(tenant_id)
+        self._running[tenant_id] += 1
+        checks = self.checks
+        future = asyncio.get_running_loop().run_in_executor(self._threads, partial(
+            check_isolated, path, limits=checks.limits, timeout_s=checks.timeout_s, memory_bytes=checks.memory_bytes))
+        # The slot is held until the child is gone, even if the caller hangs up meanwhile.
+        future.add_done_callback(lambda _: self._release(tenant_id))
+        result = await asyncio.shield(future)
+        if result.outcome == "ok":
+            return result.layout
+        if result.outcome == "too_large":
+            raise PayloadTooLarge(_public(result.message, path, name))
+        if result.outcome == "memory":
+            raise PayloadTooLarge(f"{name}: checking it needs more than {size_text(checks.memory_bytes)} of memory "
+                                  f"({ENV_PREFIX}MEMORY_BYTES)")
+        if result.outcome == "timeout":
+            raise PayloadTooLarge(f"{name}: checking it took longer than {checks.timeout_s:g}s, so it was stopped; "
+                                  f"the file is too large or too slow to read ({ENV_PREFIX}TIMEOUT_S)")
+        if result.outcome == "crashed":
+            raise InvalidDataset(f"{name}: the file crashed the HDF5 reader (exit code {result.exit_code}); "
+                                 "it is corrupt")
+        raise InvalidDataset(_public(result.message, path, name))
+
+    def _release(self, tenant_id: str) -> None:
+        self._running[tenant_id] -= 1
+        if self._running[tenant_id] <= 0:
+            del self._running[tenant_id]
 
 
-def _validate(path: Path, name: str) -> dict[str, Any]:
-    from service.data import DataError, load_dataset
-
-    try:
-        dataset = load_dataset(path)
-    except DataError as exc:
-        # The caller knows its file by the name it sent, not by our storage path.
-        raise InvalidDataset(str(exc).replace(str(path), name)) from None
-    return dataset.layout.model_dump(mode="json", exclude={"source"})
+def _public(message: str, path: Path, name: str) -> str:
+    """The caller knows its file by the name it sent, not by our storage path; and a message is short."""
+    message = message.replace(str(path), name).replace(str(path.parent), "")
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# What a caller hears of a database error (the statement and its parameters stay in the server log).
+DATABASE_UNAVAILABLE = "the service's database is busy or unavailable; retry in a few seconds"
+
 
 class ServiceError(Exception):
     """Base class: a message meant for the API caller."""
@@ -36,6 +39,13 @@ class InvalidDataset(BadRequest):
 class PayloadTooLarge(ServiceError):
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class RequestTimeout(ServiceError):
+    """The client stopped sending its request body."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class Conflict(ServiceError):

@@ -1,29 +1,156 @@
-"""The gRPC transport (grpc.aio): `cellforge.v1.CellForge` over `CellForgeCore`, plus health and reflection."""
+"""The gRPC transport (grpc.aio): `cellforge.v1.CellForge` over `CellForgeCore`, plus health and reflection.
+
+Every CellForge call is authenticated by `AuthInterceptor` from its metadata before the server reads
+its request message; a refused call is answered without reading it. Each method has a message size
+limit matching the HTTP route's (`METHOD_LIMITS`); `GrpcLimits` holds the server-wide ones.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import SQLAlchemyError
 
 from sandbox import ExecutionResult
 
 from .core import CellForgeCore
-from .errors import BadRequest, ServiceError
+from .errors import DATABASE_UNAVAILABLE, BadRequest, PayloadTooLarge, ServiceError, Unavailable
+from .limits import DATASET_CHUNK_BYTES, FILE_BODY_BYTES, JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .proto.cellforge.v1 import cellforge_pb2 as pb
 from .proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from .sandboxes import parse_request
 from .tenants import Tenant
 
+log = logging.getLogger(__name__)
+
 TRANSPORT = "grpc"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellForge"].full_name
-MAX_MESSAGE_BYTES = 64 << 20
+# Largest request message per method (a dataset upload: per chunk); others get JSON_BODY_BYTES.
+METHOD_LIMITS = {"PutFile": FILE_BODY_BYTES, "SubmitRegression": REGRESSION_BODY_BYTES,
+                 "UploadDataset": DATASET_CHUNK_BYTES}
+MAX_MESSAGE_BYTES = max(METHOD_LIMITS.values())
+_tenant: contextvars.ContextVar[Tenant] = contextvars.ContextVar("cellforge_tenant")
+
+
+@dataclass(frozen=True)
+class GrpcLimits:
+    """Server-wide limits of the gRPC transport: concurrent calls, HTTP/2 streams per connection, and
+    how long connections live (keepalive pings find dead peers; idle and old connections are closed,
+    the calls in flight on an old one get a grace period)."""
+
+    max_concurrent_rpcs: int = 256
+    max_streams_per_connection: int = 64
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 10.0
+    max_idle_s: float = 300.0
+    max_age_s: float = 7200.0
+    max_age_grace_s: float = 300.0
+
+    def options(self) -> list[tuple[str, int]]:
+        ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+        return [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", ms(self.max_idle_s)),
+            ("grpc.max_connection_age_ms", ms(self.max_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(self.max_age_grace_s)),
+        ]
+
+
+class _TooLarge:
+    """What a request message over its method's limit deserializes to (it is never parsed)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.error = PayloadTooLarge(f"request message of {size} bytes exceeds this call's limit of {limit} bytes")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates CellForge calls from their metadata before the request is read, and caps each
+    method's request messages. The tenant reaches the servicer through a context variable."""
+
+    def __init__(self, core: CellForgeCore) -> None:
+        self.core = core
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").partition("/")
+        if handler is None or service != SERVICE_NAME:
+            return handler  # health checking and reflection are open
+        metadata = {k.lower(): v for k, v in (details.invocation_metadata or ())}
+        try:
+            tenant = await self.core.authenticate(metadata.get("authorization"), TRANSPORT, method)
+        except ServiceError as exc:
+            return _refusal(exc)
+        return _bound(handler, tenant, METHOD_LIMITS.get(method, JSON_BODY_BYTES))
+
+
+def _refusal(exc: ServiceError) -> grpc.RpcMethodHandler:
+    """A handler that answers with the error without reading the request (a request-streaming handler
+    never receives a message it does not ask for, whatever the method's own shape)."""
+
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await _abort(context, exc)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _bound(handler: grpc.RpcMethodHandler, tenant: Tenant, limit: int) -> grpc.RpcMethodHandler:
+    """`handler` with the tenant set for its behaviour and its request messages capped at `limit`."""
+    deserialize = handler.request_deserializer
+
+    def capped(raw: bytes) -> Any:
+        return _TooLarge(len(raw), limit) if len(raw) > limit else deserialize(raw)
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _TooLarge):
+                raise request.error
+            yield request
+
+    if handler.request_streaming and not handler.response_streaming:
+        async def behaviour(requests, context):
+            _tenant.set(tenant)
+            return await handler.stream_unary(checked(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(behaviour, capped, handler.response_serializer)
+    if handler.request_streaming:
+        raise NotImplementedError("no CellForge call streams both ways")
+
+    async def refuse_large(request: Any, context: grpc.aio.ServicerContext) -> bool:
+        if isinstance(request, _TooLarge):
+            await _abort(context, request.error)
+        _tenant.set(tenant)
+        return True
+
+    if handler.response_streaming:
+        async def streaming(request, context):
+            await refuse_large(request, context)
+            async for item in handler.unary_stream(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(streaming, capped, handler.response_serializer)
+
+    async def unary(request, context):
+        await refuse_large(request, context)
+        return await handler.unary_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, capped, handler.response_serializer)
 
 
 def struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -43,8 +170,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
     await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
 
 
+def _service_error(exc: Exception) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    # The statement and its parameters stay in the server log.
+    log.error("database error in a gRPC call: %s", exc)
+    return Unavailable(DATABASE_UNAVAILABLE)
+
+
 def _rpc(action: str) -> Callable:
-    """Authenticate, audit and translate errors for one RPC (unary or server-streaming)."""
+    """Audit and translate errors for one RPC (unary or server-streaming); `AuthInterceptor` has
+    authenticated the caller."""
 
     def wrap(method: Callable) -> Callable:
         if inspect.isasyncgenfunction(method):
@@ -52,23 +188,23 @@ def _rpc(action: str) -> Callable:
             @functools.wraps(method)
             async def streaming(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
                 try:
-                    tenant = await self._tenant(context, action)
+                    tenant = _tenant.get()
                     with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                         async for item in method(self, tenant, request, context):
                             yield item
-                except ServiceError as exc:
-                    await _abort(context, exc)
+                except (ServiceError, SQLAlchemyError) as exc:
+                    await _abort(context, _service_error(exc))
 
             return streaming
 
         @functools.wraps(method)
         async def unary(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
             try:
-                tenant = await self._tenant(context, action)
+                tenant = _tenant.get()
                 with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                     return await method(self, tenant, request, context)
-            except ServiceError as exc:
-                await _abort(context, exc)
+            except (ServiceError, SQLAlchemyError) as exc:
+                await _abort(context, _service_error(exc))
 
         return unary
 
@@ -115,10 +251,6 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
     def __init__(self, core: CellForgeCore) -> None:
         self.core = core
 
-    async def _tenant(self, context: grpc.aio.ServicerContext, action: str) -> Tenant:
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        return await self.core.authenticate(metadata.get("authorization"), TRANSPORT, action)
-
     # -- sandboxes --------------------------------------------------------------------------------
 
     @_rpc("sandbox.create")
@@ -132,7 +264,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     @_rpc("sandbox.list")
     async def ListSandboxes(self, tenant, request, context):
-        return pb.SandboxList(sandboxes=[sandbox_message(i) for i in self.core.sandboxes.list(tenant)])
+        return pb.SandboxList(sandboxes=[sandbox_message(i) for i in await self.core.sandboxes.list(tenant)])
 
     @_rpc("sandbox.delete")
     async def DeleteSandbox(self, tenant, request, context):
@@ -177,7 +309,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     async def UploadDataset(self, request_iterator, context):
         try:
-            tenant = await self._tenant(context, "dataset.upload")
+            tenant = _tenant.get()
             with self.core.audited(tenant, TRANSPORT, "dataset.upload"):
                 first = await anext(aiter(request_iterator), None)
                 if first is None:
@@ -188,13 +320,14 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
                     async for chunk in request_iterator:
                         yield chunk.data
 
-                return dataset_message(await self.core.datasets.upload(tenant, first.name or None, chunks()))
-        except ServiceError as exc:
-            await _abort(context, exc)
+                return dataset_message(await self.core.upload_dataset(tenant, first.name or None, chunks()))
+        except (ServiceError, SQLAlchemyError) as exc:
+            await _abort(context, _service_error(exc))
 
     @_rpc("dataset.list")
     async def ListDatasets(self, tenant, request, context):
-        return pb.DatasetList(datasets=[dataset_message(d) for d in self.core.datasets.list(tenant)])
+        return pb.DatasetList(datasets=[dataset_message(d) for d in await self.core.db.run(self.core.datasets.list,
+                                                                                          tenant)])
 
     # -- jobs and regressions ---------------------------------------------------------------------
 
@@ -234,12 +367,12 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
         return job_message(await self.core.jobs.get(tenant, request.job_id, regression=True))
 
 
-async def start_grpc(core: CellForgeCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(core: CellForgeCore, host: str, port: int,
+                     limits: GrpcLimits | None = None) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server with the CellForge service, health checking and reflection; returns its port."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    limits = limits or GrpcLimits()
+    server = grpc.aio.server(interceptors=[AuthInterceptor(core)], options=limits.options(),
+                             maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     pb_grpc.add_CellForgeServicer_to_server(CellForgeServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

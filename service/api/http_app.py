@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,13 +12,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 
 from sandbox import ExecutionResult
 
 from .core import CellForgeCore
-from .errors import BadRequest, PayloadTooLarge, ServiceError
+from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable
+from .http_guard import TENANT_SCOPE_KEY, BodyLimits, RequestGuard, error_body
+from .limits import JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .sandboxes import MAX_FILE_BYTES, parse_request
 from .tenants import Tenant
+
+log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
 
@@ -33,17 +39,30 @@ class ExecuteBody(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=86400)
 
 
-def error_body(exc: ServiceError) -> dict[str, Any]:
-    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+def body_limits(core: CellForgeCore) -> BodyLimits:
+    return BodyLimits(json=JSON_BODY_BYTES, file=MAX_FILE_BYTES, dataset=core.datasets.max_bytes,
+                      regression=REGRESSION_BODY_BYTES)
 
 
-def create_app(core: CellForgeCore) -> FastAPI:
+def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.")
+
+    async def authenticate(authorization: str | None, action: str) -> Tenant:
+        return await core.authenticate(authorization, TRANSPORT, action)
+
+    # Authentication and body limits come before FastAPI reads any body (see http_guard).
+    app.add_middleware(RequestGuard, authenticate=authenticate, limits=body_limits(core), body_timeout=body_timeout)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
         return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        # The statement and its parameters stay in the server log.
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(error_body(Unavailable(DATABASE_UNAVAILABLE)), status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -53,9 +72,8 @@ def create_app(core: CellForgeCore) -> FastAPI:
         return JSONResponse(error_body(BadRequest(f"malformed request: {problems}")), status_code=400)
 
     async def tenant_of(request: Request) -> Tenant:
-        route = request.scope.get("route")
-        action = f"{request.method} {route.path if route else request.url.path}"
-        return await core.authenticate(request.headers.get("authorization"), TRANSPORT, action)
+        """The tenant `RequestGuard` authenticated from the headers, before any body was read."""
+        return request.scope[TENANT_SCOPE_KEY]
 
     def audited(tenant: Tenant, action: str, resource: str | None = None):
         return core.audited(tenant, TRANSPORT, action, resource)
@@ -87,7 +105,7 @@ def create_app(core: CellForgeCore) -> FastAPI:
     @app.get("/v1/sandboxes")
     async def list_sandboxes(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "sandbox.list"):
-            return {"sandboxes": [i.to_dict() for i in core.sandboxes.list(tenant)]}
+            return {"sandboxes": [i.to_dict() for i in await core.sandboxes.list(tenant)]}
 
     @app.get("/v1/sandboxes/{sandbox_id}")
     async def get_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
@@ -130,7 +148,7 @@ def create_app(core: CellForgeCore) -> FastAPI:
     async def put_file(sandbox_id: str, path: str, request: Request, tenant: Tenant = Depends(tenant_of)) -> Response:
         with audited(tenant, "sandbox.put_file", f"{sandbox_id}/{path}"):
             core.sandboxes.get(tenant, sandbox_id)
-            data = await _body(request, limit=MAX_FILE_BYTES)
+            data = await request.body()  # at most the route's limit: RequestGuard counts it
             await core.sandboxes.put_file(tenant, sandbox_id, path, data)
         return Response(status_code=204)
 
@@ -150,13 +168,13 @@ def create_app(core: CellForgeCore) -> FastAPI:
             if request.headers.get("content-type", "").startswith("multipart/"):
                 raise BadRequest("send the .h5ad as the raw request body (application/octet-stream), not a form")
             declared = request.headers.get("content-length")
-            return await core.datasets.upload(tenant, name, request.stream(),
-                                              int(declared) if declared and declared.isdigit() else None)
+            return await core.upload_dataset(tenant, name, request.stream(),
+                                             int(declared) if declared and declared.isdigit() else None)
 
     @app.get("/v1/datasets")
     async def list_datasets(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "dataset.list"):
-            return {"datasets": core.datasets.list(tenant)}
+            return {"datasets": await core.db.run(core.datasets.list, tenant)}
 
     # -- design jobs ------------------------------------------------------------------------------
 
@@ -225,19 +243,6 @@ async def _json(request: Request, allow_empty: bool = False) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"malformed request: the body is not valid JSON ({exc})") from None
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 async def _encode(items: AsyncIterator[Any], sse: bool) -> AsyncIterator[bytes]:

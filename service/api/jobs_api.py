@@ -17,12 +17,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandbox.errors import SpecError
 from sandbox.spec import parse_size
 from service.jobs import FINAL_STATES, REGRESSION_KINDS, Job, JobRunner, JobStore, design_settings
 
 from .datasets import DatasetService
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, QuotaExceeded
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from .quotas import Resources, job_admitter, precheck_job, within_limits
 from .tenants import Tenant
+from .workpool import WorkPool
 
 BUNDLE_MAX_BYTES = 64 << 20
 BUNDLE_MAX_FILES = 2000
@@ -39,8 +42,8 @@ class PytestRegression(_Regression):
     job_id: str | None = Field(default=None, description="or: a finished design job whose code bundle to test")
     dataset_id: str | None = Field(default=None, description="mounted read-only at /data")
     timeout: float = Field(default=600.0, gt=0, le=86400)
-    memory: str = "2g"
-    cpus: float = Field(default=1.0, gt=0, le=64)
+    memory: str | None = Field(default=None, description="default: 2g, or the tenant's memory limit if lower")
+    cpus: float | None = Field(default=None, gt=0, le=64, description="default: 1, or the tenant's CPU limit if lower")
 
 
 class CompareRegression(_Regression):
@@ -55,12 +58,31 @@ def _problems(exc: ValidationError) -> str:
                      for e in exc.errors())
 
 
+def sandbox_size(tenant: Tenant, memory: str | None, cpus: float | None, gpus: int, default_memory: str,
+                 default_cpus: float) -> tuple[str, float, Resources]:
+    """A job sandbox's memory and CPUs: what was asked, else the server's default lowered to the
+    tenant's limit; QuotaExceeded for a size the tenant can never have."""
+    try:
+        if memory is None:
+            memory = min(default_memory, tenant.max_memory, key=parse_size)
+        if cpus is None:
+            cpus = min(default_cpus, tenant.max_cpus)
+        want = Resources.of(memory, cpus, gpus)
+    except SpecError as exc:
+        raise BadRequest(str(exc)) from None
+    within_limits(tenant, want, "the job's sandbox")
+    return memory, cpus, want
+
+
 class JobService:
-    def __init__(self, store: JobStore, runner: JobRunner, datasets: DatasetService, uploads: Path) -> None:
+    def __init__(self, store: JobStore, runner: JobRunner, datasets: DatasetService, uploads: Path,
+                 work: WorkPool) -> None:
         self.store = store
+        self.db = store.db
         self.runner = runner
         self.datasets = datasets
         self.uploads = uploads
+        self.work = work  # untrusted CPU work (bundle unpacking), bounded
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -70,18 +92,17 @@ class JobService:
             raise BadRequest("task: expected a non-empty description of what to predict")
         if not isinstance(options, dict):
             raise BadRequest(f"options: expected an object, got {type(options).__name__}")
-        row = await asyncio.to_thread(self.datasets.get, tenant, dataset_id or "")
-        params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": options}
+        _runs_design(tenant)
+        row = await self.db.run(self.datasets.get, tenant, dataset_id or "")
+        params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": dict(options)}
         try:
-            settings = design_settings(params, Path("/unused"))
+            defaults = design_settings(params, Path("/unused"))
         except ValidationError as exc:
             raise BadRequest(f"invalid design options: {_problems(exc)}") from None
-        if settings.gpus > tenant.max_gpus:
-            raise QuotaExceeded(f"tenant {tenant.name!r} may use {tenant.max_gpus} GPUs; the job asks for "
-                                f"{settings.gpus}", retry_after=60)
-        if parse_size(settings.memory) > tenant.max_memory_bytes:
-            raise QuotaExceeded(f"tenant {tenant.name!r} may use {tenant.max_memory} of memory; the job asks for "
-                                f"{settings.memory}", retry_after=60)
+        memory, cpus, want = sandbox_size(tenant, options.get("memory"), options.get("cpus"), defaults.gpus,
+                                          defaults.memory, defaults.cpus)
+        params["options"].update(memory=memory, cpus=cpus)
+        params["resources"] = want.as_dict()
         return await self._enqueue(tenant, "design", params)
 
     async def submit_regression(self, tenant: Tenant, request: Any) -> dict[str, Any]:
@@ -98,34 +119,50 @@ class JobService:
         except ValidationError as exc:
             raise BadRequest(f"invalid regression request: {_problems(exc)}") from None
         if isinstance(spec, PytestRegression):
-            params = await self._pytest_params(tenant, spec)
-        else:
-            source = await self._own(tenant, spec.job_id)
-            params = {"source_job_id": source.id, "run_dir": str(self._run_dir(source)),
-                      "tolerances": spec.tolerances}
-            if spec.default_tolerance is not None:
-                params["default_tolerance"] = spec.default_tolerance
+            return await self._submit_pytest(tenant, spec)
+        source = await self._own(tenant, spec.job_id)
+        params = {"source_job_id": source.id, "run_dir": str(self._run_dir(source)), "tolerances": spec.tolerances}
+        if spec.default_tolerance is not None:
+            params["default_tolerance"] = spec.default_tolerance
+        if spec.kind == "replay":  # a design run again, in a sandbox sized within the tenant's limits
+            _runs_design(tenant)
+            recorded = source.params.get("options") or {}
+            memory, cpus, want = sandbox_size(tenant, None, None, int(recorded.get("gpus") or 0),
+                                              recorded.get("memory", "4g"), float(recorded.get("cpus", 2.0)))
+            params["sandbox"] = {"memory": memory, "cpus": cpus}
+            params["resources"] = want.as_dict()
         return await self._enqueue(tenant, f"regression.{spec.kind}", params)
 
-    async def _pytest_params(self, tenant: Tenant, spec: PytestRegression) -> dict[str, Any]:
+    async def _submit_pytest(self, tenant: Tenant, spec: PytestRegression) -> dict[str, Any]:
         if (spec.bundle_zip_b64 is None) == (spec.job_id is None):
             raise BadRequest("pytest regression: give exactly one of bundle_zip_b64 or job_id")
-        try:
-            parse_size(spec.memory, "memory")
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        memory, cpus, want = sandbox_size(tenant, spec.memory, spec.cpus, 0, "2g", 1.0)
+        params = {"data_dir": None, "dataset_id": spec.dataset_id, "source_job_id": spec.job_id,
+                  "timeout": spec.timeout, "memory": memory, "cpus": cpus, "runtime": tenant.runtime,
+                  "resources": want.as_dict()}
+        if spec.dataset_id:
+            params["data_dir"] = str(await self.db.run(self.datasets.folder, tenant.id, spec.dataset_id))
         if spec.job_id is not None:
             source = await self._own(tenant, spec.job_id)
             bundle_dir = self._run_dir(source) / "code"
             if not bundle_dir.is_dir():
                 raise Conflict(f"job {source.id} has no code bundle")
-        else:
-            bundle_dir = await asyncio.to_thread(self._unpack, spec.bundle_zip_b64)
-        data_dir = None
-        if spec.dataset_id:
-            data_dir = str(await asyncio.to_thread(self.datasets.folder, tenant.id, spec.dataset_id))
-        return {"bundle_dir": str(bundle_dir), "data_dir": data_dir, "dataset_id": spec.dataset_id,
-                "source_job_id": spec.job_id, "timeout": spec.timeout, "memory": spec.memory, "cpus": spec.cpus}
+            return await self._enqueue(tenant, "regression.pytest", {**params, "bundle_dir": str(bundle_dir)})
+        # Refused before the bundle is unpacked when the quota is already full; the unpacked bundle is
+        # removed if the admission (which decides atomically) still refuses it.
+        await self.db.run(precheck_job, self.db, tenant.id, want)
+        bundle_dir = await self.work.run(self._unpack, spec.bundle_zip_b64)
+        try:
+            return await self._enqueue(tenant, "regression.pytest", {**params, "bundle_dir": str(bundle_dir)})
+        except BaseException:
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+            raise
+
+    def job_finished(self, job: Job) -> None:
+        """An uploaded bundle is kept while its run may still start again (a restart requeues it)."""
+        bundle = job.params.get("bundle_dir")
+        if job.kind == "regression.pytest" and bundle and Path(bundle).parent == self.uploads:
+            shutil.rmtree(bundle, ignore_errors=True)
 
     def _unpack(self, encoded: str) -> Path:
         """Unzip an uploaded bundle, refusing absolute or escaping names, links and oversized contents."""
@@ -163,11 +200,8 @@ class JobService:
         return target
 
     async def _enqueue(self, tenant: Tenant, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-        active = await asyncio.to_thread(self.store.active_count, tenant.id)
-        if active >= tenant.max_jobs:
-            raise QuotaExceeded(f"tenant {tenant.name!r} has {active} queued or running jobs (quota "
-                                f"{tenant.max_jobs}); wait for one to finish", retry_after=30)
-        job = await asyncio.to_thread(self.store.create, tenant.id, kind, params)
+        want = Resources.from_dict(params.get("resources"))
+        job = await self.db.run(self.store.create, tenant.id, kind, params, admit=job_admitter(tenant.id, want))
         self.runner.wake()
         return self.to_dict(job)
 
@@ -180,7 +214,7 @@ class JobService:
         return self.to_dict(job)
 
     async def list(self, tenant: Tenant) -> list[dict[str, Any]]:
-        return [self.to_dict(j) for j in await asyncio.to_thread(self.store.list, tenant.id)]
+        return [self.to_dict(j) for j in await self.db.run(self.store.list, tenant.id)]
 
     async def cancel(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
         job = await self._own(tenant, job_id)
@@ -194,8 +228,8 @@ class JobService:
         await self._own(tenant, job_id)
         seq = max(0, int(after_seq))
         while True:
-            job = await asyncio.to_thread(self.store.get, job_id)
-            batch = await asyncio.to_thread(self.store.events, job_id, seq)
+            job = await self.db.run(self.store.get, job_id)
+            batch = await self.db.run(self.store.events, job_id, seq)
             for event in batch:
                 seq = event.seq
                 yield {"seq": event.seq, "ts": event.ts, "kind": event.kind, "data": event.data}
@@ -214,13 +248,14 @@ class JobService:
     # -- helpers --------------------------------------------------------------------------------
 
     async def _own(self, tenant: Tenant, job_id: str) -> Job:
-        job = await asyncio.to_thread(self.store.get, job_id or "")
+        job = await self.db.run(self.store.get, job_id or "")
         # Another tenant's job answers exactly like one that does not exist.
         if job is None or job.tenant_id != tenant.id:
             raise NotFound(f"no job {job_id!r}")
         return job
 
     def _run_dir(self, source: Job) -> Path:
+        """A succeeded design run's folder (`source` is the caller's own job)."""
         if source.kind != "design":
             raise BadRequest(f"job {source.id} is a {source.kind} job, not a design run")
         if source.status != "succeeded":
@@ -238,3 +273,11 @@ class JobService:
                 "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
                 "attempts": job.attempts, "params": params, "result": job.result,
                 "artifacts": self._artifacts(job.id), "final": job.status in FINAL_STATES}
+
+
+def _runs_design(tenant: Tenant) -> None:
+    """Design runs start their sandboxes through the pipeline, which does not yet take a runtime: a
+    tenant whose sandboxes must run under a stronger runtime cannot have them."""
+    if tenant.runtime is not None:
+        raise Conflict(f"this tenant's sandboxes run under {tenant.runtime!r}, which design and replay runs "
+                       "cannot use yet; run pytest regressions or sandboxes instead")

@@ -1,4 +1,5 @@
-"""Per-tenant rate limiting: a token bucket refilled at the tenant's rate, holding twice that as burst."""
+"""Request limits, the same on both transports: per-tenant rate limiting (a token bucket refilled at the
+tenant's rate, holding twice that as burst) and the largest request body or message of each call."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ import time
 from dataclasses import dataclass
 
 from .errors import QuotaExceeded
+from .jobs_api import BUNDLE_MAX_BYTES
+from .sandboxes import MAX_FILE_BYTES
+
+JSON_BODY_BYTES = 1 << 20
+# A file put carries its path too; a regression its bundle inline, as base64.
+FILE_BODY_BYTES = MAX_FILE_BYTES + (64 << 10)
+REGRESSION_BODY_BYTES = BUNDLE_MAX_BYTES * 4 // 3 + (64 << 10)
+# One message of a gRPC dataset upload (the client sends 1 MiB chunks); the whole upload has the
+# dataset limit.
+DATASET_CHUNK_BYTES = 4 << 20
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import JSON, Float, Integer, String, Text
+from sqlalchemy import JSON, Float, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.jobs.db import Base
@@ -23,6 +23,10 @@ class TenantRow(Base):
     max_gpus: Mapped[int] = mapped_column(Integer, default=0)
     max_memory: Mapped[str] = mapped_column(String(16), default="8g")
     rate_limit: Mapped[float] = mapped_column(Float, default=50.0)
+    # Added after the first release: server defaults fill them in for tenants created before.
+    max_cpus: Mapped[float] = mapped_column(Float, default=8.0, server_default=text("8"))
+    max_storage: Mapped[str] = mapped_column(String(16), default="20g", server_default="20g")
+    runtime: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 

@@ -7,6 +7,7 @@ tenant's calls only ever reach its own. A lease the pool reaped (idle, lifetime)
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from sandbox import ExecutionResult, SandboxSpec, StreamEvent
 from sandbox.errors import (
@@ -29,16 +30,19 @@ from sandbox.errors import (
 )
 from sandbox.images import DEFAULT_CPU_IMAGE
 from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
-from sandbox.spec import Mount, parse_size
+from sandbox.spec import Mount
 from service.jobs.db import Database
 
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable
 from .metrics import ServiceMetrics
-from .records import SandboxRow
+from .quotas import Resources, admit_sandbox
+from .records import SandboxRow, TenantRow
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
-MAX_FILE_BYTES = 256 << 20
+# The largest file moved in or out of a sandbox in one call, on both transports (gRPC's message limit
+# is sized from it).
+MAX_FILE_BYTES = 64 << 20
 
 
 class SandboxRequest(BaseModel):
@@ -54,6 +58,12 @@ class SandboxRequest(BaseModel):
     workspace_quota: str = "1g"
     env: dict[str, str] = Field(default_factory=dict)
     dataset_id: str | None = Field(default=None, description="an uploaded dataset, mounted read-only at /data")
+    runtime: str | None = Field(default=None, description="container runtime (e.g. 'runsc'); never weaker "
+                                                            "than the tenant's default")
+
+    @property
+    def resources(self) -> Resources:
+        return Resources.of(self.memory, self.cpus, self.gpus)
 
 
 @dataclass
@@ -104,51 +114,58 @@ class SandboxService:
         self.metrics = metrics
         self._dataset_dir = dataset_dir  # (tenant id, dataset id) -> host folder; NotFound for others' ids
         self._live: dict[str, _Live] = {}
-        self._reserved: dict[str, list[_Live | SandboxRequest]] = {}
-        self._lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def mark_lost_after_restart(self) -> None:
         """Rows of sandboxes from a previous server process: their containers are gone (reaped)."""
         with self.db.session() as s:
-            s.execute(update(SandboxRow).where(SandboxRow.status == "live").values(
+            s.execute(update(SandboxRow).where(SandboxRow.status.in_(("starting", "live"))).values(
                 status="closed", closed_at=time.time(), closed_reason="server restarted"))
 
     async def close_all(self) -> None:
-        for sid in list(self._live):
-            await self._drop(sid, "server shut down")
+        await asyncio.gather(*(self._drop(sid, "server shut down") for sid in list(self._live)))
+
+    async def close_tenant(self, tenant_id: str, reason: str) -> int:
+        """Close every sandbox of a tenant (its key was revoked); returns how many."""
+        mine = [sid for sid, live in self._live.items() if live.tenant_id == tenant_id]
+        await asyncio.gather(*(self._drop(sid, reason) for sid in mine))
+        return len(mine)
 
     # -- tenant calls ---------------------------------------------------------------------------
 
     async def create(self, tenant: Tenant, request: SandboxRequest) -> SandboxInfo:
-        spec = self._spec(tenant, request)
-        async with self._lock:
-            self.prune()
-            mine = [lv.request for lv in self._live.values() if lv.tenant_id == tenant.id]
-            mine += self._reserved.get(tenant.id, [])
-            self._check_quota(tenant, request, mine)
-            self._reserved.setdefault(tenant.id, []).append(request)
+        """Start a sandbox within the tenant's quotas. The quota check and a `starting` row are one
+        transaction, so parallel creates cannot overshoot; the row becomes the live sandbox's."""
+        spec = await self.db.run(self._spec, tenant, request)
+        await self.prune()
+        reservation = "rsv_" + secrets.token_hex(8)
+        row = SandboxRow(id=reservation, tenant_id=tenant.id, status="starting", created_at=time.time(),
+                         spec={**request.model_dump(), "resources": request.resources.as_dict()})
+        await self.db.run(admit_sandbox, self.db, tenant.id, row, request.resources)
         try:
             lease = await self.pool.acquire(spec, tenant=tenant.id)
-        except SandboxStartError as exc:
-            raise Unavailable(f"the sandbox did not start: {exc}") from None
-        except SandboxError as exc:
-            raise Unavailable(f"no sandbox available: {exc}") from None
-        finally:
-            self._reserved[tenant.id].remove(request)
+        except BaseException as exc:
+            await self.db.run(self._close_row, reservation, "did not start")
+            if isinstance(exc, SandboxStartError):
+                raise Unavailable(f"the sandbox did not start: {exc}") from None
+            if isinstance(exc, SandboxError):
+                raise Unavailable(f"no sandbox available: {exc}") from None
+            raise
         live = _Live(lease=lease, tenant_id=tenant.id, request=request, created_at=time.time())
         self._live[lease.id] = live
         self.metrics.live_sandboxes.set(len(self._live))
-        spec_dict = request.model_dump()
-        await asyncio.to_thread(self._insert_row, lease.id, tenant.id, spec_dict, live.created_at)
+        if not await self.db.run(self._activate_row, reservation, lease.id, tenant.id):
+            # Revoked while it started: the revocation closed the tenant's other sandboxes already.
+            await self._drop(lease.id, "its tenant's API key was revoked")
+            raise Unauthenticated("this API key was revoked")
         return self._info(lease.id, live)
 
     def get(self, tenant: Tenant, sandbox_id: str) -> SandboxInfo:
         return self._info(sandbox_id, self._own(tenant, sandbox_id))
 
-    def list(self, tenant: Tenant) -> list[SandboxInfo]:
-        self.prune()
+    async def list(self, tenant: Tenant) -> list[SandboxInfo]:
+        await self.prune()
         return [self._info(sid, lv) for sid, lv in self._live.items() if lv.tenant_id == tenant.id]
 
     async def delete(self, tenant: Tenant, sandbox_id: str) -> None:
@@ -216,12 +233,11 @@ class SandboxService:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def prune(self) -> None:
-        """Forget leases the pool reaped (idle or too old), recording why."""
+    async def prune(self) -> None:
+        """Forget leases the pool reaped (idle or too old), recording why (and freeing their quota)."""
         for sid, live in list(self._live.items()):
-            if live.lease.reaped:
-                del self._live[sid]
-                self._close_row(sid, live.lease.reaped)
+            if live.lease.reaped and self._live.pop(sid, None) is not None:
+                await self.db.run(self._close_row, sid, live.lease.reaped)
         self.metrics.live_sandboxes.set(len(self._live))
         self.metrics.warm_sandboxes.set(self.pool.stats().warm)
 
@@ -231,7 +247,6 @@ class SandboxService:
         if live is None or live.tenant_id != tenant.id:
             raise NotFound(f"no sandbox {sandbox_id!r}")
         if live.lease.reaped:
-            self.prune()
             raise NotFound(f"sandbox {sandbox_id!r} is gone: {live.lease.reaped}")
         return live
 
@@ -248,10 +263,14 @@ class SandboxService:
         if live is None:
             return
         self.metrics.live_sandboxes.set(len(self._live))
-        await live.lease.close()
-        await asyncio.to_thread(self._close_row, sandbox_id, reason)
+        try:
+            await live.lease.close()
+        finally:
+            await self.db.run(self._close_row, sandbox_id, reason)
 
     def _spec(self, tenant: Tenant, request: SandboxRequest) -> SandboxSpec:
+        """The engine's spec for a request (blocking: a dataset id is looked up in the database)."""
+        runtime = tenant.runtime_for(request.runtime)
         mounts = []
         if request.dataset_id:
             mounts.append(Mount(source=str(self._dataset_dir(tenant.id, request.dataset_id)), target="/data"))
@@ -261,35 +280,21 @@ class SandboxService:
                 "gpus": request.gpus or None, "timeout": request.timeout,
                 "workspace_quota": request.workspace_quota, "env": request.env,
                 "labels": {"tenant": tenant.id}, "mounts": [m.model_dump() for m in mounts],
+                "runtime": runtime,
             })
         except SpecError as exc:
             raise BadRequest(str(exc)) from None
-
-    @staticmethod
-    def _check_quota(tenant: Tenant, request: SandboxRequest, mine: list[SandboxRequest]) -> None:
-        if len(mine) + 1 > tenant.max_sandboxes:
-            raise QuotaExceeded(
-                f"tenant {tenant.name!r} holds {len(mine)} live sandboxes (quota {tenant.max_sandboxes}); "
-                "delete one first", retry_after=5)
-        gpus = sum(r.gpus for r in mine) + request.gpus
-        if gpus > tenant.max_gpus:
-            raise QuotaExceeded(
-                f"tenant {tenant.name!r} may use {tenant.max_gpus} GPUs; this sandbox would bring it to {gpus}",
-                retry_after=30)
-        memory = sum(parse_size(r.memory) for r in mine) + parse_size(request.memory)
-        if memory > tenant.max_memory_bytes:
-            raise QuotaExceeded(
-                f"tenant {tenant.name!r} may use {tenant.max_memory} of sandbox memory; this sandbox "
-                f"({request.memory}) would bring it to {memory / (1 << 30):.2f} GiB", retry_after=30)
 
     def _info(self, sandbox_id: str, live: _Live) -> SandboxInfo:
         return SandboxInfo(id=sandbox_id, tenant_id=live.tenant_id, spec=live.request.model_dump(),
                            status="dead" if live.lease.dead else "live", created_at=live.created_at,
                            dataset_id=live.request.dataset_id)
 
-    def _insert_row(self, sid: str, tenant_id: str, spec: dict, created: float) -> None:
+    def _activate_row(self, reservation: str, sid: str, tenant_id: str) -> bool:
+        """The reservation becomes the live sandbox's row; False if the tenant was revoked meanwhile."""
         with self.db.session() as s:
-            s.add(SandboxRow(id=sid, tenant_id=tenant_id, spec=spec, status="live", created_at=created))
+            s.execute(update(SandboxRow).where(SandboxRow.id == reservation).values(id=sid, status="live"))
+            return s.scalar(select(TenantRow.revoked_at).where(TenantRow.id == tenant_id)) is None
 
     def _close_row(self, sid: str, reason: str) -> None:
         with self.db.session() as s:

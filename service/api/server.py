@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
+from .connections import ConnectionLimits, guarded_protocol, throttle_logs
 from .core import CellForgeCore, CoreConfig
-from .grpc_server import start_grpc
+from .grpc_server import GrpcLimits, start_grpc
 from .http_app import create_app
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,24 @@ class ServerConfig:
     idle_timeout: float = 600.0
     max_lifetime: float = 3600.0
     max_upload: str = "2g"
+    db_retry: float = 10.0
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    body_timeout: float = 30.0  # seconds a request body may pause before the request is answered 408
+    # uvicorn's own limits: requests in flight (more answer 503; it counts open connections too, so it
+    # stays above the connection cap), idle keep-alive, a request head's largest size, the listen backlog.
+    limit_concurrency: int = 1024
+    timeout_keep_alive: float = 5.0
+    max_head_bytes: int = 16 << 10
+    backlog: int = 1024
+    grpc: GrpcLimits = field(default_factory=GrpcLimits)
+    # Threads of the loop's default executor (the sandbox engine's blocking Docker calls run there).
+    default_threads: int = 32
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(
             data_dir=self.data_dir, db_url=self.db_url, warm=self.warm, preload=self.preload,
             idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, max_upload=self.max_upload,
-            workers=self.workers,
+            workers=self.workers, db_retry=self.db_retry,
         )
 
 
@@ -46,6 +62,9 @@ class _HttpServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # embedded: stopped by should_exit
+            yield
+            return
         original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -54,27 +73,54 @@ class _HttpServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's handlers), then stop both transports and the core."""
+def http_config(app, config: ServerConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=config.host, port=config.http_port, log_level="warning", lifespan="off",
+        timeout_graceful_shutdown=5, http=guarded_protocol(config.connections),
+        limit_concurrency=config.limit_concurrency, timeout_keep_alive=config.timeout_keep_alive,
+        h11_max_incomplete_event_size=config.max_head_bytes, backlog=config.backlog,
+    )
+
+
+async def serve(config: ServerConfig, http: list[uvicorn.Server] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handlers; embedded in a thread: until the uvicorn server
+    appended to `http` gets `should_exit`), then stop both transports and the core."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(config.default_threads, thread_name_prefix="cellforge-io"))
+    _raise_fd_limit(config.connections.max_connections)
     core = CellForgeCore(config.core_config())
     await core.start()
     grpc_server = None
     try:
         if config.grpc_port:
-            grpc_server, bound = await start_grpc(core, config.host, config.grpc_port)
+            grpc_server, bound = await start_grpc(core, config.host, config.grpc_port, config.grpc)
             log.warning("gRPC on %s:%d", config.host, bound)
-        http = _HttpServer(uvicorn.Config(
-            create_app(core), host=config.host, port=config.http_port, log_level="warning", lifespan="off",
-            timeout_graceful_shutdown=5,
-        ))
+        server = _HttpServer(http_config(create_app(core, config.body_timeout), config))
+        if http is not None:
+            http.append(server)
         log.warning("HTTP on http://%s:%d", config.host, config.http_port)
-        await http.serve()
+        await server.serve()
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=2)
         await core.stop()
 
 
+def _raise_fd_limit(connections: int) -> None:
+    """Room for the connection cap plus the server's own files, sockets and containers' pipes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 1024
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("open-file limit %d is below --max-connections %d + 1024; lower the cap or raise "
+                        "the limit", target, connections)
+
+
 def run_server(config: ServerConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    throttle_logs("uvicorn.error", "cellforge.connections", "service.api.http_app", "service.api.grpc_server",
+                  "service.jobs.store")
     asyncio.run(serve(config))

@@ -26,6 +26,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of t
 AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
 MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]
 SandboxOpt = Annotated[str, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
+RuntimeOpt = Annotated[str | None, typer.Option(
+    "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
 
 
 def _metrics_table(metrics: dict[str, Any]) -> Table:
@@ -106,6 +108,7 @@ def design(
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
     sandbox: SandboxOpt = "docker",
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")] = 0,
+    runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
     max_minutes: MinutesOpt = 30.0,
     seed: SeedOpt = 0,
@@ -121,6 +124,10 @@ def design(
     from service.llm import LLMConfig, LLMError
     from service.pipeline import DesignSettings
 
+    if server and runtime:
+        from service.pipeline import PipelineError
+
+        fail(PipelineError("--runtime applies to sandboxes run here; a server chooses it per tenant"), json_out)
     if server:
         _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
                     max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus, max_nodes=max_nodes,
@@ -130,7 +137,7 @@ def design(
         config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
         settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
                                   max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus,
-                                  candidates=candidates, max_nodes=max_nodes)
+                                  runtime=runtime, candidates=candidates, max_nodes=max_nodes)
     except (LLMError, ValueError) as exc:
         fail(exc, json_out)
     _run(settings, config, None, json_out)

@@ -1,4 +1,5 @@
-"""`cellforge images build|tag`: build the sandbox images offline, content-tagged and cached."""
+"""`cellforge images build|tag|lock`: build the sandbox images offline, content-tagged and cached;
+lock the GPU image's CUDA torch to what the index serves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Annotated
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from sandbox.images import ImageBuildError, build_image, image_tag
+from sandbox.gpu_lock import LockError, PackageIndex, lock_path, verify_lock, write_lock
+from sandbox.images import IMAGES_DIR, ImageBuildError, build_image, image_tag
 
 from .output import JsonOpt, err, fail
 
@@ -66,6 +68,36 @@ def tag(flavor: FlavorOpt = Flavor.cpu, base: BaseOpt = None, json_out: JsonOpt 
     except ImageBuildError as exc:
         fail(exc, json_out)
     print(json.dumps({"ok": True, "tag": content_tag}) if json_out else content_tag, flush=True)
+
+
+@images_app.command("lock")
+def lock(
+    flavor: FlavorOpt = Flavor.gpu,
+    torch: Annotated[str | None, typer.Option(
+        "--torch", help="Limit torch, e.g. '<=2.14.1' (default: what pip's configured constraints allow).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only check the checked-in lock against the index.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Choose the newest CUDA torch whose whole nvidia-*/cuda-* set the index serves; pin it in
+    images/gpu/torch-cuda.txt (metadata only: nothing is downloaded)."""
+    if flavor is not Flavor.gpu:
+        fail(ImageBuildError("only the gpu flavor has a torch lock (the cpu one pins torch's +cpu build)"), json_out)
+    flavor_dir = IMAGES_DIR / flavor.value
+    index = PackageIndex()
+    try:
+        with err.status(f"reading {index.url} metadata", spinner="dots"):
+            pins = verify_lock(index, flavor_dir) if check else write_lock(
+                flavor_dir, torch, index=index, log=lambda line: err.print(line, highlight=False))
+    except LockError as exc:
+        fail(exc, json_out)
+    finally:
+        index.close()
+    torch_pin = pins[0]
+    verb = "checked" if check else "locked"
+    err.print(f"[green]{verb}[/] torch {torch_pin.version} and {len(pins) - 1} wheels in {lock_path(flavor_dir)}")
+    if json_out:
+        print(json.dumps({"ok": True, "lock": str(lock_path(flavor_dir)),
+                          "pins": {p.name: p.version for p in pins}}), flush=True)
 
 
 def register(app: typer.Typer) -> None:

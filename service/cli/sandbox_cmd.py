@@ -37,6 +37,7 @@ err = Console(stderr=True, soft_wrap=True)  # error lines stay whole (paths, for
 EXIT_CODES = {"ok": 0, "error": 1, "timeout": 124, "killed": 125, "died": 137}
 EXIT_BAD_INPUT = 2
 EXIT_START_FAILED = 3
+RUNTIME_HELP = "Container runtime of the docker sandbox: runsc (gVisor) or runc; default: the engine's (runc)."
 
 
 class BackendName(str, Enum):
@@ -141,6 +142,7 @@ def run(
     memory: Annotated[str, typer.Option(help="Memory limit, e.g. 512m or 2g (swap is not allowed).")] = "2g",
     gpus: Annotated[int | None, typer.Option(help="Number of GPUs to attach.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the run is interrupted.")] = 600.0,
+    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
     server: Annotated[str | None, typer.Option(help="Run on a CellForge server (URL) instead of here.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="CELLFORGE_API_KEY", help="API key for --server.")] = None,
@@ -156,10 +158,16 @@ def run(
         err.print(f"[red]cannot read {file}:[/] {exc.strerror if isinstance(exc, OSError) else exc}")
         raise typer.Exit(EXIT_BAD_INPUT) from None
     try:
-        spec = SandboxSpec.parse(dict(image=image, cpus=cpus, memory=memory, gpus=gpus, timeout=timeout))
+        spec = SandboxSpec.parse(
+            dict(image=image, cpus=cpus, memory=memory, gpus=gpus, timeout=timeout, runtime=runtime)
+        )
     except SpecError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if runtime and (server or backend is BackendName.local):
+        where = "the server chooses it per tenant" if server else "the local backend runs no container"
+        err.print(f"[red]--runtime applies to docker sandboxes run here; {where}[/]")
+        raise typer.Exit(EXIT_BAD_INPUT)
     live = _LiveOutput()
     if server:
         (sandbox_id, res), backend_name, isolated = _run_remote(server, api_key, code, spec, live), "remote", True
@@ -186,6 +194,7 @@ def bench(
     live_memory: Annotated[str, typer.Option(help="Memory limit of each of those sandboxes.")] = "512m",
     image: Annotated[str, typer.Option(help="Sandbox image to measure.")] = DEFAULT_CPU_IMAGE,
     preload: Annotated[str, typer.Option(help="Code the pool runs in each warm sandbox.")] = DEFAULT_PRELOAD,
+    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
 ) -> None:
     """Measure cold start, warm acquire, execute round trip and density of Docker sandboxes.
 
@@ -211,6 +220,7 @@ def bench(
                     live_limit=max_live,
                     live_memory=live_memory,
                     preload=preload,
+                    runtime=runtime,
                     progress=progress,
                 )
             )
@@ -220,7 +230,7 @@ def bench(
     if json_out:
         print(result.model_dump_json(), flush=True)
         return
-    table = Table(title=f"sandbox bench ({image}, n={n})")
+    table = Table(title=f"sandbox bench ({image}, runtime {result.runtime}, n={n})")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target met")

@@ -42,6 +42,10 @@ def tenants_create(
     max_gpus: Annotated[int, typer.Option(help="GPUs over all live sandboxes")] = 0,
     max_memory: Annotated[str, typer.Option(help="memory over all live sandboxes, e.g. 8g")] = "8g",
     rate_limit: Annotated[float, typer.Option(help="API requests per second (burst: twice that)")] = 50.0,
+    max_cpus: Annotated[float, typer.Option(help="CPUs over all live sandboxes and running jobs")] = 8.0,
+    max_storage: Annotated[str, typer.Option(help="bytes of uploaded datasets, e.g. 20g")] = "20g",
+    runtime: Annotated[str | None, typer.Option(
+        help="container runtime of this tenant's sandboxes, e.g. runsc (default: the engine's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Create a tenant and print its API key (shown only this once)."""
@@ -51,7 +55,8 @@ def tenants_create(
     try:
         tenant, key = create_tenant(
             _database(db, data_dir), name, max_sandboxes=max_sandboxes, max_jobs=max_jobs,
-            max_gpus=max_gpus, max_memory=max_memory, rate_limit=rate_limit,
+            max_gpus=max_gpus, max_memory=max_memory, rate_limit=rate_limit, max_cpus=max_cpus,
+            max_storage=max_storage, runtime=runtime,
         )
     except ServiceError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -78,11 +83,12 @@ def tenants_list(
     if as_json:
         print(json.dumps({"tenants": [asdict(t) for t in tenants]}))
         return
-    table = Table("id", "name", "sandboxes", "jobs", "gpus", "memory", "rate/s", "state")
+    table = Table("id", "name", "sandboxes", "jobs", "cpus", "gpus", "memory", "storage", "runtime", "rate/s",
+                  "state")
     for t in tenants:
         state = "revoked" if t.revoked_at else "active"
-        table.add_row(t.id, t.name, str(t.max_sandboxes), str(t.max_jobs), str(t.max_gpus), t.max_memory,
-                      f"{t.rate_limit:g}", state)
+        table.add_row(t.id, t.name, str(t.max_sandboxes), str(t.max_jobs), f"{t.max_cpus:g}", str(t.max_gpus),
+                      t.max_memory, t.max_storage, t.runtime or "default", f"{t.rate_limit:g}", state)
     out.print(table)
 
 
@@ -93,7 +99,8 @@ def tenants_revoke(
     data_dir: DataDirOpt = Path(DEFAULT_DATA_DIR),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Revoke a tenant's API key; its later calls answer 401."""
+    """Revoke a tenant's API key: its later calls answer 401; a running server closes its sandboxes and
+    cancels its jobs within seconds."""
     from service.api.errors import ServiceError
     from service.api.tenants import revoke_tenant
 
@@ -128,13 +135,31 @@ def serve(
     idle_timeout: Annotated[float, typer.Option(help="seconds before an idle sandbox is reaped")] = 600.0,
     max_lifetime: Annotated[float, typer.Option(help="seconds a sandbox may live")] = 3600.0,
     max_upload: Annotated[str, typer.Option(help="largest accepted dataset upload")] = "2g",
+    header_timeout: Annotated[float, typer.Option(
+        help="seconds an HTTP connection has to send a complete request head")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(
+        help="seconds a request body may pause before the request is answered 408")] = 30.0,
+    max_connections: Annotated[int, typer.Option(help="open HTTP connections (more are closed at once)")] = 1000,
+    max_connections_per_client: Annotated[int, typer.Option(help="open HTTP connections from one address")] = 256,
+    limit_concurrency: Annotated[int, typer.Option(
+        help="HTTP requests in flight (more answer 503); keep it above --max-connections")] = 1024,
+    keep_alive: Annotated[float, typer.Option(help="seconds an idle HTTP keep-alive connection stays open")] = 5.0,
+    backlog: Annotated[int, typer.Option(help="listen backlog of the HTTP socket")] = 1024,
+    db_retry: Annotated[float, typer.Option(
+        help="seconds a failing database write of a job is retried before the job fails")] = 10.0,
+    grpc_max_rpcs: Annotated[int, typer.Option(help="gRPC calls in flight (more answer RESOURCE_EXHAUSTED)")] = 256,
 ) -> None:
     """Serve the HTTP and gRPC APIs over one core (sandboxes, datasets, jobs, regressions)."""
+    from service.api.connections import ConnectionLimits
+    from service.api.grpc_server import GrpcLimits
     from service.api.server import ServerConfig, run_server
 
     config = ServerConfig(
         http_port=http_port, grpc_port=grpc_port, host=host, db_url=db, data_dir=data_dir, warm=warm,
         preload=preload, workers=workers, idle_timeout=idle_timeout, max_lifetime=max_lifetime,
-        max_upload=max_upload,
+        max_upload=max_upload, body_timeout=body_timeout, limit_concurrency=limit_concurrency, timeout_keep_alive=keep_alive, backlog=backlog,
+        connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections,
+                                     max_per_client=max_connections_per_client),
+        grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry,
     )
     run_server(config)

@@ -17,6 +17,7 @@ from .conditions import (
 from .errors import (
     DataError,
     DataFileError,
+    DataTooLarge,
     DuplicateGeneNames,
     InconsistentAnnotation,
     InvalidDose,
@@ -30,7 +31,10 @@ from .errors import (
     TooFewCells,
     UnknownColumn,
     UnknownPerturbationKey,
+    UnsafeDataFile,
 )
+from .h5safety import H5Limits
+from .isolated import CheckResult, check_isolated, start_forkserver
 from .load import Dataset, DatasetLayout, detect_layout, is_control_label, load_dataset, read_h5ad, validate
 from .preprocess import (
     binarize,

@@ -9,13 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+PREVIEW_CHARS = 60
+
+
 def preview(values: Iterable[object], limit: int = 12) -> str:
-    """`'a', 'b', 'c' (+5 more)`: a bounded listing for error messages."""
-    items = [repr(str(v)) for v in values]
+    """`'a', 'b', 'c' (+5 more)`: a bounded listing for error messages; long values are cut to
+    PREVIEW_CHARS, so an error never echoes more than a short excerpt of what a file holds."""
+    items = [repr(_cut(str(v))) for v in values]
     shown = ", ".join(items[:limit])
     if len(items) > limit:
         shown += f" (+{len(items) - limit} more)"
     return shown or "(none)"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS - 3] + "..."
 
 
 class DataError(ValueError):
@@ -24,6 +32,15 @@ class DataError(ValueError):
 
 class DataFileError(DataError):
     """The file is missing, unreadable, not HDF5, or not an AnnData file."""
+
+
+class UnsafeDataFile(DataFileError):
+    """The file reaches outside itself (external storage, external links, virtual datasets), is not a
+    regular file, or declares data it never wrote: refused before any of its data is read."""
+
+
+class DataTooLarge(DataError):
+    """The file declares more cells, features or bytes than the configured limits (`H5Limits`) allow."""
 
 
 class PerturbationColumnNotFound(DataError):

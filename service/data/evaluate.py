@@ -38,6 +38,7 @@ from . import metrics as M
 from .baselines import PredictionTask, Which, load_task, mean_delta_baseline, require_obs
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .errors import DataError, SplitDirectoryError, preview
+from .load import read_h5ad
 from .splits import Split
 
 DE_MIN_CELLS = 20  # both groups need this many cells for the Wilcoxon-based DE overlap / peak AUCs
@@ -278,9 +279,9 @@ class Evaluator:
             path = Path(predictions)
             if not path.is_file():
                 raise PredictionsError(f"{path}: predictions file not found")
-            try:
-                predictions = ad.read_h5ad(path)
-            except Exception as exc:  # h5py/anndata raise many types for a corrupt file
+            try:  # written by generated code: the checked opener, like any file nobody vouches for
+                predictions = read_h5ad(path, backed=False)
+            except DataError as exc:
                 raise PredictionsError(f"{path}: not a readable AnnData file ({exc})") from exc
         if CONDITION not in predictions.obs.columns:
             raise PredictionsError(f"predictions obs has no '{CONDITION}' column; expected one row per "

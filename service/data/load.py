@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -35,6 +34,7 @@ from .conditions import (
 from .errors import (
     DataError,
     DataFileError,
+    DataTooLarge,
     DuplicateGeneNames,
     InconsistentAnnotation,
     InvalidDose,
@@ -46,8 +46,10 @@ from .errors import (
     TooFewCells,
     UnknownColumn,
     UnknownPerturbationKey,
+    UnsafeDataFile,
     preview,
 )
+from .h5safety import ENV_PREFIX, H5Limits, open_checked, same_file, size_text
 
 Kind = Literal["genetic", "genetic_combo", "chemical", "cytokine"]
 Modality = Literal["rna_counts", "rna_lognorm", "protein", "atac"]
@@ -199,27 +201,43 @@ def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
     return key
 
 
-def read_h5ad(path: str | Path, backed: bool | None = None) -> ad.AnnData:
-    """Open an `.h5ad`; backed (read-only, on disk) when asked or when the file exceeds 1 GiB."""
+def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | None = None) -> ad.AnnData:
+    """Open an `.h5ad` nobody vouches for: refused (UnsafeDataFile, DataTooLarge) when it reaches outside
+    itself, is not a regular file, or breaks `limits` (default: `H5Limits.from_env()`), all checked on
+    its HDF5 structure before any data is read. Backed (read-only, on disk) when asked, or when the file
+    exceeds 1 GiB or declares more than `limits.max_memory_bytes`."""
     p = Path(path)
-    if not p.exists():
-        raise DataFileError(f"{p}: no such file; expected an AnnData .h5ad file")
-    if not p.is_file():
-        raise DataFileError(f"{p}: is not a regular file; expected an AnnData .h5ad file")
-    if not h5py.is_hdf5(p):
-        raise DataFileError(f"{p}: not an HDF5 file (bad signature); expected an AnnData .h5ad file")
-    if backed is None:
-        backed = p.stat().st_size > BACKED_ABOVE_BYTES
+    limits = limits or H5Limits.from_env()
+    f, inventory = open_checked(p, limits)
     try:
-        with h5py.File(p, "r") as f:
-            missing = [k for k in ("obs", "var") if k not in f]
+        missing = [k for k in ("obs", "var") if k not in f]
         if missing:
             raise DataFileError(f"{p}: HDF5 file without the AnnData group(s) {missing}; expected an .h5ad file")
-        return ad.read_h5ad(p, backed="r" if backed else None)
-    except DataFileError:
+        if backed is None:
+            backed = inventory.file_bytes > BACKED_ABOVE_BYTES or inventory.declared_bytes > limits.max_memory_bytes
+        needed = inventory.memory_bytes(backed)
+        if needed > limits.max_memory_bytes:
+            raise DataTooLarge(
+                f"{p}: reading it {'backed (X on disk)' if backed else 'into memory'} needs {size_text(needed)}, "
+                f"beyond the limit of {size_text(limits.max_memory_bytes)} (largest datasets: "
+                f"{', '.join(f'{k} {size_text(n)}' for k, n in inventory.largest)}); "
+                f"set {ENV_PREFIX}MAX_MEMORY_BYTES to raise it")
+        if not backed:
+            return ad.read_h5ad(f.id)  # through the checked handle, never a second open by name
+        f.close()
+        adata = ad.read_h5ad(p, backed="r")
+        try:
+            same_file(adata.file._file, inventory, p)
+        except UnsafeDataFile:
+            adata.file.close()
+            raise
+        return adata
+    except (DataError, MemoryError):
         raise
     except Exception as exc:  # anndata raises many types on corrupt files; surface one clear error
         raise DataFileError(f"{p}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
+    finally:
+        f.close()
 
 
 def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, object]]:
@@ -502,12 +520,13 @@ def validate(dataset: Dataset, min_cells: int = DEFAULT_MIN_CELLS) -> None:
 
 def load_dataset(data: str | Path | ad.AnnData, *, perturbation_key: str | None = None, control: str | None = None,
                  dose_key: str | None = None, context_key: str | None = None, batch_key: str | None = None,
-                 min_cells: int = DEFAULT_MIN_CELLS, backed: bool | None = None, check: bool = True) -> Dataset:
-    """Open (if a path), detect and validate a perturbation dataset."""
+                 min_cells: int = DEFAULT_MIN_CELLS, backed: bool | None = None, check: bool = True,
+                 limits: H5Limits | None = None) -> Dataset:
+    """Open (if a path, through `read_h5ad` and its `limits`), detect and validate a perturbation dataset."""
     if isinstance(data, ad.AnnData):
         adata, source = data, "<AnnData>"
     else:
-        adata, source = read_h5ad(data, backed=backed), str(data)
+        adata, source = read_h5ad(data, backed=backed, limits=limits), str(data)
     dataset = detect_layout(adata, source=source, perturbation_key=perturbation_key, control=control,
                             dose_key=dose_key, context_key=context_key, batch_key=batch_key)
     if check:

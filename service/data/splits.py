@@ -30,8 +30,8 @@ from pydantic import BaseModel, ValidationError
 
 from .conditions import (BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, TARGETS_UNS,
                          combo_genes, predict_frame, targets_of_part)
-from .errors import DataFileError, SplitDirectoryError, SplitError, preview
-from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset
+from .errors import SplitDirectoryError, SplitError, preview
+from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, read_h5ad
 from .preprocess import (
     ATAC_TRANSFORMS,
     NORMALIZATION,
@@ -529,10 +529,8 @@ class Split:
         if not file.is_file():
             raise SplitDirectoryError(f"{file}: missing (a folder of model inputs holds no truth; the split "
                                       f"directory that does is kept by the service)")
-        try:
-            return ad.read_h5ad(file)
-        except Exception as exc:  # corrupt or truncated part
-            raise DataFileError(f"{file}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
+        # A split directory may come from anyone (`cellforge baselines --split`): the checked opener.
+        return read_h5ad(file, backed=False)
 
     @cached_property
     def train(self) -> ad.AnnData:

@@ -3,7 +3,6 @@ directory's outputs as downloadable artifacts."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,9 @@ def progress_bridge(ctx: JobContext):
             if last_phase[0] is not None:
                 ctx.checkpoint(last_phase[0])
             last_phase[0] = event.phase
-            ctx.store.set_phase(ctx.job.id, event.phase)
-        # Messages may name the run folder; tenants see paths relative to it, never the server's layout.
-        message = (event.message or "").replace(str(ctx.work_dir) + "/", "")
-        ctx.emit("progress", phase=event.phase, message=message or None, round=event.round,
+            ctx.set_phase(event.phase)
+        # Messages may name server paths: the job's recorder redacts every event (see `Redactor`).
+        ctx.emit("progress", phase=event.phase, message=event.message or None, round=event.round,
                  attempt=event.attempt, epoch=event.epoch, train_loss=event.train_loss, val_loss=event.val_loss)
 
     return on_progress
@@ -63,7 +61,7 @@ async def run_design_job(ctx: JobContext) -> dict[str, Any]:
     settings = design_settings(ctx.job.params, run_dir)
     bridge = progress_bridge(ctx)
     try:
-        result = await asyncio.to_thread(run_design, settings, LLMConfig.resolve(), on_progress=bridge)
+        result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge)
     except _Stop:
         ctx.check_cancelled()
         raise

@@ -48,11 +48,13 @@ def parse_junit(xml: bytes) -> dict[str, Any]:
 
 
 async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
-    """params: bundle_dir (host folder with the code), data_dir (host folder or None), timeout, memory, cpus."""
+    """params: bundle_dir (host folder with the code), data_dir (host folder or None), timeout, memory, cpus,
+    runtime (the container runtime; None: the engine's default)."""
     params = ctx.job.params
     mounts = [Mount(source=params["data_dir"], target="/data")] if params.get("data_dir") else []
     spec = SandboxSpec(memory=params.get("memory", "2g"), cpus=params.get("cpus", 1.0), mounts=mounts,
-                       timeout=params.get("timeout", 600.0), labels={"tenant": ctx.job.tenant_id})
+                       timeout=params.get("timeout", 600.0), labels={"tenant": ctx.job.tenant_id},
+                       runtime=params.get("runtime"))
     ctx.phase("sandbox", "starting a sandbox")
     try:
         async with await _acquire(pool, spec, ctx.job.tenant_id) as sb:
@@ -142,7 +144,7 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
     from service.data import PredictionsError, evaluate
 
     try:
-        report = await asyncio.to_thread(evaluate, run_dir / "split", run_dir / "predictions.h5ad", "test")
+        report = await ctx.run_blocking(evaluate, run_dir / "split", run_dir / "predictions.h5ad", "test")
     except PredictionsError as exc:
         raise JobFailed(f"the stored predictions cannot be scored: {exc}") from None
     # predictions.h5ad is the delivered predictor's (the designed model, a baseline or their stack).
@@ -155,7 +157,8 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
 
 
 async def run_replay(ctx: JobContext) -> dict[str, Any]:
-    """params: run_dir (a stored design run), tolerances, default_tolerance. Re-runs it with replayed LLM calls."""
+    """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus, gpus
+    within the tenant's limits, in place of the recorded ones). Re-runs it with replayed LLM calls."""
     from service.pipeline import DesignSettings, run_design
 
     params = ctx.job.params
@@ -163,11 +166,11 @@ async def run_replay(ctx: JobContext) -> dict[str, Any]:
     recorded = _recorded_metrics(run_dir)
     settings_data = json.loads((run_dir / "run.json").read_text())["settings"]
     out = ctx.work_dir / "replay"
-    settings = DesignSettings.model_validate({**settings_data, "out": str(out)})
+    settings = DesignSettings.model_validate({**settings_data, **params.get("sandbox", {}), "out": str(out)})
     ctx.phase("replay", "re-running the design with recorded LLM replies")
     from .design import progress_bridge
 
-    result = await asyncio.to_thread(run_design, settings, replay_from=run_dir, on_progress=progress_bridge(ctx))
+    result = await ctx.run_blocking(run_design, settings, replay_from=run_dir, on_progress=progress_bridge(ctx))
     comparison = compare_metrics(recorded["model"], result.metrics.get("model") or {},
                                  params.get("tolerances") or {},
                                  params.get("default_tolerance", DEFAULT_TOLERANCE["replay"]))

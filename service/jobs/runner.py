@@ -3,6 +3,10 @@
 A job kind is a handler (an async function of a `JobContext` returning the result dict) and whether it
 can resume after a server restart. Handlers report progress with `ctx.emit`, mark phases, and stop
 at `ctx.check_cancelled()` points when a cancel arrives.
+
+Reporting never blocks a handler: progress is written, in order, by one task per job on the database's
+own threads, with retries. A database that stays unwritable fails the job with a plain message (the
+detail goes to the server log) and the worker goes on; nothing a job or the database does ends a worker.
 """
 
 from __future__ import annotations
@@ -10,16 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from .store import Job, JobStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CANCELLED_BY_TENANT = "cancelled by its tenant"
+STORE_FAILED = "internal error: the job's state could not be recorded (database unavailable); it was stopped"
+_TENANT_ID_RE = re.compile(r"\btn_[0-9a-f]{12}\b")
 
 
 class JobCancelled(Exception):
@@ -30,33 +43,108 @@ class JobFailed(Exception):
     """A handler's own, explained failure; the message becomes the job's error."""
 
 
+class Redactor:
+    """Server paths and tenant ids out of what a tenant reads (events, errors, results): paths inside
+    the job's folder become relative to it, other server paths `<server>`, tenant ids `<tenant>`."""
+
+    def __init__(self, work_dir: Path, private_roots: tuple[Path, ...]) -> None:
+        self._names = {str(work_dir) + "/": "", str(work_dir): ".", **{str(root): "<server>" for root in private_roots}}
+        # Longest first, and a root only as a whole path component (`/d` is not the start of `/data`).
+        alternatives = sorted(self._names, key=len, reverse=True)
+        self._paths = re.compile("|".join(re.escape(p) + ("" if p.endswith("/") else r"(?![\w.-])")
+                                          for p in alternatives))
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, str):
+            value = self._paths.sub(lambda m: self._names[m.group(0)], value)
+            return _TENANT_ID_RE.sub("<tenant>", value)
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self(v) for v in value]
+        return value
+
+
+class _Recorder:
+    """A job's progress, written in order by one task on the database's threads, so reporting never
+    blocks the caller (the event loop or a pipeline thread). Updates are kept until written."""
+
+    def __init__(self, store: JobStore, job_id: str, redact: Redactor) -> None:
+        self._store, self._job_id, self._redact = store, job_id, redact
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = asyncio.Event()
+
+    def put(self, what: str, value: Any) -> None:
+        with self._lock:
+            self._pending.append((what, self._redact(value) if what == "event" else value))
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            await self._store.db.run(self._store.record, self._job_id, batch)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = batch
+            raise
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+
 @dataclass
 class JobContext:
     job: Job
     store: JobStore
     work_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
+    recorder: _Recorder | None = field(default=None, repr=False)
+    executor: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
     def artifacts_dir(self) -> Path:
         return self.work_dir / "artifacts"
 
     def emit(self, kind: str, **data: Any) -> None:
-        """Record an event (callable from worker threads too)."""
-        self.store.add_event(self.job.id, kind, {k: v for k, v in data.items() if v is not None})
+        """Record an event (callable from worker threads too; never blocks)."""
+        self._put("event", (kind, {k: v for k, v in data.items() if v is not None}))
+
+    def set_phase(self, name: str) -> None:
+        """The job's current phase, as its status shows it."""
+        self._put("phase", name)
 
     def phase(self, name: str, message: str = "") -> None:
         self.check_cancelled()
-        self.store.set_phase(self.job.id, name)
+        self.set_phase(name)
         self.emit("phase", phase=name, message=message or None)
 
     def checkpoint(self, name: str) -> None:
         """`name` finished: a restarted server may resume after it."""
-        self.store.set_checkpoint(self.job.id, name)
+        self._put("checkpoint", name)
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
             raise JobCancelled(f"job {self.job.id} was cancelled")
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A long blocking call (the design pipeline, the evaluator) on the runner's job threads, one per
+        worker, so jobs never take the threads that serve requests."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+
+    def _put(self, what: str, value: Any) -> None:
+        if self.recorder is None:  # a context made outside the runner (tests, tools): write directly
+            self.store.record(self.job.id, [(what, value)])
+        else:
+            self.recorder.put(what, value)
 
 
 Handler = Callable[[JobContext], Awaitable[dict[str, Any]]]
@@ -70,7 +158,8 @@ class JobKind:
 
 class JobRunner:
     def __init__(self, store: JobStore, kinds: dict[str, JobKind], work_root: Path, workers: int = 2,
-                 on_finish: Callable[[Job, float], None] | None = None, poll_interval: float = 1.0) -> None:
+                 on_finish: Callable[[Job, float], None] | None = None, poll_interval: float = 1.0,
+                 private_roots: tuple[Path, ...] = ()) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
         self.store = store
@@ -79,9 +168,14 @@ class JobRunner:
         self.workers = workers
         self.on_finish = on_finish
         self.poll_interval = poll_interval
+        self.private_roots = (work_root, *private_roots)
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="cellforge-job")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[str, tuple[JobContext, asyncio.Task[Any]]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        # Final states the database would not take yet: written again before the next claim.
+        self._unwritten: dict[str, tuple[str, dict[str, Any] | None, str | None, float]] = {}
         self._stopping = False
 
     def work_dir(self, job_id: str) -> Path:
@@ -90,7 +184,7 @@ class JobRunner:
     async def start(self) -> tuple[list[str], list[str]]:
         """Recover what a previous process left running, then start the workers."""
         resumable = {name for name, kind in self.kinds.items() if kind.resumable}
-        recovered = await asyncio.to_thread(self.store.recover_after_restart, resumable)
+        recovered = await self.store.db.run(self.store.recover_after_restart, resumable)
         if any(recovered):
             log.warning("after restart: requeued %s, failed as interrupted %s", *recovered)
         self._tasks = [asyncio.create_task(self._worker(i), name=f"job-worker-{i}") for i in range(self.workers)]
@@ -103,12 +197,15 @@ class JobRunner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
         self._wake.set()
 
-    async def cancel(self, job_id: str) -> Job:
-        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+    async def cancel(self, job_id: str, reason: str = CANCELLED_BY_TENANT) -> Job:
+        self._cancel_reasons[job_id] = reason
+        queued_reason = "cancelled before it started" if reason == CANCELLED_BY_TENANT else reason
+        job = await self.store.db.run(self.store.request_cancel, job_id, queued_reason)
         running = self._running.get(job_id)
         if running is not None:
             ctx, task = running
@@ -121,8 +218,18 @@ class JobRunner:
         return list(self._running)
 
     async def _worker(self, number: int) -> None:
+        failures = 0
         while not self._stopping:
-            job = await asyncio.to_thread(self.store.claim_next)
+            try:
+                await self._write_unwritten()
+                job = await self.store.db.run(self.store.claim_next)
+                failures = 0
+            except Exception:  # noqa: BLE001 - the database is down: wait and try again, never stop
+                failures += 1
+                if failures == 1:
+                    log.exception("job worker %d: the job store is unavailable; retrying", number)
+                await asyncio.sleep(min(30.0, self.poll_interval * 2 ** min(failures, 5)))
+                continue
             if job is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -131,40 +238,78 @@ class JobRunner:
             await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        kind = self.kinds.get(job.kind)
         started = time.monotonic()
+        kind = self.kinds.get(job.kind)
         if kind is None:
-            final = await asyncio.to_thread(self.store.finish, job.id, "failed", None, f"unknown job kind {job.kind!r}")
-            self._finished(final, started)
+            await self._finish(job, started, "failed", None, f"unknown job kind {job.kind!r}")
             return
         work_dir = self.work_dir(job.id)
         (work_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        ctx = JobContext(job=job, store=self.store, work_dir=work_dir)
+        redact = Redactor(work_dir, self.private_roots)
+        recorder = _Recorder(self.store, job.id, redact)
+        ctx = JobContext(job=job, store=self.store, work_dir=work_dir, recorder=recorder, executor=self._executor)
         task = asyncio.ensure_future(kind.handler(ctx))
+        recording = asyncio.ensure_future(recorder.run())
         self._running[job.id] = (ctx, task)
         try:
             # A cancel that came between the claim and the line above only reached the database.
-            fresh = await asyncio.to_thread(self.store.get, job.id)
+            fresh = await self.store.db.run(self.store.get, job.id)
             if fresh is not None and fresh.cancel_requested:
                 ctx.cancelled.set()
                 task.cancel()
-            result = await task
+            await asyncio.wait({task, recording}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the recorder gave up: the job cannot report, so it stops
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                recording.result()
+            result = task.result()
+            await recorder.flush()
         except (JobCancelled, asyncio.CancelledError):
             if not ctx.cancelled.is_set():
                 task.cancel()
                 raise  # the server is stopping: the job stays `running` for the next start to recover
-            status, result, error = "cancelled", None, "cancelled by its tenant"
+            status, result, error = "cancelled", None, self._cancel_reasons.get(job.id, CANCELLED_BY_TENANT)
         except JobFailed as exc:
             status, result, error = "failed", None, str(exc)
+        except SQLAlchemyError:
+            log.exception("job %s (%s): the job store failed", job.id, job.kind)
+            status, result, error = "failed", None, STORE_FAILED
         except Exception as exc:  # noqa: BLE001 - a handler bug fails its job, never the worker
             log.exception("job %s (%s) failed", job.id, job.kind)
-            status, result, error = "failed", None, f"{type(exc).__name__}: {exc}"
+            status, result, error = "failed", None, f"internal error ({type(exc).__name__}); see the server log"
         else:
             status, error = "succeeded", None
         finally:
+            recording.cancel()
             self._running.pop(job.id, None)
-        final = await asyncio.to_thread(self.store.finish, job.id, status, result, error)
+            self._cancel_reasons.pop(job.id, None)
+        if status != "succeeded":
+            with contextlib.suppress(Exception):  # what was reported before the end, if the database takes it
+                await recorder.flush()
+        await self._finish(job, started, status, redact(result), redact(error))
+
+    async def _finish(self, job: Job, started: float, status: str, result: dict[str, Any] | None,
+                      error: str | None) -> None:
+        try:
+            final = await self.store.db.run(self.store.finish, job.id, status, result, error)
+        except Exception:  # noqa: BLE001 - kept, and written before this worker's next claim
+            log.exception("job %s: could not record its end (%s); will retry", job.id, status)
+            self._unwritten[job.id] = (status, result, error, started)
+            return
         self._finished(final, started)
+
+    async def _write_unwritten(self) -> None:
+        for job_id in list(self._unwritten):
+            item = self._unwritten.pop(job_id, None)
+            if item is None:  # another worker took it
+                continue
+            status, result, error, started = item
+            try:
+                final = await self.store.db.run(self.store.finish, job_id, status, result, error)
+            except BaseException:
+                self._unwritten[job_id] = item
+                raise
+            self._finished(final, started)
 
     def _finished(self, job: Job, started: float) -> None:
         if self.on_finish is not None:

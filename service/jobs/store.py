@@ -6,17 +6,29 @@ restart, exactly which jobs waited, which ran (and from which finished phase), a
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from .db import FINAL_STATES, Database, JobEventRow, JobRow
 
+log = logging.getLogger(__name__)
+
 INTERRUPTED = "interrupted by restart"
+# How long a write of the job machinery is retried (locked or unreachable database) before it gives up.
+WRITE_RETRY_S = 10.0
+# The writes the runner depends on; each is tried again with backoff when it fails for a passing
+# reason (SQLite locked, connection lost).
+_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel")
 
 
 @dataclass(frozen=True)
@@ -61,17 +73,29 @@ class JobEvent:
 
 
 class JobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, retry_for: float = WRITE_RETRY_S) -> None:
         self.db = db
         # Event numbers are max+1 per job: writers in this process take turns.
         self._event_lock = threading.Lock()
+        retrying = retry(
+            retry=retry_if_exception_type(OperationalError), wait=wait_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_delay(retry_for), reraise=True, before_sleep=before_sleep_log(log, logging.WARNING),
+        )
+        for name in _RETRIED_WRITES:
+            setattr(self, name, retrying(getattr(self, name)))
 
-    def create(self, tenant_id: str, kind: str, params: dict[str, Any]) -> Job:
+    def create(self, tenant_id: str, kind: str, params: dict[str, Any],
+               admit: Callable[[Session], None] | None = None) -> Job:
+        """Queue a job. `admit(session)` (the tenant's quotas) runs first in the same transaction,
+        which then holds the write lock, so a quota check and the job it admits are one step."""
         row = JobRow(id="job_" + secrets.token_hex(8), tenant_id=tenant_id, kind=kind, status="queued",
                      params=params, created_at=time.time(), attempts=0, cancel_requested=0)
-        with self.db.session() as s:
+        with (self.db.serialized() if admit else self.db.session()) as s:
+            if admit is not None:
+                admit(s)
             s.add(row)
-        self.add_event(row.id, "status", {"status": "queued"})
+            s.flush()  # the job row before its first event (the foreign key)
+            s.add(JobEventRow(job_id=row.id, seq=1, ts=time.time(), kind="status", data={"status": "queued"}))
         return Job.from_row(row)
 
     def get(self, job_id: str) -> Job | None:
@@ -86,10 +110,10 @@ class JobStore:
         with self.db.session() as s:
             return [Job.from_row(r) for r in s.scalars(query.order_by(JobRow.created_at))]
 
-    def active_count(self, tenant_id: str) -> int:
+    def active_ids(self, tenant_id: str) -> list[str]:
         with self.db.session() as s:
-            return s.scalar(select(func.count()).select_from(JobRow).where(
-                JobRow.tenant_id == tenant_id, JobRow.status.in_(("queued", "running")))) or 0
+            return list(s.scalars(select(JobRow.id).where(
+                JobRow.tenant_id == tenant_id, JobRow.status.in_(("queued", "running")))))
 
     def queue_depth(self) -> tuple[int, int]:
         """(queued, running) over all tenants."""
@@ -101,7 +125,7 @@ class JobStore:
     def claim_next(self) -> Job | None:
         """Move the oldest queued job to `running` and return it; None when the queue is empty.
         The conditional update makes a claim atomic even with several workers or servers."""
-        with self.db.session() as s:
+        with self._event_lock, self.db.session() as s:
             candidates = s.scalars(select(JobRow.id).where(JobRow.status == "queued")
                                    .order_by(JobRow.created_at).limit(5)).all()
             for job_id in candidates:
@@ -110,36 +134,35 @@ class JobStore:
                 if claimed:
                     row = s.get(JobRow, job_id)
                     s.refresh(row)
-                    job = Job.from_row(row)
-                    break
-            else:
-                return None
-        self.add_event(job.id, "status", {"status": "running", "attempt": job.attempts})
-        return job
+                    _append_event(s, job_id, "status", {"status": "running", "attempt": row.attempts})
+                    return Job.from_row(row)
+            return None
 
-    def set_phase(self, job_id: str, phase: str) -> None:
-        with self.db.session() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id).values(phase=phase))
-
-    def set_checkpoint(self, job_id: str, phase: str) -> None:
-        with self.db.session() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id).values(checkpoint=phase))
+    def record(self, job_id: str, updates: list[tuple[str, Any]]) -> None:
+        """A batch of a running job's progress, in order and in one transaction: ("event", (kind,
+        data)), ("phase", name) or ("checkpoint", name)."""
+        with self._event_lock, self.db.session() as s:
+            for what, value in updates:
+                if what == "event":
+                    _append_event(s, job_id, *value)
+                else:
+                    s.execute(update(JobRow).where(JobRow.id == job_id).values({what: value}))
 
     def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
-        with self.db.session() as s:
+        with self._event_lock, self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(
                 status=status, result=result, error=error, finished_at=time.time()))
-        self.add_event(job_id, "status", {"status": status, **({"error": error} if error else {})})
+            _append_event(s, job_id, "status", {"status": status, **({"error": error} if error else {})})
         job = self.get(job_id)
         assert job is not None
         return job
 
-    def request_cancel(self, job_id: str) -> Job:
+    def request_cancel(self, job_id: str, reason: str = "cancelled before it started") -> Job:
         """Queued jobs end at once; running ones are flagged for their worker to stop."""
         with self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(cancel_requested=1))
             cancelled_now = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                status="cancelled", error="cancelled before it started", finished_at=time.time())).rowcount
+                status="cancelled", error=reason, finished_at=time.time())).rowcount
         if cancelled_now:
             self.add_event(job_id, "status", {"status": "cancelled"})
         job = self.get(job_id)
@@ -164,14 +187,17 @@ class JobStore:
             self.add_event(job_id, "status", {"status": "failed", "error": INTERRUPTED})
         return requeued, failed
 
-    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> int:
-        with self._event_lock, self.db.session() as s:
-            seq = (s.scalar(select(func.max(JobEventRow.seq)).where(JobEventRow.job_id == job_id)) or 0) + 1
-            s.add(JobEventRow(job_id=job_id, seq=seq, ts=time.time(), kind=kind, data=data))
-        return seq
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.record(job_id, [("event", (kind, data))])
 
     def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         with self.db.session() as s:
             rows = s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.seq > after_seq)
                              .order_by(JobEventRow.seq)).all()
             return [JobEvent(seq=r.seq, ts=r.ts, kind=r.kind, data=r.data) for r in rows]
+
+
+def _append_event(s: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+    """The job's next event (numbers are max+1 per job: callers hold the store's event lock)."""
+    seq = s.scalar(select(func.max(JobEventRow.seq)).where(JobEventRow.job_id == job_id)) or 0
+    s.add(JobEventRow(job_id=job_id, seq=seq + 1, ts=time.time(), kind=kind, data=data))

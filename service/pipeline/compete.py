@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from service.data.evaluate import Evaluator
+from service.data.load import read_h5ad
 from service.pipeline.codegen import Bundle
 from service.pipeline.deliver import DESIGNED, predictor_files, write_files
 from service.pipeline.execute import OUTPUT_FILES, SandboxSettings, run_attempt, save_outcome
@@ -80,7 +81,8 @@ class Delivery:
 
 def concat_predictions(predictions: dict[str, ad.AnnData | Path]) -> ad.AnnData:
     """One predictions file of every validation fold (out-of-fold: folds hold disjoint conditions)."""
-    parts = [p if isinstance(p, ad.AnnData) else ad.read_h5ad(p) for p in predictions.values()]
+    # Files come from generated code: the checked opener.
+    parts = [p if isinstance(p, ad.AnnData) else read_h5ad(p, backed=False) for p in predictions.values()]
     out = ad.concat(parts, join="outer") if len(parts) > 1 else parts[0].copy()
     for column in ("condition", "perturbation", "context"):
         if column in out.obs:

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from service.agents import DiscussionResult, Plan, TaskAnalysis  # noqa: E402
+from service.data.load import read_h5ad  # noqa: E402
 from service.pipeline.rundir import RunDir  # noqa: E402
 from service.pipeline.search import SearchTree  # noqa: E402
 from service.pipeline.verdict import Verdict, verdict_lines  # noqa: E402
@@ -63,9 +64,9 @@ def _delta_plots(rd: RunDir, limit: int = 4) -> str:
     """True Δ (test truth pseudobulk − context control) vs predicted Δ on each condition's top-20 genes."""
     if not rd.predictions.is_file():
         return "<p>No predictions.</p>"
-    pred = ad.read_h5ad(rd.predictions)
-    truth = ad.read_h5ad(rd.split / "test_truth.h5ad")
-    inputs = ad.read_h5ad(rd.split / "test_inputs.h5ad")
+    # The delivered predictions may be generated code's output: read through the checked opener, as the split is.
+    pred, truth, inputs = (read_h5ad(p, backed=False) for p in
+                           (rd.predictions, rd.split / "test_truth.h5ad", rd.split / "test_inputs.h5ad"))
     controls = _group_means(inputs[inputs.obs["is_control"].astype(bool).to_numpy()], "context")
     true_means = _group_means(truth, "condition")
     genes = list(truth.var_names)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import anndata as ad
 from pydantic import BaseModel, Field
 
+from sandbox import require_runtime
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
@@ -63,6 +64,8 @@ class DesignSettings(BaseModel):
     sandbox: Literal["docker", "local"] = "docker"
     gpus: int = Field(0, ge=0)
     image: str | None = None
+    runtime: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                description="container runtime of docker sandboxes (runsc: gVisor)")
     memory: str = "4g"
     cpus: float = 2.0
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
@@ -73,7 +76,7 @@ class DesignSettings(BaseModel):
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
-                               memory=self.memory)
+                               memory=self.memory, runtime=self.runtime)
 
 
 @dataclass
@@ -219,6 +222,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
     `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
     emit = on_progress or (lambda event: None)
+    if settings.sandbox == "docker":
+        require_runtime(settings.runtime)  # before any LLM call: a missing runtime would fail every attempt
     started = time.monotonic()
     deadline = started + settings.max_minutes * 60
     rd = RunDir(settings.out).create()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,15 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"cellforge {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def bundle(files: dict[str, str]) -> str:
+    """A code bundle (file name -> text) as a regression request carries it: a base64 zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def database_url(data_dir: Path) -> str:

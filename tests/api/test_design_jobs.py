@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -48,6 +49,13 @@ def test_design_job_streams_its_progress_and_succeeds(design_job):
     # No server path reaches the tenant.
     assert "/jobs/" not in json.dumps(events)
     assert sorted(p.name for p in outputs.iterdir()) == sorted(job["artifacts"])
+
+
+def test_design_job_events_and_result_carry_no_server_paths_or_tenant_ids(server, design_job):
+    job, events, _ = design_job
+    shown = json.dumps([events, job])
+    assert events and str(server.data_dir) not in shown
+    assert not re.search(r"\btn_[0-9a-f]{12}\b", shown)
 
 
 def test_design_artifacts_download(server, alice, design_job, transport):

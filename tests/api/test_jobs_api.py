@@ -4,11 +4,9 @@ XML, events, cancel, the job quota, malformed requests, and every job call tried
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 import xml.etree.ElementTree as ET
-import zipfile
 
 import grpc
 import httpx
@@ -18,6 +16,8 @@ from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import InvalidRequestError, NotFoundError, QuotaError
 from service.data import simulate
+
+from .conftest import bundle
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -29,14 +29,6 @@ SUITE = {
         "def test_reads_the_mounted_data():\n    assert anndata.read_h5ad('/data/screen.h5ad').n_obs == 1500\n"
     ),
 }
-
-
-def bundle(files: dict[str, str]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
