@@ -41,24 +41,27 @@ def progress_bridge(ctx: JobContext):
     return on_progress
 
 
-def design_settings(params: dict[str, Any], out: Path) -> Any:
+def design_settings(params: dict[str, Any], out: Path, tenant: str | None = None) -> Any:
+    """The run's settings: the tenant's options, and what the server decided (the runtime its sandboxes run
+    under, `params["runtime"]`; the tenant whose label they carry)."""
     from service.pipeline import DesignSettings
 
     return DesignSettings.model_validate({
         "data": params["dataset_path"], "task": params["task"], "out": str(out), "sandbox": "docker",
         **{k: v for k, v in (params.get("options") or {}).items() if k in DESIGN_OPTIONS},
+        "runtime": params.get("runtime"), "tenant": tenant,
     })
 
 
 async def run_design_job(ctx: JobContext) -> dict[str, Any]:
-    """params: dataset_path, task, options (see DESIGN_OPTIONS)."""
+    """params: dataset_path, task, options (see DESIGN_OPTIONS), runtime."""
     from service.llm import LLMConfig
     from service.pipeline import run_design
 
     run_dir = ctx.work_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a previous attempt's leftovers: run_design refuses a used folder
-    settings = design_settings(ctx.job.params, run_dir)
+    settings = design_settings(ctx.job.params, run_dir, ctx.job.tenant_id)
     bridge = progress_bridge(ctx)
     try:
         result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge)

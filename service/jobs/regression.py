@@ -157,8 +157,9 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
 
 
 async def run_replay(ctx: JobContext) -> dict[str, Any]:
-    """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus, gpus
-    within the tenant's limits, in place of the recorded ones). Re-runs it with replayed LLM calls."""
+    """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus within the
+    tenant's limits and the tenant's runtime, in place of the recorded ones). Re-runs it with replayed LLM
+    calls."""
     from service.pipeline import DesignSettings, run_design
 
     params = ctx.job.params
@@ -166,7 +167,8 @@ async def run_replay(ctx: JobContext) -> dict[str, Any]:
     recorded = _recorded_metrics(run_dir)
     settings_data = json.loads((run_dir / "run.json").read_text())["settings"]
     out = ctx.work_dir / "replay"
-    settings = DesignSettings.model_validate({**settings_data, **params.get("sandbox", {}), "out": str(out)})
+    settings = DesignSettings.model_validate({**settings_data, **params.get("sandbox", {}), "out": str(out),
+                                              "tenant": ctx.job.tenant_id})
     ctx.phase("replay", "re-running the design with recorded LLM replies")
     from .design import progress_bridge
 

@@ -30,6 +30,7 @@ class SandboxSettings:
     memory: str = "4g"
     workspace_quota: str = "2g"
     runtime: str | None = None  # container runtime of the docker sandbox (runsc: gVisor); None: the engine's
+    tenant: str | None = None  # a service job's tenant: labels its containers as the API labels its sandboxes
 
     def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
         image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
@@ -41,7 +42,8 @@ class SandboxSettings:
             tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
             env={name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-            labels={"cellforge.role": "design"}, runtime=self.runtime if self.backend == "docker" else None,
+            labels={"role": "design", **({"tenant": self.tenant} if self.tenant else {})},
+            runtime=self.runtime if self.backend == "docker" else None,
         )
 
 

@@ -66,6 +66,8 @@ class DesignSettings(BaseModel):
     image: str | None = None
     runtime: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                                 description="container runtime of docker sandboxes (runsc: gVisor)")
+    tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="the tenant of a service job: every sandbox of the run is labelled with it")
     memory: str = "4g"
     cpus: float = 2.0
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
@@ -76,7 +78,7 @@ class DesignSettings(BaseModel):
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
-                               memory=self.memory, runtime=self.runtime)
+                               memory=self.memory, runtime=self.runtime, tenant=self.tenant)
 
 
 @dataclass

@@ -9,18 +9,59 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
+import docker
 import pytest
 
 from service.data import simulate
+from service.client import InvalidRequestError
 from service.client.remote import run_design
 from service.jobs import compare_metrics
+
+from .conftest import Tenant
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 TASK = "Predict expression after CRISPR knockout of unseen genes"
+
+
+def tenant_id(server, name: str) -> str:
+    from service.api.tenants import list_tenants
+    from service.jobs.db import Database
+
+    db = Database(server.db_url)
+    try:
+        return next(t.id for t in list_tenants(db) if t.name == name)
+    finally:
+        db.dispose()
+
+
+class ContainerWatch:
+    """The design sandboxes of one tenant seen while a job runs (they live seconds): labels and runtime."""
+
+    def __init__(self, tenant: str) -> None:
+        self.filters = {"label": ["cellforge.role=design", f"cellforge.tenant={tenant}"]}
+        self.seen: dict[str, dict] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        engine = docker.from_env()
+        while not self.stop.wait(0.2):
+            for c in engine.containers.list(all=True, filters=self.filters, ignore_removed=True):
+                self.seen.setdefault(c.id, {"labels": c.labels, "runtime": c.attrs["HostConfig"].get("Runtime")})
+
+    def __enter__(self) -> ContainerWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +70,11 @@ def design_job(server, alice, tmp_path_factory):
     folder = tmp_path_factory.mktemp("design")
     simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(folder / "knockout.h5ad")
     events = []
-    job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
-                     on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8,
-                     max_nodes=0)
+    with ContainerWatch(tenant_id(server, "alice")) as watch:
+        job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
+                         on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8,
+                         max_nodes=0)
+    job["sandboxes_seen"] = watch.seen
     return job, events, folder / "outputs"
 
 
@@ -56,6 +99,53 @@ def test_design_job_events_and_result_carry_no_server_paths_or_tenant_ids(server
     shown = json.dumps([events, job])
     assert events and str(server.data_dir) not in shown
     assert not re.search(r"\btn_[0-9a-f]{12}\b", shown)
+
+
+def test_design_sandboxes_carry_the_tenant_label(design_job):
+    """The pipeline's containers are labelled with the job's tenant (and run under its default runtime)."""
+    job, _, _ = design_job
+    seen = job["sandboxes_seen"]
+    assert seen, "no design sandbox labelled with the tenant was seen while the job ran"
+    assert all(c["runtime"] == "runc" for c in seen.values())
+
+
+def test_a_tenant_runtime_reaches_its_design_sandboxes(server, design_job, tmp_path):
+    """A tenant whose sandboxes run under gVisor gets design jobs (no refusal): the runtime is in the job's
+    parameters, cannot be weakened by an option, and the job's first sandbox runs under it."""
+    out = json.loads(server.cli("tenants", "create", "strict-design", "--runtime", "runsc", "--json")
+                     .stdout.splitlines()[-1])
+    strict = Tenant("strict-design", out["api_key"])
+    data = tmp_path / "small.h5ad"
+    simulate("knockout", 2, n_cells=1500, n_genes=60).write_h5ad(data)
+    with server.client(strict) as c, ContainerWatch(out["id"]) as watch:
+        dataset = c.upload_dataset(data)
+        with pytest.raises(InvalidRequestError, match="weaker"):
+            c.submit_job(dataset["id"], TASK, runtime="runc")
+        job = c.submit_job(dataset["id"], TASK, max_attempts=1, max_nodes=0)
+        assert job["params"]["runtime"] == "runsc" and "runtime" not in job["params"]["options"]
+        deadline = time.monotonic() + 180
+        while not watch.seen and time.monotonic() < deadline and not c.get_job(job["id"])["final"]:
+            time.sleep(0.5)
+        c.cancel_job(job["id"])
+        c.wait(job["id"], timeout=120)
+    assert watch.seen, c.get_job(job["id"])
+    assert all(s["runtime"] == "runsc" and s["labels"]["cellforge.tenant"] == out["id"] for s in watch.seen.values())
+
+
+def test_job_params_reach_the_design_sandbox_spec(tmp_path):
+    """What the server decided (runtime) and whose job it is (tenant) reach every sandbox of the run; a
+    tenant's options cannot set either."""
+    from service.jobs import design_settings
+
+    params = {"dataset_path": str(tmp_path / "d.h5ad"), "task": TASK, "runtime": "runsc",
+              "options": {"seed": 3, "runtime": "runc", "tenant": "tn_other", "sandbox": "local"}}
+    settings = design_settings(params, tmp_path / "run", "tn_0123456789ab")
+    assert (settings.seed, settings.runtime, settings.tenant, settings.sandbox) == (3, "runsc", "tn_0123456789ab",
+                                                                                   "docker")
+    spec = settings.sandbox_settings().spec(tmp_path, timeout=60)
+    assert spec.runtime == "runsc" and spec.tenant == "tn_0123456789ab" and spec.labels["role"] == "design"
+    assert design_settings({**params, "runtime": None}, tmp_path / "run").sandbox_settings().spec(
+        tmp_path, timeout=60).labels == {"role": "design"}
 
 
 def test_design_artifacts_download(server, alice, design_job, transport):
