@@ -13,10 +13,17 @@ polling sleeps, which a fast cold start cannot afford. Instead the container's m
 with the kernel's status when it dies on its own, so the engine reports the cause. Interrupts go
 over the control channel (ipykernel SIGINTs its own process group), so the semantics match.
 
-While a kernel runs, its socket folder is made read-only to it (owner root, group write removed),
-so sandboxed code cannot fill the host's disk through the bind mount; it is opened only while a
-kernel (re)binds its sockets. This needs the host process to be root; otherwise the container runs
-as the host user's uid (still unprivileged, no capabilities) and the folder stays writable.
+Two identities in each container. The supervisor runs as the container's root with only SETUID,
+SETGID, KILL and SETPCAP; it owns the socket folder, creates the sockets itself and starts each kernel
+as the sandbox uid with no capability at all (see supervisor.py). So the folder — which reaches the
+host's disk through the bind mount — is read-only to sandboxed code in every state (restarts, a
+restart that fails, a supervisor that died), with no chmod to forget, and sandboxed code cannot
+signal, trace or stop its supervisor. The sandbox uid is no one on the host (see host_ids.py);
+`userns-remap` makes both identities unprivileged host uids. Host side, the runtime root is 0700:
+no other host account can read a connection key or reach a socket (sockets are 0600 besides).
+
+Every Docker call that creates something runs to its end before a failure or a cancellation is
+handled, and the container is named after the sandbox, so a half-made sandbox is always removed.
 Every Docker SDK call runs in the backend's own thread pool (the default one has only cpus + 4
 threads) with an HTTP timeout, so many sandboxes share one event loop.
 """
@@ -29,8 +36,10 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +51,7 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from .errors import SandboxError, SandboxStartError
+from .host_ids import choose_sandbox_uid, container_root_on_host, engine_remaps_users
 from .kernel import Sandbox, connection_info, describe_exit
 from .reaper import owner_labels
 from .runtimes import task_limits, unregistered
@@ -53,7 +63,10 @@ SUPERVISOR_SOURCE = Path(__file__).with_name("supervisor.py").read_text()
 RUNTIME_ROOT = Path("/tmp/cf")
 KERNEL_DIR = "/run/kernel"
 WORKSPACE = "/workspace"
-SANDBOX_UID = 1000
+# What the supervisor keeps: start the kernel as the sandbox uid, kill what it leaves, empty the
+# bounding set before that. The kernel gets none of them.
+SUPERVISOR_CAPS = ("SETUID", "SETGID", "KILL", "SETPCAP")
+SANDBOX_UID_ENV = "CELLFORGE_SANDBOX_UID"
 TENANT_LABEL = "cellforge.tenant"
 SANDBOX_LABEL = "cellforge.sandbox"
 _MAX_ROOT_LEN = 70
@@ -61,8 +74,21 @@ _API_TIMEOUT_S = 60.0
 _API_THREADS = 32
 
 
+@dataclass(frozen=True)
+class EngineIds:
+    """Who is who in this engine's sandboxes."""
+
+    sandbox_uid: int  # uid and gid of sandboxed code, inside the container
+    root_on_host: tuple[int, int]  # host uid and gid of the container's root (the supervisor)
+    remapped: bool  # the engine runs containers in a user namespace
+
+
 class DockerBackend:
-    """Creates sandboxes as hardened containers on a local Docker engine."""
+    """Creates sandboxes as hardened containers on a local Docker engine.
+
+    `sandbox_uid` (default: $CELLFORGE_SANDBOX_UID, else chosen) is refused when it is an account,
+    group or subordinate id on this host and the engine does not remap users.
+    """
 
     isolated = True
 
@@ -71,6 +97,7 @@ class DockerBackend:
         client: docker.DockerClient | None = None,
         runtime_root: str | Path = RUNTIME_ROOT,
         api_timeout: float = _API_TIMEOUT_S,
+        sandbox_uid: int | None = None,
     ) -> None:
         self.runtime_root = Path(runtime_root)
         if len(str(self.runtime_root)) > _MAX_ROOT_LEN:
@@ -80,29 +107,56 @@ class DockerBackend:
         except docker.errors.DockerException as exc:
             raise SandboxError(f"Docker engine not reachable: {exc}") from None
         self.api_timeout = api_timeout
-        self._root_host = os.geteuid() == 0
+        configured = os.environ.get(SANDBOX_UID_ENV)
+        if sandbox_uid is None and configured:
+            try:
+                sandbox_uid = int(configured)
+            except ValueError:
+                raise SandboxError(f"{SANDBOX_UID_ENV}: expected a number, got {configured!r}") from None
+        self._requested_uid = sandbox_uid
+        self._ids: EngineIds | None = None
         self._threads = ThreadPoolExecutor(max_workers=_API_THREADS, thread_name_prefix="cellforge-docker")
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking Docker SDK call in the backend's threads."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, partial(fn, *args, **kwargs))
 
-    @property
-    def container_user(self) -> tuple[int, int]:
-        return (SANDBOX_UID, SANDBOX_UID) if self._root_host else (os.getuid(), os.getgid())
+    async def engine_ids(self) -> EngineIds:
+        """The sandbox uid and the containers' root on the host, asked of the engine once."""
+        if self._ids is None:
+            try:
+                info = await self.call(self.client.info)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise SandboxError(f"Docker engine not reachable: {exc}") from None
+            remapped = engine_remaps_users(info)
+            root = container_root_on_host(info)
+            if os.geteuid() not in (0, root[0]):
+                raise SandboxError(
+                    f"this process (uid {os.geteuid()}) cannot give sandbox socket folders to the containers' root "
+                    f"(host uid {root[0]}): run it as root, or use rootless Docker as this user (see SECURITY.md)"
+                )
+            self._ids = EngineIds(choose_sandbox_uid(self._requested_uid, remapped), root, remapped)
+        return self._ids
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         """A started container whose kernel answers; SandboxStartError (container removed) otherwise."""
+        ids = await self.engine_ids()
         sandbox_id = secrets.token_hex(6)
-        host_dir = self.runtime_root / sandbox_id
+        host = DockerKernelHost(self, sandbox_id, self.runtime_root / sandbox_id)
         key = secrets.token_hex(32)
-        self._make_kernel_dir(host_dir, key)
-        host = DockerKernelHost(self, sandbox_id, host_dir)
         try:
-            host.container_id = await self.call(self._create_container, spec, sandbox_id, host_dir)
-            await self.call(self.client.api.start, host.container_id)
+            self._make_kernel_dir(host.host_dir, key, ids)
+            host.container_id = await host.settled(self._create_container, spec, sandbox_id, host.host_dir)
+            await host.settled(self.client.api.start, host.container_id)
+            sandbox = Sandbox(
+                sandbox_id, spec, host, connection_info(str(host.host_dir / "k"), key), workspace=WORKSPACE,
+                isolated=True,
+            )
+            await sandbox.start()
+            return sandbox
         except BaseException as exc:
-            await host.destroy()
+            # Shielded: a second cancellation must not leave the container half-removed.
+            await asyncio.shield(host.destroy())
             if isinstance(exc, docker.errors.ImageNotFound):
                 raise SandboxStartError(
                     f"sandbox image {spec.image!r} not found; build it with `cellforge images build`"
@@ -112,44 +166,45 @@ class DockerBackend:
             if isinstance(exc, docker.errors.APIError):
                 raise SandboxStartError(f"Docker refused sandbox {sandbox_id}: {exc.explanation or exc}") from None
             raise
-        sandbox = Sandbox(
-            sandbox_id, spec, host, connection_info(str(host_dir / "k"), key), workspace=WORKSPACE, isolated=True
-        )
-        await sandbox.start()
-        return sandbox
 
     async def create_container(self, spec: SandboxSpec) -> str:
         """Create (do not start) a sandbox container and return its id; the caller removes it."""
+        ids = await self.engine_ids()
         sandbox_id = secrets.token_hex(6)
         host_dir = self.runtime_root / sandbox_id
-        self._make_kernel_dir(host_dir, secrets.token_hex(32))
+        self._make_kernel_dir(host_dir, secrets.token_hex(32), ids)
         return await self.call(self._create_container, spec, sandbox_id, host_dir)
 
     async def close(self) -> None:
         # The threads stay: sandboxes of this backend may still be closed after it.
         await self.call(self.client.close)
 
-    def _make_kernel_dir(self, host_dir: Path, key: str) -> None:
-        self.runtime_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    def _make_kernel_dir(self, host_dir: Path, key: str, ids: EngineIds) -> None:
+        """The socket folder: the supervisor's (the container's root), readable by the kernel, and
+        under a runtime root that no other host account can enter."""
+        root = self.runtime_root
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise SandboxError(f"runtime root {root} is not a folder owned by this user (uid {os.geteuid()})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            root.chmod(0o700)
         host_dir.mkdir(mode=0o700)
         connection_file = host_dir / "kernel.json"
-        connection_file.write_text(json.dumps(connection_info(f"{KERNEL_DIR}/k", key)))
-        if self._root_host:
-            os.chown(host_dir, 0, SANDBOX_UID)
-            os.chown(connection_file, 0, SANDBOX_UID)
-            connection_file.chmod(0o640)
-        else:
-            connection_file.chmod(0o600)
-        self.set_kernel_dir_writable(host_dir, True)
-
-    def set_kernel_dir_writable(self, host_dir: Path, writable: bool) -> None:
-        """Let the kernel (group) create its sockets, or forbid any new file once they exist."""
-        if self._root_host:
-            host_dir.chmod(0o770 if writable else 0o750)
+        fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(connection_info(f"{KERNEL_DIR}/k", key)))
+        if os.geteuid() != ids.root_on_host[0]:
+            os.chown(connection_file, *ids.root_on_host)
+            os.chown(host_dir, *ids.root_on_host)
+        connection_file.chmod(0o644)
+        host_dir.chmod(0o755)
 
     def container_options(self, spec: SandboxSpec, sandbox_id: str, host_dir: Path) -> dict[str, Any]:
         """Arguments of `APIClient.create_container` for this spec: every hardening default."""
-        uid, gid = self.container_user
+        if self._ids is None:
+            raise SandboxError("container_options: call `await backend.engine_ids()` first")
+        uid = self._ids.sandbox_uid
         mounts = [DockerMount(target=KERNEL_DIR, source=str(host_dir), type="bind", read_only=False)]
         mounts += [DockerMount(target=m.target, source=m.source, type="bind", read_only=True) for m in spec.mounts]
         device_requests = []
@@ -161,15 +216,17 @@ class DockerBackend:
         host_config = self.client.api.create_host_config(
             network_mode="none",
             cap_drop=["ALL"],
+            cap_add=list(SUPERVISOR_CAPS),
             security_opt=["no-new-privileges"],
             read_only=True,
             tmpfs={
                 "/tmp": f"rw,nosuid,nodev,size={spec.tmpfs_bytes},mode=1777",
-                WORKSPACE: f"rw,nosuid,nodev,size={spec.workspace_bytes},uid={uid},gid={gid},mode=0755",
+                WORKSPACE: f"rw,nosuid,nodev,size={spec.workspace_bytes},uid={uid},gid={uid},mode=0755",
             },
             mounts=mounts,
             pids_limit=host_pids,
-            ulimits=[Ulimit(name="nproc", soft=guest_nproc, hard=guest_nproc)] if guest_nproc else None,
+            ulimits=[Ulimit(name="nofile", soft=spec.nofile, hard=spec.nofile)]
+            + ([Ulimit(name="nproc", soft=guest_nproc, hard=guest_nproc)] if guest_nproc else []),
             mem_limit=spec.memory_bytes,
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9),
@@ -188,16 +245,21 @@ class DockerBackend:
             "IPYTHONDIR": "/tmp/.ipython",
             "MPLCONFIGDIR": "/tmp/.matplotlib",
             "PYTHONDONTWRITEBYTECODE": "1",
+            # The sandbox uid has no passwd entry in the image; getpass.getuser() reads these first.
+            "USER": "sandbox",
+            "LOGNAME": "sandbox",
         }
         return dict(
             image=spec.image,
-            command=["python", "-c", SUPERVISOR_SOURCE, f"{KERNEL_DIR}/kernel.json", "--contained"],
-            user=f"{uid}:{gid}",
+            command=[
+                "python", "-c", SUPERVISOR_SOURCE, f"{KERNEL_DIR}/kernel.json", "--contained", "--user", f"{uid}:{uid}",
+            ],
+            user="0:0",
             working_dir=WORKSPACE,
             environment=environment,
             labels=labels,
             hostname="sandbox",
-            name=f"cellforge-{sandbox_id}",
+            name=container_name(sandbox_id),
             host_config=host_config,
         )
 
@@ -206,30 +268,40 @@ class DockerBackend:
         return self.client.api.create_container(**self.container_options(spec, sandbox_id, host_dir))["Id"]
 
 
+def container_name(sandbox_id: str) -> str:
+    return f"cellforge-{sandbox_id}"
+
+
 class DockerKernelHost:
-    """The container of one sandbox, seen from the `Sandbox`."""
+    """The container of one sandbox, seen from the `Sandbox`. Known by name before it exists."""
 
     def __init__(self, backend: DockerBackend, sandbox_id: str, host_dir: Path) -> None:
         self.backend = backend
         self.sandbox_id = sandbox_id
+        self.name = container_name(sandbox_id)
         self.host_dir = host_dir
         self.container_id: str | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._destroyed = False
 
     @property
     def _api(self) -> docker.APIClient:
         return self.backend.client.api
 
-    async def kernel_ready(self) -> None:
-        self.backend.set_kernel_dir_writable(self.host_dir, False)
+    async def settled(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A Docker call that creates or starts something: destroy() waits for it to end, and a
+        cancellation does not abandon it midway (what it made would be unknown)."""
+        task = asyncio.ensure_future(self.backend.call(fn, *args))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return await asyncio.shield(task)
 
     async def restart_kernel(self) -> None:
-        self.backend.set_kernel_dir_writable(self.host_dir, True)
-        self._remove_sockets()
         await self.backend.call(self._api.kill, self.container_id, "SIGUSR1")
 
     def _remove_sockets(self) -> None:
-        # The next kernel binds the same socket paths. Under gVisor (runsc) a socket file on the bind
-        # mount cannot be unlinked from inside (EPERM), so the host removes the old ones first.
+        # A fresh container run's supervisor binds the same socket paths. Under gVisor (runsc) a socket
+        # file on the bind mount cannot be unlinked from inside (EPERM), so the host removes the old ones.
         for leftover in self.host_dir.glob("k-*"):
             leftover.unlink(missing_ok=True)
 
@@ -253,24 +325,23 @@ class DockerKernelHost:
         return describe_exit(int(state.get("ExitCode", 0)), bool(state.get("OOMKilled")))
 
     async def revive(self) -> None:
-        if await self.exit_cause(timeout=0) is None:
-            # Still running (only the kernel's connection was lost): replacing the kernel is enough.
-            await self.restart_kernel()
-            return
-        self.backend.set_kernel_dir_writable(self.host_dir, True)
+        # Stopped, or running with a kernel that no longer answers (its supervisor wedged): either
+        # way a fresh container run, whose supervisor binds the sockets anew.
         self._remove_sockets()
-        await self.backend.call(self._api.start, self.container_id)
+        await self.backend.call(self._api.restart, self.container_id, timeout=0)
 
     async def destroy(self) -> None:
-        if self.container_id is not None:
-            try:
-                await self.backend.call(self._api.remove_container, self.container_id, force=True, v=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                log.error(
-                    "could not remove container %s of sandbox %s: %s", self.container_id[:12], self.sandbox_id, exc
-                )
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._pending:
+            await asyncio.wait(self._pending)
+        try:
+            await self.backend.call(self._api.remove_container, self.container_id or self.name, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            log.error("could not remove container %s of sandbox %s: %s", self.name, self.sandbox_id, exc)
         await self.backend.call(shutil.rmtree, self.host_dir, True)
 
     async def logs(self) -> str:

@@ -10,7 +10,9 @@ chunks are ZMQ frames.
 Paths are checked twice: here (relative, no `..`, no NUL) and in the kernel (the resolved real path,
 symlinks included, must stay inside the workspace; the last component is never followed). Replies
 come from inside the sandbox and are not trusted: names listed by the kernel are checked again
-before anything is written on the host.
+before anything is written on the host, and bytes are counted here as they arrive — a size the
+kernel reports only ever makes a transfer stop sooner. Nothing read out of a sandbox is larger than
+its workspace quota (a `get_dir` in total), since no honest file in the workspace can be.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .errors import FileTransferError, SandboxStartError, WorkspacePathError, WorkspaceQuotaError
+from .kernel import TRANSFER_CHUNK_BYTES as CHUNK_BYTES
 from .kernel import Listener, ReplyWaiter
 
 if TYPE_CHECKING:
     from .kernel import Sandbox
 
-CHUNK_BYTES = 4 << 20
 COMM_TARGET = "cellforge.files"
 
 # Runs once in each new kernel. Kept out of the user's namespace (a function, then deleted).
@@ -151,6 +153,10 @@ class _CommReply(Listener):
         self.lost = True
         self.done.set()
 
+    def on_iopub_gap(self) -> None:
+        # The reply travels on iopub: it may be lost with the connection.
+        self.on_lost()
+
 
 async def _channel(sb: Sandbox) -> str:
     """The comm id of the file channel of the current kernel, set up on first use."""
@@ -176,6 +182,7 @@ async def _channel(sb: Sandbox) -> str:
 
 async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | None = None) -> tuple[dict, list]:
     comm_id = await _channel(sb)
+    await sb.client.iopub_ready()
     waiter = _CommReply()
     msg_id = sb.client.send_shell("comm_msg", {"comm_id": comm_id, "data": data}, waiter, buffers)
     try:
@@ -183,8 +190,15 @@ async def _request(sb: Sandbox, data: dict[str, Any], buffers: list[bytes] | Non
     finally:
         sb.client.forget(msg_id)
     if waiter.msg is None:
-        raise FileTransferError(f"sandbox {sb.id}: the kernel went away during a file transfer")
-    reply = waiter.msg["content"].get("data") or {}
+        raise FileTransferError(f"sandbox {sb.id}: the kernel's connection dropped during a file transfer")
+    if "oversize" in waiter.msg:
+        raise FileTransferError(
+            f"sandbox {sb.id}: {data['op']} {data.get('path')!r}: the kernel's reply of {waiter.msg['oversize']} "
+            "bytes is over the output limit"
+        )
+    reply = waiter.msg["content"].get("data")
+    if not isinstance(reply, dict):
+        raise FileTransferError(f"sandbox {sb.id}: {data['op']} {data.get('path')!r}: the kernel's reply is malformed")
     if not reply.get("ok"):
         kind, message = reply.get("kind"), str(reply.get("message", "no detail"))[:500]
         path = data.get("path")
@@ -229,18 +243,30 @@ async def _put(sb: Sandbox, rel: str, data: bytes) -> None:
         raise
 
 
-async def _get(sb: Sandbox, rel: str, max_bytes: int | None) -> bytes:
+def _limit(sb: Sandbox, max_bytes: int | None) -> int:
+    quota = sb.spec.workspace_bytes
+    return quota if max_bytes is None else min(max_bytes, quota)
+
+
+async def _get(sb: Sandbox, rel: str, limit: int) -> bytes:
+    """The file's bytes, at most `limit` of them: FileTransferError as soon as more arrive."""
     parts: list[bytes] = []
-    offset = 0
+    received = 0
     while True:
-        reply, buffers = await _request(sb, {"op": "read", "path": rel, "offset": offset, "size": CHUNK_BYTES})
-        size = int(reply.get("size", 0))
-        if max_bytes is not None and size > max_bytes:
-            raise FileTransferError(f"sandbox {sb.id}: {rel} is {size} bytes, more than the {max_bytes} allowed")
+        # One byte more than allowed is enough to tell a file over the limit.
+        want = min(CHUNK_BYTES, limit - received + 1)
+        reply, buffers = await _request(sb, {"op": "read", "path": rel, "offset": received, "size": want})
+        size = reply.get("size")
+        if isinstance(size, int) and size > limit:
+            raise FileTransferError(f"sandbox {sb.id}: {rel} is {size} bytes, more than the {limit} allowed")
+        if len(buffers) > 1 or (buffers and len(buffers[0]) > want):
+            raise FileTransferError(f"sandbox {sb.id}: reading {rel}, the kernel sent more than it was asked for")
         chunk = buffers[0] if buffers else b""
+        received += len(chunk)
+        if received > limit:
+            raise FileTransferError(f"sandbox {sb.id}: {rel} holds more than the {limit} allowed")
         parts.append(chunk)
-        offset += len(chunk)
-        if not chunk or offset >= size:
+        if len(chunk) < want or (isinstance(size, int) and received >= size):
             return b"".join(parts)
 
 
@@ -254,10 +280,11 @@ async def put_file(sb: Sandbox, path: str, data: bytes, timeout: float | None = 
 
 
 async def get_file(sb: Sandbox, path: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
-    """The bytes of `path` (relative to the workspace); FileTransferError if missing or not a file."""
+    """The bytes of `path` (relative to the workspace); FileTransferError if missing, not a file, or
+    larger than `max_bytes` (and never more than the workspace quota)."""
     rel = workspace_path(path)
     async with _exclusive(sb, timeout):
-        return await _get(sb, rel, max_bytes)
+        return await _get(sb, rel, _limit(sb, max_bytes))
 
 
 async def put_dir(sb: Sandbox, local_dir: Path, path: str, timeout: float | None = None) -> list[str]:
@@ -281,21 +308,40 @@ async def put_dir(sb: Sandbox, local_dir: Path, path: str, timeout: float | None
     return written
 
 
-async def get_dir(sb: Sandbox, path: str, local_dir: Path, timeout: float | None = None) -> list[str]:
-    """Copy the regular files under `path` into `local_dir`; returns the local paths written."""
+async def get_dir(
+    sb: Sandbox, path: str, local_dir: Path, timeout: float | None = None, max_bytes: int | None = None
+) -> list[str]:
+    """Copy the regular files under `path` into `local_dir`; returns the local paths written.
+
+    At most `max_bytes` in all (never more than the workspace quota): past it, FileTransferError,
+    and the files this call wrote are removed."""
     rel = workspace_path(path, allow_root=True)
     local_dir.mkdir(parents=True, exist_ok=True)
     top = local_dir.resolve()
-    written = []
-    async with _exclusive(sb, timeout):
-        listing, _ = await _request(sb, {"op": "list", "path": rel})
-        for name in listing.get("files", []):
-            inner = workspace_path(str(name))
-            destination = (top / inner).resolve()
-            if not destination.is_relative_to(top):
-                raise WorkspacePathError(f"sandbox {sb.id}: listed name {name!r} escapes {local_dir}")
-            data = await _get(sb, posixpath.join(rel, inner), None)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(data)
-            written.append(str(destination))
-    return written
+    budget = _limit(sb, max_bytes)
+    written: list[Path] = []
+    try:
+        async with _exclusive(sb, timeout):
+            listing, _ = await _request(sb, {"op": "list", "path": rel})
+            names = listing.get("files")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise FileTransferError(f"sandbox {sb.id}: the kernel's listing of {path!r} is not a list of names")
+            for inner in dict.fromkeys(workspace_path(name) for name in names):
+                destination = (top / inner).resolve()
+                if not destination.is_relative_to(top):
+                    raise WorkspacePathError(f"sandbox {sb.id}: listed name {inner!r} escapes {local_dir}")
+                try:
+                    data = await _get(sb, posixpath.join(rel, inner), budget)
+                except FileTransferError as exc:
+                    raise FileTransferError(
+                        f"{exc} (get_dir {path!r}: at most {_limit(sb, max_bytes)} bytes in all)"
+                    ) from None
+                budget -= len(data)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(data)
+                written.append(destination)
+    except BaseException:
+        for done in written:
+            done.unlink(missing_ok=True)
+        raise
+    return [str(p) for p in written]

@@ -1,11 +1,19 @@
 """Execution over Jupyter messaging: the kernel client and the backend-independent `Sandbox`.
 
-`KernelClient` wraps `jupyter_client.AsyncKernelClient` (its Session signs and parses messages, its
-channels own the ZMQ sockets) with one reader task per channel that routes every message to the
-request that caused it, by parent `msg_id`. Nothing polls on the hot path: an execution registers a
-collector, the readers feed it, and the caller awaits one event. A ZMQ socket monitor on the shell
-socket reports the moment the kernel's end of the connection goes away, which is how a dead kernel
-is noticed without heartbeat polling.
+`KernelClient` owns the ZMQ sockets of one kernel connection (a `jupyter_client` Session signs and
+parses the messages) with one reader task per channel that routes every message to the request that
+caused it, by parent `msg_id`. Nothing polls on the hot path: an execution registers a collector, the
+readers feed it, and the caller awaits one event. A ZMQ socket monitor on the shell socket reports
+the moment the kernel's end of the connection goes away, which is how a dead kernel is noticed
+without heartbeat polling.
+
+Everything the kernel sends is hostile input (the sandboxed code holds the key and can write raw
+bytes on the connection). So what the host buffers is bounded: a message above `message_limit` is
+cut by the relay in between (relay.py; libzmq has no limit on a message, only on a frame), a frame
+above `frame_limit` drops the connection (ZMQ's MAXMSGSIZE; the largest honest frame is a file chunk
+or an output at the output limit), the receive queues hold a few messages (RCVHWM: the kernel's own
+send queue, in the sandbox's memory, takes the rest), and a content above the output limit is never
+decoded.
 
 `Sandbox` turns that into outcomes (ok, error, timeout, killed, died) using a `KernelHost` — what a
 backend provides: restart the kernel in place, say why it exited, start it again, destroy it.
@@ -17,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -25,10 +32,11 @@ from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
-from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.session import Session
 from zmq.utils.monitor import parse_monitor_message
 
 from .errors import SandboxClosedError, SandboxDeadError, SandboxStartError
+from .escapes import strip_escapes
 from .events import (
     DisplayEvent,
     ErrorEvent,
@@ -41,6 +49,7 @@ from .events import (
     StreamEvent,
     TruncatedEvent,
 )
+from .relay import KernelRelay
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -49,11 +58,28 @@ Emit = Callable[[StreamEvent], None]
 EventCallback = Callable[[StreamEvent], Any]
 _Runner = Callable[[Emit], Awaitable[tuple[ExecutionResult, "ExecutionCollector"]]]
 
-_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 MAX_TRACEBACK_ENTRIES = 30
 MAX_TRACEBACK_ENTRY_CHARS = 4000
 # How long a dead kernel's host may take to report its exit status before we give up asking.
 EXIT_CAUSE_TIMEOUT_S = 10.0
+# While waiting for a (re)started kernel, how often to ask whether its host stopped meanwhile.
+HOST_CHECK_INTERVAL_S = 0.5
+# Bytes of file data per transfer message (see files.py): with the output limit, the largest frame an
+# honest kernel sends.
+TRANSFER_CHUNK_BYTES = 4 << 20
+# Room for a message's JSON framing above its payload.
+FRAME_SLACK_BYTES = 256 << 10
+# What libzmq may queue for us per channel before it stops reading from the kernel.
+HOST_QUEUE_BYTES = 32 << 20
+# Header, parent header and metadata together; an honest kernel sends a few hundred bytes.
+MAX_HEADERS_BYTES = 64 << 10
+# A connection dropping again within a second is reopened after a growing delay: a kernel that
+# keeps breaking its connection (oversized messages) must not keep the host's loop busy.
+REOPEN_DELAY_S = (0.05, 1.0)
+# How long a request waits for a reopened iopub connection to deliver again before it is sent anyway.
+IOPUB_SETTLE_S = 2.0
+_CHANNELS = ("shell", "iopub", "control")
+_OUTPUT_KINDS = frozenset({"stream", "display_data", "update_display_data", "execute_result"})
 
 _zmq_context: zmq.asyncio.Context | None = None
 
@@ -69,6 +95,16 @@ def _context() -> zmq.asyncio.Context:
         ctx.setsockopt(zmq.LINGER, 0)
         _zmq_context = ctx
     return _zmq_context
+
+
+def frame_limit(output_limit: int) -> int:
+    """The largest frame the host takes from a kernel."""
+    return max(output_limit, TRANSFER_CHUNK_BYTES) + FRAME_SLACK_BYTES
+
+
+def message_limit(output_limit: int) -> int:
+    """The largest message (all its frames) the host takes from a kernel."""
+    return frame_limit(output_limit) + FRAME_SLACK_BYTES
 
 
 def connection_info(ip: str, key: str) -> dict[str, Any]:
@@ -98,13 +134,9 @@ def describe_exit(code: int, oom: bool = False) -> str:
     return f"exit code {code}"
 
 
-def strip_ansi(text: str) -> str:
-    return _ANSI_RE.sub("", text)
-
-
 def trim_traceback(lines: Sequence[str]) -> list[str]:
-    """ANSI-free traceback entries, keeping the last (innermost) ones and capping each entry."""
-    kept = [strip_ansi(line) for line in lines[-MAX_TRACEBACK_ENTRIES:]]
+    """Escape-free traceback entries, keeping the last (innermost) ones and capping each entry."""
+    kept = [strip_escapes(line) for line in lines[-MAX_TRACEBACK_ENTRIES:]]
     cap = MAX_TRACEBACK_ENTRY_CHARS
     kept = [line if len(line) <= cap else line[:cap] + " […]" for line in kept]
     if len(lines) > MAX_TRACEBACK_ENTRIES:
@@ -113,10 +145,21 @@ def trim_traceback(lines: Sequence[str]) -> list[str]:
 
 
 class Listener:
-    """Receives the messages whose parent is one request."""
+    """Receives the messages whose parent is one request.
+
+    A message whose content was over the output limit arrives with `content` empty and its size in
+    `msg["oversize"]`.
+    """
+
+    def wants(self, msg_type: str) -> bool:
+        """Whether an iopub message of this type is worth decoding."""
+        return True
 
     def on_iopub(self, msg: dict[str, Any]) -> None:
         pass
+
+    def on_iopub_gap(self) -> None:
+        """The iopub connection dropped (e.g. an oversized frame): messages may have been lost."""
 
     def on_reply(self, msg: dict[str, Any]) -> None:
         pass
@@ -156,8 +199,19 @@ class ExecutionCollector(Listener):
         self.error: tuple[str, str, list[str]] | None = None
         self.reply: dict[str, Any] | None = None
         self.idle = False
+        self.iopub_gap = False
         self.lost = False
         self.done = asyncio.Event()
+
+    def wants(self, msg_type: str) -> bool:
+        # Past the limit only streams are still read, to count stdout_bytes; nothing more is kept.
+        return not (self.truncated and msg_type in _OUTPUT_KINDS and msg_type != "stream")
+
+    def _truncate(self) -> None:
+        if not self.truncated:
+            self.truncated = True
+            self.kept_bytes = self.limit
+            self.emit(TruncatedEvent(limit_bytes=self.limit))
 
     def _room(self, size: int) -> int:
         """How many of `size` bytes still fit under the limit; marks truncation once they don't."""
@@ -188,7 +242,13 @@ class ExecutionCollector(Listener):
     def on_iopub(self, msg: dict[str, Any]) -> None:
         kind = msg["msg_type"]
         content = msg["content"]
-        if kind == "stream":
+        if "oversize" in msg:
+            if kind in _OUTPUT_KINDS:
+                self._truncate()
+            elif kind == "error":
+                self.error = ("Error", f"[an error of {msg['oversize']} bytes, over the output limit, was dropped]", [])
+                self.emit(ErrorEvent(ename=self.error[0], evalue=self.error[1], traceback=[]))
+        elif kind == "stream":
             self._stream(content.get("name", "stdout"), content.get("text", ""))
         elif kind in ("display_data", "update_display_data", "execute_result"):
             data = content.get("data", {})
@@ -208,13 +268,23 @@ class ExecutionCollector(Listener):
             self.emit(ErrorEvent(ename=self.error[0], evalue=self.error[1], traceback=self.error[2]))
         elif kind == "status" and content.get("execution_state") == "idle":
             self.idle = True
-            if self.reply is not None:
-                self.done.set()
+            self._finish_if_complete()
+
+    def on_iopub_gap(self) -> None:
+        self.iopub_gap = True
+        self._finish_if_complete()
+
+    def _finish_if_complete(self) -> None:
+        """Done once the reply came and iopub went idle — or lost messages, idle perhaps among them."""
+        if self.reply is not None and (self.idle or self.iopub_gap):
+            if not self.idle:
+                self._truncate()
+            self.done.set()
 
     def _set_error(self, content: dict[str, Any]) -> None:
         self.error = (
-            str(content.get("ename", "Error")),
-            strip_ansi(str(content.get("evalue", ""))),
+            strip_escapes(str(content.get("ename", "Error"))),
+            strip_escapes(str(content.get("evalue", ""))),
             trim_traceback([str(line) for line in content.get("traceback", [])]),
         )
 
@@ -224,8 +294,7 @@ class ExecutionCollector(Listener):
             self._set_error(self.reply)
         elif self.reply.get("status") == "aborted" and self.error is None:
             self.error = ("Aborted", "the kernel aborted this execution after an earlier error", [])
-        if self.idle:
-            self.done.set()
+        self._finish_if_complete()
 
     def on_lost(self) -> None:
         self.lost = True
@@ -254,77 +323,176 @@ class ExecutionCollector(Listener):
 class KernelClient:
     """Jupyter messaging with one kernel over ZMQ (ipc), routed by parent message id."""
 
-    def __init__(self, connection_info: dict[str, Any]) -> None:
-        self._kc = AsyncKernelClient(context=_context())
-        self._kc.load_connection_info(connection_info)
+    def __init__(self, connection_info: dict[str, Any], output_limit: int = 1 << 20) -> None:
+        self.session = Session(
+            key=connection_info["key"].encode(), signature_scheme=connection_info["signature_scheme"]
+        )
+        self._info = connection_info
+        self.frame_limit = frame_limit(output_limit)
+        self.content_limit = output_limit + FRAME_SLACK_BYTES
+        self.queue_limit = max(2, HOST_QUEUE_BYTES // message_limit(output_limit))
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._monitors: dict[str, zmq.asyncio.Socket] = {}
+        self._tasks: dict[str, list[asyncio.Task]] = {}
+        self._drops: dict[str, tuple[float, float]] = {}  # channel: (when it last dropped, reopen delay)
         self._listeners: dict[str, Listener] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._monitor: zmq.asyncio.Socket | None = None
         self._iopub_session: str | None = None
         self._iopub_seen = asyncio.Event()
+        # Set while iopub is known to deliver: cleared when it drops, set by the next message on it
+        # (ipykernel greets each new subscriber with `iopub_welcome`).
+        self._iopub_live = asyncio.Event()
         self.session_id: str | None = None
         self.kernel_info: dict[str, Any] = {}
         # Set when the kernel's end of the shell connection went away (it exited or was killed).
         self.lost = asyncio.Event()
 
     def start(self) -> None:
-        self._kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=True)
-        shell = self._kc.shell_channel
-        self._monitor = shell.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._tasks = [
-            asyncio.create_task(self._read(shell, self._on_shell)),
-            asyncio.create_task(self._read(self._kc.iopub_channel, self._on_iopub)),
-            asyncio.create_task(self._read(self._kc.control_channel, lambda msg: None)),
-            asyncio.create_task(self._watch_connection()),
+        for channel in _CHANNELS:
+            self._open(channel)
+
+    def _open(self, channel: str, delay: float = 0.0) -> None:
+        """A fresh socket for `channel` (connected after `delay` s), its reader, and a monitor that
+        reports the connection dropping."""
+        socket_type, handle, on_drop = {
+            "shell": (zmq.DEALER, self._on_shell, self._on_shell_lost),
+            "iopub": (zmq.SUB, self._on_iopub, self._on_iopub_gap),
+            "control": (zmq.DEALER, lambda msg: None, lambda: None),
+        }[channel]
+        socket = _context().socket(socket_type)
+        self._sockets[channel] = socket
+        # Before connect(): libzmq copies them into each connection as it is made.
+        socket.setsockopt(zmq.MAXMSGSIZE, self.frame_limit)
+        socket.setsockopt(zmq.RCVHWM, self.queue_limit)
+        if socket_type == zmq.SUB:
+            socket.setsockopt(zmq.SUBSCRIBE, b"")
+        else:
+            socket.setsockopt(zmq.IDENTITY, self.session.bsession)
+        monitor = self._monitors[channel] = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        url = f"ipc://{self._info['ip']}-{self._info[f'{channel}_port']}"
+        if delay:
+            # Sends meanwhile wait in the socket's queue.
+            asyncio.get_running_loop().call_later(delay, lambda: socket.closed or socket.connect(url))
+        else:
+            socket.connect(url)
+
+        def dropped() -> None:
+            on_drop()
+            # libzmq reconnects after a connection error, but gives a connection up for good after a
+            # protocol error (a frame over MAXMSGSIZE) or the relay's cut: a fresh socket either way.
+            self._close(channel)
+            self._open(channel, self._reopen_delay(channel))
+
+        self._tasks[channel] = [
+            asyncio.create_task(self._read(socket, handle)),
+            asyncio.create_task(self._watch(monitor, dropped)),
         ]
 
-    async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], None]) -> None:
-        # recv_multipart, not the channel's get_msg(): that one polls through a zmq Poller, whose
-        # wake-up can be lost when a send on the same socket consumes the edge-triggered ZMQ fd
-        # event (seen as a reply that never arrives); a pending recv future is re-armed by pyzmq.
-        socket, session = channel.socket, self._kc.session
+    def _reopen_delay(self, channel: str) -> float:
+        now = time.monotonic()
+        last, delay = self._drops.get(channel, (-1e9, 0.0))
+        low, high = REOPEN_DELAY_S
+        delay = min(high, max(low, delay * 2)) if now - last < high else 0.0
+        self._drops[channel] = (now, delay)
+        return delay
+
+    def _close(self, channel: str) -> None:
+        for task in self._tasks.pop(channel, []):
+            task.cancel()
+        socket, monitor = self._sockets.pop(channel, None), self._monitors.pop(channel, None)
+        if socket is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
+            socket.close(linger=0)
+        if monitor is not None:
+            monitor.close(linger=0)
+
+    async def _read(self, socket: zmq.asyncio.Socket, handle: Callable[[dict[str, Any]], None]) -> None:
+        # recv_multipart on the asyncio socket, not a Poller: a poller's wake-up can be lost when a
+        # send on the same socket consumes the edge-triggered ZMQ fd event (seen as a reply that
+        # never arrives); a pending recv future is re-armed by pyzmq.
         while True:
             try:
                 frames = await socket.recv_multipart()
             except zmq.ZMQError:
                 if socket.closed:
                     return
-                log.debug("ZMQ error on %s", channel, exc_info=True)
+                log.debug("ZMQ error on a kernel socket", exc_info=True)
                 continue
             try:
-                _, msg_frames = session.feed_identities(frames)
-                msg = session.deserialize(msg_frames)
-            except ValueError:
-                # Bad signature or malformed frames: not from our kernel, ignore.
-                log.warning("dropped an unreadable message from the kernel", exc_info=True)
-                continue
-            handle(msg)
+                _, msg_frames = self.session.feed_identities(frames)
+                if sum(len(f) for f in msg_frames[1:4]) > MAX_HEADERS_BYTES:
+                    raise ValueError("message headers over the limit")
+                # The content stays packed: decoded later, only if someone wants it and it is small.
+                msg = self.session.deserialize(msg_frames, content=False)
+                if not (isinstance(msg["parent_header"], dict) and isinstance(msg["msg_type"], str)):
+                    raise ValueError("malformed message headers")
+                handle(msg)
+            except Exception:  # noqa: BLE001 - anything the kernel sends is untrusted; never stop reading
+                # Not a well-formed message of our kernel (bad signature, malformed frames or fields).
+                log.debug("dropped an unreadable message from the kernel", exc_info=True)
+
+    def _unpack(self, msg: dict[str, Any]) -> bool:
+        """Decode the content in place (left empty, with `oversize`, above the limit); False if unreadable."""
+        packed = msg["content"]
+        if len(packed) > self.content_limit:
+            msg["content"] = {}
+            msg["oversize"] = len(packed)
+            return True
+        try:
+            content = self.session.unpack(packed)
+        except Exception:  # noqa: BLE001 - untrusted bytes
+            return False
+        msg["content"] = content if isinstance(content, dict) else {}
+        return True
 
     def _on_shell(self, msg: dict[str, Any]) -> None:
         listener = self._listeners.get(msg["parent_header"].get("msg_id", ""))
-        if listener is not None:
-            listener.on_reply(msg)
+        if listener is None or not self._unpack(msg):
+            return
+        if "oversize" in msg:
+            msg["content"] = {
+                "status": "error",
+                "ename": "OutputTooLarge",
+                "evalue": f"the kernel's reply of {msg['oversize']} bytes is over the output limit",
+                "traceback": [],
+            }
+        listener.on_reply(msg)
 
     def _on_iopub(self, msg: dict[str, Any]) -> None:
+        self._iopub_live.set()
         session = msg["header"].get("session")
         if session != self._iopub_session:
             self._iopub_session = session
             self._iopub_seen.set()
         listener = self._listeners.get(msg["parent_header"].get("msg_id", ""))
-        if listener is not None:
+        if listener is not None and listener.wants(msg["msg_type"]) and self._unpack(msg):
             listener.on_iopub(msg)
 
-    async def _watch_connection(self) -> None:
-        assert self._monitor is not None
+    def _on_shell_lost(self) -> None:
+        self.lost.set()
+        for listener in list(self._listeners.values()):
+            listener.on_lost()
+
+    def _on_iopub_gap(self) -> None:
+        self._iopub_live.clear()
+        for listener in list(self._listeners.values()):
+            listener.on_iopub_gap()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket, on_disconnected: Callable[[], None]) -> None:
         while True:
             try:
-                frames = await self._monitor.recv_multipart()
+                frames = await monitor.recv_multipart()
             except zmq.ZMQError:
                 return
             if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
-                self.lost.set()
-                for listener in list(self._listeners.values()):
-                    listener.on_lost()
+                on_disconnected()
+
+    async def iopub_ready(self, timeout: float = IOPUB_SETTLE_S) -> bool:
+        """Whether iopub delivers (waiting up to `timeout` for a reopened connection to)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._iopub_live.wait()
+        return self._iopub_live.is_set()
 
     async def wait_ready(self, timeout: float, previous_session: str | None = None) -> None:
         """Until a kernel (other than `previous_session`) answers on shell and iopub reaches us.
@@ -339,7 +507,7 @@ class KernelClient:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    msg_id = self._send(self._kc.shell_channel.socket, "kernel_info_request", {}, waiter)
+                    msg_id = self._send(self._sockets["shell"], "kernel_info_request", {}, waiter)
                     sent.append(msg_id)
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(interval):
@@ -382,11 +550,11 @@ class KernelClient:
         arrived, and only pyzmq's own send path re-arms the pending receive — otherwise that reply
         sits unread in the socket.
         """
-        msg = self._kc.session.msg(msg_type, content)
+        msg = self.session.msg(msg_type, content)
         msg_id = msg["header"]["msg_id"]
         if listener is not None:
             self._listeners[msg_id] = listener
-        frames = self._kc.session.serialize(msg)
+        frames = self.session.serialize(msg)
         if buffers:
             frames.extend(buffers)
         socket.send_multipart(frames, copy=False)
@@ -409,33 +577,27 @@ class KernelClient:
             "allow_stdin": False,
             "stop_on_error": False,
         }
-        return self._send(self._kc.shell_channel.socket, "execute_request", content, listener)
+        return self._send(self._sockets["shell"], "execute_request", content, listener)
 
     def send_shell(
         self, msg_type: str, content: dict[str, Any], listener: Listener | None = None, buffers: list[Any] | None = None
     ) -> str:
-        return self._send(self._kc.shell_channel.socket, msg_type, content, listener, buffers)
+        return self._send(self._sockets["shell"], msg_type, content, listener, buffers)
 
     def forget(self, msg_id: str) -> None:
         self._listeners.pop(msg_id, None)
 
     def interrupt(self) -> None:
         """Ask the kernel (control channel) to SIGINT its process group; does not wait."""
-        self._send(self._kc.control_channel.socket, "interrupt_request", {})
+        self._send(self._sockets["control"], "interrupt_request", {})
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        tasks = [task for channel_tasks in self._tasks.values() for task in channel_tasks]
+        for channel in list(self._sockets):
+            self._close(channel)
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._tasks = []
-        if self._monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._kc.shell_channel.socket.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
-        self._kc.stop_channels()
         for listener in list(self._listeners.values()):
             listener.on_lost()
         self._listeners.clear()
@@ -444,9 +606,6 @@ class KernelClient:
 class KernelHost(Protocol):
     """Where a kernel runs (a container, a host process): what `Sandbox` needs beyond messaging."""
 
-    async def kernel_ready(self) -> None:
-        """Called each time a (re)started kernel answered."""
-
     async def restart_kernel(self) -> None:
         """Replace the kernel process in place (workspace kept); returns once asked, not when ready."""
 
@@ -454,7 +613,7 @@ class KernelHost(Protocol):
         """Why the kernel's host stopped ('out of memory', 'exit code 1', 'signal 9'); None if running."""
 
     async def revive(self) -> None:
-        """Start the host again after it stopped (a fresh kernel; state and workspace are lost)."""
+        """Start the host afresh, stopped or not (a fresh kernel; state and workspace are lost)."""
 
     async def destroy(self) -> None:
         """Stop and remove everything; idempotent."""
@@ -490,7 +649,8 @@ class Sandbox:
         self.isolated = isolated
         self.data_root = data_root
         self._host = host
-        self._client = KernelClient(connection_info)
+        self._relay = KernelRelay(connection_info, message_limit(spec.output_limit))
+        self._client = KernelClient(self._relay.info, spec.output_limit)
         self._lock = asyncio.Lock()
         self._closed = False
         self._dead: str | None = None
@@ -524,20 +684,35 @@ class Sandbox:
         return self._lock
 
     async def start(self) -> None:
-        """Connect and wait for the kernel; on failure destroy the host and raise SandboxStartError."""
-        self._client.start()
+        """Connect and wait for the kernel; on any failure destroy the host and raise SandboxStartError."""
         try:
-            await self._client.wait_ready(self.spec.start_timeout)
-            await self._host.kernel_ready()
+            await self._relay.start()
+            self._client.start()
+            await self._wait_kernel()
         except BaseException as exc:
-            cause = await self._host.exit_cause(timeout=0.5)
+            reason = await self._why_no_kernel(exc, "connecting to it failed")
             logs = await self._host.logs()
             await self.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            reason = f"it stopped ({cause})" if cause else f"no answer within {self.spec.start_timeout:g}s"
-            tail = f"; its output ended with:\n{logs[-2000:]}" if logs.strip() else ""
+            tail = f"; its output ended with:\n{strip_escapes(logs[-2000:])}" if logs.strip() else ""
             raise SandboxStartError(f"sandbox {self.id}: the kernel did not start, {reason}{tail}") from None
+
+    async def _wait_kernel(self, previous_session: str | None = None) -> None:
+        """Until a (re)started kernel answers: TimeoutError after start_timeout, _HostStopped as soon
+        as its host stops (a kernel dying at boot is reported at once, not after the timeout)."""
+        ready = asyncio.ensure_future(self._client.wait_ready(self.spec.start_timeout, previous_session))
+        try:
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=HOST_CHECK_INTERVAL_S)
+                if not ready.done() and (cause := await self._host.exit_cause(timeout=0)):
+                    raise _HostStopped(cause)
+            ready.result()
+        finally:
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
 
     def check_usable(self) -> None:
         if self._closed:
@@ -644,9 +819,12 @@ class Sandbox:
             collector = ExecutionCollector(self.spec.output_limit, emit)
             if self._client.lost.is_set():
                 return await self._died(collector, started), collector
+            iopub_live = await self._client.iopub_ready()
             msg_id = self._client.execute(
                 code, collector, store_history=store_history, user_expressions=user_expressions
             )
+            if not iopub_live:
+                collector.on_iopub_gap()  # its output may not reach us: finish on the reply
             try:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
@@ -680,9 +858,8 @@ class Sandbox:
         collector.emit(StatusEvent(state="restarting", detail=detail))
         try:
             await self._restart_kernel()
-        except SandboxStartError as exc:
-            self._dead = str(exc)
-            collector.emit(StatusEvent(state="died", detail=self._dead))
+        except SandboxStartError:
+            collector.emit(StatusEvent(state="died", detail=self._dead or ""))
             return collector.to_result(Outcome.DIED, started, died_cause=self._dead, state_lost=True)
         collector.emit(StatusEvent(state="restarted", detail="fresh kernel; variables and imports are gone"))
         return collector.to_result(Outcome.KILLED, started, state_lost=True)
@@ -694,19 +871,26 @@ class Sandbox:
         return collector.to_result(Outcome.DIED, started, died_cause=cause, state_lost=True)
 
     async def _restart_kernel(self, revive: bool = False) -> None:
-        """A new kernel in place (or, with `revive`, a restarted host); SandboxStartError if none answers."""
+        """A new kernel in place (or, with `revive`, a restarted host). When none answers, the sandbox
+        is dead (a later restart revives it) and SandboxStartError says why."""
         previous = self._client.session_id
         self.files_channel = None
-        await (self._host.revive() if revive else self._host.restart_kernel())
         try:
-            await self._client.wait_ready(self.spec.start_timeout, previous_session=previous)
-        except TimeoutError:
-            cause = await self._host.exit_cause(timeout=0.5)
-            state = f"it stopped ({cause})" if cause else f"no answer within {self.spec.start_timeout:g}s"
-            raise SandboxStartError(
-                f"sandbox {self.id}: the kernel did not come back after a restart, {state}"
-            ) from None
-        await self._host.kernel_ready()
+            await (self._host.revive() if revive else self._host.restart_kernel())
+            await self._wait_kernel(previous)
+        except Exception as exc:  # noqa: BLE001 - whatever stopped it, the sandbox is dead and says why
+            why = await self._why_no_kernel(exc, "the restart failed")
+            self._dead = f"the kernel did not come back after a restart, {why}"
+            raise SandboxStartError(f"sandbox {self.id}: {self._dead}") from None
+
+    async def _why_no_kernel(self, exc: BaseException, failure: str) -> str:
+        """Why a (re)started kernel did not answer, for an error message."""
+        cause = exc.cause if isinstance(exc, _HostStopped) else await self._host.exit_cause(timeout=0.5)
+        if cause:
+            return f"it stopped ({cause})"
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self.spec.start_timeout:g}s"
+        return f"{failure} ({type(exc).__name__}: {exc})"
 
     # --- control -----------------------------------------------------------------------------
 
@@ -735,6 +919,7 @@ class Sandbox:
             return
         self._closed = True
         await self._client.close()
+        await self._relay.close()
         await self._host.destroy()
 
     async def __aenter__(self) -> Sandbox:
@@ -760,10 +945,20 @@ class Sandbox:
 
         return await put_dir(self, Path(local_dir), path, timeout)
 
-    async def get_dir(self, path: str, local_dir: str | Path, timeout: float | None = None) -> list[str]:
+    async def get_dir(
+        self, path: str, local_dir: str | Path, timeout: float | None = None, max_bytes: int | None = None
+    ) -> list[str]:
         from .files import get_dir
 
-        return await get_dir(self, path, Path(local_dir), timeout)
+        return await get_dir(self, path, Path(local_dir), timeout, max_bytes)
+
+
+class _HostStopped(Exception):
+    """The kernel's host stopped while a kernel was expected to come up."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 def _safe(callback: EventCallback) -> Emit:

@@ -123,9 +123,6 @@ class LocalKernelHost:
                 start_new_session=True,
             )
 
-    async def kernel_ready(self) -> None:
-        pass
-
     async def restart_kernel(self) -> None:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGUSR1)

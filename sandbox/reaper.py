@@ -131,15 +131,18 @@ def _labels(container: docker.models.containers.Container) -> dict[str, str]:
 
 
 def _remove_kernel_dir(container: docker.models.containers.Container) -> None:
-    """The host folder holding the dead sandbox's kernel sockets, bind-mounted into its container.
+    """The host folder holding the dead sandbox's kernel sockets, bind-mounted into its container
+    (and the one of its relay, beside it).
 
     Only a bind source whose folder is named after the container's sandbox id is removed, so a
     crafted label can never point the reaper at another host folder.
     """
     from .docker_backend import SANDBOX_LABEL  # the backend imports this module at load time
+    from .relay import relay_folder
 
     sandbox_id = _labels(container).get(SANDBOX_LABEL)
     for mount in container.attrs.get("Mounts") or []:
         source = mount.get("Source") or ""
         if sandbox_id and mount.get("Type") == "bind" and os.path.basename(source) == sandbox_id:
             shutil.rmtree(source, ignore_errors=True)
+            shutil.rmtree(relay_folder(source), ignore_errors=True)

@@ -19,12 +19,14 @@ RUNC = "runc"
 RUNSC = "runsc"
 # Under gVisor the host's pids cgroup counts the Sentry's and gofer's threads and the platform's stub
 # processes, not the sandboxed code's tasks: about 70 with an idle kernel, and 5-6 more per guest
-# process on the ptrace platform (measured: 127 guest processes took 741 host tasks). A pids limit
+# process on the ptrace platform (measured: 127 guest processes took 741 host tasks; with the kernel
+# under its own uid beside a root supervisor, a fork bomb against RLIMIT_NPROC=128 needed more than
+# 8 host tasks per guest task and ran with 16, so 32 leaves a margin). A pids limit
 # sized for the guest would make the Sentry itself fail to start a thread and the whole sandbox die.
 # So under runsc the guest's limit is RLIMIT_NPROC, which gVisor counts inside the sandbox (fork
 # fails with EAGAIN, as a pids limit does under runc), and the host limit only bounds gVisor.
 RUNSC_HOST_TASKS_BASE = 128
-RUNSC_HOST_TASKS_PER_GUEST_TASK = 8
+RUNSC_HOST_TASKS_PER_GUEST_TASK = 32
 SETUP_HINT = {
     RUNSC: "run `sudo scripts/setup-runsc.sh` (installs gVisor's runsc and registers it in "
     "/etc/docker/daemon.json, then reloads dockerd with SIGHUP)",

@@ -105,6 +105,13 @@ class SandboxSpec(BaseModel):
     gpus: GpuSelection = None
     timeout: float = Field(default=60.0, gt=0, description="default seconds per execution")
     pids_limit: int = Field(default=256, ge=16, le=1 << 22)
+    nofile: int = Field(
+        default=1024,
+        ge=64,
+        le=1 << 20,
+        description="open files per process (soft and hard limit); with pids_limit it caps the sandbox's share "
+        "of the host's file table",
+    )
     tmpfs_size: str = "256m"
     workspace_quota: str = "1g"
     mounts: list[Mount] = Field(default_factory=list)

@@ -257,6 +257,10 @@ class SandboxService:
             raise NotFound(f"sandbox {live.lease.id} is gone") from None
         except SandboxDeadError as exc:
             raise Conflict(str(exc)) from None
+        except SandboxStartError as exc:
+            # The restart failed: the sandbox is now dead (its status says so); another restart
+            # starts its container afresh.
+            raise Unavailable(f"{exc}; restart it again for a fresh container, or delete it") from None
 
     async def _drop(self, sandbox_id: str, reason: str) -> None:
         live = self._live.pop(sandbox_id, None)

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sandbox.bench import run_bench
 from sandbox.errors import SandboxError, SpecError
+from sandbox.escapes import strip_escapes
 from sandbox.events import (
     DisplayEvent,
     ErrorEvent,
@@ -55,8 +57,14 @@ def _make_backend(name: BackendName) -> Any:
     return DockerBackend()
 
 
+def _safe(text: Any) -> str:
+    """Sandbox-made text for a rich line: no terminal escapes, no rich markup (e.g. [link=...])."""
+    return escape(strip_escapes(str(text)))
+
+
 class _LiveOutput:
-    """Writes a running execution's output to the terminal as it arrives."""
+    """Writes a running execution's output to the terminal as it arrives, without the terminal
+    escapes sandboxed code put in it (clipboard, title, hyperlinks: see sandbox.escapes)."""
 
     def __init__(self) -> None:
         self.ends_with_newline = True
@@ -65,19 +73,21 @@ class _LiveOutput:
         if isinstance(event, StdoutEvent):
             self._out(event.text)
         elif isinstance(event, StderrEvent):
-            sys.stderr.write(event.text)
+            sys.stderr.write(strip_escapes(event.text))
             sys.stderr.flush()
         elif isinstance(event, DisplayEvent) and "text/plain" in event.data:
             self._out(str(event.data["text/plain"]) + "\n")
         elif isinstance(event, ErrorEvent):
-            sys.stderr.write("\n".join(event.traceback or [f"{event.ename}: {event.evalue}"]) + "\n")
+            lines = event.traceback or [f"{event.ename}: {event.evalue}"]
+            sys.stderr.write(strip_escapes("\n".join(lines)) + "\n")
             sys.stderr.flush()
         elif isinstance(event, TruncatedEvent):
             err.print(f"[yellow]output passed {event.limit_bytes} bytes; the rest is dropped[/]")
         elif isinstance(event, StatusEvent):
-            err.print(f"[yellow]kernel {event.state}[/] {event.detail}".rstrip())
+            err.print(f"[yellow]kernel {_safe(event.state)}[/] {_safe(event.detail)}".rstrip())
 
     def _out(self, text: str) -> None:
+        text = strip_escapes(text)
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -91,7 +101,7 @@ async def _run_file(
         try:
             sb = await _make_backend(backend).create(spec)
         except SandboxError as exc:
-            err.print(f"[red]could not start the sandbox:[/] {exc}")
+            err.print(f"[red]could not start the sandbox:[/] {_safe(exc)}")
             raise typer.Exit(EXIT_START_FAILED) from None
     try:
         return sb, await sb.execute(code, timeout=timeout, on_event=live)
@@ -111,7 +121,7 @@ def _run_remote(server: str, api_key: str | None, code: str, spec: SandboxSpec,
         return run_script(server, api_key, code, on_event=live, image=spec.image, cpus=spec.cpus,
                           memory=spec.memory, gpus=spec.gpus, timeout=spec.timeout)
     except APIError as exc:
-        err.print(f"[red]the server refused the run:[/] {exc}")
+        err.print(f"[red]the server refused the run:[/] {_safe(exc)}")
         raise typer.Exit(EXIT_START_FAILED) from None
 
 
@@ -181,7 +191,7 @@ def run(
     else:
         colour = "green" if res.ok else "red"
         detail = res.died_cause or (f"{res.ename}: {res.evalue}" if res.ename else "")
-        err.print(f"[{colour}]{res.outcome.value}[/] in {res.duration_ms / 1000:.2f} s {detail}".rstrip())
+        err.print(f"[{colour}]{res.outcome.value}[/] in {res.duration_ms / 1000:.2f} s {_safe(detail)}".rstrip())
     raise typer.Exit(EXIT_CODES[res.outcome.value])
 
 

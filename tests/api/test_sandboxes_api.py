@@ -16,7 +16,7 @@ import pytest
 
 from service.api.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.api.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
-from service.client import NotFoundError
+from service.client import APIError, NotFoundError
 
 CLI = [str(Path(sys.executable).parent / "cellforge")]
 
@@ -113,6 +113,30 @@ def test_interrupt_and_restart(server, alice, alice_sandbox):
         c.restart(alice_sandbox)
         after = c.execute(alice_sandbox, "kept")
     assert after.outcome.value == "error" and after.ename == "NameError"
+
+
+PLANT_DYING_STARTUP = (
+    "import os; d = '/tmp/.ipython/profile_default/startup'; os.makedirs(d, exist_ok=True)\n"
+    "open(d + '/00-die.py', 'w').write('import os; os._exit(7)')"
+)
+
+
+def test_a_failed_restart_is_a_clear_error_and_the_sandbox_shows_dead(server, alice, transport):
+    # Sandboxed code makes every new kernel die at boot: the restart fails. Before, that was a 500 and
+    # the sandbox still showed `live`.
+    with server.client(alice, transport) as c:
+        sandbox_id = c.create_sandbox(memory="512m")["id"]
+        try:
+            assert c.execute(sandbox_id, PLANT_DYING_STARTUP).outcome.value == "ok"
+            with pytest.raises(APIError) as failed:
+                c.restart(sandbox_id)
+            assert failed.value.status == 503 and "exit code 7" in failed.value.message
+            assert c.get_sandbox(sandbox_id)["status"] == "dead"
+            c.restart(sandbox_id)  # a fresh container: the planted file went with the old /tmp
+            assert c.get_sandbox(sandbox_id)["status"] == "live"
+            assert c.execute(sandbox_id, "6 * 7").result == "42"
+        finally:
+            c.delete_sandbox(sandbox_id)
 
 
 def test_files_round_trip_and_bad_paths(server, alice, alice_sandbox, transport):

@@ -100,8 +100,11 @@ def test_429_waits_for_retry_after_seconds(fake_llm):
 
 
 def test_retry_after_as_http_date_is_honoured(fake_llm):
-    # HTTP dates have whole-second resolution: 2 s ahead means a wait of more than 1 s.
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2), usegmt=True)
+    # HTTP dates have whole-second resolution and the formatter truncates: rounding up to the next
+    # whole second keeps the date at least 2 s ahead when written, so the client (which parses it a
+    # moment later) still has to wait more than 1 s.
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=3)
+    when = format_datetime(soon, usegmt=True)
     fake_llm.script(Fail(503, "overloaded", retry_after=when), Reply(GOOD))
     backend(fake_llm).ask(request())
     first, second = fake_llm.requests

@@ -13,7 +13,7 @@ from sandbox import FileTransferError, Outcome, WorkspacePathError, WorkspaceQuo
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
 
-async def test_binary_files_round_trip_across_chunks(shared_sandbox):
+async def test_binary_files_round_trip_across_chunks(shared_sandbox, backend):
     payload = os.urandom(9 << 20)  # more than two transfer chunks
     await shared_sandbox.put_file("data/blob.bin", payload)
     await shared_sandbox.put_file("empty.txt", b"")
@@ -24,7 +24,8 @@ async def test_binary_files_round_trip_across_chunks(shared_sandbox):
         "import hashlib, os; st = os.stat('data/blob.bin')\n"
         "print(st.st_uid, st.st_size, hashlib.sha256(open('data/blob.bin', 'rb').read()).hexdigest())"
     )
-    assert res.stdout.split() == ["1000", str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    sandbox_uid = (await backend.engine_ids()).sandbox_uid
+    assert res.stdout.split() == [str(sandbox_uid), str(len(payload)), hashlib.sha256(payload).hexdigest()]
     await shared_sandbox.run_command(["rm", "data/blob.bin"])
 
 

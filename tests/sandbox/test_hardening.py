@@ -10,7 +10,7 @@ import docker.errors
 import pytest
 
 from sandbox import Outcome
-from sandbox.docker_backend import SANDBOX_LABEL, TENANT_LABEL
+from sandbox.docker_backend import SANDBOX_LABEL, SUPERVISOR_CAPS, TENANT_LABEL
 from sandbox.reaper import MANAGED_LABEL, OWNER_LABEL, current_owner
 from sandbox.runtimes import is_gvisor, task_limits
 
@@ -73,7 +73,7 @@ print("root options", root[3])
     assert "/run/kernel/fill EACCES" in out
 
 
-async def test_no_privileges_can_be_gained(shared_sandbox):
+async def test_no_privileges_can_be_gained(backend, shared_sandbox):
     out = await run_ok(
         shared_sandbox,
         """
@@ -91,7 +91,8 @@ for attempt in ["os.setuid(0)", "os.setgid(0)", "os.chown('/workspace', 0, 0)", 
         print("denied", attempt)
 """,
     )
-    assert "uid 1000 1000 1000" in out
+    uid = (await backend.engine_ids()).sandbox_uid
+    assert f"uid {uid} {uid} {uid}" in out
     for cap in ["CapEff", "CapPrm", "CapBnd"]:
         assert f"{cap} 0000000000000000" in out
     # gVisor has no ambient capabilities at all, so its /proc shows no CapAmb line.
@@ -184,18 +185,23 @@ async def test_container_carries_every_hardening_default_and_labels(backend, sha
         host = container.attrs["HostConfig"]
         spec = shared_sandbox.spec
         assert host["NetworkMode"] == "none"
-        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        # The supervisor's (container root) only; the kernel it starts has none (see above).
+        assert host["CapDrop"] == ["ALL"] and sorted(host["CapAdd"]) == sorted(SUPERVISOR_CAPS)
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["ReadonlyRootfs"] is True and host["Privileged"] is False
         assert host["Init"] is True
         host_pids, guest_nproc = task_limits(spec.runtime, spec.pids_limit)
         assert host["PidsLimit"] == host_pids
-        assert (host["Ulimits"] or []) == ([{"Name": "nproc", "Soft": guest_nproc, "Hard": guest_nproc}] if guest_nproc else [])
+        nproc = [{"Name": "nproc", "Soft": guest_nproc, "Hard": guest_nproc}] if guest_nproc else []
+        assert host["Ulimits"] == [{"Name": "nofile", "Soft": spec.nofile, "Hard": spec.nofile}, *nproc]
         assert host["Memory"] == host["MemorySwap"] == spec.memory_bytes
         assert host["NanoCpus"] == int(spec.cpus * 1e9)
         assert f"size={spec.workspace_bytes}" in host["Tmpfs"]["/workspace"]
         assert f"size={spec.tmpfs_bytes}" in host["Tmpfs"]["/tmp"]
-        assert container.attrs["Config"]["User"] == "1000:1000"
+        uid = (await backend.engine_ids()).sandbox_uid
+        assert container.attrs["Config"]["User"] == "0:0"
+        assert container.attrs["Config"]["Cmd"][-2:] == ["--user", f"{uid}:{uid}"]
+        assert f"uid={uid},gid={uid}" in host["Tmpfs"]["/workspace"]
         labels = container.labels
         assert labels[MANAGED_LABEL] == "true" and labels[TENANT_LABEL] == "tests"
         assert labels[OWNER_LABEL] == current_owner().label
