@@ -17,9 +17,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from service.data import simulate
 from service.client import InvalidRequestError
 from service.client.remote import run_design
+from service.data import simulate
 from service.jobs import compare_metrics
 
 from .conftest import Tenant
