@@ -333,7 +333,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
         baselines_val={n: s.summary for n, s in baseline_val.items()}, baselines_test=_summaries(baseline_reports),
         model_rows=model_report.per_condition if model_report else None,
         baseline_rows={n: r.per_condition for n, r in baseline_reports.items()},
-        delivered_val=delivery.entry.score(primary), delivered_test=delivered_report.summary.get(primary),
+        delivered_val=delivery.entry.val.summary, delivered_test=delivered_report.summary,
         validation=selection.describe(), n_val_conditions=selection.n_conditions, n_test_conditions=n_test,
         not_competing=not_competing)
     verdict.warnings += selection.warnings

@@ -87,6 +87,8 @@ class Verdict(BaseModel):
     delivered_reason: str = ""
     delivered_val: float | None = None
     delivered_test: float | None = None
+    # What the user gets against the best baseline (the designed model's own comparison is `metrics`).
+    delivered_metrics: dict[str, MetricVerdict] = Field(default_factory=dict)
     validation: str = ""
     n_val_conditions: int = 0
     n_test_conditions: int = 0
@@ -163,18 +165,44 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
+def _sides(m: MetricVerdict | None) -> list[str]:
+    return [f"{split} {_fmt(mg, True)} vs {name}" for split, mg, name in
+            (("validation", m.margin_val, m.best_baseline_val), ("test", m.margin_test, m.best_baseline_test))
+            if mg is not None] if m else []
+
+
+def _against(m: MetricVerdict, split: str) -> str | None:
+    """'0.4960 vs best baseline gene_similarity 0.4644 (+0.0316, better)' on one split, or None."""
+    mine, name, best = (getattr(m, f"model_{split}"), getattr(m, f"best_baseline_{split}"),
+                        getattr(m, f"best_baseline_{split}_score"))
+    if mine is None or best is None:
+        return None
+    word = "better" if beats(m.metric, mine, best) else "worse" if beats(m.metric, best, mine) else "tie"
+    return f"{mine:.4f} vs best baseline {name} {best:.4f} ({margin(m.metric, mine, best):+.4f}, {word})"
+
+
+def delivered_sentence(v: Verdict) -> str:
+    """How what the run delivers compares with the best baseline, on validation and on test."""
+    d = v.delivered_metrics.get(v.primary_metric)
+    sides = [f"{label} {text}" for label, text in
+             (("validation", d and _against(d, "val")), ("test", d and _against(d, "test"))) if text]
+    scored = f" on {v.primary_metric}: {'; '.join(sides)}" if sides else ""
+    return f"Delivered {v.delivered} ({v.delivered_reason}){scored}."
+
+
 def headline(v: Verdict) -> str:
-    """One plain sentence: does the model beat the best baseline, and what is delivered."""
+    """Plain sentences: does the model beat the best baseline, and what is delivered and how it compares."""
     p = v.metrics.get(v.primary_metric)
-    sides = [f"{split} {_fmt(m, True)} vs {name}" for split, m, name in
-             (("validation", p.margin_val, p.best_baseline_val), ("test", p.margin_test, p.best_baseline_test))
-             if m is not None] if p else []
+    sides = _sides(p)
     if v.status == "failed" or not sides:
         lead = "No designed model trained" if v.status == "failed" else "The model has no score to compare"
+    elif not v.beats_baselines and p.beats_val and p.beats_test is None:
+        lead = (f"{v.subject[:1].upper()}{v.subject[1:]}: beats the best baseline on {v.primary_metric} on "
+                f"validation ({', '.join(sides)}) but has no test score")
     else:
         lead = (f"{v.subject[:1].upper()}{v.subject[1:]}: {'BEATS' if v.beats_baselines else 'does NOT beat'} the "
                 f"best baseline on {v.primary_metric} ({', '.join(sides)})")
-    return f"{lead}; delivered: {v.delivered} ({v.delivered_reason})." if v.delivered else f"{lead}."
+    return f"{lead}. {delivered_sentence(v)}" if v.delivered else f"{lead}."
 
 
 def verdict_lines(v: Verdict) -> list[str]:
@@ -202,6 +230,10 @@ def verdict_lines(v: Verdict) -> list[str]:
             d = m.paired_test
             lines.append(f"  vs {d.baseline} per condition: mean margin {d.mean:+.4f}, 95% CI "
                          f"[{d.ci95[0]:+.4f}, {d.ci95[1]:+.4f}], model better on {d.win_fraction:.0%}")
+    for m in v.delivered_metrics.values():
+        sides = [f"{label} {text}" for label, text in (("val", _against(m, "val")), ("test", _against(m, "test")))
+                 if text]
+        lines.append(f"delivered {v.delivered}, {m.metric}: " + ("; ".join(sides) or "no score"))
     lines += [f"warning: {w}" for w in v.warnings]
     return lines
 
@@ -218,20 +250,28 @@ def build_verdict(*, status: str, primary: str, delivered: str, delivered_reason
                   model_val: dict[str, float] | None, model_test: dict[str, float] | None,
                   baselines_val: dict[str, dict[str, float]], baselines_test: dict[str, dict[str, float]],
                   model_rows: list[dict[str, Any]] | None, baseline_rows: dict[str, list[dict[str, Any]]],
-                  delivered_val: float | None, delivered_test: float | None, validation: str,
+                  delivered_val: dict[str, float] | None, delivered_test: dict[str, float] | None,
+                  validation: str,
                   n_val_conditions: int, n_test_conditions: int,
                   not_competing: list[str] = ()) -> Verdict:
-    metrics = {}
-    for metric in dict.fromkeys((primary, *VERDICT_METRICS)):
-        metrics[metric] = metric_verdict(
-            metric, (model_val or {}).get(metric), (model_test or {}).get(metric),
+    """The designed model (model_*) and what is delivered (delivered_*: all metrics of its validation and test
+    scores) against the best baseline on each split."""
+    def against(val: dict[str, float] | None, test: dict[str, float] | None,
+                rows: list[dict[str, Any]] | None = None) -> dict[str, MetricVerdict]:
+        return {metric: metric_verdict(
+            metric, (val or {}).get(metric), (test or {}).get(metric),
             {n: s.get(metric) for n, s in baselines_val.items()}, {n: s.get(metric) for n, s in baselines_test.items()},
-            model_rows, baseline_rows)
+            rows, baseline_rows if rows else None)
+            for metric in dict.fromkeys((primary, *VERDICT_METRICS))}
+
+    metrics = against(model_val, model_test, model_rows)
     p = metrics[primary]
     verdict = Verdict(status=status, primary_metric=primary, beats_baselines=bool(p.beats_val and p.beats_test),
-                      delivered=delivered, delivered_reason=delivered_reason, delivered_val=delivered_val,
-                      delivered_test=delivered_test, validation=validation, n_val_conditions=n_val_conditions,
-                      n_test_conditions=n_test_conditions, metrics=metrics)
+                      delivered=delivered, delivered_reason=delivered_reason,
+                      delivered_val=(delivered_val or {}).get(primary),
+                      delivered_test=(delivered_test or {}).get(primary),
+                      delivered_metrics=against(delivered_val, delivered_test), validation=validation,
+                      n_val_conditions=n_val_conditions, n_test_conditions=n_test_conditions, metrics=metrics)
     w = verdict.warnings
     if n_test_conditions < MIN_TEST_CONDITIONS:
         w.append(f"the test split holds {n_test_conditions} condition(s), fewer than {MIN_TEST_CONDITIONS}: too "

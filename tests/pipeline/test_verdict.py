@@ -32,7 +32,8 @@ def losing():
         model_rows=model_rows,
         baseline_rows={"gene_similarity": _rows({f"c{i}": (0.45, 0.8) for i in range(6)}),
                        "linear_pca_ridge": _rows({f"c{i}": (0.325, 0.55) for i in range(6)})},
-        delivered_val=0.40, delivered_test=0.45, validation="held-out validation", n_val_conditions=12,
+        delivered_val={PRIMARY: 0.40, "mse_top20_de": 0.70},
+        delivered_test={PRIMARY: 0.45, "mse_top20_de": 0.80}, validation="held-out validation", n_val_conditions=12,
         n_test_conditions=6, not_competing=["linear_context_ridge"])
 
 
@@ -67,21 +68,51 @@ def test_warnings_and_plain_lines(losing):
     assert any("6 condition(s), fewer than 10" in w for w in losing.warnings)
     assert any("linear_context_ridge" in w and "could not compete" in w for w in losing.warnings)
     assert losing.summary.startswith("Designed model: does NOT beat the best baseline on pearson_delta_pert")
-    assert "delivered: baseline:gene_similarity" in losing.summary
+    assert "Delivered baseline:gene_similarity (best on validation)" in losing.summary
     assert "gene_similarity" in text and "95% CI" in text and "IQR" in text
+
+
+def test_the_delivered_predictor_is_compared_with_the_best_baseline(losing):
+    """What the user gets is stated against the best baseline on both splits, on every verdict metric: here
+    the delivered baseline is the best one (a tie on the primary metric), and linear_pca_ridge beats it on
+    top-20-DE MSE."""
+    d = losing.delivered_metrics
+    assert (d[PRIMARY].model_val, d[PRIMARY].model_test) == (0.40, 0.45)
+    assert d[PRIMARY].margin_test == 0.0 and d[PRIMARY].beats_test is False
+    assert d["mse_top20_de"].beats_val is False and d["mse_top20_de"].best_baseline_test == "linear_pca_ridge"
+    assert ("Delivered baseline:gene_similarity (best on validation) on pearson_delta_pert: validation 0.4000 vs "
+            "best baseline gene_similarity 0.4000 (+0.0000, tie); test 0.4500 vs best baseline gene_similarity "
+            "0.4500 (+0.0000, tie).") in losing.summary
+    lines = verdict_lines(losing)
+    assert ("delivered baseline:gene_similarity, mse_top20_de: val 0.7000 vs best baseline linear_pca_ridge "
+            "0.6000 (-0.1000, worse); test 0.8000 vs best baseline linear_pca_ridge 0.5500 (-0.2500, worse)") in lines
+
+
+def test_a_model_without_a_test_score_is_not_called_a_loser():
+    """The designed model won validation but its whole-split run failed: the headline says so, and says how
+    the delivered stack fares on test."""
+    v = build_verdict(status="validated", primary=PRIMARY, delivered="stack", delivered_reason="best",
+                      model_val={PRIMARY: 0.5}, model_test=None,
+                      baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
+                      model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.4}, delivered_test={PRIMARY: 0.35},
+                      validation="", n_val_conditions=20, n_test_conditions=30)
+    assert v.beats_baselines is False
+    assert v.summary.startswith("Designed model: beats the best baseline on pearson_delta_pert on validation "
+                                "(validation +0.2000 vs b) but has no test score.")
+    assert "test 0.3500 vs best baseline b 0.3000 (+0.0500, better)" in v.summary
 
 
 def test_a_model_that_wins_only_on_validation_is_flagged():
     v = build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
                       model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.2},
                       baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
-                      model_rows=None, baseline_rows={}, delivered_val=0.5, delivered_test=0.2,
+                      model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.5}, delivered_test={PRIMARY: 0.2},
                       validation="", n_val_conditions=20, n_test_conditions=30)
     assert v.beats_baselines is False and v.metrics[PRIMARY].beats_val and not v.metrics[PRIMARY].beats_test
     assert any("did not carry over" in w for w in v.warnings) and not any("fewer than" in w for w in v.warnings)
     won = build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
                         model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.5},
                         baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
-                        model_rows=None, baseline_rows={}, delivered_val=0.5, delivered_test=0.5,
+                        model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.5}, delivered_test={PRIMARY: 0.5},
                         validation="", n_val_conditions=20, n_test_conditions=30)
     assert won.beats_baselines is True and "BEATS" in won.summary
