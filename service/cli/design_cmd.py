@@ -66,7 +66,10 @@ def _finish(result: DesignResult, json_out: bool) -> None:
     if "baselines" in metrics:
         out.print(_metrics_table(metrics))
     beats = (metrics.get("verdict") or {}).get("beats_baselines")
-    out.print(f"status: [bold]{result.status}[/bold] (trained and checked); beats baselines: [bold]{beats}[/bold]; "
+    from service.pipeline.verdict import STATUS_MEANING
+
+    meaning = STATUS_MEANING.get(result.status, "")
+    out.print(f"status: [bold]{result.status}[/bold] ({meaning}); beats baselines: [bold]{beats}[/bold]; "
               f"delivered: {(metrics.get('delivered') or {}).get('key')}; run directory {result.run_dir}; "
               f"report {result.run_dir / 'report.html'}", highlight=False)
     if json_out:

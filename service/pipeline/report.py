@@ -23,7 +23,7 @@ from service.agents import DiscussionResult, Plan, TaskAnalysis  # noqa: E402
 from service.data.load import read_h5ad  # noqa: E402
 from service.pipeline.rundir import RunDir  # noqa: E402
 from service.pipeline.search import SearchTree  # noqa: E402
-from service.pipeline.verdict import Verdict, verdict_lines  # noqa: E402
+from service.pipeline.verdict import STATUS_MEANING, Verdict, verdict_lines  # noqa: E402
 
 TABLE_METRICS = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse", "direction_acc_top20_de")
 STATUS_COLOUR = {"kept": "#2e7d32", "discarded": "#9e9e9e", "buggy": "#c62828", "rejected": "#ef6c00"}
@@ -204,8 +204,8 @@ def _verdict_box(metrics: dict[str, Any]) -> str:
     return (f'<div class="verdict" style="border:3px solid {colour};padding:8px 14px;margin:1em 0">'
             f'<h2 style="margin:0.2em 0">Verdict: {"beats" if verdict.beats_baselines else "does not beat"} the '
             f'best baseline</h2><p><b>{html.escape(lines[0])}</b></p><ul>{body}</ul>'
-            f'<p>Status <b>{html.escape(verdict.status)}</b> (trained and checked); beats_baselines = '
-            f'<b>{str(verdict.beats_baselines).lower()}</b>.</p></div>')
+            f'<p>Status <b>{html.escape(verdict.status)}</b> ({STATUS_MEANING.get(verdict.status, "")}); '
+            f'beats_baselines = <b>{str(verdict.beats_baselines).lower()}</b>.</p></div>')
 
 
 def write_report(rd: RunDir, plan: Plan, analysis: TaskAnalysis, discussion: DiscussionResult,

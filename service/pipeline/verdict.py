@@ -19,6 +19,8 @@ from service.pipeline.selection import LOWER_IS_BETTER, better, finite
 MIN_TEST_CONDITIONS = 10
 VERDICT_METRICS = ("mse_top20_de",)  # besides the primary metric
 BOOTSTRAP = 2000
+STATUS_MEANING = {"validated": "a designed model trained and was checked", "failed": "no designed model trained",
+                  "scored": "predictions scored"}
 
 
 def margin(metric: str, model: float, other: float) -> float:

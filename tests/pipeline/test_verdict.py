@@ -102,6 +102,20 @@ def test_a_model_without_a_test_score_is_not_called_a_loser():
     assert "test 0.3500 vs best baseline b 0.3000 (+0.0500, better)" in v.summary
 
 
+def test_the_report_box_states_what_the_status_means():
+    """A failed run is not called 'trained and checked' in the report."""
+    from service.pipeline.report import _verdict_box
+
+    failed = build_verdict(status="failed", primary=PRIMARY, delivered="baseline:b", delivered_reason="best",
+                           model_val=None, model_test=None, baselines_val={"b": {PRIMARY: 0.3}},
+                           baselines_test={"b": {PRIMARY: 0.3}}, model_rows=None, baseline_rows={},
+                           delivered_val={PRIMARY: 0.3}, delivered_test={PRIMARY: 0.3}, validation="",
+                           n_val_conditions=20, n_test_conditions=30)
+    box = _verdict_box({"verdict": failed.model_dump(mode="json")})
+    assert failed.summary.startswith("No designed model trained. Delivered baseline:b (best)")
+    assert "(no designed model trained)" in box and "trained and checked" not in box
+
+
 def test_a_model_that_wins_only_on_validation_is_flagged():
     v = build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
                       model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.2},
