@@ -109,7 +109,7 @@ def test_design_sandboxes_carry_the_tenant_label(design_job):
     assert all(c["runtime"] == "runc" for c in seen.values())
 
 
-def test_a_tenant_runtime_reaches_its_design_sandboxes(server, design_job, tmp_path):
+def test_a_tenant_runtime_reaches_its_design_sandboxes(server, tmp_path):
     """A tenant whose sandboxes run under gVisor gets design jobs (no refusal): the runtime is in the job's
     parameters, cannot be weakened by an option, and the job's first sandbox runs under it."""
     out = json.loads(server.cli("tenants", "create", "strict-design", "--runtime", "runsc", "--json")
