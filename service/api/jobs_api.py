@@ -24,7 +24,7 @@ from service.jobs import FINAL_STATES, REGRESSION_KINDS, Job, JobRunner, JobStor
 from .datasets import DatasetService
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .quotas import Resources, job_admitter, precheck_job, within_limits
-from .tenants import Tenant
+from .tenants import RUNTIME_STRENGTH, Tenant
 from .workpool import WorkPool
 
 BUNDLE_MAX_BYTES = 64 << 20
@@ -131,7 +131,10 @@ class JobService:
             recorded = source.params.get("options") or {}
             memory, cpus, want = sandbox_size(tenant, None, None, int(recorded.get("gpus") or 0),
                                               recorded.get("memory", "4g"), float(recorded.get("cpus", 2.0)))
-            params["sandbox"] = {"memory": memory, "cpus": cpus, "runtime": tenant.runtime}
+            # The stronger of the run's recorded runtime and the tenant's current one: a replay never runs
+            # weaker than the design it repeats, nor than the tenant now allows.
+            runtime = max((source.params.get("runtime"), tenant.runtime), key=lambda r: RUNTIME_STRENGTH.get(r, -1))
+            params["sandbox"] = {"memory": memory, "cpus": cpus, "runtime": runtime}
             params["resources"] = want.as_dict()
         return await self._enqueue(tenant, f"regression.{spec.kind}", params)
 
