@@ -74,12 +74,11 @@ def design_job(server, alice, tmp_path_factory):
         job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
                          on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8,
                          max_nodes=0)
-    job["sandboxes_seen"] = watch.seen
-    return job, events, folder / "outputs"
+    return job, events, folder / "outputs", watch.seen
 
 
 def test_design_job_streams_its_progress_and_succeeds(design_job):
-    job, events, outputs = design_job
+    job, events, outputs, _ = design_job
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["status"] in ("validated", "below_baseline")
     assert "pearson_delta" in job["result"]["metrics"]["model"]
@@ -95,7 +94,7 @@ def test_design_job_streams_its_progress_and_succeeds(design_job):
 
 
 def test_design_job_events_and_result_carry_no_server_paths_or_tenant_ids(server, design_job):
-    job, events, _ = design_job
+    job, events, _, _ = design_job
     shown = json.dumps([events, job])
     assert events and str(server.data_dir) not in shown
     assert not re.search(r"\btn_[0-9a-f]{12}\b", shown)
@@ -103,8 +102,7 @@ def test_design_job_events_and_result_carry_no_server_paths_or_tenant_ids(server
 
 def test_design_sandboxes_carry_the_tenant_label(design_job):
     """The pipeline's containers are labelled with the job's tenant (and run under its default runtime)."""
-    job, _, _ = design_job
-    seen = job["sandboxes_seen"]
+    _, _, _, seen = design_job
     assert seen, "no design sandbox labelled with the tenant was seen while the job ran"
     assert all(c["runtime"] == "runc" for c in seen.values())
 
@@ -149,7 +147,7 @@ def test_job_params_reach_the_design_sandbox_spec(tmp_path):
 
 
 def test_design_artifacts_download(server, alice, design_job, transport):
-    job, _, _ = design_job
+    job, _, _, _ = design_job
     assert {"code.zip", "model.pt", "predictions.h5ad", "report.html", "metrics.json"} <= set(job["artifacts"])
     with server.client(alice, transport) as c:
         bundle = zipfile.ZipFile(io.BytesIO(c.get_artifact(job["id"], "code.zip")))
@@ -159,7 +157,7 @@ def test_design_artifacts_download(server, alice, design_job, transport):
 
 
 def test_rescore_replay_and_pytest_regressions_pass_on_the_stored_run(server, alice, design_job):
-    job, _, _ = design_job
+    job, _, _, _ = design_job
     with server.client(alice) as c:
         runs = {kind: c.submit_regression(kind=kind, job_id=job["id"]) for kind in ("rescore", "replay", "pytest")}
         done = {kind: c.wait(run["id"], timeout=300) for kind, run in runs.items()}
