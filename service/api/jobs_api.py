@@ -24,7 +24,7 @@ from service.jobs import FINAL_STATES, REGRESSION_KINDS, Job, JobRunner, JobStor
 from .datasets import DatasetService
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from .quotas import Resources, job_admitter, precheck_job, within_limits
-from .tenants import Tenant
+from .tenants import RUNTIME_STRENGTH, Tenant
 from .workpool import WorkPool
 
 BUNDLE_MAX_BYTES = 64 << 20
@@ -92,9 +92,12 @@ class JobService:
             raise BadRequest("task: expected a non-empty description of what to predict")
         if not isinstance(options, dict):
             raise BadRequest(f"options: expected an object, got {type(options).__name__}")
-        _runs_design(tenant)
         row = await self.db.run(self.datasets.get, tenant, dataset_id or "")
-        params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": dict(options)}
+        options = dict(options)
+        # The tenant's runtime, or a stronger one it asks for (never a weaker one): the server's decision.
+        runtime = tenant.runtime_for(options.pop("runtime", None))
+        params = {"dataset_id": row.id, "dataset_path": row.path, "task": task, "options": options,
+                  "runtime": runtime}
         try:
             defaults = design_settings(params, Path("/unused"))
         except ValidationError as exc:
@@ -125,11 +128,13 @@ class JobService:
         if spec.default_tolerance is not None:
             params["default_tolerance"] = spec.default_tolerance
         if spec.kind == "replay":  # a design run again, in a sandbox sized within the tenant's limits
-            _runs_design(tenant)
             recorded = source.params.get("options") or {}
             memory, cpus, want = sandbox_size(tenant, None, None, int(recorded.get("gpus") or 0),
                                               recorded.get("memory", "4g"), float(recorded.get("cpus", 2.0)))
-            params["sandbox"] = {"memory": memory, "cpus": cpus}
+            # The stronger of the run's recorded runtime and the tenant's current one: a replay never runs
+            # weaker than the design it repeats, nor than the tenant now allows.
+            runtime = max((source.params.get("runtime"), tenant.runtime), key=lambda r: RUNTIME_STRENGTH.get(r, -1))
+            params["sandbox"] = {"memory": memory, "cpus": cpus, "runtime": runtime}
             params["resources"] = want.as_dict()
         return await self._enqueue(tenant, f"regression.{spec.kind}", params)
 
@@ -273,11 +278,3 @@ class JobService:
                 "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
                 "attempts": job.attempts, "params": params, "result": job.result,
                 "artifacts": self._artifacts(job.id), "final": job.status in FINAL_STATES}
-
-
-def _runs_design(tenant: Tenant) -> None:
-    """Design runs start their sandboxes through the pipeline, which does not yet take a runtime: a
-    tenant whose sandboxes must run under a stronger runtime cannot have them."""
-    if tenant.runtime is not None:
-        raise Conflict(f"this tenant's sandboxes run under {tenant.runtime!r}, which design and replay runs "
-                       "cannot use yet; run pytest regressions or sandboxes instead")

@@ -10,9 +10,10 @@ from typing import Any
 from .runner import JobContext, JobFailed
 
 # Options a tenant may set; everything else about the run (paths, sandbox backend) is the server's.
-DESIGN_OPTIONS = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes")
+DESIGN_OPTIONS = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes", "max_nodes",
+                  "candidates")
 ARTIFACT_FILES = ("model.pt", "predictions.h5ad", "val_predictions.h5ad", "report.html", "metrics.json",
-                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json")
+                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json", "search.json")
 
 
 class _Stop(BaseException):
@@ -40,24 +41,27 @@ def progress_bridge(ctx: JobContext):
     return on_progress
 
 
-def design_settings(params: dict[str, Any], out: Path) -> Any:
+def design_settings(params: dict[str, Any], out: Path, tenant: str | None = None) -> Any:
+    """The run's settings: the tenant's options, and what the server decided (the runtime its sandboxes run
+    under, `params["runtime"]`; the tenant whose label they carry)."""
     from service.pipeline import DesignSettings
 
     return DesignSettings.model_validate({
         "data": params["dataset_path"], "task": params["task"], "out": str(out), "sandbox": "docker",
         **{k: v for k, v in (params.get("options") or {}).items() if k in DESIGN_OPTIONS},
+        "runtime": params.get("runtime"), "tenant": tenant,
     })
 
 
 async def run_design_job(ctx: JobContext) -> dict[str, Any]:
-    """params: dataset_path, task, options (see DESIGN_OPTIONS)."""
+    """params: dataset_path, task, options (see DESIGN_OPTIONS), runtime."""
     from service.llm import LLMConfig
     from service.pipeline import run_design
 
     run_dir = ctx.work_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a previous attempt's leftovers: run_design refuses a used folder
-    settings = design_settings(ctx.job.params, run_dir)
+    settings = design_settings(ctx.job.params, run_dir, ctx.job.tenant_id)
     bridge = progress_bridge(ctx)
     try:
         result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge)
@@ -70,7 +74,7 @@ async def run_design_job(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"no attempt trained a model in {len(result.attempts)} attempt(s); see the job's events "
                         "and report.html")
     keep = ("status", "primary_metric", "model", "model_normalized", "baselines", "ceiling", "n_test_conditions",
-            "val", "chosen_attempt", "attempts", "seconds")
+            "val", "verdict", "delivered", "search", "chosen_attempt", "attempts", "seconds")
     return {"status": result.status, "metrics": {k: result.metrics[k] for k in keep if k in result.metrics}}
 
 
