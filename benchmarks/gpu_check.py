@@ -55,7 +55,7 @@ async def check(args: argparse.Namespace) -> dict:
             return {"ok": False, "outcome": res.outcome.value, "error": f"{res.ename}: {res.evalue}",
                     "died_cause": res.died_cause, "stderr": res.stderr[-2000:]}
         facts = json.loads(res.stdout.strip().splitlines()[-1])
-        nvidia_smi = await sb.run_command(["sh", "-c", "nvidia-smi -L || true"], timeout=60)
+        nvidia_smi = await sb.commands.run(["sh", "-c", "nvidia-smi -L || true"], timeout=60)
     finally:
         await sb.close()
         await backend.close()

@@ -11,7 +11,7 @@ import asyncio
 
 from sandbox import DockerBackend
 from sandbox.bench import run_bench
-from sandbox.images import DEFAULT_CPU_IMAGE
+from sandbox.spec import DEFAULT_CPU_IMAGE
 from sandbox.pool import DEFAULT_PRELOAD
 
 

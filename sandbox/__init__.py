@@ -1,6 +1,13 @@
 """Where code runs: hardened Docker sandboxes (and a local, non-isolated backend) driving Jupyter kernels.
 
-Knows nothing of agents, biology or the service.
+    backend = new_backend("docker")                  # or DockerBackend(), LocalBackend()
+    async with await backend.create(SandboxSpec()) as sb:
+        await sb.files.put("code/model.py", data)
+        result = await sb.commands.run(["python", "code/model.py"])
+        result = await sb.execute("1 + 1")
+
+Knows nothing of agents, biology or the service. Names that need the Docker SDK, ZMQ or Jupyter
+are imported on first use, so a process that only reads results (a remote client) does not load them.
 """
 
 from __future__ import annotations
@@ -8,13 +15,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend, backend_class, new_backend
 from .errors import (
     FileTransferError,
+    PoolClosed,
+    PoolError,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    SandboxReaped,
     SandboxStartError,
     SpecError,
+    TenantCapError,
+    UsageError,
+    WarmupFailed,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
@@ -32,71 +46,59 @@ from .events import (
     StreamEventAdapter,
     TruncatedEvent,
 )
+from .spec import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, Mount, SandboxSpec, parse_size
 
-if TYPE_CHECKING:  # the same names, for type checkers
+if TYPE_CHECKING:
+    from .commands import Commands
     from .docker_backend import DockerBackend
-    from .images import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE
-    from .kernel import KernelHost, Sandbox
+    from .files import Files
+    from .kernel import Sandbox
     from .local_backend import LocalBackend
-    from .pool import (
-        PoolClosed,
-        PoolError,
-        PooledSandbox,
-        PoolStats,
-        QuotaExceeded,
-        SandboxPool,
-        SandboxReaped,
-        WarmupFailed,
-    )
+    from .pool import PooledSandbox, PoolStats, SandboxPool
     from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
-    from .spec import Mount, SandboxSpec, parse_size
     from .sync import SyncSandbox
 
-# The rest pulls in Docker, zmq and the kernel machinery: loaded on first use, so a light importer
-# (the service's client, which only needs the event models) stays light.
 _LAZY = {
+    "Commands": "commands",
     "DockerBackend": "docker_backend",
-    "DEFAULT_CPU_IMAGE": "images",
-    "DEFAULT_GPU_IMAGE": "images",
-    "KernelHost": "kernel",
-    "Sandbox": "kernel",
+    "Files": "files",
     "LocalBackend": "local_backend",
-    "PoolClosed": "pool",
-    "PoolError": "pool",
     "PoolStats": "pool",
     "PooledSandbox": "pool",
-    "QuotaExceeded": "pool",
-    "SandboxPool": "pool",
-    "SandboxReaped": "pool",
-    "WarmupFailed": "pool",
     "RUNC": "runtimes",
     "RUNSC": "runtimes",
+    "Sandbox": "kernel",
+    "SandboxPool": "pool",
+    "SyncSandbox": "sync",
     "engine_runtimes": "runtimes",
     "require_runtime": "runtimes",
-    "Mount": "spec",
-    "SandboxSpec": "spec",
-    "parse_size": "spec",
-    "SyncSandbox": "sync",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 __all__ = [
-    "AnyStreamEvent",
     "DEFAULT_CPU_IMAGE",
     "DEFAULT_GPU_IMAGE",
+    "RUNC",
+    "RUNSC",
+    "AnyStreamEvent",
+    "BackendHealth",
+    "BackendKind",
+    "Commands",
     "DisplayEvent",
     "DockerBackend",
     "ErrorEvent",
     "ExecutionResult",
     "FileTransferError",
+    "Files",
     "KernelHost",
     "LocalBackend",
     "Mount",
@@ -105,11 +107,10 @@ __all__ = [
     "PoolError",
     "PoolStats",
     "PooledSandbox",
-    "QuotaExceeded",
-    "RUNC",
-    "RUNSC",
+    "ReapReport",
     "ResultEvent",
     "Sandbox",
+    "SandboxBackend",
     "SandboxClosedError",
     "SandboxDeadError",
     "SandboxError",
@@ -124,11 +125,19 @@ __all__ = [
     "StreamEvent",
     "StreamEventAdapter",
     "SyncSandbox",
+    "TenantCapError",
     "TruncatedEvent",
+    "UsageError",
     "WarmupFailed",
     "WorkspacePathError",
     "WorkspaceQuotaError",
+    "backend_class",
     "engine_runtimes",
+    "new_backend",
     "parse_size",
     "require_runtime",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

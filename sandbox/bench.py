@@ -11,13 +11,19 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from .backend import SandboxBackend
+from .errors import SandboxError
 from .pool import DEFAULT_PRELOAD, SandboxPool
 from .runtimes import RUNC, require_runtime
 from .spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from .docker_backend import DockerBackend
+    from .kernel import Sandbox
 
 # The targets of issue 2; `BenchResult.targets_met` checks the figures against them.
 TARGET_WARM_ACQUIRE_MS = 50.0
@@ -71,12 +77,12 @@ def bare_docker_run_ms(
         proc = subprocess.run(command, capture_output=True)
         samples.append(_ms(start))
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace').strip()}")
+            raise SandboxError(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace').strip()}")
         progress("bare docker run", i + 1, n)
     return samples
 
 
-async def cold_start_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def cold_start_ms(backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
     """create() until the kernel is ready (what `create` guarantees on return)."""
     samples = []
     for i in range(n):
@@ -89,7 +95,11 @@ async def cold_start_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progr
 
 
 async def warm_acquire_ms(
-    backend: Any, spec: SandboxSpec, n: int, preload: str = DEFAULT_PRELOAD, progress: Progress = _no_progress
+    backend: SandboxBackend,
+    spec: SandboxSpec,
+    n: int,
+    preload: str = DEFAULT_PRELOAD,
+    progress: Progress = _no_progress,
 ) -> list[float]:
     """acquire() from a pool whose warm sandbox is ready; the refill is awaited between samples."""
     samples = []
@@ -104,7 +114,9 @@ async def warm_acquire_ms(
     return samples
 
 
-async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def roundtrip_ms(
+    backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress
+) -> list[float]:
     """execute("1+1") round trips on one sandbox, after a few unmeasured ones."""
     sb = await backend.create(spec)
     try:
@@ -116,7 +128,7 @@ async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progre
             res = await sb.execute("1+1")
             samples.append(_ms(start))
             if res.outcome != "ok" or res.result != "2":
-                raise RuntimeError(f"1+1 gave outcome {res.outcome} result {res.result!r}")
+                raise SandboxError(f"1+1 gave outcome {res.outcome} result {res.result!r}")
             if (i + 1) % 20 == 0:
                 progress("execute round trip", i + 1, n)
     finally:
@@ -124,7 +136,9 @@ async def roundtrip_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progre
     return samples
 
 
-async def torch_import_ms(backend: Any, spec: SandboxSpec, n: int, progress: Progress = _no_progress) -> list[float]:
+async def torch_import_ms(
+    backend: SandboxBackend, spec: SandboxSpec, n: int, progress: Progress = _no_progress
+) -> list[float]:
     """`import torch` in a fresh kernel: the first thing most generated code does."""
     samples = []
     for i in range(n):
@@ -134,16 +148,16 @@ async def torch_import_ms(backend: Any, spec: SandboxSpec, n: int, progress: Pro
             res = await sb.execute("import torch", timeout=120)
             samples.append(_ms(start))
             if res.outcome != "ok":
-                raise RuntimeError(f"import torch gave outcome {res.outcome}: {res.ename} {res.evalue}")
+                raise SandboxError(f"import torch gave outcome {res.outcome}: {res.ename} {res.evalue}")
         finally:
             await sb.close()
         progress("import torch", i + 1, n)
     return samples
 
 
-async def max_live(backend: Any, spec: SandboxSpec, limit: int, progress: Progress = _no_progress) -> int:
+async def max_live(backend: SandboxBackend, spec: SandboxSpec, limit: int, progress: Progress = _no_progress) -> int:
     """Start up to `limit` sandboxes (two at a time) and count those that all answer at once."""
-    live: list[Any] = []
+    live: list[Sandbox] = []
     try:
         for i in range(0, limit, 2):
             batch = await asyncio.gather(*(backend.create(spec) for _ in range(min(2, limit - i))), return_exceptions=True)
@@ -159,7 +173,7 @@ async def max_live(backend: Any, spec: SandboxSpec, limit: int, progress: Progre
 
 
 async def run_bench(
-    backend: Any,
+    backend: DockerBackend,
     image: str,
     n: int = 10,
     roundtrips: int = 200,

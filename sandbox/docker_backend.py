@@ -50,10 +50,11 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from .errors import SandboxError, SandboxStartError
+from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend, describe_exit
+from .errors import SandboxError, SandboxStartError, UsageError
 from .host_ids import choose_sandbox_uid, container_root_on_host, engine_remaps_users
-from .kernel import Sandbox, connection_info, describe_exit
-from .reaper import owner_labels
+from .messaging import connection_info
+from .reaper import owner_labels, reap_orphans
 from .runtimes import task_limits, unregistered
 from .spec import SandboxSpec
 
@@ -83,13 +84,14 @@ class EngineIds:
     remapped: bool  # the engine runs containers in a user namespace
 
 
-class DockerBackend:
+class DockerBackend(SandboxBackend):
     """Creates sandboxes as hardened containers on a local Docker engine.
 
     `sandbox_uid` (default: $CELLFORGE_SANDBOX_UID, else chosen) is refused when it is an account,
     group or subordinate id on this host and the engine does not remap users.
     """
 
+    kind = BackendKind.DOCKER
     isolated = True
 
     def __init__(
@@ -101,7 +103,7 @@ class DockerBackend:
     ) -> None:
         self.runtime_root = Path(runtime_root)
         if len(str(self.runtime_root)) > _MAX_ROOT_LEN:
-            raise ValueError(f"runtime_root {runtime_root} is too long for unix sockets (max {_MAX_ROOT_LEN} chars)")
+            raise UsageError(f"runtime_root {runtime_root} is too long for unix sockets (max {_MAX_ROOT_LEN} chars)")
         try:
             self.client = client or docker.from_env(timeout=int(api_timeout), max_pool_size=64)
         except docker.errors.DockerException as exc:
@@ -138,22 +140,17 @@ class DockerBackend:
             self._ids = EngineIds(choose_sandbox_uid(self._requested_uid, remapped), root, remapped)
         return self._ids
 
-    async def create(self, spec: SandboxSpec) -> Sandbox:
-        """A started container whose kernel answers; SandboxStartError (container removed) otherwise."""
+    async def provision(self, spec: SandboxSpec) -> DockerKernelHost:
+        """A started container (its supervisor starting the kernel); removed again on any failure."""
         ids = await self.engine_ids()
         sandbox_id = secrets.token_hex(6)
-        host = DockerKernelHost(self, sandbox_id, self.runtime_root / sandbox_id)
         key = secrets.token_hex(32)
+        host = DockerKernelHost(self, sandbox_id, self.runtime_root / sandbox_id, key)
         try:
             self._make_kernel_dir(host.host_dir, key, ids)
             host.container_id = await host.settled(self._create_container, spec, sandbox_id, host.host_dir)
             await host.settled(self.client.api.start, host.container_id)
-            sandbox = Sandbox(
-                sandbox_id, spec, host, connection_info(str(host.host_dir / "k"), key), workspace=WORKSPACE,
-                isolated=True,
-            )
-            await sandbox.start()
-            return sandbox
+            return host
         except BaseException as exc:
             # Shielded: a second cancellation must not leave the container half-removed.
             await asyncio.shield(host.destroy())
@@ -166,6 +163,19 @@ class DockerBackend:
             if isinstance(exc, docker.errors.APIError):
                 raise SandboxStartError(f"Docker refused sandbox {sandbox_id}: {exc.explanation or exc}") from None
             raise
+
+    async def health(self) -> BackendHealth:
+        try:
+            info = await self.call(self.client.info)
+            await self.engine_ids()
+        except (SandboxError, docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return BackendHealth(ok=False, detail=f"Docker engine not usable: {exc}")
+        runtimes = ", ".join(sorted(info.get("Runtimes") or {})) or "none listed"
+        return BackendHealth(ok=True, detail=f"Docker engine {info.get('ServerVersion', '?')} (runtimes: {runtimes})")
+
+    async def reap(self) -> ReapReport:
+        """Remove the containers (and socket folders) of this host's processes that are gone."""
+        return await self.call(reap_orphans, self.client)
 
     async def create_container(self, spec: SandboxSpec) -> str:
         """Create (do not start) a sandbox container and return its id; the caller removes it."""
@@ -272,17 +282,17 @@ def container_name(sandbox_id: str) -> str:
     return f"cellforge-{sandbox_id}"
 
 
-class DockerKernelHost:
+class DockerKernelHost(KernelHost):
     """The container of one sandbox, seen from the `Sandbox`. Known by name before it exists."""
 
-    def __init__(self, backend: DockerBackend, sandbox_id: str, host_dir: Path) -> None:
+    def __init__(self, backend: DockerBackend, sandbox_id: str, host_dir: Path, key: str) -> None:
+        super().__init__(sandbox_id, connection_info(str(host_dir / "k"), key), workspace=WORKSPACE)
         self.backend = backend
-        self.sandbox_id = sandbox_id
         self.name = container_name(sandbox_id)
         self.host_dir = host_dir
         self.container_id: str | None = None
         self._pending: set[asyncio.Future[Any]] = set()
-        self._destroyed = False
+        self._destroying: asyncio.Future[None] | None = None
 
     @property
     def _api(self) -> docker.APIClient:
@@ -331,9 +341,12 @@ class DockerKernelHost:
         await self.backend.call(self._api.restart, self.container_id, timeout=0)
 
     async def destroy(self) -> None:
-        if self._destroyed:
-            return
-        self._destroyed = True
+        # One removal however many callers: a caller cancelled while waiting does not stop it.
+        if self._destroying is None:
+            self._destroying = asyncio.ensure_future(self._remove())
+        await asyncio.shield(self._destroying)
+
+    async def _remove(self) -> None:
         if self._pending:
             await asyncio.wait(self._pending)
         try:

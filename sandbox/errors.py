@@ -2,7 +2,8 @@
 
 Everything derives from `SandboxError`, so callers can catch the family; each message names the
 sandbox, path or value involved and what was expected. Execution outcomes (timeout, killed, died)
-are *results*, not exceptions: they come back in `ExecutionResult.outcome`.
+are *results*, not exceptions: they come back in `ExecutionResult.outcome`. The image build's
+errors (`images.ImageBuildError`, `gpu_lock.LockError`) derive from `SandboxError` too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ class SandboxError(RuntimeError):
     """Base class of every error raised by `sandbox`."""
 
 
-class SpecError(SandboxError, ValueError):
+class UsageError(SandboxError, ValueError):
+    """A call got an argument it cannot take (names the argument, the value and what was expected)."""
+
+
+class SpecError(UsageError):
     """A `SandboxSpec` value is invalid (names the field, the value and what was expected)."""
 
 
@@ -28,7 +33,7 @@ class SandboxDeadError(SandboxError):
     """The kernel or container is gone (see the `died` result); call `restart()` to get a fresh one."""
 
 
-class WorkspacePathError(SandboxError, ValueError):
+class WorkspacePathError(UsageError):
     """A workspace path is absolute, escapes the workspace (`..`, symlink) or is otherwise unusable."""
 
 
@@ -38,3 +43,26 @@ class WorkspaceQuotaError(SandboxError):
 
 class FileTransferError(SandboxError):
     """A file could not be copied into or out of the sandbox (missing file, wrong type, I/O error)."""
+
+
+# --- the pool -----------------------------------------------------------------------------------
+
+
+class PoolError(SandboxError):
+    """Base class of the pool's errors."""
+
+
+class TenantCapError(PoolError):
+    """A tenant asked for more live sandboxes than the pool's per-tenant cap allows."""
+
+
+class PoolClosed(PoolError):
+    """The pool was shut down."""
+
+
+class SandboxReaped(PoolError, SandboxClosedError):
+    """The leased sandbox was released, or destroyed by the pool (idle timeout, maximum lifetime, shutdown)."""
+
+
+class WarmupFailed(PoolError, SandboxStartError):
+    """A new sandbox could not run the preload code."""

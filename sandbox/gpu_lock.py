@@ -33,6 +33,8 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from .errors import SandboxError
+
 DEFAULT_INDEX = "https://pypi.org/simple"
 LOCK_NAME = "torch-cuda.txt"
 # Bookworm's glibc is 2.36: every manylinux tag up to it (NVIDIA ships e.g. manylinux_2_27 wheels).
@@ -57,7 +59,7 @@ _MAX_CANDIDATES = 8
 LogFn = Callable[[str], None]
 
 
-class LockError(RuntimeError):
+class LockError(SandboxError):
     """No torch build could be locked, or the lock no longer matches the index; says which wheel."""
 
 

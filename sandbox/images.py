@@ -29,11 +29,10 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from .errors import SandboxError
 from .gpu_lock import WHEEL_PLATFORMS, LockError, PackageIndex, verify_lock
+from .spec import IMAGE_REPOSITORY as REPOSITORY
 
-REPOSITORY = "cellforge-sandbox"
-DEFAULT_CPU_IMAGE = f"{REPOSITORY}:cpu"
-DEFAULT_GPU_IMAGE = f"{REPOSITORY}:gpu"
 FLAVORS = ("cpu", "gpu")
 REGISTRY_BASE = "python:3.11-slim"
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
@@ -55,7 +54,7 @@ _WHEELHOUSE_STAMP = ".complete"
 LogFn = Callable[[str], None]
 
 
-class ImageBuildError(RuntimeError):
+class ImageBuildError(SandboxError):
     """The sandbox image could not be built; the message says which step failed and why."""
 
 

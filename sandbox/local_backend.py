@@ -21,8 +21,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import SandboxStartError
-from .kernel import Sandbox, connection_info, describe_exit
+from .backend import BackendHealth, BackendKind, KernelHost, SandboxBackend, describe_exit
+from .errors import SandboxStartError, UsageError
+from .messaging import ConnectionInfo, connection_info
 from .spec import DATA_ROOT, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -34,31 +35,25 @@ _MAX_ROOT_LEN = 70
 _STOP_TIMEOUT_S = 5.0
 
 
-class LocalBackend:
+class LocalBackend(SandboxBackend):
     """Creates non-isolated sandboxes: an ipykernel subprocess per sandbox, on this host."""
 
+    kind = BackendKind.LOCAL
     isolated = False
 
     def __init__(self, root: str | Path | None = None, python: str | None = None) -> None:
         self.root = Path(root or DEFAULT_ROOT)
         if len(str(self.root)) > _MAX_ROOT_LEN:
-            raise ValueError(f"LocalBackend root {self.root} is too long for unix sockets (max {_MAX_ROOT_LEN} chars)")
+            raise UsageError(f"LocalBackend root {self.root} is too long for unix sockets (max {_MAX_ROOT_LEN} chars)")
         self.python = python or sys.executable
 
-    async def create(self, spec: SandboxSpec) -> Sandbox:
+    async def provision(self, spec: SandboxSpec) -> LocalKernelHost:
         sandbox_id = f"local-{secrets.token_hex(5)}"
         base = self.root / sandbox_id
         self.root.mkdir(parents=True, exist_ok=True)
         base.mkdir(mode=0o700)
-        workspace, home = base / "workspace", base / "home"
-        workspace.mkdir()
-        home.mkdir()
-        data_root = base / "data"
-        _link_mounts(spec, data_root)
+        workspace, home, data_root = base / "workspace", base / "home", base / "data"
         info = connection_info(str(base / "k"), secrets.token_hex(32))
-        connection_file = base / "kernel.json"
-        connection_file.write_text(json.dumps(info))
-        connection_file.chmod(0o600)
         env = {
             "PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin",
             "HOME": str(home),
@@ -68,25 +63,34 @@ class LocalBackend:
             "PYTHONNOUSERSITE": "1",
             **spec.env,
         }
-        host = LocalKernelHost([self.python, str(SUPERVISOR), str(connection_file)], workspace, env, base)
+        host = LocalKernelHost(sandbox_id, info, [self.python, str(SUPERVISOR), str(base / "kernel.json")], env, base)
         log.warning(
             "LocalBackend sandbox %s is NOT ISOLATED: code runs as this host user with no limits, "
             "no network ban and full access to this machine's files",
             sandbox_id,
         )
         try:
+            workspace.mkdir()
+            home.mkdir()
+            _link_mounts(spec, data_root)
+            connection_file = base / "kernel.json"
+            connection_file.write_text(json.dumps(info))
+            connection_file.chmod(0o600)
             await host.launch()
-        except OSError as exc:
-            await host.destroy()
-            raise SandboxStartError(f"sandbox {sandbox_id}: cannot start {self.python}: {exc}") from None
-        sandbox = Sandbox(
-            sandbox_id, spec, host, info, workspace=str(workspace), isolated=False, data_root=str(data_root)
-        )
-        await sandbox.start()
-        return sandbox
+        except BaseException as exc:
+            await asyncio.shield(host.destroy())
+            if isinstance(exc, OSError):
+                raise SandboxStartError(f"sandbox {sandbox_id}: cannot start {self.python}: {exc}") from None
+            raise
+        return host
+
+    async def health(self) -> BackendHealth:
+        if not os.access(self.python, os.X_OK):
+            return BackendHealth(ok=False, detail=f"{self.python} is not an executable")
+        return BackendHealth(ok=True, detail=f"local kernels ({self.python}), NOT ISOLATED")
 
     async def close(self) -> None:
-        """Nothing shared to release (each sandbox owns its process); for symmetry with DockerBackend."""
+        """Nothing shared to release (each sandbox owns its process)."""
 
 
 def _link_mounts(spec: SandboxSpec, data_root: Path) -> None:
@@ -99,12 +103,13 @@ def _link_mounts(spec: SandboxSpec, data_root: Path) -> None:
         link.symlink_to(mount.source)
 
 
-class LocalKernelHost:
-    """The supervisor process (and its kernel) of one local sandbox."""
+class LocalKernelHost(KernelHost):
+    """The supervisor process (and its kernel) of one local sandbox, in its folder `base`."""
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], base: Path) -> None:
+    def __init__(self, sandbox_id: str, info: ConnectionInfo, argv: list[str], env: dict[str, str], base: Path) -> None:
+        super().__init__(sandbox_id, info, workspace=str(base / "workspace"), data_root=str(base / "data"))
         self._argv = argv
-        self._cwd = cwd
+        self._cwd = base / "workspace"
         self._env = env
         self._base = base
         self._log_path = base / "kernel.log"

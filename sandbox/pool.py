@@ -14,39 +14,23 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import SandboxError
+from .backend import SandboxBackend
+from .commands import Commands
+from .errors import PoolClosed, PoolError, SandboxReaped, TenantCapError, UsageError, WarmupFailed
+from .facade import Attribute, Guarded, guarded, guarded_iter
+from .files import Files
+from .kernel import Sandbox
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PRELOAD = "import numpy, pandas, scipy, anndata, torch"
-
-
-class PoolError(SandboxError):
-    """Base class of the pool's errors."""
-
-
-class QuotaExceeded(PoolError):
-    """A tenant asked for more live sandboxes than its cap allows."""
-
-
-class PoolClosed(PoolError):
-    """The pool was shut down."""
-
-
-class SandboxReaped(PoolError):
-    """The leased sandbox was destroyed by the pool (idle timeout, maximum lifetime or shutdown)."""
-
-
-class WarmupFailed(PoolError):
-    """A new sandbox could not run the preload code."""
 
 
 def spec_key(spec: SandboxSpec) -> str:
@@ -56,7 +40,7 @@ def spec_key(spec: SandboxSpec) -> str:
 
 @dataclass
 class _Warm:
-    sandbox: Any
+    sandbox: Sandbox
     created: float
 
 
@@ -72,20 +56,47 @@ class _Slot:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def _alive(sandbox: Any) -> bool:
-    """No round trip: the kernel client's socket monitor flags a lost connection as it happens."""
-    return not (sandbox.closed or sandbox.dead or sandbox.client.lost.is_set())
+class LeasedFiles(Guarded[Files], mirrors=Files):
+    """`Files` of a leased sandbox: refused once it is reaped, counted as activity."""
+
+    put = guarded(Files.put)
+    get = guarded(Files.get)
+    list = guarded(Files.list)
+    remove = guarded(Files.remove)
+    put_dir = guarded(Files.put_dir)
+    get_dir = guarded(Files.get_dir)
 
 
-class PooledSandbox:
-    """A tenant's lease on a sandbox. Same methods as `Sandbox`; `close()` gives it back to the pool.
+class LeasedCommands(Guarded[Commands], mirrors=Commands):
+    """`Commands` of a leased sandbox."""
+
+    run = guarded(Commands.run)
+
+
+class PooledSandbox(Guarded[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
+    """A tenant's lease on a sandbox: the methods of `Sandbox`; `close()` gives it back to the pool.
 
     Tracks activity so the pool can reap idle leases, and refuses calls once the pool reaped it.
     """
 
-    def __init__(self, pool: SandboxPool, sandbox: Any, tenant: str, created: float) -> None:
+    id = Attribute[str]()
+    spec = Attribute[SandboxSpec]()
+    isolated = Attribute[bool]()
+    workspace = Attribute[str]()
+    data_root = Attribute[str]()
+    dead = Attribute["str | None"]()
+    healthy = Attribute[bool]()
+
+    execute = guarded(Sandbox.execute)
+    stream = guarded_iter(Sandbox.stream)
+    interrupt = guarded(Sandbox.interrupt)
+    restart = guarded(Sandbox.restart)
+
+    def __init__(self, pool: SandboxPool, sandbox: Sandbox, tenant: str, created: float) -> None:
+        super().__init__(sandbox, self._activity)
+        self.files = LeasedFiles(sandbox.files, self._activity)
+        self.commands = LeasedCommands(sandbox.commands, self._activity)
         self._pool = pool
-        self._sandbox = sandbox
         self.tenant = tenant
         self.created = created
         self.acquired = time.monotonic()
@@ -94,72 +105,19 @@ class PooledSandbox:
         self._busy = 0
 
     @property
-    def id(self) -> str:
-        return self._sandbox.id
-
-    @property
-    def spec(self) -> Any:
-        return self._sandbox.spec
-
-    @property
-    def isolated(self) -> bool:
-        return self._sandbox.isolated
-
-    @property
-    def workspace(self) -> str:
-        return self._sandbox.workspace
-
-    @property
-    def dead(self) -> str | None:
-        return self._sandbox.dead
-
-    @property
     def busy(self) -> bool:
         return self._busy > 0
 
     @contextlib.contextmanager
-    def _activity(self):
+    def _activity(self) -> Iterator[None]:
         if self.reaped:
             raise SandboxReaped(f"sandbox {self.id} of tenant {self.tenant!r} was reaped: {self.reaped}")
         self._busy += 1
         try:
-            yield self._sandbox
+            yield
         finally:
             self._busy -= 1
             self.last_active = time.monotonic()
-
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        with self._activity() as sb:
-            return await getattr(sb, method)(*args, **kwargs)
-
-    async def execute(self, code: str, **kwargs: Any) -> Any:
-        return await self._call("execute", code, **kwargs)
-
-    async def stream(self, code: str, **kwargs: Any) -> AsyncIterator[Any]:
-        with self._activity() as sb:
-            async for event in sb.stream(code, **kwargs):
-                yield event
-
-    async def run_command(self, argv: Sequence[str], **kwargs: Any) -> Any:
-        return await self._call("run_command", argv, **kwargs)
-
-    async def put_file(self, path: str, data: bytes, **kwargs: Any) -> None:
-        return await self._call("put_file", path, data, **kwargs)
-
-    async def get_file(self, path: str, **kwargs: Any) -> bytes:
-        return await self._call("get_file", path, **kwargs)
-
-    async def put_dir(self, local_dir: str | Path, path: str, **kwargs: Any) -> list[str]:
-        return await self._call("put_dir", local_dir, path, **kwargs)
-
-    async def get_dir(self, path: str, local_dir: str | Path, **kwargs: Any) -> list[str]:
-        return await self._call("get_dir", path, local_dir, **kwargs)
-
-    async def interrupt(self) -> Any:
-        return await self._call("interrupt")
-
-    async def restart(self) -> Any:
-        return await self._call("restart")
 
     async def close(self) -> None:
         await self._pool.release(self)
@@ -193,15 +151,14 @@ class PoolStats(BaseModel):
 class SandboxPool:
     """Warm sandboxes per spec, handed out one tenant at a time and destroyed on release.
 
-    `backend` is any sandbox backend (`DockerBackend`, `LocalBackend`, ...): `await backend.create(spec)`
-    returns a `Sandbox` whose kernel is ready. `specs` are kept warm from `start()` on; a spec not in
-    the list is served cold. With `reap_orphans` (default: when the backend is isolated, i.e. Docker),
-    `start()` first removes containers left by crashed processes (see `sandbox.reaper`).
+    `specs` are kept warm from `start()` on; a spec not in the list is served cold. With
+    `reap_orphans` (the default), `start()` first has the backend remove the sandboxes that crashed
+    processes left behind (`SandboxBackend.reap`).
     """
 
     def __init__(
         self,
-        backend: Any,
+        backend: SandboxBackend,
         specs: Sequence[SandboxSpec] = (),
         *,
         warm: int = 2,
@@ -211,10 +168,10 @@ class SandboxPool:
         idle_timeout: float = 600.0,
         max_lifetime: float = 3600.0,
         reap_interval: float = 5.0,
-        reap_orphans: bool | None = None,
+        reap_orphans: bool = True,
     ) -> None:
         if warm < 0 or max_per_tenant < 1 or idle_timeout <= 0 or max_lifetime <= 0 or reap_interval <= 0:
-            raise ValueError(
+            raise UsageError(
                 "SandboxPool needs warm >= 0, max_per_tenant >= 1 and positive idle_timeout, max_lifetime "
                 f"and reap_interval; got warm={warm}, max_per_tenant={max_per_tenant}, "
                 f"idle_timeout={idle_timeout}, max_lifetime={max_lifetime}, reap_interval={reap_interval}"
@@ -226,7 +183,7 @@ class SandboxPool:
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self.reap_interval = reap_interval
-        self._reap_orphans = bool(getattr(backend, "isolated", False)) if reap_orphans is None else reap_orphans
+        self._reap_orphans = reap_orphans
         self._slots: dict[str, _Slot] = {spec_key(s): _Slot(spec=s, target=warm) for s in specs}
         self._leases: set[PooledSandbox] = set()
         self._reserved: defaultdict[str, int] = defaultdict(int)
@@ -247,11 +204,9 @@ class SandboxPool:
             return self
         self._started = True
         if self._reap_orphans:
-            from .reaper import reap_orphans
-
-            report = await asyncio.to_thread(reap_orphans, getattr(self.backend, "client", None))
+            report = await self.backend.reap()
             if report.removed:
-                log.warning("removed %d orphan sandbox container(s) at start-up", len(report.removed))
+                log.warning("removed %d orphan sandbox(es) at start-up", len(report.removed))
         for key in self._slots:
             self._refill(key)
         self._reaper = asyncio.create_task(self._reap_loop(), name="sandbox-pool-reaper")
@@ -275,7 +230,7 @@ class SandboxPool:
             slot.changed.set()
         for lease in list(self._leases):
             lease.reaped = "the pool was shut down"
-            doomed.append(lease._sandbox)
+            doomed.append(lease._target)
         self._leases.clear()
         await asyncio.gather(*(self._destroy(sb) for sb in doomed))
 
@@ -290,19 +245,19 @@ class SandboxPool:
     async def acquire(self, spec: SandboxSpec | None = None, tenant: str | None = None) -> PooledSandbox:
         """A fresh sandbox for `tenant` (default: the spec's `tenant` label, else "default"): a warm
         one when the spec is pooled and one is ready, else started now (with the same preload).
-        Raises `QuotaExceeded` at the tenant's cap."""
+        Raises `TenantCapError` at the tenant's cap."""
         if self._closed:
             raise PoolClosed("this SandboxPool was shut down; create a new one")
         if not self._started:
             raise PoolError("SandboxPool.start() (or `async with pool`) must run before acquire()")
         if spec is None:
             if len(self._slots) != 1:
-                raise ValueError(f"acquire() needs a spec: this pool keeps {len(self._slots)} specs warm")
+                raise UsageError(f"acquire() needs a spec: this pool keeps {len(self._slots)} specs warm")
             spec = next(iter(self._slots.values())).spec
         tenant = tenant or spec.tenant or "default"
         live = self._live(tenant)
         if live >= self.max_per_tenant:
-            raise QuotaExceeded(
+            raise TenantCapError(
                 f"tenant {tenant!r} already holds {live} live sandboxes (cap {self.max_per_tenant}); "
                 "release one before acquiring another"
             )
@@ -332,7 +287,7 @@ class SandboxPool:
             return
         self._leases.discard(lease)
         lease.reaped = lease.reaped or "released"
-        await self._destroy(lease._sandbox)
+        await self._destroy(lease._target)
 
     async def wait_warm(self, spec: SandboxSpec | None = None, timeout: float = 120.0) -> None:
         """Block until every configured spec (or `spec`) has its full count of warm sandboxes."""
@@ -383,7 +338,7 @@ class SandboxPool:
         now = time.monotonic()
         while slot.ready:
             warm = slot.ready.popleft()
-            if now - warm.created < self.max_lifetime and _alive(warm.sandbox):
+            if now - warm.created < self.max_lifetime and warm.sandbox.healthy:
                 self._refill(key)
                 return warm
             self._counts["warm_recycled"] += 1
@@ -425,7 +380,7 @@ class SandboxPool:
         slot.ready.append(_Warm(sandbox, time.monotonic()))
         slot.changed.set()
 
-    async def _start_sandbox(self, spec: SandboxSpec) -> Any:
+    async def _start_sandbox(self, spec: SandboxSpec) -> Sandbox:
         sandbox = await self.backend.create(spec)
         self._counts["created"] += 1
         if not self.preload:
@@ -462,7 +417,7 @@ class SandboxPool:
                 continue
             log.info("reaping sandbox %s of tenant %r: %s", lease.id, lease.tenant, lease.reaped)
             self._leases.discard(lease)
-            self._spawn(self._destroy(lease._sandbox))
+            self._spawn(self._destroy(lease._target))
         for key, slot in self._slots.items():
             stale = [w for w in slot.ready if now - w.created >= self.max_lifetime]
             for warm in stale:
@@ -478,8 +433,8 @@ class SandboxPool:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _destroy(sandbox: Any) -> None:
+    async def _destroy(sandbox: Sandbox) -> None:
         try:
             await sandbox.close()
         except Exception as exc:  # noqa: BLE001 - destruction is best effort; the reaper catches leftovers
-            log.warning("closing sandbox %s failed: %s", getattr(sandbox, "id", "?"), exc)
+            log.warning("closing sandbox %s failed: %s", sandbox.id, exc)

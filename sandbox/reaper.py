@@ -13,12 +13,13 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import docker
 import docker.errors
 import psutil
 
+from .backend import ReapReport
 from .errors import SandboxError
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,6 @@ def current_owner() -> Owner:
 def owner_labels() -> dict[str, str]:
     """The labels every managed container must carry so that it can be reaped after a crash."""
     return {MANAGED_LABEL: "true", OWNER_LABEL: current_owner().label}
-
-
-@dataclass
-class ReapReport:
-    """What a reaping pass found: container ids removed, and managed ones left alone (and why)."""
-
-    removed: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
 
 
 def classify(labels: dict[str, str]) -> tuple[bool, str]:

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 CHANNELS = ("shell", "iopub", "control")
 _CHUNK = 1 << 16
 _RETRY_S = 0.01
@@ -97,7 +99,7 @@ class KernelRelay:
 
     def __init__(self, kernel_info: dict[str, Any], message_limit: int) -> None:
         if kernel_info.get("transport") != "ipc":
-            raise ValueError(f"KernelRelay: expected an ipc connection, got {kernel_info.get('transport')!r}")
+            raise UsageError(f"KernelRelay: expected an ipc connection, got {kernel_info.get('transport')!r}")
         self._kernel = kernel_info
         self.message_limit = message_limit
         self._folder = relay_folder(os.path.dirname(kernel_info["ip"]))

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Annotated
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
-from .images import DEFAULT_CPU_IMAGE
 
+IMAGE_REPOSITORY = "cellforge-sandbox"
+# Built by `cellforge images build` (sandbox.images).
+DEFAULT_CPU_IMAGE = f"{IMAGE_REPOSITORY}:cpu"
+DEFAULT_GPU_IMAGE = f"{IMAGE_REPOSITORY}:gpu"
 DATA_ROOT = "/data"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -60,8 +63,46 @@ def _clean_abs_path(value: str, field: str) -> str:
     return posixpath.normpath(value)
 
 
-class Mount(BaseModel):
+def _spec_error(exc: ValidationError, what: str) -> SpecError:
+    """One SpecError naming every problem. Our validators' SpecErrors already name their field, so
+    only a nested one (a mount of a spec) gets its place in front."""
+    problems = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        where = ".".join(str(p) for p in err["loc"])
+        if isinstance(cause, SpecError):
+            if not where:  # raised by a model's own __init__ (pydantic validates through it)
+                return cause
+            problems.append(f"{where}: {cause}" if len(err["loc"]) > 1 else str(cause))
+        else:
+            problems.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return SpecError(f"invalid {what}: {'; '.join(problems)}")
+
+
+class _Checked(BaseModel):
+    """A model whose invalid values raise `SpecError` (a `SandboxError`), built or parsed."""
+
+    _what: ClassVar[str]
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _spec_error(exc, self._what) from None
+
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """Build from untrusted data (API, config); SpecError naming every problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise _spec_error(exc, cls._what) from None
+
+
+class Mount(_Checked):
     """A host folder (a dataset split) mounted read-only under /data in the sandbox."""
+
+    _what = "mount"
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -94,8 +135,10 @@ class Mount(BaseModel):
 GpuSelection = Annotated[int, Field(ge=0)] | list[str] | None
 
 
-class SandboxSpec(BaseModel):
+class SandboxSpec(_Checked):
     """Limits and contents of one sandbox. Sizes are Docker-style strings (`512m`, `2g`)."""
+
+    _what = "sandbox spec"
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -206,15 +249,3 @@ class SandboxSpec(BaseModel):
     @property
     def tenant(self) -> str:
         return self.labels.get("tenant", "")
-
-    @classmethod
-    def parse(cls, data: dict) -> SandboxSpec:
-        """Build from untrusted data (API, config), turning validation errors into one `SpecError`."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg'].removeprefix('Value error, ')}"
-                for err in exc.errors()
-            )
-            raise SpecError(f"invalid sandbox spec: {problems}") from None

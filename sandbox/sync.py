@@ -2,125 +2,72 @@
 
     with SyncSandbox(SandboxSpec(image=DEFAULT_CPU_IMAGE)) as sb:
         print(sb.execute("1 + 1").result)
+        sb.files.put("code/model.py", source)
+        sb.commands.run(["python", "code/model.py"])
 
 Works from plain scripts and from code that already runs an event loop (a notebook), since the
-sandbox's loop is its own.
+sandbox's loop is its own. Every method is the async one's (see facade.py), made blocking.
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
-import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future
-from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
-_DONE = object()
+from .backend import BackendKind, SandboxBackend, new_backend
+from .commands import Commands
+from .facade import Attribute, Blocking, LoopThread, blocking, blocking_iter
+from .files import Files
+from .kernel import Sandbox
+from .spec import SandboxSpec
 
 
-class _LoopThread:
-    """An asyncio event loop running forever in a daemon thread until `stop()`."""
+class SyncFiles(Blocking[Files], mirrors=Files):
+    """`Files`, blocking."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="cellforge-sandbox-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, coro: Awaitable[T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-
-    def run(self, coro: Awaitable[T]) -> T:
-        return self.submit(coro).result()
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
+    put = blocking(Files.put)
+    get = blocking(Files.get)
+    list = blocking(Files.list)
+    remove = blocking(Files.remove)
+    put_dir = blocking(Files.put_dir)
+    get_dir = blocking(Files.get_dir)
 
 
-class SyncSandbox:
-    """A sandbox with blocking methods, created from `spec` on `backend` (default: Docker)."""
+class SyncCommands(Blocking[Commands], mirrors=Commands):
+    """`Commands`, blocking."""
 
-    def __init__(self, spec: Any, backend: Any = None) -> None:
-        self._lt = _LoopThread()
+    run = blocking(Commands.run)
+
+
+class SyncSandbox(Blocking[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
+    """A sandbox with blocking methods, created from `spec` on `backend`: a backend, or the kind of one
+    to make for this sandbox alone (closed with it; default: Docker)."""
+
+    id = Attribute[str]()
+    spec = Attribute[SandboxSpec]()
+    isolated = Attribute[bool]()
+    workspace = Attribute[str]()
+    data_root = Attribute[str]()  # where the data mounts are seen from inside
+    dead = Attribute["str | None"]()
+
+    execute = blocking(Sandbox.execute)
+    stream = blocking_iter(Sandbox.stream)
+    interrupt = blocking(Sandbox.interrupt)
+    restart = blocking(Sandbox.restart)
+
+    def __init__(self, spec: SandboxSpec, backend: SandboxBackend | BackendKind | str = BackendKind.DOCKER) -> None:
+        if isinstance(backend, SandboxBackend):
+            self._own_backend, chosen = None, backend
+        else:
+            self._own_backend = chosen = new_backend(backend)
+        loop = LoopThread()
         try:
-            if backend is None:
-                from .docker_backend import DockerBackend
-
-                backend = DockerBackend()
-            self._sb = self._lt.run(backend.create(spec))
+            sandbox = loop.run(chosen.create(spec))
         except BaseException:
-            self._lt.stop()
+            self._close_own_backend(loop)
+            loop.stop()
             raise
+        super().__init__(sandbox, loop)
+        self.files = SyncFiles(sandbox.files, loop)
+        self.commands = SyncCommands(sandbox.commands, loop)
         self._closed = False
-
-    @property
-    def id(self) -> str:
-        return self._sb.id
-
-    @property
-    def spec(self) -> Any:
-        return self._sb.spec
-
-    @property
-    def isolated(self) -> bool:
-        return self._sb.isolated
-
-    @property
-    def workspace(self) -> str:
-        return self._sb.workspace
-
-    @property
-    def data_root(self) -> str:
-        """Where the data mounts are seen from inside: `/data` in Docker, a folder on the local backend."""
-        return self._sb.data_root
-
-    def execute(self, code: str, timeout: float | None = None, on_event: Callable[[Any], Any] | None = None) -> Any:
-        """Run code in the kernel; `on_event` is called (on the sandbox's thread) for each stream event."""
-        return self._lt.run(self._sb.execute(code, timeout=timeout, on_event=on_event))
-
-    def stream(self, code: str, timeout: float | None = None) -> Iterator[Any]:
-        """Yield the execution's events as they happen, the final `ExecutionResult` last."""
-        events: queue.Queue[Any] = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for event in self._sb.stream(code, timeout=timeout):
-                    events.put(event)
-            finally:
-                events.put(_DONE)
-
-        done = self._lt.submit(pump())
-        while (event := events.get()) is not _DONE:
-            yield event
-        done.result()  # re-raise what ended the stream, if anything did
-
-    def run_command(self, argv: Sequence[str], **kwargs: Any) -> Any:
-        return self._lt.run(self._sb.run_command(argv, **kwargs))
-
-    def put_file(self, path: str, data: bytes, **kwargs: Any) -> None:
-        self._lt.run(self._sb.put_file(path, data, **kwargs))
-
-    def get_file(self, path: str, **kwargs: Any) -> bytes:
-        return self._lt.run(self._sb.get_file(path, **kwargs))
-
-    def put_dir(self, local_dir: str | Path, path: str, **kwargs: Any) -> list[str]:
-        return self._lt.run(self._sb.put_dir(local_dir, path, **kwargs))
-
-    def get_dir(self, path: str, local_dir: str | Path, **kwargs: Any) -> list[str]:
-        return self._lt.run(self._sb.get_dir(path, local_dir, **kwargs))
-
-    def interrupt(self) -> None:
-        self._lt.run(self._sb.interrupt())
-
-    def restart(self) -> None:
-        self._lt.run(self._sb.restart())
 
     def close(self) -> None:
         """Destroy the sandbox and stop its thread. Closing twice is harmless."""
@@ -128,9 +75,14 @@ class SyncSandbox:
             return
         self._closed = True
         try:
-            self._lt.run(self._sb.close())
+            self._loop.run(self._target.close())
         finally:
-            self._lt.stop()
+            self._close_own_backend(self._loop)
+            self._loop.stop()
+
+    def _close_own_backend(self, loop: LoopThread) -> None:
+        if self._own_backend is not None:
+            loop.run(self._own_backend.close())
 
     def __enter__(self) -> SyncSandbox:
         return self
@@ -139,4 +91,5 @@ class SyncSandbox:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<SyncSandbox {self._sb.id}{' closed' if self._closed else ''}>"
+        return f"<SyncSandbox {self.id}{' closed' if self._closed else ''}>"
+

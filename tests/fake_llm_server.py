@@ -33,6 +33,7 @@ class Reply:
     completion_tokens: int = 5
     delay: float = 0.0  # seconds before answering (to provoke client timeouts)
     model: str | None = None  # the model name reported back; default: the requested one
+    finish_reason: str = "stop"  # "length": the reply was cut by the output cap
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RecordedHTTPRequest:
     headers: dict[str, str]  # names lower-cased
     body: dict[str, Any]
     received_at: float  # time.monotonic()
+    answered_at: float | None = None  # when the reply was sent (None for a scripted failure)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -152,6 +154,7 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             if step.delay:
                 time.sleep(step.delay)
             content = step.content(body) if callable(step.content) else step.content
+            recorded.answered_at = time.monotonic()
             self._send(200, {
                 "id": f"chatcmpl-fake-{len(server.requests)}",
                 "object": "chat.completion",
@@ -160,7 +163,7 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 "choices": [{
                     "index": 0,
                     "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "finish_reason": step.finish_reason,
                 }],
                 "usage": {
                     "prompt_tokens": step.prompt_tokens,

@@ -9,8 +9,8 @@ from service.agents.knowledge import Hit, KnowledgeBase, default_knowledge_base
 from service.agents.plan import TaskAnalysis
 from service.agents.profile_facts import ProfileFacts, facts_from_profile
 from service.agents.prompts import task_analysis_request
-from service.llm import Backend
 from service.errors import CellForgeError
+from service.llm import Backend, Check
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,15 @@ def retrieve_cards(facts: ProfileFacts, task_text: str, kb: KnowledgeBase, k: in
     return [(h, "method") for h in methods] + [(h, "evaluation") for h in evaluation]
 
 
+def _kind_check(facts: ProfileFacts) -> Check:
+    """The perturbation kind is read off the data, not chosen: a reply that says otherwise is re-asked."""
+    def check(reply: TaskAnalysis) -> None:
+        if reply.perturbation_kind != facts.perturbation_kind:
+            raise ValueError(f"perturbation_kind {reply.perturbation_kind!r} contradicts the data profile, "
+                             f"which says {facts.perturbation_kind!r} (context.facts.perturbation_kind)")
+    return check
+
+
 def analyse_task(profile: Any, task_text: str, llm: Backend, kb: KnowledgeBase | None = None) -> TaskAnalysis:
     """Frame the task. `profile` is the data layer's profile (or a dict / `ProfileFacts`)."""
     if not task_text.strip():
@@ -65,12 +74,7 @@ def analyse_task(profile: Any, task_text: str, llm: Backend, kb: KnowledgeBase |
             for h, role in hits
         ],
     }
-    reply = llm.ask(task_analysis_request(context))
-    if reply.perturbation_kind != facts.perturbation_kind:
-        raise AnalysisError(
-            f"analysis says perturbation kind {reply.perturbation_kind!r} but the data profile says "
-            f"{facts.perturbation_kind!r}"
-        )
+    reply = llm.ask(task_analysis_request(context, _kind_check(facts)))
     unknown = [c.card_id for c in reply.cited_cards if c.card_id not in kb.cards]
     if unknown:
         # A model may invent card ids; an uncitable citation is worse than none, so it is removed, loudly.

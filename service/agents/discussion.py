@@ -32,13 +32,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.agents import design_space
-from service.agents.experts import ALL_EXPERTS, PROPOSERS, owner_of
+from service.agents.experts import ALL_EXPERTS, PROPOSERS, Expert, owner_of
 from service.agents.messages import Critique, CritiqueItem, CriticScores, ExpertProposal, FieldValue
 from service.agents.plan import ArgumentRef, Plan, TaskAnalysis, plan_field_paths
 from service.agents.profile_facts import facts_from_profile
 from service.agents.prompts import critique_request, proposal_request, scores_request
-from service.llm import Backend
 from service.errors import CellForgeError
+from service.llm import Backend, Check, LLMRequest, ask_all
 
 LAMBDA = 0.5
 W_SCORE = 0.5
@@ -165,7 +165,10 @@ def run_discussion(
     transcript_dir = Path(out_dir) / "discussion"
     transcript_dir.mkdir(parents=True, exist_ok=True)
     emit = on_event or (lambda event: None)
-    base = {"facts": facts.model_dump(), "analysis": analysis.model_dump()}
+    # Every question carries the profile and the framing; the framing's key numbers are only profile
+    # numbers again, so they are left out of the ~40 questions of a discussion.
+    base = {"facts": facts.model_dump(), "analysis": analysis.model_dump(exclude={"key_numbers"})}
+    checks = {e.id: proposal_check(e, facts, analysis) for e in PROPOSERS}
 
     confidences: dict[str, float] = {}
     latest: dict[str, ProposalMessage] = {}
@@ -175,11 +178,12 @@ def run_discussion(
     consensus = False
 
     for rnd in range(1, max_rounds + 1):
-        proposals = _propose(llm, base, rnd, latest, inbox, origin, confidences, emit)
+        proposals = _propose(llm, base, rnd, latest, inbox, origin, confidences, emit, checks)
         draft = {f: v for m in proposals.values() for f, v in m.proposal.values().items()}
         critiques = _critique(llm, base, rnd, graph, proposals, draft, confidences, emit)
         scores = llm.ask(scores_request({**base, "round": rnd, "draft": draft,
-                                         "proposals": {k: m.proposal.model_dump() for k, m in proposals.items()}}))
+                                         "proposals": {k: m.proposal.model_dump() for k, m in proposals.items()}},
+                                        scores_check(proposals)))
         emit(DiscussionEvent("scores", rnd, "critic", dict(confidences),
                              ", ".join(f"{s.expert}={s.score:.2f}" for s in scores.scores)))
 
@@ -215,9 +219,11 @@ def run_discussion(
 
 def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, ProposalMessage],
              inbox: dict[str, list[CritiqueMessage]], origin: dict[str, dict[str, ArgumentRef]],
-             confidences: dict[str, float], emit: Callable[[DiscussionEvent], None]) -> dict[str, ProposalMessage]:
-    """Each proposer proposes (round 1) or revises its last proposal in the light of the critiques it received."""
-    proposals: dict[str, ProposalMessage] = {}
+             confidences: dict[str, float], emit: Callable[[DiscussionEvent], None],
+             checks: dict[str, Check]) -> dict[str, ProposalMessage]:
+    """Each proposer proposes (round 1) or revises its last proposal in the light of the critiques it
+    received; proposers do not read each other's replies, so they are asked at once."""
+    requests: list[LLMRequest[ExpertProposal]] = []
     for expert in PROPOSERS:
         previous = latest.get(expert.id)
         context = {
@@ -229,11 +235,12 @@ def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, Pro
                 for m in inbox[expert.id]
             ],
         }
-        reply = llm.ask(proposal_request(expert, context))
+        requests.append(proposal_request(expert, context, checks[expert.id]))
+    proposals: dict[str, ProposalMessage] = {}
+    for expert, reply in zip(PROPOSERS, ask_all(llm, requests), strict=True):
         message = ProposalMessage(message_id=f"r{rnd}.{expert.id}.proposal", round=rnd, expert=expert.id,
                                   proposal=reply)
-        _check_remit(message)
-        _track_origin(origin[expert.id], previous, message, {m.message_id for m in inbox[expert.id]})
+        _track_origin(origin[expert.id], latest.get(expert.id), message, {m.message_id for m in inbox[expert.id]})
         proposals[expert.id] = message
         confidences.setdefault(expert.id, reply.confidence)
         emit(DiscussionEvent("proposal", rnd, expert.id, dict(confidences), reply.summary))
@@ -243,12 +250,16 @@ def _propose(llm: Backend, base: dict[str, Any], rnd: int, latest: dict[str, Pro
 def _critique(llm: Backend, base: dict[str, Any], rnd: int, graph: DiscussionGraph,
               proposals: dict[str, ProposalMessage], draft: dict[str, FieldValue], confidences: dict[str, float],
               emit: Callable[[DiscussionEvent], None]) -> list[CritiqueMessage]:
-    """One critique per edge of the graph, each reading the target's proposal against the whole draft."""
+    """One critique per edge of the graph, each reading the target's proposal against the whole draft;
+    critiques do not read each other, so they are asked at once."""
+    requests = [
+        critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], {
+            **base, "author": author, "target": target, "round": rnd,
+            "proposal": proposals[target].proposal.model_dump(), "draft": draft})
+        for author, target in graph.edges
+    ]
     critiques: list[CritiqueMessage] = []
-    for author, target in graph.edges:
-        context = {**base, "author": author, "target": target, "round": rnd,
-                   "proposal": proposals[target].proposal.model_dump(), "draft": draft}
-        reply = llm.ask(critique_request(ALL_EXPERTS[author], ALL_EXPERTS[target], context))
+    for (author, target), reply in zip(graph.edges, ask_all(llm, requests), strict=True):
         critiques.append(CritiqueMessage(message_id=f"r{rnd}.{author}->{target}.critique", round=rnd,
                                          author=author, target=target, critique=reply))
         emit(DiscussionEvent("critique", rnd, author, dict(confidences),
@@ -256,11 +267,44 @@ def _critique(llm: Backend, base: dict[str, Any], rnd: int, graph: DiscussionGra
     return critiques
 
 
-def _check_remit(message: ProposalMessage) -> None:
-    remit = set(ALL_EXPERTS[message.expert].remit)
-    outside = [c.field for c in message.proposal.choices if c.field not in remit]
-    if outside:
-        raise DiscussionError(f"{message.message_id} sets fields outside the {message.expert} remit: {outside}")
+def proposal_check(expert: Expert, facts: Any, analysis: TaskAnalysis) -> Check:
+    """The rules a proposal keeps beyond its schema, each failure worded for the model: only fields of
+    the expert's remit, each set once, and values that form a valid plan with the vetted defaults of the
+    other fields (the cross-field rules: encoder options, loss weights, the primary metric listed)."""
+    def check(proposal: ExpertProposal) -> None:
+        fields = [c.field for c in proposal.choices]
+        outside = [f for f in fields if f not in expert.remit]
+        if outside:
+            raise ValueError(f"fields outside the {expert.id} remit: {outside}; set only {list(expert.remit)}")
+        twice = sorted({f for f in fields if fields.count(f) > 1})
+        if twice:
+            raise ValueError(f"fields set more than once: {twice}; give one FieldChoice per field")
+        values = {path: design_space.choose(path, facts, analysis).value for path in plan_field_paths()}
+        values.update(proposal.values())
+        sections: dict[str, dict[str, FieldValue]] = {}
+        for path, value in values.items():
+            section, _, name = path.partition(".")
+            sections.setdefault(section, {})[name] = value
+        try:
+            Plan.model_validate({"perturbation_kind": analysis.perturbation_kind, **sections})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"the values break a cross-field rule of the plan for "
+                             f"{analysis.perturbation_kind} perturbations: {problems}") from None
+    return check
+
+
+def scores_check(proposals: dict[str, ProposalMessage]) -> Check:
+    """The critic scores proposals of this round only, each once."""
+    def check(scores: CriticScores) -> None:
+        named = [s.expert for s in scores.scores]
+        unknown = [e for e in named if e not in proposals]
+        if unknown:
+            raise ValueError(f"scores for {unknown}, who made no proposal; score {sorted(proposals)}")
+        twice = sorted({e for e in named if named.count(e) > 1})
+        if twice:
+            raise ValueError(f"{twice} scored more than once; one score per expert")
+    return check
 
 
 def _track_origin(origin: dict[str, ArgumentRef], previous: ProposalMessage | None, message: ProposalMessage,

@@ -27,7 +27,7 @@ from service.jobs import REGRESSION_KINDS, Job, JobRunner, JobStore, design_sett
 from .datasets import DatasetService
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, invalid
 from .quotas import Resources, job_admitter, precheck_job, within_limits
-from .tenants import Tenant
+from .tenants import RUNTIME_STRENGTH, Tenant
 from .workpool import WorkPool
 
 BUNDLE_MAX_BYTES = 64 << 20
@@ -72,11 +72,12 @@ class JobService:
                 raise invalid("design job request", exc.errors()) from None
         if not request.task.strip():
             raise BadRequest("task: expected a non-empty description of what to predict")
-        _runs_design(tenant)
         row = await self.db.run(self.datasets.get, tenant, request.dataset_id)
         options = request.options.chosen()
+        # The tenant's runtime, or a stronger one it asks for (never a weaker one): the server's decision.
+        runtime = tenant.runtime_for(options.pop("runtime", None))
         params: dict[str, Any] = {"dataset_id": row.id, "dataset_path": row.path, "task": request.task,
-                                  "options": options}
+                                  "options": options, "runtime": runtime}
         try:
             defaults = design_settings(params, Path("/unused"))
         except ValidationError as exc:
@@ -109,11 +110,14 @@ class JobService:
         if spec.default_tolerance is not None:
             params["default_tolerance"] = spec.default_tolerance
         if spec.kind == "replay":  # a design run again, in a sandbox sized within the tenant's limits
-            _runs_design(tenant)
             recorded = source.params.get("options") or {}
             memory, cpus, want = sandbox_size(tenant, None, None, int(recorded.get("gpus") or 0),
                                               recorded.get("memory", "4g"), float(recorded.get("cpus", 2.0)))
-            params["sandbox"] = {"memory": memory, "cpus": cpus}
+            # The stronger of the run's recorded runtime and the tenant's current one: a replay never runs
+            # weaker than the design it repeats, nor than the tenant now allows.
+            runtime = max((source.params.get("runtime"), tenant.runtime),
+                          key=lambda r: -1 if r is None else RUNTIME_STRENGTH.get(r, -1))
+            params["sandbox"] = {"memory": memory, "cpus": cpus, "runtime": runtime}
             params["resources"] = want.as_dict()
         return await self._enqueue(tenant, f"regression.{spec.kind}", params)
 
@@ -257,11 +261,3 @@ class JobService:
                        error=job.error, created_at=job.created_at, started_at=job.started_at,
                        finished_at=job.finished_at, attempts=job.attempts, params=params, result=job.result,
                        artifacts=self._artifacts(job.id), final=job.status in FINAL_STATES)
-
-
-def _runs_design(tenant: Tenant) -> None:
-    """Design runs start their sandboxes through the pipeline, which does not yet take a runtime: a
-    tenant whose sandboxes must run under a stronger runtime cannot have them."""
-    if tenant.runtime is not None:
-        raise Conflict(f"this tenant's sandboxes run under {tenant.runtime!r}, which design and replay runs "
-                       "cannot use yet; run pytest regressions or sandboxes instead")

@@ -17,26 +17,28 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select, update
 
-from sandbox import ExecutionResult, SandboxSpec, StreamEvent
-from sandbox.errors import (
+from sandbox import (
+    DEFAULT_CPU_IMAGE,
+    ExecutionResult,
     FileTransferError,
+    Mount,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    SandboxReaped,
+    SandboxSpec,
     SandboxStartError,
     SpecError,
+    StreamEvent,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
-from sandbox.images import DEFAULT_CPU_IMAGE
-from sandbox.pool import PooledSandbox, SandboxPool, SandboxReaped
-from sandbox.spec import Mount
-from service.db import Database
+from sandbox.pool import PooledSandbox, SandboxPool
+from service.db import Database, SandboxRow, TenantRow
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable, invalid
 from .metrics import ServiceMetrics
 from .quotas import Resources, admit_sandbox
-from service.db import SandboxRow, TenantRow
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
@@ -204,7 +206,7 @@ class SandboxService:
             raise PayloadTooLarge(f"file {path!r} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
         live = self._own(tenant, sandbox_id)
         try:
-            await live.lease.put_file(path, data)
+            await live.lease.files.put(path, data)
         except WorkspaceQuotaError as exc:
             raise PayloadTooLarge(str(exc)) from None
         except WorkspacePathError as exc:
@@ -217,7 +219,7 @@ class SandboxService:
     async def get_file(self, tenant: Tenant, sandbox_id: str, path: str) -> bytes:
         live = self._own(tenant, sandbox_id)
         try:
-            return await live.lease.get_file(path, max_bytes=MAX_FILE_BYTES)
+            return await live.lease.files.get(path, max_bytes=MAX_FILE_BYTES)
         except WorkspacePathError as exc:
             raise BadRequest(str(exc)) from None
         except FileTransferError as exc:

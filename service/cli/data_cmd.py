@@ -109,7 +109,7 @@ def split(
     min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
     json_out: JsonOpt = False,
 ) -> None:
-    """Split FILE by SCHEME into train/val/test_inputs/test_truth + split.json under OUT."""
+    """Split FILE by SCHEME into train/val_inputs/val_truth/test_inputs/test_truth + split.json under OUT."""
     try:
         with spinner() as progress:
             task = progress.add_task("loading", total=None)
@@ -131,13 +131,22 @@ def _show_split(info: SplitInfo, out: Path) -> None:
     table = Table(title=f"{info.scheme} split (seed {info.seed}{held}) -> {out}", title_justify="left")
     for column in ("part", "conditions", "cells", "categories"):
         table.add_column(column)
-    cells = {"train": info.n_cells["train"], "val": info.n_cells["val"], "test": info.n_cells["test_truth"]}
+    cells = {"train": info.n_cells["train"], "val": info.n_cells["val_truth"], "test": info.n_cells["test_truth"]}
     for part, conds in info.conditions.items():
         counts = Counter(info.categories[c] for c in conds if c in info.categories)
         table.add_row(part, str(len(conds)), str(cells[part]), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    table.add_row("test_inputs", "-", str(info.n_cells["test_inputs"]), "control cells of the test contexts")
+    for which in ("val", "test"):
+        table.add_row(f"{which}_inputs", "-", str(info.n_cells[f"{which}_inputs"]),
+                      f"control cells of the {which} contexts")
     out_console = Console()
     out_console.print(table)
+    if info.validation == "cv":
+        out_console.print(f"validation: {len(info.folds)}-fold cross-validation over whole {info.group_by} groups of "
+                          f"the training conditions (the val fold would be too small to decide): "
+                          f"{', '.join(str(len(f)) for f in info.folds)} conditions per fold", highlight=False)
+    else:
+        out_console.print(f"validation: whole {info.group_by} groups held out, as the test holds them out",
+                          highlight=False)
     out_console.print(f"{len(info.genes)} features ({', '.join(f'{k} {v}' for k, v in info.feature_types.items())}), "
                       f"{info.normalization}", highlight=False)
 

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sandbox.backend import BackendKind
+
 from .output import JsonOpt, err, fail
 
 # The pipeline, agents and LLM SDK are imported inside the commands: they cost seconds at import,
@@ -25,7 +27,7 @@ TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
 AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
 MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]
-SandboxOpt = Annotated[str, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
+SandboxOpt = Annotated[BackendKind, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
 RuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
 
@@ -36,17 +38,41 @@ def _metrics_table(metrics: dict[str, Any]) -> Table:
     table.add_column("predictor")
     for m in TABLE:
         table.add_column(m, justify="right")
-    rows = {"model": metrics["model"], **metrics["baselines"], "data ceiling": metrics.get("ceiling", {})}
+    rows = {"designed model": metrics["model"]} if "model" in metrics else {}
+    delivered = metrics.get("delivered") or {}
+    if delivered and delivered.get("kind") != "designed":
+        rows[f"delivered: {delivered['key']}"] = delivered.get("test", {})
+    rows.update({**metrics.get("baselines", {}), "data ceiling": metrics.get("ceiling", {})})
     for name, scores in rows.items():
         table.add_row(name, *(f"{scores[m]:.4f}" if m in scores else "-" for m in TABLE))
     return table
 
 
+def print_verdict(verdict: dict[str, Any] | None) -> None:
+    """The verdict first, in plain words: does the designed model beat the best baseline, what is delivered."""
+    if not verdict:
+        return
+    from service.pipeline import Verdict, verdict_lines
+
+    v = Verdict.model_validate(verdict)
+    lines = verdict_lines(v)
+    colour = "green" if v.beats_baselines else "red"
+    out.print(f"[bold {colour}]verdict:[/] {lines[0]}", highlight=False)
+    for line in lines[1:]:
+        out.print(f"  {line}", highlight=False, style="yellow" if line.startswith("warning") else None)
+
+
 def _finish(result: DesignResult, json_out: bool) -> None:
     metrics = result.metrics
-    if "model" in metrics:
+    print_verdict(metrics.get("verdict"))
+    if "baselines" in metrics:
         out.print(_metrics_table(metrics))
-    out.print(f"status: [bold]{result.status}[/bold]; run directory {result.run_dir}; "
+    beats = (metrics.get("verdict") or {}).get("beats_baselines")
+    from service.pipeline.verdict import STATUS_MEANING
+
+    meaning = STATUS_MEANING.get(result.status, "")
+    out.print(f"status: [bold]{result.status}[/bold] ({meaning}); beats baselines: [bold]{beats}[/bold]; "
+              f"delivered: {(metrics.get('delivered') or {}).get('key')}; run directory {result.run_dir}; "
               f"report {result.run_dir / 'report.html'}", highlight=False)
     if json_out:
         summary = {k: v for k, v in metrics.items() if k != "per_condition"}
@@ -82,13 +108,15 @@ def design(
     llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (compatible endpoint).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="LLM model name.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
-    sandbox: SandboxOpt = "docker",
+    sandbox: SandboxOpt = BackendKind.DOCKER,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")] = 0,
     runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
     max_minutes: MinutesOpt = 30.0,
     seed: SeedOpt = 0,
-    candidates: Annotated[int, typer.Option("--candidates", help="Plans tried; the best by validation is kept.")] = 1,
+    candidates: Annotated[int, typer.Option("--candidates", help="Plans drafted; the best by validation is kept.")] = 1,
+    max_nodes: Annotated[int, typer.Option("--max-nodes", help="Improve steps of the design search after the "
+                                                               "first working model (0: none).")] = 6,
     json_out: JsonOpt = False,
     server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
@@ -104,13 +132,14 @@ def design(
         fail(PipelineError("--runtime applies to sandboxes run here; a server chooses it per tenant"), json_out)
     if server:
         _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
-                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus)
+                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus, max_nodes=max_nodes,
+                    candidates=candidates)
         return
     try:
         config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
         settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
                                   max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus,
-                                  runtime=runtime, candidates=candidates)
+                                  runtime=runtime, candidates=candidates, max_nodes=max_nodes)
     except (LLMError, ValueError) as exc:
         fail(exc, json_out)
     _run(settings, config, None, json_out)
@@ -134,7 +163,8 @@ def _run_remote(server: str, api_key: str | None, data: Path, task: str, out_dir
     except APIError as exc:
         fail(PipelineError(f"the server refused the job: {exc}"), json_out)
     metrics = (job.get("result") or {}).get("metrics") or {}
-    if "model" in metrics:
+    print_verdict(metrics.get("verdict"))
+    if "baselines" in metrics:
         out.print(_metrics_table(metrics))
     out.print(f"job {job['id']}: [bold]{job['status']}[/bold]; artifacts in {out_dir}", highlight=False)
     if json_out:
@@ -164,7 +194,7 @@ def replay(
 
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the demo data and run go.")] = Path("runs/demo"),
-    sandbox: SandboxOpt = "docker",
+    sandbox: SandboxOpt = BackendKind.DOCKER,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
 ) -> None:

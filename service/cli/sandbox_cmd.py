@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +14,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sandbox.backend import BackendKind, new_backend
 from sandbox.bench import run_bench
+from sandbox.docker_backend import DockerBackend
 from sandbox.errors import SandboxError, SpecError
 from sandbox.escapes import strip_escapes
 from sandbox.events import (
@@ -27,7 +28,7 @@ from sandbox.events import (
     StdoutEvent,
     TruncatedEvent,
 )
-from sandbox.images import DEFAULT_CPU_IMAGE
+from sandbox.spec import DEFAULT_CPU_IMAGE
 from sandbox.pool import DEFAULT_PRELOAD
 from sandbox.spec import SandboxSpec
 
@@ -40,21 +41,6 @@ EXIT_CODES = {"ok": 0, "error": 1, "timeout": 124, "killed": 125, "died": 137}
 EXIT_BAD_INPUT = 2
 EXIT_START_FAILED = 3
 RUNTIME_HELP = "Container runtime of the docker sandbox: runsc (gVisor) or runc; default: the engine's (runc)."
-
-
-class BackendName(str, Enum):
-    docker = "docker"
-    local = "local"
-
-
-def _make_backend(name: BackendName) -> Any:
-    if name is BackendName.local:
-        from sandbox import LocalBackend
-
-        return LocalBackend()
-    from sandbox import DockerBackend
-
-    return DockerBackend()
 
 
 def _safe(text: Any) -> str:
@@ -95,11 +81,11 @@ class _LiveOutput:
 
 
 async def _run_file(
-    code: str, spec: SandboxSpec, backend: BackendName, timeout: float, live: _LiveOutput
+    code: str, spec: SandboxSpec, backend: BackendKind, timeout: float, live: _LiveOutput
 ) -> tuple[Any, ExecutionResult]:
     with err.status(f"starting a {backend.value} sandbox ({spec.image})", spinner="dots"):
         try:
-            sb = await _make_backend(backend).create(spec)
+            sb = await new_backend(backend).create(spec)
         except SandboxError as exc:
             err.print(f"[red]could not start the sandbox:[/] {_safe(exc)}")
             raise typer.Exit(EXIT_START_FAILED) from None
@@ -144,8 +130,8 @@ def _summary(res: ExecutionResult, sandbox_id: str, backend: str, isolated: bool
 @sandbox_app.command("run")
 def run(
     file: Annotated[Path, typer.Argument(help="Python file to run in the sandbox's kernel.")],
-    backend: Annotated[BackendName, typer.Option(help="docker (isolated) or local (this machine, not isolated).")] = (
-        BackendName.docker
+    backend: Annotated[BackendKind, typer.Option(help="docker (isolated) or local (this machine, not isolated).")] = (
+        BackendKind.DOCKER
     ),
     image: Annotated[str, typer.Option(help="Sandbox image (docker backend).")] = DEFAULT_CPU_IMAGE,
     cpus: Annotated[float, typer.Option(help="CPU quota, in cores.")] = 1.0,
@@ -174,7 +160,7 @@ def run(
     except SpecError as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    if runtime and (server or backend is BackendName.local):
+    if runtime and (server or backend is BackendKind.LOCAL):
         where = "the server chooses it per tenant" if server else "the local backend runs no container"
         err.print(f"[red]--runtime applies to docker sandboxes run here; {where}[/]")
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -223,7 +209,7 @@ def bench(
         try:
             result = asyncio.run(
                 run_bench(
-                    _make_backend(BackendName.docker),
+                    DockerBackend(),
                     image,
                     n=n,
                     roundtrips=roundtrips,
@@ -234,7 +220,7 @@ def bench(
                     progress=progress,
                 )
             )
-        except (SandboxError, RuntimeError) as exc:
+        except SandboxError as exc:
             err.print(f"[red]benchmark failed:[/] {exc}")
             raise typer.Exit(1) from None
     if json_out:

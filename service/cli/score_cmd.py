@@ -64,28 +64,65 @@ def _per_condition_table(report: EvaluationReport) -> Table:
     return table
 
 
+def _verdict(report: EvaluationReport, baselines: dict[str, EvaluationReport], which: str, primary: str,
+             predictions: Path):
+    """The predictions against the best baseline on the scored part, as a design run's verdict states it."""
+    from service.pipeline.verdict import MIN_TEST_CONDITIONS, VERDICT_METRICS, Verdict, headline, metric_verdict
+
+    metrics = {}
+    for m in dict.fromkeys((primary, *VERDICT_METRICS)):
+        scores = {n: r.summary.get(m) for n, r in baselines.items()}
+        mine = report.summary.get(m)
+        metrics[m] = metric_verdict(m, mine if which == "val" else None, mine if which == "test" else None,
+                                    scores if which == "val" else {}, scores if which == "test" else {},
+                                    report.per_condition, {n: r.per_condition for n, r in baselines.items()})
+    p = metrics[primary]
+    v = Verdict(status="scored", primary_metric=primary, beats_baselines=bool(p.beats_test or p.beats_val),
+                subject=f"predictions ({predictions.name})", n_test_conditions=report.n_conditions, metrics=metrics)
+    if report.n_conditions < MIN_TEST_CONDITIONS:
+        v.warnings.append(f"the {which} part holds {report.n_conditions} condition(s), fewer than "
+                          f"{MIN_TEST_CONDITIONS}: too few to decide; read the per-condition spread")
+    v.summary = headline(v)
+    return v
+
+
 def score(
     split: SplitOpt,
     predictions: Annotated[Path, typer.Option("--predictions", help="Predictions .h5ad (one row per condition).",
                                               show_default=False)],
     which: WhichOpt = "test",
+    primary: Annotated[str, typer.Option("--primary", help="The metric the verdict is stated for (with "
+                                                           "mse_top20_de).")] = "pearson_delta_pert",
     per_condition: Annotated[bool, typer.Option("--per-condition", help="Also print one row per condition.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Score predictions against the real cells of the split, with the data ceiling and the mean-Δ baseline."""
+    """Score predictions against the real cells of the split, with the data ceiling, and against every
+    applicable baseline: the verdict (best baseline, margin, who beats the predictions) comes first."""
+    from service.data.baselines import run_baselines
+
     try:
         with spinner() as progress:
             evaluator = _evaluator(split, which, progress)
             progress.add_task("scoring", total=None)
             report = evaluator.score(predictions)
+            progress.add_task("baselines", total=None)
+            baselines = {n: evaluator.score(p) for n, p in run_baselines(evaluator.task).items()}
     except DataError as exc:
         fail(exc, json_out)
+    if primary not in report.summary:
+        fail(DataError(f"--primary {primary!r} is not a metric of these predictions; one of "
+                       f"{', '.join(sorted(report.summary))}"), json_out)
+    from service.cli.design_cmd import print_verdict
+
+    verdict = _verdict(report, baselines, which, primary, predictions)
+    print_verdict(verdict.model_dump(mode="json"))
     console = Console()
     if per_condition:
         console.print(_per_condition_table(report))
     console.print(_report_table(report))
     if json_out:
-        print(json.dumps({"ok": True, **report.model_dump()}), flush=True)
+        print(json.dumps({"ok": True, **report.model_dump(), "verdict": verdict.model_dump(mode="json"),
+                          "baselines": {n: r.summary for n, r in baselines.items()}}), flush=True)
 
 
 def baselines(

@@ -2,9 +2,11 @@
 the evaluator.
 
 A baseline sees exactly what a model sees: the training cells, the conditions to predict and the
-control cells of their contexts (for `which="test"` those of `test_inputs.h5ad`; the test truth is
-never read here). Each writes predictions in the model format: one row per condition, `obs` with
-`condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean log-normalized profile.
+control cells of their contexts (those of `val_inputs.h5ad` / `test_inputs.h5ad`; no truth is ever
+read here). `inputs_task` builds the same task from a folder of model files alone (a sandbox's `/data`),
+so a delivered baseline bundle runs this very module. Each writes predictions in the model format: one
+row per condition, `obs` with `condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean
+log-normalized profile.
 
 Throughout, Δ of a training condition is its pseudobulk minus the control pseudobulk of its own
 context, and a prediction is always "control of the target context + some Δ".
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
 import numpy as np
@@ -23,10 +25,12 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
+from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes, predict_frame, targets_of_part
 from .errors import SplitDirectoryError, preview
 from .metrics import group_means
-from .splits import Split, load_split, perturbation_targets
+
+if TYPE_CHECKING:  # splits (pydantic) is not needed to run baselines, so a sandbox bundle can carry this file
+    from .splits import Split
 
 Which = Literal["test", "val"]
 
@@ -55,7 +59,7 @@ class TrainingSummary:
 class PredictionTask:
     """What to predict for one split part, and from what."""
 
-    split: Split
+    split: Split | None  # None when built from model files alone (`inputs_task`)
     which: Which
     genes: pd.Index
     feature_types: np.ndarray | None  # var["feature_types"] when the data is multimodal
@@ -114,54 +118,62 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
                            sample.astype(np.float64))
 
 
-def read_controls(split: Split, which: Which) -> ad.AnnData:
-    """Control cells of the contexts to predict: those of test_inputs.h5ad for test; for val the
-    training controls (a split keeps every control cell in train)."""
-    if which == "test":
-        cells, name = split.test_inputs, "test_inputs.h5ad"
-    else:
-        cells, name = split.train, "train.h5ad"
-    require_obs(cells, split.path / name, (CONTEXT, IS_CONTROL))
-    return cells[cells.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
-
-
-def read_targets(split: Split, which: Which) -> pd.DataFrame:
-    if which == "test":
-        needed = (CONDITION, PERTURBATION, DOSE, CONTEXT)
-        predict = split.test_inputs.uns.get("predict")
-        if not isinstance(predict, dict) or any(k not in predict for k in needed):
-            raise SplitDirectoryError(f"{split.path / 'test_inputs.h5ad'}: uns['predict'] must hold "
-                                      f"lists {preview(needed)}")
-        return split.predict.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
-    val = split.val
-    require_obs(val, split.path / "val.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
-    return condition_table(val.obs.loc[~val.obs[IS_CONTROL].to_numpy(dtype=bool)])
-
-
-def load_task(split_dir: str | Path | Split, which: Which = "test") -> PredictionTask:
-    """Read a split directory into what baselines and the evaluator need (never the test truth)."""
-    if which not in ("test", "val"):
-        raise ValueError(f"which must be 'test' or 'val', not {which!r}")
-    split = split_dir if isinstance(split_dir, Split) else load_split(split_dir)
-    train = split.train
-    require_obs(train, split.path / "train.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
-    genes = pd.Index(split.info.genes, dtype=object)
+def build_task(train: ad.AnnData, inputs: ad.AnnData, which: Which, genes: pd.Index, folder: Path,
+               annotations: dict[str, list[str]], split: Split | None = None) -> PredictionTask:
+    """The task of predicting the conditions listed in `inputs` (val_inputs or test_inputs) from `train`."""
+    require_obs(train, folder / "train.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
+    name = f"{which}_inputs.h5ad"
     if list(genes) != list(train.var_names):
-        raise SplitDirectoryError(f"{split.path / 'split.json'}: 'genes' differ from the var_names of train.h5ad")
-    controls = read_controls(split, which)
+        raise SplitDirectoryError(f"{folder / 'split.json'}: 'genes' differ from the var_names of train.h5ad")
+    require_obs(inputs, folder / name, (CONTEXT, IS_CONTROL))
+    controls = inputs[inputs.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
     if list(controls.var_names) != list(genes):
         controls = controls[:, genes].copy()
-    targets = read_targets(split, which)
+    targets = predict_frame(inputs.uns, str(folder / name))
     if targets.empty:
-        raise SplitDirectoryError(f"{split.path}: the split has no {which} conditions to predict")
+        raise SplitDirectoryError(f"{folder}: the split has no {which} conditions to predict")
     control_means = context_means(controls.X, controls.obs[CONTEXT].astype(str).to_numpy())
     missing = sorted(set(targets[CONTEXT]) - set(control_means))
     if missing:
-        raise SplitDirectoryError(f"{split.path}: no control cells for the {which} context(s) {preview(missing)}")
+        raise SplitDirectoryError(f"{folder}: no control cells for the {which} context(s) {preview(missing)}")
     feature_types = (train.var["feature_types"].astype(str).to_numpy()
                      if "feature_types" in train.var.columns else None)
     return PredictionTask(split, which, genes, feature_types, targets, controls, control_means,
-                          summarise_training(train), perturbation_targets(split))
+                          summarise_training(train), annotations)
+
+
+def _check_which(which: str) -> None:
+    if which not in ("test", "val"):
+        raise ValueError(f"which must be 'test' or 'val', not {which!r}")
+
+
+def load_task(split_dir: str | Path | Split, which: Which = "test") -> PredictionTask:
+    """Read a split directory into what baselines and the evaluator need (never a truth part)."""
+    from .splits import Split, load_split, perturbation_targets
+
+    _check_which(which)
+    split = split_dir if isinstance(split_dir, Split) else load_split(split_dir)
+    return build_task(split.train, split.inputs(which), which, pd.Index(split.info.genes, dtype=object),
+                      split.path, perturbation_targets(split), split)
+
+
+def inputs_task(data_dir: str | Path, which: Which = "test") -> PredictionTask:
+    """The same task from a folder holding only train.h5ad, val_inputs.h5ad and test_inputs.h5ad (what a
+    sandbox sees at /data); genes are train's, annotations those the parts carry."""
+    _check_which(which)
+    folder = Path(data_dir)
+    parts = {}
+    for name in ("train", "val_inputs", "test_inputs"):
+        if not (folder / f"{name}.h5ad").is_file():
+            raise SplitDirectoryError(f"{folder / name}.h5ad is missing: expected train.h5ad, val_inputs.h5ad and "
+                                      "test_inputs.h5ad")
+        parts[name] = ad.read_h5ad(folder / f"{name}.h5ad")
+    annotations: dict[str, list[str]] = {}
+    for part in parts.values():
+        annotations.update(targets_of_part(part.uns))
+    train = parts["train"]
+    return build_task(train, parts[f"{which}_inputs"], which, pd.Index(train.var_names.astype(str), dtype=object),
+                      folder, annotations)
 
 
 # --- Δ look-ups shared by several baselines -------------------------------------------------------

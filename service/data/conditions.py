@@ -69,3 +69,29 @@ def combo_genes(perturbation: str) -> list[str]:
 
 def is_combo(perturbation: str) -> bool:
     return len(combo_genes(perturbation)) > 1
+
+
+# --- what the model-facing parts of a split carry in uns (read by the service and by sandbox bundles) ---
+
+PREDICT_UNS = "predict"  # inputs parts: equal-length lists condition, perturbation, dose, context
+TARGETS_UNS = "perturbation_targets"  # equal-length lists perturbation, targets (`;`-joined)
+
+
+def predict_frame(uns, where: str) -> pd.DataFrame:
+    """The conditions an inputs part asks for (`uns["predict"]`) as a typed table; a clear error naming
+    `where` when the lists are absent."""
+    needed = (CONDITION, PERTURBATION, DOSE, CONTEXT)
+    predict = uns.get(PREDICT_UNS)
+    if not isinstance(predict, dict) or any(k not in predict for k in needed):
+        from .errors import SplitDirectoryError
+
+        raise SplitDirectoryError(f"{where}: uns['{PREDICT_UNS}'] must hold lists {', '.join(needed)}")
+    table = pd.DataFrame({k: list(predict[k]) for k in needed})
+    return table.astype({CONDITION: str, PERTURBATION: str, CONTEXT: str, DOSE: float})
+
+
+def targets_of_part(uns) -> dict[str, list[str]]:
+    """perturbation -> annotated targets from one part's `uns["perturbation_targets"]` (empty without)."""
+    table = uns.get(TARGETS_UNS, {})
+    return {str(p): [g for g in str(v).split(";") if g]
+            for p, v in zip(table.get(PERTURBATION, []), table.get("targets", []), strict=True)}

@@ -1,4 +1,5 @@
-"""The evaluator: scores predictions of a split's test (or val) conditions against the real cells.
+"""The evaluator: scores predictions of a split's test (or val) conditions against the real cells
+(`test_truth.h5ad` / `val_truth.h5ad`, which only the service reads).
 
 Per condition, then averaged over conditions (NaN-aware: a metric undefined for a condition is left
 out of its average and reported as null in the per-condition table). Pseudobulk = mean
@@ -87,8 +88,9 @@ def _subsample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _read_truth(task: PredictionTask) -> ad.AnnData:
-    path = task.split.path / ("test_truth.h5ad" if task.which == "test" else "val.h5ad")
-    cells = task.split.test_truth if task.which == "test" else task.split.val
+    assert task.split is not None, "scoring reads the truth of a split directory (load_task)"
+    path = task.split.path / f"{task.which}_truth.h5ad"
+    cells = task.split.truth(task.which)
     require_obs(cells, path, (CONDITION, CONTEXT, IS_CONTROL))
     cells = cells[~cells.obs[IS_CONTROL].to_numpy(dtype=bool)]
     missing = sorted(set(task.targets[CONDITION]) - set(cells.obs[CONDITION].astype(str)))

@@ -1,14 +1,23 @@
 """Seeded train/val/test splits, disjoint in conditions, written as the split directory of docs/contracts.md.
 
 A scheme decides which *conditions* (perturbation, dose, context) are held out; cells follow their
-condition. Control cells always go to train; `test_inputs.h5ad` repeats the controls of every context
-that has a test condition, plus the list of conditions to predict, and nothing else about them.
-The test cells themselves go only to `test_truth.h5ad`, which never enters a sandbox.
+condition. Validation is held out by the same scheme as the test, in whole groups (cell types,
+genes/compounds, doses, combos), so it measures the skill the test asks for. Control cells always go
+to train; `val_inputs.h5ad` / `test_inputs.h5ad` repeat the controls of every context that has a
+val / test condition, plus the list of conditions to predict, and nothing else about them. The held-out
+cells go only to `val_truth.h5ad` / `test_truth.h5ad`, which never enter a sandbox.
+
+When the validation fold would be too small to decide (fewer than `MIN_VAL_CONDITIONS` conditions or
+`MIN_VAL_GROUPS` groups), its conditions stay in train and `split.json` lists grouped cross-validation
+folds over the training groups instead (`validation: "cv"`); `write_fold` turns one into a split
+directory of its own.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +29,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from .conditions import BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, combo_genes
+from .conditions import (BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, TARGETS_UNS,
+                         combo_genes, predict_frame, targets_of_part)
 from .errors import SplitDirectoryError, SplitError, preview
 from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, read_h5ad
 from .preprocess import (
@@ -33,16 +43,27 @@ from .preprocess import (
 
 Scheme = Literal["unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context"]
 SCHEMES: tuple[str, ...] = ("unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context")
-PARTS = ("train", "val", "test_inputs", "test_truth")
-SPLIT_FILES = tuple(f"{p}.h5ad" for p in PARTS) + ("split.json",)
-TARGETS_UNS = "perturbation_targets"  # uns key of the per-perturbation annotation table
+GroupBy = Literal["perturbation", "context", "dose"]
+ValidationMode = Literal["holdout", "cv"]  # select on the val conditions, or on grouped folds of train
+# The unit each scheme holds out whole: a cell type, a gene/compound (with every dose and context), a dose.
+GROUP_BY: dict[str, GroupBy] = {"unseen-perturbation": "perturbation", "combo": "perturbation",
+                                "unseen-drug": "perturbation", "unseen-dose": "dose", "unseen-context": "context"}
+PARTS = ("train", "val_inputs", "val_truth", "test_inputs", "test_truth")
+# What a model may see (a sandbox's /data): training cells and the inputs of val and test, no truth.
+MODEL_FILES = ("train.h5ad", "val_inputs.h5ad", "test_inputs.h5ad")
+TRUTH_FILES = ("val_truth.h5ad", "test_truth.h5ad")
+SPLIT_FILES = MODEL_FILES + TRUTH_FILES + ("split.json",)
+SPLIT_UNS = "split"  # uns of the model-facing parts: {"scheme", "group_by"} (how to hold out for early stopping)
+MIN_VAL_CONDITIONS = 10  # a validation fold smaller than this (or than MIN_VAL_GROUPS groups) cannot decide...
+MIN_VAL_GROUPS = 2
+CV_FOLDS = 3  # ...so selection uses grouped K-fold cross-validation over the training groups
 FEATURE_TYPE_NAMES = {"rna": "Gene Expression", "protein": "Antibody Capture", "atac": "Peaks"}
 
 
 class SplitInfo(BaseModel):
     """The content of `split.json`."""
 
-    version: int = 1
+    version: int = 2
     scheme: str
     seed: int
     source: str
@@ -65,6 +86,11 @@ class SplitInfo(BaseModel):
     few_shot_k: int = 0
     feature_types: dict[str, int] = {}
     atac_transform: str | None = None  # "binarize" or "tfidf" (idf of the training cells) when there are peaks
+    group_by: GroupBy = "perturbation"  # the unit held out whole (see GROUP_BY); folds use it too
+    # "holdout": select on the val conditions; "cv": val is empty and `folds` (lists of training conditions,
+    # whole groups each) are held out in turn.
+    validation: ValidationMode = "holdout"
+    folds: list[list[str]] = []
 
 
 @dataclass
@@ -74,6 +100,9 @@ class ConditionAssignment:
     part: dict[str, str]  # condition -> train | val | test
     categories: dict[str, str] = field(default_factory=dict)
     held_out_context: str | None = None
+    validation: ValidationMode = "holdout"
+    group_by: GroupBy = "perturbation"
+    folds: list[list[str]] = field(default_factory=list)  # cv: training conditions held out in turn
 
 
 def _sizes(n: int, test_fraction: float, val_fraction: float) -> tuple[int, int]:
@@ -185,6 +214,8 @@ def _unseen_dose(conds: pd.DataFrame, rng, val_fraction: float) -> ConditionAssi
 
 def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: float, context: str | None,
                     few_shot_k: int) -> ConditionAssignment:
+    """One context held out for test; whole other contexts for val, only where at least two can go to
+    val and two stay in train (fewer: the split falls back to leave-one-context-out folds)."""
     obs = dataset.obs
     with_controls = set(obs.loc[obs[IS_CONTROL], CONTEXT])
     contexts = sorted(set(conds[CONTEXT]) & with_controls)
@@ -204,16 +235,108 @@ def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: fl
         raise SplitError(f"few_shot_k={few_shot_k} keeps every one of the {len(held)} conditions of context "
                          f"{context!r} in train; expected fewer")
     part = {c: "test" for c in held[few_shot_k:]} | {c: "train" for c in held[:few_shot_k]}
-    others = _shuffled(conds.loc[~in_ctx, CONDITION], rng)
-    n_val = min(max(1, round(val_fraction * len(others))), len(others) - 1) if len(others) >= 2 else 0
-    part |= {c: "val" for c in others[:n_val]} | {c: "train" for c in others[n_val:]}
+    others = _shuffled([c for c in contexts if c != context], rng)
+    n_val = min(max(MIN_VAL_GROUPS, round(val_fraction * len(others))), len(others) - 2) \
+        if val_fraction > 0 and len(others) >= 2 * MIN_VAL_GROUPS else 0
+    val_contexts = set(others[:n_val])
+    for cond, ctx in zip(conds.loc[~in_ctx, CONDITION], conds.loc[~in_ctx, CONTEXT], strict=True):
+        part[cond] = "val" if ctx in val_contexts else "train"
     label = "few_shot" if few_shot_k else "zero_shot"
     return ConditionAssignment(part, {c: label for c in held[few_shot_k:]}, held_out_context=context)
 
 
+def condition_group(group_by: str, perturbation: str, dose: float, context: str) -> str:
+    """The group a condition belongs to when held out whole: its context, its perturbation, or its
+    perturbation at its dose."""
+    if group_by == "context":
+        return str(context)
+    if group_by == "dose":
+        return f"{perturbation}@{'' if pd.isna(dose) else f'{float(dose):g}'}"
+    return str(perturbation)
+
+
+def condition_groups(table: pd.DataFrame, group_by: str) -> list[str]:
+    """`condition_group` of every row of a table with perturbation, dose and context columns."""
+    return [condition_group(group_by, p, d, c) for p, d, c in
+            zip(table[PERTURBATION], table[DOSE].astype(float), table[CONTEXT], strict=True)]
+
+
+def _cv_folds(conds: pd.DataFrame, train: list[str], scheme: str, k: int, rng,
+              held_out_context: str | None = None) -> tuple[GroupBy, list[list[str]]]:
+    """Grouped folds over the training conditions: (group_by used, folds of conditions).
+
+    The scheme's unit is held out whole: leave-one-cell-type-out (contexts merged into k folds when there
+    are more), whole perturbations, whole doses (each drug loses at most one training dose per fold, so
+    the fold asks what the test asks: a dose between or beside doses that were seen), combos (their
+    singles stay in every fold's training data). A scheme whose units are too few in train falls back to
+    whole perturbations."""
+    table = conds.set_index(CONDITION).loc[sorted(train)].reset_index()
+    if held_out_context is not None:  # few-shot conditions of the test context are not a fold of their own
+        table = table[table[CONTEXT] != held_out_context]
+    group_by: GroupBy = GROUP_BY[scheme]
+    if scheme == "unseen-dose":
+        folds: list[list[str]] = [[] for _ in range(k)]
+        for drug in _shuffled(table[PERTURBATION].unique(), rng):
+            rows = table[table[PERTURBATION] == drug]
+            doses = _shuffled(rows[DOSE].dropna().unique(), rng)
+            if len(doses) < 2:
+                continue
+            offset = int(rng.integers(k))
+            for i, dose in enumerate(doses[:k]):
+                folds[(offset + i) % k] += list(rows.loc[rows[DOSE] == dose, CONDITION])
+        if sum(map(bool, folds)) >= 2:
+            return group_by, [sorted(f) for f in folds if f]
+        group_by = "perturbation"
+    eligible = table
+    if scheme == "combo":
+        eligible = table[[len(combo_genes(p)) > 1 for p in table[PERTURBATION]]]
+    groups = pd.Series(condition_groups(eligible, group_by), index=eligible[CONDITION])
+    if groups.nunique() < 2:
+        group_by = "perturbation"
+        eligible = table
+        groups = pd.Series(condition_groups(table, group_by), index=table[CONDITION])
+    units = _shuffled(groups.unique(), rng)
+    if len(units) < 2:
+        return group_by, []
+    k = min(k, len(units))
+    sizes = groups.value_counts()
+    folds = [[] for _ in range(k)]
+    load = [0] * k
+    for unit in sorted(units, key=lambda u: -sizes[u]):  # stable: ties keep the seeded order
+        i = int(np.argmin(load))
+        folds[i] += list(groups.index[groups == unit])
+        load[i] += int(sizes[unit])
+    return group_by, [sorted(f) for f in folds]
+
+
+def choose_validation(conds: pd.DataFrame, plan: ConditionAssignment, scheme: str, rng,
+                      cv_folds: int = CV_FOLDS) -> tuple[ValidationMode, GroupBy, list[list[str]]]:
+    """("holdout", group_by, []) when the val conditions can decide (≥ MIN_VAL_CONDITIONS conditions in
+    ≥ MIN_VAL_GROUPS groups); else ("cv", group_by, folds): the val conditions go back to train (in
+    `plan.part`) and grouped folds over the training conditions take their place."""
+    val = conds[conds[CONDITION].map(plan.part) == "val"]
+    group_by = GROUP_BY[scheme]
+    if len(val) >= MIN_VAL_CONDITIONS and len(set(condition_groups(val, group_by))) >= MIN_VAL_GROUPS:
+        return "holdout", group_by, []
+    for cond in val[CONDITION]:
+        plan.part[cond] = "train"
+        plan.categories.pop(cond, None)
+    train = [c for c, p in plan.part.items() if p == "train"]
+    if scheme == "combo":  # singles that were val are training singles now: recount what test combos have seen
+        perts = conds.set_index(CONDITION)[PERTURBATION]
+        seen = {perts[c] for c in train if len(combo_genes(perts[c])) == 1}
+        for cond, category in plan.categories.items():
+            if category.startswith("seen"):
+                plan.categories[cond] = f"seen{min(2, sum(g in seen for g in combo_genes(perts[cond])))}"
+    group_by, folds = _cv_folds(conds, train, scheme, cv_folds, rng, plan.held_out_context)
+    return "cv", group_by, folds
+
+
 def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction: float = 0.2,
-                      val_fraction: float = 0.1, context: str | None = None, few_shot_k: int = 0) -> ConditionAssignment:
-    """Decide train/val/test per (non-control) condition for `scheme`, reproducibly from `seed`."""
+                      val_fraction: float = 0.1, context: str | None = None, few_shot_k: int = 0,
+                      cv_folds: int = CV_FOLDS) -> ConditionAssignment:
+    """Decide train/val/test per (non-control) condition for `scheme`, reproducibly from `seed`, and
+    how validation works (`choose_validation`: the val conditions, or `cv_folds` grouped folds)."""
     if scheme not in SCHEMES:
         raise SplitError(f"unknown split scheme {scheme!r}; expected one of {preview(SCHEMES)}")
     if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
@@ -223,12 +346,18 @@ def assign_conditions(dataset: Dataset, scheme: str, seed: int, *, test_fraction
              .drop_duplicates(CONDITION).sort_values(CONDITION).reset_index(drop=True))
     if conds.empty:
         raise SplitError(f"{dataset.layout.source}: only control cells; nothing to hold out")
+    if cv_folds < 2:
+        raise SplitError(f"cv_folds={cv_folds}: expected 2 or more")
     rng = np.random.default_rng(seed)
     try:
-        return _SCHEME_FUNCTIONS[scheme](dataset, conds, rng, test_fraction=test_fraction, val_fraction=val_fraction,
+        plan = _SCHEME_FUNCTIONS[scheme](dataset, conds, rng, test_fraction=test_fraction, val_fraction=val_fraction,
                                          context=context, few_shot_k=few_shot_k)
     except SplitError as exc:
         raise SplitError(f"{dataset.layout.source}: {exc}") from None
+    # Its own stream: the test and val assignment of a seed stay what they were without folds.
+    fold_rng = np.random.default_rng([seed, 1])
+    plan.validation, plan.group_by, plan.folds = choose_validation(conds, plan, scheme, fold_rng, cv_folds)
+    return plan
 
 
 def _scheme_unseen_perturbation(dataset, conds, rng, *, test_fraction, val_fraction, **_) -> ConditionAssignment:
@@ -277,19 +406,27 @@ def _part_obs(dataset: Dataset, mask: np.ndarray) -> pd.DataFrame:
 def _targets_table(dataset: Dataset, obs: pd.DataFrame, masks: dict[str, np.ndarray],
                    name: str) -> dict[str, list[str]]:
     """Equal-length lists `perturbation` and `targets` (`;`-joined) for the perturbations a model-facing
-    part concerns: its own cells' for train/val, the conditions to predict for test_inputs (an input,
+    part concerns: its own cells' for train, the conditions to predict for val/test_inputs (an input,
     like the name). Lists, not a dict keyed by perturbation: h5ad would nest a key holding '/'."""
-    cells = masks["test_truth"] if name == "test_inputs" else masks[name]
+    cells = masks[name.replace("inputs", "truth")]
     perts = sorted(set(obs.loc[cells & ~obs[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]))
     perts = [p for p in perts if p in dataset.annotations]
     return {PERTURBATION: perts, "targets": [";".join(dataset.annotations[p]) for p in perts]}
+
+
+def predict_table(cells: pd.DataFrame) -> dict[str, list]:
+    """`uns["predict"]` of an inputs part: equal-length lists naming each condition of `cells` (obs rows)."""
+    predict = cells[[CONDITION, PERTURBATION, DOSE, CONTEXT]].drop_duplicates(CONDITION).sort_values(CONDITION)
+    return {CONDITION: predict[CONDITION].astype(str).tolist(),
+            PERTURBATION: predict[PERTURBATION].astype(str).tolist(),
+            DOSE: predict[DOSE].astype(float).tolist(), CONTEXT: predict[CONTEXT].astype(str).tolist()}
 
 
 def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, out_dir: str | Path,
                n_genes: int | None = None, *, perturbation_key: str | None = None, control: str | None = None,
                dose_key: str | None = None, context_key: str | None = None, min_cells: int = DEFAULT_MIN_CELLS,
                test_fraction: float = 0.2, val_fraction: float = 0.1, context: str | None = None,
-               few_shot_k: int = 0, atac: str = "binarize", backed: bool | None = None,
+               few_shot_k: int = 0, atac: str = "binarize", backed: bool | None = None, cv_folds: int = CV_FOLDS,
                on_progress=None) -> SplitInfo:
     """Split a dataset by `scheme` and write the split directory; returns what split.json holds.
 
@@ -308,17 +445,16 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     layout, obs = dataset.layout, dataset.obs
     progress("assigning conditions")
     plan = assign_conditions(dataset, scheme, seed, test_fraction=test_fraction, val_fraction=val_fraction,
-                             context=context, few_shot_k=few_shot_k)
+                             context=context, few_shot_k=few_shot_k, cv_folds=cv_folds)
     cell_part = obs[CONDITION].map(plan.part).to_numpy(dtype=object)
     is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
     cell_part[is_ctrl] = "train"
-    test_contexts = set(obs.loc[cell_part == "test", CONTEXT])
-    masks = {
-        "train": cell_part == "train",
-        "val": cell_part == "val",
-        "test_inputs": is_ctrl & obs[CONTEXT].isin(test_contexts).to_numpy(),
-        "test_truth": cell_part == "test",
-    }
+    masks = {"train": cell_part == "train"}
+    for which in ("val", "test"):
+        contexts = set(obs.loc[cell_part == which, CONTEXT])
+        masks[f"{which}_inputs"] = is_ctrl & obs[CONTEXT].isin(contexts).to_numpy()
+        masks[f"{which}_truth"] = cell_part == which
+    public = {"scheme": scheme, "group_by": plan.group_by}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +477,7 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
             selected = np.arange(len(order))
             n_rna = int((blocks[order] == "rna").sum())
             if n_genes is not None and n_genes < n_rna:
-                perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val"], PERTURBATION]
+                perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val_truth"], PERTURBATION]
                              .unique() for g in combo_genes(p)}
                 perturbed |= {g for genes in dataset.annotations.values() for g in genes}
                 rna_block = X if n_rna == X.shape[1] else X[:, :n_rna]
@@ -357,15 +493,12 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
         if multimodal:
             var["feature_types"] = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).to_numpy()
         part = ad.AnnData(X=X, obs=_part_obs(dataset, masks[name]), var=var)
-        if name == "test_inputs":
-            predict = (obs.loc[masks["test_truth"], [CONDITION, PERTURBATION, DOSE, CONTEXT]]
-                       .drop_duplicates(CONDITION).sort_values(CONDITION))
-            part.uns["predict"] = {CONDITION: predict[CONDITION].astype(str).tolist(),
-                                   PERTURBATION: predict[PERTURBATION].astype(str).tolist(),
-                                   DOSE: predict[DOSE].astype(float).tolist(),
-                                   CONTEXT: predict[CONTEXT].astype(str).tolist()}
-        if dataset.annotations and name != "test_truth":
-            part.uns[TARGETS_UNS] = _targets_table(dataset, obs, masks, name)
+        if name.endswith("_inputs"):
+            part.uns["predict"] = predict_table(obs.loc[masks[name.replace("inputs", "truth")]])
+        if not name.endswith("_truth"):
+            part.uns[SPLIT_UNS] = dict(public)
+            if dataset.annotations:
+                part.uns[TARGETS_UNS] = _targets_table(dataset, obs, masks, name)
         part.write_h5ad(out / f"{name}.h5ad")
         del part, X
 
@@ -378,7 +511,8 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
         conditions={p: sorted(c for c, q in plan.part.items() if q == p) for p in ("train", "val", "test")},
         n_cells={name: int(m.sum()) for name, m in masks.items()}, genes=genes, categories=plan.categories,
         held_out_context=plan.held_out_context, few_shot_k=few_shot_k, feature_types=feature_counts,
-        atac_transform=atac if peaks.size else None,
+        atac_transform=atac if peaks.size else None, group_by=plan.group_by, validation=plan.validation,
+        folds=plan.folds,
     )
     (out / "split.json").write_text(json.dumps(info.model_dump(), indent=1))
     return info
@@ -386,22 +520,31 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
 
 @dataclass
 class Split:
-    """A split directory; the parts are read on first access."""
+    """A split directory; the parts are read on first access. A folder holding only the model files (what
+    a sandbox sees) opens too: its truth parts raise a clear error when asked for."""
 
     path: Path
     info: SplitInfo
 
     def _read(self, name: str) -> ad.AnnData:
+        file = self.path / f"{name}.h5ad"
+        if not file.is_file():
+            raise SplitDirectoryError(f"{file}: missing (a folder of model inputs holds no truth; the split "
+                                      f"directory that does is kept by the service)")
         # A split directory may come from anyone (`cellforge baselines --split`): the checked opener.
-        return read_h5ad(self.path / f"{name}.h5ad", backed=False)
+        return read_h5ad(file, backed=False)
 
     @cached_property
     def train(self) -> ad.AnnData:
         return self._read("train")
 
     @cached_property
-    def val(self) -> ad.AnnData:
-        return self._read("val")
+    def val_inputs(self) -> ad.AnnData:
+        return self._read("val_inputs")
+
+    @cached_property
+    def val_truth(self) -> ad.AnnData:
+        return self._read("val_truth")
 
     @cached_property
     def test_inputs(self) -> ad.AnnData:
@@ -411,30 +554,45 @@ class Split:
     def test_truth(self) -> ad.AnnData:
         return self._read("test_truth")
 
+    def inputs(self, which: str) -> ad.AnnData:
+        """`val_inputs` or `test_inputs`: control cells of the contexts to predict + `uns["predict"]`."""
+        return self.val_inputs if which == "val" else self.test_inputs
+
+    def truth(self, which: str) -> ad.AnnData:
+        return self.val_truth if which == "val" else self.test_truth
+
+    def predict_of(self, which: str) -> pd.DataFrame:
+        """The `which` conditions to predict (from `uns["predict"]` of its inputs part)."""
+        return predict_frame(self.inputs(which).uns, str(self.path / f"{which}_inputs.h5ad"))
+
     @property
     def predict(self) -> pd.DataFrame:
         """The test conditions to predict (from `test_inputs.uns["predict"]`)."""
-        p = self.test_inputs.uns["predict"]
-        return pd.DataFrame({k: np.asarray(p[k]) for k in (CONDITION, PERTURBATION, DOSE, CONTEXT)})
+        return self.predict_of("test")
 
 
 def perturbation_targets(split: Split) -> dict[str, list[str]]:
-    """The annotation table of the model-facing parts merged (train, val, test_inputs): perturbation ->
+    """The annotation table of the model-facing parts merged (train, val_inputs, test_inputs): perturbation ->
     target genes / pathways; empty when the data has no annotation column."""
     out: dict[str, list[str]] = {}
     if split.info.annotation_key is None:
         return out
-    for part in (split.train, split.val, split.test_inputs):
-        table = part.uns.get(TARGETS_UNS, {})
-        for pert, value in zip(table.get(PERTURBATION, []), table.get("targets", []), strict=True):
-            out[str(pert)] = [g for g in str(value).split(";") if g]
+    for part in (split.train, split.val_inputs, split.test_inputs):
+        out.update(targets_of_part(part.uns))
     return out
 
 
 def load_split(split_dir: str | Path) -> Split:
-    """Open a split directory written by `make_split`; checks the files exist and split.json parses."""
+    """Open a split directory written by `make_split`; checks the model files exist and split.json parses
+    (truth files are checked when read: the evaluator needs them, baselines do not)."""
     path = Path(split_dir)
-    missing = [f for f in SPLIT_FILES if not (path / f).is_file()]
+    if (path / "val.h5ad").is_file() and not (path / "val_inputs.h5ad").is_file():
+        raise SplitDirectoryError(
+            f"{path}: a split written by an older CellForge (val.h5ad holds the validation cells, truth included, "
+            f"which would reach a sandbox); split the data again with `cellforge data split` to get "
+            f"val_inputs.h5ad + val_truth.h5ad")
+    required = MODEL_FILES + ("split.json",)
+    missing = [f for f in required if not (path / f).is_file()]
     if missing:
         raise SplitDirectoryError(f"{path}: not a complete split directory; missing {preview(missing)} "
                                   f"(expected {preview(SPLIT_FILES)})")
@@ -443,3 +601,54 @@ def load_split(split_dir: str | Path) -> Split:
     except (ValidationError, ValueError) as exc:
         raise SplitDirectoryError(f"{path / 'split.json'}: malformed ({exc})") from exc
     return Split(path, info)
+
+
+def _subset(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
+    return adata[np.flatnonzero(mask)].copy()
+
+
+def write_fold(split: Split, fold: int, out_dir: str | Path) -> Split:
+    """Fold `fold` of a cv split as a split directory of its own: train = the split's training cells
+    without the fold's conditions, val_inputs / val_truth = the fold's conditions (their contexts'
+    controls as inputs), test_inputs = the split's. No test truth: a fold only selects."""
+    info = split.info
+    if not 0 <= fold < len(info.folds):
+        raise SplitError(f"{split.path}: fold {fold} does not exist; the split has {len(info.folds)} fold(s)")
+    held = set(info.folds[fold])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = split.train
+    conditions = train.obs[CONDITION].astype(str).to_numpy()
+    is_ctrl = train.obs[IS_CONTROL].to_numpy(dtype=bool)
+    in_fold = np.isin(conditions, list(held)) & ~is_ctrl
+    contexts = set(train.obs.loc[in_fold, CONTEXT].astype(str))
+    parts = {"train": _subset(train, ~in_fold), "val_truth": _subset(train, in_fold),
+             "val_inputs": _subset(train, is_ctrl & train.obs[CONTEXT].astype(str).isin(contexts).to_numpy())}
+    parts["val_inputs"].uns["predict"] = predict_table(parts["val_truth"].obs)
+    targets = perturbation_targets(split)
+    for name in ("train", "val_inputs"):
+        part = parts[name]
+        part.uns[SPLIT_UNS] = {"scheme": info.scheme, "group_by": info.group_by}
+        if info.annotation_key is not None:
+            source = parts["val_truth"] if name == "val_inputs" else part
+            perts = sorted(p for p in set(source.obs.loc[~source.obs[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]
+                                          .astype(str)) if p in targets)
+            part.uns[TARGETS_UNS] = {PERTURBATION: perts, "targets": [";".join(targets[p]) for p in perts]}
+    parts["val_truth"].uns = {}
+    for name, part in parts.items():
+        part.write_h5ad(out / f"{name}.h5ad")
+    target = out / "test_inputs.h5ad"
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(split.path / "test_inputs.h5ad", target)
+    except OSError:
+        shutil.copy2(split.path / "test_inputs.h5ad", target)
+    fold_info = info.model_copy(update={
+        "conditions": {"train": sorted(set(info.conditions["train"]) - held), "val": sorted(held),
+                       "test": info.conditions["test"]},
+        "n_cells": {"train": parts["train"].n_obs, "val_inputs": parts["val_inputs"].n_obs,
+                    "val_truth": parts["val_truth"].n_obs, "test_inputs": info.n_cells.get("test_inputs", 0)},
+        "validation": "holdout", "folds": [], "source": f"{info.source} (fold {fold + 1}/{len(info.folds)})"})
+    (out / "split.json").write_text(json.dumps(fold_info.model_dump(), indent=1))
+    return load_split(out)

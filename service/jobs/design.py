@@ -12,9 +12,10 @@ from service.protocol import DesignOptions
 from .runner import JobContext, JobFailed
 
 # Options a tenant may set; everything else about the run (paths, sandbox backend) is the server's.
-DESIGN_OPTIONS = tuple(DesignOptions.model_fields)
+# The runtime is not among them: the server decides it from the tenant's (params["runtime"]).
+DESIGN_OPTIONS = tuple(name for name in DesignOptions.model_fields if name != "runtime")
 ARTIFACT_FILES = ("model.pt", "predictions.h5ad", "val_predictions.h5ad", "report.html", "metrics.json",
-                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json")
+                  "plan.json", "llm_calls.jsonl", "train_log.jsonl", "task_analysis.json", "search.json")
 
 
 class _Stop(BaseException):
@@ -42,24 +43,27 @@ def progress_bridge(ctx: JobContext):
     return on_progress
 
 
-def design_settings(params: dict[str, Any], out: Path) -> Any:
+def design_settings(params: dict[str, Any], out: Path, tenant: str | None = None) -> Any:
+    """The run's settings: the tenant's options, and what the server decided (the runtime its sandboxes run
+    under, `params["runtime"]`; the tenant whose label they carry)."""
     from service.pipeline import DesignSettings
 
     return DesignSettings.model_validate({
         "data": params["dataset_path"], "task": params["task"], "out": str(out), "sandbox": "docker",
         **{k: v for k, v in (params.get("options") or {}).items() if k in DESIGN_OPTIONS},
+        "runtime": params.get("runtime"), "tenant": tenant,
     })
 
 
 async def run_design_job(ctx: JobContext) -> dict[str, Any]:
-    """params: dataset_path, task, options (see DESIGN_OPTIONS)."""
+    """params: dataset_path, task, options (see DESIGN_OPTIONS), runtime."""
     from service.llm import LLMConfig
     from service.pipeline import run_design
 
     run_dir = ctx.work_dir / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a previous attempt's leftovers: run_design refuses a used folder
-    settings = design_settings(ctx.job.params, run_dir)
+    settings = design_settings(ctx.job.params, run_dir, ctx.job.tenant_id)
     bridge = progress_bridge(ctx)
     try:
         result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge)
@@ -72,7 +76,7 @@ async def run_design_job(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"no attempt trained a model in {len(result.attempts)} attempt(s); see the job's events "
                         "and report.html")
     keep = ("status", "primary_metric", "model", "model_normalized", "baselines", "ceiling", "n_test_conditions",
-            "val", "chosen_attempt", "attempts", "seconds")
+            "val", "verdict", "delivered", "search", "chosen_attempt", "attempts", "seconds")
     return {"status": result.status, "metrics": {k: result.metrics[k] for k in keep if k in result.metrics}}
 
 

@@ -59,10 +59,10 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
     try:
         async with await _acquire(pool, spec, ctx.job.tenant_id) as sb:
             ctx.phase("upload", "copying the bundle")
-            files = await sb.put_dir(params["bundle_dir"], "bundle")
+            files = await sb.files.put_dir(params["bundle_dir"], "bundle")
             ctx.emit("log", message=f"{len(files)} files copied")
             ctx.phase("pytest", "running the suite")
-            res = await sb.run_command(
+            res = await sb.commands.run(
                 ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml=/workspace/junit.xml"],
                 cwd="/workspace/bundle", timeout=params.get("timeout", 600.0),
                 on_event=lambda ev: ctx.emit("output", stream=ev.kind, text=getattr(ev, "text", None)),
@@ -70,7 +70,7 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
             if res.outcome.value not in ("ok", "error"):
                 raise JobFailed(f"the test run ended {res.outcome.value}: {res.died_cause or res.evalue or ''}".strip())
             try:
-                xml = await sb.get_file("junit.xml", max_bytes=JUNIT_MAX_BYTES)
+                xml = await sb.files.get("junit.xml", max_bytes=JUNIT_MAX_BYTES)
             except SandboxError:
                 raise JobFailed(f"pytest wrote no JUnit report (exit code {res.exit_code}); "
                                 f"its output ended with: {res.stdout[-1000:]}{res.stderr[-1000:]}") from None
@@ -147,7 +147,9 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
         report = await ctx.run_blocking(evaluate, run_dir / "split", run_dir / "predictions.h5ad", "test")
     except PredictionsError as exc:
         raise JobFailed(f"the stored predictions cannot be scored: {exc}") from None
-    comparison = compare_metrics(recorded["model"], report.summary, params.get("tolerances") or {},
+    # predictions.h5ad is the delivered predictor's (the designed model, a baseline or their stack).
+    delivered = (recorded.get("delivered") or {}).get("test") or recorded["model"]
+    comparison = compare_metrics(delivered, report.summary, params.get("tolerances") or {},
                                  params.get("default_tolerance", DEFAULT_TOLERANCE["rescore"]))
     ctx.emit("metrics", **{k: v for k, v in report.summary.items() if isinstance(v, (int, float))})
     (ctx.artifacts_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
@@ -155,8 +157,9 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
 
 
 async def run_replay(ctx: JobContext) -> dict[str, Any]:
-    """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus, gpus
-    within the tenant's limits, in place of the recorded ones). Re-runs it with replayed LLM calls."""
+    """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus within the
+    tenant's limits and the tenant's runtime, in place of the recorded ones). Re-runs it with replayed LLM
+    calls."""
     from service.pipeline import DesignSettings, run_design
 
     params = ctx.job.params
@@ -164,7 +167,8 @@ async def run_replay(ctx: JobContext) -> dict[str, Any]:
     recorded = _recorded_metrics(run_dir)
     settings_data = json.loads((run_dir / "run.json").read_text())["settings"]
     out = ctx.work_dir / "replay"
-    settings = DesignSettings.model_validate({**settings_data, **params.get("sandbox", {}), "out": str(out)})
+    settings = DesignSettings.model_validate({**settings_data, **params.get("sandbox", {}), "out": str(out),
+                                              "tenant": ctx.job.tenant_id})
     ctx.phase("replay", "re-running the design with recorded LLM replies")
     from .design import progress_bridge
 

@@ -8,23 +8,31 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .request import ReplayFileError
+from .request import Exchange, Fallback, ReplayFileError
 
 CALLS_FILE = "llm_calls.jsonl"
 
 
 class RecordedRequest(BaseModel):
+    """The question as the agent asked it, and `messages`: the conversation exactly as sent to a model
+    (schema block, rejected replies, re-asks and continuations included; empty for the offline rules)."""
+
     system: str
     user: str
     context: dict[str, Any] = Field(default_factory=dict)
     schema_name: str = ""
+    messages: list[dict[str, str]] = Field(default_factory=list)
 
 
 class CallRecord(BaseModel):
-    """One line of `llm_calls.jsonl`. `reply` is None and `error`/`error_type` are set for failed calls."""
+    """One line of `llm_calls.jsonl`. `reply` is None and `error`/`error_type` are set for failed calls.
+    `exchanges` holds each HTTP request of the call with its reply (rejected ones with the problem);
+    `fallback` is set when the model never gave a valid reply and the offline rules answered instead.
+    Token counts include every exchange, those of failed calls too."""
 
     index: int
     kind: str
+    key: str = ""
     backend: str
     model: str | None = None
     request: RecordedRequest
@@ -36,6 +44,8 @@ class CallRecord(BaseModel):
     completion_tokens: int = 0
     attempts: int = 1
     reasks: int = 0
+    exchanges: list[Exchange] = Field(default_factory=list)
+    fallback: Fallback | None = None
     started_at: str
 
 
@@ -46,6 +56,9 @@ class UsageSummary(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     attempts: int = 0
+    reasks: int = 0
+    rejected_replies: int = 0
+    fallbacks: int = 0
     latency_ms_total: float = 0.0
     latency_ms_mean: float = 0.0
     latency_ms_max: float = 0.0
@@ -80,6 +93,9 @@ def summarize(records: list[CallRecord]) -> UsageSummary:
         summary.prompt_tokens += rec.prompt_tokens
         summary.completion_tokens += rec.completion_tokens
         summary.attempts += rec.attempts
+        summary.reasks += rec.reasks
+        summary.rejected_replies += sum(e.outcome == "rejected" for e in rec.exchanges)
+        summary.fallbacks += rec.fallback is not None
         summary.latency_ms_total += rec.latency_ms
         summary.latency_ms_max = max(summary.latency_ms_max, rec.latency_ms)
         summary.by_kind[rec.kind] = summary.by_kind.get(rec.kind, 0) + 1

@@ -10,19 +10,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from .fallback import FallbackBackend
 from .offline import Handler, OfflineBackend
-from .openai_backend import OpenAIBackend
+from .openai_backend import OpenAIBackend, ResponseFormat
 from .recorder import RecordingBackend
 from .replay import ReplayBackend
 from .request import Backend, LLMConfigError
 
 
 # Environment variables, most specific first: CELLFORGE_* wins over the SDK's conventional names.
-ENV_VARS: dict[str, tuple[str, ...]] = {
-    "backend": ("CELLFORGE_LLM_BACKEND",),
-    "base_url": ("CELLFORGE_LLM_BASE_URL", "OPENAI_BASE_URL"),
-    "model": ("CELLFORGE_LLM_MODEL",),
-    "api_key": ("CELLFORGE_LLM_API_KEY", "OPENAI_API_KEY"),
+# Every other setting has one variable, CELLFORGE_LLM_<NAME> (see `env_vars`).
+_SDK_ENV_VARS: dict[str, tuple[str, ...]] = {
+    "base_url": ("OPENAI_BASE_URL",),
+    "api_key": ("OPENAI_API_KEY",),
 }
 
 
@@ -40,9 +40,18 @@ class LLMConfig(BaseModel):
     timeout: float = Field(120.0, gt=0, description="seconds per HTTP request")
     max_attempts: int = Field(5, ge=1, description="HTTP attempts per completion, retries included")
     max_seconds: float = Field(300.0, gt=0, description="total time budget per completion, waits included")
-    max_reasks: int = Field(1, ge=0, description="re-asks after a reply that does not validate")
-    json_mode: bool = Field(True, description="ask for response_format=json_object (dropped if refused)")
+    max_reasks: int = Field(2, ge=0, description="re-asks, quoting the problem, after a reply that does not "
+                                                 "validate; then the offline rules answer that question")
+    response_format: ResponseFormat = Field(
+        "json_schema", description="structured output asked for (stepping down json_schema > json_object > "
+                                   "none when the server refuses it)")
     temperature: float | None = 0.0
+    max_tokens: int | None = Field(8192, ge=16, description="output cap per completion (a question may raise it)")
+    max_continuations: int = Field(2, ge=0, description="continuations of a reply cut by the output cap")
+    token_budget: int | None = Field(None, ge=1, description="tokens one question may spend, re-asks included")
+    max_parallel: int = Field(4, ge=1, le=64, description="independent questions asked at once")
+    fallback: bool = Field(True, description="answer a question from the offline rules when the model "
+                                             "gives no valid reply for it")
 
     @classmethod
     def resolve(
@@ -93,6 +102,11 @@ def default_config_path() -> Path:
     return Path(base).expanduser() / "cellforge" / "config.toml"
 
 
+def env_vars(field: str) -> tuple[str, ...]:
+    """The environment variables of a setting, most specific first."""
+    return (f"CELLFORGE_LLM_{field.upper()}", *_SDK_ENV_VARS.get(field, ()))
+
+
 def make_backend(
     config: LLMConfig,
     handlers: Mapping[str, Handler],
@@ -102,7 +116,8 @@ def make_backend(
 ) -> RecordingBackend:
     """The backend a run uses, recording into `run_dir/llm_calls.jsonl`.
 
-    With `replay_from`, the recorded calls of that earlier run are served instead of asking anyone."""
+    With `replay_from`, the recorded calls of that earlier run are served instead of asking anyone.
+    A model's questions fall back to the offline `handlers` one by one unless `config.fallback` is off."""
     inner: Backend
     if replay_from is not None:
         if Path(replay_from).resolve() == Path(run_dir).resolve():
@@ -119,17 +134,23 @@ def make_backend(
             max_attempts=config.max_attempts,
             max_seconds=config.max_seconds,
             max_reasks=config.max_reasks,
-            json_mode=config.json_mode,
+            response_format=config.response_format,
             temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            max_continuations=config.max_continuations,
+            token_budget=config.token_budget,
+            max_parallel=config.max_parallel,
         )
+        if config.fallback:
+            inner = FallbackBackend(inner, OfflineBackend(handlers))
     return RecordingBackend(inner, run_dir, secrets=[config.secret()])
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     """field -> (value, the variable it came from)."""
     found: dict[str, tuple[str, str]] = {}
-    for field, names in ENV_VARS.items():
-        for name in names:
+    for field in LLMConfig.model_fields:
+        for name in env_vars(field):
             if env.get(name):
                 found[field] = (env[name], name)
                 break

@@ -27,8 +27,12 @@ class OfflineBackend:
             raise MissingHandler(
                 f"offline backend has no handler for request kind {request.kind!r} (handlers: {known})"
             )
-        reply = handler(request.context)
-        return Answer(reply=_as_schema(reply, request), stats=CallStats(backend=self.name, model="rules"))
+        reply = _as_schema(handler(request.context), request)
+        try:
+            request.validate(reply)
+        except ValueError as exc:
+            raise LLMError(f"offline handler for {request.kind!r} broke the asker's rule: {exc}") from exc
+        return Answer(reply=reply, stats=CallStats(backend=self.name, model="rules"))
 
     def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply

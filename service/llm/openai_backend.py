@@ -8,11 +8,11 @@ import re
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Generic, Literal, cast
 
 import openai
 from openai import OpenAI
-from pydantic import ValidationError
+from openai.types.chat import ChatCompletionMessageParam
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -23,25 +23,47 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from .parsing import describe, parse_reply, strip_reasoning
 from .redact import Redactor
-from .request import Answer, CallStats, LLMInvalidReply, LLMRequest, LLMUnavailable, R
+from .request import (
+    Answer,
+    CallStats,
+    Exchange,
+    LLMBudgetSpent,
+    LLMError,
+    LLMInvalidReply,
+    LLMRequest,
+    LLMUnavailable,
+    R,
+    Transcript,
+)
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 409, 429}
+# A refused key or an unknown model fails every question alike: no point answering from the rules.
+CONFIGURATION_STATUS = {401, 403, 404}
 # Servers that do not implement an optional parameter reject it with a 400 naming it; we then ask without.
-_JSON_MODE_REJECTED = re.compile(r"response_format|json_object|json mode", re.IGNORECASE)
+_FORMAT_REJECTED = re.compile(r"response_format|json_schema|json_object|json mode|structured output", re.IGNORECASE)
 _TEMPERATURE_REJECTED = re.compile(r"temperature", re.IGNORECASE)
-_FENCED_JSON = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+_MAX_TOKENS_REJECTED = re.compile(r"max_tokens|max_completion_tokens", re.IGNORECASE)
+# Structured output, strongest first; a server refusing one is asked with the next.
+ResponseFormat = Literal["json_schema", "json_object", "none"]
+FORMATS: tuple[ResponseFormat, ...] = ("json_schema", "json_object", "none")
+_CONTINUE = ("Your reply was cut off by the output limit. Continue exactly where it stopped: no repetition, "
+             "no preamble, no code fence.")
 
 
 class OpenAIBackend:
     """Structured answers from a chat-completions endpoint.
 
     Transient failures (429, 408, 409, 5xx, timeouts, connection errors) are retried with exponential
-    backoff and jitter, honouring `Retry-After`, bounded by `max_attempts` and `max_seconds` for the
-    whole call. A reply that is not valid JSON for the schema is re-asked `max_reasks` times, quoting
-    the validation error to the model."""
+    backoff and jitter, honouring `Retry-After`, bounded by `max_attempts` and `max_seconds` per completion.
+    The reply is read leniently (`parse_reply`); one that does not validate against the schema and the
+    request's check is re-asked `max_reasks` times, quoting the exact problem. A reply cut by the output
+    cap (`finish_reason == "length"`) is continued up to `max_continuations` times. Structured output
+    (`response_format`) is asked as a JSON schema, stepping down to JSON mode, then none, when refused.
+    `token_budget` bounds the tokens one question may spend, re-asks and continuations included."""
 
     name = "openai"
 
@@ -54,9 +76,13 @@ class OpenAIBackend:
         timeout: float = 120.0,
         max_attempts: int = 5,
         max_seconds: float = 300.0,
-        max_reasks: int = 1,
-        json_mode: bool = True,
+        max_reasks: int = 2,
+        response_format: ResponseFormat = "json_schema",
         temperature: float | None = 0.0,
+        max_tokens: int | None = 8192,
+        max_continuations: int = 2,
+        token_budget: int | None = None,
+        max_parallel: int = 4,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
     ) -> None:
@@ -67,8 +93,13 @@ class OpenAIBackend:
         self.max_attempts = max_attempts
         self.max_seconds = max_seconds
         self.max_reasks = max_reasks
-        self.json_mode = json_mode
+        self.response_format: ResponseFormat = response_format
         self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_continuations = max_continuations
+        self.token_budget = token_budget
+        self.max_parallel = max_parallel
+        self._token_param: str | None = "max_tokens"
         # Jitter as large as the first wait spreads clients that failed together.
         self._backoff = wait_exponential_jitter(multiplier=backoff_initial, jitter=backoff_initial, max=backoff_max)
         self.redactor = Redactor([api_key])
@@ -84,35 +115,40 @@ class OpenAIBackend:
     def answer(self, request: LLMRequest[R]) -> Answer[R]:
         # A key pasted into a prompt or context would otherwise travel to the provider and its logs.
         user = _user_prompt(request, self.redactor.data(request.context))
-        messages = [
-            {"role": "system", "content": self.redactor.text(_system_prompt(request))},
+        call = _Call(request, Transcript(messages=[
+            {"role": "system", "content": self.redactor.text(system_prompt(request))},
             {"role": "user", "content": self.redactor.text(user)},
-        ]
-        tally = _Tally()
+        ]))
+        try:
+            return self._answer(call)
+        except LLMError as exc:
+            exc.stats, exc.transcript = call.stats(self), call.transcript
+            raise
+
+    def _answer(self, call: _Call[R]) -> Answer[R]:
+        request, messages = call.request, call.transcript.messages
+        last_part = problem = ""  # of the previous reply, quoted back to the model on a re-ask
         for reask in range(self.max_reasks + 1):
-            content = self._complete(messages, tally, request.kind)
+            call.reasks = reask
+            if reask:
+                messages += [
+                    {"role": "assistant", "content": self.redactor.text(last_part)},
+                    {"role": "user", "content": self.redactor.text(_reask_prompt(request, problem))},
+                ]
+            content, last_part, truncated = self._reply(call)
             try:
-                reply = request.schema.model_validate_json(_extract_json(content))
-            except ValidationError as exc:
-                problem = _describe(exc)
+                reply = request.validate(parse_reply(content, request.schema))
+            except ValueError as exc:  # pydantic's ValidationError included
+                problem = (f"- the reply was cut off by the output limit ({self._cap(request)} tokens) after "
+                           f"{self.max_continuations} continuation(s); answer more concisely" if truncated
+                           else describe(exc))
+                call.transcript.exchanges[-1].outcome = "rejected"
+                call.transcript.exchanges[-1].problem = problem
             else:
-                return Answer(
-                    reply=reply,
-                    stats=CallStats(
-                        backend=self.name,
-                        model=tally.model or self.model,
-                        attempts=tally.attempts,
-                        reasks=reask,
-                        prompt_tokens=tally.prompt_tokens,
-                        completion_tokens=tally.completion_tokens,
-                    ),
-                )
+                call.transcript.exchanges[-1].outcome = "accepted"
+                return Answer(reply=reply, stats=call.stats(self), transcript=call.transcript)
             log.warning("LLM reply for %s is not a valid %s: %s", request.kind, request.schema.__name__,
                         self.redactor.text(problem))
-            messages += [
-                {"role": "assistant", "content": self.redactor.text(content)},
-                {"role": "user", "content": self.redactor.text(_reask_prompt(request, problem))},
-            ]
         raise LLMInvalidReply(
             f"{self.model} did not produce a valid {request.schema.__name__} for {request.kind!r} after "
             f"{self.max_reasks + 1} replies; last problem: {self.redactor.text(problem)}",
@@ -120,8 +156,28 @@ class OpenAIBackend:
             content=self.redactor.text(content),
         )
 
-    def _complete(self, messages: list[dict[str, str]], tally: _Tally, kind: str) -> str:
-        """One completion, retried on transient errors; returns the message content."""
+    def _reply(self, call: _Call) -> tuple[str, str, bool]:
+        """One reply, continued while the output cap cut it: (whole text, last part, still truncated)."""
+        parts: list[str] = []
+        for continuation in range(self.max_continuations + 1):
+            content, finish = self._complete(call, continuation=continuation > 0)
+            # A continuation may come back fenced or with reasoning although asked not to.
+            parts.append(_unwrap(content) if continuation else content)
+            if finish != "length":
+                return "".join(parts), content, False
+            call.transcript.exchanges[-1].outcome = "truncated"
+            if continuation == self.max_continuations:
+                break
+            call.transcript.messages += [{"role": "assistant", "content": self.redactor.text(content)},
+                                         {"role": "user", "content": _CONTINUE}]
+        return "".join(parts), content, True
+
+    def _complete(self, call: _Call, *, continuation: bool) -> tuple[str, str | None]:
+        """One completion, retried on transient errors: (content, finish_reason)."""
+        kind = call.request.kind
+        if self.token_budget is not None and call.tokens >= self.token_budget:
+            raise LLMBudgetSpent(f"{kind!r} spent its token budget ({call.tokens} of {self.token_budget} tokens) "
+                                 "before a valid reply")
         started = time.monotonic()
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_seconds),
@@ -131,7 +187,7 @@ class OpenAIBackend:
             reraise=False,
         )
         try:
-            response = retrying(self._create, messages, tally)
+            response = retrying(self._create, call, continuation)
         except RetryError as exc:
             last = exc.last_attempt.exception()
             elapsed = time.monotonic() - started
@@ -142,49 +198,88 @@ class OpenAIBackend:
                 f"{self._where()} gave no answer for {kind!r} after {exc.last_attempt.attempt_number} "
                 f"attempt(s) in {elapsed:.1f}s (limits: {self.max_attempts} attempts, {self.max_seconds:g}s); "
                 f"last error: {self._explain(last)}{beyond}",
-                attempts=exc.last_attempt.attempt_number,
+                attempts=call.attempts,
                 status=getattr(last, "status_code", None),
             ) from None
         except openai.APIStatusError as exc:
             raise LLMUnavailable(
                 f"{self._where()} refused the request for {kind!r}: {self._explain(exc)}",
-                attempts=tally.attempts,
+                attempts=call.attempts,
                 status=exc.status_code,
             ) from None
         except openai.OpenAIError as exc:
             raise LLMUnavailable(
-                f"{self._where()} failed for {kind!r}: {self._explain(exc)}", attempts=tally.attempts
+                f"{self._where()} failed for {kind!r}: {self._explain(exc)}", attempts=call.attempts
             ) from None
-        usage = response.usage
-        if usage is not None:
-            tally.prompt_tokens += usage.prompt_tokens or 0
-            tally.completion_tokens += usage.completion_tokens or 0
-        tally.model = response.model or tally.model
-        if not response.choices or response.choices[0].message.content is None:
-            return ""
-        return response.choices[0].message.content
+        exchange = call.transcript.exchanges[-1]
+        if response.usage is not None:
+            exchange.prompt_tokens = response.usage.prompt_tokens or 0
+            exchange.completion_tokens = response.usage.completion_tokens or 0
+        call.model = response.model or call.model
+        choice = response.choices[0] if response.choices else None
+        exchange.content = self.redactor.text(choice.message.content or "") if choice else ""
+        exchange.finish_reason = choice.finish_reason if choice else None
+        return (choice.message.content or "" if choice else ""), exchange.finish_reason
 
-    def _create(self, messages: list[dict[str, str]], tally: _Tally) -> Any:
+    def _create(self, call: _Call, continuation: bool) -> Any:
         """One HTTP request; an optional parameter the server rejects is dropped for good and re-sent."""
+        messages = call.transcript.messages
         while True:
-            tally.attempts += 1
-            kwargs: dict[str, Any] = {"model": self.model, "messages": messages}
-            if self.temperature is not None:
-                kwargs["temperature"] = self.temperature
-            if self.json_mode:
-                kwargs["response_format"] = {"type": "json_object"}
+            call.attempts += 1
+            params = self._params(call.request, continuation)
+            exchange = Exchange(sent=len(messages), params=_recorded(params), outcome="failed")
+            call.transcript.exchanges.append(exchange)
             try:
-                return self._client.chat.completions.create(**kwargs)
+                return self._client.chat.completions.create(
+                    model=self.model, messages=cast("list[ChatCompletionMessageParam]", messages), **params)
             except openai.BadRequestError as exc:
-                if self.json_mode and _JSON_MODE_REJECTED.search(str(exc)):
-                    self.json_mode = False
-                    dropped = "response_format=json_object"
-                elif self.temperature is not None and _TEMPERATURE_REJECTED.search(str(exc)):
-                    self.temperature = None  # reasoning models accept only their default temperature
-                    dropped = "temperature"
-                else:
+                exchange.problem = self._explain(exc)
+                dropped = self._drop_refused(str(exc), params)
+                if dropped is None:
                     raise
+                exchange.outcome = "param_refused"
                 log.info("%s rejected %s; asking without it", self._where(), dropped)
+            except openai.OpenAIError as exc:
+                exchange.problem = self._explain(exc)
+                raise
+
+    def _params(self, request: LLMRequest, continuation: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        cap = self._cap(request)
+        if cap is not None and self._token_param is not None:
+            params[self._token_param] = cap
+        # A continuation is the rest of a JSON text, not an object of its own: no structured output.
+        if self.response_format == "json_schema" and not continuation:
+            params["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": request.schema.__name__, "schema": request.schema.model_json_schema(), "strict": False}}
+        elif self.response_format == "json_object" and not continuation:
+            params["response_format"] = {"type": "json_object"}
+        return params
+
+    def _cap(self, request: LLMRequest) -> int | None:
+        return request.max_tokens or self.max_tokens
+
+    def _drop_refused(self, message: str, params: dict[str, Any]) -> str | None:
+        """Step down from a parameter the server refused; what was dropped, or None if nothing applies."""
+        if "response_format" in params and _FORMAT_REJECTED.search(message):
+            sent = params["response_format"]["type"]
+            # Concurrent questions may meet the same refusal: step down from what was sent, never twice.
+            weaker = FORMATS[FORMATS.index(sent) + 1]
+            if FORMATS.index(weaker) > FORMATS.index(self.response_format):
+                self.response_format = weaker
+            return f"response_format={sent}"
+        if "temperature" in params and _TEMPERATURE_REJECTED.search(message):
+            self.temperature = None  # reasoning models accept only their default temperature
+            return "temperature"
+        if self._token_param in params and _MAX_TOKENS_REJECTED.search(message):
+            dropped = self._token_param
+            # OpenAI's reasoning models take the cap under its newer name; others may take none.
+            self._token_param = ("max_completion_tokens" if dropped == "max_tokens"
+                                 and "max_completion_tokens" in message else None)
+            return dropped
+        return None
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = self._backoff(state)
@@ -211,14 +306,25 @@ class OpenAIBackend:
         return self.redactor.text(text)
 
 
-class _Tally:
-    """Cost of one `answer`, summed over retries and re-asks."""
+class _Call(Generic[R]):
+    """One question in progress: its conversation and what it has cost so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, request: LLMRequest[R], transcript: Transcript) -> None:
+        self.request = request
+        self.transcript = transcript
         self.attempts = 0
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self.reasks = 0
         self.model: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.prompt_tokens + e.completion_tokens for e in self.transcript.exchanges)
+
+    def stats(self, backend: OpenAIBackend) -> CallStats:
+        exchanges = self.transcript.exchanges
+        return CallStats(backend=backend.name, model=self.model or backend.model, attempts=self.attempts,
+                         reasks=self.reasks, prompt_tokens=sum(e.prompt_tokens for e in exchanges),
+                         completion_tokens=sum(e.completion_tokens for e in exchanges))
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -254,8 +360,10 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
-def _system_prompt(request: LLMRequest) -> str:
-    schema = json.dumps(request.schema.model_json_schema(), indent=1)
+def system_prompt(request: LLMRequest) -> str:
+    """The request's system text and, once, the JSON schema its reply must follow (compact: it is sent
+    with every question)."""
+    schema = json.dumps(request.schema.model_json_schema(), separators=(",", ":"))
     return (
         f"{request.system}\n\n"
         "Reply with one JSON object and nothing else (no prose, no code fences). "
@@ -266,7 +374,7 @@ def _system_prompt(request: LLMRequest) -> str:
 def _user_prompt(request: LLMRequest, context: dict[str, Any]) -> str:
     if not context:
         return request.user
-    return f"{request.user}\n\nContext (JSON):\n{json.dumps(context, indent=1, ensure_ascii=False)}"
+    return f"{request.user}\n\nContext (JSON):\n{json.dumps(context, separators=(',', ':'), ensure_ascii=False)}"
 
 
 def _reask_prompt(request: LLMRequest, problem: str) -> str:
@@ -276,21 +384,19 @@ def _reask_prompt(request: LLMRequest, problem: str) -> str:
     )
 
 
-def _extract_json(content: str) -> str:
-    """The JSON object inside a reply; models often wrap it in fences or a sentence despite the prompt."""
-    text = content.strip()
-    if text.startswith("{"):
-        return text
-    fenced = _FENCED_JSON.search(text)
-    if fenced:
-        return fenced.group(1).strip()
-    start, end = text.find("{"), text.rfind("}")
-    return text[start : end + 1] if 0 <= start < end else text
+def _unwrap(content: str) -> str:
+    """A continuation without reasoning or an enclosing fence."""
+    text = strip_reasoning(content)
+    stripped = text.strip()
+    if stripped.startswith("```") and stripped.endswith("```"):
+        return stripped.split("\n", 1)[1][:-3] if "\n" in stripped else stripped.strip("`")
+    return text
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors()[:10]:
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"- {where}: {err['msg']}")
-    return "\n".join(lines)
+def _recorded(params: dict[str, Any]) -> dict[str, Any]:
+    """Request parameters as recorded: the response_format schema is the one in the system prompt, so
+    only its type is kept."""
+    out = dict(params)
+    if "response_format" in out:
+        out["response_format"] = out["response_format"]["type"]
+    return out

@@ -10,11 +10,10 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel
 
 from .accounting import CALLS_FILE, CallRecord, RecordedRequest, UsageSummary, summarize_run
 from .redact import Redactor
-from .request import Answer, Backend, CallStats, LLMRequest, R
+from .request import Answer, Backend, CallStats, LLMRequest, R, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,10 @@ class RecordingBackend:
         self._lock = threading.Lock()
         self._next_index = _count_lines(self.path)
 
+    @property
+    def max_parallel(self) -> int:
+        return getattr(self.inner, "max_parallel", 1)
+
     def answer(self, request: LLMRequest[R]) -> Answer[R]:
         started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         t0 = time.perf_counter()
@@ -40,11 +43,10 @@ class RecordingBackend:
             answer = _answer(self.inner, request)
         except Exception as exc:
             latency_ms = (time.perf_counter() - t0) * 1000
-            self._write(request, None, CallStats(backend=self.name, attempts=getattr(exc, "attempts", 0) or 1),
-                        latency_ms, started_at, error=exc)
+            self._write(request, None, latency_ms, started_at, error=exc)
             raise
         latency_ms = (time.perf_counter() - t0) * 1000
-        self._write(request, answer.reply, answer.stats, latency_ms, started_at)
+        self._write(request, answer, latency_ms, started_at)
         return answer
 
     def ask(self, request: LLMRequest[R]) -> R:
@@ -54,13 +56,21 @@ class RecordingBackend:
         """Calls, tokens and latency of everything recorded in this run directory."""
         return summarize_run(self.run_dir)
 
-    def _write(self, request: LLMRequest, reply: BaseModel | None, stats: CallStats, latency_ms: float,
-               started_at: str, error: Exception | None = None) -> None:
+    def _write(self, request: LLMRequest, answer: Answer | None, latency_ms: float, started_at: str,
+               error: Exception | None = None) -> None:
         r = self.redactor
+        if answer is not None:
+            reply, stats, transcript, fallback = answer.reply, answer.stats, answer.transcript, answer.fallback
+        else:  # a failed call still cost what it sent: its stats and transcript travel on the error
+            reply, transcript, fallback = None, getattr(error, "transcript", None), None
+            stats = getattr(error, "stats", None) or CallStats(backend=self.name,
+                                                               attempts=getattr(error, "attempts", 0) or 1)
+        transcript = transcript or Transcript()
         with self._lock:
             record = CallRecord(
                 index=self._next_index,
                 kind=request.kind,
+                key=request.key,
                 backend=stats.backend,
                 model=stats.model,
                 request=RecordedRequest(
@@ -68,6 +78,7 @@ class RecordingBackend:
                     user=r.text(request.user),
                     context=r.data(request.context),
                     schema_name=request.schema.__name__,
+                    messages=r.data(transcript.messages),
                 ),
                 reply=r.data(reply.model_dump(mode="json")) if reply is not None else None,
                 error=r.text(str(error)) if error is not None else None,
@@ -77,6 +88,10 @@ class RecordingBackend:
                 completion_tokens=stats.completion_tokens,
                 attempts=stats.attempts,
                 reasks=stats.reasks,
+                exchanges=[e.model_copy(update={"content": r.text(e.content) if e.content else e.content,
+                                                "problem": r.text(e.problem) if e.problem else e.problem})
+                           for e in transcript.exchanges],
+                fallback=fallback,
                 started_at=started_at,
             )
             with self.path.open("a", encoding="utf-8") as fh:

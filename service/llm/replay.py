@@ -5,45 +5,52 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from .accounting import CALLS_FILE, read_calls
 from .request import Answer, CallStats, LLMRequest, R, ReplayedError, ReplayExhausted, ReplayMismatch
 
 
 class ReplayBackend:
-    """Answers the n-th request with the n-th recorded reply of `run_dir/llm_calls.jsonl`.
+    """Answers each request with the first unused recorded call of the same kind and key, in file order
+    (calls asked concurrently were recorded in the order they finished; their keys tell them apart; a
+    record without a key, from before keys, matches its kind in order).
 
-    The recorded kind must equal the request's kind and the reply must validate into the request's
-    schema; otherwise `ReplayMismatch`. A recorded failure is raised again as `ReplayedError`."""
+    The reply must validate into the request's schema and pass its check; otherwise `ReplayMismatch`.
+    A recorded failure is raised again as `ReplayedError`; a recorded fallback is served as it was."""
 
     name = "replay"
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / CALLS_FILE
         self.records = read_calls(self.path)
-        self._position = 0
+        self._unused = list(range(len(self.records)))
+        self._served = 0
         self._lock = threading.Lock()
 
     @property
     def remaining(self) -> int:
-        return len(self.records) - self._position
+        return len(self._unused)
 
     def answer(self, request: LLMRequest[R]) -> Answer[R]:
         with self._lock:
-            position = self._position
-            if position >= len(self.records):
+            if not self._unused:
                 raise ReplayExhausted(
-                    f"{self.path} holds {len(self.records)} recorded calls; call #{position} "
+                    f"{self.path} holds {len(self.records)} recorded calls; call #{self._served} "
                     f"(kind {request.kind!r}) was never recorded"
                 )
-            self._position += 1
+            # Records written before calls had keys match on kind alone, in order.
+            position = next((i for i in self._unused if self.records[i].kind == request.kind
+                             and self.records[i].key in (request.key, "")), None)
+            if position is None:
+                first = self.records[self._unused[0]]
+                asked = f"kind {request.kind!r}" + (f" (key {request.key!r})" if request.key else "")
+                raise ReplayMismatch(
+                    f"{self.path}: call #{self._unused[0]} was recorded as kind {first.kind!r}"
+                    + (f" (key {first.key!r})" if first.key else "")
+                    + f" but the replayed run asked {asked}, which no unused record matches"
+                )
+            self._unused.remove(position)
+            self._served += 1
         record = self.records[position]
-        if record.kind != request.kind:
-            raise ReplayMismatch(
-                f"{self.path}: call #{position} was recorded as kind {record.kind!r} "
-                f"but the replayed run asked kind {request.kind!r}"
-            )
         stats = CallStats(backend=self.name, model=record.model, attempts=0)
         if record.reply is None:
             raise ReplayedError(
@@ -51,13 +58,13 @@ class ReplayBackend:
                 error_type=record.error_type or "LLMError",
             )
         try:
-            reply = request.schema.model_validate(record.reply)
-        except ValidationError as exc:
+            reply = request.validate(request.schema.model_validate(record.reply))
+        except ValueError as exc:  # pydantic's ValidationError included
             raise ReplayMismatch(
                 f"{self.path}: call #{position} ({record.kind}) recorded a reply that is not a valid "
                 f"{request.schema.__name__}: {exc}"
             ) from None
-        return Answer(reply=reply, stats=stats)
+        return Answer(reply=reply, stats=stats, fallback=record.fallback)
 
     def ask(self, request: LLMRequest[R]) -> R:
         return self.answer(request).reply

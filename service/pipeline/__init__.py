@@ -1,5 +1,6 @@
-"""The design pipeline's execution: code generation from the Plan, sandbox attempts, the debugging
-agent, evaluation and the report (`run_design`)."""
+"""The design pipeline's execution: code generation from the Plan, the design search in sandboxes (drafts,
+the debugging agent, improve steps) scored on validation folds owned by the service, the competition
+with baselines and their stack, the verdict, evaluation and the report (`run_design`)."""
 
 from service.pipeline.codegen import Bundle, CodegenError, config_from_plan, render_bundle
 from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch, offline_debug
@@ -7,9 +8,12 @@ from service.pipeline.execute import SandboxSettings, StepFailure
 from service.pipeline.progress import ProgressEvent, RichProgress
 from service.pipeline.run import DesignResult, DesignSettings, PipelineError, pipeline_handlers, run_design
 from service.pipeline.rundir import RunDir
+from service.pipeline.search import Change, SearchTree, offline_improve
+from service.pipeline.verdict import Verdict, build_verdict, verdict_lines
 
 __all__ = [
     "Bundle",
+    "Change",
     "CodegenError",
     "DebugPatch",
     "DesignResult",
@@ -21,11 +25,16 @@ __all__ = [
     "RichProgress",
     "RunDir",
     "SandboxSettings",
+    "SearchTree",
     "StepFailure",
+    "Verdict",
     "apply_patch",
+    "build_verdict",
     "config_from_plan",
     "offline_debug",
+    "offline_improve",
     "pipeline_handlers",
     "render_bundle",
     "run_design",
+    "verdict_lines",
 ]

@@ -125,11 +125,6 @@ def offline_debug(context: dict[str, Any]) -> DebugPatch:
         return DebugPatch(failure_class="device", diagnosis="a device error; pinning the run to the CPU",
                           config_changes={"device": "cpu"})
     problems = context.get("validation_problems") or []
-    if any(p.startswith("validation score") for p in problems) and config.get("residual_delta"):
-        return DebugPatch(failure_class="below_baseline", diagnosis=f"{problems[0]}; keeping the closed-form base "
-                          f"only and regularising it more strongly",
-                          config_changes={"residual_delta": False,
-                                          "ridge_lambdas": [x * 10 for x in config["ridge_lambdas"]]})
     if _DTYPE.search(text):
         return DebugPatch(failure_class="dtype",
                           diagnosis=f"a dtype error with no known config fix: {failure.get('evalue')}",

@@ -1,19 +1,20 @@
-"""One attempt in a sandbox: put the bundle in, run its tests, train, fetch the outputs.
+"""One run in a sandbox: put the bundle in, run its tests, train, fetch the outputs.
 
-The sandbox sees the bundle and `/data` (read-only: train, val, test_inputs — nothing else) and an
-empty environment. Every step's output is written under the attempt's folder.
+The sandbox sees the bundle and `/data` (read-only: train, val_inputs, test_inputs — no truth) and an
+empty environment. Every step's output is written under the run's folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, DockerBackend, ExecutionResult, LocalBackend, Mount,
-                     SandboxError, SandboxSpec, SyncSandbox)
+from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, ExecutionResult, Mount, SandboxError,
+                     SandboxSpec, SyncSandbox)
 from service.pipeline.progress import ProgressCallback, ProgressEvent, epoch_event
 
 Stage = Literal["sandbox", "pytest", "train", "fetch"]
@@ -22,21 +23,27 @@ OUTPUT_FILES = ("predictions.h5ad", "val_predictions.h5ad", "model.pt", "val_met
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    backend: Literal["docker", "local"] = "docker"
+    backend: BackendKind = BackendKind.DOCKER
     image: str | None = None  # default: the CPU image, or the GPU image when gpus > 0
     gpus: int = 0
     cpus: float = 2.0
     memory: str = "4g"
     workspace_quota: str = "2g"
     runtime: str | None = None  # container runtime of the docker sandbox (runsc: gVisor); None: the engine's
+    tenant: str | None = None  # a service job's tenant: labels its containers as the API labels its sandboxes
 
     def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
         image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
+        # Thread pools sized to the CPU quota: torch and BLAS otherwise start one thread per host core and
+        # stall each other against the quota (twice as slow on a busy host).
+        threads = str(max(1, math.ceil(self.cpus)))
         return SandboxSpec(
             image=image, cpus=self.cpus, memory=self.memory, gpus=self.gpus or None, timeout=timeout,
             tmpfs_size="512m", workspace_quota=self.workspace_quota, pids_limit=512,
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
-            env={}, labels={"cellforge.role": "design"}, runtime=self.runtime if self.backend == "docker" else None,
+            env={name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+            labels={"role": "design", **({"tenant": self.tenant} if self.tenant else {})},
+            runtime=self.runtime if self.backend is BackendKind.DOCKER else None,
         )
 
 
@@ -86,31 +93,32 @@ def _log(path: Path, res: ExecutionResult) -> None:
 
 
 def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int, settings: SandboxSettings,
-                time_left: float, on_progress: ProgressCallback) -> AttemptOutcome:
-    """Run tests then training of the bundle in `code_dir` in a fresh sandbox; outputs land in
-    `attempt_dir/out`. A failure is returned (never raised) so the debugging agent can read it."""
+                time_left: float, on_progress: ProgressCallback, run_tests: bool = True) -> AttemptOutcome:
+    """Run tests (unless `run_tests` is false: the same code already passed them) then training of the
+    bundle in `code_dir` in a fresh sandbox; outputs land in `attempt_dir/out`. A failure is returned
+    (never raised) so the debugging agent can read it."""
     started = time.monotonic()
     out_dir = attempt_dir / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     remaining = lambda: max(5.0, time_left - (time.monotonic() - started))  # noqa: E731
-    backend = DockerBackend() if settings.backend == "docker" else LocalBackend()
     on_progress(ProgressEvent("sandbox", f"starting a {settings.backend} sandbox", attempt=attempt))
     try:
-        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=backend)
+        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=settings.backend)
     except SandboxError as exc:
         failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
         return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
     try:
-        listing = sb.run_command(["ls", "-1", sb.data_root], timeout=30)
+        listing = sb.commands.run(["ls", "-1", sb.data_root], timeout=30)
         data_listing = sorted((listing.stdout or "").split())
         workspace = sb.workspace
-        sb.put_dir(code_dir, "code")
-        on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
-        res = sb.run_command(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
-                             cwd=f"{workspace}/code", timeout=remaining())
-        _log(attempt_dir / "pytest.log", res)
-        if res.outcome != "ok":
-            return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
+        sb.files.put_dir(code_dir, "code")
+        if run_tests:
+            on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
+            res = sb.commands.run(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+                                  cwd=f"{workspace}/code", timeout=remaining())
+            _log(attempt_dir / "pytest.log", res)
+            if res.outcome != "ok":
+                return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
 
         on_progress(ProgressEvent("train", "training", attempt=attempt))
 
@@ -120,13 +128,13 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
                 if progress is not None:
                     on_progress(progress)
 
-        res = sb.run_command(["python", "train.py", "--data", sb.data_root, "--out", f"{workspace}/out",
+        res = sb.commands.run(["python", "train.py", "--data", sb.data_root, "--out", f"{workspace}/out",
                               "--config", "config.json"], cwd=f"{workspace}/code", timeout=remaining(),
                              on_event=on_event)
         _log(attempt_dir / "train.log", res)
         # Whatever training wrote is kept, even after a failure, for the diagnosis.
         try:
-            sb.get_dir("out", out_dir)
+            sb.files.get_dir("out", out_dir)
         except SandboxError as exc:
             if res.outcome == "ok":
                 failure = StepFailure(stage="fetch", outcome="error", ename=type(exc).__name__, evalue=str(exc))

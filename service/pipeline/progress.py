@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
-          "debug", "evaluate", "report", "done")
+          "debug", "improve", "compete", "deliver", "evaluate", "report", "done")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class ProgressEvent:
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
-_EPOCH_LINE = re.compile(r"epoch=(\d+) train_loss=(\S+) val_loss=(\S+)")
+# `epoch=` of the early-stopping phase only: the refit's `refit_epoch=` lines have no stopping loss.
+_EPOCH_LINE = re.compile(r"\bepoch=(\d+) train_loss=(\S+) val_loss=(\S+)")
 
 
 def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
@@ -35,9 +37,11 @@ def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
     match = _EPOCH_LINE.search(line)
     if not match:
         return None
-    epoch, train_loss, val_loss = match.groups()
-    return ProgressEvent("train", f"epoch {epoch}", attempt=attempt, epoch=int(epoch),
-                         train_loss=float(train_loss), val_loss=float(val_loss))
+    epoch, train_loss, val_loss = (float(x) for x in match.groups())
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # events travel as JSON: no NaN
+        return None
+    return ProgressEvent("train", f"epoch {int(epoch)}", attempt=attempt, epoch=int(epoch), train_loss=train_loss,
+                         val_loss=val_loss)
 
 
 class RichProgress:
@@ -74,5 +78,5 @@ class RichProgress:
             self.state["attempt"] = str(event.attempt)
         if event.epoch is not None:
             self.state["epoch"] = str(event.epoch)
-            self.state["loss"] = f"train {event.train_loss:.4f} / val {event.val_loss:.4f}"
+            self.state["loss"] = f"train {event.train_loss:.4f} / stop {event.val_loss:.4f}"
         self.live.update(self._table())

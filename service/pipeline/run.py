@@ -1,8 +1,10 @@
-"""The design pipeline, end to end: profile → task analysis → discussion → Plan → split → code
-generation → sandbox attempts with the debugging agent → evaluation on test → report.
+"""The design pipeline, end to end: profile → task analysis → discussion → Plan → split and validation
+folds → search in sandboxes (drafts, debugging, improve steps) → competition on validation (the best
+designed model, every baseline, a stack of them) → delivery → scoring on test → verdict → report.
 
-Integrity: the service owns the split; a sandbox sees only train, val and test inputs (`sandbox_data/`);
-attempts are chosen by validation, never by test; the service's evaluator computes every reported score.
+Integrity: the service owns the split and every truth; a sandbox sees only model files (training cells,
+the val and test inputs); every choice is made on validation, never on test; the service's evaluator
+computes every reported score.
 """
 
 from __future__ import annotations
@@ -14,28 +16,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import anndata as ad
 from pydantic import BaseModel, Field
 
-from sandbox import require_runtime
+from sandbox import BackendKind, require_runtime
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
-from service.data.evaluate import Evaluator
-from service.llm import Backend, LLMConfig, make_backend, summarize_run
+from service.data.evaluate import EvaluationReport, Evaluator
+from service.errors import CellForgeError
+from service.llm import Backend, LLMConfig, make_backend, read_calls, summarize_run
 from service.pipeline.candidates import candidate_plans
 from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
-from service.pipeline.debugger import (DEBUG, DebugPatch, PatchError, apply_patch, debug_context, debug_request,
+from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
+                                      stack_test_predictions, verify_code, with_stack, write_predictor_code)
+from service.pipeline.debugger import (DEBUG, PatchError, apply_patch, debug_context, debug_request,
                                        offline_debug, unified_diff)
-from service.pipeline.execute import SandboxSettings, run_attempt, save_outcome
+from service.pipeline.execute import OUTPUT_FILES, SandboxSettings
+from service.pipeline.nodes import NodeRunner
 from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.report import write_report
 from service.pipeline.rundir import RunDir
-from service.pipeline.validate import Validation, better, validate_outputs
-from service.errors import CellForgeError
+from service.pipeline.search import (IMPROVE, Node, SearchTree, apply_change, improve_context, improve_request,
+                                     offline_improve, validation_table)
+from service.pipeline.selection import HEADLINE, Selection, prepare_selection
+from service.pipeline.verdict import build_verdict
 
-Status = Literal["validated", "below_baseline", "failed"]
-FINAL_OUTPUTS = ("predictions.h5ad", "val_predictions.h5ad", "model.pt", "val_metrics.json", "train_log.jsonl")
+Status = Literal["validated", "failed"]
+FINAL_OUTPUTS = OUTPUT_FILES
+FINISH_SECONDS = 45.0  # kept back for competition, delivery, scoring and the report
 
 
 class PipelineError(CellForgeError, RuntimeError):
@@ -49,32 +59,27 @@ class DesignSettings(BaseModel):
     task: str = Field(min_length=1)
     out: Path
     seed: int = Field(0, ge=0)
-    max_attempts: int = Field(4, ge=1, le=50)
+    max_attempts: int = Field(4, ge=1, le=50, description="sandbox runs of one draft, its debugging included")
     max_minutes: float = Field(30.0, gt=0)
     max_rounds: int = Field(4, ge=1, le=20)
-    sandbox: Literal["docker", "local"] = "docker"
+    sandbox: BackendKind = BackendKind.DOCKER
     gpus: int = Field(0, ge=0)
     image: str | None = None
     runtime: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                                 description="container runtime of docker sandboxes (runsc: gVisor)")
+    tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="the tenant of a service job: every sandbox of the run is labelled with it")
     memory: str = "4g"
     cpus: float = 2.0
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
-    candidates: int = Field(1, ge=1, le=7, description="plans tried (the discussion's + variants); best by val")
+    candidates: int = Field(1, ge=1, le=7, description="draft plans (the discussion's + variants)")
+    max_nodes: int = Field(6, ge=0, le=100, description="improve steps after the first working model")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the groups held out for validation")
+    cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
-                               memory=self.memory, runtime=self.runtime)
-
-
-@dataclass
-class AttemptRecord:
-    number: int
-    validation: Validation | None
-    failure: str | None
-    patch: DebugPatch | None = None
-    seconds: float = 0.0
-    candidate: int = 1
+                               memory=self.memory, runtime=self.runtime, tenant=self.tenant)
 
 
 @dataclass
@@ -82,12 +87,12 @@ class DesignResult:
     run_dir: Path
     status: Status
     metrics: dict[str, Any]
-    attempts: list[AttemptRecord] = field(default_factory=list)
+    attempts: list[Node] = field(default_factory=list)
 
 
 def pipeline_handlers() -> dict[str, Any]:
-    """The offline backend's handlers: the agents' plus code generation and the debugger's rules."""
-    return {**agent_handlers(), CODEGEN: offline_codegen, DEBUG: offline_debug}
+    """The offline backend's handlers: the agents' plus code generation, the debugger's and the search's rules."""
+    return {**agent_handlers(), CODEGEN: offline_codegen, DEBUG: offline_debug, IMPROVE: offline_improve}
 
 
 def _with_seed(plan: Plan, seed: int) -> Plan:
@@ -100,82 +105,115 @@ def _discussion_progress(on_progress: ProgressCallback):
     return emit
 
 
-def _run_attempts(rd: RunDir, bundle: Bundle, llm: Backend, settings: DesignSettings, deadline: float,
-                  val_eval: Evaluator, test_eval: Evaluator, primary: str, on_progress: ProgressCallback,
-                  first: int = 1, candidate: int = 1) -> list[AttemptRecord]:
-    """Attempts of one candidate bundle until one validates or its budget (attempts, time) is spent."""
-    records: list[AttemptRecord] = []
-    data_dir = rd.sandbox_data
-    for number in range(first, first + settings.max_attempts):
-        time_left = deadline - time.monotonic()
-        if time_left <= 10:
-            on_progress(ProgressEvent("debug", "time budget spent", attempt=number))
-            break
-        attempt_dir = rd.attempt(number)
-        code_dir = bundle.write(attempt_dir / "code")
-        outcome = run_attempt(code_dir, data_dir, attempt_dir, number, settings.sandbox_settings(), time_left,
-                              on_progress)
-        save_outcome(attempt_dir, outcome)
-        validation = None
-        if outcome.failure is None:
-            on_progress(ProgressEvent("validate", "scoring val predictions", attempt=number))
-            validation = validate_outputs(outcome.out_dir, val_eval, test_eval, primary)
-            rd.write_json(attempt_dir / "validation.json", {**validation.__dict__, "candidate": candidate})
-        record = AttemptRecord(number, validation, outcome.failure.summary() if outcome.failure else None,
-                               seconds=outcome.seconds, candidate=candidate)
-        records.append(record)
-        if validation is not None and validation.ok:
-            on_progress(ProgressEvent("validate", f"attempt {number} validated: {primary}={validation.val_score:.4f} "
-                                      f"(mean baseline {validation.mean_baseline_score:.4f})", attempt=number))
-            break
-        if number == first + settings.max_attempts - 1:
-            break
-        problems = validation.problems if validation else []
-        on_progress(ProgressEvent("debug", outcome.failure.summary() if outcome.failure else "; ".join(problems),
-                                  attempt=number))
-        patch = llm.ask(debug_request(debug_context(number, outcome.failure, problems, bundle)))
-        record.patch = patch
-        rd.write_json(attempt_dir / "diagnosis.json", patch.model_dump(mode="json"))
-        if patch.give_up:
-            on_progress(ProgressEvent("debug", f"no fix: {patch.diagnosis}", attempt=number))
-            break
-        try:
-            patched = apply_patch(bundle, patch)
-        except PatchError as exc:
-            rd.write_json(attempt_dir / "patch_error.json", {"error": str(exc)})
-            on_progress(ProgressEvent("debug", f"patch did not apply: {exc}", attempt=number))
-            break
-        (attempt_dir / "patch.diff").write_text(unified_diff(bundle, patched))
-        on_progress(ProgressEvent("debug", f"{patch.failure_class}: {patch.diagnosis}", attempt=number))
-        bundle = patched
-    return records
+class Search:
+    """Drafts, their debugging and the improve loop over one run's validation folds."""
+
+    def __init__(self, runner: NodeRunner, llm: Backend, settings: DesignSettings, primary: str, scheme: str,
+                 baselines: dict[str, Any], improve_calls: int | None) -> None:
+        self.runner, self.llm, self.settings, self.primary, self.scheme = runner, llm, settings, primary, scheme
+        self.tree = SearchTree(primary)
+        self.baselines = baselines  # name -> PooledScore on validation
+        self.improve_calls = improve_calls  # a replay asks no more than the record holds
+
+    def _new(self, **fields) -> Node:
+        return self.tree.add(Node(id=len(self.tree.nodes) + 1, **fields))
+
+    def _debug(self, node: Node, depth_limit: int) -> Node:
+        """Debug children of a failed node until one works or the limits are reached."""
+        while not node.working and node.debug_depth < depth_limit and self.runner.time_left() > 10:
+            result = self.runner.results[node.id]
+            self.runner.emit(ProgressEvent("debug", node.failure or "failed", attempt=node.id))
+            patch = self.llm.ask(debug_request(debug_context(node.id, result.failure, result.problems, node.bundle)))
+            node.patch = patch
+            folder = self.runner.node_dir(node)
+            self.runner.rd.write_json(folder / "diagnosis.json", patch.model_dump(mode="json"))
+            if patch.give_up:
+                self.runner.emit(ProgressEvent("debug", f"no fix: {patch.diagnosis}", attempt=node.id))
+                break
+            try:
+                bundle = apply_patch(node.bundle, patch)
+            except PatchError as exc:
+                self.runner.rd.write_json(folder / "patch_error.json", {"error": str(exc)})
+                self.runner.emit(ProgressEvent("debug", f"patch did not apply: {exc}", attempt=node.id))
+                break
+            (folder / "patch.diff").write_text(unified_diff(node.bundle, bundle))
+            self.runner.emit(ProgressEvent("debug", f"{patch.failure_class}: {patch.diagnosis}", attempt=node.id))
+            child = self._new(parent=node.id, kind="debug", label=f"fix: {patch.failure_class}",
+                              candidate=node.candidate, plan=node.plan, bundle=bundle, debug_depth=node.debug_depth + 1,
+                              change={"debug": patch.model_dump(mode="json")})
+            self.runner.run(child, self.tree)
+            node = child
+        return node
+
+    def drafts(self, candidates: list[tuple[str, Plan]]) -> None:
+        for index, (label, plan) in enumerate(candidates, 1):
+            if self.runner.time_left() <= 10:
+                self.runner.emit(ProgressEvent("debug", "time budget spent"))
+                break
+            self.runner.emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
+                                                      f"{plan.architecture.perturbation_encoder} encoder, "
+                                                      f"base {plan.architecture.base_predictor}"))
+            generated = self.llm.ask(codegen_request(json.loads(plan.model_dump_json()), render_bundle(plan)))
+            node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan,
+                             bundle=Bundle(files=dict(generated.files)))
+            self.runner.run(node, self.tree)
+            self._debug(node, self.settings.max_attempts - 1)
+
+    def _table(self, node: Node) -> dict[str, Any]:
+        pooled = self.runner.results[node.id].pooled
+        return validation_table(self.primary, pooled.summary, {n: s.summary for n, s in self.baselines.items()},
+                                pooled.per_condition, {n: s.per_condition for n, s in self.baselines.items()},
+                                self.runner.selection.mode)
+
+    def _room_for_a_node(self, reserve: float) -> bool:
+        return self.runner.time_left() > 1.3 * self.runner.node_seconds() + reserve
+
+    def improve(self, reserve: float) -> None:
+        """Up to max_nodes changes, each to the best node so far, kept only if validation improves."""
+        steps = 0
+        while steps < self.settings.max_nodes:
+            parent = self.tree.best()
+            if parent is None:
+                return
+            if self.improve_calls is not None and steps >= self.improve_calls:
+                return
+            if not self._room_for_a_node(reserve):
+                self.runner.emit(ProgressEvent("improve", "no time left for another node"))
+                return
+            steps += 1
+            change = self.llm.ask(improve_request(improve_context(parent, self.tree, self._table(parent), self.scheme)))
+            if change.stop:
+                self.runner.emit(ProgressEvent("improve", f"search stops: {change.rationale}"))
+                return
+            self.runner.emit(ProgressEvent("improve", f"node {len(self.tree.nodes) + 1}: {change.label} "
+                                                      f"({change.rationale})"))
+            try:
+                plan, bundle = apply_change(parent.plan, parent.bundle, change)
+                if bundle == parent.bundle:
+                    raise PatchError("the change leaves the bundle as it was")
+            except PatchError as exc:
+                node = self._new(parent=parent.id, kind="improve", label=change.label, candidate=parent.candidate,
+                                 plan=parent.plan, bundle=parent.bundle, change=change.model_dump(mode="json"),
+                                 status="rejected", failure=str(exc))
+                self.runner.save(node)
+                continue
+            code_changed = any(bundle.files.get(n) != parent.bundle.files.get(n) for n in bundle.files
+                               if n != "config.json")
+            node = self._new(parent=parent.id, kind="improve", label=change.label, candidate=parent.candidate,
+                             plan=plan, bundle=bundle, change=change.model_dump(mode="json"), tested=code_changed)
+            (self.runner.node_dir(node) / "patch.diff").write_text(unified_diff(parent.bundle, bundle))
+            self.runner.run(node, self.tree)
+            self._debug(node, 1)
 
 
-def choose_attempt(records: list[AttemptRecord], primary: str) -> AttemptRecord | None:
-    """The validated attempt with the best validation score, else the best trained one; never by test."""
-    trained = [r for r in records if r.validation is not None and r.validation.trained]
-    pool = [r for r in trained if r.validation.ok] or trained
-    best: AttemptRecord | None = None
-    for record in pool:
-        score = record.validation.val_score
-        if best is None or (score is not None and (best.validation.val_score is None
-                                                   or better(primary, score, best.validation.val_score))):
-            best = record
-    return best
+def _improve_calls_recorded(replay_from: Path | None) -> int | None:
+    if replay_from is None:
+        return None
+    return sum(1 for call in read_calls(replay_from / "llm_calls.jsonl") if call.kind == IMPROVE)
 
 
-def _evaluate(rd: RunDir, test_eval: Evaluator, primary: str) -> dict[str, Any]:
-    model = test_eval.score(rd.predictions)
-    baselines = {name: test_eval.score(pred) for name, pred in run_baselines(rd.split, "test").items()}
-    return {
-        "primary_metric": primary,
-        "model": model.summary,
-        "model_normalized": model.normalized,
-        "baselines": {name: rep.summary for name, rep in baselines.items()},
-        "ceiling": model.ceiling,
-        "n_test_conditions": model.n_conditions,
-        "per_condition": model.per_condition,
-    }
+def _summaries(reports: dict[str, EvaluationReport]) -> dict[str, dict[str, float]]:
+    return {name: report.summary for name, report in reports.items()}
 
 
 def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
@@ -185,7 +223,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
     `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
     emit = on_progress or (lambda event: None)
-    if settings.sandbox == "docker":
+    if settings.sandbox is BackendKind.DOCKER:
         require_runtime(settings.runtime)  # before any LLM call: a missing runtime would fail every attempt
     started = time.monotonic()
     deadline = started + settings.max_minutes * 60
@@ -216,58 +254,151 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                                                                              settings.max_genes)
     emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
     make_split(settings.data, analysis.split_scheme, settings.seed, rd.split,
-               n_genes=n_genes if n_genes < profile.n_genes else None,
+               n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
+               cv_folds=settings.cv_folds,
                on_progress=lambda msg: emit(ProgressEvent("split", msg)))
-    val_eval, test_eval = Evaluator(rd.split, "val"), Evaluator(rd.split, "test")
-
+    selection = prepare_selection(rd, emit)
+    emit(ProgressEvent("split", f"selection by {selection.describe()}"))
+    test_eval = Evaluator(rd.split, "test")
     primary = plan.evaluation.primary_metric
-    rd.prepare_sandbox_data()
-    records: list[AttemptRecord] = []
+    baseline_val = {name: selection.baseline_score(name) for name in selection.baselines}
+    mean_baseline = baseline_val["mean_delta"].get(primary) if "mean_delta" in baseline_val else None
+
+    runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(), deadline, started, emit,
+                        mean_baseline)
+    search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
+                    _improve_calls_recorded(replay_from))
     candidates = candidate_plans(plan, settings.candidates)
-    for index, (label, candidate) in enumerate(candidates, 1):
-        emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
-                                      f"{candidate.architecture.perturbation_encoder} encoder, "
-                                      f"base {candidate.architecture.base_predictor}"))
-        generated = llm.ask(codegen_request(json.loads(candidate.model_dump_json()), render_bundle(candidate)))
-        records += _run_attempts(rd, Bundle(files=dict(generated.files)), llm, settings, deadline, val_eval,
-                                 test_eval, primary, emit, first=len(records) + 1, candidate=index)
+    search.drafts(candidates)
+    # Room for the finish (a sandbox run checks delivered baseline/stack code), and in a cross-validated search
+    # for the best node's run on the whole split.
+    one_run = runner.mean_run_seconds()
+    reserve = FINISH_SECONDS + one_run + (1.5 * one_run if selection.mode == "cv" else 0)
+    search.improve(reserve)
+    tree = search.tree
     if len(candidates) > 1:
         rd.write_json(rd.root / "candidates.json", [
             {"candidate": i, "label": label, "plan": json.loads(p.model_dump_json()),
-             "attempts": [r.number for r in records if r.candidate == i],
-             "val_scores": [r.validation.val_score for r in records if r.candidate == i and r.validation]}
+             "attempts": [n.id for n in tree.nodes if n.candidate == i and n.kind != "improve"],
+             "val_scores": [n.score for n in tree.nodes if n.candidate == i and n.kind != "improve" and n.validation]}
             for i, (label, p) in enumerate(candidates, 1)])
 
-    best = choose_attempt(records, primary)
-    chosen = best.number if best else None
-    status: Status = "failed"
-    metrics: dict[str, Any] = {"primary_metric": primary}
-    if best is not None:
-        if best.candidate != 1:  # plan.json describes the code that was kept
-            rd.plan.write_text(candidates[best.candidate - 1][1].model_dump_json(indent=1) + "\n")
-        chosen_dir = rd.attempt(chosen)
-        if rd.code.exists():
-            shutil.rmtree(rd.code)
-        shutil.copytree(chosen_dir / "code", rd.code)
-        for name in FINAL_OUTPUTS:
-            shutil.copy2(chosen_dir / "out" / name, rd.root / name)
-        validation = best.validation
-        status = "validated" if validation.ok else "below_baseline"
-        emit(ProgressEvent("evaluate", "scoring test predictions and baselines"))
-        metrics = _evaluate(rd, test_eval, primary)
-        metrics["val"] = {"score": validation.val_score, "mean_baseline": validation.mean_baseline_score,
-                          "summary": validation.val_summary}
-    else:
-        # Nothing trained: code/ still shows the last code that was tried.
-        last = rd.attempts / f"{len(records):02d}" / "code"
-        if last.exists():
-            shutil.copytree(last, rd.code, dirs_exist_ok=True)
-    metrics.update({"status": status, "chosen_attempt": chosen, "attempts": len(records),
-                    "chosen_candidate": best.candidate if best else None, "candidates": len(candidates),
-                    "seconds": round(time.monotonic() - started, 1),
+    result = _finish(rd, settings, selection, test_eval, tree, runner, baseline_val, primary, emit)
+    metrics = result["metrics"]
+    metrics.update({"seconds": round(time.monotonic() - started, 1),
                     "llm_usage": summarize_run(rd.root).model_dump(mode="json")})
     rd.write_json(rd.metrics, metrics)
     emit(ProgressEvent("report", "writing report.html"))
-    write_report(rd, plan, analysis, discussion, metrics, records)
-    emit(ProgressEvent("done", f"{status}: {rd.root}"))
-    return DesignResult(rd.root, status, metrics, records)
+    write_report(rd, result["plan"] or plan, analysis, discussion, metrics, tree)
+    emit(ProgressEvent("done", f"{metrics['status']}: {metrics['verdict']['summary']} {rd.root}"))
+    return DesignResult(rd.root, metrics["status"], metrics, tree.nodes)
+
+
+def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eval: Evaluator, tree: SearchTree,
+            runner: NodeRunner, baseline_val: dict[str, Any], primary: str, emit: ProgressCallback) -> dict[str, Any]:
+    """Competition, delivery, test scores, verdict: metrics.json's content (and the delivered plan)."""
+    best = tree.best()
+    designed_test: Path | None = None
+    designed_failure = None
+    if best is not None:  # plan.json describes the best designed model (metrics' "model")
+        rd.plan.write_text(best.plan.model_dump_json(indent=1) + "\n")
+        out, designed_failure = runner.test_outputs(best)
+        designed_test = out / "predictions.h5ad" if out is not None else None
+    emit(ProgressEvent("compete", "designed model, baselines and their stack on validation"))
+    entries = [Entry("baseline", name, score, {f.name: f.baselines[name] for f in selection.folds})
+               for name, score in baseline_val.items()]
+    if best is not None and designed_test is not None:
+        entries.append(Entry("designed", "designed", runner.results[best.id].pooled, runner.val_predictions(best)))
+    entries = with_stack(selection, entries, primary)
+    ranked = rank(entries, primary)
+
+    test_baselines = run_baselines(rd.split, "test")
+    baseline_reports = {name: test_eval.score(pred) for name, pred in test_baselines.items()}
+    test_members: dict[str, ad.AnnData | Path] = {**test_baselines}
+    if designed_test is not None:
+        test_members["designed"] = designed_test
+    delivery = _deliver(rd, settings, selection, test_eval, ranked, test_members, best, runner, emit)
+    model_report = test_eval.score(designed_test) if designed_test is not None else None
+    delivered_report = test_eval.score(delivery.test_predictions)
+
+    emit(ProgressEvent("evaluate", "scoring test predictions and baselines"))
+    status: Status = "validated" if best is not None else "failed"
+    n_test = delivered_report.n_conditions
+    not_competing = sorted(set(test_baselines) - set(baseline_val))
+    verdict = build_verdict(
+        status=status, primary=primary, delivered=delivery.entry.key, delivered_reason=delivery.reason,
+        model_val=runner.results[best.id].pooled.summary if best is not None else None,
+        model_test=model_report.summary if model_report else None,
+        baselines_val={n: s.summary for n, s in baseline_val.items()}, baselines_test=_summaries(baseline_reports),
+        model_rows=model_report.per_condition if model_report else None,
+        baseline_rows={n: r.per_condition for n, r in baseline_reports.items()},
+        delivered_val=delivery.entry.val.summary, delivered_test=delivered_report.summary,
+        validation=selection.describe(), n_val_conditions=selection.n_conditions, n_test_conditions=n_test,
+        not_competing=not_competing)
+    verdict.warnings += selection.warnings
+    if designed_failure:
+        verdict.warnings.append(f"the best designed node did not run on the whole split: {designed_failure}")
+    metrics: dict[str, Any] = {
+        "primary_metric": primary,
+        "status": status,
+        "verdict": verdict.model_dump(mode="json"),
+        "delivered": {"kind": delivery.entry.kind, "name": delivery.entry.name, "key": delivery.entry.key,
+                      "reason": delivery.reason, "weights": delivery.entry.weights or None,
+                      "val": delivery.entry.val.summary, "test": delivered_report.summary,
+                      "code_check": delivery.code_check},
+        "baselines": _summaries(baseline_reports),
+        "ceiling": delivered_report.ceiling,
+        "n_test_conditions": n_test,
+        "val": {**selection.to_json(), "score": best.score if best else None, "mean_baseline": runner.mean_baseline,
+                "summary": runner.results[best.id].pooled.summary if best else {},
+                "candidates": {e.key: {m: e.score(m) for m in dict.fromkeys((primary, *HEADLINE))} for e in ranked}},
+        "search": {**{k: v for k, v in tree.to_json(delivery.entry.key).items() if k != "nodes"},
+                   "nodes": len(tree.nodes), "improve_nodes": sum(n.kind == "improve" for n in tree.nodes)},
+        "chosen_attempt": best.id if best else None,
+        "attempts": len(tree.nodes),
+        "chosen_candidate": best.candidate if best else None,
+        "candidates": len({n.candidate for n in tree.nodes}),
+    }
+    if model_report is not None:
+        metrics.update({"model": model_report.summary, "model_normalized": model_report.normalized,
+                        "per_condition": model_report.per_condition})
+    rd.write_json(rd.search, tree.to_json(delivery.entry.key))
+    return {"metrics": metrics, "plan": best.plan if best is not None else None}
+
+
+def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_eval: Evaluator, ranked: list[Entry],
+             test_members: dict[str, ad.AnnData | Path], best: Node | None, runner: NodeRunner,
+             emit: ProgressCallback) -> Delivery:
+    """Install the validation winner in the run directory: code/, predictions.h5ad (test),
+    val_predictions.h5ad (its out-of-fold validation predictions), model.pt and logs."""
+    winner = ranked[0]
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    metric = runner.primary
+    score = winner.score(metric)
+    reason = (f"best on validation {metric} ({score:.4f}" if score is not None else "only candidate (")
+    if runner_up is not None and runner_up.score(metric) is not None:
+        reason += f"; next: {runner_up.key} {runner_up.score(metric):.4f}"
+    reason += ")"
+    emit(ProgressEvent("deliver", f"delivering {winner.key}: {reason}"))
+    if rd.code.exists():
+        shutil.rmtree(rd.code)
+    concat_predictions(winner.val_predictions).write_h5ad(rd.val_predictions)
+    if winner.kind == "designed":
+        out, _ = runner.test_outputs(best)
+        shutil.copytree(runner.node_dir(best) / "code", rd.code)
+        install_outputs(out, rd.root, tuple(n for n in FINAL_OUTPUTS if n != "val_predictions.h5ad"))
+        return Delivery(winner, reason, rd.predictions, {"ran": True, "matches": True, "node": best.id})
+    if winner.kind == "baseline":
+        predictions = test_members[winner.name]
+    else:
+        predictions = stack_test_predictions(winner.weights, test_eval, test_members)
+    predictions.write_h5ad(rd.predictions)
+    write_predictor_code(winner, best.bundle if best is not None else None, rd.code)
+    if runner.time_left() < 30:
+        check = {"ran": False, "failure": "no time left to run the delivered code"}
+    else:
+        check = verify_code(rd.code, selection.main_data, rd.root / "delivery", predictions, test_eval,
+                            settings.sandbox_settings(), runner.time_left(), emit)
+        if check.get("ran"):
+            install_outputs(Path(check.pop("out")), rd.root, ("model.pt", "train_log.jsonl", "val_metrics.json"))
+    return Delivery(winner, reason, rd.predictions, check)

@@ -8,13 +8,30 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SANDBOX_FILES = ("train.h5ad", "val.h5ad", "test_inputs.h5ad")
+from service.data.splits import MODEL_FILES
+
+SANDBOX_FILES = MODEL_FILES  # training cells and the val/test inputs: never a truth file
+
+
+def link_model_files(split_dir: Path, target: Path) -> Path:
+    """A folder holding only the model files of a split folder (hard links, copies across file systems):
+    the one a sandbox mounts at /data. The split folder itself, with the truth, is never mounted."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in SANDBOX_FILES:
+        try:
+            os.link(split_dir / name, target / name)
+        except OSError:
+            shutil.copy2(split_dir / name, target / name)
+    return target
 
 
 class RunDir:
-    """Paths of one run: task_analysis.json, discussion/, plan.json, code/, attempts/N/, split/,
-    sandbox_data/ (what /data shows), model.pt, predictions.h5ad, metrics.json, llm_calls.jsonl,
-    report.html, run.json (the arguments, for replay)."""
+    """Paths of one run: task_analysis.json, discussion/, plan.json, code/, attempts/N/ (one per search
+    node), search.json (the search tree), split/, folds/ (cross-validation folds), sandbox_data/ (what
+    /data shows), model.pt, predictions.h5ad, metrics.json, llm_calls.jsonl, report.html, run.json (the
+    arguments, for replay)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -46,6 +63,14 @@ class RunDir:
     @property
     def sandbox_data(self) -> Path:
         return self.root / "sandbox_data"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search.json"
 
     @property
     def code(self) -> Path:
@@ -98,15 +123,5 @@ class RunDir:
         return path
 
     def prepare_sandbox_data(self) -> Path:
-        """A folder holding only the three files a sandbox may see (hard links to the split's files,
-        copies across file systems); the split folder itself, with test_truth.h5ad, is never mounted."""
-        target = self.sandbox_data
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        for name in SANDBOX_FILES:
-            try:
-                os.link(self.split / name, target / name)
-            except OSError:
-                shutil.copy2(self.split / name, target / name)
-        return target
+        """`sandbox_data/`: the split's model files only; the split folder, with the truth, is never mounted."""
+        return link_model_files(self.split, self.sandbox_data)

@@ -1,5 +1,8 @@
-"""Validation of an attempt's outputs by the service: files, training log, prediction format (the
-evaluator's own checks) and the validation score against the mean baseline. Never the test score."""
+"""Validation of a sandbox run's outputs by the service: files, training log, prediction format (the
+evaluator's own checks) and the validation score. Never the test score.
+
+"Validated" means trained and checked. Whether the model beats the baselines is the verdict's business
+(`verdict.py`): a model that trains and scores badly is validated, and the verdict says it loses."""
 
 from __future__ import annotations
 
@@ -8,29 +11,33 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.data.evaluate import Evaluator, PredictionsError
+from service.data.evaluate import EvaluationReport, Evaluator, PredictionsError
 from service.pipeline.execute import OUTPUT_FILES
 
-LOWER_IS_BETTER = ("mse", "mse_top20_de", "discrimination_l1")
+
+@dataclass
+class RunCheck:
+    """The outputs of one sandbox run: what is wrong with them, and the val score when there is one."""
+
+    problems: list[str]
+    report: EvaluationReport | None = None
 
 
 @dataclass
 class Validation:
+    """A search node's validation: every run checked, the val scores pooled over the folds."""
+
     ok: bool
     problems: list[str] = field(default_factory=list)
     primary_metric: str = ""
     val_score: float | None = None
     mean_baseline_score: float | None = None
     val_summary: dict[str, float] = field(default_factory=dict)
+    n_conditions: int = 0
 
     @property
     def trained(self) -> bool:
-        """Outputs complete and well-formed (whether or not they beat the mean baseline)."""
-        return not [p for p in self.problems if not p.startswith("validation score")]
-
-
-def better(metric: str, a: float, b: float) -> bool:
-    return a < b if metric in LOWER_IS_BETTER else a > b
+        return self.ok
 
 
 def _log_problems(path: Path) -> list[str]:
@@ -48,25 +55,22 @@ def _log_problems(path: Path) -> list[str]:
     return []
 
 
-def validate_outputs(out_dir: Path, val_eval: Evaluator, test_eval: Evaluator, primary_metric: str) -> Validation:
+def check_run(out_dir: Path, fold_eval: Evaluator | None, test_eval: Evaluator) -> RunCheck:
+    """Check one run's outputs; `fold_eval` scores its val predictions (None: a run whose val has no
+    conditions, the whole-split run of a cross-validated search)."""
     problems = [f"missing output {name}" for name in OUTPUT_FILES if not (out_dir / name).is_file()]
     if problems:
-        return Validation(False, problems, primary_metric)
+        return RunCheck(problems)
     problems += _log_problems(out_dir / "train_log.jsonl")
     try:
         test_eval.align(out_dir / "predictions.h5ad")  # format only: the test score is not looked at here
     except PredictionsError as exc:
         problems.append(f"predictions.h5ad in the wrong format: {exc}")
+    if fold_eval is None:
+        return RunCheck(problems)
     try:
-        report = val_eval.score(out_dir / "val_predictions.h5ad")
+        report = fold_eval.score(out_dir / "val_predictions.h5ad")
     except PredictionsError as exc:
         problems.append(f"val_predictions.h5ad in the wrong format: {exc}")
-        return Validation(False, problems, primary_metric)
-    score = report.summary.get(primary_metric, float("nan"))
-    reference = report.mean_baseline.get(primary_metric, float("nan"))
-    if not math.isfinite(score):
-        problems.append(f"validation {primary_metric} is {score}")
-    elif math.isfinite(reference) and not better(primary_metric, score, reference):
-        problems.append(f"validation score {primary_metric}={score:.4f} is no better than the mean baseline's "
-                        f"{reference:.4f}")
-    return Validation(not problems, problems, primary_metric, score, reference, dict(report.summary))
+        return RunCheck(problems)
+    return RunCheck(problems, report)

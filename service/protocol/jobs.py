@@ -23,6 +23,10 @@ class DesignOptions(BaseModel):
     memory: str | None = Field(default=None, description="sandbox memory, e.g. '4g' (within the tenant's limit)")
     cpus: float | None = Field(default=None, description="sandbox CPUs (within the tenant's limit)")
     max_genes: int | None = Field(default=None, description="cap on the genes kept by the split")
+    max_nodes: int | None = Field(default=None, description="improve steps after the first working model (default 6)")
+    candidates: int | None = Field(default=None, description="draft plans: the discussion's and variants (default 1)")
+    runtime: str | None = Field(default=None, description="container runtime of the run's sandboxes: the tenant's "
+                                "(default) or a stronger one (runsc), never a weaker one")
 
     def chosen(self) -> dict[str, Any]:
         """The options the caller set (the others take the server's defaults)."""

@@ -10,7 +10,7 @@ from service.agents.llm_kinds import TASK_ANALYSIS
 from service.agents.offline_experts import task_analysis
 from service.data import profile_dataset
 from service.data import simulate
-from service.llm import OfflineBackend
+from service.llm import LLMError, OfflineBackend
 
 from agent_profiles import CYTOKINE, DRUG, KNOCKOUT, TASKS, make_facts
 
@@ -107,7 +107,9 @@ def test_llm_citations_of_unknown_cards_are_removed_and_kind_is_checked():
     def wrong_kind(context):
         return task_analysis(context).model_copy(update={"perturbation_kind": "chemical"})
 
-    with pytest.raises(AnalysisError, match="'chemical' but the data profile says 'genetic'"):
+    # The kind is the request's check: a model is re-asked with this reason; rules that break it are a bug.
+    with pytest.raises(LLMError, match="perturbation_kind 'chemical' contradicts the data profile, which says "
+                                       "'genetic'"):
         analyse_task(KNOCKOUT, "x", OfflineBackend({TASK_ANALYSIS: wrong_kind}))
 
 

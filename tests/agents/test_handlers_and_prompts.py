@@ -1,4 +1,6 @@
-"""Offline handlers answer every request kind with schema-valid replies; prompts carry the JSON schemas."""
+"""Offline handlers answer every request kind with schema-valid replies; prompts carry each JSON schema once."""
+
+import json
 
 import pytest
 
@@ -10,11 +12,10 @@ from service.agents.plan import TaskAnalysis, plan_field_paths
 from service.agents.prompts import (
     critique_request,
     proposal_request,
-    schema_json,
     scores_request,
     task_analysis_request,
 )
-from service.llm import MissingHandler, OfflineBackend, RecordingBackend, read_calls
+from service.llm import MissingHandler, OfflineBackend, RecordingBackend, read_calls, system_prompt
 
 from agent_profiles import TASKS
 
@@ -38,16 +39,19 @@ def test_offline_handlers_give_schema_valid_replies_for_every_kind(tmp_path, nam
     assert {c.field for p in proposals for c in p.choices} == set(plan_field_paths())
 
 
-def test_every_prompt_contains_its_reply_schema():
+def test_every_prompt_carries_its_reply_schema_exactly_once():
     context = {"round": 1}
     requests = [task_analysis_request(context), scores_request(context)]
     requests += [proposal_request(e, context) for e in PROPOSERS]
     requests += [critique_request(ALL_EXPERTS["critic"], e, context) for e in PROPOSERS]
     for request in requests:
         assert request.kind in ALL_KINDS and request.schema is _SCHEMA_OF_KIND[request.kind]
-        assert schema_json(request.schema) in request.system
+        sent = system_prompt(request)  # what the OpenAI backend sends: the agent's text + the schema block
+        schema = json.dumps(request.schema.model_json_schema(), separators=(",", ":"))
+        assert sent.count(schema) == 1 and sent.count("validate against this JSON schema") == 1
+        assert request.schema.__name__ + ")" in sent
     dl = proposal_request(ALL_EXPERTS["dl_architect"], context).system
-    assert '"architecture.hidden_width"' in dl and '"minimum": 8' in dl and "n_hvg/4" in dl  # remit + design space
+    assert '"architecture.hidden_width"' in dl and '"minimum":8' in dl and "n_hvg/4" in dl  # remit + design space
     assert '"training.lr"' not in dl
 
 

@@ -6,52 +6,36 @@ tests cover prompts, context serialisation, schema validation (with a re-ask) an
 """
 
 import json
-import re
 
 from fake_llm_server import Reply
+from scripted_experts import RuleModel
 
 from service.agents import analyse_task, handlers, run_discussion
-from service.agents.llm_kinds import ALL_KINDS, CRITIC_SCORES, EXPERT_CRITIQUE, EXPERT_PROPOSAL, TASK_ANALYSIS
+from service.agents.llm_kinds import ALL_KINDS
 from service.agents.messages import Critique, CriticScores, ExpertProposal
 from service.agents.plan import TaskAnalysis
-from service.agents.prompts import schema_json
 from service.llm import OfflineBackend, OpenAIBackend, RecordingBackend, ReplayBackend, read_calls
 
 from agent_profiles import TASKS
 
-_KIND_OF_SCHEMA = {"TaskAnalysis": TASK_ANALYSIS, "ExpertProposal": EXPERT_PROPOSAL, "Critique": EXPERT_CRITIQUE,
-                   "CriticScores": CRITIC_SCORES}
 _SCHEMAS = {"TaskAnalysis": TaskAnalysis, "ExpertProposal": ExpertProposal, "Critique": Critique,
             "CriticScores": CriticScores}
 
 
-class ScriptedModel:
-    """Reads the chat like a model would; answers with the rule-based experts' reply as JSON text.
-    The first dl_architect proposal comes back with an out-of-range dropout, to provoke a re-ask."""
-
-    def __init__(self) -> None:
-        self.rules = handlers()
-        self.seen: list[tuple[str, str]] = []  # (schema name, system prompt)
-        self.spoiled = False
-
-    def __call__(self, body: dict) -> str:
-        system = body["messages"][0]["content"]
-        schema_name = re.search(r"JSON schema \((\w+)\)", system).group(1)
-        first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
-        context = json.loads(first_user.split("Context (JSON):\n", 1)[1])
-        self.seen.append((schema_name, system))
-        reply = self.rules[_KIND_OF_SCHEMA[schema_name]](context).model_dump(mode="json")
-        if schema_name == "ExpertProposal" and context["expert"] == "dl_architect" and not self.spoiled:
-            self.spoiled = True
-            for choice in reply["choices"]:
-                if choice["field"] == "architecture.dropout":
-                    choice["value"] = 0.95
+def spoil_first_dropout(schema_name, context, reply, asked):
+    """The first dl_architect proposal comes back with an out-of-range dropout, to provoke a re-ask."""
+    if schema_name == "ExpertProposal" and context["expert"] == "dl_architect" and context["round"] == 1 \
+            and asked == 1:
+        for choice in reply["choices"]:
+            if choice["field"] == "architecture.dropout":
+                choice["value"] = 0.95
         return json.dumps(reply)
+    return None
 
 
 def test_llm_mode_produces_the_offline_plan_and_replays_it(fake_llm, tmp_path):
     facts, task = TASKS["drug"]
-    model = ScriptedModel()
+    model = RuleModel(spoil_first_dropout)
     fake_llm.script(*[Reply(model) for _ in range(120)])
     llm = RecordingBackend(OpenAIBackend(fake_llm.base_url, "fake-model", "sk-test", backoff_initial=0.01),
                            tmp_path / "run")
@@ -62,11 +46,11 @@ def test_llm_mode_produces_the_offline_plan_and_replays_it(fake_llm, tmp_path):
     expected = run_discussion(analyse_task(facts, task, offline), facts, offline, tmp_path / "offline", max_rounds=3)
     assert result.plan == expected.plan and result.consensus == expected.consensus
 
-    # Every system prompt carried the JSON schema of its reply; proposals also their remit's field schemas.
+    # Every system prompt carried the JSON schema of its reply once; proposals also their remit's field schemas.
     for schema_name, system in model.seen:
-        assert schema_json(_SCHEMAS[schema_name]) in system
+        assert system.count(json.dumps(_SCHEMAS[schema_name].model_json_schema(), separators=(",", ":"))) == 1
     proposal_prompts = [s for name, s in model.seen if name == "ExpertProposal"]
-    assert any('"architecture.dropout"' in s and '"maximum": 0.8' in s for s in proposal_prompts)
+    assert any('"architecture.dropout"' in s and '"maximum":0.8' in s for s in proposal_prompts)
 
     calls = read_calls(tmp_path / "run" / "llm_calls.jsonl")
     assert {c.kind for c in calls} == set(ALL_KINDS)

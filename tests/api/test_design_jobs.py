@@ -9,18 +9,59 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
+import docker
 import pytest
 
-from service.data import simulate
+from service.client import InvalidRequestError
 from service.client.remote import run_design
+from service.data import simulate
 from service.jobs import compare_metrics
+
+from .conftest import Tenant
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 TASK = "Predict expression after CRISPR knockout of unseen genes"
+
+
+def tenant_id(server, name: str) -> str:
+    from service.api.tenants import list_tenants
+    from service.db import Database
+
+    db = Database(server.db_url)
+    try:
+        return next(t.id for t in list_tenants(db) if t.name == name)
+    finally:
+        db.dispose()
+
+
+class ContainerWatch:
+    """The design sandboxes of one tenant seen while a job runs (they live seconds): labels and runtime."""
+
+    def __init__(self, tenant: str) -> None:
+        self.filters = {"label": ["cellforge.role=design", f"cellforge.tenant={tenant}"]}
+        self.seen: dict[str, dict] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        engine = docker.from_env()
+        while not self.stop.wait(0.2):
+            for c in engine.containers.list(all=True, filters=self.filters, ignore_removed=True):
+                self.seen.setdefault(c.id, {"labels": c.labels, "runtime": c.attrs["HostConfig"].get("Runtime")})
+
+    def __enter__(self) -> ContainerWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +70,15 @@ def design_job(server, alice, tmp_path_factory):
     folder = tmp_path_factory.mktemp("design")
     simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(folder / "knockout.h5ad")
     events = []
-    job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
-                     on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8)
-    return job, events, folder / "outputs"
+    with ContainerWatch(tenant_id(server, "alice")) as watch:
+        job = run_design(server.grpc_target, alice.key, folder / "knockout.h5ad", TASK, transport="grpc",
+                         on_event=events.append, download_to=folder / "outputs", max_attempts=2, max_minutes=8,
+                         max_nodes=0)
+    return job, events, folder / "outputs", watch.seen
 
 
 def test_design_job_streams_its_progress_and_succeeds(design_job):
-    job, events, outputs = design_job
+    job, events, outputs, _ = design_job
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["status"] in ("validated", "below_baseline")
     assert "pearson_delta" in job["result"]["metrics"]["model"]
@@ -51,14 +94,60 @@ def test_design_job_streams_its_progress_and_succeeds(design_job):
 
 
 def test_design_job_events_and_result_carry_no_server_paths_or_tenant_ids(server, design_job):
-    job, events, _ = design_job
+    job, events, _, _ = design_job
     shown = json.dumps([events, job])
     assert events and str(server.data_dir) not in shown
     assert not re.search(r"\btn_[0-9a-f]{12}\b", shown)
 
 
+def test_design_sandboxes_carry_the_tenant_label(design_job):
+    """The pipeline's containers are labelled with the job's tenant (and run under its default runtime)."""
+    _, _, _, seen = design_job
+    assert seen, "no design sandbox labelled with the tenant was seen while the job ran"
+    assert all(c["runtime"] == "runc" for c in seen.values())
+
+
+def test_a_tenant_runtime_reaches_its_design_sandboxes(server, tmp_path):
+    """A tenant whose sandboxes run under gVisor gets design jobs (no refusal): the runtime is in the job's
+    parameters, cannot be weakened by an option, and the job's first sandbox runs under it."""
+    out = json.loads(server.cli("tenants", "create", "strict-design", "--runtime", "runsc", "--json")
+                     .stdout.splitlines()[-1])
+    strict = Tenant("strict-design", out["api_key"])
+    data = tmp_path / "small.h5ad"
+    simulate("knockout", 2, n_cells=1500, n_genes=60).write_h5ad(data)
+    with server.client(strict) as c, ContainerWatch(out["id"]) as watch:
+        dataset = c.upload_dataset(data)
+        with pytest.raises(InvalidRequestError, match="weaker"):
+            c.submit_job(dataset["id"], TASK, runtime="runc")
+        job = c.submit_job(dataset["id"], TASK, max_attempts=1, max_nodes=0)
+        assert job["params"]["runtime"] == "runsc" and "runtime" not in job["params"]["options"]
+        deadline = time.monotonic() + 180
+        while not watch.seen and time.monotonic() < deadline and not c.get_job(job["id"])["final"]:
+            time.sleep(0.5)
+        c.cancel_job(job["id"])
+        c.wait(job["id"], timeout=120)
+    assert watch.seen, c.get_job(job["id"])
+    assert all(s["runtime"] == "runsc" and s["labels"]["cellforge.tenant"] == out["id"] for s in watch.seen.values())
+
+
+def test_job_params_reach_the_design_sandbox_spec(tmp_path):
+    """What the server decided (runtime) and whose job it is (tenant) reach every sandbox of the run; a
+    tenant's options cannot set either."""
+    from service.jobs import design_settings
+
+    params = {"dataset_path": str(tmp_path / "d.h5ad"), "task": TASK, "runtime": "runsc",
+              "options": {"seed": 3, "runtime": "runc", "tenant": "tn_other", "sandbox": "local"}}
+    settings = design_settings(params, tmp_path / "run", "tn_0123456789ab")
+    assert (settings.seed, settings.runtime, settings.tenant, settings.sandbox) == (3, "runsc", "tn_0123456789ab",
+                                                                                   "docker")
+    spec = settings.sandbox_settings().spec(tmp_path, timeout=60)
+    assert spec.runtime == "runsc" and spec.tenant == "tn_0123456789ab" and spec.labels["role"] == "design"
+    assert design_settings({**params, "runtime": None}, tmp_path / "run").sandbox_settings().spec(
+        tmp_path, timeout=60).labels == {"role": "design"}
+
+
 def test_design_artifacts_download(server, alice, design_job, transport):
-    job, _, _ = design_job
+    job, _, _, _ = design_job
     assert {"code.zip", "model.pt", "predictions.h5ad", "report.html", "metrics.json"} <= set(job["artifacts"])
     with server.client(alice, transport) as c:
         bundle = zipfile.ZipFile(io.BytesIO(c.get_artifact(job["id"], "code.zip")))
@@ -68,15 +157,17 @@ def test_design_artifacts_download(server, alice, design_job, transport):
 
 
 def test_rescore_replay_and_pytest_regressions_pass_on_the_stored_run(server, alice, design_job):
-    job, _, _ = design_job
+    job, _, _, _ = design_job
     with server.client(alice) as c:
         runs = {kind: c.submit_regression(kind=kind, job_id=job["id"]) for kind in ("rescore", "replay", "pytest")}
         done = {kind: c.wait(run["id"], timeout=300) for kind, run in runs.items()}
     for kind, run in done.items():
         assert run["status"] == "succeeded", (kind, run["error"])
         assert run["result"]["passed"] is True, (kind, run["result"])
+    # predictions.h5ad is the delivered predictor's (designed model, baseline or stack): every metric recorded
+    # for it is compared (the control baseline, for one, has no pearson_delta).
     compared = {d["metric"] for d in done["rescore"]["result"]["differences"]}
-    assert {"mse", "pearson_delta"} <= compared
+    assert "mse" in compared and compared == set(job["result"]["metrics"]["delivered"]["test"])
     assert all(d["difference"] == 0 for d in done["rescore"]["result"]["differences"] if d["difference"] is not None)
     assert done["replay"]["result"]["failed_metrics"] == []
     assert done["pytest"]["result"]["summary"]["failed"] == 0 and done["pytest"]["result"]["summary"]["total"] > 0
@@ -100,7 +191,7 @@ def test_cli_design_targets_a_remote_server(server, alice, tmp_path):
     simulate("knockout", 1, n_cells=2000, n_genes=80).write_h5ad(data)
     cellforge = str(Path(sys.executable).parent / "cellforge")
     done = subprocess.run([cellforge, "design", "--data", str(data), "--task", TASK, "--out", str(tmp_path / "run"),
-                           "--server", server.url, "--max-attempts", "2", "--json"],
+                           "--server", server.url, "--max-attempts", "2", "--max-nodes", "0", "--json"],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "CELLFORGE_API_KEY": alice.key})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -115,8 +115,11 @@ def test_grpc_authenticates_before_reading_and_caps_each_method(server, alice):
     stub = pb_grpc.CellForgeStub(channel)
     stub_call = lambda: stub.PutFile(pb.PutFileRequest(sandbox_id="x", path="a", data=b"x" * (50 * MB)),  # noqa: E731
                                      timeout=30)
-    with pytest.raises(grpc.RpcError):  # warm
+    # Warm every path once (first-call imports, the transport's first buffers), as the HTTP test does.
+    with pytest.raises(grpc.RpcError):
         stub.ListSandboxes(pb.ListRequest())
+    with pytest.raises(grpc.RpcError):
+        stub_call()
     before = rss(server.proc.pid)
     for _ in range(3):
         with pytest.raises(grpc.RpcError) as info:

@@ -62,14 +62,14 @@ def write_constructed_split(out: Path, means: dict[Cond, np.ndarray], test: list
     part = obs["part"].to_numpy()
     out.mkdir(parents=True)
     cells[part == "train"].copy().write_h5ad(out / "train.h5ad")
-    cells[part == "val"].copy().write_h5ad(out / "val.h5ad")
-    cells[part == "test"].copy().write_h5ad(out / "test_truth.h5ad")
-    test_ctx = {c for _, _, c in test}
-    inputs = cells[obs["is_control"].to_numpy() & obs["context"].isin(test_ctx).to_numpy()].copy()
-    inputs.uns["predict"] = {"condition": [condition_key(*c) for c in test],
-                             "perturbation": [c[0] for c in test], "dose": [c[1] for c in test],
-                             "context": [c[2] for c in test]}
-    inputs.write_h5ad(out / "test_inputs.h5ad")
+    for which, listed in (("val", list(val)), ("test", test)):
+        cells[part == which].copy().write_h5ad(out / f"{which}_truth.h5ad")
+        contexts = {c for _, _, c in listed}
+        inputs = cells[obs["is_control"].to_numpy() & obs["context"].isin(contexts).to_numpy()].copy()
+        inputs.uns["predict"] = {"condition": [condition_key(*c) for c in listed],
+                                 "perturbation": [c[0] for c in listed], "dose": [c[1] for c in listed],
+                                 "context": [c[2] for c in listed]}
+        inputs.write_h5ad(out / f"{which}_inputs.h5ad")
     write_split_json(out, obs, part)
     return out
 
@@ -208,7 +208,8 @@ def test_gene_similarity_leans_on_the_most_coexpressed_gene(tmp_path):
     split.mkdir()
     is_test = (obs["perturbation"] == "G4").to_numpy()
     cells[~is_test].copy().write_h5ad(split / "train.h5ad")
-    cells[:0].copy().write_h5ad(split / "val.h5ad")
+    for name in ("val_inputs", "val_truth"):
+        cells[:0].copy().write_h5ad(split / f"{name}.h5ad")
     cells[is_test].copy().write_h5ad(split / "test_truth.h5ad")
     inputs = cells[obs["is_control"].to_numpy()].copy()
     inputs.uns["predict"] = {"condition": ["G4||all"], "perturbation": ["G4"], "dose": [nan], "context": ["all"]}
@@ -284,9 +285,9 @@ def test_control_baseline_has_no_delta_correlation(genetic):
 
 def annotate_split(split: Path, targets: dict[str, str]) -> None:
     """Give a constructed split drug-target annotations, as `make_split` writes them for annotated data."""
-    for name in ("train", "val", "test_inputs"):
+    for name in ("train", "val_inputs", "test_inputs"):
         part = ad.read_h5ad(split / f"{name}.h5ad")
-        perts = part.uns["predict"]["perturbation"] if name == "test_inputs" else part.obs["perturbation"].unique()
+        perts = part.uns["predict"]["perturbation"] if name != "train" else part.obs["perturbation"].unique()
         named = [p for p in perts if p in targets]
         part.uns["perturbation_targets"] = {"perturbation": named, "targets": [targets[p] for p in named]}
         part.write_h5ad(split / f"{name}.h5ad")

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from service.data import make_split
+from service.data import SplitDirectoryError, make_split
 from service.data.evaluate import Evaluator, PredictionsError, evaluate
 
 TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top20_de",
@@ -24,7 +24,7 @@ TOP_METRICS = {"mse", "pearson", "pearson_delta", "pearson_delta_pert", "mse_top
 
 def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
     """The real pseudobulk of every condition: a perfect model."""
-    cells = ad.read_h5ad(split / ("test_truth.h5ad" if which == "test" else "val.h5ad"))
+    cells = ad.read_h5ad(split / f"{which}_truth.h5ad")
     cells = cells[~cells.obs["is_control"].to_numpy(bool)]
     rows = cells.obs.drop_duplicates("condition")
     X = np.vstack([np.asarray(cells[cells.obs["condition"] == c].X.mean(axis=0)).ravel()
@@ -122,12 +122,19 @@ def test_normalization_only_where_the_ceiling_beats_the_baseline(ev):
     assert "pearson" not in got  # the baseline already beats the ceiling
 
 
-def test_val_is_scored_against_val_cells(split):
+def test_val_is_scored_against_val_truth(make_adata, tmp_path):
+    """The val conditions come from val_inputs (like test_inputs), their cells from val_truth only."""
+    adata = make_adata([f"G{i}" for i in range(20)], n_genes=40, cells_per_condition=12, contexts=["X", "Y"])
+    make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.25)
+    split = tmp_path / "split"
     report = evaluate(split, truth_predictions(split, "val"), which="val")
     assert report.which == "val"
     val = json.loads((split / "split.json").read_text())["conditions"]["val"]
-    assert len(val) == 2 and {r["condition"] for r in report.per_condition} == set(val)
+    assert len(val) == 10 and {r["condition"] for r in report.per_condition} == set(val)
     assert report.summary["mse"] == pytest.approx(0.0, abs=1e-10)
+    (split / "val_truth.h5ad").unlink()  # the inputs alone cannot score
+    with pytest.raises(SplitDirectoryError, match="val_truth.h5ad: missing"):
+        Evaluator(split, "val")
 
 
 def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
@@ -253,6 +260,32 @@ def test_cli_score_prints_table_and_json(split, tmp_path):
     assert len(report["per_condition"]) == report["n_conditions"] == 4
 
 
+def test_cli_score_states_the_verdict_against_the_best_baseline_first(split, tmp_path):
+    """The mean-Δ baseline's own predictions tie it and lose to the better baselines: the verdict says so,
+    names the best baseline with its score and warns that 4 test conditions cannot decide."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from service.data.baselines import run_baselines
+
+    path = tmp_path / "pred.h5ad"
+    run_baselines(split)["mean_delta"].write_h5ad(path)
+    result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    verdict = report["verdict"]
+    p = verdict["metrics"]["pearson_delta_pert"]
+    best = max(report["baselines"], key=lambda n: report["baselines"][n].get("pearson_delta_pert", -9))
+    assert verdict["beats_baselines"] is False and p["beats_test"] is False
+    assert p["best_baseline_test"] == best
+    assert p["best_baseline_test_score"] == report["baselines"][best]["pearson_delta_pert"]
+    assert "mean_delta" in p["baselines_beating_model_test"]  # a tie is no win
+    assert p["margin_test"] == pytest.approx(report["summary"]["pearson_delta_pert"] - p["best_baseline_test_score"])
+    assert set(verdict["metrics"]) == {"pearson_delta_pert", "mse_top20_de"}
+    assert any("fewer than 10" in w for w in verdict["warnings"])
+
+
 def test_cli_score_reports_a_bad_prediction_as_one_json_error(split, tmp_path):
     from typer.testing import CliRunner
 
@@ -272,7 +305,7 @@ def test_split_without_val_conditions_says_so(make_adata, tmp_path):
     adata = make_adata([f"G{i}" for i in range(4)], n_genes=20, cells_per_condition=10, n_control=20)
     make_split(adata, "unseen-perturbation", 0, tmp_path / "split", val_fraction=0.0)
     with pytest.raises(SplitDirectoryError, match="no val conditions"):
-        Evaluator(tmp_path / "split", "val")
+        Evaluator(tmp_path / "split", "val")  # too few to hold out: cross-validation folds replace val
 
 
 def test_truth_lacking_a_condition_is_a_split_error(split):

@@ -1,4 +1,5 @@
-"""Split schemes: disjoint conditions, no test truth in the inputs, reproducible seeds, the file format."""
+"""Split schemes: disjoint conditions, no val or test truth in the model files, validation held out as the
+test is (or grouped folds when it would be too small), reproducible seeds, the file format."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from service.data import (
     tfidf,
 )
 from service.data.conditions import combo_genes, parse_condition_key
-from service.data.splits import perturbation_targets
+from service.data.splits import MIN_VAL_CONDITIONS, MODEL_FILES, perturbation_targets, write_fold
 
 SINGLES = tuple(f"G{i}" for i in range(10))
 COMBOS = ("G0+G1", "G2+G3", "G4+G5", "G0+G6", "G1+G7", "G3+G5", "G6+G7", "G2+G4", "G1+G5", "G0+G2", "G8+G9",
@@ -62,32 +63,54 @@ def splits(tmp_path_factory, make_adata):
 def test_parts_are_disjoint_in_conditions_and_cells(splits, scheme):
     _, s = splits[scheme]
     conds = {k: set(v) for k, v in s.info.conditions.items()}
-    assert conds["train"] and conds["val"] and conds["test"]
-    assert not (conds["train"] & conds["val"]) and not (conds["train"] & conds["test"]) and not (conds["val"] & conds["test"])
-    train_obs, val_obs, truth_obs = s.train.obs, s.val.obs, s.test_truth.obs
+    assert conds["train"] and conds["test"]
+    # Validation either holds out enough conditions to decide, or grouped folds over train replace it.
+    if s.info.validation == "holdout":
+        assert len(conds["val"]) >= MIN_VAL_CONDITIONS and not s.info.folds
+    else:
+        assert not conds["val"] and len(s.info.folds) >= 2
+    assert not (conds["train"] & conds["val"]) and not (conds["train"] & conds["test"])
+    assert not (conds["val"] & conds["test"])
+    train_obs, val_obs, truth_obs = s.train.obs, s.val_truth.obs, s.test_truth.obs
     assert set(train_obs.loc[~train_obs["is_control"], "condition"]) == conds["train"]
     assert set(val_obs["condition"]) == conds["val"]
     assert set(truth_obs["condition"]) == conds["test"]
-    names = [set(a.obs_names) for a in (s.train, s.val, s.test_truth)]
+    names = [set(a.obs_names) for a in (s.train, s.val_truth, s.test_truth)]
     assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
-    assert s.info.n_cells == {"train": s.train.n_obs, "val": s.val.n_obs, "test_inputs": s.test_inputs.n_obs,
-                              "test_truth": s.test_truth.n_obs}
+    assert s.info.n_cells == {"train": s.train.n_obs, "val_inputs": s.val_inputs.n_obs, "val_truth": s.val_truth.n_obs,
+                              "test_inputs": s.test_inputs.n_obs, "test_truth": s.test_truth.n_obs}
 
 
 @pytest.mark.parametrize("scheme", ALL)
-def test_test_inputs_hold_only_controls_and_the_list_to_predict(splits, scheme):
+def test_model_files_hold_no_cell_of_a_condition_to_predict(splits, scheme):
+    """What a sandbox sees (train, val_inputs, test_inputs) has no perturbed cell of a val or test condition."""
     _, s = splits[scheme]
-    inputs = s.test_inputs
-    assert inputs.obs["is_control"].all()
-    assert not set(inputs.obs_names) & set(s.test_truth.obs_names)
-    assert not set(inputs.obs["condition"]) & set(s.info.conditions["test"])
-    assert set(inputs.uns) == {"predict"}
-    assert sorted(s.predict["condition"]) == s.info.conditions["test"]
-    # Controls of exactly the contexts that have something to predict.
-    assert set(inputs.obs["context"]) == set(s.predict["context"])
-    for cond, pert, dose, ctx in s.predict.itertuples(index=False):
-        p, d, c = parse_condition_key(cond)
-        assert (p, c) == (pert, ctx) and (np.isnan(d) and np.isnan(dose) or d == dose)
+    held = set(s.info.conditions["val"]) | set(s.info.conditions["test"])
+    for name in MODEL_FILES:
+        part = getattr(s, name.removesuffix(".h5ad"))
+        perturbed = part.obs.loc[~part.obs["is_control"].astype(bool), "condition"]
+        assert not set(perturbed) & held, name
+    for fold in s.info.folds:  # a fold is held out of the training data it is predicted from
+        assert set(fold) <= set(s.info.conditions["train"])
+
+
+@pytest.mark.parametrize("scheme", ALL)
+def test_inputs_hold_only_controls_and_the_list_to_predict(splits, scheme):
+    _, s = splits[scheme]
+    for which in ("val", "test"):
+        inputs, truth = s.inputs(which), s.truth(which)
+        assert inputs.obs["is_control"].all()
+        assert not set(inputs.obs_names) & set(truth.obs_names)
+        assert not set(inputs.obs["condition"]) & set(s.info.conditions[which])
+        assert set(inputs.uns) == {"predict", "split"}
+        assert inputs.uns["split"] == {"scheme": scheme, "group_by": s.info.group_by}
+        predict = s.predict_of(which)
+        assert sorted(predict["condition"]) == s.info.conditions[which]
+        # Controls of exactly the contexts that have something to predict.
+        assert set(inputs.obs["context"]) == set(predict["context"])
+        for cond, pert, dose, ctx in predict.itertuples(index=False):
+            p, d, c = parse_condition_key(cond)
+            assert (p, c) == (pert, ctx) and (np.isnan(d) and np.isnan(dose) or d == dose)
 
 
 @pytest.mark.parametrize("scheme", ALL)
@@ -165,6 +188,11 @@ def test_unseen_context_zero_and_few_shot(make_adata, tmp_path):
     assert zero.held_out_context == "B"
     assert {parse_condition_key(c)[2] for c in zero.conditions["test"]} == {"B"}
     assert "B" not in {parse_condition_key(c)[2] for c in zero.conditions["train"] + zero.conditions["val"]}
+    # Three cell types: one for test leaves two, too few to hold one out for val; train holds both, and
+    # selection is leave-one-cell-type-out over them.
+    assert zero.validation == "cv" and zero.group_by == "context" and not zero.conditions["val"]
+    assert [{parse_condition_key(c)[2] for c in fold} for fold in zero.folds] in ([{"A"}, {"C"}], [{"C"}, {"A"}])
+    assert sorted(c for fold in zero.folds for c in fold) == zero.conditions["train"]
     few = make_split(adata, "unseen-context", 0, tmp_path / "few", context="B", few_shot_k=3)
     in_train = [c for c in few.conditions["train"] if c.endswith("|B")]
     assert len(in_train) == 3 and len(few.conditions["test"]) == 7
@@ -216,10 +244,24 @@ def test_load_split_errors(splits, tmp_path):
     with pytest.raises(SplitDirectoryError, match="missing 'train.h5ad'"):
         load_split(tmp_path)
     _, s = splits["unseen-perturbation"]
-    for f in ("train.h5ad", "val.h5ad", "test_inputs.h5ad", "test_truth.h5ad"):
+    for f in MODEL_FILES:
         (tmp_path / f).write_bytes((s.path / f).read_bytes())
     (tmp_path / "split.json").write_text('{"scheme": 1}')
     with pytest.raises(SplitDirectoryError, match="split.json: malformed"):
+        load_split(tmp_path)
+    # A folder of model files opens (baselines need no truth); asking it for truth says what is missing.
+    (tmp_path / "split.json").write_bytes((s.path / "split.json").read_bytes())
+    with pytest.raises(SplitDirectoryError, match="val_truth.h5ad: missing"):
+        _ = load_split(tmp_path).val_truth
+
+
+def test_old_split_directories_fail_with_a_clear_message(splits, tmp_path):
+    """Before val_inputs/val_truth a split held val.h5ad, truth included, which reached sandboxes."""
+    _, s = splits["unseen-perturbation"]
+    for f in ("train.h5ad", "test_inputs.h5ad", "test_truth.h5ad", "split.json"):
+        (tmp_path / f).write_bytes((s.path / f).read_bytes())
+    (tmp_path / "val.h5ad").write_bytes((s.path / "val_truth.h5ad").read_bytes())
+    with pytest.raises(SplitDirectoryError, match="older CellForge.*cellforge data split"):
         load_split(tmp_path)
 
 
@@ -230,8 +272,9 @@ def test_cli_split_json(make_adata, h5ad_path, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["ok"] and payload["scheme"] == "combo" and payload["seed"] == 5
+    assert payload["validation"] == "cv" and payload["group_by"] == "perturbation" and len(payload["folds"]) == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "split.json", "test_inputs.h5ad", "test_truth.h5ad", "train.h5ad", "val.h5ad"]
+        "split.json", "test_inputs.h5ad", "test_truth.h5ad", "train.h5ad", "val_inputs.h5ad", "val_truth.h5ad"]
 
 
 def test_cli_split_error_is_one_json_line(make_adata, h5ad_path, tmp_path):
@@ -352,12 +395,12 @@ def test_drug_targets_travel_as_inputs_in_the_model_facing_parts(make_adata, tmp
     assert info.annotation_key == "targets"
     assert {"G1", "G2", "G3", "G4", "G5", "G6", "G7", "G55"} <= set(info.genes)  # annotated targets kept
     drugs = {k: {parse_condition_key(c)[0] for c in v} for k, v in info.conditions.items()}
-    for part, name in ((s.train, "train"), (s.val, "val"), (s.test_inputs, "test")):
+    for part, name in ((s.train, "train"), (s.val_inputs, "val"), (s.test_inputs, "test")):
         table = part.uns["perturbation_targets"]
         assert set(table) == {"perturbation", "targets"}  # nothing about the response
         # Exactly the part's own perturbations, each with its annotation string.
         assert dict(zip(table["perturbation"], table["targets"], strict=True)) == {d: targets[d] for d in drugs[name]}
-    assert set(s.test_inputs.uns) == {"predict", "perturbation_targets"}
+    assert set(s.test_inputs.uns) == {"predict", "perturbation_targets", "split"}
     assert "perturbation_targets" not in s.test_truth.uns
     assert perturbation_targets(s) == {d: targets[d].split(";") for d in targets}
 
@@ -365,7 +408,7 @@ def test_drug_targets_travel_as_inputs_in_the_model_facing_parts(make_adata, tmp
 def test_split_without_annotations_has_no_target_table(splits):
     _, s = splits["unseen-drug"]
     assert s.info.annotation_key is None and perturbation_targets(s) == {}
-    assert all("perturbation_targets" not in p.uns for p in (s.train, s.val, s.test_inputs))
+    assert all("perturbation_targets" not in p.uns for p in (s.train, s.val_inputs, s.test_inputs))
 
 
 def test_target_table_keeps_perturbation_names_with_slashes(make_adata, tmp_path):
@@ -374,3 +417,77 @@ def test_target_table_keeps_perturbation_names_with_slashes(make_adata, tmp_path
     adata.obs["targets"] = ["" if p == "DMSO" else f"G{len(p)}" for p in adata.obs["drug"].astype(str)]
     make_split(adata, "unseen-drug", 0, tmp_path / "s")
     assert perturbation_targets(load_split(tmp_path / "s"))["dA/x"] == ["G4"]
+
+
+# --- validation mirrors the test ------------------------------------------------------------------------
+
+
+def test_unseen_context_validation_holds_out_whole_cell_types(make_adata, tmp_path):
+    """Six cell types: one for test, two whole ones for val, three stay in train; no val condition lies in
+    a training context (it would measure the wrong skill)."""
+    adata = make_adata(contexts=["A", "B", "C", "D", "E", "F"])
+    info = make_split(adata, "unseen-context", 0, tmp_path, context="A")
+    assert info.validation == "holdout" and info.group_by == "context"
+    ctx = {part: {parse_condition_key(c)[2] for c in conds} for part, conds in info.conditions.items()}
+    assert ctx["test"] == {"A"} and len(ctx["val"]) == 2 and len(ctx["train"]) == 3
+    assert not ctx["val"] & ctx["train"]
+    for part in ("val", "train"):  # every condition of a val context is in val
+        assert all(parse_condition_key(c)[2] in ctx[part] for c in info.conditions[part])
+    assert len(info.conditions["val"]) == 20
+    s = load_split(tmp_path)
+    assert set(s.val_inputs.obs["context"]) == ctx["val"] and s.val_inputs.obs["is_control"].all()
+
+
+def test_unseen_perturbation_validation_holds_out_whole_genes(make_adata, tmp_path):
+    adata = make_adata(perturbations=tuple(f"G{i}" for i in range(20)), contexts=["X", "Y"])
+    info = make_split(adata, "unseen-perturbation", 0, tmp_path, val_fraction=0.25)
+    genes = {k: {parse_condition_key(c)[0] for c in v} for k, v in info.conditions.items()}
+    assert info.validation == "holdout" and len(genes["val"]) == 5
+    assert not genes["val"] & genes["train"] and not genes["val"] & genes["test"]
+    assert len(info.conditions["val"]) == 10  # both contexts of each val gene
+
+
+def test_small_validation_becomes_grouped_folds_over_training_genes(make_adata, tmp_path):
+    """Ten genes, one context: val would hold one gene, too few to decide; its gene goes back to train and
+    three folds of whole genes cover every training condition exactly once."""
+    info = make_split(make_adata(contexts=["X", "Y"]), "unseen-perturbation", 0, tmp_path)
+    assert info.validation == "cv" and info.group_by == "perturbation" and not info.conditions["val"]
+    assert len(info.folds) == 3
+    assert sorted(c for fold in info.folds for c in fold) == info.conditions["train"]
+    fold_genes = [{parse_condition_key(c)[0] for c in fold} for fold in info.folds]
+    for i, genes in enumerate(fold_genes):
+        assert all(not genes & other for j, other in enumerate(fold_genes) if j != i)  # whole genes
+        fold = info.folds[i]
+        assert all(f"{g}||{ctx}" in fold for g in genes for ctx in ("X", "Y"))
+
+
+def test_dose_folds_hold_out_whole_doses_and_keep_each_drug(make_adata, tmp_path):
+    adata = make_adata(perturbations=("dA", "dB", "dC"), perturbation_key="drug", control_label="DMSO",
+                       doses=[0.1, 1.0, 10.0, 100.0], contexts=["A549", "MCF7"], cells_per_condition=6)
+    info = make_split(adata, "unseen-dose", 0, tmp_path)
+    assert info.validation == "cv" and info.group_by == "dose" and len(info.folds) >= 2
+    train = info.conditions["train"]
+    for fold in info.folds:
+        held = {(parse_condition_key(c)[0], parse_condition_key(c)[1]) for c in fold}
+        assert all(c in fold for c in train if (parse_condition_key(c)[0], parse_condition_key(c)[1]) in held)
+        for drug in {d for d, _ in held}:  # the drug keeps a training dose in the fold's training data
+            assert any(parse_condition_key(c)[0] == drug and c not in fold for c in train)
+        assert len({d for d, _ in held}) == len(held)  # one dose per drug per fold
+
+
+def test_write_fold_holds_the_fold_out_of_its_training_data(splits, tmp_path):
+    _, s = splits["unseen-context"]
+    fold = write_fold(s, 0, tmp_path / "fold")
+    held = set(s.info.folds[0])
+    assert sorted(p.name for p in (tmp_path / "fold").iterdir()) == sorted([*MODEL_FILES, "val_truth.h5ad",
+                                                                            "split.json"])
+    train = fold.train.obs
+    assert not set(train.loc[~train["is_control"], "condition"]) & held
+    assert set(fold.val_truth.obs["condition"]) == held and fold.val_inputs.obs["is_control"].all()
+    assert sorted(fold.predict_of("val")["condition"]) == sorted(held)
+    assert fold.info.validation == "holdout" and fold.info.conditions["val"] == sorted(held)
+    assert fold.train.n_obs + fold.val_truth.n_obs == s.train.n_obs
+    with pytest.raises(SplitDirectoryError, match="test_truth.h5ad: missing"):
+        _ = fold.test_truth
+    with pytest.raises(SplitError, match="fold 9 does not exist"):
+        write_fold(s, 9, tmp_path / "nine")

@@ -8,6 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from service.llm import (
+    FallbackBackend,
     LLMConfig,
     LLMConfigError,
     LLMError,
@@ -125,8 +126,12 @@ def test_make_backend_builds_the_recording_stack(tmp_path):
 
     config = LLMConfig.resolve({"model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key": KEY},
                                env={}, config_path=None)
-    online = make_backend(config, {}, tmp_path / "b")
-    assert isinstance(online.inner, OpenAIBackend) and KEY in online.redactor.secrets
+    online = make_backend(config, {"critique": lambda ctx: Verdict(accept=True, reason="ok")}, tmp_path / "b")
+    assert isinstance(online.inner, FallbackBackend) and KEY in online.redactor.secrets
+    assert isinstance(online.inner.primary, OpenAIBackend) and online.inner.rules.handlers.keys() == {"critique"}
+    assert online.max_parallel == 4
+    strict = make_backend(config.model_copy(update={"fallback": False}), {}, tmp_path / "c")
+    assert isinstance(strict.inner, OpenAIBackend)
 
     with pytest.raises(LLMConfigError, match="cannot replay"):
         make_backend(LLMConfig(), {}, tmp_path / "a", replay_from=tmp_path / "a")

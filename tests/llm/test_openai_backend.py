@@ -47,10 +47,12 @@ def test_structured_reply_is_parsed_and_prompt_carries_schema_and_context(fake_l
     sent = fake_llm.requests[0]
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     assert sent.body["model"] == "fake-model"
-    assert sent.body["response_format"] == {"type": "json_object"}
+    assert sent.body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "Plan", "schema": Plan.model_json_schema(), "strict": False}}
+    assert sent.body["max_tokens"] == 8192
     system, user = sent.messages
     assert '"learning_rate"' in system["content"] and "JSON schema" in system["content"]
-    assert '"n_genes": 2000' in user["content"]
+    assert user["content"].endswith('Context (JSON):\n{"n_genes":2000}')  # compact: it is sent every call
 
 
 def test_fenced_json_reply_is_accepted(fake_llm):
@@ -100,8 +102,11 @@ def test_429_waits_for_retry_after_seconds(fake_llm):
 
 
 def test_retry_after_as_http_date_is_honoured(fake_llm):
-    # HTTP dates have whole-second resolution: 2 s ahead means a wait of more than 1 s.
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=2), usegmt=True)
+    # HTTP dates have whole-second resolution and the formatter truncates: rounding up to the next
+    # whole second keeps the date at least 2 s ahead when written, so the client (which parses it a
+    # moment later) still has to wait more than 1 s.
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=3)
+    when = format_datetime(soon, usegmt=True)
     fake_llm.script(Fail(503, "overloaded", retry_after=when), Reply(GOOD))
     backend(fake_llm).ask(request())
     first, second = fake_llm.requests
@@ -151,14 +156,16 @@ def test_connection_refused_is_a_clear_error():
         dead.ask(request())
 
 
-def test_server_without_json_mode_is_asked_again_without_it(fake_llm):
-    fake_llm.script(Fail(400, "response_format json_object is not supported by this model"), Reply(GOOD))
+def test_structured_output_steps_down_when_refused(fake_llm):
+    fake_llm.script(Fail(400, "response_format json_schema is not supported by this server"),
+                    Fail(400, "response_format json_object is not supported by this model"), Reply(GOOD))
     b = backend(fake_llm)
     answer = b.answer(request())
     assert answer.reply.epochs == 20
-    assert "response_format" in fake_llm.requests[0].body
-    assert "response_format" not in fake_llm.requests[1].body
-    assert b.json_mode is False
+    assert [r.body.get("response_format", {}).get("type") for r in fake_llm.requests] == [
+        "json_schema", "json_object", None]
+    assert b.response_format == "none"
+    assert [e.outcome for e in answer.transcript.exchanges] == ["param_refused", "param_refused", "accepted"]
 
 
 def test_model_without_temperature_is_asked_again_without_it(fake_llm):

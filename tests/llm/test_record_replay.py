@@ -202,3 +202,28 @@ def test_recording_appends_after_existing_calls(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "llm_calls.jsonl").read_text().splitlines()]
     assert [(r["index"], r["reply"]["accept"], r["backend"]) for r in records] == [
         (0, True, "offline"), (1, False, "offline")]
+
+
+def test_replay_matches_concurrent_calls_by_key_and_old_records_by_order(tmp_path):
+    offline = OfflineBackend({"critique": lambda ctx: Verdict(accept=ctx["ok"], reason=ctx["who"])})
+    recorder = RecordingBackend(offline, tmp_path)
+    for who in ("b", "a"):  # finished in the other order than the replayed run asks them
+        recorder.ask(LLMRequest("critique", "s", "u", {"ok": True, "who": who}, Verdict, key=who))
+    replay = ReplayBackend(tmp_path)
+    assert [replay.ask(LLMRequest("critique", "s", "u", {}, Verdict, key=k)).reason for k in ("a", "b")] == ["a", "b"]
+
+    lines = (tmp_path / "llm_calls.jsonl").read_text().splitlines()
+    keyless = [json.dumps({k: v for k, v in json.loads(line).items() if k != "key"}) for line in lines]
+    (tmp_path / "llm_calls.jsonl").write_text("\n".join(keyless) + "\n")
+    replay = ReplayBackend(tmp_path)
+    assert [replay.ask(LLMRequest("critique", "s", "u", {}, Verdict, key=k)).reason for k in ("a", "b")] == ["b", "a"]
+    with pytest.raises(ReplayExhausted):
+        replay.ask(LLMRequest("critique", "s", "u", {}, Verdict, key="a"))
+
+
+def test_replay_names_the_key_no_record_matches(tmp_path):
+    offline = OfflineBackend({"critique": lambda ctx: Verdict(accept=True, reason="r")})
+    RecordingBackend(offline, tmp_path).ask(LLMRequest("critique", "s", "u", {}, Verdict, key="r1.a->b"))
+    with pytest.raises(ReplayMismatch, match=r"recorded as kind 'critique' \(key 'r1\.a->b'\) but the replayed run "
+                                             r"asked kind 'critique' \(key 'r1\.c->d'\)"):
+        ReplayBackend(tmp_path).ask(LLMRequest("critique", "s", "u", {}, Verdict, key="r1.c->d"))

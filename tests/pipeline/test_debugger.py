@@ -63,4 +63,6 @@ def test_injected_divergence_is_fixed_on_the_second_attempt(design_settings, tmp
         "".join(json.loads((first / "outcome.json").read_text())["failure"]["traceback"])
     assert '"lr": 1e-3' in (first / "patch.diff").read_text() or '"lr": 0.001' in (first / "patch.diff").read_text()
     assert result.status == "validated" and result.metrics["chosen_attempt"] == 2
-    assert json.loads((tmp_path / "run" / "code" / "config.json").read_text())["lr"] == 1e-3
+    second = json.loads((tmp_path / "run" / "search.json").read_text())["nodes"][1]
+    assert (second["kind"], second["parent"], second["label"]) == ("debug", 1, "fix: divergence")
+    assert json.loads((tmp_path / "run" / "attempts" / "02" / "code" / "config.json").read_text())["lr"] == 1e-3

@@ -1,5 +1,6 @@
 """LLM mode through the real `openai` client against the scripted OpenAI-compatible server: the first code
 reply carries a real bug, the debugging request carries its traceback, the server's fix validates the run;
+the improve step shows the model the code, the validation table and the history and runs its typed change;
 429 and 500 answers are retried; the key never reaches the run directory."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ScriptedModel:
     def __init__(self) -> None:
         self.rules = handlers()
         self.debug_prompts: list[str] = []
+        self.improve_contexts: list[dict] = []
 
     def __call__(self, body: dict) -> str:
         schema = re.search(r"JSON schema \((\w+)\)", body["messages"][0]["content"]).group(1)
@@ -40,6 +42,10 @@ class ScriptedModel:
             assert BUG in files["train.py"]
             files["train.py"] = files["train.py"].replace(BUG, BUGGY)
             return json.dumps({"files": files})
+        if schema == "Change":
+            self.improve_contexts.append(context)
+            return json.dumps({"label": "halve the learning rate", "rationale": "the stopping loss rose early",
+                               "config_changes": {"lr": context["config"]["lr"] / 2}})
         if schema == "DebugPatch":
             self.debug_prompts.append(user)
             return json.dumps({"failure_class": "code_error",
@@ -54,7 +60,7 @@ def test_llm_mode_debugs_a_real_bug_and_retries_server_errors(fake_llm, design_s
     fake_llm.script(Fail(429, retry_after="0"), *[Reply(model) for _ in range(20)], Fail(500),
                     *[Reply(model) for _ in range(60)])
     config = LLMConfig(backend="openai", base_url=fake_llm.base_url, model="fake-model", api_key=KEY)
-    result = run_design(design_settings(tmp_path / "run"), config)
+    result = run_design(design_settings(tmp_path / "run", max_nodes=1, max_minutes=15), config)
 
     # The first attempt failed on the bug; the debug request carried its traceback and the failing file.
     first = tmp_path / "run" / "attempts" / "01"
@@ -67,14 +73,26 @@ def test_llm_mode_debugs_a_real_bug_and_retries_server_errors(fake_llm, design_s
     assert any(line.startswith("-") and BUGGY in line for line in diff)
     assert any(line.startswith("+") and BUG in line for line in diff)
 
-    # The fix validated the run on the second attempt, and the final code is the fixed code.
-    assert result.status == "validated" and result.metrics["chosen_attempt"] == 2
-    assert BUG in (tmp_path / "run" / "code" / "train.py").read_text()
+    # The fix validated the run on the second attempt.
+    assert result.status == "validated"
+    assert BUG in (tmp_path / "run" / "attempts" / "02" / "code" / "train.py").read_text()
+
+    # The improve step: the model saw the fixed code, the validation table and the history; its change ran.
+    assert len(model.improve_contexts) == 1
+    seen = model.improve_contexts[0]
+    assert seen["parent"] == 2 and BUG in seen["files"]["train.py"]
+    assert seen["validation"]["primary_metric"] in seen["validation"]["model"]
+    assert "mean_delta" in seen["validation"]["baselines"] and "beaten_by" in seen["validation"]
+    assert [h["kind"] for h in seen["history"]] == ["draft", "debug"]
+    third = json.loads((tmp_path / "run" / "search.json").read_text())["nodes"][2]
+    assert (third["kind"], third["parent"], third["label"]) == ("improve", 2, "halve the learning rate")
+    config = json.loads((tmp_path / "run" / "attempts" / "03" / "code" / "config.json").read_text())
+    assert config["lr"] == seen["config"]["lr"] / 2 and third["status"] in ("kept", "discarded")
 
     # 429 and 500 were retried inside the calls that met them.
     calls = read_calls(tmp_path / "run" / "llm_calls.jsonl")
     assert sum(c.attempts - 1 for c in calls) >= 2 and all(c.error is None for c in calls)
-    assert {c.kind for c in calls} >= {"codegen", "debug", "task_analysis"}
+    assert {c.kind for c in calls} >= {"codegen", "debug", "task_analysis", "improve"}
 
     # The key went to the endpoint only: never into the run directory.
     assert fake_llm.requests[0].headers["authorization"] == f"Bearer {KEY}"

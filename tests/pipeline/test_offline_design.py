@@ -1,4 +1,5 @@
-"""The whole offline pipeline on a simulated knockout screen, through real Docker sandboxes."""
+"""The whole offline pipeline on a simulated knockout screen, through real Docker sandboxes: a draft and
+one improve step, validation on whole held-out genes, the competition with the baselines, the verdict."""
 
 from __future__ import annotations
 
@@ -12,104 +13,138 @@ from service.agents import Plan
 from service.cli import app
 from service.pipeline import RunDir
 from service.pipeline.rundir import SANDBOX_FILES
+from service.pipeline.selection import better
+
+
+def _search(run) -> dict:
+    return json.loads((run.run_dir / "search.json").read_text())
 
 
 @pytest.mark.slow
 def test_run_directory_holds_every_artefact(offline_run):
     rd = RunDir(offline_run.run_dir)
     assert offline_run.status == "validated"
-    for path in (rd.task_analysis, rd.plan, rd.weights, rd.predictions, rd.metrics, rd.llm_calls, rd.report,
-                 rd.train_log, rd.run_json):
+    for path in (rd.task_analysis, rd.plan, rd.weights, rd.predictions, rd.val_predictions, rd.metrics, rd.llm_calls,
+                 rd.report, rd.train_log, rd.run_json, rd.search):
         assert path.is_file(), path
-    assert sorted(p.name for p in rd.code.iterdir()) == ["config.json", "model.py", "test_model.py", "train.py"]
+    assert {"config.json", "model.py", "test_model.py", "train.py"} <= {p.name for p in rd.code.iterdir()}
     assert list((rd.discussion).glob("round_*.json"))
-    attempt = rd.attempts / "01"
-    assert (attempt / "code" / "train.py").is_file() and (attempt / "pytest.log").is_file()
-    assert "passed" in (attempt / "pytest.log").read_text()
+    first = rd.attempts / "01"
+    assert (first / "code" / "train.py").is_file() and (first / "node.json").is_file()
+    assert "passed" in (first / "runs" / "val" / "pytest.log").read_text()
     predictions = ad.read_h5ad(rd.predictions)
     assert predictions.n_obs == offline_run.metrics["n_test_conditions"]
 
 
 @pytest.mark.slow
-def test_test_truth_never_entered_the_sandbox(offline_run):
+def test_no_truth_entered_any_sandbox(offline_run):
     rd = RunDir(offline_run.run_dir)
     assert sorted(p.name for p in rd.sandbox_data.iterdir()) == sorted(SANDBOX_FILES)
-    seen = json.loads((rd.attempts / "01" / "outcome.json").read_text())["data_listing"]
-    assert seen == sorted(SANDBOX_FILES)  # what `ls /data` printed inside the container
-    assert (rd.split / "test_truth.h5ad").is_file()
+    listings = [json.loads(p.read_text())["data_listing"] for p in rd.root.rglob("outcome.json")]
+    assert listings and all(seen == sorted(SANDBOX_FILES) for seen in listings)  # `ls /data` inside each container
+    assert (rd.split / "val_truth.h5ad").is_file() and (rd.split / "test_truth.h5ad").is_file()
 
 
 @pytest.mark.slow
-def test_metrics_hold_model_baselines_and_ceiling(offline_run):
+def test_metrics_hold_verdict_validation_and_every_candidate(offline_run):
     metrics = json.loads((offline_run.run_dir / "metrics.json").read_text())
     assert metrics["status"] == "validated"
     assert {"mean_delta", "linear_pca_ridge", "control"} <= set(metrics["baselines"])
     for scores in (metrics["model"], *metrics["baselines"].values()):
         assert "pearson_delta_pert" in scores and "mse_top20_de" in scores
     assert "pearson_delta_pert" in metrics["ceiling"]
-    assert metrics["val"]["score"] > metrics["val"]["mean_baseline"]  # validation beat the mean baseline
+    val = metrics["val"]
+    assert val["mode"] == "holdout" and val["group_by"] == "perturbation" and val["n_conditions"] >= 10
+    assert {"designed", "baseline:mean_delta", "baseline:linear_pca_ridge", "stack"} <= set(val["candidates"])
+    # The delivered predictor is the best candidate on validation: never worse than the best baseline.
+    primary = metrics["primary_metric"]
+    scores = {k: v[primary] for k, v in val["candidates"].items()}
+    delivered = metrics["delivered"]["key"]
+    assert not any(better(primary, s, scores[delivered]) for s in scores.values())
+    verdict = metrics["verdict"]
+    assert verdict["status"] == "validated" and verdict["delivered"] == delivered
+    assert set(verdict["metrics"]) == {primary, "mse_top20_de"}
+    p = verdict["metrics"][primary]
+    assert p["model_val"] == val["score"] and p["model_test"] == metrics["model"][primary]
+    assert verdict["beats_baselines"] == bool(p["beats_val"] and p["beats_test"])
 
 
 @pytest.mark.slow
-def test_best_candidate_is_kept_by_validation_score(offline_run):
-    metrics = json.loads((offline_run.run_dir / "metrics.json").read_text())
-    candidates = json.loads((offline_run.run_dir / "candidates.json").read_text())
-    assert [c["label"] for c in candidates] == ["discussion plan", "other gene embedding source"]
-    scores = {c["candidate"]: c["val_scores"][-1] for c in candidates}
-    assert metrics["chosen_candidate"] == max(scores, key=scores.get)  # pearson_delta_pert: higher is better
-    assert metrics["val"]["score"] == scores[metrics["chosen_candidate"]]
-    chosen = candidates[metrics["chosen_candidate"] - 1]
-    assert json.loads((offline_run.run_dir / "plan.json").read_text())["architecture"] == \
-        chosen["plan"]["architecture"]
-    assert (offline_run.run_dir / "code" / "model.py").read_text() == \
-        (offline_run.run_dir / "attempts" / f"{metrics['chosen_attempt']:02d}" / "code" / "model.py").read_text()
+def test_search_keeps_only_improving_nodes(offline_run):
+    """A draft then one improve node; a node is kept only when it beats every working node before it."""
+    tree = _search(offline_run)
+    nodes = tree["nodes"]
+    assert nodes[0]["kind"] == "draft" and any(n["kind"] == "improve" for n in nodes)
+    primary = tree["primary_metric"]
+    best = None
+    for node in nodes:
+        score = (node["val"] or {}).get("primary")
+        if node["status"] in ("buggy", "rejected"):
+            continue
+        assert node["status"] == ("kept" if best is None or better(primary, score, best) else "discarded")
+        if node["status"] == "kept":
+            best = score
+    improve = next(n for n in nodes if n["kind"] == "improve")
+    assert improve["parent"] is not None and improve["change"]["label"] == improve["label"]
+    folder = offline_run.run_dir / "attempts" / f"{improve['id']:02d}"
+    assert (folder / "patch.diff").read_text().strip()  # one change, as a diff of the bundle
+    assert tree["kept_path"][-1] == tree["best"] == offline_run.metrics["chosen_attempt"]
+    assert offline_run.metrics["val"]["score"] == next(n for n in nodes if n["id"] == tree["best"])["val"]["primary"]
 
 
 @pytest.mark.slow
-def test_plan_shapes_the_generated_code(offline_run):
+def test_plan_json_is_the_best_designed_nodes_plan(offline_run):
     rd = RunDir(offline_run.run_dir)
+    best = offline_run.metrics["chosen_attempt"]
     plan = Plan.model_validate_json(rd.plan.read_text())
-    config = json.loads((rd.code / "config.json").read_text())
+    assert plan == Plan.model_validate_json((rd.attempts / f"{best:02d}" / "plan.json").read_text())
+    config = json.loads((rd.attempts / f"{best:02d}" / "code" / "config.json").read_text())
     a = plan.architecture
-    assert (config["perturbation_encoder"], config["hidden_width"], config["depth"], config["embedding_dim"]) == \
-        (a.perturbation_encoder, a.hidden_width, a.depth, a.embedding_dim)
-    assert (config["lr"], config["epochs"], config["loss"]["kind"]) == \
-        (plan.training.lr, plan.training.epochs, plan.loss.kind)
-    model_py = (rd.code / "model.py").read_text()
+    assert (config["perturbation_encoder"], config["embedding_dim"]) == (a.perturbation_encoder, a.embedding_dim)
+    model_py = (rd.attempts / f"{best:02d}" / "code" / "model.py").read_text()
     assert f"{a.perturbation_encoder} encoder" in model_py
-    assert f"learnt from training cells (source: {a.gene_embedding_source})" in model_py  # only the chosen encoder
     assert "drug" not in model_py.lower()
 
 
 @pytest.mark.slow
-def test_progress_reports_phases_rounds_attempts_and_epochs(offline_run):
+def test_progress_reports_phases_rounds_nodes_and_epochs(offline_run):
     phases = {e.phase for e in offline_run.events}
-    assert {"profile", "analysis", "discussion", "split", "codegen", "pytest", "train", "evaluate", "done"} <= phases
+    assert {"profile", "analysis", "discussion", "split", "codegen", "pytest", "train", "improve", "compete",
+            "deliver", "evaluate", "done"} <= phases
     assert any(e.round for e in offline_run.events if e.phase == "discussion")
     epochs = [e for e in offline_run.events if e.epoch is not None]
     assert epochs and epochs[0].attempt == 1 and epochs[0].val_loss is not None
 
 
 @pytest.mark.slow
-def test_report_embeds_plots_and_the_metrics_table(offline_run):
+def test_report_puts_the_verdict_first_and_draws_the_search(offline_run):
     page = (offline_run.run_dir / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 2  # training curve + predicted vs true Δ
-    assert "linear_pca_ridge" in page and "data ceiling" in page
+    assert page.index('class="verdict"') < page.index("Metrics on the test split")
+    assert "beats_baselines" in page and offline_run.metrics["verdict"]["summary"][:40] in page
+    assert '<svg xmlns="http://www.w3.org/2000/svg"' in page and "kept path" in page
+    assert page.count("data:image/png;base64,") >= 1
+    assert "linear_pca_ridge" in page and "data ceiling" in page and "Validation: every candidate" in page
 
 
 @pytest.mark.slow
-def test_cli_replay_reproduces_plan_and_code_exactly(offline_run, tmp_path):
+def test_cli_replay_reproduces_plan_code_and_search(offline_run, tmp_path):
     out = tmp_path / "replay"
     result = CliRunner().invoke(app, ["replay", str(offline_run.run_dir), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["status"] == "validated" and summary["run_dir"] == str(out)
+    assert "verdict" in summary and summary["verdict"]["delivered"] == summary["delivered"]["key"]
     assert (out / "plan.json").read_bytes() == (offline_run.run_dir / "plan.json").read_bytes()
+    best = offline_run.metrics["chosen_attempt"]
     for name in ("model.py", "train.py", "test_model.py", "config.json"):
-        assert (out / "code" / name).read_bytes() == (offline_run.run_dir / "code" / name).read_bytes()
+        replayed = (out / "attempts" / f"{best:02d}" / "code" / name).read_bytes()
+        assert replayed == (offline_run.run_dir / "attempts" / f"{best:02d}" / "code" / name).read_bytes()
     recorded_calls = (offline_run.run_dir / "llm_calls.jsonl").read_text().splitlines()
     assert len((out / "llm_calls.jsonl").read_text().splitlines()) == len(recorded_calls)
     assert json.loads((out / "run.json").read_text())["replay_of"] == str(offline_run.run_dir)
+    # The search tree: the same nodes, changes and parents.
+    shape = lambda tree: [(n["id"], n["parent"], n["kind"], n["label"]) for n in tree["nodes"]]  # noqa: E731
+    assert shape(json.loads((out / "search.json").read_text())) == shape(_search(offline_run))
 
 
 def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
@@ -124,9 +159,10 @@ def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path):
     """Machines without Docker: the bundle sees its data where the local backend links it, not /data."""
     from service.pipeline import DesignSettings, run_design
 
-    result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes", out=tmp_path / "local", sandbox="local",
-                                       max_minutes=8, max_attempts=2))
-    assert result.status in ("validated", "below_baseline"), result.metrics
+    result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes",
+                                       out=tmp_path / "local", sandbox="local", max_minutes=8, max_attempts=2,
+                                       max_nodes=0, val_fraction=0.2))
+    assert result.status == "validated", result.metrics
     seen = json.loads((RunDir(result.run_dir).attempts / "01" / "outcome.json").read_text())["data_listing"]
     assert seen == sorted(SANDBOX_FILES)
     assert "pearson_delta" in result.metrics["model"]

@@ -100,7 +100,7 @@ async def test_timeout_interrupts_and_keeps_the_kernel_state(shared_sandbox):
 
 async def test_ignored_interrupt_restarts_the_kernel_and_says_state_is_lost(shared_sandbox):
     await shared_sandbox.execute("doomed = 1")
-    await shared_sandbox.put_file("survives.txt", b"workspace is kept")
+    await shared_sandbox.files.put("survives.txt", b"workspace is kept")
     events = []
     res = await shared_sandbox.execute(
         "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.01)",
@@ -112,7 +112,7 @@ async def test_ignored_interrupt_restarts_the_kernel_and_says_state_is_lost(shar
     assert states == ["interrupting", "restarting", "restarted"]
     gone = await shared_sandbox.execute("doomed")
     assert gone.outcome is Outcome.ERROR and gone.ename == "NameError"
-    assert await shared_sandbox.get_file("survives.txt") == b"workspace is kept"
+    assert await shared_sandbox.files.get("survives.txt") == b"workspace is kept"
 
 
 async def test_flooding_stdout_is_truncated_with_a_marker(shared_sandbox):
@@ -129,28 +129,28 @@ async def test_flooding_stdout_is_truncated_with_a_marker(shared_sandbox):
 
 async def test_run_command_streams_output_and_reports_the_exit_code(shared_sandbox):
     events = []
-    ok = await shared_sandbox.run_command(
+    ok = await shared_sandbox.commands.run(
         ["sh", "-c", "echo first; sleep 1; echo second; echo warn >&2"], on_event=events.append
     )
     assert ok.outcome is Outcome.OK and ok.exit_code == 0
     assert ok.stdout == "first\nsecond\n" and ok.stderr == "warn\n"
     assert isinstance(events[0], StdoutEvent) and events[0].text == "first\n"
 
-    failed = await shared_sandbox.run_command(["python", "-c", "import sys; print('bad input'); sys.exit(3)"])
+    failed = await shared_sandbox.commands.run(["python", "-c", "import sys; print('bad input'); sys.exit(3)"])
     assert failed.outcome is Outcome.ERROR and failed.exit_code == 3
     assert failed.ename == "CommandFailed" and "3" in failed.evalue and failed.stdout == "bad input\n"
 
-    missing = await shared_sandbox.run_command(["no-such-program"])
+    missing = await shared_sandbox.commands.run(["no-such-program"])
     assert missing.outcome is Outcome.ERROR and missing.ename == "FileNotFoundError"
 
-    in_dir = await shared_sandbox.run_command(["pwd"], cwd="/tmp")
+    in_dir = await shared_sandbox.commands.run(["pwd"], cwd="/tmp")
     assert in_dir.stdout == "/tmp\n"
 
 
 async def test_run_command_timeout_stops_the_process(shared_sandbox):
-    res = await shared_sandbox.run_command(["sleep", "300"], timeout=1.0)
+    res = await shared_sandbox.commands.run(["sleep", "300"], timeout=1.0)
     assert res.outcome is Outcome.TIMEOUT
-    left = await shared_sandbox.run_command(["sh", "-c", "ps -eo comm | grep -c '^sleep$' || true"])
+    left = await shared_sandbox.commands.run(["sh", "-c", "ps -eo comm | grep -c '^sleep$' || true"])
     assert left.stdout.strip() == "0"
 
 
@@ -164,10 +164,10 @@ async def test_interrupt_stops_running_code(shared_sandbox):
 
 async def test_restart_loses_variables_but_keeps_the_workspace(shared_sandbox):
     await shared_sandbox.execute("before_restart = True")
-    await shared_sandbox.put_file("kept.txt", b"yes")
+    await shared_sandbox.files.put("kept.txt", b"yes")
     await shared_sandbox.restart()
     assert (await shared_sandbox.execute("'before_restart' in globals()")).result == "False"
-    assert await shared_sandbox.get_file("kept.txt") == b"yes"
+    assert await shared_sandbox.files.get("kept.txt") == b"yes"
 
 
 async def test_many_sandboxes_run_at_once_without_blocking_the_loop(backend, small_spec, shared_sandbox):

@@ -100,7 +100,7 @@ for attempt in ["os.setuid(0)", "os.setgid(0)", "os.chown('/workspace', 0, 0)", 
     assert "NoNewPrivs 1" in out
     assert "GAINED" not in out and out.count("denied") == 4
     # setuid binaries do not help either (no-new-privileges ignores the setuid bit).
-    res = await shared_sandbox.run_command(["sh", "-c", "su -c id root </dev/null"])
+    res = await shared_sandbox.commands.run(["sh", "-c", "su -c id root </dev/null"])
     assert res.outcome is Outcome.ERROR and res.exit_code != 0
     assert "uid=0" not in res.stdout
 
@@ -147,7 +147,7 @@ async def test_allocating_past_the_memory_limit_dies_out_of_memory(backend, smal
 
 
 async def test_other_sandboxes_and_host_secrets_are_out_of_reach(backend, small_spec, shared_sandbox, monkeypatch):
-    await shared_sandbox.put_file("secret.txt", b"tenant-a-secret")
+    await shared_sandbox.files.put("secret.txt", b"tenant-a-secret")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-host-secret")
     other = await backend.create(small_spec(env={"TASK_NAME": "demo"}, labels={"tenant": "b"}))
     try:

@@ -329,18 +329,18 @@ async def test_file_transfers_never_trust_sizes_from_the_sandbox(backend, small_
         # Honest kernel, sparse file: 200 MiB apparent size in a 64 MiB quota costs no space.
         await run_ok(sb, "with open('sparse.bin', 'wb') as f:\n    f.truncate(200 << 20)")
         with pytest.raises(FileTransferError, match=f"more than the {quota} allowed"):
-            await sb.get_file("sparse.bin")
+            await sb.files.get("sparse.bin")
         # Lying kernel (it replaced the file channel's handler).
         await run_ok(sb, LIAR)
         with pytest.raises(FileTransferError, match="sent more than it was asked for"):
-            await sb.get_file("small.txt", max_bytes=MiB)
+            await sb.files.get("small.txt", max_bytes=MiB)
         started = time.perf_counter()
         with pytest.raises(FileTransferError, match=f"more than the {quota} allowed"):
-            await sb.get_file("endless.bin")
+            await sb.files.get("endless.bin")
         assert time.perf_counter() - started < 20
         target = tmp_path / "out"
         with pytest.raises(FileTransferError, match=f"at most {quota} bytes in all"):
-            await sb.get_dir("out", target)
+            await sb.files.get_dir("out", target)
         # Nothing of the refused copy stays on the host.
         assert sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) == 0
     finally:

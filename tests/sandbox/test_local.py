@@ -69,23 +69,23 @@ async def test_outcomes_and_commands_work_as_in_docker(local):
     )
     assert killed.outcome is Outcome.KILLED and killed.state_lost
     assert (await local.execute("kept")).ename == "NameError"
-    cmd = await local.run_command(["sh", "-c", "echo hi; exit 4"])
+    cmd = await local.commands.run(["sh", "-c", "echo hi; exit 4"])
     assert cmd.outcome is Outcome.ERROR and cmd.exit_code == 4 and cmd.stdout == "hi\n"
 
 
 @in_module_loop
 async def test_files_stay_inside_the_local_workspace(local, tmp_path):
-    await local.put_file("code/model.py", b"X = 1\n")
+    await local.files.put("code/model.py", b"X = 1\n")
     assert (Path(local.workspace) / "code" / "model.py").read_bytes() == b"X = 1\n"
-    assert await local.get_file("code/model.py") == b"X = 1\n"
+    assert await local.files.get("code/model.py") == b"X = 1\n"
     outside = tmp_path / "host_file.txt"
     outside.write_text("host")
     await local.execute(f"import os; os.symlink({str(tmp_path)!r}, 'escape')")
     with pytest.raises(WorkspacePathError, match="outside the workspace"):
-        await local.put_file("escape/host_file.txt", b"overwritten")
+        await local.files.put("escape/host_file.txt", b"overwritten")
     assert outside.read_text() == "host"
     with pytest.raises(WorkspacePathError):
-        await local.put_file("../../escape.txt", b"x")
+        await local.files.put("../../escape.txt", b"x")
 
 
 @in_module_loop

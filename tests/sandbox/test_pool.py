@@ -17,7 +17,8 @@ import pytest
 from sandbox import DockerBackend, LocalBackend
 from sandbox.docker_backend import SANDBOX_LABEL
 from sandbox.events import StdoutEvent
-from sandbox.pool import PoolClosed, QuotaExceeded, SandboxPool, SandboxReaped, WarmupFailed
+from sandbox.errors import PoolClosed, SandboxReaped, TenantCapError, WarmupFailed
+from sandbox.pool import SandboxPool
 from sandbox.reaper import MANAGED_LABEL, OWNER_LABEL, Owner, current_owner, reap_orphans
 from sandbox.spec import SandboxSpec
 from sandbox.sync import SyncSandbox
@@ -154,7 +155,7 @@ async def test_no_sandbox_is_handed_to_a_second_tenant(spec):
             seen[lease.id] = tenant
             left = await lease.execute("print(globals().get('secret')); secret = 'of ' + " + repr(tenant))
             assert left.stdout.strip() == "None"
-            await lease.put_file("mine.txt", tenant.encode())
+            await lease.files.put("mine.txt", tenant.encode())
             await lease.close()
             assert (await _workspace_files(pool, spec)) == []
 
@@ -170,11 +171,11 @@ async def _workspace_files(pool: SandboxPool, spec: SandboxSpec) -> list[str]:
         await probe.close()
 
 
-async def test_tenant_cap_raises_quota_exceeded_and_frees_on_release():
+async def test_tenant_cap_raises_tenant_cap_error_and_frees_on_release():
     local = SandboxSpec(image="local", memory="512m")
     async with SandboxPool(LocalBackend(), [], warm=0, preload="", max_per_tenant=1, reap_orphans=False) as pool:
         first = await pool.acquire(local, tenant="t1")
-        with pytest.raises(QuotaExceeded, match="'t1' already holds 1 live sandboxes \\(cap 1\\)"):
+        with pytest.raises(TenantCapError, match="'t1' already holds 1 live sandboxes \\(cap 1\\)"):
             await pool.acquire(local, tenant="t1")
         other = await pool.acquire(local, tenant="t2")  # the cap is per tenant
         await first.close()
@@ -280,8 +281,8 @@ def test_sync_sandbox_blocks_streams_and_closes(docker_image, engine):
         printed = "".join(e.text for e in events if isinstance(e, StdoutEvent))
         assert printed == "0\n1\n2\n"
         assert events[-1].outcome == "ok"
-        sb.put_file("hello.txt", b"hi")
-        assert sb.get_file("hello.txt") == b"hi"
+        sb.files.put("hello.txt", b"hi")
+        assert sb.files.get("hello.txt") == b"hi"
         sandbox_id = sb.id
     assert _gone(engine, sandbox_id)
     sb.close()  # twice is harmless

@@ -70,7 +70,7 @@ async def test_the_container_runs_on_gvisor_not_the_host_kernel(gvisor_sandbox):
 @on_module_loop
 async def test_execute_timeout_keeps_state_and_restart_drops_it(gvisor_sandbox):
     await run_ok(gvisor_sandbox, "kept = 41")
-    await gvisor_sandbox.put_file("notes/survives.txt", b"workspace is kept")
+    await gvisor_sandbox.files.put("notes/survives.txt", b"workspace is kept")
     res = await gvisor_sandbox.execute("import time\ntime.sleep(30)", timeout=1.0)
     assert res.outcome is Outcome.TIMEOUT and not res.state_lost
     assert (await gvisor_sandbox.execute("kept + 1")).result == "42"
@@ -78,7 +78,7 @@ async def test_execute_timeout_keeps_state_and_restart_drops_it(gvisor_sandbox):
     await gvisor_sandbox.restart()
     gone = await gvisor_sandbox.execute("kept")
     assert gone.outcome is Outcome.ERROR and gone.ename == "NameError"
-    assert await gvisor_sandbox.get_file("notes/survives.txt") == b"workspace is kept"
+    assert await gvisor_sandbox.files.get("notes/survives.txt") == b"workspace is kept"
 
 
 @on_module_loop
@@ -134,7 +134,7 @@ async def test_a_fork_bomb_meets_the_task_limit_and_the_sandbox_survives(gvisor_
         engine.close()
     limit = gvisor_sandbox.spec.pids_limit
     assert {"Name": "nproc", "Soft": limit, "Hard": limit} in host["Ulimits"] and host["PidsLimit"] > limit
-    bomb = await gvisor_sandbox.run_command(["sh", "-c", f"for i in $(seq {4 * limit}); do sleep 2 & done; wait"])
+    bomb = await gvisor_sandbox.commands.run(["sh", "-c", f"for i in $(seq {4 * limit}); do sleep 2 & done; wait"])
     assert bomb.outcome is Outcome.ERROR and "Cannot fork" in bomb.stderr
     assert (await gvisor_sandbox.execute("6 * 7")).result == "42"
 
@@ -142,9 +142,9 @@ async def test_a_fork_bomb_meets_the_task_limit_and_the_sandbox_survives(gvisor_
 @on_module_loop
 async def test_files_round_trip(gvisor_sandbox):
     payload = os.urandom(3 << 20)
-    await gvisor_sandbox.put_file("data/blob.bin", payload)
-    assert await gvisor_sandbox.get_file("data/blob.bin") == payload
-    res = await gvisor_sandbox.run_command(["python", "-c", "import os; print(os.path.getsize('data/blob.bin'))"])
+    await gvisor_sandbox.files.put("data/blob.bin", payload)
+    assert await gvisor_sandbox.files.get("data/blob.bin") == payload
+    res = await gvisor_sandbox.commands.run(["python", "-c", "import os; print(os.path.getsize('data/blob.bin'))"])
     assert res.outcome is Outcome.OK and res.stdout.strip() == str(len(payload))
 
 

@@ -95,6 +95,14 @@ class ConditionSet:
     def __len__(self) -> int:
         return len(self.table)
 
+    def take(self, rows: np.ndarray) -> "ConditionSet":
+        """The conditions selected by a boolean mask, with their controls and Δ."""
+        out = ConditionSet.__new__(ConditionSet)
+        out.table = self.table[rows].reset_index(drop=True)
+        out.control = self.control[rows]
+        out.delta = None if self.delta is None else self.delta[rows]
+        return out
+
     @classmethod
     def from_cells(cls, adata, controls: dict[str, np.ndarray]) -> "ConditionSet":
         table = annotate(condition_table(adata.obs), adata.uns)

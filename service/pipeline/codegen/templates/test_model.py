@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from model import TARGETS_UNS, ConditionSet, PerturbationModel, control_means, delta_loss, write_h5ad
+from model import TARGETS_UNS, ConditionSet, control_means, delta_loss, write_h5ad
 
 CONFIG = json.loads((Path(__file__).parent / "config.json").read_text())
 N_GENES = 40
@@ -59,35 +59,36 @@ def split_dir(tmp_path_factory) -> Path:
             effect = base + rng.normal(0, 0.4, N_GENES) * (1.0 if np.isnan(dose) else np.log1p(dose))
             for context in CONTEXTS:
                 blocks[name].append(_cells(rng, pert, dose, context, 12, effect))
-    for name in ("train", "val"):
-        X = np.vstack([b[0] for b in blocks[name]])
-        obs = pd.concat([b[1] for b in blocks[name]], ignore_index=True)
-        obs.index = [f"c{i}" for i in range(len(obs))]
-        part = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
-        part.uns[TARGETS_UNS] = _annotations(parts[name])
-        write_h5ad(part, out / f"{name}.h5ad")
-    ctrl = [b for b in blocks["test"] if b[1]["perturbation"].iloc[0] == "control"]
-    X = np.vstack([b[0] for b in ctrl])
-    obs = pd.concat([b[1] for b in ctrl], ignore_index=True)
-    obs.index = [f"t{i}" for i in range(len(obs))]
-    rows = [(f"{p}|{'' if np.isnan(d) else f'{d:g}'}|{c}", p, d, c) for p, d in parts["test"] for c in CONTEXTS]
-    test = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+    X = np.vstack([b[0] for b in blocks["train"]])
+    obs = pd.concat([b[1] for b in blocks["train"]], ignore_index=True)
+    obs.index = [f"c{i}" for i in range(len(obs))]
+    part = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+    part.uns[TARGETS_UNS] = _annotations(parts["train"])
+    part.uns["split"] = {"scheme": "unseen-perturbation", "group_by": "perturbation"}
+    write_h5ad(part, out / "train.h5ad")
     keys = ("condition", "perturbation", "dose", "context")
-    test.uns["predict"] = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
-    test.uns[TARGETS_UNS] = _annotations(parts["test"])
-    write_h5ad(test, out / "test_inputs.h5ad")
+    for name in ("val", "test"):  # inputs only: controls and what to predict, as the service writes them
+        ctrl = [b for b in blocks[name] if b[1]["perturbation"].iloc[0] == "control"]
+        X = np.vstack([b[0] for b in ctrl])
+        obs = pd.concat([b[1] for b in ctrl], ignore_index=True)
+        obs.index = [f"{name}{i}" for i in range(len(obs))]
+        rows = [(f"{p}|{'' if np.isnan(d) else f'{d:g}'}|{c}", p, d, c) for p, d in parts[name] for c in CONTEXTS]
+        inputs = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+        inputs.uns["predict"] = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
+        inputs.uns[TARGETS_UNS] = _annotations(parts[name])
+        write_h5ad(inputs, out / f"{name}_inputs.h5ad")
     return out
 
 
 @pytest.fixture(scope="module")
 def fitted(split_dir):
+    """The closed-form part fitted on training conditions, with whole perturbations held out to stop on."""
     train_cells = ad.read_h5ad(split_dir / "train.h5ad")
-    val_cells = ad.read_h5ad(split_dir / "val.h5ad")
-    controls = control_means(train_cells)
-    tr = ConditionSet.from_cells(train_cells, controls)
-    va = ConditionSet.from_cells(val_cells, train.val_controls(val_cells, controls))
-    model = PerturbationModel(CONFIG, list(train_cells.var_names))
-    model.fit_closed_form(tr, va, *train.cell_sample(train_cells, 500, 0))
+    everything = ConditionSet.from_cells(train_cells, control_means(train_cells))
+    held, _ = train.stop_rows(everything.table, "perturbation", 0)
+    assert held.any() and not held.all()
+    tr, va = everything.take(~held), everything.take(held)
+    model = train.fitted_model(CONFIG, list(train_cells.var_names), train_cells, tr, va, 0)
     model.set_input_scaling(tr)
     return model, tr, va
 
@@ -129,8 +130,9 @@ def test_training_writes_finite_outputs(split_dir, tmp_path):
     config = {**CONFIG, "epochs": min(int(CONFIG["epochs"]), 5)}
     (tmp_path / "config.json").write_text(json.dumps(config))
     train.main(["--data", str(split_dir), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "config.json")])
-    pred = ad.read_h5ad(tmp_path / "out" / "predictions.h5ad")
-    assert pred.n_obs == len(ad.read_h5ad(split_dir / "test_inputs.h5ad").uns["predict"]["condition"])
-    assert np.isfinite(pred.X).all()
+    for name, inputs in (("predictions.h5ad", "test_inputs.h5ad"), ("val_predictions.h5ad", "val_inputs.h5ad")):
+        pred = ad.read_h5ad(tmp_path / "out" / name)
+        assert list(pred.obs["condition"]) == list(ad.read_h5ad(split_dir / inputs).uns["predict"]["condition"])
+        assert np.isfinite(pred.X).all()
     lines = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
     assert lines and all(np.isfinite(json.loads(line)["train_loss"]) for line in lines)

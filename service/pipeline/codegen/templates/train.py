@@ -1,9 +1,15 @@
 """Train the generated model: `python train.py --data DIR --out DIR --config config.json`.
 
-Reads DIR/train.h5ad, DIR/val.h5ad, DIR/test_inputs.h5ad; writes predictions.h5ad (test conditions),
-val_predictions.h5ad, model.pt, val_metrics.json and train_log.jsonl (one line per epoch) to --out.
-Epoch 0 is the closed-form base alone; the residual network is kept only where it lowers the
-stopping loss on the validation conditions, so it never makes that worse.
+Reads DIR/train.h5ad, DIR/val_inputs.h5ad and DIR/test_inputs.h5ad: training cells, and for the val and
+test conditions only what to predict and their contexts' control cells. No truth of a condition to
+predict is there; the service scores val_predictions.h5ad and predictions.h5ad itself. Writes those two,
+model.pt, val_metrics.json and train_log.jsonl (one line per epoch) to --out.
+
+Early stopping therefore holds out training conditions of its own, in whole groups as the split holds
+out its test (uns["split"]["group_by"]: cell types, perturbations or doses). Phase 1 fits everything
+without them and picks the number of epochs on them: epoch 0 is the closed-form base alone, and the
+residual network is kept only where it lowers that stopping loss. Phase 2 refits on every training
+condition for that many epochs.
 """
 
 import argparse
@@ -19,27 +25,52 @@ import torch
 from model import (ConditionSet, PerturbationModel, annotate, centroid_delta, control_means, delta_loss, dense,
                    pick_device, write_h5ad)
 
-MIN_STOP_CONDITIONS = 5  # fewer validation conditions than this cannot steer early stopping alone
+STOP_FRACTION = 0.2  # share of the training groups held out to stop on
+MIN_STOP_GROUPS = 3  # fewer groups than this: hold out whole perturbations instead; fewer still, no network
 
 
 def read_part(data: Path, name: str) -> ad.AnnData:
     path = data / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: expected train.h5ad, val.h5ad and test_inputs.h5ad in {data}")
+        raise FileNotFoundError(f"{path} is missing: expected train.h5ad, val_inputs.h5ad and test_inputs.h5ad "
+                                f"in {data}")
     return ad.read_h5ad(path)
 
 
-def targets_of(test_inputs: ad.AnnData) -> pd.DataFrame:
-    predict = test_inputs.uns["predict"]
+def targets_of(inputs: ad.AnnData) -> pd.DataFrame:
+    """The conditions an inputs part (val_inputs or test_inputs) asks to predict, with their annotations."""
+    predict = inputs.uns["predict"]
     table = pd.DataFrame({k: list(predict[k]) for k in ("condition", "perturbation", "dose", "context")})
     return annotate(table.astype({"condition": str, "perturbation": str, "context": str, "dose": float}),
-                    test_inputs.uns)
+                    inputs.uns)
 
 
-def val_controls(val: ad.AnnData, train_controls: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Val controls of a context when val has any, else the training controls of that context."""
-    own = control_means(val) if val.obs["is_control"].astype(bool).any() else {}
-    return {**train_controls, **own}
+def to_predict(inputs: ad.AnnData, train_controls: dict[str, np.ndarray]) -> ConditionSet:
+    return ConditionSet(targets_of(inputs), {**train_controls, **control_means(inputs)})
+
+
+def group_keys(table: pd.DataFrame, group_by: str) -> np.ndarray:
+    """The unit each condition is held out with: its context, its perturbation, or its perturbation and dose."""
+    if group_by == "context":
+        return table["context"].astype(str).to_numpy()
+    if group_by == "dose":
+        return (table["perturbation"].astype(str) + "@" + table["dose"].astype(str)).to_numpy()
+    return table["perturbation"].astype(str).to_numpy()
+
+
+def stop_rows(table: pd.DataFrame, group_by: str, seed: int) -> tuple[np.ndarray, str]:
+    """Boolean mask of the training conditions held out for early stopping, and the grouping used:
+    STOP_FRACTION of the groups (at least one), grouped like the split (by perturbation when the split's
+    groups are too few to spare one); none when even those are too few."""
+    if len(set(group_keys(table, group_by))) < MIN_STOP_GROUPS:
+        group_by = "perturbation"
+    keys = group_keys(table, group_by)
+    groups = sorted(set(keys))
+    if len(groups) < MIN_STOP_GROUPS:
+        return np.zeros(len(table), dtype=bool), group_by
+    rng = np.random.default_rng(seed)
+    held = rng.choice(groups, size=max(1, round(STOP_FRACTION * len(groups))), replace=False)
+    return np.isin(keys, held), group_by
 
 
 def write_predictions(path: Path, conditions: ConditionSet, delta: np.ndarray, genes) -> None:
@@ -62,87 +93,98 @@ def cell_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, n
             is_ctrl[pick])
 
 
-def fit(model: PerturbationModel, train: ConditionSet, val: ConditionSet, config: dict, device: torch.device,
-        log_path: Path) -> dict:
-    """Train the residual network with early stopping; returns the best epoch's numbers.
-
-    The stopping loss is taken on the validation conditions: perturbations the model never saw, like the
-    test ones. Training conditions would flatter the network even when held out from its batches, since
-    they shaped the encoder's response embedding and the base; only with fewer than MIN_STOP_CONDITIONS
-    validation conditions is every fifth training condition held out and pooled with them."""
+def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, config: dict, device: torch.device,
+        log, epochs: int | None = None) -> dict:
+    """Train the residual network on `train`. With `stop` conditions (held out of every fit), keep the epoch
+    with the lowest stopping loss on them (early stopping with patience); with none, train `epochs` epochs
+    (the refit). Returns the kept epoch's numbers."""
+    refit = epochs is not None
     rng = np.random.default_rng(int(config["seed"]))
     torch.manual_seed(int(config["seed"]))
     model.set_input_scaling(train)
     base_train = model.base.out_of_fold(train, model.features(train))
-    base_val = model.base.predict(val, model.features(val))
     net = model.build_net(model.net_input(train).shape[1]).to(device)
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     opt = optimizers[config["optimizer"]](net.parameters(), lr=float(config["lr"]),
                                           weight_decay=float(config["weight_decay"]))
     as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
-    few = len(val) < MIN_STOP_CONDITIONS and len(train) >= 10
-    inner = rng.permutation(len(train))[::5] if few else np.array([], dtype=int)
-    fit_rows = np.setdiff1d(np.arange(len(train)), inner)
     y_train, b_train, r_train = as_t(train.delta), as_t(base_train), as_t(centroid_delta(train, train))
-    y_stop = torch.cat([as_t(val.delta), y_train[inner]])
-    b_stop = torch.cat([as_t(base_val), b_train[inner]])
-    r_stop = torch.cat([as_t(centroid_delta(train, val)), r_train[inner]])
-    x_stop_val = as_t(model.net_input(val)) if len(val) else as_t(np.zeros((0, model.x_mean.shape[0])))
+    if len(stop):
+        y_stop, b_stop = as_t(stop.delta), as_t(model.base.predict(stop, model.features(stop)))
+        r_stop, x_stop = as_t(centroid_delta(train, stop)), as_t(model.net_input(stop))
 
-    def stop_loss(x_train: torch.Tensor) -> float:
-        if not len(y_stop):
+    def stop_loss() -> float:
+        if not len(stop):
             return float("nan")
         net.eval()
         with torch.no_grad():
-            x = torch.cat([x_stop_val, x_train[inner]])
-            return float(delta_loss(b_stop + net(x), y_stop, config["loss"], r_stop))
+            return float(delta_loss(b_stop + net(x_stop), y_stop, config["loss"], r_stop))
 
-    x_plain = as_t(model.net_input(train))
-    best = {"epoch": 0, "val_loss": stop_loss(x_plain),
-            "train_loss": float(delta_loss(b_train[fit_rows], y_train[fit_rows], config["loss"], r_train[fit_rows]))}
+    tag = "refit_epoch" if refit else "epoch"
+    best = {"epoch": 0, "val_loss": stop_loss(), "train_loss": float(delta_loss(b_train, y_train, config["loss"], r_train))}
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    with log_path.open("w") as log:
-        log.write(json.dumps({"epoch": 0, "train_loss": best["train_loss"], "val_loss": best["val_loss"]}) + "\n")
-        print(f"epoch=0 train_loss={best['train_loss']:.6f} val_loss={best['val_loss']:.6f}", flush=True)
-        if not config["residual_delta"]:
-            return best
-        batch = int(config["batch_size"])
-        stale = 0
-        for epoch in range(1, int(config["epochs"]) + 1):
-            net.train()
-            x_train = as_t(model.net_input(train, rng))
-            order = torch.as_tensor(rng.permutation(fit_rows), device=device)
-            total = 0.0
-            for start in range(0, len(order), batch):
-                idx = order[start:start + batch]
-                loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config["loss"], r_train[idx])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {epoch} (lr={config['lr']}, "
-                        f"grad_clip={config.get('grad_clip')}): training diverged")
-                opt.zero_grad()
-                loss.backward()
-                if config.get("grad_clip"):
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            current = stop_loss(x_plain)
-            line = {"epoch": epoch, "train_loss": total / len(order), "val_loss": current}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            print(f"epoch={epoch} train_loss={line['train_loss']:.6f} val_loss={current:.6f}", flush=True)
-            if not np.isfinite(current):
-                raise FloatingPointError(f"non-finite validation loss at epoch {epoch} (lr={config['lr']})")
-            if current < best["val_loss"] - 1e-9:
-                best = {"epoch": epoch, "val_loss": current, "train_loss": line["train_loss"]}
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                stale = 0
-            else:
-                stale += 1
-                if stale >= int(config["early_stopping_patience"]):
-                    break
-    net.load_state_dict(best_state)
+
+    def record(line: dict) -> None:
+        finite = {k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in line.items()}
+        log.write(json.dumps({**finite, "phase": "refit" if refit else "select"}) + "\n")
+        log.flush()
+        print(f"{tag}={line['epoch']} train_loss={line['train_loss']:.6f} val_loss={line['val_loss']:.6f}",
+              flush=True)
+
+    record(best)
+    n_epochs = int(config["epochs"]) if epochs is None else int(epochs)
+    if not config["residual_delta"] or not (len(stop) or refit):
+        return best
+    batch = int(config["batch_size"])
+    stale = 0
+    for epoch in range(1, n_epochs + 1):
+        net.train()
+        x_train = as_t(model.net_input(train, rng))
+        order = torch.as_tensor(rng.permutation(len(train)), device=device)
+        total = 0.0
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config["loss"], r_train[idx])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {epoch} (lr={config['lr']}, "
+                    f"grad_clip={config.get('grad_clip')}): training diverged")
+            opt.zero_grad()
+            loss.backward()
+            if config.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        current = stop_loss()
+        line = {"epoch": epoch, "train_loss": total / len(order), "val_loss": current}
+        record(line)
+        if refit:
+            best, best_state = line, None
+            continue
+        if not np.isfinite(current):
+            raise FloatingPointError(f"non-finite stopping loss at epoch {epoch} (lr={config['lr']})")
+        if current < best["val_loss"] - 1e-9:
+            best = line
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            stale = 0
+        else:
+            stale += 1
+            if stale >= int(config["early_stopping_patience"]):
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
     return best
+
+
+def fitted_model(config: dict, genes: list[str], train_cells: ad.AnnData, train: ConditionSet, stop: ConditionSet,
+                 seed: int) -> PerturbationModel:
+    """The closed-form part fitted on `train` (its conditions' cells only; `stop` is what it may tune on)."""
+    model = PerturbationModel(config, genes)
+    keep = train_cells.obs["is_control"].astype(bool).to_numpy() | \
+        train_cells.obs["condition"].astype(str).isin(set(train.table["condition"])).to_numpy()
+    cells, contexts, is_control = cell_sample(train_cells[keep], int(config["cell_sample"]), seed)
+    model.fit_closed_form(train, stop, cells, contexts, is_control)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,32 +199,40 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(config)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    train_cells, val_cells, test_inputs = (read_part(args.data, n) for n in
-                                           ("train.h5ad", "val.h5ad", "test_inputs.h5ad"))
+    train_cells, val_inputs, test_inputs = (read_part(args.data, n) for n in
+                                            ("train.h5ad", "val_inputs.h5ad", "test_inputs.h5ad"))
     genes = list(train_cells.var_names)
     controls = control_means(train_cells)
     train = ConditionSet.from_cells(train_cells, controls)
-    val = ConditionSet.from_cells(val_cells, val_controls(val_cells, controls))
-    test = ConditionSet(targets_of(test_inputs), {**controls, **control_means(test_inputs)})
-    print(f"device={device} genes={len(genes)} train_conditions={len(train)} val_conditions={len(val)} "
-          f"test_conditions={len(test)}", flush=True)
+    val, test = to_predict(val_inputs, controls), to_predict(test_inputs, controls)
+    seed = int(config["seed"])
+    group_by = dict(train_cells.uns.get("split", {})).get("group_by", "perturbation")
+    held, group_by = stop_rows(train.table, group_by, seed)
+    print(f"device={device} genes={len(genes)} train_conditions={len(train)} stop_conditions={int(held.sum())} "
+          f"(whole {group_by} groups) val_conditions={len(val)} test_conditions={len(test)}", flush=True)
 
-    model = PerturbationModel(config, genes)
-    cells, contexts, is_control = cell_sample(train_cells, int(config["cell_sample"]), int(config["seed"]))
-    model.fit_closed_form(train, val, cells, contexts, is_control)
-    best = fit(model, train, val, config, device, args.out / "train_log.jsonl")
+    none = train.take(np.zeros(len(train), dtype=bool))
+    with (args.out / "train_log.jsonl").open("w") as log:
+        if held.any() and config["residual_delta"]:  # phase 1: how many epochs, on groups no part of the model saw
+            fit_part, stop = train.take(~held), train.take(held)
+            selected = fit(fitted_model(config, genes, train_cells, fit_part, stop, seed), fit_part, stop, config,
+                           device, log)
+        else:
+            selected = {"epoch": 0, "val_loss": float("nan"), "train_loss": float("nan")}
+        # phase 2: every training condition, that many epochs
+        model = fitted_model(config, genes, train_cells, train, none, seed)
+        final = fit(model, train, none, config, device, log, epochs=selected["epoch"])
 
-    val_delta = model.predict_delta(val, device)
-    write_predictions(args.out / "val_predictions.h5ad", val, val_delta, genes)
+    write_predictions(args.out / "val_predictions.h5ad", val, model.predict_delta(val, device), genes)
     write_predictions(args.out / "predictions.h5ad", test, model.predict_delta(test, device), genes)
     torch.save({"config": config, "genes": genes, "state_dict": model.net.state_dict(),
                 "base": model.base.chosen, "self_knockdown_fraction": getattr(model.self_effect, "fraction", None)},
                args.out / "model.pt")
-    metrics = {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "train_loss": best["train_loss"],
-               "val_mse": float(np.mean((val_delta - val.delta) ** 2)) if len(val) else None,
-               "base": model.base.chosen, "device": str(device), "seconds": round(time.time() - started, 2)}
+    metrics = {"best_epoch": selected["epoch"], "stop_loss": selected["val_loss"], "train_loss": final["train_loss"],
+               "stop_conditions": int(held.sum()), "stop_group_by": group_by, "base": model.base.chosen,
+               "device": str(device), "seconds": round(time.time() - started, 2)}
     (args.out / "val_metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-    print(f"done best_epoch={best['epoch']} val_loss={best['val_loss']:.6f}", flush=True)
+    print(f"done best_epoch={selected['epoch']} stop_loss={selected['val_loss']:.6f}", flush=True)
 
 
 if __name__ == "__main__":

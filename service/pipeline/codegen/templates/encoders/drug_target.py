@@ -38,5 +38,7 @@ class PerturbationEncoder:
 
     def transform(self, table: pd.DataFrame) -> np.ndarray:
         doses = dose_features(table["dose"].to_numpy(dtype=float), self.max_dose, self.encoding)
-        crossed = (self.embed(table)[:, None, :] * doses[:, :, None]).reshape(len(table), -1)
+        emb = self.embed(table)
+        # explicit width: a table with no rows (no val conditions) still gets its (0, width) features
+        crossed = (emb[:, None, :] * doses[:, :, None]).reshape(len(table), doses.shape[1] * emb.shape[1])
         return np.concatenate([doses, crossed], axis=1)

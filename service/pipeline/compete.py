@@ -1,0 +1,143 @@
+"""The competition on validation and the delivery of its winner.
+
+Every applicable baseline, the best designed model and a validation-fitted stack of them are candidates,
+scored alike on the same validation folds. The delivered predictor is the best on validation's primary
+metric (a tie goes to the simpler: baselines first, then the designed model, then the stack), so a user
+never gets something worse on validation than the best baseline. A baseline or stack winner is delivered
+with runnable code (`deliver.predictor_files`), which the service then runs in a sandbox to check that it
+reproduces the delivered test predictions.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from service.data.evaluate import Evaluator
+from service.data.load import read_h5ad
+from service.pipeline.codegen import Bundle
+from service.pipeline.deliver import DESIGNED, predictor_files, write_files
+from service.pipeline.execute import OUTPUT_FILES, SandboxSettings, run_attempt, save_outcome
+from service.pipeline.progress import ProgressCallback, ProgressEvent
+from service.pipeline.selection import PooledScore, Selection, better, finite
+from service.pipeline.stack import MAX_MEMBERS, blend, fit_stack
+
+EntryKind = Literal["designed", "baseline", "stack"]
+MATCH_TOLERANCE = 1e-3  # max |Δ| between the delivered code's test predictions and the delivered ones
+
+
+@dataclass
+class Entry:
+    kind: EntryKind
+    name: str  # the baseline's name, "designed" or "stack"
+    val: PooledScore
+    val_predictions: dict[str, ad.AnnData | Path]  # fold name -> predictions
+    weights: dict[str, float] = field(default_factory=dict)  # the stack's
+
+    @property
+    def key(self) -> str:
+        return f"baseline:{self.name}" if self.kind == "baseline" else self.kind
+
+    def score(self, metric: str) -> float | None:
+        return self.val.get(metric)
+
+
+def rank(entries: list[Entry], primary: str) -> list[Entry]:
+    """Best first on validation's primary metric; entries without a score last; ties keep the given order."""
+    ordered: list[tuple[Entry, float]] = []
+    for entry in entries:  # insertion keeps earlier entries ahead on ties
+        score = entry.score(primary)
+        if finite(score):
+            at = next((i for i, (_, o) in enumerate(ordered) if better(primary, score, o)), len(ordered))
+            ordered.insert(at, (entry, score))
+    scored = [e for e, _ in ordered]
+    return scored + [e for e in entries if e not in scored]
+
+
+def with_stack(selection: Selection, entries: list[Entry], primary: str) -> list[Entry]:
+    """The entries plus the stack of the best MAX_MEMBERS of them (when two or more can be stacked). The
+    control baseline is no member: its Δ is zero, so weight on it would only shrink the blend towards the
+    control, trading the strongly changed genes for the unchanged ones."""
+    members = [e for e in rank(entries, primary) if finite(e.score(primary)) and e.name != "control"][:MAX_MEMBERS]
+    stack = fit_stack(selection, {e.name: e.val_predictions for e in members})
+    if stack is None:
+        return entries
+    return [*entries, Entry("stack", "stack", selection.score(stack.val_predictions), stack.val_predictions,
+                            weights=stack.weights)]
+
+
+@dataclass
+class Delivery:
+    entry: Entry
+    reason: str
+    test_predictions: ad.AnnData | Path
+    code_check: dict[str, Any] = field(default_factory=dict)
+
+
+def concat_predictions(predictions: dict[str, ad.AnnData | Path]) -> ad.AnnData:
+    """One predictions file of every validation fold (out-of-fold: folds hold disjoint conditions)."""
+    # Files come from generated code: the checked opener.
+    parts = [p if isinstance(p, ad.AnnData) else read_h5ad(p, backed=False) for p in predictions.values()]
+    out = ad.concat(parts, join="outer") if len(parts) > 1 else parts[0].copy()
+    for column in ("condition", "perturbation", "context"):
+        if column in out.obs:
+            out.obs[column] = out.obs[column].astype(str)
+    return out
+
+
+def stack_test_predictions(weights: dict[str, float], test_eval: Evaluator,
+                           members: dict[str, ad.AnnData | Path]) -> ad.AnnData:
+    aligned = {name: test_eval.align(members[name]) for name in weights}
+    control = test_eval.truth.control
+    X = blend(weights, control, aligned)
+    targets = test_eval.truth.targets
+    obs = targets.loc[:, ["condition", "perturbation", "dose", "context"]].copy()
+    obs.index = obs["condition"].astype(str).to_numpy()
+    return ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=test_eval.task.genes.astype(str)))
+
+
+def verify_code(code: Path, data: Path, where: Path, expected: ad.AnnData, test_eval: Evaluator,
+                sandbox: SandboxSettings, time_left: float, on_progress: ProgressCallback) -> dict[str, Any]:
+    """Run the delivered bundle in a sandbox on the whole split's model files; does it reproduce the
+    delivered test predictions?"""
+    on_progress(ProgressEvent("deliver", "running the delivered code in a sandbox"))
+    outcome = run_attempt(code, data, where, 0, sandbox, time_left, on_progress)
+    save_outcome(where, outcome)
+    if outcome.failure is not None:
+        return {"ran": False, "failure": outcome.failure.summary(), "seconds": round(outcome.seconds, 1)}
+    missing = [n for n in OUTPUT_FILES if not (outcome.out_dir / n).is_file()]
+    if missing:
+        return {"ran": False, "failure": f"missing output(s) {missing}", "seconds": round(outcome.seconds, 1)}
+    try:
+        diff = float(np.abs(test_eval.align(outcome.out_dir / "predictions.h5ad") - test_eval.align(expected)).max())
+    except Exception as exc:  # a PredictionsError or an unreadable file: the code does not reproduce
+        return {"ran": True, "matches": False, "failure": str(exc), "seconds": round(outcome.seconds, 1)}
+    return {"ran": True, "matches": diff <= MATCH_TOLERANCE, "max_abs_diff": diff, "seconds": round(outcome.seconds, 1),
+            "out": str(outcome.out_dir)}
+
+
+def install_outputs(out_dir: Path, root: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if (out_dir / name).is_file():
+            shutil.copy2(out_dir / name, root / name)
+
+
+def predictor_bundle_files(entry: Entry, designed: Bundle | None) -> dict[str, str]:
+    if entry.kind == "baseline":
+        return predictor_files({entry.name: 1.0}, "baseline", f"the {entry.name} baseline")
+    names = ", ".join(f"{n} ×{w:.3f}" for n, w in entry.weights.items() if w > 0)
+    return predictor_files({n: w for n, w in entry.weights.items() if w > 0}, "stack",
+                           f"a validation-fitted stack of {names}",
+                           designed if DESIGNED in entry.weights else None)
+
+
+def write_predictor_code(entry: Entry, designed: Bundle | None, code: Path) -> Path:
+    if code.exists():
+        shutil.rmtree(code)
+    return write_files(predictor_bundle_files(entry, designed), code)

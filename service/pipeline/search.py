@@ -1,0 +1,310 @@
+"""The design search (after AIDE: draft → debug → improve), as a journal of nodes.
+
+A node is one bundle run in the sandbox(es) and scored on validation by the service. Drafts are the
+candidate plans; a draft that fails gets debug children (the debugging agent's patches); once one
+works, each improve node makes one change to the best node so far and is kept only if the pooled
+validation score of the primary metric improves. The change comes from an LLM request of kind
+`improve` — offline, from rules that read the validation table (which baseline beats the model, by
+which metric) and map it to the design space; in LLM mode, from the model, shown the code, the table
+and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so `replay`
+reproduces the search. The journal is saved as `search.json`; each node's folder is `attempts/NN/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from service.agents import Plan
+from service.llm import LLMRequest
+from service.pipeline.codegen import Bundle, render_bundle
+from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch
+from service.pipeline.selection import better, finite
+from service.pipeline.validate import Validation
+
+IMPROVE = "improve"
+NodeKind = Literal["draft", "debug", "improve"]
+NodeStatus = Literal["buggy", "kept", "discarded", "rejected"]  # rejected: the change did not apply
+
+
+class Change(BaseModel):
+    """One change to the best bundle so far: plan fields (the bundle is rendered again from the plan),
+    config.json keys and/or search/replace edits of the bundle's files. `stop` when nothing is worth
+    trying."""
+
+    label: str = Field(min_length=1, max_length=120, description="short name of the change")
+    rationale: str = Field(min_length=1, max_length=4000, description="the validation evidence behind it")
+    plan_updates: dict[str, Any] = Field(default_factory=dict,
+                                         description="dotted plan fields -> values, e.g. architecture.dropout")
+    config_changes: dict[str, Any] = Field(default_factory=dict, description="top-level config.json keys")
+    edits: list[FileEdit] = Field(default_factory=list)
+    stop: bool = Field(default=False, description="true when no change is worth a run")
+
+
+@dataclass
+class Node:
+    id: int
+    parent: int | None
+    kind: NodeKind
+    label: str
+    candidate: int
+    plan: Plan
+    bundle: Bundle
+    change: dict[str, Any] | None = None
+    status: NodeStatus = "buggy"
+    validation: Validation | None = None
+    failure: str | None = None
+    seconds: float = 0.0
+    started: float = 0.0  # seconds since the start of the run
+    debug_depth: int = 0
+    patch: DebugPatch | None = None
+    tested: bool = True  # its code ran test_model.py (a config-only change reuses the parent's pass)
+
+    @property
+    def working(self) -> bool:
+        return self.validation is not None and self.validation.ok
+
+    @property
+    def score(self) -> float | None:
+        return self.validation.val_score if self.validation is not None and self.validation.ok else None
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.validation
+        return {"id": self.id, "parent": self.parent, "kind": self.kind, "label": self.label,
+                "candidate": self.candidate, "change": self.change, "status": self.status,
+                "val": None if v is None else {"primary": v.val_score, "summary": v.val_summary,
+                                               "n_conditions": v.n_conditions, "problems": v.problems},
+                "failure": self.failure, "seconds": round(self.seconds, 1), "started": round(self.started, 1),
+                "debug_depth": self.debug_depth}
+
+
+@dataclass
+class SearchTree:
+    primary: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, node: Node) -> Node:
+        self.nodes.append(node)
+        return node
+
+    def best(self) -> Node | None:
+        """The working node with the best validation score (the first one on a tie)."""
+        best: Node | None = None
+        best_score = 0.0
+        for node in self.nodes:
+            score = node.score
+            if node.working and finite(score) and (best is None or better(self.primary, score, best_score)):
+                best, best_score = node, score
+        return best
+
+    def judge(self, node: Node) -> None:
+        """A working node is kept when it beats every node before it on validation, else discarded."""
+        before = SearchTree(self.primary, [n for n in self.nodes if n is not node]).best()
+        if not node.working:
+            node.status = "buggy"
+        elif before is None or (finite(node.score) and finite(before.score)
+                                and better(self.primary, node.score, before.score)):
+            node.status = "kept"
+        else:
+            node.status = "discarded"
+
+    def path_to(self, node: Node | None) -> list[int]:
+        by_id = {n.id: n for n in self.nodes}
+        out = []
+        while node is not None:
+            out.append(node.id)
+            node = by_id.get(node.parent) if node.parent is not None else None
+        return out[::-1]
+
+    def to_json(self, delivered: str | None = None) -> dict[str, Any]:
+        best = self.best()
+        return {"primary_metric": self.primary, "best": best.id if best else None, "kept_path": self.path_to(best),
+                "delivered": delivered, "nodes": [n.to_json() for n in self.nodes]}
+
+
+# --- one change --------------------------------------------------------------------------------------
+
+
+def updated_plan(plan: Plan, updates: dict[str, Any]) -> Plan:
+    """The plan with dotted fields replaced, validated as a whole (a value outside the design space is a
+    `PatchError`)."""
+    data = plan.model_dump()
+    for path, value in updates.items():
+        section, _, name = path.partition(".")
+        if section not in data or not isinstance(data[section], dict) or name not in data[section]:
+            raise PatchError(f"plan has no field {path!r}")
+        data[section][name] = value
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PatchError(f"plan update {updates} rejected: {exc.errors()[0]['msg']}") from None
+
+
+def apply_change(plan: Plan, bundle: Bundle, change: Change) -> tuple[Plan, Bundle]:
+    """The plan and bundle after `change`. Plan updates render the bundle again, keeping the config values
+    the parent's bundle had changed from its own plan's (a debugger's fix stays fixed)."""
+    if change.plan_updates:
+        new_plan = updated_plan(plan, change.plan_updates)
+        own = render_bundle(plan).config()
+        overrides = {k: v for k, v in bundle.config().items() if own.get(k) != v}
+        rendered = render_bundle(new_plan)
+        fresh = rendered.config()
+        changed = {k for k in fresh if fresh[k] != own.get(k)}
+        config = {**fresh, **{k: v for k, v in overrides.items() if k not in changed and k in fresh}}
+        bundle = Bundle(files={**rendered.files, "config.json": json.dumps(config, indent=1) + "\n"})
+        plan = new_plan
+    if change.config_changes or change.edits:
+        bundle = apply_patch(bundle, DebugPatch(failure_class="improve", diagnosis=change.label,
+                                                edits=change.edits, config_changes=change.config_changes))
+    return plan, bundle
+
+
+# --- the request and the offline rules ---------------------------------------------------------------
+
+
+def improve_context(parent: Node, tree: SearchTree, table: dict[str, Any], scheme: str) -> dict[str, Any]:
+    return {
+        "parent": parent.id,
+        "scheme": scheme,
+        "plan": json.loads(parent.plan.model_dump_json(exclude={"provenance", "rationale"})),
+        "config": parent.bundle.config(),
+        "files": {name: parent.bundle.files[name] for name in ("model.py", "train.py")},
+        "validation": table,
+        "history": [{"id": n.id, "parent": n.parent, "kind": n.kind, "label": n.label, "status": n.status,
+                     "val": n.score} for n in tree.nodes],
+    }
+
+
+def improve_request(context: dict[str, Any]) -> LLMRequest:
+    system = (
+        "You are CellForge's design-search agent. A generated perturbation-response model trained and was "
+        "scored by the service on validation conditions held out like the test ones. context.validation has "
+        "its scores beside every baseline's (primary metric first, then mse_top20_de) and the conditions "
+        "where baselines beat it; context.history lists the changes tried so far and whether validation "
+        "improved. Propose ONE change most likely to improve the primary metric on validation: plan field "
+        "updates (rendered again from vetted components), config.json changes, or minimal search/replace "
+        "edits of model.py / train.py. Do not repeat a change from the history. Set stop when nothing is "
+        "worth a run."
+    )
+    user = f"Propose one change to node {context['parent']}."
+    return LLMRequest(kind=IMPROVE, system=system, user=user, context=context, schema=Change)
+
+
+def validation_table(primary: str, model: dict[str, float], baselines: dict[str, dict[str, float]],
+                     per_condition: list[dict[str, Any]], baseline_rows: dict[str, list[dict[str, Any]]],
+                     mode: str) -> dict[str, Any]:
+    """What the improve step reads: the model's pooled val scores beside each baseline's, the baselines
+    that beat it on each headline metric and the conditions where the best one does."""
+    metrics = [primary] + [m for m in ("mse_top20_de", "pearson_delta") if m != primary]
+    beaten_by = {m: sorted((n for n, s in baselines.items() if finite(s.get(m)) and finite(model.get(m))
+                            and better(m, s[m], model[m])), key=lambda n: baselines[n][m],
+                           reverse=not better(m, 0.0, 1.0))
+                 for m in metrics}
+    worst = []
+    best = beaten_by[primary][0] if beaten_by[primary] else None
+    if best is not None:
+        theirs = {r["condition"]: r.get(primary) for r in baseline_rows[best]}
+        for row in per_condition:
+            mine, other = row.get(primary), theirs.get(row["condition"])
+            if finite(mine) and finite(other) and better(primary, other, mine):
+                worst.append({"condition": row["condition"], "model": mine, best: other})
+        worst = sorted(worst, key=lambda r: abs(r[best] - r["model"]), reverse=True)[:10]
+    return {"primary_metric": primary, "mode": mode, "n_conditions": len(per_condition),
+            "model": {m: model.get(m) for m in metrics},
+            "baselines": {n: {m: s.get(m) for m in metrics} for n, s in baselines.items()},
+            "beaten_by": beaten_by, "conditions_lost_to_best_baseline": worst}
+
+
+def _proposals(context: dict[str, Any]) -> list[Change]:
+    """Ordered changes the validation table argues for, most specific first."""
+    table, plan, config = context["validation"], context["plan"], context["config"]
+    a, loss, training = plan["architecture"], plan["loss"], plan["training"]
+    primary = table["primary_metric"]
+    beaten = table["beaten_by"]
+    out: list[Change] = []
+
+    def propose(label: str, why: str, **parts) -> None:
+        out.append(Change(label=label, rationale=why, **parts))
+
+    def score(name: str, metric: str) -> str:
+        value = table["baselines"][name].get(metric)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    model = table["model"]
+    for name in beaten.get(primary, []):
+        why = (f"baseline {name} beats the model on validation {primary} ({score(name, primary)} vs "
+               f"{model[primary]:.4f})")
+        if name == "gene_similarity" and a.get("gene_embedding_source") == "pca":
+            propose("co-expression gene embedding", f"{why}: co-expression neighbours carry what the PCA "
+                    "embedding misses", plan_updates={"architecture.gene_embedding_source": "coexpression"})
+        if name in ("delta_transfer", "linear_context_ridge") and context["scheme"] == "unseen-context" \
+                and a["base_predictor"] != "delta_transfer":
+            propose("Δ-transfer base", f"{why}: transfer the perturbation's response measured in other cell "
+                    "types", plan_updates={"architecture.base_predictor": "delta_transfer"})
+        if name in ("linear_pca_ridge", "drug_target_ridge", "gene_similarity") and \
+                a["base_predictor"] != "linear_ridge" and context["scheme"] != "unseen-context":
+            propose("linear ridge base", f"{why}: start from the closed-form ridge",
+                    plan_updates={"architecture.base_predictor": "linear_ridge"})
+        if name in ("control", "context_mean", "mean_delta"):
+            lambdas = config.get("ridge_lambdas")
+            if lambdas:
+                propose("stronger ridge regularisation", f"{why}: the perturbation-specific part does not "
+                        "generalise; shrink it", config_changes={"ridge_lambdas": [x * 10 for x in lambdas]})
+            if a["residual_delta"] and a["base_predictor"] != "none":
+                propose("closed-form base only", f"{why}: the residual network adds variance",
+                        plan_updates={"architecture.residual_delta": False})
+            propose("more dropout and weight decay", f"{why}: regularise the network",
+                    plan_updates={"architecture.dropout": min(0.8, round(a["dropout"] + 0.2, 3)),
+                                  "training.weight_decay": min(1.0, max(training["weight_decay"] * 10, 1e-4))})
+    top = beaten.get("mse_top20_de", [])
+    if top and primary != "mse_top20_de":
+        propose("heavier top-DE loss weight", f"baseline {top[0]} beats the model on validation mse_top20_de",
+                plan_updates={"loss.de_weighting": "top_de", "loss.de_weight": min(100.0, loss["de_weight"] * 2)})
+    if beaten.get(primary) and primary.startswith("pearson") and not top:
+        propose("Pearson Δ loss term", f"the model loses on {primary} while its squared error is competitive",
+                plan_updates={"loss.kind": "mse_pearson_delta",
+                              "loss.pearson_weight": min(1.0, max(0.2, loss["pearson_weight"] * 2))})
+    propose("lower learning rate", "generic: a smaller step often stops later at a better point",
+            plan_updates={"training.lr": training["lr"] * 0.3})
+    propose("wider and deeper residual network", "generic: more capacity for the residual",
+            plan_updates={"architecture.hidden_width": min(4096, a["hidden_width"] * 2),
+                          "architecture.depth": min(8, a["depth"] + 1)})
+    propose("longer training", "generic: more epochs and patience",
+            plan_updates={"training.epochs": min(5000, training["epochs"] * 2),
+                          "training.early_stopping_patience": min(1000, training["early_stopping_patience"] * 2)})
+    if a.get("gene_embedding_source") == "coexpression":
+        propose("PCA gene embedding", "generic: the other gene embedding source",
+                plan_updates={"architecture.gene_embedding_source": "pca"})
+    return out
+
+
+NO_EFFECT_STREAK = 2  # changes in a row that leave validation exactly as it was: the rules' knobs do not reach it
+
+
+def _no_effect_streak(history: list[dict[str, Any]]) -> int:
+    """How many of the last improve nodes scored exactly what their parent scored."""
+    score = {h["id"]: h.get("val") for h in history if "id" in h}
+    streak = 0
+    for h in reversed([h for h in history if h.get("kind") == "improve"]):
+        mine, theirs = h.get("val"), score.get(h.get("parent"))
+        if not (finite(mine) and finite(theirs) and abs(mine - theirs) <= 1e-12):
+            break
+        streak += 1
+    return streak
+
+
+def offline_improve(context: dict[str, Any]) -> Change:
+    """The first proposal the history has not tried yet (deterministic), or `stop` — also when the last
+    changes left validation exactly unchanged (e.g. the network's residual is not used for unseen cell
+    types, so its knobs cannot move their predictions)."""
+    if _no_effect_streak(context["history"]) >= NO_EFFECT_STREAK:
+        return Change(label="stop", rationale=f"the last {NO_EFFECT_STREAK} changes left validation exactly "
+                      "unchanged: the knobs the rules turn do not reach these predictions", stop=True)
+    tried = {h["label"] for h in context["history"]}
+    for change in _proposals(context):
+        if change.label not in tried:
+            return change
+    return Change(label="stop", rationale="every rule-based change was tried", stop=True)

@@ -1,0 +1,133 @@
+"""The design search's pieces without a sandbox: the offline rules read the validation table, a change is
+applied to plan and bundle, and the journal keeps a node only when validation improves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.agents import ProfileFacts, analyse_task, run_discussion
+from service.llm import OfflineBackend
+from service.pipeline import Change, PatchError, SearchTree, offline_improve, pipeline_handlers, render_bundle
+from service.pipeline.search import Node, apply_change, improve_context, validation_table
+from service.pipeline.validate import Validation
+
+FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
+             n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
+             n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
+             target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
+PRIMARY = "pearson_delta_pert"
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    facts = ProfileFacts.model_validate(FACTS)
+    llm = OfflineBackend(pipeline_handlers())
+    return run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
+                          tmp_path_factory.mktemp("discussion")).plan
+
+
+def _node(id_, plan, score, parent=None, kind="draft", ok=True) -> Node:
+    node = Node(id=id_, parent=parent, kind=kind, label=f"n{id_}", candidate=1, plan=plan, bundle=render_bundle(plan))
+    node.validation = Validation(ok, [], PRIMARY, score)
+    return node
+
+
+def _table(model: dict, baselines: dict) -> dict:
+    rows = [{"condition": "a||x", PRIMARY: model[PRIMARY]}]
+    return validation_table(PRIMARY, model, baselines, rows,
+                            {n: [{"condition": "a||x", PRIMARY: s[PRIMARY]}] for n, s in baselines.items()}, "holdout")
+
+
+def _context(plan, table, history=()) -> dict:
+    tree = SearchTree(PRIMARY, [_node(1, plan, table["model"][PRIMARY])])
+    context = improve_context(tree.nodes[0], tree, table, "unseen-perturbation")
+    context["history"] += list(history)
+    return context
+
+
+def test_rules_follow_the_baseline_that_beats_the_model(plan):
+    plan = plan.model_copy(deep=True)
+    plan.architecture.gene_embedding_source = "pca"
+    table = _table({PRIMARY: 0.2, "mse_top20_de": 0.5},
+                   {"gene_similarity": {PRIMARY: 0.4, "mse_top20_de": 0.6}, "mean_delta": {PRIMARY: 0.0,
+                                                                                         "mse_top20_de": 0.9}})
+    assert table["beaten_by"][PRIMARY] == ["gene_similarity"] and table["beaten_by"]["mse_top20_de"] == []
+    assert table["conditions_lost_to_best_baseline"][0]["gene_similarity"] == 0.4
+    change = offline_improve(_context(plan, table))
+    assert change.label == "co-expression gene embedding" and "gene_similarity" in change.rationale
+    assert change.plan_updates == {"architecture.gene_embedding_source": "coexpression"}
+    # Tried already: the next rule (the model loses on Pearson but not on top-DE MSE: a Pearson term).
+    again = offline_improve(_context(plan, table, [{"label": change.label}]))
+    assert again.label == "Pearson Δ loss term" and again.plan_updates["loss.kind"] == "mse_pearson_delta"
+    assert again.plan_updates["loss.pearson_weight"] == pytest.approx(2 * plan.loss.pearson_weight)
+
+
+def test_losing_to_the_control_asks_for_regularisation(plan):
+    table = _table({PRIMARY: 0.1, "mse_top20_de": 0.9}, {"control": {PRIMARY: 0.3, "mse_top20_de": 0.7}})
+    labels = []
+    for _ in range(4):
+        change = offline_improve(_context(plan, table, [{"label": label} for label in labels]))
+        labels.append(change.label)
+    assert labels == ["stronger ridge regularisation", "closed-form base only", "more dropout and weight decay",
+                      "heavier top-DE loss weight"]
+
+
+def test_rules_run_out_with_a_stop(plan):
+    table = _table({PRIMARY: 0.5, "mse_top20_de": 0.1}, {"mean_delta": {PRIMARY: 0.0, "mse_top20_de": 0.9}})
+    labels: list[str] = []
+    while True:
+        change = offline_improve(_context(plan, table, [{"label": label} for label in labels]))
+        if change.stop:
+            break
+        labels.append(change.label)
+    assert labels == ["lower learning rate", "wider and deeper residual network", "longer training",
+                      "PCA gene embedding"]
+
+
+def test_a_change_renders_the_plan_again_and_keeps_the_parents_fixes(plan):
+    bundle = render_bundle(plan)
+    fixed = json.loads(bundle.files["config.json"])
+    fixed["lr"] = 1e-4  # a debugger's fix
+    bundle = bundle.model_copy(update={"files": {**bundle.files, "config.json": json.dumps(fixed)}})
+    new_plan, new_bundle = apply_change(plan, bundle, Change(
+        label="deeper", rationale="r", plan_updates={"architecture.depth": plan.architecture.depth + 1},
+        config_changes={"batch_size": 16}))
+    config = new_bundle.config()
+    assert new_plan.architecture.depth == plan.architecture.depth + 1 == config["depth"]
+    assert config["lr"] == 1e-4 and config["batch_size"] == 16
+    with pytest.raises(PatchError, match="no field"):
+        apply_change(plan, bundle, Change(label="x", rationale="r", plan_updates={"architecture.wings": 2}))
+    with pytest.raises(PatchError, match="rejected"):
+        apply_change(plan, bundle, Change(label="x", rationale="r", plan_updates={"architecture.depth": 99}))
+
+
+def test_the_journal_keeps_a_node_only_when_validation_improves(plan):
+    tree = SearchTree(PRIMARY)
+    scores = [0.30, 0.25, None, 0.35, 0.35, 0.40]
+    for i, score in enumerate(scores, 1):
+        node = tree.add(_node(i, plan, score, parent=None if i == 1 else 1, kind="draft" if i == 1 else "improve",
+                              ok=score is not None))
+        tree.judge(node)
+    assert [n.status for n in tree.nodes] == ["kept", "discarded", "buggy", "kept", "discarded", "kept"]
+    assert tree.best().id == 6 and tree.path_to(tree.best()) == [1, 6]
+    journal = tree.to_json("designed")
+    assert journal["best"] == 6 and journal["kept_path"] == [1, 6] and len(journal["nodes"]) == 6
+    mse = SearchTree("mse")  # lower is better
+    for i, score in enumerate([0.5, 0.4, 0.6], 1):
+        mse.judge(mse.add(_node(i, plan, score)))
+    assert [n.status for n in mse.nodes] == ["kept", "kept", "discarded"]
+
+
+def test_changes_that_leave_validation_unchanged_stop_the_search(plan):
+    """Unseen cell types: the residual network is not used for them, so network knobs cannot move
+    validation; after two such changes the rules stop rather than spend the budget."""
+    table = _table({PRIMARY: 0.1, "mse_top20_de": 0.9}, {"control": {PRIMARY: 0.3, "mse_top20_de": 0.7}})
+    same = [{"id": 2, "parent": 1, "kind": "improve", "label": "a", "val": 0.1},
+            {"id": 3, "parent": 1, "kind": "improve", "label": "b", "val": 0.1}]
+    assert offline_improve(_context(plan, table, same[:1])).stop is False
+    stop = offline_improve(_context(plan, table, same))
+    assert stop.stop and "unchanged" in stop.rationale
+    moved = [*same[:1], {**same[1], "val": 0.12}]
+    assert offline_improve(_context(plan, table, moved)).stop is False

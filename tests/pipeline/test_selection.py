@@ -1,0 +1,138 @@
+"""Selection on validation without a sandbox: folds owned by the service, baselines and a stack scored
+alike, the choice never worse than the best baseline, and the delivered predictor's code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from service.data import load_split, make_split, simulate
+from service.data.baselines import run_baselines
+from service.data.evaluate import Evaluator
+from service.pipeline.compete import Entry, rank, with_stack
+from service.pipeline.deliver import predictor_files, write_files
+from service.pipeline.rundir import SANDBOX_FILES, RunDir
+from service.pipeline.selection import as_predictions, better, prepare_selection, true_delta
+from service.pipeline.stack import chunks, fit_stack
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    """A knockout split whose val fold would be too small: grouped 3-fold CV over the training genes."""
+    rd = RunDir(tmp_path_factory.mktemp("run")).create()
+    make_split(simulate("knockout", 1, n_cells=2400, n_genes=120), "unseen-perturbation", 0, rd.split)
+    return rd, prepare_selection(rd)
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    rd = RunDir(tmp_path_factory.mktemp("run")).create()
+    make_split(simulate("knockout", 2, n_cells=3000, n_genes=150, n_perturbations=40), "unseen-perturbation", 0,
+               rd.split, val_fraction=0.25)
+    return rd, prepare_selection(rd)
+
+
+def test_small_validation_is_grouped_cross_validation_with_truth_kept_out(cv_run):
+    rd, selection = cv_run
+    assert selection.mode == "cv" and len(selection.folds) == 3 and selection.group_by == "perturbation"
+    train = set(load_split(rd.split).info.conditions["train"])
+    seen: set[str] = set()
+    for fold in selection.folds:
+        # What the fold's sandbox mounts: model files only, none holding a cell of the fold's conditions.
+        assert sorted(p.name for p in fold.data.iterdir()) == sorted(SANDBOX_FILES)
+        held = set(fold.conditions)
+        for name in SANDBOX_FILES:
+            obs = ad.read_h5ad(fold.data / name).obs
+            assert not set(obs.loc[~obs["is_control"].astype(bool), "condition"]) & held, name
+        assert (fold.split.path / "val_truth.h5ad").is_file() and fold.split.path != fold.data
+        assert held <= train and not held & seen  # folds partition the training conditions
+        seen |= held
+        genes = {c.split("|")[0] for c in held}
+        assert not any(c.split("|")[0] in genes for c in train - held)  # whole genes
+    assert seen == train
+    assert {"control", "mean_delta", "linear_pca_ridge"} <= set(selection.baselines)
+    score = selection.baseline_score("mean_delta")
+    assert score.n_conditions == len(train) and set(score.per_fold) == {f.name for f in selection.folds}
+
+
+def test_holdout_validation_is_the_split_val(holdout_run):
+    rd, selection = holdout_run
+    assert selection.mode == "holdout" and [f.name for f in selection.folds] == ["val"]
+    assert selection.folds[0].data == rd.sandbox_data
+    assert sorted(selection.folds[0].conditions) == load_split(rd.split).info.conditions["val"]
+    assert len(chunks(selection)) >= 2  # the stack is cross-fitted over chunks of whole genes
+
+
+def _noisy(fold, rng, sigma: float) -> ad.AnnData:
+    return as_predictions(fold, true_delta(fold) + rng.normal(0, sigma, true_delta(fold).shape))
+
+
+@pytest.mark.parametrize("which", ["cv_run", "holdout_run"])
+def test_stack_is_cross_fitted_and_beats_noisy_members(which, request):
+    """Members = truth + independent noise: their blend averages the noise out, and the stack's validation
+    score — each chunk predicted with weights fitted on the other chunks — beats the best member's. (On
+    real members a cross-fitted stack can score below its best member; then it does not win.)"""
+    _, selection = request.getfixturevalue(which)
+    rng = np.random.default_rng(0)
+    members = {name: {f.name: _noisy(f, rng, 0.3) for f in selection.folds} for name in ("a", "b", "c")}
+    stack = fit_stack(selection, members)
+    assert stack is not None and all(w >= 0 for w in stack.weights.values())
+    assert len(stack.chunk_weights) == len(chunks(selection))
+    for weights in (stack.weights, *stack.chunk_weights):  # an average of the members' Δ, never a shrinkage
+        assert sum(weights.values()) == pytest.approx(1.0)
+    scores = {n: selection.score(p).summary["mse"] for n, p in members.items()}
+    stacked = selection.score(stack.val_predictions).summary["mse"]
+    assert stacked < min(scores.values())
+    # In-sample, the full fit is never worse than its best member (that member alone is a feasible blend).
+    truth = np.concatenate([true_delta(f).ravel() for f in selection.folds])
+    blend = sum(w * np.concatenate([members[n][f.name].X.ravel() - f.evaluator.truth.control.ravel()
+                                    for f in selection.folds]) for n, w in stack.weights.items())
+    best = min(np.mean((np.concatenate([members[n][f.name].X.ravel() - f.evaluator.truth.control.ravel()
+                                        for f in selection.folds]) - truth) ** 2) for n in members)
+    assert np.mean((blend - truth) ** 2) <= best + 1e-9
+
+
+def test_the_choice_is_never_worse_on_validation_than_the_best_baseline(cv_run):
+    _, selection = cv_run
+    entries = [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
+               for n in selection.baselines]
+    primary = "pearson_delta_pert"
+    # A designed model that is bad on validation: the mean-Δ baseline shifted away from the truth.
+    rng = np.random.default_rng(1)
+    bad = {f.name: _noisy(f, rng, 2.0) for f in selection.folds}
+    entries.append(Entry("designed", "designed", selection.score(bad), bad))
+    stacked = with_stack(selection, entries, primary)
+    assert "control" not in next(e for e in stacked if e.kind == "stack").weights  # it would only shrink the blend
+    ranked = rank(stacked, primary)
+    best_baseline = max(e.score(primary) for e in entries if e.kind == "baseline")
+    assert ranked[0].kind != "designed" and not better(primary, best_baseline, ranked[0].score(primary))
+    # A tie goes to the simpler (baselines are listed first): a designed model equal to the best baseline does
+    # not win.
+    top = max((e for e in entries if e.kind == "baseline"), key=lambda e: e.score(primary))
+    twin = Entry("designed", "designed", top.val, top.val_predictions)
+    assert rank([*entries[:-1], twin], primary)[0] is top
+
+
+@pytest.mark.slow  # runs the delivered bundle in a fresh interpreter (torch, anndata imports)
+def test_delivered_baseline_code_reproduces_the_service_predictions(holdout_run, tmp_path):
+    """The bundle of a baseline winner runs CellForge's own baselines on the model files alone."""
+    rd, selection = holdout_run
+    code = write_files(predictor_files({"linear_pca_ridge": 1.0}, "baseline", "the linear_pca_ridge baseline"),
+                       tmp_path / "code")
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
+                           cwd=code, capture_output=True, text=True, timeout=300)
+    assert tests.returncode == 0, tests.stdout[-2000:] + tests.stderr[-2000:]
+    done = subprocess.run([sys.executable, "train.py", "--data", str(rd.sandbox_data), "--out", str(tmp_path / "out"),
+                           "--config", "config.json"], cwd=code, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    test_eval = Evaluator(rd.split, "test")
+    expected = run_baselines(rd.split, "test")["linear_pca_ridge"]
+    np.testing.assert_allclose(test_eval.align(tmp_path / "out" / "predictions.h5ad"), test_eval.align(expected),
+                               atol=1e-5)
+    fold = selection.folds[0]
+    np.testing.assert_allclose(fold.evaluator.align(tmp_path / "out" / "val_predictions.h5ad"),
+                               fold.evaluator.align(fold.baselines["linear_pca_ridge"]), atol=1e-5)
