@@ -95,6 +95,13 @@ class ConditionSet:
     def __len__(self) -> int:
         return len(self.table)
 
+    def subset(self, rows: np.ndarray) -> "ConditionSet":
+        out = ConditionSet.__new__(ConditionSet)
+        out.table = self.table.iloc[rows].reset_index(drop=True)
+        out.control = self.control[rows]
+        out.delta = None if self.delta is None else self.delta[rows]
+        return out
+
     @classmethod
     def from_cells(cls, adata, controls: dict[str, np.ndarray]) -> "ConditionSet":
         table = annotate(condition_table(adata.obs), adata.uns)
@@ -109,6 +116,17 @@ def context_onehot(contexts: list[str], vocabulary: list[str]) -> np.ndarray:
         if context in pos:
             out[row, pos[context]] = 1.0
     return out
+
+
+def gene_coexpression(cells: np.ndarray, dim: int) -> np.ndarray:
+    """Each gene's loadings on the top `dim` principal components of the cells, scaled by each component's
+    spread and normalised to unit length: the cosine of two genes' rows approximates their correlation."""
+    centred = cells - cells.mean(axis=0)
+    k = max(1, min(dim, centred.shape[0] - 1, centred.shape[1] - 1))
+    values, vectors = np.linalg.eigh(centred.T @ centred / max(len(cells) - 1, 1))
+    top = np.argsort(values)[::-1][:k]
+    embedding = vectors[:, top] * np.sqrt(np.maximum(values[top], 0.0))
+    return embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
 
 
 def ridge(F: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
@@ -147,3 +165,181 @@ def response_residuals(table: pd.DataFrame, delta: np.ndarray) -> np.ndarray:
     """Δ minus the mean Δ of its context and dose: what is specific to each perturbation, whose principal
     directions embed genes (the mean-Δ offsets are the base's job, and would otherwise lead them)."""
     return delta - np.stack([mean_delta_by(table, delta, r.context, r.dose) for r in table.itertuples()])
+
+
+def loss_weights(delta: np.ndarray, loss_cfg: dict) -> np.ndarray:
+    """Per-entry weights of the plan's loss: each condition's top-DE genes (by |Δ|) weighted up."""
+    weights = np.ones_like(delta)
+    if loss_cfg.get("de_weighting") == "top_de" and delta.size:
+        top = np.argsort(-np.abs(delta), axis=1)[:, : int(loss_cfg["de_top_k"])]
+        np.put_along_axis(weights, top, float(loss_cfg["de_weight"]), axis=1)
+    return weights
+
+
+def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+class Stack:
+    """Non-negative weights over member predictions of Δ, fitted on grouped out-of-fold predictions of the
+    training conditions with the plan's loss: the squared error (top-DE genes weighted up), taken relative
+    to the weighted mean square of the true Δ so that it is on one scale for every dataset, plus
+    pearson_weight × (1 − Pearson of Δ − the perturbed centroid) when the plan asks for it, as the evaluator
+    scores it. No weight sums to one: all small shrinks toward no change (the control), which the Pearson
+    term rewards when most perturbations move less than the average one; the weighted error anchors the
+    magnitude. Members whose out-of-fold predictions repeat another's are left out (their weights could not
+    be told apart).
+
+    Whether the data can weigh the members at all is itself checked out of fold: with the folds, the weights
+    are refitted without each fold and scored on it, for the whole stack and for its simplest member alone
+    (the baseline recipe it starts from, at its best scale); the whole stack is kept only when it scores
+    better there, so a handful of training perturbations cannot talk it into weights that do not carry over
+    to perturbations it has not seen."""
+
+    PENALTY = 1e-3
+
+    def __init__(self, loss_cfg: dict, simplest: str):
+        self.loss = loss_cfg
+        self.simplest = simplest
+        self.pearson = float(loss_cfg.get("pearson_weight", 0.0)) if loss_cfg.get("kind") == "mse_pearson_delta" \
+            else 0.0
+
+    def row_losses(self, pred: np.ndarray, true: np.ndarray, reference: np.ndarray, pinned=None,
+                   scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each condition's share of the loss (they sum to it) and the loss's gradient with respect to
+        `pred`; `pinned` = (mask, values): entries a prior sets whatever the members say (a knocked-down
+        gene's own level); `scale`: the squared-error normaliser, by default that of these conditions."""
+        if pinned is not None:
+            pred = np.where(pinned[0], pinned[1], pred)
+        weights = loss_weights(true, self.loss)
+        scale = scale or max(float(np.sum(weights * true ** 2)), 1e-12)
+        rows = np.sum(weights * (pred - true) ** 2, axis=1) / scale
+        gradient = 2.0 * weights * (pred - true) / scale
+        if self.pearson:
+            a, b = pred - reference, true - reference
+            a = a - a.mean(axis=1, keepdims=True)
+            b = b - b.mean(axis=1, keepdims=True)
+            na = np.linalg.norm(a, axis=1, keepdims=True) + 1e-12
+            nb = np.linalg.norm(b, axis=1, keepdims=True) + 1e-12
+            r = (a * b).sum(axis=1, keepdims=True) / (na * nb)
+            rows = rows + self.pearson * (1.0 - r[:, 0]) / len(pred)
+            gradient -= self.pearson / len(pred) * (b / (na * nb) - r * a / na ** 2)
+        if pinned is not None:
+            gradient = np.where(pinned[0], 0.0, gradient)
+        return rows, gradient
+
+    def objective(self, pred: np.ndarray, true: np.ndarray, reference: np.ndarray, pinned=None) -> float:
+        return float(self.row_losses(pred, true, reference, pinned)[0].sum())
+
+    def _weights(self, X: np.ndarray, true: np.ndarray, reference: np.ndarray, pinned) -> np.ndarray:
+        """Weights minimising the loss plus PENALTY·|w|²: members predict Δ on one scale, so weights are of
+        order one, and the penalty only stops a member that is nearly null on these conditions (or nearly
+        another's copy) from taking a weight that explodes on others."""
+        from scipy.optimize import minimize, nnls
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            rows, gradient = self.row_losses(np.tensordot(w, X, axes=1), true, reference, pinned)
+            return (float(rows.sum()) + self.PENALTY * float(w @ w),
+                    np.tensordot(X, gradient, axes=([1, 2], [0, 1])) + 2.0 * self.PENALTY * w)
+
+        root = np.sqrt(loss_weights(true, self.loss)) * (1.0 if pinned is None else ~pinned[0])
+        scale = max(float(np.sum(root ** 2 * true ** 2)), 1e-12)
+        design = np.vstack([np.stack([(root * x).ravel() for x in X], axis=1),
+                            np.sqrt(self.PENALTY * scale) * np.eye(len(X))])
+        starts = [nnls(design, np.concatenate([(root * true).ravel(), np.zeros(len(X))]))[0]]
+        if not self.pearson:
+            return starts[0]
+        for i, x in enumerate(X):  # each member alone at its best scale
+            alone = float(np.sum(root ** 2 * x * true) / max(np.sum(root ** 2 * x * x), 1e-12))
+            starts.append(np.eye(len(X))[i] * min(max(alone, 0.0), 10.0))
+        best = min(starts, key=lambda w: loss(w)[0])
+        for start in (starts[0], best):
+            result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(X))
+            if result.fun < loss(best)[0]:
+                best = result.x
+        return best
+
+    def fit(self, members: dict[str, np.ndarray], true: np.ndarray, reference: np.ndarray, pinned=None,
+            folds: list[np.ndarray] | None = None) -> dict[str, float]:
+        names: list[str] = [self.simplest]
+        for name, oof in members.items():
+            if not any(np.allclose(oof, members[kept], atol=1e-9) for kept in names):
+                names.append(name)
+        X = np.stack([members[n] for n in names])
+        weights = self._weights(X, true, reference, pinned)
+        self.nested = None
+        if folds is not None and len(folds) >= 3 and len(names) > 1:
+            scale = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
+            losses = np.zeros((2, len(folds)))
+            for f, held in enumerate(folds):
+                rest = np.setdiff1d(np.arange(len(true)), held)
+                pin = lambda rows: None if pinned is None else (pinned[0][rows], pinned[1][rows])  # noqa: E731
+                for c, used in enumerate((X, X[:1])):
+                    w = self._weights(used[:, rest], true[rest], reference[rest], pin(rest))
+                    pred = np.tensordot(w, used[:, held], axes=1)
+                    losses[c, f] = self.row_losses(pred, true[held], reference[held], pin(held), scale)[0].sum()
+            self.nested = {"stack": float(losses[0].sum()), self.simplest: float(losses[1].sum())}
+            if losses[0].sum() >= losses[1].sum():
+                weights = np.zeros(len(names))
+                weights[0] = self._weights(X[:1], true, reference, pinned)[0]
+        self.weights = {n: float(w) for n, w in zip(names, weights)}
+        self.weights.update({n: 0.0 for n in members if n not in self.weights})
+        self.loss_value = self.objective(np.tensordot(weights, X, axes=1), true, reference, pinned)
+        self.member_loss = {n: self.objective(members[n], true, reference, pinned) for n in members}
+        return self.weights
+
+    def combine(self, members: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.zeros_like(next(iter(members.values())), dtype=float)
+        for name, weight in self.weights.items():
+            if weight > 0:
+                out = out + weight * members[name]
+        return out
+
+
+class SelfEffect:
+    """A knocked-down gene's own expression falls: a knockdown leaves a fraction κ of the gene's linear-scale
+    expression, so its log-normalized level x becomes log1p(κ·expm1(x)), a Δ of log1p(κ·expm1(x)) − x: nearly
+    proportional to x for a weakly expressed gene, nearly log κ for a strongly expressed one. κ is fitted by
+    least squares over the training knockouts whose target is measured, and sets the target's predicted Δ of
+    any knockdown, an unseen gene's too; no gene-embedding model gets that entry right for an unseen target."""
+
+    def __init__(self, genes: list[str]):
+        self.pos = {g: i for i, g in enumerate(genes)}
+        self.kept = 1.0
+
+    @property
+    def fraction(self) -> float:
+        """The share of a knocked-down gene's expression that the knockdown removes."""
+        return 1.0 - self.kept
+
+    def targets(self, table: pd.DataFrame) -> list[list[int]]:
+        return [[self.pos[g] for g in str(p).split("+") if g in self.pos] for p in table["perturbation"]]
+
+    @staticmethod
+    def curve(level: np.ndarray, kept: float) -> np.ndarray:
+        level = np.maximum(level, 0.0)
+        return np.log1p(kept * np.expm1(level)) - level
+
+    def fit(self, train: ConditionSet) -> "SelfEffect":
+        from scipy.optimize import minimize_scalar
+
+        pairs = [(train.control[row, i], train.delta[row, i]) for row, idx in enumerate(self.targets(train.table))
+                 for i in idx]
+        if pairs:
+            level, delta = np.array(pairs).T
+            self.kept = float(minimize_scalar(lambda k: np.sum((self.curve(level, k) - delta) ** 2),
+                                              bounds=(1e-4, 1.0), method="bounded").x)
+        return self
+
+    def pinned(self, conditions: ConditionSet) -> tuple[np.ndarray, np.ndarray]:
+        """(mask, values): the target entries of each condition and the Δ the knockdown gives them."""
+        mask = np.zeros((len(conditions), conditions.control.shape[1]), dtype=bool)
+        for row, idx in enumerate(self.targets(conditions.table)):
+            mask[row, idx] = True
+        return mask, np.where(mask, self.curve(conditions.control, self.kept), 0.0)
+
+    def apply(self, conditions: ConditionSet, delta: np.ndarray) -> np.ndarray:
+        mask, values = self.pinned(conditions)
+        return np.where(mask, values, delta)
