@@ -91,8 +91,13 @@ def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_mo
 @pytest.mark.parametrize("loss", [None, TOP_DE_LOSS], ids=["plain", "top_de_weighted"])
 def test_stacked_ridge_falls_back_to_the_mean_when_features_say_nothing(ridge_model, loss):
     base, pred, true, train = _ridge_case(ridge_model, signal=0.0, loss=loss)
-    assert sum(base.chosen["stack_weights"].values()) < 0.2
-    assert np.abs(pred - train.delta.mean(axis=0)).max() < 0.15
+    weights = base.chosen["stack_weights"]
+    assert sum(w for name, w in weights.items() if name != "mean") < 0.2
+    assert np.abs(pred - weights["mean"] * train.delta.mean(axis=0)).max() < 0.15
+    if loss is None:
+        assert weights["mean"] == pytest.approx(1.0, abs=0.1)
+    else:  # the top-DE genes are picked for a large |Δ|, so the loss that weights them up scales the mean up
+        assert 1.0 <= weights["mean"] < 1.5
 
 
 def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model):
@@ -120,30 +125,53 @@ def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model
 
 
 def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_model):
-    """Δ(p, c) = s_p + 0.4·(mean control of the other contexts − control of c): the blend's convergence
-    weight is recovered leave-context-out and an unseen context is predicted far better than by the
-    perturbation's Δ elsewhere (the delta_transfer baseline)."""
+    """Δ(p, c) = s_p + 0.4·(mean control of the other contexts − control of c): fitted leave-one-context-out,
+    the stack leans on the members that place a context by its control profile, and an unseen context is
+    predicted far better than by the perturbation's Δ elsewhere (the delta_transfer baseline)."""
     m = transfer_model
     rng = np.random.default_rng(2)
-    genes, contexts = 50, ["A", "B", "C", "D"]
+    genes, contexts = 50, ["A", "B", "C", "D", "E"]
     controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
     shared = {p: rng.normal(size=genes) for p in ("P1", "P2", "P3", "P4")}
 
     def truth(p, c, pool):
         return shared[p] + 0.4 * (np.mean([controls[x] for x in pool if x != c], axis=0) - controls[c])
 
-    seen = ["A", "B", "C"]
+    seen = ["A", "B", "C", "D"]
     rows = [(p, c) for p in shared for c in seen]
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
                         np.stack([truth(p, c, seen) for p, c in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
     base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
-    assert base.chosen["convergence_weight"] == pytest.approx(0.4, abs=0.05)
-    assert base.chosen["transfer_weight"] > 0.9
-    test = _conditions(m, list(shared), ["D"] * 4, controls, np.stack([truth(p, "D", seen) for p in shared]))
+    weights = base.chosen["stack_weights"]
+    assert weights["transfer"] < 0.5 < sum(w for name, w in weights.items() if name != "transfer")
+    test = _conditions(m, list(shared), ["E"] * 4, controls, np.stack([truth(p, "E", seen) for p in shared]))
     pred = base.predict(test, np.zeros((4, 1)))
-    transfer = np.stack([shared[p] + np.mean([truth(p, c, seen) - shared[p] for c in seen], axis=0) for p in shared])
+    transfer = np.stack([np.mean([truth(p, c, seen) for c in seen], axis=0) for p in shared])
     assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
+
+
+def test_two_training_contexts_place_the_unseen_one_by_the_profile_kernel(transfer_model):
+    """With two training contexts no held-out context can check a member that places a context: the base is
+    the profile kernel, transfer next to a training context, their mean perturbed state far from both."""
+    m = transfer_model
+    rng = np.random.default_rng(5)
+    genes = 30
+    controls = {"A": rng.normal(2.0, 1.0, genes)}
+    controls["B"] = controls["A"] + 0.05 * rng.normal(size=genes)
+    controls["near"] = controls["A"] + 0.01 * rng.normal(size=genes)
+    controls["far"] = controls["A"] + 5.0 * rng.normal(size=genes)
+    shared = {p: rng.normal(size=genes) for p in ("P1", "P2")}
+    rows = [(p, c) for p in shared for c in ("A", "B")]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, np.stack([shared[p] for p, _ in rows]))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((4, 1)), empty, np.zeros((0, 1)))
+    assert base.chosen["stack_weights"] == {"profile_kernel": 1.0}
+    query = _conditions(m, ["P1", "P1"], ["near", "far"], controls, np.zeros((2, genes)))
+    near, far = base.predict(query, np.zeros((2, 1)))
+    np.testing.assert_allclose(near, shared["P1"], atol=0.1)
+    perturbed_mean = np.mean([controls[c] + shared["P1"] for c in ("A", "B")], axis=0)
+    np.testing.assert_allclose(far, perturbed_mean - controls["far"], atol=0.1)
 
 
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
@@ -192,7 +220,7 @@ def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ri
 
 def test_target_ridges_stay_out_without_annotated_targets(ridge_model):
     base, _, _, _ = _ridge_case(ridge_model, signal=1.0)
-    assert set(base.chosen["stack_weights"]) == {"pooled_ridge", "grouped_ridge", "neighbours"}
+    assert set(base.chosen["stack_weights"]) == {"mean", "pooled_ridge", "grouped_ridge", "neighbours"}
 
 
 def test_centroid_delta_is_the_mean_training_response_of_the_context(ridge_model):
