@@ -57,6 +57,8 @@ class DesignSettings(BaseModel):
     cpus: float = 2.0
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
     candidates: int = Field(1, ge=1, le=7, description="plans tried (the discussion's + variants); best by val")
+    held_out_context: str | None = Field(None, description="unseen-context splits: the context to hold out "
+                                                           "(default: one drawn with the seed)")
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
@@ -211,7 +213,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                                                                              settings.max_genes)
     emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
     make_split(settings.data, analysis.split_scheme, settings.seed, rd.split,
-               n_genes=n_genes if n_genes < profile.n_genes else None,
+               n_genes=n_genes if n_genes < profile.n_genes else None, context=settings.held_out_context,
                on_progress=lambda msg: emit(ProgressEvent("split", msg)))
     val_eval, test_eval = Evaluator(rd.split, "val"), Evaluator(rd.split, "test")
 

@@ -249,3 +249,57 @@ def test_pearson_term_is_taken_against_the_perturbed_centroid(ridge_model):
     assert vs_centroid == pytest.approx(1.0, abs=1e-6)
     # A prediction carrying each perturbation's own part scores well on both.
     assert float(ridge_model.delta_loss(true, true, pearson_only, centroid)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stack_weighs_members_by_held_out_loss_and_ignores_pinned_entries(ridge_model):
+    """A member carrying the signal gets the weight, pure-noise members none; entries a prior pins (the
+    knocked-down gene's own level) do not count, however wrong the members are there."""
+    m = ridge_model
+    rng = np.random.default_rng(4)
+    true = rng.normal(size=(60, 30))
+    reference = np.zeros_like(true)
+    members = {"mean": np.zeros_like(true), "signal": true + 0.3 * rng.normal(size=true.shape),
+               "noise": rng.normal(size=true.shape)}
+    mask = np.zeros_like(true, dtype=bool)
+    mask[np.arange(60), rng.integers(0, 30, 60)] = True
+    members["signal"][mask] = 50.0  # wildly off where the prior decides
+    stack = m.Stack({"kind": "mse_pearson_delta", "pearson_weight": 0.2, "de_weighting": "none"})
+    folds = [np.arange(60)[k::5] for k in range(5)]
+    weights = stack.fit(members, true, reference, pinned=(mask, true), folds=folds)
+    assert weights["signal"] == pytest.approx(1 / 1.09, abs=0.1) and weights["noise"] < 0.05
+    assert stack.nested["stack"] < stack.nested["mean"] and stack.nested["signal"] < stack.nested["noise"]
+
+
+def test_stack_keeps_the_best_single_recipe_when_its_weights_do_not_carry_over(ridge_model):
+    """Six conditions and fifteen members, most fitting noise in them: refitted without each fold, the stack
+    does worse on it than the one recipe that carries the signal, which is then kept alone at its best scale."""
+    m = ridge_model
+    rng = np.random.default_rng(6)
+    true = rng.normal(size=(6, 10))
+    members = {"recipe": true + 0.5 * rng.normal(size=true.shape)}
+    members |= {f"noise{i}": rng.normal(size=true.shape) for i in range(15)}
+    stack = m.Stack({"kind": "mse", "de_weighting": "none"})
+    weights = stack.fit(members, true, np.zeros_like(true), folds=[np.array([i]) for i in range(6)])
+    assert stack.chosen == "recipe" and min(stack.nested, key=stack.nested.get) == "recipe"
+    assert weights["recipe"] > 0.5 and all(weights[f"noise{i}"] == 0.0 for i in range(15))
+
+
+@pytest.mark.parametrize(("small", "large", "side"), [(0.1, 4.0, "shrink"), (1.3, -1.0, "stretch")])
+def test_stack_takes_the_side_of_the_average_response_most_perturbations_are_on(ridge_model, small, large, side):
+    """Most conditions move along the average response, by less (or more) than it; a few move very
+    differently. The mean Δ is the squared-error answer, but Pearson against the perturbed centroid sees only
+    the direction of the prediction's deviation from it: a slight shrink toward the control (or stretch
+    away from it) correlates with the many, at almost no squared-error cost. The Pearson term takes it."""
+    m = ridge_model
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=40)
+    scale = np.where(rng.random(50) < 0.8, small, large)
+    true = scale[:, None] * direction + 0.2 * rng.normal(size=(50, 40))
+    mean = np.tile(true.mean(axis=0), (50, 1))
+    plain = m.Stack({"kind": "mse", "de_weighting": "none"}).fit({"mean": mean}, true, mean)
+    pearson = m.Stack({"kind": "mse_pearson_delta", "pearson_weight": 0.2, "de_weighting": "none"}).fit(
+        {"mean": mean}, true, mean)
+    assert plain["mean"] == pytest.approx(1.0, abs=0.05)
+    assert (pearson["mean"] < 1.0) if side == "shrink" else (pearson["mean"] > 1.0)
+    r = m.rowwise_pearson((pearson["mean"] - 1.0) * mean, true - mean)
+    assert np.mean(r[scale == small]) > 0.8

@@ -192,25 +192,28 @@ class Stack:
     magnitude. Members whose out-of-fold predictions repeat another's are left out (their weights could not
     be told apart).
 
-    Whether the data can weigh the members at all is itself checked out of fold: with the folds, the weights
-    are refitted without each fold and scored on it, for the whole stack and for its simplest member alone
-    (the baseline recipe it starts from, at its best scale); the whole stack is kept only when it scores
-    better there, so a handful of training perturbations cannot talk it into weights that do not carry over
-    to perturbations it has not seen."""
+    Whether the data can weigh the members at all is itself checked out of fold (nested): with the folds,
+    the whole stack's weights are refitted without each fold and scored on it, and so is each single recipe
+    (`singles`: a baseline's recipe, e.g. the mean Δ plus one ridge, at its best scale); the candidate with the
+    least loss on the folds it did not see is kept. A handful of training perturbations thus cannot talk the
+    stack into weights that do not carry over, and the model is never knowingly worse than the best recipe."""
 
     PENALTY = 1e-3
+    NUDGES = (0.0, -0.01, 0.01, -0.03, 0.03, -0.1, 0.1)
+    SCALES = np.concatenate([np.linspace(0.0, 2.0, 41), 1.0 + np.array(NUDGES[1:])])
 
-    def __init__(self, loss_cfg: dict, simplest: str):
+    def __init__(self, loss_cfg: dict):
         self.loss = loss_cfg
-        self.simplest = simplest
         self.pearson = float(loss_cfg.get("pearson_weight", 0.0)) if loss_cfg.get("kind") == "mse_pearson_delta" \
             else 0.0
 
     def row_losses(self, pred: np.ndarray, true: np.ndarray, reference: np.ndarray, pinned=None,
-                   scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   scale: float | None = None, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Each condition's share of the loss (they sum to it) and the loss's gradient with respect to
         `pred`; `pinned` = (mask, values): entries a prior sets whatever the members say (a knocked-down
-        gene's own level); `scale`: the squared-error normaliser, by default that of these conditions."""
+        gene's own level); `scale` and `count`: the squared-error normaliser and the number of conditions the
+        Pearson term averages over, by default those of these conditions (a fold's shares of the loss over
+        all conditions need the totals')."""
         if pinned is not None:
             pred = np.where(pinned[0], pinned[1], pred)
         weights = loss_weights(true, self.loss)
@@ -224,8 +227,9 @@ class Stack:
             na = np.linalg.norm(a, axis=1, keepdims=True) + 1e-12
             nb = np.linalg.norm(b, axis=1, keepdims=True) + 1e-12
             r = (a * b).sum(axis=1, keepdims=True) / (na * nb)
-            rows = rows + self.pearson * (1.0 - r[:, 0]) / len(pred)
-            gradient -= self.pearson / len(pred) * (b / (na * nb) - r * a / na ** 2)
+            count = count or len(pred)
+            rows = rows + self.pearson * (1.0 - r[:, 0]) / count
+            gradient -= self.pearson / count * (b / (na * nb) - r * a / na ** 2)
         if pinned is not None:
             gradient = np.where(pinned[0], 0.0, gradient)
         return rows, gradient
@@ -259,34 +263,48 @@ class Stack:
             result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(X))
             if result.fun < loss(best)[0]:
                 best = result.x
-        return best
+        # Pearson sees only the direction of (prediction − centroid): near the centroid a slight shrink toward
+        # the control (or stretch away from it) flips it at almost no squared-error cost, a step no gradient
+        # sees; both sides are tried.
+        return min([best * (1.0 + step) for step in self.NUDGES], key=lambda w: loss(w)[0])
 
     def fit(self, members: dict[str, np.ndarray], true: np.ndarray, reference: np.ndarray, pinned=None,
-            folds: list[np.ndarray] | None = None) -> dict[str, float]:
-        names: list[str] = [self.simplest]
+            folds: list[np.ndarray] | None = None, singles: dict[str, dict[str, float]] | None = None) -> dict:
+        """Weights over `members` (name -> out-of-fold Δ predictions of the training conditions). `singles`:
+        the single recipes the stack must beat out of fold, each a fixed combination of members (default:
+        each member alone)."""
+        names: list[str] = []
         for name, oof in members.items():
             if not any(np.allclose(oof, members[kept], atol=1e-9) for kept in names):
                 names.append(name)
         X = np.stack([members[n] for n in names])
-        weights = self._weights(X, true, reference, pinned)
-        self.nested = None
-        if folds is not None and len(folds) >= 3 and len(names) > 1:
-            scale = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
-            losses = np.zeros((2, len(folds)))
-            for f, held in enumerate(folds):
+        weights = dict(zip(names, self._weights(X, true, reference, pinned)))
+        self.nested, self.chosen = None, "stack"
+        singles = singles if singles is not None else {n: {n: 1.0} for n in members}
+        if folds is not None and len(folds) >= 3:
+            total = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
+            pin = lambda rows: None if pinned is None else (pinned[0][rows], pinned[1][rows])  # noqa: E731
+            self.nested = {"stack": 0.0}
+            for held in folds:
                 rest = np.setdiff1d(np.arange(len(true)), held)
-                pin = lambda rows: None if pinned is None else (pinned[0][rows], pinned[1][rows])  # noqa: E731
-                for c, used in enumerate((X, X[:1])):
-                    w = self._weights(used[:, rest], true[rest], reference[rest], pin(rest))
-                    pred = np.tensordot(w, used[:, held], axes=1)
-                    losses[c, f] = self.row_losses(pred, true[held], reference[held], pin(held), scale)[0].sum()
-            self.nested = {"stack": float(losses[0].sum()), self.simplest: float(losses[1].sum())}
-            if losses[0].sum() >= losses[1].sum():
-                weights = np.zeros(len(names))
-                weights[0] = self._weights(X[:1], true, reference, pinned)[0]
-        self.weights = {n: float(w) for n, w in zip(names, weights)}
-        self.weights.update({n: 0.0 for n in members if n not in self.weights})
-        self.loss_value = self.objective(np.tensordot(weights, X, axes=1), true, reference, pinned)
+                w = self._weights(X[:, rest], true[rest], reference[rest], pin(rest))
+                self.nested["stack"] += float(self.row_losses(np.tensordot(w, X[:, held], axes=1), true[held],
+                                                              reference[held], pin(held), total, len(true))[0].sum())
+            for label, recipe in singles.items():
+                single = sum(c * members[n] for n, c in recipe.items())
+                # Each condition's loss at every scale; a fold's scale is the best on the other conditions.
+                grid = np.stack([self.row_losses(k * single, true, reference, pinned, total)[0] for k in self.SCALES])
+                self.nested[label] = float(sum(grid[np.argmin(np.delete(grid, held, axis=1).sum(axis=1)), held].sum()
+                                               for held in folds))
+            self.chosen = min(self.nested, key=self.nested.get)
+            if self.chosen != "stack":
+                recipe = singles[self.chosen]
+                single = sum(c * members[n] for n, c in recipe.items())
+                grid = [float(self.row_losses(k * single, true, reference, pinned, total)[0].sum()) for k in self.SCALES]
+                scale = float(self.SCALES[int(np.argmin(grid))])
+                weights = {n: scale * recipe.get(n, 0.0) for n in members}
+        self.weights = {n: float(weights.get(n, 0.0)) for n in members}
+        self.loss_value = self.objective(self.combine(members), true, reference, pinned)
         self.member_loss = {n: self.objective(members[n], true, reference, pinned) for n in members}
         return self.weights
 

@@ -33,7 +33,7 @@ class BasePredictor:
     KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
 
     def __init__(self, config: dict, genes: list[str]):
-        self.stack = Stack(config.get("loss", {}), simplest="transfer")
+        self.stack = Stack(config.get("loss", {}))
         self.chosen = {}
 
     # ----------------------------------------------------------------- members
@@ -111,7 +111,7 @@ class BasePredictor:
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1])}
             self.stack.weights = {"profile_kernel" if len(self.controls) == 2 else "transfer": 1.0}
-            self.stack.nested = None
+            self.stack.nested, self.stack.chosen = None, "fixed"
             self.oof = self.stack.combine(self._members(train, self.setting))
             self.chosen = {"stack_weights": self.stack.weights}
             return self
@@ -126,9 +126,11 @@ class BasePredictor:
             self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
         contexts = train.table["context"].to_numpy()
-        self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls])
+        singles = {n: {n: 1.0} for n in members if n != "pull"} | {"context_mean": {"mean": 1.0, "pull": 1.0}}
+        self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
+                       singles=singles)
         self.oof = self.stack.combine(members)
-        self.chosen = {"stack_weights": self.stack.weights, "nested": self.stack.nested,
+        self.chosen = {"stack_weights": self.stack.weights, "kept": self.stack.chosen, "nested": self.stack.nested,
                        "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
                        "settings": {name: list(setting[1:]) for name, setting in self.setting.items()}}
         return self

@@ -36,9 +36,10 @@ class BasePredictor:
     Each ridge's λ (from config.ridge_lambdas) is chosen by out-of-fold error. Folds hold out whole units
     as the split does (a perturbation with every dose and context; for unseen doses, one dose of one
     perturbation): a fold keeping the held-out unit's other rows rewards memorising it. The validation
-    conditions are not used: they are scored like the test ones. The member the stack falls back to when the
-    data cannot weigh the others (`Stack`) is the split's own baseline recipe: the dose curve for unseen
-    doses, additive for combinations, else the mean."""
+    conditions are not used: they are scored like the test ones. The single recipes the stack must beat out
+    of fold (`Stack`) are the mean, the mean plus each residual member (PCA ridge: the linear baselines) and
+    each member that predicts the whole Δ (co-expression neighbours, additive, dose curve)."""
+    FULL = ("mean", "coexpression", "additive", "dose_curve")  # members that predict the whole Δ
 
     RIDGES = ("pooled_ridge", "grouped_ridge")
     TARGET_RIDGES = ("target_pooled_ridge", "target_grouped_ridge")
@@ -52,8 +53,7 @@ class BasePredictor:
         self.pos = {g: i for i, g in enumerate(genes)}
         self.by_dose = config.get("split_scheme") == "unseen-dose"
         self.combos = config.get("perturbation_kind") == "genetic_combo"
-        self.stack = Stack(config.get("loss", {}),
-                           simplest="dose_curve" if self.by_dose else "additive" if self.combos else "mean")
+        self.stack = Stack(config.get("loss", {}))
         self.genetic = config.get("perturbation_kind") in ("genetic", "genetic_combo")
         self.chosen = {}
 
@@ -346,10 +346,12 @@ class BasePredictor:
         members = {k.partition(":")[0]: v for k, v in oof.items()
                    if not k.partition(":")[2] or float(k.partition(":")[2]) == self.lam[k.partition(":")[0]]}
         pinned = self_effect.pinned(train) if self_effect is not None else None
-        self.stack.fit(members, train.delta, reference, pinned, folds)
+        singles = {n: {n: 1.0} if n in self.FULL else {"mean": 1.0, n: 1.0} for n in members}
+        self.stack.fit(members, train.delta, reference, pinned, folds, singles)
         self.oof = self.stack.combine(members)
         self.full = self._fold(train, everything)
-        self.chosen = {"lambda": self.lam, "stack_weights": self.stack.weights, "nested": self.stack.nested,
+        self.chosen = {"lambda": self.lam, "stack_weights": self.stack.weights, "kept": self.stack.chosen,
+                       "nested": self.stack.nested,
                        "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
                        "ridge_cv_error": scores}
         return self
