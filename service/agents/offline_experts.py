@@ -42,7 +42,6 @@ SCORE_PENALTY = 0.4  # critic score = 1 − SCORE_PENALTY × Σ severity of the 
 FEW_CELLS = 50  # median cells per condition below which pseudobulk targets are noisy
 FEW_CONDITIONS = 30  # conditions below which a deep MLP memorises the training perturbations
 MIN_CARD_SCORE = 0.05  # method cards retrieved below this similarity are not cited
-DE_TOP_K = 20  # the evaluator's top-DE metrics look at each condition's 20 most changed genes
 
 
 # ---------------------------------------------------------------- task analysis
@@ -290,9 +289,8 @@ def _de_loss(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obje
     share = f.de_top20_fraction
     n_hvg = v.get("preprocessing.n_hvg") or min(2000, f.n_genes)
     carried = f"carry {share:.0%} of a condition's |Δ|" if share is not None else "carry most of the effect"
-    weight = de_balance_weight(int(n_hvg))  # type: ignore[arg-type]
     suggestions: dict[str, FieldValue] = {
-        "loss.de_weighting": "top_de", "loss.de_top_k": DE_TOP_K, "loss.de_weight": weight,
+        "loss.de_weighting": "top_de", "loss.de_top_k": 20, "loss.de_weight": 5.0,
     }
     if a.primary_metric.startswith("pearson_delta") and v.get("loss.kind") == "mse":
         suggestions |= {"loss.kind": "mse_pearson_delta", "loss.pearson_weight": 0.2}
@@ -300,16 +298,9 @@ def _de_loss(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obje
         0.7,
         f"the evaluator scores MSE and Pearson Δ on the top-20 DE genes, which {carried} but are 20 of "
         f"{n_hvg} genes: a uniform MSE spends the model on near-null genes; weight each condition's top-20 DE "
-        f"genes ×{weight:g}, so they carry as much of the loss as all the other genes together, and add a "
-        f"Pearson-Δ term for the primary metric {a.primary_metric}",
+        f"genes ×5 and add a Pearson-Δ term for the primary metric {a.primary_metric}",
         suggestions,
     )
-
-
-def de_balance_weight(n_genes: int, k: int = DE_TOP_K) -> float:
-    """The weight on each condition's top-k DE genes that gives them as much of the squared error as the
-    other n − k genes together (within the plan's 5–100)."""
-    return float(min(100.0, max(5.0, round((n_genes - k) / k, 1))))
 
 
 def _residual(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:

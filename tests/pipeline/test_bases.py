@@ -151,9 +151,10 @@ def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_mo
     assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
 
 
-def test_two_training_contexts_place_the_unseen_one_by_the_profile_kernel(transfer_model):
-    """With two training contexts no held-out context can check a member that places a context: the base is
-    the profile kernel, transfer next to a training context, their mean perturbed state far from both."""
+def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
+    """With two training contexts no held-out context can check a member that places a context: the base
+    averages transfer and the profile kernel, so next to a training context it is transfer and far from
+    both it is halfway between transfer and their mean perturbed state."""
     m = transfer_model
     rng = np.random.default_rng(5)
     genes = 30
@@ -166,12 +167,12 @@ def test_two_training_contexts_place_the_unseen_one_by_the_profile_kernel(transf
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, np.stack([shared[p] for p, _ in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
     base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((4, 1)), empty, np.zeros((0, 1)))
-    assert base.chosen["stack_weights"] == {"profile_kernel": 1.0}
+    assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
     query = _conditions(m, ["P1", "P1"], ["near", "far"], controls, np.zeros((2, genes)))
     near, far = base.predict(query, np.zeros((2, 1)))
     np.testing.assert_allclose(near, shared["P1"], atol=0.1)
     perturbed_mean = np.mean([controls[c] + shared["P1"] for c in ("A", "B")], axis=0)
-    np.testing.assert_allclose(far, perturbed_mean - controls["far"], atol=0.1)
+    np.testing.assert_allclose(far, 0.5 * shared["P1"] + 0.5 * (perturbed_mean - controls["far"]), atol=0.1)
 
 
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):

@@ -22,9 +22,10 @@ class BasePredictor:
     Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
     contexts, never fixed: a large λ is the transfer member, which is right when the control state says
     nothing about the response. With two training contexts a fold sees a single context, where nothing that
-    depends on a context's position can be fitted or checked; the base is then the profile kernel alone
-    (width: the two contexts' distance), which is transfer near them and their mean perturbed state far
-    from both. Validation conditions are not used."""
+    depends on a context's position can be fitted or checked; the base then averages the two hypotheses,
+    that the perturbation's Δ is shared (transfer) and that its perturbed state follows the control state
+    (the profile kernel, width: the two contexts' distance), whose errors partly cancel. Validation
+    conditions are not used."""
 
     RANK = 10
     RIDGES = ("context_ridge", "context_kernel", "profile_kernel")
@@ -110,7 +111,8 @@ class BasePredictor:
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1])}
-            self.stack.weights = {"profile_kernel" if len(self.controls) == 2 else "transfer": 1.0}
+            self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5} if len(self.controls) == 2 \
+                else {"transfer": 1.0}
             self.stack.nested, self.stack.chosen = None, "fixed"
             self.oof = self.stack.combine(self._members(train, self.setting))
             self.chosen = {"stack_weights": self.stack.weights}

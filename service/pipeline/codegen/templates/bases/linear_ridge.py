@@ -39,14 +39,15 @@ class BasePredictor:
     conditions are not used: they are scored like the test ones. The single recipes the stack must beat out
     of fold (`Stack`) are the mean, the mean plus each residual member (PCA ridge: the linear baselines) and
     each member that predicts the whole Δ (co-expression neighbours, additive, dose curve)."""
-    FULL = ("mean", "coexpression", "additive", "dose_curve")  # members that predict the whole Δ
 
+    FULL = ("mean", "coexpression", "additive", "dose_curve")  # members that predict the whole Δ
     RIDGES = ("pooled_ridge", "grouped_ridge")
     TARGET_RIDGES = ("target_pooled_ridge", "target_grouped_ridge")
     NEIGHBOURS = 5
     RANK = 10
     COEXPRESSION_DIM = 20
     FOLDS = 10  # fewer units than this: leave one unit out
+    HILL_SLOPES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
     def __init__(self, config: dict, genes: list[str]):
         self.lambdas = [float(x) for x in config["ridge_lambdas"]]
@@ -210,8 +211,6 @@ class BasePredictor:
                 out[row] += delta[rows].mean(axis=0) if rows.any() else offsets[row]
         return out
 
-    HILL_SLOPES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-
     @classmethod
     def _hill_fit(cls, levels: np.ndarray, curve: np.ndarray, ec50s: np.ndarray) -> tuple[float, float, float]:
         """(EC50, slope, squared error) of Δ_g(d) = E_g·dʰ/(dʰ + EC50ʰ) over a perturbation's measured doses:
@@ -336,10 +335,10 @@ class BasePredictor:
             residual[held] = query.delta - oof["mean"][held]
         # λ of each residual member: the one whose out-of-fold residuals come closest (plan's weighted error).
         self.lam, scores = {}, {}
+        weights = loss_weights(residual, self.stack.loss)
         for key, pred in oof.items():
             name, _, value = key.partition(":")
             if value:
-                weights = loss_weights(residual, self.stack.loss)
                 scores[key] = float(np.sum(weights * (pred - residual) ** 2) / np.sum(weights))
                 if name not in self.lam or scores[key] < scores[f"{name}:{self.lam[name]:g}"]:
                     self.lam[name] = float(value)
