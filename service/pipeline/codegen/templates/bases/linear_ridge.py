@@ -5,8 +5,8 @@ class BasePredictor:
     - mean: the mean training Δ of the same context and dose (the mean-Δ baseline); its weight is free, so
       the stack can shrink toward no change (the control baseline) where perturbations mostly move less
       than the average one;
-    - PCA ridge: the published linear model (Ahlmann-Eltze et al. 2025, the linear-PCA-ridge and drug-target
-      ridge baselines), per context for genes (per dose for compounds): the residuals Y (Δ minus that mean)
+    - PCA ridge: the published linear model (Ahlmann-Eltze et al. 2025, the linear-PCA-ridge baseline and its
+      annotated-target form), per context for genes (per dose for compounds): the residuals Y (Δ minus that mean)
       ≈ b + G W Pᵀ, G the top principal directions of Y over genes, P a perturbation's summed rows of G at
       its target genes (the perturbed genes themselves, or a compound's annotated targets), W by ridge;
     - pooled ridge: the perturbation features F map to Δ minus that mean, on the training residuals' top
