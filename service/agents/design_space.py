@@ -332,20 +332,26 @@ DESIGN_SPACE: tuple[Component, ...] = (
         (
             Option(
                 "delta_transfer",
-                "unseen context: its Δ where measured, the pull toward the other contexts' profiles and a "
-                "ridge on the context's control profile, fitted leave-context-out",
+                "unseen context: a stack of the perturbation's Δ where measured (delta transfer), the mean Δ, "
+                "the pull toward the other contexts' profiles (context mean), and linear / kernel ridges of the "
+                "Δ and of the perturbed profile on the context's control profile, their λ and widths and the "
+                "stack's weights fitted leave-one-context-out",
                 lambda f, a: a.split_scheme == "unseen-context",
                 lambda f, a: f"the split holds out a context among {f.n_contexts}: each test perturbation was "
-                "measured elsewhere, and its Δ there and the context's own control profile are what place it",
+                "measured elsewhere, and its Δ there and the context's own control state are what place it; "
+                "cell types respond according to their control state, which only held-out contexts can check",
                 ("scgen", "linear_baseline"),
             ),
             Option(
                 "linear_ridge",
-                "≥10 training conditions: ridges on PCA embeddings (and, for compounds with annotated targets, "
-                "on the targets and their co-variation) stacked out-of-fold; the network learns the residual",
+                "≥10 training conditions: an out-of-fold stack of the baselines' recipes (mean Δ, PCA ridge, "
+                "co-expression neighbours, feature ridges and neighbours; target ridges and co-variation for "
+                "annotated compounds; a Hill dose curve for doses; additive for combinations), weighted on the "
+                "plan's loss over held-out perturbations; the network learns the residual",
                 lambda f, a: f.n_conditions >= 10,
-                lambda f, a: f"{f.n_conditions} conditions support a ridge fit of Δ on embeddings; the network "
-                "only has to learn what ridge misses, so it starts at the baseline it must beat",
+                lambda f, a: f"{f.n_conditions} conditions support out-of-fold weights over the baselines' "
+                "recipes, so the model starts at least at the best of the baselines it must beat and the network "
+                "only has to learn what they miss",
                 ("linear_baseline",),
             ),
             Option(

@@ -122,8 +122,12 @@ def task_analysis(context: dict[str, Any]) -> TaskAnalysis:
     if "atac" in facts.modalities:
         metrics += ["atac_roc_auc", "atac_pr_auc"]
     baselines = ["control", "mean_delta", "linear_pca_ridge"]
+    if facts.perturbation_kind in ("genetic", "genetic_combo"):
+        baselines.append("gene_similarity")  # co-expression neighbours: often the strongest for unseen genes
     if facts.perturbation_kind == "genetic_combo":
         baselines.append("additive")
+    if scheme == "unseen-dose":
+        baselines.append("dose_interpolation")
     if facts.n_contexts > 1:
         baselines.append("context_mean")
     if scheme == "unseen-context":

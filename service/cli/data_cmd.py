@@ -158,12 +158,13 @@ def register(app: typer.Typer) -> None:
 
 @data_app.command("simulate")
 def simulate_cmd(
-    kind: Annotated[str, typer.Option("--kind", help="knockout, combo, drug, cytokine or multiome.", show_default=False)],
+    kind: Annotated[str, typer.Option("--kind", help="knockout, combo, drug, cytokine, multiome or stimulation.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="The .h5ad file to write.", show_default=False)],
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same dataset.")] = 0,
     cells: Annotated[int, typer.Option("--cells", help="Number of cells.")] = 5000,
     genes: Annotated[int, typer.Option("--genes", help="Number of genes.")] = 1000,
     perturbations: Annotated[int | None, typer.Option("--perturbations", help="Number of perturbations (default: scaled to the cells).")] = None,
+    cell_types: Annotated[int | None, typer.Option("--cell-types", help="Number of cell types (default: 8 for stimulation, else 3).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Simulate a perturbation dataset with known ground truth (network and noise-free effects in uns)."""
@@ -172,7 +173,7 @@ def simulate_cmd(
     try:
         with spinner() as progress:
             progress.add_task(f"simulating {kind}: {cells:,} cells x {genes:,} genes", total=None)
-            adata = simulate(kind, seed, cells, genes, n_perturbations=perturbations)
+            adata = simulate(kind, seed, cells, genes, n_perturbations=perturbations, n_cell_types=cell_types)
             out.parent.mkdir(parents=True, exist_ok=True)
             adata.write_h5ad(out, compression="gzip")
     except DataError as exc:

@@ -37,7 +37,9 @@ Which = Literal["test", "val"]
 PCA_RIDGE_K = 10
 PCA_RIDGE_LAMBDA = 0.1
 CONTEXT_RIDGE_K = 10
-CONTEXT_RIDGE_LAMBDA = 0.1
+# λ of the context ridge, relative to the mean squared norm of the centred context embeddings; the one with
+# the least leave-one-context-out error over the training contexts is used (the largest is delta transfer).
+CONTEXT_RIDGE_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 GENE_SIM_DIM = 20
 GENE_SIM_NEIGHBOURS = 5
 GENE_SIM_MAX_CELLS = 2000
@@ -333,28 +335,54 @@ def _context_embedding(task: PredictionTask) -> dict[str, np.ndarray]:
     return dict(zip(names, Z, strict=True))
 
 
+def _context_ridge_rows(t: pd.DataFrame, perturbation: str, dose: float, pool: np.ndarray) -> np.ndarray:
+    """Training rows (within `pool`) a context ridge for (perturbation, dose) is fitted on: the same
+    perturbation at the same dose when available, else at any dose; every pooled row when unseen."""
+    same = pool & (t[PERTURBATION] == perturbation).to_numpy()
+    rows = same & _same_dose(t[DOSE], dose)
+    return rows if rows.any() else same if same.any() else pool
+
+
+def _context_ridge(Z: np.ndarray, Y: np.ndarray, z: np.ndarray, lam: float) -> np.ndarray:
+    """b + (z − z̄) W with W by ridge (λ) over the rows (Z, Y) and the intercept b = Ȳ unpenalized."""
+    z_mean, b = Z.mean(axis=0), Y.mean(axis=0)
+    Zc = Z - z_mean
+    return b + (z - z_mean) @ np.linalg.solve(Zc.T @ Zc + lam * np.eye(Zc.shape[1]), Zc.T @ (Y - b))
+
+
 def linear_context_ridge_baseline(task: PredictionTask) -> ad.AnnData:
     """Unseen context: Δ of a perturbation as a linear function of the context's control state,
     fitted across the training contexts; an unseen context is placed by its control profile. A
     context is embedded by `_context_embedding` (z); per target, Δ ≈ b + (z − z̄) W over the
     perturbation's training conditions (same dose when available, else any dose; all training
-    conditions when the perturbation was never seen), W by ridge (λ=0.1) in closed form with the
-    intercept b unpenalized. With a single training context this is the mean Δ of those conditions."""
+    conditions when the perturbation was never seen), W by ridge in closed form with the intercept b
+    unpenalized. λ is tuned, as a fair baseline is: among `CONTEXT_RIDGE_SCALES` × the mean squared
+    norm of the centred context embeddings, the one with the least leave-one-context-out squared error
+    over the training conditions (each predicted from the other contexts alone); a large λ gives b, the
+    perturbation's mean Δ over the training contexts (delta transfer), when the control state says
+    nothing. With a single training context this is the mean Δ of those conditions."""
     train, t = task.train, task.train.conditions
     if not len(t):
         return _predict_each(task, lambda row: np.zeros(len(task.genes)))
     z = _context_embedding(task)
     centre = np.zeros_like(next(iter(z.values())))  # for a training context without controls of its own
     Z = np.stack([z.get(c, centre) for c in t[CONTEXT]])
+    contexts = t[CONTEXT].to_numpy()
+    spread = max(float(np.mean(np.sum((Z - Z.mean(axis=0)) ** 2, axis=1))), 1e-12)
+    errors = np.zeros(len(CONTEXT_RIDGE_SCALES))
+    for i, (_, row) in enumerate(t.iterrows()):
+        others = contexts != contexts[i]
+        if not others.any():
+            continue
+        rows = _context_ridge_rows(t, row[PERTURBATION], row[DOSE], others)
+        for k, scale in enumerate(CONTEXT_RIDGE_SCALES):
+            pred = _context_ridge(Z[rows], train.deltas[rows], Z[i], scale * spread)
+            errors[k] += float(np.sum((pred - train.deltas[i]) ** 2))
+    lam = CONTEXT_RIDGE_SCALES[int(np.argmin(errors))] * spread  # ties: the first, least shrunk
 
     def delta(row: pd.Series) -> np.ndarray:
-        same = (t[PERTURBATION] == row[PERTURBATION]).to_numpy()
-        rows = same & _same_dose(t[DOSE], row[DOSE])
-        rows = rows if rows.any() else same if same.any() else np.ones(len(t), dtype=bool)
-        Y, z_mean = train.deltas[rows], Z[rows].mean(axis=0)
-        Zc, b = Z[rows] - z_mean, Y.mean(axis=0)
-        W = np.linalg.solve(Zc.T @ Zc + CONTEXT_RIDGE_LAMBDA * np.eye(Zc.shape[1]), Zc.T @ (Y - b))
-        return b + (z[row[CONTEXT]] - z_mean) @ W
+        rows = _context_ridge_rows(t, row[PERTURBATION], row[DOSE], np.ones(len(t), dtype=bool))
+        return _context_ridge(Z[rows], train.deltas[rows], z[row[CONTEXT]], lam)
 
     return _predict_each(task, delta)
 

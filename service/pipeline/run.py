@@ -76,6 +76,8 @@ class DesignSettings(BaseModel):
     max_nodes: int = Field(6, ge=0, le=100, description="improve steps after the first working model")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the groups held out for validation")
     cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
+    held_out_context: str | None = Field(None, description="unseen-context splits: the context to hold out "
+                                                           "(default: one drawn with the seed)")
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
@@ -255,7 +257,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
     make_split(settings.data, analysis.split_scheme, settings.seed, rd.split,
                n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
-               cv_folds=settings.cv_folds,
+               cv_folds=settings.cv_folds, context=settings.held_out_context,
                on_progress=lambda msg: emit(ProgressEvent("split", msg)))
     selection = prepare_selection(rd, emit)
     emit(ProgressEvent("split", f"selection by {selection.describe()}"))

@@ -170,6 +170,24 @@ def test_linear_context_ridge_recovers_a_delta_linear_in_the_control_state(tmp_p
     np.testing.assert_allclose(row(pred, "P3", "E"), pooled, atol=0.05)
 
 
+def test_linear_context_ridge_tunes_lambda_to_transfer_when_the_state_says_nothing(tmp_path):
+    """Contexts A..E (train) and F (held out) with unrelated control states and Δ = a_p + a deviation of each
+    (perturbation, context) that no state explains: leave-one-context-out picks the largest λ, so the ridge
+    predicts F as delta transfer does (the perturbation's mean Δ over the training contexts)."""
+    rng = np.random.default_rng(6)
+    nan = float("nan")
+    contexts = ["A", "B", "C", "D", "E", "F"]
+    ctrl = {c: rng.uniform(3, 5, 12) for c in contexts}
+    effect = {p: rng.normal(0, 1, 12) for p in ("P1", "P2", "P3")}
+    means = {("control", nan, c): ctrl[c] for c in contexts}
+    means |= {(p, nan, c): ctrl[c] + a + 0.5 * rng.normal(0, 1, 12) for p, a in effect.items() for c in contexts}
+    test = [(p, nan, "F") for p in effect]
+    task = load_task(write_constructed_split(tmp_path / "split", means, test))
+    pred, transfer = linear_context_ridge_baseline(task), delta_transfer_baseline(task)
+    for p in effect:
+        np.testing.assert_allclose(row(pred, p, "F"), row(transfer, p, "F"), atol=0.05)
+
+
 def test_predictions_format_is_what_the_evaluator_takes(genetic):
     split, *_ = genetic
     ev = Evaluator(split, de_min_cells=3)

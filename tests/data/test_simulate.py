@@ -64,7 +64,8 @@ def test_counts_shapes_and_obs(datasets: dict[str, ad.AnnData], kind: str) -> No
         assert perturbed <= genes
     if kind == "combo":
         assert any("+" in lab for lab in labels)
-    assert adata.obs["cell_type"].nunique() == 3 and adata.obs["batch"].nunique() == 2
+    assert adata.obs["cell_type"].nunique() == (8 if kind == "stimulation" else 3)
+    assert adata.obs["batch"].nunique() == 2
     truth = adata.uns["simulation"]
     assert truth["delta"].shape == (len(truth["conditions"]["condition"]), len(genes))
 
@@ -72,7 +73,7 @@ def test_counts_shapes_and_obs(datasets: dict[str, ad.AnnData], kind: str) -> No
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [("knockout", "genetic"), ("combo", "genetic_combo"), ("drug", "chemical"), ("cytokine", "cytokine"),
-     ("multiome", "genetic")],
+     ("multiome", "genetic"), ("stimulation", "cytokine")],
 )
 def test_loader_detects_each_kind(datasets: dict[str, ad.AnnData], kind: str, expected: str) -> None:
     layout = load_dataset(datasets[kind], min_cells=0).layout
@@ -188,6 +189,36 @@ def test_cytokine_response_differs_by_cell_type(datasets: dict[str, ad.AnnData])
         corr = np.corrcoef(deltas)
         norms = np.linalg.norm(deltas, axis=1)
         assert corr[np.triu_indices_from(corr, 1)].min() < 0.8 or norms.max() > 2 * norms.min()
+
+
+def test_stimulation_responses_follow_each_cell_type_s_control_state() -> None:
+    """Eight cell types; a stimulus's response in each is a nonlinear function of its control state plus a
+    small deviation of its own: a kernel ridge on the other types' control profiles predicts a held-out
+    type's response better than their mean response does, and not perfectly."""
+    adata = simulate("stimulation", 7, n_cells=8000, n_genes=200)
+    truth = adata.uns["simulation"]
+    types = list(truth["cell_types"])
+    assert len(types) == 8 and truth["state_noise"] > 0
+    assert truth["stimulus_receptors"]["activity_by_cell_type"].shape == (len(truth["stimulus_receptors"]["stimulus"]), 8)
+    genes = np.asarray(adata.var_names)
+    obs = adata.obs
+    control = np.stack([_lognorm_pseudobulk(adata, ((obs.perturbation == "control") & (obs.cell_type == t)).to_numpy(),
+                                            genes) for t in types])
+    kernel_error = transfer_error = 0.0
+    for stimulus in truth["stimulus_receptors"]["stimulus"]:
+        deltas = np.array([_truth_delta(adata, stimulus, t) for t in types])
+        assert np.abs(deltas).max() > 0.3, f"{stimulus} has no visible response"
+        for held in range(len(types)):
+            rest = [i for i in range(len(types)) if i != held]
+            gaps = np.sum((control[rest][:, None] - control[rest][None]) ** 2, axis=-1)
+            width = np.median(gaps[gaps > 0])
+            K = np.exp(-gaps / width)
+            k = np.exp(-np.sum((control[rest] - control[held]) ** 2, axis=-1) / width)
+            mean = deltas[rest].mean(axis=0)
+            kernel = mean + k @ np.linalg.solve(K + 0.1 * np.eye(len(rest)), deltas[rest] - mean)
+            kernel_error += np.mean((kernel - deltas[held]) ** 2)
+            transfer_error += np.mean((mean - deltas[held]) ** 2)
+    assert 0.2 * transfer_error < kernel_error < 0.85 * transfer_error
 
 
 def test_multiome_has_three_feature_types(datasets: dict[str, ad.AnnData]) -> None:

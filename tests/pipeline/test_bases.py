@@ -91,8 +91,13 @@ def test_stacked_ridge_learns_a_linear_response_of_unseen_perturbations(ridge_mo
 @pytest.mark.parametrize("loss", [None, TOP_DE_LOSS], ids=["plain", "top_de_weighted"])
 def test_stacked_ridge_falls_back_to_the_mean_when_features_say_nothing(ridge_model, loss):
     base, pred, true, train = _ridge_case(ridge_model, signal=0.0, loss=loss)
-    assert sum(base.chosen["stack_weights"].values()) < 0.2
-    assert np.abs(pred - train.delta.mean(axis=0)).max() < 0.15
+    weights = base.chosen["stack_weights"]
+    assert sum(w for name, w in weights.items() if name != "mean") < 0.2
+    assert np.abs(pred - weights["mean"] * train.delta.mean(axis=0)).max() < 0.15
+    if loss is None:
+        assert weights["mean"] == pytest.approx(1.0, abs=0.1)
+    else:  # the top-DE genes are picked for a large |Δ|, so the loss that weights them up scales the mean up
+        assert 1.0 <= weights["mean"] < 1.5
 
 
 def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model):
@@ -120,30 +125,54 @@ def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model
 
 
 def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_model):
-    """Δ(p, c) = s_p + 0.4·(mean control of the other contexts − control of c): the blend's convergence
-    weight is recovered leave-context-out and an unseen context is predicted far better than by the
-    perturbation's Δ elsewhere (the delta_transfer baseline)."""
+    """Δ(p, c) = s_p + 0.4·(mean control of the other contexts − control of c): fitted leave-one-context-out,
+    the stack leans on the members that place a context by its control profile, and an unseen context is
+    predicted far better than by the perturbation's Δ elsewhere (the delta_transfer baseline)."""
     m = transfer_model
     rng = np.random.default_rng(2)
-    genes, contexts = 50, ["A", "B", "C", "D"]
+    genes, contexts = 50, ["A", "B", "C", "D", "E"]
     controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
     shared = {p: rng.normal(size=genes) for p in ("P1", "P2", "P3", "P4")}
 
     def truth(p, c, pool):
         return shared[p] + 0.4 * (np.mean([controls[x] for x in pool if x != c], axis=0) - controls[c])
 
-    seen = ["A", "B", "C"]
+    seen = ["A", "B", "C", "D"]
     rows = [(p, c) for p in shared for c in seen]
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
                         np.stack([truth(p, c, seen) for p, c in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
     base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
-    assert base.chosen["convergence_weight"] == pytest.approx(0.4, abs=0.05)
-    assert base.chosen["transfer_weight"] > 0.9
-    test = _conditions(m, list(shared), ["D"] * 4, controls, np.stack([truth(p, "D", seen) for p in shared]))
+    weights = base.chosen["stack_weights"]
+    assert weights["transfer"] < 0.5 < sum(w for name, w in weights.items() if name != "transfer")
+    test = _conditions(m, list(shared), ["E"] * 4, controls, np.stack([truth(p, "E", seen) for p in shared]))
     pred = base.predict(test, np.zeros((4, 1)))
-    transfer = np.stack([shared[p] + np.mean([truth(p, c, seen) - shared[p] for c in seen], axis=0) for p in shared])
+    transfer = np.stack([np.mean([truth(p, c, seen) for c in seen], axis=0) for p in shared])
     assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
+
+
+def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
+    """With two training contexts no held-out context can check a member that places a context: the base
+    averages transfer and the profile kernel, so next to a training context it is transfer and far from
+    both it is halfway between transfer and their mean perturbed state."""
+    m = transfer_model
+    rng = np.random.default_rng(5)
+    genes = 30
+    controls = {"A": rng.normal(2.0, 1.0, genes)}
+    controls["B"] = controls["A"] + 0.05 * rng.normal(size=genes)
+    controls["near"] = controls["A"] + 0.01 * rng.normal(size=genes)
+    controls["far"] = controls["A"] + 5.0 * rng.normal(size=genes)
+    shared = {p: rng.normal(size=genes) for p in ("P1", "P2")}
+    rows = [(p, c) for p in shared for c in ("A", "B")]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, np.stack([shared[p] for p, _ in rows]))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((4, 1)), empty, np.zeros((0, 1)))
+    assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
+    query = _conditions(m, ["P1", "P1"], ["near", "far"], controls, np.zeros((2, genes)))
+    near, far = base.predict(query, np.zeros((2, 1)))
+    np.testing.assert_allclose(near, shared["P1"], atol=0.1)
+    perturbed_mean = np.mean([controls[c] + shared["P1"] for c in ("A", "B")], axis=0)
+    np.testing.assert_allclose(far, 0.5 * shared["P1"] + 0.5 * (perturbed_mean - controls["far"]), atol=0.1)
 
 
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
@@ -192,7 +221,7 @@ def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ri
 
 def test_target_ridges_stay_out_without_annotated_targets(ridge_model):
     base, _, _, _ = _ridge_case(ridge_model, signal=1.0)
-    assert set(base.chosen["stack_weights"]) == {"pooled_ridge", "grouped_ridge", "neighbours"}
+    assert set(base.chosen["stack_weights"]) == {"mean", "pooled_ridge", "grouped_ridge", "neighbours"}
 
 
 def test_centroid_delta_is_the_mean_training_response_of_the_context(ridge_model):
@@ -221,3 +250,57 @@ def test_pearson_term_is_taken_against_the_perturbed_centroid(ridge_model):
     assert vs_centroid == pytest.approx(1.0, abs=1e-6)
     # A prediction carrying each perturbation's own part scores well on both.
     assert float(ridge_model.delta_loss(true, true, pearson_only, centroid)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stack_weighs_members_by_held_out_loss_and_ignores_pinned_entries(ridge_model):
+    """A member carrying the signal gets the weight, pure-noise members none; entries a prior pins (the
+    knocked-down gene's own level) do not count, however wrong the members are there."""
+    m = ridge_model
+    rng = np.random.default_rng(4)
+    true = rng.normal(size=(60, 30))
+    reference = np.zeros_like(true)
+    members = {"mean": np.zeros_like(true), "signal": true + 0.3 * rng.normal(size=true.shape),
+               "noise": rng.normal(size=true.shape)}
+    mask = np.zeros_like(true, dtype=bool)
+    mask[np.arange(60), rng.integers(0, 30, 60)] = True
+    members["signal"][mask] = 50.0  # wildly off where the prior decides
+    stack = m.Stack({"kind": "mse_pearson_delta", "pearson_weight": 0.2, "de_weighting": "none"})
+    folds = [np.arange(60)[k::5] for k in range(5)]
+    weights = stack.fit(members, true, reference, pinned=(mask, true), folds=folds)
+    assert weights["signal"] == pytest.approx(1 / 1.09, abs=0.1) and weights["noise"] < 0.05
+    assert stack.nested["stack"] < stack.nested["mean"] and stack.nested["signal"] < stack.nested["noise"]
+
+
+def test_stack_keeps_the_best_single_recipe_when_its_weights_do_not_carry_over(ridge_model):
+    """Six conditions and fifteen members, most fitting noise in them: refitted without each fold, the stack
+    does worse on it than the one recipe that carries the signal, which is then kept alone at its best scale."""
+    m = ridge_model
+    rng = np.random.default_rng(6)
+    true = rng.normal(size=(6, 10))
+    members = {"recipe": true + 0.5 * rng.normal(size=true.shape)}
+    members |= {f"noise{i}": rng.normal(size=true.shape) for i in range(15)}
+    stack = m.Stack({"kind": "mse", "de_weighting": "none"})
+    weights = stack.fit(members, true, np.zeros_like(true), folds=[np.array([i]) for i in range(6)])
+    assert stack.chosen == "recipe" and min(stack.nested, key=stack.nested.get) == "recipe"
+    assert weights["recipe"] > 0.5 and all(weights[f"noise{i}"] == 0.0 for i in range(15))
+
+
+@pytest.mark.parametrize(("small", "large", "side"), [(0.1, 4.0, "shrink"), (1.3, -1.0, "stretch")])
+def test_stack_takes_the_side_of_the_average_response_most_perturbations_are_on(ridge_model, small, large, side):
+    """Most conditions move along the average response, by less (or more) than it; a few move very
+    differently. The mean Δ is the squared-error answer, but Pearson against the perturbed centroid sees only
+    the direction of the prediction's deviation from it: a slight shrink toward the control (or stretch
+    away from it) correlates with the many, at almost no squared-error cost. The Pearson term takes it."""
+    m = ridge_model
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=40)
+    scale = np.where(rng.random(50) < 0.8, small, large)
+    true = scale[:, None] * direction + 0.2 * rng.normal(size=(50, 40))
+    mean = np.tile(true.mean(axis=0), (50, 1))
+    plain = m.Stack({"kind": "mse", "de_weighting": "none"}).fit({"mean": mean}, true, mean)
+    pearson = m.Stack({"kind": "mse_pearson_delta", "pearson_weight": 0.2, "de_weighting": "none"}).fit(
+        {"mean": mean}, true, mean)
+    assert plain["mean"] == pytest.approx(1.0, abs=0.05)
+    assert (pearson["mean"] < 1.0) if side == "shrink" else (pearson["mean"] > 1.0)
+    r = m.rowwise_pearson((pearson["mean"] - 1.0) * mean, true - mean)
+    assert np.mean(r[scale == small]) > 0.8

@@ -18,10 +18,11 @@ from ..errors import DataError
 from . import counts, readouts
 from .dynamics import calibrate, steady_state
 from .network import GeneNetwork, build_network
-from .perturbations import CONTROL, CYTOKINES, Design, combos, cytokines, drugs, knockouts
+from .perturbations import CONTROL, CYTOKINES, Design, combos, cytokines, drugs, knockouts, stimulations
 
-KINDS = ("knockout", "combo", "drug", "cytokine", "multiome")
+KINDS = ("knockout", "combo", "drug", "cytokine", "multiome", "stimulation")
 CELL_TYPES = ("T_cell", "B_cell", "monocyte", "NK_cell", "dendritic", "fibroblast", "epithelial", "endothelial")
+DEFAULT_CELL_TYPES = {"stimulation": 8}
 ESCAPE_FRACTION = 0.1  # perturbed cells whose guide did not work (genetic kinds)
 
 __all__ = ["KINDS", "SimulationError", "simulate"]
@@ -38,14 +39,16 @@ def simulate(
     n_genes: int = 1000,
     *,
     n_perturbations: int | None = None,
-    n_cell_types: int = 3,
+    n_cell_types: int | None = None,
     n_batches: int = 2,
 ) -> AnnData:
     """Simulate a perturbation dataset of raw counts; deterministic for a given seed and arguments.
 
     kind: `knockout` (CRISPRi-like knockdowns, mostly of regulators), `combo` (singles and `A+B`
     doubles), `drug` (compounds at 4 doses, obs `dose`), `cytokine` (responses that depend on the
-    cell type), `multiome` (knockdowns read out as RNA + surface proteins + ATAC peaks).
+    cell type), `multiome` (knockdowns read out as RNA + surface proteins + ATAC peaks), `stimulation`
+    (stimuli across many cell types whose responses follow from each type's control state, for
+    unseen-cell-type tasks). n_cell_types: 8 for `stimulation`, 3 for the other kinds by default.
     obs: `perturbation` (`control` for controls), `dose` and `targets` (drug only: the compound's annotated
     target genes, `;`-separated, empty for controls), `cell_type`, `batch`.
     var: gene symbols `G0001`…; `feature_types` (10x convention). X: float32 CSR of integer counts.
@@ -55,6 +58,8 @@ def simulate(
     what was done per kind (`knockdown`, `cooperative_pairs`, `drug_targets`, `cytokine_receptors`,
     `protein_genes`/`peak_genes` for multiome).
     """
+    if n_cell_types is None:
+        n_cell_types = DEFAULT_CELL_TYPES.get(kind, 3)
     _check(kind, n_cells, n_genes, n_cell_types, n_batches, n_perturbations)
     net_rng, design_rng, cell_rng, count_rng, readout_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
@@ -139,7 +144,7 @@ def _check(
         raise SimulationError(f"n_cells={n_cells}: at least 100 cells are needed")
     if n_perts is not None and n_perts < 1:
         raise SimulationError(f"n_perturbations={n_perts}: expected at least 1")
-    if kind == "cytokine" and n_perts is not None and n_perts > len(CYTOKINES):
+    if kind in ("cytokine", "stimulation") and n_perts is not None and n_perts > len(CYTOKINES):
         raise SimulationError(f"n_perturbations={n_perts}: at most {len(CYTOKINES)} cytokines are simulated")
 
 
@@ -162,6 +167,8 @@ def _design(
     if kind == "drug":
         n = n_perts or int(np.clip(n_cells // (400 * n_types), 3, 40))
         return drugs(rng, net, n_types, n)
+    if kind == "stimulation":
+        return stimulations(rng, net, control, n_perts or int(np.clip(n_cells // (150 * n_types), 3, 12)))
     n = n_perts or int(np.clip(n_cells // (300 * n_types), 3, 12))
     return cytokines(rng, net, control, n)
 

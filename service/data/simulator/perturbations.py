@@ -218,3 +218,59 @@ def cytokines(
             }
         },
     )
+
+
+STATE_NOISE = 0.1  # log-sd of the per-cell-type deviation of each response gene: what no control state explains
+
+
+def stimulations(
+    rng: np.random.Generator, net: GeneNetwork, control: np.ndarray, n_stimuli: int
+) -> Design:
+    """Stimuli whose response in each cell type follows from that type's control state, as a PBMC
+    stimulation's does: a stimulus drives a programme through receptors, with an activity that is a
+    saturating (Hill) function of the cell type's receptor levels; each programme gene's induction is
+    gated by a cofactor gene (a Hill function of its control level, 1 at the average level); the network
+    then propagates it. On top, a small per-cell-type deviation (`STATE_NOISE`) that the control state
+    does not explain. An unseen cell type is thus predictable from its control profile, nonlinearly."""
+    n_types = control.shape[0]
+    relative = control / control.mean(axis=0)  # each gene's control level relative to the average type
+    spread = control.std(axis=0) / control.mean(axis=0)
+    varying = np.argsort(spread)[::-1][: max(4 * n_stimuli, 20)]
+    non_tf_masters = net.tfs[~net.is_master[net.tfs]]
+    regulated = np.flatnonzero(net.module >= 0)
+    rows = [np.ones((n_types, net.n_genes))]
+    names, receptor_genes, activity_rows = [], [], []
+    for i in range(n_stimuli):
+        receptors = rng.choice(varying, size=2, replace=False)
+        weight = rng.uniform(0.5, 1.0, 2)
+        drive = relative[:, receptors] @ weight / weight.sum()
+        activity = hill(drive, np.full(n_types, rng.uniform(0.6, 1.2)), np.full(n_types, 2.0))
+        programme = np.concatenate([rng.choice(non_tf_masters, size=3, replace=False),
+                                    rng.choice(regulated, size=max(10, net.n_genes // 25), replace=False)])
+        programme = np.unique(programme)
+        gain = rng.uniform(-0.7, 3.0, len(programme))
+        gain[np.isin(programme, net.tfs)] = rng.uniform(1.5, 4.0, int(np.isin(programme, net.tfs).sum()))
+        cofactor = rng.choice(varying, size=len(programme))
+        gate = 2.0 * hill(relative[:, cofactor], np.ones(len(programme)), np.full(len(programme), 2.0))
+        induced = 1.0 + activity[:, None] * gain[None, :] * gate
+        deviation = np.exp(rng.normal(0.0, STATE_NOISE, (n_types, len(programme))))
+        m = np.ones((n_types, net.n_genes))
+        m[:, programme] = np.maximum(0.1, induced) * deviation
+        rows.append(m)
+        names.append(CYTOKINES[i])
+        receptor_genes.append(";".join(net.names[receptors].astype(str)))
+        activity_rows.append(activity)
+    return Design(
+        perturbation=[CONTROL, *names],
+        dose=np.full(n_stimuli + 1, np.nan),
+        multiplier=np.stack(rows),
+        escapes=False,
+        truth={
+            "stimulus_receptors": {
+                "stimulus": np.array(names, dtype=str),
+                "receptors": np.array(receptor_genes, dtype=str),
+                "activity_by_cell_type": np.array(activity_rows),
+            },
+            "state_noise": STATE_NOISE,
+        },
+    )

@@ -61,6 +61,7 @@ def config_from_plan(plan: Plan) -> dict:
     a, t = plan.architecture, plan.training
     return {
         "perturbation_kind": plan.perturbation_kind,
+        "split_scheme": plan.evaluation.split_scheme,  # the base's folds hold out what the split holds out
         "perturbation_encoder": a.perturbation_encoder,
         "gene_embedding_source": a.gene_embedding_source,
         "embedding_dim": a.embedding_dim,

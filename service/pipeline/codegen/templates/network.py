@@ -1,29 +1,3 @@
-class SelfEffect:
-    """A knocked-down gene's own expression falls by a typical fraction of its control level; that
-    fraction (the median over training knockouts whose target is measured) replaces the target
-    gene's predicted Δ, which no gene-embedding model gets right for an unseen target."""
-
-    def __init__(self, genes: list[str]):
-        self.pos = {g: i for i, g in enumerate(genes)}
-        self.fraction = 0.0
-
-    def _targets(self, table: pd.DataFrame) -> list[list[int]]:
-        return [[self.pos[g] for g in str(p).split("+") if g in self.pos] for p in table["perturbation"]]
-
-    def fit(self, train: ConditionSet) -> "SelfEffect":
-        ratios = [train.delta[row, i] / train.control[row, i]
-                  for row, idx in enumerate(self._targets(train.table)) for i in idx if train.control[row, i] > 0.05]
-        self.fraction = float(np.median(ratios)) if ratios else 0.0
-        return self
-
-    def apply(self, conditions: ConditionSet, delta: np.ndarray) -> np.ndarray:
-        out = delta.copy()
-        for row, idx in enumerate(self._targets(conditions.table)):
-            for i in idx:
-                out[row, i] = self.fraction * conditions.control[row, i]
-        return out
-
-
 class ExpressionInput:
     """The control profile of a condition's context, projected on the top principal components of
     control cells ({expression_encoder}: control_sampling draws the mean of a random half of the
@@ -119,9 +93,9 @@ class PerturbationModel:
         self.contexts = sorted(set(train.table["context"]))
         self.encoder.fit(train, self.genes, cells)
         self.expression.fit(cells[is_control], contexts[is_control])
-        self.base.fit(train, self.features(train), val, self.features(val))
         if self.self_effect is not None:
             self.self_effect.fit(train)
+        self.base.fit(train, self.features(train), val, self.features(val), cells=cells, self_effect=self.self_effect)
 
     def net_input(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
         x = np.concatenate([self.features(conditions), self.expression.transform(conditions, rng)], axis=1)

@@ -87,7 +87,7 @@ def fitted(split_dir):
     everything = ConditionSet.from_cells(train_cells, control_means(train_cells))
     held, _ = train.stop_rows(everything.table, "perturbation", 0)
     assert held.any() and not held.all()
-    tr, va = everything.take(~held), everything.take(held)
+    tr, va = everything.subset(~held), everything.subset(held)
     model = train.fitted_model(CONFIG, list(train_cells.var_names), train_cells, tr, va, 0)
     model.set_input_scaling(tr)
     return model, tr, va

@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device={device} genes={len(genes)} train_conditions={len(train)} stop_conditions={int(held.sum())} "
           f"(whole {group_by} groups) val_conditions={len(val)} test_conditions={len(test)}", flush=True)
 
-    none = train.take(np.zeros(len(train), dtype=bool))
+    none = train.subset(np.zeros(len(train), dtype=bool))
     with (args.out / "train_log.jsonl").open("w") as log:
         if held.any() and config["residual_delta"]:  # phase 1: how many epochs, on groups no part of the model saw
-            fit_part, stop = train.take(~held), train.take(held)
+            fit_part, stop = train.subset(~held), train.subset(held)
             selected = fit(fitted_model(config, genes, train_cells, fit_part, stop, seed), fit_part, stop, config,
                            device, log)
         else:

@@ -1,90 +1,147 @@
 class BasePredictor:
-    """Closed-form base for a context unseen in training: the mean of two linear predictors of Δ that
-    place a context by its control profile.
+    """Closed-form base for a context unseen in training: a stack of predictors that place the context by
+    its control profile, their non-negative weights fitted leave-one-context-out with the plan's loss
+    (`Stack`). For a condition (perturbation p, dose, context c), from the training conditions of the other
+    contexts:
 
-    Convergence blend M + a·(T − M) + k·P: T the perturbation's Δ measured in the other training contexts
-    (same dose when there is one), M the mean training Δ, P = (mean control profile of the other training
-    contexts − this context's control profile), how far the context sits from the others, which responses
-    partly close (stimulated cells of different types converge on shared states). a, k ∈ [0, 1] are fitted
-    by least squares on leave-context-out predictions of the training conditions; both 0 is mean Δ.
+    - transfer: p's mean Δ there (same dose when there is one), the delta-transfer baseline;
+    - mean: the mean Δ of all perturbations there (same dose preferred);
+    - pull: the mean control profile of the other contexts minus c's, how far c sits from them; stimulated
+      cells of different types partly converge on shared states, so a gene high in c alone rises less
+      (with mean, the context-mean baseline's recipe);
+    - context ridge: p's Δ as a linear function of the context's control profile (its coordinates on the
+      principal directions of the other contexts' control profiles), ridge-fitted across the contexts
+      where p was measured, the intercept unpenalised (the linear-context-ridge baseline's recipe);
+    - context kernel: the same with an RBF kernel on the control profiles (kernel ridge), so a response
+      can depend on the control state nonlinearly; far from every training context it returns transfer;
+    - profile kernel: the kernel ridge for p's perturbed profile (control + Δ) rather than its Δ, around p's
+      mean perturbed profile over the training contexts: next to a training context it is that context's
+      perturbed state (about transfer), far from all it is their mean perturbed state (the context-mean
+      baseline's recipe for p), as stimulated cells of very different types converge on shared states.
 
-    Context ridge: the perturbation's Δ as a linear function of the context's control profile (its
-    coordinates on the principal directions of the training contexts' control profiles), ridge-fitted
-    over the training contexts where it was measured (the linear_context_ridge baseline's recipe).
+    Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
+    contexts, never fixed: a large λ is the transfer member, which is right when the control state says
+    nothing about the response. With two training contexts a fold sees a single context, where nothing that
+    depends on a context's position can be fitted or checked; the base then averages the two hypotheses,
+    that the perturbation's Δ is shared (transfer) and that its perturbed state follows the control state
+    (the profile kernel, width: the two contexts' distance), whose errors partly cancel. Validation
+    conditions are not used."""
 
-    Their weights cannot be fitted leave-context-out when training has two contexts (the ridge from one
-    context is T), so they are averaged: two different estimators of one response, whose errors partly
-    cancel."""
+    RANK = 10
+    RIDGES = ("context_ridge", "context_kernel", "profile_kernel")
+    RIDGE_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)
+    KERNEL_WIDTHS = (0.5, 1.0, 2.0)
+    KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
 
     def __init__(self, config: dict, genes: list[str]):
+        self.stack = Stack(config.get("loss", {}))
         self.chosen = {}
-        self.a, self.k = 1.0, 0.0
-        self.lam = 0.1
 
-    def _ridge(self, row, pool: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        t = self.table
-        rows = pool & (t["perturbation"] == row.perturbation).to_numpy()
-        same_dose = rows & same_dose_as(t, row.dose)
-        rows = same_dose if same_dose.any() else rows if rows.any() else pool
-        if not rows.any():
-            return mean
-        Z, Y = self.z_of(t["context"][rows]), self.delta[rows]
+    # ----------------------------------------------------------------- members
+
+    def _pool(self, context: str) -> np.ndarray:
+        return (self.table["context"] != context).to_numpy()
+
+    def _perturbation_rows(self, pool: np.ndarray, perturbation: str, dose: float) -> np.ndarray:
+        rows = pool & (self.table["perturbation"] == perturbation).to_numpy()
+        same_dose = rows & same_dose_as(self.table, dose)
+        return np.flatnonzero(same_dose if same_dose.any() else rows)
+
+    def _context_ridge(self, scale: float, pool: np.ndarray, rows: np.ndarray, control: np.ndarray) -> np.ndarray:
+        contexts = sorted(set(self.table["context"][pool]))
+        profiles = np.stack([self.controls[c] for c in contexts])
+        centre = profiles.mean(axis=0)
+        directions = np.linalg.svd(profiles - centre, full_matrices=False)[2][: max(1, min(self.RANK, len(contexts) - 1))]
+        Z = np.stack([self.controls[c] for c in self.table["context"].iloc[rows]]) @ directions.T
+        Y = self.delta[rows]
         z_mean, y_mean = Z.mean(axis=0), Y.mean(axis=0)
-        W = ridge(Z - z_mean, Y - y_mean, self.lam)
-        return y_mean + (self.project(row.control) - z_mean) @ W
+        lam = scale * max(float(np.mean(np.sum(((profiles - centre) @ directions.T) ** 2, axis=1))), 1e-12)
+        return y_mean + (control @ directions.T - z_mean) @ ridge(Z - z_mean, Y - y_mean, lam)
 
-    def _parts(self, row, exclude_same_context: bool) -> tuple[np.ndarray, ...]:
-        t, context = self.table, row.context
-        other = (t["context"] != context).to_numpy()
-        pool = other if exclude_same_context else np.ones(len(t), dtype=bool)
-        mean = mean_delta_by(t[pool], self.delta[pool], context, row.dose)
-        same = (t["perturbation"] == row.perturbation).to_numpy() & other
-        transfer = mean_delta_by(t[same], self.delta[same], context, row.dose) if same.any() else mean
-        # A context with training conditions of its own: its mean Δ already holds its convergence.
-        others = [profile for c, profile in self.controls.items() if c != context]
-        unseen = exclude_same_context or context not in self.controls
-        pull = np.mean(others, axis=0) - row.control if others and unseen else np.zeros_like(mean)
-        return transfer, mean, pull, self._ridge(row, pool, mean)
+    def _context_kernel(self, width: float, lam: float, pool: np.ndarray, rows: np.ndarray, control: np.ndarray,
+                        profile: bool = False) -> np.ndarray:
+        contexts = sorted(set(self.table["context"][pool]))
+        profiles = np.stack([self.controls[c] for c in contexts])
+        gaps = np.sum((profiles[:, None] - profiles[None]) ** 2, axis=-1)
+        scale = width * (float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 1.0)
+        X = np.stack([self.controls[c] for c in self.table["context"].iloc[rows]])
+        Y = self.delta[rows] + (X if profile else 0.0)
+        y_mean = Y.mean(axis=0)
+        K = np.exp(-np.sum((X[:, None] - X[None]) ** 2, axis=-1) / scale)
+        k = np.exp(-np.sum((X - control) ** 2, axis=-1) / scale)
+        return y_mean + k @ np.linalg.solve(K + lam * np.eye(len(rows)), Y - y_mean) - (control if profile else 0.0)
 
-    def _rows(self, conditions: ConditionSet, exclude_same_context: bool) -> list[tuple[np.ndarray, ...]]:
-        table = conditions.table.assign(control=list(conditions.control))
-        return [self._parts(r, exclude_same_context) for r in table.itertuples()]
+    def _members(self, conditions: ConditionSet, chosen: dict | None) -> dict[str, np.ndarray]:
+        """Each member's prediction for `conditions` from the training conditions of the other contexts;
+        the ridges for every setting of their grids (`name:setting`) when `chosen` is None."""
+        ridges = [(f"context_ridge:{s:g}", ("ridge", s)) for s in self.RIDGE_SCALES]
+        ridges += [(f"{kind}_kernel:{w:g},{lam:g}", (kind, w, lam)) for kind in ("context", "profile")
+                   for w in self.KERNEL_WIDTHS for lam in self.KERNEL_LAMBDAS]
+        if chosen is not None:
+            ridges = [(name, chosen[name]) for name in self.RIDGES]
+        out = {name: np.zeros((len(conditions), self.delta.shape[1]))
+               for name in ["transfer", "mean", "pull"] + [n for n, _ in ridges]}
+        for row, r in enumerate(conditions.table.itertuples()):
+            pool = self._pool(r.context)
+            mean = mean_delta_by(self.table[pool], self.delta[pool], r.context, r.dose)
+            rows = self._perturbation_rows(pool, r.perturbation, r.dose)
+            others = [self.controls[c] for c in sorted(set(self.table["context"][pool]))]
+            control = conditions.control[row]
+            out["mean"][row] = mean
+            out["pull"][row] = np.mean(others, axis=0) - control
+            out["transfer"][row] = self.delta[rows].mean(axis=0) if len(rows) else mean
+            for name, setting in ridges:
+                if not len(rows):
+                    out[name][row] = mean
+                elif setting[0] == "ridge":
+                    out[name][row] = self._context_ridge(setting[1], pool, rows, control)
+                else:
+                    out[name][row] = self._context_kernel(setting[1], setting[2], pool, rows, control,
+                                                          profile=setting[0] == "profile")
+        return out
 
-    def _combine(self, rows: list[tuple[np.ndarray, ...]]) -> np.ndarray:
-        return np.stack([0.5 * (m + self.a * (t - m) + self.k * p) + 0.5 * r for t, m, p, r in rows])
+    # ----------------------------------------------------------------- fitting
 
-    def project(self, profile: np.ndarray) -> np.ndarray:
-        return (profile - self.centre) @ self.directions.T
-
-    def z_of(self, contexts: pd.Series) -> np.ndarray:
-        return np.stack([self.project(self.controls[c]) for c in contexts])
-
-    def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
+    def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
+            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
-        profiles = np.stack(list(self.controls.values()))
-        self.centre = profiles.mean(axis=0)
-        rank = max(1, min(10, len(profiles) - 1))
-        self.directions = np.linalg.svd(profiles - self.centre, full_matrices=False)[2][:rank]
-        if len(self.controls) > 1:
-            rows = self._rows(train, True)
-            gap = np.concatenate([t - m for t, m, _, _ in rows])
-            pull = np.concatenate([p for _, _, p, _ in rows])
-            target = np.concatenate([d - m for d, (_, m, _, _) in zip(train.delta, rows)])
-            a, k = np.linalg.lstsq(np.stack([gap, pull], axis=1), target, rcond=None)[0]
-            self.a = float(np.clip(a, 0.0, 1.0))
-            # a clipped: the best k given that a, in closed form.
-            k = pull @ (target - self.a * gap) / max(pull @ pull, 1e-12)
-            # Leave-context-out, T carries the other contexts' convergence, −k·P/(n − 1) of the held-out one,
-            # so the fitted slope is k·(1 + a/(n − 1)); a new context's T (all n contexts) carries none.
-            self.k = float(np.clip(k / (1.0 + self.a / (len(self.controls) - 1)), 0.0, 1.0))
-        self.chosen = {"transfer_weight": self.a, "convergence_weight": self.k, "context_ridge_lambda": self.lam}
+        if len(self.controls) < 3:
+            # One or two training contexts: no held-out context can check a member that places a context.
+            self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
+                            "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
+                            "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1])}
+            self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5} if len(self.controls) == 2 \
+                else {"transfer": 1.0}
+            self.stack.nested, self.stack.chosen = None, "fixed"
+            self.oof = self.stack.combine(self._members(train, self.setting))
+            self.chosen = {"stack_weights": self.stack.weights}
+            return self
+        oof = self._members(train, None)
+        reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
+        weights = loss_weights(train.delta, self.stack.loss)
+        errors = {k: float(np.sum(weights * (v - train.delta) ** 2)) for k, v in oof.items() if ":" in k}
+        self.setting, members = {}, {k: v for k, v in oof.items() if ":" not in k}
+        for name in self.RIDGES:
+            key = min((k for k in errors if k.startswith(name + ":")), key=errors.get)
+            values = [float(x) for x in key.partition(":")[2].split(",")]
+            self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
+            members[name] = oof[key]
+        contexts = train.table["context"].to_numpy()
+        singles = {n: {n: 1.0} for n in members if n != "pull"} | {"context_mean": {"mean": 1.0, "pull": 1.0}}
+        self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
+                       singles=singles)
+        self.oof = self.stack.combine(members)
+        self.chosen = {"stack_weights": self.stack.weights, "kept": self.stack.chosen, "nested": self.stack.nested,
+                       "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
+                       "settings": {name: list(setting[1:]) for name, setting in self.setting.items()}}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        return self._combine(self._rows(conditions, False))
+        return self.stack.combine(self._members(conditions, self.setting))
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
-        return self._combine(self._rows(train, True))
+        """Leave-one-context-out predictions of the training conditions."""
+        return self.oof

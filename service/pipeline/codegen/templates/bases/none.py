@@ -4,7 +4,8 @@ class BasePredictor:
     def __init__(self, config: dict, genes: list[str]):
         self.chosen = {}
 
-    def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray) -> "BasePredictor":
+    def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
+            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
         self.n_genes = train.delta.shape[1]
         return self
 
