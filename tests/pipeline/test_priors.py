@@ -21,7 +21,7 @@ from service.pipeline import pipeline_handlers, render_bundle
 
 class Design:
     """A simulated dataset taken through the offline design up to the fitted closed-form model: the plan's
-    rendered model.py and train.py, the split's train/val/test conditions as train.py reads them, and the
+    rendered model.py and train.py, the split's train/test conditions as train.py reads them, and the
     test conditions' observed Δ (their held-out cells, as the evaluator scores them)."""
 
     def __init__(self, tmp: Path, data: ad.AnnData, task: str, **split_args):
@@ -32,19 +32,20 @@ class Design:
         self.train_py = _load(code / "train.py", f"prior_train_{tmp.name}")
         self.info = make_split(path, self.plan.evaluation.split_scheme, 0, tmp / "split", **split_args)
         split = tmp / "split"
-        train_cells, val_cells, test_inputs, truth = (ad.read_h5ad(split / f"{name}.h5ad") for name in
-                                                      ("train", "val", "test_inputs", "test_truth"))
+        train_cells, test_inputs, truth = (ad.read_h5ad(split / f"{name}.h5ad") for name in
+                                           ("train", "test_inputs", "test_truth"))
         self.genes = list(train_cells.var_names)
         controls = self.m.control_means(train_cells)
         self.train = self.m.ConditionSet.from_cells(train_cells, controls)
-        self.val = self.m.ConditionSet.from_cells(val_cells, self.train_py.val_controls(val_cells, controls))
         self.test = self.m.ConditionSet(self.train_py.targets_of(test_inputs),
                                         {**controls, **self.m.control_means(test_inputs)})
         means = self.m.group_means(truth.X, truth.obs["condition"].astype(str).to_numpy(),
                                    list(self.test.table["condition"]))
         self.observed = means - self.test.control
         self.model = self.m.PerturbationModel(render_bundle(self.plan).config(), self.genes)
-        self.model.fit_closed_form(self.train, self.val, *self.train_py.cell_sample(train_cells, 2000, 0))
+        # As train.py's final fit: every training condition, nothing held back to stop on.
+        nothing = self.train.subset(np.zeros(len(self.train), dtype=bool))
+        self.model.fit_closed_form(self.train, nothing, *self.train_py.cell_sample(train_cells, 2000, 0))
 
     def predict(self, conditions) -> np.ndarray:
         return self.model.predict_delta(conditions, self.m.pick_device({"device": "cpu"}))
