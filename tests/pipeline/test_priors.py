@@ -94,7 +94,7 @@ def test_knockdown_lowers_the_target_gene_of_unseen_knockouts(knockouts):
     mean_delta = d.train.delta.mean(axis=0)
     assert np.mean(np.abs(predicted - expected)) < 0.35 * np.mean(np.abs(expected))
     assert np.mean(np.abs(predicted - expected)) < 0.5 * np.mean(np.abs([mean_delta[g] - t for (_, g), t in
-                                                                           zip(rows, expected)]))
+                                                                           zip(rows, expected, strict=True)]))
 
 
 def test_knockdown_removes_a_fitted_share_of_expression(knockouts):
