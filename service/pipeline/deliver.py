@@ -17,6 +17,10 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 VENDORED = ("baselines.py", "conditions.py", "errors.py", "metrics.py")
 PACKAGE = "cellforge_baselines"
 DESIGNED = "designed"
+# The data errors derive from the service's error root, which the sandbox has no `service` package to
+# import it from: it travels in the bundle too (it imports nothing), and errors.py imports it there.
+ROOT_ERROR = Path(__file__).resolve().parents[1] / "errors.py"
+ROOT_IMPORT = "from service.errors import CellForgeError"
 
 
 def predictor_files(weights: dict[str, float], kind: str, description: str,
@@ -30,6 +34,11 @@ def predictor_files(weights: dict[str, float], kind: str, description: str,
                                        'service/data)."""\n')
     for name in VENDORED:
         files[f"{PACKAGE}/{name}"] = (DATA / name).read_text()
+    if ROOT_IMPORT not in files[f"{PACKAGE}/errors.py"]:
+        raise RuntimeError(f"service/data/errors.py no longer has {ROOT_IMPORT!r}: update the vendoring")
+    files[f"{PACKAGE}/errors.py"] = files[f"{PACKAGE}/errors.py"].replace(ROOT_IMPORT,
+                                                                          "from .root_error import CellForgeError")
+    files[f"{PACKAGE}/root_error.py"] = ROOT_ERROR.read_text()
     if DESIGNED in weights:
         if designed is None:
             raise ValueError("the stack weighs the designed model but no designed bundle was given")

@@ -3,6 +3,7 @@ alike, the choice never worse than the best baseline, and the delivered predicto
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,7 @@ def test_the_choice_is_never_worse_on_validation_than_the_best_baseline(cv_run):
     assert rank([*entries[:-1], twin], primary)[0] is top
 
 
-@pytest.mark.slow  # runs the delivered bundle in a fresh interpreter (torch, anndata imports)
+@pytest.mark.slow  # runs the delivered bundle's tests and training in fresh interpreters
 def test_delivered_baseline_code_reproduces_the_service_predictions(holdout_run, tmp_path):
     """The bundle of a baseline winner runs CellForge's own baselines on the model files alone."""
     rd, selection = holdout_run
@@ -136,3 +137,11 @@ def test_delivered_baseline_code_reproduces_the_service_predictions(holdout_run,
     fold = selection.folds[0]
     np.testing.assert_allclose(fold.evaluator.align(tmp_path / "out" / "val_predictions.h5ad"),
                                fold.evaluator.align(fold.baselines["linear_pca_ridge"]), atol=1e-5)
+
+
+def test_delivered_code_imports_nothing_of_the_service():
+    """The sandbox has no `service` package: the vendored baselines bring what they import (the error root
+    included), so the bundle runs there as it runs here."""
+    files = predictor_files({"linear_pca_ridge": 0.5, "mean_delta": 0.5}, "stack", "a stack of two baselines")
+    assert [n for n, text in files.items() if re.search(r"^\s*(from|import) service\b", text, re.M)] == []
+    assert "class CellForgeError" in files["cellforge_baselines/root_error.py"]
