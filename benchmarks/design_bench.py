@@ -2,8 +2,9 @@
 
 1. Quality: simulated knockout (unseen genes), drug (unseen drugs at 4 doses), cytokine (an unseen cell type
    among 3) and stimulation (8 cell types whose responses follow their control states; each held out in
-   turn) data over several seeds, plus the README demo (`cellforge demo`'s data). Each run's model is scored
-   on held-out conditions against the best of all applicable baselines of that run, per metric: the primary
+   turn) data over several seeds, plus the README demo (`cellforge demo`'s data). What each run delivers (the
+   designed model, a baseline or the stack of baselines, whichever won validation) is scored on held-out
+   conditions, the designed model's own score beside it when its whole-split run finished, against the best of all applicable baselines of that run, per metric: the primary
    metric (`pearson_delta_pert`, Pearson Δ against the perturbed centroid) and `mse_top20_de`. Per run: win,
    tie or loss against that best baseline, and the relative improvement on the primary metric; per kind and
    overall: wins per seed, the mean relative improvement, the design wall time.
@@ -62,16 +63,22 @@ def score_run(kind: str, seed: int, context: str | None, seconds: float, result)
     m = result.metrics
     row: dict = {"kind": kind, "seed": seed, "context": context, "status": result.status, "seconds": round(seconds, 1),
                  "attempts": m.get("attempts"), "n_test_conditions": m.get("n_test_conditions")}
-    if "model" not in m:
+    delivered = m.get("delivered") or {}
+    if not delivered.get("test"):
         return row
+    # What the user gets (the designed model, a baseline or the stack, chosen on validation) is what is
+    # judged; the designed model's own test score is kept beside it when its whole-split run finished.
+    row["delivered"] = f"{delivered.get('kind')}:{delivered.get('name')}"
+    designed = m.get("model") or {}
     for metric, direction in METRICS.items():
         scores = {name: s[metric] for name, s in m["baselines"].items() if s.get(metric) is not None}
         pick = max if direction == "higher" else min
         best = pick(scores, key=scores.get)
-        model = m["model"][metric]
-        row[metric] = {"model": model, "best_baseline": best, "best": scores[best],
-                       "ceiling": m["ceiling"].get(metric), "verdict": verdict(metric, model, scores[best]),
-                       "gain": gain(metric, model, scores[best]), "baselines": scores}
+        got, own = delivered["test"][metric], designed.get(metric)
+        row[metric] = {"delivered": got, "designed": own, "best_baseline": best, "best": scores[best],
+                       "ceiling": m["ceiling"].get(metric), "verdict": verdict(metric, got, scores[best]),
+                       "designed_verdict": None if own is None else verdict(metric, own, scores[best]),
+                       "gain": gain(metric, got, scores[best]), "baselines": scores}
     return row
 
 
@@ -82,7 +89,7 @@ def design(kind: str, seed: int, data: Path, task: str, work: Path, sandbox: str
                                        max_minutes=20, held_out_context=context))
     row = score_run(kind, seed, context, time.perf_counter() - started, result)
     print(f"{label}: {result.status} in {row['seconds']}s " + " ".join(
-        f"{k}={row[k]['model']:.3f} vs {row[k]['best_baseline']} {row[k]['best']:.3f} ({row[k]['verdict']})"
+        f"{k}={row[k]['delivered']:.3f} ({row['delivered']}) vs {row[k]['best_baseline']} {row[k]['best']:.3f} ({row[k]['verdict']})"
         for k in METRICS if k in row), file=sys.stderr, flush=True)
     return row
 
@@ -109,8 +116,8 @@ def demo_run(sandbox: str, work: Path) -> dict:
     return design("demo", DEMO["seed"], data, DEMO["task"], work, sandbox)
 
 
-def _tally(rows: list[dict], metric: str) -> dict:
-    verdicts = [r[metric]["verdict"] for r in rows]
+def _tally(rows: list[dict], metric: str, key: str = "verdict") -> dict:
+    verdicts = [r[metric][key] for r in rows if r[metric][key] is not None]
     return {v: verdicts.count(v) for v in ("win", "tie", "loss")}
 
 
@@ -123,11 +130,12 @@ def summarise(rows: list[dict]) -> dict:
                        if kind != "all" else len(rows) - len(scored)}
         for metric in METRICS:
             entry[metric] = {
-                "model_mean": round(statistics.fmean(r[metric]["model"] for r in mine), 4),
+                "delivered_mean": round(statistics.fmean(r[metric]["delivered"] for r in mine), 4),
                 "best_baseline_mean": round(statistics.fmean(r[metric]["best"] for r in mine), 4),
                 "ceiling_mean": round(statistics.fmean(r[metric]["ceiling"] for r in mine
                                                        if r[metric]["ceiling"] is not None), 4),
                 "verdicts": _tally(mine, metric),
+                "designed_model_verdicts": _tally(mine, metric, "designed_verdict"),
                 "mean_relative_gain": round(statistics.fmean(r[metric]["gain"] for r in mine), 4),
                 "best_baselines": sorted({r[metric]["best_baseline"] for r in mine}),
             }
@@ -135,6 +143,7 @@ def summarise(rows: list[dict]) -> dict:
             for r in mine:
                 by_seed.setdefault(str(r["seed"]), []).append(r[metric]["verdict"])
             entry[metric]["wins_by_seed"] = {s: f"{v.count('win')}/{len(v)}" for s, v in by_seed.items()}
+        entry["delivered"] = {d: sum(r["delivered"] == d for r in mine) for d in sorted({r["delivered"] for r in mine})}
         entry["design_seconds_max"] = max(r["seconds"] for r in mine)
         entry["design_seconds_mean"] = round(statistics.fmean(r["seconds"] for r in mine), 1)
         out[kind] = entry
@@ -170,7 +179,7 @@ def scale_run(sandbox: str, work: Path) -> dict:
     return {"cells": 20000, "genes": 2000, "status": result.status, "design_seconds": round(seconds, 1),
             "target_seconds": TARGET_SECONDS, "within_target": seconds <= TARGET_SECONDS,
             "simulate_seconds": round(simulate_s, 1), "seconds_by_phase": phases,
-            "model_pearson_delta_pert": result.metrics.get("model", {}).get(PRIMARY)}
+            "delivered_pearson_delta_pert": (result.metrics.get("delivered") or {}).get("test", {}).get(PRIMARY)}
 
 
 def main() -> None:

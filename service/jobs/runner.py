@@ -76,6 +76,9 @@ class _Recorder:
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
+        # One flush at a time: the last flush after the handler ends waits for one in flight, so no batch is
+        # taken by a flush the end then cancels (it would be put back and never written: a lost last event).
+        self._flushing = asyncio.Lock()
 
     def put(self, what: str, value: Any) -> None:
         with self._lock:
@@ -83,16 +86,17 @@ class _Recorder:
         self._loop.call_soon_threadsafe(self._wake.set)
 
     async def flush(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
-        try:
-            await self._store.db.run(self._store.record, self._job_id, batch)
-        except BaseException:
+        async with self._flushing:
             with self._lock:
-                self._pending[:0] = batch
-            raise
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                await self._store.db.run(self._store.record, self._job_id, batch)
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = batch
+                raise
 
     async def run(self) -> None:
         while True:
