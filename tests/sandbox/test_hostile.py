@@ -116,7 +116,8 @@ async def test_a_restart_that_fails_marks_the_sandbox_dead_and_the_folder_stays_
             assert_socket_folder_sealed(backend, sb)
             # Killed instead: the container stops, the folder is still sealed. (Reviving a dead
             # sandbox: test_a_kernel_that_dies_at_boot_fails_the_restart_at_once_with_its_cause.)
-            container.exec_run(["sh", "-c", f"kill -KILL {supervisor}"], user="0")
+            # Detached: under gVisor an exec whose container goes away with it never closes its stream.
+            container.exec_run(["sh", "-c", f"kill -KILL {supervisor}"], user="0", detach=True)
             container.wait(timeout=10)
             assert_socket_folder_sealed(backend, sb)
         finally:
