@@ -178,7 +178,7 @@ def improve_context(parent: Node, tree: SearchTree, table: dict[str, Any], schem
     }
 
 
-def improve_request(context: dict[str, Any]) -> LLMRequest:
+def improve_request(context: dict[str, Any]) -> LLMRequest[Change]:
     system = (
         "You are CellForge's design-search agent. A generated perturbation-response model trained and was "
         "scored by the service on validation conditions held out like the test ones. context.validation has "
