@@ -1,4 +1,5 @@
-"""Tests of the generated model on a small synthetic split (shapes, forward pass, one-batch overfit, no NaN)."""
+"""Tests of the generated model on a small synthetic split (shapes, forward pass, one-batch overfit, no NaN, and
+model.pt alone reproduces the run's predictions)."""
 
 import json
 from pathlib import Path
@@ -10,17 +11,19 @@ import pytest
 import torch
 
 import train
-from model import TARGETS_UNS, ConditionSet, control_means, delta_loss, write_h5ad
+from config import Config
+from data import TARGETS_UNS, ConditionSet, control_means, write_h5ad
+from model import PerturbationModel, delta_loss
 
-CONFIG = json.loads((Path(__file__).parent / "config.json").read_text())
+CONFIG = Config.load(Path(__file__).parent / "config.json")
 N_GENES = 40
 CONTEXTS = ["ctx_a", "ctx_b"]
 
 
 def _perturbations() -> list[tuple[str, float]]:
-    if CONFIG["perturbation_kind"] == "chemical":
+    if CONFIG.perturbation_kind == "chemical":
         return [(f"drug_{d}", dose) for d in range(6) for dose in (0.1, 1.0, 10.0)]
-    if CONFIG["perturbation_kind"] == "genetic_combo":
+    if CONFIG.perturbation_kind == "genetic_combo":
         singles = [f"g{i}" for i in range(8)]
         return [(g, float("nan")) for g in singles] + [(f"g{i}+g{i + 1}", float("nan")) for i in range(0, 8, 2)]
     return [(f"g{i}", float("nan")) for i in range(10)]
@@ -28,7 +31,7 @@ def _perturbations() -> list[tuple[str, float]]:
 
 def _annotations(items: list[tuple[str, float]]) -> dict[str, list[str]]:
     """Drugs carry target-gene annotations, as a split of annotated drug data does."""
-    perts = sorted({pert for pert, _ in items}) if CONFIG["perturbation_kind"] == "chemical" else []
+    perts = sorted({pert for pert, _ in items}) if CONFIG.perturbation_kind == "chemical" else []
     return {"perturbation": perts, "targets": [f"g{int(p.split('_')[1])};g{int(p.split('_')[1]) + 7}" for p in perts]}
 
 
@@ -84,11 +87,12 @@ def split_dir(tmp_path_factory) -> Path:
 def fitted(split_dir):
     """The closed-form part fitted on training conditions, with whole perturbations held out to stop on."""
     train_cells = ad.read_h5ad(split_dir / "train.h5ad")
-    everything = ConditionSet.from_cells(train_cells, control_means(train_cells))
+    controls = control_means(train_cells)
+    everything = ConditionSet.from_cells(train_cells, controls)
     held, _ = train.stop_rows(everything.table, "perturbation", 0)
     assert held.any() and not held.all()
     tr, va = everything.subset(~held), everything.subset(held)
-    model = train.fitted_model(CONFIG, list(train_cells.var_names), train_cells, tr, va, 0)
+    model = train.fitted_model(CONFIG, list(train_cells.var_names), controls, train_cells, tr, va, 0)
     model.set_input_scaling(tr)
     return model, tr, va
 
@@ -117,18 +121,18 @@ def test_one_batch_overfit(fitted):
     y = torch.as_tensor(tr.delta, dtype=torch.float32)
     net = model.build_net(x.shape[1])
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    first = delta_loss(net(x), y, CONFIG["loss"]).item()
+    first = delta_loss(net(x), y, CONFIG.loss).item()
     for _ in range(150):
-        loss = delta_loss(net(x), y, CONFIG["loss"])
+        loss = delta_loss(net(x), y, CONFIG.loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
 
 
-def test_training_writes_finite_outputs(split_dir, tmp_path):
-    config = {**CONFIG, "epochs": min(int(CONFIG["epochs"]), 5)}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+def test_training_writes_finite_outputs_and_the_saved_model_predicts_them(split_dir, tmp_path):
+    config = CONFIG.replace(epochs=min(CONFIG.epochs, 5))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     train.main(["--data", str(split_dir), "--out", str(tmp_path / "out"), "--config", str(tmp_path / "config.json")])
     for name, inputs in (("predictions.h5ad", "test_inputs.h5ad"), ("val_predictions.h5ad", "val_inputs.h5ad")):
         pred = ad.read_h5ad(tmp_path / "out" / name)
@@ -136,3 +140,7 @@ def test_training_writes_finite_outputs(split_dir, tmp_path):
         assert np.isfinite(pred.X).all()
     lines = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
     assert lines and all(np.isfinite(json.loads(line)["train_loss"]) for line in lines)
+    saved = PerturbationModel.load(tmp_path / "out" / "model.pt")
+    for name, inputs in (("predictions.h5ad", "test_inputs.h5ad"), ("val_predictions.h5ad", "val_inputs.h5ad")):
+        np.testing.assert_allclose(saved.predict(ad.read_h5ad(split_dir / inputs)).X,
+                                   ad.read_h5ad(tmp_path / "out" / name).X, rtol=1e-5, atol=1e-6)

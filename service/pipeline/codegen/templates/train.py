@@ -3,7 +3,8 @@
 Reads DIR/train.h5ad, DIR/val_inputs.h5ad and DIR/test_inputs.h5ad: training cells, and for the val and
 test conditions only what to predict and their contexts' control cells. No truth of a condition to
 predict is there; the service scores val_predictions.h5ad and predictions.h5ad itself. Writes those two,
-model.pt, val_metrics.json and train_log.jsonl (one line per epoch) to --out.
+model.pt (`PerturbationModel.load` reads it back and predicts without the training data),
+val_metrics.json and train_log.jsonl (one line per epoch) to --out.
 
 Early stopping therefore holds out training conditions of its own, in whole groups as the split holds
 out its test (uns["split"]["group_by"]: cell types, perturbations or doses). Phase 1 fits everything
@@ -22,31 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model import (ConditionSet, PerturbationModel, annotate, centroid_delta, control_means, delta_loss, dense,
-                   pick_device, write_h5ad)
+from components import centroid_delta
+from config import Config
+from data import ConditionSet, cell_sample, control_means, read_part, write_h5ad
+from model import PerturbationModel, delta_loss, pick_device
 
 STOP_FRACTION = 0.2  # share of the training groups held out to stop on
 MIN_STOP_GROUPS = 3  # fewer groups than this: hold out whole perturbations instead; fewer still, no network
-
-
-def read_part(data: Path, name: str) -> ad.AnnData:
-    path = data / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: expected train.h5ad, val_inputs.h5ad and test_inputs.h5ad "
-                                f"in {data}")
-    return ad.read_h5ad(path)
-
-
-def targets_of(inputs: ad.AnnData) -> pd.DataFrame:
-    """The conditions an inputs part (val_inputs or test_inputs) asks to predict, with their annotations."""
-    predict = inputs.uns["predict"]
-    table = pd.DataFrame({k: list(predict[k]) for k in ("condition", "perturbation", "dose", "context")})
-    return annotate(table.astype({"condition": str, "perturbation": str, "context": str, "dose": float}),
-                    inputs.uns)
-
-
-def to_predict(inputs: ad.AnnData, train_controls: dict[str, np.ndarray]) -> ConditionSet:
-    return ConditionSet(targets_of(inputs), {**train_controls, **control_means(inputs)})
 
 
 def group_keys(table: pd.DataFrame, group_by: str) -> np.ndarray:
@@ -73,40 +56,20 @@ def stop_rows(table: pd.DataFrame, group_by: str, seed: int) -> tuple[np.ndarray
     return np.isin(keys, held), group_by
 
 
-def write_predictions(path: Path, conditions: ConditionSet, delta: np.ndarray, genes) -> None:
-    obs = conditions.table.loc[:, ["condition", "perturbation", "dose", "context"]].copy()
-    obs.index = obs["condition"].to_numpy()
-    X = (conditions.control + delta).astype(np.float32)
-    write_h5ad(ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes])), path)
-
-
-def cell_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A dense sample of training cells with their contexts and control flags (controls always kept
-    up to half the sample, so the expression input has enough of them)."""
-    rng = np.random.default_rng(seed)
-    is_ctrl = train.obs["is_control"].astype(bool).to_numpy()
-    ctrl, other = np.flatnonzero(is_ctrl), np.flatnonzero(~is_ctrl)
-    take_ctrl = rng.choice(ctrl, size=min(limit // 2, len(ctrl)), replace=False)
-    take_other = rng.choice(other, size=min(limit - len(take_ctrl), len(other)), replace=False)
-    pick = np.sort(np.concatenate([take_ctrl, take_other]))
-    return (dense(train.X[pick]).astype(np.float64), train.obs["context"].astype(str).to_numpy()[pick],
-            is_ctrl[pick])
-
-
-def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, config: dict, device: torch.device,
-        log, epochs: int | None = None) -> dict:
+def train_network(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, config: Config,
+                  device: torch.device, log, epochs: int | None = None) -> dict:
     """Train the residual network on `train`. With `stop` conditions (held out of every fit), keep the epoch
     with the lowest stopping loss on them (early stopping with patience); with none, train `epochs` epochs
     (the refit). Returns the kept epoch's numbers."""
     refit = epochs is not None
-    rng = np.random.default_rng(int(config["seed"]))
-    torch.manual_seed(int(config["seed"]))
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
     model.set_input_scaling(train)
     base_train = model.base.out_of_fold(train, model.features(train))
     net = model.build_net(model.net_input(train).shape[1]).to(device)
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    opt = optimizers[config["optimizer"]](net.parameters(), lr=float(config["lr"]),
-                                          weight_decay=float(config["weight_decay"]))
+    opt = optimizers[config.optimizer](net.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay)
     as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
     y_train, b_train, r_train = as_t(train.delta), as_t(base_train), as_t(centroid_delta(train, train))
     if len(stop):
@@ -118,10 +81,10 @@ def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, confi
             return float("nan")
         net.eval()
         with torch.no_grad():
-            return float(delta_loss(b_stop + net(x_stop), y_stop, config["loss"], r_stop))
+            return float(delta_loss(b_stop + net(x_stop), y_stop, config.loss, r_stop))
 
     tag = "refit_epoch" if refit else "epoch"
-    best = {"epoch": 0, "val_loss": stop_loss(), "train_loss": float(delta_loss(b_train, y_train, config["loss"], r_train))}
+    best = {"epoch": 0, "val_loss": stop_loss(), "train_loss": float(delta_loss(b_train, y_train, config.loss, r_train))}
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
     def record(line: dict) -> None:
@@ -132,10 +95,10 @@ def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, confi
               flush=True)
 
     record(best)
-    n_epochs = int(config["epochs"]) if epochs is None else int(epochs)
-    if not config["residual_delta"] or not (len(stop) or refit):
+    n_epochs = config.epochs if epochs is None else int(epochs)
+    if not config.residual_delta or not (len(stop) or refit):
         return best
-    batch = int(config["batch_size"])
+    batch = config.batch_size
     stale = 0
     for epoch in range(1, n_epochs + 1):
         net.train()
@@ -144,15 +107,15 @@ def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, confi
         total = 0.0
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config["loss"], r_train[idx])
+            loss = delta_loss(b_train[idx] + net(x_train[idx]), y_train[idx], config.loss, r_train[idx])
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite training loss at epoch {epoch} (lr={config['lr']}, "
-                    f"grad_clip={config.get('grad_clip')}): training diverged")
+                    f"non-finite training loss at epoch {epoch} (lr={config.lr}, "
+                    f"grad_clip={config.grad_clip}): training diverged")
             opt.zero_grad()
             loss.backward()
-            if config.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(net.parameters(), float(config["grad_clip"]))
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             opt.step()
             total += float(loss.detach()) * len(idx)
         current = stop_loss()
@@ -162,27 +125,27 @@ def fit(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, confi
             best, best_state = line, None
             continue
         if not np.isfinite(current):
-            raise FloatingPointError(f"non-finite stopping loss at epoch {epoch} (lr={config['lr']})")
+            raise FloatingPointError(f"non-finite stopping loss at epoch {epoch} (lr={config.lr})")
         if current < best["val_loss"] - 1e-9:
             best = line
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             stale = 0
         else:
             stale += 1
-            if stale >= int(config["early_stopping_patience"]):
+            if stale >= config.early_stopping_patience:
                 break
     if best_state is not None:
         net.load_state_dict(best_state)
     return best
 
 
-def fitted_model(config: dict, genes: list[str], train_cells: ad.AnnData, train: ConditionSet, stop: ConditionSet,
-                 seed: int) -> PerturbationModel:
+def fitted_model(config: Config, genes: list[str], controls: dict[str, np.ndarray], train_cells: ad.AnnData,
+                 train: ConditionSet, stop: ConditionSet, seed: int) -> PerturbationModel:
     """The closed-form part fitted on `train` (its conditions' cells only; `stop` is what it may tune on)."""
-    model = PerturbationModel(config, genes)
+    model = PerturbationModel(config, genes, controls)
     keep = train_cells.obs["is_control"].astype(bool).to_numpy() | \
         train_cells.obs["condition"].astype(str).isin(set(train.table["condition"])).to_numpy()
-    cells, contexts, is_control = cell_sample(train_cells[keep], int(config["cell_sample"]), seed)
+    cells, contexts, is_control = cell_sample(train_cells[keep], config.cell_sample, seed)
     model.fit_closed_form(train, stop, cells, contexts, is_control)
     return model
 
@@ -194,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv)
     started = time.time()
-    config = json.loads(args.config.read_text())
-    np.random.seed(int(config["seed"]))
+    config = Config.load(args.config)
+    np.random.seed(config.seed)
     device = pick_device(config)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -204,30 +167,28 @@ def main(argv: list[str] | None = None) -> None:
     genes = list(train_cells.var_names)
     controls = control_means(train_cells)
     train = ConditionSet.from_cells(train_cells, controls)
-    val, test = to_predict(val_inputs, controls), to_predict(test_inputs, controls)
-    seed = int(config["seed"])
+    seed = config.seed
     group_by = dict(train_cells.uns.get("split", {})).get("group_by", "perturbation")
     held, group_by = stop_rows(train.table, group_by, seed)
     print(f"device={device} genes={len(genes)} train_conditions={len(train)} stop_conditions={int(held.sum())} "
-          f"(whole {group_by} groups) val_conditions={len(val)} test_conditions={len(test)}", flush=True)
+          f"(whole {group_by} groups) val_conditions={len(val_inputs.uns['predict']['condition'])} "
+          f"test_conditions={len(test_inputs.uns['predict']['condition'])}", flush=True)
 
     none = train.subset(np.zeros(len(train), dtype=bool))
     with (args.out / "train_log.jsonl").open("w") as log:
-        if held.any() and config["residual_delta"]:  # phase 1: how many epochs, on groups no part of the model saw
+        if held.any() and config.residual_delta:  # phase 1: how many epochs, on groups no part of the model saw
             fit_part, stop = train.subset(~held), train.subset(held)
-            selected = fit(fitted_model(config, genes, train_cells, fit_part, stop, seed), fit_part, stop, config,
-                           device, log)
+            selected = train_network(fitted_model(config, genes, controls, train_cells, fit_part, stop, seed),
+                                     fit_part, stop, config, device, log)
         else:
             selected = {"epoch": 0, "val_loss": float("nan"), "train_loss": float("nan")}
         # phase 2: every training condition, that many epochs
-        model = fitted_model(config, genes, train_cells, train, none, seed)
-        final = fit(model, train, none, config, device, log, epochs=selected["epoch"])
+        model = fitted_model(config, genes, controls, train_cells, train, none, seed)
+        final = train_network(model, train, none, config, device, log, epochs=selected["epoch"])
 
-    write_predictions(args.out / "val_predictions.h5ad", val, model.predict_delta(val, device), genes)
-    write_predictions(args.out / "predictions.h5ad", test, model.predict_delta(test, device), genes)
-    torch.save({"config": config, "genes": genes, "state_dict": model.net.state_dict(),
-                "base": model.base.chosen, "self_knockdown_fraction": getattr(model.self_effect, "fraction", None)},
-               args.out / "model.pt")
+    write_h5ad(model.predict(val_inputs), args.out / "val_predictions.h5ad")
+    write_h5ad(model.predict(test_inputs), args.out / "predictions.h5ad")
+    model.save(args.out / "model.pt")
     metrics = {"best_epoch": selected["epoch"], "stop_loss": selected["val_loss"], "train_loss": final["train_loss"],
                "stop_conditions": int(held.sum()), "stop_group_by": group_by, "base": model.base.chosen,
                "device": str(device), "seconds": round(time.time() - started, 2)}

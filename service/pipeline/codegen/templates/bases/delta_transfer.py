@@ -33,8 +33,8 @@ class BasePredictor:
     KERNEL_WIDTHS = (0.5, 1.0, 2.0)
     KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
 
-    def __init__(self, config: dict, genes: list[str]):
-        self.stack = Stack(config.get("loss", {}))
+    def __init__(self, config: Config, genes: list[str]):
+        self.stack = Stack(config.loss)
         self.chosen = {}
 
     # ----------------------------------------------------------------- members

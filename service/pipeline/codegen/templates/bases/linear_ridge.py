@@ -49,13 +49,13 @@ class BasePredictor:
     FOLDS = 10  # fewer units than this: leave one unit out
     HILL_SLOPES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
-    def __init__(self, config: dict, genes: list[str]):
-        self.lambdas = [float(x) for x in config["ridge_lambdas"]]
+    def __init__(self, config: Config, genes: list[str]):
+        self.lambdas = [float(x) for x in config.ridge_lambdas]
         self.pos = {g: i for i, g in enumerate(genes)}
-        self.by_dose = config.get("split_scheme") == "unseen-dose"
-        self.combos = config.get("perturbation_kind") == "genetic_combo"
-        self.stack = Stack(config.get("loss", {}))
-        self.genetic = config.get("perturbation_kind") in ("genetic", "genetic_combo")
+        self.by_dose = config.split_scheme == "unseen-dose"
+        self.combos = config.perturbation_kind == "genetic_combo"
+        self.stack = Stack(config.loss)
+        self.genetic = config.perturbation_kind in ("genetic", "genetic_combo")
         self.chosen = {}
 
     # ----------------------------------------------------------------- fitted state of one fold

@@ -1,7 +1,7 @@
 class BasePredictor:
     """Closed-form base: the mean training Δ of the same context and dose (the mean-Δ baseline)."""
 
-    def __init__(self, config: dict, genes: list[str]):
+    def __init__(self, config: Config, genes: list[str]):
         self.config = config
         self.chosen = {}
 

@@ -1,7 +1,7 @@
 class BasePredictor:
     """No closed-form base: the network predicts the whole Δ."""
 
-    def __init__(self, config: dict, genes: list[str]):
+    def __init__(self, config: Config, genes: list[str]):
         self.chosen = {}
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,

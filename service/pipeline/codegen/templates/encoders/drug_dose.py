@@ -2,10 +2,10 @@ class PerturbationEncoder:
     """Drug identity × dose. The identity is {identity}; a drug never seen in training keeps only the
     dose terms, i.e. the average drug response at that dose."""
 
-    def __init__(self, config: dict):
-        self.dim = int(config["embedding_dim"])
-        self.encoding = config["dose_encoding"]
-        self.signature = config["perturbation_encoder"] == "drug_embedding_dose"
+    def __init__(self, config: Config):
+        self.dim = config.embedding_dim
+        self.encoding = config.dose_encoding
+        self.signature = config.perturbation_encoder == "drug_embedding_dose"
 
     def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.max_dose = float(np.nanmax(train.table["dose"].to_numpy(dtype=float), initial=1.0))

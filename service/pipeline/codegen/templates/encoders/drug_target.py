@@ -9,9 +9,9 @@ class PerturbationEncoder:
     so a linear map can give every dose its own response to the same targets. A drug with no measured
     target keeps only the dose terms (the average drug response at that dose)."""
 
-    def __init__(self, config: dict):
-        self.dim = min(10, int(config["embedding_dim"]))
-        self.encoding = config["dose_encoding"]
+    def __init__(self, config: Config):
+        self.dim = min(10, config.embedding_dim)
+        self.encoding = config.dose_encoding
 
     def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.max_dose = float(np.nanmax(train.table["dose"].to_numpy(dtype=float), initial=1.0))

@@ -8,10 +8,10 @@ class PerturbationEncoder:
     z-scored genes (correlation). Combos sum (gene_set: sum or average) their genes' rows; a target
     that is not a measured gene gets the zero vector."""
 
-    def __init__(self, config: dict):
-        self.dim = int(config["embedding_dim"])
-        self.source = config["gene_embedding_source"]
-        self.aggregation = config.get("combo_aggregation") or "sum"
+    def __init__(self, config: Config):
+        self.dim = config.embedding_dim
+        self.source = config.gene_embedding_source
+        self.aggregation = config.combo_aggregation or "sum"
 
     def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         centred = cells - cells.mean(axis=0)
@@ -40,5 +40,5 @@ class PerturbationEncoder:
             idx = [self.pos[g] for g in str(perturbation).split("+") if g in self.pos]
             if idx:
                 rows = self.G[idx]
-                out[row] = rows.mean(axis=0) if self.aggregation == "attention" else rows.sum(axis=0)
+                out[row] = rows.mean(axis=0) if self.aggregation == "mean" else rows.sum(axis=0)
         return out

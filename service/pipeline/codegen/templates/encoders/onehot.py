@@ -2,8 +2,8 @@ class PerturbationEncoder:
     """One indicator per training perturbation; a perturbation never seen in training gets zeros
     (its prediction then comes from the context and base terms alone)."""
 
-    def __init__(self, config: dict):
-        self.dim = int(config["embedding_dim"])
+    def __init__(self, config: Config):
+        self.dim = config.embedding_dim
 
     def fit(self, train: ConditionSet, genes: list[str], cells: np.ndarray) -> "PerturbationEncoder":
         self.vocabulary = sorted(set(train.table["perturbation"]))

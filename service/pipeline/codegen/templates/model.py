@@ -1,28 +1,23 @@
-class ExpressionInput:
-    """The control profile of a condition's context, projected on the top principal components of
-    control cells ({expression_encoder}: control_sampling draws the mean of a random half of the
-    context's control cells per training example, mean_control uses the full mean)."""
+import numpy as np
+import torch
+from torch import nn
 
-    def __init__(self, dim: int, sampling: bool):
-        self.dim, self.sampling = dim, sampling
+from components import BasePredictor, ExpressionInput, PerturbationEncoder, SelfEffect, Stack, context_onehot
+from config import Config
+from data import ConditionSet, conditions_to_predict, predictions_adata
+from state import from_plain, to_plain
 
-    def fit(self, control_cells: np.ndarray, contexts: np.ndarray) -> "ExpressionInput":
-        self.centre = control_cells.mean(axis=0)
-        k = max(1, min(self.dim, control_cells.shape[0] - 1, control_cells.shape[1]))
-        self.components = np.linalg.svd(control_cells - self.centre, full_matrices=False)[2][:k]
-        self.cells = {c: control_cells[contexts == c] for c in np.unique(contexts)}
-        return self
+# The fitted components model.pt may hold, by class name (nothing else is rebuilt from it).
+COMPONENTS = {cls.__name__: cls for cls in (BasePredictor, ConditionSet, ExpressionInput, PerturbationEncoder,
+                                            SelfEffect, Stack)}
+FORMAT = 1  # model.pt's layout version
 
-    def transform(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
-        profiles = conditions.control
-        if self.sampling and rng is not None:
-            profiles = profiles.copy()
-            for row, context in enumerate(conditions.table["context"]):
-                cells = self.cells.get(context)
-                if cells is not None and len(cells) > 1:
-                    half = rng.choice(len(cells), size=max(1, len(cells) // 2), replace=False)
-                    profiles[row] = cells[half].mean(axis=0)
-        return (profiles - self.centre) @ self.components.T
+
+def pick_device(config: Config) -> torch.device:
+    """CUDA when present (and not pinned to cpu by the config), else cpu."""
+    if config.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 class ResidualMLP(nn.Module):
@@ -31,6 +26,7 @@ class ResidualMLP(nn.Module):
 
     def __init__(self, in_dim: int, n_genes: int, width: int, depth: int, dropout: float):
         super().__init__()
+        self.in_dim = in_dim
         layers, last = [], in_dim
         for _ in range(depth):
             layers += [nn.Linear(last, width), nn.GELU(), nn.Dropout(dropout)]
@@ -68,22 +64,27 @@ def delta_loss(pred: torch.Tensor, true: torch.Tensor, loss_cfg: dict,
 
 
 class PerturbationModel:
-    """Encoder + closed-form base + residual network: everything a prediction needs."""
+    """Encoder + closed-form base + residual network: everything a prediction needs.
 
-    def __init__(self, config: dict, genes: list[str]):
+    `PerturbationModel.load("model.pt").predict(inputs)` predicts the conditions an inputs part lists
+    (`uns["predict"]`, with its contexts' control cells) from model.pt alone, without the training data."""
+
+    def __init__(self, config: Config, genes: list[str], controls: dict[str, np.ndarray]):
+        """`controls`: each training context's mean control profile (a context the inputs do not bring
+        control cells for is predicted from these)."""
         self.config = config
         self.genes = list(genes)
+        self.controls = controls
         self.encoder = PerturbationEncoder(config)
         self.base = BasePredictor(config, self.genes)
-        self.expression = ExpressionInput(int(config["embedding_dim"]),
-                                          config["expression_encoder"] == "control_sampling")
-        self.self_effect = SelfEffect(self.genes) if config.get("self_knockdown") else None
+        self.expression = ExpressionInput(config.embedding_dim, config.expression_encoder == "control_sampling")
+        self.self_effect = SelfEffect(self.genes) if config.self_knockdown else None
         self.contexts: list[str] = []
         self.net: ResidualMLP | None = None
 
     def features(self, conditions: ConditionSet) -> np.ndarray:
         parts = [self.encoder.transform(conditions.table)]
-        if self.config["context_embedding"]:
+        if self.config.context_embedding:
             parts.append(context_onehot(list(conditions.table["context"]), self.contexts))
         return np.concatenate(parts, axis=1)
 
@@ -105,18 +106,19 @@ class PerturbationModel:
         x = np.concatenate([self.features(train), self.expression.transform(train)], axis=1)
         self.x_mean, self.x_scale = x.mean(axis=0), x.std(axis=0) + 1e-6
 
-    def build_net(self, in_dim: int) -> ResidualMLP:
+    def build_net(self, in_dim: int) -> "ResidualMLP":
         c = self.config
-        self.net = ResidualMLP(in_dim, len(self.genes), int(c["hidden_width"]), int(c["depth"]), float(c["dropout"]))
+        self.net = ResidualMLP(in_dim, len(self.genes), c.hidden_width, c.depth, c.dropout)
         return self.net
 
-    def predict_delta(self, conditions: ConditionSet, device: torch.device) -> np.ndarray:
+    def predict_delta(self, conditions: ConditionSet) -> np.ndarray:
         """Base + residual. The residual is left out for contexts absent from training: the network never
         saw their inputs, and an unseen context is the closed-form base's job (transfer across contexts)."""
         delta = self.base.predict(conditions, self.features(conditions))
-        if len(conditions) and self.net is not None and self.config["residual_delta"]:
+        if len(conditions) and self.net is not None and self.config.residual_delta:
             self.net.eval()
             with torch.no_grad():
+                device = next(self.net.parameters()).device
                 x = torch.as_tensor(self.net_input(conditions), dtype=torch.float32, device=device)
                 residual = self.net(x).double().cpu().numpy()
             seen = conditions.table["context"].isin(self.contexts).to_numpy()
@@ -124,3 +126,43 @@ class PerturbationModel:
         if self.self_effect is not None:
             delta = self.self_effect.apply(conditions, delta)
         return delta
+
+    def predict(self, inputs):
+        """Predicted profiles of the conditions `inputs` (an AnnData like val_inputs.h5ad) lists, in the
+        predictions format."""
+        conditions = conditions_to_predict(inputs, self.controls)
+        return predictions_adata(conditions, self.predict_delta(conditions), self.genes)
+
+    # ----------------------------------------------------------------- model.pt
+
+    FITTED = ("contexts", "encoder", "base", "expression", "self_effect", "x_mean", "x_scale")
+
+    def save(self, path) -> None:
+        """model.pt: the config, the genes, the training controls, every fitted matrix of the closed-form
+        part (gene embedding, ridge fits and their λs, stack weights, input scaling) and the network."""
+        fitted = {name: getattr(self, name, None) for name in self.FITTED}
+        torch.save({"format": FORMAT, "config": self.config.to_dict(), "genes": self.genes,
+                    "controls": to_plain(self.controls, COMPONENTS),
+                    "fitted": to_plain(fitted, COMPONENTS),
+                    "net": None if self.net is None else {
+                        "in_dim": self.net.in_dim,
+                        "state": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}},
+                   path)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "PerturbationModel":
+        """The model saved by `save`; reads tensors and plain data only (weights_only)."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"{path}: model.pt format {saved.get('format')!r}, this code reads {FORMAT}")
+        model = cls.__new__(cls)
+        model.config = Config.from_dict(saved["config"])
+        model.genes = list(saved["genes"])
+        model.controls = from_plain(saved["controls"], COMPONENTS)
+        for name, value in from_plain(saved["fitted"], COMPONENTS).items():
+            setattr(model, name, value)
+        model.net = None
+        if saved["net"] is not None:
+            model.build_net(saved["net"]["in_dim"]).load_state_dict(saved["net"]["state"])
+            model.net.to(device)
+        return model
