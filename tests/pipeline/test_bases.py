@@ -3,9 +3,6 @@ on small hand-built condition sets whose answer is known."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +11,7 @@ import torch
 from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.llm import OfflineBackend
 from service.pipeline import pipeline_handlers, render_bundle
+from generated_code import case_config, load_bundle
 
 FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
              n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
@@ -30,12 +28,7 @@ def _model_module(base: str, tmp_path_factory):
     plan = run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
                           tmp_path_factory.mktemp("discussion")).plan
     plan.architecture.base_predictor = base
-    code = render_bundle(plan).write(tmp_path_factory.mktemp(base))
-    spec = importlib.util.spec_from_file_location(f"generated_model_{base}", code / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bundle(render_bundle(plan).write(tmp_path_factory.mktemp(base)))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +62,7 @@ def _ridge_case(m, signal: float, seed: int = 0, loss: dict | None = None):
     train = _conditions(m, names[:60], ["c"] * 60, controls, delta[:60])
     test = _conditions(m, names[60:], ["c"] * 20, controls, delta[60:])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    config = {"ridge_lambdas": [0.01, 0.1, 1.0, 10.0, 100.0], "loss": loss or {}}
+    config = case_config(m, ridge_lambdas=[0.01, 0.1, 1.0, 10.0, 100.0], loss=loss or {})
     base = m.BasePredictor(config, GENES[:genes]).fit(train, F[:60], empty, F[:0])
     return base, base.predict(test, F[60:]), delta[60:], train
 
@@ -119,7 +112,7 @@ def test_stacked_ridge_neighbours_find_a_perturbation_like_the_query(ridge_model
     train = _conditions(m, names[:75], ["c"] * 75, controls, delta[:75])
     test = _conditions(m, names[75:], ["c"] * 15, controls, delta[75:])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({"ridge_lambdas": [0.1, 10.0]}, GENES[:genes]).fit(train, F[:75], empty, F[:0])
+    base = m.BasePredictor(case_config(m, ridge_lambdas=[0.1, 10.0]), GENES[:genes]).fit(train, F[:75], empty, F[:0])
     assert base.chosen["stack_weights"]["neighbours"] > 0.5
     assert np.mean((base.predict(test, F[75:]) - delta[75:]) ** 2) < 0.05
 
@@ -142,7 +135,7 @@ def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_mo
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
                         np.stack([truth(p, c, seen) for p, c in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
     weights = base.chosen["stack_weights"]
     assert weights["transfer"] < 0.5 < sum(w for name, w in weights.items() if name != "transfer")
     test = _conditions(m, list(shared), ["E"] * 4, controls, np.stack([truth(p, "E", seen) for p in shared]))
@@ -166,7 +159,7 @@ def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_
     rows = [(p, c) for p in shared for c in ("A", "B")]
     train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, np.stack([shared[p] for p, _ in rows]))
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
-    base = m.BasePredictor({}, GENES[:genes]).fit(train, np.zeros((4, 1)), empty, np.zeros((0, 1)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((4, 1)), empty, np.zeros((0, 1)))
     assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
     query = _conditions(m, ["P1", "P1"], ["near", "far"], controls, np.zeros((2, genes)))
     near, far = base.predict(query, np.zeros((2, 1)))
@@ -207,7 +200,7 @@ def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ri
                        np.stack([response(t) for t in test_targets]), dose=1.0,
                        targets=[label(t) for t in test_targets])
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)), dose=1.0)
-    base = m.BasePredictor({"ridge_lambdas": [0.01, 0.1, 1.0, 10.0]}, GENES[:genes]).fit(
+    base = m.BasePredictor(case_config(m, ridge_lambdas=[0.01, 0.1, 1.0, 10.0]), GENES[:genes]).fit(
         train, np.zeros((30, 1)), empty, np.zeros((0, 1)))
     assert base.chosen["stack_weights"]["target_covariation"] > 0.5
     pred = base.predict(test, np.zeros((5, 1)))

@@ -42,14 +42,17 @@ def plans(tmp_path_factory):
 def test_bundle_follows_the_plan_and_is_deterministic(plans):
     for plan in plans.values():
         bundle = render_bundle(plan)
-        assert sorted(bundle.files) == ["config.json", "model.py", "test_model.py", "train.py"]
+        assert sorted(bundle.files) == ["components.py", "config.json", "config.py", "data.py", "model.py", "state.py",
+                                        "test_model.py", "train.py"]
         assert bundle == render_bundle(plan)
         assert bundle.config() == json.loads(json.dumps(config_from_plan(plan)))
-        compile(bundle.files["model.py"], "model.py", "exec")
+        for name, text in bundle.files.items():
+            if name.endswith(".py"):
+                compile(text, name, "exec")
 
 
 def test_different_kinds_get_different_components(plans):
-    knockout, drug = (render_bundle(plans[k]).files["model.py"] for k in ("knockout", "drug"))
+    knockout, drug = (render_bundle(plans[k]).files["components.py"] for k in ("knockout", "drug"))
     assert "gene embedding learnt from training cells" in knockout and "def dose_features" not in knockout
     assert "def dose_features" in drug and "Drug identity × dose" in drug
     assert "class SelfEffect" in knockout  # every bundle carries the knock-down term class...
@@ -63,7 +66,7 @@ def test_annotated_unseen_drugs_get_the_target_encoder(plans):
     assert plain.architecture.perturbation_encoder == "drug_embedding_dose"  # no annotations: no target encoder
     assert "drug_target_ridge" in annotated.evaluation.baselines
     assert "drug_target_ridge" not in plain.evaluation.baselines
-    model = render_bundle(annotated).files["model.py"]
+    model = render_bundle(annotated).files["components.py"]
     assert "annotated target genes" in model and "def dose_features" in model
     assert annotated.architecture.base_predictor == "linear_ridge" and annotated.architecture.residual_delta
 
@@ -84,6 +87,6 @@ def test_candidate_plans_are_valid_distinct_variants(plans):
     for plan in plans.values():
         candidates = candidate_plans(plan, 5)
         assert candidates[0] == ("discussion plan", plan) and len(candidates) == 5
-        rendered = {render_bundle(p).files["config.json"] + render_bundle(p).files["model.py"] for _, p in candidates}
+        rendered = {render_bundle(p).files["config.json"] + render_bundle(p).files["components.py"] for _, p in candidates}
         assert len(rendered) == 5
     assert candidate_plans(plans["knockout"], 1) == [("discussion plan", plans["knockout"])]

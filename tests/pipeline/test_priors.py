@@ -4,8 +4,6 @@ an unseen dose between measured ones is interpolated monotonically."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -17,19 +15,18 @@ from service.agents import analyse_task, run_discussion
 from service.data import make_split, profile_dataset, simulate
 from service.llm import OfflineBackend
 from service.pipeline import pipeline_handlers, render_bundle
+from generated_code import case_config, load_bundle
 
 
 class Design:
     """A simulated dataset taken through the offline design up to the fitted closed-form model: the plan's
-    rendered model.py and train.py, the split's train/test conditions as train.py reads them, and the
+    rendered bundle's modules, the split's train/test conditions as train.py reads them, and the
     test conditions' observed Δ (their held-out cells, as the evaluator scores them)."""
 
     def __init__(self, tmp: Path, data: ad.AnnData, task: str, **split_args):
         path = tmp / "data.h5ad"
         data.write_h5ad(path)
-        self.m, self.plan, code = _render(task, path, tmp)
-        sys.modules["model"] = self.m
-        self.train_py = _load(code / "train.py", f"prior_train_{tmp.name}")
+        self.m, self.plan = _render(task, path, tmp)
         self.info = make_split(path, self.plan.evaluation.split_scheme, 0, tmp / "split", **split_args)
         split = tmp / "split"
         train_cells, test_inputs, truth = (ad.read_h5ad(split / f"{name}.h5ad") for name in
@@ -37,35 +34,26 @@ class Design:
         self.genes = list(train_cells.var_names)
         controls = self.m.control_means(train_cells)
         self.train = self.m.ConditionSet.from_cells(train_cells, controls)
-        self.test = self.m.ConditionSet(self.train_py.targets_of(test_inputs),
+        self.test = self.m.ConditionSet(self.m.targets_of(test_inputs),
                                         {**controls, **self.m.control_means(test_inputs)})
         means = self.m.group_means(truth.X, truth.obs["condition"].astype(str).to_numpy(),
                                    list(self.test.table["condition"]))
         self.observed = means - self.test.control
-        self.model = self.m.PerturbationModel(render_bundle(self.plan).config(), self.genes)
+        self.model = self.m.PerturbationModel(self.m.CONFIG, self.genes, controls)
         # As train.py's final fit: every training condition, nothing held back to stop on.
         nothing = self.train.subset(np.zeros(len(self.train), dtype=bool))
-        self.model.fit_closed_form(self.train, nothing, *self.train_py.cell_sample(train_cells, 2000, 0))
+        self.model.fit_closed_form(self.train, nothing, *self.m.cell_sample(train_cells, 2000, 0))
 
     def predict(self, conditions) -> np.ndarray:
-        return self.model.predict_delta(conditions, self.m.pick_device({"device": "cpu"}))
+        return self.model.predict_delta(conditions)
 
 
 def _render(task: str, path: Path, tmp: Path):
-    """The offline design's plan for the data at `path`, its rendered model.py (imported) and code folder."""
+    """The offline design's plan for the data at `path` and its rendered bundle (imported)."""
     llm = OfflineBackend(pipeline_handlers())
     profile = profile_dataset(path)
     plan = run_discussion(analyse_task(profile, task, llm), profile, llm, tmp / "discussion").plan
-    code = render_bundle(plan).write(tmp / "code")
-    return _load(code / "model.py", f"prior_model_{tmp.name}"), plan, code
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bundle(render_bundle(plan).write(tmp / "code")), plan
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +184,7 @@ def test_context_ridges_fall_back_to_transfer_when_the_state_says_nothing(tmp_pa
     train = conditions([x for x in rows if x[1] != "c6"])
     test = conditions([x for x in rows if x[1] == "c6"])
     empty = conditions([])
-    config = {"loss": plan.loss.model_dump(mode="json")}
+    config = case_config(m, loss=plan.loss.model_dump(mode="json"))
     base = m.BasePredictor(config, [f"G{i}" for i in range(genes)]).fit(train, np.zeros((len(train), 1)), empty,
                                                                       np.zeros((0, 1)))
     pred = base.predict(test, np.zeros((len(test), 1)))
@@ -251,8 +239,8 @@ def test_dose_curve_is_monotone_between_measured_doses(doses):
     held = ("D0", 1.0)
     train = conditions([(p, x) for p in drugs for x in levels if (p, x) != held])
     test = conditions([held])
-    config = {"ridge_lambdas": [0.1, 10.0], "loss": {"de_weighting": "none", "kind": "mse"},
-              "split_scheme": "unseen-dose", "perturbation_kind": "chemical"}
+    config = case_config(m, ridge_lambdas=[0.1, 10.0], loss={"de_weighting": "none", "kind": "mse"},
+                         split_scheme="unseen-dose")
     base = m.BasePredictor(config, [f"G{i}" for i in range(genes)]).fit(
         train, np.zeros((len(train), 1)), conditions([]), np.zeros((0, 1)))
     curve = base._dose_curve(base.full, test.table, np.zeros((1, genes)))[0]

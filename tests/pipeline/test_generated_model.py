@@ -1,0 +1,111 @@
+"""The generated model a scientist keeps: its typed config refuses keys it does not know, and model.pt alone
+(the bundle's code, no training data) reproduces a run's predictions in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from generated_code import load_bundle
+
+from sandbox import BackendKind
+from service.agents import ProfileFacts, analyse_task, run_discussion
+from service.data import make_split, simulate
+from service.data.splits import MODEL_FILES
+from service.llm import OfflineBackend
+from service.pipeline import pipeline_handlers, render_bundle
+from service.pipeline.execute import SandboxSettings, run_attempt
+
+FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
+             n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
+             n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
+             target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
+
+# A fresh interpreter that has the bundle's code, model.pt and the inputs parts, and nothing else.
+PREDICT = """
+import sys
+import anndata as ad
+from model import PerturbationModel
+
+model = PerturbationModel.load(sys.argv[1])
+for which in ("val", "test"):
+    model.predict(ad.read_h5ad(f"{sys.argv[2]}/{which}_inputs.h5ad")).write_h5ad(f"{sys.argv[3]}/{which}.h5ad")
+print("train" in sys.modules, "components" in sys.modules)
+"""
+
+
+@pytest.fixture(scope="module")
+def knockout_code(tmp_path_factory) -> Path:
+    facts = ProfileFacts.model_validate(FACTS)
+    llm = OfflineBackend(pipeline_handlers())
+    plan = run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
+                          tmp_path_factory.mktemp("discussion")).plan
+    plan.training.epochs = 3
+    assert plan.architecture.base_predictor == "linear_ridge" and plan.architecture.residual_delta
+    return render_bundle(plan).write(tmp_path_factory.mktemp("code"))
+
+
+@pytest.fixture(scope="module")
+def trained(knockout_code, tmp_path_factory) -> tuple[Path, Path]:
+    """The bundle trained in a local sandbox on a small knockout split: (the sandbox's data, its outputs)."""
+    root = tmp_path_factory.mktemp("run")
+    simulate("knockout", 0, n_cells=1500, n_genes=80, n_perturbations=20).write_h5ad(root / "data.h5ad")
+    make_split(root / "data.h5ad", "unseen-perturbation", 0, root / "split")
+    data = root / "data"
+    data.mkdir()
+    for name in MODEL_FILES:
+        shutil.copy(root / "split" / name, data / name)
+    outcome = run_attempt(knockout_code, data, root / "attempt", 1, SandboxSettings(backend=BackendKind.LOCAL, cpus=1),
+                          300.0, lambda event: None, run_tests=False)
+    assert outcome.failure is None, outcome.failure
+    return data, outcome.out_dir
+
+
+def test_config_refuses_unknown_and_missing_keys(knockout_code):
+    m = load_bundle(knockout_code)
+    values = json.loads((knockout_code / "config.json").read_text())
+    with pytest.raises(m.ConfigError, match=r"unknown keys \['max_minute'\], missing keys \['lr'\]"):
+        m.Config.from_dict({**{k: v for k, v in values.items() if k != "lr"}, "max_minute": 3})
+    with pytest.raises(m.ConfigError, match="epochs must be an integer"):
+        m.Config.from_dict({**values, "epochs": "ten"})
+    assert m.Config.from_dict(values).to_dict() == values
+
+
+@pytest.mark.slow  # trains (a minute on 2 busy cores) and starts a fresh interpreter
+def test_model_pt_alone_reproduces_the_runs_predictions_in_a_fresh_process(trained, knockout_code, tmp_path):
+    data, out = trained
+    inputs = tmp_path / "inputs"  # no train.h5ad: a prediction needs model.pt and the inputs only
+    inputs.mkdir()
+    for name in ("val_inputs.h5ad", "test_inputs.h5ad"):
+        shutil.copy(data / name, inputs / name)
+    done = subprocess.run([sys.executable, "-c", PREDICT, str(out / "model.pt"), str(inputs), str(tmp_path)],
+                          cwd=knockout_code, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True"]  # the training script is not needed to predict
+    for which, name in (("val", "val_predictions.h5ad"), ("test", "predictions.h5ad")):
+        run, again = ad.read_h5ad(out / name), ad.read_h5ad(tmp_path / f"{which}.h5ad")
+        assert len(run) or which == "val"  # a cross-validated split has no val conditions
+        assert list(again.obs["condition"]) == list(run.obs["condition"])
+        assert list(again.var_names) == list(run.var_names)
+        np.testing.assert_allclose(again.X, run.X, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_model_pt_holds_every_fitted_part_as_plain_data(trained):
+    """weights_only loading (no pickled code) and the fitted matrices are there: the gene embedding, the
+    base's chosen λs and stack weights, the input scaling, the network."""
+    saved = torch.load(trained[1] / "model.pt", weights_only=True)
+    fitted = {k: v for k, v in saved["fitted"]["__items__"]}
+    encoder = dict(fitted["encoder"]["attrs"])
+    assert isinstance(encoder["G"], torch.Tensor) and encoder["G"].dtype == torch.float64
+    base = fitted["base"]["attrs"]
+    assert {k for k, _ in base["lam"]["__items__"]} >= {"pooled_ridge", "grouped_ridge", "pca_ridge"}
+    assert isinstance(fitted["x_mean"], torch.Tensor) and isinstance(fitted["x_scale"], torch.Tensor)
+    assert saved["net"]["state"]["head.weight"].shape[0] == len(saved["genes"])
