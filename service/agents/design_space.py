@@ -249,16 +249,17 @@ DESIGN_SPACE: tuple[Component, ...] = (
         (
             Option(
                 "sum",
-                "gene_set with <100 combos: sum (the additive prior; too few combos to learn attention)",
+                "gene_set with <100 combos: sum (the additive prior; too few combos to learn the interaction)",
                 lambda f, a: _encoder(f, a) == "gene_set" and f.n_combos < 100,
                 lambda f, a: f"only {f.n_combos} combos: a sum of single embeddings keeps the additive prior",
                 ("additive_combos",),
             ),
             Option(
-                "attention",
-                "gene_set with ≥100 combos: attention can learn interactions",
+                "mean",
+                "gene_set with ≥100 combos: the mean of the genes' embeddings (one gene's scale; the network "
+                "learns the interaction)",
                 lambda f, a: _encoder(f, a) == "gene_set",
-                lambda f, a: f"{f.n_combos} combos give enough pairs to learn interaction weights",
+                lambda f, a: f"{f.n_combos} combos give enough pairs to learn the interaction on the mean embedding",
                 ("gears",),
             ),
             Option(None, "not a set encoder", _always, lambda f, a: "no combinations to aggregate"),

@@ -325,10 +325,11 @@ def _targets_kept(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) ->
                      {"preprocessing.keep_perturbed_genes": True})
 
 
-def _attention_few_combos(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
-    if v.get("architecture.combo_aggregation") != "attention" or f.n_combos >= 100:
+def _mean_few_combos(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Objection | None:
+    if v.get("architecture.combo_aggregation") != "mean" or f.n_combos >= 100:
         return None
-    return Objection(0.6, f"{f.n_combos} combos cannot train attention weights; sum keeps the additive prior",
+    return Objection(0.6, f"{f.n_combos} combos are too few to learn the interaction a mean embedding leaves to the "
+                          "network; sum keeps the additive prior",
                      {"architecture.combo_aggregation": "sum"})
 
 
@@ -363,7 +364,7 @@ CRITIQUE_RULES: tuple[CritiqueRule, ...] = (
                  "the model starts from a baseline it must beat", _residual),
     CritiqueRule("dl_architect", ("training.lr",), "the learning rate suits a residual model", _lr),
     CritiqueRule("dl_architect", ("architecture.combo_aggregation",), "aggregation fits the number of combos",
-                 _attention_few_combos),
+                 _mean_few_combos),
     CritiqueRule("biologist", ("preprocessing.keep_perturbed_genes",), "target genes stay measured", _targets_kept,
                  kinds=("genetic", "genetic_combo")),
     CritiqueRule("data_engineer", ("architecture.gene_embedding_source",),

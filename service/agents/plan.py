@@ -43,7 +43,7 @@ BaselineName = Literal[
 PerturbationEncoder = Literal[
     "gene_embedding",  # embedding of the target gene from PCA / co-expression of training data
     "onehot",  # one vector per seen perturbation (cannot generalise to unseen ones)
-    "gene_set",  # combos: aggregate (sum / attention) the single-gene embeddings
+    "gene_set",  # combos: aggregate (sum / mean) the single-gene embeddings
     "drug_onehot_dose",  # drug identity one-hot times a dose encoding
     "drug_embedding_dose",  # drug features (targets / response signature) times a dose encoding
     "drug_target_dose",  # annotated target genes' embeddings (summed) times a dose encoding
@@ -80,7 +80,7 @@ class Architecture(BaseModel):
         default=None, description="for gene_embedding / gene_set: how gene vectors are built from training data"
     )
     embedding_dim: int = Field(ge=2, le=512)
-    combo_aggregation: Literal["sum", "attention"] | None = Field(default=None, description="required for gene_set")
+    combo_aggregation: Literal["sum", "mean"] | None = Field(default=None, description="required for gene_set")
     dose_encoding: Literal["log_hill", "log_mlp"] | None = Field(
         default=None, description="required for drug_* encoders"
     )
@@ -104,7 +104,7 @@ class Architecture(BaseModel):
         if enc in ("gene_embedding", "gene_set") and self.gene_embedding_source is None:
             raise ValueError(f"perturbation_encoder={enc!r} needs gene_embedding_source (pca|coexpression)")
         if enc == "gene_set" and self.combo_aggregation is None:
-            raise ValueError("perturbation_encoder='gene_set' needs combo_aggregation (sum|attention)")
+            raise ValueError("perturbation_encoder='gene_set' needs combo_aggregation (sum|mean)")
         if enc != "gene_set" and self.combo_aggregation is not None:
             raise ValueError(f"combo_aggregation is only meaningful for gene_set, not {enc!r}")
         if enc.startswith("drug_") and self.dose_encoding is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -21,7 +21,10 @@ from service.pipeline.execute import StepFailure
 from service.errors import CellForgeError
 
 DEBUG = "debug"
-BundleFile = Literal["model.py", "train.py", "test_model.py", "config.json"]
+BundleFile = Literal["config.py", "data.py", "components.py", "state.py", "model.py", "train.py", "test_model.py",
+                     "config.json"]
+if set(get_args(BundleFile)) != set(BUNDLE_FILES):  # the Literal spells BUNDLE_FILES out for the JSON schema
+    raise RuntimeError("debugger.BundleFile and codegen.BUNDLE_FILES disagree")
 
 
 class PatchError(CellForgeError, ValueError):

@@ -171,7 +171,7 @@ def improve_context(parent: Node, tree: SearchTree, table: dict[str, Any], schem
         "scheme": scheme,
         "plan": json.loads(parent.plan.model_dump_json(exclude={"provenance", "rationale"})),
         "config": parent.bundle.config(),
-        "files": {name: parent.bundle.files[name] for name in ("model.py", "train.py")},
+        "files": {name: parent.bundle.files[name] for name in ("components.py", "model.py", "train.py")},
         "validation": table,
         "history": [{"id": n.id, "parent": n.parent, "kind": n.kind, "label": n.label, "status": n.status,
                      "val": n.score} for n in tree.nodes],
@@ -186,7 +186,7 @@ def improve_request(context: dict[str, Any]) -> LLMRequest[Change]:
         "where baselines beat it; context.history lists the changes tried so far and whether validation "
         "improved. Propose ONE change most likely to improve the primary metric on validation: plan field "
         "updates (rendered again from vetted components), config.json changes, or minimal search/replace "
-        "edits of model.py / train.py. Do not repeat a change from the history. Set stop when nothing is "
+        "edits of components.py / model.py / train.py. Do not repeat a change from the history. Set stop when nothing is "
         "worth a run."
     )
     user = f"Propose one change to node {context['parent']}."

@@ -15,6 +15,7 @@ import pytest
 
 from service.data import simulate
 from service.pipeline import pipeline_handlers, run_design
+from service.pipeline.codegen import BUNDLE_FILES
 from service.pipeline.codegen.request import CODEGEN, GeneratedBundle
 from service.pipeline.rundir import SANDBOX_FILES
 from service.pipeline.selection import better
@@ -83,8 +84,8 @@ for which, file in (("val", "val_predictions.h5ad"), ("test", "predictions.h5ad"
 
 
 def hostile_codegen(context: dict) -> GeneratedBundle:
-    return GeneratedBundle(files={"train.py": HOSTILE_TRAIN, "model.py": '"""Nothing to see."""\n',
-                                  "test_model.py": "def test_nothing():\n    assert True\n",
+    return GeneratedBundle(files={**{name: '"""Nothing to see."""\n' for name in BUNDLE_FILES},
+                                  "train.py": HOSTILE_TRAIN, "test_model.py": "def test_nothing():\n    assert True\n",
                                   "config.json": json.dumps({"seed": 0})})
 
 

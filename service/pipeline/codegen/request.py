@@ -29,7 +29,7 @@ class GeneratedBundle(Bundle):
 def codegen_request(plan_json: dict[str, Any], vetted: Bundle) -> LLMRequest[GeneratedBundle]:
     system = (
         "You are CellForge's code generator. Write the training bundle for the plan in context.plan: "
-        "model.py, train.py, test_model.py and config.json, following the generated-code contract "
+        f"{', '.join(BUNDLE_FILES)}, following the generated-code contract "
         "(`python train.py --data /data --out OUT --config config.json` writes predictions.h5ad, "
         "val_predictions.h5ad, model.pt, val_metrics.json, train_log.jsonl). context.vetted_bundle is the "
         "bundle assembled from vetted components for this plan; keep its interfaces."
