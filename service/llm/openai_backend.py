@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -63,7 +64,9 @@ class OpenAIBackend:
     request's check is re-asked `max_reasks` times, quoting the exact problem. A reply cut by the output
     cap (`finish_reason == "length"`) is continued up to `max_continuations` times. Structured output
     (`response_format`) is asked as a JSON schema, stepping down to JSON mode, then none, when refused.
-    `token_budget` bounds the tokens one question may spend, re-asks and continuations included."""
+    `token_budget` bounds the tokens one question may spend, re-asks and continuations included;
+    `total_seconds` the wall time of all completions together (concurrent ones overlapping are each
+    counted), after which every question raises `LLMBudgetSpent`."""
 
     name = "openai"
 
@@ -83,6 +86,7 @@ class OpenAIBackend:
         max_continuations: int = 2,
         token_budget: int | None = None,
         max_parallel: int = 4,
+        total_seconds: float | None = None,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
     ) -> None:
@@ -99,6 +103,9 @@ class OpenAIBackend:
         self.max_continuations = max_continuations
         self.token_budget = token_budget
         self.max_parallel = max_parallel
+        self.total_seconds = total_seconds
+        self.spent_seconds = 0.0
+        self._spent_lock = threading.Lock()
         self._token_param: str | None = "max_tokens"
         # Jitter as large as the first wait spreads clients that failed together.
         self._backoff = wait_exponential_jitter(multiplier=backoff_initial, jitter=backoff_initial, max=backoff_max)
@@ -178,9 +185,15 @@ class OpenAIBackend:
         if self.token_budget is not None and call.tokens >= self.token_budget:
             raise LLMBudgetSpent(f"{kind!r} spent its token budget ({call.tokens} of {self.token_budget} tokens) "
                                  "before a valid reply")
+        left = self.max_seconds
+        if self.total_seconds is not None:
+            left = min(left, self.total_seconds - self.spent_seconds)
+            if left <= 0:
+                raise LLMBudgetSpent(f"the run's LLM time budget ({self.total_seconds:g}s) is spent; {kind!r} "
+                                     "is not asked")
         started = time.monotonic()
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_seconds),
+            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(left),
             wait=self._wait,
             retry=retry_if_exception(_is_transient),
             before_sleep=lambda state: self._log_retry(state, kind),
@@ -211,6 +224,9 @@ class OpenAIBackend:
             raise LLMUnavailable(
                 f"{self._where()} failed for {kind!r}: {self._explain(exc)}", attempts=call.attempts
             ) from None
+        finally:
+            with self._spent_lock:
+                self.spent_seconds += time.monotonic() - started
         exchange = call.transcript.exchanges[-1]
         if response.usage is not None:
             exchange.prompt_tokens = response.usage.prompt_tokens or 0

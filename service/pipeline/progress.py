@@ -37,7 +37,10 @@ def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
     match = _EPOCH_LINE.search(line)
     if not match:
         return None
-    epoch, train_loss, val_loss = (float(x) for x in match.groups())
+    try:  # generated code prints what it likes: `val_loss=None` is no reason to stop a run
+        epoch, train_loss, val_loss = (float(x) for x in match.groups())
+    except ValueError:
+        return None
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # events travel as JSON: no NaN
         return None
     return ProgressEvent("train", f"epoch {int(epoch)}", attempt=attempt, epoch=int(epoch), train_loss=train_loss,
@@ -68,7 +71,8 @@ class RichProgress:
         self.live.__exit__(*exc)
 
     def __call__(self, event: ProgressEvent) -> None:
-        if event.phase != self.state["phase"] and event.phase != "train":
+        # Each debugging step is a milestone (its diagnosis, or that its patch did not apply).
+        if (event.phase != self.state["phase"] and event.phase != "train") or event.phase == "debug":
             self.console.print(f"[bold]{event.phase}[/bold] {event.message}")
         self.state["phase"] = event.phase
         self.state["message"] = event.message[:80]

@@ -15,9 +15,12 @@ from pydantic import BaseModel, Field
 
 from service.agents import Plan
 from service.errors import CellForgeError
+from service.pipeline.codegen.manifest import IMPLEMENTS, implements_block, read_config
 
 TEMPLATES = Path(__file__).parent / "templates"
 BUNDLE_FILES = ("model.py", "train.py", "test_model.py", "config.json")
+CONTRACT_TESTS = "test_model.py"
+EXTRA_TESTS = "test_extra.py"  # the model's own tests, beside the service's; optional
 RIDGE_LAMBDAS = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 _ENCODER_TEMPLATE = {
@@ -53,7 +56,11 @@ class Bundle(BaseModel):
         return cls(files={p.name: p.read_text() for p in sorted(directory.iterdir()) if p.is_file()})
 
     def config(self) -> dict:
-        return json.loads(self.files["config.json"])
+        """config.json as a dict; `CodegenError` saying why when it is not valid JSON."""
+        config, why = read_config(self.files)
+        if config is None:
+            raise CodegenError(why or "config.json unreadable")
+        return config
 
 
 def config_from_plan(plan: Plan) -> dict:
@@ -136,5 +143,11 @@ def render_bundle(plan: Plan) -> Bundle:
         "model.py": render_model(plan),
         "train.py": _template("train.py"),
         "test_model.py": _template("test_model.py"),
-        "config.json": json.dumps(config_from_plan(plan), indent=1) + "\n",
+        "config.json": json.dumps({**config_from_plan(plan), IMPLEMENTS: implements_block(plan)}, indent=1) + "\n",
     })
+
+
+def contract_tests() -> str:
+    """The service's own contract tests (test_model.py): every node runs them as written here, whatever a
+    model or a patch did to its copy; a model adds its own tests in `EXTRA_TESTS`."""
+    return _template("test_model.py")
