@@ -130,6 +130,8 @@ def design(
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Output cap per LLM completion.")] = None,
     token_budget: Annotated[int | None, typer.Option(
         "--token-budget", help="Tokens one LLM question may spend, re-asks and continuations included.")] = None,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", help="Stream LLM replies (live token progress; no read timeout on slow replies).")] = None,
     json_out: JsonOpt = False,
     server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
@@ -141,7 +143,7 @@ def design(
 
     llm_flags = {"backend": llm, "model": model, "base_url": base_url, "total_minutes": max_llm_minutes,
                  "timeout": llm_timeout, "max_attempts": llm_attempts, "max_tokens": max_tokens,
-                 "token_budget": token_budget}
+                 "token_budget": token_budget, "stream": stream}
     if server and runtime:
         from service.pipeline import PipelineError
 
@@ -150,7 +152,7 @@ def design(
         from service.pipeline import PipelineError
 
         given = ", ".join(f"--{n}" for n, v in zip(("llm", "model", "base-url", "max-llm-minutes", "llm-timeout",
-                                                    "llm-attempts", "max-tokens", "token-budget"),
+                                                    "llm-attempts", "max-tokens", "token-budget", "stream"),
                                                    llm_flags.values(), strict=True) if v is not None)
         fail(PipelineError(f"{given}: a server runs its jobs with its own LLM configuration; these flags apply "
                            "to runs here (drop them, or run without --server)"), json_out)

@@ -53,7 +53,7 @@ class RichProgress:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.state: dict[str, str] = {"phase": "-", "round": "-", "attempt": "-", "epoch": "-", "loss": "-",
-                                      "message": ""}
+                                      "llm": "-", "message": ""}
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
 
     def _table(self) -> Table:
@@ -71,6 +71,10 @@ class RichProgress:
         self.live.__exit__(*exc)
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.phase == "llm":  # a streamed reply's tokens so far: a column of its own, no milestone
+            self.state["llm"] = event.message[:40]
+            self.live.update(self._table())
+            return
         # Each debugging step is a milestone (its diagnosis, or that its patch did not apply).
         if (event.phase != self.state["phase"] and event.phase != "train") or event.phase == "debug":
             self.console.print(f"[bold]{event.phase}[/bold] {event.message}")

@@ -287,7 +287,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     rd.write_json(rd.run_json, {"settings": json.loads(settings.model_dump_json()),
                                 "llm": {"backend": config.backend, "model": config.model, "base_url": config.base_url},
                                 "replay_of": str(replay_from) if replay_from else None})
-    llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from)
+    llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from,
+                       on_tokens=lambda kind, n: emit(ProgressEvent("llm", f"{kind}: {n} tokens so far")))
 
     emit(ProgressEvent("profile", f"profiling {settings.data}"))
     profile = profile_dataset(settings.data)
