@@ -29,7 +29,7 @@ from service.llm import (Backend, LLMConfig, LLMError, LLMInvalidReply, LLMReque
                          summarize_run)
 from service.llm.request import R
 from service.pipeline.candidates import candidate_plans
-from service.pipeline.codegen import Bundle, render_bundle
+from service.pipeline.codegen import render_bundle
 from service.pipeline.codegen.manifest import plan_following
 from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
 from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
@@ -197,14 +197,14 @@ class Search:
             self.runner.emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
                                                       f"{plan.architecture.perturbation_encoder} encoder, "
                                                       f"base {plan.architecture.base_predictor}"))
+            vetted = render_bundle(plan)
             try:
-                generated = self._ask(codegen_request(json.loads(plan.model_dump_json()), render_bundle(plan)))
-            except LLMError as exc:  # no code for this candidate; the others, and the finish, go on
+                bundle = self._ask(codegen_request(json.loads(plan.model_dump_json()), vetted)).applied(vetted)
+            except (LLMError, ValueError) as exc:  # no code for this candidate; the others, and the finish, go on
                 self.runner.rd.write_json(self.runner.rd.root / f"codegen_error_{index}.json", {"error": str(exc)})
                 self.runner.emit(ProgressEvent("codegen", f"candidate {index}: no code generated: {exc}"))
                 continue
-            node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan,
-                             bundle=Bundle(files=dict(generated.files)))
+            node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan, bundle=bundle)
             self.runner.run(node, self.tree)
             self._debug(node, self.settings.max_attempts - 1)
 

@@ -1,7 +1,7 @@
 """Patches that land: a patch that does not apply goes back to the model with the reason (a whole-file
-replacement as the way out), the debugger reads the earlier attempts, the service's contract tests
-cannot be patched, an invalid config.json is a problem to debug (not a crash) and tool output reaches
-the debugger without terminal escape codes. Against the scripted OpenAI-compatible server."""
+replacement as the way out), the service's contract tests cannot be patched, an invalid config.json
+is a problem to debug (not a crash), tool output reaches the debugger without terminal escape codes,
+and code generation is answered with edits of the vetted bundle. Against the scripted server."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sandbox.events import ExecutionResult, Outcome
 from service.llm import LLMConfig, LLMInvalidReply, make_backend, read_calls
 from service.pipeline import Bundle, DebugPatch, FileEdit, PatchError, apply_patch, offline_debug, pipeline_handlers
 from service.pipeline.codegen import CONTRACT_TESTS, EXTRA_TESTS, CodegenError
+from service.pipeline.codegen.request import codegen_request
 from service.pipeline.debugger import debug_context, debug_request
 from service.pipeline.execute import StepFailure, _failure, _test_runs
 
@@ -112,3 +113,19 @@ def test_tool_output_reaches_the_debugger_without_escape_codes():
     assert "\x1b" not in failure.output_tail + failure.evalue + "".join(failure.traceback)
     assert "E   AttributeError: 'AnnData' object has no attribute 'var_name'\n1 failed" in failure.output_tail
     assert failure.traceback == ["AttributeError: no"]
+
+
+def test_code_generation_answers_with_edits_of_the_vetted_bundle_and_is_reasked_when_they_miss(fake_llm, tmp_path):
+    vetted = Bundle(files={**BUNDLE.files, "train.py": TRAIN.replace("var_name)", "var_names)")})
+    fake_llm.script(
+        Reply(json.dumps({"edits": [{"path": "model.py", "search": "WIDTH = 8", "replace": "WIDTH = 16"}]})),
+        Reply(json.dumps({"files": {"config.json": '{"lr": 0.1, // faster\n "epochs": 10}'}})),
+        Reply(json.dumps({"edits": [{"path": "model.py", "search": "WIDTH = 4", "replace": "WIDTH = 16"}],
+                          "files": {EXTRA_TESTS: "def test_width():\n    assert True\n"}})))
+    generated = _backend(fake_llm, tmp_path, max_reasks=2).ask(codegen_request({"plan": "p"}, vetted))
+    bundle = generated.applied(vetted)
+    assert bundle.files["model.py"] == "WIDTH = 16\n" and EXTRA_TESTS in bundle.files
+    assert {n: bundle.files[n] for n in vetted.files if n != "model.py"} == \
+        {n: t for n, t in vetted.files.items() if n != "model.py"}  # what the model did not name is the vetted file
+    assert "model.py: the search text occurs 0 times" in fake_llm.requests[1].messages[-1]["content"]
+    assert "config.json is not valid JSON" in fake_llm.requests[2].messages[-1]["content"]

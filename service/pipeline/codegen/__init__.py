@@ -64,7 +64,7 @@ class Bundle(BaseModel):
 
 
 def config_from_plan(plan: Plan) -> dict:
-    """Every number and choice train.py reads, taken from the plan."""
+    """Every number and choice train.py reads, taken from the plan, and the `implements` declaration."""
     a, t = plan.architecture, plan.training
     return {
         "perturbation_kind": plan.perturbation_kind,
@@ -95,6 +95,7 @@ def config_from_plan(plan: Plan) -> dict:
         "seed": t.seed,
         "device": "auto",
         "cell_sample": 4000,
+        IMPLEMENTS: implements_block(plan),  # what the code declares it implements, checked against the plan
     }
 
 
@@ -143,7 +144,7 @@ def render_bundle(plan: Plan) -> Bundle:
         "model.py": render_model(plan),
         "train.py": _template("train.py"),
         "test_model.py": _template("test_model.py"),
-        "config.json": json.dumps({**config_from_plan(plan), IMPLEMENTS: implements_block(plan)}, indent=1) + "\n",
+        "config.json": json.dumps(config_from_plan(plan), indent=1) + "\n",
     })
 
 
