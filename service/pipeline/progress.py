@@ -12,7 +12,8 @@ from rich.live import Live
 from rich.table import Table
 
 PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
-          "debug", "improve", "compete", "deliver", "evaluate", "report", "done")
+          "debug", "improve", "compete", "deliver", "evaluate", "report", "done",
+          "llm")  # llm: a streamed reply's tokens so far, during any phase
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ refuses streaming asked again without it."""
 
 from __future__ import annotations
 
+import io
 import json
 
 from pydantic import BaseModel
@@ -53,3 +54,21 @@ def test_a_server_that_refuses_streaming_is_asked_without_it(fake_llm):
     backend = _backend(fake_llm, seen)
     assert backend.ask(REQUEST) == Summary(text="a", n=2)
     assert "stream" not in fake_llm.requests[1].body and backend.stream is False
+
+
+def test_the_cli_progress_shows_tokens_so_far_and_every_debug_step(fake_llm):
+    from rich.console import Console
+
+    from service.pipeline import ProgressEvent, RichProgress
+
+    console = Console(file=io.StringIO(), width=200)
+    with RichProgress(console) as progress:
+        fake_llm.script(Reply(json.dumps({"text": "t" * 40, "n": 1})))
+        OpenAIBackend(fake_llm.base_url, "fake-model", "sk-x", stream=True, max_attempts=1,
+                      on_tokens=lambda kind, n: progress(ProgressEvent("llm", f"{kind}: {n} tokens so far"))
+                      ).ask(REQUEST)
+        assert progress.state["llm"] == "summary: 15 tokens so far" and progress.state["phase"] == "-"
+        progress(ProgressEvent("debug", "train failed (error): AttributeError", attempt=1))
+        progress(ProgressEvent("debug", "patch did not apply: train.py: the search text occurs 0 times", attempt=1))
+    printed = console.file.getvalue()
+    assert "tokens so far" not in printed and "patch did not apply: train.py" in printed
