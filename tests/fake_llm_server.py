@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible chat server on loopback: the only stand-in allowed in the test suite.
 
 It is a real HTTP server (stdlib `http.server` in a thread) implementing `POST /v1/chat/completions`
-(non-streaming) and `GET /v1/models`. Each request consumes the next step of a script:
+(whole replies, or server-sent events when the request asks `stream`) and `GET /v1/models`. Each request consumes the next step of a script:
 
     fake_llm.script(Reply('{"x": 1}'), Fail(429, retry_after="1"), Reply(lambda req: ...))
 
@@ -34,6 +34,7 @@ class Reply:
     delay: float = 0.0  # seconds before answering (to provoke client timeouts)
     model: str | None = None  # the model name reported back; default: the requested one
     finish_reason: str = "stop"  # "length": the reply was cut by the output cap
+    chunk_delay: float = 0.0  # seconds between the chunks of a streamed reply
 
 
 @dataclass
@@ -155,6 +156,9 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(step.delay)
             content = step.content(body) if callable(step.content) else step.content
             recorded.answered_at = time.monotonic()
+            if body.get("stream"):
+                self._stream(step, body, content)
+                return
             self._send(200, {
                 "id": f"chatcmpl-fake-{len(server.requests)}",
                 "object": "chat.completion",
@@ -171,6 +175,35 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                     "total_tokens": step.prompt_tokens + step.completion_tokens,
                 },
             })
+
+        def _stream(self, step: Reply, body: dict[str, Any], content: str) -> None:
+            """The reply as OpenAI streams it: content chunks (4 characters each), the finish reason, the
+            usage (when `stream_options.include_usage`), then `[DONE]`."""
+            base = {"id": f"chatcmpl-fake-{len(server.requests)}", "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": step.model or body.get("model", "fake-model")}
+            pieces = [content[i:i + 4] for i in range(0, len(content), 4)]
+            events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                            "finish_reason": None}]} for piece in pieces]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": step.finish_reason}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                events.append({**base, "choices": [], "usage": {
+                    "prompt_tokens": step.prompt_tokens, "completion_tokens": step.completion_tokens,
+                    "total_tokens": step.prompt_tokens + step.completion_tokens}})
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for event in events:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                    if step.chunk_delay:
+                        time.sleep(step.chunk_delay)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
 
         def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sandbox.backend import BackendKind
@@ -71,6 +72,9 @@ def _finish(result: DesignResult, json_out: bool) -> None:
     from service.pipeline.verdict import STATUS_MEANING
 
     meaning = STATUS_MEANING.get(result.status, "")
+    for node in result.attempts:
+        if node.patch_error:
+            out.print(f"[yellow]attempt {node.id}: {escape(node.patch_error)}[/yellow]", highlight=False)
     out.print(f"status: [bold]{result.status}[/bold] ({meaning}); beats baselines: [bold]{beats}[/bold]; "
               f"delivered: {(metrics.get('delivered') or {}).get('key')}; run directory {result.run_dir}; "
               f"report {result.run_dir / 'report.html'}", highlight=False)
@@ -117,6 +121,17 @@ def design(
     candidates: Annotated[int, typer.Option("--candidates", help="Plans drafted; the best by validation is kept.")] = 1,
     max_nodes: Annotated[int, typer.Option("--max-nodes", help="Improve steps of the design search after the "
                                                                "first working model (0: none).")] = 6,
+    max_llm_minutes: Annotated[float | None, typer.Option(
+        "--max-llm-minutes", help="Wall time all LLM calls may take together (not counted in --max-minutes); "
+                                  "then the offline rules answer.")] = None,
+    llm_timeout: Annotated[float | None, typer.Option("--llm-timeout", help="Seconds per LLM HTTP request.")] = None,
+    llm_attempts: Annotated[int | None, typer.Option(
+        "--llm-attempts", help="HTTP attempts per LLM completion, retries included.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Output cap per LLM completion.")] = None,
+    token_budget: Annotated[int | None, typer.Option(
+        "--token-budget", help="Tokens one LLM question may spend, re-asks and continuations included.")] = None,
+    stream: Annotated[bool | None, typer.Option(
+        "--stream/--no-stream", help="Stream LLM replies (live token progress; no read timeout on slow replies).")] = None,
     json_out: JsonOpt = False,
     server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
@@ -126,17 +141,28 @@ def design(
     from service.llm import LLMConfig, LLMError
     from service.pipeline import DesignSettings
 
+    llm_flags = {"backend": llm, "model": model, "base_url": base_url, "total_minutes": max_llm_minutes,
+                 "timeout": llm_timeout, "max_attempts": llm_attempts, "max_tokens": max_tokens,
+                 "token_budget": token_budget, "stream": stream}
     if server and runtime:
         from service.pipeline import PipelineError
 
         fail(PipelineError("--runtime applies to sandboxes run here; a server chooses it per tenant"), json_out)
+    if server and any(v is not None for v in llm_flags.values()):
+        from service.pipeline import PipelineError
+
+        given = ", ".join(f"--{n}" for n, v in zip(("llm", "model", "base-url", "max-llm-minutes", "llm-timeout",
+                                                    "llm-attempts", "max-tokens", "token-budget", "stream"),
+                                                   llm_flags.values(), strict=True) if v is not None)
+        fail(PipelineError(f"{given}: a server runs its jobs with its own LLM configuration; these flags apply "
+                           "to runs here (drop them, or run without --server)"), json_out)
     if server:
         _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
                     max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus, max_nodes=max_nodes,
                     candidates=candidates)
         return
     try:
-        config = LLMConfig.resolve({"backend": llm, "model": model, "base_url": base_url})
+        config = LLMConfig.resolve(llm_flags)
         settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
                                   max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus,
                                   runtime=runtime, candidates=candidates, max_nodes=max_nodes)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .fallback import FallbackBackend
 from .offline import Handler, OfflineBackend
-from .openai_backend import OpenAIBackend, ResponseFormat
+from .openai_backend import OpenAIBackend, ResponseFormat, TokenProgress
 from .recorder import RecordingBackend
 from .replay import ReplayBackend
 from .request import Backend, LLMConfigError
@@ -49,6 +49,10 @@ class LLMConfig(BaseModel):
     max_tokens: int | None = Field(8192, ge=16, description="output cap per completion (a question may raise it)")
     max_continuations: int = Field(2, ge=0, description="continuations of a reply cut by the output cap")
     token_budget: int | None = Field(None, ge=1, description="tokens one question may spend, re-asks included")
+    stream: bool = Field(False, description="stream replies: live token progress, and a slow reply is not cut "
+                                            "by the per-request read timeout")
+    total_minutes: float | None = Field(None, gt=0, description="wall time all of a run's LLM calls may take "
+                                                              "together; then the offline rules answer")
     max_parallel: int = Field(4, ge=1, le=64, description="independent questions asked at once")
     fallback: bool = Field(True, description="answer a question from the offline rules when the model "
                                              "gives no valid reply for it")
@@ -113,6 +117,7 @@ def make_backend(
     run_dir: Path,
     *,
     replay_from: Path | None = None,
+    on_tokens: TokenProgress | None = None,
 ) -> RecordingBackend:
     """The backend a run uses, recording into `run_dir/llm_calls.jsonl`.
 
@@ -140,6 +145,9 @@ def make_backend(
             max_continuations=config.max_continuations,
             token_budget=config.token_budget,
             max_parallel=config.max_parallel,
+            total_seconds=config.total_minutes * 60 if config.total_minutes else None,
+            stream=config.stream,
+            on_tokens=on_tokens,
         )
         if config.fallback:
             inner = FallbackBackend(inner, OfflineBackend(handlers))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, Generic, Literal, cast
 
 import openai
@@ -47,6 +50,8 @@ CONFIGURATION_STATUS = {401, 403, 404}
 _FORMAT_REJECTED = re.compile(r"response_format|json_schema|json_object|json mode|structured output", re.IGNORECASE)
 _TEMPERATURE_REJECTED = re.compile(r"temperature", re.IGNORECASE)
 _MAX_TOKENS_REJECTED = re.compile(r"max_tokens|max_completion_tokens", re.IGNORECASE)
+_STREAM_REJECTED = re.compile(r"stream", re.IGNORECASE)
+TokenProgress = Callable[[str, int], None]  # (request kind, tokens received so far in this reply)
 # Structured output, strongest first; a server refusing one is asked with the next.
 ResponseFormat = Literal["json_schema", "json_object", "none"]
 FORMATS: tuple[ResponseFormat, ...] = ("json_schema", "json_object", "none")
@@ -63,7 +68,9 @@ class OpenAIBackend:
     request's check is re-asked `max_reasks` times, quoting the exact problem. A reply cut by the output
     cap (`finish_reason == "length"`) is continued up to `max_continuations` times. Structured output
     (`response_format`) is asked as a JSON schema, stepping down to JSON mode, then none, when refused.
-    `token_budget` bounds the tokens one question may spend, re-asks and continuations included."""
+    `token_budget` bounds the tokens one question may spend, re-asks and continuations included;
+    `total_seconds` the wall time of all completions together (concurrent ones overlapping are each
+    counted), after which every question raises `LLMBudgetSpent`."""
 
     name = "openai"
 
@@ -83,6 +90,10 @@ class OpenAIBackend:
         max_continuations: int = 2,
         token_budget: int | None = None,
         max_parallel: int = 4,
+        total_seconds: float | None = None,
+        stream: bool = False,
+        on_tokens: TokenProgress | None = None,
+        progress_interval: float = 0.5,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
     ) -> None:
@@ -99,6 +110,12 @@ class OpenAIBackend:
         self.max_continuations = max_continuations
         self.token_budget = token_budget
         self.max_parallel = max_parallel
+        self.total_seconds = total_seconds
+        self.spent_seconds = 0.0
+        self.stream = stream
+        self.on_tokens = on_tokens
+        self.progress_interval = progress_interval
+        self._spent_lock = threading.Lock()
         self._token_param: str | None = "max_tokens"
         # Jitter as large as the first wait spreads clients that failed together.
         self._backoff = wait_exponential_jitter(multiplier=backoff_initial, jitter=backoff_initial, max=backoff_max)
@@ -178,9 +195,15 @@ class OpenAIBackend:
         if self.token_budget is not None and call.tokens >= self.token_budget:
             raise LLMBudgetSpent(f"{kind!r} spent its token budget ({call.tokens} of {self.token_budget} tokens) "
                                  "before a valid reply")
+        left = self.max_seconds
+        if self.total_seconds is not None:
+            left = min(left, self.total_seconds - self.spent_seconds)
+            if left <= 0:
+                raise LLMBudgetSpent(f"the run's LLM time budget ({self.total_seconds:g}s) is spent; {kind!r} "
+                                     "is not asked")
         started = time.monotonic()
         retrying = Retrying(
-            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.max_seconds),
+            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(left),
             wait=self._wait,
             retry=retry_if_exception(_is_transient),
             before_sleep=lambda state: self._log_retry(state, kind),
@@ -211,6 +234,9 @@ class OpenAIBackend:
             raise LLMUnavailable(
                 f"{self._where()} failed for {kind!r}: {self._explain(exc)}", attempts=call.attempts
             ) from None
+        finally:
+            with self._spent_lock:
+                self.spent_seconds += time.monotonic() - started
         exchange = call.transcript.exchanges[-1]
         if response.usage is not None:
             exchange.prompt_tokens = response.usage.prompt_tokens or 0
@@ -230,8 +256,9 @@ class OpenAIBackend:
             exchange = Exchange(sent=len(messages), params=_recorded(params), outcome="failed")
             call.transcript.exchanges.append(exchange)
             try:
-                return self._client.chat.completions.create(
+                response = self._client.chat.completions.create(
                     model=self.model, messages=cast("list[ChatCompletionMessageParam]", messages), **params)
+                return self._collect(response, call.request.kind) if params.get("stream") else response
             except openai.BadRequestError as exc:
                 exchange.problem = self._explain(exc)
                 dropped = self._drop_refused(str(exc), params)
@@ -243,8 +270,34 @@ class OpenAIBackend:
                 exchange.problem = self._explain(exc)
                 raise
 
+    def _collect(self, chunks: Any, kind: str) -> Any:
+        """A streamed reply read to its end, shaped like a whole one; `on_tokens` hears how many tokens
+        (chunks) have arrived, every `progress_interval` seconds and at the end."""
+        parts: list[str] = []
+        finish = usage = model = None
+        received, shown = 0, time.monotonic()
+        for chunk in chunks:
+            model = chunk.model or model
+            usage = chunk.usage or usage
+            for choice in chunk.choices or []:
+                if choice.delta is not None and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    received += 1
+                finish = choice.finish_reason or finish
+            if self.on_tokens is not None and time.monotonic() - shown >= self.progress_interval:
+                self.on_tokens(kind, received)
+                shown = time.monotonic()
+        if self.on_tokens is not None:
+            self.on_tokens(kind, received)
+        message = SimpleNamespace(content="".join(parts))
+        return SimpleNamespace(model=model, usage=usage, choices=[SimpleNamespace(message=message,
+                                                                                  finish_reason=finish)])
+
     def _params(self, request: LLMRequest, continuation: bool) -> dict[str, Any]:
         params: dict[str, Any] = {}
+        if self.stream:  # tokens arrive as they are written: progress to show, and no read timeout on a slow reply
+            params["stream"] = True
+            params["stream_options"] = {"include_usage": True}
         if self.temperature is not None:
             params["temperature"] = self.temperature
         cap = self._cap(request)
@@ -263,6 +316,9 @@ class OpenAIBackend:
 
     def _drop_refused(self, message: str, params: dict[str, Any]) -> str | None:
         """Step down from a parameter the server refused; what was dropped, or None if nothing applies."""
+        if "stream" in params and _STREAM_REJECTED.search(message):
+            self.stream = False
+            return "stream"
         if "response_format" in params and _FORMAT_REJECTED.search(message):
             sent = params["response_format"]["type"]
             # Concurrent questions may meet the same refusal: step down from what was sent, never twice.
@@ -396,7 +452,7 @@ def _unwrap(content: str) -> str:
 def _recorded(params: dict[str, Any]) -> dict[str, Any]:
     """Request parameters as recorded: the response_format schema is the one in the system prompt, so
     only its type is kept."""
-    out = dict(params)
+    out = {k: v for k, v in params.items() if k != "stream_options"}
     if "response_format" in out:
         out["response_format"] = out["response_format"]["type"]
     return out

@@ -15,6 +15,8 @@ from typing import Literal
 
 from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, ExecutionResult, Mount, SandboxError,
                      SandboxSpec, SyncSandbox)
+from sandbox.escapes import strip_escapes
+from service.pipeline.codegen import CONTRACT_TESTS, EXTRA_TESTS
 from service.pipeline.progress import ProgressCallback, ProgressEvent, epoch_event
 
 Stage = Literal["sandbox", "pytest", "train", "fetch"]
@@ -82,14 +84,23 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 def _failure(stage: Stage, res: ExecutionResult) -> StepFailure:
-    output = (res.stdout or "") + ("\n" + res.stderr if res.stderr else "")
-    return StepFailure(stage=stage, outcome=res.outcome.value,
-                       ename=res.ename, evalue=res.evalue, traceback=list(res.traceback or []),
+    # What the debugger reads: colour codes and other terminal controls are noise to it (and tokens).
+    output = strip_escapes((res.stdout or "") + ("\n" + res.stderr if res.stderr else ""))
+    return StepFailure(stage=stage, outcome=res.outcome.value, ename=res.ename,
+                       evalue=strip_escapes(res.evalue) if res.evalue else res.evalue,
+                       traceback=[strip_escapes(line) for line in res.traceback or []],
                        died_cause=res.died_cause, output_tail=_tail(output))
 
 
 def _log(path: Path, res: ExecutionResult) -> None:
-    path.write_text((res.stdout or "") + ("\n--- stderr ---\n" + res.stderr if res.stderr else ""))
+    path.write_text(strip_escapes((res.stdout or "") + ("\n--- stderr ---\n" + res.stderr if res.stderr else "")))
+
+
+def _test_runs(code_dir: Path) -> list[list[str]]:
+    """The pytest commands of a bundle: the service's contract tests alone first (the model's own tests,
+    in a process of their own, cannot deselect or patch them), then the model's, when it wrote some."""
+    pytest = ["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--color=no"]
+    return [pytest + [name] for name in (CONTRACT_TESTS, EXTRA_TESTS) if (code_dir / name).is_file()]
 
 
 def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int, settings: SandboxSettings,
@@ -112,11 +123,11 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
         data_listing = sorted((listing.stdout or "").split())
         workspace = sb.workspace
         sb.files.put_dir(code_dir, "code")
-        if run_tests:
-            on_progress(ProgressEvent("pytest", "running test_model.py", attempt=attempt))
-            res = sb.commands.run(["python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py"],
-                                  cwd=f"{workspace}/code", timeout=remaining())
-            _log(attempt_dir / "pytest.log", res)
+        for command in _test_runs(code_dir) if run_tests else []:
+            on_progress(ProgressEvent("pytest", f"running {command[-1]}", attempt=attempt))
+            res = sb.commands.run(command, cwd=f"{workspace}/code", timeout=remaining())
+            log_name = "pytest.log" if command[-1] == CONTRACT_TESTS else "pytest_extra.log"
+            _log(attempt_dir / log_name, res)
             if res.outcome != "ok":
                 return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
 

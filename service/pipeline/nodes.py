@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.data.evaluate import EvaluationReport, Evaluator
+from service.pipeline.codegen.manifest import check_implements
 from service.pipeline.execute import AttemptOutcome, SandboxSettings, StepFailure, run_attempt, save_outcome
 from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.rundir import RunDir
@@ -94,6 +95,8 @@ class NodeRunner:
             reports[fold.name] = check.report
         if len(outcomes) < len(folds) and failure is None and not problems:
             problems = ["time budget spent before every validation fold ran"]
+        if failure is None:  # the code ran: does it implement the plan it was generated from?
+            problems += check_implements(node.plan, node.bundle.files)
         if shown is not None:
             save_outcome(folder, shown)
         pooled = pool(reports) if len(reports) == len(self.selection.folds) else None

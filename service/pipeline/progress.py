@@ -12,7 +12,8 @@ from rich.live import Live
 from rich.table import Table
 
 PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
-          "debug", "improve", "compete", "deliver", "evaluate", "report", "done")
+          "debug", "improve", "compete", "deliver", "evaluate", "report", "done",
+          "llm")  # llm: a streamed reply's tokens so far, during any phase
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,10 @@ def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
     match = _EPOCH_LINE.search(line)
     if not match:
         return None
-    epoch, train_loss, val_loss = (float(x) for x in match.groups())
+    try:  # generated code prints what it likes: `val_loss=None` is no reason to stop a run
+        epoch, train_loss, val_loss = (float(x) for x in match.groups())
+    except ValueError:
+        return None
     if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # events travel as JSON: no NaN
         return None
     return ProgressEvent("train", f"epoch {int(epoch)}", attempt=attempt, epoch=int(epoch), train_loss=train_loss,
@@ -50,7 +54,7 @@ class RichProgress:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.state: dict[str, str] = {"phase": "-", "round": "-", "attempt": "-", "epoch": "-", "loss": "-",
-                                      "message": ""}
+                                      "llm": "-", "message": ""}
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
 
     def _table(self) -> Table:
@@ -68,7 +72,12 @@ class RichProgress:
         self.live.__exit__(*exc)
 
     def __call__(self, event: ProgressEvent) -> None:
-        if event.phase != self.state["phase"] and event.phase != "train":
+        if event.phase == "llm":  # a streamed reply's tokens so far: a column of its own, no milestone
+            self.state["llm"] = event.message[:40]
+            self.live.update(self._table())
+            return
+        # Each debugging step is a milestone (its diagnosis, or that its patch did not apply).
+        if (event.phase != self.state["phase"] and event.phase != "train") or event.phase == "debug":
             self.console.print(f"[bold]{event.phase}[/bold] {event.message}")
         self.state["phase"] = event.phase
         self.state["message"] = event.message[:80]

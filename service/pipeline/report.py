@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from service.agents import DiscussionResult, Plan, TaskAnalysis  # noqa: E402
 from service.data.load import read_h5ad  # noqa: E402
+from service.pipeline.codegen.manifest import CHOICES, CONFIG_FIELDS, implemented, plan_value  # noqa: E402
 from service.pipeline.rundir import RunDir  # noqa: E402
 from service.pipeline.search import SearchTree  # noqa: E402
 from service.pipeline.verdict import STATUS_MEANING, Verdict, verdict_lines  # noqa: E402
@@ -36,16 +37,33 @@ def _png(fig) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    return float(value) if ok else None
+
+
 def _curves(train_log: Path) -> str:
+    """The training curve from train_log.jsonl as generated code wrote it: lines that are not JSON
+    objects, rows without `epoch` (their position stands in) or without `val_loss` are read as far as
+    they go, never a reason to fail the report."""
     if not train_log.is_file():
         return "<p>No training log.</p>"
-    rows = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("phase", "select") == "select" and r.get("train_loss") is not None]
+    rows = []
+    for line in train_log.read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    rows = [r for r in rows if isinstance(r, dict) and r.get("phase", "select") == "select"
+            and _number(r.get("train_loss")) is not None]
     if not rows:
         return "<p>The delivered predictor has no training loop (closed form).</p>"
+    epochs = [_number(r.get("epoch")) for r in rows]
+    x = [e if e is not None else float(i) for i, e in enumerate(epochs)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], label="train")
-    stop = [(r["epoch"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    ax.plot(x, [float(r["train_loss"]) for r in rows], label="train")
+    stop = [(xi, _number(r.get("val_loss"))) for xi, r in zip(x, rows, strict=True)
+            if _number(r.get("val_loss")) is not None]
     if stop:
         ax.plot(*zip(*stop, strict=True), label="held-out training groups (early stopping)")
     ax.set_xlabel("epoch")
@@ -189,8 +207,9 @@ def _nodes(tree: dict[str, Any]) -> str:
     for n in tree.get("nodes") or []:
         score = (n.get("val") or {}).get("primary")
         state = f"{score:.4f}" if isinstance(score, (int, float)) else (n.get("failure") or "not run")
+        patch = f"; <b>{html.escape(n['patch_error'])}</b>" if n.get("patch_error") else ""
         items.append(f"<li>#{n['id']} {n['kind']} <b>{html.escape(n['label'])}</b> (parent {n['parent']}, "
-                     f"{n['seconds']:.0f}s): {html.escape(str(state))} — {n['status']}</li>")
+                     f"{n['seconds']:.0f}s): {html.escape(str(state))} — {n['status']}{patch}</li>")
     return "<ul>" + "".join(items) + "</ul>"
 
 
@@ -206,6 +225,21 @@ def _verdict_box(metrics: dict[str, Any]) -> str:
             f'best baseline</h2><p><b>{html.escape(lines[0])}</b></p><ul>{body}</ul>'
             f'<p>Status <b>{html.escape(verdict.status)}</b> ({STATUS_MEANING.get(verdict.status, "")}); '
             f'beats_baselines = <b>{str(verdict.beats_baselines).lower()}</b>.</p></div>')
+
+
+def _what_ran(plan: Plan, tree: SearchTree) -> str:
+    """The plan fields the best node's code declares it implements, beside the plan's values."""
+    best = tree.best()
+    if best is None:
+        return "<p>No designed model ran to the end.</p>"
+    declared = implemented(best.bundle.files)
+    if not declared:
+        return "<p>The code declares no plan fields (no <code>implements</code> block in config.json).</p>"
+    rows = "".join(f"<tr><td>{html.escape(path)}</td><td>{html.escape(str(plan_value(plan, path)))}</td>"
+                   f"<td>{html.escape(str(declared.get(path, '—')))}</td></tr>"
+                   for path in (*CHOICES, *CONFIG_FIELDS))
+    return (f"<p>Node #{best.id}'s config.json declares what its code implements; the service checked it "
+            f"against the plan.</p><table><tr><th>plan field</th><th>plan</th><th>code</th></tr>{rows}</table>")
 
 
 def write_report(rd: RunDir, plan: Plan, analysis: TaskAnalysis, discussion: DiscussionResult,
@@ -235,6 +269,7 @@ best designed node: {metrics.get('chosen_attempt')}; delivered code checked in a
 base {html.escape(a.base_predictor)},
 residual MLP {a.depth}×{a.hidden_width}, dropout {a.dropout}; loss {html.escape(plan.loss.kind)};
 {html.escape(plan.training.optimizer)} lr {plan.training.lr:g}, {plan.training.epochs} epochs.</p>
+<h3>What ran</h3>{_what_ran(plan, tree)}
 <h3>Discussion</h3><ul>{rounds}</ul><h3>Which argument set which choice</h3><ul>{provenance}</ul>
 <h2>Training curve (delivered predictor)</h2>{_curves(rd.train_log)}
 <h2>Predicted vs true Δ (top-20 DE genes, delivered predictions)</h2>{_delta_plots(rd)}

@@ -25,9 +25,12 @@ from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
 from service.data.evaluate import EvaluationReport, Evaluator
 from service.errors import CellForgeError
-from service.llm import Backend, LLMConfig, make_backend, read_calls, summarize_run
+from service.llm import (Backend, LLMConfig, LLMError, LLMInvalidReply, LLMRequest, make_backend, read_calls,
+                         summarize_run)
+from service.llm.request import R
 from service.pipeline.candidates import candidate_plans
-from service.pipeline.codegen import Bundle, render_bundle
+from service.pipeline.codegen import render_bundle
+from service.pipeline.codegen.manifest import plan_following
 from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
 from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
                                       stack_test_predictions, verify_code, with_stack, write_predictor_code)
@@ -60,7 +63,8 @@ class DesignSettings(BaseModel):
     out: Path
     seed: int = Field(0, ge=0)
     max_attempts: int = Field(4, ge=1, le=50, description="sandbox runs of one draft, its debugging included")
-    max_minutes: float = Field(30.0, gt=0)
+    max_minutes: float = Field(30.0, gt=0, description="time of the run's own work (profile, split, sandboxes, "
+                                                       "scoring); the LLM's time is not counted against it")
     max_rounds: int = Field(4, ge=1, le=20)
     sandbox: BackendKind = BackendKind.DOCKER
     gpus: int = Field(0, ge=0)
@@ -117,17 +121,50 @@ class Search:
         self.baselines = baselines  # name -> PooledScore on validation
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
 
+    def _ask(self, request: LLMRequest[R]) -> R:
+        """The LLM's answer; the time it took is given back to the sandboxes' time budget."""
+        began = time.monotonic()
+        try:
+            return self.llm.ask(request)
+        finally:
+            self.runner.deadline += time.monotonic() - began
+
     def _new(self, **fields) -> Node:
         return self.tree.add(Node(id=len(self.tree.nodes) + 1, **fields))
 
+    def _history(self, node: Node) -> list[dict[str, Any]]:
+        """The attempts on this draft so far (root first), what each patch did and whether it applied."""
+        chain = [n for n in self.tree.nodes if n.id in self.tree.path_to(node)]
+        out = []
+        for n in chain:
+            entry: dict[str, Any] = {"attempt": n.id, "kind": n.kind, "label": n.label, "failure": n.failure}
+            if n.patch is not None:
+                entry["patch"] = {"failure_class": n.patch.failure_class, "diagnosis": n.patch.diagnosis,
+                                  "edits": [e.model_dump(exclude_none=True) for e in n.patch.edits],
+                                  "config_changes": n.patch.config_changes,
+                                  "applied": n.patch_error is None, "error": n.patch_error}
+            out.append(entry)
+        return out
+
     def _debug(self, node: Node, depth_limit: int) -> Node:
-        """Debug children of a failed node until one works or the limits are reached."""
+        """Debug children of a failed node until one works or the limits are reached. Whatever the
+        debugger does (no answer, a patch that does not apply), the search goes on to the finish."""
         while not node.working and node.debug_depth < depth_limit and self.runner.time_left() > 10:
             result = self.runner.results[node.id]
             self.runner.emit(ProgressEvent("debug", node.failure or "failed", attempt=node.id))
-            patch = self.llm.ask(debug_request(debug_context(node.id, result.failure, result.problems, node.bundle)))
-            node.patch = patch
             folder = self.runner.node_dir(node)
+            plan = json.loads(node.plan.model_dump_json(exclude={"provenance", "rationale"}))
+            context = debug_context(node.id, result.failure, result.problems, node.bundle, self._history(node), plan)
+            try:
+                patch = self._ask(debug_request(context, node.bundle))
+            except LLMError as exc:  # re-asks (and the rules) spent, or the endpoint gone: the run goes on
+                what = "patch did not apply" if isinstance(exc, LLMInvalidReply) else "the debugger gave no patch"
+                node.patch_error = f"{what}: {exc}"
+                self.runner.rd.write_json(folder / "patch_error.json", {"error": node.patch_error})
+                self.runner.emit(ProgressEvent("debug", node.patch_error, attempt=node.id))
+                self.runner.save(node)
+                break
+            node.patch = patch
             self.runner.rd.write_json(folder / "diagnosis.json", patch.model_dump(mode="json"))
             if patch.give_up:
                 self.runner.emit(ProgressEvent("debug", f"no fix: {patch.diagnosis}", attempt=node.id))
@@ -135,13 +172,18 @@ class Search:
             try:
                 bundle = apply_patch(node.bundle, patch)
             except PatchError as exc:
+                node.patch_error = f"patch did not apply: {exc}"
                 self.runner.rd.write_json(folder / "patch_error.json", {"error": str(exc)})
-                self.runner.emit(ProgressEvent("debug", f"patch did not apply: {exc}", attempt=node.id))
+                self.runner.emit(ProgressEvent("debug", node.patch_error, attempt=node.id))
+                self.runner.save(node)
                 break
             (folder / "patch.diff").write_text(unified_diff(node.bundle, bundle))
-            self.runner.emit(ProgressEvent("debug", f"{patch.failure_class}: {patch.diagnosis}", attempt=node.id))
+            self.runner.emit(ProgressEvent("debug", f"patch applied ({patch.failure_class}): {patch.diagnosis}",
+                                           attempt=node.id))
             child = self._new(parent=node.id, kind="debug", label=f"fix: {patch.failure_class}",
-                              candidate=node.candidate, plan=node.plan, bundle=bundle, debug_depth=node.debug_depth + 1,
+                              candidate=node.candidate,
+                              plan=plan_following(node.plan, bundle.files, set(patch.config_changes)),
+                              bundle=bundle, debug_depth=node.debug_depth + 1,
                               change={"debug": patch.model_dump(mode="json")})
             self.runner.run(child, self.tree)
             node = child
@@ -155,9 +197,14 @@ class Search:
             self.runner.emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
                                                       f"{plan.architecture.perturbation_encoder} encoder, "
                                                       f"base {plan.architecture.base_predictor}"))
-            generated = self.llm.ask(codegen_request(json.loads(plan.model_dump_json()), render_bundle(plan)))
-            node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan,
-                             bundle=Bundle(files=dict(generated.files)))
+            vetted = render_bundle(plan)
+            try:
+                bundle = self._ask(codegen_request(json.loads(plan.model_dump_json()), vetted)).applied(vetted)
+            except (LLMError, ValueError) as exc:  # no code for this candidate; the others, and the finish, go on
+                self.runner.rd.write_json(self.runner.rd.root / f"codegen_error_{index}.json", {"error": str(exc)})
+                self.runner.emit(ProgressEvent("codegen", f"candidate {index}: no code generated: {exc}"))
+                continue
+            node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan, bundle=bundle)
             self.runner.run(node, self.tree)
             self._debug(node, self.settings.max_attempts - 1)
 
@@ -183,7 +230,12 @@ class Search:
                 self.runner.emit(ProgressEvent("improve", "no time left for another node"))
                 return
             steps += 1
-            change = self.llm.ask(improve_request(improve_context(parent, self.tree, self._table(parent), self.scheme)))
+            try:
+                change = self._ask(improve_request(improve_context(parent, self.tree, self._table(parent),
+                                                                   self.scheme)))
+            except LLMError as exc:
+                self.runner.emit(ProgressEvent("improve", f"search stops: no change proposed: {exc}"))
+                return
             if change.stop:
                 self.runner.emit(ProgressEvent("improve", f"search stops: {change.rationale}"))
                 return
@@ -228,7 +280,6 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     if settings.sandbox is BackendKind.DOCKER:
         require_runtime(settings.runtime)  # before any LLM call: a missing runtime would fail every attempt
     started = time.monotonic()
-    deadline = started + settings.max_minutes * 60
     rd = RunDir(settings.out).create()
     if rd.plan.exists() or rd.attempts.exists():
         raise PipelineError(f"{rd.root} already holds a run; choose a new --out directory")
@@ -236,13 +287,15 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     rd.write_json(rd.run_json, {"settings": json.loads(settings.model_dump_json()),
                                 "llm": {"backend": config.backend, "model": config.model, "base_url": config.base_url},
                                 "replay_of": str(replay_from) if replay_from else None})
-    llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from)
+    llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from,
+                       on_tokens=lambda kind, n: emit(ProgressEvent("llm", f"{kind}: {n} tokens so far")))
 
     emit(ProgressEvent("profile", f"profiling {settings.data}"))
     profile = profile_dataset(settings.data)
     rd.write_json(rd.profile, profile.model_dump(mode="json"))
 
     emit(ProgressEvent("analysis", "framing the task"))
+    asking = time.monotonic()
     analysis = analyse_task(profile, settings.task, llm)
     rd.write_json(rd.task_analysis, analysis.model_dump(mode="json"))
 
@@ -250,6 +303,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     discussion = run_discussion(analysis, profile, llm, rd.root, max_rounds=settings.max_rounds,
                                 on_event=_discussion_progress(emit))
     plan = _with_seed(discussion.plan, settings.seed)
+    # LLM time has its own budget (the LLM config's total_minutes): a slow endpoint does not eat the sandboxes'.
+    deadline = started + settings.max_minutes * 60 + (time.monotonic() - asking)
     rd.plan.write_text(plan.model_dump_json(indent=1) + "\n")
 
     n_genes = plan.preprocessing.n_hvg if settings.max_genes is None else min(plan.preprocessing.n_hvg,

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from service.agents import Plan
 from service.llm import LLMRequest
 from service.pipeline.codegen import Bundle, render_bundle
+from service.pipeline.codegen.manifest import plan_following, read_config
 from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch
 from service.pipeline.selection import better, finite
 from service.pipeline.validate import Validation
@@ -61,6 +62,7 @@ class Node:
     started: float = 0.0  # seconds since the start of the run
     debug_depth: int = 0
     patch: DebugPatch | None = None
+    patch_error: str | None = None  # why the debugger's patch to this node did not apply (or none came)
     tested: bool = True  # its code ran test_model.py (a config-only change reuses the parent's pass)
 
     @property
@@ -78,7 +80,7 @@ class Node:
                 "val": None if v is None else {"primary": v.val_score, "summary": v.val_summary,
                                                "n_conditions": v.n_conditions, "problems": v.problems},
                 "failure": self.failure, "seconds": round(self.seconds, 1), "started": round(self.started, 1),
-                "debug_depth": self.debug_depth}
+                "debug_depth": self.debug_depth, "patch_error": self.patch_error}
 
 
 @dataclass
@@ -159,6 +161,7 @@ def apply_change(plan: Plan, bundle: Bundle, change: Change) -> tuple[Plan, Bund
     if change.config_changes or change.edits:
         bundle = apply_patch(bundle, DebugPatch(failure_class="improve", diagnosis=change.label,
                                                 edits=change.edits, config_changes=change.config_changes))
+        plan = plan_following(plan, bundle.files, set(change.config_changes))
     return plan, bundle
 
 
@@ -170,7 +173,7 @@ def improve_context(parent: Node, tree: SearchTree, table: dict[str, Any], schem
         "parent": parent.id,
         "scheme": scheme,
         "plan": json.loads(parent.plan.model_dump_json(exclude={"provenance", "rationale"})),
-        "config": parent.bundle.config(),
+        "config": read_config(parent.bundle.files)[0] or {},
         "files": {name: parent.bundle.files[name] for name in ("components.py", "model.py", "train.py")},
         "validation": table,
         "history": [{"id": n.id, "parent": n.parent, "kind": n.kind, "label": n.label, "status": n.status,

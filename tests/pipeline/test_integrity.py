@@ -15,7 +15,7 @@ import pytest
 
 from service.data import simulate
 from service.pipeline import pipeline_handlers, run_design
-from service.pipeline.codegen import BUNDLE_FILES
+from service.pipeline.codegen.manifest import CONFIG_FIELDS
 from service.pipeline.codegen.request import CODEGEN, GeneratedBundle
 from service.pipeline.rundir import SANDBOX_FILES
 from service.pipeline.selection import better
@@ -84,9 +84,13 @@ for which, file in (("val", "val_predictions.h5ad"), ("test", "predictions.h5ad"
 
 
 def hostile_codegen(context: dict) -> GeneratedBundle:
-    return GeneratedBundle(files={**{name: '"""Nothing to see."""\n' for name in BUNDLE_FILES},
-                                  "train.py": HOSTILE_TRAIN, "test_model.py": "def test_nothing():\n    assert True\n",
-                                  "config.json": json.dumps({"seed": 0})})
+    # It claims the plan (the vetted config.json's `implements` block and values, the key names in model.py)
+    # so that it passes the plan check and its run is scored: what it does in the sandbox is the point here.
+    claimed = sorted(key.rsplit(".", 1)[-1] for key in CONFIG_FIELDS.values())
+    model = f'"""Nothing to see."""\nCLAIMED = {claimed!r}\n'
+    return GeneratedBundle(files={"train.py": HOSTILE_TRAIN, "model.py": model,
+                                  "test_model.py": "def test_nothing():\n    assert True\n",
+                                  "config.json": context["vetted_bundle"]["config.json"]})
 
 
 @pytest.fixture(scope="module")

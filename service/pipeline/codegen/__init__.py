@@ -23,12 +23,15 @@ from pydantic import BaseModel, Field
 
 from service.agents import Plan
 from service.errors import CellForgeError
+from service.pipeline.codegen.manifest import IMPLEMENTS, implements_block, read_config
 
 TEMPLATES = Path(__file__).parent / "templates"
 BUNDLE_FILES = ("config.py", "data.py", "components.py", "state.py", "model.py", "train.py", "test_model.py",
                 "config.json")
 # Modules copied as they are; components.py and model.py are assembled and filled from the plan.
 FIXED_MODULES = ("config.py", "data.py", "state.py", "train.py", "test_model.py")
+CONTRACT_TESTS = "test_model.py"
+EXTRA_TESTS = "test_extra.py"  # the model's own tests, beside the service's; optional
 RIDGE_LAMBDAS = [0.01, 0.1, 1.0, 10.0, 100.0]
 
 _ENCODER_TEMPLATE = {
@@ -64,11 +67,15 @@ class Bundle(BaseModel):
         return cls(files={p.name: p.read_text() for p in sorted(directory.iterdir()) if p.is_file()})
 
     def config(self) -> dict:
-        return json.loads(self.files["config.json"])
+        """config.json as a dict; `CodegenError` saying why when it is not valid JSON."""
+        config, why = read_config(self.files)
+        if config is None:
+            raise CodegenError(why or "config.json unreadable")
+        return config
 
 
 def config_from_plan(plan: Plan) -> dict:
-    """Every number and choice train.py reads, taken from the plan."""
+    """Every number and choice train.py reads, taken from the plan, and the `implements` declaration."""
     a, t = plan.architecture, plan.training
     return {
         "perturbation_kind": plan.perturbation_kind,
@@ -99,6 +106,7 @@ def config_from_plan(plan: Plan) -> dict:
         "seed": t.seed,
         "device": "auto",
         "cell_sample": 4000,
+        IMPLEMENTS: implements_block(plan),  # what the code declares it implements, checked against the plan
     }
 
 
@@ -164,3 +172,5 @@ def render_bundle(plan: Plan) -> Bundle:
     files["model.py"] = render_model(plan)
     files["config.json"] = json.dumps(config_from_plan(plan), indent=1) + "\n"
     return Bundle(files={name: files[name] for name in BUNDLE_FILES})
+CONTRACT_TESTS = "test_model.py"
+EXTRA_TESTS = "test_extra.py"  # the model's own tests, beside the service's; optional

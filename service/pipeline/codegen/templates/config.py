@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 LOSS_KEYS = ("kind", "pearson_weight", "de_weighting", "de_top_k", "de_weight")
+# Not a hyperparameter: the service's record of which plan fields this code implements (checked service-side).
+DECLARATION_KEYS = ("implements",)
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in DECLARATION_KEYS}
         unknown = sorted(set(values) - set(fields))
         missing = sorted(set(fields) - set(values))
         if unknown or missing:

@@ -1,0 +1,161 @@
+"""What generated code declares it implements of the plan, and the service's check of that declaration.
+
+config.json carries an `implements` block, written by the code generator and kept by the model:
+
+    "implements": {"choices": {"architecture.base_predictor": "linear_ridge", ...},
+                   "config_keys": {"training.lr": "lr", "loss.kind": "loss.kind", ...}}
+
+`choices` are plan fields built into the code (the encoder, the base predictor); `config_keys` name the
+config.json entry (dotted path) the code reads for each hyper-parameter. The check: every field below
+is declared, each declared choice and each config value equals the plan's, and each config key is read
+by the code (its name appears in a module as a string literal, a `Config` field or an attribute read). A mismatch is a problem the
+debugger is shown, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.agents import Plan
+
+IMPLEMENTS = "implements"
+CHOICES = ("architecture.perturbation_encoder", "architecture.base_predictor")
+CONFIG_FIELDS = {
+    "loss.kind": "loss.kind",
+    "loss.de_weighting": "loss.de_weighting",
+    "architecture.residual_delta": "residual_delta",
+    "architecture.hidden_width": "hidden_width",
+    "architecture.depth": "depth",
+    "architecture.dropout": "dropout",
+    "training.optimizer": "optimizer",
+    "training.lr": "lr",
+    "training.weight_decay": "weight_decay",
+    "training.batch_size": "batch_size",
+    "training.epochs": "epochs",
+}
+_MISSING = object()
+
+
+def implements_block(plan: Plan) -> dict[str, Any]:
+    """The declaration of the vetted bundle: the plan's choices and the template's config keys."""
+    return {"choices": {path: plan_value(plan, path) for path in CHOICES}, "config_keys": dict(CONFIG_FIELDS)}
+
+
+def plan_value(plan: Plan, path: str) -> Any:
+    section, _, name = path.partition(".")
+    return getattr(getattr(plan, section), name)
+
+
+def _lookup(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def read_config(files: dict[str, str]) -> tuple[dict[str, Any] | None, str | None]:
+    """config.json as a dict, or (None, why it is not one)."""
+    text = files.get("config.json")
+    if text is None:
+        return None, "the bundle has no config.json"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, (f"config.json is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                      "JSON has no comments and no trailing commas")
+    if not isinstance(config, dict):
+        return None, f"config.json holds a {type(config).__name__}, not a JSON object"
+    return config, None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def _read_by_code(files: dict[str, str], key: str) -> bool:
+    name = re.escape(key.rsplit(".", 1)[-1])
+    read = re.compile(rf"""["']{name}["']|\.{name}\b|^\s+{name}\s*:""", re.M)
+    return any(read.search(text) for file, text in files.items()
+               if file.endswith(".py") and not file.startswith("test_"))
+
+
+def check_implements(plan: Plan, files: dict[str, str]) -> list[str]:
+    """Problems of the bundle against the plan: config.json unreadable, the declaration missing or
+    incomplete, a declared choice or a config value that is not the plan's, a key no code reads."""
+    config, why = read_config(files)
+    if config is None:
+        return [why or "config.json unreadable"]
+    block = config.get(IMPLEMENTS)
+    if not isinstance(block, dict) or not isinstance(block.get("choices"), dict) \
+            or not isinstance(block.get("config_keys"), dict):
+        return [f"config.json lacks the `{IMPLEMENTS}` block ({{\"choices\": {{...}}, \"config_keys\": {{...}}}}) "
+                f"declaring which plan fields the code implements; expected: {json.dumps(implements_block(plan))}"]
+    choices, keys = block["choices"], block["config_keys"]
+    problems = []
+    for path in CHOICES:
+        want = plan_value(plan, path)
+        if path not in choices:
+            problems.append(f"{IMPLEMENTS}.choices does not declare {path} (the plan's: {want!r})")
+        elif not _same(choices[path], want):
+            problems.append(f"plan {path} is {want!r} but the code declares {choices[path]!r}")
+    for path in CONFIG_FIELDS:
+        want = plan_value(plan, path)
+        key = keys.get(path)
+        if not isinstance(key, str):
+            problems.append(f"{IMPLEMENTS}.config_keys does not name the config.json key read for {path}")
+            continue
+        have = _lookup(config, key)
+        if have is _MISSING:
+            problems.append(f"{path}: config.json has no key {key!r}")
+        elif not _same(have, want):
+            problems.append(f"plan {path} is {want!r} but config.json {key} is {have!r}")
+        elif not _read_by_code(files, key):
+            problems.append(f"{path}: config.json key {key!r} is declared but no module of the "
+                            "bundle reads it")
+    return problems
+
+
+def implemented(files: dict[str, str]) -> dict[str, Any]:
+    """What the code declares it ran: each declared plan field and its value (for the report)."""
+    config, _ = read_config(files)
+    block = (config or {}).get(IMPLEMENTS)
+    if not isinstance(block, dict):
+        return {}
+    out = dict(block.get("choices") or {})
+    for path, key in (block.get("config_keys") or {}).items():
+        value = _lookup(config, key) if isinstance(key, str) else _MISSING
+        if value is not _MISSING:
+            out[path] = value
+    return out
+
+
+def plan_following(plan: Plan, files: dict[str, str], changed: set[str]) -> Plan:
+    """The plan after config.json changes to the top-level keys `changed` (a debugger's lower lr, an
+    improve step's): the plan fields whose declared config key was changed take the new value, so the
+    node's plan stays what its code runs. Left as it was when a value does not fit the plan (the check
+    then reports the mismatch)."""
+    config, _ = read_config(files)
+    block = (config or {}).get(IMPLEMENTS)
+    keys = block.get("config_keys") if isinstance(block, dict) else None
+    if not isinstance(keys, dict) or not changed:
+        return plan
+    data = plan.model_dump()
+    for path, key in keys.items():
+        if path not in CONFIG_FIELDS or not isinstance(key, str) or key.split(".")[0] not in changed:
+            continue
+        value = _lookup(config, key)
+        if value is not _MISSING:
+            section, _, name = path.partition(".")
+            data[section][name] = value
+    try:
+        return Plan.model_validate(data)
+    except ValidationError:
+        return plan
