@@ -35,6 +35,7 @@ CONFIG_FIELDS = {
     "training.weight_decay": "weight_decay",
     "training.batch_size": "batch_size",
     "training.epochs": "epochs",
+    "training.grad_clip": "grad_clip",
 }
 CODE_FILES = ("model.py", "train.py")
 _MISSING = object()
