@@ -1,5 +1,6 @@
-"""LLM time has its own budget: a run-wide LLM time budget after which the offline rules answer; the
-CLI's LLM flags reach the config, and `design --server` refuses them instead of ignoring them."""
+"""LLM time has its own budget: a run-wide LLM time budget after which the offline rules answer, and the
+sandboxes' clock does not count it; the CLI's LLM flags reach the config, and `design --server` refuses
+them instead of ignoring them."""
 
 from __future__ import annotations
 
@@ -59,3 +60,17 @@ def test_design_on_a_server_refuses_llm_flags_it_cannot_forward(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ok"] is False and summary["message"].startswith("--llm, --model: a server runs its jobs with "
                                                                     "its own LLM configuration")
+
+
+def test_the_sandboxes_clock_does_not_count_the_llms_time(fake_llm, tmp_path):
+    from types import SimpleNamespace
+
+    from service.pipeline.run import Search
+
+    fake_llm.script(Reply('{"value": 3}', delay=0.5))
+    llm = make_backend(LLMConfig(backend="openai", base_url=fake_llm.base_url, model="fake-model", api_key="sk-x"),
+                       {}, tmp_path)
+    runner = SimpleNamespace(deadline=1000.0)  # the search's deadline (monotonic seconds)
+    search = Search(runner, llm, None, "mse", "unseen-perturbation", {}, None)  # type: ignore[arg-type]
+    assert search._ask(_question(1)).value == 3
+    assert 1000.5 <= runner.deadline < 1002.0  # the half second the endpoint took is given back

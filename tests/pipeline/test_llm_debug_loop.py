@@ -1,8 +1,9 @@
 """The debug loop in LLM mode, through the real `openai` client against the scripted server, in Docker:
-a generated bundle with three bugs (a `//` comment in config.json, an AttributeError in train.py, a loss
-other than the plan's) is repaired attempt by attempt, a patch whose search text does not match goes
-back to the model with the reason, each debug request carries the earlier attempts and patches; and a
-patch that never applies ends the debugging, not the run: metrics.json, the report and the CLI say so."""
+a generated bundle with three bugs is repaired — a `//` comment in config.json (sent back by the code
+generation check), an AttributeError in train.py (the first patch's search text does not match and goes
+back to the model with the reason), a loss other than the plan's (the plan check after the run) — and
+each debug request carries the earlier attempts and patches; a patch that never applies ends the
+debugging, not the run: metrics.json, the report and the CLI say so."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def _other(kind: str) -> str:
 
 
 class BuggyCoder(RuleModel):
-    """The agents' questions as the rules answer them; code with three bugs; fixes, one per attempt, the
-    first one with search text that does not match."""
+    """The agents' questions as the rules answer them; code with three bugs; each fix on request, the
+    first try of each with a mistake a real model makes."""
 
     def __init__(self, patches_apply: bool = True) -> None:
         super().__init__()
@@ -43,30 +44,24 @@ class BuggyCoder(RuleModel):
         if schema in KIND_OF_SCHEMA:
             return super().__call__(body)
         context = json.loads(body["messages"][1]["content"].split("Context (JSON):\n", 1)[1])
+        first_try = len(body["messages"]) == 2
         if schema == "GeneratedBundle":
-            files = dict(context["vetted_bundle"])
-            files["train.py"] = files["train.py"].replace(BUG, BUGGY)
-            config = json.loads(files["config.json"])
-            config["loss"]["kind"] = _other(config["loss"]["kind"])
-            files["config.json"] = "{\n" + COMMENT + json.dumps(config, indent=1)[2:]
-            return json.dumps({"files": files})
+            config = json.loads(context["vetted_bundle"]["config.json"])
+            config["loss"]["kind"] = _other(config["loss"]["kind"])  # bug 3
+            text = json.dumps(config, indent=1)
+            if first_try and self.patches_apply:  # bug 1: JSON with a comment
+                text = "{\n" + COMMENT + text[2:]
+            return json.dumps({"edits": [{"path": "train.py", "search": BUG, "replace": BUGGY}],  # bug 2
+                               "files": {"config.json": text}})
         assert schema == "DebugPatch", schema
         self.debug_requests.append(body["messages"])
-        if not self.patches_apply:
-            return json.dumps({"failure_class": "code_error", "diagnosis": "guessing",
+        if not self.patches_apply or first_try and not context["validation_problems"]:
+            return json.dumps({"failure_class": "code_error", "diagnosis": "AnnData has var_names",
                                "edits": [{"path": "train.py", "search": "var_name )", "replace": "var_names)"}]})
-        if context["config"] is None:  # bug 1: config.json is not JSON
-            text = context["files"]["config.json"]
-            if len(body["messages"]) == 2:  # first try: the comment retyped from memory
-                return json.dumps({"failure_class": "config_error", "diagnosis": "JSON has no comments",
-                                   "edits": [{"path": "config.json", "search": "# written by the model\n",
-                                              "replace": ""}]})
-            return json.dumps({"failure_class": "config_error", "diagnosis": "JSON has no comments",
-                               "edits": [{"path": "config.json", "content": text.replace(COMMENT, "")}]})
-        if any("loss.kind" in p for p in context["validation_problems"]):  # bug 3: not the plan's loss
+        if any("loss.kind" in p for p in context["validation_problems"]):
             return json.dumps({"failure_class": "plan_mismatch", "diagnosis": "the loss is not the plan's",
                                "config_changes": {"loss": context["plan"]["loss"]}})
-        return json.dumps({"failure_class": "code_error", "diagnosis": "AnnData has var_names",  # bug 2
+        return json.dumps({"failure_class": "code_error", "diagnosis": "AnnData has var_names",
                            "edits": [{"path": "train.py", "search": BUGGY, "replace": BUG}]})
 
 
@@ -75,28 +70,33 @@ def test_a_three_bug_bundle_is_repaired_with_the_history_in_every_request(fake_l
     model = BuggyCoder()
     fake_llm.script(*[Reply(model) for _ in range(80)])
     config = LLMConfig(backend="openai", base_url=fake_llm.base_url, model="fake-model", api_key="sk-x")
-    result = run_design(design_settings(tmp_path / "run", max_attempts=5, max_minutes=12), config)
+    result = run_design(design_settings(tmp_path / "run", max_attempts=4, max_minutes=12), config)
     run = tmp_path / "run"
 
-    assert result.status == "validated" and result.metrics["chosen_attempt"] == 4
+    assert result.status == "validated" and result.metrics["chosen_attempt"] == 3
     nodes = json.loads((run / "search.json").read_text())["nodes"]
-    assert [n["label"] for n in nodes] == ["draft", "fix: config_error", "fix: code_error", "fix: plan_mismatch"]
-    assert "JSONDecodeError" in json.loads((run / "attempts" / "01" / "outcome.json").read_text())["failure"][
-        "output_tail"]
-    assert "loss.kind" in nodes[2]["failure"] and nodes[2]["val"]["problems"]  # ran, then failed the plan check
+    assert [n["label"] for n in nodes] == ["discussion plan", "fix: code_error", "fix: plan_mismatch"]
+    assert "AttributeError" in nodes[0]["failure"]
+    assert "loss.kind" in nodes[1]["failure"] and nodes[1]["val"]["problems"]  # ran, then failed the plan check
 
-    # Bug 1 took a re-ask: the first patch's search text was not in config.json; the model was told why.
-    first, reask = model.debug_requests[0], model.debug_requests[1]
-    assert len(first) == 2 and "config.json: the search text occurs 0 times" in reask[-1]["content"]
-    call = [c for c in read_calls(run / "llm_calls.jsonl") if c.kind == "debug"][0]
-    assert [e.outcome for e in call.exchanges] == ["rejected", "accepted"]
+    # Bug 1: the code generation check sent the config.json back; bug 2: the first patch's search text
+    # was not in train.py. Each time the model was told why.
+    calls = read_calls(run / "llm_calls.jsonl")
+    codegen = next(c for c in calls if c.kind == "codegen")
+    assert [e.outcome for e in codegen.exchanges] == ["rejected", "accepted"]
+    assert "config.json is not valid JSON (line 2" in codegen.exchanges[0].problem
+    debug = next(c for c in calls if c.kind == "debug")
+    assert [e.outcome for e in debug.exchanges] == ["rejected", "accepted"]
+    assert "train.py: the search text occurs 0 times" in model.debug_requests[1][-1]["content"]
 
     # Each request carries the attempts before it, with their patches.
     contexts = [json.loads(m[1]["content"].split("Context (JSON):\n", 1)[1]) for m in model.debug_requests]
+    assert contexts[0]["history"] == [{"attempt": 1, "kind": "draft", "label": "discussion plan",
+                                       "failure": nodes[0]["failure"]}]
     history = contexts[-1]["history"]
-    assert [h["attempt"] for h in history] == [1, 2, 3]
-    assert [h["patch"]["failure_class"] for h in history[:2]] == ["config_error", "code_error"]
-    assert all(h["patch"]["applied"] for h in history[:2]) and "patch" not in history[2]
+    assert [h["attempt"] for h in history] == [1, 2]
+    assert history[0]["patch"]["failure_class"] == "code_error" and history[0]["patch"]["applied"]
+    assert "patch" not in history[1]
 
     # What ran is what the plan says, and the report shows it.
     plan = json.loads((run / "plan.json").read_text())

@@ -36,6 +36,7 @@ CONFIG_FIELDS = {
     "training.weight_decay": "weight_decay",
     "training.batch_size": "batch_size",
     "training.epochs": "epochs",
+    "training.grad_clip": "grad_clip",
 }
 _MISSING = object()
 
