@@ -34,4 +34,5 @@ def load_bundle(code: Path) -> SimpleNamespace:
 def case_config(m: SimpleNamespace, **changes: Any) -> Any:
     """The bundle's Config with the plan's switches off (not genetic, no dose split, no loss terms), then
     `changes`: a base fitted on hand-built conditions reads only what the case sets."""
-    return m.CONFIG.replace(perturbation_kind="chemical", split_scheme="unseen-perturbation", loss={}, **changes)
+    neutral = {"perturbation_kind": "chemical", "split_scheme": "unseen-perturbation", "loss": {}}
+    return m.CONFIG.replace(**{**neutral, **changes})

@@ -165,7 +165,7 @@ def test_context_ridges_fall_back_to_transfer_when_the_state_says_nothing(tmp_pa
     λ and widths chosen leave-one-context-out shrink them to transfer, and the prediction stays as good."""
     path = tmp_path / "data.h5ad"
     simulate("stimulation", 1, n_cells=4000, n_genes=60).write_h5ad(path)
-    m, plan, _ = _render("Predict stimulation responses in an unseen cell type", path, tmp_path)
+    m, plan = _render("Predict stimulation responses in an unseen cell type", path, tmp_path)
     assert plan.architecture.base_predictor == "delta_transfer"
     rng = np.random.default_rng(7)
     genes, contexts, perts = 40, [f"c{i}" for i in range(7)], [f"S{i}" for i in range(6)]
