@@ -66,11 +66,12 @@ class BuggyCoder(RuleModel):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three sandbox runs, two of them full trainings
 def test_a_three_bug_bundle_is_repaired_with_the_history_in_every_request(fake_llm, design_settings, tmp_path):
     model = BuggyCoder()
     fake_llm.script(*[Reply(model) for _ in range(80)])
     config = LLMConfig(backend="openai", base_url=fake_llm.base_url, model="fake-model", api_key="sk-x")
-    result = run_design(design_settings(tmp_path / "run", max_attempts=4, max_minutes=12), config)
+    result = run_design(design_settings(tmp_path / "run", max_attempts=4, max_minutes=20), config)
     run = tmp_path / "run"
 
     assert result.status == "validated" and result.metrics["chosen_attempt"] == 3

@@ -61,9 +61,13 @@ def codegen_request(plan_json: dict[str, Any], vetted: Bundle) -> LLMRequest[Gen
         "the config keys it reads for them, and the service checks it against the plan."
     )
     user = "Generate the bundle for context.plan."
+
+    def applies(reply: GeneratedBundle) -> None:
+        reply.applied(vetted)
+
     return LLMRequest(kind=CODEGEN, system=system, user=user,
                       context={"plan": plan_json, "vetted_bundle": vetted.files}, schema=GeneratedBundle,
-                      check=lambda reply: reply.applied(vetted) and None)
+                      check=applies)
 
 
 def offline_codegen(context: dict[str, Any]) -> GeneratedBundle:
