@@ -27,10 +27,12 @@ whose actor died are removed by `reap()`, which runs the Docker reaper on every 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -135,7 +137,7 @@ class RayBackend(SandboxBackend):
         self.connect()
         options = placement(spec)
         await asyncio.to_thread(require_placeable, options)
-        actor = _Actor.options(name=f"sandbox-{sandbox_id}", max_restarts=0, **options).remote()
+        actor: Any = _Actor.options(name=f"sandbox-{sandbox_id}", max_restarts=0, **options).remote()
         limit = self.placement_timeout + spec.start_timeout
         try:
             async with asyncio.timeout(limit):
@@ -326,8 +328,10 @@ class RaySandbox(Sandbox):
     async def start(self) -> None:
         _node_only("start")
 
-    def exclusive(self, timeout: float | None = None) -> contextlib.AbstractAsyncContextManager[None]:
+    @contextlib.asynccontextmanager
+    async def exclusive(self, timeout: float | None = None) -> AsyncIterator[None]:
         _node_only("exclusive")
+        yield
 
     async def comm_request(self, *args: Any, **kwargs: Any) -> Any:
         _node_only("comm_request")
@@ -349,8 +353,8 @@ class RayFiles(Files):
         data: bytes = await self._ray._call(self._ray._actor.get_file, workspace_path(path), timeout, max_bytes)
         return data
 
-    async def list(self, path: str = "", timeout: float | None = None) -> list[str]:  # noqa: A003
-        names: list[str] = await self._ray._call(
+    async def list(self, path: str = "", timeout: float | None = None) -> builtins.list[str]:
+        names: builtins.list[str] = await self._ray._call(
             self._ray._actor.list_files, workspace_path(path, allow_root=True), timeout
         )
         return names
@@ -358,21 +362,21 @@ class RayFiles(Files):
     async def remove(self, path: str, timeout: float | None = None) -> None:
         await self._ray._call(self._ray._actor.remove_file, workspace_path(path), timeout)
 
-    async def put_dir(self, local_dir: str | Path, path: str, timeout: float | None = None) -> list[str]:
+    async def put_dir(self, local_dir: str | Path, path: str, timeout: float | None = None) -> builtins.list[str]:
         rel = workspace_path(path, allow_root=True)
         files = {inner: source.read_bytes() for inner, source in regular_files(local_dir)}
-        written: list[str] = await self._ray._call(self._ray._actor.put_dir, files, rel, timeout)
+        written: builtins.list[str] = await self._ray._call(self._ray._actor.put_dir, files, rel, timeout)
         return written
 
     async def get_dir(
         self, path: str, local_dir: str | Path, timeout: float | None = None, max_bytes: int | None = None
-    ) -> list[str]:
+    ) -> builtins.list[str]:
         rel = workspace_path(path, allow_root=True)
         files: dict[str, bytes] = await self._ray._call(self._ray._actor.get_dir, rel, timeout, max_bytes)
         top = Path(local_dir)
         top.mkdir(parents=True, exist_ok=True)
         top = top.resolve()
-        written: list[Path] = []
+        written: builtins.list[Path] = []
         try:
             for inner, data in files.items():
                 destination = local_destination(top, inner, self._ray.id)

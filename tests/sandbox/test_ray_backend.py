@@ -75,7 +75,8 @@ def _container(sb: RaySandbox):
     return docker.from_env().containers.get(f"cellforge-{sb.node.container}")
 
 
-def test_placement_asks_ray_for_the_specs_resources():
+@pytest.mark.asyncio(loop_scope="module")
+async def test_placement_asks_ray_for_the_specs_resources():
     from sandbox import SandboxSpec
 
     spec = SandboxSpec(cpus=1.5, memory="2g", gpus=["0", "1"], runtime="runsc", resources={"zone_a": 0.5})
@@ -113,7 +114,7 @@ async def test_a_sandbox_no_node_can_hold_is_refused_at_once(ray_backend, small_
     with pytest.raises(SandboxStartError, match="zone_x"):
         await ray_backend.create(small_spec(resources={"zone_x": MARKER}))
     with pytest.raises(SandboxStartError, match="cellforge_runtime_kata"):
-        await ray_backend.create(small_spec(runtime="kata"))
+        await ray_backend.create(small_spec().model_copy(update={"runtime": "kata"}))
     with pytest.raises(SandboxStartError, match="CPU"):
         await ray_backend.create(small_spec(cpus=3))
     assert time.monotonic() - started < 5
@@ -241,8 +242,10 @@ async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backe
         assert sb.dead == res.died_cause and not sb.healthy
         with pytest.raises(SandboxDeadError, match="lost"):
             await sb.files.get("x")
-        # Its container outlived the actor; the node reaper removes it.
-        report = await ray_backend.reap()
-        assert container in report.removed
+        # Its container outlived the actor; the nodes' reapers remove it (here a reaper of another
+        # process on this machine may be first).
+        await ray_backend.reap()
+        with pytest.raises(docker.errors.NotFound):
+            docker.from_env().containers.get(container)
     finally:
         await sb.close()
