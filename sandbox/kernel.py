@@ -186,6 +186,7 @@ class Sandbox:
         store_history: bool = True,
         user_expressions: dict[str, str] | None = None,
     ) -> tuple[ExecutionResult, Replies]:
+        """One run: its result and the replies to its expressions (what RaySandbox does through its actor)."""
         result, collector = await self._collect(code, timeout, emit, store_history, user_expressions)
         replies = (collector.reply or {}).get("user_expressions")
         return result, replies if isinstance(replies, dict) else {}

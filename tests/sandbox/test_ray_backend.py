@@ -242,6 +242,9 @@ async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backe
         assert sb.dead == res.died_cause and not sb.healthy
         with pytest.raises(SandboxDeadError, match="lost"):
             await sb.files.get("x")
+        # restart() places a fresh sandbox by the same spec: no live node offers `doomed` any more.
+        with pytest.raises(SandboxStartError, match="doomed"):
+            await sb.restart()
         # Its container outlived the actor; the nodes' reapers remove it (here a reaper of another
         # process on this machine may be first).
         await ray_backend.reap()
