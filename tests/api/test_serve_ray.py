@@ -39,17 +39,6 @@ def _gone(actor_name: str, within: float) -> bool:
     return False
 
 
-def _tenant_id(server, name: str) -> str:
-    from service.api.tenants import list_tenants
-    from service.db import Database
-
-    db = Database(server.db_url)
-    try:
-        return next(t.id for t in list_tenants(db) if t.name == name)
-    finally:
-        db.dispose()
-
-
 def test_api_sandboxes_run_as_actors_on_the_cluster(make_server, tmp_path, ray_address):
     server = make_server(tmp_path, "--ray-address", ray_address).start(timeout=120)
     try:
@@ -59,7 +48,7 @@ def test_api_sandboxes_run_as_actors_on_the_cluster(make_server, tmp_path, ray_a
             assert client.execute(sandbox["id"], "21 * 2").result == "42"
             # The container is the actor's (its owner is a Ray worker, not the server) and carries the tenant.
             [container] = docker.from_env().containers.list(
-                filters={"label": f"cellforge.tenant={_tenant_id(server, 'carol')}"})
+                filters={"label": f"cellforge.tenant={server.tenant_id('carol')}"})
             owner_pid = int(container.labels["cellforge.owner"].split(":")[-2])
             assert owner_pid != server.proc.pid
             client.delete_sandbox(sandbox["id"])
