@@ -6,6 +6,7 @@
         result = await sb.commands.run(["python", "code/model.py"])
         result = await sb.execute("1 + 1")
 
+`RayBackend` (sandbox.ray_backend, the `cellforge[ray]` extra) spreads sandboxes over a Ray cluster.
 Knows nothing of agents, biology or the service. Names that need the Docker SDK, ZMQ or Jupyter
 are imported on first use, so a process that only reads results (a remote client) does not load them.
 """
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from .kernel import Sandbox
     from .local_backend import LocalBackend
     from .pool import PooledSandbox, PoolStats, SandboxPool
+    from .ray_backend import RayBackend, RaySandbox
     from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
     from .sync import SyncSandbox
 
@@ -67,6 +69,8 @@ _LAZY = {
     "PooledSandbox": "pool",
     "RUNC": "runtimes",
     "RUNSC": "runtimes",
+    "RayBackend": "ray_backend",
+    "RaySandbox": "ray_backend",
     "Sandbox": "kernel",
     "SandboxPool": "pool",
     "SyncSandbox": "sync",
@@ -107,6 +111,8 @@ __all__ = [
     "PoolError",
     "PoolStats",
     "PooledSandbox",
+    "RayBackend",
+    "RaySandbox",
     "ReapReport",
     "ResultEvent",
     "Sandbox",

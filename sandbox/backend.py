@@ -154,12 +154,14 @@ class BackendKind(StrEnum):
 
     DOCKER = "docker"  # hardened containers on the local Docker engine
     LOCAL = "local"  # a plain process on this host: NOT ISOLATED, for development
+    RAY = "ray"  # hardened containers on the nodes of a Ray cluster ($RAY_ADDRESS; needs cellforge[ray])
 
 
 # Imported on first use: the Docker SDK is not needed by a process that never starts a container.
 _IMPLEMENTATIONS: dict[BackendKind, tuple[str, str]] = {
     BackendKind.DOCKER: ("sandbox.docker_backend", "DockerBackend"),
     BackendKind.LOCAL: ("sandbox.local_backend", "LocalBackend"),
+    BackendKind.RAY: ("sandbox.ray_backend", "RayBackend"),
 }
 
 

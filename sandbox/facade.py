@@ -4,8 +4,9 @@ A facade class names each method of the async class it mirrors once, with a wrap
 call one way: `blocking` (on a background event loop, for scripts) or `guarded` (inside the owner's
 guard, e.g. a lease's reaped check and activity count). The wrapper takes the async method itself,
 so the signature, the docs and the types (through ParamSpec) are the async method's and are never
-written twice. A facade that misses a public coroutine method of the class it mirrors fails at
-import time, so the facades cannot drift from the implementation.
+written twice; the call goes to the target's own method of that name, so a subclass's override (the
+Ray backend's remote sandbox) is what runs. A facade that misses a public coroutine method of the
+class it mirrors fails at import time, so the facades cannot drift from the implementation.
 """
 
 from __future__ import annotations
@@ -116,10 +117,16 @@ class Guarded(Facade[T]):
         self._guard = guard
 
 
+def _bound(target: T, method: Callable[Concatenate[T, P], R]) -> Callable[P, R]:
+    """The target's own method of that name: a subclass's override (a remote sandbox) is the one called."""
+    bound: Callable[P, R] = getattr(target, method.__name__)
+    return bound
+
+
 def blocking(method: Callable[Concatenate[T, P], Coroutine[Any, Any, R]]) -> Callable[Concatenate[Blocking[T], P], R]:
     @functools.wraps(method)
     def call(self: Blocking[T], *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._loop.run(method(self._target, *args, **kwargs))
+        return self._loop.run(_bound(self._target, method)(*args, **kwargs))
 
     return call
 
@@ -129,7 +136,7 @@ def blocking_iter(
 ) -> Callable[Concatenate[Blocking[T], P], Iterator[R]]:
     @functools.wraps(method)
     def call(self: Blocking[T], *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
-        return self._loop.iterate(method(self._target, *args, **kwargs))
+        return self._loop.iterate(_bound(self._target, method)(*args, **kwargs))
 
     return call
 
@@ -140,7 +147,7 @@ def guarded(
     @functools.wraps(method)
     async def call(self: Guarded[T], *args: P.args, **kwargs: P.kwargs) -> R:
         with self._guard():
-            return await method(self._target, *args, **kwargs)
+            return await _bound(self._target, method)(*args, **kwargs)
 
     return call
 
@@ -151,7 +158,7 @@ def guarded_iter(
     @functools.wraps(method)
     async def call(self: Guarded[T], *args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[R, None]:
         with self._guard():
-            async with contextlib.aclosing(method(self._target, *args, **kwargs)) as items:
+            async with contextlib.aclosing(_bound(self._target, method)(*args, **kwargs)) as items:
                 async for item in items:
                     yield item
 

@@ -49,6 +49,29 @@ def workspace_path(path: str, *, allow_root: bool = False) -> str:
     return normalized
 
 
+def regular_files(local_dir: str | Path) -> builtins.list[tuple[str, Path]]:
+    """The regular files under a local folder, as (relative posix path, path), sorted per folder."""
+    local_dir = Path(local_dir)
+    if not local_dir.is_dir():
+        raise FileTransferError(f"put_dir: {local_dir} is not a folder")
+    files = []
+    for folder, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            source = Path(folder) / name
+            # Only real files: a symlink could point anywhere on the host.
+            if source.is_file() and not source.is_symlink():
+                files.append((source.relative_to(local_dir).as_posix(), source))
+    return files
+
+
+def local_destination(top: Path, inner: str, sandbox_id: str) -> Path:
+    """Where a file named by the sandbox lands under the resolved local folder `top`; never outside it."""
+    destination = (top / inner).resolve()
+    if not destination.is_relative_to(top):
+        raise WorkspacePathError(f"sandbox {sandbox_id}: listed name {inner!r} escapes {top}")
+    return destination
+
+
 class Files:
     """The workspace of one sandbox: `await sandbox.files.put("code/model.py", data)` and so on.
 
@@ -92,20 +115,10 @@ class Files:
     async def put_dir(self, local_dir: str | Path, path: str, timeout: float | None = None) -> builtins.list[str]:
         """Copy the regular files under `local_dir` to `path`; returns the workspace paths written."""
         rel = workspace_path(path, allow_root=True)
-        local_dir = Path(local_dir)
-        if not local_dir.is_dir():
-            raise FileTransferError(f"put_dir: {local_dir} is not a folder")
-        files = []
-        for folder, _, names in os.walk(local_dir):
-            for name in sorted(names):
-                source = Path(folder) / name
-                # Only real files: a symlink could point anywhere on the host.
-                if source.is_file() and not source.is_symlink():
-                    files.append(source)
-        written = []
+        files, written = regular_files(local_dir), []
         async with self._exclusive(timeout):
-            for source in files:
-                target = posixpath.normpath(posixpath.join(rel, source.relative_to(local_dir).as_posix()))
+            for inner, source in files:
+                target = posixpath.normpath(posixpath.join(rel, inner))
                 await self._put(target, source.read_bytes())
                 written.append(target)
         return written
@@ -126,9 +139,7 @@ class Files:
         try:
             async with self._exclusive(timeout):
                 for inner in dict.fromkeys(await self._list(rel, path)):
-                    destination = (top / inner).resolve()
-                    if not destination.is_relative_to(top):
-                        raise WorkspacePathError(f"sandbox {self._sb.id}: listed name {inner!r} escapes {local_dir}")
+                    destination = local_destination(top, inner, self._sb.id)
                     try:
                         data = await self._get(posixpath.join(rel, inner), budget)
                     except FileTransferError as exc:

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[StreamEvent], Any]
-_Runner = Callable[[Emit], Awaitable[tuple[ExecutionResult, ExecutionCollector]]]
+# One run: its result and the kernel's (untrusted) replies to the run's user expressions.
+Replies = dict[str, Any]
+_Runner = Callable[[Emit], Awaitable[tuple[ExecutionResult, Replies]]]
 
 # How long a dead kernel's host may take to report its exit status before we give up asking.
 EXIT_CAUSE_TIMEOUT_S = 10.0
@@ -146,9 +148,7 @@ class Sandbox:
         async for item in self._events(lambda emit: self._run(code, timeout, emit)):
             yield item[0] if isinstance(item, tuple) else item
 
-    async def _with_events(
-        self, run: _Runner, on_event: EventCallback | None
-    ) -> tuple[ExecutionResult, ExecutionCollector]:
+    async def _with_events(self, run: _Runner, on_event: EventCallback | None) -> tuple[ExecutionResult, Replies]:
         if on_event is None:
             return await run(_ignore)
         if not asyncio.iscoroutinefunction(on_event):
@@ -163,7 +163,7 @@ class Sandbox:
         raise AssertionError("unreachable: _events always ends with the result")
 
     async def _events(self, run: _Runner) -> AsyncIterator[Any]:
-        """The events of one run as they happen, then its (result, collector)."""
+        """The events of one run as they happen, then its (result, replies)."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         task = asyncio.ensure_future(run(queue.put_nowait))
         task.add_done_callback(lambda _: queue.put_nowait(_DONE))
@@ -185,6 +185,19 @@ class Sandbox:
         *,
         store_history: bool = True,
         user_expressions: dict[str, str] | None = None,
+    ) -> tuple[ExecutionResult, Replies]:
+        """One run: its result and the replies to its expressions (what RaySandbox does through its actor)."""
+        result, collector = await self._collect(code, timeout, emit, store_history, user_expressions)
+        replies = (collector.reply or {}).get("user_expressions")
+        return result, replies if isinstance(replies, dict) else {}
+
+    async def _collect(
+        self,
+        code: str,
+        timeout: float | None,
+        emit: Emit,
+        store_history: bool,
+        user_expressions: dict[str, str] | None,
     ) -> tuple[ExecutionResult, ExecutionCollector]:
         timeout = self.spec.timeout if timeout is None else timeout
         self.check_usable()
@@ -335,12 +348,10 @@ class Sandbox:
     ) -> tuple[ExecutionResult, dict[str, Any]]:
         """Run code of ours (not the user's: kept out of the history) as `execute` does; returns the
         result and the kernel's untrusted replies to `expressions`, evaluated after the code."""
-        result, collector = await self._with_events(
+        return await self._with_events(
             lambda emit: self._run(code, timeout, emit, store_history=False, user_expressions=expressions),
             on_event,
         )
-        replies = (collector.reply or {}).get("user_expressions")
-        return result, replies if isinstance(replies, dict) else {}
 
 
 class _HostStopped(Exception):

@@ -34,6 +34,8 @@ _FORBIDDEN_ENV_KEYS = frozenset({
 })
 _LABEL_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _GPU_ID_RE = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
+_RESOURCE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")
+_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 _RUNTIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -161,6 +163,11 @@ class SandboxSpec(_Checked):
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     runtime: str | None = None
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom resources a cluster node must offer to host this sandbox, e.g. {'zone_a': 0.01} (the "
+        "Ray backend places by them; a single machine has no choice to make)",
+    )
     output_limit: int = Field(default=1 << 20, ge=1024, description="bytes of output kept per execution")
     interrupt_grace: float = Field(default=3.0, gt=0, description="seconds an interrupt may take before a restart")
     start_timeout: float = Field(default=60.0, gt=0, description="seconds for the kernel to become ready")
@@ -225,6 +232,19 @@ class SandboxSpec(_Checked):
     def _runtime_name(cls, value: str | None) -> str | None:
         if value is not None and not _RUNTIME_RE.match(value):
             raise SpecError(f"runtime: expected a runtime name like 'runsc', got {value!r}")
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_named(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not _RESOURCE_RE.match(name) or name in _BUILTIN_RESOURCES:
+                raise SpecError(
+                    f"resources: expected custom resource names like 'zone_a' (cpus, memory and gpus are fields of "
+                    f"their own), got {name!r}"
+                )
+            if not 0 < amount <= 1e6:
+                raise SpecError(f"resources: amount of {name!r} must be above 0 and at most 1e6, got {amount!r}")
         return value
 
     @model_validator(mode="after")

@@ -21,8 +21,10 @@ def _loaded_after(imports: str) -> set[str]:
     ("import service.db, service.jobs", ("service.api",)),
     ("import service.protocol, service.protocol.proto.cellforge.v1.cellforge_pb2_grpc",
      ("service.api", "service.db", "fastapi", "sqlalchemy", "docker", "zmq")),
-    ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync", ("service",)),
-], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service"])
+    ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync, sandbox.ray_backend", ("service",)),
+    # Ray is an optional extra: the single-machine server never loads it.
+    ("import sandbox, service.api.server, service.cli", ("ray",)),
+], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service", "single-machine-needs-no-ray"])
 def test_lower_layers_do_not_import_upper_ones(imports, forbidden):
     loaded = _loaded_after(imports)
     assert sorted(m for m in loaded if m.split(".")[0] in forbidden or m.startswith(forbidden)) == []

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from sandbox import DockerBackend, SandboxPool, SandboxSpec
+from sandbox import BackendKind, DockerBackend, SandboxPool, SandboxSpec
 from sandbox.spec import parse_size
 from service.jobs import Job, JobRunner, JobStore, job_kinds
 from service.db import Database, default_db_url
@@ -76,7 +76,7 @@ class CellForgeCore:
             self.backend, [SandboxSpec()] if config.warm else [], warm=config.warm, preload=config.preload,
             # Per-tenant caps are the tenants' quotas, enforced by SandboxService.
             max_per_tenant=1 << 20, idle_timeout=config.idle_timeout, max_lifetime=config.max_lifetime,
-            reap_interval=min(5.0, config.idle_timeout / 2), reap_orphans=isinstance(self.backend, DockerBackend),
+            reap_interval=min(5.0, config.idle_timeout / 2), reap_orphans=self.backend.kind is not BackendKind.LOCAL,
         )
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
         self.uploads = UploadMeter(self.db)

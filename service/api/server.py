@@ -14,6 +14,8 @@ from pathlib import Path
 
 import uvicorn
 
+from sandbox import SandboxBackend
+
 from .connections import ConnectionLimits, guarded_protocol, throttle_logs
 from .core import CellForgeCore, CoreConfig
 from .grpc_server import GrpcLimits, start_grpc
@@ -47,13 +49,24 @@ class ServerConfig:
     grpc: GrpcLimits = field(default_factory=GrpcLimits)
     # Threads of the loop's default executor (the sandbox engine's blocking Docker calls run there).
     default_threads: int = 32
+    # A Ray cluster ("auto", "ray://HOST:PORT") whose nodes host the API's sandboxes; None: this
+    # machine's Docker engine.
+    ray_address: str | None = None
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(
             data_dir=self.data_dir, db_url=self.db_url, warm=self.warm, preload=self.preload,
             idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, max_upload=self.max_upload,
-            workers=self.workers, db_retry=self.db_retry,
+            workers=self.workers, db_retry=self.db_retry, backend=self.sandbox_backend(),
         )
+
+    def sandbox_backend(self) -> SandboxBackend | None:
+        """The Ray backend when a cluster is named; None: the core's default (Docker on this machine)."""
+        if self.ray_address is None:
+            return None
+        from sandbox.ray_backend import RayBackend  # Ray is an optional extra, imported only when asked for
+
+        return RayBackend(self.ray_address)
 
 
 class _HttpServer(uvicorn.Server):

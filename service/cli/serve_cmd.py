@@ -148,8 +148,17 @@ def serve(
     db_retry: Annotated[float, typer.Option(
         help="seconds a failing database write of a job is retried before the job fails")] = 10.0,
     grpc_max_rpcs: Annotated[int, typer.Option(help="gRPC calls in flight (more answer RESOURCE_EXHAUSTED)")] = 256,
+    ray_address: Annotated[str | None, typer.Option(
+        help="run the API's sandboxes on a Ray cluster: 'auto' (this machine's cluster) or ray://HOST:PORT; "
+        "its sandbox nodes offer the cellforge_sandbox resource (default: this machine's Docker engine)")] = None,
 ) -> None:
     """Serve the HTTP and gRPC APIs over one core (sandboxes, datasets, jobs, regressions)."""
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            err.print("[red]error:[/red] --ray-address needs Ray: pip install 'cellforge[ray]'")
+            raise typer.Exit(2) from None
     from service.api.connections import ConnectionLimits
     from service.api.grpc_server import GrpcLimits
     from service.api.server import ServerConfig, run_server
@@ -160,6 +169,6 @@ def serve(
         max_upload=max_upload, body_timeout=body_timeout, limit_concurrency=limit_concurrency, timeout_keep_alive=keep_alive, backlog=backlog,
         connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections,
                                      max_per_client=max_connections_per_client),
-        grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry,
+        grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry, ray_address=ray_address,
     )
     run_server(config)

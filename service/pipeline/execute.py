@@ -45,7 +45,7 @@ class SandboxSettings:
             mounts=[Mount(source=str(data_dir.resolve()), target="/data", read_only=True)],
             env={name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
             labels={"role": "design", **({"tenant": self.tenant} if self.tenant else {})},
-            runtime=self.runtime if self.backend is BackendKind.DOCKER else None,
+            runtime=None if self.backend is BackendKind.LOCAL else self.runtime,
         )
 
 

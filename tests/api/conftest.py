@@ -132,6 +132,16 @@ class Server:
             db.dispose()
         return Tenant(name, key)
 
+    def tenant_id(self, name: str) -> str:
+        from service.api.tenants import list_tenants
+        from service.db import Database
+
+        db = Database(self.db_url)
+        try:
+            return next(t.id for t in list_tenants(db) if t.name == name)
+        finally:
+            db.dispose()
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`cellforge tenants ...` against this server's database."""
         return cli(*args, "--data-dir", str(self.data_dir), "--db", self.db_url, check=check)

@@ -20,6 +20,7 @@ from sandbox import (
     DockerBackend,
     LocalBackend,
     PooledSandbox,
+    RayBackend,
     Sandbox,
     SandboxError,
     SandboxPool,
@@ -43,8 +44,9 @@ in_module_loop = pytest.mark.asyncio(loop_scope="module")
 def test_backends_are_chosen_by_kind():
     assert backend_class("docker") is DockerBackend and backend_class(BackendKind.LOCAL) is LocalBackend
     assert isinstance(new_backend("local"), LocalBackend)
-    assert {cls.kind for cls in (DockerBackend, LocalBackend)} == set(BackendKind)
-    with pytest.raises(UsageError, match="unknown sandbox backend 'k8s'; expected one of docker, local"):
+    assert backend_class("ray") is RayBackend
+    assert {cls.kind for cls in (DockerBackend, LocalBackend, RayBackend)} == set(BackendKind)
+    with pytest.raises(UsageError, match="unknown sandbox backend 'k8s'; expected one of docker, local, ray"):
         new_backend("k8s")
 
 

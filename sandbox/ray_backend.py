@@ -1,0 +1,409 @@
+"""Ray backend: sandboxes spread over a Ray cluster, each a Ray actor owning its container on its node.
+
+    backend = RayBackend("auto")        # or "ray://head:10001"; None: $RAY_ADDRESS, else a local Ray
+    sb = await backend.create(SandboxSpec(cpus=2, memory="4g", resources={"zone_a": 0.01}))
+    await sb.execute("1 + 1")           # the same Sandbox API as the Docker backend
+
+Each sandbox is one actor (ray_node.SandboxActor) that creates the hardened container with its
+node's Docker backend: the container, the kernel's sockets and their key never leave that node;
+this process talks to the actor only. Ray places the actor by the spec's resources:
+
+- `num_cpus` = `cpus`, `memory` = `memory`, `num_gpus` = `gpus` (the container gets the devices
+  Ray reserved on that node; device ids in a spec only count how many);
+- `cellforge_sandbox: 1`: a node hosts sandboxes only when started with this resource (it has
+  Docker and the sandbox image), and its amount caps the sandboxes there;
+- `cellforge_runtime_<name>` (a marker amount) when the spec names a container runtime, e.g. a
+  node started with `--resources '{"cellforge_sandbox": 64, "cellforge_runtime_runsc": 1}'` takes
+  gVisor sandboxes;
+- the spec's own `resources` (node pools, zones, labels), as given.
+
+A spec no live node could ever hold is refused at once (SandboxStartError naming what is missing);
+one that must wait for room waits up to `placement_timeout`. When a node dies, Ray reports its
+actors dead: a running execution ends `died`, `sb.dead` says which node was lost, and `restart()`
+places a fresh sandbox (state and workspace lost, as after any death). Containers left on a node
+whose actor died are removed by `reap()`, which runs the Docker reaper on every sandbox node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend
+from .commands import Commands
+from .errors import SandboxClosedError, SandboxDeadError, SandboxError, SandboxStartError, UsageError
+from .events import ExecutionResult, Outcome, StatusEvent
+from .files import Files, local_destination, regular_files, workspace_path
+from .kernel import Replies, Sandbox
+from .ray_node import NodeSandbox, RunEnd, SandboxActor
+from .reaper import reap_orphans
+from .spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from .collector import Emit
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "cellforge"
+SLOT_RESOURCE = "cellforge_sandbox"
+RUNTIME_RESOURCE_PREFIX = "cellforge_runtime_"
+# A marker: requested in this amount, a resource works as a node label rather than a count.
+MARKER = 0.001
+# Seconds a close may wait on a node that stopped answering before the actor is killed anyway.
+CLOSE_TIMEOUT_S = 30.0
+
+_Actor = ray.remote(SandboxActor)
+_reap_node = ray.remote(num_cpus=0)(reap_orphans)
+
+
+def runtime_resource(runtime: str) -> str:
+    return f"{RUNTIME_RESOURCE_PREFIX}{runtime}"
+
+
+def placement(spec: SandboxSpec) -> dict[str, Any]:
+    """The Ray actor options that place a sandbox of `spec` (see the module docstring)."""
+    resources = {SLOT_RESOURCE: 1.0, **spec.resources}
+    if spec.runtime:
+        resources[runtime_resource(spec.runtime)] = MARKER
+    gpus = len(spec.gpus) if isinstance(spec.gpus, list) else (spec.gpus or 0)
+    return {"num_cpus": spec.cpus, "num_gpus": gpus, "memory": spec.memory_bytes, "resources": resources}
+
+
+def _demand(options: dict[str, Any]) -> dict[str, float]:
+    """Actor options as a node's resource names (as `ray.nodes()` lists them)."""
+    demand = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options["memory"]}
+    return {name: amount for name, amount in {**demand, **options["resources"]}.items() if amount}
+
+
+def _sandbox_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(SLOT_RESOURCE)]
+
+
+def require_placeable(options: dict[str, Any]) -> None:
+    """SandboxStartError when no live sandbox node has, in total, what the sandbox asks for."""
+    demand = _demand(options)
+    nodes = _sandbox_nodes()
+    if not nodes:
+        raise SandboxStartError(
+            f"no live Ray node offers the {SLOT_RESOURCE!r} resource: start sandbox nodes with "
+            f"`ray start --resources '{{\"{SLOT_RESOURCE}\": 64}}'` (on machines with Docker and the sandbox image)"
+        )
+    if any(all(n["Resources"].get(name, 0) >= amount for name, amount in demand.items()) for n in nodes):
+        return
+    short = {name: amount for name, amount in demand.items() if not any(n["Resources"].get(name, 0) >= amount
+                                                                         for n in nodes)}
+    raise SandboxStartError(
+        f"no Ray sandbox node can hold this sandbox: it needs {demand}; "
+        f"{short or 'these together'} no single node has (of {len(nodes)} sandbox nodes)"
+    )
+
+
+class RayBackend(SandboxBackend):
+    """Sandboxes as Ray actors on the nodes of a Ray cluster (`address`: "auto", "ray://HOST:PORT", or
+    None for $RAY_ADDRESS or a Ray started here). Connects on first use; an already connected Ray
+    (ray.init by the caller) is used as it is."""
+
+    kind = BackendKind.RAY
+    isolated = True
+
+    def __init__(self, address: str | None = None, *, placement_timeout: float = 60.0) -> None:
+        self.address = address
+        self.placement_timeout = placement_timeout
+
+    def connect(self) -> None:
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+
+    async def create(self, spec: SandboxSpec) -> RaySandbox:
+        """A started sandbox on a node that fits `spec`; on any failure nothing is left and
+        SandboxStartError says why."""
+        sandbox_id = secrets.token_hex(6)
+        actor, facts = await self.start_actor(spec, sandbox_id)
+        return RaySandbox(self, spec, sandbox_id, actor, facts)
+
+    async def start_actor(self, spec: SandboxSpec, sandbox_id: str) -> tuple[Any, NodeSandbox]:
+        """Place the actor of sandbox `sandbox_id` and have it start the container."""
+        self.connect()
+        options = placement(spec)
+        await asyncio.to_thread(require_placeable, options)
+        actor: Any = _Actor.options(name=f"sandbox-{sandbox_id}", max_restarts=0, **options).remote()
+        limit = self.placement_timeout + spec.start_timeout
+        try:
+            async with asyncio.timeout(limit):
+                facts: NodeSandbox = await actor.start.remote(spec)
+        except BaseException as exc:
+            # The actor removes what it made on a failure it sees; one killed mid-start leaves a
+            # container whose owner is gone, which the node's reaper removes.
+            ray.kill(actor, no_restart=True)
+            if isinstance(exc, TimeoutError):
+                raise SandboxStartError(
+                    f"sandbox {sandbox_id} was not placed and started within {limit:g}s: no node had "
+                    f"{_demand(options)} free (or its container did not start)"
+                ) from None
+            if isinstance(exc, RayTaskError):
+                _raise_cause(exc)
+            if isinstance(exc, RayActorError):
+                raise SandboxStartError(f"sandbox {sandbox_id}: its Ray actor died while starting: {_why(exc)}") from None
+            raise
+        return actor, facts
+
+    async def provision(self, spec: SandboxSpec) -> KernelHost:
+        raise UsageError("RayBackend places whole sandboxes on nodes (their kernels stay there): use create()")
+
+    async def health(self) -> BackendHealth:
+        try:
+            self.connect()
+            nodes = await asyncio.to_thread(_sandbox_nodes)
+        except Exception as exc:  # noqa: BLE001 - health never raises: it says what is wrong
+            return BackendHealth(ok=False, detail=f"Ray cluster not reachable at {self.address or 'default'}: {exc}")
+        if not nodes:
+            return BackendHealth(ok=False, detail=f"no live Ray node offers the {SLOT_RESOURCE!r} resource")
+        slots = sum(n["Resources"][SLOT_RESOURCE] for n in nodes)
+        return BackendHealth(ok=True, detail=f"Ray cluster: {len(nodes)} sandbox nodes, {slots:g} sandbox slots")
+
+    async def reap(self) -> ReapReport:
+        """Run the Docker reaper on every live sandbox node: containers whose actor died are removed."""
+        self.connect()
+        nodes = await asyncio.to_thread(_sandbox_nodes)
+        runs = [
+            _reap_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes
+        ]
+        merged = ReapReport()
+        for node, report in zip(nodes, await asyncio.gather(*runs, return_exceptions=True), strict=True):
+            if isinstance(report, BaseException):
+                merged.kept[f"node {node['NodeID']}"] = f"reaping failed there: {report}"
+                continue
+            merged.removed += [c for c in report.removed if c not in merged.removed]
+            merged.kept.update({c: why for c, why in report.kept.items() if c not in merged.removed})
+        return merged
+
+    async def close(self) -> None:
+        """Nothing to release: the Ray connection stays for sandboxes still to close."""
+
+
+class RaySandbox(Sandbox):
+    """A sandbox whose kernel runs in a Ray actor on another node: the `Sandbox` API, each call one
+    actor call (an execution: one streaming call). `node` says where it runs."""
+
+    def __init__(self, backend: RayBackend, spec: SandboxSpec, sandbox_id: str, actor: Any, node: NodeSandbox) -> None:
+        # Not Sandbox.__init__: its kernel client belongs on the node, in the actor.
+        self.id = sandbox_id
+        self.spec = spec
+        self.isolated = True
+        self.files = RayFiles(self)
+        self.commands = Commands(self)
+        self._backend = backend
+        self._closed = False
+        self._dead: str | None = None
+        self._attach(actor, node)
+
+    def _attach(self, actor: Any, node: NodeSandbox) -> None:
+        self._actor = actor
+        self._actor_lost = False
+        self.node = node
+        self.workspace = node.workspace
+        self.data_root = node.data_root
+        self._watch = asyncio.ensure_future(self._watch_actor(actor))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"dead ({self._dead})" if self._dead else "ready"
+        return f"<RaySandbox {self.id} on {self.node.hostname} ({self.node.node_id[:12]}) {state}>"
+
+    @property
+    def healthy(self) -> bool:
+        return not (self._closed or self._dead)
+
+    async def _watch_actor(self, actor: Any) -> None:
+        """Learn of the actor's loss (its node died) when it happens, not at the next call."""
+        with contextlib.suppress(RayActorError):
+            await actor.wait_closed.remote()
+            return
+        if actor is self._actor and not self._closed:
+            self._lose(None)
+
+    def _lose(self, exc: RayActorError | None) -> str:
+        """Mark the actor lost; the cause, naming the node."""
+        self._actor_lost = True
+        if not self._dead:
+            why = _why(exc) if exc is not None else "its Ray actor is gone"
+            self._dead = f"Ray node {self.node.hostname} ({self.node.node_id[:12]}) lost: {why}"
+        return self._dead
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """One actor call; the sandbox layer's errors come back as themselves."""
+        self.check_usable()
+        try:
+            return await method.remote(*args)
+        except RayTaskError as exc:
+            _raise_cause(exc)
+        except RayActorError as exc:
+            raise SandboxDeadError(f"sandbox {self.id} died ({self._lose(exc)}); call restart() for a fresh one") from None
+
+    # --- execution: one streaming call per run ------------------------------------------------------
+
+    async def _run(
+        self,
+        code: str,
+        timeout: float | None,
+        emit: Emit,
+        *,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+    ) -> tuple[ExecutionResult, Replies]:
+        self.check_usable()
+        started = time.perf_counter()
+        stream = self._actor.run.remote(code, timeout, None if store_history else (user_expressions or {}))
+        try:
+            async for ref in stream:
+                item = await ref
+                if isinstance(item, RunEnd):
+                    self._dead = item.dead
+                    return item.result, item.replies
+                for event in item:
+                    emit(event)
+        except asyncio.CancelledError:
+            ray.cancel(stream)  # the actor's sandbox interrupts the code, as for a local caller
+            raise
+        except RayTaskError as exc:
+            _raise_cause(exc)
+        except RayActorError as exc:
+            cause = self._lose(exc)
+            emit(StatusEvent(state="died", detail=cause))
+            elapsed = (time.perf_counter() - started) * 1000
+            return ExecutionResult(outcome=Outcome.DIED, died_cause=cause, state_lost=True, duration_ms=elapsed), {}
+        raise SandboxError(f"sandbox {self.id}: its node ended an execution without a result")
+
+    # --- control -----------------------------------------------------------------------------------
+
+    async def interrupt(self) -> None:
+        await self._call(self._actor.interrupt)
+
+    async def restart(self) -> None:
+        """A fresh kernel (workspace kept), or, when the node was lost, a fresh sandbox placed anew."""
+        if self._closed:
+            raise SandboxClosedError(f"sandbox {self.id} is closed")
+        if self._actor_lost:
+            ray.kill(self._actor, no_restart=True)
+            actor, node = await self._backend.start_actor(self.spec, self.id)
+            self._attach(actor, node)
+            self._dead = None
+            return
+        self._dead = None  # the actor's sandbox revives a dead kernel; _call refuses a dead sandbox
+        try:
+            await self._call(self._actor.restart)
+        except SandboxStartError as exc:
+            self._dead = str(exc)
+            raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.shield(self._remove())
+
+    async def _remove(self) -> None:
+        if not self._actor_lost:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._actor.close.remote()
+            except (RayActorError, RayTaskError, TimeoutError) as exc:
+                log.warning("closing sandbox %s on %s: %s", self.id, self.node.hostname, exc)
+        ray.kill(self._actor, no_restart=True)
+        self._watch.cancel()
+
+    # --- the kernel API of a local sandbox has no meaning here ------------------------------------------
+
+    async def start(self) -> None:
+        _node_only("start")
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, timeout: float | None = None) -> AsyncIterator[None]:
+        _node_only("exclusive")
+        yield
+
+    async def comm_request(self, *args: Any, **kwargs: Any) -> Any:
+        _node_only("comm_request")
+
+
+class RayFiles(Files):
+    """`Files` of a Ray sandbox: each transfer is one actor call; the actor's own `Files` does it on
+    the node. Paths are checked here too, so a bad one fails before anything travels."""
+
+    def __init__(self, sandbox: RaySandbox) -> None:
+        self._ray = sandbox
+
+    async def put(self, path: str, data: bytes, timeout: float | None = None) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UsageError(f"files.put({path!r}): expected bytes, got {type(data).__name__}")
+        await self._ray._call(self._ray._actor.put_file, workspace_path(path), bytes(data), timeout)
+
+    async def get(self, path: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
+        data: bytes = await self._ray._call(self._ray._actor.get_file, workspace_path(path), timeout, max_bytes)
+        return data
+
+    async def list(self, path: str = "", timeout: float | None = None) -> builtins.list[str]:
+        names: builtins.list[str] = await self._ray._call(
+            self._ray._actor.list_files, workspace_path(path, allow_root=True), timeout
+        )
+        return names
+
+    async def remove(self, path: str, timeout: float | None = None) -> None:
+        await self._ray._call(self._ray._actor.remove_file, workspace_path(path), timeout)
+
+    async def put_dir(self, local_dir: str | Path, path: str, timeout: float | None = None) -> builtins.list[str]:
+        rel = workspace_path(path, allow_root=True)
+        files = {inner: source.read_bytes() for inner, source in regular_files(local_dir)}
+        written: builtins.list[str] = await self._ray._call(self._ray._actor.put_dir, files, rel, timeout)
+        return written
+
+    async def get_dir(
+        self, path: str, local_dir: str | Path, timeout: float | None = None, max_bytes: int | None = None
+    ) -> builtins.list[str]:
+        rel = workspace_path(path, allow_root=True)
+        files: dict[str, bytes] = await self._ray._call(self._ray._actor.get_dir, rel, timeout, max_bytes)
+        top = Path(local_dir)
+        top.mkdir(parents=True, exist_ok=True)
+        top = top.resolve()
+        written: builtins.list[Path] = []
+        try:
+            for inner, data in files.items():
+                destination = local_destination(top, inner, self._ray.id)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(data)
+                written.append(destination)
+        except BaseException:
+            for done in written:
+                done.unlink(missing_ok=True)
+            raise
+        return [str(p) for p in written]
+
+
+def _raise_cause(exc: RayTaskError) -> NoReturn:
+    """What the actor raised, as itself (a SandboxError keeps its class and message)."""
+    cause = exc.cause
+    if isinstance(cause, Exception):
+        raise cause from None
+    raise SandboxError(f"a sandbox call failed on its node: {exc}") from None
+
+
+def _why(exc: RayActorError) -> str:
+    """The first line of Ray's account of an actor's death (e.g. that its node died)."""
+    text = str(getattr(exc, "error_msg", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _node_only(name: str) -> NoReturn:
+    raise UsageError(f"RaySandbox.{name}: the kernel of a Ray sandbox is reached through its actor only")
+

@@ -1,0 +1,168 @@
+"""What runs on a Ray node for the Ray backend: one actor per sandbox, owning its hardened container.
+
+The actor creates the sandbox with this node's Docker backend, so the container, its kernel's
+sockets and its socket folder never leave the node; the caller (ray_backend.RaySandbox) reaches the
+kernel only through the actor's methods. Executions stream back as a Ray streaming generator:
+batches of events as they happen, then one `RunEnd`. Errors of the sandbox layer cross as
+themselves (the caller re-raises Ray's wrapped cause).
+
+Loaded on the node by Ray (the class is pickled by reference), so every sandbox node needs
+CellForge installed in the Python environment its Ray workers run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from .docker_backend import DockerBackend
+from .events import ExecutionResult, StreamEvent
+from .files import regular_files, workspace_path
+from .kernel import Replies, Sandbox
+from .spec import SandboxSpec
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class NodeSandbox:
+    """What the caller learns of a started sandbox."""
+
+    container: str  # the Docker backend's sandbox id on that node (its container is cellforge-<container>)
+    workspace: str
+    data_root: str
+    node_id: str  # the Ray node
+    hostname: str
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """The last item of an execution's stream: its result, the replies to its expressions, and whether
+    the kernel is dead afterwards (and why)."""
+
+    result: ExecutionResult
+    replies: Replies
+    dead: str | None
+
+
+class SandboxActor:
+    """One sandbox on this node (an async Ray actor: calls run concurrently on its event loop, so an
+    interrupt is never queued behind the execution it stops)."""
+
+    def __init__(self) -> None:
+        self._backend = DockerBackend()
+        self._sandbox: Sandbox | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self, spec: SandboxSpec) -> NodeSandbox:
+        if spec.gpus:
+            # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
+            spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
+        self._sandbox = sb = await self._backend.create(spec)
+        return NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(), socket.gethostname())
+
+    @property
+    def sandbox(self) -> Sandbox:
+        if self._sandbox is None:
+            raise RuntimeError("SandboxActor.start() must run first")
+        return self._sandbox
+
+    async def run(
+        self, code: str, timeout: float | None, expressions: dict[str, str] | None
+    ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
+        """Run code (with `expressions`: code of ours, out of the history, as `Sandbox.run_code`),
+        yielding its events in batches as they come, then the `RunEnd`. Cancelled (the caller left):
+        the sandbox interrupts the code, as it does for a local caller."""
+        sb = self.sandbox
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        work: Awaitable[tuple[ExecutionResult, Replies]]
+        if expressions is None:
+            work = _no_replies(sb.execute(code, timeout, on_event=queue.put_nowait))
+        else:
+            work = sb.run_code(code, expressions, timeout, queue.put_nowait)
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: queue.put_nowait(_DONE))  # after every event of the run
+        try:
+            while True:
+                # Everything already queued travels as one item: a chatty loop costs one Ray object per batch.
+                batch = [await queue.get()] + [queue.get_nowait() for _ in range(queue.qsize())]
+                events = [e for e in batch if e is not _DONE]
+                if events:
+                    yield events
+                if len(events) < len(batch):
+                    break
+            result, replies = task.result()
+            yield RunEnd(result, replies, sb.dead)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def interrupt(self) -> None:
+        await self.sandbox.interrupt()
+
+    async def restart(self) -> None:
+        await self.sandbox.restart()
+
+    # --- files: one call per transfer; folders are staged in a private folder on this node ---------------
+
+    async def put_file(self, path: str, data: bytes, timeout: float | None) -> None:
+        await self.sandbox.files.put(path, data, timeout)
+
+    async def get_file(self, path: str, timeout: float | None, max_bytes: int | None) -> bytes:
+        return await self.sandbox.files.get(path, timeout, max_bytes)
+
+    async def list_files(self, path: str, timeout: float | None) -> list[str]:
+        return await self.sandbox.files.list(path, timeout)
+
+    async def remove_file(self, path: str, timeout: float | None) -> None:
+        await self.sandbox.files.remove(path, timeout)
+
+    async def put_dir(self, files: dict[str, bytes], path: str, timeout: float | None) -> list[str]:
+        with _staging() as folder:
+            for inner, data in files.items():
+                target = folder / workspace_path(inner)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            return await self.sandbox.files.put_dir(folder, path, timeout)
+
+    async def get_dir(self, path: str, timeout: float | None, max_bytes: int | None) -> dict[str, bytes]:
+        with _staging() as folder:
+            await self.sandbox.files.get_dir(path, folder, timeout, max_bytes)
+            return {inner: source.read_bytes() for inner, source in regular_files(folder)}
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Remove the container and everything of the sandbox on this node; idempotent."""
+        if self._sandbox is not None:
+            await self._sandbox.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Returns once the sandbox is closed: the caller keeps one such call pending, so the loss of
+        this actor (its node died) is known at once, not at the next call."""
+        await self._closed.wait()
+
+
+async def _no_replies(execution: Awaitable[ExecutionResult]) -> tuple[ExecutionResult, Replies]:
+    return await execution, {}
+
+
+@contextlib.contextmanager
+def _staging() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="cellforge-ray-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

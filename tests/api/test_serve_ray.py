@@ -1,0 +1,57 @@
+"""`cellforge serve --ray-address`: the API's sandboxes are Ray actors on a cluster's sandbox nodes."""
+
+from __future__ import annotations
+
+import time
+
+import docker
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from sandbox.ray_backend import NAMESPACE, SLOT_RESOURCE  # noqa: E402
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_address(docker_image):
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 80 << 20, "include_dashboard": False,
+                        "resources": {SLOT_RESOURCE: 4}},
+    )
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _gone(actor_name: str, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(actor_name, namespace=NAMESPACE)
+        except ValueError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_api_sandboxes_run_as_actors_on_the_cluster(make_server, tmp_path, ray_address):
+    server = make_server(tmp_path, "--ray-address", ray_address).start(timeout=120)
+    try:
+        with server.client(server.tenant("carol", max_sandboxes=2)) as client:
+            sandbox = client.create_sandbox(cpus=0.5, memory="512m")
+            ray.get_actor(f"sandbox-{sandbox['id']}", namespace=NAMESPACE)  # raises ValueError when absent
+            assert client.execute(sandbox["id"], "21 * 2").result == "42"
+            # The container is the actor's (its owner is a Ray worker, not the server) and carries the tenant.
+            [container] = docker.from_env().containers.list(
+                filters={"label": f"cellforge.tenant={server.tenant_id('carol')}"})
+            owner_pid = int(container.labels["cellforge.owner"].split(":")[-2])
+            assert owner_pid != server.proc.pid
+            client.delete_sandbox(sandbox["id"])
+        assert _gone(f"sandbox-{sandbox['id']}", within=10)
+    finally:
+        server.stop()

@@ -1,0 +1,254 @@
+"""The Ray backend on a real multi-node Ray cluster (ray.cluster_utils.Cluster) with real Docker sandboxes.
+
+The cluster is one per module: a head node and two workers, each a sandbox node with a zone resource of
+its own; the node-loss test adds (and removes) a fourth. Nodes have 2 logical CPUs: a sandbox asks for a
+quarter of one, so the shared cores of a test machine are not over-promised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import docker
+import pytest
+import pytest_asyncio
+
+from sandbox import (
+    FileTransferError,
+    Outcome,
+    SandboxDeadError,
+    SandboxPool,
+    SandboxStartError,
+    SpecError,
+    StatusEvent,
+    StdoutEvent,
+    WorkspacePathError,
+)
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from sandbox.ray_backend import MARKER, SLOT_RESOURCE, RayBackend, RaySandbox, placement  # noqa: E402
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+ZONES = ("zone_a", "zone_b", "zone_c")
+NODE_ARGS = {"num_cpus": 2, "object_store_memory": 80 << 20}
+
+
+def _node_resources(zone: str) -> dict[str, float]:
+    return {SLOT_RESOURCE: 8, zone: 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(docker_image):
+    """Three sandbox nodes, one zone each; zones[name] is that node's Ray node id."""
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={**NODE_ARGS, "resources": _node_resources(ZONES[0]), "include_dashboard": False},
+    )
+    nodes = [c.head_node] + [c.add_node(**NODE_ARGS, resources=_node_resources(z)) for z in ZONES[1:]]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="cellforge-tests", logging_level="WARNING")
+    c.zones = {zone: node.node_id for zone, node in zip(ZONES, nodes, strict=True)}
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def ray_backend(cluster) -> RayBackend:
+    backend = RayBackend(placement_timeout=20)
+    yield backend
+    await backend.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def ray_sandbox(ray_backend, small_spec) -> RaySandbox:
+    sb = await ray_backend.create(small_spec(cpus=0.25))
+    yield sb
+    await sb.close()
+
+
+def _container(sb: RaySandbox):
+    return docker.from_env().containers.get(f"cellforge-{sb.node.container}")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_placement_asks_ray_for_the_specs_resources():
+    from sandbox import SandboxSpec
+
+    spec = SandboxSpec(cpus=1.5, memory="2g", gpus=["0", "1"], runtime="runsc", resources={"zone_a": 0.5})
+    assert placement(spec) == {
+        "num_cpus": 1.5,
+        "num_gpus": 2,
+        "memory": 2 << 30,
+        "resources": {SLOT_RESOURCE: 1.0, "zone_a": 0.5, "cellforge_runtime_runsc": MARKER},
+    }
+    with pytest.raises(SpecError, match="resources"):
+        SandboxSpec(resources={"CPU": 1})
+    with pytest.raises(SpecError, match="resources"):
+        SandboxSpec(resources={"zone_a": 0})
+
+
+async def test_sandboxes_land_on_the_node_offering_their_resources(cluster, ray_backend, small_spec):
+    sandboxes = await asyncio.gather(
+        *(ray_backend.create(small_spec(cpus=0.25, resources={zone: MARKER})) for zone in ZONES)
+    )
+    try:
+        assert [sb.node.node_id for sb in sandboxes] == [cluster.zones[zone] for zone in ZONES]
+        results = await asyncio.gather(*(sb.execute("6 * 7") for sb in sandboxes))
+        assert [r.result for r in results] == ["42"] * 3
+        # The tenant's labels reach the container the actor made on its node.
+        labels = _container(sandboxes[1]).labels
+        assert labels["cellforge.tenant"] == "tests" and labels["cellforge.sandbox"] == sandboxes[1].node.container
+    finally:
+        await asyncio.gather(*(sb.close() for sb in sandboxes))
+    with pytest.raises(docker.errors.NotFound):
+        _container(sandboxes[1])
+
+
+async def test_a_sandbox_no_node_can_hold_is_refused_at_once(ray_backend, small_spec):
+    started = time.monotonic()
+    with pytest.raises(SandboxStartError, match="zone_x"):
+        await ray_backend.create(small_spec(resources={"zone_x": MARKER}))
+    with pytest.raises(SandboxStartError, match="cellforge_runtime_kata"):
+        await ray_backend.create(small_spec().model_copy(update={"runtime": "kata"}))
+    with pytest.raises(SandboxStartError, match="CPU"):
+        await ray_backend.create(small_spec(cpus=3))
+    assert time.monotonic() - started < 5
+
+
+async def test_events_stream_back_as_they_happen(ray_sandbox):
+    arrivals = []
+    async for item in ray_sandbox.stream(
+        "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.3)\n'done'"
+    ):
+        arrivals.append((time.monotonic(), item))
+    texts = [item.text for _, item in arrivals if isinstance(item, StdoutEvent)]
+    assert "".join(texts) == "0\n1\n2\n"
+    end, result = arrivals[-1]
+    assert result.outcome is Outcome.OK and result.result == "'done'"
+    first_output = next(t for t, item in arrivals if isinstance(item, StdoutEvent))
+    assert end - first_output > 0.5  # the first line came while the code still ran
+
+
+async def test_errors_and_the_health_of_the_cluster(ray_backend, ray_sandbox):
+    res = await ray_sandbox.execute("1 / 0")
+    assert res.outcome is Outcome.ERROR and res.ename == "ZeroDivisionError"
+    health = await ray_backend.health()
+    assert health.ok and "3 sandbox nodes" in health.detail
+
+
+async def test_interrupt_stops_the_code_and_keeps_state(ray_sandbox):
+    await ray_sandbox.execute("kept = 5")
+    started = asyncio.Event()
+
+    def on_event(event):
+        if isinstance(event, StdoutEvent):
+            started.set()
+
+    running = asyncio.ensure_future(
+        ray_sandbox.execute("import time\nprint('go', flush=True)\ntime.sleep(30)", on_event=on_event)
+    )
+    await asyncio.wait_for(started.wait(), 20)
+    await ray_sandbox.interrupt()
+    res = await asyncio.wait_for(running, 10)
+    assert res.outcome is Outcome.ERROR and res.ename == "KeyboardInterrupt"
+    assert (await ray_sandbox.execute("kept")).result == "5"
+
+
+async def test_timeouts_end_timeout_or_killed(ray_sandbox):
+    res = await ray_sandbox.execute("import time; time.sleep(30)", timeout=1)
+    assert res.outcome is Outcome.TIMEOUT and not res.state_lost
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(30)"
+    res = await ray_sandbox.execute(stubborn, timeout=1)
+    assert res.outcome is Outcome.KILLED and res.state_lost
+    assert (await ray_sandbox.execute("1 + 1")).result == "2"
+
+
+async def test_files_and_commands_cross_the_cluster(ray_sandbox, tmp_path):
+    files = ray_sandbox.files
+    await files.put("in/a.txt", b"alpha")
+    assert await files.get("in/a.txt") == b"alpha"
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "b.bin").write_bytes(b"\x00\x01" * 1000)
+    (source / "sub" / "c.txt").write_text("gamma")
+    assert sorted(await files.put_dir(source, "tree")) == ["tree/b.bin", "tree/sub/c.txt"]
+    assert await files.list("tree") == ["b.bin", "sub/c.txt"]
+    written = await files.get_dir("tree", tmp_path / "back")
+    assert sorted(written) == sorted(str((tmp_path / "back" / p).resolve()) for p in ("b.bin", "sub/c.txt"))
+    assert (tmp_path / "back" / "sub" / "c.txt").read_text() == "gamma"
+    with pytest.raises(FileTransferError, match="at most 10 bytes"):
+        await files.get_dir("tree", tmp_path / "small", max_bytes=10)
+    await files.remove("in/a.txt")
+    with pytest.raises(FileTransferError):
+        await files.get("in/a.txt")
+    with pytest.raises(WorkspacePathError):
+        await files.put("../escape", b"x")
+    res = await ray_sandbox.commands.run(["python", "-c", "import sys; print(open('tree/sub/c.txt').read()); sys.exit(3)"])
+    assert res.outcome is Outcome.ERROR and res.exit_code == 3 and res.stdout == "gamma\n"
+
+
+async def test_a_dead_kernel_reports_died_and_restarts(ray_backend, small_spec):
+    async with await ray_backend.create(small_spec(cpus=0.25)) as sb:
+        await sb.files.put("kept.txt", b"1")
+        res = await sb.execute("import os; os._exit(3)")
+        assert res.outcome is Outcome.DIED and res.died_cause == "exit code 3" and sb.dead
+        with pytest.raises(SandboxDeadError):
+            await sb.execute("1")
+        await sb.restart()
+        assert sb.healthy and (await sb.execute("1 + 1")).result == "2"
+
+
+async def test_pooled_leases_reach_the_remote_sandbox(ray_backend, small_spec):
+    spec = small_spec(cpus=0.25)
+    async with SandboxPool(ray_backend, [spec], warm=1, preload="x = 1", reap_orphans=False) as pool:
+        await pool.wait_warm(timeout=60)
+        lease = await pool.acquire(spec, tenant="tests")
+        running = asyncio.ensure_future(lease.execute("import time; time.sleep(30)"))
+        await asyncio.sleep(0.5)
+        await lease.interrupt()  # the lease calls the Ray sandbox's own interrupt
+        assert (await asyncio.wait_for(running, 10)).ename == "KeyboardInterrupt"
+        assert (await lease.execute("x")).result == "1"
+        await lease.close()
+
+
+async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backend, small_spec):
+    doomed = cluster.add_node(**NODE_ARGS, resources={SLOT_RESOURCE: 2, "doomed": 1})
+    cluster.wait_for_nodes()
+    sb = await ray_backend.create(small_spec(cpus=0.25, resources={"doomed": MARKER}))
+    try:
+        assert sb.node.node_id == doomed.node_id
+        container = _container(sb).id
+        started = asyncio.Event()
+        events: list = []
+
+        def on_event(event):
+            events.append(event)
+            started.set()
+
+        running = asyncio.ensure_future(
+            sb.execute("import time\nprint('go', flush=True)\ntime.sleep(60)", on_event=on_event)
+        )
+        await asyncio.wait_for(started.wait(), 20)
+        cluster.remove_node(doomed)
+        res = await asyncio.wait_for(running, 60)
+        assert res.outcome is Outcome.DIED and res.state_lost
+        assert res.died_cause and "lost" in res.died_cause and doomed.node_id[:12] in res.died_cause
+        assert isinstance(events[-1], StatusEvent) and events[-1].state == "died"
+        assert sb.dead == res.died_cause and not sb.healthy
+        with pytest.raises(SandboxDeadError, match="lost"):
+            await sb.files.get("x")
+        # restart() places a fresh sandbox by the same spec: no live node offers `doomed` any more.
+        with pytest.raises(SandboxStartError, match="doomed"):
+            await sb.restart()
+        # Its container outlived the actor; the nodes' reapers remove it (here a reaper of another
+        # process on this machine may be first).
+        await ray_backend.reap()
+        with pytest.raises(docker.errors.NotFound):
+            docker.from_env().containers.get(container)
+    finally:
+        await sb.close()
