@@ -6,10 +6,11 @@ predictions are one mean profile per condition, so they are mapped to cells as f
 
 - real: the truth cells of each test condition and the context's control cells, each group a seeded
   subsample of at most `MAX_CELLS` cells (DE cost grows with cells);
-- predicted: for each condition as many cells as its real group holds, made from the context's
-  control cells with each gene scaled so that their mean is the predicted mean (a gene the controls
-  never express gets the predicted mean in every cell); predictions below 0 are clipped first, since
-  cell-eval requires log-normalised values ≥ 0; the predicted control cells are the real ones.
+- predicted: for each condition as many cells as its real group holds (at most the context's control
+  cells), made from the context's control cells: each gene's spread around the control mean, moved to
+  the predicted mean, and shrunk for a gene whose lowest cell would fall below 0 (cell-eval requires
+  log-normalised values ≥ 0); predictions below 0 are clipped to 0 first. The predicted control cells
+  are the real ones.
 
 So a condition's predicted pseudobulk is exactly the prediction (clipped at 0), and cell-eval's
 pseudobulk metrics (`mae`, `mse`, `pearson_delta`, `discrimination_score_l1`) score the very profile
@@ -25,10 +26,13 @@ context: the challenge's baseline); 0 = no better than it, 1 = perfect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,22 @@ def _version() -> str:
     return version("cell-eval")
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pdex draws a tqdm bar per DE run and polars warns about its string cache: noise on our stderr."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(idx, size=cap, replace=False)) if len(idx) > cap else idx
 
@@ -97,9 +117,12 @@ class _Context:
             target = np.maximum(pred[row], 0.0)
             cells = self.controls[:size]
             base = cells.mean(axis=0)
+            spread = cells - base
+            # Shrink the spread only where the lowest cell would go below 0: the mean stays the target.
+            room = base - cells.min(axis=0)
             with np.errstate(invalid="ignore", divide="ignore"):
-                scaled = np.where(base > 0, cells * (target / np.where(base > 0, base, 1.0)), target)
-            blocks.append(scaled)
+                shrink = np.where(room > target, target / np.where(room > 0, room, 1.0), 1.0)
+            blocks.append(np.maximum(target + spread * shrink, 0.0))
             labels += [label] * size
         return _anndata(np.vstack(blocks), labels, genes)
 
@@ -158,16 +181,17 @@ class CellEvalScorer:
         from cell_eval import MetricPipeline, MetricsEvaluator
 
         outdir = Path(self._tmp.name) / f"ctx{list(self.contexts).index(context)}"
-        evaluator = MetricsEvaluator(
-            adata_pred=ctx.predicted(pred, self.genes), adata_real=ctx.real.copy(), de_real=ctx.real_de,
-            control_pert=CONTROL, pert_col="target", num_threads=self.threads, outdir=str(outdir))
-        if ctx.real_de is None:
-            ctx.real_de = str(outdir / "real_de.csv")
-        pipeline = MetricPipeline(profile=None)
-        pipeline.add_metrics(list(CORE_METRICS))
-        pipeline.compute_de_metrics(evaluator.de_comparison)
-        pipeline.compute_anndata_metrics(evaluator.anndata_pair)
-        return pipeline.get_results().to_pandas().set_index("perturbation")
+        with _quiet():
+            evaluator = MetricsEvaluator(
+                adata_pred=ctx.predicted(pred, self.genes), adata_real=ctx.real.copy(), de_real=ctx.real_de,
+                control_pert=CONTROL, pert_col="target", num_threads=self.threads, outdir=str(outdir))
+            if ctx.real_de is None:
+                ctx.real_de = str(outdir / "real_de.csv")
+            pipeline = MetricPipeline(profile=None)
+            pipeline.add_metrics(list(CORE_METRICS))
+            pipeline.compute_de_metrics(evaluator.de_comparison)
+            pipeline.compute_anndata_metrics(evaluator.anndata_pair)
+            return pipeline.get_results().to_pandas().set_index("perturbation")
 
     def score(self, pred: np.ndarray) -> CellEvalReport:
         """cell-eval's scores of `pred` (conditions × all split features, in the split's order)."""
@@ -189,7 +213,6 @@ class CellEvalScorer:
         def frame(values: dict[str, float]) -> Any:
             return pl.DataFrame({"statistic": ["mean"], **{m: [values[m]] for m in VCC_METRICS}})
 
-        logging.getLogger("cell_eval").setLevel(logging.WARNING)
         result = score_agg_metrics(frame(summary), frame(self._base))
         return float(result.filter(pl.col("metric") == "avg_score")["from_baseline"][0])
 

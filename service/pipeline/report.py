@@ -329,6 +329,17 @@ def _failure_box(metrics: dict[str, Any], tree: dict[str, Any], memory: str | No
     return (f'<div class="failure"><h2>{title}</h2><ul>{items}</ul><p>{baselines.strip()}</p></div>')
 
 
+def _validation_table(metrics: dict[str, Any]) -> str:
+    val = metrics.get("val") or {}
+    candidates = val.get("candidates") or {}
+    if not candidates:
+        return "<p>No validation scores.</p>"
+    names = list(next(iter(candidates.values())))
+    delivered = (metrics.get("delivered") or {}).get("key")
+    rows = {f"{key} (delivered)" if key == delivered else key: scores for key, scores in candidates.items()}
+    return f"<p>{html.escape(val.get('description', ''))}; best first.</p>" + _table(rows, names, first="candidate")
+
+
 def search_svg(tree: dict[str, Any]) -> str:
     """The search tree as inline SVG: one box per node (id, change, validation score, status colour),
     edges to parents, the kept path (root to the best node) drawn thick."""

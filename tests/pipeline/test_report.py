@@ -113,7 +113,7 @@ def test_per_condition_table_has_every_test_condition(failed_run):
     page = _page(failed_run)
     rows = json.loads(failed_run.metrics.read_text())["delivered"]["per_condition"]
     section = page[page.index("Per test condition"):page.index("Predicted vs true")]
-    assert len(rows) >= 10 and all(f"<td class=name>{r['condition']}</td>" in section for r in rows)
+    assert len(rows) >= 5 and all(f"<td class=name>{r['condition']}</td>" in section for r in rows)
     assert "delivered better?" in section
 
 
