@@ -116,6 +116,7 @@ def score(
     applicable baseline: the verdict (best baseline, margin, who beats the predictions) comes first; then
     cell-eval's scores of the same predictions."""
     from service.data.baselines import run_baselines
+    from service.data.celleval import CellEvalError
 
     try:
         with spinner() as progress:
@@ -124,9 +125,14 @@ def score(
             report = evaluator.score(predictions)
             progress.add_task("baselines", total=None)
             baselines = {n: evaluator.score(p) for n, p in run_baselines(evaluator.task).items()}
+            cell: CellEvalReport | None = None
+            cell_eval_error: str | None = None
             if cell_eval:
-                progress.add_task("cell-eval", total=None)
-            cell = evaluator.cell_eval(predictions) if cell_eval else None
+                progress.add_task("cell-eval (first use compiles its DE test: about a minute)", total=None)
+                try:
+                    cell = evaluator.cell_eval(predictions)
+                except CellEvalError as exc:  # our scores stand; say why cell-eval's are missing
+                    cell_eval_error = str(exc)
     except DataError as exc:
         fail(exc, json_out)
     if primary not in report.summary:
@@ -142,10 +148,13 @@ def score(
     console.print(_report_table(report))
     if cell is not None:
         console.print(_cell_eval_table(cell))
+    if cell_eval_error:
+        console.print(f"[yellow]{cell_eval_error}[/]")
     if json_out:
         print(json.dumps({"ok": True, **report.model_dump(), "verdict": verdict.model_dump(mode="json"),
                           "baselines": {n: r.summary for n, r in baselines.items()},
-                          "cell_eval": cell.model_dump() if cell is not None else None}), flush=True)
+                          "cell_eval": cell.model_dump() if cell is not None else {"error": cell_eval_error}}),
+              flush=True)
 
 
 def baselines(

@@ -27,7 +27,6 @@ context: the challenge's baseline); 0 = no better than it, 1 = perfect.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pydantic import BaseModel
 from . import metrics as M
 from .baselines import PredictionTask, context_mean_baseline
 from .conditions import CONDITION, CONTEXT, PERTURBATION
+from .errors import DataError
 
 VCC_METRICS = ("mae", "discrimination_score_l1", "overlap_at_N")
 CORE_METRICS = ("pearson_delta", "mse", "mae", "mse_delta", "mae_delta", "discrimination_score_l1",
@@ -65,6 +65,10 @@ GLOSSARY = {
 }
 MAX_CELLS = 300
 CONTROL = "__cellforge_control__"
+
+
+class CellEvalError(DataError):
+    """cell-eval refused or failed on the data (e.g. values outside the log1p range it accepts)."""
 
 
 class CellEvalReport(BaseModel):
@@ -172,7 +176,7 @@ class CellEvalScorer:
                                  else None) for m in CORE_METRICS}
         summary = {}
         for m in CORE_METRICS:
-            values = [v[m] for v in per.values() if v[m] is not None]
+            values = [x for v in per.values() if (x := v[m]) is not None]
             if values:
                 summary[m] = float(np.mean(values))
         return summary, per
@@ -195,9 +199,13 @@ class CellEvalScorer:
 
     def score(self, pred: np.ndarray) -> CellEvalReport:
         """cell-eval's scores of `pred` (conditions × all split features, in the split's order)."""
-        summary, per = self._scores(np.asarray(pred, dtype=np.float64)[:, self.columns])
-        return CellEvalReport(version=_version(), summary=summary, per_condition=per,
-                              vcc_score=self._vcc(summary))
+        try:
+            summary, per = self._scores(np.asarray(pred, dtype=np.float64)[:, self.columns])
+            vcc = self._vcc(summary)
+        except Exception as exc:  # cell-eval, pdex and polars raise plain ValueError/RuntimeError/polars errors
+            raise CellEvalError(f"cell-eval could not score these predictions: {type(exc).__name__}: "
+                                f"{str(exc)[:300]}") from exc
+        return CellEvalReport(version=_version(), summary=summary, per_condition=per, vcc_score=vcc)
 
     def _vcc(self, summary: dict[str, float]) -> float | None:
         import polars as pl
@@ -220,14 +228,13 @@ class CellEvalScorer:
 def cell_eval_block(score: Callable[[Any], CellEvalReport], predictions: dict[str, Any]) -> tuple[
         dict[str, Any], dict[str, CellEvalReport]]:
     """metrics.json's `cell_eval`: every named prediction set scored by `score` (`Evaluator.cell_eval`), with
-    the time it took. A failure inside cell-eval is recorded as `error`: the run's own scores still stand."""
+    the time it took. A `CellEvalError` is recorded as `error`: the run's own scores still stand."""
     started = time.monotonic()
     reports: dict[str, CellEvalReport] = {}
     try:
         for name, pred in predictions.items():
             reports[name] = score(pred)
-    except Exception as exc:  # a third-party scorer (pdex, polars, numba) must not fail a finished run
-        logging.getLogger(__name__).exception("cell-eval failed")
-        return {"error": f"{type(exc).__name__}: {exc}"[:500]}, reports
+    except CellEvalError as exc:
+        return {"error": str(exc)}, reports
     return {"version": _version(), "profile": "vcc", "seconds": round(time.monotonic() - started, 1),
             "scores": {n: {**r.summary, "vcc_score": r.vcc_score} for n, r in reports.items()}}, reports

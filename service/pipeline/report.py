@@ -33,6 +33,7 @@ from service.pipeline.verdict import STATUS_MEANING, Verdict, verdict_lines  # n
 
 TABLE_METRICS = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse", "direction_acc_top20_de",
                  "discrimination_l1", "de_overlap")
+PER_CONDITION_METRICS = ("mse_top20_de", "pearson_delta", "de_overlap", "cell-eval mae", "cell-eval overlap_at_N")
 STATUS_COLOUR = {"kept": "#2e7d32", "discarded": "#9e9e9e", "buggy": "#c62828", "rejected": "#ef6c00"}
 # metric -> what it measures; the direction comes from `lower_is_better`.
 GLOSSARY = {
@@ -190,7 +191,8 @@ def _table(rows: dict[str, dict[str, Any]], columns: list[str], extra: dict[str,
     def cell(m: str, value: Any, mark: bool) -> str:
         if not finite(value):
             return '<td class="na" title="not defined for this row">—</td>'
-        if mark and len(rows) > 1 and best[m] is not None and abs(value - best[m]) <= 1e-12:
+        top = best[m]
+        if mark and len(rows) > 1 and top is not None and abs(value - top) <= 1e-12:
             return f'<td class="best">★ {value:.4f}</td>'
         return f"<td>{value:.4f}</td>"
 
@@ -254,8 +256,7 @@ def _per_condition_table(metrics: dict[str, Any]) -> str:
     verdict = (metrics.get("verdict") or {}).get("metrics", {}).get(primary, {})
     best = verdict.get("best_baseline_test")
     base_rows = {r["condition"]: r for r in (metrics.get("baselines_per_condition") or {}).get(best) or []}
-    columns = [m for m in dict.fromkeys((primary, *TABLE_METRICS, "cell-eval mae", "cell-eval overlap_at_N"))
-               if any(m in r for r in rows)]
+    columns = [m for m in dict.fromkeys((primary, *PER_CONDITION_METRICS)) if any(m in r for r in rows)]
     head = "".join(f'<th title="{html.escape(GLOSSARY.get(m, ""))}">{html.escape(m)} {_arrow(m)}</th>' for m in columns)
     if best:
         head += f"<th>{html.escape(best)}: {html.escape(primary)} {_arrow(primary)}</th><th>delivered better?</th>"
@@ -271,9 +272,9 @@ def _per_condition_table(metrics: dict[str, Any]) -> str:
         body.append(f"<tr><td class=name>{html.escape(str(r['condition']))}</td><td>{r.get('n_cells', '')}</td>"
                     f"{cells}</tr>")
     subject = delivered.get("key") or "designed"
-    return (f"<p>The delivered predictor ({html.escape(str(subject))}) on each test condition, sorted by "
-            f"{html.escape(primary)}; {len(rows)} conditions.</p><table><tr><th>condition</th><th>cells</th>{head}</tr>"
-            + "".join(body) + f"</table><p class=note>{WHY_EMPTY}</p>")
+    return (f"<p>The delivered predictor ({html.escape(str(subject))}) on each test condition, best first by "
+            f"{html.escape(primary)}; {len(rows)} conditions.</p><div class=wide><table><tr><th>condition</th>"
+            f"<th>cells</th>{head}</tr>" + "".join(body) + f"</table></div><p class=note>{WHY_EMPTY}</p>")
 
 
 def _glossary() -> str:
@@ -432,7 +433,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}td.name,td.text{text-align:left}td.best{font-weight:bold;background:#e8f5e9}
 td.na{color:#888;text-align:center}p.note{font-size:90%;color:#555}
 .failure{border:3px solid #c62828;background:#fff5f5;padding:6px 14px;margin:1em 0}
-details{margin:.5em 0}img{max-width:100%}"""
+details{margin:.5em 0}img{max-width:100%}div.wide{overflow-x:auto}table.glossary td:nth-child(2){white-space:nowrap}"""
 
 
 def write_report(rd: RunDir, plan: Plan, analysis: TaskAnalysis, discussion: DiscussionResult,

@@ -375,14 +375,17 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
 
 def _cell_eval(test_eval: Evaluator, metrics: dict[str, Any], designed_test: Path | None, delivery: Delivery,
                test_baselines: dict[str, ad.AnnData]) -> dict[str, Any]:
-    """cell-eval's scores of every predictor of the metrics table (rows named as the report names them); the
+    """cell-eval's scores of the designed model, the delivered predictor and the best test baseline on the
+    primary metric (rows named as the report names them; each set costs seconds, its DE test included); the
     delivered predictor's per-condition values join its per-condition rows."""
     named: dict[str, ad.AnnData | Path] = {}
     if designed_test is not None:
         named["designed model"] = designed_test
     if delivery.entry.kind != "designed":
         named[f"delivered: {delivery.entry.key}"] = delivery.test_predictions
-    named.update(test_baselines)
+    best = metrics["verdict"]["metrics"].get(metrics["primary_metric"], {}).get("best_baseline_test")
+    if best in test_baselines:
+        named[best] = test_baselines[best]
     block, reports = cell_eval_block(test_eval.cell_eval, named)
     delivered = reports.get("designed model" if delivery.entry.kind == "designed" else f"delivered: {delivery.entry.key}")
     if delivered is not None:
