@@ -1,7 +1,10 @@
-"""report.html: the verdict first (does the designed model beat the best baseline, what is delivered),
-then the test metrics against every baseline, the validation competition, the search tree (SVG, the kept
-path highlighted), the plan and discussion summary, training curves and predicted-vs-true Δ plots as
-embedded PNGs (matplotlib Agg). Self-contained."""
+"""report.html: failures and their cause first (out of memory → the --memory hint), then the verdict (does the
+designed model beat the best baseline, what is delivered), the test metrics of every predictor (direction
+arrows, best in each column starred, "—" with the reason where a metric is undefined), cell-eval's scores,
+one row per test condition, predicted-vs-true Δ for the best, median and worst condition, the validation
+competition, the search tree (SVG, the kept path highlighted), the training curve with the kept epoch,
+plan and discussion (folded) and a metric glossary. Plots are embedded PNGs (matplotlib Agg); the page
+is self-contained and has no scripts."""
 
 from __future__ import annotations
 
