@@ -21,6 +21,9 @@ from service.data.evaluate import Evaluator
 
 from .test_evaluate import truth_predictions
 
+# The first cell-eval call of a process compiles pdex's numba kernels (seconds idle, a minute on a loaded machine).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory) -> Path:
