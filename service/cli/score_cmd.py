@@ -15,6 +15,7 @@ from service.data import DataError
 
 # The evaluator and baselines (scikit-learn) load inside the commands, not with the whole CLI.
 if TYPE_CHECKING:
+    from service.data.celleval import CellEvalReport
     from service.data.evaluate import EvaluationReport, Evaluator
 
 from .output import JsonOpt, fail, spinner
@@ -49,6 +50,18 @@ def _report_table(report: EvaluationReport) -> Table:
     for name, value in report.summary.items():
         table.add_row(name, _fmt(value), _fmt(report.mean_baseline.get(name)), _fmt(report.ceiling.get(name)),
                       _fmt(report.normalized.get(name)))
+    return table
+
+
+def _cell_eval_table(report: CellEvalReport) -> Table:
+    from service.data.celleval import LOWER_IS_BETTER
+
+    table = Table(title=f"cell-eval {report.version} (Virtual Cell Challenge metrics)", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("better", justify="left")
+    for name, value in {"vcc_score": report.vcc_score, **report.summary}.items():
+        table.add_row(name, _fmt(value), "lower" if name in LOWER_IS_BETTER else "higher")
     return table
 
 
@@ -94,11 +107,16 @@ def score(
     primary: Annotated[str, typer.Option("--primary", help="The metric the verdict is stated for (with "
                                                            "mse_top20_de).")] = "pearson_delta_pert",
     per_condition: Annotated[bool, typer.Option("--per-condition", help="Also print one row per condition.")] = False,
+    cell_eval: Annotated[bool, typer.Option("--cell-eval/--no-cell-eval",
+                                            help="Also score with Arc's cell-eval (VCC profile and core metrics).")
+                         ] = True,
     json_out: JsonOpt = False,
 ) -> None:
     """Score predictions against the real cells of the split, with the data ceiling, and against every
-    applicable baseline: the verdict (best baseline, margin, who beats the predictions) comes first."""
+    applicable baseline: the verdict (best baseline, margin, who beats the predictions) comes first; then
+    cell-eval's scores of the same predictions."""
     from service.data.baselines import run_baselines
+    from service.data.celleval import CellEvalError
 
     try:
         with spinner() as progress:
@@ -107,6 +125,14 @@ def score(
             report = evaluator.score(predictions)
             progress.add_task("baselines", total=None)
             baselines = {n: evaluator.score(p) for n, p in run_baselines(evaluator.task).items()}
+            cell: CellEvalReport | None = None
+            cell_eval_error: str | None = None
+            if cell_eval:
+                progress.add_task("cell-eval (first use compiles its DE test: about a minute)", total=None)
+                try:
+                    cell = evaluator.cell_eval(predictions)
+                except CellEvalError as exc:  # our scores stand; say why cell-eval's are missing
+                    cell_eval_error = str(exc)
     except DataError as exc:
         fail(exc, json_out)
     if primary not in report.summary:
@@ -120,9 +146,15 @@ def score(
     if per_condition:
         console.print(_per_condition_table(report))
     console.print(_report_table(report))
+    if cell is not None:
+        console.print(_cell_eval_table(cell))
+    if cell_eval_error:
+        console.print(f"[yellow]{cell_eval_error}[/]")
     if json_out:
         print(json.dumps({"ok": True, **report.model_dump(), "verdict": verdict.model_dump(mode="json"),
-                          "baselines": {n: r.summary for n, r in baselines.items()}}), flush=True)
+                          "baselines": {n: r.summary for n, r in baselines.items()},
+                          "cell_eval": cell.model_dump() if cell is not None else {"error": cell_eval_error}}),
+              flush=True)
 
 
 def baselines(

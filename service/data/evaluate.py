@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from . import metrics as M
 from .baselines import PredictionTask, Which, load_task, mean_delta_baseline, require_obs
+from .celleval import CellEvalReport, CellEvalScorer
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .errors import DataError, SplitDirectoryError, preview
 from .load import read_h5ad
@@ -227,6 +228,7 @@ class Evaluator:
         self.groups = self._feature_groups()
         self.ceiling = self._ceiling()
         self.baseline = _nanmeans(self._score_matrix(mean_delta_baseline(self.task).X))
+        self._cell_eval: CellEvalScorer | None = None
 
     def _feature_groups(self) -> list[tuple[str, np.ndarray]]:
         ft = self.task.feature_types
@@ -340,6 +342,13 @@ class Evaluator:
         return EvaluationReport(which=self.task.which, n_conditions=len(targets), summary=summary,
                                 per_condition=table, normalized=self._normalize(summary),
                                 ceiling=self.ceiling, mean_baseline=self.baseline)
+
+    def cell_eval(self, predictions: str | Path | ad.AnnData) -> CellEvalReport:
+        """cell-eval's scores of the same predictions, on the RNA features (see `celleval.py`); its real
+        cells and their DE test are built on first use and reused."""
+        if self._cell_eval is None:
+            self._cell_eval = CellEvalScorer(self.task, _read_truth(self.task), self.groups[0][1])
+        return self._cell_eval.score(self.align(predictions))
 
     def _normalize(self, summary: dict[str, float]) -> dict[str, float]:
         """(model − base) / (target − base), only where the target is better than the mean baseline:

@@ -113,7 +113,10 @@ def debug_request(context: dict[str, Any], bundle: Bundle) -> LLMRequest[DebugPa
 
 # --- offline rules --------------------------------------------------------------------------------
 
-_OOM = re.compile(r"out of memory|MemoryError|exit code 137|Killed|std::bad_alloc", re.I)
+# The sandbox reports an OOM kill as "out of memory" (the engine's OOMKilled); a kernel killed by SIGKILL
+# without that flag ("exited with code -9", "signal 9", exit 137) is almost always the memory limit too.
+OUT_OF_MEMORY = re.compile(r"out of memory|\bOOM|MemoryError|exit code 137|code -9\b|signal 9\b|Killed|std::bad_alloc",
+                           re.I)
 _DIVERGED = re.compile(r"non-finite|\bnan\b|\binf\b|FloatingPointError|diverged", re.I)
 _DEVICE = re.compile(r"Expected all tensors to be on the same device|CUDA error|no CUDA GPUs", re.I)
 _DTYPE = re.compile(r"expected scalar type|dtype", re.I)
@@ -147,7 +150,7 @@ def _rules(context: dict[str, Any], config: dict[str, Any]) -> DebugPatch:
                           f"epochs to {epochs} and stopping earlier",
                           config_changes={"epochs": epochs,
                                           "early_stopping_patience": patience})
-    if _OOM.search(text):
+    if OUT_OF_MEMORY.search(text):
         changes = {"batch_size": max(8, int(config["batch_size"]) // 2),
                    "hidden_width": max(16, int(config["hidden_width"]) // 2),
                    "cell_sample": max(400, int(config["cell_sample"]) // 2)}

@@ -23,6 +23,7 @@ from sandbox import BackendKind, require_runtime
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.baselines import run_baselines
+from service.data.celleval import cell_eval_block
 from service.data.evaluate import EvaluationReport, Evaluator
 from service.errors import CellForgeError
 from service.llm import (Backend, LLMConfig, LLMError, LLMInvalidReply, LLMRequest, make_backend, read_calls,
@@ -419,8 +420,33 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
     if model_report is not None:
         metrics.update({"model": model_report.summary, "model_normalized": model_report.normalized,
                         "per_condition": model_report.per_condition})
+    metrics["delivered"]["per_condition"] = delivered_report.per_condition
+    metrics["baselines_per_condition"] = {n: r.per_condition for n, r in baseline_reports.items()}
+    emit(ProgressEvent("evaluate", "scoring with cell-eval"))
+    metrics["cell_eval"] = _cell_eval(test_eval, metrics, designed_test, delivery, test_baselines)
     rd.write_json(rd.search, tree.to_json(delivery.entry.key))
     return {"metrics": metrics, "plan": best.plan if best is not None else None}
+
+
+def _cell_eval(test_eval: Evaluator, metrics: dict[str, Any], designed_test: Path | None, delivery: Delivery,
+               test_baselines: dict[str, ad.AnnData]) -> dict[str, Any]:
+    """cell-eval's scores of the designed model, the delivered predictor and the best test baseline on the
+    primary metric (rows named as the report names them; each set costs seconds, its DE test included); the
+    delivered predictor's per-condition values join its per-condition rows."""
+    named: dict[str, ad.AnnData | Path] = {}
+    if designed_test is not None:
+        named["designed model"] = designed_test
+    if delivery.entry.kind != "designed":
+        named[f"delivered: {delivery.entry.key}"] = delivery.test_predictions
+    best = metrics["verdict"]["metrics"].get(metrics["primary_metric"], {}).get("best_baseline_test")
+    if best in test_baselines:
+        named[best] = test_baselines[best]
+    block, reports = cell_eval_block(test_eval.cell_eval, named)
+    delivered = reports.get("designed model" if delivery.entry.kind == "designed" else f"delivered: {delivery.entry.key}")
+    if delivered is not None:
+        for row in metrics["delivered"]["per_condition"]:
+            row.update({f"cell-eval {m}": v for m, v in delivered.per_condition.get(row["condition"], {}).items()})
+    return block
 
 
 def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_eval: Evaluator, ranked: list[Entry],

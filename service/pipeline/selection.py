@@ -26,7 +26,7 @@ from service.data.splits import Split, condition_groups, load_split, write_fold
 from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.rundir import RunDir, link_model_files
 
-LOWER_IS_BETTER = ("mse", "mse_top20_de", "discrimination_l1")
+LOWER_IS_BETTER = ("mse", "mse_top20_de")  # discrimination_l1: 1 = own prediction closest, higher is better
 HEADLINE = ("pearson_delta_pert", "mse_top20_de")  # what verdicts and tables always show
 
 

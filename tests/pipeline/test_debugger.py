@@ -31,6 +31,15 @@ def test_rules_for_known_failure_classes():
     assert unknown.give_up and "'foo'" in unknown.diagnosis
 
 
+def test_a_kernel_killed_by_sigkill_is_treated_as_out_of_memory():
+    """The sandbox says "out of memory" when the engine flags the OOM kill; without the flag, the kernel
+    just exits with -9 (or 137): the same cause for the debugger."""
+    for cause in ("python exited with code -9", "signal 9", "exit code 137", "OOMKilled"):
+        patch = offline_debug(_context(CONFIG, outcome="died", died_cause=cause))
+        assert patch.failure_class == "out_of_memory", cause
+    assert offline_debug(_context(CONFIG, outcome="died", died_cause="exit code 1")).failure_class != "out_of_memory"
+
+
 def test_patches_apply_exactly_or_fail_clearly():
     bundle = Bundle(files={"train.py": "x = 1\ny = 2\n", "model.py": "", "test_model.py": "",
                            "config.json": json.dumps({"lr": 0.1})})

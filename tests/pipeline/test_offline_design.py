@@ -67,6 +67,14 @@ def test_metrics_hold_verdict_validation_and_every_candidate(offline_run):
     p = verdict["metrics"][primary]
     assert p["model_val"] == val["score"] and p["model_test"] == metrics["model"][primary]
     assert verdict["beats_baselines"] == bool(p["beats_val"] and p["beats_test"])
+    # cell-eval scored the designed model and the best test baseline beside ours; its per-condition values
+    # join the delivered predictor's rows.
+    cell = metrics["cell_eval"]
+    assert "error" not in cell and cell["version"].startswith("0.8") and cell["seconds"] > 0
+    assert {"designed model", p["best_baseline_test"]} <= set(cell["scores"])
+    assert {"mae", "discrimination_score_l1", "overlap_at_N", "vcc_score"} <= set(cell["scores"]["designed model"])
+    rows = metrics["delivered"]["per_condition"]
+    assert len(rows) == metrics["n_test_conditions"] and all("cell-eval mae" in r for r in rows)
 
 
 @pytest.mark.slow
@@ -124,6 +132,7 @@ def test_report_puts_the_verdict_first_and_draws_the_search(offline_run):
     assert '<svg xmlns="http://www.w3.org/2000/svg"' in page and "kept path" in page
     assert page.count("data:image/png;base64,") >= 1
     assert "linear_pca_ridge" in page and "data ceiling" in page and "Validation: every candidate" in page
+    assert "cell-eval (Virtual Cell Challenge metrics" in page and "Per test condition" in page
 
 
 @pytest.mark.slow

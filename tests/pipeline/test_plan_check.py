@@ -15,6 +15,7 @@ from service.pipeline.candidates import candidate_plans
 from service.pipeline.codegen.manifest import IMPLEMENTS, check_implements, implemented, plan_following
 from service.pipeline.progress import epoch_event
 from service.pipeline.report import _curves
+from service.pipeline.rundir import RunDir
 
 FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
              n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
@@ -91,6 +92,6 @@ def test_a_training_log_without_val_loss_or_epoch_still_makes_a_curve(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text("\n".join([json.dumps({"train_loss": 1.0}), json.dumps({"step": 2, "train_loss": 0.5}),
                               "not json", json.dumps([1, 2]), json.dumps({"epoch": 3, "train_loss": "nan?"})]))
-    assert _curves(log).startswith("<img")
+    assert _curves(RunDir(tmp_path)).startswith("<img")
     assert epoch_event("epoch=3 train_loss=0.5 val_loss=None", 1) is None
     assert epoch_event("epoch=3 train_loss=0.5 val_loss=0.25", 1).val_loss == 0.25
