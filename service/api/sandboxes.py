@@ -30,6 +30,7 @@ from sandbox import (
     SandboxStartError,
     SpecError,
     StreamEvent,
+    UsageError,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
@@ -224,6 +225,32 @@ class SandboxService:
             raise BadRequest(str(exc)) from None
         except FileTransferError as exc:
             raise NotFound(str(exc)) from None
+        except (SandboxReaped, SandboxClosedError):
+            raise NotFound(f"sandbox {sandbox_id} is gone") from None
+        except SandboxDeadError as exc:
+            raise Conflict(str(exc)) from None
+
+    async def list_files(self, tenant: Tenant, sandbox_id: str, folder: str = "") -> list[str]:
+        live = self._own(tenant, sandbox_id)
+        try:
+            return await live.lease.files.list(folder)
+        except WorkspacePathError as exc:
+            raise BadRequest(str(exc)) from None
+        except FileTransferError as exc:
+            raise NotFound(str(exc)) from None
+        except (SandboxReaped, SandboxClosedError):
+            raise NotFound(f"sandbox {sandbox_id} is gone") from None
+        except SandboxDeadError as exc:
+            raise Conflict(str(exc)) from None
+
+    async def run_command(self, tenant: Tenant, sandbox_id: str, argv: list[str], cwd: str | None,
+                          timeout: float | None) -> ExecutionResult:
+        """`argv` run without a shell; `ok` only for exit code 0 (the code is in `exit_code`)."""
+        live = self._own(tenant, sandbox_id)
+        try:
+            return await live.lease.commands.run(argv, cwd=cwd, timeout=timeout)
+        except UsageError as exc:
+            raise BadRequest(str(exc)) from None
         except (SandboxReaped, SandboxClosedError):
             raise NotFound(f"sandbox {sandbox_id} is gone") from None
         except SandboxDeadError as exc:
