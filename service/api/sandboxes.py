@@ -7,6 +7,7 @@ tenant's calls only ever reach its own. A lease the pool reaped (idle, lifetime)
 from __future__ import annotations
 
 import asyncio
+import builtins
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -230,7 +231,7 @@ class SandboxService:
         except SandboxDeadError as exc:
             raise Conflict(str(exc)) from None
 
-    async def list_files(self, tenant: Tenant, sandbox_id: str, folder: str = "") -> list[str]:
+    async def list_files(self, tenant: Tenant, sandbox_id: str, folder: str = "") -> builtins.list[str]:
         live = self._own(tenant, sandbox_id)
         try:
             return await live.lease.files.list(folder)
@@ -243,7 +244,7 @@ class SandboxService:
         except SandboxDeadError as exc:
             raise Conflict(str(exc)) from None
 
-    async def run_command(self, tenant: Tenant, sandbox_id: str, argv: list[str], cwd: str | None,
+    async def run_command(self, tenant: Tenant, sandbox_id: str, argv: builtins.list[str], cwd: str | None,
                           timeout: float | None) -> ExecutionResult:
         """`argv` run without a shell; `ok` only for exit code 0 (the code is in `exit_code`)."""
         live = self._own(tenant, sandbox_id)

@@ -272,7 +272,7 @@ class AsyncSandbox:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue()
 
-        def run() -> Execution:
+        def run() -> ExecutionResult:
             def seen(event: StreamEvent) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 from datetime import datetime
 
 import grpc
@@ -17,7 +18,7 @@ from service.data import simulate
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 
-from .conftest import bundle, tenant_id
+from .conftest import CLI, bundle, tenant_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -164,11 +165,9 @@ def test_access_and_job_log_lines_are_json(server, alice, regression):
     assert "HTTP listening on" in server.log.read_text()
 
 
-def test_a_port_in_use_is_reported_not_announced(server, make_server, tmp_path):
-    clash = make_server(tmp_path)
-    clash.http_port = server.http_port  # taken by the running server
-    with pytest.raises(AssertionError, match="server exited"):
-        clash.start(timeout=60)
-    log = clash.log.read_text()
-    assert f"cannot listen for HTTP on 127.0.0.1:{server.http_port}" in log
-    assert "listening on" not in log
+def test_a_port_in_use_is_reported_not_announced(server, tmp_path):
+    clash = subprocess.run([*CLI, "serve", "--data-dir", str(tmp_path), "--http-port", str(server.http_port),
+                            "--grpc-port", "0", "--warm", "0"], capture_output=True, text=True, timeout=120)
+    assert clash.returncode == 1
+    assert f"cannot listen for HTTP on 127.0.0.1:{server.http_port}" in clash.stderr
+    assert "listening on" not in clash.stderr + clash.stdout
