@@ -30,6 +30,7 @@ from sandbox import ExecutionResult
 
 from .core import CellForgeCore
 from .errors import DATABASE_UNAVAILABLE, BadRequest, PayloadTooLarge, ServiceError, Unavailable
+from .logs import rpc_line
 from .limits import DATASET_CHUNK_BYTES, FILE_BODY_BYTES, JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from service.protocol import JobInfo
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
@@ -196,7 +197,8 @@ def _rpc(action: str) -> Callable:
             async def streaming(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
                 try:
                     tenant = _tenant.get()
-                    with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
+                    with rpc_line(method.__name__, tenant.id), \
+                            self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                         async for item in method(self, tenant, request, context):
                             yield item
                 except (ServiceError, SQLAlchemyError) as exc:
@@ -208,7 +210,8 @@ def _rpc(action: str) -> Callable:
         async def unary(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
             try:
                 tenant = _tenant.get()
-                with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
+                with rpc_line(method.__name__, tenant.id), \
+                        self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                     return await method(self, tenant, request, context)
             except (ServiceError, SQLAlchemyError) as exc:
                 await _abort(context, _service_error(exc))
@@ -342,7 +345,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
     async def UploadDataset(self, request_iterator, context):
         try:
             tenant = _tenant.get()
-            with self.core.audited(tenant, TRANSPORT, "dataset.upload"):
+            with rpc_line("UploadDataset", tenant.id), self.core.audited(tenant, TRANSPORT, "dataset.upload"):
                 first = await anext(aiter(request_iterator), None)
                 if first is None:
                     raise BadRequest("UploadDataset: no chunks were sent")

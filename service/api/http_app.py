@@ -92,6 +92,11 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
 
     # -- health and metrics ---------------------------------------------------------------------
 
+    @app.get("/", include_in_schema=False)
+    async def welcome() -> dict[str, str]:
+        return {"service": "CellForge", "version": app.version, "docs": "/docs", "redoc": "/redoc",
+                "openapi": "/openapi.json", "auth": "Authorization: Bearer <api key> on every /v1/ call"}
+
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}

@@ -1,15 +1,17 @@
-"""Structured log lines: one JSON object per HTTP request (`cellforge.access`) and per job event the
-service sees (`cellforge.jobs`: queued, finished), for log shippers; the rest of the log stays text."""
+"""Structured log lines: one JSON object per HTTP request or gRPC call (`cellforge.access`) and per job
+event the service sees (`cellforge.jobs`: queued, finished), for log shippers; the rest stays text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from .errors import ServiceError
 from .http_guard import TENANT_SCOPE_KEY
 
 ACCESS = logging.getLogger("cellforge.access")
@@ -40,6 +42,24 @@ def job_line(event: str, **fields: Any) -> None:
     JOBS.info(event, extra={"fields": fields})
 
 
+@contextlib.contextmanager
+def rpc_line(method: str, tenant_id: str) -> Iterator[None]:
+    """One access line for a gRPC call once it is over: its status code name and duration."""
+    started, code = time.perf_counter(), "OK"
+    try:
+        yield
+    except ServiceError as exc:
+        code = exc.grpc_code
+        raise
+    except BaseException as exc:
+        code = "CANCELLED" if isinstance(exc, GeneratorExit) else "INTERNAL"
+        raise
+    finally:
+        ACCESS.info("rpc", extra={"fields": {"transport": "grpc", "method": method, "code": code,
+                                             "ms": round((time.perf_counter() - started) * 1000, 1),
+                                             "tenant": tenant_id}})
+
+
 class AccessLog:
     """ASGI middleware: one line per HTTP request when it is over (method, path, status, milliseconds
     until the last byte, tenant when authenticated, client address). The query string is left out: it
@@ -66,6 +86,6 @@ class AccessLog:
             tenant = scope.get(TENANT_SCOPE_KEY)
             client = scope.get("client")
             ACCESS.info("request", extra={"fields": {
-                "method": scope["method"], "path": scope["path"], "status": status[0] if status else None,
+                "transport": "http", "method": scope["method"], "path": scope["path"], "status": status[0] if status else None,
                 "ms": round((time.perf_counter() - started) * 1000, 1),
                 "tenant": getattr(tenant, "id", None), "client": client[0] if client else None}})

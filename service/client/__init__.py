@@ -176,9 +176,13 @@ def file_sha256(path: Path) -> str:
 
 def _write(target: Path, chunks: Iterator[bytes]) -> Path:
     partial = target.with_name(target.name + ".part")
-    with partial.open("wb") as fh:
-        for chunk in chunks:
-            fh.write(chunk)
+    try:
+        with partial.open("wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     partial.replace(target)
     return target
 

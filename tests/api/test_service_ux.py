@@ -8,12 +8,14 @@ import hashlib
 import json
 import re
 import subprocess
+import time
 from datetime import datetime
 
 import grpc
 import httpx
 import pytest
 
+from service.client import NotFoundError
 from service.data import simulate
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
@@ -43,12 +45,16 @@ def _auth(tenant) -> dict[str, str]:
     return {"Authorization": f"Bearer {tenant.key}"}
 
 
-def _log_lines(server, logger: str) -> list[dict]:
-    lines = []
-    for line in server.log.read_text().splitlines():
-        if line.startswith("{") and f'"logger": "{logger}"' in line:
-            lines.append(json.loads(line))
-    return lines
+def _log_lines(server, logger: str, until=lambda lines: True, timeout: float = 10.0) -> list[dict]:
+    """The server's JSON lines of `logger`, once `until(lines)` holds (a line is written as its call ends,
+    just after the answer went out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [json.loads(line) for line in server.log.read_text().splitlines()
+                 if line.startswith("{") and f'"logger": "{logger}"' in line]
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
 
 
 def test_every_error_has_the_project_shape(server, alice):
@@ -133,7 +139,7 @@ def test_the_same_bytes_are_one_dataset_per_tenant(server, alice, bob, screen, t
             assert c.upload_dataset(other).id not in (theirs.id, first.json()["id"])
     # The client looked the bytes up first: bob's later calls sent the file only for new content.
     posts = [line for line in _log_lines(server, "cellforge.access")
-             if line["method"] == "POST" and line["path"] == "/v1/datasets" and line["tenant"] == tenant_id(server, "bob")]
+             if line["method"] == "POST" and line.get("path") == "/v1/datasets" and line["tenant"] == tenant_id(server, "bob")]
     assert len(posts) == 2  # the first upload of `screen` and of `other`, over HTTP only
 
 
@@ -156,9 +162,16 @@ def test_grpc_streams_an_artifact_in_chunks_and_keeps_integers(server, alice, re
 
 def test_access_and_job_log_lines_are_json(server, alice, regression):
     httpx.get(f"{server.url}/v1/jobs/{regression.id}", headers=_auth(alice))
-    access = [line for line in _log_lines(server, "cellforge.access") if line["path"] == f"/v1/jobs/{regression.id}"]
+    with server.client(alice, "grpc") as c:
+        c.get_job(regression.id)
+        with pytest.raises(NotFoundError):
+            c.get_job("job_0000000000000000")
+    lines = _log_lines(server, "cellforge.access", until=lambda lines: lines[-1].get("code") == "NOT_FOUND")
+    access = [line for line in lines if line.get("path") == f"/v1/jobs/{regression.id}"]
     assert access and access[-1]["status"] == 200 and access[-1]["method"] == "GET"
     assert access[-1]["tenant"].startswith("tn_") and ISO_UTC.match(access[-1]["ts"])
+    calls = [(line["method"], line["code"]) for line in lines if line["transport"] == "grpc"]
+    assert calls[-2:] == [("GetJob", "OK"), ("GetJob", "NOT_FOUND")]
     jobs = {line["event"]: line for line in _log_lines(server, "cellforge.jobs") if line.get("job") == regression.id}
     assert jobs["job queued"]["kind"] == "regression.pytest"
     assert jobs["job finished"]["status"] == "succeeded" and jobs["job finished"]["seconds"] >= 0
