@@ -19,7 +19,7 @@ from sandbox import ExecutionResult
 from service import protocol
 
 from .core import CellForgeCore
-from .docs import serve_docs
+from .docs import ERRORS, errors_as_served, serve_docs
 from .downloads import file_download
 from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable, invalid
 from .http_guard import TENANT_SCOPE_KEY, BodyLimits, RequestGuard, error_body
@@ -31,9 +31,9 @@ from .tenants import Tenant
 log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
-# Documents the scheme in OpenAPI; the key itself is checked by RequestGuard before any route runs.
 HTTP_ERRORS = {404: ("NotFound", "no route {method} {path}; see /docs"),
                405: ("MethodNotAllowed", "{path} does not answer {method}; see /docs")}
+# Documents the scheme in OpenAPI; the key itself is checked by RequestGuard before any route runs.
 BEARER = HTTPBearer(auto_error=False, description="an API key from `cellforge serve tenants create`")
 
 
@@ -44,8 +44,9 @@ def body_limits(core: CellForgeCore) -> BodyLimits:
 
 def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, responses=ERRORS)
     serve_docs(app)
+    errors_as_served(app)
 
     async def authenticate(authorization: str | None, action: str) -> Tenant:
         return await core.authenticate(authorization, TRANSPORT, action)

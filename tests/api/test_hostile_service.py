@@ -498,7 +498,7 @@ def test_a_tenant_runtime_reaches_its_sandboxes_and_cannot_be_weakened(server, t
         except APIError as exc:  # an engine without runsc registered: the runtime reached Docker
             assert exc.status == 503 and "runsc" in exc.message, exc
         else:
-            (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb['id']}"})
+            (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb.id}"})
             assert container.attrs["HostConfig"]["Runtime"] == "runsc"
             c.delete_sandbox(sb.id)
         run = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(QUICK))
@@ -507,7 +507,7 @@ def test_a_tenant_runtime_reaches_its_sandboxes_and_cannot_be_weakened(server, t
         c.wait(run.id, timeout=60)
     with server.client(plain) as c:
         sb = c.create_sandbox(memory="256m", runtime="runc")
-        (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb['id']}"})
+        (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb.id}"})
         assert container.attrs["HostConfig"]["Runtime"] == "runc"
         c.delete_sandbox(sb.id)
         with pytest.raises(InvalidRequestError, match="runtime"):

@@ -82,7 +82,7 @@ def test_job_events_replay_the_run_in_order(server, alice, finished_regression, 
 
 
 def test_job_events_as_server_sent_events(server, alice, finished_regression):
-    with httpx.stream("GET", f"{server.url}/v1/jobs/{finished_regression['id']}/events",
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{finished_regression.id}/events",
                       headers={"Authorization": f"Bearer {alice.key}", "Accept": "text/event-stream"}) as r:
         frames = [f for f in r.read().decode().split("\n\n") if f.strip()]
     first = frames[0].splitlines()
@@ -161,7 +161,9 @@ JSON_ANSWERS = {
     ("post", "/v1/datasets"): "DatasetInfo", ("get", "/v1/datasets"): "DatasetList",
     ("post", "/v1/jobs"): "JobInfo", ("get", "/v1/jobs"): "JobList", ("get", "/v1/jobs/{job_id}"): "JobInfo",
     ("post", "/v1/jobs/{job_id}/cancel"): "JobInfo", ("post", "/v1/regressions"): "JobInfo",
-    ("get", "/v1/regressions/{job_id}"): "JobInfo",
+    ("get", "/v1/regressions/{job_id}"): "JobInfo", ("get", "/v1/sandboxes/{sandbox_id}/files"): "FileList",
+    ("post", "/v1/sandboxes/{sandbox_id}/commands"): "ExecutionResult",
+    ("get", "/v1/datasets/sha256/{digest}"): "DatasetInfo", ("get", "/v1/jobs/{job_id}/logs"): "JobLogs",
 }
 
 
@@ -175,6 +177,13 @@ def test_openapi_documents_bodies_answers_and_the_bearer_scheme(server, alice):
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     submit = operations["post", "/v1/jobs"]["requestBody"]["content"]["application/json"]["schema"]
     assert submit["$ref"].endswith("/DesignJobRequest")
+    regression = operations["post", "/v1/regressions"]["requestBody"]["content"]["application/json"]["schema"]
+    assert sorted(r["$ref"].rsplit("/", 1)[1] for r in regression["oneOf"]) == ["CompareRegression", "PytestRegression"]
+    assert regression["discriminator"]["propertyName"] == "kind"
+    # Errors are documented as they are answered: ErrorBody, never FastAPI's {"detail": ...}.
+    assert all(op["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+               and "422" not in op["responses"] for op in operations.values())
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
     options = spec["components"]["schemas"]["DesignOptions"]
     assert options["additionalProperties"] is False and "max_minutes" in options["properties"]
 
