@@ -1,7 +1,7 @@
 """A sandbox on a CellForge server, shaped like the E2B SDK's:
 
     with Sandbox(memory="1g") as sb:                    # CELLFORGE_URL, CELLFORGE_API_KEY from the environment
-        execution = sb.run_code("import numpy as np; np.arange(3).sum()", on_stdout=print)
+        execution = sb.run_code("print('fit')\\nsum(range(3))", on_stdout=print)
         execution.text                                  # '3' (the last expression's value)
         sb.files.write("data/x.csv", "a,b\\n1,2\\n"); sb.files.read("data/x.csv"); sb.files.list("data")
         sb.commands.run("python --version").stdout      # no shell: the line is split, not interpreted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .times import Timestamp
 
@@ -62,8 +62,7 @@ class CompareRegression(_Regression):
     default_tolerance: float | None = Field(default=None, ge=0)
 
 
-RegressionRequest = Annotated[PytestRegression | CompareRegression, Discriminator(
-    "kind", custom_error_type="invalid_kind", custom_error_message="kind: expected 'pytest', 'rescore' or 'replay'")]
+RegressionRequest = Annotated[PytestRegression | CompareRegression, Field(discriminator="kind")]
 RegressionRequestAdapter: TypeAdapter[PytestRegression | CompareRegression] = TypeAdapter(RegressionRequest)
 
 
