@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,12 +43,13 @@ class HttpTransport:
         _raise_for(response)
         return response
 
-    def _lines(self, method: str, path: str, **kwargs: Any) -> Iterator[str]:
+    @contextlib.contextmanager
+    def _lines(self, method: str, path: str, **kwargs: Any) -> Iterator[Iterator[str]]:
+        """The answer's non-empty lines; leaving the block closes the connection at once (which, for an
+        execution, interrupts the code on the server)."""
         with self._http.stream(method, path, **kwargs) as response:
             _raise_for(response)
-            for line in response.iter_lines():
-                if line.strip():
-                    yield line
+            yield (line for line in response.iter_lines() if line.strip())
 
     def create_sandbox(self, spec: dict[str, Any]) -> SandboxInfo:
         return SandboxInfo.model_validate_json(self._call("POST", "/v1/sandboxes", json=spec).content)
@@ -62,8 +64,9 @@ class HttpTransport:
         self._call("DELETE", f"/v1/sandboxes/{sandbox_id}")
 
     def stream(self, sandbox_id: str, code: str, timeout: float | None) -> Iterator[dict[str, Any]]:
-        for line in self._lines("POST", f"/v1/sandboxes/{sandbox_id}/execute", json={"code": code, "timeout": timeout}):
-            yield json.loads(line)
+        with self._lines("POST", f"/v1/sandboxes/{sandbox_id}/execute", json={"code": code, "timeout": timeout}) as lines:
+            for line in lines:
+                yield json.loads(line)
 
     def interrupt(self, sandbox_id: str) -> None:
         self._call("POST", f"/v1/sandboxes/{sandbox_id}/interrupt")
@@ -112,8 +115,9 @@ class HttpTransport:
         return JobList.model_validate_json(self._call("GET", "/v1/jobs").content).jobs
 
     def job_events(self, job_id: str, after_seq: int) -> Iterator[JobEvent]:
-        for line in self._lines("GET", f"/v1/jobs/{job_id}/events", params={"after_seq": after_seq}):
-            yield JobEvent.model_validate_json(line)
+        with self._lines("GET", f"/v1/jobs/{job_id}/events", params={"after_seq": after_seq}) as lines:
+            for line in lines:
+                yield JobEvent.model_validate_json(line)
 
     def cancel_job(self, job_id: str) -> JobInfo:
         return JobInfo.model_validate_json(self._call("POST", f"/v1/jobs/{job_id}/cancel").content)
