@@ -184,3 +184,29 @@ def test_a_port_in_use_is_reported_not_announced(server, tmp_path):
     assert clash.returncode == 1
     assert f"cannot listen for HTTP on 127.0.0.1:{server.http_port}" in clash.stderr
     assert "listening on" not in clash.stderr + clash.stdout
+
+
+def test_html_opens_inline_under_a_policy_and_attempt_logs_download(server, alice, bob, regression, transport):
+    # Files where a design run leaves them (its report and an attempt's training log), in a real job folder.
+    work = server.data_dir / "jobs" / regression.id
+    (work / "artifacts" / "report.html").write_text("<html><body><h1>verdict</h1></body></html>")
+    log = work / "run" / "attempts" / "01" / "runs" / "fold0" / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("epoch 1 loss 0.5\n")
+    escape = work / "run" / "attempts" / "01" / "escape.log"
+    if not escape.is_symlink():
+        escape.symlink_to(server.data_dir / "server.log")
+    report = httpx.get(f"{server.url}/v1/jobs/{regression.id}/artifacts/report.html", headers=_auth(alice))
+    assert report.headers["content-type"] == "text/html; charset=utf-8" and "verdict" in report.text
+    assert report.headers["content-disposition"].startswith("inline")
+    policy = report.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "sandbox" in policy and "script-src" not in policy
+    with server.client(alice, transport) as c:
+        assert c.job_logs(regression.id) == ["attempts/01/runs/fold0/train.log"]  # the link out is not listed
+        assert c.job_log(regression.id, "attempts/01/runs/fold0/train.log") == "epoch 1 loss 0.5\n"
+        with pytest.raises(NotFoundError):
+            c.job_log(regression.id, "attempts/01/escape.log")
+    with server.client(bob, transport) as c, pytest.raises(NotFoundError):
+        c.job_log(regression.id, "attempts/01/runs/fold0/train.log")
+    r = httpx.get(f"{server.url}/v1/jobs/{regression.id}/logs/attempts/01/runs/fold0/train.log", headers=_auth(alice))
+    assert r.headers["content-type"] == "text/plain; charset=utf-8" and r.headers["x-content-type-options"] == "nosniff"
