@@ -187,7 +187,7 @@ def main() -> None:
                 time.sleep(0.2)
         series = asyncio.run(latencies(url, target, key, args.calls))
         with CellForgeClient(url, key) as http_client:
-            sandboxes = [http_client.create_sandbox(memory="256m")["id"] for _ in range(args.sandboxes)]
+            sandboxes = [http_client.create_sandbox(memory="256m").id for _ in range(args.sandboxes)]
             time.sleep(3)  # let the fresh kernels settle before measuring them idle
             memory = idle_memory(sandboxes)
             concurrent = asyncio.run(load(url, target, key, sandboxes, args.clients, args.duration))

@@ -33,6 +33,7 @@ from .datasets import DatasetService
 from .errors import ServiceError
 from .jobs_api import JobService
 from .limits import RateLimiter
+from .logs import job_line
 from .metrics import ServiceMetrics
 from .quotas import UploadMeter
 from service.db import TenantRow
@@ -121,6 +122,8 @@ class CellForgeCore:
 
     def _job_finished(self, job: Job, seconds: float) -> None:
         self.metrics.job_seconds.labels(kind=job.kind, status=job.status).observe(seconds)
+        job_line("job finished", job=job.id, tenant=job.tenant_id, kind=job.kind, status=job.status,
+                 seconds=round(seconds, 1), error=job.error)
         self.jobs.job_finished(job)
 
     async def refresh_metrics(self) -> None:

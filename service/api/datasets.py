@@ -10,6 +10,7 @@ authentication uses) nor the event loop ever waits on a tenant's file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import shutil
@@ -28,12 +29,13 @@ from service.data import H5Limits, check_isolated, start_forkserver
 from service.data.h5safety import settings_from_env, size_text
 from service.db import Database
 
-from .errors import BadRequest, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
+from .errors import BadRequest, Conflict, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded, Unavailable
 from .quotas import admit_dataset
 from service.db import DatasetRow
 from .tenants import Tenant
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.h5ad$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV_PREFIX = "CELLFORGE_UPLOAD_"
 MAX_MESSAGE_CHARS = 1_000
 RETRY_AFTER_S = 5
@@ -64,6 +66,12 @@ class ChecksBusy(Unavailable):
         self.retry_after = retry_after
 
 
+def content_id(tenant_id: str, sha256: str) -> str:
+    """A dataset's id: from its tenant and its bytes, so the same file uploaded again is the same dataset
+    (and two tenants' copies of one file share nothing, not even an id)."""
+    return "ds_" + hashlib.sha256(f"{tenant_id}\0{sha256}".encode()).hexdigest()[:24]
+
+
 def dataset_dict(row: DatasetRow) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "size_bytes": row.size_bytes, "created_at": row.created_at,
             "layout": row.layout}
@@ -86,25 +94,34 @@ class DatasetService:
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLarge(f"upload of {declared_size} bytes exceeds the limit of {self.max_bytes} bytes")
         self.checker.admit(tenant.id)  # before the body: a busy answer should not cost the upload
-        dataset_id = "ds_" + secrets.token_hex(8)
-        folder = self.root / tenant.id / dataset_id
-        folder.mkdir(parents=True)
-        path = folder / name
+        incoming = self.root / tenant.id / ("incoming_" + secrets.token_hex(8))
+        incoming.mkdir(parents=True)
         try:
-            size = 0
-            with path.open("wb") as fh:
+            size, digest = 0, hashlib.sha256()
+            with (incoming / name).open("wb") as fh:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
+                    digest.update(chunk)
                     fh.write(chunk)
             if size == 0:
                 raise InvalidDataset(f"{name}: the upload is empty; expected an AnnData .h5ad file")
-            layout = await self.checker.check(tenant.id, path, name)
+            dataset_id = content_id(tenant.id, digest.hexdigest())
+            existing = await self.db.run(self._row, tenant.id, dataset_id)
+            if existing is not None:  # the same bytes again: the stored dataset, its storage counted once
+                shutil.rmtree(incoming, ignore_errors=True)
+                return {**dataset_dict(existing), "reused": True}
+            layout = await self.checker.check(tenant.id, incoming / name, name)
+            folder = self.root / tenant.id / dataset_id
+            try:
+                incoming.rename(folder)
+            except OSError:  # the same bytes are being stored by a concurrent upload
+                raise Conflict(f"{name}: the same file is being uploaded by another request; retry") from None
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(incoming, ignore_errors=True)
             raise
-        row = DatasetRow(id=dataset_id, tenant_id=tenant.id, name=name, path=str(path), size_bytes=size,
+        row = DatasetRow(id=dataset_id, tenant_id=tenant.id, name=name, path=str(folder / name), size_bytes=size,
                          layout=layout, created_at=time.time())
         try:  # the tenant's storage quota, decided atomically with the insert
             await self.db.run(admit_dataset, self.db, tenant.id, row)
@@ -113,10 +130,23 @@ class DatasetService:
             raise
         return dataset_dict(row)
 
-    def get(self, tenant: Tenant, dataset_id: str) -> DatasetRow:
+    def find(self, tenant: Tenant, sha256: str) -> dict[str, Any]:
+        """The tenant's dataset with these bytes (the SHA-256 of the file), so a client need not send it again."""
+        if not _SHA256_RE.match(sha256):
+            raise BadRequest(f"sha256: expected 64 lowercase hex digits, got {sha256[:80]!r}")
+        row = self._row(tenant.id, content_id(tenant.id, sha256))
+        if row is None:
+            raise NotFound(f"no dataset with sha256 {sha256}")
+        return dataset_dict(row)
+
+    def _row(self, tenant_id: str, dataset_id: str) -> DatasetRow | None:
         with self.db.session() as s:
             row = s.get(DatasetRow, dataset_id)
-        if row is None or row.tenant_id != tenant.id:
+        return row if row is not None and row.tenant_id == tenant_id else None
+
+    def get(self, tenant: Tenant, dataset_id: str) -> DatasetRow:
+        row = self._row(tenant.id, dataset_id)
+        if row is None:
             raise NotFound(f"no dataset {dataset_id!r}")
         return row
 
@@ -128,9 +158,8 @@ class DatasetService:
 
     def folder(self, tenant_id: str, dataset_id: str) -> Path:
         """The host folder holding a tenant's dataset (to mount read-only); NotFound for others' ids."""
-        with self.db.session() as s:
-            row = s.get(DatasetRow, dataset_id)
-        if row is None or row.tenant_id != tenant_id:
+        row = self._row(tenant_id, dataset_id)
+        if row is None:
             raise NotFound(f"no dataset {dataset_id!r}")
         return Path(row.path).parent
 

@@ -7,16 +7,21 @@ limit matching the HTTP route's (`METHOD_LIMITS`); `GrpcLimits` holds the server
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import json
 import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,6 +30,7 @@ from sandbox import ExecutionResult
 
 from .core import CellForgeCore
 from .errors import DATABASE_UNAVAILABLE, BadRequest, PayloadTooLarge, ServiceError, Unavailable
+from .logs import rpc_line
 from .limits import DATASET_CHUNK_BYTES, FILE_BODY_BYTES, JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from service.protocol import JobInfo
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
@@ -40,6 +46,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CellForge"].full_name
 METHOD_LIMITS = {"PutFile": FILE_BODY_BYTES, "SubmitRegression": REGRESSION_BODY_BYTES,
                  "UploadDataset": DATASET_CHUNK_BYTES}
 MAX_MESSAGE_BYTES = max(METHOD_LIMITS.values())
+DOWNLOAD_CHUNK_BYTES = 1 << 20  # an artifact streams in pieces this size, whatever its size
 _tenant: contextvars.ContextVar[Tenant] = contextvars.ContextVar("cellforge_tenant")
 
 
@@ -190,7 +197,8 @@ def _rpc(action: str) -> Callable:
             async def streaming(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
                 try:
                     tenant = _tenant.get()
-                    with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
+                    with rpc_line(method.__name__, tenant.id), \
+                            self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                         async for item in method(self, tenant, request, context):
                             yield item
                 except (ServiceError, SQLAlchemyError) as exc:
@@ -202,7 +210,8 @@ def _rpc(action: str) -> Callable:
         async def unary(self: CellForgeServicer, request: Any, context: grpc.aio.ServicerContext):
             try:
                 tenant = _tenant.get()
-                with self.core.audited(tenant, TRANSPORT, action, _resource(request)):
+                with rpc_line(method.__name__, tenant.id), \
+                        self.core.audited(tenant, TRANSPORT, action, _resource(request)):
                     return await method(self, tenant, request, context)
             except (ServiceError, SQLAlchemyError) as exc:
                 await _abort(context, _service_error(exc))
@@ -220,9 +229,17 @@ def _resource(request: Any) -> str | None:
     return None
 
 
+def timestamp(value: datetime | float | None) -> Timestamp | None:
+    if value is None:
+        return None
+    message = Timestamp()
+    message.FromDatetime(value if isinstance(value, datetime) else datetime.fromtimestamp(value, UTC))
+    return message
+
+
 def sandbox_message(info: Any) -> pb.Sandbox:
-    return pb.Sandbox(id=info.id, status=info.status, created_at=info.created_at, spec=struct(info.spec),
-                      dataset_id=info.dataset_id or "")
+    return pb.Sandbox(id=info.id, status=info.status, created_at=timestamp(info.created_at),
+                      spec_json=json.dumps(info.spec), dataset_id=info.dataset_id or "")
 
 
 def result_message(res: ExecutionResult) -> pb.ExecutionResult:
@@ -230,21 +247,30 @@ def result_message(res: ExecutionResult) -> pb.ExecutionResult:
         outcome=res.outcome.value, stdout=res.stdout, stderr=res.stderr, ename=res.ename or "",
         evalue=res.evalue or "", traceback=res.traceback, died_cause=res.died_cause or "",
         duration_ms=res.duration_ms, stdout_bytes=res.stdout_bytes, truncated=res.truncated,
-        result=res.result or "", state_lost=res.state_lost,
+        result=res.result or "", state_lost=res.state_lost, exit_code=res.exit_code,
     )
 
 
 def job_message(job: JobInfo) -> pb.Job:
     return pb.Job(
-        id=job.id, kind=job.kind, status=job.status, phase=job.phase or "", error=job.error or "",
-        created_at=job.created_at, started_at=job.started_at or 0.0, finished_at=job.finished_at or 0.0,
-        params=struct(job.params), result=struct(job.result), artifacts=job.artifacts,
+        id=job.id, kind=job.kind, status=job.status, phase=job.phase, error=job.error,
+        created_at=timestamp(job.created_at), started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at), attempts=job.attempts, params_json=json.dumps(job.params),
+        result_json="" if job.result is None else json.dumps(job.result), artifacts=job.artifacts,
+        final=job.final, logs=job.logs,
     )
 
 
 def dataset_message(ds: dict[str, Any]) -> pb.Dataset:
-    return pb.Dataset(id=ds["id"], name=ds["name"], size_bytes=ds["size_bytes"], created_at=ds["created_at"],
-                      layout=struct(ds.get("layout")))
+    return pb.Dataset(id=ds["id"], name=ds["name"], size_bytes=ds["size_bytes"], created_at=timestamp(ds["created_at"]),
+                      layout_json=json.dumps(ds.get("layout") or {}), reused=bool(ds.get("reused")))
+
+
+async def _chunks(path: Path) -> AsyncIterator[pb.FileData]:
+    """A file as messages of at most DOWNLOAD_CHUNK_BYTES, read off the event loop."""
+    with path.open("rb") as fh:
+        while chunk := await asyncio.to_thread(fh.read, DOWNLOAD_CHUNK_BYTES):
+            yield pb.FileData(data=chunk)
 
 
 class CellForgeServicer(pb_grpc.CellForgeServicer):
@@ -305,12 +331,21 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
     async def GetFile(self, tenant, request, context):
         return pb.FileData(data=await self.core.sandboxes.get_file(tenant, request.sandbox_id, request.path))
 
+    @_rpc("sandbox.list_files")
+    async def ListFiles(self, tenant, request, context):
+        return pb.FileNames(files=await self.core.sandboxes.list_files(tenant, request.sandbox_id, request.path))
+
+    @_rpc("sandbox.command")
+    async def RunCommand(self, tenant, request, context):
+        return result_message(await self.core.sandboxes.run_command(
+            tenant, request.sandbox_id, list(request.argv), request.cwd or None, request.timeout or None))
+
     # -- datasets ---------------------------------------------------------------------------------
 
     async def UploadDataset(self, request_iterator, context):
         try:
             tenant = _tenant.get()
-            with self.core.audited(tenant, TRANSPORT, "dataset.upload"):
+            with rpc_line("UploadDataset", tenant.id), self.core.audited(tenant, TRANSPORT, "dataset.upload"):
                 first = await anext(aiter(request_iterator), None)
                 if first is None:
                     raise BadRequest("UploadDataset: no chunks were sent")
@@ -323,6 +358,10 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
                 return dataset_message(await self.core.upload_dataset(tenant, first.name or None, chunks()))
         except (ServiceError, SQLAlchemyError) as exc:
             await _abort(context, _service_error(exc))
+
+    @_rpc("dataset.find")
+    async def FindDataset(self, tenant, request, context):
+        return dataset_message(await self.core.db.run(self.core.datasets.find, tenant, request.sha256))
 
     @_rpc("dataset.list")
     async def ListDatasets(self, tenant, request, context):
@@ -348,16 +387,21 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
     @_rpc("job.events")
     async def JobEvents(self, tenant, request, context) -> AsyncIterator[pb.JobEvent]:
         async for event in self.core.jobs.events(tenant, request.job_id, request.after_seq):
-            yield pb.JobEvent(seq=event["seq"], ts=event["ts"], kind=event["kind"], data=struct(event["data"]))
+            yield pb.JobEvent(seq=event.seq, ts=timestamp(event.ts), kind=event.kind, data_json=json.dumps(event.data))
 
     @_rpc("job.cancel")
     async def CancelJob(self, tenant, request, context):
         return job_message(await self.core.jobs.cancel(tenant, request.job_id))
 
     @_rpc("job.artifact")
-    async def GetArtifact(self, tenant, request, context):
-        path = await self.core.jobs.artifact(tenant, request.job_id, request.name)
-        return pb.FileData(data=path.read_bytes())
+    async def GetArtifact(self, tenant, request, context) -> AsyncIterator[pb.FileData]:
+        async for chunk in _chunks(await self.core.jobs.artifact(tenant, request.job_id, request.name)):
+            yield chunk
+
+    @_rpc("job.log")
+    async def GetJobLog(self, tenant, request, context) -> AsyncIterator[pb.FileData]:
+        async for chunk in _chunks(await self.core.jobs.log_file(tenant, request.job_id, request.name)):
+            yield chunk
 
     @_rpc("regression.submit")
     async def SubmitRegression(self, tenant, request, context):

@@ -13,13 +13,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sandbox import ExecutionResult
 from service import protocol
 
 from .core import CellForgeCore
+from .docs import ERRORS, errors_as_served, serve_docs
+from .downloads import file_download
 from .errors import DATABASE_UNAVAILABLE, BadRequest, ServiceError, Unavailable, invalid
 from .http_guard import TENANT_SCOPE_KEY, BodyLimits, RequestGuard, error_body
+from .logs import AccessLog
 from .limits import JSON_BODY_BYTES, REGRESSION_BODY_BYTES
 from .sandboxes import MAX_FILE_BYTES, parse_request
 from .tenants import Tenant
@@ -27,6 +31,8 @@ from .tenants import Tenant
 log = logging.getLogger(__name__)
 
 TRANSPORT = "http"
+HTTP_ERRORS = {404: ("NotFound", "no route {method} {path}; see /docs"),
+               405: ("MethodNotAllowed", "{path} does not answer {method}; see /docs")}
 # Documents the scheme in OpenAPI; the key itself is checked by RequestGuard before any route runs.
 BEARER = HTTPBearer(auto_error=False, description="an API key from `cellforge serve tenants create`")
 
@@ -37,13 +43,17 @@ def body_limits(core: CellForgeCore) -> BodyLimits:
 
 
 def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
-    app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.")
+    app = FastAPI(title="CellForge", version="1", summary="Sandboxes, datasets, design jobs and regression runs.",
+                  docs_url=None, redoc_url=None, responses=ERRORS)
+    serve_docs(app)
+    errors_as_served(app)
 
     async def authenticate(authorization: str | None, action: str) -> Tenant:
         return await core.authenticate(authorization, TRANSPORT, action)
 
     # Authentication and body limits come before FastAPI reads any body (see http_guard).
     app.add_middleware(RequestGuard, authenticate=authenticate, limits=body_limits(core), body_timeout=body_timeout)
+    app.add_middleware(AccessLog)  # outermost: it sees the guard's refusals too
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -55,6 +65,19 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         # The statement and its parameters stay in the server log.
         log.error("database error on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse(error_body(Unavailable(DATABASE_UNAVAILABLE)), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own answers (no such route, a method the route lacks) in the project's error shape."""
+        kind, message = HTTP_ERRORS.get(exc.status_code, ("HTTPError", str(exc.detail)))
+        body = {"error": {"type": kind, "message": message.format(method=request.method, path=request.url.path)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"type": "InternalError", "message": "the server failed this call; it is "
+                                       "logged on the server"}}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,6 +92,11 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         return core.audited(tenant, TRANSPORT, action, resource)
 
     # -- health and metrics ---------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def welcome() -> dict[str, str]:
+        return {"service": "CellForge", "version": app.version, "docs": "/docs", "redoc": "/redoc",
+                "openapi": "/openapi.json", "auth": "Authorization: Bearer <api key> on every /v1/ call"}
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -148,18 +176,41 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
             data = await core.sandboxes.get_file(tenant, sandbox_id, path)
         return Response(data, media_type="application/octet-stream")
 
+    @app.get("/v1/sandboxes/{sandbox_id}/files")
+    async def list_files(sandbox_id: str, folder: str = "", tenant: Tenant = Depends(tenant_of)) -> protocol.FileList:
+        with audited(tenant, "sandbox.list_files", f"{sandbox_id}/{folder}"):
+            return protocol.FileList(files=await core.sandboxes.list_files(tenant, sandbox_id, folder))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands")
+    async def run_command(sandbox_id: str, body: protocol.CommandRequest,
+                          tenant: Tenant = Depends(tenant_of)) -> ExecutionResult:
+        """Run a program (no shell) and answer when it ends: `ok` only for exit code 0 (`exit_code`)."""
+        with audited(tenant, "sandbox.command", sandbox_id):
+            return await core.sandboxes.run_command(tenant, sandbox_id, body.argv, body.cwd, body.timeout)
+
     # -- datasets ---------------------------------------------------------------------------------
 
-    @app.post("/v1/datasets", status_code=201, response_model=protocol.DatasetInfo)
-    async def upload_dataset(request: Request, name: str | None = None,
+    @app.post("/v1/datasets", status_code=201, response_model=protocol.DatasetInfo,
+              responses={200: {"model": protocol.DatasetInfo, "description": "the same bytes were stored already"}})
+    async def upload_dataset(request: Request, response: Response, name: str | None = None,
                              tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
-        """Upload an `.h5ad` as the raw request body (`?name=file.h5ad`); validated before it is kept."""
+        """Upload an `.h5ad` as the raw request body (`?name=file.h5ad`); validated before it is kept.
+        Bytes the tenant stored already answer 200 with that dataset (`reused`)."""
         with audited(tenant, "dataset.upload", name):
             if request.headers.get("content-type", "").startswith("multipart/"):
                 raise BadRequest("send the .h5ad as the raw request body (application/octet-stream), not a form")
             declared = request.headers.get("content-length")
-            return await core.upload_dataset(tenant, name, request.stream(),
+            info = await core.upload_dataset(tenant, name, request.stream(),
                                              int(declared) if declared and declared.isdigit() else None)
+        if info.get("reused"):
+            response.status_code = 200
+        return info
+
+    @app.get("/v1/datasets/sha256/{digest}", response_model=protocol.DatasetInfo)
+    async def find_dataset(digest: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
+        """The tenant's dataset whose file has this SHA-256 (404 if none): check before uploading."""
+        with audited(tenant, "dataset.find", digest):
+            return await core.db.run(core.datasets.find, tenant, digest)
 
     @app.get("/v1/datasets", response_model=protocol.DatasetList)
     async def list_datasets(tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
@@ -199,20 +250,33 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         with audited(tenant, "job.cancel", job_id):
             return await core.jobs.cancel(tenant, job_id)
 
-    @app.get("/v1/jobs/{job_id}/artifacts/{name}")
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}", response_class=FileResponse)
     async def get_artifact(job_id: str, name: str, tenant: Tenant = Depends(tenant_of)) -> FileResponse:
+        """The file with its own content type; `report.html` opens in a browser (under a strict CSP)."""
         with audited(tenant, "job.artifact", f"{job_id}/{name}"):
             path = await core.jobs.artifact(tenant, job_id, name)
-        return FileResponse(path, filename=name, media_type="application/octet-stream")
+        return file_download(path, name)
+
+    @app.get("/v1/jobs/{job_id}/logs")
+    async def list_logs(job_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.JobLogs:
+        """The attempt logs of a design job (training output per attempt and fold), as paths."""
+        with audited(tenant, "job.logs", job_id):
+            return protocol.JobLogs(logs=await core.jobs.logs(tenant, job_id))
+
+    @app.get("/v1/jobs/{job_id}/logs/{name:path}", response_class=FileResponse)
+    async def get_log(job_id: str, name: str, tenant: Tenant = Depends(tenant_of)) -> FileResponse:
+        with audited(tenant, "job.log", f"{job_id}/{name}"):
+            path = await core.jobs.log_file(tenant, job_id, name)
+        return file_download(path, name)
 
     # -- regression runs --------------------------------------------------------------------------
 
     @app.post("/v1/regressions", status_code=201)
-    async def submit_regression(request: Request, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
+    async def submit_regression(body: protocol.RegressionRequest, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
         """`{"kind": "pytest", "bundle_zip_b64" | "job_id", "dataset_id"?}`, or `{"kind": "rescore" |
         "replay", "job_id", "tolerances"?}`; poll `GET /v1/regressions/{id}` for the verdict."""
         with audited(tenant, "regression.submit"):
-            return await core.jobs.submit_regression(tenant, await _json(request))
+            return await core.jobs.submit_regression(tenant, body)
 
     @app.get("/v1/regressions/{job_id}")
     async def get_regression(job_id: str, tenant: Tenant = Depends(tenant_of)) -> protocol.JobInfo:
@@ -254,12 +318,12 @@ async def _encode(items: AsyncGenerator[Any, None], sse: bool) -> AsyncIterator[
         await items.aclose()
 
 
-async def _encode_events(events: AsyncGenerator[dict[str, Any], None], sse: bool) -> AsyncIterator[bytes]:
+async def _encode_events(events: AsyncGenerator[protocol.JobEvent, None], sse: bool) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             if sse:
-                yield f"id: {event['seq']}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
+                yield f"id: {event.seq}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n".encode()
             else:
-                yield (json.dumps(event) + "\n").encode()
+                yield (event.model_dump_json() + "\n").encode()
     finally:
         await events.aclose()

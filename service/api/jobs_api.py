@@ -21,11 +21,20 @@ from pydantic import ValidationError
 from sandbox.errors import SpecError
 from sandbox.spec import parse_size
 from service.db import FINAL_STATES
-from service.protocol import CompareRegression, DesignJobRequest, JobInfo, PytestRegression, problems
+from service.protocol import (
+    CompareRegression,
+    DesignJobRequest,
+    JobEvent,
+    JobInfo,
+    PytestRegression,
+    RegressionRequestAdapter,
+    problems,
+)
 from service.jobs import REGRESSION_KINDS, Job, JobRunner, JobStore, design_settings
 
 from .datasets import DatasetService
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, invalid
+from .logs import job_line
 from .quotas import Resources, job_admitter, precheck_job, within_limits
 from .tenants import RUNTIME_STRENGTH, Tenant
 from .workpool import WorkPool
@@ -88,20 +97,16 @@ class JobService:
         params["resources"] = want.as_dict()
         return await self._enqueue(tenant, "design", params)
 
-    async def submit_regression(self, tenant: Tenant, request: Any) -> JobInfo:
-        if not isinstance(request, dict):
-            raise BadRequest(f"regression request: expected a JSON object, got {type(request).__name__}")
-        kind = request.get("kind")
-        spec: PytestRegression | CompareRegression
-        try:
-            if kind == "pytest":
-                spec = PytestRegression.model_validate(request)
-            elif kind in ("rescore", "replay"):
-                spec = CompareRegression.model_validate(request)
-            else:
-                raise BadRequest(f"kind: expected 'pytest', 'rescore' or 'replay', got {kind!r}")
-        except ValidationError as exc:
-            raise invalid("regression request", exc.errors()) from None
+    async def submit_regression(self, tenant: Tenant, request: PytestRegression | CompareRegression | dict[str, Any]
+                                ) -> JobInfo:
+        """A regression run; `request` as the HTTP body, already typed there, or as a dict (gRPC)."""
+        if isinstance(request, PytestRegression | CompareRegression):
+            spec = request
+        else:
+            try:
+                spec = RegressionRequestAdapter.validate_python(request)
+            except ValidationError as exc:
+                raise invalid("regression request", exc.errors()) from None
         if isinstance(spec, PytestRegression):
             return await self._submit_pytest(tenant, spec)
         source = await self._own(tenant, spec.job_id)
@@ -190,6 +195,7 @@ class JobService:
     async def _enqueue(self, tenant: Tenant, kind: str, params: dict[str, Any]) -> JobInfo:
         want = Resources.from_dict(params.get("resources"))
         job = await self.db.run(self.store.create, tenant.id, kind, params, admit=job_admitter(tenant.id, want))
+        job_line("job queued", job=job.id, tenant=tenant.id, kind=kind)
         self.runner.wake()
         return self.info(job)
 
@@ -211,7 +217,7 @@ class JobService:
         await self.runner.cancel(job_id)
         return self.info(await self._own(tenant, job_id))
 
-    async def events(self, tenant: Tenant, job_id: str, after_seq: int = 0) -> AsyncGenerator[dict[str, Any], None]:
+    async def events(self, tenant: Tenant, job_id: str, after_seq: int = 0) -> AsyncGenerator[JobEvent, None]:
         """Recorded events after `after_seq`, then new ones as they come, until the job has ended."""
         await self._own(tenant, job_id)
         seq = max(0, int(after_seq))
@@ -220,7 +226,7 @@ class JobService:
             batch = await self.db.run(self.store.events, job_id, seq)
             for event in batch:
                 seq = event.seq
-                yield {"seq": event.seq, "ts": event.ts, "kind": event.kind, "data": event.data}
+                yield JobEvent(seq=event.seq, ts=event.ts, kind=event.kind, data=event.data)
             if job is None or (job.final and not batch):
                 return
             if not batch:
@@ -232,6 +238,17 @@ class JobService:
         if name not in names:
             raise NotFound(f"job {job_id} has no artifact {name!r}; it has {sorted(names) or 'none yet'}")
         return self.runner.work_dir(job.id) / "artifacts" / name
+
+    async def logs(self, tenant: Tenant, job_id: str) -> builtins.list[str]:
+        """The job's attempt logs (`attempts/NN/runs/FOLD/train.log`), as paths relative to the run."""
+        return self._logs((await self._own(tenant, job_id)).id)
+
+    async def log_file(self, tenant: Tenant, job_id: str, name: str) -> Path:
+        job = await self._own(tenant, job_id)
+        names = self._logs(job.id)
+        if name not in names:  # only listed names are served: nothing outside the run folder is reachable
+            raise NotFound(f"job {job_id} has no log {name!r}; it has {names or 'none yet'}")
+        return self.runner.work_dir(job.id) / "run" / name
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -254,10 +271,19 @@ class JobService:
         folder = self.runner.work_dir(job_id) / "artifacts"
         return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
+    def _logs(self, job_id: str) -> builtins.list[str]:
+        run = self.runner.work_dir(job_id) / "run"
+        attempts = run / "attempts"
+        if not attempts.is_dir():
+            return []
+        root = run.resolve()  # a link written by generated code never leads out of the run folder
+        return sorted(p.relative_to(run).as_posix() for p in attempts.rglob("*.log")
+                      if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root))
+
     def info(self, job: Job) -> JobInfo:
         # Host paths stay on the server.
         params = {k: v for k, v in job.params.items() if not k.endswith(("_dir", "_path"))}
         return JobInfo(id=job.id, kind=job.kind, status=job.status, phase=job.phase,
                        error=job.error, created_at=job.created_at, started_at=job.started_at,
                        finished_at=job.finished_at, attempts=job.attempts, params=params, result=job.result,
-                       artifacts=self._artifacts(job.id), final=job.status in FINAL_STATES)
+                       artifacts=self._artifacts(job.id), final=job.status in FINAL_STATES, logs=self._logs(job.id))

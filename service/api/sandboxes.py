@@ -7,9 +7,11 @@ tenant's calls only ever reach its own. A lease the pool reaped (idle, lifetime)
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from sandbox import (
     SandboxStartError,
     SpecError,
     StreamEvent,
+    UsageError,
     WorkspacePathError,
     WorkspaceQuotaError,
 )
@@ -102,6 +105,23 @@ def parse_request(data: Any) -> SandboxRequest:
     if not request.image.startswith(ALLOWED_IMAGE_PREFIX):
         raise BadRequest(f"image: only {ALLOWED_IMAGE_PREFIX}* images are served, got {request.image!r}")
     return request
+
+
+@contextlib.contextmanager
+def _answers(sandbox_id: str) -> Iterator[None]:
+    """The sandbox layer's errors for a file or command call, as the caller's answers."""
+    try:
+        yield
+    except WorkspaceQuotaError as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except (WorkspacePathError, UsageError) as exc:
+        raise BadRequest(str(exc)) from None
+    except FileTransferError as exc:
+        raise NotFound(str(exc)) from None
+    except (SandboxReaped, SandboxClosedError):
+        raise NotFound(f"sandbox {sandbox_id} is gone") from None
+    except SandboxDeadError as exc:
+        raise Conflict(str(exc)) from None
 
 
 class SandboxService:
@@ -205,29 +225,25 @@ class SandboxService:
         if len(data) > MAX_FILE_BYTES:
             raise PayloadTooLarge(f"file {path!r} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
         live = self._own(tenant, sandbox_id)
-        try:
+        with _answers(sandbox_id):
             await live.lease.files.put(path, data)
-        except WorkspaceQuotaError as exc:
-            raise PayloadTooLarge(str(exc)) from None
-        except WorkspacePathError as exc:
-            raise BadRequest(str(exc)) from None
-        except (SandboxReaped, SandboxClosedError):
-            raise NotFound(f"sandbox {sandbox_id} is gone") from None
-        except SandboxDeadError as exc:
-            raise Conflict(str(exc)) from None
 
     async def get_file(self, tenant: Tenant, sandbox_id: str, path: str) -> bytes:
         live = self._own(tenant, sandbox_id)
-        try:
+        with _answers(sandbox_id):
             return await live.lease.files.get(path, max_bytes=MAX_FILE_BYTES)
-        except WorkspacePathError as exc:
-            raise BadRequest(str(exc)) from None
-        except FileTransferError as exc:
-            raise NotFound(str(exc)) from None
-        except (SandboxReaped, SandboxClosedError):
-            raise NotFound(f"sandbox {sandbox_id} is gone") from None
-        except SandboxDeadError as exc:
-            raise Conflict(str(exc)) from None
+
+    async def list_files(self, tenant: Tenant, sandbox_id: str, folder: str = "") -> builtins.list[str]:
+        live = self._own(tenant, sandbox_id)
+        with _answers(sandbox_id):
+            return await live.lease.files.list(folder)
+
+    async def run_command(self, tenant: Tenant, sandbox_id: str, argv: builtins.list[str], cwd: str | None,
+                          timeout: float | None) -> ExecutionResult:
+        """`argv` run without a shell; `ok` only for exit code 0 (the code is in `exit_code`)."""
+        live = self._own(tenant, sandbox_id)
+        with _answers(sandbox_id):
+            return await live.lease.commands.run(argv, cwd=cwd, timeout=timeout)
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from pathlib import Path
 import uvicorn
 
 from sandbox import SandboxBackend
+from service.errors import CellForgeError
 
+from . import logs
 from .connections import ConnectionLimits, guarded_protocol, throttle_logs
 from .core import CellForgeCore, CoreConfig
 from .grpc_server import GrpcLimits, start_grpc
@@ -73,6 +76,14 @@ class _HttpServer(uvicorn.Server):
     """uvicorn re-raises SIGTERM/SIGINT once it has stopped serving, which ends the process before the
     core shuts down and leaves its sandboxes running; this one just stops serving on them."""
 
+    announce: tuple[str, ...] = ()  # logged once the socket is served
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            for line in self.announce:
+                log.warning(line)
+
     @contextlib.contextmanager
     def capture_signals(self):
         if threading.current_thread() is not threading.main_thread():  # embedded: stopped by should_exit
@@ -95,25 +106,56 @@ def http_config(app, config: ServerConfig) -> uvicorn.Config:
     )
 
 
+class StartupError(CellForgeError):
+    """The server cannot start (a port it cannot listen on); nothing was left running."""
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The HTTP socket, bound before anything starts, so a port in use is reported as it is."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; "
+                           "is another server using the port? (--http-port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve(config: ServerConfig, http: list[uvicorn.Server] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers; embedded in a thread: until the uvicorn server
-    appended to `http` gets `should_exit`), then stop both transports and the core."""
+    appended to `http` gets `should_exit`), then stop both transports and the core. StartupError when a
+    port cannot be listened on; "listening" is logged only once both are."""
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(config.default_threads, thread_name_prefix="cellforge-io"))
     _raise_fd_limit(config.connections.max_connections)
+    http_socket = listen(config.host, config.http_port, config.backlog)
     core = CellForgeCore(config.core_config())
-    await core.start()
+    try:
+        await core.start()
+    except BaseException:
+        http_socket.close()
+        raise
     grpc_server = None
     try:
         if config.grpc_port:
-            grpc_server, bound = await start_grpc(core, config.host, config.grpc_port, config.grpc)
-            log.warning("gRPC on %s:%d", config.host, bound)
+            try:
+                grpc_server, bound = await start_grpc(core, config.host, config.grpc_port, config.grpc)
+            except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
+                raise StartupError(f"cannot listen for gRPC on {config.host}:{config.grpc_port} ({exc}); is "
+                                   "another server using the port? (--grpc-port)") from None
         server = _HttpServer(http_config(create_app(core, config.body_timeout), config))
+        server.announce = (f"HTTP listening on http://{config.host}:{http_socket.getsockname()[1]} (docs at /docs)",
+                           *([f"gRPC listening on {config.host}:{bound}"] if grpc_server else []))
         if http is not None:
             http.append(server)
-        log.warning("HTTP on http://%s:%d", config.host, config.http_port)
-        await server.serve()
+        await server.serve(sockets=[http_socket])
     finally:
+        http_socket.close()
         if grpc_server is not None:
             await grpc_server.stop(grace=2)
         await core.stop()
@@ -134,6 +176,11 @@ def _raise_fd_limit(connections: int) -> None:
 
 def run_server(config: ServerConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     throttle_logs("uvicorn.error", "cellforge.connections", "service.api.http_app", "service.api.grpc_server",
                   "service.jobs.store")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        log.error("not started: %s", exc)
+        raise SystemExit(1) from None

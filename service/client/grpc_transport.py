@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from service.protocol import DatasetInfo, JobEvent, JobInfo, SandboxInfo
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 
@@ -68,13 +72,28 @@ def _dict(message: Any) -> dict[str, Any]:
                                      always_print_fields_with_no_presence=True)
 
 
-def _job(message: pb.Job) -> dict[str, Any]:
-    job = _dict(message)
-    for key in ("phase", "error"):
-        job[key] = job[key] or None
-    for key in ("started_at", "finished_at"):
-        job[key] = job[key] or None
-    return job
+def _time(message: Any, field: str) -> datetime | None:
+    stamp: Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC) if message.HasField(field) else None
+
+
+def _sandbox(m: pb.Sandbox) -> SandboxInfo:
+    return SandboxInfo(id=m.id, status=m.status, created_at=_time(m, "created_at"), spec=json.loads(m.spec_json or "{}"),
+                       dataset_id=m.dataset_id or None)
+
+
+def _dataset(m: pb.Dataset) -> DatasetInfo:
+    return DatasetInfo(id=m.id, name=m.name, size_bytes=m.size_bytes, created_at=_time(m, "created_at"),
+                       layout=json.loads(m.layout_json or "{}"), reused=m.reused)
+
+
+def _job(m: pb.Job) -> JobInfo:
+    return JobInfo(
+        id=m.id, kind=m.kind, status=m.status, phase=m.phase if m.HasField("phase") else None,
+        error=m.error if m.HasField("error") else None, created_at=_time(m, "created_at"),
+        started_at=_time(m, "started_at"), finished_at=_time(m, "finished_at"), attempts=m.attempts,
+        params=json.loads(m.params_json or "{}"), result=json.loads(m.result_json) if m.result_json else None,
+        artifacts=list(m.artifacts), final=m.final, logs=list(m.logs))
 
 
 class GrpcTransport:
@@ -94,16 +113,16 @@ class GrpcTransport:
         return getattr(self._stub, name)(request, metadata=self._metadata, timeout=self._timeout)
 
     @_calls
-    def create_sandbox(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return _dict(self._unary("CreateSandbox", pb.CreateSandboxRequest(spec=struct(spec))))
+    def create_sandbox(self, spec: dict[str, Any]) -> SandboxInfo:
+        return _sandbox(self._unary("CreateSandbox", pb.CreateSandboxRequest(spec=struct(spec))))
 
     @_calls
-    def get_sandbox(self, sandbox_id: str) -> dict[str, Any]:
-        return _dict(self._unary("GetSandbox", pb.SandboxRef(sandbox_id=sandbox_id)))
+    def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return _sandbox(self._unary("GetSandbox", pb.SandboxRef(sandbox_id=sandbox_id)))
 
     @_calls
-    def list_sandboxes(self) -> list[dict[str, Any]]:
-        return [_dict(s) for s in self._unary("ListSandboxes", pb.ListRequest()).sandboxes]
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        return [_sandbox(s) for s in self._unary("ListSandboxes", pb.ListRequest()).sandboxes]
 
     @_calls
     def delete_sandbox(self, sandbox_id: str) -> None:
@@ -142,7 +161,16 @@ class GrpcTransport:
         return self._unary("GetFile", pb.FileRef(sandbox_id=sandbox_id, path=path)).data
 
     @_calls
-    def upload_dataset(self, path: Path, name: str) -> dict[str, Any]:
+    def list_files(self, sandbox_id: str, folder: str) -> list[str]:
+        return list(self._unary("ListFiles", pb.FileRef(sandbox_id=sandbox_id, path=folder)).files)
+
+    @_calls
+    def run_command(self, sandbox_id: str, argv: list[str], cwd: str | None, timeout: float | None) -> dict[str, Any]:
+        return _dict(self._unary("RunCommand", pb.CommandRequest(sandbox_id=sandbox_id, argv=argv, cwd=cwd or "",
+                                                                 timeout=timeout or 0)))
+
+    @_calls
+    def upload_dataset(self, path: Path, name: str) -> DatasetInfo:
         def chunks() -> Iterator[pb.DatasetChunk]:
             with path.open("rb") as fh:
                 first = True
@@ -150,47 +178,65 @@ class GrpcTransport:
                     yield pb.DatasetChunk(name=name if first else "", data=data)
                     first = False
 
-        return _dict(self._stub.UploadDataset(chunks(), metadata=self._metadata, timeout=self._timeout))
+        return _dataset(self._stub.UploadDataset(chunks(), metadata=self._metadata, timeout=self._timeout))
+
+    def find_dataset(self, sha256: str) -> DatasetInfo | None:
+        try:
+            return _dataset(self._unary("FindDataset", pb.DatasetDigest(sha256=sha256)))
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _translate(exc) from None
 
     @_calls
-    def list_datasets(self) -> list[dict[str, Any]]:
-        return [_dict(d) for d in self._unary("ListDatasets", pb.ListRequest()).datasets]
+    def list_datasets(self) -> list[DatasetInfo]:
+        return [_dataset(d) for d in self._unary("ListDatasets", pb.ListRequest()).datasets]
 
     @_calls
-    def submit_job(self, dataset_id: str, task: str, options: dict[str, Any]) -> dict[str, Any]:
+    def submit_job(self, dataset_id: str, task: str, options: dict[str, Any]) -> JobInfo:
         return _job(self._unary("SubmitJob", pb.SubmitJobRequest(dataset_id=dataset_id, task=task,
                                                                  options=struct(options))))
 
     @_calls
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> JobInfo:
         return _job(self._unary("GetJob", pb.JobRef(job_id=job_id)))
 
     @_calls
-    def list_jobs(self) -> list[dict[str, Any]]:
+    def list_jobs(self) -> list[JobInfo]:
         return [_job(j) for j in self._unary("ListJobs", pb.ListRequest()).jobs]
 
     @_streams
-    def job_events(self, job_id: str, after_seq: int) -> Iterator[dict[str, Any]]:
+    def job_events(self, job_id: str, after_seq: int) -> Iterator[JobEvent]:
         call = self._stub.JobEvents(pb.JobEventsRequest(job_id=job_id, after_seq=after_seq), metadata=self._metadata)
         try:
             for event in call:
-                yield {"seq": event.seq, "ts": event.ts, "kind": event.kind,
-                       "data": json_format.MessageToDict(event.data)}
+                yield JobEvent(seq=event.seq, ts=_time(event, "ts"), kind=event.kind, data=json.loads(event.data_json))
         finally:
             call.cancel()
 
     @_calls
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
+    def cancel_job(self, job_id: str) -> JobInfo:
         return _job(self._unary("CancelJob", pb.JobRef(job_id=job_id)))
 
-    @_calls
-    def get_artifact(self, job_id: str, name: str) -> bytes:
-        return self._unary("GetArtifact", pb.ArtifactRef(job_id=job_id, name=name)).data
+    def artifact_chunks(self, job_id: str, name: str) -> Iterator[bytes]:
+        return self._download("GetArtifact", job_id, name)
+
+    def log_chunks(self, job_id: str, name: str) -> Iterator[bytes]:
+        return self._download("GetJobLog", job_id, name)
+
+    @_streams
+    def _download(self, method: str, job_id: str, name: str) -> Iterator[bytes]:
+        call = getattr(self._stub, method)(pb.ArtifactRef(job_id=job_id, name=name), metadata=self._metadata)
+        try:
+            for chunk in call:
+                yield chunk.data
+        finally:
+            call.cancel()
 
     @_calls
-    def submit_regression(self, request: dict[str, Any]) -> dict[str, Any]:
+    def submit_regression(self, request: dict[str, Any]) -> JobInfo:
         return _job(self._unary("SubmitRegression", pb.SubmitRegressionRequest(request=struct(request))))
 
     @_calls
-    def get_regression(self, job_id: str) -> dict[str, Any]:
+    def get_regression(self, job_id: str) -> JobInfo:
         return _job(self._unary("GetRegression", pb.JobRef(job_id=job_id)))

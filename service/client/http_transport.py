@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,11 @@ from typing import Any
 
 import httpx
 
+from service.protocol import DatasetInfo, DatasetList, FileList, JobEvent, JobInfo, JobList, SandboxInfo, SandboxList
+
 from .errors import api_error
+
+DOWNLOAD_CHUNK = 1 << 20
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -38,25 +43,30 @@ class HttpTransport:
         _raise_for(response)
         return response
 
-    def create_sandbox(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/sandboxes", json=spec).json()
+    @contextlib.contextmanager
+    def _lines(self, method: str, path: str, **kwargs: Any) -> Iterator[Iterator[str]]:
+        """The answer's non-empty lines; leaving the block closes the connection at once (which, for an
+        execution, interrupts the code on the server)."""
+        with self._http.stream(method, path, **kwargs) as response:
+            _raise_for(response)
+            yield (line for line in response.iter_lines() if line.strip())
 
-    def get_sandbox(self, sandbox_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/sandboxes/{sandbox_id}").json()
+    def create_sandbox(self, spec: dict[str, Any]) -> SandboxInfo:
+        return SandboxInfo.model_validate_json(self._call("POST", "/v1/sandboxes", json=spec).content)
 
-    def list_sandboxes(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/sandboxes").json()["sandboxes"]
+    def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
+        return SandboxInfo.model_validate_json(self._call("GET", f"/v1/sandboxes/{sandbox_id}").content)
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        return SandboxList.model_validate_json(self._call("GET", "/v1/sandboxes").content).sandboxes
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         self._call("DELETE", f"/v1/sandboxes/{sandbox_id}")
 
     def stream(self, sandbox_id: str, code: str, timeout: float | None) -> Iterator[dict[str, Any]]:
-        with self._http.stream("POST", f"/v1/sandboxes/{sandbox_id}/execute",
-                               json={"code": code, "timeout": timeout}) as response:
-            _raise_for(response)
-            for line in response.iter_lines():
-                if line.strip():
-                    yield json.loads(line)
+        with self._lines("POST", f"/v1/sandboxes/{sandbox_id}/execute", json={"code": code, "timeout": timeout}) as lines:
+            for line in lines:
+                yield json.loads(line)
 
     def interrupt(self, sandbox_id: str) -> None:
         self._call("POST", f"/v1/sandboxes/{sandbox_id}/interrupt")
@@ -70,39 +80,60 @@ class HttpTransport:
     def get_file(self, sandbox_id: str, path: str) -> bytes:
         return self._call("GET", f"/v1/sandboxes/{sandbox_id}/files/{path}").content
 
-    def upload_dataset(self, path: Path, name: str) -> dict[str, Any]:
+    def list_files(self, sandbox_id: str, folder: str) -> list[str]:
+        return FileList.model_validate_json(self._call("GET", f"/v1/sandboxes/{sandbox_id}/files",
+                                                       params={"folder": folder}).content).files
+
+    def run_command(self, sandbox_id: str, argv: list[str], cwd: str | None, timeout: float | None) -> dict[str, Any]:
+        return self._call("POST", f"/v1/sandboxes/{sandbox_id}/commands",
+                          json={"argv": argv, "cwd": cwd, "timeout": timeout}).json()
+
+    def upload_dataset(self, path: Path, name: str) -> DatasetInfo:
         with path.open("rb") as fh:
-            return self._call("POST", "/v1/datasets", params={"name": name}, content=fh,
-                              headers={"Content-Type": "application/octet-stream"}).json()
+            return DatasetInfo.model_validate_json(self._call(
+                "POST", "/v1/datasets", params={"name": name}, content=fh,
+                headers={"Content-Type": "application/octet-stream"}).content)
 
-    def list_datasets(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/datasets").json()["datasets"]
+    def find_dataset(self, sha256: str) -> DatasetInfo | None:
+        response = self._http.get(f"/v1/datasets/sha256/{sha256}")
+        if response.status_code == 404:
+            return None
+        _raise_for(response)
+        return DatasetInfo.model_validate_json(response.content)
 
-    def submit_job(self, dataset_id: str, task: str, options: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/jobs", json={"dataset_id": dataset_id, "task": task,
-                                                    "options": options}).json()
+    def list_datasets(self) -> list[DatasetInfo]:
+        return DatasetList.model_validate_json(self._call("GET", "/v1/datasets").content).datasets
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job_id}").json()
+    def submit_job(self, dataset_id: str, task: str, options: dict[str, Any]) -> JobInfo:
+        return JobInfo.model_validate_json(self._call("POST", "/v1/jobs", json={
+            "dataset_id": dataset_id, "task": task, "options": options}).content)
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/jobs").json()["jobs"]
+    def get_job(self, job_id: str) -> JobInfo:
+        return JobInfo.model_validate_json(self._call("GET", f"/v1/jobs/{job_id}").content)
 
-    def job_events(self, job_id: str, after_seq: int) -> Iterator[dict[str, Any]]:
-        with self._http.stream("GET", f"/v1/jobs/{job_id}/events", params={"after_seq": after_seq}) as response:
+    def list_jobs(self) -> list[JobInfo]:
+        return JobList.model_validate_json(self._call("GET", "/v1/jobs").content).jobs
+
+    def job_events(self, job_id: str, after_seq: int) -> Iterator[JobEvent]:
+        with self._lines("GET", f"/v1/jobs/{job_id}/events", params={"after_seq": after_seq}) as lines:
+            for line in lines:
+                yield JobEvent.model_validate_json(line)
+
+    def cancel_job(self, job_id: str) -> JobInfo:
+        return JobInfo.model_validate_json(self._call("POST", f"/v1/jobs/{job_id}/cancel").content)
+
+    def artifact_chunks(self, job_id: str, name: str) -> Iterator[bytes]:
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
             _raise_for(response)
-            for line in response.iter_lines():
-                if line.strip():
-                    yield json.loads(line)
+            yield from response.iter_bytes(DOWNLOAD_CHUNK)
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel").json()
+    def log_chunks(self, job_id: str, name: str) -> Iterator[bytes]:
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/logs/{name}") as response:
+            _raise_for(response)
+            yield from response.iter_bytes(DOWNLOAD_CHUNK)
 
-    def get_artifact(self, job_id: str, name: str) -> bytes:
-        return self._call("GET", f"/v1/jobs/{job_id}/artifacts/{name}").content
+    def submit_regression(self, request: dict[str, Any]) -> JobInfo:
+        return JobInfo.model_validate_json(self._call("POST", "/v1/regressions", json=request).content)
 
-    def submit_regression(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/v1/regressions", json=request).json()
-
-    def get_regression(self, job_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/regressions/{job_id}").json()
+    def get_regression(self, job_id: str) -> JobInfo:
+        return JobInfo.model_validate_json(self._call("GET", f"/v1/regressions/{job_id}").content)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from sandbox.events import ExecutionResult, StreamEvent, StreamEventAdapter
+from sandbox.events import ExecutionResult, StreamEvent
 
 from . import CellForgeClient
 
@@ -17,11 +17,9 @@ def run_script(url: str, api_key: str, code: str, *, transport: Literal["http", 
     """Run `code` in a new sandbox on the server (spec: image, cpus, memory, gpus, timeout), streaming its
     typed events to `on_event`; the sandbox is deleted afterwards. Returns (sandbox id, result)."""
     with CellForgeClient(url, api_key, transport=transport) as client:
-        sandbox = client.create_sandbox(**{k: v for k, v in spec.items() if v is not None})["id"]
+        sandbox = client.create_sandbox(**{k: v for k, v in spec.items() if v is not None}).id
         try:
-            return sandbox, client.execute(sandbox, code, timeout=spec.get("timeout"),
-                                           on_event=(lambda e: on_event(StreamEventAdapter.validate_python(e)))
-                                           if on_event else None)
+            return sandbox, client.execute(sandbox, code, timeout=spec.get("timeout"), on_event=on_event)
         finally:
             client.delete_sandbox(sandbox)
 
@@ -29,18 +27,18 @@ def run_script(url: str, api_key: str, code: str, *, transport: Literal["http", 
 def run_design(url: str, api_key: str, data: Path, task: str, *, transport: Literal["http", "grpc"] = "http",
                on_event: Callable[[dict[str, Any]], None] | None = None, download_to: Path | None = None,
                **options: Any) -> dict[str, Any]:
-    """Upload `data`, run a design job on it and follow its events (`on_event` gets each event dict: kind,
-    seq, data with phase/message/round/attempt/epoch/losses); the job's artifacts are downloaded into
-    `download_to`. Returns the finished job."""
+    """Run a design job on `data` (uploaded unless the server has these bytes already) and follow its
+    events (`on_event` gets each event as JSON: kind, seq, ts, data with phase/message/round/attempt/
+    epoch/losses); the job's artifacts are streamed into `download_to`. Returns the finished job as JSON."""
     with CellForgeClient(url, api_key, transport=transport) as client:
         dataset = client.upload_dataset(data)
-        job = client.submit_job(dataset["id"], task, **{k: v for k, v in options.items() if v is not None})
-        for event in client.job_events(job["id"]):
+        job = client.submit_job(dataset.id, task, **{k: v for k, v in options.items() if v is not None})
+        for event in client.job_events(job.id):
             if on_event is not None:
-                on_event(event)
-        job = client.get_job(job["id"])
+                on_event(event.model_dump(mode="json"))
+        job = client.get_job(job.id)
         if download_to is not None:
             download_to.mkdir(parents=True, exist_ok=True)
-            for name in job["artifacts"]:
-                (download_to / name).write_bytes(client.get_artifact(job["id"], name))
-        return job
+            for name in job.artifacts:
+                client.download_artifact(job.id, name, download_to / name)
+        return job.model_dump(mode="json")

@@ -13,13 +13,26 @@ from .jobs import (
     JobEvent,
     JobInfo,
     JobList,
+    JobLogs,
     PytestRegression,
     RegressionRequest,
+    RegressionRequestAdapter,
 )
-from .sandboxes import DatasetInfo, DatasetList, ExecuteRequest, SandboxInfo, SandboxList, SandboxStatus
+from .sandboxes import (
+    CommandRequest,
+    DatasetInfo,
+    DatasetList,
+    ExecuteRequest,
+    FileList,
+    SandboxInfo,
+    SandboxList,
+    SandboxStatus,
+)
+from .times import Timestamp
 
 __all__ = [
     "FINAL_JOB_STATES",
+    "CommandRequest",
     "CompareRegression",
     "DatasetInfo",
     "DatasetList",
@@ -28,14 +41,18 @@ __all__ = [
     "ErrorBody",
     "ErrorDetail",
     "ExecuteRequest",
+    "FileList",
     "JobEvent",
     "JobInfo",
     "JobList",
+    "JobLogs",
     "PytestRegression",
     "RegressionRequest",
+    "RegressionRequestAdapter",
     "SandboxInfo",
     "SandboxList",
     "SandboxStatus",
+    "Timestamp",
     "problems",
     "unknown_fields",
 ]

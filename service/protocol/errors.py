@@ -26,5 +26,14 @@ def problems(errors: Sequence[Mapping[str, Any]] | ValidationError) -> str:
     """`field: what is wrong; ...` for a validation failure."""
     if isinstance(errors, ValidationError):
         errors = errors.errors()
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in errors)
+    return "; ".join(_problem(e) for e in errors)
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "body"
+    if error["type"] == "union_tag_invalid":  # a tagged union's tag (e.g. a regression's `kind`) with no match
+        ctx = error["ctx"]
+        tags = [t.strip() for t in ctx["expected_tags"].split(",")]
+        choices = f"{', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else tags[0]
+        return f"{ctx['discriminator'].strip(chr(39))}: expected {choices}, got {ctx['tag']!r}"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"

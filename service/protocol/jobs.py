@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .times import Timestamp
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -61,6 +63,7 @@ class CompareRegression(_Regression):
 
 
 RegressionRequest = Annotated[PytestRegression | CompareRegression, Field(discriminator="kind")]
+RegressionRequestAdapter: TypeAdapter[PytestRegression | CompareRegression] = TypeAdapter(RegressionRequest)
 
 
 class JobInfo(BaseModel):
@@ -71,22 +74,27 @@ class JobInfo(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     phase: str | None
     error: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
     attempts: int
     params: dict[str, Any]
     result: dict[str, Any] | None
     artifacts: list[str]
     final: bool
+    logs: list[str] = Field(default_factory=list, description="attempt logs, for `GET /v1/jobs/{id}/logs/{path}`")
 
 
 class JobList(BaseModel):
     jobs: list[JobInfo]
 
 
+class JobLogs(BaseModel):
+    logs: list[str] = Field(description="paths of the attempt logs, for `GET /v1/jobs/{id}/logs/{path}`")
+
+
 class JobEvent(BaseModel):
     seq: int
-    ts: float
+    ts: Timestamp
     kind: str
     data: dict[str, Any]

@@ -154,6 +154,17 @@ class Server:
         return CellForgeClient(self.url if transport == "http" else self.grpc_target, tenant.key, transport=transport)
 
 
+def tenant_id(server: Server, name: str) -> str:
+    from service.api.tenants import list_tenants
+    from service.db import Database
+
+    db = Database(server.db_url)
+    try:
+        return next(t.id for t in list_tenants(db) if t.name == name)
+    finally:
+        db.dispose()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, docker_image):
     srv = Server(tmp_path_factory.mktemp("api"), "--max-upload", "4m", "--workers", "2")

@@ -25,10 +25,10 @@ def screen(tmp_path_factory):
 def test_upload_a_valid_dataset_and_mount_it_in_a_sandbox(server, alice, screen, transport):
     with server.client(alice, transport) as c:
         ds = c.upload_dataset(screen)
-        assert ds["id"].startswith("ds_") and ds["name"] == "screen.h5ad"
-        assert ds["layout"]["perturbation_key"] == "perturbation"
-        assert ds["id"] in {d["id"] for d in c.list_datasets()}
-        sb = c.create_sandbox(memory="512m", dataset_id=ds["id"])["id"]
+        assert ds.id.startswith("ds_") and ds.name == "screen.h5ad"
+        assert ds.layout["perturbation_key"] == "perturbation"
+        assert ds.id in {d.id for d in c.list_datasets()}
+        sb = c.create_sandbox(memory="512m", dataset_id=ds.id).id
         try:
             res = c.execute(sb, "import os, anndata\n"
                                 "a = anndata.read_h5ad('/data/screen.h5ad')\n"
@@ -81,8 +81,8 @@ def test_another_tenants_dataset_cannot_be_mounted(server, alice, bob, screen):
     with server.client(alice) as c:
         ds = c.upload_dataset(screen, name="private.h5ad")
     with server.client(bob) as c:
-        assert ds["id"] not in {d["id"] for d in c.list_datasets()}
+        assert ds.id not in {d.id for d in c.list_datasets()}
         with pytest.raises(NotFoundError, match="no dataset"):
-            c.create_sandbox(dataset_id=ds["id"])
+            c.create_sandbox(dataset_id=ds.id)
         with pytest.raises(NotFoundError, match="no dataset"):
             c.create_sandbox(dataset_id="ds_0000000000000000")

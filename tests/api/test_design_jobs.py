@@ -15,29 +15,19 @@ import zipfile
 from pathlib import Path
 
 import docker
+import httpx
 import pytest
 
-from service.client import InvalidRequestError
+from service.client import InvalidRequestError, NotFoundError
 from service.client.remote import run_design
 from service.data import simulate
 from service.jobs import compare_metrics
 
-from .conftest import Tenant
+from .conftest import Tenant, tenant_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 TASK = "Predict expression after CRISPR knockout of unseen genes"
-
-
-def tenant_id(server, name: str) -> str:
-    from service.api.tenants import list_tenants
-    from service.db import Database
-
-    db = Database(server.db_url)
-    try:
-        return next(t.id for t in list_tenants(db) if t.name == name)
-    finally:
-        db.dispose()
 
 
 class ContainerWatch:
@@ -118,15 +108,15 @@ def test_a_tenant_runtime_reaches_its_design_sandboxes(server, tmp_path):
     with server.client(strict) as c, ContainerWatch(out["id"]) as watch:
         dataset = c.upload_dataset(data)
         with pytest.raises(InvalidRequestError, match="weaker"):
-            c.submit_job(dataset["id"], TASK, runtime="runc")
-        job = c.submit_job(dataset["id"], TASK, max_attempts=1, max_nodes=0)
-        assert job["params"]["runtime"] == "runsc" and "runtime" not in job["params"]["options"]
+            c.submit_job(dataset.id, TASK, runtime="runc")
+        job = c.submit_job(dataset.id, TASK, max_attempts=1, max_nodes=0)
+        assert job.params["runtime"] == "runsc" and "runtime" not in job.params["options"]
         deadline = time.monotonic() + 180
-        while not watch.seen and time.monotonic() < deadline and not c.get_job(job["id"])["final"]:
+        while not watch.seen and time.monotonic() < deadline and not c.get_job(job.id).final:
             time.sleep(0.5)
-        c.cancel_job(job["id"])
-        c.wait(job["id"], timeout=120)
-    assert watch.seen, c.get_job(job["id"])
+        c.cancel_job(job.id)
+        c.wait(job.id, timeout=120)
+    assert watch.seen, c.get_job(job.id)
     assert all(s["runtime"] == "runsc" and s["labels"]["cellforge.tenant"] == out["id"] for s in watch.seen.values())
 
 
@@ -156,21 +146,53 @@ def test_design_artifacts_download(server, alice, design_job, transport):
     assert metrics["model"] == job["result"]["metrics"]["model"]
 
 
+def test_the_report_opens_in_a_browser_and_other_files_download(server, alice, design_job):
+    job, _, _, _ = design_job
+    headers = {"Authorization": f"Bearer {alice.key}"}
+    report = httpx.get(f"{server.url}/v1/jobs/{job['id']}/artifacts/report.html", headers=headers)
+    assert report.headers["content-type"] == "text/html; charset=utf-8" and "<html" in report.text.lower()
+    assert report.headers["content-disposition"].startswith("inline")
+    policy = report.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "sandbox" in policy and "script-src" not in policy
+    assert report.headers["x-content-type-options"] == "nosniff"
+    kinds = {name: httpx.get(f"{server.url}/v1/jobs/{job['id']}/artifacts/{name}", headers=headers)
+             for name in ("predictions.h5ad", "metrics.json", "code.zip", "model.pt")}
+    assert {n: r.headers["content-type"] for n, r in kinds.items()} == {
+        "predictions.h5ad": "application/x-hdf5", "metrics.json": "application/json", "code.zip": "application/zip",
+        "model.pt": "application/octet-stream"}
+    assert all(r.headers["content-disposition"].startswith("attachment") for r in kinds.values())
+
+
+def test_attempt_logs_are_listed_and_downloadable(server, alice, bob, design_job, transport):
+    job, _, _, _ = design_job
+    with server.client(alice, transport) as c:
+        logs = c.job_logs(job["id"])
+        assert logs and all(re.fullmatch(r"attempts/\d+/runs/[\w.-]+/train\.log", p) for p in logs), logs
+        text = c.job_log(job["id"], logs[0])
+        with pytest.raises(NotFoundError):
+            c.job_log(job["id"], "../metrics.json")
+    assert text.strip(), "an attempt's training log is empty"
+    r = httpx.get(f"{server.url}/v1/jobs/{job['id']}/logs/{logs[0]}", headers={"Authorization": f"Bearer {alice.key}"})
+    assert r.headers["content-type"] == "text/plain; charset=utf-8" and r.text == text
+    with server.client(bob, transport) as c, pytest.raises(NotFoundError):
+        c.job_log(job["id"], logs[0])
+
+
 def test_rescore_replay_and_pytest_regressions_pass_on_the_stored_run(server, alice, design_job):
     job, _, _, _ = design_job
     with server.client(alice) as c:
         runs = {kind: c.submit_regression(kind=kind, job_id=job["id"]) for kind in ("rescore", "replay", "pytest")}
-        done = {kind: c.wait(run["id"], timeout=300) for kind, run in runs.items()}
+        done = {kind: c.wait(run.id, timeout=300) for kind, run in runs.items()}
     for kind, run in done.items():
-        assert run["status"] == "succeeded", (kind, run["error"])
-        assert run["result"]["passed"] is True, (kind, run["result"])
+        assert run.status == "succeeded", (kind, run.error)
+        assert run.result["passed"] is True, (kind, run.result)
     # predictions.h5ad is the delivered predictor's (designed model, baseline or stack): every metric recorded
     # for it is compared (the control baseline, for one, has no pearson_delta).
-    compared = {d["metric"] for d in done["rescore"]["result"]["differences"]}
+    compared = {d["metric"] for d in done["rescore"].result["differences"]}
     assert "mse" in compared and compared == set(job["result"]["metrics"]["delivered"]["test"])
-    assert all(d["difference"] == 0 for d in done["rescore"]["result"]["differences"] if d["difference"] is not None)
-    assert done["replay"]["result"]["failed_metrics"] == []
-    assert done["pytest"]["result"]["summary"]["failed"] == 0 and done["pytest"]["result"]["summary"]["total"] > 0
+    assert all(d["difference"] == 0 for d in done["rescore"].result["differences"] if d["difference"] is not None)
+    assert done["replay"].result["failed_metrics"] == []
+    assert done["pytest"].result["summary"]["failed"] == 0 and done["pytest"].result["summary"]["total"] > 0
 
 
 def test_metric_comparison_reports_each_difference_under_its_tolerance():

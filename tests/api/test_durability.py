@@ -43,18 +43,18 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, docker_image, make
         simulate("knockout", 0, n_cells=3000, n_genes=100).write_h5ad(data)
         with server.client(tenant) as c:
             dataset = c.upload_dataset(data)
-            before = c.wait(c.submit_regression(kind="pytest", bundle_zip_b64=QUICK)["id"], timeout=120)
-            assert before["status"] == "succeeded"
-            design = c.submit_job(dataset["id"], "Predict expression after CRISPR knockout of unseen genes",
+            before = c.wait(c.submit_regression(kind="pytest", bundle_zip_b64=QUICK).id, timeout=120)
+            assert before.status == "succeeded"
+            design = c.submit_job(dataset.id, "Predict expression after CRISPR knockout of unseen genes",
                                   max_attempts=1)
             slow = c.submit_regression(kind="pytest", bundle_zip_b64=SLOW)
             queued = c.submit_regression(kind="pytest", bundle_zip_b64=QUICK)
             # Kill while the slow suite runs in its sandbox and the design job is mid-pipeline.
-            for event in c.job_events(slow["id"]):
-                if event["kind"] == "phase" and event["data"]["phase"] == "pytest":
+            for event in c.job_events(slow.id):
+                if event.kind == "phase" and event.data["phase"] == "pytest":
                     break
-            assert c.get_job(design["id"])["status"] == "running"
-            assert c.get_job(queued["id"])["status"] == "queued"
+            assert c.get_job(design.id).status == "running"
+            assert c.get_job(queued.id).status == "queued"
         old_pid = server.proc.pid
         server.kill()
         assert _owned_by(old_pid), "the killed server's sandbox containers should still be there"
@@ -62,15 +62,15 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, docker_image, make
         server.start()
         with server.client(tenant, "grpc") as c:
             assert not _owned_by(old_pid), "orphaned containers are reaped at start-up"
-            assert c.get_job(design["id"])["status"] == "failed"
-            assert c.get_job(design["id"])["error"] == INTERRUPTED
-            resumed = c.wait(slow["id"], timeout=120)
-            assert resumed["status"] == "succeeded" and resumed["result"]["passed"] is True
-            assert resumed["result"]["summary"]["passed"] == 1
-            assert c.wait(queued["id"], timeout=120)["status"] == "succeeded"
-            assert dataset["id"] in {d["id"] for d in c.list_datasets()}
-            assert b"testcase" in c.get_artifact(before["id"], "junit.xml")
-            statuses = [e["data"] for e in c.job_events(slow["id"]) if e["kind"] == "status"]
+            assert c.get_job(design.id).status == "failed"
+            assert c.get_job(design.id).error == INTERRUPTED
+            resumed = c.wait(slow.id, timeout=120)
+            assert resumed.status == "succeeded" and resumed.result["passed"] is True
+            assert resumed.result["summary"]["passed"] == 1
+            assert c.wait(queued.id, timeout=120).status == "succeeded"
+            assert dataset.id in {d.id for d in c.list_datasets()}
+            assert b"testcase" in c.get_artifact(before.id, "junit.xml")
+            statuses = [e.data for e in c.job_events(slow.id) if e.kind == "status"]
             assert [s["status"] for s in statuses] == ["queued", "running", "queued", "running", "succeeded"]
             assert "restart" in statuses[2]["detail"]
             c.create_sandbox(memory="256m")

@@ -197,7 +197,7 @@ def test_half_sent_requests_are_cut_and_do_not_stop_other_clients(tmp_path, dock
         other.close()
         # The body timeout stops at the end of the body: a response streamed for longer is untouched.
         with srv.client(Tenant("trickler", key)) as c:
-            sb = c.create_sandbox(memory="256m")["id"]
+            sb = c.create_sandbox(memory="256m").id
             assert c.execute(sb, "import time; time.sleep(2.5); 7 * 6").result == "42"
             c.delete_sandbox(sb)
     finally:
@@ -305,8 +305,8 @@ def test_parallel_job_submissions_hold_the_job_quota_and_leave_no_bundles(server
         assert len(accepted) == 2
         assert len({p.parent for p in _files(uploads)} - {p.parent for p in before}) == 2  # theirs only
         for job in accepted:
-            c.cancel_job(job["id"])
-            assert c.wait(job["id"], timeout=60)["status"] == "cancelled"
+            c.cancel_job(job.id)
+            assert c.wait(job.id, timeout=60).status == "cancelled"
     # Refused submissions left nothing; ended ones had their bundles removed.
     assert _files(uploads) == before
 
@@ -316,7 +316,7 @@ def test_parallel_sandbox_creates_hold_the_sandbox_quota(server, transport):
     with server.client(racer, transport) as c:
         def create(_: int):
             try:
-                return c.create_sandbox(memory="256m")["id"]
+                return c.create_sandbox(memory="256m").id
             except QuotaError:
                 return None
 
@@ -345,17 +345,17 @@ def test_job_sandboxes_are_sized_within_the_tenant_limits(server, screen):
         with pytest.raises(QuotaError, match="CPUs"):
             c.submit_regression(kind="pytest", bundle_zip_b64=bundle(probe), cpus=2)
         # The server's defaults (2g, 1 CPU) are lowered to the tenant's limits, and the sandbox has them.
-        run = c.wait(c.submit_regression(kind="pytest", bundle_zip_b64=bundle(probe))["id"], timeout=120)
-        assert run["status"] == "succeeded" and run["result"]["passed"], run["result"]["tests"]
-        assert (run["params"]["memory"], run["params"]["cpus"]) == ("1g", 1.0)
+        run = c.wait(c.submit_regression(kind="pytest", bundle_zip_b64=bundle(probe)).id, timeout=120)
+        assert run.status == "succeeded" and run.result["passed"], run.result["tests"]
+        assert (run.params["memory"], run.params["cpus"]) == ("1g", 1.0)
         # A design job likewise (4g, 2 CPUs by default).
-        dataset = c.upload_dataset(screen)["id"]
+        dataset = c.upload_dataset(screen).id
         design = c.submit_job(dataset, "predict knockouts", max_attempts=1)
-        assert (design["params"]["options"]["memory"], design["params"]["options"]["cpus"]) == ("1g", 1.0)
-        c.cancel_job(design["id"])
-        c.wait(design["id"], timeout=60)
+        assert (design.params["options"]["memory"], design.params["options"]["cpus"]) == ("1g", 1.0)
+        c.cancel_job(design.id)
+        c.wait(design.id, timeout=60)
         # Interactive sandboxes and job sandboxes share the tenant's memory.
-        sb = c.create_sandbox(memory="512m")["id"]
+        sb = c.create_sandbox(memory="512m").id
         with pytest.raises(QuotaError, match="memory"):
             c.submit_regression(kind="pytest", bundle_zip_b64=bundle(probe))
         with pytest.raises(QuotaError, match="memory"):
@@ -363,22 +363,27 @@ def test_job_sandboxes_are_sized_within_the_tenant_limits(server, screen):
         c.delete_sandbox(sb)
 
 
-def test_dataset_storage_quota_holds_under_parallel_uploads(server, screen):
-    data = screen
-    size = data.stat().st_size
+def test_dataset_storage_quota_holds_under_parallel_uploads(server, screen, tmp_path):
+    size = screen.stat().st_size
+    # Distinct files of the same size: the same bytes twice would be one dataset (deduplicated).
+    files = [screen]
+    for seed in (1, 2, 3):
+        files.append(tmp_path / f"screen{seed}.h5ad")
+        simulate("knockout", seed, n_cells=1500, n_genes=50).write_h5ad(files[-1])
     hoarder = server.cli_tenant("hoarder", "--max-storage", str(int(size * 1.5)))
     with server.client(hoarder) as c:
-        first = c.upload_dataset(data)
+        first = c.upload_dataset(screen)
+        assert c.upload_dataset(screen).id == first.id  # the same bytes: no second copy, no quota spent
         with pytest.raises(QuotaError, match="may store"):
-            c.upload_dataset(data)
-        assert [d["id"] for d in c.list_datasets()] == [first["id"]]
+            c.upload_dataset(files[1])
+        assert [d.id for d in c.list_datasets()] == [first.id]
     racer, racer_id = _tenant_with_id(server, "upload-racer", "--max-storage", str(int(size * 1.5)),
                                       "--rate-limit", "500")
 
-    def upload(_: int):
+    def upload(i: int):
         with server.client(racer) as c:
             try:
-                return c.upload_dataset(data)["id"]
+                return c.upload_dataset(files[i]).id
             except QuotaError:
                 return None
 
@@ -386,7 +391,7 @@ def test_dataset_storage_quota_holds_under_parallel_uploads(server, screen):
         kept = [d for d in pool.map(upload, range(4)) if d]
     assert len(kept) == 1
     with server.client(racer) as c:
-        assert [d["id"] for d in c.list_datasets()] == kept
+        assert [d.id for d in c.list_datasets()] == kept
     # The refused uploads left no file.
     assert [p.parent.name for p in _files(server.data_dir / "datasets" / racer_id)] == kept
 
@@ -406,8 +411,8 @@ def test_a_locked_database_fails_the_job_cleanly_and_the_worker_goes_on(tmp_path
             victim = c.submit_regression(kind="pytest", timeout=60, bundle_zip_b64=bundle(
                 {"test_wait.py": "import time\n\ndef test_wait():\n    time.sleep(3)\n"}))
             later = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(QUICK))
-            for event in c.job_events(victim["id"]):
-                if event["kind"] == "phase" and event["data"]["phase"] == "pytest":
+            for event in c.job_events(victim.id):
+                if event.kind == "phase" and event.data["phase"] == "pytest":
                     break
             lock = sqlite3.connect(srv.data_dir / "cellforge.db", timeout=5)
             lock.execute("BEGIN EXCLUSIVE")  # every write of the server now fails "database is locked"
@@ -417,12 +422,12 @@ def test_a_locked_database_fails_the_job_cleanly_and_the_worker_goes_on(tmp_path
             time.sleep(4)  # its last events and its end cannot be written: retried (1 s), then given up
             lock.rollback()
             lock.close()
-            failed = c.wait(victim["id"], timeout=60)
-            assert failed["status"] == "failed", failed
-            assert "database" in failed["error"]
-            assert not re.search(r"SQL|INSERT|UPDATE|locked|job_events|sqlite", failed["error"]), failed["error"]
+            failed = c.wait(victim.id, timeout=60)
+            assert failed.status == "failed", failed
+            assert "database" in failed.error
+            assert not re.search(r"SQL|INSERT|UPDATE|locked|job_events|sqlite", failed.error), failed.error
             # The worker was not lost: it runs the next job.
-            assert c.wait(later["id"], timeout=120)["status"] == "succeeded"
+            assert c.wait(later.id, timeout=120).status == "succeeded"
         assert "database is locked" in srv.log.read_text()
     finally:
         srv.stop()
@@ -442,10 +447,10 @@ def test_revoking_a_tenant_stops_its_sandboxes_and_jobs_within_seconds(server):
 
     leaver, tenant_id = _tenant_with_id(server, "leaver", "--max-jobs", "3")
     client = server.client(leaver)
-    sandboxes = [client.create_sandbox(memory="256m")["id"] for _ in range(2)]
+    sandboxes = [client.create_sandbox(memory="256m").id for _ in range(2)]
     running = client.submit_regression(kind="pytest", bundle_zip_b64=bundle(SLOW), timeout=60)
-    for event in client.job_events(running["id"]):
-        if event["kind"] == "phase" and event["data"]["phase"] == "pytest":
+    for event in client.job_events(running.id):
+        if event.kind == "phase" and event.data["phase"] == "pytest":
             break
     queued = client.submit_regression(kind="pytest", bundle_zip_b64=bundle(SLOW), timeout=60)
     assert len(_containers_of(tenant_id)) >= 3
@@ -469,7 +474,7 @@ def test_revoking_a_tenant_stops_its_sandboxes_and_jobs_within_seconds(server):
                              {"t": tenant_id}).scalar()
     finally:
         db.dispose()
-    assert set(jobs) == {running["id"], queued["id"]}
+    assert set(jobs) == {running.id, queued.id}
     assert all(v.startswith("cancelled:") and "revoked" in v for v in jobs.values()), jobs
     assert live == 0
     assert time.monotonic() - revoked < 15
@@ -493,17 +498,17 @@ def test_a_tenant_runtime_reaches_its_sandboxes_and_cannot_be_weakened(server, t
         except APIError as exc:  # an engine without runsc registered: the runtime reached Docker
             assert exc.status == 503 and "runsc" in exc.message, exc
         else:
-            (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb['id']}"})
+            (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb.id}"})
             assert container.attrs["HostConfig"]["Runtime"] == "runsc"
-            c.delete_sandbox(sb["id"])
+            c.delete_sandbox(sb.id)
         run = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(QUICK))
-        assert run["params"]["runtime"] == "runsc"
-        c.cancel_job(run["id"])
-        c.wait(run["id"], timeout=60)
+        assert run.params["runtime"] == "runsc"
+        c.cancel_job(run.id)
+        c.wait(run.id, timeout=60)
     with server.client(plain) as c:
         sb = c.create_sandbox(memory="256m", runtime="runc")
-        (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb['id']}"})
+        (container,) = engine.containers.list(filters={"label": f"cellforge.sandbox={sb.id}"})
         assert container.attrs["HostConfig"]["Runtime"] == "runc"
-        c.delete_sandbox(sb["id"])
+        c.delete_sandbox(sb.id)
         with pytest.raises(InvalidRequestError, match="runtime"):
             c.create_sandbox(memory="256m", runtime="kata-but-not-really")

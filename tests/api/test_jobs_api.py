@@ -35,54 +35,54 @@ def screen_id(server, alice, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "screen.h5ad"
     simulate("knockout", 0, n_cells=1500, n_genes=50).write_h5ad(path)
     with server.client(alice) as c:
-        return c.upload_dataset(path)["id"]
+        return c.upload_dataset(path).id
 
 
 @pytest.fixture(scope="module")
 def finished_regression(server, alice, screen_id):
     with server.client(alice) as c:
         run = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(SUITE), dataset_id=screen_id, timeout=120)
-        assert run["status"] == "queued" and run["kind"] == "regression.pytest"
-        return c.wait(run["id"], timeout=180)
+        assert run.status == "queued" and run.kind == "regression.pytest"
+        return c.wait(run.id, timeout=180)
 
 
 def test_pytest_regression_reports_each_test(server, alice, finished_regression, transport):
     with server.client(alice, transport) as c:
-        run = c.get_regression(finished_regression["id"])
-        assert run["status"] == "succeeded", run
-        result = run["result"]
+        run = c.get_regression(finished_regression.id)
+        assert run.status == "succeeded", run
+        result = run.result
         assert result["passed"] is False and result["exit_code"] == 1
         outcomes = {t["name"]: t["outcome"] for t in result["tests"]}
         assert outcomes == {"test_arithmetic": "passed", "test_broken": "failed",
                             "test_reads_the_mounted_data": "passed"}
         assert "arithmetic broke" in next(t["message"] for t in result["tests"] if t["name"] == "test_broken")
         assert result["summary"] == {"total": 3, "passed": 2, "failed": 1, "error": 0, "skipped": 0}
-        assert set(run["artifacts"]) == {"junit.xml", "results.json"}
-        junit = ET.fromstring(c.get_artifact(run["id"], "junit.xml"))
+        assert set(run.artifacts) == {"junit.xml", "results.json"}
+        junit = ET.fromstring(c.get_artifact(run.id, "junit.xml"))
         assert len(list(junit.iter("testcase"))) == 3
-        assert json.loads(c.get_artifact(run["id"], "results.json"))["summary"]["failed"] == 1
+        assert json.loads(c.get_artifact(run.id, "results.json"))["summary"]["failed"] == 1
         with pytest.raises(NotFoundError, match="no artifact"):
-            c.get_artifact(run["id"], "model.pt")
+            c.get_artifact(run.id, "model.pt")
         with pytest.raises(NotFoundError):
-            c.get_artifact(run["id"], "../../cellforge.db")
+            c.get_artifact(run.id, "../../cellforge.db")
 
 
 def test_job_events_replay_the_run_in_order(server, alice, finished_regression, transport):
     with server.client(alice, transport) as c:
-        events = list(c.job_events(finished_regression["id"]))
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    phases = [e["data"]["phase"] for e in events if e["kind"] == "phase"]
+        events = list(c.job_events(finished_regression.id))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    phases = [e.data["phase"] for e in events if e.kind == "phase"]
     assert phases == ["sandbox", "upload", "pytest"]
-    statuses = [e["data"]["status"] for e in events if e["kind"] == "status"]
+    statuses = [e.data["status"] for e in events if e.kind == "status"]
     assert statuses == ["queued", "running", "succeeded"]
-    assert any(e["kind"] == "output" and "1 failed" in (e["data"].get("text") or "") for e in events)
+    assert any(e.kind == "output" and "1 failed" in (e.data.get("text") or "") for e in events)
     with server.client(alice, transport) as c:
-        later = list(c.job_events(finished_regression["id"], after_seq=events[-2]["seq"]))
-    assert [e["seq"] for e in later] == [events[-1]["seq"]]
+        later = list(c.job_events(finished_regression.id, after_seq=events[-2].seq))
+    assert [e.seq for e in later] == [events[-1].seq]
 
 
 def test_job_events_as_server_sent_events(server, alice, finished_regression):
-    with httpx.stream("GET", f"{server.url}/v1/jobs/{finished_regression['id']}/events",
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{finished_regression.id}/events",
                       headers={"Authorization": f"Bearer {alice.key}", "Accept": "text/event-stream"}) as r:
         frames = [f for f in r.read().decode().split("\n\n") if f.strip()]
     first = frames[0].splitlines()
@@ -97,14 +97,14 @@ def test_running_jobs_stream_events_live_and_can_be_cancelled(server, alice, tra
     with server.client(alice, transport) as c:
         run = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(slow), timeout=120)
         seen = []
-        for event in c.job_events(run["id"]):
+        for event in c.job_events(run.id):
             seen.append(event)
-            if event["kind"] == "phase" and event["data"]["phase"] == "pytest":
+            if event.kind == "phase" and event.data["phase"] == "pytest":
                 break
-        cancelled = c.cancel_job(run["id"])
-        final = c.wait(run["id"], timeout=30)
-    assert final["status"] == "cancelled" and final["error"] == "cancelled by its tenant"
-    assert cancelled["id"] == run["id"]
+        cancelled = c.cancel_job(run.id)
+        final = c.wait(run.id, timeout=30)
+    assert final.status == "cancelled" and final.error == "cancelled by its tenant"
+    assert cancelled.id == run.id
 
 
 def test_job_quota_and_cancelling_a_queued_job(server, transport):
@@ -115,12 +115,12 @@ def test_job_quota_and_cancelling_a_queued_job(server, transport):
         with pytest.raises(QuotaError, match="quota 1") as info:
             c.submit_regression(kind="pytest", bundle_zip_b64=bundle(slow))
         assert info.value.retry_after >= 1
-        c.cancel_job(first["id"])
-        assert c.wait(first["id"], timeout=30)["status"] == "cancelled"
+        c.cancel_job(first.id)
+        assert c.wait(first.id, timeout=30).status == "cancelled"
         # Its place is free again.
         second = c.submit_regression(kind="pytest", bundle_zip_b64=bundle(slow))
-        c.cancel_job(second["id"])
-        assert c.wait(second["id"], timeout=30)["status"] == "cancelled"
+        c.cancel_job(second.id)
+        assert c.wait(second.id, timeout=30).status == "cancelled"
 
 
 @pytest.mark.parametrize("request_body, expected", [
@@ -161,7 +161,9 @@ JSON_ANSWERS = {
     ("post", "/v1/datasets"): "DatasetInfo", ("get", "/v1/datasets"): "DatasetList",
     ("post", "/v1/jobs"): "JobInfo", ("get", "/v1/jobs"): "JobList", ("get", "/v1/jobs/{job_id}"): "JobInfo",
     ("post", "/v1/jobs/{job_id}/cancel"): "JobInfo", ("post", "/v1/regressions"): "JobInfo",
-    ("get", "/v1/regressions/{job_id}"): "JobInfo",
+    ("get", "/v1/regressions/{job_id}"): "JobInfo", ("get", "/v1/sandboxes/{sandbox_id}/files"): "FileList",
+    ("post", "/v1/sandboxes/{sandbox_id}/commands"): "ExecutionResult",
+    ("get", "/v1/datasets/sha256/{digest}"): "DatasetInfo", ("get", "/v1/jobs/{job_id}/logs"): "JobLogs",
 }
 
 
@@ -175,6 +177,13 @@ def test_openapi_documents_bodies_answers_and_the_bearer_scheme(server, alice):
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     submit = operations["post", "/v1/jobs"]["requestBody"]["content"]["application/json"]["schema"]
     assert submit["$ref"].endswith("/DesignJobRequest")
+    regression = operations["post", "/v1/regressions"]["requestBody"]["content"]["application/json"]["schema"]
+    assert sorted(r["$ref"].rsplit("/", 1)[1] for r in regression["oneOf"]) == ["CompareRegression", "PytestRegression"]
+    assert regression["discriminator"]["propertyName"] == "kind"
+    # Errors are documented as they are answered: ErrorBody, never FastAPI's {"detail": ...}.
+    assert all(op["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+               and "422" not in op["responses"] for op in operations.values())
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
     options = spec["components"]["schemas"]["DesignOptions"]
     assert options["additionalProperties"] is False and "max_minutes" in options["properties"]
 
@@ -193,7 +202,7 @@ def test_design_job_requests_are_checked(server, alice, bob, screen_id):
 
 
 def test_another_tenant_gets_404_on_every_job_call(server, bob, finished_regression):
-    job = finished_regression["id"]
+    job = finished_regression.id
     headers = {"Authorization": f"Bearer {bob.key}"}
     for method, path in [("GET", f"/v1/jobs/{job}"), ("GET", f"/v1/jobs/{job}/events"),
                          ("POST", f"/v1/jobs/{job}/cancel"), ("GET", f"/v1/jobs/{job}/artifacts/junit.xml"),
@@ -208,7 +217,7 @@ def test_another_tenant_gets_404_on_every_job_call(server, bob, finished_regress
     for call in [lambda: stub.GetJob(pb.JobRef(job_id=job), metadata=md),
                  lambda: list(stub.JobEvents(pb.JobEventsRequest(job_id=job), metadata=md)),
                  lambda: stub.CancelJob(pb.JobRef(job_id=job), metadata=md),
-                 lambda: stub.GetArtifact(pb.ArtifactRef(job_id=job, name="junit.xml"), metadata=md),
+                 lambda: list(stub.GetArtifact(pb.ArtifactRef(job_id=job, name="junit.xml"), metadata=md)),
                  lambda: stub.GetRegression(pb.JobRef(job_id=job), metadata=md)]:
         with pytest.raises(grpc.RpcError) as info:
             call()

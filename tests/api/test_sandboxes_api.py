@@ -29,8 +29,8 @@ LOOP = "import time\ni = 0\nprint('started', flush=True)\nwhile True:\n    i += 
 def alice_sandbox(server, alice):
     with server.client(alice) as c:
         sb = c.create_sandbox(memory="512m")
-        yield sb["id"]
-        c.delete_sandbox(sb["id"])
+        yield sb.id
+        c.delete_sandbox(sb.id)
 
 
 def test_execute_streams_events_live_then_the_result(server, alice, alice_sandbox, transport):
@@ -125,15 +125,15 @@ def test_a_failed_restart_is_a_clear_error_and_the_sandbox_shows_dead(server, al
     # Sandboxed code makes every new kernel die at boot: the restart fails. Before, that was a 500 and
     # the sandbox still showed `live`.
     with server.client(alice, transport) as c:
-        sandbox_id = c.create_sandbox(memory="512m")["id"]
+        sandbox_id = c.create_sandbox(memory="512m").id
         try:
             assert c.execute(sandbox_id, PLANT_DYING_STARTUP).outcome.value == "ok"
             with pytest.raises(APIError) as failed:
                 c.restart(sandbox_id)
             assert failed.value.status == 503 and "exit code 7" in failed.value.message
-            assert c.get_sandbox(sandbox_id)["status"] == "dead"
+            assert c.get_sandbox(sandbox_id).status == "dead"
             c.restart(sandbox_id)  # a fresh container: the planted file went with the old /tmp
-            assert c.get_sandbox(sandbox_id)["status"] == "live"
+            assert c.get_sandbox(sandbox_id).status == "live"
             assert c.execute(sandbox_id, "6 * 7").result == "42"
         finally:
             c.delete_sandbox(sandbox_id)
@@ -200,14 +200,14 @@ def test_idle_sandboxes_are_reaped_and_free_their_quota(tmp_path, docker_image, 
     try:
         solo = server.tenant("solo", max_sandboxes=1)
         with server.client(solo) as c:
-            sb = c.create_sandbox(memory="256m")["id"]
+            sb = c.create_sandbox(memory="256m").id
             assert c.execute(sb, "1").outcome.value == "ok"
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and c.list_sandboxes():
                 time.sleep(0.5)
             with pytest.raises(NotFoundError):
                 c.get_sandbox(sb)
-            c.delete_sandbox(c.create_sandbox(memory="256m")["id"])  # the quota place came back
+            c.delete_sandbox(c.create_sandbox(memory="256m").id)  # the quota place came back
     finally:
         server.stop()
 

@@ -86,8 +86,8 @@ def test_sandbox_count_and_memory_quotas_answer_429_with_retry_after(server, tra
         with pytest.raises(QuotaError, match="quota 1") as info:
             c.create_sandbox(memory="256m")
         assert info.value.status == 429 and info.value.retry_after >= 1
-        c.delete_sandbox(sb["id"])
-        c.delete_sandbox(c.create_sandbox(memory="512m")["id"])  # freed by the delete
+        c.delete_sandbox(sb.id)
+        c.delete_sandbox(c.create_sandbox(memory="512m").id)  # freed by the delete
 
 
 def test_http_quota_answer_carries_the_retry_after_header(server):
@@ -136,7 +136,7 @@ def test_fields_the_api_does_not_know_get_422_naming_them(server, alice):
 
 def test_malformed_execute_and_unknown_routes_then_the_server_still_serves(server, alice):
     with server.client(alice) as c:
-        sb = c.create_sandbox(memory="256m")["id"]
+        sb = c.create_sandbox(memory="256m").id
         r = httpx.post(f"{server.url}/v1/sandboxes/{sb}/execute", headers=_auth(alice.key), json={"timeout": 5})
         assert r.status_code == 400 and "code" in r.json()["error"]["message"]
         r = httpx.post(f"{server.url}/v1/sandboxes/{sb}/execute", headers=_auth(alice.key),
@@ -155,7 +155,7 @@ def _metric(text: str, name: str) -> float:
 def test_metrics_follow_sandboxes_and_executions(server, alice):
     before = httpx.get(f"{server.url}/metrics").text
     with server.client(alice) as c:
-        sb = c.create_sandbox(memory="256m")["id"]
+        sb = c.create_sandbox(memory="256m").id
         c.execute(sb, "1")
         c.execute(sb, "1/0")
         during = httpx.get(f"{server.url}/metrics").text

@@ -23,61 +23,68 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x65llforge/v1/cellforge.proto\x12\x0c\x63\x65llforge.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x07\n\x05\x45mpty\"\r\n\x0bListRequest\"=\n\x14\x43reateSandboxRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"t\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12%\n\x04spec\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndataset_id\x18\x05 \x01(\t\"7\n\x0bSandboxList\x12(\n\tsandboxes\x18\x01 \x03(\x0b\x32\x15.cellforge.v1.Sandbox\" \n\nSandboxRef\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"C\n\x0e\x45xecuteRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"\xea\x01\n\x0f\x45xecutionResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\r\n\x05\x65name\x18\x04 \x01(\t\x12\x0e\n\x06\x65value\x18\x05 \x01(\t\x12\x11\n\ttraceback\x18\x06 \x03(\t\x12\x12\n\ndied_cause\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x14\n\x0cstdout_bytes\x18\t \x01(\x03\x12\x11\n\ttruncated\x18\n \x01(\x08\x12\x0e\n\x06result\x18\x0b \x01(\t\x12\x12\n\nstate_lost\x18\x0c \x01(\x08\"\x80\x01\n\x0c\x45xecuteEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.cellforge.v1.ExecutionResult\"@\n\x0ePutFileRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x07\x46ileRef\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x18\n\x08\x46ileData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"*\n\x0c\x44\x61tasetChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"t\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"6\n\x0b\x44\x61tasetList\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.cellforge.v1.Dataset\"^\n\x10SubmitJobRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"C\n\x17SubmitRegressionRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xef\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\'\n\x06params\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tartifacts\x18\x0b \x03(\t\"*\n\x07JobList\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.cellforge.v1.Job\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x10JobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"X\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\n\n\x02ts\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"+\n\x0b\x41rtifactRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t2\xd6\t\n\tCellForge\x12J\n\rCreateSandbox\x12\".cellforge.v1.CreateSandboxRequest\x1a\x15.cellforge.v1.Sandbox\x12=\n\nGetSandbox\x12\x18.cellforge.v1.SandboxRef\x1a\x15.cellforge.v1.Sandbox\x12\x45\n\rListSandboxes\x12\x19.cellforge.v1.ListRequest\x1a\x19.cellforge.v1.SandboxList\x12>\n\rDeleteSandbox\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12\x45\n\x07\x45xecute\x12\x1c.cellforge.v1.ExecuteRequest\x1a\x1a.cellforge.v1.ExecuteEvent0\x01\x12:\n\tInterrupt\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12\x38\n\x07Restart\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12<\n\x07PutFile\x12\x1c.cellforge.v1.PutFileRequest\x1a\x13.cellforge.v1.Empty\x12\x38\n\x07GetFile\x12\x15.cellforge.v1.FileRef\x1a\x16.cellforge.v1.FileData\x12\x44\n\rUploadDataset\x12\x1a.cellforge.v1.DatasetChunk\x1a\x15.cellforge.v1.Dataset(\x01\x12\x44\n\x0cListDatasets\x12\x19.cellforge.v1.ListRequest\x1a\x19.cellforge.v1.DatasetList\x12>\n\tSubmitJob\x12\x1e.cellforge.v1.SubmitJobRequest\x1a\x11.cellforge.v1.Job\x12\x31\n\x06GetJob\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Job\x12<\n\x08ListJobs\x12\x19.cellforge.v1.ListRequest\x1a\x15.cellforge.v1.JobList\x12\x45\n\tJobEvents\x12\x1e.cellforge.v1.JobEventsRequest\x1a\x16.cellforge.v1.JobEvent0\x01\x12\x34\n\tCancelJob\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Job\x12@\n\x0bGetArtifact\x12\x19.cellforge.v1.ArtifactRef\x1a\x16.cellforge.v1.FileData\x12L\n\x10SubmitRegression\x12%.cellforge.v1.SubmitRegressionRequest\x1a\x11.cellforge.v1.Job\x12\x38\n\rGetRegression\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x65llforge/v1/cellforge.proto\x12\x0c\x63\x65llforge.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x07\n\x05\x45mpty\"\r\n\x0bListRequest\"=\n\x14\x43reateSandboxRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x88\x01\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspec_json\x18\x07 \x01(\t\x12\x12\n\ndataset_id\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\"7\n\x0bSandboxList\x12(\n\tsandboxes\x18\x01 \x03(\x0b\x32\x15.cellforge.v1.Sandbox\" \n\nSandboxRef\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"C\n\x0e\x45xecuteRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"\x90\x02\n\x0f\x45xecutionResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\r\n\x05\x65name\x18\x04 \x01(\t\x12\x0e\n\x06\x65value\x18\x05 \x01(\t\x12\x11\n\ttraceback\x18\x06 \x03(\t\x12\x12\n\ndied_cause\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x01\x12\x14\n\x0cstdout_bytes\x18\t \x01(\x03\x12\x11\n\ttruncated\x18\n \x01(\x08\x12\x0e\n\x06result\x18\x0b \x01(\t\x12\x12\n\nstate_lost\x18\x0c \x01(\x08\x12\x16\n\texit_code\x18\r \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_code\"\x80\x01\n\x0c\x45xecuteEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.cellforge.v1.ExecutionResult\"@\n\x0ePutFileRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"+\n\x07\x46ileRef\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x18\n\x08\x46ileData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1a\n\tFileNames\x12\r\n\x05\x66iles\x18\x01 \x03(\t\"P\n\x0e\x43ommandRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0b\n\x03\x63wd\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"*\n\x0c\x44\x61tasetChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x98\x01\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blayout_json\x18\x07 \x01(\t\x12\x0e\n\x06reused\x18\x08 \x01(\x08J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\x1f\n\rDatasetDigest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"6\n\x0b\x44\x61tasetList\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.cellforge.v1.Dataset\"^\n\x10SubmitJobRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"C\n\x17SubmitRegressionRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x86\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\x05phase\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x05 \x01(\tH\x01\x88\x01\x01\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\x05\x12\x13\n\x0bparams_json\x18\x10 \x01(\t\x12\x13\n\x0bresult_json\x18\x11 \x01(\t\x12\x11\n\tartifacts\x18\x0b \x03(\t\x12\r\n\x05\x66inal\x18\x12 \x01(\x08\x12\x0c\n\x04logs\x18\x13 \x03(\tB\x08\n\x06_phaseB\x08\n\x06_errorJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0b\"*\n\x07JobList\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.cellforge.v1.Job\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x10JobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"l\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02ts\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tdata_json\x18\x06 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05\"+\n\x0b\x41rtifactRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t2\xe5\x0b\n\tCellForge\x12J\n\rCreateSandbox\x12\".cellforge.v1.CreateSandboxRequest\x1a\x15.cellforge.v1.Sandbox\x12=\n\nGetSandbox\x12\x18.cellforge.v1.SandboxRef\x1a\x15.cellforge.v1.Sandbox\x12\x45\n\rListSandboxes\x12\x19.cellforge.v1.ListRequest\x1a\x19.cellforge.v1.SandboxList\x12>\n\rDeleteSandbox\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12\x45\n\x07\x45xecute\x12\x1c.cellforge.v1.ExecuteRequest\x1a\x1a.cellforge.v1.ExecuteEvent0\x01\x12:\n\tInterrupt\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12\x38\n\x07Restart\x12\x18.cellforge.v1.SandboxRef\x1a\x13.cellforge.v1.Empty\x12<\n\x07PutFile\x12\x1c.cellforge.v1.PutFileRequest\x1a\x13.cellforge.v1.Empty\x12\x38\n\x07GetFile\x12\x15.cellforge.v1.FileRef\x1a\x16.cellforge.v1.FileData\x12;\n\tListFiles\x12\x15.cellforge.v1.FileRef\x1a\x17.cellforge.v1.FileNames\x12I\n\nRunCommand\x12\x1c.cellforge.v1.CommandRequest\x1a\x1d.cellforge.v1.ExecutionResult\x12\x44\n\rUploadDataset\x12\x1a.cellforge.v1.DatasetChunk\x1a\x15.cellforge.v1.Dataset(\x01\x12\x41\n\x0b\x46indDataset\x12\x1b.cellforge.v1.DatasetDigest\x1a\x15.cellforge.v1.Dataset\x12\x44\n\x0cListDatasets\x12\x19.cellforge.v1.ListRequest\x1a\x19.cellforge.v1.DatasetList\x12>\n\tSubmitJob\x12\x1e.cellforge.v1.SubmitJobRequest\x1a\x11.cellforge.v1.Job\x12\x31\n\x06GetJob\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Job\x12<\n\x08ListJobs\x12\x19.cellforge.v1.ListRequest\x1a\x15.cellforge.v1.JobList\x12\x45\n\tJobEvents\x12\x1e.cellforge.v1.JobEventsRequest\x1a\x16.cellforge.v1.JobEvent0\x01\x12\x34\n\tCancelJob\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Job\x12\x42\n\x0bGetArtifact\x12\x19.cellforge.v1.ArtifactRef\x1a\x16.cellforge.v1.FileData0\x01\x12@\n\tGetJobLog\x12\x19.cellforge.v1.ArtifactRef\x1a\x16.cellforge.v1.FileData0\x01\x12L\n\x10SubmitRegression\x12%.cellforge.v1.SubmitRegressionRequest\x1a\x11.cellforge.v1.Job\x12\x38\n\rGetRegression\x12\x14.cellforge.v1.JobRef\x1a\x11.cellforge.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cellforge.v1.cellforge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMPTY']._serialized_start=76
-  _globals['_EMPTY']._serialized_end=83
-  _globals['_LISTREQUEST']._serialized_start=85
-  _globals['_LISTREQUEST']._serialized_end=98
-  _globals['_CREATESANDBOXREQUEST']._serialized_start=100
-  _globals['_CREATESANDBOXREQUEST']._serialized_end=161
-  _globals['_SANDBOX']._serialized_start=163
-  _globals['_SANDBOX']._serialized_end=279
-  _globals['_SANDBOXLIST']._serialized_start=281
-  _globals['_SANDBOXLIST']._serialized_end=336
-  _globals['_SANDBOXREF']._serialized_start=338
-  _globals['_SANDBOXREF']._serialized_end=370
-  _globals['_EXECUTEREQUEST']._serialized_start=372
-  _globals['_EXECUTEREQUEST']._serialized_end=439
-  _globals['_EXECUTIONRESULT']._serialized_start=442
-  _globals['_EXECUTIONRESULT']._serialized_end=676
-  _globals['_EXECUTEEVENT']._serialized_start=679
-  _globals['_EXECUTEEVENT']._serialized_end=807
-  _globals['_PUTFILEREQUEST']._serialized_start=809
-  _globals['_PUTFILEREQUEST']._serialized_end=873
-  _globals['_FILEREF']._serialized_start=875
-  _globals['_FILEREF']._serialized_end=918
-  _globals['_FILEDATA']._serialized_start=920
-  _globals['_FILEDATA']._serialized_end=944
-  _globals['_DATASETCHUNK']._serialized_start=946
-  _globals['_DATASETCHUNK']._serialized_end=988
-  _globals['_DATASET']._serialized_start=990
-  _globals['_DATASET']._serialized_end=1106
-  _globals['_DATASETLIST']._serialized_start=1108
-  _globals['_DATASETLIST']._serialized_end=1162
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1164
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1258
-  _globals['_SUBMITREGRESSIONREQUEST']._serialized_start=1260
-  _globals['_SUBMITREGRESSIONREQUEST']._serialized_end=1327
-  _globals['_JOB']._serialized_start=1330
-  _globals['_JOB']._serialized_end=1569
-  _globals['_JOBLIST']._serialized_start=1571
-  _globals['_JOBLIST']._serialized_end=1613
-  _globals['_JOBREF']._serialized_start=1615
-  _globals['_JOBREF']._serialized_end=1639
-  _globals['_JOBEVENTSREQUEST']._serialized_start=1641
-  _globals['_JOBEVENTSREQUEST']._serialized_end=1694
-  _globals['_JOBEVENT']._serialized_start=1696
-  _globals['_JOBEVENT']._serialized_end=1784
-  _globals['_ARTIFACTREF']._serialized_start=1786
-  _globals['_ARTIFACTREF']._serialized_end=1829
-  _globals['_CELLFORGE']._serialized_start=1832
-  _globals['_CELLFORGE']._serialized_end=3070
+  _globals['_EMPTY']._serialized_start=109
+  _globals['_EMPTY']._serialized_end=116
+  _globals['_LISTREQUEST']._serialized_start=118
+  _globals['_LISTREQUEST']._serialized_end=131
+  _globals['_CREATESANDBOXREQUEST']._serialized_start=133
+  _globals['_CREATESANDBOXREQUEST']._serialized_end=194
+  _globals['_SANDBOX']._serialized_start=197
+  _globals['_SANDBOX']._serialized_end=333
+  _globals['_SANDBOXLIST']._serialized_start=335
+  _globals['_SANDBOXLIST']._serialized_end=390
+  _globals['_SANDBOXREF']._serialized_start=392
+  _globals['_SANDBOXREF']._serialized_end=424
+  _globals['_EXECUTEREQUEST']._serialized_start=426
+  _globals['_EXECUTEREQUEST']._serialized_end=493
+  _globals['_EXECUTIONRESULT']._serialized_start=496
+  _globals['_EXECUTIONRESULT']._serialized_end=768
+  _globals['_EXECUTEEVENT']._serialized_start=771
+  _globals['_EXECUTEEVENT']._serialized_end=899
+  _globals['_PUTFILEREQUEST']._serialized_start=901
+  _globals['_PUTFILEREQUEST']._serialized_end=965
+  _globals['_FILEREF']._serialized_start=967
+  _globals['_FILEREF']._serialized_end=1010
+  _globals['_FILEDATA']._serialized_start=1012
+  _globals['_FILEDATA']._serialized_end=1036
+  _globals['_FILENAMES']._serialized_start=1038
+  _globals['_FILENAMES']._serialized_end=1064
+  _globals['_COMMANDREQUEST']._serialized_start=1066
+  _globals['_COMMANDREQUEST']._serialized_end=1146
+  _globals['_DATASETCHUNK']._serialized_start=1148
+  _globals['_DATASETCHUNK']._serialized_end=1190
+  _globals['_DATASET']._serialized_start=1193
+  _globals['_DATASET']._serialized_end=1345
+  _globals['_DATASETDIGEST']._serialized_start=1347
+  _globals['_DATASETDIGEST']._serialized_end=1378
+  _globals['_DATASETLIST']._serialized_start=1380
+  _globals['_DATASETLIST']._serialized_end=1434
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1436
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1530
+  _globals['_SUBMITREGRESSIONREQUEST']._serialized_start=1532
+  _globals['_SUBMITREGRESSIONREQUEST']._serialized_end=1599
+  _globals['_JOB']._serialized_start=1602
+  _globals['_JOB']._serialized_end=1992
+  _globals['_JOBLIST']._serialized_start=1994
+  _globals['_JOBLIST']._serialized_end=2036
+  _globals['_JOBREF']._serialized_start=2038
+  _globals['_JOBREF']._serialized_end=2062
+  _globals['_JOBEVENTSREQUEST']._serialized_start=2064
+  _globals['_JOBEVENTSREQUEST']._serialized_end=2117
+  _globals['_JOBEVENT']._serialized_start=2119
+  _globals['_JOBEVENT']._serialized_end=2227
+  _globals['_ARTIFACTREF']._serialized_start=2229
+  _globals['_ARTIFACTREF']._serialized_end=2272
+  _globals['_CELLFORGE']._serialized_start=2275
+  _globals['_CELLFORGE']._serialized_end=3784
 # @@protoc_insertion_point(module_scope)

@@ -79,9 +79,24 @@ class CellForgeStub:
                 request_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileRef.SerializeToString,
                 response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.FromString,
                 _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/cellforge.v1.CellForge/ListFiles',
+                request_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileRef.SerializeToString,
+                response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileNames.FromString,
+                _registered_method=True)
+        self.RunCommand = channel.unary_unary(
+                '/cellforge.v1.CellForge/RunCommand',
+                request_serializer=cellforge_dot_v1_dot_cellforge__pb2.CommandRequest.SerializeToString,
+                response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.ExecutionResult.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/cellforge.v1.CellForge/UploadDataset',
                 request_serializer=cellforge_dot_v1_dot_cellforge__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.FindDataset = channel.unary_unary(
+                '/cellforge.v1.CellForge/FindDataset',
+                request_serializer=cellforge_dot_v1_dot_cellforge__pb2.DatasetDigest.SerializeToString,
                 response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.Dataset.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
@@ -114,8 +129,13 @@ class CellForgeStub:
                 request_serializer=cellforge_dot_v1_dot_cellforge__pb2.JobRef.SerializeToString,
                 response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.Job.FromString,
                 _registered_method=True)
-        self.GetArtifact = channel.unary_unary(
+        self.GetArtifact = channel.unary_stream(
                 '/cellforge.v1.CellForge/GetArtifact',
+                request_serializer=cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.SerializeToString,
+                response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.FromString,
+                _registered_method=True)
+        self.GetJobLog = channel.unary_stream(
+                '/cellforge.v1.CellForge/GetJobLog',
                 request_serializer=cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.SerializeToString,
                 response_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.FromString,
                 _registered_method=True)
@@ -190,8 +210,30 @@ class CellForgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFiles(self, request, context):
+        """Regular files under the folder `path` ("" = the workspace), recursively, relative to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunCommand(self, request, context):
+        """A program run without a shell; outcome "ok" only for exit code 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """The first chunk names the file; the file's bytes follow in order.
+        The same bytes again answer the stored dataset (`reused`), its storage counted once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDataset(self, request, context):
+        """The caller's dataset whose file has this SHA-256 (NOT_FOUND if none): check before uploading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,7 +277,15 @@ class CellForgeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The artifact's bytes in order, in chunks of at most 1 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobLog(self, request, context):
+        """An attempt log (a path from Job.logs), in chunks like an artifact.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -300,9 +350,24 @@ def add_CellForgeServicer_to_server(servicer, server):
                     request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileRef.FromString,
                     response_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.SerializeToString,
             ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.FileRef.FromString,
+                    response_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileNames.SerializeToString,
+            ),
+            'RunCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunCommand,
+                    request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.CommandRequest.FromString,
+                    response_serializer=cellforge_dot_v1_dot_cellforge__pb2.ExecutionResult.SerializeToString,
+            ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.DatasetChunk.FromString,
+                    response_serializer=cellforge_dot_v1_dot_cellforge__pb2.Dataset.SerializeToString,
+            ),
+            'FindDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDataset,
+                    request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.DatasetDigest.FromString,
                     response_serializer=cellforge_dot_v1_dot_cellforge__pb2.Dataset.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
@@ -335,8 +400,13 @@ def add_CellForgeServicer_to_server(servicer, server):
                     request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.JobRef.FromString,
                     response_serializer=cellforge_dot_v1_dot_cellforge__pb2.Job.SerializeToString,
             ),
-            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+            'GetArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.GetArtifact,
+                    request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.FromString,
+                    response_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.SerializeToString,
+            ),
+            'GetJobLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetJobLog,
                     request_deserializer=cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.FromString,
                     response_serializer=cellforge_dot_v1_dot_cellforge__pb2.FileData.SerializeToString,
             ),
@@ -605,6 +675,60 @@ class CellForge:
             _registered_method=True)
 
     @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellforge.v1.CellForge/ListFiles',
+            cellforge_dot_v1_dot_cellforge__pb2.FileRef.SerializeToString,
+            cellforge_dot_v1_dot_cellforge__pb2.FileNames.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellforge.v1.CellForge/RunCommand',
+            cellforge_dot_v1_dot_cellforge__pb2.CommandRequest.SerializeToString,
+            cellforge_dot_v1_dot_cellforge__pb2.ExecutionResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def UploadDataset(request_iterator,
             target,
             options=(),
@@ -620,6 +744,33 @@ class CellForge:
             target,
             '/cellforge.v1.CellForge/UploadDataset',
             cellforge_dot_v1_dot_cellforge__pb2.DatasetChunk.SerializeToString,
+            cellforge_dot_v1_dot_cellforge__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellforge.v1.CellForge/FindDataset',
+            cellforge_dot_v1_dot_cellforge__pb2.DatasetDigest.SerializeToString,
             cellforge_dot_v1_dot_cellforge__pb2.Dataset.FromString,
             options,
             channel_credentials,
@@ -804,10 +955,37 @@ class CellForge:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/cellforge.v1.CellForge/GetArtifact',
+            cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.SerializeToString,
+            cellforge_dot_v1_dot_cellforge__pb2.FileData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cellforge.v1.CellForge/GetJobLog',
             cellforge_dot_v1_dot_cellforge__pb2.ArtifactRef.SerializeToString,
             cellforge_dot_v1_dot_cellforge__pb2.FileData.FromString,
             options,
