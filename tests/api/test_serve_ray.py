@@ -44,14 +44,14 @@ def test_api_sandboxes_run_as_actors_on_the_cluster(make_server, tmp_path, ray_a
     try:
         with server.client(server.tenant("carol", max_sandboxes=2)) as client:
             sandbox = client.create_sandbox(cpus=0.5, memory="512m")
-            ray.get_actor(f"sandbox-{sandbox['id']}", namespace=NAMESPACE)  # raises ValueError when absent
-            assert client.execute(sandbox["id"], "21 * 2").result == "42"
+            ray.get_actor(f"sandbox-{sandbox.id}", namespace=NAMESPACE)  # raises ValueError when absent
+            assert client.execute(sandbox.id, "21 * 2").result == "42"
             # The container is the actor's (its owner is a Ray worker, not the server) and carries the tenant.
             [container] = docker.from_env().containers.list(
                 filters={"label": f"cellforge.tenant={server.tenant_id('carol')}"})
             owner_pid = int(container.labels["cellforge.owner"].split(":")[-2])
             assert owner_pid != server.proc.pid
-            client.delete_sandbox(sandbox["id"])
-        assert _gone(f"sandbox-{sandbox['id']}", within=10)
+            client.delete_sandbox(sandbox.id)
+        assert _gone(f"sandbox-{sandbox.id}", within=10)
     finally:
         server.stop()
