@@ -69,6 +69,7 @@ def knockouts(tmp_path_factory) -> Design:
                   "Predict expression after CRISPR knockout of unseen genes")
 
 
+@pytest.mark.slow  # a whole offline design on simulated data (half a minute on 2 busy cores)
 def test_knockdown_lowers_the_target_gene_of_unseen_knockouts(knockouts):
     d = knockouts
     pred, true = d.predict(d.test), d.observed
@@ -85,6 +86,7 @@ def test_knockdown_lowers_the_target_gene_of_unseen_knockouts(knockouts):
                                                                            zip(rows, expected, strict=True)]))
 
 
+@pytest.mark.slow  # a whole offline design on simulated data (half a minute on 2 busy cores)
 def test_knockdown_removes_a_fitted_share_of_expression(knockouts):
     """The self effect is a curve of the control level: near-proportional for a weak gene, near log κ for a
     strong one, so a more expressed target falls further; κ is fitted, not fixed."""
@@ -105,6 +107,7 @@ def test_knockdown_removes_a_fitted_share_of_expression(knockouts):
     assert m.SelfEffect(genes).fit(train).kept == pytest.approx(0.2, abs=0.02)
 
 
+@pytest.mark.slow  # a whole offline design on simulated data (half a minute on 2 busy cores)
 def test_knockdown_downstream_effects_come_from_the_learned_parts(knockouts):
     """Beyond the target itself the prediction tracks the knockdown's cascade better than the mean Δ (the
     stack's co-expression / co-variation / embedding members carry it)."""
@@ -147,6 +150,7 @@ def _recipes(d: Design) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in out.items()}
 
 
+@pytest.mark.slow  # a whole offline design on simulated data (half a minute on 2 busy cores)
 def test_unseen_cell_type_responds_according_to_its_control_state(cell_types):
     """Stimuli act through receptor levels and cofactor genes of each type's control state: the held-out
     type's response is predicted from its control profile better than by transfer or context mean."""

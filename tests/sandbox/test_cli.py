@@ -104,6 +104,7 @@ def test_run_rejects_bad_input_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.docker
+@pytest.mark.slow  # runs the whole benchmark (the slowest test of the fast loop)
 def test_bench_json_has_every_figure(docker_image):
     res = cellforge(
         "sandbox", "bench", "--json", "--n", "1", "--roundtrips", "20", "--max-live", "2", "--image", docker_image,
