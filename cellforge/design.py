@@ -104,7 +104,9 @@ class DesignRun:
 
 
 def _settings(data: Path, task: str, out: Path, options: dict[str, Any]) -> Any:
-    from service.pipeline import DesignSettings, PipelineError
+    from pydantic import ValidationError
+
+    from service.pipeline import DesignSettings
     from service.protocol.errors import problems
 
     options = {ALIASES.get(k, k): v for k, v in options.items()}
@@ -115,8 +117,8 @@ def _settings(data: Path, task: str, out: Path, options: dict[str, Any]) -> Any:
                         f"{', '.join(sorted(known | set(ALIASES)))}")
     try:
         return DesignSettings(data=data, task=task, out=out, **options)
-    except ValueError as exc:  # pydantic's ValidationError, in one line without its URLs
-        raise PipelineError(f"design options: {problems(exc) if hasattr(exc, 'errors') else exc}") from None
+    except ValidationError as exc:  # in one line, without pydantic's URLs
+        raise ValueError(f"design options: {problems(exc)}") from None
 
 
 def _default_out(data: ad.AnnData | str | Path) -> Path:

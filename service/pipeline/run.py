@@ -97,7 +97,7 @@ class DesignSettings(BaseModel):
         try:
             parse_size(value, "memory")
         except SpecError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc).removeprefix("memory: ")) from None
         return value
 
     def data_keys(self) -> dict[str, str | None]:
