@@ -97,7 +97,6 @@ def score(
     applicable baseline: the verdict (best baseline, margin, who beats the predictions) comes first."""
     from service.data.baselines import run_baselines
 
-    which = WhichChoice(which).value
     try:
         with spinner() as progress:
             evaluator = _evaluator(split, which, progress)
@@ -132,7 +131,6 @@ def baselines(
     """Run and score every applicable baseline on the split: one table of baselines vs the ceiling."""
     from service.data.baselines import BASELINES, applicable_baselines
 
-    which = WhichChoice(which).value
     reports: dict[str, EvaluationReport] = {}
     written: dict[str, str] = {}
     try:
