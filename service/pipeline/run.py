@@ -249,19 +249,8 @@ DOCKER_HINT = "start Docker, or run without isolation on this machine with --san
 
 def preflight(settings: DesignSettings) -> Split | None:
     """What would fail the run later, checked before any work: the Docker engine, its runtime and the sandbox
-    image; the data file; a prepared split. Returns the prepared split (opened), if any."""
-    if not Path(settings.data).is_file():
-        raise PipelineError(f"{settings.data}: no such data file")
+    image; a prepared split. Returns the prepared split (opened), if any."""
     prepared = None
-    if settings.split is not None:
-        prepared = load_split(settings.split)
-        missing = [name for name in TRUTH_FILES if not (prepared.path / name).is_file()]
-        if missing:
-            raise PipelineError(f"{prepared.path}: a split without its truth files ({', '.join(missing)}) cannot "
-                                "score a design run; pass the directory `cellforge data split` wrote")
-        if settings.scheme is not None and settings.scheme != prepared.info.scheme:
-            raise PipelineError(f"--scheme {settings.scheme} contradicts the prepared split's scheme "
-                                f"{prepared.info.scheme}; leave --scheme out with --split")
     if settings.sandbox is BackendKind.DOCKER:
         import docker
 
@@ -280,6 +269,15 @@ def preflight(settings: DesignSettings) -> Split | None:
                                     f"`cellforge images build`, or {DOCKER_HINT}") from None
         finally:
             client.close()
+    if settings.split is not None:
+        prepared = load_split(settings.split)
+        missing = [name for name in TRUTH_FILES if not (prepared.path / name).is_file()]
+        if missing:
+            raise PipelineError(f"{prepared.path}: a split without its truth files ({', '.join(missing)}) cannot "
+                                "score a design run; pass the directory `cellforge data split` wrote")
+        if settings.scheme is not None and settings.scheme != prepared.info.scheme:
+            raise PipelineError(f"--scheme {settings.scheme} contradicts the prepared split's scheme "
+                                f"{prepared.info.scheme}; leave --scheme out with --split")
     return prepared
 
 
