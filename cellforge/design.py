@@ -145,11 +145,13 @@ def design(data: ad.AnnData | str | Path, task: str, *, out: str | Path | None =
     """
     from service.llm import LLMConfig
     from service.pipeline import run_design
+    from service.pipeline.run import preflight
 
     run_dir = Path(out) if out is not None else _default_out(data)
     if isinstance(data, ad.AnnData):
         path = run_dir / INPUT_FILE
-        settings = _settings(path, task, run_dir, options)  # options checked before the data is written
+        settings = _settings(path, task, run_dir, options)
+        preflight(settings)  # options, Docker and the image checked before the data is written
         run_dir.mkdir(parents=True, exist_ok=True)
         data.write_h5ad(path)
     else:

@@ -22,7 +22,8 @@ def _loaded_after(imports: str) -> set[str]:
     ("import service.protocol, service.protocol.proto.cellforge.v1.cellforge_pb2_grpc",
      ("service.api", "service.db", "fastapi", "sqlalchemy", "docker", "zmq")),
     ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync", ("service",)),
-], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service"])
+    ("import cellforge", ("service.pipeline", "service.api", "service.llm", "docker", "fastapi", "torch")),
+], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service", "python-api-imports-lightly"])
 def test_lower_layers_do_not_import_upper_ones(imports, forbidden):
     loaded = _loaded_after(imports)
     assert sorted(m for m in loaded if m.split(".")[0] in forbidden or m.startswith(forbidden)) == []
