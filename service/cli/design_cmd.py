@@ -30,8 +30,10 @@ MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of
 SandboxOpt = Annotated[BackendKind, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
 RuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
-MemoryOpt = Annotated[str, typer.Option("--memory", help="Memory of each sandbox, Docker-style (512m, 4g).")]
-CpusOpt = Annotated[float, typer.Option("--cpus", help="CPUs of each sandbox.")]
+MemoryOpt = Annotated[str | None, typer.Option(
+    "--memory", help="Memory of each sandbox, Docker-style (512m, 4g); default 4g, on a server the tenant's.")]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPUs of each sandbox; default 2, on a server the "
+                                                              "tenant's.")]
 GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")]
 SplitDirOpt = Annotated[Path | None, typer.Option(
     "--split", help="A split directory prepared by `cellforge data split` (its scheme and columns apply).")]
@@ -135,8 +137,8 @@ def design(
     scheme: SchemeOpt = None,
     context: ContextOpt = None,
     sandbox: SandboxOpt = BackendKind.DOCKER,
-    memory: MemoryOpt = "4g",
-    cpus: CpusOpt = 2.0,
+    memory: MemoryOpt = None,
+    cpus: CpusOpt = None,
     gpus: GpusOpt = 0,
     runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
