@@ -488,7 +488,8 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     layout = DatasetLayout(
         source=source, n_cells=adata.n_obs, n_features=adata.n_vars, perturbation_key=pert_key,
         control_labels=sorted(controls), dose_key=dose_key, context_key=context_key, batch_key=batch_key,
-        annotation_key=annotation_key, context_candidates=candidates, feature_types_key=ft_key, gene_symbols_key=symbols_key, kind=kind,
+        annotation_key=annotation_key, context_candidates=candidates, feature_types_key=ft_key,
+        gene_symbols_key=symbols_key, kind=kind,
         modalities=modalities, rna_is_counts=counts, backed=bool(adata.isbacked),
     )
     return Dataset(adata=adata, layout=layout, obs=std, feature_block=blocks, gene_names=gene_names,
