@@ -118,3 +118,24 @@ def test_unknown_and_bad_options_are_refused_before_any_work(tmp_path):
         cellforge.design(tmp_path / "x.h5ad", TASK, out=tmp_path / "run", memory="lots")
     assert "errors.pydantic.dev" not in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_prepared_split_is_checked_before_any_work_and_lends_its_columns(run, tmp_path):
+    import shutil
+
+    from service.pipeline import PipelineError
+    from service.pipeline.run import _data_keys, preflight
+
+    split = run.run_dir / "split"
+    settings = DesignSettings(data=run.data, task=TASK, out=tmp_path / "run", sandbox="local", split=split)
+    prepared = preflight(settings)
+    assert prepared is not None and prepared.info.scheme == "unseen-perturbation"
+    keys = _data_keys(settings, prepared)
+    assert (keys["perturbation_key"], keys["context_key"], keys["dose_key"]) == ("guide_target", "celltype_fine", None)
+    with pytest.raises(PipelineError, match="contradicts the prepared split's scheme unseen-perturbation"):
+        preflight(settings.model_copy(update={"scheme": "unseen-context"}))
+    inputs_only = tmp_path / "inputs-only"
+    shutil.copytree(split, inputs_only, ignore=shutil.ignore_patterns("*_truth.h5ad"))
+    with pytest.raises(PipelineError, match="without its truth files"):
+        preflight(settings.model_copy(update={"split": inputs_only}))
+    assert not (tmp_path / "run").exists()
