@@ -24,7 +24,9 @@ def _loaded_after(imports: str) -> set[str]:
     ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync, sandbox.ray_backend", ("service",)),
     # Ray is an optional extra: the single-machine server never loads it.
     ("import sandbox, service.api.server, service.cli", ("ray",)),
-], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service", "single-machine-needs-no-ray"])
+    ("import cellforge", ("service.pipeline", "service.api", "service.llm", "docker", "fastapi", "torch")),
+], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service", "single-machine-needs-no-ray",
+        "python-api-imports-lightly"])
 def test_lower_layers_do_not_import_upper_ones(imports, forbidden):
     loaded = _loaded_after(imports)
     assert sorted(m for m in loaded if m.split(".")[0] in forbidden or m.startswith(forbidden)) == []

@@ -6,20 +6,19 @@ sub-app by decorating further functions below.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from service.data import DataError, DataProfile, make_split, profile_dataset
 from service.data.load import DEFAULT_MIN_CELLS
-from service.data.splits import SCHEMES, SplitInfo
+from service.data.splits import SplitInfo
 
-from .output import JsonOpt, err, fail, spinner
+from .choices import AtacChoice, SchemeChoice
+from .output import JsonOpt, emit_json, err, fail, spinner, tables
 
 data_app = typer.Typer(help="Profile, split and simulate perturbation datasets (.h5ad).", no_args_is_help=True)
 
@@ -27,7 +26,8 @@ FileArg = Annotated[Path, typer.Argument(help="An AnnData .h5ad file.", show_def
 KeyOpt = Annotated[str | None, typer.Option("--perturbation-key", help="obs column of the perturbation.")]
 ControlOpt = Annotated[str | None, typer.Option("--control", help="Control label (default: detected).")]
 DoseKeyOpt = Annotated[str | None, typer.Option("--dose-key", help="obs column of the dose (default: detected).")]
-ContextKeyOpt = Annotated[str | None, typer.Option("--context-key", help="obs column of the cell type / context.")]
+ContextKeyOpt = Annotated[str | None, typer.Option(
+    "--context-key", help="obs column of the cell type / context (default: detected; 'none': pool every cell).")]
 MinCellsOpt = Annotated[int, typer.Option("--min-cells", help="Fail on conditions with fewer cells (0: never).")]
 
 
@@ -62,7 +62,7 @@ def _show_profile(p: DataProfile) -> None:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    out = Console()
+    out = tables(False)
     out.print(table)
     for note in p.notes:
         out.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -82,7 +82,7 @@ def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt 
     except DataError as exc:
         fail(exc, json_out)
     if json_out:
-        print(json.dumps({"ok": True, **result.model_dump()}), flush=True)
+        emit_json({"ok": True, **result.model_dump()})
     else:
         _show_profile(result)
 
@@ -91,7 +91,8 @@ def profile(file: FileArg, perturbation_key: KeyOpt = None, control: ControlOpt 
 def split(
     file: FileArg,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the split into.", show_default=False)],
-    scheme: Annotated[str, typer.Option("--scheme", help=f"One of: {', '.join(SCHEMES)}.", show_default=False)],
+    scheme: Annotated[SchemeChoice, typer.Option("--scheme", help="Which conditions are held out.",
+                                                 show_default=False)],
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same split.")] = 0,
     n_genes: Annotated[int | None, typer.Option(
         "--n-genes", help="Keep this many highly variable genes (perturbed genes always kept).")] = None,
@@ -105,7 +106,8 @@ def split(
         "--few-shot-k", help="unseen-context: conditions of the held-out context kept in train.")] = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction")] = 0.2,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
-    atac: Annotated[str, typer.Option("--atac", help="Peaks: binarize, or tfidf (idf of the training cells).")] = "binarize",
+    atac: Annotated[AtacChoice, typer.Option(
+        "--atac", help="Peaks: binarize, or tfidf (idf of the training cells).")] = AtacChoice.BINARIZE,
     min_cells: MinCellsOpt = DEFAULT_MIN_CELLS,
     json_out: JsonOpt = False,
 ) -> None:
@@ -113,15 +115,15 @@ def split(
     try:
         with spinner() as progress:
             task = progress.add_task("loading", total=None)
-            info = make_split(file, scheme, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
+            info = make_split(file, SchemeChoice(scheme).value, seed, out, n_genes, perturbation_key=perturbation_key, control=control,
                               dose_key=dose_key, context_key=context_key, min_cells=min_cells,
                               test_fraction=test_fraction, val_fraction=val_fraction,
-                              context=context, few_shot_k=few_shot_k, atac=atac,
+                              context=context, few_shot_k=few_shot_k, atac=AtacChoice(atac).value,
                               on_progress=lambda msg: progress.update(task, description=msg))
     except DataError as exc:
         fail(exc, json_out)
     if json_out:
-        print(json.dumps({"ok": True, "out": str(out), **info.model_dump()}), flush=True)
+        emit_json({"ok": True, "out": str(out), **info.model_dump()})
     else:
         _show_split(info, out)
 
@@ -138,7 +140,7 @@ def _show_split(info: SplitInfo, out: Path) -> None:
     for which in ("val", "test"):
         table.add_row(f"{which}_inputs", "-", str(info.n_cells[f"{which}_inputs"]),
                       f"control cells of the {which} contexts")
-    out_console = Console()
+    out_console = tables(False)
     out_console.print(table)
     if info.validation == "cv":
         out_console.print(f"validation: {len(info.folds)}-fold cross-validation over whole {info.group_by} groups of "
@@ -185,4 +187,4 @@ def simulate_cmd(
     err.print(f"[green]simulated[/] {kind} (seed {seed}) -> {out}: {adata.n_obs:,} cells x {adata.n_vars:,} "
               f"features, {summary['n_perturbations']} perturbations", highlight=False)
     if json_out:
-        print(json.dumps({"ok": True, **summary}), flush=True)
+        emit_json({"ok": True, **summary})

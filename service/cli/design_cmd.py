@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from sandbox.backend import BackendKind
 
-from .output import JsonOpt, err, fail
+from .choices import SchemeChoice
+from .data_cmd import ContextKeyOpt, ControlOpt, DoseKeyOpt, KeyOpt
+from .output import JsonOpt, emit_json, err, fail, tables
 
 # The pipeline, agents and LLM SDK are imported inside the commands: they cost seconds at import,
 # and every other `cellforge` command would pay for them.
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from service.llm import LLMConfig
     from service.pipeline import DesignResult, DesignSettings
 
-out = Console()
 TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
@@ -31,6 +31,17 @@ MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of
 SandboxOpt = Annotated[BackendKind, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
 RuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
+MemoryOpt = Annotated[str | None, typer.Option(
+    "--memory", help="Memory of each sandbox, Docker-style (512m, 4g); default 4g, on a server the tenant's.")]
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPUs of each sandbox; default 2, on a server the "
+                                                              "tenant's.")]
+GpusOpt = Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")]
+SplitDirOpt = Annotated[Path | None, typer.Option(
+    "--split", help="A split directory prepared by `cellforge data split` (its scheme and columns apply).")]
+SchemeOpt = Annotated[SchemeChoice | None, typer.Option(
+    "--scheme", help="Split scheme (default: the one the task analysis chooses).")]
+ContextOpt = Annotated[str | None, typer.Option(
+    "--context", help="unseen-context: the cell type / context to hold out (default: drawn with the seed).")]
 
 
 def _metrics_table(metrics: dict[str, Any]) -> Table:
@@ -49,11 +60,13 @@ def _metrics_table(metrics: dict[str, Any]) -> Table:
     return table
 
 
-def print_verdict(verdict: dict[str, Any] | None) -> None:
+def print_verdict(verdict: dict[str, Any] | None, json_out: bool = False) -> None:
     """The verdict first, in plain words: does the designed model beat the best baseline, what is delivered."""
     if not verdict:
         return
     from service.pipeline import Verdict, verdict_lines
+
+    out = tables(json_out)
 
     v = Verdict.model_validate(verdict)
     lines = verdict_lines(v)
@@ -65,7 +78,8 @@ def print_verdict(verdict: dict[str, Any] | None) -> None:
 
 def _finish(result: DesignResult, json_out: bool) -> None:
     metrics = result.metrics
-    print_verdict(metrics.get("verdict"))
+    out = tables(json_out)
+    print_verdict(metrics.get("verdict"), json_out)
     if "baselines" in metrics:
         out.print(_metrics_table(metrics))
     beats = (metrics.get("verdict") or {}).get("beats_baselines")
@@ -80,8 +94,8 @@ def _finish(result: DesignResult, json_out: bool) -> None:
               f"report {result.run_dir / 'report.html'}", highlight=False)
     if json_out:
         summary = {k: v for k, v in metrics.items() if k != "per_condition"}
-        print(json.dumps({"ok": result.status != "failed", "run_dir": str(result.run_dir),
-                          "report": str(result.run_dir / "report.html"), **summary}, default=str), flush=True)
+        emit_json({"ok": result.status != "failed", "run_dir": str(result.run_dir),
+                   "report": str(result.run_dir / "report.html"), **summary})
     if result.status == "failed":
         raise typer.Exit(1)
 
@@ -95,14 +109,21 @@ def _handled_errors() -> tuple[type[Exception], ...]:
 
 
 def _run(settings: DesignSettings, config: LLMConfig | None, replay_from: Path | None, json_out: bool) -> None:
-    from service.pipeline import RichProgress, run_design
+    from service.pipeline import progress_display, run_design
 
     try:
-        with RichProgress(err) as progress:
+        with progress_display(err) as progress:
             result = run_design(settings, config, replay_from=replay_from, on_progress=progress)
     except _handled_errors() as exc:
         fail(exc, json_out)
     _finish(result, json_out)
+
+
+def _settings(**values: Any) -> DesignSettings:
+    """The run's settings; a bad value is one line (`field: problem`), the whole check before any work."""
+    from service.pipeline import DesignSettings
+
+    return DesignSettings(**{k: v for k, v in values.items() if v is not None})
 
 
 def design(
@@ -112,8 +133,17 @@ def design(
     llm: Annotated[str | None, typer.Option("--llm", help="offline (rules) or openai (compatible endpoint).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="LLM model name.")] = None,
     base_url: Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint.")] = None,
+    perturbation_key: KeyOpt = None,
+    control: ControlOpt = None,
+    context_key: ContextKeyOpt = None,
+    dose_key: DoseKeyOpt = None,
+    split: SplitDirOpt = None,
+    scheme: SchemeOpt = None,
+    context: ContextOpt = None,
     sandbox: SandboxOpt = BackendKind.DOCKER,
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs given to the sandbox.")] = 0,
+    memory: MemoryOpt = None,
+    cpus: CpusOpt = None,
+    gpus: GpusOpt = 0,
     runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
     max_minutes: MinutesOpt = 30.0,
@@ -139,33 +169,34 @@ def design(
 ) -> None:
     """Design, train and score a model for a dataset and a task."""
     from service.llm import LLMConfig, LLMError
-    from service.pipeline import DesignSettings
+    from service.pipeline import PipelineError
 
     llm_flags = {"backend": llm, "model": model, "base_url": base_url, "total_minutes": max_llm_minutes,
                  "timeout": llm_timeout, "max_attempts": llm_attempts, "max_tokens": max_tokens,
                  "token_budget": token_budget, "stream": stream}
     if server and runtime:
-        from service.pipeline import PipelineError
-
         fail(PipelineError("--runtime applies to sandboxes run here; a server chooses it per tenant"), json_out)
     if server and any(v is not None for v in llm_flags.values()):
-        from service.pipeline import PipelineError
-
         given = ", ".join(f"--{n}" for n, v in zip(("llm", "model", "base-url", "max-llm-minutes", "llm-timeout",
                                                     "llm-attempts", "max-tokens", "token-budget", "stream"),
                                                    llm_flags.values(), strict=True) if v is not None)
         fail(PipelineError(f"{given}: a server runs its jobs with its own LLM configuration; these flags apply "
                            "to runs here (drop them, or run without --server)"), json_out)
+    if server and split:
+        fail(PipelineError("--split is a directory on this machine; a server splits the data it holds"), json_out)
+    columns = {"perturbation_key": perturbation_key, "control": control, "context_key": context_key,
+               "dose_key": dose_key, "scheme": scheme.value if scheme else None, "held_out_context": context}
+    sizes = {"memory": memory, "cpus": cpus, "gpus": gpus}
     if server:
         _run_remote(server, api_key, data, task, out_dir or Path("runs") / data.stem, json_out,
-                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, gpus=gpus, max_nodes=max_nodes,
-                    candidates=candidates)
+                    max_attempts=max_attempts, max_minutes=max_minutes, seed=seed, max_nodes=max_nodes,
+                    candidates=candidates, **sizes, **columns)
         return
     try:
         config = LLMConfig.resolve(llm_flags)
-        settings = DesignSettings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
-                                  max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, gpus=gpus,
-                                  runtime=runtime, candidates=candidates, max_nodes=max_nodes)
+        settings = _settings(data=data, task=task, out=out_dir or Path("runs") / data.stem, seed=seed,
+                             max_attempts=max_attempts, max_minutes=max_minutes, sandbox=sandbox, runtime=runtime,
+                             candidates=candidates, max_nodes=max_nodes, split=split, **sizes, **columns)
     except (LLMError, ValueError) as exc:
         fail(exc, json_out)
     _run(settings, config, None, json_out)
@@ -177,26 +208,26 @@ def _run_remote(server: str, api_key: str | None, data: Path, task: str, out_dir
     land in `out_dir`."""
     from service.client import APIError
     from service.client.remote import run_design
-    from service.pipeline import PipelineError, ProgressEvent, RichProgress
+    from service.pipeline import PipelineError, ProgressEvent, progress_display
 
     if not api_key:
         fail(PipelineError("--server needs --api-key (or CELLFORGE_API_KEY)"), json_out)
     try:
-        with RichProgress(err) as progress:
+        with progress_display(err) as progress:
             job = run_design(server, api_key, data, task, download_to=out_dir, **options,
                              on_event=lambda e: progress(ProgressEvent(**e["data"])) if e["kind"] == "progress"
                              else None)
     except APIError as exc:
         fail(PipelineError(f"the server refused the job: {exc}"), json_out)
     metrics = (job.get("result") or {}).get("metrics") or {}
-    print_verdict(metrics.get("verdict"))
+    out = tables(json_out)
+    print_verdict(metrics.get("verdict"), json_out)
     if "baselines" in metrics:
         out.print(_metrics_table(metrics))
     out.print(f"job {job['id']}: [bold]{job['status']}[/bold]; artifacts in {out_dir}", highlight=False)
     if json_out:
-        print(json.dumps({**metrics, "ok": job["status"] == "succeeded", "job": job["id"], "status": job["status"],
-                          "run_status": metrics.get("status"), "error": job.get("error"), "out": str(out_dir)},
-                         default=str), flush=True)
+        emit_json({**metrics, "ok": job["status"] == "succeeded", "job": job["id"], "status": job["status"],
+                   "run_status": metrics.get("status"), "error": job.get("error"), "out": str(out_dir)})
     if job["status"] != "succeeded":
         raise typer.Exit(1)
 

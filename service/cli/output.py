@@ -1,27 +1,64 @@
-"""What every command group shares: the error console, `--json`, one-line failures, a progress spinner."""
+"""What every command group shares: where output goes, `--json`, one-line failures, progress.
+
+Scriptable output: with `--json` stdout holds exactly one JSON document and everything meant for a person
+(tables, progress, notes) goes to stderr. Off a terminal (a pipe, a CI log) tables keep their full width
+and progress is plain lines instead of a live display.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-err = Console(stderr=True)
+# Rich cuts a console that is not a terminal to 80 columns ("pearso…"); a log file has no edge to fit.
+LOG_WIDTH = 1000
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+def _console(stderr: bool) -> Console:
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=LOG_WIDTH)
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
+
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON document on stdout (tables and progress go to stderr).")]
+
+
+def tables(json_out: bool) -> Console:
+    """Where tables and other human output go: stdout, or stderr when stdout carries the JSON document."""
+    return err if json_out else out
+
+
+def emit_json(document: dict[str, Any]) -> None:
+    """The command's one JSON document on stdout."""
+    print(json.dumps(document, default=str), flush=True)
+
+
+def message(exc: Exception) -> str:
+    """An error in words: a validation failure as `field: problem; ...` (not pydantic's text with its URLs)."""
+    if isinstance(exc, ValidationError):
+        from service.protocol.errors import problems
+
+        return problems(exc)
+    return str(exc)
 
 
 def fail(exc: Exception, json_out: bool) -> NoReturn:
-    """Report an error in one readable line (and as JSON with --json), exit 1."""
-    err.print(f"[red]{type(exc).__name__}:[/] {exc}", highlight=False)
+    """Report an error in one readable line (and as the JSON document with --json), exit 1."""
+    text = message(exc)
+    err.print(f"[red]{type(exc).__name__}:[/] {text}", highlight=False)
     if json_out:
-        print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}), flush=True)
+        emit_json({"ok": False, "error": type(exc).__name__, "message": text})
     raise typer.Exit(1)
 
 
 def spinner() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=err, transient=True)
+                    console=err, transient=True, disable=not err.is_terminal)

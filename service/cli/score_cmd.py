@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -18,12 +16,13 @@ if TYPE_CHECKING:
     from service.data.celleval import CellEvalReport
     from service.data.evaluate import EvaluationReport, Evaluator
 
-from .output import JsonOpt, fail, spinner
+from .choices import WhichChoice
+from .output import JsonOpt, emit_json, fail, spinner, tables
 
 
 SplitOpt = Annotated[Path, typer.Option("--split", help="A split directory (cellforge data split).",
                                         show_default=False)]
-WhichOpt = Annotated[str, typer.Option("--which", help="Score the 'test' or the 'val' conditions.")]
+WhichOpt = Annotated[WhichChoice, typer.Option("--which", help="Score the test or the val conditions.")]
 
 # The columns of the baselines table: the metrics models are compared on.
 HEADLINE = ("pearson_delta", "pearson_delta_pert", "pearson_delta_top20_de", "mse_top20_de", "r2_delta",
@@ -35,8 +34,6 @@ def _fmt(value: float | None) -> str:
 
 
 def _evaluator(split: Path, which: str, progress: Progress) -> Evaluator:
-    if which not in ("test", "val"):
-        raise DataError(f"--which must be 'test' or 'val', not {which!r}")
     from service.data.evaluate import Evaluator
 
     progress.add_task(f"reading {split} and the real {which} cells", total=None)
@@ -103,7 +100,7 @@ def score(
     split: SplitOpt,
     predictions: Annotated[Path, typer.Option("--predictions", help="Predictions .h5ad (one row per condition).",
                                               show_default=False)],
-    which: WhichOpt = "test",
+    which: WhichOpt = WhichChoice.TEST,
     primary: Annotated[str, typer.Option("--primary", help="The metric the verdict is stated for (with "
                                                            "mse_top20_de).")] = "pearson_delta_pert",
     per_condition: Annotated[bool, typer.Option("--per-condition", help="Also print one row per condition.")] = False,
@@ -141,8 +138,8 @@ def score(
     from service.cli.design_cmd import print_verdict
 
     verdict = _verdict(report, baselines, which, primary, predictions)
-    print_verdict(verdict.model_dump(mode="json"))
-    console = Console()
+    print_verdict(verdict.model_dump(mode="json"), json_out)
+    console = tables(json_out)
     if per_condition:
         console.print(_per_condition_table(report))
     console.print(_report_table(report))
@@ -151,15 +148,14 @@ def score(
     if cell_eval_error:
         console.print(f"[yellow]{cell_eval_error}[/]")
     if json_out:
-        print(json.dumps({"ok": True, **report.model_dump(), "verdict": verdict.model_dump(mode="json"),
-                          "baselines": {n: r.summary for n, r in baselines.items()},
-                          "cell_eval": cell.model_dump() if cell is not None else {"error": cell_eval_error}}),
-              flush=True)
+        emit_json({"ok": True, **report.model_dump(mode="json"), "verdict": verdict.model_dump(mode="json"),
+                   "baselines": {n: r.summary for n, r in baselines.items()},
+                   "cell_eval": cell.model_dump() if cell is not None else {"error": cell_eval_error}})
 
 
 def baselines(
     split: SplitOpt,
-    which: WhichOpt = "test",
+    which: WhichOpt = WhichChoice.TEST,
     out: Annotated[Path | None, typer.Option("--out", help="Also write each baseline's predictions here.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -193,12 +189,10 @@ def baselines(
     for name, report in reports.items():
         table.add_row(name, *(_fmt(report.summary.get(m)) for m in columns))
     table.add_row("[bold]ceiling[/]", *(_fmt(evaluator.ceiling.get(m)) for m in columns))
-    Console().print(table)
+    tables(json_out).print(table)
     if json_out:
-        print(json.dumps({
-            "ok": True, "which": which, "ceiling": evaluator.ceiling, "written": written,
-            "baselines": {n: {"summary": r.summary, "normalized": r.normalized} for n, r in reports.items()},
-        }), flush=True)
+        emit_json({"ok": True, "which": which, "ceiling": evaluator.ceiling, "written": written,
+                   "baselines": {n: {"summary": r.summary, "normalized": r.normalized} for n, r in reports.items()}})
 
 
 def register(app: typer.Typer) -> None:

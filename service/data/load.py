@@ -67,6 +67,11 @@ CONTEXT_COLUMNS = (
     "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
     "context", "cell_context", "tissue",
 )
+# Words in an obs column name that suggest a cell type or context under a name detection does not know
+# (`leiden_celltype`, `cell_type_fine`, `louvain`): such a column is pointed out, never silently pooled.
+CONTEXT_HINTS = ("celltype", "cellline", "context", "tissue", "leiden", "louvain", "cluster")
+MAX_LIKELY_CONTEXTS = 200
+POOLED = "none"  # context_key: the data has no context column worth using; pool every cell
 # Per-perturbation annotations (what a compound targets), as sci-Plex / Tahoe-style screens ship them.
 ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "pathway", "pathways")
 ANNOTATION_SEPARATORS = re.compile(r"[;,|]")
@@ -117,6 +122,8 @@ class DatasetLayout(BaseModel):
     context_key: str | None = None
     batch_key: str | None = None
     annotation_key: str | None = None  # obs column of per-perturbation target genes / pathways
+    # No context column detected: obs columns whose name and values look like one (see CONTEXT_HINTS).
+    context_candidates: list[str] = []
     feature_types_key: str | None = None
     gene_symbols_key: str | None = None  # var column used as gene names (var_names are Ensembl ids)
     kind: Kind
@@ -193,6 +200,12 @@ def _find_column(columns: Sequence[str], candidates: Sequence[str]) -> str | Non
         if _norm(cand) in by_norm:
             return by_norm[_norm(cand)]
     return None
+
+
+def likely_context_columns(obs: pd.DataFrame, taken: set[str | None]) -> list[str]:
+    """Text columns named like a cell type / context (CONTEXT_HINTS) with 2 to MAX_LIKELY_CONTEXTS values."""
+    return [str(c) for c in obs.columns if c not in taken and any(h in _norm(c) for h in CONTEXT_HINTS)
+            and _is_text(obs[c]) and 2 <= obs[c].nunique() <= MAX_LIKELY_CONTEXTS]
 
 
 def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
@@ -420,7 +433,9 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     obs = adata.obs
     pert_key, controls = _pick_perturbation_column(obs, perturbation_key, control, source)
     dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)
-    context_key = _check_key(obs, context_key, "context") or _find_column(list(obs.columns), CONTEXT_COLUMNS)
+    pooled = context_key == POOLED and POOLED not in obs.columns
+    context_key = None if pooled else (_check_key(obs, context_key, "context")
+                                       or _find_column(list(obs.columns), CONTEXT_COLUMNS))
     batch_key = _check_key(obs, batch_key, "batch") or _find_column(list(obs.columns), BATCH_COLUMNS)
     if pert_key in (dose_key, context_key, batch_key):
         raise UnknownColumn(f"{source}: column {pert_key!r} cannot be both the perturbation and another role")
@@ -468,10 +483,13 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     annotations = _annotations(obs, annotation_key, labels, is_ctrl, source) if annotation_key else {}
     if annotation_key and not annotations:
         annotation_key = None  # a column of blanks annotates nothing
+    candidates = ([] if context_key or pooled else
+                  likely_context_columns(obs, {pert_key, dose_key, batch_key, annotation_key}))
     layout = DatasetLayout(
         source=source, n_cells=adata.n_obs, n_features=adata.n_vars, perturbation_key=pert_key,
         control_labels=sorted(controls), dose_key=dose_key, context_key=context_key, batch_key=batch_key,
-        annotation_key=annotation_key, feature_types_key=ft_key, gene_symbols_key=symbols_key, kind=kind,
+        annotation_key=annotation_key, context_candidates=candidates, feature_types_key=ft_key,
+        gene_symbols_key=symbols_key, kind=kind,
         modalities=modalities, rna_is_counts=counts, backed=bool(adata.isbacked),
     )
     return Dataset(adata=adata, layout=layout, obs=std, feature_block=blocks, gene_names=gene_names,

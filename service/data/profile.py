@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel
 
 from .conditions import BATCH, COMBO_SEPARATOR, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
-from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, row_chunks
+from .load import DEFAULT_MIN_CELLS, POOLED, Dataset, load_dataset, row_chunks
 from .preprocess import normalize_log1p
 
 QUANTILES = {"min": 0.0, "q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9, "max": 1.0}
@@ -111,6 +111,8 @@ class DataProfile(BaseModel):
     alternative_splits: list[str]
     recommended_metrics: list[str]
     notes: list[str]
+    # No context column detected, but these obs columns look like cell types / contexts (pass --context-key).
+    context_candidates: list[str] = []
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -428,6 +430,10 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     if combos is not None and combos.both_singles_present < combos.n_combos:
         notes.append(f"{combos.n_combos - combos.both_singles_present} of {combos.n_combos} combos lack a single "
                      "for one of their genes; additive baselines fall back for them")
+    if layout.context_candidates:
+        notes.append(f"no context column under a known name, but obs column(s) {', '.join(layout.context_candidates)} "
+                     f"look like cell types: pass --context-key {layout.context_candidates[0]} to use it, or "
+                     f"--context-key {POOLED} to pool every cell")
     if contexts is not None and contexts.coverage < 1.0:
         notes.append(f"contexts x perturbations grid is {contexts.coverage:.0%} filled")
     if contexts is not None and any(v == 0 for v in (contexts.control_cells.get(c, 0) for c in contexts.cells)):
@@ -438,7 +444,8 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
         feature_types={str(k): int(v) for k, v in feature_types.items()}, modalities=list(layout.modalities),
         normalization="raw_counts" if layout.rna_is_counts else "log_normalized", perturbation_kind=layout.kind,
         perturbation_key=layout.perturbation_key, control_labels=layout.control_labels, dose_key=layout.dose_key,
-        context_key=layout.context_key, batch_key=layout.batch_key, backed=layout.backed,
+        context_key=layout.context_key, context_candidates=layout.context_candidates, batch_key=layout.batch_key,
+        backed=layout.backed,
         n_perturbations=len(perts), n_conditions=len(cond_sizes), n_control_cells=int(is_ctrl.sum()),
         cells_per_condition=_quantiles(cond_sizes), cells_per_condition_median=median_cells,
         cells_per_condition_min=float(cond_sizes.min()) if cond_sizes.size else 0.0,

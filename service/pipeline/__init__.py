@@ -5,7 +5,7 @@ with baselines and their stack, the verdict, evaluation and the report (`run_des
 from service.pipeline.codegen import Bundle, CodegenError, config_from_plan, render_bundle
 from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch, offline_debug
 from service.pipeline.execute import SandboxSettings, StepFailure
-from service.pipeline.progress import ProgressEvent, RichProgress
+from service.pipeline.progress import PlainProgress, ProgressEvent, RichProgress, progress_display
 from service.pipeline.run import DesignResult, DesignSettings, PipelineError, pipeline_handlers, run_design
 from service.pipeline.rundir import RunDir
 from service.pipeline.search import Change, SearchTree, offline_improve
@@ -21,6 +21,7 @@ __all__ = [
     "FileEdit",
     "PatchError",
     "PipelineError",
+    "PlainProgress",
     "ProgressEvent",
     "RichProgress",
     "RunDir",
@@ -34,6 +35,7 @@ __all__ = [
     "offline_debug",
     "offline_improve",
     "pipeline_handlers",
+    "progress_display",
     "render_bundle",
     "run_design",
     "verdict_lines",

@@ -1,4 +1,4 @@
-"""Live progress of a design run: typed events, and a rich renderer for the command line."""
+"""Live progress of a design run: typed events, a rich live renderer for a terminal and plain lines for logs."""
 
 from __future__ import annotations
 
@@ -46,6 +46,37 @@ def epoch_event(line: str, attempt: int) -> ProgressEvent | None:
         return None
     return ProgressEvent("train", f"epoch {int(epoch)}", attempt=attempt, epoch=int(epoch), train_loss=train_loss,
                          val_loss=val_loss)
+
+
+def event_line(event: ProgressEvent) -> str:
+    """One event as a plain line: `train [node 2] epoch 5: train loss 0.1234, stopping loss 0.2345`."""
+    where = f" [node {event.attempt}]" if event.attempt is not None else ""
+    where += f" [round {event.round}]" if event.round is not None else ""
+    if event.epoch is not None and event.train_loss is not None and event.val_loss is not None:
+        return (f"{event.phase}{where} epoch {event.epoch}: train loss {event.train_loss:.4f}, "
+                f"stopping loss {event.val_loss:.4f}")
+    return f"{event.phase}{where} {event.message}".rstrip()
+
+
+class PlainProgress:
+    """Every event as a line (training epochs included), for a log or a pipe where a live display cannot draw."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.console.print(event_line(event), markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_display(console: Console) -> RichProgress | PlainProgress:
+    """A live display on a terminal, plain lines elsewhere."""
+    return RichProgress(console) if console.is_terminal else PlainProgress(console)
 
 
 class RichProgress:

@@ -10,6 +10,7 @@ computes every reported score.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anndata as ad
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from sandbox import BackendKind, require_runtime
+from sandbox import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, SpecError, parse_size, require_runtime
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
+from service.data.load import POOLED
+from service.data.splits import SPLIT_FILES, TRUTH_FILES, Scheme, Split, load_split
 from service.data.baselines import run_baselines
 from service.data.celleval import cell_eval_block
 from service.data.evaluate import EvaluationReport, Evaluator
@@ -74,8 +77,8 @@ class DesignSettings(BaseModel):
                                 description="container runtime of docker sandboxes (runsc: gVisor)")
     tenant: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                                description="the tenant of a service job: every sandbox of the run is labelled with it")
-    memory: str = "4g"
-    cpus: float = 2.0
+    memory: str = Field("4g", description="sandbox memory, Docker-style ('512m', '4g')")
+    cpus: float = Field(2.0, gt=0, le=256, description="sandbox CPUs")
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
     candidates: int = Field(1, ge=1, le=7, description="draft plans (the discussion's + variants)")
     max_nodes: int = Field(6, ge=0, le=100, description="improve steps after the first working model")
@@ -83,6 +86,29 @@ class DesignSettings(BaseModel):
     cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
     held_out_context: str | None = Field(None, description="unseen-context splits: the context to hold out "
                                                            "(default: one drawn with the seed)")
+    # The dataset's columns, as `cellforge data profile/split` take them (default: detected).
+    perturbation_key: str | None = Field(None, description="obs column of the perturbation")
+    control: str | None = Field(None, description="control label of the perturbation column")
+    context_key: str | None = Field(None, description=f"obs column of the cell type / context ({POOLED!r}: "
+                                                      "none, pool every cell)")
+    dose_key: str | None = Field(None, description="obs column of the dose")
+    scheme: Scheme | None = Field(None, description="the split scheme (default: the task analysis' choice)")
+    split: Path | None = Field(None, description="a split directory prepared by `cellforge data split`, used "
+                                                 "instead of splitting here (its scheme and columns apply)")
+
+    @field_validator("memory")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        try:
+            parse_size(value, "memory")
+        except SpecError as exc:
+            raise ValueError(str(exc).removeprefix("memory: ")) from None
+        return value
+
+    def data_keys(self) -> dict[str, str | None]:
+        """The column options of `profile_dataset` / `make_split`."""
+        return {"perturbation_key": self.perturbation_key, "control": self.control, "context_key": self.context_key,
+                "dose_key": self.dose_key}
 
     def sandbox_settings(self) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
@@ -271,6 +297,64 @@ def _summaries(reports: dict[str, EvaluationReport]) -> dict[str, dict[str, floa
     return {name: report.summary for name, report in reports.items()}
 
 
+DOCKER_HINT = "start Docker, or run without isolation on this machine with --sandbox local (Python: sandbox='local')"
+
+
+def preflight(settings: DesignSettings) -> Split | None:
+    """What would fail the run later, checked before any work: the Docker engine, its runtime and the sandbox
+    image; a prepared split. Returns the prepared split (opened), if any."""
+    prepared = None
+    if settings.sandbox is BackendKind.DOCKER:
+        import docker
+
+        try:
+            client = docker.from_env(timeout=10)
+            client.ping()
+        except docker.errors.DockerException as exc:
+            raise PipelineError(f"the Docker engine is not reachable ({exc}); {DOCKER_HINT}") from None
+        try:
+            require_runtime(settings.runtime, client)  # a missing runtime would fail every attempt
+            image = settings.image or (DEFAULT_GPU_IMAGE if settings.gpus else DEFAULT_CPU_IMAGE)
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                raise PipelineError(f"the sandbox image {image!r} is not built; build it with "
+                                    f"`cellforge images build`, or {DOCKER_HINT}") from None
+        finally:
+            client.close()
+    if settings.split is not None:
+        prepared = load_split(settings.split)
+        missing = [name for name in TRUTH_FILES if not (prepared.path / name).is_file()]
+        if missing:
+            raise PipelineError(f"{prepared.path}: a split without its truth files ({', '.join(missing)}) cannot "
+                                "score a design run; pass the directory `cellforge data split` wrote")
+        if settings.scheme is not None and settings.scheme != prepared.info.scheme:
+            raise PipelineError(f"--scheme {settings.scheme} contradicts the prepared split's scheme "
+                                f"{prepared.info.scheme}; leave --scheme out with --split")
+    return prepared
+
+
+def _data_keys(settings: DesignSettings, prepared: Split | None) -> dict[str, str | None]:
+    """The column options; with a prepared split, those it was made with fill the ones not given."""
+    keys = settings.data_keys()
+    if prepared is not None:
+        info = prepared.info
+        made_with = {"perturbation_key": info.perturbation_key, "control": info.control_label,
+                     "context_key": info.context_key or POOLED, "dose_key": info.dose_key}
+        keys = {k: v if v is not None else made_with[k] for k, v in keys.items()}
+    return keys
+
+
+def copy_split(source: Path, target: Path) -> None:
+    """A prepared split into the run directory (hard links where the file system allows)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in SPLIT_FILES:
+        try:
+            os.link(source / name, target / name)
+        except OSError:
+            shutil.copy2(source / name, target / name)
+
+
 def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                replay_from: Path | None = None, on_progress: ProgressCallback | None = None,
                handlers: dict[str, Any] | None = None) -> DesignResult:
@@ -278,8 +362,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
     `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
     emit = on_progress or (lambda event: None)
-    if settings.sandbox is BackendKind.DOCKER:
-        require_runtime(settings.runtime)  # before any LLM call: a missing runtime would fail every attempt
+    prepared = preflight(settings)
+    keys = _data_keys(settings, prepared)
     started = time.monotonic()
     rd = RunDir(settings.out).create()
     if rd.plan.exists() or rd.attempts.exists():
@@ -292,12 +376,22 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                        on_tokens=lambda kind, n: emit(ProgressEvent("llm", f"{kind}: {n} tokens so far")))
 
     emit(ProgressEvent("profile", f"profiling {settings.data}"))
-    profile = profile_dataset(settings.data)
+    profile = profile_dataset(settings.data, **keys)
     rd.write_json(rd.profile, profile.model_dump(mode="json"))
+    if profile.context_candidates:
+        # A cell-type column under another name would silently pool every cell type: a different task.
+        raise PipelineError(f"{settings.data}: no context column under a known name, but obs column(s) "
+                            f"{', '.join(profile.context_candidates)} look like cell types; pass --context-key "
+                            f"{profile.context_candidates[0]} to use it, or --context-key {POOLED} to pool every cell")
 
     emit(ProgressEvent("analysis", "framing the task"))
     asking = time.monotonic()
     analysis = analyse_task(profile, settings.task, llm)
+    scheme = prepared.info.scheme if prepared is not None else settings.scheme
+    if scheme is not None and scheme != analysis.split_scheme:
+        emit(ProgressEvent("analysis", f"split scheme {scheme} (chosen by the user; the analysis proposed "
+                                       f"{analysis.split_scheme})"))
+        analysis = analysis.model_copy(update={"split_scheme": scheme})
     rd.write_json(rd.task_analysis, analysis.model_dump(mode="json"))
 
     emit(ProgressEvent("discussion", "experts discussing", round=1))
@@ -310,11 +404,16 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
 
     n_genes = plan.preprocessing.n_hvg if settings.max_genes is None else min(plan.preprocessing.n_hvg,
                                                                              settings.max_genes)
-    emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
-    make_split(settings.data, analysis.split_scheme, settings.seed, rd.split,
-               n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
-               cv_folds=settings.cv_folds, context=settings.held_out_context,
-               on_progress=lambda msg: emit(ProgressEvent("split", msg)))
+    if prepared is not None:
+        emit(ProgressEvent("split", f"prepared {prepared.info.scheme} split {prepared.path} "
+                                    f"(seed {prepared.info.seed}, {len(prepared.info.genes)} features)"))
+        copy_split(prepared.path, rd.split)
+    else:
+        emit(ProgressEvent("split", f"{analysis.split_scheme} split, seed {settings.seed}, {n_genes} genes"))
+        make_split(settings.data, analysis.split_scheme, settings.seed, rd.split, **keys,
+                   n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
+                   cv_folds=settings.cv_folds, context=settings.held_out_context,
+                   on_progress=lambda msg: emit(ProgressEvent("split", msg)))
     selection = prepare_selection(rd, emit)
     emit(ProgressEvent("split", f"selection by {selection.describe()}"))
     test_eval = Evaluator(rd.split, "test")

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from .times import Timestamp
 
 FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# service.data.splits.SCHEMES, spelled out: the protocol depends on pydantic only (a test keeps them equal).
+SplitScheme = Literal["unseen-perturbation", "combo", "unseen-drug", "unseen-dose", "unseen-context"]
 
 
 class DesignOptions(BaseModel):
@@ -29,6 +31,15 @@ class DesignOptions(BaseModel):
     candidates: int | None = Field(default=None, description="draft plans: the discussion's and variants (default 1)")
     runtime: str | None = Field(default=None, description="container runtime of the run's sandboxes: the tenant's "
                                 "(default) or a stronger one (runsc), never a weaker one")
+    perturbation_key: str | None = Field(default=None, description="obs column of the perturbation (default: "
+                                        "detected)")
+    control: str | None = Field(default=None, description="control label (default: detected)")
+    context_key: str | None = Field(default=None, description="obs column of the cell type / context (default: "
+                                   "detected; 'none': pool every cell)")
+    dose_key: str | None = Field(default=None, description="obs column of the dose (default: detected)")
+    scheme: SplitScheme | None = Field(default=None, description="split scheme (default: the task analysis' choice)")
+    held_out_context: str | None = Field(default=None, description="unseen-context: the cell type to hold out "
+                                        "(default: drawn with the seed)")
 
     def chosen(self) -> dict[str, Any]:
         """The options the caller set (the others take the server's defaults)."""

@@ -194,6 +194,8 @@ def test_design_job_requests_are_checked(server, alice, bob, screen_id):
             c.submit_job(screen_id, "  ")
         with pytest.raises(InvalidRequestError, match="max_attempts"):
             c.submit_job(screen_id, "predict knockouts", max_attempts=0)
+        with pytest.raises(InvalidRequestError, match="scheme"):
+            c.submit_job(screen_id, "predict knockouts", scheme="unseen-gene")
         with pytest.raises(QuotaError, match="GPUs"):
             c.submit_job(screen_id, "predict knockouts", gpus=2)
     with server.client(bob) as c:

@@ -272,8 +272,9 @@ def test_cli_score_states_the_verdict_against_the_best_baseline_first(split, tmp
     run_baselines(split)["mean_delta"].write_h5ad(path)
     result = CliRunner().invoke(app, ["score", "--split", str(split), "--predictions", str(path), "--json"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in result.stdout
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # --json: the verdict and tables for a person on stderr, one JSON document on stdout
+    assert result.stderr.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in result.stderr
+    report = json.loads(result.stdout)
     verdict = report["verdict"]
     p = verdict["metrics"]["pearson_delta_pert"]
     best = max(report["baselines"], key=lambda n: report["baselines"][n].get("pearson_delta_pert", -9))
