@@ -5,9 +5,9 @@ scored alike on the same validation folds. The delivered predictor is chosen ove
 among the candidates no worse than the best baseline on validation's primary metric and on top-20-DE MSE,
 the best on the primary metric (a tie goes to the simpler: baselines first, then the designed model, then
 the stack); so a user never gets something worse on validation than the best baseline on either metric
-when any candidate achieves that, and otherwise the one least behind. A baseline or stack winner is delivered
-with runnable code (`deliver.predictor_files`), which the service then runs in a sandbox to check that it
-reproduces the delivered test predictions.
+when any candidate achieves that, and otherwise the one with the best mean relative gain over both. A
+baseline or stack winner is delivered with runnable code (`deliver.predictor_files`), which the service
+then runs in a sandbox to check that it reproduces the delivered test predictions.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service.pipeline.codegen import Bundle
 from service.pipeline.deliver import DESIGNED, predictor_files, write_files
 from service.pipeline.execute import OUTPUT_FILES, SandboxSettings, run_attempt, save_outcome
 from service.pipeline.progress import ProgressCallback, ProgressEvent
-from service.pipeline.selection import HEADLINE, LOWER_IS_BETTER, PooledScore, Selection, better, finite
+from service.pipeline.selection import HEADLINE, LOWER_IS_BETTER, PooledScore, Selection, finite
 from service.pipeline.stack import blend, fit_stack
 
 EntryKind = Literal["designed", "baseline", "stack"]
@@ -56,28 +56,40 @@ def _reference(entries: list[Entry], metric: str) -> float | None:
     return best[0].score(metric) if best else None
 
 
-def _shortfall(entry: Entry, references: dict[str, float]) -> float:
-    """How far `entry` falls behind the best baseline on its worst metric, relative to that baseline
-    (0 when it is no worse on any); inf without a score."""
-    worst = 0.0
+def _gains(entry: Entry, references: dict[str, float]) -> list[float] | None:
+    """Relative gain of `entry` over the best baseline on each metric (positive = better); None without a
+    score on one."""
+    out = []
     for metric, ref in references.items():
         score = entry.score(metric)
         if score is None:
-            return float("inf")
-        if better(metric, ref, score):
-            worst = max(worst, abs(score - ref) / max(abs(ref), 1e-12))
-    return worst
+            return None
+        up = ref - score if metric.removeprefix("protein_") in LOWER_IS_BETTER else score - ref
+        out.append(up / max(abs(ref), 1e-12))
+    return out
+
+
+def _not_worse(entry: Entry, references: dict[str, float]) -> bool:
+    gains = _gains(entry, references)
+    return gains is not None and all(g >= 0 for g in gains)
+
+
+def _standing(entry: Entry, references: dict[str, float]) -> float:
+    gains = _gains(entry, references)
+    return float(np.mean(gains)) if gains else -np.inf
 
 
 def rank(entries: list[Entry], primary: str) -> list[Entry]:
     """Best first on validation, over both headline metrics: the entries no worse than the best baseline on
-    the primary metric *and* on top-20-DE MSE come first, best primary first; then the others by their
-    relative shortfall on their worse metric (the least behind first); entries without a primary score last.
-    Ties keep the given order (baselines before the designed model before the stack: the simpler wins)."""
+    the primary metric *and* on top-20-DE MSE come first, best primary first; then the others by their mean
+    relative gain over the best baseline of each metric (a balance: neither metric may be traded away
+    wholesale for the other; e.g. `control` often leads the primary metric and trails top-20-DE MSE far);
+    entries without a primary score last. Ties keep the given order (baselines before the designed model
+    before the stack: the simpler wins)."""
     references = {m: ref for m in dict.fromkeys((primary, *HEADLINE)) if (ref := _reference(entries, m)) is not None}
     scored = [e for e in entries if finite(e.score(primary))]
-    feasible = rank_on([e for e in scored if _shortfall(e, references) == 0.0], primary)
-    rest = sorted((e for e in scored if e not in feasible), key=lambda e: _shortfall(e, references))
+    feasible = rank_on([e for e in scored if _not_worse(e, references)], primary)
+    rest = sorted((e for e in scored if e not in feasible), key=lambda e: -_standing(e, references))
     return feasible + rest + [e for e in entries if e not in scored]
 
 

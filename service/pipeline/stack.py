@@ -13,7 +13,7 @@ perturbations: the best prediction is close to no change).
 
 The objective is lexicographic over both metrics: a blend no worse than the best *baseline* on either
 metric (on the rows fitted) beats any blend that is worse on one; among those, the primary metric
-decides (top-20-DE MSE breaks near-ties); among the others, the smaller relative shortfall. Starting
+decides (top-20-DE MSE breaks near-ties); among the others, the mean relative gain over both. Starting
 from the best single member and adding shares of 1/MAX_STEPS (a tenth) keeps the stack near that member unless
 validation pays for moving (shrinkage towards the best single candidate).
 
@@ -100,16 +100,17 @@ def _mean(values: list[np.ndarray], chunk_list: Sequence[list[tuple[int, np.ndar
     return float(np.nanmean(picked)) if np.isfinite(picked).any() else float("nan")
 
 
-def _objective(scores: dict[str, float], reference: dict[str, float], primary: str) -> float:
-    """Higher is better: feasible blends (no worse than the best baseline on either metric) above all
-    others; then the primary metric's relative gain, top-20-DE MSE's as a tie-break."""
+def _objective(scores: dict[str, float], reference: dict[str, float], primary: str) -> tuple[int, float]:
+    """Higher is better (compared as tuples): feasible blends (no worse than the best baseline on either
+    metric) above all others, ranked by the primary metric's relative gain with top-20-DE MSE's as a
+    tie-break; the others by the mean relative gain over both metrics, as `compete.rank` orders them."""
     gains = {m: _gain(m, scores[m], reference[m]) for m in reference
              if np.isfinite(scores.get(m, np.nan)) and np.isfinite(reference[m])}
     if primary not in gains:
-        return -np.inf
+        return (-1, -np.inf)
     if all(g >= 0 for g in gains.values()):
-        return 1.0 + gains[primary] + SECONDARY_TIEBREAK * sum(g for m, g in gains.items() if m != primary)
-    return min(gains.values())  # a shortfall: below 0, so below every feasible blend
+        return (1, gains[primary] + SECONDARY_TIEBREAK * sum(g for m, g in gains.items() if m != primary))
+    return (0, float(np.mean(list(gains.values()))))
 
 
 def _select(scorer: _Scorer, cache: dict[tuple[int, ...], dict[str, list[np.ndarray]]],
@@ -131,13 +132,13 @@ def _select(scorer: _Scorer, cache: dict[tuple[int, ...], dict[str, list[np.ndar
         lower = m.removeprefix("protein_") in LOWER_IS_BETTER
         reference[m] = (min(values) if lower else max(values)) if values else float("nan")
     objective = [_objective(s, reference, primary) for s in single_scores]
-    best = int(np.argmax(objective))
+    best = max(range(len(names)), key=objective.__getitem__)  # the first of equals
     counts, current = singles[best], objective[best]
     for _ in range(MAX_STEPS - 1):
         trials = [tuple(c + (j == i) for j, c in enumerate(counts)) for i in range(len(names))]
         values = [_objective(scores(t), reference, primary) for t in trials]
-        i = int(np.argmax(values))
-        if not values[i] > current + 1e-9:
+        i = max(range(len(names)), key=values.__getitem__)
+        if not values[i] > (current[0], current[1] + 1e-9):
             break
         counts, current = trials[i], values[i]
     return np.array(counts, dtype=float) / sum(counts)
