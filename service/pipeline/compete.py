@@ -113,9 +113,9 @@ def with_stack(selection: Selection, entries: list[Entry], primary: str) -> list
 
 def rank_on(entries: list[Entry], metric: str) -> list[Entry]:
     """Best first on one validation metric (entries without it left out); ties keep the given order."""
-    scored = [e for e in entries if finite(e.score(metric))]
-    lower = metric.removeprefix("protein_") in LOWER_IS_BETTER
-    return sorted(scored, key=lambda e: e.score(metric) if lower else -e.score(metric))
+    sign = 1.0 if metric.removeprefix("protein_") in LOWER_IS_BETTER else -1.0
+    scored = [(sign * s, e) for e in entries if finite(s := e.score(metric))]
+    return [e for _, e in sorted(scored, key=lambda pair: pair[0])]
 
 
 @dataclass

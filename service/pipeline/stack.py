@@ -136,11 +136,11 @@ def _select(scorer: _Scorer, cache: dict[tuple[int, ...], dict[str, list[np.ndar
     counts, current = singles[best], objective[best]
     for _ in range(MAX_STEPS - 1):
         trials = [tuple(c + (j == i) for j, c in enumerate(counts)) for i in range(len(names))]
-        values = [_objective(scores(t), reference, primary) for t in trials]
-        i = max(range(len(names)), key=values.__getitem__)
-        if not values[i] > (current[0], current[1] + 1e-9):
+        outcomes = [_objective(scores(t), reference, primary) for t in trials]
+        i = max(range(len(names)), key=outcomes.__getitem__)
+        if not outcomes[i] > (current[0], current[1] + 1e-9):
             break
-        counts, current = trials[i], values[i]
+        counts, current = trials[i], outcomes[i]
     return np.array(counts, dtype=float) / sum(counts)
 
 
