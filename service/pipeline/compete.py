@@ -31,6 +31,7 @@ from service.pipeline.selection import HEADLINE, LOWER_IS_BETTER, PooledScore, S
 from service.pipeline.stack import blend, fit_stack
 
 EntryKind = Literal["designed", "baseline", "stack"]
+NO_CHANGE = "baseline:control"
 MATCH_TOLERANCE = 1e-3  # max |Δ| between the delivered code's test predictions and the delivered ones
 
 
@@ -83,13 +84,16 @@ def rank(entries: list[Entry], primary: str) -> list[Entry]:
     """Best first on validation, over both headline metrics: the entries no worse than the best baseline on
     the primary metric *and* on top-20-DE MSE come first, best primary first; then the others by their mean
     relative gain over the best baseline of each metric (a balance: neither metric may be traded away
-    wholesale for the other; e.g. `control` often leads the primary metric and trails top-20-DE MSE far);
-    entries without a primary score last. Ties keep the given order (baselines before the designed model
+    wholesale for the other), `control` after them; entries without a primary score last. Ties keep the given order (baselines before the designed model
     before the stack: the simpler wins)."""
     references = {m: ref for m in dict.fromkeys((primary, *HEADLINE)) if (ref := _reference(entries, m)) is not None}
     scored = [e for e in entries if finite(e.score(primary))]
     feasible = rank_on([e for e in scored if _not_worse(e, references)], primary)
     rest = sorted((e for e in scored if e not in feasible), key=lambda e: -_standing(e, references))
+    # `control` predicts no response at all; its primary score is the Systema reference's (−mean training Δ
+    # against the truth's deviation from it), not a skill that carries over to the test conditions, so
+    # alone it is delivered only when it is no worse than the best baseline on both metrics.
+    rest = [e for e in rest if e.key != NO_CHANGE] + [e for e in rest if e.key == NO_CHANGE]
     return feasible + rest + [e for e in entries if e not in scored]
 
 
