@@ -84,8 +84,8 @@ def rank(entries: list[Entry], primary: str) -> list[Entry]:
     """Best first on validation, over both headline metrics: the entries no worse than the best baseline on
     the primary metric *and* on top-20-DE MSE come first, best primary first; then the others by their mean
     relative gain over the best baseline of each metric (a balance: neither metric may be traded away
-    wholesale for the other), `control` after them; entries without a primary score last. Ties keep the given order (baselines before the designed model
-    before the stack: the simpler wins)."""
+    wholesale for the other), `control` after them; entries without a primary score last. Ties keep the
+    given order (baselines before the designed model before the stack: the simpler wins)."""
     references = {m: ref for m in dict.fromkeys((primary, *HEADLINE)) if (ref := _reference(entries, m)) is not None}
     scored = [e for e in entries if finite(e.score(primary))]
     feasible = rank_on([e for e in scored if _not_worse(e, references)], primary)
