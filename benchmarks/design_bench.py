@@ -10,11 +10,13 @@
    overall: wins per seed, the mean relative improvement, the design wall time.
    Targets: never below the best baseline on either metric, ≥ 10% better on the primary metric on average,
    ≤ 15 min per design run on 2 CPU cores.
+   `--compete-only` skips the design (no sandbox): the same splits, the baselines and their validation stack
+   compete alone, which measures the selection and stacking rules apart from the designed model.
 2. Scale: the wall time of one offline design run on 20,000 cells × 2,000 genes (target ≤ 15 min).
 
     .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout drug cytokine stimulation]
         [--contexts T_cell ...] [--cells 12000] [--genes 500] [--sandbox docker|local] [--skip-demo]
-        [--skip-scale] [--skip-quality] [--out DIR]
+        [--skip-scale] [--skip-quality] [--compete-only] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,11 +28,19 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from service.data import simulate
+from service.data import make_split, simulate
+from service.data.baselines import run_baselines
+from service.data.evaluate import Evaluator
 from service.pipeline import DesignSettings, run_design
+from service.pipeline.compete import Entry, rank, stack_test_predictions, with_stack
+from service.pipeline.rundir import RunDir
+from service.pipeline.selection import prepare_selection
 
+SCHEMES = {"knockout": "unseen-perturbation", "drug": "unseen-drug", "cytokine": "unseen-context",
+           "stimulation": "unseen-context"}  # what the task analysis picks for TASKS
 TASKS = {
     "knockout": "Predict expression after CRISPR knockout of unseen genes",
     "drug": "Predict responses of cell lines to unseen drugs at several doses",
@@ -94,8 +104,43 @@ def design(kind: str, seed: int, data: Path, task: str, work: Path, sandbox: str
     return row
 
 
+@dataclass
+class Competed:
+    """What `score_run` reads of a design result, from the competition of baselines and their stack alone."""
+
+    metrics: dict
+    status: str = "competed"
+
+
+def compete(kind: str, seed: int, data: Path, work: Path, context: str | None = None) -> dict:
+    """The run's split and validation as `run_design` makes them; baselines and their stack compete."""
+    label = f"{kind}_{seed}" + (f"_{context}" if context else "")
+    started = time.perf_counter()
+    rd = RunDir(work / f"compete_{label}").create()
+    make_split(data, SCHEMES[kind], seed, rd.split, context=context)
+    selection = prepare_selection(rd)
+    entries = [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
+               for n in selection.baselines]
+    winner = rank(with_stack(selection, entries, PRIMARY), PRIMARY)[0]
+    test_eval = Evaluator(rd.split, "test")
+    test = run_baselines(rd.split, "test")
+    predictions = test[winner.name] if winner.kind == "baseline" else stack_test_predictions(winner.weights,
+                                                                                           test_eval, test)
+    report = test_eval.score(predictions)
+    metrics = {"delivered": {"kind": winner.kind, "name": winner.name, "test": report.summary,
+                             "weights": winner.weights, "val": winner.val.summary},
+               "baselines": {n: test_eval.score(p).summary for n, p in test.items()}, "ceiling": report.ceiling,
+               "n_test_conditions": report.n_conditions}
+    row = score_run(kind, seed, context, time.perf_counter() - started, Competed(metrics))
+    row["weights"] = winner.weights or None
+    print(f"{label}: " + " ".join(
+        f"{k}={row[k]['delivered']:.3f} ({row['delivered']}) vs {row[k]['best_baseline']} {row[k]['best']:.3f} ({row[k]['verdict']})"
+        for k in METRICS), file=sys.stderr, flush=True)
+    return row
+
+
 def quality_runs(kinds: list[str], seeds: list[int], contexts: list[str] | None, cells: int, genes: int,
-                 sandbox: str, work: Path) -> list[dict]:
+                 sandbox: str, work: Path, compete_only: bool = False) -> list[dict]:
     rows = []
     for kind in kinds:
         for seed in seeds:
@@ -106,7 +151,8 @@ def quality_runs(kinds: list[str], seeds: list[int], contexts: list[str] | None,
             if kind == "stimulation":  # leave each cell type out in turn
                 held = [c for c in adata.uns["simulation"]["cell_types"] if contexts is None or c in contexts]
             for context in held:
-                rows.append(design(kind, seed, data, TASKS[kind], work, sandbox, context))
+                rows.append(compete(kind, seed, data, work, context) if compete_only
+                            else design(kind, seed, data, TASKS[kind], work, sandbox, context))
     return rows
 
 
@@ -193,14 +239,16 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--compete-only", action="store_true",
+                        help="no design: baselines and their validation stack compete on the same splits")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="cellforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         rows = [] if args.skip_quality else quality_runs(args.kinds, args.seeds, args.contexts, args.cells,
-                                                         args.genes, args.sandbox, work)
-        if not (args.skip_quality or args.skip_demo):
+                                                         args.genes, args.sandbox, work, args.compete_only)
+        if not (args.skip_quality or args.skip_demo or args.compete_only):
             rows.append(demo_run(args.sandbox, work))
         report = {"benchmark": "design", "cells": args.cells, "genes": args.genes, "sandbox": args.sandbox,
                   "seeds": args.seeds, "summary": summarise(rows), "runs": rows}

@@ -38,7 +38,7 @@ MetricName = Literal[
 ]
 BaselineName = Literal[
     "control", "mean_delta", "context_mean", "additive", "linear_pca_ridge", "delta_transfer", "gene_similarity",
-    "drug_target_ridge", "linear_context_ridge", "dose_interpolation",
+    "drug_target_ridge", "linear_context_ridge", "dose_interpolation", "state_transfer",
 ]
 PerturbationEncoder = Literal[
     "gene_embedding",  # embedding of the target gene from PCA / co-expression of training data

@@ -198,9 +198,9 @@ def mean_training_delta(train: TrainingSummary, context: str, dose: float) -> np
 
 
 def seen_delta(train: TrainingSummary, perturbation: str, dose: float, context: str,
-               other_contexts_only: bool = False) -> np.ndarray | None:
-    """Training Δ of one perturbation: same dose and context, else the mean over other contexts at
-    the same dose, else over any dose; None when it was never seen in training."""
+               other_contexts_only: bool = False, absolute: bool = False) -> np.ndarray | None:
+    """Training Δ of one perturbation (its mean profile when `absolute`): same dose and context, else the
+    mean over other contexts at the same dose, else over any dose; None when it was never seen in training."""
     t = train.conditions
     same_pert = (t[PERTURBATION] == perturbation).to_numpy()
     same_ctx = (t[CONTEXT] == context).to_numpy()
@@ -208,9 +208,10 @@ def seen_delta(train: TrainingSummary, perturbation: str, dose: float, context: 
     chain = [same_pert & ~same_ctx & same_dose, same_pert & ~same_ctx]
     if not other_contexts_only:
         chain = [same_pert & same_ctx & same_dose, *chain, same_pert]
+    values = train.means if absolute else train.deltas
     for mask in chain:
         if mask.any():
-            return train.deltas[mask].mean(axis=0)
+            return values[mask].mean(axis=0)
     return None
 
 
@@ -321,6 +322,22 @@ def delta_transfer_baseline(task: PredictionTask) -> ad.AnnData:
         return mean_training_delta(task.train, row[CONTEXT], row[DOSE]) if d is None else d
 
     return _predict_each(task, delta)
+
+
+def state_transfer_baseline(task: PredictionTask) -> ad.AnnData:
+    """Unseen context: the perturbation's mean profile measured in the other training contexts (same dose
+    when available) — not its Δ: right where a perturbation drives cells to a shared state whatever their
+    control state (the response is then that state minus the context's control); delta transfer's
+    prediction when the perturbation was never seen elsewhere. With `delta_transfer` it spans the
+    responses between "same change" and "same end state", which a validation stack weighs."""
+    def predict(row: pd.Series) -> np.ndarray:
+        state = seen_delta(task.train, row[PERTURBATION], row[DOSE], row[CONTEXT], other_contexts_only=True,
+                           absolute=True)
+        if state is None:
+            return task.control_means[row[CONTEXT]] + mean_training_delta(task.train, row[CONTEXT], row[DOSE])
+        return state
+
+    return _as_predictions(task, [predict(row) for _, row in task.targets.iterrows()])
 
 
 def _context_embedding(task: PredictionTask) -> dict[str, np.ndarray]:
@@ -555,6 +572,7 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
                  lambda task: any(len(combo_genes(p)) > 1 for p in task.targets[PERTURBATION])),
     "linear_pca_ridge": (linear_pca_ridge_baseline, _targets_are_genes),
     "delta_transfer": (delta_transfer_baseline, _transfer_applies),
+    "state_transfer": (state_transfer_baseline, _transfer_applies),
     "linear_context_ridge": (linear_context_ridge_baseline, _context_transfer_applies),
     "dose_interpolation": (dose_interpolation_baseline, _dose_applies),
     "gene_similarity": (gene_similarity_baseline, _targets_are_genes),
@@ -564,7 +582,8 @@ BASELINES: dict[str, tuple[Callable[[PredictionTask], ad.AnnData], Callable[[Pre
 
 def applicable_baselines(task: PredictionTask) -> list[str]:
     """Names of the baselines that make sense for this task: combos for `additive`, perturbations
-    that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer`,
+    that are measured genes for the gene-embedding ones, seen-elsewhere ones for `delta_transfer` and
+    `state_transfer`,
     a target context without training conditions (training spanning 2+ contexts) for
     `linear_context_ridge`, drugs dosed in training for `dose_interpolation`, annotated targets that
     are measured genes for `drug_target_ridge`."""

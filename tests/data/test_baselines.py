@@ -101,7 +101,7 @@ def test_known_answers_for_genetic_baselines(genetic):
     split, ctrl_k, ctrl_l, delta = genetic
     preds = run_baselines(split)
     assert set(preds) == {"control", "mean_delta", "context_mean", "additive", "linear_pca_ridge",
-                          "delta_transfer", "gene_similarity"}
+                          "delta_transfer", "state_transfer", "gene_similarity"}
     train_deltas = [delta["G1"], delta["G2"], delta["G3"], delta["G1"] + delta["G2"] + 0.3]
     mean_delta = np.mean(train_deltas, axis=0)
     tol = dict(rtol=1e-5, atol=1e-5)
@@ -113,6 +113,10 @@ def test_known_answers_for_genetic_baselines(genetic):
     np.testing.assert_allclose(row(preds["additive"], "G4", "K"), ctrl_k + mean_delta, **tol)
     # Context L has no training Δ of its own: transfer G1's Δ measured in K onto L's control.
     np.testing.assert_allclose(row(preds["delta_transfer"], "G1", "L"), ctrl_l + delta["G1"], **tol)
+    # ...or its end state there: G1's mean profile in K, whatever L's control.
+    np.testing.assert_allclose(row(preds["state_transfer"], "G1", "L"), ctrl_k + delta["G1"], **tol)
+    # A perturbation never seen in another context: the control + the context's mean training Δ.
+    np.testing.assert_allclose(row(preds["state_transfer"], "G4", "K"), ctrl_k + mean_delta, **tol)
     np.testing.assert_allclose(row(preds["context_mean"], "G4", "K"), ctrl_k + mean_delta, **tol)
 
 
@@ -286,7 +290,7 @@ def test_cli_baselines_writes_and_scores_every_applicable_baseline(genetic, tmp_
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report["baselines"]) == {"control", "mean_delta", "context_mean", "additive", "linear_pca_ridge",
-                                        "delta_transfer", "gene_similarity"}
+                                        "delta_transfer", "state_transfer", "gene_similarity"}
     assert report["baselines"]["mean_delta"]["normalized"]["pearson_delta"] == pytest.approx(0.0, abs=1e-9)
     for name, path in report["written"].items():
         assert ad.read_h5ad(path).n_obs == 4, name
