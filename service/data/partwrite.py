@@ -31,11 +31,13 @@ class Part:
 class PartWriter:
     """An `.h5ad` whose X (float32 CSR) is appended chunk by chunk; `close` checks every obs row came."""
 
-    def __init__(self, path: Path, part: Part) -> None:
-        self.path, self.n_obs = path, len(part.obs)
-        ad.AnnData(obs=part.obs, var=part.var, uns=part.uns).write_h5ad(path)
+    def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any],
+                 compression: str | None = None) -> None:
+        self.path, self.n_obs = path, len(obs)
+        ad.AnnData(obs=obs, var=var, uns=uns).write_h5ad(path, compression=compression)
         self._file = h5py.File(path, "a")
-        write_elem(self._file, "X", sp.csr_matrix((0, len(part.var)), dtype=np.float32))
+        kwargs = {"compression": compression} if compression else {}
+        write_elem(self._file, "X", sp.csr_matrix((0, len(var)), dtype=np.float32), dataset_kwargs=kwargs)
         self._X = sparse_dataset(self._file["X"])
         self.rows = 0
 
@@ -54,7 +56,7 @@ def write_parts(X, parts: Mapping[Path, Part], transform: Callable[[Any], Any] |
                 on_chunk: Callable[[float], None] | None = None) -> None:
     """One pass over the row chunks of X (in memory or backed): the rows any part needs are transformed
     once (`transform`: rows -> rows, cell by cell) and appended to each part whose mask holds them."""
-    writers = {path: PartWriter(path, part) for path, part in parts.items()}
+    writers = {path: PartWriter(path, part.obs, part.var, part.uns) for path, part in parts.items()}
     ok = False
     try:
         wanted = np.logical_or.reduce([p.mask for p in parts.values()])
