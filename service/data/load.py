@@ -101,8 +101,9 @@ FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "prote
 
 DEFAULT_MIN_CELLS = 5
 LOGNORM_MAX = 30.0
-# Above this file size a dataset is opened backed (X stays on disk, read a row chunk at a time), so the
-# memory of profiling, splitting, baselines and scoring is set by the chunk, not by the number of cells.
+# Above this size (of the file, or of its X uncompressed) a dataset is opened backed (X stays on disk, read a
+# row chunk at a time), so the memory of profiling, splitting, baselines and scoring is set by the chunk, not
+# by the number of cells.
 BACKED_ABOVE_BYTES = 256 << 20
 _SAMPLE_ROWS = 2_000
 
@@ -206,8 +207,9 @@ def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
 def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | None = None) -> ad.AnnData:
     """Open an `.h5ad` nobody vouches for: refused (UnsafeDataFile, DataTooLarge) when it reaches outside
     itself, is not a regular file, or breaks `limits` (default: `H5Limits.from_env()`), all checked on
-    its HDF5 structure before any data is read. Backed (read-only, on disk) when asked, or when the file
-    exceeds `BACKED_ABOVE_BYTES` (256 MiB) or declares more than `limits.max_memory_bytes`."""
+    its HDF5 structure before any data is read. Backed (read-only, on disk) when asked, or when the file or
+    its X (uncompressed) exceeds `BACKED_ABOVE_BYTES` (256 MiB), or it declares more than
+    `limits.max_memory_bytes`."""
     p = Path(path)
     limits = limits or H5Limits.from_env()
     f, inventory = open_checked(p, limits)
@@ -216,7 +218,8 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
         if missing:
             raise DataFileError(f"{p}: HDF5 file without the AnnData group(s) {missing}; expected an .h5ad file")
         if backed is None:
-            backed = inventory.file_bytes > BACKED_ABOVE_BYTES or inventory.declared_bytes > limits.max_memory_bytes
+            backed = max(inventory.file_bytes, inventory.backed_bytes) > BACKED_ABOVE_BYTES or \
+                inventory.declared_bytes > limits.max_memory_bytes
         needed = inventory.memory_bytes(backed)
         if needed > limits.max_memory_bytes:
             raise DataTooLarge(
