@@ -1,9 +1,9 @@
 """What a sandbox's /data holds: the model files of a split (training cells, val/test inputs; never a truth
-file). Up to `SANDBOX_MAX_CELLS` training cells they are the split's own files (hard links); above it the
-generated code gets a bounded, seeded sample of the training cells as `train.h5ad` (every condition kept,
-each in proportion to its size and with at least `MIN_CELLS_PER_CONDITION` cells where it has them) and
-`pseudobulk.h5ad`, the mean profile of every training condition over all of its cells, so its memory stays
-inside the sandbox's limit whatever the size of the screen. `train.h5ad`'s `uns["sample"]` says so.
+file). A file of up to `SANDBOX_MAX_CELLS` cells is the split's own (a hard link); a larger one becomes a
+bounded, seeded sample of its cells (every condition kept, each in proportion to its size and with at least
+`MIN_CELLS_PER_CONDITION` cells where it has them; its `uns["sample"]` says so), and `pseudobulk.h5ad` is
+added: the mean profile and cell count of every training condition (controls included) over all of its
+cells. So the generated code's memory stays inside the sandbox's limit whatever the size of the screen.
 """
 
 from __future__ import annotations
@@ -57,31 +57,38 @@ def pseudobulk(train: ad.AnnData) -> ad.AnnData:
 
 
 def write_sandbox_data(split_dir: Path, target: Path, max_cells: int = SANDBOX_MAX_CELLS, seed: int = 0) -> Path:
-    """Fill `target` (emptied first) with what a sandbox mounts at /data for the split in `split_dir`."""
+    """Fill `target` (emptied first) with what a sandbox mounts at /data for the split in `split_dir`: each
+    model file as it is (a hard link) up to `max_cells` cells, else a seeded sample of its cells (the inputs
+    parts hold control cells only, and their means are among the pseudobulks, all of them training cells)."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    train = read_h5ad(split_dir / "train.h5ad")
-    try:
-        sampled = train.n_obs > max_cells
-        for name in MODEL_FILES:
-            if sampled and name == "train.h5ad":
+    sampled = False
+    for name in MODEL_FILES:
+        part = read_h5ad(split_dir / name)
+        try:
+            if part.n_obs <= max_cells:
+                try:
+                    os.link(split_dir / name, target / name)
+                except OSError:
+                    shutil.copy2(split_dir / name, target / name)
                 continue
-            try:
-                os.link(split_dir / name, target / name)
-            except OSError:
-                shutil.copy2(split_dir / name, target / name)
-        if sampled:
-            keep = np.zeros(train.n_obs, dtype=bool)
-            keep[sample_cells(train.obs[CONDITION].astype(str).to_numpy(), max_cells, seed)] = True
-            uns = dict(train.uns)
-            uns[SAMPLE_UNS] = {"n_cells": int(train.n_obs), "n_sampled": int(keep.sum()), "seed": seed,
+            keep = np.zeros(part.n_obs, dtype=bool)
+            keep[sample_cells(part.obs[CONDITION].astype(str).to_numpy(), max_cells, seed)] = True
+            uns = dict(part.uns)
+            uns[SAMPLE_UNS] = {"n_cells": int(part.n_obs), "n_sampled": int(keep.sum()), "seed": seed,
                                "max_cells": max_cells, "min_cells_per_condition": MIN_CELLS_PER_CONDITION,
                                "pseudobulk": PSEUDOBULK_FILE}
-            write_parts(train.X, {target / "train.h5ad": Part(keep, train.obs.loc[keep].copy(), train.var.copy(),
-                                                              uns)})
-            pseudobulk(train).write_h5ad(target / PSEUDOBULK_FILE)
-    finally:
+            write_parts(part.X, {target / name: Part(keep, part.obs.loc[keep].copy(), part.var.copy(), uns)})
+            if name == "train.h5ad":
+                pseudobulk(part).write_h5ad(target / PSEUDOBULK_FILE)
+            sampled = True
+        finally:
+            if part.isbacked:
+                part.file.close()
+    if sampled and not (target / PSEUDOBULK_FILE).exists():  # inputs sampled, train not: its means all the same
+        train = read_h5ad(split_dir / "train.h5ad")
+        pseudobulk(train).write_h5ad(target / PSEUDOBULK_FILE)
         if train.isbacked:
             train.file.close()
     return target

@@ -110,6 +110,9 @@ def test_sandbox_gets_a_bounded_seeded_sample_and_the_pseudobulks_of_a_large_tra
     assert set(sample.obs[CONDITION]) == set(train.obs[CONDITION])  # every condition kept
     np.testing.assert_array_equal(sample.X.toarray(), train[sample.obs_names].X.toarray())
     assert {"val_inputs.h5ad", "test_inputs.h5ad", PSEUDOBULK_FILE} <= {p.name for p in data.iterdir()}
+    inputs, full_inputs = ad.read_h5ad(data / "test_inputs.h5ad"), ad.read_h5ad(split_dir / "test_inputs.h5ad")
+    assert full_inputs.n_obs > limit >= inputs.n_obs - 50  # inputs over the limit are sampled too
+    assert list(inputs.uns["predict"][CONDITION]) == list(full_inputs.uns["predict"][CONDITION])
     bulk = ad.read_h5ad(data / PSEUDOBULK_FILE)
     cond = bulk.obs_names[0]
     np.testing.assert_allclose(bulk.X[0], train[train.obs[CONDITION] == cond].X.toarray().mean(axis=0), rtol=1e-5)
