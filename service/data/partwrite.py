@@ -13,9 +13,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import sparse_dataset, write_elem
+from anndata.io import write_elem
 
 from .chunks import row_chunks
+
+_CHUNK_VALUES = 1 << 18  # stored values per HDF5 chunk of X's data / indices (1 MiB of float32)
 
 
 @dataclass
@@ -29,24 +31,43 @@ class Part:
 
 
 class PartWriter:
-    """An `.h5ad` whose X (float32 CSR) is appended chunk by chunk; `close` checks every obs row came."""
+    """An `.h5ad` whose X (float32 CSR, int64 indptr) is appended chunk by chunk; `close` checks that every
+    obs row came. The CSR arrays are grown with h5py directly: anndata's `sparse_dataset.append` kept
+    memory growing with what had been written (about half of it, measured)."""
 
     def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict[str, Any],
                  compression: str | None = None) -> None:
-        self.path, self.n_obs = path, len(obs)
+        self.path, self.n_obs, self.n_vars = path, len(obs), len(var)
         ad.AnnData(obs=obs, var=var, uns=uns).write_h5ad(path, compression=compression)
         self._file = h5py.File(path, "a")
-        kwargs = {"compression": compression} if compression else {}
-        write_elem(self._file, "X", sp.csr_matrix((0, len(var)), dtype=np.float32), dataset_kwargs=kwargs)
-        self._X = sparse_dataset(self._file["X"])
+        empty = sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        empty.indptr = empty.indptr.astype(np.int64)  # int32 would cap X at 2**31 stored values
+        kwargs: dict[str, Any] = {"chunks": (_CHUNK_VALUES,)}
+        if compression:
+            kwargs["compression"] = compression
+        write_elem(self._file, "X", empty, dataset_kwargs=kwargs)
+        self._X = self._file["X"]
         self.rows = 0
+        self._nnz = 0
+
+    def _grow(self, name: str, values: np.ndarray) -> None:
+        ds = self._X[name]
+        n = ds.shape[0]
+        ds.resize((n + len(values),))
+        ds[n:] = values
 
     def append(self, block) -> None:
-        if block.shape[0]:
-            self._X.append(sp.csr_matrix(block, dtype=np.float32))
-            self.rows += block.shape[0]
+        if not block.shape[0]:
+            return
+        csr = sp.csr_matrix(block, dtype=np.float32)
+        self._grow("data", csr.data)
+        self._grow("indices", csr.indices.astype(self._X["indices"].dtype, copy=False))
+        self._grow("indptr", csr.indptr[1:].astype(np.int64) + self._nnz)
+        self._nnz += csr.nnz
+        self.rows += csr.shape[0]
 
     def close(self, check: bool = True) -> None:
+        self._X.attrs["shape"] = (self.rows, self.n_vars)
         self._file.close()
         if check and self.rows != self.n_obs:
             raise RuntimeError(f"{self.path}: wrote {self.rows} rows of X for {self.n_obs} obs rows")
