@@ -90,7 +90,7 @@ def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
 
 def context_means(X, contexts: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Mean profile per context of the rows of X (those under the `rows` mask), a chunk at a time."""
-    labels = contexts if rows is None else np.where(rows, contexts.astype(object), None)
+    labels = contexts if rows is None else np.where(rows, contexts.astype(object), "")  # "": no group
     groups = np.unique(contexts if rows is None else contexts[rows])
     means = group_means(X, labels, groups)
     return {str(g): means[i] for i, g in enumerate(groups)}
@@ -110,7 +110,7 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
 
     perturbed = obs.loc[~is_ctrl]
     table = condition_table(perturbed)
-    labels = np.where(is_ctrl, None, obs[CONDITION].astype(str).to_numpy(dtype=object))
+    labels = np.where(is_ctrl, "", obs[CONDITION].astype(str).to_numpy(dtype=object))
     means = group_means(X, labels, table[CONDITION].to_numpy())
     table["n_cells"] = perturbed[CONDITION].astype(str).value_counts().reindex(table[CONDITION]).to_numpy()
     ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
