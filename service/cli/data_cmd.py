@@ -170,14 +170,15 @@ def simulate_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Simulate a perturbation dataset with known ground truth (network and noise-free effects in uns)."""
-    from service.data import simulate
+    from service.data import simulate_to_file
 
     try:
         with spinner() as progress:
             progress.add_task(f"simulating {kind}: {cells:,} cells x {genes:,} genes", total=None)
-            adata = simulate(kind, seed, cells, genes, n_perturbations=perturbations, n_cell_types=cell_types)
             out.parent.mkdir(parents=True, exist_ok=True)
-            adata.write_h5ad(out, compression="gzip")
+            # Written as it is sampled, a chunk of cells at a time: memory does not grow with --cells.
+            adata = simulate_to_file(out, kind, seed, cells, genes, n_perturbations=perturbations,
+                                     n_cell_types=cell_types)
     except DataError as exc:
         fail(exc, json_out)
     truth = adata.uns["simulation"]

@@ -65,6 +65,7 @@ _LAZY = {
     "SIMULATION_KINDS": ("simulator", "KINDS"),
     "SimulationError": ("simulator", "SimulationError"),
     "simulate": ("simulator", "simulate"),
+    "simulate_to_file": ("simulator", "simulate_to_file"),
 }
 
 

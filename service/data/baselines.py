@@ -88,29 +88,33 @@ def condition_table(obs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def context_means(X, contexts: np.ndarray) -> dict[str, np.ndarray]:
-    groups = np.unique(contexts)
-    means = group_means(X, contexts, groups)
+def context_means(X, contexts: np.ndarray, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Mean profile per context of the rows of X (those under the `rows` mask), a chunk at a time."""
+    labels = contexts if rows is None else np.where(rows, contexts.astype(object), "")  # "": no group
+    groups = np.unique(contexts if rows is None else contexts[rows])
+    means = group_means(X, labels, groups)
     return {str(g): means[i] for i, g in enumerate(groups)}
 
 
 def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
+    """Pseudobulks of the training cells, read a row chunk at a time (train may be backed: a large
+    split's train.h5ad stays on disk) plus a seeded sample of cells for gene co-expression."""
     obs = train.obs
     is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
     X = train.X
     contexts = obs[CONTEXT].astype(str).to_numpy()
-    control_means = context_means(X[is_ctrl], contexts[is_ctrl]) if is_ctrl.any() else {}
+    control_means = context_means(X, contexts, is_ctrl) if is_ctrl.any() else {}
     if not control_means:
         raise SplitDirectoryError("train.h5ad: no control cells; every split keeps controls in train")
     pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
 
     perturbed = obs.loc[~is_ctrl]
     table = condition_table(perturbed)
-    labels = perturbed[CONDITION].astype(str).to_numpy()
-    means = group_means(X[~is_ctrl], labels, table[CONDITION].to_numpy())
-    table["n_cells"] = pd.Series(labels).value_counts().reindex(table[CONDITION]).to_numpy()
+    labels = np.where(is_ctrl, "", obs[CONDITION].astype(str).to_numpy(dtype=object))
+    means = group_means(X, labels, table[CONDITION].to_numpy())
+    table["n_cells"] = perturbed[CONDITION].astype(str).value_counts().reindex(table[CONDITION]).to_numpy()
     ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
-    perturbed_ctx = context_means(X[~is_ctrl], contexts[~is_ctrl]) if (~is_ctrl).any() else {}
+    perturbed_ctx = context_means(X, contexts, ~is_ctrl) if (~is_ctrl).any() else {}
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(train.n_obs, size=min(GENE_SIM_MAX_CELLS, train.n_obs), replace=False))
@@ -118,6 +122,10 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
     sample = sample.toarray() if sp.issparse(sample) else np.asarray(sample)
     return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx,
                            sample.astype(np.float64))
+
+
+def _in_memory(adata: ad.AnnData) -> ad.AnnData:
+    return adata.to_memory() if adata.isbacked or adata.is_view else adata
 
 
 def build_task(train: ad.AnnData, inputs: ad.AnnData, which: Which, genes: pd.Index, folder: Path,
@@ -128,9 +136,11 @@ def build_task(train: ad.AnnData, inputs: ad.AnnData, which: Which, genes: pd.In
     if list(genes) != list(train.var_names):
         raise SplitDirectoryError(f"{folder / 'split.json'}: 'genes' differ from the var_names of train.h5ad")
     require_obs(inputs, folder / name, (CONTEXT, IS_CONTROL))
-    controls = inputs[inputs.obs[IS_CONTROL].to_numpy(dtype=bool)].copy()
+    is_ctrl = inputs.obs[IS_CONTROL].to_numpy(dtype=bool)
+    # An inputs part holds control cells only, and may stay backed; a hand-made one is subset in memory.
+    controls = inputs if is_ctrl.all() else _in_memory(inputs[is_ctrl])
     if list(controls.var_names) != list(genes):
-        controls = controls[:, genes].copy()
+        controls = _in_memory(controls[:, genes])
     targets = predict_frame(inputs.uns, str(folder / name))
     if targets.empty:
         raise SplitDirectoryError(f"{folder}: the split has no {which} conditions to predict")

@@ -93,11 +93,12 @@ def _read_truth(task: PredictionTask) -> ad.AnnData:
     path = task.split.path / f"{task.which}_truth.h5ad"
     cells = task.split.truth(task.which)
     require_obs(cells, path, (CONDITION, CONTEXT, IS_CONTROL))
-    cells = cells[~cells.obs[IS_CONTROL].to_numpy(dtype=bool)]
-    missing = sorted(set(task.targets[CONDITION]) - set(cells.obs[CONDITION].astype(str)))
+    perturbed = ~cells.obs[IS_CONTROL].to_numpy(dtype=bool)
+    missing = sorted(set(task.targets[CONDITION]) - set(cells.obs.loc[perturbed, CONDITION].astype(str)))
     if missing:
         raise SplitDirectoryError(f"{path}: no cells for the condition(s) {preview(missing)}")
-    if list(cells.var_names) != list(task.genes):
+    if list(cells.var_names) != list(task.genes):  # a hand-made truth part: reordered in memory
+        cells = cells.to_memory() if cells.isbacked else cells
         cells = cells[:, task.genes]
     return cells
 
@@ -122,8 +123,10 @@ def build_truth(task: PredictionTask, de_min_cells: int = DE_MIN_CELLS, seed: in
     cells = _read_truth(task)
     targets = task.targets
     conditions = targets[CONDITION].to_numpy()
-    labels = cells.obs[CONDITION].astype(str).to_numpy()
-    X = cells.X
+    # Control cells (none in a split's truth part) carry no label, so every pass over X skips them.
+    labels = np.where(cells.obs[IS_CONTROL].to_numpy(dtype=bool), "",
+                      cells.obs[CONDITION].astype(str).to_numpy()).astype(str)
+    X = cells.X  # may be backed: group sums read it a row chunk at a time
     mean, var, n = M.group_mean_var(X, labels, conditions)
 
     ctrl_labels = task.controls.obs[CONTEXT].astype(str).to_numpy()

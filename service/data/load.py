@@ -8,10 +8,10 @@ is checked in seconds and a backed (on-disk) dataset is never densified.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import BaseModel
 
+from .chunks import row_chunks
 from .conditions import (
     BATCH,
     COMBO_SEPARATOR,
@@ -105,8 +106,10 @@ FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "prote
 
 DEFAULT_MIN_CELLS = 5
 LOGNORM_MAX = 30.0
-BACKED_ABOVE_BYTES = 1 << 30
-_ROW_CHUNK = 4_096
+# Above this size (of the file, or of its X uncompressed) a dataset is opened backed (X stays on disk, read a
+# row chunk at a time), so the memory of profiling, splitting, baselines and scoring is set by the chunk, not
+# by the number of cells.
+BACKED_ABOVE_BYTES = 256 << 20
 _SAMPLE_ROWS = 2_000
 
 
@@ -217,8 +220,9 @@ def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
 def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | None = None) -> ad.AnnData:
     """Open an `.h5ad` nobody vouches for: refused (UnsafeDataFile, DataTooLarge) when it reaches outside
     itself, is not a regular file, or breaks `limits` (default: `H5Limits.from_env()`), all checked on
-    its HDF5 structure before any data is read. Backed (read-only, on disk) when asked, or when the file
-    exceeds 1 GiB or declares more than `limits.max_memory_bytes`."""
+    its HDF5 structure before any data is read. Backed (read-only, on disk) when asked, or when the file or
+    its X (uncompressed) exceeds `BACKED_ABOVE_BYTES` (256 MiB), or it declares more than
+    `limits.max_memory_bytes`."""
     p = Path(path)
     limits = limits or H5Limits.from_env()
     f, inventory = open_checked(p, limits)
@@ -227,7 +231,8 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
         if missing:
             raise DataFileError(f"{p}: HDF5 file without the AnnData group(s) {missing}; expected an .h5ad file")
         if backed is None:
-            backed = inventory.file_bytes > BACKED_ABOVE_BYTES or inventory.declared_bytes > limits.max_memory_bytes
+            backed = max(inventory.file_bytes, inventory.backed_bytes) > BACKED_ABOVE_BYTES or \
+                inventory.declared_bytes > limits.max_memory_bytes
         needed = inventory.memory_bytes(backed)
         if needed > limits.max_memory_bytes:
             raise DataTooLarge(
@@ -251,14 +256,6 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
         raise DataFileError(f"{p}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
     finally:
         f.close()
-
-
-def row_chunks(X, chunk: int = _ROW_CHUNK) -> Iterator[tuple[int, Any]]:
-    """Yield `(start, rows)` blocks of X, so that work on a chunk never costs more than a chunk's memory
-    (and a backed matrix is read from disk one chunk at a time)."""
-    n = X.shape[0]
-    for start in range(0, n, chunk):
-        yield start, X[start:min(n, start + chunk)]
 
 
 def _values(block) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Metric functions of the evaluator, vectorised over conditions (rows) and features (columns).
 
-Every function here is pure numpy/scipy on dense pseudobulk arrays or on small dense cell blocks;
+Every function here is pure numpy/scipy on dense pseudobulk arrays, on small dense cell blocks, or
+(the group sums) on cells read a row chunk at a time;
 loading, alignment and averaging live in `evaluate.py`. A row whose metric is undefined (constant
 vector, no significant genes, one class only) gets NaN, and the evaluator averages with `nanmean`.
 """
@@ -13,13 +14,20 @@ from scipy import stats
 from scipy.spatial.distance import cdist
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from .chunks import row_chunks
+
 TOP_DE = 20
+
+
+def _group_codes(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row: the index of its label in `groups`, -1 for a label outside them."""
+    index = {g: i for i, g in enumerate(groups)}
+    return np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
 
 
 def group_indicator(labels: np.ndarray, groups: np.ndarray) -> sp.csr_matrix:
     """Row-normalised (groups × cells) indicator, so `ind @ X` is the per-group mean."""
-    index = {g: i for i, g in enumerate(groups)}
-    rows = np.array([index.get(lab, -1) for lab in labels])
+    rows = _group_codes(labels, groups)
     keep = rows >= 0
     counts = np.bincount(rows[keep], minlength=len(groups)).astype(np.float64)
     weights = 1.0 / np.maximum(counts, 1.0)
@@ -33,20 +41,39 @@ def as_dense(m) -> np.ndarray:
     return np.asarray(m.toarray() if sp.issparse(m) else m, dtype=np.float64)
 
 
+def group_sums(X, labels: np.ndarray, groups: np.ndarray, squares: bool = False
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Per-group sums of the rows of X (sparse or dense, in memory or backed), their sums of squares
+    when asked, and the row counts; one row chunk at a time, so X is never whole in memory."""
+    codes = _group_codes(labels, groups)
+    n = np.bincount(codes[codes >= 0], minlength=len(groups)).astype(np.float64)
+    total = np.zeros((len(groups), X.shape[1]))
+    total_sq = np.zeros_like(total) if squares else None
+    for start, block in row_chunks(X):
+        rows = codes[start:start + block.shape[0]]
+        cells = np.flatnonzero(rows >= 0)
+        ind = sp.csr_matrix((np.ones(len(cells)), (rows[cells], cells)), shape=(len(groups), len(rows)))
+        total += as_dense(ind @ block)
+        if total_sq is not None:
+            sq = block.multiply(block) if sp.issparse(block) else np.square(np.asarray(block, dtype=np.float64))
+            total_sq += as_dense(ind @ sq)
+    return total, total_sq, n
+
+
 def group_means(X, labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """(groups × features) mean of the rows of X (sparse or dense) carrying each label."""
-    return as_dense(group_indicator(labels, groups) @ X)
+    """(groups × features) mean of the rows of X (sparse or dense, in memory or backed) carrying each label."""
+    total, _, n = group_sums(X, labels, groups)
+    return total / np.maximum(n, 1.0)[:, None]
 
 
 def group_mean_var(
     X, labels: np.ndarray, groups: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group mean, unbiased variance (ddof=1, as scanpy) and cell count, without densifying X."""
-    ind = group_indicator(labels, groups)
-    n = np.asarray((ind > 0).sum(axis=1)).ravel().astype(np.float64)
-    mean = as_dense(ind @ X)
-    sq = X.multiply(X) if sp.issparse(X) else np.square(X)
-    mean_sq = as_dense(ind @ sq)
+    total, total_sq, n = group_sums(X, labels, groups, squares=True)
+    assert total_sq is not None
+    mean = total / np.maximum(n, 1.0)[:, None]
+    mean_sq = total_sq / np.maximum(n, 1.0)[:, None]
     var = np.maximum(mean_sq - mean**2, 0.0) * (n / np.maximum(n - 1.0, 1.0))[:, None]
     return mean, var, n
 

@@ -95,36 +95,66 @@ def tfidf(X, idf: np.ndarray | None = None, scale: float = TARGET_SUM):
     return np.log1p(tf * idf.astype(np.float32)[None, :] * np.float32(scale))
 
 
+def document_frequency(X) -> np.ndarray:
+    """Per peak: how many cells (rows) have it open (> 0)."""
+    return np.asarray((X > 0).sum(axis=0), dtype=np.float64).ravel()
+
+
+def idf_of(n_cells: int, document_frequency: np.ndarray) -> np.ndarray:
+    return np.log1p(n_cells / (1.0 + document_frequency))
+
+
 def inverse_document_frequency(X) -> np.ndarray:
-    n_cells = X.shape[0]
-    col = np.asarray((X > 0).sum(axis=0), dtype=np.float64).ravel()
-    return np.log1p(n_cells / (1.0 + col))
+    return idf_of(X.shape[0], document_frequency(X))
+
+
+class MeanVar:
+    """Per-gene mean and (population) variance accumulated over row chunks, in float64, without
+    densifying or copying a sparse chunk: `add` each chunk, then `result()`."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n = 0
+        self.total = np.zeros(n_genes)
+        self.total_sq = np.zeros(n_genes)
+
+    def add(self, X) -> MeanVar:
+        self.n += X.shape[0]
+        if sp.issparse(X):
+            csr = X.tocsr()
+            # Over the stored values in slices, so the float64 squares never cost a full copy of X.
+            for lo in range(0, csr.nnz, _SCALE_BLOCK):
+                idx = csr.indices[lo:lo + _SCALE_BLOCK]
+                vals = csr.data[lo:lo + _SCALE_BLOCK].astype(np.float64)
+                self.total += np.bincount(idx, weights=vals, minlength=len(self.total))
+                self.total_sq += np.bincount(idx, weights=vals * vals, minlength=len(self.total))
+        else:
+            arr = np.asarray(X)
+            self.total += arr.sum(axis=0, dtype=np.float64)
+            self.total_sq += np.einsum("ij,ij->j", arr, arr, dtype=np.float64)
+        return self
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        n = max(self.n, 1)
+        mean = self.total / n
+        return mean, np.maximum(self.total_sq / n - mean**2, 0.0)
 
 
 def mean_var(X) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and (population) variance without densifying or copying a sparse X."""
-    n = max(X.shape[0], 1)
-    if sp.issparse(X):
-        csr = X.tocsr()
-        total = np.zeros(X.shape[1])
-        total_sq = np.zeros(X.shape[1])
-        # Over the stored values in slices, so the float64 squares never cost a full copy of X.
-        for lo in range(0, csr.nnz, _SCALE_BLOCK):
-            idx = csr.indices[lo:lo + _SCALE_BLOCK]
-            vals = csr.data[lo:lo + _SCALE_BLOCK].astype(np.float64)
-            total += np.bincount(idx, weights=vals, minlength=X.shape[1])
-            total_sq += np.bincount(idx, weights=vals * vals, minlength=X.shape[1])
-        mean, mean_sq = total / n, total_sq / n
-    else:
-        arr = np.asarray(X)
-        mean = arr.mean(axis=0, dtype=np.float64)
-        mean_sq = np.einsum("ij,ij->j", arr, arr, dtype=np.float64) / n
-    return mean, np.maximum(mean_sq - mean**2, 0.0)
+    return MeanVar(X.shape[1]).add(X).result()
 
 
 def highly_variable_genes(X_lognorm, var_names: Sequence[str], n_top: int, keep: Iterable[str] = (),
                           n_bins: int = 20) -> np.ndarray:
-    """Indices (ascending) of the `n_top` most variable genes, always including the genes in `keep`.
+    """Indices (ascending) of the `n_top` most variable genes of X, always including the genes in `keep`."""
+    mean, var = mean_var(X_lognorm)
+    return select_variable_genes(mean, var, var_names, n_top, keep, n_bins)
+
+
+def select_variable_genes(mean: np.ndarray, var: np.ndarray, var_names: Sequence[str], n_top: int,
+                          keep: Iterable[str] = (), n_bins: int = 20) -> np.ndarray:
+    """Indices (ascending) of the `n_top` most variable genes given their log-normalized mean and
+    variance, always including the genes in `keep`.
 
     Seurat-style: dispersion (var/mean) z-scored within bins of mean expression, so highly expressed
     genes do not crowd out the rest. Perturbed genes are kept because a model must predict their
@@ -134,7 +164,6 @@ def highly_variable_genes(X_lognorm, var_names: Sequence[str], n_top: int, keep:
     n_genes = len(names)
     if n_top >= n_genes:
         return np.arange(n_genes)
-    mean, var = mean_var(X_lognorm)
     disp = np.log(np.divide(var, mean, out=np.zeros_like(var), where=mean > 0) + 1e-12)
     expressed = mean > 0
     bins = pd.cut(pd.Series(mean), bins=n_bins, labels=False)
@@ -174,6 +203,12 @@ def pseudobulk(X, labels: Sequence[str] | np.ndarray) -> pd.DataFrame:
 
 
 ATAC_TRANSFORMS = ("binarize", "tfidf")
+MODALITY_ORDER = ("rna", "protein", "atac")  # the order of the blocks side by side; other features are dropped
+
+
+def block_order(blocks: np.ndarray) -> np.ndarray:
+    """The column order `transform_blocks` returns: RNA columns, then protein, then ATAC."""
+    return np.concatenate([np.flatnonzero(blocks == name) for name in MODALITY_ORDER] + [np.zeros(0, np.int64)])
 
 
 def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "binarize",
@@ -189,7 +224,7 @@ def transform_blocks(X, blocks: np.ndarray, rna_is_counts: bool, atac: str = "bi
     if atac not in ATAC_TRANSFORMS:
         raise ValueError(f"atac transform {atac!r}: expected one of {ATAC_TRANSFORMS}")
     parts, order = [], []
-    for name in ("rna", "protein", "atac"):
+    for name in MODALITY_ORDER:
         cols = np.flatnonzero(blocks == name)
         if not cols.size:
             continue

@@ -19,7 +19,8 @@ import scipy.sparse as sp
 from pydantic import BaseModel
 
 from .conditions import BATCH, COMBO_SEPARATOR, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
-from .load import DEFAULT_MIN_CELLS, POOLED, Dataset, load_dataset, row_chunks
+from .chunks import row_chunks
+from .load import DEFAULT_MIN_CELLS, POOLED, Dataset, load_dataset
 from .preprocess import normalize_log1p
 
 QUANTILES = {"min": 0.0, "q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9, "max": 1.0}

@@ -27,17 +27,24 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from pydantic import BaseModel, ValidationError
 
+from .chunks import row_chunks
 from .conditions import (BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, TARGETS_UNS,
                          combo_genes, predict_frame, targets_of_part)
 from .errors import SplitDirectoryError, SplitError, preview
 from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, read_h5ad
+from .partwrite import Part, write_parts
 from .preprocess import (
     ATAC_TRANSFORMS,
     NORMALIZATION,
-    highly_variable_genes,
-    inverse_document_frequency,
+    MeanVar,
+    block_order,
+    document_frequency,
+    idf_of,
+    normalize_log1p,
+    select_variable_genes,
     transform_blocks,
 )
 
@@ -391,9 +398,32 @@ _SCHEME_FUNCTIONS: dict[str, Callable[..., ConditionAssignment]] = {
 }
 
 
-def _rows(X, mask: np.ndarray):
-    """The rows of X under mask; on a backed dataset only those rows are read from disk."""
-    return X[np.flatnonzero(mask)]
+@dataclass
+class _TrainingStats:
+    rna: MeanVar | None  # log-normalized RNA moments of the training cells (for gene selection)
+    idf: np.ndarray | None  # ATAC inverse document frequency of the training cells (for TF-IDF)
+
+
+def _training_stats(dataset: Dataset, train: np.ndarray, hvg: bool, tfidf: bool) -> _TrainingStats:
+    """What is learnt from the training cells before any part is written, in one pass over their chunks."""
+    blocks = dataset.feature_block
+    rna, peaks = np.flatnonzero(blocks == "rna"), np.flatnonzero(blocks == "atac")
+    moments = MeanVar(len(rna)) if hvg else None
+    docs = np.zeros(len(peaks))
+    n_train = 0
+    if hvg or tfidf:
+        for start, block in row_chunks(dataset.adata.X):
+            rows = np.flatnonzero(train[start:start + block.shape[0]])
+            if not rows.size:
+                continue
+            cells = block[rows]
+            n_train += len(rows)
+            if moments is not None:
+                sub = cells if len(rna) == cells.shape[1] else cells[:, rna]
+                moments.add(normalize_log1p(sub, in_place=sp.issparse(sub)) if dataset.layout.rna_is_counts else sub)
+            if tfidf:
+                docs += document_frequency(cells[:, peaks])
+    return _TrainingStats(moments, idf_of(n_train, docs) if tfidf else None)
 
 
 def _part_obs(dataset: Dataset, mask: np.ndarray) -> pd.DataFrame:
@@ -460,47 +490,50 @@ def make_split(data: str | Path | ad.AnnData | Dataset, scheme: str, seed: int, 
     out.mkdir(parents=True, exist_ok=True)
     blocks = dataset.feature_block
     var_names = dataset.gene_names
-    selected: np.ndarray | None = None
-    feature_counts: dict[str, int] = {}
-    multimodal = len(set(blocks[blocks != "other"])) > 1
+    order = block_order(blocks)
+    n_rna = int((blocks == "rna").sum())
     peaks = np.flatnonzero(blocks == "atac")
-    idf: np.ndarray | None = None
-    for name in PARTS:  # train first: gene selection and ATAC idf come from training cells only
-        progress(f"writing {name}.h5ad")
-        # Fancy row indexing returns a fresh matrix, so it can be normalized in its own buffers.
-        rows = _rows(dataset.adata.X, masks[name])
-        if atac == "tfidf" and peaks.size and idf is None:
-            idf = inverse_document_frequency(rows[:, peaks])
-        X, order = transform_blocks(rows, blocks, layout.rna_is_counts, atac, idf, in_place=True)
-        del rows
-        if selected is None:
-            selected = np.arange(len(order))
-            n_rna = int((blocks[order] == "rna").sum())
-            if n_genes is not None and n_genes < n_rna:
-                perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val_truth"], PERTURBATION]
-                             .unique() for g in combo_genes(p)}
-                perturbed |= {g for genes in dataset.annotations.values() for g in genes}
-                rna_block = X if n_rna == X.shape[1] else X[:, :n_rna]
-                hvg = highly_variable_genes(rna_block, var_names[order[:n_rna]], n_genes, keep=perturbed)
-                del rna_block
-                selected = np.concatenate([hvg, np.arange(n_rna, len(order))])
-            feature_counts = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).value_counts().to_dict()
-        if len(selected) != X.shape[1]:
-            X = X[:, selected]
-        var = pd.DataFrame(index=pd.Index(var_names[order[selected]], dtype=str))
-        if layout.gene_symbols_key is not None:
-            var["gene_id"] = dataset.adata.var_names[order[selected]].to_numpy()
-        if multimodal:
-            var["feature_types"] = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).to_numpy()
-        part = ad.AnnData(X=X, obs=_part_obs(dataset, masks[name]), var=var)
+    select = n_genes is not None and n_genes < n_rna
+    keep_perturbed: set[str] = set()
+    if select:
+        keep_perturbed = {g for p in obs.loc[masks["train"] | masks["test_truth"] | masks["val_truth"], PERTURBATION]
+                          .unique() for g in combo_genes(p)}
+        keep_perturbed |= {g for genes in dataset.annotations.values() for g in genes}
+    progress("reading training cells")
+    # Gene selection and the ATAC idf come from training cells only: a first pass over their chunks.
+    stats = _training_stats(dataset, masks["train"], hvg=select, tfidf=atac == "tfidf" and bool(peaks.size))
+    selected = np.arange(len(order))
+    if select and stats.rna is not None and n_genes is not None:
+        mean, var = stats.rna.result()
+        hvg = select_variable_genes(mean, var, var_names[order[:n_rna]], n_genes, keep=keep_perturbed)
+        selected = np.concatenate([hvg, np.arange(n_rna, len(order))])
+    idf = stats.idf
+    feature_counts = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).value_counts().to_dict()
+    multimodal = len(set(blocks[blocks != "other"])) > 1
+    var = pd.DataFrame(index=pd.Index(var_names[order[selected]], dtype=str))
+    if layout.gene_symbols_key is not None:
+        var["gene_id"] = dataset.adata.var_names[order[selected]].to_numpy()
+    if multimodal:
+        var["feature_types"] = pd.Series(blocks[order[selected]]).map(FEATURE_TYPE_NAMES).to_numpy()
+
+    parts: dict[Path, Part] = {}
+    for name in PARTS:
+        uns: dict = {}
         if name.endswith("_inputs"):
-            part.uns["predict"] = predict_table(obs.loc[masks[name.replace("inputs", "truth")]])
+            uns["predict"] = predict_table(obs.loc[masks[name.replace("inputs", "truth")]])
         if not name.endswith("_truth"):
-            part.uns[SPLIT_UNS] = dict(public)
+            uns[SPLIT_UNS] = dict(public)
             if dataset.annotations:
-                part.uns[TARGETS_UNS] = _targets_table(dataset, obs, masks, name)
-        part.write_h5ad(out / f"{name}.h5ad")
-        del part, X
+                uns[TARGETS_UNS] = _targets_table(dataset, obs, masks, name)
+        parts[out / f"{name}.h5ad"] = Part(masks[name], _part_obs(dataset, masks[name]), var.copy(), uns)
+
+    def transform(rows):
+        # Every transform is per cell (given the training idf), so a chunk transforms like the whole.
+        X, _ = transform_blocks(rows, blocks, layout.rna_is_counts, atac, idf, in_place=sp.issparse(rows))
+        return X if len(selected) == X.shape[1] else X[:, selected]
+
+    progress("writing " + ", ".join(f"{name}.h5ad" for name in PARTS))
+    write_parts(dataset.adata.X, parts, transform)
 
     genes = [str(g) for g in var_names[order[selected]]]
     info = SplitInfo(
@@ -532,7 +565,8 @@ class Split:
             raise SplitDirectoryError(f"{file}: missing (a folder of model inputs holds no truth; the split "
                                       f"directory that does is kept by the service)")
         # A split directory may come from anyone (`cellforge baselines --split`): the checked opener.
-        return read_h5ad(file, backed=False)
+        # Backed (X on disk, read a row chunk at a time) when the file is large: see `read_h5ad`.
+        return read_h5ad(file)
 
     @cached_property
     def train(self) -> ad.AnnData:
@@ -603,10 +637,6 @@ def load_split(split_dir: str | Path) -> Split:
     return Split(path, info)
 
 
-def _subset(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
-    return adata[np.flatnonzero(mask)].copy()
-
-
 def write_fold(split: Split, fold: int, out_dir: str | Path) -> Split:
     """Fold `fold` of a cv split as a split directory of its own: train = the split's training cells
     without the fold's conditions, val_inputs / val_truth = the fold's conditions (their contexts'
@@ -622,21 +652,20 @@ def write_fold(split: Split, fold: int, out_dir: str | Path) -> Split:
     is_ctrl = train.obs[IS_CONTROL].to_numpy(dtype=bool)
     in_fold = np.isin(conditions, list(held)) & ~is_ctrl
     contexts = set(train.obs.loc[in_fold, CONTEXT].astype(str))
-    parts = {"train": _subset(train, ~in_fold), "val_truth": _subset(train, in_fold),
-             "val_inputs": _subset(train, is_ctrl & train.obs[CONTEXT].astype(str).isin(contexts).to_numpy())}
-    parts["val_inputs"].uns["predict"] = predict_table(parts["val_truth"].obs)
+    masks = {"train": ~in_fold, "val_truth": in_fold,
+             "val_inputs": is_ctrl & train.obs[CONTEXT].astype(str).isin(contexts).to_numpy()}
+    obs = {name: train.obs.loc[mask].copy() for name, mask in masks.items()}
+    uns: dict[str, dict] = {"train": {}, "val_truth": {}, "val_inputs": {"predict": predict_table(obs["val_truth"])}}
     targets = perturbation_targets(split)
     for name in ("train", "val_inputs"):
-        part = parts[name]
-        part.uns[SPLIT_UNS] = {"scheme": info.scheme, "group_by": info.group_by}
+        uns[name][SPLIT_UNS] = {"scheme": info.scheme, "group_by": info.group_by}
         if info.annotation_key is not None:
-            source = parts["val_truth"] if name == "val_inputs" else part
-            perts = sorted(p for p in set(source.obs.loc[~source.obs[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]
+            source = obs["val_truth"] if name == "val_inputs" else obs[name]
+            perts = sorted(p for p in set(source.loc[~source[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]
                                           .astype(str)) if p in targets)
-            part.uns[TARGETS_UNS] = {PERTURBATION: perts, "targets": [";".join(targets[p]) for p in perts]}
-    parts["val_truth"].uns = {}
-    for name, part in parts.items():
-        part.write_h5ad(out / f"{name}.h5ad")
+            uns[name][TARGETS_UNS] = {PERTURBATION: perts, "targets": [";".join(targets[p]) for p in perts]}
+    write_parts(train.X, {out / f"{name}.h5ad": Part(mask, obs[name], train.var.copy(), uns[name])
+                          for name, mask in masks.items()})
     target = out / "test_inputs.h5ad"
     if target.exists():
         target.unlink()
@@ -647,8 +676,8 @@ def write_fold(split: Split, fold: int, out_dir: str | Path) -> Split:
     fold_info = info.model_copy(update={
         "conditions": {"train": sorted(set(info.conditions["train"]) - held), "val": sorted(held),
                        "test": info.conditions["test"]},
-        "n_cells": {"train": parts["train"].n_obs, "val_inputs": parts["val_inputs"].n_obs,
-                    "val_truth": parts["val_truth"].n_obs, "test_inputs": info.n_cells.get("test_inputs", 0)},
+        "n_cells": {"train": len(obs["train"]), "val_inputs": len(obs["val_inputs"]),
+                    "val_truth": len(obs["val_truth"]), "test_inputs": info.n_cells.get("test_inputs", 0)},
         "validation": "holdout", "folds": [], "source": f"{info.source} (fold {fold + 1}/{len(info.folds)})"})
     (out / "split.json").write_text(json.dumps(fold_info.model_dump(), indent=1))
     return load_split(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 from service.pipeline.codegen import TEMPLATES, Bundle
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-VENDORED = ("baselines.py", "conditions.py", "errors.py", "metrics.py")
+VENDORED = ("baselines.py", "chunks.py", "conditions.py", "errors.py", "metrics.py")
 PACKAGE = "cellforge_baselines"
 DESIGNED = "designed"
 # The data errors derive from the service's error root, which the sandbox has no `service` package to

@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from service.data.sandbox_data import write_sandbox_data
 from service.data.splits import MODEL_FILES
 
 SANDBOX_FILES = MODEL_FILES  # training cells and the val/test inputs: never a truth file
 
 
 def link_model_files(split_dir: Path, target: Path) -> Path:
-    """A folder holding only the model files of a split folder (hard links, copies across file systems):
-    the one a sandbox mounts at /data. The split folder itself, with the truth, is never mounted."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for name in SANDBOX_FILES:
-        try:
-            os.link(split_dir / name, target / name)
-        except OSError:
-            shutil.copy2(split_dir / name, target / name)
-    return target
+    """The folder a sandbox mounts at /data: the model files of a split folder (hard links, copies across
+    file systems), a bounded sample of the training cells plus their pseudobulks for a large split
+    (`service.data.sandbox_data`). The split folder itself, with the truth, is never mounted."""
+    return write_sandbox_data(split_dir, target)
 
 
 class RunDir:

@@ -8,6 +8,9 @@ counts. The noise-free Δ of every condition and the network sit in `uns["simula
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -15,6 +18,7 @@ from anndata import AnnData
 
 from ..conditions import condition_keys
 from ..errors import DataError
+from ..partwrite import PartWriter
 from . import counts, readouts
 from .dynamics import calibrate, steady_state
 from .network import GeneNetwork, build_network
@@ -25,7 +29,7 @@ CELL_TYPES = ("T_cell", "B_cell", "monocyte", "NK_cell", "dendritic", "fibroblas
 DEFAULT_CELL_TYPES = {"stimulation": 8}
 ESCAPE_FRACTION = 0.1  # perturbed cells whose guide did not work (genetic kinds)
 
-__all__ = ["KINDS", "SimulationError", "simulate"]
+__all__ = ["KINDS", "SimulationError", "simulate", "simulate_to_file"]
 
 
 class SimulationError(DataError):
@@ -42,7 +46,8 @@ def simulate(
     n_cell_types: int | None = None,
     n_batches: int = 2,
 ) -> AnnData:
-    """Simulate a perturbation dataset of raw counts; deterministic for a given seed and arguments.
+    """Simulate a perturbation dataset of raw counts; deterministic for a given seed and arguments
+    (`simulate_to_file` writes the same dataset to disk a chunk of cells at a time).
 
     kind: `knockout` (CRISPRi-like knockdowns, mostly of regulators), `combo` (singles and `A+B`
     doubles), `drug` (compounds at 4 doses, obs `dose`), `cytokine` (responses that depend on the
@@ -58,6 +63,51 @@ def simulate(
     what was done per kind (`knockdown`, `cooperative_pairs`, `drug_targets`, `cytokine_receptors`,
     `protein_genes`/`peak_genes` for multiome).
     """
+    obs, var, uns, chunks = _simulation(kind, seed, n_cells, n_genes, n_perturbations, n_cell_types, n_batches)
+    parts = list(chunks)
+    x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+    adata = AnnData(X=x, obs=obs, var=var)
+    adata.uns["simulation"] = uns
+    return adata
+
+
+def simulate_to_file(
+    path: str | Path,
+    kind: str,
+    seed: int,
+    n_cells: int = 5000,
+    n_genes: int = 1000,
+    *,
+    n_perturbations: int | None = None,
+    n_cell_types: int | None = None,
+    n_batches: int = 2,
+    compression: str | None = "gzip",
+) -> AnnData:
+    """`simulate` written to `path` as the counts are sampled, `CHUNK_CELLS` cells at a time (multiome: its
+    three readouts are sampled whole, then written), so memory stays near one chunk plus the annotations.
+    Returns the dataset without X (obs, var, uns)."""
+    obs, var, uns, chunks = _simulation(kind, seed, n_cells, n_genes, n_perturbations, n_cell_types, n_batches)
+    writer = PartWriter(Path(path), obs, var, {"simulation": uns}, compression=compression)
+    ok = False
+    try:
+        for chunk in chunks:
+            writer.append(chunk)
+        ok = True
+    finally:
+        writer.close(check=ok)
+    return AnnData(obs=obs, var=var, uns={"simulation": uns})
+
+
+def _simulation(
+    kind: str,
+    seed: int,
+    n_cells: int,
+    n_genes: int,
+    n_perturbations: int | None,
+    n_cell_types: int | None,
+    n_batches: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict, Iterator[sp.csr_matrix]]:
+    """obs, var, uns["simulation"] and the counts as an iterator of CSR chunks (sampled as it is read)."""
     if n_cell_types is None:
         n_cell_types = DEFAULT_CELL_TYPES.get(kind, 3)
     _check(kind, n_cells, n_genes, n_cell_types, n_batches, n_perturbations)
@@ -84,19 +134,25 @@ def simulate(
         state = np.where(escaped, type_of_cell, state)  # control state of the same cell type
 
     noise = counts.make_cell_noise(cell_rng, n_cells, n_genes, n_batches, median_library=1.5 * n_genes)
-    blocks = [counts.sample_counts(count_rng, relative, state, noise)]
     feature_types = ["Gene Expression"] * n_genes
     var_names = list(gene_names)
+    # Counts are sampled lazily, after the annotations: count_rng draws in the same order either way.
+    chunks: Iterator[sp.csr_matrix] = counts.count_chunks(count_rng, relative, state, noise)
     if kind == "multiome":
         prot = readouts.proteins(readout_rng, expression, gene_names)
         peak = readouts.peaks(readout_rng, expression)
         adt_library = 3000.0 * noise.library / np.median(noise.library)
-        blocks.append(readouts.sample_protein_counts(count_rng, prot.expected, state, adt_library))
         atac_depth = 0.8 * noise.library / np.median(noise.library)
-        blocks.append(readouts.sample_peak_counts(count_rng, peak.expected, state, atac_depth))
+
+        def multiome() -> Iterator[sp.csr_matrix]:
+            rna = counts.sample_counts(count_rng, relative, state, noise)
+            protein = readouts.sample_protein_counts(count_rng, prot.expected, state, adt_library)
+            yield sp.hstack([rna, protein, readouts.sample_peak_counts(count_rng, peak.expected, state, atac_depth)],
+                            format="csr")
+
+        chunks = multiome()
         feature_types += ["Antibody Capture"] * len(prot.names) + ["Peaks"] * len(peak.names)
         var_names += prot.names + peak.names
-    x = blocks[0] if len(blocks) == 1 else sp.hstack(blocks, format="csr")
 
     cell_types = np.asarray(CELL_TYPES[:n_types])
     obs = pd.DataFrame(
@@ -111,12 +167,11 @@ def simulate(
         obs.insert(1, "dose", design.dose[condition_of_cell])
         obs.insert(2, "targets", pd.Categorical(np.asarray(_target_labels(design))[condition_of_cell]))
     var = pd.DataFrame({"feature_types": pd.Categorical(feature_types)}, index=var_names)
-    adata = AnnData(X=x, obs=obs, var=var)
-    adata.uns["simulation"] = _truth(kind, seed, net, order, design, expression, cell_types)
+    uns = _truth(kind, seed, net, order, design, expression, cell_types)
     if kind == "multiome":
-        adata.uns["simulation"]["protein_genes"] = gene_names[prot.linked_gene]
-        adata.uns["simulation"]["peak_genes"] = gene_names[peak.linked_gene]
-    return adata
+        uns["protein_genes"] = gene_names[prot.linked_gene]
+        uns["peak_genes"] = gene_names[peak.linked_gene]
+    return obs, var, uns, chunks
 
 
 def _target_labels(design: Design) -> list[str]:

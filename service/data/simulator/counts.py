@@ -3,6 +3,7 @@ programme and dropout, generated chunk by chunk straight into CSR so memory stay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numba
@@ -42,19 +43,16 @@ def make_cell_noise(
     )
 
 
-def sample_counts(
+def count_chunks(
     rng: np.random.Generator, relative: np.ndarray, state: np.ndarray, noise: CellNoise
-) -> sp.csr_matrix:
-    """UMI counts (cells × genes, float32 CSR) for cells whose noise-free profile is relative[state]."""
+) -> Iterator[sp.csr_matrix]:
+    """UMI counts (float32 CSR) for cells whose noise-free profile is relative[state], `CHUNK_CELLS`
+    cells at a time, so a caller can write them out without holding every cell."""
     n_cells = len(state)
     n_genes = relative.shape[1]
     theta = noise.inverse_dispersion.astype(np.float32)
     relative = relative.astype(np.float32)
     batch_factor = noise.batch_factor.astype(np.float32)
-    indptr = [np.zeros(1, dtype=np.int64)]
-    indices: list[np.ndarray] = []
-    data: list[np.ndarray] = []
-    nnz = 0
     for start in range(0, n_cells, CHUNK_CELLS):
         cells = slice(start, min(start + CHUNK_CELLS, n_cells))
         mu = relative[state[cells]] * batch_factor[noise.batch[cells]]
@@ -66,15 +64,18 @@ def sample_counts(
         values = np.empty(mu.size, dtype=np.float32)
         row_nnz = np.empty(mu.shape[0], dtype=np.int64)
         n = _sample_rows(mu, theta, u, u_drop, np.float32(noise.dropout), cols, values, row_nnz)
-        cols, values = cols[:n].copy(), values[:n].copy()
-        indptr.append(nnz + np.cumsum(row_nnz))
-        nnz += n
-        indices.append(cols)
-        data.append(values)
-    return sp.csr_matrix(
-        (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
-        shape=(n_cells, n_genes),
-    )
+        indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(row_nnz)])
+        yield sp.csr_matrix((values[:n].copy(), cols[:n].copy(), indptr), shape=(mu.shape[0], n_genes))
+
+
+def sample_counts(
+    rng: np.random.Generator, relative: np.ndarray, state: np.ndarray, noise: CellNoise
+) -> sp.csr_matrix:
+    """UMI counts (cells × genes, float32 CSR) for cells whose noise-free profile is relative[state]."""
+    chunks = list(count_chunks(rng, relative, state, noise))
+    if not chunks:
+        return sp.csr_matrix((0, relative.shape[1]), dtype=np.float32)
+    return sp.vstack(chunks, format="csr")
 
 
 @numba.njit(cache=True, nogil=True)

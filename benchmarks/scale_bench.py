@@ -1,0 +1,138 @@
+"""Scale benchmark (issue 17): simulate a knockout screen and design a model for it offline, end to end,
+through the `cellforge` CLI, at growing numbers of cells; memory should stay flat in the number of cells.
+
+    .venv/bin/python benchmarks/scale_bench.py --cells 100000 400000 [--genes 2000] [--seed 0] [--max-nodes 6]
+
+Per size: `cellforge data simulate` then `cellforge design --llm offline` (Docker sandboxes), each in its
+own process: wall time and that process's peak RSS (`wait4` rusage), the size of the file, and the largest
+`memory.max_usage_in_bytes` (cgroup v1) or `memory.peak` (v2) of the sandbox containers the design started
+(labelled with its pid). Prints one JSON object. Targets: at 1,000,000 cells x 2,000 genes, simulate +
+design within 20 minutes and 6 GB of peak RSS for each CLI process, the sandboxes within their limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_SECONDS = 20 * 60
+TARGET_RSS_BYTES = 6 * 10**9
+SANDBOX_LIMIT_BYTES = 4 * 2**30  # DesignSettings.memory default ("4g")
+CGROUP_FILES = ("/sys/fs/cgroup/memory/docker/{id}/memory.max_usage_in_bytes",
+                "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.peak")
+
+
+class SandboxPeak:
+    """Polls the containers a process owns (label cellforge.owner=vm:<pid>:...) for their cgroup peak memory."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import docker
+
+        self._client = docker.from_env()
+        self._interval, self.pid = interval, 0
+        self.peak, self.containers = 0, set[str]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for c in self._client.containers.list(filters={"label": "cellforge.managed=true"}):
+                    if not c.labels.get("cellforge.owner", "").startswith(f"vm:{self.pid}:"):
+                        continue
+                    self.containers.add(c.id)
+                    for pattern in CGROUP_FILES:
+                        try:
+                            self.peak = max(self.peak, int(Path(pattern.format(id=c.id)).read_text()))
+                        except (OSError, ValueError):
+                            continue
+            except Exception:  # a container gone between list and read, a slow daemon: poll again
+                pass
+            self._stop.wait(self._interval)
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run(cmd: list[str], sandbox: SandboxPeak | None = None) -> dict[str, Any]:
+    """Run a CLI command; its wall time, peak RSS (of it and the children it waited for), last JSON line."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if sandbox is not None:
+        sandbox.start(proc.pid)
+    stdout_lines: list[str] = []
+    assert proc.stdout is not None and proc.stderr is not None
+    reader = threading.Thread(target=lambda: stdout_lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    if sandbox is not None:
+        sandbox.stop()
+    last = next((line for line in reversed(stdout_lines) if line.startswith("{")), "{}")
+    return {"cmd": " ".join(cmd[1:3]), "rc": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
+            "json": json.loads(last), "stderr_tail": err[-600:] if proc.returncode else ""}
+
+
+def case(cells: int, genes: int, seed: int, max_nodes: int, root: Path) -> dict[str, Any]:
+    cli = str(Path(sys.executable).parent / "cellforge")
+    data = root / f"knockout-{cells}.h5ad"
+    sim = run([cli, "data", "simulate", "--kind", "knockout", "--cells", str(cells), "--genes", str(genes),
+               "--seed", str(seed), "--out", str(data), "--json"])
+    row: dict[str, Any] = {"cells": cells, "genes": genes, "simulate": sim}
+    if sim["rc"] != 0:
+        return row
+    row["file_mb"] = round(data.stat().st_size / 2**20, 1)
+    sandbox = SandboxPeak()
+    design = run([cli, "design", "--data", str(data), "--task", "Predict expression after CRISPR knockout of unseen "
+                  "genes", "--llm", "offline", "--out", str(root / f"run-{cells}"), "--seed", str(seed),
+                  "--max-nodes", str(max_nodes), "--max-minutes", "60", "--json"], sandbox)
+    design["sandbox_peak_mb"] = round(sandbox.peak / 2**20, 1)
+    design["sandbox_containers"] = len(sandbox.containers)
+    metrics_file = root / f"run-{cells}" / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        design["status"] = metrics.get("status")
+        design["verdict"] = (metrics.get("verdict") or {}).get("summary")
+    row["design"] = design
+    total = sim["wall_s"] + design["wall_s"]
+    row.update({"total_s": round(total, 1), "within_time_target": total <= TARGET_SECONDS,
+                "within_rss_target": max(sim["peak_rss_mb"], design["peak_rss_mb"]) * 2**20 <= TARGET_RSS_BYTES,
+                "sandbox_within_limit": design["sandbox_peak_mb"] * 2**20 <= SANDBOX_LIMIT_BYTES})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 400_000])
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-nodes", type=int, default=6, help="improve steps of the design search")
+    parser.add_argument("--workdir", type=Path, default=None, help="where data and runs go (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cellforge-scale-", dir=args.workdir) as tmp:
+        rows = []
+        for n in args.cells:
+            rows.append(case(n, args.genes, args.seed, args.max_nodes, Path(tmp)))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress, in case a later size fails
+    print(json.dumps({"benchmark": "scale", "genes": args.genes, "seed": args.seed, "cases": rows}))
+
+
+if __name__ == "__main__":
+    main()
