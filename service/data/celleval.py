@@ -27,7 +27,7 @@ context: the challenge's baseline); 0 = no better than it, 1 = perfect.
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 import tempfile
 import time
 import warnings
@@ -89,18 +89,11 @@ def _version() -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """pdex draws a tqdm bar per DE run and polars warns about its string cache: noise on our stderr."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+    """pdex draws a tqdm bar per DE run and polars warns about its string cache: noise on our stderr.
+    (tqdm reads TQDM_DISABLE once, at import, so the bars are caught where they are written.)"""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:

@@ -7,6 +7,7 @@ seconds for a fresh interpreter); the forkserver starts on `start_forkserver()` 
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import multiprocessing.forkserver
 import resource
@@ -97,10 +98,36 @@ def _check_in_child(sender: Connection, path: Path, limits: H5Limits, memory_byt
         result = CheckResult("invalid", message=str(exc))
     except MemoryError:
         result = CheckResult("memory")
+    except OSError as exc:
+        # HDF5 reports an allocation that failed inside a decompression filter as a filter failure, not as
+        # MemoryError: a chunk too big for the cap is the memory outcome; any other read error is the file's.
+        chunk = _largest_chunk_bytes(path) if "filter returned failure" in str(exc) else 0
+        result = (CheckResult("memory", message=f"{path}: a chunk decompresses to {chunk:,} bytes, too much for "
+                              f"the check's {memory_bytes:,}-byte memory cap")
+                  if 2 * chunk >= memory_bytes else
+                  CheckResult("invalid", message=f"{path}: cannot be read as AnnData ({type(exc).__name__})"))
     except Exception as exc:  # anything else the readers raise on a malformed file: its type, not its text
         result = CheckResult("invalid", message=f"{path}: cannot be read as AnnData ({type(exc).__name__})")
     sender.send(result)
     sender.close()
+
+
+def _largest_chunk_bytes(path: Path) -> int:
+    """Decompressed bytes of the file's largest chunk (its metadata only; the file passed the checks)."""
+    import h5py
+
+    sizes = [0]
+
+    def visit(_: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.chunks:
+            sizes.append(math.prod(obj.chunks) * obj.dtype.itemsize)
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    except (OSError, ValueError):
+        return 0
+    return max(sizes)
 
 
 def _address_space() -> int:
