@@ -167,7 +167,8 @@ def test_attempt_logs_are_listed_and_downloadable(server, alice, bob, design_job
     job, _, _, _ = design_job
     with server.client(alice, transport) as c:
         logs = c.job_logs(job["id"])
-        assert logs and all(re.fullmatch(r"attempts/\d+/runs/[\w.-]+/train\.log", p) for p in logs), logs
+        attempt_log = re.compile(r"attempts/\d+/runs/[\w.-]+/(train|pytest|pytest_extra)\.log")
+        assert logs and all(attempt_log.fullmatch(p) for p in logs), logs
         text = c.job_log(job["id"], logs[0])
         with pytest.raises(NotFoundError):
             c.job_log(job["id"], "../metrics.json")
