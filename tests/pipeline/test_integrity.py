@@ -151,9 +151,10 @@ def test_the_loss_is_stated_in_cli_json_metrics_and_report(hostile_run, capsys):
     from service.cli.design_cmd import _finish
 
     _finish(hostile_run, json_out=True)
-    printed = capsys.readouterr().out
-    assert printed.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in printed
-    summary = json.loads(printed.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    # --json: the verdict leads what a person reads (stderr); stdout is one JSON document for scripts.
+    assert printed.err.lstrip().startswith("verdict:") and "does NOT beat the best baseline" in printed.err
+    summary = json.loads(printed.out)
     assert summary["verdict"]["beats_baselines"] is False and summary["status"] == "validated"
     assert summary["delivered"]["kind"] in ("baseline", "stack")
     on_disk = json.loads((hostile_run.run_dir / "metrics.json").read_text())
