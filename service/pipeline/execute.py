@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,21 @@ class StepFailure:
 
     def summary(self) -> str:
         what = self.died_cause or f"{self.ename or self.outcome}: {self.evalue or ''}".strip()
-        return f"{self.stage} failed ({self.outcome}): {what}"
+        cause = _exception_line(self.output_tail) if self.ename == "CommandFailed" else None
+        return f"{self.stage} failed ({self.outcome}): {what}" + (f" — {cause}" if cause else "")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:E\s+)?(\w+(?:Error|Exception|Exit)\b:?.*)$")
+
+
+def _exception_line(output: str) -> str | None:
+    """The last exception a command's output names (pytest's `E   AttributeError: ...`, a traceback's last
+    line): a command's exit code alone does not tell the debugger or the user what broke."""
+    for line in reversed(output.splitlines()):
+        found = _EXCEPTION_LINE.match(line.strip())
+        if found:
+            return found.group(1)[:300]
+    return None
 
 
 @dataclass

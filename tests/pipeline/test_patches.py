@@ -129,3 +129,16 @@ def test_code_generation_answers_with_edits_of_the_vetted_bundle_and_is_reasked_
         {n: t for n, t in vetted.files.items() if n != "model.py"}  # what the model did not name is the vetted file
     assert "model.py: the search text occurs 0 times" in fake_llm.requests[1].messages[-1]["content"]
     assert "config.json is not valid JSON" in fake_llm.requests[2].messages[-1]["content"]
+
+
+def test_a_failed_command_is_summarised_by_the_exception_its_output_names():
+    from service.pipeline.execute import StepFailure
+
+    output = "collected 4 items\nE   AttributeError: 'AnnData' object has no attribute 'var_name'\n1 failed in 2s"
+    failure = StepFailure(stage="pytest", outcome="error", ename="CommandFailed",
+                          evalue="python exited with code 1", output_tail=output)
+    assert failure.summary() == ("pytest failed (error): CommandFailed: python exited with code 1 — "
+                                 "AttributeError: 'AnnData' object has no attribute 'var_name'")
+    quiet = StepFailure(stage="pytest", outcome="error", ename="CommandFailed", evalue="python exited with code 1",
+                        output_tail="1 failed in 2s")
+    assert quiet.summary() == "pytest failed (error): CommandFailed: python exited with code 1"
