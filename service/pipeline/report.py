@@ -79,11 +79,6 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-    return float(value) if ok else None
-
-
 def _log_rows(train_log: Path) -> list[dict[str, Any]]:
     """train_log.jsonl as generated code wrote it: lines that are not JSON objects, rows without `epoch`
     (their position stands in) or without `val_loss` are read as far as they go, never a reason to fail."""
@@ -94,10 +89,10 @@ def _log_rows(train_log: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     rows = [r for r in rows if isinstance(r, dict) and r.get("phase", "select") == "select"
-            and _number(r.get("train_loss")) is not None]
+            and finite(r.get("train_loss"))]
     for i, row in enumerate(rows):
-        epoch = _number(row.get("epoch"))
-        row["epoch"] = epoch if epoch is not None else float(i)
+        epoch = row.get("epoch")
+        row["epoch"] = float(epoch) if finite(epoch) else float(i)
     return rows
 
 
@@ -112,7 +107,7 @@ def kept_epoch(root: Path, rows: list[dict[str, Any]]) -> int | None:
                 return best
         except (OSError, ValueError, AttributeError):
             pass
-    stop = [r for r in rows if _number(r.get("val_loss")) is not None]
+    stop = [r for r in rows if finite(r.get("val_loss"))]
     return int(min(stop, key=lambda r: r["val_loss"])["epoch"]) if stop else None
 
 
@@ -124,7 +119,7 @@ def _curves(rd: RunDir) -> str:
         return "<p>The delivered predictor has no training loop (closed form).</p>"
     fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")
     ax.plot([r["epoch"] for r in rows], [float(r["train_loss"]) for r in rows], label="train")
-    stop = [(r["epoch"], float(r["val_loss"])) for r in rows if _number(r.get("val_loss")) is not None]
+    stop = [(r["epoch"], float(r["val_loss"])) for r in rows if finite(r.get("val_loss"))]
     if stop:
         ax.plot(*zip(*stop, strict=True), label="held-out training groups (early stopping)")
     kept = kept_epoch(rd.root, rows)

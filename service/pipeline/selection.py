@@ -36,7 +36,7 @@ def better(metric: str, a: float, b: float) -> bool:
 
 
 def finite(value: Any) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
