@@ -230,7 +230,7 @@ class Evaluator:
         self.truth = build_truth(self.task, de_min_cells=de_min_cells, seed=seed)
         self.groups = self._feature_groups()
         self.ceiling = self._ceiling()
-        self.baseline = _nanmeans(self._score_matrix(mean_delta_baseline(self.task).X))
+        self.baseline = _nanmeans(self.score_matrix(mean_delta_baseline(self.task).X))
         self._cell_eval: CellEvalScorer | None = None
 
     def _feature_groups(self) -> list[tuple[str, np.ndarray]]:
@@ -247,8 +247,11 @@ class Evaluator:
             groups.append(("atac", peaks))
         return groups
 
-    def _score_matrix(self, pred: np.ndarray, true: np.ndarray | None = None,
-                      full: bool = True) -> dict[str, np.ndarray]:
+    def score_matrix(self, pred: np.ndarray, true: np.ndarray | None = None,
+                     full: bool = True) -> dict[str, np.ndarray]:
+        """metric -> one score per condition of `pred` (conditions × features, in the truth's order) against
+        `true` (the truth's means by default); `full=False` skips the metrics that need the DE test or compare
+        conditions with each other. What `score` summarises; the stack scores its blends with it."""
         pred = np.asarray(pred, dtype=np.float64)
         true = self.truth.mean if true is None else true
         out: dict[str, np.ndarray] = {}
@@ -261,7 +264,7 @@ class Evaluator:
         return out
 
     def _ceiling(self) -> dict[str, float]:
-        halves = self._score_matrix(self.truth.half_a, self.truth.half_b, full=False)
+        halves = self.score_matrix(self.truth.half_a, self.truth.half_b, full=False)
         ceiling = {}
         for prefix, _ in self.groups:
             for name in CORRELATIONS:
@@ -272,7 +275,7 @@ class Evaluator:
                     ceiling[prefix + name] = halves[prefix + name] / 4.0
         # No half-split for the overlap: the oracle (the true pseudobulk ranking its own |Δ|)
         # is what a perfect pseudobulk prediction can reach.
-        oracle = self._score_matrix(self.truth.mean)
+        oracle = self.score_matrix(self.truth.mean)
         for prefix, _ in self.groups:
             if prefix + "de_overlap" in oracle:
                 ceiling[prefix + "de_overlap"] = oracle[prefix + "de_overlap"]
@@ -330,7 +333,7 @@ class Evaluator:
         return dense[np.ix_(row_pos, col_pos)]
 
     def score(self, predictions: str | Path | ad.AnnData) -> EvaluationReport:
-        per = self._score_matrix(self.align(predictions))
+        per = self.score_matrix(self.align(predictions))
         targets = self.truth.targets
         table = []
         for i in range(len(targets)):

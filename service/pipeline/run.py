@@ -24,7 +24,7 @@ from sandbox import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, SpecError
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.load import POOLED
-from service.data.splits import SPLIT_FILES, TRUTH_FILES, Scheme, Split, load_split
+from service.data.splits import SPLIT_FILES, TRUTH_FILES, Scheme, Split, condition_groups, load_split
 from service.data.baselines import run_baselines
 from service.data.celleval import cell_eval_block
 from service.data.evaluate import EvaluationReport, Evaluator
@@ -491,7 +491,8 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
         baseline_rows={n: r.per_condition for n, r in baseline_reports.items()},
         delivered_val=delivery.entry.val.summary, delivered_test=delivered_report.summary,
         validation=selection.describe(), n_val_conditions=selection.n_conditions, n_test_conditions=n_test,
-        not_competing=not_competing)
+        not_competing=not_competing,
+        test_groups=(selection.group_by, len(set(condition_groups(test_eval.truth.targets, selection.group_by)))))
     verdict.warnings += selection.warnings
     if designed_failure:
         verdict.warnings.append(f"the best designed node did not run on the whole split: {designed_failure}")
@@ -548,6 +549,18 @@ def _cell_eval(test_eval: Evaluator, metrics: dict[str, Any], designed_test: Pat
     return block
 
 
+def _delivery_reason(winner: Entry, runner_up: Entry | None, primary: str) -> str:
+    """Why the winner is delivered, on both headline metrics (the ranking weighs both)."""
+    metrics = list(dict.fromkeys((primary, *HEADLINE)))
+
+    def scores(entry: Entry) -> str:
+        return ", ".join(f"{m} {v:.4f}" for m in metrics if (v := entry.score(m)) is not None) or "no scores"
+
+    if runner_up is None:
+        return f"only candidate ({scores(winner)})"
+    return f"best on validation ({scores(winner)}; next: {runner_up.key} {scores(runner_up)})"
+
+
 def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_eval: Evaluator, ranked: list[Entry],
              test_members: dict[str, ad.AnnData | Path], best: Node | None, runner: NodeRunner,
              emit: ProgressCallback) -> Delivery:
@@ -555,12 +568,7 @@ def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_ev
     val_predictions.h5ad (its out-of-fold validation predictions), model.pt and logs."""
     winner = ranked[0]
     runner_up = ranked[1] if len(ranked) > 1 else None
-    metric = runner.primary
-    score = winner.score(metric)
-    reason = (f"best on validation {metric} ({score:.4f}" if score is not None else "only candidate (")
-    if runner_up is not None and runner_up.score(metric) is not None:
-        reason += f"; next: {runner_up.key} {runner_up.score(metric):.4f}"
-    reason += ")"
+    reason = _delivery_reason(winner, runner_up, runner.primary)
     emit(ProgressEvent("deliver", f"delivering {winner.key}: {reason}"))
     if rd.code.exists():
         shutil.rmtree(rd.code)

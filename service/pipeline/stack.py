@@ -73,7 +73,7 @@ class _Scorer:
         # The cheap per-condition metrics hold the headline ones; the rest (discrimination, DE overlap)
         # only when the primary metric is one of them.
         first = selection.folds[0].evaluator
-        self.full = primary not in first._score_matrix(first.truth.control, full=False)
+        self.full = primary not in first.score_matrix(first.truth.control, full=False)
 
     def blend_deltas(self, w: np.ndarray) -> list[np.ndarray]:
         out = []
@@ -89,7 +89,7 @@ class _Scorer:
         """metric -> per fold, per condition scores of the blend with weights `w`."""
         out: dict[str, list[np.ndarray]] = {m: [] for m in self.metrics}
         for fold, delta in zip(self.selection.folds, self.blend_deltas(w), strict=True):
-            scores = fold.evaluator._score_matrix(fold.evaluator.truth.control + delta, full=self.full)
+            scores = fold.evaluator.score_matrix(fold.evaluator.truth.control + delta, full=self.full)
             for m in self.metrics:
                 out[m].append(scores.get(m, np.full(len(delta), np.nan)))
         return out

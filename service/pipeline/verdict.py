@@ -18,6 +18,9 @@ from pydantic import BaseModel, Field
 from service.pipeline.selection import LOWER_IS_BETTER, better, finite
 
 MIN_TEST_CONDITIONS = 10
+# Conditions of one held-out unit (a compound at four doses in three cell lines) move together, so what
+# decides is the number of units held out whole, not of conditions.
+MIN_TEST_GROUPS = 5
 VERDICT_METRICS = ("mse_top20_de",)  # besides the primary metric
 BOOTSTRAP = 2000
 STATUS_MEANING = {"validated": "a designed model trained and was checked", "failed": "no designed model trained",
@@ -95,6 +98,9 @@ class Verdict(BaseModel):
     validation: str = ""
     n_val_conditions: int = 0
     n_test_conditions: int = 0
+    n_test_groups: int | None = Field(None, description="held-out units (perturbations, compounds, cell types, "
+                                                         "doses) the test conditions belong to")
+    test_group_by: str | None = None
     metrics: dict[str, MetricVerdict] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     summary: str = ""
@@ -257,9 +263,10 @@ def build_verdict(*, status: str, primary: str, delivered: str, delivered_reason
                   delivered_val: dict[str, float] | None, delivered_test: dict[str, float] | None,
                   validation: str,
                   n_val_conditions: int, n_test_conditions: int,
-                  not_competing: Sequence[str] = ()) -> Verdict:
+                  not_competing: Sequence[str] = (), test_groups: tuple[str, int] | None = None) -> Verdict:
     """The designed model (model_*) and what is delivered (delivered_*: all metrics of its validation and test
-    scores) against the best baseline on each split."""
+    scores) against the best baseline on each split. `test_groups`: (unit, number) of the units the test
+    conditions are held out in."""
     def against(val: dict[str, float] | None, test: dict[str, float] | None,
                 rows: list[dict[str, Any]] | None = None) -> dict[str, MetricVerdict]:
         return {metric: metric_verdict(
@@ -275,11 +282,18 @@ def build_verdict(*, status: str, primary: str, delivered: str, delivered_reason
                       delivered_val=(delivered_val or {}).get(primary),
                       delivered_test=(delivered_test or {}).get(primary),
                       delivered_metrics=against(delivered_val, delivered_test), validation=validation,
-                      n_val_conditions=n_val_conditions, n_test_conditions=n_test_conditions, metrics=metrics)
+                      n_val_conditions=n_val_conditions, n_test_conditions=n_test_conditions, metrics=metrics,
+                      test_group_by=test_groups[0] if test_groups else None,
+                      n_test_groups=test_groups[1] if test_groups else None)
     w = verdict.warnings
     if n_test_conditions < MIN_TEST_CONDITIONS:
         w.append(f"the test split holds {n_test_conditions} condition(s), fewer than {MIN_TEST_CONDITIONS}: too "
                  "few to decide; read the per-condition spread")
+    elif test_groups is not None and test_groups[1] < MIN_TEST_GROUPS:
+        unit, n = test_groups
+        w.append(f"the test split's {n_test_conditions} conditions belong to {n} held-out {unit} group(s), fewer "
+                 f"than {MIN_TEST_GROUPS}: conditions of one {unit} move together, so this test cannot decide "
+                 "between predictors; read the per-condition spread")
     if p.beats_val and p.beats_test is False:
         w.append(f"the model beats {p.best_baseline_val} on validation but not the best baseline on test: the "
                  "validation gain did not carry over")

@@ -130,3 +130,20 @@ def test_a_model_that_wins_only_on_validation_is_flagged():
                         model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.5}, delivered_test={PRIMARY: 0.5},
                         validation="", n_val_conditions=20, n_test_conditions=30)
     assert won.beats_baselines is True and "BEATS" in won.summary
+
+
+def test_many_conditions_of_few_held_out_units_are_flagged():
+    """24 test conditions that are two compounds at four doses in three cell lines: too few units to decide,
+    though enough conditions; 24 conditions of 12 compounds are not flagged."""
+    def verdict(groups: int):
+        return build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
+                             model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.5},
+                             baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
+                             model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.5},
+                             delivered_test={PRIMARY: 0.5}, validation="", n_val_conditions=20, n_test_conditions=24,
+                             test_groups=("perturbation", groups))
+
+    few = verdict(2)
+    assert (few.n_test_groups, few.test_group_by) == (2, "perturbation")
+    assert any("2 held-out perturbation group(s), fewer than 5" in w for w in few.warnings)
+    assert not any("fewer than" in w for w in verdict(12).warnings)
