@@ -72,7 +72,8 @@ def gain(metric: str, model: float, best: float) -> float:
 def score_run(kind: str, seed: int, context: str | None, seconds: float, result) -> dict:
     m = result.metrics
     row: dict = {"kind": kind, "seed": seed, "context": context, "status": result.status, "seconds": round(seconds, 1),
-                 "attempts": m.get("attempts"), "n_test_conditions": m.get("n_test_conditions")}
+                 "attempts": m.get("attempts"), "n_test_conditions": m.get("n_test_conditions"),
+                 "n_test_groups": (m.get("verdict") or {}).get("n_test_groups")}
     delivered = m.get("delivered") or {}
     if not delivered.get("test"):
         return row
