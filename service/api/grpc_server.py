@@ -168,8 +168,14 @@ def struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
     return message
 
 
-def plain(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+def plain(message: Any) -> dict[str, Any]:
+    """The fields a request message set, by their names (unset ones left out: the server's defaults)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def regression_request(message: pb.SubmitRegressionRequest) -> dict[str, Any]:
+    kind = message.WhichOneof("kind")
+    return {"kind": kind, **plain(getattr(message, kind))} if kind else {}
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
@@ -405,7 +411,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     @_rpc("regression.submit")
     async def SubmitRegression(self, tenant, request, context):
-        return job_message(await self.core.jobs.submit_regression(tenant, plain(request.request)))
+        return job_message(await self.core.jobs.submit_regression(tenant, regression_request(request)))
 
     @_rpc("regression.get")
     async def GetRegression(self, tenant, request, context):

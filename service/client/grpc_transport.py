@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service.protocol import DatasetInfo, JobEvent, JobInfo, SandboxInfo
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 
-from .errors import api_error
+from .errors import InvalidRequestError, api_error
 
 _STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -28,11 +29,14 @@ UPLOAD_CHUNK = 1 << 20
 MAX_MESSAGE_BYTES = 65 << 20  # the server takes a 64 MiB file plus its path
 
 
-def struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    if data:
-        message.update(data)
-    return message
+def typed(message: Message, data: dict[str, Any] | None, what: str) -> Message:
+    """`data` as the typed request `message`; a field it does not have is refused by name here, before any
+    call (the HTTP API answers 422 UnknownFields for the same body)."""
+    try:
+        return json_format.ParseDict(data or {}, message)
+    except json_format.ParseError as exc:
+        raise InvalidRequestError(422, "UnknownFields" if "has no field named" in str(exc) else "InvalidArgument",
+                                  f"{what}: {exc}") from None
 
 
 def _translate(exc: grpc.RpcError) -> Exception:
@@ -114,7 +118,7 @@ class GrpcTransport:
 
     @_calls
     def create_sandbox(self, spec: dict[str, Any]) -> SandboxInfo:
-        return _sandbox(self._unary("CreateSandbox", pb.CreateSandboxRequest(spec=struct(spec))))
+        return _sandbox(self._unary("CreateSandbox", pb.CreateSandboxRequest(spec=typed(pb.SandboxSpec(), spec, "sandbox spec"))))
 
     @_calls
     def get_sandbox(self, sandbox_id: str) -> SandboxInfo:
@@ -194,8 +198,8 @@ class GrpcTransport:
 
     @_calls
     def submit_job(self, dataset_id: str, task: str, options: dict[str, Any]) -> JobInfo:
-        return _job(self._unary("SubmitJob", pb.SubmitJobRequest(dataset_id=dataset_id, task=task,
-                                                                 options=struct(options))))
+        return _job(self._unary("SubmitJob", pb.SubmitJobRequest(
+            dataset_id=dataset_id, task=task, options=typed(pb.DesignOptions(), options, "design options"))))
 
     @_calls
     def get_job(self, job_id: str) -> JobInfo:
@@ -235,7 +239,15 @@ class GrpcTransport:
 
     @_calls
     def submit_regression(self, request: dict[str, Any]) -> JobInfo:
-        return _job(self._unary("SubmitRegression", pb.SubmitRegressionRequest(request=struct(request))))
+        fields = dict(request)
+        kind = fields.pop("kind", None)
+        kinds = pb.SubmitRegressionRequest.DESCRIPTOR.oneofs_by_name["kind"].fields
+        body = {f.name: f.message_type for f in kinds}
+        if kind not in body:
+            raise InvalidRequestError(422, "InvalidArgument", f"regression kind: expected one of {sorted(body)}, "
+                                      f"got {kind!r}")
+        message = typed(getattr(pb, body[kind].name)(), fields, f"{kind} regression")
+        return _job(self._unary("SubmitRegression", pb.SubmitRegressionRequest(**{kind: message})))
 
     @_calls
     def get_regression(self, job_id: str) -> JobInfo:

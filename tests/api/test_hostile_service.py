@@ -129,7 +129,7 @@ def test_grpc_authenticates_before_reading_and_caps_each_method(server, alice):
     assert grown < 20 * MB, f"the server grew by {grown >> 20} MiB on unauthenticated 50 MiB messages"
     md = (("authorization", f"Bearer {alice.key}"),)
     spec = pb.CreateSandboxRequest()
-    spec.spec.update({"env": {"BIG": "x" * (2 * MB)}})
+    spec.spec.env["BIG"] = "x" * (2 * MB)
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateSandbox(spec, metadata=md, timeout=30)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in info.value.details()

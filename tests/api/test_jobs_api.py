@@ -147,9 +147,22 @@ def test_unknown_options_are_refused_by_name_not_dropped(server, alice, screen_i
         with pytest.raises(InvalidRequestError, match="surprise") as regression:
             c.submit_regression(kind="pytest", bundle_zip_b64=bundle(SUITE), surprise=1)
         assert len(c.list_jobs()) == before  # nothing was queued
-    if transport == "http":  # gRPC has one code for every invalid argument
-        assert design.value.status == regression.value.status == 422
-        assert design.value.kind == regression.value.kind == "UnknownFields"
+    # Over gRPC the typed request has no such field: the client refuses it before any call, as HTTP answers.
+    assert design.value.status == regression.value.status == 422
+    assert design.value.kind == regression.value.kind == "UnknownFields"
+
+
+def test_grpc_requests_are_typed_so_integers_stay_integers(server, alice, screen_id):
+    with server.client(alice, "grpc") as c:
+        job = c.submit_job(screen_id, "predict knockouts", seed=3, max_attempts=2, max_minutes=1.5)
+        c.cancel_job(job.id)
+        sandbox = c.create_sandbox(gpus=0, timeout=30, env={"A": "1"})
+        c.delete_sandbox(sandbox.id)
+    options = job.params["options"]
+    assert {k: options[k] for k in ("seed", "max_attempts", "max_minutes")} == {"seed": 3, "max_attempts": 2,
+                                                                              "max_minutes": 1.5}
+    assert type(options["seed"]) is int and type(options["max_attempts"]) is int
+    assert type(sandbox.spec["gpus"]) is int and sandbox.spec["env"] == {"A": "1"}
 
 
 # Routes answering JSON, and the model each answers with (the others stream or send files).

@@ -18,11 +18,40 @@ class ListRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SandboxSpec(_message.Message):
+    __slots__ = ("image", "cpus", "memory", "gpus", "timeout", "workspace_quota", "env", "dataset_id", "runtime")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    cpus: float
+    memory: str
+    gpus: int
+    timeout: float
+    workspace_quota: str
+    env: _containers.ScalarMap[str, str]
+    dataset_id: str
+    runtime: str
+    def __init__(self, image: _Optional[str] = ..., cpus: _Optional[float] = ..., memory: _Optional[str] = ..., gpus: _Optional[int] = ..., timeout: _Optional[float] = ..., workspace_quota: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., dataset_id: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+
 class CreateSandboxRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]
-    spec: _struct_pb2.Struct
-    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    spec: SandboxSpec
+    def __init__(self, spec: _Optional[_Union[SandboxSpec, _Mapping]] = ...) -> None: ...
 
 class Sandbox(_message.Message):
     __slots__ = ("id", "status", "created_at", "spec_json", "dataset_id")
@@ -180,6 +209,44 @@ class DatasetList(_message.Message):
     datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
     def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
 
+class DesignOptions(_message.Message):
+    __slots__ = ("seed", "max_attempts", "max_minutes", "max_rounds", "gpus", "memory", "cpus", "max_genes", "max_nodes", "candidates", "runtime", "perturbation_key", "control", "context_key", "dose_key", "scheme", "held_out_context")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MINUTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATION_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    DOSE_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    max_attempts: int
+    max_minutes: float
+    max_rounds: int
+    gpus: int
+    memory: str
+    cpus: float
+    max_genes: int
+    max_nodes: int
+    candidates: int
+    runtime: str
+    perturbation_key: str
+    control: str
+    context_key: str
+    dose_key: str
+    scheme: str
+    held_out_context: str
+    def __init__(self, seed: _Optional[int] = ..., max_attempts: _Optional[int] = ..., max_minutes: _Optional[float] = ..., max_rounds: _Optional[int] = ..., gpus: _Optional[int] = ..., memory: _Optional[str] = ..., cpus: _Optional[float] = ..., max_genes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., candidates: _Optional[int] = ..., runtime: _Optional[str] = ..., perturbation_key: _Optional[str] = ..., control: _Optional[str] = ..., context_key: _Optional[str] = ..., dose_key: _Optional[str] = ..., scheme: _Optional[str] = ..., held_out_context: _Optional[str] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("dataset_id", "task", "options")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -187,14 +254,51 @@ class SubmitJobRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     task: str
-    options: _struct_pb2.Struct
-    def __init__(self, dataset_id: _Optional[str] = ..., task: _Optional[str] = ..., options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    options: DesignOptions
+    def __init__(self, dataset_id: _Optional[str] = ..., task: _Optional[str] = ..., options: _Optional[_Union[DesignOptions, _Mapping]] = ...) -> None: ...
+
+class PytestRegression(_message.Message):
+    __slots__ = ("bundle_zip_b64", "job_id", "dataset_id", "timeout", "memory", "cpus")
+    BUNDLE_ZIP_B64_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    bundle_zip_b64: str
+    job_id: str
+    dataset_id: str
+    timeout: float
+    memory: str
+    cpus: float
+    def __init__(self, bundle_zip_b64: _Optional[str] = ..., job_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., timeout: _Optional[float] = ..., memory: _Optional[str] = ..., cpus: _Optional[float] = ...) -> None: ...
+
+class CompareRegression(_message.Message):
+    __slots__ = ("job_id", "tolerances", "default_tolerance")
+    class TolerancesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tolerances: _containers.ScalarMap[str, float]
+    default_tolerance: float
+    def __init__(self, job_id: _Optional[str] = ..., tolerances: _Optional[_Mapping[str, float]] = ..., default_tolerance: _Optional[float] = ...) -> None: ...
 
 class SubmitRegressionRequest(_message.Message):
-    __slots__ = ("request",)
-    REQUEST_FIELD_NUMBER: _ClassVar[int]
-    request: _struct_pb2.Struct
-    def __init__(self, request: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    __slots__ = ("pytest", "rescore", "replay")
+    PYTEST_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
+    pytest: PytestRegression
+    rescore: CompareRegression
+    replay: CompareRegression
+    def __init__(self, pytest: _Optional[_Union[PytestRegression, _Mapping]] = ..., rescore: _Optional[_Union[CompareRegression, _Mapping]] = ..., replay: _Optional[_Union[CompareRegression, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "kind", "status", "phase", "error", "created_at", "started_at", "finished_at", "attempts", "params_json", "result_json", "artifacts", "final", "logs")
