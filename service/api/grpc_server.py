@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -159,13 +159,6 @@ def _bound(handler: grpc.RpcMethodHandler, tenant: Tenant, limit: int) -> grpc.R
         return await handler.unary_unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary, capped, handler.response_serializer)
-
-
-def struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    if data:
-        message.update(data)
-    return message
 
 
 def plain(message: Any) -> dict[str, Any]:
@@ -314,7 +307,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
                     yield pb.ExecuteEvent(kind="done", result=result_message(item))
                 else:
                     data = item.model_dump(mode="json")
-                    yield pb.ExecuteEvent(kind=item.kind, text=data.pop("text", ""), data=struct(data))
+                    yield pb.ExecuteEvent(kind=item.kind, text=data.pop("text", ""), data_json=json.dumps(data))
         finally:
             await items.aclose()
 

@@ -141,7 +141,7 @@ class GrpcTransport:
                 if event.kind == "done":
                     yield {"kind": "done", "result": _dict(event.result)}
                     continue
-                item = {"kind": event.kind, **json_format.MessageToDict(event.data)}
+                item = {"kind": event.kind, **json.loads(event.data_json or "{}")}
                 if event.kind in ("stdout", "stderr"):
                     item["text"] = event.text
                 yield item

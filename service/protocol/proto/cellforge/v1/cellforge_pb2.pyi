@@ -1,6 +1,5 @@
 import datetime
 
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -120,16 +119,16 @@ class ExecutionResult(_message.Message):
     def __init__(self, outcome: _Optional[str] = ..., stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[_Iterable[str]] = ..., died_cause: _Optional[str] = ..., duration_ms: _Optional[float] = ..., stdout_bytes: _Optional[int] = ..., truncated: _Optional[bool] = ..., result: _Optional[str] = ..., state_lost: _Optional[bool] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class ExecuteEvent(_message.Message):
-    __slots__ = ("kind", "text", "data", "result")
+    __slots__ = ("kind", "text", "data_json", "result")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     text: str
-    data: _struct_pb2.Struct
+    data_json: str
     result: ExecutionResult
-    def __init__(self, kind: _Optional[str] = ..., text: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[ExecutionResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., text: _Optional[str] = ..., data_json: _Optional[str] = ..., result: _Optional[_Union[ExecutionResult, _Mapping]] = ...) -> None: ...
 
 class PutFileRequest(_message.Message):
     __slots__ = ("sandbox_id", "path", "data")
