@@ -17,6 +17,7 @@ from service.agents.offline_experts import handlers
 from service.agents.plan import (
     Architecture,
     ArgumentRef,
+    CustomComponent,
     Evaluation,
     Loss,
     Plan,
@@ -34,6 +35,7 @@ __all__ = [
     "AnalysisError",
     "Architecture",
     "ArgumentRef",
+    "CustomComponent",
     "DiscussionError",
     "DiscussionEvent",
     "DiscussionGraph",

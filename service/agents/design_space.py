@@ -391,6 +391,13 @@ DESIGN_SPACE: tuple[Component, ...] = (
         (Option(0.1, "0.1 by default; raise when targets are noisy", _always,
                 lambda f, a: "light dropout 0.1 on a residual model"),),
     ),
+    Component(
+        "architecture.custom_components",
+        "components outside this design space (an attention encoder, a graph prior, ...), implemented by the "
+        "code generator within the generated-code contract; LLM mode only",
+        (Option([], "none: the vetted components above; the offline rules never leave the vetted space", _always,
+                lambda f, a: "the vetted components cover this task; no component outside the design space"),),
+    ),
     Component("loss.kind", "training objective",
               (Option("mse", "MSE on Δ by default", _always, lambda f, a: "MSE on predicted Δ"),)),
     Component("loss.pearson_weight", "weight of (1 − Pearson Δ against the perturbed centroid)",

@@ -41,7 +41,8 @@ BIOLOGIST = Expert(
 DL_ARCHITECT = Expert(
     "dl_architect",
     "Deep-learning architecture",
-    "model capacity, residual structure over a closed-form base predictor, regularisation",
+    "model capacity, residual structure over a closed-form base predictor, regularisation, and (LLM mode) "
+    "components outside the design space",
     (
         "architecture.embedding_dim",
         "architecture.decoder",
@@ -50,6 +51,7 @@ DL_ARCHITECT = Expert(
         "architecture.hidden_width",
         "architecture.depth",
         "architecture.dropout",
+        "architecture.custom_components",
     ),
 )
 TRAINING = Expert(

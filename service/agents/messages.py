@@ -6,15 +6,24 @@ transcripts and the plan synthesis never know which backend spoke.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.agents.plan import ArgumentRef, plan_field_paths, validate_field_value
 
-FieldValue = bool | int | float | str | list[str] | None
+# list[dict[str, str]]: architecture.custom_components, kept as plain JSON data (checked as CustomComponents by
+# `validate_field_value`) so that proposals, drafts and critiques stay JSON-able as they are.
+FieldValue = bool | int | float | str | list[str] | list[dict[str, str]] | None
 
 _STRICT = ConfigDict(extra="forbid")
+
+
+def plain(value: Any) -> Any:
+    """A checked field value as JSON data (custom components as dicts)."""
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return [v.model_dump(mode="json") for v in value]
+    return value
 
 
 class FieldChoice(BaseModel):
@@ -30,7 +39,7 @@ class FieldChoice(BaseModel):
 
     @model_validator(mode="after")
     def _value_fits_field(self) -> FieldChoice:
-        self.value = validate_field_value(self.field, self.value)
+        self.value = plain(validate_field_value(self.field, self.value))
         return self
 
 
@@ -57,7 +66,7 @@ class CritiqueItem(BaseModel):
         if self.field not in plan_field_paths():
             raise ValueError(f"critique names unknown plan field {self.field!r}")
         if self.suggested_value is not None:
-            self.suggested_value = validate_field_value(self.field, self.suggested_value)
+            self.suggested_value = plain(validate_field_value(self.field, self.suggested_value))
         return self
 
 

@@ -276,7 +276,7 @@ def _systema_metric(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) 
         suggestions["evaluation.primary_metric"] = "pearson_delta_pert"
         reasons.append(f"primary metric {primary} is inflated by systematic variation (Systema)")
     if isinstance(baselines, list) and not {"mean_delta", "linear_pca_ridge"} <= set(baselines):
-        suggestions["evaluation.baselines"] = sorted(set(baselines) | {"mean_delta", "linear_pca_ridge"})
+        suggestions["evaluation.baselines"] = sorted({str(b) for b in baselines} | {"mean_delta", "linear_pca_ridge"})
         reasons.append("mean Δ and linear ridge are the baselines deep models most often fail to beat")
     if not reasons:
         return None

@@ -49,7 +49,33 @@ PerturbationEncoder = Literal[
     "drug_target_dose",  # annotated target genes' embeddings (summed) times a dose encoding
 ]
 
+ComponentRole = Literal[
+    "perturbation_encoder",  # encodes the perturbation (e.g. attention over perturbation / gene embeddings)
+    "context_encoder",  # encodes the cell type / context
+    "expression_encoder",  # encodes the control expression the prediction starts from
+    "residual_network",  # the network that maps the inputs to the Δ residual
+    "prior",  # knowledge built into the model (e.g. a gene-graph prior, a pathway regulariser)
+    "loss_term",  # a term added to the plan's loss
+]
+MAX_CUSTOM_COMPONENTS = 4
+
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CustomComponent(BaseModel):
+    """A component outside the vetted design space, which only LLM experts propose (offline mode keeps the
+    vetted space). The code generator implements it inside the generated-code contract and declares it by
+    `name` in config.json's `implements.custom`; the sandbox, the service's contract tests, the plan check
+    and validation decide whether it stays."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{1,47}$",
+                      description="snake_case identifier the code declares the component by")
+    role: ComponentRole = Field(description="where in the model it acts")
+    description: str = Field(min_length=1, max_length=2000,
+                             description="what it computes and why the data calls for it")
+    interfaces: str = Field(min_length=1, max_length=1000,
+                            description="how it plugs into the model: its inputs, outputs and shapes")
 
 
 class ArgumentRef(BaseModel):
@@ -97,9 +123,17 @@ class Architecture(BaseModel):
     hidden_width: int = Field(ge=8, le=4096)
     depth: int = Field(ge=1, le=8)
     dropout: float = Field(ge=0.0, le=0.8)
+    custom_components: list[CustomComponent] = Field(
+        default_factory=list, max_length=MAX_CUSTOM_COMPONENTS,
+        description="components outside the design space that the code generator implements within the "
+        "generated-code contract (LLM mode only; empty in offline mode)")
 
     @model_validator(mode="after")
     def _encoder_options_match(self) -> Architecture:
+        names = [c.name for c in self.custom_components]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"custom_components names must be unique; repeated: {twice}")
         enc = self.perturbation_encoder
         if enc in ("gene_embedding", "gene_set") and self.gene_embedding_source is None:
             raise ValueError(f"perturbation_encoder={enc!r} needs gene_embedding_source (pca|coexpression)")
@@ -224,7 +258,8 @@ def validate_field_value(path: str, value: Any) -> Any:
         return TypeAdapter(cast(Any, annotation)).validate_python(value)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise PlanFieldError(f"plan field {path!r}: value {value!r} rejected: {first['msg']}") from None
+        where = f" at {'.'.join(map(str, first['loc']))}" if first["loc"] else ""  # inside a list / an object
+        raise PlanFieldError(f"plan field {path!r}: value {value!r} rejected{where}: {first['msg']}") from None
 
 
 class CardCitation(BaseModel):

@@ -31,6 +31,17 @@ def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
+    """`schema` with every `$ref` replaced by the definition it names (a field's schema stands alone)."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(v, defs) for v in schema]
+    return schema
+
+
 def field_schemas(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """The JSON schema of each named plan field (type, range, allowed values)."""
     plan_schema = Plan.model_json_schema()
@@ -39,8 +50,18 @@ def field_schemas(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
     for path in fields:
         section, _, name = path.partition(".")
         section_ref = plan_schema["properties"][section]["$ref"].rsplit("/", 1)[-1]
-        out[path] = defs[section_ref]["properties"][name]
+        out[path] = _inline(defs[section_ref]["properties"][name], defs)
     return out
+
+
+CUSTOM_FIELD = "architecture.custom_components"
+_FREE_ARCHITECTURE = (
+    f"\n{CUSTOM_FIELD} may describe components outside the design space (e.g. an attention encoder over "
+    "perturbation embeddings, a gene-graph prior) when the profile gives a reason the vetted components fall "
+    "short: each with a snake_case name, its role, what it computes and how it plugs into the model. The code "
+    "generator implements them within the generated-code contract, and the sandbox, the service's contract "
+    "tests and validation decide whether they stay. Leave it empty ([]) when the vetted components suffice."
+)
 
 
 def task_analysis_request(context: dict[str, Any], check: Check | None = None) -> LLMRequest[TaskAnalysis]:
@@ -64,6 +85,7 @@ def proposal_request(expert: Expert, context: dict[str, Any], check: Check | Non
         f"Your remit and each field's JSON schema:\n{_compact(field_schemas(expert.remit))}\n"
         f"Design space (vetted components, when to use them):\n"
         f"{_compact([c for c in design_space.document() if c['field'] in expert.remit])}"
+        + (_FREE_ARCHITECTURE if CUSTOM_FIELD in expert.remit else "")
     )
     user = ("Round {round}. If context.previous is set, revise it: adopt each objection in context.critiques "
             f"with severity >= {ACCEPT_SEVERITY} that you cannot refute, and keep the rest; when you adopt a "
