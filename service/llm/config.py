@@ -56,6 +56,9 @@ class LLMConfig(BaseModel):
     max_parallel: int = Field(4, ge=1, le=64, description="independent questions asked at once")
     fallback: bool = Field(True, description="answer a question from the offline rules when the model "
                                              "gives no valid reply for it")
+    codegen: Literal["edits", "files"] = Field(
+        "edits", description="code generation: 'edits' (one reply: edits / whole files against the vetted "
+                             "bundle) or 'files' (one question per file, each reply one file with its own output cap)")
 
     @classmethod
     def resolve(

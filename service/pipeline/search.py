@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from service.agents import Plan
 from service.llm import LLMRequest
 from service.pipeline.codegen import Bundle, render_bundle
-from service.pipeline.codegen.manifest import plan_following, read_config
+from service.pipeline.codegen.manifest import CUSTOM_FIELD, plan_following, read_config
 from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch
 from service.pipeline.selection import better, finite
 from service.pipeline.validate import Validation
@@ -148,6 +148,12 @@ def updated_plan(plan: Plan, updates: dict[str, Any]) -> Plan:
 def apply_change(plan: Plan, bundle: Bundle, change: Change) -> tuple[Plan, Bundle]:
     """The plan and bundle after `change`. Plan updates render the bundle again, keeping the config values
     the parent's bundle had changed from its own plan's (a debugger's fix stays fixed)."""
+    if change.plan_updates and (plan.architecture.custom_components or CUSTOM_FIELD in change.plan_updates):
+        # Rendering again gives the vetted bundle, which implements no custom component: the model's own code
+        # would be dropped (and a new component left unwritten).
+        raise PatchError(f"plan updates render the vetted bundle again, which implements no custom component "
+                         f"({CUSTOM_FIELD}); change the code of a plan with custom components by edits and "
+                         "config_changes instead")
     if change.plan_updates:
         new_plan = updated_plan(plan, change.plan_updates)
         own = render_bundle(plan).config()

@@ -3,13 +3,16 @@
 config.json carries an `implements` block, written by the code generator and kept by the model:
 
     "implements": {"choices": {"architecture.base_predictor": "linear_ridge", ...},
-                   "config_keys": {"training.lr": "lr", "loss.kind": "loss.kind", ...}}
+                   "config_keys": {"training.lr": "lr", "loss.kind": "loss.kind", ...},
+                   "custom": ["perturbation_attention"]}
 
 `choices` are plan fields built into the code (the encoder, the base predictor); `config_keys` name the
-config.json entry (dotted path) the code reads for each hyper-parameter. The check: every field below
-is declared, each declared choice and each config value equals the plan's, and each config key is read
-by the code (its name appears in a module as a string literal, a `Config` field or an attribute read). A mismatch is a problem the
-debugger is shown, never a crash.
+config.json entry (dotted path) the code reads for each hyper-parameter; `custom` names the plan's
+components outside the design space (`architecture.custom_components`, LLM mode) that the code implements.
+The check: every field below is declared, each declared choice and each config value equals the plan's,
+and each config key is read by the code (its name appears in a module as a string literal, a `Config`
+field or an attribute read); `custom` lists exactly the plan's custom components, each named in a module
+of the code. A mismatch is a problem the debugger is shown, never a crash.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pydantic import ValidationError
 from service.agents import Plan
 
 IMPLEMENTS = "implements"
+CUSTOM = "custom"
+CUSTOM_FIELD = "architecture.custom_components"
 CHOICES = ("architecture.perturbation_encoder", "architecture.base_predictor")
 CONFIG_FIELDS = {
     "loss.kind": "loss.kind",
@@ -42,8 +47,10 @@ _MISSING = object()
 
 
 def implements_block(plan: Plan) -> dict[str, Any]:
-    """The declaration of the vetted bundle: the plan's choices and the template's config keys."""
-    return {"choices": {path: plan_value(plan, path) for path in CHOICES}, "config_keys": dict(CONFIG_FIELDS)}
+    """The declaration of the vetted bundle: the plan's choices and the template's config keys. It implements
+    no custom component (`custom` is empty): those are written by the LLM code generator."""
+    return {"choices": {path: plan_value(plan, path) for path in CHOICES}, "config_keys": dict(CONFIG_FIELDS),
+            CUSTOM: []}
 
 
 def plan_value(plan: Plan, path: str) -> Any:
@@ -81,11 +88,43 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _code(files: dict[str, str]) -> list[str]:
+    """The bundle's modules, tests left out (a test naming a key or a component implements nothing)."""
+    return [text for file, text in files.items() if file.endswith(".py") and not file.startswith("test_")]
+
+
+def check_custom(plan: Plan, files: dict[str, str]) -> list[str]:
+    """Problems of the `custom` declaration against the plan's custom components: each one the plan asks
+    for is declared and named in the code, and nothing else is declared. A bundle without the declaration
+    is fine for a plan without custom components (bundles written before it existed)."""
+    config, why = read_config(files)
+    if config is None:
+        return [why or "config.json unreadable"]
+    block = config.get(IMPLEMENTS)
+    wanted = {c.name: c for c in plan.architecture.custom_components}
+    declared = block.get(CUSTOM, []) if isinstance(block, dict) else []
+    if not isinstance(declared, list) or not all(isinstance(n, str) for n in declared):
+        return [f"{IMPLEMENTS}.{CUSTOM} must be a list of the custom components' names, got {declared!r}"]
+    problems = []
+    for name, component in wanted.items():
+        if name not in declared:
+            problems.append(f"the plan asks for the custom component {name!r} ({component.role}: "
+                            f"{component.description[:200]}) but {IMPLEMENTS}.{CUSTOM} does not declare it: "
+                            f"implement it within the contract and list its name")
+        elif not any(re.search(rf"\b{re.escape(name)}\b", text) for text in _code(files)):
+            problems.append(f"{IMPLEMENTS}.{CUSTOM} declares {name!r} but no module of the bundle names it "
+                            "(name the class or function that implements it after the component)")
+    extra = [n for n in declared if n not in wanted]
+    if extra:
+        problems.append(f"{IMPLEMENTS}.{CUSTOM} declares {extra}, which the plan does not ask for "
+                        f"(the plan's: {sorted(wanted)})")
+    return problems
+
+
 def _read_by_code(files: dict[str, str], key: str) -> bool:
     name = re.escape(key.rsplit(".", 1)[-1])
     read = re.compile(rf"""["']{name}["']|\.{name}\b|^\s+{name}\s*:""", re.M)
-    return any(read.search(text) for file, text in files.items()
-               if file.endswith(".py") and not file.startswith("test_"))
+    return any(read.search(text) for text in _code(files))
 
 
 def check_implements(plan: Plan, files: dict[str, str]) -> list[str]:
@@ -121,7 +160,7 @@ def check_implements(plan: Plan, files: dict[str, str]) -> list[str]:
         elif not _read_by_code(files, key):
             problems.append(f"{path}: config.json key {key!r} is declared but no module of the "
                             "bundle reads it")
-    return problems
+    return problems + check_custom(plan, files)
 
 
 def implemented(files: dict[str, str]) -> dict[str, Any]:
@@ -135,6 +174,8 @@ def implemented(files: dict[str, str]) -> dict[str, Any]:
         value = _lookup(config, key) if isinstance(key, str) else _MISSING
         if value is not _MISSING:
             out[path] = value
+    if isinstance(block.get(CUSTOM), list):
+        out[CUSTOM_FIELD] = list(block[CUSTOM])
     return out
 
 
