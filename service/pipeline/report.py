@@ -28,7 +28,8 @@ from service.data.celleval import CORE_METRICS as CELL_EVAL_CORE  # noqa: E402
 from service.data.celleval import GLOSSARY as CELL_EVAL_GLOSSARY  # noqa: E402
 from service.data.celleval import LOWER_IS_BETTER as CELL_EVAL_LOWER  # noqa: E402
 from service.data.load import read_h5ad  # noqa: E402
-from service.pipeline.codegen.manifest import CHOICES, CONFIG_FIELDS, implemented, plan_value  # noqa: E402
+from service.pipeline.codegen.manifest import (CHOICES, CONFIG_FIELDS, CUSTOM_FIELD, implemented,  # noqa: E402
+                                               plan_value)
 from service.pipeline.debugger import OUT_OF_MEMORY  # noqa: E402
 from service.pipeline.rundir import RunDir  # noqa: E402
 from service.pipeline.search import SearchTree  # noqa: E402
@@ -453,8 +454,21 @@ def _what_ran(plan: Plan, tree: SearchTree) -> str:
     rows = "".join(f"<tr><td>{html.escape(path)}</td><td>{html.escape(str(plan_value(plan, path)))}</td>"
                    f"<td>{html.escape(str(declared.get(path, '—')))}</td></tr>"
                    for path in (*CHOICES, *CONFIG_FIELDS))
+    components = best.plan.architecture.custom_components
+    code_custom = declared.get(CUSTOM_FIELD)
+    rows += (f"<tr><td>{CUSTOM_FIELD}</td><td>{html.escape(', '.join(c.name for c in components) or 'none')}</td>"
+             f"<td>{html.escape(', '.join(code_custom) if code_custom else 'none' if code_custom == [] else '—')}"
+             f"</td></tr>")
+    custom = ""
+    if components:
+        items = "".join(f"<li><b>{html.escape(c.name)}</b> ({html.escape(c.role)}): {html.escape(c.description)} "
+                        f"<i>Interfaces:</i> {html.escape(c.interfaces)}</li>" for c in components)
+        custom = (f"<p>Components outside the vetted design space, designed by the LLM experts and implemented by "
+                  f"the code generator (the contract tests, the plan check and validation accepted them):</p>"
+                  f"<ul>{items}</ul>")
     return (f"<p>Node #{best.id}'s config.json declares what its code implements; the service checked it "
-            f"against the plan.</p><table><tr><th>plan field</th><th>plan</th><th>code</th></tr>{rows}</table>")
+            f"against the plan.</p><table><tr><th>plan field</th><th>plan</th><th>code</th></tr>{rows}</table>"
+            f"{custom}")
 
 
 def _memory(rd: RunDir) -> str | None:

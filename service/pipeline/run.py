@@ -33,9 +33,10 @@ from service.llm import (Backend, LLMConfig, LLMError, LLMInvalidReply, LLMReque
                          summarize_run)
 from service.llm.request import R
 from service.pipeline.candidates import candidate_plans
-from service.pipeline.codegen import render_bundle
-from service.pipeline.codegen.manifest import plan_following
-from service.pipeline.codegen.request import CODEGEN, codegen_request, offline_codegen
+from service.pipeline.codegen import Bundle, render_bundle
+from service.pipeline.codegen.manifest import implemented, plan_following
+from service.pipeline.codegen.request import (CODEGEN, CODEGEN_FILE, CodegenMode, codegen_request, generate_by_files,
+                                              offline_codegen, offline_codegen_file)
 from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
                                       stack_test_predictions, verify_code, with_stack, write_predictor_code)
 from service.pipeline.debugger import (DEBUG, PatchError, apply_patch, debug_context, debug_request,
@@ -125,7 +126,8 @@ class DesignResult:
 
 def pipeline_handlers() -> dict[str, Any]:
     """The offline backend's handlers: the agents' plus code generation, the debugger's and the search's rules."""
-    return {**agent_handlers(), CODEGEN: offline_codegen, DEBUG: offline_debug, IMPROVE: offline_improve}
+    return {**agent_handlers(), CODEGEN: offline_codegen, CODEGEN_FILE: offline_codegen_file, DEBUG: offline_debug,
+            IMPROVE: offline_improve}
 
 
 def _with_seed(plan: Plan, seed: int) -> Plan:
@@ -142,8 +144,9 @@ class Search:
     """Drafts, their debugging and the improve loop over one run's validation folds."""
 
     def __init__(self, runner: NodeRunner, llm: Backend, settings: DesignSettings, primary: str, scheme: str,
-                 baselines: dict[str, Any], improve_calls: int | None) -> None:
+                 baselines: dict[str, Any], improve_calls: int | None, codegen: CodegenMode = "edits") -> None:
         self.runner, self.llm, self.settings, self.primary, self.scheme = runner, llm, settings, primary, scheme
+        self.codegen = codegen
         self.tree = SearchTree(primary)
         self.baselines = baselines  # name -> PooledScore on validation
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
@@ -224,16 +227,34 @@ class Search:
             self.runner.emit(ProgressEvent("codegen", f"candidate {index}/{len(candidates)} ({label}): "
                                                       f"{plan.architecture.perturbation_encoder} encoder, "
                                                       f"base {plan.architecture.base_predictor}"))
-            vetted = render_bundle(plan)
-            try:
-                bundle = self._ask(codegen_request(json.loads(plan.model_dump_json()), vetted)).applied(vetted)
-            except (LLMError, ValueError) as exc:  # no code for this candidate; the others, and the finish, go on
-                self.runner.rd.write_json(self.runner.rd.root / f"codegen_error_{index}.json", {"error": str(exc)})
-                self.runner.emit(ProgressEvent("codegen", f"candidate {index}: no code generated: {exc}"))
+            generated = self._generate(index, plan)
+            if generated is None:
                 continue
+            plan, bundle = generated
             node = self._new(parent=None, kind="draft", label=label, candidate=index, plan=plan, bundle=bundle)
             self.runner.run(node, self.tree)
             self._debug(node, self.settings.max_attempts - 1)
+
+    def _generate(self, index: int, plan: Plan) -> tuple[Plan, Bundle] | None:
+        """The candidate's code (and its plan): the model's, in the configured mode. When no code comes back
+        for a plan with custom components (the model's replies never declared them and the offline rules
+        cannot write them), the vetted design runs instead, said so: offline code keeps the vetted space."""
+        vetted = render_bundle(plan)
+        try:
+            if self.codegen == "files":
+                return plan, generate_by_files(self._ask, plan, vetted)
+            return plan, self._ask(codegen_request(plan, vetted)).applied(vetted)
+        except (LLMError, ValueError) as exc:  # no code for this candidate; the others, and the finish, go on
+            self.runner.rd.write_json(self.runner.rd.root / f"codegen_error_{index}.json", {"error": str(exc)})
+            if not plan.architecture.custom_components:
+                self.runner.emit(ProgressEvent("codegen", f"candidate {index}: no code generated: {exc}"))
+                return None
+        names = ", ".join(c.name for c in plan.architecture.custom_components)
+        self.runner.emit(ProgressEvent("codegen", f"candidate {index}: the custom component(s) {names} were not "
+                                                  "implemented; the vetted design runs without them"))
+        vetted_plan = plan.model_copy(update={"architecture": plan.architecture.model_copy(
+            update={"custom_components": []})})
+        return vetted_plan, render_bundle(vetted_plan)
 
     def _table(self, node: Node) -> dict[str, Any]:
         pooled = self.runner.results[node.id].pooled
@@ -285,6 +306,17 @@ class Search:
             (self.runner.node_dir(node) / "patch.diff").write_text(unified_diff(parent.bundle, bundle))
             self.runner.run(node, self.tree)
             self._debug(node, 1)
+
+
+def _codegen_mode(config: LLMConfig, replay_from: Path | None) -> CodegenMode:
+    """The configured code generation mode; a replay asks its questions the way the recorded run did."""
+    if replay_from is not None:
+        try:
+            recorded = json.loads((replay_from / "run.json").read_text())["llm"].get("codegen", "edits")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded = "edits"  # a run recorded before the modes existed
+        return "files" if recorded == "files" else "edits"
+    return config.codegen
 
 
 def _improve_calls_recorded(replay_from: Path | None) -> int | None:
@@ -370,7 +402,8 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
         raise PipelineError(f"{rd.root} already holds a run; choose a new --out directory")
     config = llm_config or LLMConfig()
     rd.write_json(rd.run_json, {"settings": json.loads(settings.model_dump_json()),
-                                "llm": {"backend": config.backend, "model": config.model, "base_url": config.base_url},
+                                "llm": {"backend": config.backend, "model": config.model, "base_url": config.base_url,
+                                        "codegen": _codegen_mode(config, replay_from)},
                                 "replay_of": str(replay_from) if replay_from else None})
     llm = make_backend(config, handlers or pipeline_handlers(), rd.root, replay_from=replay_from,
                        on_tokens=lambda kind, n: emit(ProgressEvent("llm", f"{kind}: {n} tokens so far")))
@@ -424,7 +457,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(), deadline, started, emit,
                         mean_baseline)
     search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
-                    _improve_calls_recorded(replay_from))
+                    _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
     candidates = candidate_plans(plan, settings.candidates)
     search.drafts(candidates)
     # Room for the finish (a sandbox run checks delivered baseline/stack code), and in a cross-validated search
@@ -513,6 +546,8 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
         "search": {**{k: v for k, v in tree.to_json(delivery.entry.key).items() if k != "nodes"},
                    "nodes": len(tree.nodes), "improve_nodes": sum(n.kind == "improve" for n in tree.nodes)},
         "chosen_attempt": best.id if best else None,
+        # What the chosen node's code declares it implements (custom components included), as checked.
+        "implements": implemented(best.bundle.files) if best else {},
         "attempts": len(tree.nodes),
         "chosen_candidate": best.candidate if best else None,
         "candidates": len({n.candidate for n in tree.nodes}),
