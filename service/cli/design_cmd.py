@@ -162,6 +162,9 @@ def design(
         "--token-budget", help="Tokens one LLM question may spend, re-asks and continuations included.")] = None,
     stream: Annotated[bool | None, typer.Option(
         "--stream/--no-stream", help="Stream LLM replies (live token progress; no read timeout on slow replies).")] = None,
+    codegen: Annotated[str | None, typer.Option(
+        "--codegen", help="LLM code generation: 'edits' (one reply of edits against the vetted bundle) or "
+                          "'files' (one file per reply).")] = None,
     json_out: JsonOpt = False,
     server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
@@ -173,12 +176,13 @@ def design(
 
     llm_flags = {"backend": llm, "model": model, "base_url": base_url, "total_minutes": max_llm_minutes,
                  "timeout": llm_timeout, "max_attempts": llm_attempts, "max_tokens": max_tokens,
-                 "token_budget": token_budget, "stream": stream}
+                 "token_budget": token_budget, "stream": stream, "codegen": codegen}
     if server and runtime:
         fail(PipelineError("--runtime applies to sandboxes run here; a server chooses it per tenant"), json_out)
     if server and any(v is not None for v in llm_flags.values()):
         given = ", ".join(f"--{n}" for n, v in zip(("llm", "model", "base-url", "max-llm-minutes", "llm-timeout",
-                                                    "llm-attempts", "max-tokens", "token-budget", "stream"),
+                                                    "llm-attempts", "max-tokens", "token-budget", "stream",
+                                                    "codegen"),
                                                    llm_flags.values(), strict=True) if v is not None)
         fail(PipelineError(f"{given}: a server runs its jobs with its own LLM configuration; these flags apply "
                            "to runs here (drop them, or run without --server)"), json_out)
