@@ -40,3 +40,17 @@ def offline_run(design_settings, tmp_path_factory) -> DesignResult:
                         on_progress=events.append)
     result.events = events
     return result
+
+
+
+@pytest.fixture(scope="session")
+def knockout_plan(tmp_path_factory):
+    """The offline discussion's plan for a knockout screen's profile (no data, no sandbox)."""
+    from agent_profiles import KNOCKOUT
+    from service.agents import analyse_task, run_discussion
+    from service.llm import OfflineBackend
+    from service.pipeline import pipeline_handlers
+
+    llm = OfflineBackend(pipeline_handlers())
+    analysis = analyse_task(KNOCKOUT, "Predict unseen CRISPR knockouts", llm)
+    return run_discussion(analysis, KNOCKOUT, llm, tmp_path_factory.mktemp("plan")).plan

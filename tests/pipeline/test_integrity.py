@@ -3,19 +3,21 @@ truth finds none, and when the designed model loses, the run delivers the winnin
 with code that reproduces it, and says so everywhere.
 
 The run: cytokine responses in an unseen cell type (three cell types: one for test, two left, so
-validation is leave-one-cell-type-out over them). The "designed" bundle is hostile: its train.py walks
-every file the sandbox can read, opens every .h5ad and looks for a perturbed cell of any condition it was
-asked to predict; then it predicts each context's control plus the pooled training Δ (a weak model)."""
+validation is leave-one-cell-type-out over them). The "designed" bundle is hostile: its train.py keeps the
+vetted functions the service's contract tests call (so they pass: the contract tests are the service's and
+no generated bundle may replace them), but run as `python train.py` it walks every file the sandbox can
+read, opens every .h5ad and looks for a perturbed cell of any condition it was asked to predict; then it
+predicts each context's control plus the pooled training Δ (a weak model)."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 
 from service.data import simulate
 from service.pipeline import pipeline_handlers, run_design
-from service.pipeline.codegen.manifest import CONFIG_FIELDS
 from service.pipeline.codegen.request import CODEGEN, GeneratedBundle
 from service.pipeline.rundir import SANDBOX_FILES
 from service.pipeline.selection import better
@@ -83,14 +85,17 @@ for which, file in (("val", "val_predictions.h5ad"), ("test", "predictions.h5ad"
 '''
 
 
+MAIN = 'if __name__ == "__main__":\n    main()\n'
+
+
 def hostile_codegen(context: dict) -> GeneratedBundle:
-    # It claims the plan (the vetted config.json's `implements` block and values, the key names in model.py)
-    # so that it passes the plan check and its run is scored: what it does in the sandbox is the point here.
-    claimed = sorted(key.rsplit(".", 1)[-1] for key in CONFIG_FIELDS.values())
-    model = f'"""Nothing to see."""\nCLAIMED = {claimed!r}\n'
-    return GeneratedBundle(files={"train.py": HOSTILE_TRAIN, "model.py": model,
-                                  "test_model.py": "def test_nothing():\n    assert True\n",
-                                  "config.json": context["vetted_bundle"]["config.json"]})
+    # The vetted train.py, config.json and model code stay (the contract tests and the plan check pass, so the
+    # run is scored); only what `python train.py` runs is the hunt: what it does in the sandbox is the point.
+    vetted = context["vetted_bundle"]["train.py"]
+    assert vetted.endswith(MAIN)
+    hunt = "def hunt() -> None:\n" + textwrap.indent(HOSTILE_TRAIN, "    ")
+    return GeneratedBundle(edits=[{"path": "train.py", "search": MAIN,
+                                   "replace": f'{hunt}\n\nif __name__ == "__main__":\n    hunt()\n'}])
 
 
 @pytest.fixture(scope="module")

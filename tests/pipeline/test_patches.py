@@ -115,14 +115,15 @@ def test_tool_output_reaches_the_debugger_without_escape_codes():
     assert failure.traceback == ["AttributeError: no"]
 
 
-def test_code_generation_answers_with_edits_of_the_vetted_bundle_and_is_reasked_when_they_miss(fake_llm, tmp_path):
+def test_code_generation_answers_with_edits_of_the_vetted_bundle_and_is_reasked_when_they_miss(fake_llm, tmp_path,
+                                                                                             knockout_plan):
     vetted = Bundle(files={**BUNDLE.files, "train.py": TRAIN.replace("var_name)", "var_names)")})
     fake_llm.script(
         Reply(json.dumps({"edits": [{"path": "model.py", "search": "WIDTH = 8", "replace": "WIDTH = 16"}]})),
         Reply(json.dumps({"files": {"config.json": '{"lr": 0.1, // faster\n "epochs": 10}'}})),
         Reply(json.dumps({"edits": [{"path": "model.py", "search": "WIDTH = 4", "replace": "WIDTH = 16"}],
                           "files": {EXTRA_TESTS: "def test_width():\n    assert True\n"}})))
-    generated = _backend(fake_llm, tmp_path, max_reasks=2).ask(codegen_request({"plan": "p"}, vetted))
+    generated = _backend(fake_llm, tmp_path, max_reasks=2).ask(codegen_request(knockout_plan, vetted))
     bundle = generated.applied(vetted)
     assert bundle.files["model.py"] == "WIDTH = 16\n" and EXTRA_TESTS in bundle.files
     assert {n: bundle.files[n] for n in vetted.files if n != "model.py"} == \
