@@ -296,3 +296,15 @@ def test_an_improve_step_does_not_render_custom_code_away(knockout_plan):
     # Config changes still apply, and carry the plan along.
     new_plan, new_bundle = apply_change(plan, bundle, Change(label="lr", rationale="r", config_changes={"lr": 1e-4}))
     assert new_plan.training.lr == 1e-4 and check_implements(new_plan, new_bundle.files) == []
+
+
+def test_a_replay_asks_for_code_the_way_the_recorded_run_did(tmp_path):
+    from service.pipeline.run import _codegen_mode
+
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "run.json").write_text(json.dumps({"llm": {"backend": "openai", "codegen": "files"}}))
+    assert _codegen_mode(LLMConfig(), recorded) == "files"  # whatever this process is configured with
+    assert _codegen_mode(LLMConfig(codegen="files"), None) == "files"
+    (recorded / "run.json").write_text(json.dumps({"llm": {"backend": "openai"}}))  # before the modes existed
+    assert _codegen_mode(LLMConfig(codegen="files"), recorded) == "edits"
