@@ -281,6 +281,21 @@ class SandboxPool:
         finally:
             self._reserved[tenant] -= 1
 
+    def adopt(self, sandbox: Sandbox, tenant: str, age: float = 0.0) -> PooledSandbox:
+        """A lease on a sandbox this pool did not start (one another process started, reached through a
+        backend that shares sandboxes): reaped and released like any lease. The tenant's cap is the
+        caller's to enforce (the sandbox exists already)."""
+        if self._closed:
+            raise PoolClosed("this SandboxPool was shut down; create a new one")
+        lease = PooledSandbox(self, sandbox, tenant, time.monotonic() - age)  # age: its lifetime so far
+        self._leases.add(lease)
+        return lease
+
+    def forget(self, lease: PooledSandbox, why: str) -> None:
+        """Drop a lease without destroying its sandbox (it lives on for other processes to use)."""
+        self._leases.discard(lease)
+        lease.reaped = lease.reaped or why
+
     async def release(self, lease: PooledSandbox) -> None:
         """Destroy a leased sandbox (it is never handed out again). Releasing twice is harmless."""
         if lease not in self._leases:
@@ -411,6 +426,8 @@ class SandboxPool:
                 self._counts["reaped_lifetime"] += 1
                 lease.reaped = f"it reached the maximum lifetime of {self.max_lifetime:g} s"
             elif not lease.busy and now - lease.last_active >= self.idle_timeout:
+                if await self._used_elsewhere(lease, now) or lease not in self._leases:
+                    continue
                 self._counts["reaped_idle"] += 1
                 lease.reaped = f"it was idle for more than {self.idle_timeout:g} s"
             else:
@@ -426,6 +443,21 @@ class SandboxPool:
                 self._spawn(self._destroy(warm.sandbox))
             if stale:
                 self._refill(key)
+
+    async def _used_elsewhere(self, lease: PooledSandbox, now: float) -> bool:
+        """A sandbox other processes share (the Ray backend's) is idle only when idle for all of them:
+        it says when it was last used; a recent use counts as this lease's activity."""
+        probe = getattr(lease._target, "idle_seconds", None)
+        if probe is None:
+            return False
+        try:
+            idle = float(await probe())
+        except Exception:  # noqa: BLE001 - a sandbox that cannot answer is reaped as idle
+            return False
+        if idle >= self.idle_timeout:
+            return False
+        lease.last_active = max(lease.last_active, now - idle)
+        return True
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -22,6 +22,10 @@ one that must wait for room waits up to `placement_timeout`. When a node dies, R
 actors dead: a running execution ends `died`, `sb.dead` says which node was lost, and `restart()`
 places a fresh sandbox (state and workspace lost, as after any death). Containers left on a node
 whose actor died are removed by `reap()`, which runs the Docker reaper on every sandbox node.
+
+Every actor is named `sandbox-<id>` in the `cellforge` namespace. With `detached=True` (what API
+replicas use) a sandbox outlives the process that created it, and any process of the cluster reaches it
+with `attach(id)`: a sandbox created through one API replica is used through another.
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ CLOSE_TIMEOUT_S = 30.0
 
 _Actor = ray.remote(SandboxActor)
 _reap_node = ray.remote(num_cpus=0)(reap_orphans)
+
+
+def actor_name(sandbox_id: str) -> str:
+    return f"sandbox-{sandbox_id}"
 
 
 def runtime_resource(runtime: str) -> str:
@@ -117,9 +125,16 @@ class RayBackend(SandboxBackend):
     kind = BackendKind.RAY
     isolated = True
 
-    def __init__(self, address: str | None = None, *, placement_timeout: float = 60.0) -> None:
+    def __init__(self, address: str | None = None, *, placement_timeout: float = 60.0, detached: bool = False) -> None:
         self.address = address
         self.placement_timeout = placement_timeout
+        # Detached: the actors outlive this process; whoever uses them must close them (`close()`).
+        self.detached = detached
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes of the cluster reach this backend's sandboxes (`attach`)."""
+        return self.detached
 
     def connect(self) -> None:
         if not ray.is_initialized():
@@ -137,7 +152,9 @@ class RayBackend(SandboxBackend):
         self.connect()
         options = placement(spec)
         await asyncio.to_thread(require_placeable, options)
-        actor: Any = _Actor.options(name=f"sandbox-{sandbox_id}", max_restarts=0, **options).remote()
+        lifetime = {"lifetime": "detached"} if self.detached else {}
+        actor: Any = _Actor.options(name=actor_name(sandbox_id), namespace=NAMESPACE, max_restarts=0, **lifetime,
+                                    **options).remote()
         limit = self.placement_timeout + spec.start_timeout
         try:
             async with asyncio.timeout(limit):
@@ -157,6 +174,30 @@ class RayBackend(SandboxBackend):
                 raise SandboxStartError(f"sandbox {sandbox_id}: its Ray actor died while starting: {_why(exc)}") from None
             raise
         return actor, facts
+
+    async def attach(self, sandbox_id: str) -> RaySandbox:
+        """The sandbox `sandbox_id`, started by any process of the cluster (a detached one), as a sandbox of
+        this process. SandboxClosedError when no such sandbox is alive (closed, or never was)."""
+        self.connect()
+        try:
+            actor = await asyncio.to_thread(ray.get_actor, actor_name(sandbox_id), namespace=NAMESPACE)
+        except ValueError:
+            raise SandboxClosedError(f"sandbox {sandbox_id}: no live Ray actor {actor_name(sandbox_id)!r}") from None
+        try:
+            spec, facts = await actor.describe.remote()
+        except RayTaskError as exc:
+            _raise_cause(exc)
+        except RayActorError as exc:
+            raise SandboxDeadError(f"sandbox {sandbox_id}: its Ray actor is gone ({_why(exc)})") from None
+        return RaySandbox(self, spec, sandbox_id, actor, facts)
+
+    async def live_ids(self) -> set[str]:
+        """The ids of every sandbox whose actor is alive in the cluster (whoever started it)."""
+        self.connect()
+        named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        prefix = actor_name("")
+        return {a["name"][len(prefix):] for a in named
+                if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix)}
 
     async def provision(self, spec: SandboxSpec) -> KernelHost:
         raise UsageError("RayBackend places whole sandboxes on nodes (their kernels stay there): use create()")
@@ -226,12 +267,18 @@ class RaySandbox(Sandbox):
         return not (self._closed or self._dead)
 
     async def _watch_actor(self, actor: Any) -> None:
-        """Learn of the actor's loss (its node died) when it happens, not at the next call."""
-        with contextlib.suppress(RayActorError):
+        """Learn of the actor's loss (its node died), or of its close by another process, when it happens,
+        not at the next call."""
+        try:
             await actor.wait_closed.remote()
+        except RayActorError:
+            if actor is self._actor and not self._closed:
+                self._lose(None)
             return
         if actor is self._actor and not self._closed:
-            self._lose(None)
+            # Closed through another process (an API replica): this handle is closed too.
+            self._closed = True
+            self._actor_lost = True
 
     def _lose(self, exc: RayActorError | None) -> str:
         """Mark the actor lost; the cause, naming the node."""
@@ -312,6 +359,16 @@ class RaySandbox(Sandbox):
             return
         self._closed = True
         await asyncio.shield(self._remove())
+
+    async def idle_seconds(self) -> float:
+        """Seconds since any process last used this sandbox (the pool's idle reaping asks before reaping)."""
+        idle: float = await self._call(self._actor.idle_seconds)
+        return idle
+
+    def detach(self) -> None:
+        """Stop using this sandbox here without closing it: it lives on for other processes (`attach`)."""
+        self._closed = True
+        self._watch.cancel()
 
     async def _remove(self) -> None:
         if not self._actor_lost:

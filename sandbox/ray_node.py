@@ -17,6 +17,7 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import ray
 
 from .docker_backend import DockerBackend
+from .errors import SandboxClosedError
 from .events import ExecutionResult, StreamEvent
 from .files import regular_files, workspace_path
 from .kernel import Replies, Sandbox
@@ -61,14 +63,32 @@ class SandboxActor:
     def __init__(self) -> None:
         self._backend = DockerBackend()
         self._sandbox: Sandbox | None = None
+        self._facts: tuple[SandboxSpec, NodeSandbox] | None = None
         self._closed = asyncio.Event()
+        self._active = time.monotonic()  # the last call's end: processes sharing the sandbox ask for it
+        self._calls = 0
 
     async def start(self, spec: SandboxSpec) -> NodeSandbox:
         if spec.gpus:
             # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
             spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
         self._sandbox = sb = await self._backend.create(spec)
-        return NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(), socket.gethostname())
+        facts = NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(), socket.gethostname())
+        self._facts = (spec, facts)
+        return facts
+
+    def _touch(self) -> None:
+        self._active = time.monotonic()
+
+    async def idle_seconds(self) -> float:
+        """Seconds since the sandbox was last used through any process (0 while an execution runs)."""
+        return 0.0 if self._calls else time.monotonic() - self._active
+
+    async def describe(self) -> tuple[SandboxSpec, NodeSandbox]:
+        """The spec and facts of the started sandbox, for a process attaching to it by name."""
+        if self._facts is None or self._closed.is_set():
+            raise SandboxClosedError("this sandbox is closed (or was never started)")
+        return self._facts
 
     @property
     def sandbox(self) -> Sandbox:
@@ -83,6 +103,7 @@ class SandboxActor:
         yielding its events in batches as they come, then the `RunEnd`. Cancelled (the caller left):
         the sandbox interrupts the code, as it does for a local caller."""
         sb = self.sandbox
+        self._calls += 1
         queue: asyncio.Queue[Any] = asyncio.Queue()
         work: Awaitable[tuple[ExecutionResult, Replies]]
         if expressions is None:
@@ -103,32 +124,41 @@ class SandboxActor:
             result, replies = task.result()
             yield RunEnd(result, replies, sb.dead)
         finally:
+            self._calls -= 1
+            self._touch()
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
     async def interrupt(self) -> None:
+        self._touch()
         await self.sandbox.interrupt()
 
     async def restart(self) -> None:
+        self._touch()
         await self.sandbox.restart()
 
     # --- files: one call per transfer; folders are staged in a private folder on this node ---------------
 
     async def put_file(self, path: str, data: bytes, timeout: float | None) -> None:
+        self._touch()
         await self.sandbox.files.put(path, data, timeout)
 
     async def get_file(self, path: str, timeout: float | None, max_bytes: int | None) -> bytes:
+        self._touch()
         return await self.sandbox.files.get(path, timeout, max_bytes)
 
     async def list_files(self, path: str, timeout: float | None) -> list[str]:
+        self._touch()
         return await self.sandbox.files.list(path, timeout)
 
     async def remove_file(self, path: str, timeout: float | None) -> None:
+        self._touch()
         await self.sandbox.files.remove(path, timeout)
 
     async def put_dir(self, files: dict[str, bytes], path: str, timeout: float | None) -> list[str]:
+        self._touch()
         with _staging() as folder:
             for inner, data in files.items():
                 target = folder / workspace_path(inner)
@@ -137,6 +167,7 @@ class SandboxActor:
             return await self.sandbox.files.put_dir(folder, path, timeout)
 
     async def get_dir(self, path: str, timeout: float | None, max_bytes: int | None) -> dict[str, bytes]:
+        self._touch()
         with _staging() as folder:
             await self.sandbox.files.get_dir(path, folder, timeout, max_bytes)
             return {inner: source.read_bytes() for inner, source in regular_files(folder)}

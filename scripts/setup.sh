@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for CellForge, idempotently: Docker engine (installed and started when
 # missing), the Python environment in .venv, the CPU sandbox image (built offline, cached by
-# content), and gVisor's runsc runtime under CI or with CELLFORGE_RUNSC=1. Prints what it does; safe
-# to run again.
+# content), and gVisor's runsc runtime under CI or with CELLFORGE_RUNSC=1, and PostgreSQL (the API
+# replica tests start a throwaway server) under CI or with CELLFORGE_POSTGRES=1. Prints what it does;
+# safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,11 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the report's headless-browser test
+# PostgreSQL: CI runs the API-replica tests on it (they start their own server with initdb/pg_ctl,
+# so only the binaries are needed: the Debian package's own cluster is not used); elsewhere it is opt-in.
+if { [ "${CI:-}" = true ] || [ "${CELLFORGE_POSTGRES:-}" = 1 ]; } && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq

@@ -61,6 +61,9 @@ class CoreConfig:
     workers: int = 2
     db_retry: float = WRITE_RETRY_S  # seconds a failing write of the job machinery is retried
     backend: Any = field(default=None, repr=False)  # a sandbox backend; DockerBackend() when None
+    # This server's name among API replicas sharing the database: it holds its job claims and sandbox rows
+    # in it. None: a lone server (what it left running is recovered at its next start).
+    replica: str | None = None
 
 
 class CellForgeCore:
@@ -73,18 +76,22 @@ class CellForgeCore:
         self.audit = AuditLog(self.db)
         self.limiter = RateLimiter()
         self.backend = config.backend or DockerBackend()
+        # Sandboxes any replica can reach (named Ray actors): no warm pool, whose sandboxes would be one
+        # replica's and outlive it unseen.
+        shared = getattr(self.backend, "shared", False)
+        warm = 0 if shared else config.warm
         self.pool = SandboxPool(
-            self.backend, [SandboxSpec()] if config.warm else [], warm=config.warm, preload=config.preload,
+            self.backend, [SandboxSpec()] if warm else [], warm=warm, preload=config.preload,
             # Per-tenant caps are the tenants' quotas, enforced by SandboxService.
             max_per_tenant=1 << 20, idle_timeout=config.idle_timeout, max_lifetime=config.max_lifetime,
             reap_interval=min(5.0, config.idle_timeout / 2), reap_orphans=self.backend.kind is not BackendKind.LOCAL,
         )
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
         self.uploads = UploadMeter(self.db)
-        self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder)
+        self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder, owner=config.replica)
         self.store = JobStore(self.db, retry_for=config.db_retry)
         self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
-                                on_finish=self._job_finished,
+                                on_finish=self._job_finished, owner=config.replica,
                                 private_roots=(self.data_dir, Path(getattr(self.backend, "runtime_root", self.data_dir))))
         uploads = self.data_dir / "uploads"
         uploads.mkdir(exist_ok=True)
@@ -98,7 +105,7 @@ class CellForgeCore:
 
     async def start(self) -> None:
         await self.db.run(self.db.upgrade)
-        await self.db.run(self.sandboxes.mark_lost_after_restart)
+        await self.sandboxes.recover_after_restart()
         # Starting the pool reaps containers orphaned by a previous (killed) server process.
         await self.pool.start()
         await self.audit.start()

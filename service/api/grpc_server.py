@@ -285,7 +285,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     @_rpc("sandbox.get")
     async def GetSandbox(self, tenant, request, context):
-        return sandbox_message(self.core.sandboxes.get(tenant, request.sandbox_id))
+        return sandbox_message(await self.core.sandboxes.get(tenant, request.sandbox_id))
 
     @_rpc("sandbox.list")
     async def ListSandboxes(self, tenant, request, context):
@@ -298,7 +298,7 @@ class CellForgeServicer(pb_grpc.CellForgeServicer):
 
     @_rpc("sandbox.execute")
     async def Execute(self, tenant, request, context) -> AsyncIterator[pb.ExecuteEvent]:
-        self.core.sandboxes.get(tenant, request.sandbox_id)
+        await self.core.sandboxes.get(tenant, request.sandbox_id)
         items = self.core.sandboxes.execute(tenant, request.sandbox_id, request.code, request.timeout or None,
                                             TRANSPORT)
         try:

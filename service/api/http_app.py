@@ -128,7 +128,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=protocol.SandboxInfo)
     async def get_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> dict[str, Any]:
         with audited(tenant, "sandbox.get", sandbox_id):
-            return core.sandboxes.get(tenant, sandbox_id).to_dict()
+            return (await core.sandboxes.get(tenant, sandbox_id)).to_dict()
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204)
     async def delete_sandbox(sandbox_id: str, tenant: Tenant = Depends(tenant_of)) -> Response:
@@ -142,7 +142,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
         """Stream the execution as NDJSON (one event per line, last `{"kind": "done", "result": ...}`),
         or as server-sent events with `Accept: text/event-stream`. Disconnecting interrupts the code."""
         with audited(tenant, "sandbox.execute", sandbox_id):
-            core.sandboxes.get(tenant, sandbox_id)  # a 404 before the stream starts
+            await core.sandboxes.get(tenant, sandbox_id)  # a 404 before the stream starts
         sse = "text/event-stream" in request.headers.get("accept", "")
         items = core.sandboxes.execute(tenant, sandbox_id, body.code, body.timeout, TRANSPORT)
         return StreamingResponse(
@@ -165,7 +165,7 @@ def create_app(core: CellForgeCore, body_timeout: float = 30.0) -> FastAPI:
     @app.put("/v1/sandboxes/{sandbox_id}/files/{path:path}", status_code=204)
     async def put_file(sandbox_id: str, path: str, request: Request, tenant: Tenant = Depends(tenant_of)) -> Response:
         with audited(tenant, "sandbox.put_file", f"{sandbox_id}/{path}"):
-            core.sandboxes.get(tenant, sandbox_id)
+            await core.sandboxes.get(tenant, sandbox_id)
             data = await request.body()  # at most the route's limit: RequestGuard counts it
             await core.sandboxes.put_file(tenant, sandbox_id, path, data)
         return Response(status_code=204)

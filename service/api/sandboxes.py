@@ -2,6 +2,11 @@
 
 Live sandboxes are leases from one `SandboxPool`; this module keeps which tenant owns which, so a
 tenant's calls only ever reach its own. A lease the pool reaped (idle, lifetime) is dropped here too.
+
+With a backend whose sandboxes every process of a cluster reaches (the Ray backend's named actors),
+the database's rows are the record of which sandboxes exist: a sandbox created through one API
+replica is found in its row and attached to by another, and a replica that stops (or is killed)
+leaves its sandboxes running for the others.
 """
 
 from __future__ import annotations
@@ -126,8 +131,12 @@ def _answers(sandbox_id: str) -> Iterator[None]:
 
 class SandboxService:
     def __init__(self, pool: SandboxPool, db: Database, metrics: ServiceMetrics,
-                 dataset_dir: Callable[[str, str], Path]) -> None:
+                 dataset_dir: Callable[[str, str], Path], owner: str | None = None) -> None:
         self.pool = pool
+        self.owner = owner  # this replica's name, on the rows of the sandboxes it creates
+        # Sandboxes other replicas reach (the backend attaches to them by id): the rows are the record.
+        self.shared = bool(getattr(pool.backend, "shared", False))
+        self._adopting: dict[str, asyncio.Lock] = {}
         self.db = db
         self.metrics = metrics
         self._dataset_dir = dataset_dir  # (tenant id, dataset id) -> host folder; NotFound for others' ids
@@ -135,17 +144,47 @@ class SandboxService:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def mark_lost_after_restart(self) -> None:
-        """Rows of sandboxes from a previous server process: their containers are gone (reaped)."""
+    async def recover_after_restart(self) -> None:
+        """Rows of sandboxes a previous process of this replica left open. Unshared: their containers are
+        gone (reaped), so the rows are closed. Shared: only rows whose sandbox no longer exists anywhere in
+        the cluster are closed; the others stay usable through any replica."""
+        if not self.shared:
+            await self.db.run(self._close_rows, None, "server restarted")
+            return
+        alive = await self.pool.backend.live_ids()  # type: ignore[attr-defined]
+        await self.db.run(self._close_rows, alive, "its sandbox is gone (its Ray actor no longer exists)")
+
+    def _close_rows(self, alive: set[str] | None, reason: str) -> None:
+        mine = SandboxRow.owner.is_(None) | (SandboxRow.owner == self.owner)
         with self.db.session() as s:
-            s.execute(update(SandboxRow).where(SandboxRow.status.in_(("starting", "live"))).values(
-                status="closed", closed_at=time.time(), closed_reason="server restarted"))
+            if alive is None:
+                s.execute(update(SandboxRow).where(SandboxRow.status.in_(("starting", "live")), mine).values(
+                    status="closed", closed_at=time.time(), closed_reason=reason))
+                return
+            # A `starting` row of another replica may be a sandbox being placed right now: not ours to close.
+            s.execute(update(SandboxRow).where(SandboxRow.status == "starting", mine).values(
+                status="closed", closed_at=time.time(), closed_reason=reason))
+            s.execute(update(SandboxRow).where(SandboxRow.status == "live", SandboxRow.id.not_in(alive)).values(
+                status="closed", closed_at=time.time(), closed_reason=reason))
 
     async def close_all(self) -> None:
+        if self.shared:
+            # The sandboxes live on for the other replicas (and this one's next start): only let go of them.
+            for live in self._live.values():
+                self.pool.forget(live.lease, "this API replica shut down")
+                live.lease._target.detach()  # type: ignore[attr-defined]
+            self._live.clear()
+            return
         await asyncio.gather(*(self._drop(sid, "server shut down") for sid in list(self._live)))
 
     async def close_tenant(self, tenant_id: str, reason: str) -> int:
-        """Close every sandbox of a tenant (its key was revoked); returns how many."""
+        """Close every sandbox of a tenant (its key was revoked); returns how many. Shared: also those this
+        replica does not hold (every replica closes what it finds; a second close is harmless)."""
+        if self.shared:
+            for sid in await self.db.run(self._live_rows, tenant_id):
+                if sid not in self._live:
+                    with contextlib.suppress(NotFound, Conflict):
+                        await self._adopt(tenant_id, sid)
         mine = [sid for sid, live in self._live.items() if live.tenant_id == tenant_id]
         await asyncio.gather(*(self._drop(sid, reason) for sid in mine))
         return len(mine)
@@ -158,7 +197,7 @@ class SandboxService:
         spec = await self.db.run(self._spec, tenant, request)
         await self.prune()
         reservation = "rsv_" + secrets.token_hex(8)
-        row = SandboxRow(id=reservation, tenant_id=tenant.id, status="starting", created_at=time.time(),
+        row = SandboxRow(id=reservation, tenant_id=tenant.id, status="starting", created_at=time.time(), owner=self.owner,
                          spec={**request.model_dump(), "resources": request.resources.as_dict()})
         await self.db.run(admit_sandbox, self.db, tenant.id, row, request.resources)
         try:
@@ -179,15 +218,20 @@ class SandboxService:
             raise Unauthenticated("this API key was revoked")
         return self._info(lease.id, live)
 
-    def get(self, tenant: Tenant, sandbox_id: str) -> SandboxInfo:
-        return self._info(sandbox_id, self._own(tenant, sandbox_id))
+    async def get(self, tenant: Tenant, sandbox_id: str) -> SandboxInfo:
+        return self._info(sandbox_id, await self._own(tenant, sandbox_id))
 
     async def list(self, tenant: Tenant) -> list[SandboxInfo]:
         await self.prune()
+        if self.shared:  # those created through other replicas too
+            for sid in await self.db.run(self._live_rows, tenant.id):
+                if sid not in self._live:
+                    with contextlib.suppress(NotFound, Conflict):
+                        await self._adopt(tenant.id, sid)
         return [self._info(sid, lv) for sid, lv in self._live.items() if lv.tenant_id == tenant.id]
 
     async def delete(self, tenant: Tenant, sandbox_id: str) -> None:
-        self._own(tenant, sandbox_id)
+        await self._own(tenant, sandbox_id)
         await self._drop(sandbox_id, "deleted by its tenant")
 
     async def execute(
@@ -199,7 +243,7 @@ class SandboxService:
             raise BadRequest(f"code: expected a string, got {type(code).__name__}")
         if timeout is not None and not (0 < timeout <= 86400):
             raise BadRequest(f"timeout: expected seconds in (0, 86400], got {timeout}")
-        live = self._own(tenant, sandbox_id)
+        live = await self._own(tenant, sandbox_id)
         started = time.perf_counter()
         outcome = "cancelled"
         try:
@@ -216,53 +260,104 @@ class SandboxService:
             self.metrics.execution_seconds.observe(time.perf_counter() - started)
 
     async def interrupt(self, tenant: Tenant, sandbox_id: str) -> None:
-        await self._control(self._own(tenant, sandbox_id), "interrupt")
+        await self._control(await self._own(tenant, sandbox_id), "interrupt")
 
     async def restart(self, tenant: Tenant, sandbox_id: str) -> None:
-        await self._control(self._own(tenant, sandbox_id), "restart")
+        await self._control(await self._own(tenant, sandbox_id), "restart")
 
     async def put_file(self, tenant: Tenant, sandbox_id: str, path: str, data: bytes) -> None:
         if len(data) > MAX_FILE_BYTES:
             raise PayloadTooLarge(f"file {path!r} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
-        live = self._own(tenant, sandbox_id)
+        live = await self._own(tenant, sandbox_id)
         with _answers(sandbox_id):
             await live.lease.files.put(path, data)
 
     async def get_file(self, tenant: Tenant, sandbox_id: str, path: str) -> bytes:
-        live = self._own(tenant, sandbox_id)
+        live = await self._own(tenant, sandbox_id)
         with _answers(sandbox_id):
             return await live.lease.files.get(path, max_bytes=MAX_FILE_BYTES)
 
     async def list_files(self, tenant: Tenant, sandbox_id: str, folder: str = "") -> builtins.list[str]:
-        live = self._own(tenant, sandbox_id)
+        live = await self._own(tenant, sandbox_id)
         with _answers(sandbox_id):
             return await live.lease.files.list(folder)
 
     async def run_command(self, tenant: Tenant, sandbox_id: str, argv: builtins.list[str], cwd: str | None,
                           timeout: float | None) -> ExecutionResult:
         """`argv` run without a shell; `ok` only for exit code 0 (the code is in `exit_code`)."""
-        live = self._own(tenant, sandbox_id)
+        live = await self._own(tenant, sandbox_id)
         with _answers(sandbox_id):
             return await live.lease.commands.run(argv, cwd=cwd, timeout=timeout)
 
     # -- internals ------------------------------------------------------------------------------
 
     async def prune(self) -> None:
-        """Forget leases the pool reaped (idle or too old), recording why (and freeing their quota)."""
+        """Forget leases the pool reaped (idle or too old), recording why (and freeing their quota), and
+        sandboxes another replica closed (it recorded why)."""
         for sid, live in list(self._live.items()):
             if live.lease.reaped and self._live.pop(sid, None) is not None:
                 await self.db.run(self._close_row, sid, live.lease.reaped)
+            elif self._closed_elsewhere(live) and self._live.pop(sid, None) is not None:
+                self.pool.forget(live.lease, "closed through another API replica")
         self.metrics.live_sandboxes.set(len(self._live))
         self.metrics.warm_sandboxes.set(self.pool.stats().warm)
 
-    def _own(self, tenant: Tenant, sandbox_id: str) -> _Live:
+    async def _own(self, tenant: Tenant, sandbox_id: str) -> _Live:
         live = self._live.get(sandbox_id)
+        if live is not None and self._closed_elsewhere(live):
+            self._live.pop(sandbox_id, None)
+            self.pool.forget(live.lease, "closed through another API replica")
+            live = None
+        if live is None and self.shared:
+            live = await self._adopt(tenant.id, sandbox_id)
         # Another tenant's sandbox answers exactly like one that does not exist.
         if live is None or live.tenant_id != tenant.id:
             raise NotFound(f"no sandbox {sandbox_id!r}")
         if live.lease.reaped:
             raise NotFound(f"sandbox {sandbox_id!r} is gone: {live.lease.reaped}")
         return live
+
+    def _closed_elsewhere(self, live: _Live) -> bool:
+        return self.shared and bool(getattr(live.lease._target, "closed", False)) and not live.lease.reaped
+
+    async def _adopt(self, tenant_id: str, sandbox_id: str) -> _Live:
+        """A sandbox of the tenant created through another replica (its row is live), attached to here.
+        NotFound when there is none (another tenant's answers the same)."""
+        lock = self._adopting.setdefault(sandbox_id, asyncio.Lock())
+        try:
+            async with lock:
+                if (held := self._live.get(sandbox_id)) is not None:
+                    return held
+                row = await self.db.run(self._live_row, tenant_id, sandbox_id)
+                if row is None:
+                    raise NotFound(f"no sandbox {sandbox_id!r}")
+                try:
+                    sandbox = await self.pool.backend.attach(sandbox_id)  # type: ignore[attr-defined]
+                except SandboxClosedError:
+                    await self.db.run(self._close_row, sandbox_id, "its sandbox is gone (its Ray actor no longer exists)")
+                    raise NotFound(f"no sandbox {sandbox_id!r}") from None
+                except SandboxDeadError as exc:
+                    raise Conflict(str(exc)) from None
+                spec = {k: v for k, v in row.spec.items() if k in SandboxRequest.model_fields}
+                lease = self.pool.adopt(sandbox, tenant_id, age=max(0.0, time.time() - row.created_at))
+                live = _Live(lease=lease, tenant_id=tenant_id, request=SandboxRequest.model_validate(spec),
+                             created_at=row.created_at)
+                self._live[sandbox_id] = live
+                self.metrics.live_sandboxes.set(len(self._live))
+                return live
+        finally:
+            if not lock.locked():
+                self._adopting.pop(sandbox_id, None)
+
+    def _live_row(self, tenant_id: str, sandbox_id: str) -> SandboxRow | None:
+        with self.db.session() as s:
+            return s.scalar(select(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.tenant_id == tenant_id,
+                                                     SandboxRow.status == "live"))
+
+    def _live_rows(self, tenant_id: str) -> builtins.list[str]:
+        with self.db.session() as s:
+            return list(s.scalars(select(SandboxRow.id).where(SandboxRow.tenant_id == tenant_id,
+                                                               SandboxRow.status == "live")))
 
     async def _control(self, live: _Live, what: str) -> None:
         try:

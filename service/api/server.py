@@ -55,12 +55,15 @@ class ServerConfig:
     # A Ray cluster ("auto", "ray://HOST:PORT") whose nodes host the API's sandboxes; None: this
     # machine's Docker engine.
     ray_address: str | None = None
+    # This server's name among API replicas on one database; None: HOSTNAME:HTTP_PORT (stable across restarts).
+    replica_id: str | None = None
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(
             data_dir=self.data_dir, db_url=self.db_url, warm=self.warm, preload=self.preload,
             idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, max_upload=self.max_upload,
             workers=self.workers, db_retry=self.db_retry, backend=self.sandbox_backend(),
+            replica=self.replica_id or f"{socket.gethostname()}:{self.http_port}",
         )
 
     def sandbox_backend(self) -> SandboxBackend | None:
@@ -69,7 +72,8 @@ class ServerConfig:
             return None
         from sandbox.ray_backend import RayBackend  # Ray is an optional extra, imported only when asked for
 
-        return RayBackend(self.ray_address)
+        # Detached actors: a sandbox outlives the replica that created it (any replica reaches it by name).
+        return RayBackend(self.ray_address, detached=True)
 
 
 class _HttpServer(uvicorn.Server):

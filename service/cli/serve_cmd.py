@@ -151,6 +151,9 @@ def serve(
     ray_address: Annotated[str | None, typer.Option(
         help="run the API's sandboxes on a Ray cluster: 'auto' (this machine's cluster) or ray://HOST:PORT; "
         "its sandbox nodes offer the cellforge_sandbox resource (default: this machine's Docker engine)")] = None,
+    replica_id: Annotated[str | None, typer.Option(
+        help="this server's name among API replicas sharing one database (default HOSTNAME:HTTP-PORT); "
+        "keep it across restarts so a restarted replica takes back its own jobs at once")] = None,
 ) -> None:
     """Serve the HTTP and gRPC APIs over one core (sandboxes, datasets, jobs, regressions)."""
     if ray_address is not None:
@@ -170,5 +173,6 @@ def serve(
         connections=ConnectionLimits(header_timeout=header_timeout, max_connections=max_connections,
                                      max_per_client=max_connections_per_client),
         grpc=GrpcLimits(max_concurrent_rpcs=grpc_max_rpcs), db_retry=db_retry, ray_address=ray_address,
+        replica_id=replica_id,
     )
     run_server(config)

@@ -66,7 +66,9 @@ class DatasetRow(Base):
 
 
 class SandboxRow(Base):
-    """A sandbox's record; the live object is in the server's memory and dies with the server."""
+    """A sandbox's record. On one machine the live object is in the server's memory and dies with the
+    server; on a Ray cluster it is a named actor any API replica can reach (`owner`: the replica that
+    created it)."""
 
     __tablename__ = "sandboxes"
 
@@ -77,6 +79,7 @@ class SandboxRow(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     closed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # migration 0003
 
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -103,6 +106,10 @@ class JobRow(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The replica running it and when that replica last said it still does (migration 0003): a running
+    # job whose heartbeat is stale lost its replica and is requeued or failed by another.
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class JobEventRow(Base):

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .store import Job, JobStore
+from .store import JOB_LEASE_S, Job, JobStore
 from service.errors import CellForgeError
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,19 @@ class JobKind:
 
 
 class JobRunner:
+    """`workers` jobs at a time from the store's queue. With `owner` (this API replica's name), claims are
+    held in that name and heartbeated every `lease_s / 6` seconds; the same beat picks up cancels asked for
+    through other replicas and recovers jobs whose replica's heartbeat is older than `lease_s`."""
+
     def __init__(self, store: JobStore, kinds: dict[str, JobKind], work_root: Path, workers: int = 2,
                  on_finish: Callable[[Job, float], None] | None = None, poll_interval: float = 1.0,
-                 private_roots: tuple[Path, ...] = ()) -> None:
+                 private_roots: tuple[Path, ...] = (), owner: str | None = None,
+                 lease_s: float = JOB_LEASE_S) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
         self.store = store
+        self.owner = owner
+        self.lease_s = lease_s
         self.kinds = kinds
         self.work_root = work_root
         self.workers = workers
@@ -189,11 +196,33 @@ class JobRunner:
     async def start(self) -> tuple[list[str], list[str]]:
         """Recover what a previous process left running, then start the workers."""
         resumable = {name for name, kind in self.kinds.items() if kind.resumable}
-        recovered = await self.store.db.run(self.store.recover_after_restart, resumable)
+        recovered = await self.store.db.run(self.store.recover_after_restart, resumable, self.owner)
         if any(recovered):
             log.warning("after restart: requeued %s, failed as interrupted %s", *recovered)
         self._tasks = [asyncio.create_task(self._worker(i), name=f"job-worker-{i}") for i in range(self.workers)]
+        if self.owner is not None:
+            self._tasks.append(asyncio.create_task(self._beat(resumable), name="job-heartbeat"))
         return recovered
+
+    async def _beat(self, resumable: set[str]) -> None:
+        """Heartbeat the running jobs, stop those cancelled elsewhere, recover those of dead replicas."""
+        assert self.owner is not None
+        while not self._stopping:
+            await asyncio.sleep(self.lease_s / 6)
+            try:
+                for job_id in await self.store.db.run(self.store.heartbeat, self.owner, list(self._running)):
+                    running = self._running.get(job_id)
+                    if running is not None and not running[0].cancelled.is_set():
+                        running[0].cancelled.set()
+                        running[1].cancel()
+                requeued, failed = await self.store.db.run(
+                    self.store.recover_after_restart, resumable, None, self.lease_s)
+            except Exception:  # noqa: BLE001 - the database is down: the workers say so; beat again later
+                log.warning("job heartbeat failed; retrying", exc_info=True)
+                continue
+            if requeued or failed:
+                log.warning("jobs of a replica that stopped answering: requeued %s, failed %s", requeued, failed)
+                self.wake()
 
     async def stop(self) -> None:
         """Stop the workers. Jobs they were running stay `running` in the store, so the next start
@@ -227,7 +256,7 @@ class JobRunner:
         while not self._stopping:
             try:
                 await self._write_unwritten()
-                job = await self.store.db.run(self.store.claim_next)
+                job = await self.store.db.run(self.store.claim_next, self.owner)
                 failures = 0
             except Exception:  # noqa: BLE001 - the database is down: wait and try again, never stop
                 failures += 1
@@ -297,7 +326,7 @@ class JobRunner:
     async def _finish(self, job: Job, started: float, status: str, result: dict[str, Any] | None,
                       error: str | None) -> None:
         try:
-            final = await self.store.db.run(self.store.finish, job.id, status, result, error)
+            final = await self.store.db.run(self.store.finish, job.id, status, result, error, self.owner)
         except Exception:  # noqa: BLE001 - kept, and written before this worker's next claim
             log.exception("job %s: could not record its end (%s); will retry", job.id, status)
             self._unwritten[job.id] = (status, result, error, started)
@@ -311,7 +340,7 @@ class JobRunner:
                 continue
             status, result, error, started = item
             try:
-                final = await self.store.db.run(self.store.finish, job_id, status, result, error)
+                final = await self.store.db.run(self.store.finish, job_id, status, result, error, self.owner)
             except BaseException:
                 self._unwritten[job_id] = item
                 raise

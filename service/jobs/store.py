@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -26,11 +26,14 @@ from service.db import FINAL_STATES, Database, JobEventRow, JobRow
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted by restart"
+# A running job whose replica has not said "still running" for this long lost its replica (killed, or
+# cut off from the database): another replica requeues or fails it. Replicas beat every few seconds.
+JOB_LEASE_S = 30.0
 # How long a write of the job machinery is retried (locked or unreachable database) before it gives up.
 WRITE_RETRY_S = 10.0
 # The writes the runner depends on; each is tried again with backoff when it fails for a passing
 # reason (SQLite locked, connection lost).
-_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel")
+_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel", "heartbeat")
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,19 @@ class JobStore:
                 JobRow.status.in_(("queued", "running"))).group_by(JobRow.status)).all())
         return rows.get("queued", 0), rows.get("running", 0)
 
-    def claim_next(self) -> Job | None:
-        """Move the oldest queued job to `running` and return it; None when the queue is empty.
-        The conditional update makes a claim atomic even with several workers or servers."""
+    def claim_next(self, owner: str | None = None) -> Job | None:
+        """Move the oldest queued job to `running`, held by replica `owner`, and return it; None when the
+        queue is empty. The conditional update makes a claim atomic even with several workers or API
+        replicas on one database (PostgreSQL: rows another claim has locked are skipped, not waited on)."""
         with self._event_lock, self.db.session() as s:
             candidates = s.scalars(select(JobRow.id).where(JobRow.status == "queued")
-                                   .order_by(JobRow.created_at).limit(5)).all()
+                                   .order_by(JobRow.created_at).limit(5)
+                                   .with_for_update(skip_locked=True)).all()
             for job_id in candidates:
+                now = time.time()
                 claimed = _rowcount(s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
-                                              .values(status="running", started_at=time.time(),
-                                                      attempts=JobRow.attempts + 1)))
+                                              .values(status="running", started_at=now, owner=owner,
+                                                      heartbeat_at=now, attempts=JobRow.attempts + 1)))
                 if claimed:
                     row = s.get_one(JobRow, job_id)
                     s.refresh(row)
@@ -151,11 +157,18 @@ class JobStore:
                 else:
                     s.execute(update(JobRow).where(JobRow.id == job_id).values({what: value}))
 
-    def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
+    def finish(self, job_id: str, status: str, result: dict[str, Any] | None = None, error: str | None = None,
+               owner: str | None = None) -> Job:
+        """The job's end. With `owner`, only while that replica still holds it: a replica that lost the job
+        (its heartbeat went stale and another replica requeued it) does not overwrite what happened since."""
         with self._event_lock, self.db.session() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id).values(
-                status=status, result=result, error=error, finished_at=time.time()))
-            _append_event(s, job_id, "status", {"status": status, **({"error": error} if error else {})})
+            query = update(JobRow).where(JobRow.id == job_id)
+            if owner is not None:
+                query = query.where(JobRow.owner == owner, JobRow.status == "running")
+            if _rowcount(s.execute(query.values(status=status, result=result, error=error, finished_at=time.time()))):
+                _append_event(s, job_id, "status", {"status": status, **({"error": error} if error else {})})
+            else:
+                log.warning("job %s: not recorded as %s: replica %s no longer holds it", job_id, status, owner)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -172,23 +185,51 @@ class JobStore:
         assert job is not None
         return job
 
-    def recover_after_restart(self, resumable: set[str]) -> tuple[builtins.list[str], builtins.list[str]]:
-        """Jobs a killed server left `running`: requeued when their kind can resume (from their
-        checkpoint), otherwise failed as interrupted. Returns (requeued ids, failed ids)."""
-        requeued, failed = [], []
+    def heartbeat(self, owner: str, job_ids: builtins.list[str]) -> builtins.list[str]:
+        """Replica `owner` still runs `job_ids`; returns those of them whose cancel was asked for (through
+        any replica: the database is where a cancel meets the replica running the job)."""
+        if not job_ids:
+            return []
         with self.db.session() as s:
-            for row in s.scalars(select(JobRow).where(JobRow.status == "running")):
+            s.execute(update(JobRow).where(JobRow.id.in_(job_ids), JobRow.owner == owner, JobRow.status == "running")
+                      .values(heartbeat_at=time.time()))
+            return list(s.scalars(select(JobRow.id).where(JobRow.id.in_(job_ids), JobRow.cancel_requested == 1)))
+
+    def recover_after_restart(self, resumable: set[str], owner: str | None = None,
+                              stale_after: float | None = None) -> tuple[builtins.list[str], builtins.list[str]]:
+        """Running jobs whose replica is gone: requeued when their kind can resume (from their
+        checkpoint), otherwise failed with the reason. Gone means: held by `owner` (this replica, restarted:
+        whatever it ran before died with its previous process) or by no one, or (with `stale_after`) not
+        heartbeated for that many seconds. Every replica may run this at once: the rows are locked
+        (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the write lock), so each job is recovered once.
+        Returns (requeued ids, failed ids)."""
+        requeued: builtins.list[tuple[str, str]] = []
+        failed: builtins.list[tuple[str, str]] = []
+        gone: ColumnElement[bool] = JobRow.owner.is_(None)
+        if owner is not None:
+            gone = gone | (JobRow.owner == owner)
+        if stale_after is not None:
+            gone = gone | (JobRow.heartbeat_at < time.time() - stale_after)
+        with self.db.serialized() as s:
+            for row in s.scalars(select(JobRow).where(JobRow.status == "running", gone)
+                                 .with_for_update(skip_locked=True)):
+                restarted = owner is not None and row.owner in (owner, None)
+                why = (INTERRUPTED if restarted else
+                       f"interrupted: its API replica {row.owner} stopped answering for over {stale_after:g} s")
+                detail = ("requeued after a server restart" if restarted else
+                          f"requeued: its API replica {row.owner} stopped answering")
+                row.owner = row.heartbeat_at = None
                 if row.kind in resumable and not row.cancel_requested:
                     row.status = "queued"
-                    requeued.append(row.id)
+                    requeued.append((row.id, detail))
                 else:
-                    row.status, row.error, row.finished_at = "failed", INTERRUPTED, time.time()
-                    failed.append(row.id)
-        for job_id in requeued:
-            self.add_event(job_id, "status", {"status": "queued", "detail": "requeued after a server restart"})
-        for job_id in failed:
-            self.add_event(job_id, "status", {"status": "failed", "error": INTERRUPTED})
-        return requeued, failed
+                    row.status, row.error, row.finished_at = "failed", why, time.time()
+                    failed.append((row.id, why))
+        for job_id, detail in requeued:
+            self.add_event(job_id, "status", {"status": "queued", "detail": detail})
+        for job_id, why in failed:
+            self.add_event(job_id, "status", {"status": "failed", "error": why})
+        return [j for j, _ in requeued], [j for j, _ in failed]
 
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         self.record(job_id, [("event", (kind, data))])

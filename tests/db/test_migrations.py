@@ -30,7 +30,7 @@ def _schema_drift(db: Database) -> list:
 
 
 def test_a_fresh_database_gets_every_table_the_code_declares(db):
-    assert db.upgrade() == ["0001", "0002"]
+    assert db.upgrade() == ["0001", "0002", "0003"]
     assert _schema_drift(db) == []
     assert db.upgrade() == []  # already current: nothing applied
 
@@ -50,7 +50,7 @@ def _first_release_without_migrations(db: Database, *, with_new_columns: bool) -
 def test_a_database_made_before_migrations_is_upgraded_keeping_its_tenants(db, with_new_columns):
     _first_release_without_migrations(db, with_new_columns=with_new_columns)
 
-    assert db.upgrade() == ["0002"]
+    assert db.upgrade() == ["0002", "0003"]
     assert _schema_drift(db) == []
     (old,) = list_tenants(db)
     assert (old.name, old.max_cpus, old.max_storage, old.runtime) == ("old", 8.0, "20g", None)
@@ -78,7 +78,7 @@ def test_servers_starting_together_migrate_once(tmp_path):
     for t in threads:
         t.join()
     assert errors == []
-    assert sorted(applied) == [[], [], [], ["0001", "0002"]]
+    assert sorted(applied) == [[], [], [], ["0001", "0002", "0003"]]
     database = Database(url)
     try:
         assert set(inspect(database.engine).get_table_names()) == {*Base.metadata.tables, "alembic_version"}
