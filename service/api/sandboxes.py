@@ -304,10 +304,14 @@ class SandboxService:
 
     async def _own(self, tenant: Tenant, sandbox_id: str) -> _Live:
         live = self._live.get(sandbox_id)
-        if live is not None and self._closed_elsewhere(live):
-            self._live.pop(sandbox_id, None)
-            self.pool.forget(live.lease, "closed through another API replica")
-            live = None
+        if live is not None and self.shared and not live.lease.healthy and not live.lease.reaped:
+            # Closed or lost as seen from here: the row says whether another replica closed it.
+            if await self.db.run(self._live_row, live.tenant_id, sandbox_id) is None:
+                self._live.pop(sandbox_id, None)
+                self.pool.forget(live.lease, "closed through another API replica")
+                mine = live.tenant_id == tenant.id  # another tenant's answers like one that does not exist
+                raise NotFound(f"sandbox {sandbox_id!r} is gone: closed through another API replica" if mine
+                               else f"no sandbox {sandbox_id!r}")
         if live is None and self.shared:
             live = await self._adopt(tenant.id, sandbox_id)
         # Another tenant's sandbox answers exactly like one that does not exist.
