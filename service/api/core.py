@@ -64,6 +64,8 @@ class CoreConfig:
     # This server's name among API replicas sharing the database: it holds its job claims and sandbox rows
     # in it. None: a lone server (what it left running is recovered at its next start).
     replica: str | None = None
+    # A Ray cluster: claimed jobs run there as Ray tasks (service.jobs.ray_jobs); None: in this process.
+    ray_address: str | None = None
 
 
 class CellForgeCore:
@@ -91,7 +93,7 @@ class CellForgeCore:
         self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder, owner=config.replica)
         self.store = JobStore(self.db, retry_for=config.db_retry)
         self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
-                                on_finish=self._job_finished, owner=config.replica,
+                                on_finish=self._job_finished, owner=config.replica, remote=_remote_jobs(config),
                                 private_roots=(self.data_dir, Path(getattr(self.backend, "runtime_root", self.data_dir))))
         uploads = self.data_dir / "uploads"
         uploads.mkdir(exist_ok=True)
@@ -215,6 +217,14 @@ class CellForgeCore:
             raise
         self.audit.record(tenant.id, transport, action, resource, "ok")
         self.metrics.requests.labels(transport=transport, outcome="ok").inc()
+
+
+def _remote_jobs(config: CoreConfig) -> Any:
+    if config.ray_address is None:
+        return None
+    from service.jobs.ray_jobs import RayJobs  # Ray is an optional extra, imported only when asked for
+
+    return RayJobs(config.ray_address)
 
 
 def _revoked_ids(db: Database) -> list[str]:

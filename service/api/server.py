@@ -63,7 +63,7 @@ class ServerConfig:
             data_dir=self.data_dir, db_url=self.db_url, warm=self.warm, preload=self.preload,
             idle_timeout=self.idle_timeout, max_lifetime=self.max_lifetime, max_upload=self.max_upload,
             workers=self.workers, db_retry=self.db_retry, backend=self.sandbox_backend(),
-            replica=self.replica_id or f"{socket.gethostname()}:{self.http_port}",
+            replica=self.replica_id or f"{socket.gethostname()}:{self.http_port}", ray_address=self.ray_address,
         )
 
     def sandbox_backend(self) -> SandboxBackend | None:

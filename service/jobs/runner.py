@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,6 +42,23 @@ class JobCancelled(Exception):
 
 class JobFailed(CellForgeError):
     """A handler's own, explained failure; the message becomes the job's error."""
+
+
+class JobLost(CellForgeError):
+    """The job's run was lost with where it ran (its Ray node died): requeued when its kind can run again,
+    otherwise failed with this message."""
+
+
+class Reporter(Protocol):
+    """Where a JobContext's reports go: `put(what, value)` with what in event/phase/checkpoint."""
+
+    def put(self, what: str, value: Any) -> None: ...
+
+
+class RemoteJobs(Protocol):
+    """Runs a claimed job somewhere else (`ray_jobs.RayJobs`: as a Ray task on a cluster)."""
+
+    async def run(self, ctx: JobContext) -> dict[str, Any]: ...
 
 
 class Redactor:
@@ -108,10 +125,10 @@ class _Recorder:
 @dataclass
 class JobContext:
     job: Job
-    store: JobStore
+    store: JobStore | None  # None: a context on another node, whose reports go through its recorder
     work_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
-    recorder: _Recorder | None = field(default=None, repr=False)
+    recorder: Reporter | None = field(default=None, repr=False)
     executor: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
@@ -147,6 +164,7 @@ class JobContext:
 
     def _put(self, what: str, value: Any) -> None:
         if self.recorder is None:  # a context made outside the runner (tests, tools): write directly
+            assert self.store is not None, "a JobContext needs a store or a recorder"
             self.store.record(self.job.id, [(what, value)])
         else:
             self.recorder.put(what, value)
@@ -169,12 +187,13 @@ class JobRunner:
     def __init__(self, store: JobStore, kinds: dict[str, JobKind], work_root: Path, workers: int = 2,
                  on_finish: Callable[[Job, float], None] | None = None, poll_interval: float = 1.0,
                  private_roots: tuple[Path, ...] = (), owner: str | None = None,
-                 lease_s: float = JOB_LEASE_S) -> None:
+                 lease_s: float = JOB_LEASE_S, remote: RemoteJobs | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
         self.store = store
         self.owner = owner
         self.lease_s = lease_s
+        self.remote = remote  # None: jobs run here, in this process
         self.kinds = kinds
         self.work_root = work_root
         self.workers = workers
@@ -282,7 +301,7 @@ class JobRunner:
         redact = Redactor(work_dir, self.private_roots)
         recorder = _Recorder(self.store, job.id, redact)
         ctx = JobContext(job=job, store=self.store, work_dir=work_dir, recorder=recorder, executor=self._executor)
-        task = asyncio.ensure_future(kind.handler(ctx))
+        task = asyncio.ensure_future(kind.handler(ctx) if self.remote is None else self.remote.run(ctx))
         recording = asyncio.ensure_future(recorder.run())
         self._running[job.id] = (ctx, task)
         error: str | None
@@ -305,6 +324,17 @@ class JobRunner:
                 raise  # the server is stopping: the job stays `running` for the next start to recover
             status, result, error = "cancelled", None, self._cancel_reasons.get(job.id, CANCELLED_BY_TENANT)
         except JobFailed as exc:
+            status, result, error = "failed", None, str(exc)
+        except JobLost as exc:
+            if kind.resumable and not ctx.cancelled.is_set():
+                self._running.pop(job.id, None)
+                recording.cancel()
+                with contextlib.suppress(Exception):
+                    await recorder.flush()
+                log.warning("job %s: %s; requeued", job.id, exc)
+                await self.store.db.run(self.store.requeue, job.id, self.owner, f"requeued: {exc}")
+                self.wake()
+                return
             status, result, error = "failed", None, str(exc)
         except SQLAlchemyError:
             log.exception("job %s (%s): the job store failed", job.id, job.kind)

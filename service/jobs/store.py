@@ -33,7 +33,7 @@ JOB_LEASE_S = 30.0
 WRITE_RETRY_S = 10.0
 # The writes the runner depends on; each is tried again with backoff when it fails for a passing
 # reason (SQLite locked, connection lost).
-_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel", "heartbeat")
+_RETRIED_WRITES = ("claim_next", "record", "finish", "request_cancel", "heartbeat", "requeue")
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,17 @@ class JobStore:
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def requeue(self, job_id: str, owner: str | None, detail: str) -> bool:
+        """A running job back in the queue (what ran it was lost), if `owner` still holds it."""
+        with self._event_lock, self.db.session() as s:
+            query = update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+            if owner is not None:
+                query = query.where(JobRow.owner == owner)
+            if not _rowcount(s.execute(query.values(status="queued", owner=None, heartbeat_at=None))):
+                return False
+            _append_event(s, job_id, "status", {"status": "queued", "detail": detail})
+            return True
 
     def heartbeat(self, owner: str, job_ids: builtins.list[str]) -> builtins.list[str]:
         """Replica `owner` still runs `job_ids`; returns those of them whose cancel was asked for (through
