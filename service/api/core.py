@@ -47,6 +47,9 @@ AUTH_CACHE_S = 1.0
 # How often the server looks for revoked tenants whose sandboxes and jobs it must stop.
 REVOCATION_POLL_S = 1.0
 REVOKED = "its tenant's API key was revoked"
+# How often a replica on a Ray cluster has every sandbox node remove its orphan containers (those whose
+# owner, a sandbox actor or a job's task, died with its worker or node).
+ORPHAN_REAP_S = 60.0
 
 
 @dataclass
@@ -103,6 +106,7 @@ class CellForgeCore:
         self._auth_executor = ThreadPoolExecutor(2, thread_name_prefix="cellforge-auth")
         self._revoked: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._orphans: asyncio.Task[None] | None = None
         self.ready = False
 
     async def start(self) -> None:
@@ -114,13 +118,16 @@ class CellForgeCore:
         await self.stop_revoked()  # before the runner: a revoked tenant's queued jobs never start
         await self.runner.start()
         self._watcher = asyncio.create_task(self._watch_revocations(), name="revocation-watch")
+        if getattr(self.backend, "shared", False):
+            self._orphans = asyncio.create_task(self._reap_orphans(), name="orphan-reaper")
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for task in (self._watcher, self._orphans):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.runner.stop()
         await self.sandboxes.close_all()
         await self.pool.shutdown()
@@ -159,6 +166,19 @@ class CellForgeCore:
                 log.warning("tenant %s was revoked: closed %d sandboxes, cancelled %d jobs", tenant_id, closed,
                             len(jobs))
         return fresh
+
+    async def _reap_orphans(self) -> None:
+        """Every ORPHAN_REAP_S, the Docker reaper on every sandbox node of the cluster (label-based: a
+        container whose owning process is gone is removed by its own node)."""
+        while True:
+            await asyncio.sleep(ORPHAN_REAP_S)
+            try:
+                report = await self.backend.reap()
+            except Exception:  # noqa: BLE001 - the cluster is unreachable now: try again next time
+                log.warning("reaping orphan containers on the cluster failed", exc_info=True)
+                continue
+            if report.removed:
+                log.warning("removed %d orphan sandbox container(s) on the cluster", len(report.removed))
 
     async def _watch_revocations(self) -> None:
         while True:

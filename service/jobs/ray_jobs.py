@@ -114,6 +114,8 @@ def run_on_node(job: Job) -> Iterator[Progress | Outcome]:
             finally:
                 reports.put(_END)
 
+        node = ray.get_runtime_context().get_node_id()
+        yield Progress("event", ("node", {"node": node}))  # where it runs, first: a lost node is named by it
         worker = threading.Thread(target=thread, name=f"cellforge-job-{job.id}", daemon=True)
         worker.start()
         try:
@@ -124,7 +126,7 @@ def run_on_node(job: Job) -> Iterator[Progress | Outcome]:
             result = outcome[0]
             if isinstance(result, BaseException):
                 raise result
-            yield Outcome(redact(result), _tar(work_dir / "artifacts"), ray.get_runtime_context().get_node_id())
+            yield Outcome(redact(result), _tar(work_dir / "artifacts"), node)
         finally:
             if worker.is_alive():  # cancelled (or the caller went away): stop the handler, let it clean up
                 ctx.cancelled.set()
@@ -169,7 +171,6 @@ class RayJobs:
                 if isinstance(item, Progress):
                     ctx._put(item.what, item.value)
                     continue
-                ctx.emit("node", node=item.node)
                 _untar(item.artifacts, ctx.artifacts_dir)
                 return item.result
         except asyncio.CancelledError:

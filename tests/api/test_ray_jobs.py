@@ -1,7 +1,7 @@
 """Jobs as Ray tasks (service.jobs.ray_jobs) on a real local multi-node Ray cluster with real Docker: the
 runner claims regression jobs from the store and runs each as a Ray task asking for its CPUs, so two jobs
-run at once on two nodes, their artifacts come back to the service's store, and a cancel ends a running
-job, its sandbox included, within seconds."""
+run at once on two nodes, their artifacts come back to the service's store, a cancel ends a running job,
+its sandbox included, within seconds, and a job whose node dies is requeued (never stuck `running`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest_asyncio
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from sandbox.ray_backend import RayBackend  # noqa: E402
 from service.db import Database  # noqa: E402
 from service.jobs import JobRunner, JobStore, job_kinds  # noqa: E402
 from service.jobs.ray_jobs import SLOT_RESOURCE, RayJobs  # noqa: E402
@@ -33,7 +34,7 @@ def cluster(docker_image):
     nodes = [c.add_node(num_cpus=1, object_store_memory=80 << 20, resources={SLOT_RESOURCE: 4}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="WARNING")
-    yield c, {n.node_id for n in nodes}
+    yield c, {n.node_id: n for n in nodes}
     ray.shutdown()
     c.shutdown()
 
@@ -52,7 +53,7 @@ async def runner(cluster, tmp_path):
 
 
 def _bundle(folder, seconds: float):
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     (folder / "test_wait.py").write_text(f"import time\n\ndef test_waits():\n    time.sleep({seconds})\n")
     return str(folder)
 
@@ -82,7 +83,7 @@ async def test_two_jobs_run_at_once_on_two_nodes_and_their_artifacts_come_back(r
     # Both ran at once (each started before the other ended), on the two nodes.
     assert jobs[0].started_at < jobs[1].finished_at and jobs[1].started_at < jobs[0].finished_at
     nodes = [next(e.data["node"] for e in runner.store.events(j) if e.kind == "node") for j in ids]
-    assert set(nodes) == cluster[1]
+    assert set(nodes) == set(cluster[1])
     for job_id in ids:  # the artifacts, in the service's store
         assert (runner.work_dir(job_id) / "artifacts" / "junit.xml").read_bytes().startswith(b"<?xml")
 
@@ -99,3 +100,23 @@ async def test_a_cancel_ends_a_running_job_and_its_sandbox_within_seconds(runner
     while engine.containers.list(filters={"label": f"cellforge.tenant={TENANT}"}):
         assert time.monotonic() < deadline, "the cancelled job's sandbox is still running"
         time.sleep(0.5)
+
+
+async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster, tmp_path):
+    """Last in the module: it removes one of the two job nodes."""
+    job_id = _submit(runner, _bundle(tmp_path / "doomed", 300))
+    await _until(runner, job_id, lambda job: job.phase == "pytest", within=120)
+    node_id = next(e.data["node"] for e in runner.store.events(job_id) if e.kind == "node")
+    cluster[0].remove_node(cluster[1][node_id])
+    await _until(runner, job_id, lambda job: job.attempts == 2 and job.status == "running", within=60)
+    requeued = [e.data for e in runner.store.events(job_id) if e.kind == "status" and e.data["status"] == "queued"]
+    assert any("Ray node was lost" in e.get("detail", "") for e in requeued), requeued
+    # The first run's container lost its owner with the node; the node reaper removes it (not the second's).
+    await _until(runner, job_id, lambda job: job.phase == "pytest", within=120)
+    mine = {"label": f"cellforge.tenant={TENANT}"}
+    engine = docker.from_env()
+    assert len(engine.containers.list(filters=mine)) == 2
+    await RayBackend(cluster[0].address).reap()
+    assert len(engine.containers.list(filters=mine)) == 1
+    await runner.cancel(job_id)  # its second run, on the node left
+    assert (await _until(runner, job_id, lambda job: job.final, within=15)).status == "cancelled"
