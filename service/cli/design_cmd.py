@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -169,6 +170,9 @@ def design(
     server: Annotated[str | None, typer.Option("--server", help="Run as a job on a CellForge server (URL).")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="CELLFORGE_API_KEY",
                                                 help="API key for --server.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run the design's sandboxes on a Ray cluster ('auto' or ray://HOST:PORT; its "
+        "sandbox nodes offer the cellforge_sandbox resource and see the data at the same path).")] = None,
 ) -> None:
     """Design, train and score a model for a dataset and a task."""
     from service.llm import LLMConfig, LLMError
@@ -186,6 +190,20 @@ def design(
                                                    llm_flags.values(), strict=True) if v is not None)
         fail(PipelineError(f"{given}: a server runs its jobs with its own LLM configuration; these flags apply "
                            "to runs here (drop them, or run without --server)"), json_out)
+    if ray_address is not None:
+        if server:
+            fail(PipelineError("--ray-address runs this run's sandboxes on a cluster; a server has its own "
+                               "(cellforge serve --ray-address)"), json_out)
+        if sandbox is BackendKind.LOCAL:
+            fail(PipelineError("--ray-address runs the sandboxes on a cluster's nodes; --sandbox local runs them "
+                               "here, not isolated: choose one"), json_out)
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            fail(PipelineError("--ray-address needs Ray: pip install 'cellforge[ray]'"), json_out)
+        # The Ray backend connects to $RAY_ADDRESS: the run's sandboxes, made one by one, all go there.
+        os.environ["RAY_ADDRESS"] = ray_address
+        sandbox = BackendKind.RAY
     if server and split:
         fail(PipelineError("--split is a directory on this machine; a server splits the data it holds"), json_out)
     columns = {"perturbation_key": perturbation_key, "control": control, "context_key": context_key,

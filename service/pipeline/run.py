@@ -354,6 +354,8 @@ def preflight(settings: DesignSettings) -> Split | None:
                                     f"`cellforge images build`, or {DOCKER_HINT}") from None
         finally:
             client.close()
+    if settings.sandbox is BackendKind.RAY:
+        _ray_preflight()
     if settings.split is not None:
         prepared = load_split(settings.split)
         missing = [name for name in TRUTH_FILES if not (prepared.path / name).is_file()]
@@ -364,6 +366,17 @@ def preflight(settings: DesignSettings) -> Split | None:
             raise PipelineError(f"--scheme {settings.scheme} contradicts the prepared split's scheme "
                                 f"{prepared.info.scheme}; leave --scheme out with --split")
     return prepared
+
+
+def _ray_preflight() -> None:
+    """The Ray cluster ($RAY_ADDRESS) is reachable and has a node that hosts sandboxes."""
+    import asyncio
+
+    from sandbox.ray_backend import RayBackend
+
+    health = asyncio.run(RayBackend().health())
+    if not health.ok:
+        raise PipelineError(f"the Ray sandboxes cannot run: {health.detail}")
 
 
 def _data_keys(settings: DesignSettings, prepared: Split | None) -> dict[str, str | None]:

@@ -6,8 +6,12 @@ its sandbox included, within seconds, and a job whose node dies is requeued (nev
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -100,6 +104,27 @@ async def test_a_cancel_ends_a_running_job_and_its_sandbox_within_seconds(runner
     while engine.containers.list(filters={"label": f"cellforge.tenant={TENANT}"}):
         assert time.monotonic() < deadline, "the cancelled job's sandbox is still running"
         time.sleep(0.5)
+
+
+async def test_cellforge_design_with_a_ray_address_runs_its_sandboxes_on_the_cluster(cluster, tmp_path):
+    from service.data import simulate
+
+    data = tmp_path / "screen.h5ad"
+    simulate("knockout", 0, n_cells=1500, n_genes=50, n_perturbations=6).write_h5ad(data)
+    run = subprocess.Popen(
+        [str(Path(sys.executable).parent / "cellforge"), "design", "--data", str(data), "--task", "Predict expression after "
+         "knockout of unseen genes", "--out", str(tmp_path / "run"), "--llm", "offline", "--max-attempts", "1",
+         "--cpus", "0.5", "--memory", "1g", "--ray-address", cluster[0].address, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    while run.poll() is None:  # the run's sandboxes, as the cluster lists them while it runs
+        seen |= {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "cellforge" and a["name"].startswith("sandbox-")}
+        await asyncio.sleep(0.5)
+    stdout, stderr = run.communicate()
+    assert run.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["ok"] is True
+    assert seen, "no sandbox of the run was a Ray actor"
 
 
 async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster, tmp_path):
