@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,19 +312,20 @@ def _assemble_context(flavor_dir: Path, wheelhouse: Path, ctx: Path) -> None:
 
 
 def _docker_build(
-    client: docker.APIClient, ctx: Path, tag: str, base_ref: str, content_hash: str, flavor: str, log: LogFn
+    client: docker.APIClient, ctx: Path, tag: str, base_ref: str, content_hash: str, flavor: str, log: LogFn,
+    labels: dict[str, str] | None = None,
 ) -> None:
     tail: list[str] = []
     stream = client.build(
         path=str(ctx), tag=tag, buildargs={"BASE": base_ref}, network_mode="none", pull=False,
         rm=True, forcerm=True, decode=True,
-        labels={"org.cellforge.flavor": flavor, "org.cellforge.content-hash": content_hash},
+        labels={"org.cellforge.flavor": flavor, "org.cellforge.content-hash": content_hash, **(labels or {})},
     )
     for chunk in stream:
         if "error" in chunk:
             detail = chunk.get("errorDetail", {}).get("message") or chunk["error"]
             raise ImageBuildError(f"docker build of {tag} failed: {detail.strip()}\n" + "\n".join(tail[-10:]))
-        for line in str(chunk.get("stream", "")).splitlines():
+        for line in _ANSI.sub("", str(chunk.get("stream", ""))).splitlines():
             if line.strip():
                 tail.append(line)
                 log(line)
@@ -331,16 +333,22 @@ def _docker_build(
         raise ImageBuildError(f"docker build of {tag} ended without an image:\n" + "\n".join(tail[-10:]))
 
 
+# The legacy builder colours a step's stderr; a log file or an error message wants the text.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _remove_superseded(client: docker.APIClient, flavor: str, keep: str, log: LogFn) -> None:
     """Drop older content tags of this flavor and the leftover wheel-holding build stages.
 
-    An image a container still uses is kept: the engine refuses, and that refusal is fine.
+    An image a container still uses is kept: the engine refuses, and that refusal is fine. Derived
+    images (`<flavor>-req-<hash>`, sandbox.derived_images) are the user's and stay.
     """
+    content_tag = re.compile(rf"{re.escape(REPOSITORY)}:{re.escape(flavor)}-[0-9a-f]{{12}}")
     stale = [
         ref
         for image in client.images(name=REPOSITORY)
         for ref in image.get("RepoTags") or []
-        if ref.startswith(f"{REPOSITORY}:{flavor}-") and ref != keep
+        if content_tag.fullmatch(ref) and ref != keep
     ]
     stale += [image["Id"] for image in client.images(filters={"dangling": True, "label": "org.cellforge.stage=venv"})]
     for ref in stale:

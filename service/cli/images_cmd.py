@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from sandbox.gpu_lock import LockError, PackageIndex, lock_path, verify_lock, write_lock
+from sandbox.derived_images import build_derived_image
 from sandbox.images import IMAGES_DIR, ImageBuildError, build_image, image_tag
 
 from .output import JsonOpt, err, fail
@@ -27,7 +29,8 @@ class Flavor(str, Enum):
 FlavorOpt = Annotated[Flavor, typer.Option("--flavor", help="cpu, or gpu (PyPI's CUDA build of torch).")]
 BaseOpt = Annotated[
     str | None,
-    typer.Option("--base", help="Base image; default python:3.11-slim if present or pullable, else debootstrap."),
+    typer.Option("--base", help="Base image; default python:3.11-slim if present or pullable, else debootstrap. "
+                            "With --requirements: the image to extend (default cellforge-sandbox:<flavor>)."),
 ]
 
 
@@ -36,24 +39,42 @@ def build(
     flavor: FlavorOpt = Flavor.cpu,
     base: BaseOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when the content tag exists.")] = False,
+    requirements: Annotated[Path | None, typer.Option(
+        "--requirements", "-r", dir_okay=False,
+        help="Build cellforge-sandbox:<flavor> (or --base) plus these packages, as "
+             "cellforge-sandbox:<flavor>-req-<hash>: wheels fetched on the host, installed offline.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Build cellforge-sandbox:<flavor> (and its content tag); a no-op when it is up to date."""
+    """Build cellforge-sandbox:<flavor> (and its content tag); a no-op when it is up to date.
+
+    With --requirements FILE, build a derived image that adds FILE's packages to it instead."""
     try:
         with Progress(
             SpinnerColumn(), TextColumn("[bold]{task.fields[step]}[/] {task.description}"),
-            TimeElapsedColumn(), console=err, transient=True,
+            TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
         ) as progress:
             task = progress.add_task("", step=f"{flavor.value} image", total=None)
 
             def on_log(line: str) -> None:
+                if not err.is_terminal:  # a log file gets the lines themselves
+                    err.print(line, highlight=False, markup=False)
                 if line.startswith("Step "):
                     progress.update(task, step=line.split(":", 1)[0])
                 progress.update(task, description=line[:100])
 
-            result = build_image(flavor.value, base=base, force=force, on_log=on_log)
+            if requirements is not None:
+                derived = build_derived_image(requirements, flavor.value, base=base, force=force, on_log=on_log)
+            else:
+                result = build_image(flavor.value, base=base, force=force, on_log=on_log)
     except ImageBuildError as exc:
         fail(exc, json_out)
+    if requirements is not None:
+        verb = "built" if derived.built else "up to date:"
+        added = f", adds {', '.join(derived.added)}" if derived.added else ""
+        err.print(f"[green]{verb}[/] {derived.tag} (base {derived.base}{added}) in {derived.seconds:.1f} s")
+        if json_out:
+            print(json.dumps({"ok": True, **dataclasses.asdict(derived)}), flush=True)
+        return
     verb = "built" if result.built else "up to date:"
     err.print(f"[green]{verb}[/] {result.tag} (alias {result.alias}, base {result.base}) in {result.seconds:.1f} s")
     if json_out:
