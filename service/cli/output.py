@@ -8,9 +8,13 @@ and progress is plain lines instead of a live display.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click.core import Context  # typer vendors click: `click.Context` and `click.UsageError` are other classes
+from typer._click.exceptions import UsageError
+from typer.core import TyperGroup
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -62,3 +66,33 @@ def fail(exc: Exception, json_out: bool) -> NoReturn:
 def spinner() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                     console=err, transient=True, disable=not err.is_terminal)
+
+
+class JsonUsageErrors(TyperGroup):
+    """The top-level group: a usage error (exit 2: unknown option, bad choice, missing argument) on a command
+    line that has `--json` is also the one JSON document on stdout, so a script parsing stdout learns why;
+    typer still prints its human message on stderr and exits 2."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Context | None = None, **extra: Any
+    ) -> Context:
+        argv = list(args)
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            _usage_json(exc, argv)
+            raise
+        ctx.meta["cellforge.argv"] = argv
+        return ctx
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # raised while a subcommand parses its own options
+            _usage_json(exc, ctx.meta.get("cellforge.argv", []))
+            raise
+
+
+def _usage_json(exc: UsageError, argv: Sequence[str]) -> None:
+    if "--json" in argv:
+        emit_json({"ok": False, "error": "UsageError", "message": exc.format_message(), "exit_code": exc.exit_code})
