@@ -27,7 +27,9 @@ from service.cli import app
 
 pytestmark = pytest.mark.docker
 
-REQUIRED_MODULES = ["ipykernel", "numpy", "scipy", "pandas", "anndata", "h5py", "sklearn", "torch", "pytest"]
+REQUIRED_MODULES = [
+    "ipykernel", "numpy", "scipy", "pandas", "anndata", "h5py", "sklearn", "torch", "pytest", "scanpy", "matplotlib",
+]
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ print(json.dumps({{
     "uid": os.getuid(), "gid": os.getgid(), "version": list(sys.version_info[:2]),
     "prefix": sys.prefix, "cwd": os.getcwd(),
     "env": {{k: os.environ.get(k) for k in ("HOME", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED",
-                                         "IPYTHONDIR", "MPLCONFIGDIR")}},
+                                         "IPYTHONDIR", "MPLCONFIGDIR", "NUMBA_CACHE_DIR")}},
     "pyc": all(os.path.exists(importlib.util.cache_from_source(m.__file__)) for m in mods.values()),
     "torch_cuda_build": mods["torch"].version.cuda,
     "wheels_left": os.path.exists("/build"),
@@ -113,11 +115,37 @@ print(json.dumps({{
     assert facts["prefix"] == "/opt/venv" and facts["cwd"] == "/workspace"
     assert facts["env"] == {
         "HOME": "/workspace", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-        "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl",
+        "IPYTHONDIR": "/tmp/.ipython", "MPLCONFIGDIR": "/tmp/.mpl", "NUMBA_CACHE_DIR": "/tmp/.numba",
     }
     assert facts["pyc"], "the venv's bytecode must be compiled at build time"
     assert facts["torch_cuda_build"] is None, "the CPU image must carry the CPU build of torch"
     assert not facts["wheels_left"], "the wheelhouse must not end up in the final image"
+
+
+@pytest.mark.slow
+def test_scanpy_and_matplotlib_work_offline_read_only(docker_image: str) -> None:
+    # The scverse basics a user's notebook starts with: preprocess a small AnnData with scanpy and save
+    # a scanpy plot through matplotlib, on the read-only root with only the tmpfs mounts writable.
+    script = (
+        "import json, os, numpy as np, anndata, scanpy as sc, matplotlib\n"
+        "matplotlib.use('Agg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "counts = np.random.default_rng(0).poisson(2.0, (200, 40)).astype('float32')\n"
+        "adata = anndata.AnnData(counts)\n"
+        "sc.pp.normalize_total(adata); sc.pp.log1p(adata); sc.pp.pca(adata, n_comps=5)\n"
+        "sc.pl.pca(adata, show=False); plt.savefig('/workspace/pca.png')\n"
+        "with open('/workspace/pca.png', 'rb') as f: magic = f.read(8)\n"
+        "print(json.dumps({'pca': list(adata.obsm['X_pca'].shape), 'png': magic == b'\\x89PNG\\r\\n\\x1a\\n',\n"
+        "    'backend': matplotlib.get_backend().lower()}))\n"
+    )
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+         "--tmpfs", "/workspace:uid=1000,gid=1000", docker_image, "python", "-c", script],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts == {"pca": [200, 5], "png": True, "backend": "agg"}
 
 
 def test_kernel_runs_code_in_image_read_only(docker_image: str) -> None:
