@@ -1,0 +1,71 @@
+"""The README against the code: every `cellforge` command its bash blocks name exists with the options
+they show, the metric glossary covers the report's metrics with their directions, and every environment
+variable the code reads is documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import typer.main
+
+from service.api.datasets import UploadChecks
+from service.cli import app
+from service.data.h5safety import H5Limits
+from service.llm.config import LLMConfig
+from service.pipeline.report import GLOSSARY, lower_is_better
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _bash_commands() -> list[str]:
+    """Each `cellforge ...` invocation in the ```bash blocks, continuation lines joined, cut at a pipe,
+    a comment, `&` or `)` (what follows belongs to another program)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for match in re.finditer(r"(?:^|[\s(/])cellforge\s+(.*)", line):
+                found.append(re.split(r"\s(?:\||#|&)\s?|\)|&$", match.group(1))[0].strip())
+    return found
+
+
+COMMANDS = _bash_commands()
+
+
+def test_the_readme_shows_cellforge_commands() -> None:
+    assert len(COMMANDS) >= 15, COMMANDS
+
+
+@pytest.mark.parametrize("line", COMMANDS)
+def test_each_readme_command_and_option_exists(line: str) -> None:
+    command = typer.main.get_command(app)
+    words = line.split()
+    path = ["cellforge"]
+    while words and hasattr(command, "commands") and words[0] in command.commands:  # walk the groups
+        command = command.commands[words.pop(0)]
+        path.append(command.name or "")
+    assert not hasattr(command, "commands"), f"{line!r}: {' '.join(path)} needs a subcommand the README names"
+    known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    assert shown <= known, f"{' '.join(path)} has no {sorted(shown - known)} (README: {line!r})"
+
+
+def test_glossary_names_every_report_metric_with_its_direction() -> None:
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (higher|lower) \|", README, flags=re.M))
+    for metric in GLOSSARY:
+        assert metric in rows, f"README's metric glossary lacks {metric}"
+        assert rows[metric] == ("lower" if lower_is_better(metric) else "higher"), metric
+
+
+def test_every_environment_variable_is_documented() -> None:
+    section = README.split("**Environment variables**", 1)[1].split("\n## ", 1)[0]
+    fixed = ["CELLFORGE_DB", "CELLFORGE_DATA_DIR", "CELLFORGE_URL", "CELLFORGE_API_KEY", "CELLFORGE_SANDBOX_UID"]
+    for name in fixed:
+        assert f"`{name}`" in section, name
+    for field in H5Limits.model_fields:
+        assert f"`{field.upper()}`" in section, f"CELLFORGE_DATA_{field.upper()}"
+    for field in set(UploadChecks.model_fields) - {"limits"}:
+        assert f"`{field.upper()}`" in section, f"CELLFORGE_UPLOAD_{field.upper()}"
+    for field in LLMConfig.model_fields:
+        assert f"`_{field.upper()}`" in section or f"`CELLFORGE_LLM_{field.upper()}`" in section, field
