@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -72,6 +73,21 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             super().on_response_complete()
             if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
                 self._disarm()
+
+        def send_400_response(self, msg: str) -> None:
+            # h11 refused the request (garbage, a head too large): answer in the API's one error shape,
+            # not uvicorn's plain text.
+            body = json.dumps({"error": {"type": "BadRequest", "message": msg}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")) or b"")
+                self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+                self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+            except h11.LocalProtocolError:  # h11 cannot frame a response in this state: the plain one
+                super().send_400_response(msg)
+                return
+            self.transport.close()
 
         def _arm(self) -> None:
             self._disarm()
