@@ -69,3 +69,32 @@ def test_every_environment_variable_is_documented() -> None:
         assert f"`{field.upper()}`" in section, f"CELLFORGE_UPLOAD_{field.upper()}"
     for field in LLMConfig.model_fields:
         assert f"`_{field.upper()}`" in section or f"`CELLFORGE_LLM_{field.upper()}`" in section, field
+
+
+def _block_with(text: str) -> str:
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S) if text in b]
+    assert len(blocks) == 1, text
+    return blocks[0]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_curl_walkthrough_runs_as_written(docker_image: str, tmp_path: Path) -> None:
+    # The README's service block, verbatim, in an empty folder with the venv's `cellforge` on PATH.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000, which the README uses, is taken")
+    # If a line fails, the block's background server goes too.
+    script = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n" + _block_with("curl -s http://127.0.0.1:8000/")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "CELLFORGE_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert '"stdout"' in out and "42" in out and '"done"' in out, out[-2000:]  # the execute stream
+    assert '"name":"screen.h5ad"' in out.replace(" ", ""), out[-2000:]  # the upload's answer
