@@ -20,13 +20,14 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def _bash_commands() -> list[str]:
-    """Each `cellforge ...` invocation in the ```bash blocks, continuation lines joined, cut at a pipe,
-    a comment, `&` or `)` (what follows belongs to another program)."""
+    """Each `cellforge ...` invocation in the ```bash blocks (commands run as written) and the ```text
+    blocks (usage synopses), continuation lines joined, cut at a pipe, a comment, `&`, `>` or `)` (what
+    follows belongs to another program)."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    for block in re.findall(r"```(?:bash|text)\n(.*?)```", README, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for match in re.finditer(r"(?:^|[\s(/])cellforge\s+(.*)", line):
-                found.append(re.split(r"\s(?:\||#|&)\s?|\)|&$", match.group(1))[0].strip())
+                found.append(re.split(r"\s(?:\||#|&|>)\s?|\)|&$", match.group(1))[0].strip())
     return found
 
 
@@ -98,3 +99,21 @@ def test_the_curl_walkthrough_runs_as_written(docker_image: str, tmp_path: Path)
     out = proc.stdout
     assert '"stdout"' in out and "42" in out and '"done"' in out, out[-2000:]  # the execute stream
     assert '"name":"screen.h5ad"' in out.replace(" ", ""), out[-2000:]  # the upload's answer
+
+
+@pytest.mark.slow
+def test_the_data_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """The README's data example, verbatim, in an empty folder: simulate, profile, split, baselines, score."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = "set -euo pipefail\n" + _block_with("cellforge data simulate --kind knockout --seed 0 --cells 3000")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "profile.json").read_text())["n_cells"] == 3000
+    assert (tmp_path / "split" / "test_truth.h5ad").is_file()
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["n_conditions"] > 0 and "pearson_delta_pert" in scores["summary"]
