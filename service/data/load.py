@@ -241,7 +241,7 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
                 f"{', '.join(f'{k} {size_text(n)}' for k, n in inventory.largest)}); "
                 f"set {ENV_PREFIX}MAX_MEMORY_BYTES to raise it")
         if not backed:
-            return ad.read_h5ad(f.id)  # through the checked handle, never a second open by name
+            return _narrow_index(ad.read_h5ad(f.id))  # through the checked handle, never a second open by name
         f.close()
         adata = ad.read_h5ad(p, backed="r")
         try:
@@ -256,6 +256,17 @@ def read_h5ad(path: str | Path, backed: bool | None = None, limits: H5Limits | N
         raise DataFileError(f"{p}: cannot be read as AnnData ({type(exc).__name__}: {exc})") from exc
     finally:
         f.close()
+
+
+def _narrow_index(adata: ad.AnnData) -> ad.AnnData:
+    """A sparse X read into memory with int64 `indptr` (as the part writer stores it) and int32 `indices`
+    gets an int32 `indptr` when its values fit: scipy otherwise copies `indices` to int64 on every row
+    selection (`X[rows]`), the whole matrix each time (measured: most of the evaluator's DE setup)."""
+    X = adata.X
+    if sp.issparse(X) and X.format in ("csr", "csc") and X.indptr.dtype != np.int32 \
+            and X.indices.dtype == np.int32 and X.nnz < np.iinfo(np.int32).max:
+        X.indptr = X.indptr.astype(np.int32)
+    return adata
 
 
 def _values(block) -> np.ndarray:
