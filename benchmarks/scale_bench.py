@@ -6,7 +6,8 @@ through the `cellforge` CLI, at growing numbers of cells; memory should stay fla
 Per size: `cellforge data simulate` then `cellforge design --llm offline` (Docker sandboxes), each in its
 own process: wall time and that process's peak RSS (`wait4` rusage), the size of the file, and the largest
 `memory.max_usage_in_bytes` (cgroup v1) or `memory.peak` (v2) of the sandbox containers the design started
-(labelled with its pid). Prints one JSON object. Targets: at 1,000,000 cells x 2,000 genes, simulate +
+(labelled with its pid); per design phase (its progress lines on stderr) the seconds, the CLI's peak RSS
+(polled from /proc every 0.5 s) and the sandboxes' peak. Prints one JSON object. Targets: at 1,000,000 cells x 2,000 genes, simulate +
 design within 20 minutes and 6 GB of peak RSS for each CLI process, the sandboxes within their limit.
 """
 
@@ -30,13 +31,60 @@ CGROUP_FILES = ("/sys/fs/cgroup/memory/docker/{id}/memory.max_usage_in_bytes",
                 "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.peak")
 
 
+PHASES = ("profile", "analysis", "discussion", "split", "codegen", "sandbox", "pytest", "train", "validate",
+          "debug", "improve", "compete", "deliver", "evaluate", "report", "done")  # service.pipeline.progress
+
+
+class Phases:
+    """Per phase of the design (from its progress lines on stderr, `<phase> <message>`): wall seconds, the
+    CLI process's peak RSS (polled from /proc) and the sandboxes' peak, while that phase was the latest."""
+
+    def __init__(self) -> None:
+        self.current, self.started = "start", time.perf_counter()
+        self.rows: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def _row(self, phase: str) -> dict[str, float]:
+        return self.rows.setdefault(phase, {"seconds": 0.0, "peak_rss_mb": 0.0, "sandbox_peak_mb": 0.0})
+
+    def line(self, text: str) -> None:
+        word = text.split(" ", 1)[0]
+        if word not in PHASES or word == self.current:
+            return
+        with self._lock:
+            now = time.perf_counter()
+            self._row(self.current)["seconds"] += now - self.started
+            self.current, self.started = word, now
+
+    def memory(self, rss_bytes: int = 0, sandbox_bytes: int = 0) -> None:
+        with self._lock:
+            row = self._row(self.current)
+            row["peak_rss_mb"] = max(row["peak_rss_mb"], rss_bytes / 2**20)
+            row["sandbox_peak_mb"] = max(row["sandbox_peak_mb"], sandbox_bytes / 2**20)
+
+    def close(self) -> dict[str, dict[str, float]]:
+        self.line("done ")
+        return {k: {m: round(v, 1) for m, v in row.items()} for k, row in self.rows.items()}
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class SandboxPeak:
     """Polls the containers a process owns (label cellforge.owner=vm:<pid>:...) for their cgroup peak memory."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, phases: Phases | None = None) -> None:
         import docker
 
         self._client = docker.from_env()
+        self.phases = phases
         self._interval, self.pid = interval, 0
         self.peak, self.containers = 0, set[str]()
         self._stop = threading.Event()
@@ -51,9 +99,12 @@ class SandboxPeak:
                     self.containers.add(c.id)
                     for pattern in CGROUP_FILES:
                         try:
-                            self.peak = max(self.peak, int(Path(pattern.format(id=c.id)).read_text()))
+                            value = int(Path(pattern.format(id=c.id)).read_text())
                         except (OSError, ValueError):
                             continue
+                        self.peak = max(self.peak, value)
+                        if self.phases is not None:
+                            self.phases.memory(sandbox_bytes=value)
             except Exception:  # a container gone between list and read, a slow daemon: poll again
                 pass
             self._stop.wait(self._interval)
@@ -67,18 +118,31 @@ class SandboxPeak:
         self._thread.join()
 
 
-def run(cmd: list[str], sandbox: SandboxPeak | None = None) -> dict[str, Any]:
-    """Run a CLI command; its wall time, peak RSS (of it and the children it waited for), last JSON line."""
+def run(cmd: list[str], sandbox: SandboxPeak | None = None, phases: Phases | None = None) -> dict[str, Any]:
+    """Run a CLI command; its wall time, peak RSS (of it and the children it waited for), last JSON line,
+    and with `phases` the figures of each design phase."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if sandbox is not None:
         sandbox.start(proc.pid)
     stdout_lines: list[str] = []
+    err_lines: list[str] = []
     assert proc.stdout is not None and proc.stderr is not None
     reader = threading.Thread(target=lambda: stdout_lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
-    err = proc.stderr.read()
+    done = threading.Event()
+    if phases is not None:
+        def poll() -> None:
+            while not done.wait(0.5):
+                phases.memory(rss_bytes=_rss(proc.pid))
+        threading.Thread(target=poll, daemon=True).start()
+    for line in proc.stderr:
+        err_lines.append(line)
+        if phases is not None:
+            phases.line(line.strip())
+    err = "".join(err_lines)
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
     reader.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
@@ -99,10 +163,12 @@ def case(cells: int, genes: int, seed: int, max_nodes: int, root: Path) -> dict[
     if sim["rc"] != 0:
         return row
     row["file_mb"] = round(data.stat().st_size / 2**20, 1)
-    sandbox = SandboxPeak()
+    phases = Phases()
+    sandbox = SandboxPeak(phases=phases)
     design = run([cli, "design", "--data", str(data), "--task", "Predict expression after CRISPR knockout of unseen "
                   "genes", "--llm", "offline", "--out", str(root / f"run-{cells}"), "--seed", str(seed),
-                  "--max-nodes", str(max_nodes), "--max-minutes", "60", "--json"], sandbox)
+                  "--max-nodes", str(max_nodes), "--max-minutes", "60", "--json"], sandbox, phases)
+    design["phases"] = phases.close()
     design["sandbox_peak_mb"] = round(sandbox.peak / 2**20, 1)
     design["sandbox_containers"] = len(sandbox.containers)
     metrics_file = root / f"run-{cells}" / "metrics.json"

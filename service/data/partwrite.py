@@ -45,6 +45,10 @@ class PartWriter:
         kwargs: dict[str, Any] = {"chunks": (_CHUNK_VALUES,)}
         if compression:
             kwargs["compression"] = compression
+            if compression == "gzip":
+                # Byte shuffle + the fastest gzip level: measured on simulated counts, half the CPU of
+                # h5py's default level 4 to write, a faster read, and a third smaller file.
+                kwargs.update(compression_opts=1, shuffle=True)
         write_elem(self._file, "X", empty, dataset_kwargs=kwargs)
         self._X = self._file["X"]
         self.rows = 0

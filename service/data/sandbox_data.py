@@ -4,10 +4,15 @@ bounded, seeded sample of its cells (every condition kept, each in proportion to
 `MIN_CELLS_PER_CONDITION` cells where it has them; its `uns["sample"]` says so), and `pseudobulk.h5ad` is
 added: the mean profile and cell count of every training condition (controls included) over all of its
 cells. So the generated code's memory stays inside the sandbox's limit whatever the size of the screen.
+
+The sample is drawn with the split's seed (split.json), so a split and its sandbox data are reproduced
+together. `CELLFORGE_SANDBOX_MAX_CELLS` (environment) sets the limit, e.g. lower to try the sampled path
+on small data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +31,29 @@ SANDBOX_MAX_CELLS = 100_000  # ~0.6 GB of CSR at 2,000 genes: well inside the sa
 MIN_CELLS_PER_CONDITION = 50
 PSEUDOBULK_FILE = "pseudobulk.h5ad"
 SAMPLE_UNS = "sample"
+MAX_CELLS_ENV = "CELLFORGE_SANDBOX_MAX_CELLS"
+
+
+def max_cells_setting(env: dict[str, str] | None = None) -> int:
+    """The sample limit: `CELLFORGE_SANDBOX_MAX_CELLS` when set (a positive integer), else `SANDBOX_MAX_CELLS`."""
+    value = (os.environ if env is None else env).get(MAX_CELLS_ENV, "").strip()
+    if not value:
+        return SANDBOX_MAX_CELLS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{MAX_CELLS_ENV}={value!r}: expected a positive number of cells")
+    return limit
+
+
+def split_seed(split_dir: Path) -> int:
+    """The seed split.json records (0 for a folder without one, e.g. model files copied by hand)."""
+    try:
+        return int(json.loads((split_dir / "split.json").read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def sample_cells(conditions: np.ndarray, max_cells: int, seed: int) -> np.ndarray:
@@ -56,10 +84,13 @@ def pseudobulk(train: ad.AnnData) -> ad.AnnData:
     return ad.AnnData(X=means.astype(np.float32), obs=table, var=pd.DataFrame(index=train.var_names.copy()))
 
 
-def write_sandbox_data(split_dir: Path, target: Path, max_cells: int = SANDBOX_MAX_CELLS, seed: int = 0) -> Path:
+def write_sandbox_data(split_dir: Path, target: Path, max_cells: int | None = None, seed: int | None = None) -> Path:
     """Fill `target` (emptied first) with what a sandbox mounts at /data for the split in `split_dir`: each
-    model file as it is (a hard link) up to `max_cells` cells, else a seeded sample of its cells (the inputs
-    parts hold control cells only, and their means are among the pseudobulks, all of them training cells)."""
+    model file as it is (a hard link) up to `max_cells` cells (default: `max_cells_setting()`), else a sample
+    of its cells drawn with `seed` (default: the split's seed), the inputs parts included (they hold control
+    cells only, and their means are among the pseudobulks, all of them training cells)."""
+    max_cells = max_cells_setting() if max_cells is None else max_cells
+    seed = split_seed(split_dir) if seed is None else seed
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)

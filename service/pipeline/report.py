@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,6 +27,7 @@ from service.data.celleval import CORE_METRICS as CELL_EVAL_CORE  # noqa: E402
 from service.data.celleval import GLOSSARY as CELL_EVAL_GLOSSARY  # noqa: E402
 from service.data.celleval import LOWER_IS_BETTER as CELL_EVAL_LOWER  # noqa: E402
 from service.data.load import read_h5ad  # noqa: E402
+from service.data.metrics import group_means  # noqa: E402
 from service.pipeline.codegen.manifest import (CHOICES, CONFIG_FIELDS, CUSTOM_FIELD, implemented,  # noqa: E402
                                                plan_value)
 from service.pipeline.debugger import OUT_OF_MEMORY  # noqa: E402
@@ -134,12 +134,6 @@ def _curves(rd: RunDir) -> str:
     return _png(fig) + note
 
 
-def _group_means(adata: ad.AnnData, key: str) -> dict[str, np.ndarray]:
-    labels = adata.obs[key].astype(str).to_numpy()
-    X = adata.X
-    return {lab: np.asarray(X[labels == lab].mean(axis=0)).ravel() for lab in np.unique(labels)}
-
-
 def plotted_conditions(rows: list[dict[str, Any]], metric: str) -> list[tuple[str, str]]:
     """(label, condition) of the best, median and worst rows on `metric` (rows without a score left out)."""
     scored = sorted((r for r in rows if finite(r.get(metric))), key=lambda r: r[metric],
@@ -153,6 +147,44 @@ def plotted_conditions(rows: list[dict[str, Any]], metric: str) -> list[tuple[st
     return [(label, condition) for condition, label in seen.items()]
 
 
+def delta_points(rd: RunDir, picks: list[tuple[str, str]]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(label, condition, true Δ, predicted Δ) of each picked condition the predictions and the test truth
+    hold, on its top-20 genes by |true Δ|: Δ against the context's control mean (test inputs' control cells).
+    The truth and inputs are read a row chunk at a time (backed when large), and only the means the picks
+    need are summed, so memory stays flat in the number of cells."""
+    # The delivered predictions may be generated code's output: read through the checked opener, as the split is.
+    pred = read_h5ad(rd.predictions, backed=False)  # one row per condition: small at any number of cells
+    names = pred.obs["condition"].astype(str).to_numpy()
+    truth, inputs = (read_h5ad(rd.split / name) for name in ("test_truth.h5ad", "test_inputs.h5ad"))
+    try:
+        present = set(truth.obs["condition"].astype(str))
+        picks = [(label, c) for label, c in picks if c in present and c in set(names)]
+        if not picks:
+            return []
+        rows = [int(np.flatnonzero(names == c)[0]) for _, c in picks]
+        contexts = [str(pred.obs["context"].iloc[r]) for r in rows]
+        true_means = group_means(truth.X, truth.obs["condition"].astype(str).to_numpy(),
+                                 np.array([c for _, c in picks]))
+        is_control = inputs.obs["is_control"].astype(bool).to_numpy()
+        control_labels = np.where(is_control, inputs.obs["context"].astype(str).to_numpy(), "")
+        groups = np.array(sorted(set(contexts)))
+        control_means = group_means(inputs.X, control_labels, groups)
+        controls = {c: control_means[i] for i, c in enumerate(groups)}
+        position = {g: i for i, g in enumerate(truth.var_names.astype(str))}
+        order = [position[g] for g in pred.var_names.astype(str)]
+    finally:
+        for part in (truth, inputs):
+            if part.isbacked:
+                part.file.close()
+    points = []
+    for i, ((label, condition), row, context) in enumerate(zip(picks, rows, contexts, strict=True)):
+        true_delta = (true_means[i] - controls[context])[order]
+        pred_delta = np.asarray(pred.X[row], dtype=np.float64).ravel() - controls[context][order]
+        top = np.argsort(-np.abs(true_delta))[:20]
+        points.append((label, condition, true_delta[top], pred_delta[top]))
+    return points
+
+
 def _delta_plots(rd: RunDir, rows: list[dict[str, Any]], metric: str) -> str:
     """True Δ (test truth pseudobulk − context control) vs predicted Δ on each plotted condition's top-20 genes."""
     if not rd.predictions.is_file():
@@ -160,26 +192,13 @@ def _delta_plots(rd: RunDir, rows: list[dict[str, Any]], metric: str) -> str:
     picks = plotted_conditions(rows, metric)
     if not picks:
         return "<p>No per-condition test scores to choose conditions by.</p>"
-    # The delivered predictions may be generated code's output: read through the checked opener, as the split is.
-    pred, truth, inputs = (read_h5ad(p, backed=False) for p in
-                           (rd.predictions, rd.split / "test_truth.h5ad", rd.split / "test_inputs.h5ad"))
-    controls = _group_means(inputs[inputs.obs["is_control"].astype(bool).to_numpy()], "context")
-    true_means = _group_means(truth, "condition")
-    genes = list(truth.var_names)
-    order = [genes.index(g) for g in pred.var_names.astype(str)]
-    names = pred.obs["condition"].astype(str).to_numpy()
-    picks = [(label, c) for label, c in picks if c in true_means and c in set(names)]
-    if not picks:
+    points = delta_points(rd, picks)
+    if not points:
         return "<p>No test condition to plot.</p>"
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 4.0), squeeze=False, layout="constrained")
-    for ax, (label, condition) in zip(axes[0], picks, strict=True):
-        row = int(np.flatnonzero(names == condition)[0])
-        context = str(pred.obs["context"].iloc[row])
-        true_delta = (true_means[condition] - controls[context])[order]
-        pred_delta = np.asarray(pred.X[row]).ravel() - controls[context][order]
-        top = np.argsort(-np.abs(true_delta))[:20]
-        ax.scatter(true_delta[top], pred_delta[top], s=14)
-        lim = float(np.max(np.abs(np.concatenate([true_delta[top], pred_delta[top]])))) * 1.1 or 1.0
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 4.0), squeeze=False, layout="constrained")
+    for ax, (label, condition, true_delta, pred_delta) in zip(axes[0], points, strict=True):
+        ax.scatter(true_delta, pred_delta, s=14)
+        lim = float(np.max(np.abs(np.concatenate([true_delta, pred_delta])))) * 1.1 or 1.0
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)

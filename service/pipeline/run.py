@@ -515,7 +515,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
     entries = with_stack(selection, entries, primary)
     ranked = rank(entries, primary)
 
-    test_baselines = run_baselines(rd.split, "test")
+    test_baselines = run_baselines(test_eval.task, "test")  # the evaluator's task: the training data read once
     baseline_reports = {name: test_eval.score(pred) for name, pred in test_baselines.items()}
     test_members: dict[str, ad.AnnData | Path] = {**test_baselines}
     if designed_test is not None:

@@ -13,7 +13,8 @@ import service.data.chunks as chunks
 import service.data.load as load
 from service.data import Evaluator, load_split, make_split, profile_dataset, run_baselines, simulate, simulate_to_file
 from service.data.conditions import CONDITION
-from service.data.sandbox_data import PSEUDOBULK_FILE, SAMPLE_UNS, sample_cells, write_sandbox_data
+from service.data.sandbox_data import (MAX_CELLS_ENV, PSEUDOBULK_FILE, SAMPLE_UNS, SANDBOX_MAX_CELLS, max_cells_setting,
+                                       sample_cells, write_sandbox_data)
 from service.data.splits import PARTS
 from service.data.metrics import group_means
 
@@ -126,3 +127,29 @@ def test_sample_is_stratified_and_bounded():
     assert counts == {"big": 907, "mid": 90, "tiny": 20}  # shares of 1000, at least 50 (or all) each
     assert np.array_equal(picked, sample_cells(conditions, 1000, seed=1))
     assert not np.array_equal(picked, sample_cells(conditions, 1000, seed=2))
+
+
+def test_sandbox_sample_is_drawn_with_the_splits_seed(make_adata, h5ad_path, tmp_path, monkeypatch):
+    data = h5ad_path(make_adata(cells_per_condition=30, n_control=200))
+    names = {}
+    for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+        split_dir = tmp_path / run / "split"
+        make_split(data, "unseen-perturbation", seed, split_dir)
+        limit = ad.read_h5ad(split_dir / "train.h5ad", backed="r").n_obs // 3
+        monkeypatch.setenv(MAX_CELLS_ENV, str(limit))  # the limit from the environment, as a deployment sets it
+        sample = ad.read_h5ad(write_sandbox_data(split_dir, tmp_path / run / "data") / "train.h5ad")
+        assert sample.uns[SAMPLE_UNS]["seed"] == seed and sample.uns[SAMPLE_UNS]["max_cells"] == limit
+        names[run] = list(sample.obs_names)
+        if run == "a":  # the split's seed, not a fixed one: another seed on the same split samples other cells
+            other = write_sandbox_data(split_dir, tmp_path / run / "other", seed=seed + 1)
+            assert list(ad.read_h5ad(other / "train.h5ad").obs_names) != names[run]
+    assert names["a"] == names["b"]  # same data, same seed: the same split and the same sample
+    assert names["a"] != names["c"]
+
+
+def test_sample_limit_setting_refuses_what_is_not_a_positive_count():
+    assert max_cells_setting({}) == SANDBOX_MAX_CELLS
+    assert max_cells_setting({MAX_CELLS_ENV: " 250 "}) == 250
+    for bad in ("0", "-3", "lots", "1e5"):
+        with pytest.raises(ValueError, match=MAX_CELLS_ENV):
+            max_cells_setting({MAX_CELLS_ENV: bad})

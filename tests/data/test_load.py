@@ -138,6 +138,26 @@ def test_backed_file_loads_and_validates(make_adata, h5ad_path):
     assert ds.layout.backed and ds.layout.rna_is_counts
 
 
+def test_a_files_values_are_scanned_once_per_process_until_the_file_changes(make_adata, h5ad_path, monkeypatch):
+    """A design profiles then splits the same file: its values are checked once. A file rewritten in place
+    (here with a negative value) is a new file: checked again, and refused."""
+    import service.data.load as load
+
+    scans = []
+    real = load.row_chunks
+    monkeypatch.setattr(load, "row_chunks", lambda X, *a: scans.append(1) or real(X, *a))
+    adata = make_adata(sparse=False)
+    path = h5ad_path(adata)
+    load_dataset(path)
+    first = len(scans)
+    load_dataset(path)
+    assert first >= 1 and len(scans) == first  # the second load skips the values pass
+    adata.X[2, 4] = -3
+    adata.write_h5ad(path)
+    with pytest.raises(NegativeCounts):
+        load_dataset(path)
+
+
 # --- errors: each defect has its own type and a message naming what is wrong ----------------------
 
 

@@ -10,8 +10,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 
+import service.data.chunks as chunks
+import service.data.load as load
 from service.agents import analyse_task, handlers, run_discussion
 from service.data import make_split, simulate
 from service.data.baselines import run_baselines
@@ -20,6 +24,7 @@ from service.llm import OfflineBackend
 from service.pipeline.codegen import Bundle
 from service.pipeline.report import (
     WHY_EMPTY,
+    delta_points,
     failure_notes,
     kept_epoch,
     plotted_conditions,
@@ -124,6 +129,36 @@ def test_plots_follow_the_stated_rule_best_median_worst():
     assert picks[0][0].startswith("best") and picks[2][0].startswith("worst")
     lower = plotted_conditions([{"condition": "a", "mse": 2.0}, {"condition": "b", "mse": 1.0}], "mse")
     assert [c for _, c in lower] == ["b", "a"]
+
+
+def test_plotted_deltas_read_by_chunks_are_those_of_the_whole_files(failed_run, monkeypatch):
+    """The Δ plots' points with the truth and inputs opened backed and read 3 cells at a time equal the
+    points computed from the whole files in memory (mean of the condition's truth cells minus the mean of
+    its context's control cells, top 20 genes by |true Δ|)."""
+    rows = json.loads(failed_run.metrics.read_text())["delivered"]["per_condition"]
+    picks = plotted_conditions(rows, PRIMARY)
+    truth, inputs, pred = (ad.read_h5ad(p) for p in (failed_run.split / "test_truth.h5ad",
+                                                     failed_run.split / "test_inputs.h5ad", failed_run.predictions))
+    expected = []
+    for label, condition in picks:
+        row = int(np.flatnonzero(pred.obs["condition"].astype(str) == condition)[0])
+        context = str(pred.obs["context"].iloc[row])
+        ctrl = inputs[(inputs.obs["is_control"].astype(bool) & (inputs.obs["context"].astype(str) == context))
+                      .to_numpy()].X.toarray().mean(axis=0)
+        true = truth[(truth.obs["condition"].astype(str) == condition).to_numpy()].X.toarray().mean(axis=0) - ctrl
+        order = [list(truth.var_names).index(g) for g in pred.var_names]
+        true, predicted = true[order], np.asarray(pred.X[row]).ravel() - ctrl[order]
+        top = np.argsort(-np.abs(true))[:20]
+        expected.append((label, condition, true[top], predicted[top]))
+
+    monkeypatch.setattr(chunks, "ROW_CHUNK", 3)
+    monkeypatch.setattr(load, "BACKED_ABOVE_BYTES", 0)  # truth and inputs opened backed, read chunk by chunk
+    points = delta_points(failed_run, picks)
+    assert len(points) == len(picks) >= 2
+    for (label, condition, true, predicted), want in zip(points, expected, strict=True):
+        assert (label, condition) == want[:2]
+        np.testing.assert_allclose(true, want[2], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(predicted, want[3], rtol=1e-5, atol=1e-6)
 
 
 def test_report_states_the_plot_rule_glossary_and_kept_epoch(failed_run):

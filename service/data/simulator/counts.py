@@ -78,17 +78,20 @@ def sample_counts(
     return sp.vstack(chunks, format="csr")
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _sample_rows(mu, theta, u, u_drop, dropout, indices, values, row_nnz):
     """NB(mu, theta) by CDF inversion, with dropout, written as CSR pieces; returns the non-zero count.
 
     Inversion with one uniform per entry settles most entries (the zeros) with a single comparison;
     numba keeps that per-entry loop at a few nanoseconds, where numpy's Gamma–Poisson costs ~100 ns.
+    Rows run in parallel (numba threads), each into its own stretch of `indices`/`values`, then the
+    stretches are packed: the uniforms are drawn beforehand, so the counts do not depend on the threads.
     """
-    nnz = 0
-    for i in range(mu.shape[0]):
+    n_genes = mu.shape[1]
+    for i in numba.prange(mu.shape[0]):
+        nnz = i * n_genes
         start = nnz
-        for j in range(mu.shape[1]):
+        for j in range(n_genes):
             m = np.float64(mu[i, j])
             if m <= 0.0:
                 continue
@@ -111,4 +114,17 @@ def _sample_rows(mu, theta, u, u_drop, dropout, indices, values, row_nnz):
             values[nnz] = k
             nnz += 1
         row_nnz[i] = nnz - start
+    return _pack(indices, values, row_nnz, n_genes)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack(indices, values, row_nnz, width):
+    """Move row i's entries from offset i * width to just after row i - 1's (never past its own start)."""
+    nnz = 0
+    for i in range(len(row_nnz)):
+        start = i * width
+        for k in range(row_nnz[i]):
+            indices[nnz + k] = indices[start + k]
+            values[nnz + k] = values[start + k]
+        nnz += row_nnz[i]
     return nnz

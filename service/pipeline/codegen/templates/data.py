@@ -1,5 +1,9 @@
 """Reading and writing the data: the split's h5ad parts, the table of conditions (one row per perturbation,
-dose and context) with each condition's control profile and, for training conditions, its mean Δ."""
+dose and context) with each condition's control profile and, for training conditions, its mean Δ.
+
+A large screen's parts are a sample of their cells (`uns["sample"]`), and DIR/pseudobulk.h5ad holds every
+training condition's mean over all of its cells: the condition and control means are taken from it then,
+and the sampled cells serve only where single cells are needed (`cell_sample`)."""
 
 from pathlib import Path
 
@@ -10,6 +14,8 @@ import scipy.sparse as sp
 
 CONTROL = "control"
 TARGETS_UNS = "perturbation_targets"  # the split's per-perturbation annotation table (targets)
+PSEUDOBULK = "pseudobulk.h5ad"  # per training condition: mean over all its cells, `n_cells`; with sampled parts
+SAMPLE_UNS = "sample"  # uns key of a part that holds a sample of its cells
 
 
 def dense(X) -> np.ndarray:
@@ -60,7 +66,21 @@ def target_positions(table: pd.DataFrame, pos: dict[str, int]) -> list[list[int]
     return [[pos[g] for g in str(value).split(";") if g in pos] for value in column]
 
 
-def control_means(adata) -> dict[str, np.ndarray]:
+def read_pseudobulk(data: Path) -> ad.AnnData | None:
+    """DIR/pseudobulk.h5ad when the service gave one (the parts are samples), else None."""
+    path = Path(data) / PSEUDOBULK
+    return ad.read_h5ad(path) if path.exists() else None
+
+
+def control_means(adata, bulk: ad.AnnData | None = None) -> dict[str, np.ndarray]:
+    """Mean control profile per context: from `bulk` (every control cell, weighted by its count) when
+    given, else from the cells of `adata`."""
+    if bulk is not None:
+        ctrl = bulk.obs["is_control"].astype(bool).to_numpy()
+        contexts = bulk.obs["context"].astype(str).to_numpy()[ctrl]
+        weights = bulk.obs["n_cells"].to_numpy(dtype=np.float64)[ctrl]
+        sums = dense(bulk.X[ctrl]).astype(np.float64) * weights[:, None]
+        return {c: sums[contexts == c].sum(axis=0) / weights[contexts == c].sum() for c in sorted(set(contexts))}
     ctrl = adata.obs["is_control"].astype(bool).to_numpy()
     contexts = adata.obs["context"].astype(str).to_numpy()[ctrl]
     order = sorted(set(contexts))
@@ -90,9 +110,14 @@ class ConditionSet:
         return out
 
     @classmethod
-    def from_cells(cls, adata, controls: dict[str, np.ndarray]) -> "ConditionSet":
+    def from_cells(cls, adata, controls: dict[str, np.ndarray], bulk: ad.AnnData | None = None) -> "ConditionSet":
+        """The conditions of `adata`'s cells with their means: from `bulk` (all cells) when given."""
         table = annotate(condition_table(adata.obs), adata.uns)
-        means = group_means(adata.X, adata.obs["condition"].astype(str).to_numpy(), list(table["condition"]))
+        if bulk is not None:
+            row = {str(c): i for i, c in enumerate(bulk.obs["condition"])}
+            means = dense(bulk.X[[row[c] for c in table["condition"]]]).astype(np.float64)
+        else:
+            means = group_means(adata.X, adata.obs["condition"].astype(str).to_numpy(), list(table["condition"]))
         return cls(table, controls, means)
 
 
@@ -115,8 +140,10 @@ def targets_of(inputs: ad.AnnData) -> pd.DataFrame:
 
 def conditions_to_predict(inputs: ad.AnnData, train_controls: dict[str, np.ndarray]) -> ConditionSet:
     """The conditions of an inputs part, each with its context's control profile (the inputs' own control
-    cells where they have some, else the training controls of that context)."""
-    return ConditionSet(targets_of(inputs), {**train_controls, **control_means(inputs)})
+    cells where they have some, else the training controls of that context). A sampled part's controls are
+    a sample of training controls, whose means over every cell `train_controls` already hold."""
+    own = {} if SAMPLE_UNS in inputs.uns else control_means(inputs)
+    return ConditionSet(targets_of(inputs), {**train_controls, **own})
 
 
 def predictions_adata(conditions: ConditionSet, delta: np.ndarray, genes: list[str]) -> ad.AnnData:

@@ -2,7 +2,9 @@
 
 Reads DIR/train.h5ad, DIR/val_inputs.h5ad and DIR/test_inputs.h5ad: training cells, and for the val and
 test conditions only what to predict and their contexts' control cells. No truth of a condition to
-predict is there; the service scores val_predictions.h5ad and predictions.h5ad itself. Writes those two,
+predict is there; the service scores val_predictions.h5ad and predictions.h5ad itself. For a large screen
+the parts are samples of their cells and DIR/pseudobulk.h5ad gives every training condition's mean over all
+of its cells: condition and control means come from it. Writes val_predictions.h5ad, predictions.h5ad,
 model.pt (`PerturbationModel.load` reads it back and predicts without the training data),
 val_metrics.json and train_log.jsonl (one line per epoch) to --out.
 
@@ -25,7 +27,7 @@ import torch
 
 from components import centroid_delta
 from config import Config
-from data import ConditionSet, cell_sample, control_means, read_part, write_h5ad
+from data import ConditionSet, cell_sample, control_means, read_part, read_pseudobulk, write_h5ad
 from model import PerturbationModel, delta_loss, pick_device
 
 STOP_FRACTION = 0.2  # share of the training groups held out to stop on
@@ -165,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     train_cells, val_inputs, test_inputs = (read_part(args.data, n) for n in
                                             ("train.h5ad", "val_inputs.h5ad", "test_inputs.h5ad"))
     genes = list(train_cells.var_names)
-    controls = control_means(train_cells)
-    train = ConditionSet.from_cells(train_cells, controls)
+    bulk = read_pseudobulk(args.data)  # the parts are samples: condition and control means over all cells
+    controls = control_means(train_cells, bulk)
+    train = ConditionSet.from_cells(train_cells, controls, bulk)
     seed = config.seed
     group_by = dict(train_cells.uns.get("split", {})).get("group_by", "perturbation")
     held, group_by = stop_rows(train.table, group_by, seed)
