@@ -119,6 +119,7 @@ def _gone(engine: docker.DockerClient, sandbox_id: str) -> bool:
     return not engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, engine):
     mine = {"label": f"{OWNER_LABEL}={current_owner().label}"}
@@ -144,6 +145,7 @@ async def test_acquire_hands_out_warm_sandbox_with_preload_and_refills(spec, eng
     assert {c.id for c in engine.containers.list(all=True, sparse=True, filters=mine)} <= before
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 async def test_no_sandbox_is_handed_to_a_second_tenant(spec):
     seen: dict[str, str] = {}
@@ -241,6 +243,7 @@ async def test_leases_and_warm_sandboxes_past_max_lifetime_are_replaced():
         assert stats.reaped_lifetime == 1 and stats.warm_recycled >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 async def test_out_of_memory_in_a_pooled_sandbox_dies_and_the_pool_recovers(docker_image):
     small = SandboxSpec(image=docker_image, memory="256m")
@@ -256,6 +259,7 @@ async def test_out_of_memory_in_a_pooled_sandbox_dies_and_the_pool_recovers(dock
         await after.close()
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 async def test_a_warm_sandbox_that_died_while_waiting_is_never_handed_out(spec, engine):
     async with SandboxPool(DockerBackend(), [spec], warm=1, preload="", reap_orphans=False) as pool:
