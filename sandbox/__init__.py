@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend, backend_class, new_backend
 from .errors import (
+    CapacityError,
     FileTransferError,
     PoolClosed,
     PoolError,
@@ -27,7 +28,6 @@ from .errors import (
     SandboxReaped,
     SandboxStartError,
     SpecError,
-    TenantCapError,
     UsageError,
     WarmupFailed,
     WorkspacePathError,
@@ -56,11 +56,13 @@ if TYPE_CHECKING:
     from .kernel import Sandbox
     from .local_backend import LocalBackend
     from .pool import PooledSandbox, PoolStats, SandboxPool
+    from .provider import BackendProvider, SandboxProvider
     from .ray_backend import RayBackend, RaySandbox
     from .runtimes import RUNC, RUNSC, engine_runtimes, require_runtime
     from .sync import SyncSandbox
 
 _LAZY = {
+    "BackendProvider": "provider",
     "Commands": "commands",
     "DockerBackend": "docker_backend",
     "Files": "files",
@@ -73,6 +75,7 @@ _LAZY = {
     "RaySandbox": "ray_backend",
     "Sandbox": "kernel",
     "SandboxPool": "pool",
+    "SandboxProvider": "provider",
     "SyncSandbox": "sync",
     "engine_runtimes": "runtimes",
     "require_runtime": "runtimes",
@@ -96,6 +99,8 @@ __all__ = [
     "AnyStreamEvent",
     "BackendHealth",
     "BackendKind",
+    "BackendProvider",
+    "CapacityError",
     "Commands",
     "DisplayEvent",
     "DockerBackend",
@@ -121,6 +126,7 @@ __all__ = [
     "SandboxDeadError",
     "SandboxError",
     "SandboxPool",
+    "SandboxProvider",
     "SandboxReaped",
     "SandboxSpec",
     "SandboxStartError",
@@ -131,7 +137,6 @@ __all__ = [
     "StreamEvent",
     "StreamEventAdapter",
     "SyncSandbox",
-    "TenantCapError",
     "TruncatedEvent",
     "UsageError",
     "WarmupFailed",

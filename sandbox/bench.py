@@ -103,7 +103,7 @@ async def warm_acquire_ms(
 ) -> list[float]:
     """acquire() from a pool whose warm sandbox is ready; the refill is awaited between samples."""
     samples = []
-    async with SandboxPool(backend, [spec], warm=1, preload=preload, max_per_tenant=1, reap_orphans=False) as pool:
+    async with SandboxPool(backend, [spec], warm=1, preload=preload, reap_orphans=False) as pool:
         for i in range(n):
             await pool.wait_warm()
             start = time.perf_counter()

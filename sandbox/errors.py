@@ -52,8 +52,13 @@ class PoolError(SandboxError):
     """Base class of the pool's errors."""
 
 
-class TenantCapError(PoolError):
-    """A tenant asked for more live sandboxes than the pool's per-tenant cap allows."""
+class CapacityError(SandboxError):
+    """No room for this sandbox now (its tenant's quota is full): the same request may succeed later, after
+    `retry_after` seconds or so. A provider raises it; `SandboxProvider.lease_blocking` can wait it out."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PoolClosed(PoolError):

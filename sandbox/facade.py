@@ -30,16 +30,22 @@ V = TypeVar("V")
 _DONE = object()
 
 
-class LoopThread:
-    """An asyncio event loop running in a daemon thread until `stop()`: blocking calls for code
-    with no loop, or whose loop is busy (a notebook)."""
+class LoopRunner:
+    """Blocking calls into an event loop that runs in another thread (a `LoopThread`'s, or a server's main
+    loop for its job threads). Calling from that loop's own thread would deadlock, so it is refused."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="cellforge-sandbox-loop", daemon=True)
-        self._thread.start()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
 
     def submit(self, coro: Coroutine[Any, Any, R]) -> Future[R]:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise RuntimeError("a blocking sandbox call from the event loop its sandbox lives on would deadlock; "
+                               "await the async sandbox instead")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, R]) -> R:
@@ -60,6 +66,16 @@ class LoopThread:
         while (item := handoff.get()) is not _DONE:
             yield item
         done.result()
+
+
+class LoopThread(LoopRunner):
+    """An asyncio event loop running in a daemon thread until `stop()`: blocking calls for code
+    with no loop, or whose loop is busy (a notebook)."""
+
+    def __init__(self) -> None:
+        super().__init__(asyncio.new_event_loop())
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cellforge-sandbox-loop", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -104,7 +120,7 @@ class Attribute(Generic[V]):
 class Blocking(Facade[T]):
     """A facade whose calls block until the target's coroutine, run on `loop`, is done."""
 
-    def __init__(self, target: T, loop: LoopThread) -> None:
+    def __init__(self, target: T, loop: LoopRunner) -> None:
         self._target = target
         self._loop = loop
 

@@ -2,9 +2,10 @@
 
 A sandbox is handed to exactly one tenant and destroyed when released — never reused, so no state,
 file or process can leak from one tenant to the next. The pool keeps `warm` ready sandboxes per
-spec and refills in the background as they are taken. Each tenant may hold at most
-`max_per_tenant` live sandboxes; leases idle for `idle_timeout` or older than `max_lifetime` are
-reaped, and warm ones older than `max_lifetime` are replaced.
+spec and refills in the background as they are taken. Leases idle for `idle_timeout` or older than
+`max_lifetime` are reaped (unless leased with `reapable=False`: a job's, which its own budget ends), and
+warm ones older than `max_lifetime` are replaced. How many sandboxes a tenant may hold is not the pool's
+business: its owner (the service's quotas) decides before it calls `acquire`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 
 from .backend import SandboxBackend
 from .commands import Commands
-from .errors import PoolClosed, PoolError, SandboxReaped, TenantCapError, UsageError, WarmupFailed
+from .errors import PoolClosed, PoolError, SandboxReaped, UsageError, WarmupFailed
 from .facade import Attribute, Guarded, guarded, guarded_iter
 from .files import Files
 from .kernel import Sandbox
@@ -92,7 +93,8 @@ class PooledSandbox(Guarded[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
     interrupt = guarded(Sandbox.interrupt)
     restart = guarded(Sandbox.restart)
 
-    def __init__(self, pool: SandboxPool, sandbox: Sandbox, tenant: str, created: float) -> None:
+    def __init__(self, pool: SandboxPool, sandbox: Sandbox, tenant: str, created: float, reapable: bool = True,
+                 on_release: Callable[[PooledSandbox], Awaitable[None]] | None = None) -> None:
         super().__init__(sandbox, self._activity)
         self.files = LeasedFiles(sandbox.files, self._activity)
         self.commands = LeasedCommands(sandbox.commands, self._activity)
@@ -102,6 +104,8 @@ class PooledSandbox(Guarded[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
         self.acquired = time.monotonic()
         self.last_active = self.acquired
         self.reaped: str | None = None
+        self.reapable = reapable
+        self.on_release = on_release
         self._busy = 0
 
     @property
@@ -164,29 +168,25 @@ class SandboxPool:
         warm: int = 2,
         preload: str = DEFAULT_PRELOAD,
         preload_timeout: float = 120.0,
-        max_per_tenant: int = 4,
         idle_timeout: float = 600.0,
         max_lifetime: float = 3600.0,
         reap_interval: float = 5.0,
         reap_orphans: bool = True,
     ) -> None:
-        if warm < 0 or max_per_tenant < 1 or idle_timeout <= 0 or max_lifetime <= 0 or reap_interval <= 0:
+        if warm < 0 or idle_timeout <= 0 or max_lifetime <= 0 or reap_interval <= 0:
             raise UsageError(
-                "SandboxPool needs warm >= 0, max_per_tenant >= 1 and positive idle_timeout, max_lifetime "
-                f"and reap_interval; got warm={warm}, max_per_tenant={max_per_tenant}, "
-                f"idle_timeout={idle_timeout}, max_lifetime={max_lifetime}, reap_interval={reap_interval}"
+                "SandboxPool needs warm >= 0 and positive idle_timeout, max_lifetime and reap_interval; got "
+                f"warm={warm}, idle_timeout={idle_timeout}, max_lifetime={max_lifetime}, reap_interval={reap_interval}"
             )
         self.backend = backend
         self.preload = preload
         self.preload_timeout = preload_timeout
-        self.max_per_tenant = max_per_tenant
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self.reap_interval = reap_interval
         self._reap_orphans = reap_orphans
         self._slots: dict[str, _Slot] = {spec_key(s): _Slot(spec=s, target=warm) for s in specs}
         self._leases: set[PooledSandbox] = set()
-        self._reserved: defaultdict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self._started = False
@@ -242,10 +242,12 @@ class SandboxPool:
 
     # -- leasing ---------------------------------------------------------------------------------
 
-    async def acquire(self, spec: SandboxSpec | None = None, tenant: str | None = None) -> PooledSandbox:
+    async def acquire(self, spec: SandboxSpec | None = None, tenant: str | None = None, *, reapable: bool = True,
+                      on_release: Callable[[PooledSandbox], Awaitable[None]] | None = None) -> PooledSandbox:
         """A fresh sandbox for `tenant` (default: the spec's `tenant` label, else "default"): a warm
         one when the spec is pooled and one is ready, else started now (with the same preload).
-        Raises `TenantCapError` at the tenant's cap."""
+        `reapable=False` exempts the lease from the idle and lifetime reaper (its holder ends it);
+        `on_release(lease)` runs once it is destroyed by `release()`."""
         if self._closed:
             raise PoolClosed("this SandboxPool was shut down; create a new one")
         if not self._started:
@@ -255,31 +257,20 @@ class SandboxPool:
                 raise UsageError(f"acquire() needs a spec: this pool keeps {len(self._slots)} specs warm")
             spec = next(iter(self._slots.values())).spec
         tenant = tenant or spec.tenant or "default"
-        live = self._live(tenant)
-        if live >= self.max_per_tenant:
-            raise TenantCapError(
-                f"tenant {tenant!r} already holds {live} live sandboxes (cap {self.max_per_tenant}); "
-                "release one before acquiring another"
-            )
-        # Reserve the place before awaiting, so concurrent acquires cannot overshoot the cap.
-        self._reserved[tenant] += 1
-        try:
-            key = spec_key(spec)
-            warm = self._take_warm(key)
-            if warm is not None:
-                self._counts["warm_hits"] += 1
-                sandbox, created = warm.sandbox, warm.created
-            else:
-                self._counts["cold_starts"] += 1
-                sandbox, created = await self._start_sandbox(spec), time.monotonic()
-            if self._closed:
-                await self._destroy(sandbox)
-                raise PoolClosed("the SandboxPool was shut down while the sandbox started")
-            lease = PooledSandbox(self, sandbox, tenant, created)
-            self._leases.add(lease)
-            return lease
-        finally:
-            self._reserved[tenant] -= 1
+        key = spec_key(spec)
+        warm = self._take_warm(key)
+        if warm is not None:
+            self._counts["warm_hits"] += 1
+            sandbox, created = warm.sandbox, warm.created
+        else:
+            self._counts["cold_starts"] += 1
+            sandbox, created = await self._start_sandbox(spec), time.monotonic()
+        if self._closed:
+            await self._destroy(sandbox)
+            raise PoolClosed("the SandboxPool was shut down while the sandbox started")
+        lease = PooledSandbox(self, sandbox, tenant, created, reapable, on_release)
+        self._leases.add(lease)
+        return lease
 
     def adopt(self, sandbox: Sandbox, tenant: str, age: float = 0.0) -> PooledSandbox:
         """A lease on a sandbox this pool did not start (one another process started, reached through a
@@ -302,7 +293,11 @@ class SandboxPool:
             return
         self._leases.discard(lease)
         lease.reaped = lease.reaped or "released"
-        await self._destroy(lease._target)
+        try:
+            await self._destroy(lease._target)
+        finally:
+            if lease.on_release is not None:
+                await lease.on_release(lease)
 
     async def wait_warm(self, spec: SandboxSpec | None = None, timeout: float = 120.0) -> None:
         """Block until every configured spec (or `spec`) has its full count of warm sandboxes."""
@@ -342,9 +337,6 @@ class SandboxPool:
         )
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _live(self, tenant: str) -> int:
-        return sum(1 for lease in self._leases if lease.tenant == tenant) + self._reserved[tenant]
 
     def _take_warm(self, key: str) -> _Warm | None:
         slot = self._slots.get(key)
@@ -422,6 +414,8 @@ class SandboxPool:
         """One reaping pass (the background loop runs it every `reap_interval` seconds)."""
         now = time.monotonic()
         for lease in list(self._leases):
+            if not lease.reapable:
+                continue
             if now - lease.created >= self.max_lifetime:
                 self._counts["reaped_lifetime"] += 1
                 lease.reaped = f"it reached the maximum lifetime of {self.max_lifetime:g} s"

@@ -11,9 +11,11 @@ sandbox's loop is its own. Every method is the async one's (see facade.py), made
 
 from __future__ import annotations
 
+from typing import Any
+
 from .backend import BackendKind, SandboxBackend, new_backend
 from .commands import Commands
-from .facade import Attribute, Blocking, LoopThread, blocking, blocking_iter
+from .facade import Attribute, Blocking, LoopRunner, LoopThread, blocking, blocking_iter
 from .files import Files
 from .kernel import Sandbox
 from .spec import SandboxSpec
@@ -64,9 +66,22 @@ class SyncSandbox(Blocking[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
             self._close_own_backend(loop)
             loop.stop()
             raise
+        self._bind(sandbox, loop, owns_loop=True)
+
+    @classmethod
+    def attach(cls, sandbox: Any, loop: LoopRunner) -> SyncSandbox:
+        """A blocking view of a sandbox (or a pool's lease) that lives on `loop`, another thread's event loop
+        (a provider's): `close()` closes that sandbox and leaves the loop running."""
+        view = cls.__new__(cls)
+        view._own_backend = None
+        view._bind(sandbox, loop, owns_loop=False)
+        return view
+
+    def _bind(self, sandbox: Any, loop: LoopRunner, owns_loop: bool) -> None:
         super().__init__(sandbox, loop)
         self.files = SyncFiles(sandbox.files, loop)
         self.commands = SyncCommands(sandbox.commands, loop)
+        self._owns_loop = owns_loop
         self._closed = False
 
     def close(self) -> None:
@@ -77,10 +92,12 @@ class SyncSandbox(Blocking[Sandbox], mirrors=Sandbox, skip=Sandbox.INTERNAL):
         try:
             self._loop.run(self._target.close())
         finally:
-            self._close_own_backend(self._loop)
-            self._loop.stop()
+            if self._owns_loop:
+                assert isinstance(self._loop, LoopThread)
+                self._close_own_backend(self._loop)
+                self._loop.stop()
 
-    def _close_own_backend(self, loop: LoopThread) -> None:
+    def _close_own_backend(self, loop: LoopRunner) -> None:
         if self._own_backend is not None:
             loop.run(self._own_backend.close())
 

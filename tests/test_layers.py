@@ -21,9 +21,11 @@ def _loaded_after(imports: str) -> set[str]:
     ("import service.db, service.jobs", ("service.api",)),
     ("import service.protocol, service.protocol.proto.cellforge.v1.cellforge_pb2_grpc",
      ("service.api", "service.db", "fastapi", "sqlalchemy", "docker", "zmq")),
-    ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync, sandbox.ray_backend", ("service",)),
-    # Ray is an optional extra: the single-machine server never loads it.
-    ("import sandbox, service.api.server, service.cli", ("ray",)),
+    ("import sandbox, sandbox.docker_backend, sandbox.pool, sandbox.sync, sandbox.provider, sandbox.ray_backend",
+     ("service",)),
+    # Ray is an optional extra: the single-machine server never loads it. (Slow: a fresh process loads the
+    # whole server and CLI.)
+    pytest.param("import sandbox, service.api.server, service.cli", ("ray",), marks=pytest.mark.slow),
     ("import cellforge", ("service.pipeline", "service.api", "service.llm", "docker", "fastapi", "torch")),
 ], ids=["jobs-below-api", "protocol-standalone", "sandbox-knows-no-service", "single-machine-needs-no-ray",
         "python-api-imports-lightly"])

@@ -80,6 +80,8 @@ class CellForgeCore:
         self.metrics = ServiceMetrics()
         self.audit = AuditLog(self.db)
         self.limiter = RateLimiter()
+        # The process's one backend: the API's sandboxes and every job's come from it, through one pool and
+        # the SandboxService, which admits each within its tenant's quota (the pool has no cap of its own).
         self.backend = config.backend or DockerBackend()
         # Sandboxes any replica can reach (named Ray actors): no warm pool, whose sandboxes would be one
         # replica's and outlive it unseen.
@@ -87,16 +89,16 @@ class CellForgeCore:
         warm = 0 if shared else config.warm
         self.pool = SandboxPool(
             self.backend, [SandboxSpec()] if warm else [], warm=warm, preload=config.preload,
-            # Per-tenant caps are the tenants' quotas, enforced by SandboxService.
-            max_per_tenant=1 << 20, idle_timeout=config.idle_timeout, max_lifetime=config.max_lifetime,
+            idle_timeout=config.idle_timeout, max_lifetime=config.max_lifetime,
             reap_interval=min(5.0, config.idle_timeout / 2), reap_orphans=self.backend.kind is not BackendKind.LOCAL,
         )
         self.datasets = DatasetService(self.db, self.data_dir / "datasets", parse_size(config.max_upload, "max-upload"))
         self.uploads = UploadMeter(self.db)
         self.sandboxes = SandboxService(self.pool, self.db, self.metrics, self.datasets.folder, owner=config.replica)
         self.store = JobStore(self.db, retry_for=config.db_retry)
-        self.runner = JobRunner(self.store, job_kinds(self.pool), self.data_dir / "jobs", workers=config.workers,
-                                on_finish=self._job_finished, owner=config.replica, remote=_remote_jobs(config),
+        self.runner = JobRunner(self.store, job_kinds(self.sandboxes.job_provider), self.data_dir / "jobs",
+                                workers=config.workers, on_finish=self._job_finished, owner=config.replica,
+                                remote=_remote_jobs(config),
                                 private_roots=(self.data_dir, Path(getattr(self.backend, "runtime_root", self.data_dir))))
         uploads = self.data_dir / "uploads"
         uploads.mkdir(exist_ok=True)
@@ -107,11 +109,13 @@ class CellForgeCore:
         self._revoked: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._orphans: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[int]] = set()
         self.ready = False
 
     async def start(self) -> None:
         await self.db.run(self.db.upgrade)
         await self.sandboxes.recover_after_restart()
+        self.sandboxes.start()
         # Starting the pool reaps containers orphaned by a previous (killed) server process.
         await self.pool.start()
         await self.audit.start()
@@ -137,6 +141,10 @@ class CellForgeCore:
         self.db.dispose()
 
     def _job_finished(self, job: Job, seconds: float) -> None:
+        # A cancelled job's pipeline thread stops at its next progress report; its sandboxes go back now.
+        closing = asyncio.ensure_future(self.sandboxes.close_job(job.id))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
         self.metrics.job_seconds.labels(kind=job.kind, status=job.status).observe(seconds)
         job_line("job finished", job=job.id, tenant=job.tenant_id, kind=job.kind, status=job.status,
                  seconds=round(seconds, 1), error=job.error)

@@ -9,7 +9,11 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.live_sandboxes = Gauge(
-            "cellforge_live_sandboxes", "Sandboxes leased to tenants", registry=self.registry
+            "cellforge_live_sandboxes", "Sandboxes leased to tenants (their jobs' included)", registry=self.registry
+        )
+        self.job_sandboxes = Gauge(
+            "cellforge_job_sandboxes", "Sandboxes leased to tenants' jobs (design and regression runs)",
+            registry=self.registry,
         )
         self.warm_sandboxes = Gauge(
             "cellforge_warm_sandboxes", "Warm sandboxes ready in the pool", registry=self.registry

@@ -4,10 +4,14 @@ SQLite, `SELECT ... FOR UPDATE` of the tenant row on PostgreSQL), so parallel re
 the same check.
 
 What counts against what:
-- `max_sandboxes`: the tenant's interactive sandboxes that are starting or live;
+- `max_sandboxes`: the tenant's sandboxes that are starting or live, its own (the API's) and those its
+  jobs lease (a design run's attempts, a regression run's sandbox) alike;
 - `max_jobs`: its queued and running jobs of every kind (design, regression pytest/rescore/replay);
-- `max_memory`, `max_cpus`, `max_gpus`: those sandboxes plus the sandbox of every queued or running job
-  (a job's size counts from its acceptance to its end);
+- `max_memory`, `max_cpus`, `max_gpus`: its own sandboxes, plus for every queued or running job the larger
+  of one sandbox of its size (reserved from its acceptance to its end) and the sandboxes it holds now (a
+  design run may run its folds side by side).
+A job's sandbox beyond those limits is not refused for good: `admit_job_sandbox` raises `QuotaExceeded`,
+and the job waits for room (`CapacityError` in the sandbox layer).
 - `max_storage`: the bytes of its datasets.
 """
 
@@ -45,6 +49,13 @@ class Resources:
     def __add__(self, other: Resources) -> Resources:
         return Resources(self.memory + other.memory, self.cpus + other.cpus, self.gpus + other.gpus)
 
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.memory - other.memory, self.cpus - other.cpus, self.gpus - other.gpus)
+
+    def most(self, other: Resources) -> Resources:
+        """The larger of each amount."""
+        return Resources(max(self.memory, other.memory), max(self.cpus, other.cpus), max(self.gpus, other.gpus))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -60,18 +71,31 @@ class Resources:
 
 @dataclass(frozen=True)
 class Usage:
-    sandboxes: int
+    sandboxes: int  # starting or live, the jobs' included
     jobs: int
     resources: Resources
     storage: int
+    by_job: dict[str, tuple[Resources, Resources]]  # active job -> (its reservation, what its sandboxes hold)
 
 
 def usage(s: Session, tenant_id: str) -> Usage:
-    sandboxes = [Resources.from_dict(spec.get("resources")) for spec in s.scalars(
-        select(SandboxRow.spec).where(SandboxRow.tenant_id == tenant_id, SandboxRow.status.in_(HELD_SANDBOX_STATES)))]
-    jobs = [Resources.from_dict((params or {}).get("resources")) for params in s.scalars(
-        select(JobRow.params).where(JobRow.tenant_id == tenant_id, JobRow.status.in_(ACTIVE_JOB_STATES)))]
-    return Usage(len(sandboxes), len(jobs), sum(sandboxes + jobs, Resources()), _stored(s, tenant_id))
+    own, count = Resources(), 0
+    held_by_job: defaultdict[str, Resources] = defaultdict(Resources)
+    for spec in s.scalars(select(SandboxRow.spec).where(SandboxRow.tenant_id == tenant_id,
+                                                        SandboxRow.status.in_(HELD_SANDBOX_STATES))):
+        count += 1
+        size = Resources.from_dict(spec.get("resources"))
+        if spec.get("job_id"):
+            held_by_job[spec["job_id"]] += size
+        else:
+            own += size
+    by_job = {job_id: (Resources.from_dict((params or {}).get("resources")), held_by_job.pop(job_id, Resources()))
+              for job_id, params in s.execute(select(JobRow.id, JobRow.params).where(
+                  JobRow.tenant_id == tenant_id, JobRow.status.in_(ACTIVE_JOB_STATES)))}
+    # A job's sandboxes after its end (closed a moment later) count in full.
+    total = sum((reserved.most(holding) for reserved, holding in by_job.values()), own + sum(held_by_job.values(),
+                                                                                              Resources()))
+    return Usage(count, len(by_job), total, _stored(s, tenant_id), by_job)
 
 
 def _stored(s: Session, tenant_id: str) -> int:
@@ -121,6 +145,19 @@ def admit_sandbox(db: Database, tenant_id: str, row: SandboxRow, want: Resources
             raise QuotaExceeded(f"tenant {tenant.name!r} holds {held.sandboxes} live sandboxes (quota "
                                 f"{tenant.max_sandboxes}); delete one first", retry_after=5)
         fits(tenant, held.resources, want, "this sandbox")
+        s.add(row)
+
+
+def admit_job_sandbox(db: Database, tenant_id: str, job_id: str, row: SandboxRow, want: Resources) -> None:
+    """Record a starting sandbox of a job if the tenant's sandbox count and resources allow it; its resources
+    count beyond what the job reserved only (its first sandbox of the job's size is always within them)."""
+    with admission(db, tenant_id) as (s, tenant, held):
+        if held.sandboxes + 1 > tenant.max_sandboxes:
+            raise QuotaExceeded(f"tenant {tenant.name!r} holds {held.sandboxes} live sandboxes (quota "
+                                f"{tenant.max_sandboxes})", retry_after=5)
+        reserved, holding = held.by_job.get(job_id, (Resources(), Resources()))
+        extra = reserved.most(holding + want) - reserved.most(holding)
+        fits(tenant, held.resources, extra, "this job's sandbox")
         s.add(row)
 
 

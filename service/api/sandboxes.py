@@ -7,6 +7,9 @@ With a backend whose sandboxes every process of a cluster reaches (the Ray backe
 the database's rows are the record of which sandboxes exist: a sandbox created through one API
 replica is found in its row and attached to by another, and a replica that stops (or is killed)
 leaves its sandboxes running for the others.
+
+The server's jobs lease theirs here as well (`job_provider`): admitted by the same quota, recorded,
+labelled and counted like the tenant's own, but not addressable through the API.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from sqlalchemy import select, update
 
 from sandbox import (
     DEFAULT_CPU_IMAGE,
+    BackendKind,
+    CapacityError,
     ExecutionResult,
     FileTransferError,
     Mount,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
+    SandboxProvider,
     SandboxReaped,
     SandboxSpec,
     SandboxStartError,
@@ -44,9 +50,10 @@ from sandbox import (
 from sandbox.pool import PooledSandbox, SandboxPool
 from service.db import Database, SandboxRow, TenantRow
 
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthenticated, Unavailable, invalid
+from .errors import (BadRequest, Conflict, NotFound, PayloadTooLarge, QuotaExceeded, Unauthenticated, Unavailable,
+                     invalid)
 from .metrics import ServiceMetrics
-from .quotas import Resources, admit_sandbox
+from .quotas import Resources, admit_job_sandbox, admit_sandbox
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
@@ -129,6 +136,32 @@ def _answers(sandbox_id: str) -> Iterator[None]:
         raise Conflict(str(exc)) from None
 
 
+@dataclass
+class _JobLease:
+    lease: PooledSandbox
+    tenant_id: str
+    job_id: str
+
+
+class JobSandboxes(SandboxProvider):
+    """The provider a job's pipeline gets: the server's sandboxes, leased for the job's tenant and counted
+    against its quota (`CapacityError` while it is full: the pipeline waits for room)."""
+
+    def __init__(self, service: SandboxService, tenant_id: str, job_id: str) -> None:
+        self.service, self.tenant_id, self.job_id = service, tenant_id, job_id
+
+    @property
+    def kind(self) -> BackendKind:
+        return self.service.pool.backend.kind
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.service.loop
+
+    async def lease(self, spec: SandboxSpec) -> PooledSandbox:
+        return await self.service.lease_for_job(spec, self.tenant_id, self.job_id)
+
+
 class SandboxService:
     def __init__(self, pool: SandboxPool, db: Database, metrics: ServiceMetrics,
                  dataset_dir: Callable[[str, str], Path], owner: str | None = None) -> None:
@@ -141,6 +174,60 @@ class SandboxService:
         self.metrics = metrics
         self._dataset_dir = dataset_dir  # (tenant id, dataset id) -> host folder; NotFound for others' ids
         self._live: dict[str, _Live] = {}
+        self._jobs: dict[str, _JobLease] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop, where every sandbox lives (set by `start`)."""
+        if self._loop is None:
+            raise RuntimeError("SandboxService.start() has not run")
+        return self._loop
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    def job_provider(self, tenant_id: str, job_id: str) -> JobSandboxes:
+        return JobSandboxes(self, tenant_id, job_id)
+
+    async def lease_for_job(self, spec: SandboxSpec, tenant_id: str, job_id: str) -> PooledSandbox:
+        """A sandbox for a job of `tenant_id`, labelled with both, within the tenant's quota (the same
+        admission as `create`; `CapacityError` while there is no room). Closing it ends the lease and its
+        record. Not reaped for idleness or age: the job's own budget ends it."""
+        spec = spec.model_copy(update={"labels": {**spec.labels, "tenant": tenant_id, "job": job_id}})
+        want = Resources.of(spec.memory, spec.cpus, len(spec.gpus) if isinstance(spec.gpus, list) else spec.gpus or 0)
+        reservation = "rsv_" + secrets.token_hex(8)
+        row = SandboxRow(id=reservation, tenant_id=tenant_id, status="starting", created_at=time.time(),
+                         spec={"job_id": job_id, "image": spec.image, "resources": want.as_dict()})
+        try:
+            await self.db.run(admit_job_sandbox, self.db, tenant_id, job_id, row, want)
+        except QuotaExceeded as exc:
+            raise CapacityError(str(exc), retry_after=float(exc.retry_after)) from None
+        try:
+            lease = await self.pool.acquire(spec, tenant=tenant_id, reapable=False, on_release=self._job_released)
+        except BaseException:
+            await self.db.run(self._close_row, reservation, "did not start")
+            raise
+        self._jobs[lease.id] = _JobLease(lease, tenant_id, job_id)
+        self._count()
+        await self.db.run(self._activate_row, reservation, lease.id, tenant_id)
+        return lease
+
+    async def _job_released(self, lease: PooledSandbox) -> None:
+        if self._jobs.pop(lease.id, None) is not None:
+            self._count()
+            await self.db.run(self._close_row, lease.id, lease.reaped or "released")
+
+    async def close_job(self, job_id: str) -> int:
+        """Give back the sandboxes a job still holds (it ended: cancelled, failed; its pipeline thread may
+        not have noticed yet). Returns how many."""
+        mine = [held.lease for held in self._jobs.values() if held.job_id == job_id]
+        await asyncio.gather(*(lease.close() for lease in mine), return_exceptions=True)
+        return len(mine)
+
+    def _count(self) -> None:
+        self.metrics.live_sandboxes.set(len(self._live) + len(self._jobs))
+        self.metrics.job_sandboxes.set(len(self._jobs))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -168,14 +255,17 @@ class SandboxService:
                 status="closed", closed_at=time.time(), closed_reason=reason))
 
     async def close_all(self) -> None:
+        jobs = [held.lease.close() for held in list(self._jobs.values())]
         if self.shared:
             # The sandboxes live on for the other replicas (and this one's next start): only let go of them.
             for live in self._live.values():
                 self.pool.forget(live.lease, "this API replica shut down")
                 live.lease._target.detach()  # type: ignore[attr-defined]
             self._live.clear()
+            await asyncio.gather(*jobs, return_exceptions=True)
             return
-        await asyncio.gather(*(self._drop(sid, "server shut down") for sid in list(self._live)))
+        await asyncio.gather(*(self._drop(sid, "server shut down") for sid in list(self._live)), *jobs,
+                             return_exceptions=True)
 
     async def close_tenant(self, tenant_id: str, reason: str) -> int:
         """Close every sandbox of a tenant (its key was revoked); returns how many. Shared: also those this
@@ -211,7 +301,7 @@ class SandboxService:
             raise
         live = _Live(lease=lease, tenant_id=tenant.id, request=request, created_at=time.time())
         self._live[lease.id] = live
-        self.metrics.live_sandboxes.set(len(self._live))
+        self._count()
         if not await self.db.run(self._activate_row, reservation, lease.id, tenant.id):
             # Revoked while it started: the revocation closed the tenant's other sandboxes already.
             await self._drop(lease.id, "its tenant's API key was revoked")
@@ -299,7 +389,7 @@ class SandboxService:
                 await self.db.run(self._close_row, sid, live.lease.reaped)
             elif self._closed_elsewhere(live) and self._live.pop(sid, None) is not None:
                 self.pool.forget(live.lease, "closed through another API replica")
-        self.metrics.live_sandboxes.set(len(self._live))
+        self._count()
         self.metrics.warm_sandboxes.set(self.pool.stats().warm)
 
     async def _own(self, tenant: Tenant, sandbox_id: str) -> _Live:
@@ -347,7 +437,7 @@ class SandboxService:
                 live = _Live(lease=lease, tenant_id=tenant_id, request=SandboxRequest.model_validate(spec),
                              created_at=row.created_at)
                 self._live[sandbox_id] = live
-                self.metrics.live_sandboxes.set(len(self._live))
+                self._count()
                 return live
         finally:
             if not lock.locked():
@@ -379,7 +469,7 @@ class SandboxService:
         live = self._live.pop(sandbox_id, None)
         if live is None:
             return
-        self.metrics.live_sandboxes.set(len(self._live))
+        self._count()
         try:
             await live.lease.close()
         finally:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sandbox import SandboxProvider
 from service.protocol import DesignOptions
 
 from .runner import JobContext, JobFailed
@@ -25,12 +26,17 @@ class _Stop(BaseException):
 
 def progress_bridge(ctx: JobContext):
     """An `on_progress` callback for run_design: events into the store, phases onto the job row, and a
-    cancellation point at every report."""
+    cancellation point at every report. A report repeating the last one (a wait for sandbox room, reported
+    each second) is recorded once."""
     last_phase: list[str | None] = [None]
+    last_event: list[Any] = [None]
 
     def on_progress(event: Any) -> None:
         if ctx.cancelled.is_set():
             raise _Stop()
+        if event == last_event[0]:
+            return
+        last_event[0] = event
         if event.phase != last_phase[0]:
             if last_phase[0] is not None:
                 ctx.checkpoint(last_phase[0])
@@ -55,8 +61,9 @@ def design_settings(params: dict[str, Any], out: Path, tenant: str | None = None
     })
 
 
-async def run_design_job(ctx: JobContext) -> dict[str, Any]:
-    """params: dataset_path, task, options (see DESIGN_OPTIONS), runtime."""
+async def run_design_job(ctx: JobContext, provider: SandboxProvider) -> dict[str, Any]:
+    """params: dataset_path, task, options (see DESIGN_OPTIONS), runtime. Sandboxes come from `provider` (the
+    server's, for the job's tenant)."""
     from service.llm import LLMConfig
     from service.pipeline import run_design
 
@@ -66,7 +73,8 @@ async def run_design_job(ctx: JobContext) -> dict[str, Any]:
     settings = design_settings(ctx.job.params, run_dir, ctx.job.tenant_id)
     bridge = progress_bridge(ctx)
     try:
-        result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge)
+        result = await ctx.run_blocking(run_design, settings, LLMConfig.resolve(), on_progress=bridge,
+                                        provider=provider)
     except _Stop:
         ctx.check_cancelled()
         raise

@@ -85,7 +85,7 @@ def run_on_node(job: Job) -> Iterator[Progress | Outcome]:
     """The Ray task: the job's handler on this node, with its own sandbox pool on this node's Docker engine;
     its reports as they come, then its `Outcome`. Cancelled (ray.cancel): the handler is cancelled and its
     sandboxes closed before the task ends."""
-    from sandbox import DockerBackend, SandboxPool
+    from sandbox import BackendKind, BackendProvider
 
     from .kinds import job_kinds
 
@@ -100,11 +100,15 @@ def run_on_node(job: Job) -> Iterator[Progress | Outcome]:
         outcome: list[Any] = []
 
         async def run() -> dict[str, Any]:
-            pool = SandboxPool(DockerBackend(), warm=0, preload="", max_per_tenant=1 << 20, reap_orphans=False)
-            async with pool:
-                kind = job_kinds(pool)[job.kind]
+            # The node's one provider for the job (its Docker engine): the job's sandboxes are labelled with
+            # its tenant; the tenant's quota was held by the job's admission on the API replica.
+            provider = BackendProvider(BackendKind.DOCKER, loop=asyncio.get_running_loop())
+            try:
+                kind = job_kinds(lambda tenant, job_id: provider)[job.kind]
                 handler.append(asyncio.current_task())  # type: ignore[arg-type]
                 return await kind.handler(ctx)
+            finally:
+                await provider.aclose()
 
         def thread() -> None:
             try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from sandbox import Mount, SandboxSpec
+from sandbox import CapacityError, Mount, SandboxProvider, SandboxSpec
 from sandbox.errors import SandboxError
 
 from .runner import JobContext, JobFailed
@@ -47,9 +48,10 @@ def parse_junit(xml: bytes) -> dict[str, Any]:
     return {"summary": {"total": len(tests), **counts}, "tests": tests}
 
 
-async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
+async def run_pytest(ctx: JobContext, provider: SandboxProvider) -> dict[str, Any]:
     """params: bundle_dir (host folder with the code), data_dir (host folder or None), timeout, memory, cpus,
-    runtime (the container runtime; None: the engine's default)."""
+    runtime (the container runtime; None: the engine's default). The sandbox is leased from `provider` (the
+    server's, within the tenant's quota: while it is full the job waits, up to its timeout)."""
     params = ctx.job.params
     mounts = [Mount(source=params["data_dir"], target="/data")] if params.get("data_dir") else []
     spec = SandboxSpec(memory=params.get("memory", "2g"), cpus=params.get("cpus", 1.0), mounts=mounts,
@@ -57,7 +59,7 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
                        runtime=params.get("runtime"))
     ctx.phase("sandbox", "starting a sandbox")
     try:
-        async with await _acquire(pool, spec, ctx.job.tenant_id) as sb:
+        async with await _lease(ctx, provider, spec, params.get("timeout", 600.0)) as sb:
             ctx.phase("upload", "copying the bundle")
             files = await sb.files.put_dir(params["bundle_dir"], "bundle")
             ctx.emit("log", message=f"{len(files)} files copied")
@@ -87,10 +89,27 @@ async def run_pytest(ctx: JobContext, pool: Any) -> dict[str, Any]:
     return result
 
 
-async def _acquire(pool: Any, spec: SandboxSpec, tenant: str) -> Any:
-    """A sandbox from the pool. A cancel while it starts lets the start finish and then releases it:
+async def _lease(ctx: JobContext, provider: SandboxProvider, spec: SandboxSpec, wait: float) -> Any:
+    """A sandbox from the provider, waiting up to `wait` seconds for room in the tenant's quota (reported once,
+    cancellable); then JobFailed naming the quota."""
+    deadline, reported = time.monotonic() + wait, False
+    while True:
+        try:
+            return await _acquire(provider, spec)
+        except CapacityError as exc:
+            if time.monotonic() + exc.retry_after > deadline:
+                raise JobFailed(f"no room for the job's sandbox within {wait:g} s: {exc}") from None
+            if not reported:
+                ctx.emit("log", message=f"waiting for room for a sandbox: {exc}")
+                reported = True
+            ctx.check_cancelled()
+            await asyncio.sleep(min(exc.retry_after, 1.0))
+
+
+async def _acquire(provider: SandboxProvider, spec: SandboxSpec) -> Any:
+    """A sandbox from the provider. A cancel while it starts lets the start finish and then releases it:
     cancelling a half-made container would leave it behind."""
-    start = asyncio.ensure_future(pool.acquire(spec, tenant=tenant))
+    start = asyncio.ensure_future(provider.lease(spec))
     try:
         return await asyncio.shield(start)
     except asyncio.CancelledError:
@@ -156,7 +175,7 @@ async def run_rescore(ctx: JobContext) -> dict[str, Any]:
     return {"source_job_id": params["source_job_id"], **comparison}
 
 
-async def run_replay(ctx: JobContext) -> dict[str, Any]:
+async def run_replay(ctx: JobContext, provider: SandboxProvider) -> dict[str, Any]:
     """params: run_dir (a stored design run), tolerances, default_tolerance, sandbox (memory, cpus within the
     tenant's limits and the tenant's runtime, in place of the recorded ones). Re-runs it with replayed LLM
     calls."""
@@ -172,7 +191,8 @@ async def run_replay(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("replay", "re-running the design with recorded LLM replies")
     from .design import progress_bridge
 
-    result = await ctx.run_blocking(run_design, settings, replay_from=run_dir, on_progress=progress_bridge(ctx))
+    result = await ctx.run_blocking(run_design, settings, replay_from=run_dir, on_progress=progress_bridge(ctx),
+                                    provider=provider)
     comparison = compare_metrics(recorded["model"], result.metrics.get("model") or {},
                                  params.get("tolerances") or {},
                                  params.get("default_tolerance", DEFAULT_TOLERANCE["replay"]))

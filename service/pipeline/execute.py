@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, ExecutionResult, Mount, SandboxError,
-                     SandboxSpec, SyncSandbox)
+from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, BackendProvider, ExecutionResult, Mount,
+                     SandboxError, SandboxProvider, SandboxSpec)
 from sandbox.escapes import strip_escapes
 from service.pipeline.codegen import CONTRACT_TESTS, EXTRA_TESTS
 from service.pipeline.progress import ProgressCallback, ProgressEvent, epoch_event
@@ -34,6 +34,9 @@ class SandboxSettings:
     workspace_quota: str = "2g"
     runtime: str | None = None  # container runtime of the docker sandbox (runsc: gVisor); None: the engine's
     tenant: str | None = None  # a service job's tenant: labels its containers as the API labels its sandboxes
+    # Where the sandboxes come from: the run's one provider (the server's, for a job); None: a provider for the
+    # attempt alone (a single run_attempt call).
+    provider: SandboxProvider | None = field(default=None, compare=False, repr=False)
 
     def spec(self, data_dir: Path, timeout: float) -> SandboxSpec:
         image = self.image or (DEFAULT_GPU_IMAGE if self.gpus else DEFAULT_CPU_IMAGE)
@@ -128,9 +131,21 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     remaining = lambda: max(5.0, time_left - (time.monotonic() - started))  # noqa: E731
     on_progress(ProgressEvent("sandbox", f"starting a {settings.backend} sandbox", attempt=attempt))
+    own_provider = BackendProvider(settings.backend) if settings.provider is None else None
+    provider = settings.provider or own_provider
+    assert provider is not None
+
+    def waiting(why: str) -> None:
+        # Repeated while the tenant's quota is full (a job's progress bridge records it once); each call is
+        # also where a cancelled job stops.
+        on_progress(ProgressEvent("sandbox", f"waiting for room for a sandbox: {why}", attempt=attempt))
+
     try:
-        sb = SyncSandbox(settings.spec(data_dir, timeout=remaining()), backend=settings.backend)
+        sb = provider.lease_blocking(settings.spec(data_dir, timeout=remaining()), wait=remaining() - 5.0,
+                                     on_wait=waiting)
     except SandboxError as exc:
+        if own_provider is not None:
+            own_provider.close()
         failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
         return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
     try:
@@ -169,6 +184,8 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
         return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, failure)
     finally:
         sb.close()
+        if own_provider is not None:
+            own_provider.close()
 
 
 def save_outcome(attempt_dir: Path, outcome: AttemptOutcome) -> None:

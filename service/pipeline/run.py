@@ -20,7 +20,8 @@ from typing import Any, Literal
 import anndata as ad
 from pydantic import BaseModel, Field, field_validator
 
-from sandbox import DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, SpecError, parse_size, require_runtime
+from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, BackendProvider, SandboxProvider, SpecError,
+                     parse_size, require_runtime)
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.load import POOLED
@@ -111,9 +112,9 @@ class DesignSettings(BaseModel):
         return {"perturbation_key": self.perturbation_key, "control": self.control, "context_key": self.context_key,
                 "dose_key": self.dose_key}
 
-    def sandbox_settings(self) -> SandboxSettings:
+    def sandbox_settings(self, provider: SandboxProvider | None = None) -> SandboxSettings:
         return SandboxSettings(backend=self.sandbox, image=self.image, gpus=self.gpus, cpus=self.cpus,
-                               memory=self.memory, runtime=self.runtime, tenant=self.tenant)
+                               memory=self.memory, runtime=self.runtime, tenant=self.tenant, provider=provider)
 
 
 @dataclass
@@ -402,10 +403,23 @@ def copy_split(source: Path, target: Path) -> None:
 
 def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                replay_from: Path | None = None, on_progress: ProgressCallback | None = None,
-               handlers: dict[str, Any] | None = None) -> DesignResult:
+               handlers: dict[str, Any] | None = None, provider: SandboxProvider | None = None) -> DesignResult:
     """Run the whole pipeline into `settings.out`; never raises for a model that fails to train
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
-    `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`)."""
+    `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`). Every sandbox of the
+    run is leased from `provider` (a server's, for its tenant); by default from one `BackendProvider` of
+    `settings.sandbox` made for the run and closed at its end: one backend for all its attempts."""
+    if provider is not None:
+        # The provider's backend is the one the sandboxes run on (recorded in run.json, checked by preflight).
+        settings = settings.model_copy(update={"sandbox": provider.kind})
+        return _run_design(settings, llm_config, replay_from, on_progress, handlers, provider)
+    with BackendProvider(settings.sandbox) as own:
+        return _run_design(settings, llm_config, replay_from, on_progress, handlers, own)
+
+
+def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_from: Path | None,
+                on_progress: ProgressCallback | None, handlers: dict[str, Any] | None,
+                provider: SandboxProvider) -> DesignResult:
     emit = on_progress or (lambda event: None)
     prepared = preflight(settings)
     keys = _data_keys(settings, prepared)
@@ -467,7 +481,7 @@ def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
     baseline_val = {name: selection.baseline_score(name) for name in selection.baselines}
     mean_baseline = baseline_val["mean_delta"].get(primary) if "mean_delta" in baseline_val else None
 
-    runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(), deadline, started, emit,
+    runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(provider), deadline, started, emit,
                         mean_baseline)
     search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
                     _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
@@ -636,7 +650,7 @@ def _deliver(rd: RunDir, settings: DesignSettings, selection: Selection, test_ev
         check = {"ran": False, "failure": "no time left to run the delivered code"}
     else:
         check = verify_code(rd.code, selection.main_data, rd.root / "delivery", predictions, test_eval,
-                            settings.sandbox_settings(), runner.time_left(), emit)
+                            runner.sandbox, runner.time_left(), emit)
         if check.get("ran"):
             install_outputs(Path(check.pop("out")), rd.root, ("model.pt", "train_log.jsonl", "val_metrics.json"))
     return Delivery(winner, reason, rd.predictions, check)

@@ -95,6 +95,7 @@ def test_analysis_contradicting_the_data_is_reasked(fake_llm, tmp_path):
     assert "perturbation_kind 'chemical' contradicts the data profile, which says 'genetic'" in reask
 
 
+@pytest.mark.slow
 def test_a_question_never_answered_validly_falls_back_to_the_rules_and_the_run_replays(fake_llm, tmp_path):
     def prose(schema_name, context, reply, asked):
         if schema_name == "ExpertProposal" and context["expert"] == "dl_architect" and context["round"] == 1:

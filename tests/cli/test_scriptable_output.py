@@ -14,6 +14,9 @@ import pytest
 
 from service.data import simulate
 
+# Each test runs the CLI in fresh processes (a split, baselines, a design): end to end, so the full suite's.
+pytestmark = pytest.mark.slow
+
 CLI = [str(Path(sys.executable).with_name("cellforge"))]
 REPO = Path(__file__).resolve().parents[2]
 TASK = "Predict expression after knockout of unseen genes"

@@ -44,6 +44,7 @@ def multimodal(make_adata, h5ad_path) -> Path:
     return h5ad_path(adata)
 
 
+@pytest.mark.slow
 def test_chunked_path_gives_the_profile_split_baselines_and_metrics_of_one_chunk(multimodal, tmp_path, monkeypatch):
     whole = _run(multimodal, tmp_path / "whole", monkeypatch, small=False)
     chunked = _run(multimodal, tmp_path / "chunked", monkeypatch, small=True)

@@ -88,6 +88,7 @@ def test_cli_build_json_reports_up_to_date(docker_image: str) -> None:
     assert summary["alias"] == "cellforge-sandbox:cpu" and summary["tag"] == image_tag("cpu")
 
 
+@pytest.mark.slow
 def test_image_runs_offline_read_only_as_uid_1000(docker_image: str) -> None:
     probe = f"""
 import importlib, importlib.util, json, os, sys

@@ -164,14 +164,35 @@ def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path):
-    """Machines without Docker: the bundle sees its data where the local backend links it, not /data."""
+def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path, monkeypatch):
+    """Machines without Docker: the bundle sees its data where the local backend links it, not /data. Every
+    sandbox of the run comes from one backend, made for the run and closed at its end."""
+    import sandbox.provider
+    from sandbox.local_backend import LocalBackend
     from service.pipeline import DesignSettings, run_design
 
+    made: list[dict[str, int]] = []
+
+    class Counted(LocalBackend):
+        async def create(self, spec):
+            made[-1]["sandboxes"] += 1
+            return await super().create(spec)
+
+        async def close(self) -> None:
+            made[-1]["closed"] += 1
+            await super().close()
+
+    def new_backend(kind):
+        made.append({"sandboxes": 0, "closed": 0})
+        return Counted()
+
+    monkeypatch.setattr(sandbox.provider, "new_backend", new_backend)
     result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes",
                                        out=tmp_path / "local", sandbox="local", max_minutes=8, max_attempts=2,
-                                       max_nodes=0, val_fraction=0.2))
+                                       max_nodes=1, val_fraction=0.2))
     assert result.status == "validated", result.metrics
+    assert len(made) == 1 and made[0]["closed"] == 1
+    assert made[0]["sandboxes"] >= 2  # the draft's run and the improve node's, at least, on the one backend
     seen = json.loads((RunDir(result.run_dir).attempts / "01" / "outcome.json").read_text())["data_listing"]
     assert seen == sorted(SANDBOX_FILES)
     assert "pearson_delta" in result.metrics["model"]

@@ -31,6 +31,7 @@ def script(tmp_path: Path, code: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_run_streams_output_live_and_reports_ok(docker_image, tmp_path):
     path = script(tmp_path, "import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second', end='')\n")
@@ -56,6 +57,7 @@ def test_run_streams_output_live_and_reports_ok(docker_image, tmp_path):
     assert summary["duration_ms"] >= 2000 and summary["isolated"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_run_exit_codes_follow_the_outcome(docker_image, tmp_path):
     failing = cellforge("sandbox", "run", script(tmp_path, "1 / 0\n"), "--image", docker_image, "--json")

@@ -39,6 +39,7 @@ def test_strip_escapes_keeps_text_tabs_and_newlines():
     assert strip_escapes("lone\x1b") == "lone"
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_cellforge_sandbox_run_shows_no_escape_from_the_sandbox(docker_image, sandbox_runtime, tmp_path):
     hostile = "".join(ESCAPES.values())

@@ -115,6 +115,7 @@ async def test_ignored_interrupt_restarts_the_kernel_and_says_state_is_lost(shar
     assert await shared_sandbox.files.get("survives.txt") == b"workspace is kept"
 
 
+@pytest.mark.slow
 async def test_flooding_stdout_is_truncated_with_a_marker(shared_sandbox):
     events = []
     res = await shared_sandbox.execute("for i in range(400_000):\n    print(i)", timeout=60, on_event=events.append)

@@ -126,6 +126,7 @@ async def test_a_restart_that_fails_marks_the_sandbox_dead_and_the_folder_stays_
         await sb.close()
 
 
+@pytest.mark.slow
 async def test_a_kernel_that_dies_at_boot_fails_the_restart_at_once_with_its_cause(backend, small_spec):
     sb = await backend.create(small_spec(start_timeout=30.0))
     try:
