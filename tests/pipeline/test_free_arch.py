@@ -121,7 +121,10 @@ def _backend(fake_llm, tmp_path, **config):
 def test_no_code_generation_reply_replaces_or_edits_the_contract_tests(fake_llm, tmp_path, knockout_plan):
     vetted = render_bundle(knockout_plan)
     with pytest.raises(ValueError, match=f"{CONTRACT_TESTS} cannot be replaced"):
-        GeneratedBundle(files={CONTRACT_TESTS: "def test_nothing():\n    assert True\n"})
+        GeneratedBundle(files={CONTRACT_TESTS: "def test_nothing():\n    assert True\n"}).applied(vetted)
+    # A reply that echoes the whole vetted bundle back, contract tests unchanged, is no replacement.
+    echoed = GeneratedBundle(files=dict(vetted.files)).applied(vetted)
+    assert echoed.files == vetted.files
     with pytest.raises(PatchError, match="contract tests and cannot be edited"):
         GeneratedBundle(edits=[{"path": CONTRACT_TESTS, "search": "def test_one_batch_overfit",
                                 "replace": "def _skipped"}]).applied(vetted)

@@ -81,13 +81,16 @@ class GeneratedBundle(BaseModel):
         extra = [name for name in files if name not in _NAMES]
         if extra:
             raise ValueError(f"unexpected files {extra}; the bundle's files are {list(_NAMES)}")
-        if CONTRACT_TESTS in files:
-            raise ValueError(_contract_tests_refused())
         return files
 
     def applied(self, vetted: Bundle) -> Bundle:
         """The bundle to run: the vetted one with these files and edits; `PatchError` when an edit does not
-        apply (test_model.py edits included), `ValueError` when config.json is not JSON."""
+        apply (test_model.py edits included), `ValueError` when config.json is not JSON or the reply gives a
+        test_model.py other than the service's (a reply that echoes the whole bundle back, contract tests
+        unchanged, is fine)."""
+        given = self.files.get(CONTRACT_TESTS)
+        if given is not None and given != vetted.files[CONTRACT_TESTS]:
+            raise ValueError(_contract_tests_refused())
         bundle = Bundle(files={**vetted.files, **self.files, CONTRACT_TESTS: vetted.files[CONTRACT_TESTS]})
         if self.edits:
             bundle = apply_patch(bundle, DebugPatch(failure_class="codegen", diagnosis="code generation",
