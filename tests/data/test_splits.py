@@ -423,19 +423,32 @@ def test_target_table_keeps_perturbation_names_with_slashes(make_adata, tmp_path
 
 
 def test_unseen_context_validation_holds_out_whole_cell_types(make_adata, tmp_path):
-    """Six cell types: one for test, two whole ones for val, three stay in train; no val condition lies in
+    """Twelve cell types: one for test, five whole ones for val, six stay in train; no val condition lies in
     a training context (it would measure the wrong skill)."""
-    adata = make_adata(contexts=["A", "B", "C", "D", "E", "F"])
+    contexts = [chr(ord("A") + i) for i in range(12)]
+    adata = make_adata(contexts=contexts)
     info = make_split(adata, "unseen-context", 0, tmp_path, context="A")
     assert info.validation == "holdout" and info.group_by == "context"
     ctx = {part: {parse_condition_key(c)[2] for c in conds} for part, conds in info.conditions.items()}
-    assert ctx["test"] == {"A"} and len(ctx["val"]) == 2 and len(ctx["train"]) == 3
+    assert ctx["test"] == {"A"} and len(ctx["val"]) == 5 and len(ctx["train"]) == 6
     assert not ctx["val"] & ctx["train"]
     for part in ("val", "train"):  # every condition of a val context is in val
         assert all(parse_condition_key(c)[2] in ctx[part] for c in info.conditions[part])
-    assert len(info.conditions["val"]) == 20
+    assert len(info.conditions["val"]) == 50
     s = load_split(tmp_path)
     assert set(s.val_inputs.obs["context"]) == ctx["val"] and s.val_inputs.obs["is_control"].all()
+
+
+def test_few_cell_types_are_validated_by_folds_of_whole_training_cell_types(make_adata, tmp_path):
+    """Six cell types: a validation fold of two would measure those two, and keep them out of the test model's
+    training; every non-test cell type trains the test model, and folds of whole cell types select."""
+    adata = make_adata(contexts=["A", "B", "C", "D", "E", "F"])
+    info = make_split(adata, "unseen-context", 0, tmp_path, context="A")
+    assert info.validation == "cv" and info.group_by == "context" and not info.conditions["val"]
+    assert {parse_condition_key(c)[2] for c in info.conditions["train"]} == {"B", "C", "D", "E", "F"}
+    fold_contexts = [{parse_condition_key(c)[2] for c in fold} for fold in info.folds]
+    assert len(fold_contexts) == 3 and set().union(*fold_contexts) == {"B", "C", "D", "E", "F"}
+    assert all(not a & b for i, a in enumerate(fold_contexts) for b in fold_contexts[i + 1:])
 
 
 def test_unseen_perturbation_validation_holds_out_whole_genes(make_adata, tmp_path):

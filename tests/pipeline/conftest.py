@@ -14,7 +14,7 @@ TASK = "Predict expression after CRISPR knockout of unseen genes"
 
 @pytest.fixture(scope="session")
 def knockout_data(tmp_path_factory) -> Path:
-    """21 knocked-down genes in 3 cell types: with val_fraction 0.2, four whole genes (12 conditions) are
+    """21 knocked-down genes in 3 cell types: with val_fraction 0.25, five whole genes (15 conditions) are
     held out for validation, enough to decide without cross-validation (one sandbox run per node)."""
     path = tmp_path_factory.mktemp("data") / "knockout.h5ad"
     simulate("knockout", 0, n_cells=6000, n_genes=300, n_perturbations=40).write_h5ad(path)
@@ -26,7 +26,7 @@ def design_settings(knockout_data, docker_image):
     """Settings of a small, quick design run; override fields per test."""
     def make(out: Path, **overrides) -> DesignSettings:
         values = dict(data=knockout_data, task=TASK, out=out, image=docker_image, memory="2g", cpus=1.0,
-                      max_minutes=8, max_attempts=3, max_nodes=0, val_fraction=0.2)
+                      max_minutes=8, max_attempts=3, max_nodes=0, val_fraction=0.25)
         values.update(overrides)
         return DesignSettings(**values)
     return make

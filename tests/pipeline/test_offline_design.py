@@ -189,7 +189,7 @@ def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path, monkeypat
     monkeypatch.setattr(sandbox.provider, "new_backend", new_backend)
     result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes",
                                        out=tmp_path / "local", sandbox="local", max_minutes=8, max_attempts=2,
-                                       max_nodes=1, val_fraction=0.2))
+                                       max_nodes=1, val_fraction=0.25))
     assert result.status == "validated", result.metrics
     assert len(made) == 1 and made[0]["closed"] == 1
     assert made[0]["sandboxes"] >= 2  # the draft's run and the improve node's, at least, on the one backend

@@ -33,7 +33,7 @@ def cv_run(tmp_path_factory):
 def holdout_run(tmp_path_factory):
     rd = RunDir(tmp_path_factory.mktemp("run")).create()
     make_split(simulate("knockout", 2, n_cells=3000, n_genes=150, n_perturbations=40), "unseen-perturbation", 0,
-               rd.split, val_fraction=0.25)
+               rd.split, val_fraction=0.3)
     return rd, prepare_selection(rd)
 
 

@@ -29,7 +29,7 @@ def run(docker_image, tmp_path_factory) -> cellforge.DesignRun:
     events: list = []
     result = cellforge.design(adata, TASK, out=tmp_path_factory.mktemp("runs") / "api", on_progress=events.append,
                               perturbation_key="sgRNA_target", context_key="cell_line_fine", image=docker_image,
-                              memory="2g", cpus=1, max_minutes=15, max_attempts=3, max_nodes=0, val_fraction=0.2)
+                              memory="2g", cpus=1, max_minutes=15, max_attempts=3, max_nodes=0, val_fraction=0.25)
     result.events = events  # type: ignore[attr-defined]
     return result
 
