@@ -16,7 +16,7 @@
 
     .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout drug cytokine stimulation]
         [--contexts T_cell ...] [--cells 12000] [--genes 500] [--sandbox docker|local] [--skip-demo]
-        [--skip-scale] [--skip-quality] [--compete-only] [--out DIR]
+        [--skip-scale] [--skip-quality] [--compete-only] [--max-nodes N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -93,11 +93,13 @@ def score_run(kind: str, seed: int, context: str | None, seconds: float, result)
     return row
 
 
-def design(kind: str, seed: int, data: Path, task: str, work: Path, sandbox: str, context: str | None = None) -> dict:
+def design(kind: str, seed: int, data: Path, task: str, work: Path, sandbox: str, context: str | None = None,
+           max_nodes: int | None = None) -> dict:
     label = f"{kind}_{seed}" + (f"_{context}" if context else "")
     started = time.perf_counter()
+    nodes = {} if max_nodes is None else {"max_nodes": max_nodes}
     result = run_design(DesignSettings(data=data, task=task, out=work / f"run_{label}", seed=seed, sandbox=sandbox,
-                                       max_minutes=20, held_out_context=context))
+                                       max_minutes=20, held_out_context=context, **nodes))
     row = score_run(kind, seed, context, time.perf_counter() - started, result)
     print(f"{label}: {result.status} in {row['seconds']}s " + " ".join(
         f"{k}={row[k]['delivered']:.3f} ({row['delivered']}) vs {row[k]['best_baseline']} {row[k]['best']:.3f} ({row[k]['verdict']})"
@@ -141,7 +143,7 @@ def compete(kind: str, seed: int, data: Path, work: Path, context: str | None = 
 
 
 def quality_runs(kinds: list[str], seeds: list[int], contexts: list[str] | None, cells: int, genes: int,
-                 sandbox: str, work: Path, compete_only: bool = False) -> list[dict]:
+                 sandbox: str, work: Path, compete_only: bool = False, max_nodes: int | None = None) -> list[dict]:
     rows = []
     for kind in kinds:
         for seed in seeds:
@@ -153,7 +155,7 @@ def quality_runs(kinds: list[str], seeds: list[int], contexts: list[str] | None,
                 held = [c for c in adata.uns["simulation"]["cell_types"] if contexts is None or c in contexts]
             for context in held:
                 rows.append(compete(kind, seed, data, work, context) if compete_only
-                            else design(kind, seed, data, TASKS[kind], work, sandbox, context))
+                            else design(kind, seed, data, TASKS[kind], work, sandbox, context, max_nodes))
     return rows
 
 
@@ -242,17 +244,20 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--compete-only", action="store_true",
                         help="no design: baselines and their validation stack compete on the same splits")
+    parser.add_argument("--max-nodes", type=int, default=None,
+                        help="improve steps after the draft (default: the design's own; 0: the draft alone)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="cellforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         rows = [] if args.skip_quality else quality_runs(args.kinds, args.seeds, args.contexts, args.cells,
-                                                         args.genes, args.sandbox, work, args.compete_only)
+                                                         args.genes, args.sandbox, work, args.compete_only,
+                                                         args.max_nodes)
         if not (args.skip_quality or args.skip_demo or args.compete_only):
             rows.append(demo_run(args.sandbox, work))
         report = {"benchmark": "design", "cells": args.cells, "genes": args.genes, "sandbox": args.sandbox,
-                  "seeds": args.seeds, "summary": summarise(rows), "runs": rows}
+                  "seeds": args.seeds, "max_nodes": args.max_nodes, "summary": summarise(rows), "runs": rows}
         if not args.skip_scale:
             report["scale"] = scale_run(args.sandbox, work)
         print(json.dumps(report, indent=1))
