@@ -17,7 +17,7 @@ from service.data.evaluate import Evaluator
 from service.pipeline.compete import Entry, rank, with_stack
 from service.pipeline.deliver import predictor_files, write_files
 from service.pipeline.rundir import SANDBOX_FILES, RunDir
-from service.pipeline.selection import as_predictions, better, prepare_selection, true_delta
+from service.pipeline.selection import PooledScore, as_predictions, better, prepare_selection, true_delta
 from service.pipeline.stack import chunks, fit_stack
 
 
@@ -83,10 +83,44 @@ BOTH = (PRIMARY, "mse_top20_de")
 
 
 def _not_worse(entry: Entry, entries: list[Entry]) -> bool:
-    """No worse on validation than the best baseline on either headline metric."""
+    """No worse on validation than the best baseline on the primary metric, nor on top-20-DE MSE by more than one
+    standard error of the paired per-condition differences."""
     baselines = [e for e in entries if e.kind == "baseline"]
-    return all(not better(m, max((e.score(m) for e in baselines), key=lambda v: v if m == PRIMARY else -v),
-                          entry.score(m)) for m in BOTH)
+    for m in BOTH:
+        best = max(baselines, key=lambda e: e.score(m) if m == PRIMARY else -e.score(m))
+        if not better(m, best.score(m), entry.score(m)):
+            continue
+        if m == PRIMARY:
+            return False
+        theirs = {(r["fold"], r["condition"]): r[m] for r in best.val.per_condition}
+        worse = np.array([r[m] - theirs[(r["fold"], r["condition"])] for r in entry.val.per_condition])
+        if worse.mean() > worse.std(ddof=1) / np.sqrt(len(worse)):
+            return False
+    return True
+
+
+def _scored(kind: str, primary: np.ndarray, mse: np.ndarray) -> Entry:
+    rows = [{"fold": "val", "condition": f"c{i}", PRIMARY: float(p), "mse_top20_de": float(m)}
+            for i, (p, m) in enumerate(zip(primary, mse, strict=True))]
+    summary = {PRIMARY: float(np.mean(primary)), "mse_top20_de": float(np.mean(mse))}
+    return Entry(kind, kind if kind != "baseline" else "ridge", PooledScore(summary, rows, len(rows), {}), {})
+
+
+def test_a_top20_de_mse_deficit_within_validation_noise_does_not_outweigh_a_primary_gain():
+    """The designed model beats the best baseline on the primary metric by 0.05 and trails it on top-20-DE MSE
+    by 0.003, against a per-condition spread of 0.05: noise, so it is delivered. Trailing by 0.1 on every
+    condition is not noise; trailing by anything on the primary metric never passes."""
+    rng = np.random.default_rng(0)
+    primary, mse = rng.uniform(0.3, 0.5, 60), rng.uniform(0.2, 0.4, 60)
+    baseline = _scored("baseline", primary, mse)
+    spread = rng.normal(0.0, 0.05, 60)
+    close = _scored("designed", primary + 0.05, mse + 0.003 - spread.mean() + spread)
+    assert close.score("mse_top20_de") > baseline.score("mse_top20_de")
+    assert rank([baseline, close], PRIMARY)[0] is close and _not_worse(close, [baseline, close])
+    far = _scored("designed", primary + 0.05, mse + 0.1 + 0.01 * spread)
+    assert rank([baseline, far], PRIMARY)[0] is baseline and not _not_worse(far, [baseline, far])
+    behind = _scored("designed", primary - 0.001, mse - 0.1)
+    assert rank([baseline, behind], PRIMARY)[0] is baseline
 
 
 @pytest.mark.parametrize("which", ["cv_run", "holdout_run"])
