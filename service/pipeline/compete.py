@@ -78,9 +78,9 @@ def _gains(entry: Entry, references: dict[str, Entry]) -> list[float] | None:
 def within_noise(entry: Entry, best: Entry, metric: str) -> bool:
     """Whether `entry` is no worse than `best` on `metric` up to validation's noise: its mean deficit over the
     conditions both score is within one standard error of their paired per-condition differences."""
-    theirs = {(r.get("fold"), r.get("condition")): r.get(metric) for r in best.val.per_condition}
-    diffs = np.array([_up(metric, r[metric], theirs[key]) for r in entry.val.per_condition
-                      if finite(r.get(metric)) and finite(theirs.get(key := (r.get("fold"), r.get("condition"))))])
+    theirs = {(r.get("fold"), r.get("condition")): v for r in best.val.per_condition if finite(v := r.get(metric))}
+    diffs = np.array([_up(metric, v, theirs[key]) for r in entry.val.per_condition
+                      if finite(v := r.get(metric)) and (key := (r.get("fold"), r.get("condition"))) in theirs])
     if len(diffs) < 2:
         return False
     return float(diffs.mean()) >= -float(diffs.std(ddof=1)) / np.sqrt(len(diffs))
