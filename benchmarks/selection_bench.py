@@ -1,0 +1,134 @@
+"""Benchmark of selection and the designed closed-form base, in process (no sandbox, no network training, no
+search): minutes per dataset, for trying a change to the split, the selection rule or the generated bases.
+
+Per held-out unit: the split as `cellforge design` makes it, every applicable baseline and the offline plan's
+closed-form base (fitted on each validation fold and on the whole split, as the generated train.py fits it)
+compete with their stack on validation as the service ranks them; the winner is scored on test against the
+oracle best baseline (picked on test per metric). For unseen cell types the base *is* the designed model (the
+residual network is never applied to a context absent from training); elsewhere the network is left out.
+`--validation holdout` restores the old two-group validation fold (for comparison).
+
+    .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
+        [--validation auto|holdout] [--out DIR] > result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
+
+import service.data.splits as splits  # noqa: E402
+from design_bench import PRIMARY, SCHEMES, TASKS, gain, verdict  # noqa: E402
+from generated_code import load_bundle  # noqa: E402
+from service.agents import analyse_task, run_discussion  # noqa: E402
+from service.data import make_split, profile_dataset, simulate  # noqa: E402
+from service.data.baselines import run_baselines  # noqa: E402
+from service.data.evaluate import Evaluator  # noqa: E402
+from service.llm import OfflineBackend  # noqa: E402
+from service.pipeline import pipeline_handlers, render_bundle  # noqa: E402
+from service.pipeline.compete import Entry, rank, stack_test_predictions, with_stack  # noqa: E402
+from service.pipeline.rundir import RunDir  # noqa: E402
+from service.pipeline.selection import prepare_selection  # noqa: E402
+
+MSE = "mse_top20_de"
+
+
+def fit_predict(m, data: Path, inputs: str) -> ad.AnnData:
+    """The closed-form part of the generated model fitted on `data`'s training part; predictions of `inputs`."""
+    cells = m.read_part(data, "train.h5ad")
+    bulk = m.read_pseudobulk(data)
+    controls = m.control_means(cells, bulk)
+    train = m.ConditionSet.from_cells(cells, controls, bulk)
+    none = train.subset(np.zeros(len(train), dtype=bool))
+    model = m.fitted_model(m.CONFIG, list(cells.var_names), controls, cells, train, none, m.CONFIG.seed)
+    return model.predict(m.read_part(data, inputs))
+
+
+def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | None) -> dict:
+    started = time.perf_counter()
+    rd = RunDir(work / f"{kind}_{seed}_{context}").create()
+    make_split(data, SCHEMES[kind], seed, rd.split, context=context)
+    selection = prepare_selection(rd)
+    entries = [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
+               for n in selection.baselines]
+    designed = {f.name: fit_predict(m, f.data, "val_inputs.h5ad") for f in selection.folds}
+    entries.append(Entry("designed", "designed", selection.score(designed), designed))
+    ranked = rank(with_stack(selection, entries, PRIMARY), PRIMARY)
+    winner = ranked[0]
+    test_eval = Evaluator(rd.split, "test")
+    test = dict(run_baselines(rd.split, "test"))
+    test["designed"] = fit_predict(m, selection.main_data, "test_inputs.h5ad")
+    delivered = test[winner.name] if winner.kind != "stack" else stack_test_predictions(winner.weights, test_eval, test)
+    scores = {n: test_eval.score(p).summary for n, p in test.items()}
+    got = test_eval.score(delivered).summary
+    row: dict = {"kind": kind, "seed": seed, "context": context, "validation": selection.describe(),
+                 "delivered": winner.key, "seconds": round(time.perf_counter() - started, 1),
+                 "val": {e.key: {k: e.score(k) for k in (PRIMARY, MSE)} for e in ranked}}
+    for metric, pick in ((PRIMARY, max), (MSE, min)):
+        baselines = {n: s[metric] for n, s in scores.items() if n != "designed" and s.get(metric) is not None}
+        best = pick(baselines, key=baselines.get)
+        row[metric] = {"delivered": got[metric], "designed": scores["designed"][metric], "best_baseline": best,
+                       "best": baselines[best], "verdict": verdict(metric, got[metric], baselines[best]),
+                       "designed_verdict": verdict(metric, scores["designed"][metric], baselines[best]),
+                       "gain": gain(metric, got[metric], baselines[best]),
+                       "designed_gain": gain(metric, scores["designed"][metric], baselines[best])}
+    print(f"{kind} {seed} {context}: {winner.key} " + " ".join(
+        f"{k}={row[k]['delivered']:.3f} vs {row[k]['best_baseline']} {row[k]['best']:.3f} ({row[k]['verdict']})"
+        for k in (PRIMARY, MSE)), file=sys.stderr, flush=True)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for metric in (PRIMARY, MSE):
+        for who, key, g in (("delivered", "verdict", "gain"), ("designed", "designed_verdict", "designed_gain")):
+            verdicts = [r[metric][key] for r in rows]
+            out[f"{metric}_{who}"] = {"win": verdicts.count("win"), "tie": verdicts.count("tie"),
+                                      "loss": verdicts.count("loss"),
+                                      "mean_relative_gain": round(statistics.fmean(r[metric][g] for r in rows), 4)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="stimulation", choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--contexts", nargs="+", default=None, help="stimulation: the cell types to hold out (all)")
+    parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.validation == "holdout":
+        splits.MIN_VAL_GROUPS = 2
+    work = args.out or Path(tempfile.mkdtemp(prefix="cellforge-selection-"))
+    rows = []
+    for seed in args.seeds:
+        folder = work / f"{args.kind}_{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = folder / "data.h5ad"
+        simulate(args.kind, seed, n_cells=12000, n_genes=500).write_h5ad(data)
+        profile = profile_dataset(data)
+        llm = OfflineBackend(pipeline_handlers())
+        plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm, folder / "discussion").plan
+        m = load_bundle(render_bundle(plan).write(folder / "code"))
+        held = [None]
+        if args.kind == "stimulation":
+            held = [c for c in ad.read_h5ad(data, backed="r").uns["simulation"]["cell_types"]
+                    if args.contexts is None or c in args.contexts]
+        rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
+    print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds,
+                      "validation": args.validation, "summary": summary(rows), "runs": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
