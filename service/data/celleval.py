@@ -96,6 +96,33 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+# pdex and numba-mwu (cell-eval's DE test) compile their numba kernels without `cache=True`: about ten seconds
+# of compiling in every process that scores. Cached on disk (beside their sources, or under NUMBA_CACHE_DIR
+# where those are read-only), a later process loads them in a fraction of a second.
+_KERNEL_MODULES = ("numba_mwu._core", "numba_mwu._batch", "numba_mwu._sparse", "pdex._math")
+_kernels_cached = False
+
+
+def _cache_kernels() -> None:
+    global _kernels_cached
+    if _kernels_cached:
+        return
+    import importlib
+
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    for name in _KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another pdex/numba-mwu layout: its kernels compile as they always did
+            continue
+        for kernel in vars(module).values():
+            if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, NullCache):
+                kernel.enable_caching()
+    _kernels_cached = True
+
+
 def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(idx, size=cap, replace=False)) if len(idx) > cap else idx
 
@@ -177,6 +204,7 @@ class CellEvalScorer:
     def _run(self, context: str, ctx: _Context, pred: np.ndarray) -> pd.DataFrame:
         from cell_eval import MetricPipeline, MetricsEvaluator
 
+        _cache_kernels()
         outdir = Path(self._tmp.name) / f"ctx{list(self.contexts).index(context)}"
         with _quiet():
             evaluator = MetricsEvaluator(

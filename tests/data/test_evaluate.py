@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -34,12 +35,20 @@ def truth_predictions(split: Path, which: str = "test") -> ad.AnnData:
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=cells.var_names))
 
 
-@pytest.fixture
-def split(make_adata, tmp_path) -> Path:
-    """A split written by the real splitter: 4 test and 2 val perturbations of 10."""
+@pytest.fixture(scope="module")
+def split(make_adata, tmp_path_factory) -> Path:
+    """A split written by the real splitter: 4 test and 2 val perturbations of 10. Shared by the module's
+    tests, which only read it; a test that edits a split edits its own copy (`own_split`)."""
     adata = make_adata([f"G{i}" for i in range(10)], n_genes=50, cells_per_condition=30, n_control=60)
-    make_split(adata, "unseen-perturbation", 0, tmp_path / "split", test_fraction=0.4, val_fraction=0.2)
-    return tmp_path / "split"
+    root = tmp_path_factory.mktemp("evaluate")
+    make_split(adata, "unseen-perturbation", 0, root / "split", test_fraction=0.4, val_fraction=0.2)
+    return root / "split"
+
+
+@pytest.fixture
+def own_split(split, tmp_path) -> Path:
+    """A private copy of `split`, for a test that edits its files."""
+    return Path(shutil.copytree(split, tmp_path / "split"))
 
 
 def test_perfect_predictions_score_perfectly_and_match_plain_computations(split):
@@ -309,9 +318,10 @@ def test_split_without_val_conditions_says_so(make_adata, tmp_path):
         Evaluator(tmp_path / "split", "val")  # too few to hold out: cross-validation folds replace val
 
 
-def test_truth_lacking_a_condition_is_a_split_error(split):
+def test_truth_lacking_a_condition_is_a_split_error(own_split):
     from service.data import SplitDirectoryError
 
+    split = own_split
     truth = ad.read_h5ad(split / "test_truth.h5ad")
     gone = truth.obs["condition"].astype(str).iloc[0]
     truth[truth.obs["condition"] != gone].copy().write_h5ad(split / "test_truth.h5ad")
