@@ -43,6 +43,22 @@ def _image_id(ref: str) -> str:
     return docker.APIClient().inspect_image(ref)["Id"]
 
 
+def _run_read_only(image: str, code: str, *flags: str, timeout: float = 120) -> str:
+    """`python -c code` in a container as a sandbox gets it (no network, the root read-only, only /tmp and
+    /workspace, owned by uid 1000, writable on tmpfs), `flags` added; asserts it succeeded, returns stdout."""
+    proc = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--read-only", *flags, "--tmpfs", "/tmp",
+         "--tmpfs", "/workspace:uid=1000,gid=1000", image, "python", "-c", code],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def test_content_tag_tracks_dockerfile_and_requirements_only(docker_image: str, images_copy: Path) -> None:
     dockerfile, requirements = images_copy / "cpu" / "Dockerfile", images_copy / "cpu" / "requirements.txt"
     original = image_tag("cpu", images_dir=images_copy)
@@ -103,14 +119,7 @@ print(json.dumps({{
     "wheels_left": os.path.exists("/build"),
 }}))
 """
-    proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL",
-         "--security-opt", "no-new-privileges", "--tmpfs", "/tmp", "--tmpfs", "/workspace:uid=1000,gid=1000",
-         docker_image, "python", "-c", probe],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    facts = _last_json(_run_read_only(docker_image, probe, "--cap-drop", "ALL", "--security-opt", "no-new-privileges"))
     assert (facts["uid"], facts["gid"]) == (1000, 1000)
     assert facts["version"] == [3, 11]
     assert facts["prefix"] == "/opt/venv" and facts["cwd"] == "/workspace"
@@ -139,13 +148,7 @@ def test_scanpy_and_matplotlib_work_offline_read_only(docker_image: str) -> None
         "print(json.dumps({'pca': list(adata.obsm['X_pca'].shape), 'png': magic == b'\\x89PNG\\r\\n\\x1a\\n',\n"
         "    'backend': matplotlib.get_backend().lower()}))\n"
     )
-    proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-         "--tmpfs", "/workspace:uid=1000,gid=1000", docker_image, "python", "-c", script],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    facts = _last_json(_run_read_only(docker_image, script, timeout=300))
     assert facts == {"pca": [200, 5], "png": True, "backend": "agg"}
 
 
@@ -161,13 +164,7 @@ def test_kernel_runs_code_in_image_read_only(docker_image: str) -> None:
         "kc.stop_channels(); km.shutdown_kernel(now=True)\n"
         "print('KERNEL SAID', ''.join(out).strip())\n"
     )
-    proc = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-         "--tmpfs", "/workspace:uid=1000,gid=1000", docker_image, "python", "-c", driver],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "KERNEL SAID 42" in proc.stdout
+    assert "KERNEL SAID 42" in _run_read_only(docker_image, driver)
 
 
 def test_unknown_flavor_and_missing_files_are_named(tmp_path: Path) -> None:
