@@ -42,7 +42,6 @@ def offline_run(design_settings, tmp_path_factory) -> DesignResult:
     return result
 
 
-
 @pytest.fixture(scope="session")
 def knockout_plan(tmp_path_factory):
     """The offline discussion's plan for a knockout screen's profile (no data, no sandbox)."""
@@ -54,3 +53,21 @@ def knockout_plan(tmp_path_factory):
     llm = OfflineBackend(pipeline_handlers())
     analysis = analyse_task(KNOCKOUT, "Predict unseen CRISPR knockouts", llm)
     return run_discussion(analysis, KNOCKOUT, llm, tmp_path_factory.mktemp("plan")).plan
+
+
+@pytest.fixture(scope="session")
+def knockout_bundle(knockout_plan, tmp_path_factory):
+    """`knockout_bundle(epochs)`: the folder of the knockout plan's rendered bundle, set to train for
+    `epochs` (each value rendered once per session; the shared plan itself is left as it is)."""
+    from service.pipeline import render_bundle
+
+    folders: dict[int, Path] = {}
+
+    def bundle(epochs: int) -> Path:
+        if epochs not in folders:
+            plan = knockout_plan.model_copy(deep=True)
+            plan.training.epochs = epochs
+            folders[epochs] = render_bundle(plan).write(tmp_path_factory.mktemp(f"knockout_code_{epochs}"))
+        return folders[epochs]
+
+    return bundle

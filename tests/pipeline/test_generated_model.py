@@ -16,17 +16,9 @@ import torch
 from generated_code import load_bundle
 
 from sandbox import BackendKind
-from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.data import make_split, simulate
 from service.data.splits import MODEL_FILES
-from service.llm import OfflineBackend
-from service.pipeline import pipeline_handlers, render_bundle
 from service.pipeline.execute import SandboxSettings, run_attempt
-
-FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
-             n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
-             n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
-             target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
 
 # A fresh interpreter that has the bundle's code, model.pt and the inputs parts, and nothing else.
 PREDICT = """
@@ -42,14 +34,9 @@ print("train" in sys.modules, "components" in sys.modules)
 
 
 @pytest.fixture(scope="module")
-def knockout_code(tmp_path_factory) -> Path:
-    facts = ProfileFacts.model_validate(FACTS)
-    llm = OfflineBackend(pipeline_handlers())
-    plan = run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
-                          tmp_path_factory.mktemp("discussion")).plan
-    plan.training.epochs = 3
-    assert plan.architecture.base_predictor == "linear_ridge" and plan.architecture.residual_delta
-    return render_bundle(plan).write(tmp_path_factory.mktemp("code"))
+def knockout_code(knockout_plan, knockout_bundle) -> Path:
+    assert knockout_plan.architecture.base_predictor == "linear_ridge" and knockout_plan.architecture.residual_delta
+    return knockout_bundle(epochs=3)
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,14 @@ import torch
 from generated_code import load_bundle
 
 from sandbox import BackendKind
-from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.data import make_split, simulate
 from service.data.sandbox_data import MAX_CELLS_ENV, PSEUDOBULK_FILE, SAMPLE_UNS, write_sandbox_data
-from service.llm import OfflineBackend
-from service.pipeline import pipeline_handlers, render_bundle
 from service.pipeline.execute import SandboxSettings, run_attempt
-
-FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
-             n_control_cells=3000, cells_per_condition_median=150.0, cells_per_condition_min=40.0, n_contexts=1,
-             n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
-             target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
 
 
 @pytest.fixture(scope="module")
-def code(tmp_path_factory) -> Path:
-    facts = ProfileFacts.model_validate(FACTS)
-    llm = OfflineBackend(pipeline_handlers())
-    plan = run_discussion(analyse_task(facts, "Predict unseen CRISPR knockouts", llm), facts, llm,
-                          tmp_path_factory.mktemp("discussion")).plan
-    plan.training.epochs = 2
-    return render_bundle(plan).write(tmp_path_factory.mktemp("code"))
+def code(knockout_bundle) -> Path:
+    return knockout_bundle(epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +54,6 @@ def _control_means(adata: ad.AnnData) -> dict[str, np.ndarray]:
     return _means(adata, ctrl, contexts, sorted(set(contexts[ctrl])))
 
 
-@pytest.mark.slow  # its fixtures render a bundle and write a split (~20 s)
 def test_condition_and_control_means_come_from_the_pseudobulks(code, sampled):
     split, data = sampled
     m = load_bundle(code)
