@@ -7,6 +7,7 @@ hallucinated value is rejected at the boundary instead of surfacing as a trainin
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -246,16 +247,22 @@ class PlanFieldError(CellForgeError, ValueError):
     """A proposed value does not fit the named plan field (unknown path, wrong type or out of range)."""
 
 
+@functools.cache
+def _field_adapter(section: str, name: str) -> TypeAdapter[Any]:
+    """The validator of one plan field, built once: a discussion checks each field many times."""
+    info = _section_models()[section].model_fields[name]
+    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return TypeAdapter(cast(Any, annotation))
+
+
 def validate_field_value(path: str, value: Any) -> Any:
     """Check one plan field on its own (type, range, enum); cross-field rules are checked on the whole Plan."""
     section, _, name = path.partition(".")
     model = _section_models().get(section)
     if model is None or name not in model.model_fields:
         raise PlanFieldError(f"unknown plan field {path!r}; expected one of {plan_field_paths()}")
-    info = model.model_fields[name]
-    annotation = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     try:
-        return TypeAdapter(cast(Any, annotation)).validate_python(value)
+        return _field_adapter(section, name).validate_python(value)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = f" at {'.'.join(map(str, first['loc']))}" if first["loc"] else ""  # inside a list / an object
