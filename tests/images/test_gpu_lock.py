@@ -30,6 +30,19 @@ def pypi() -> Iterator[PackageIndex]:
     index.close()
 
 
+class _Unclosed:
+    """An index the caller may close: the module's shared index stays open for the tests after."""
+
+    def __init__(self, index: PackageIndex) -> None:
+        self._index = index
+
+    def __getattr__(self, name: str):
+        return getattr(self._index, name)
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture
 def gpu_copy(tmp_path: Path) -> Path:
     """A private copy of images/gpu, so a test can edit its lock."""
@@ -176,11 +189,14 @@ def test_the_newest_torch_whose_whole_set_is_served_wins(small_index, tmp_path):
         index.close()
 
 
-def test_cli_checks_the_lock_and_prints_its_pins():
+def test_cli_checks_the_lock_and_prints_its_pins(pypi, monkeypatch):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from service.cli import app, images_cmd
 
+    # The CLI reads the same index through the module's client, whose listings the first test already
+    # fetched (reading PyPI's metadata again is seconds of network); the CLI's close() leaves it open.
+    monkeypatch.setattr(images_cmd, "PackageIndex", lambda: _Unclosed(pypi))
     result = CliRunner().invoke(app, ["images", "lock", "--flavor", "gpu", "--check", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
