@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -178,9 +179,16 @@ def test_multimodal_protein_and_atac_metrics(make_adata, tmp_path):
 # --- validation -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ev(split) -> Evaluator:
+@pytest.fixture(scope="module")
+def built_evaluator(split) -> Evaluator:
     return Evaluator(split)
+
+
+@pytest.fixture
+def ev(built_evaluator) -> Evaluator:
+    """The module's evaluator, built once; a shallow copy per test, so one that sets its baseline or
+    ceiling sets its own."""
+    return copy.copy(built_evaluator)
 
 
 def test_missing_condition_is_named(ev, split):
