@@ -4,6 +4,8 @@ the same way, and `cellforge score` carries cell-eval's VCC profile."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -21,8 +23,24 @@ from service.data.evaluate import Evaluator
 
 from .test_evaluate import truth_predictions
 
-# The first cell-eval call of a process compiles pdex's numba kernels (seconds idle, a minute on a loaded machine).
+# cell-eval's DE test runs per context and per prediction (seconds each); the first process after an install
+# also compiles pdex's numba kernels (a minute on a loaded machine; cached on disk from then on).
 pytestmark = pytest.mark.slow
+
+# A fresh interpreter scores the split once and counts how its DE kernels were got: loaded from the disk
+# cache, or compiled.
+SCORE_IN_A_FRESH_PROCESS = """
+import json, sys
+from numba.core.dispatcher import Dispatcher
+from service.data.celleval import _KERNEL_MODULES
+from service.data.evaluate import Evaluator
+from tests.data.test_evaluate import truth_predictions
+
+Evaluator(sys.argv[1], "test").cell_eval(truth_predictions(__import__("pathlib").Path(sys.argv[1])))
+kernels = [k for m in _KERNEL_MODULES for k in vars(sys.modules[m]).values() if isinstance(k, Dispatcher)]
+print(json.dumps({"hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+                  "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels)}))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +122,12 @@ def test_cli_score_prints_cell_eval_and_puts_it_in_json(split, tmp_path):
     assert set(VCC_METRICS) <= set(cell["summary"]) and cell["vcc_score"] is not None
     assert len(cell["per_condition"]) == document["n_conditions"]
     assert "cell-eval" in result.output and "vcc_score" in result.output
+
+
+def test_a_later_process_loads_the_de_kernels_instead_of_compiling_them(split, evaluator):
+    evaluator.cell_eval(truth_predictions(split))  # this process compiled (or loaded) and cached them
+    done = subprocess.run([sys.executable, "-c", SCORE_IN_A_FRESH_PROCESS, str(split)], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["hits"] > 0 and counts["misses"] == 0, counts
