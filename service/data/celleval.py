@@ -118,7 +118,7 @@ def _cache_kernels() -> None:
         except ImportError:  # another pdex/numba-mwu layout: its kernels compile as they always did
             continue
         for kernel in vars(module).values():
-            if isinstance(kernel, Dispatcher) and isinstance(kernel._cache, NullCache):
+            if isinstance(kernel, Dispatcher) and isinstance(getattr(kernel, "_cache", None), NullCache):
                 kernel.enable_caching()
     _kernels_cached = True
 
