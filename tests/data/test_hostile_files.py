@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -266,10 +267,18 @@ def test_normal_file_reads_as_anndata_reads_it(make_adata, h5ad_path):
 # -- split directories and predictions ------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def clean_split(make_adata, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile_split")
+    make_adata().write_h5ad(root / "data.h5ad")
+    make_split(root / "data.h5ad", "unseen-perturbation", 0, root / "split")
+    return root / "split"
+
+
 @pytest.fixture
-def split_dir(make_adata, h5ad_path, tmp_path) -> Path:
-    make_split(h5ad_path(make_adata()), "unseen-perturbation", 0, tmp_path / "split")
-    return tmp_path / "split"
+def split_dir(clean_split, tmp_path) -> Path:
+    """A private copy of the module's split: a test may plant a hostile part in it."""
+    return Path(shutil.copytree(clean_split, tmp_path / "split"))
 
 
 def test_a_hostile_split_part_is_refused(split_dir, tmp_path, secret):
