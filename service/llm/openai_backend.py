@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, cast
 import openai
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -306,7 +307,7 @@ class OpenAIBackend:
         # A continuation is the rest of a JSON text, not an object of its own: no structured output.
         if self.response_format == "json_schema" and not continuation:
             params["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": request.schema.__name__, "schema": request.schema.model_json_schema(), "strict": False}}
+                "name": request.schema.__name__, "schema": json.loads(schema_text(request.schema)), "strict": False}}
         elif self.response_format == "json_object" and not continuation:
             params["response_format"] = {"type": "json_object"}
         return params
@@ -416,10 +417,22 @@ def _retry_after(exc: BaseException | None) -> float | None:
     return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
+_SCHEMA_TEXTS: dict[type[BaseModel], str] = {}
+
+
+def schema_text(schema: type[BaseModel]) -> str:
+    """A reply type's JSON schema as compact JSON, generated once per type (pydantic takes tens of
+    milliseconds a time, and a discussion asks ~40 questions)."""
+    text = _SCHEMA_TEXTS.get(schema)
+    if text is None:
+        text = _SCHEMA_TEXTS[schema] = json.dumps(schema.model_json_schema(), separators=(",", ":"))
+    return text
+
+
 def system_prompt(request: LLMRequest) -> str:
     """The request's system text and, once, the JSON schema its reply must follow (compact: it is sent
     with every question)."""
-    schema = json.dumps(request.schema.model_json_schema(), separators=(",", ":"))
+    schema = schema_text(request.schema)
     return (
         f"{request.system}\n\n"
         "Reply with one JSON object and nothing else (no prose, no code fences). "
