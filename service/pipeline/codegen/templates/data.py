@@ -154,12 +154,17 @@ def predictions_adata(conditions: ConditionSet, delta: np.ndarray, genes: list[s
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[str(g) for g in genes]))
 
 
-def cell_sample(train: ad.AnnData, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cell_sample(train: ad.AnnData, limit: int, seed: int,
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A dense sample of training cells with their contexts and control flags (controls always kept
-    up to half the sample, so the expression input has enough of them)."""
+    up to half the sample, so the expression input has enough of them), drawn among `rows` (increasing
+    positions in `train`; default every cell). The row indices are drawn first and only those rows of X are
+    read: `train[rows].X` would copy the matrix of every row in `rows` (up to the whole part) first. The
+    draw is the one `cell_sample(train[rows], limit, seed)` makes: the same cells for the same seed."""
     rng = np.random.default_rng(seed)
     is_ctrl = train.obs["is_control"].astype(bool).to_numpy()
-    ctrl, other = np.flatnonzero(is_ctrl), np.flatnonzero(~is_ctrl)
+    rows = np.arange(train.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
+    ctrl, other = rows[is_ctrl[rows]], rows[~is_ctrl[rows]]
     take_ctrl = rng.choice(ctrl, size=min(limit // 2, len(ctrl)), replace=False)
     take_other = rng.choice(other, size=min(limit - len(take_ctrl), len(other)), replace=False)
     pick = np.sort(np.concatenate([take_ctrl, take_other]))

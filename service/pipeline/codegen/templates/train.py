@@ -147,7 +147,8 @@ def fitted_model(config: Config, genes: list[str], controls: dict[str, np.ndarra
     model = PerturbationModel(config, genes, controls)
     keep = train_cells.obs["is_control"].astype(bool).to_numpy() | \
         train_cells.obs["condition"].astype(str).isin(set(train.table["condition"])).to_numpy()
-    cells, contexts, is_control = cell_sample(train_cells[keep], config.cell_sample, seed)
+    # Indices first: a view's X (`train_cells[keep].X`) would copy the matrix of every kept cell (~100k at scale).
+    cells, contexts, is_control = cell_sample(train_cells, config.cell_sample, seed, rows=np.flatnonzero(keep))
     model.fit_closed_form(train, stop, cells, contexts, is_control)
     return model
 
