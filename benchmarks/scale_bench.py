@@ -1,14 +1,17 @@
 """Scale benchmark (issue 17): simulate a knockout screen and design a model for it offline, end to end,
 through the `cellforge` CLI, at growing numbers of cells; memory should stay flat in the number of cells.
 
-    .venv/bin/python benchmarks/scale_bench.py --cells 100000 400000 [--genes 2000] [--seed 0] [--max-nodes 6]
+    .venv/bin/python benchmarks/scale_bench.py --cells 100000 400000 [--genes 2000] [--seed 0] [--max-nodes N]
+        [--max-minutes M]
 
 Per size: `cellforge data simulate` then `cellforge design --llm offline` (Docker sandboxes), each in its
 own process: wall time and that process's peak RSS (`wait4` rusage), the size of the file, and the largest
 `memory.max_usage_in_bytes` (cgroup v1) or `memory.peak` (v2) of the sandbox containers the design started
 (labelled with its pid); per design phase (its progress lines on stderr) the seconds, the CLI's peak RSS
 (polled from /proc every 0.5 s) and the sandboxes' peak. Prints one JSON object. Targets: at 1,000,000 cells x 2,000 genes, simulate +
-design within 20 minutes and 6 GB of peak RSS for each CLI process, the sandboxes within their limit.
+design within 20 minutes and 6 GB of peak RSS for each CLI process, the sandboxes within their limit. The
+design runs with the CLI's default time budget (`--max-minutes` 15, the search spending what is left after the
+data path) unless `--max-minutes` / `--max-nodes` are given; each row records why its search stopped.
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ def run(cmd: list[str], sandbox: SandboxPeak | None = None, phases: Phases | Non
             "json": json.loads(last), "stderr_tail": err[-600:] if proc.returncode else ""}
 
 
-def case(cells: int, genes: int, seed: int, max_nodes: int, root: Path) -> dict[str, Any]:
+def case(cells: int, genes: int, seed: int, max_nodes: int | None, max_minutes: float | None,
+         root: Path) -> dict[str, Any]:
     cli = str(Path(sys.executable).parent / "cellforge")
     data = root / f"knockout-{cells}.h5ad"
     sim = run([cli, "data", "simulate", "--kind", "knockout", "--cells", str(cells), "--genes", str(genes),
@@ -165,9 +169,11 @@ def case(cells: int, genes: int, seed: int, max_nodes: int, root: Path) -> dict[
     row["file_mb"] = round(data.stat().st_size / 2**20, 1)
     phases = Phases()
     sandbox = SandboxPeak(phases=phases)
+    budget = ([] if max_nodes is None else ["--max-nodes", str(max_nodes)]) + \
+        ([] if max_minutes is None else ["--max-minutes", str(max_minutes)])
     design = run([cli, "design", "--data", str(data), "--task", "Predict expression after CRISPR knockout of unseen "
                   "genes", "--llm", "offline", "--out", str(root / f"run-{cells}"), "--seed", str(seed),
-                  "--max-nodes", str(max_nodes), "--max-minutes", "60", "--json"], sandbox, phases)
+                  *budget, "--json"], sandbox, phases)
     design["phases"] = phases.close()
     design["sandbox_peak_mb"] = round(sandbox.peak / 2**20, 1)
     design["sandbox_containers"] = len(sandbox.containers)
@@ -176,6 +182,8 @@ def case(cells: int, genes: int, seed: int, max_nodes: int, root: Path) -> dict[
         metrics = json.loads(metrics_file.read_text())
         design["status"] = metrics.get("status")
         design["verdict"] = (metrics.get("verdict") or {}).get("summary")
+        search = metrics.get("search") or {}
+        design["search"] = {k: search.get(k) for k in ("nodes", "improve_nodes", "stopped", "skipped")}
     row["design"] = design
     total = sim["wall_s"] + design["wall_s"]
     row.update({"total_s": round(total, 1), "within_time_target": total <= TARGET_SECONDS,
@@ -189,13 +197,14 @@ def main() -> None:
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 400_000])
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-nodes", type=int, default=6, help="improve steps of the design search")
+    parser.add_argument("--max-nodes", type=int, default=None, help="cap on the improve steps (default: none)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="design budget (default: the CLI's, 15)")
     parser.add_argument("--workdir", type=Path, default=None, help="where data and runs go (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cellforge-scale-", dir=args.workdir) as tmp:
         rows = []
         for n in args.cells:
-            rows.append(case(n, args.genes, args.seed, args.max_nodes, Path(tmp)))
+            rows.append(case(n, args.genes, args.seed, args.max_nodes, args.max_minutes, Path(tmp)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress, in case a later size fails
     print(json.dumps({"benchmark": "scale", "genes": args.genes, "seed": args.seed, "cases": rows}))
 

@@ -28,7 +28,9 @@ TABLE = ("pearson_delta_pert", "mse_top20_de", "pearson_delta", "mse")
 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split and of training.")]
 AttemptsOpt = Annotated[int, typer.Option("--max-attempts", help="Sandbox attempts (debugging included).")]
-MinutesOpt = Annotated[float, typer.Option("--max-minutes", help="Time budget of the whole run.")]
+MinutesOpt = Annotated[float | None, typer.Option(
+    "--max-minutes", help="Wall-clock budget of the whole design from its start, LLM time not counted (default 15): "
+                          "the search starts a step only when it is projected to fit.")]
 SandboxOpt = Annotated[BackendKind, typer.Option("--sandbox", help="docker (isolated) or local (not isolated).")]
 RuntimeOpt = Annotated[str | None, typer.Option(
     "--runtime", help="Container runtime of the docker sandboxes: runsc (gVisor) or runc; default: the engine's.")]
@@ -147,11 +149,12 @@ def design(
     gpus: GpusOpt = 0,
     runtime: RuntimeOpt = None,
     max_attempts: AttemptsOpt = 4,
-    max_minutes: MinutesOpt = 30.0,
+    max_minutes: MinutesOpt = None,
     seed: SeedOpt = 0,
     candidates: Annotated[int, typer.Option("--candidates", help="Plans drafted; the best by validation is kept.")] = 1,
-    max_nodes: Annotated[int, typer.Option("--max-nodes", help="Improve steps of the design search after the "
-                                                               "first working model (0: none).")] = 6,
+    max_nodes: Annotated[int | None, typer.Option(
+        "--max-nodes", help="Cap on the improve steps of the design search after the first working model (0: none; "
+                            "default: no cap, the time budget decides).")] = None,
     max_llm_minutes: Annotated[float | None, typer.Option(
         "--max-llm-minutes", help="Wall time all LLM calls may take together (not counted in --max-minutes); "
                                   "then the offline rules answer.")] = None,

@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.data.evaluate import EvaluationReport, Evaluator
+from service.pipeline.budget import Forecast, project_step
 from service.pipeline.codegen.manifest import check_implements
 from service.pipeline.execute import AttemptOutcome, SandboxSettings, StepFailure, run_attempt, save_outcome
 from service.pipeline.progress import ProgressCallback, ProgressEvent
@@ -36,18 +38,25 @@ class NodeResult:
 class NodeRunner:
     def __init__(self, rd: RunDir, selection: Selection, test_eval: Evaluator, primary: str,
                  sandbox: SandboxSettings, deadline: float, started: float, on_progress: ProgressCallback,
-                 mean_baseline: float | None) -> None:
+                 mean_baseline: float | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.rd, self.selection, self.test_eval, self.primary = rd, selection, test_eval, primary
         self.sandbox, self.deadline, self.started, self.emit = sandbox, deadline, started, on_progress
         self.mean_baseline = mean_baseline
+        self.clock = clock  # the budget's clock (deadline and started are on it)
+        self.reserve = 0.0  # seconds a node's runs leave to the finish (the improve loop sets it)
         self.results: dict[int, NodeResult] = {}
         self.run_seconds: list[float] = []  # wall time of each sandbox run, for the time budget
+        self.node_times: list[float] = []  # wall time of each node that ran every fold, for the time budget
         self.main_runs: dict[int, tuple[Path | None, str | None]] = {}
         # Folds after the first run side by side when the host has the cores for their CPU quotas.
         self.parallel = max(1, min(len(selection.folds) - 1, (os.cpu_count() or 1) // max(1, math.ceil(sandbox.cpus))))
 
     def time_left(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - self.clock()
+
+    def run_time_left(self) -> float:
+        """What one more sandbox run may take: the time left less the finish's reserve."""
+        return self.time_left() - self.reserve
 
     def node_dir(self, node: Node) -> Path:
         return self.rd.attempt(node.id)
@@ -61,15 +70,16 @@ class NodeRunner:
         return self._sandbox_run(node, fold.data, self.run_dir(node, fold.name), index == 0 and node.tested)
 
     def _sandbox_run(self, node: Node, data: Path, where: Path, run_tests: bool) -> AttemptOutcome:
-        outcome = run_attempt(self.node_dir(node) / "code", data, where, node.id, self.sandbox, self.time_left(),
+        began = self.clock()
+        outcome = run_attempt(self.node_dir(node) / "code", data, where, node.id, self.sandbox, self.run_time_left(),
                               self.emit, run_tests=run_tests)
         save_outcome(where, outcome)
-        self.run_seconds.append(outcome.seconds)
+        self.run_seconds.append(self.clock() - began)
         return outcome
 
     def run(self, node: Node, tree: SearchTree) -> NodeResult:
         """Run, check and score `node` on every fold; fill its validation and status in `tree`."""
-        began = time.monotonic()
+        began = self.clock()
         node.started = began - self.started
         folder = self.node_dir(node)
         node.bundle.write(folder / "code")
@@ -78,7 +88,7 @@ class NodeRunner:
         reports: dict[str, EvaluationReport] = {}
         folds = self.selection.folds
         # The first fold alone (it runs the tests: broken code stops there), then the others side by side.
-        outcomes = [self._fold_run(node, 0)] if self.time_left() > 10 else []
+        outcomes = [self._fold_run(node, 0)] if self.run_time_left() > 10 else []
         if outcomes and outcomes[0].failure is None and len(folds) > 1:
             with ThreadPoolExecutor(self.parallel) as workers:
                 outcomes += list(workers.map(lambda i: self._fold_run(node, i), range(1, len(folds))))
@@ -107,7 +117,9 @@ class NodeRunner:
         node.validation = Validation(ok, problems, self.primary, score, self.mean_baseline,
                                      dict(pooled.summary) if pooled else {}, pooled.n_conditions if pooled else 0)
         node.failure = failure.summary() if failure else ("; ".join(problems) or None)
-        node.seconds = time.monotonic() - began
+        node.seconds = self.clock() - began
+        if len(outcomes) == len(folds) and all(o.failure is None for o in outcomes):
+            self.node_times.append(node.seconds)  # it ran to the end: a measure of the next node
         tree.judge(node)
         result = NodeResult(failure, problems, pooled)
         self.results[node.id] = result
@@ -129,10 +141,10 @@ class NodeRunner:
     def mean_run_seconds(self) -> float:
         return sum(self.run_seconds) / len(self.run_seconds) if self.run_seconds else 60.0
 
-    def node_seconds(self) -> float:
-        """Expected wall time of one more node: the mean sandbox run, times the rounds its folds take."""
-        rounds = 1 + math.ceil((len(self.selection.folds) - 1) / self.parallel)
-        return self.mean_run_seconds() * min(rounds, len(self.selection.folds))
+    def forecast(self, step: str, reserve: float) -> Forecast:
+        """Does one more node fit in the time left, `reserve` kept for the finish? (`budget.project_step`)"""
+        rounds = min(1 + math.ceil((len(self.selection.folds) - 1) / self.parallel), len(self.selection.folds))
+        return Forecast(step, project_step(self.node_times, self.run_seconds, rounds), self.time_left(), reserve)
 
     def test_outputs(self, node: Node) -> tuple[Path | None, str | None]:
         """The folder of the node's outputs on the whole split (test predictions, weights): the val run's in

@@ -448,6 +448,19 @@ def _nodes(tree: dict[str, Any]) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 
+def _search_end(tree: dict[str, Any]) -> str:
+    """Why the improve loop ended, and the steps the time budget did not start (with their projections)."""
+    stopped = tree.get("stopped") or {}
+    out = (f"<p class=\"note\">Search stopped ({html.escape(str(stopped.get('reason')))}): "
+           f"{html.escape(str(stopped.get('detail')))}.</p>") if stopped else ""
+    skipped = tree.get("skipped") or []
+    if skipped:
+        items = "".join(f"<li>after node #{s.get('after_node')}: {html.escape(str(s.get('detail')))}</li>"
+                        for s in skipped)
+        out += f"<p>Steps not started (time budget):</p><ul>{items}</ul>"
+    return out
+
+
 def _verdict_box(metrics: dict[str, Any]) -> str:
     if "verdict" not in metrics:
         return ""
@@ -532,7 +545,7 @@ def write_report(rd: RunDir, plan: Plan, analysis: TaskAnalysis, discussion: Dis
 <h2>Per test condition</h2>{_per_condition_table(metrics)}
 <h2>Predicted vs true Δ (top-20 DE genes, delivered predictions)</h2>{_delta_plots(rd, rows, primary)}
 <h2>Validation: every candidate</h2>{_validation_table(metrics)}
-<h2>Design search</h2>{search_svg(journal)}{_nodes(journal)}
+<h2>Design search</h2>{search_svg(journal)}{_nodes(journal)}{_search_end(journal)}
 <h2>Training curve (delivered predictor)</h2>{_curves(rd)}
 <h2>Task</h2><p>{html.escape(analysis.problem_definition)}</p>
 <p>Kind {analysis.perturbation_kind}; split {analysis.split_scheme}; cited:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from service.llm import (Backend, LLMConfig, LLMError, LLMInvalidReply, LLMReque
                          summarize_run)
 from service.llm.request import R
 from service.pipeline.candidates import candidate_plans
+from service.pipeline.budget import DEFAULT_MAX_MINUTES
 from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.manifest import implemented, plan_following
 from service.pipeline.codegen.request import (CODEGEN, CODEGEN_FILE, CodegenMode, codegen_request, generate_by_files,
@@ -69,8 +71,10 @@ class DesignSettings(BaseModel):
     out: Path
     seed: int = Field(0, ge=0)
     max_attempts: int = Field(4, ge=1, le=50, description="sandbox runs of one draft, its debugging included")
-    max_minutes: float = Field(30.0, gt=0, description="time of the run's own work (profile, split, sandboxes, "
-                                                       "scoring); the LLM's time is not counted against it")
+    max_minutes: float = Field(DEFAULT_MAX_MINUTES, gt=0,
+                               description="wall-clock budget of the whole design from its start (profile, split, "
+                                           "sandboxes, scoring, report); the improve loop starts a step only when "
+                                           "its projection fits; the LLM's time is not counted against it")
     max_rounds: int = Field(4, ge=1, le=20)
     sandbox: BackendKind = BackendKind.DOCKER
     gpus: int = Field(0, ge=0)
@@ -83,7 +87,8 @@ class DesignSettings(BaseModel):
     cpus: float = Field(2.0, gt=0, le=256, description="sandbox CPUs")
     max_genes: int | None = Field(None, ge=10, description="cap on the genes kept by the split")
     candidates: int = Field(1, ge=1, le=7, description="draft plans (the discussion's + variants)")
-    max_nodes: int = Field(6, ge=0, le=100, description="improve steps after the first working model")
+    max_nodes: int | None = Field(None, ge=0, le=100, description="cap on the improve steps after the first working "
+                                                                  "model (default: none, the time budget decides)")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the groups held out for validation")
     cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
     held_out_context: str | None = Field(None, description="unseen-context splits: the context to hold out "
@@ -177,10 +182,12 @@ class Search:
             out.append(entry)
         return out
 
-    def _debug(self, node: Node, depth_limit: int) -> Node:
-        """Debug children of a failed node until one works or the limits are reached. Whatever the
-        debugger does (no answer, a patch that does not apply), the search goes on to the finish."""
-        while not node.working and node.debug_depth < depth_limit and self.runner.time_left() > 10:
+    def _debug(self, node: Node, depth_limit: int, budgeted: bool = False) -> Node:
+        """Debug children of a failed node until one works or the limits are reached (`budgeted`: an improve
+        node's, each only when projected to fit the budget). Whatever the debugger does (no answer, a patch that
+        does not apply), the search goes on to the finish."""
+        while not node.working and node.debug_depth < depth_limit and self.runner.time_left() > 10 and \
+                (not budgeted or self._fits("debug", node.id)):
             result = self.runner.results[node.id]
             self.runner.emit(ProgressEvent("debug", node.failure or "failed", attempt=node.id))
             folder = self.runner.node_dir(node)
@@ -263,30 +270,58 @@ class Search:
                                 pooled.per_condition, {n: s.per_condition for n, s in self.baselines.items()},
                                 self.runner.selection.mode)
 
-    def _room_for_a_node(self, reserve: float) -> bool:
-        return self.runner.time_left() > 1.3 * self.runner.node_seconds() + reserve
+    def _stop(self, reason: str, detail: str, **numbers: Any) -> None:
+        """The improve loop ends: why, in the tree (search.json, the report) and in the progress."""
+        self.tree.stopped = {**numbers, "reason": reason, "detail": detail}
+        self.runner.emit(ProgressEvent("improve", f"search stops: {detail}"))
+
+    def _fits(self, step: str, after: int) -> bool:
+        """Whether the next `step` (an improve node, or the debug child of a failed one) is projected to end
+        before the budget's finish reserve; one that is not is recorded as skipped. A replay runs the steps its
+        record holds (its timings are another machine's), so the record decides there."""
+        if self.improve_calls is not None:
+            return True
+        forecast = self.runner.forecast(step, self.runner.reserve)
+        if forecast.fits:
+            return True
+        self.tree.skipped.append({"after_node": after, **forecast.to_json()})
+        return False
 
     def improve(self, reserve: float) -> None:
-        """Up to max_nodes changes, each to the best node so far, kept only if validation improves."""
+        """Changes to the best node so far, each kept only if validation improves, while the next one is
+        projected to fit in the time budget (`budget`), less `reserve` for the finish; up to max_nodes when set."""
+        self.runner.reserve = reserve  # an improve node's sandbox runs end before the finish's reserve too
+        try:
+            self._improve()
+        finally:
+            self.runner.reserve = 0.0  # the finish's own runs (a CV search's run on the whole split) use it
+
+    def _improve(self) -> None:
         steps = 0
-        while steps < self.settings.max_nodes:
+        while True:
             parent = self.tree.best()
             if parent is None:
+                self._stop("no_working_node", "no working model to improve")
+                return
+            if self.settings.max_nodes is not None and steps >= self.settings.max_nodes:
+                self._stop("max_nodes", f"{steps} improve step(s): the --max-nodes cap")
                 return
             if self.improve_calls is not None and steps >= self.improve_calls:
+                self._stop("replay", f"the recorded run's {self.improve_calls} improve request(s) replayed")
                 return
-            if not self._room_for_a_node(reserve):
-                self.runner.emit(ProgressEvent("improve", "no time left for another node"))
+            if not self._fits("improve", self.tree.nodes[-1].id):
+                skipped = self.tree.skipped[-1]
+                self._stop("budget", skipped["detail"], **{k: skipped[k] for k in ("projected_s", "left_s", "reserve_s")})
                 return
             steps += 1
             try:
                 change = self._ask(improve_request(improve_context(parent, self.tree, self._table(parent),
                                                                    self.scheme)))
             except LLMError as exc:
-                self.runner.emit(ProgressEvent("improve", f"search stops: no change proposed: {exc}"))
+                self._stop("llm_error", f"no change proposed: {exc}")
                 return
             if change.stop:
-                self.runner.emit(ProgressEvent("improve", f"search stops: {change.rationale}"))
+                self._stop("no_change", change.rationale)
                 return
             self.runner.emit(ProgressEvent("improve", f"node {len(self.tree.nodes) + 1}: {change.label} "
                                                       f"({change.rationale})"))
@@ -306,7 +341,7 @@ class Search:
                              plan=plan, bundle=bundle, change=change.model_dump(mode="json"), tested=code_changed)
             (self.runner.node_dir(node) / "patch.diff").write_text(unified_diff(parent.bundle, bundle))
             self.runner.run(node, self.tree)
-            self._debug(node, 1)
+            self._debug(node, 1, budgeted=True)
 
 
 def _codegen_mode(config: LLMConfig, replay_from: Path | None) -> CodegenMode:
@@ -403,27 +438,29 @@ def copy_split(source: Path, target: Path) -> None:
 
 def run_design(settings: DesignSettings, llm_config: LLMConfig | None = None, *,
                replay_from: Path | None = None, on_progress: ProgressCallback | None = None,
-               handlers: dict[str, Any] | None = None, provider: SandboxProvider | None = None) -> DesignResult:
+               handlers: dict[str, Any] | None = None, provider: SandboxProvider | None = None,
+               clock: Callable[[], float] = time.monotonic) -> DesignResult:
     """Run the whole pipeline into `settings.out`; never raises for a model that fails to train
     (status `failed`), raises `PipelineError` / data and LLM errors for what stops the run itself.
     `handlers` replaces the offline backend's rules (default: `pipeline_handlers()`). Every sandbox of the
     run is leased from `provider` (a server's, for its tenant); by default from one `BackendProvider` of
-    `settings.sandbox` made for the run and closed at its end: one backend for all its attempts."""
+    `settings.sandbox` made for the run and closed at its end: one backend for all its attempts. The time
+    budget (`settings.max_minutes`) is measured on `clock` (monotonic seconds; a test may pass its own)."""
     if provider is not None:
         # The provider's backend is the one the sandboxes run on (recorded in run.json, checked by preflight).
         settings = settings.model_copy(update={"sandbox": provider.kind})
-        return _run_design(settings, llm_config, replay_from, on_progress, handlers, provider)
+        return _run_design(settings, llm_config, replay_from, on_progress, handlers, provider, clock)
     with BackendProvider(settings.sandbox) as own:
-        return _run_design(settings, llm_config, replay_from, on_progress, handlers, own)
+        return _run_design(settings, llm_config, replay_from, on_progress, handlers, own, clock)
 
 
 def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_from: Path | None,
                 on_progress: ProgressCallback | None, handlers: dict[str, Any] | None,
-                provider: SandboxProvider) -> DesignResult:
+                provider: SandboxProvider, clock: Callable[[], float]) -> DesignResult:
     emit = on_progress or (lambda event: None)
     prepared = preflight(settings)
     keys = _data_keys(settings, prepared)
-    started = time.monotonic()
+    started = clock()
     rd = RunDir(settings.out).create()
     if rd.plan.exists() or rd.attempts.exists():
         raise PipelineError(f"{rd.root} already holds a run; choose a new --out directory")
@@ -445,7 +482,7 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
                             f"{profile.context_candidates[0]} to use it, or --context-key {POOLED} to pool every cell")
 
     emit(ProgressEvent("analysis", "framing the task"))
-    asking = time.monotonic()
+    asking = clock()
     analysis = analyse_task(profile, settings.task, llm)
     scheme = prepared.info.scheme if prepared is not None else settings.scheme
     if scheme is not None and scheme != analysis.split_scheme:
@@ -459,7 +496,7 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
                                 on_event=_discussion_progress(emit))
     plan = _with_seed(discussion.plan, settings.seed)
     # LLM time has its own budget (the LLM config's total_minutes): a slow endpoint does not eat the sandboxes'.
-    deadline = started + settings.max_minutes * 60 + (time.monotonic() - asking)
+    deadline = started + settings.max_minutes * 60 + (clock() - asking)
     rd.plan.write_text(plan.model_dump_json(indent=1) + "\n")
 
     n_genes = plan.preprocessing.n_hvg if settings.max_genes is None else min(plan.preprocessing.n_hvg,
@@ -474,23 +511,27 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
                    n_genes=n_genes if n_genes < profile.n_genes else None, val_fraction=settings.val_fraction,
                    cv_folds=settings.cv_folds, context=settings.held_out_context,
                    on_progress=lambda msg: emit(ProgressEvent("split", msg)))
+    preparing = clock()
     selection = prepare_selection(rd, emit)
     emit(ProgressEvent("split", f"selection by {selection.describe()}"))
     test_eval = Evaluator(rd.split, "test")
+    # The finish repeats this kind of work on test (baselines run and scored, the predictions scored).
+    scoring = clock() - preparing
     primary = plan.evaluation.primary_metric
     baseline_val = {name: selection.baseline_score(name) for name in selection.baselines}
     mean_baseline = baseline_val["mean_delta"].get(primary) if "mean_delta" in baseline_val else None
 
     runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(provider), deadline, started, emit,
-                        mean_baseline)
+                        mean_baseline, clock)
     search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
                     _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
     candidates = candidate_plans(plan, settings.candidates)
     search.drafts(candidates)
-    # Room for the finish (a sandbox run checks delivered baseline/stack code), and in a cross-validated search
-    # for the best node's run on the whole split.
+    # Room for the finish (test baselines and scores as long as the selection's took, cell-eval and the report; a
+    # sandbox run checks delivered baseline/stack code), and in a cross-validated search for the best node's run
+    # on the whole split.
     one_run = runner.mean_run_seconds()
-    reserve = FINISH_SECONDS + one_run + (1.5 * one_run if selection.mode == "cv" else 0)
+    reserve = FINISH_SECONDS + scoring + one_run + (1.5 * one_run if selection.mode == "cv" else 0)
     search.improve(reserve)
     tree = search.tree
     if len(candidates) > 1:
@@ -502,7 +543,7 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
 
     result = _finish(rd, settings, selection, test_eval, tree, runner, baseline_val, primary, emit)
     metrics = result["metrics"]
-    metrics.update({"seconds": round(time.monotonic() - started, 1),
+    metrics.update({"seconds": round(clock() - started, 1),
                     "llm_usage": summarize_run(rd.root).model_dump(mode="json")})
     rd.write_json(rd.metrics, metrics)
     emit(ProgressEvent("report", "writing report.html"))

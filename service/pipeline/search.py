@@ -87,6 +87,10 @@ class Node:
 class SearchTree:
     primary: str
     nodes: list[Node] = field(default_factory=list)
+    # Why the improve loop ended ({"reason", "detail", ...}: budget, max_nodes, rules, llm, replay, no_working_node)
+    stopped: dict[str, Any] | None = None
+    # Steps not started because their projection did not fit the time budget (`budget.Forecast.to_json`)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, node: Node) -> Node:
         self.nodes.append(node)
@@ -124,7 +128,8 @@ class SearchTree:
     def to_json(self, delivered: str | None = None) -> dict[str, Any]:
         best = self.best()
         return {"primary_metric": self.primary, "best": best.id if best else None, "kept_path": self.path_to(best),
-                "delivered": delivered, "nodes": [n.to_json() for n in self.nodes]}
+                "delivered": delivered, "stopped": self.stopped, "skipped": self.skipped,
+                "nodes": [n.to_json() for n in self.nodes]}
 
 
 # --- one change --------------------------------------------------------------------------------------

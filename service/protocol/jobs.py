@@ -21,13 +21,15 @@ class DesignOptions(BaseModel):
 
     seed: int | None = Field(default=None, description="seed of the split and the training (default 0)")
     max_attempts: int | None = Field(default=None, description="debugging attempts (default 4)")
-    max_minutes: float | None = Field(default=None, description="wall-clock budget of the run (default 30)")
+    max_minutes: float | None = Field(default=None, description="wall-clock budget of the whole design in minutes, "
+                                       "LLM time not counted (default 15)")
     max_rounds: int | None = Field(default=None, description="expert discussion rounds (default 4)")
     gpus: int | None = Field(default=None, description="GPUs for the training sandbox (default 0)")
     memory: str | None = Field(default=None, description="sandbox memory, e.g. '4g' (within the tenant's limit)")
     cpus: float | None = Field(default=None, description="sandbox CPUs (within the tenant's limit)")
     max_genes: int | None = Field(default=None, description="cap on the genes kept by the split")
-    max_nodes: int | None = Field(default=None, description="improve steps after the first working model (default 6)")
+    max_nodes: int | None = Field(default=None, description="cap on the improve steps after the first working "
+                                     "model (default: none, the time budget decides)")
     candidates: int | None = Field(default=None, description="draft plans: the discussion's and variants (default 1)")
     runtime: str | None = Field(default=None, description="container runtime of the run's sandboxes: the tenant's "
                                 "(default) or a stronger one (runsc), never a weaker one")

@@ -1,0 +1,72 @@
+"""The time-aware design search: the projection rule, and a design on a real local sandbox whose clock makes
+every training take 1,000 s more, so the budget admits exactly one improve step and records why the search
+stopped (search.json, metrics, the report)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from service.pipeline.budget import FALLBACK_RUN_SECONDS, SAFETY, Forecast, project_step
+
+
+def test_a_step_is_projected_from_the_nodes_that_ran_to_the_end():
+    assert project_step([100.0, 300.0], [50.0, 60.0, 70.0], rounds=2) == pytest.approx(SAFETY * 200.0)
+    # Before any node ran every fold: the mean sandbox run, times the rounds of runs a node takes.
+    assert project_step([], [40.0, 80.0], rounds=3) == pytest.approx(SAFETY * 60.0 * 3)
+    assert project_step([], [], rounds=1) == pytest.approx(SAFETY * FALLBACK_RUN_SECONDS)
+
+
+def test_a_step_fits_only_when_its_projection_ends_before_the_reserve():
+    assert Forecast("improve", projected=100.0, left=300.0, reserve=200.0).fits
+    late = Forecast("improve", projected=100.1, left=300.0, reserve=200.0)
+    assert not late.fits
+    assert late.reason() == "budget: next improve step projected 100 s, 300 s left (200 s of them kept for the finish)"
+    assert late.to_json()["projected_s"] == 100.1 and late.to_json()["reason"] == "budget"
+
+
+STRETCH = 1000.0  # seconds the clock jumps when a sandbox starts training
+
+
+class StretchedClock:
+    """Monotonic time, plus STRETCH seconds for each training started (seen in the progress events)."""
+
+    def __init__(self) -> None:
+        self.extra, self.lock = 0.0, threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return time.monotonic() + self.extra
+
+    def on_progress(self, event) -> None:
+        if event.phase == "train" and event.epoch is None and event.message == "training":
+            with self.lock:
+                self.extra += STRETCH
+
+
+@pytest.mark.slow  # a whole design in local sandboxes (a draft and one improve node; ~1-2 min on 2 busy cores)
+def test_the_search_stops_when_the_next_step_is_projected_past_the_budget(knockout_data, tmp_path):
+    from service.pipeline import DesignSettings, run_design
+
+    clock = StretchedClock()
+    # A draft takes ~1,000 s on this clock: the first improve step fits in 64 minutes with the finish's reserve
+    # (~1,000 s: one run), the second does not (unless one real run took over ~2 minutes).
+    result = run_design(DesignSettings(data=knockout_data, task="Predict expression after knockout of unseen genes",
+                                       out=tmp_path / "run", sandbox="local", max_minutes=64, max_attempts=2,
+                                       val_fraction=0.2), on_progress=clock.on_progress, clock=clock)
+    assert result.status == "validated", result.metrics
+    tree = json.loads((result.run_dir / "search.json").read_text())
+    ran = [n for n in tree["nodes"] if n["status"] != "rejected"]
+    assert [n["kind"] for n in ran][:1] == ["draft"] and ran[0]["seconds"] >= STRETCH
+    assert sum(n["kind"] == "improve" for n in ran) == 1, tree["nodes"]
+    stopped = tree["stopped"]
+    assert stopped["reason"] == "budget" and stopped["detail"].startswith("budget: next improve step projected")
+    assert stopped["projected_s"] > stopped["left_s"] - stopped["reserve_s"]
+    complete = [n["seconds"] for n in ran if n["failure"] is None]
+    assert stopped["projected_s"] == pytest.approx(SAFETY * sum(complete) / len(complete), abs=0.5)
+    assert tree["skipped"][-1]["step"] == "improve" and tree["skipped"][-1]["after_node"] == tree["nodes"][-1]["id"]
+    assert result.metrics["search"]["stopped"] == stopped
+    assert "Search stopped (budget): budget: next improve step projected" in (result.run_dir / "report.html").read_text()
