@@ -4,7 +4,10 @@ the evaluator.
 A baseline sees exactly what a model sees: the training cells, the conditions to predict and the
 control cells of their contexts (those of `val_inputs.h5ad` / `test_inputs.h5ad`; no truth is ever
 read here). `inputs_task` builds the same task from a folder of model files alone (a sandbox's `/data`),
-so a delivered baseline bundle runs this very module. Each writes predictions in the model format: one
+so a delivered baseline bundle runs this very module. A large split's sandbox folder holds a sample of the
+cells plus `pseudobulk.h5ad` (every training condition's mean over all of its cells) and
+`coexpression_cells.h5ad` (the training cells the co-expression sample draws from the whole part): the task
+is then built from those, so the delivered code predicts what the service's own baselines predict. Each writes predictions in the model format: one
 row per condition, `obs` with `condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean
 log-normalized profile.
 
@@ -43,6 +46,11 @@ CONTEXT_RIDGE_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 GENE_SIM_DIM = 20
 GENE_SIM_NEIGHBOURS = 5
 GENE_SIM_MAX_CELLS = 2000
+# A sandbox folder of a large split (`service.data.sandbox_data`): its parts are samples of their cells
+# (uns["sample"]); these files carry what the baselines learn from the whole training part.
+SAMPLE_UNS = "sample"
+PSEUDOBULK_FILE = "pseudobulk.h5ad"  # per training condition (controls too): mean over all its cells, n_cells
+COEXPRESSION_FILE = "coexpression_cells.h5ad"  # the training cells of `coexpression_rows`, drawn from all
 
 
 @dataclass
@@ -96,6 +104,17 @@ def context_means(X, contexts: np.ndarray, rows: np.ndarray | None = None) -> di
     return {str(g): means[i] for i, g in enumerate(groups)}
 
 
+def coexpression_rows(n_obs: int, seed: int = 0) -> np.ndarray:
+    """The rows of the training part the co-expression sample holds: a sorted, seeded draw of
+    `GENE_SIM_MAX_CELLS` (every row, when fewer)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_obs, size=min(GENE_SIM_MAX_CELLS, n_obs), replace=False))
+
+
+def _dense64(X) -> np.ndarray:
+    return (X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float64)
+
+
 def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
     """Pseudobulks of the training cells, read a row chunk at a time (train may be backed: a large
     split's train.h5ad stays on disk) plus a seeded sample of cells for gene co-expression."""
@@ -116,12 +135,37 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
     ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
     perturbed_ctx = context_means(X, contexts, ~is_ctrl) if (~is_ctrl).any() else {}
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(train.n_obs, size=min(GENE_SIM_MAX_CELLS, train.n_obs), replace=False))
-    sample = X[pick]
-    sample = sample.toarray() if sp.issparse(sample) else np.asarray(sample)
-    return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx,
-                           sample.astype(np.float64))
+    sample = _dense64(X[coexpression_rows(train.n_obs, seed)])
+    return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx, sample)
+
+
+def summarise_pseudobulk(bulk: ad.AnnData, cell_sample: np.ndarray) -> TrainingSummary:
+    """What `summarise_training` gives on the whole training part, from its pseudobulks (`PSEUDOBULK_FILE`: one
+    row per training condition, controls included, with `n_cells`) and its co-expression sample: the means
+    of a context's cells are the cell-weighted means of its conditions' rows."""
+    require_obs(bulk, Path(PSEUDOBULK_FILE), (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL, "n_cells"))
+    obs = bulk.obs
+    X = _dense64(bulk.X)
+    is_ctrl = obs[IS_CONTROL].to_numpy(dtype=bool)
+    n = obs["n_cells"].to_numpy(dtype=np.float64)
+    contexts = obs[CONTEXT].astype(str).to_numpy()
+
+    def weighted(rows: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for context in np.unique(contexts[rows]):
+            mask = rows & (contexts == context)
+            out[str(context)] = (X[mask] * n[mask, None]).sum(axis=0) / n[mask].sum()
+        return out
+
+    control_means = weighted(is_ctrl)
+    if not control_means:
+        raise SplitDirectoryError(f"{PSEUDOBULK_FILE}: no control rows; every split keeps controls in train")
+    pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
+    table = condition_table(obs.loc[~is_ctrl])  # one row per condition already: the rows of X[~is_ctrl]
+    table["n_cells"] = n[~is_ctrl].astype(np.int64)
+    means = X[~is_ctrl]
+    ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
+    return TrainingSummary(table, means, means - ctrl_rows, control_means, weighted(~is_ctrl), cell_sample)
 
 
 def _in_memory(adata: ad.AnnData) -> ad.AnnData:
@@ -129,8 +173,10 @@ def _in_memory(adata: ad.AnnData) -> ad.AnnData:
 
 
 def build_task(train: ad.AnnData, inputs: ad.AnnData, which: Which, genes: pd.Index, folder: Path,
-               annotations: dict[str, list[str]], split: Split | None = None) -> PredictionTask:
-    """The task of predicting the conditions listed in `inputs` (val_inputs or test_inputs) from `train`."""
+               annotations: dict[str, list[str]], split: Split | None = None,
+               summary: TrainingSummary | None = None) -> PredictionTask:
+    """The task of predicting the conditions listed in `inputs` (val_inputs or test_inputs) from `train`
+    (from `summary`, when given: the whole training part's, of which `train` is a sample)."""
     require_obs(train, folder / "train.h5ad", (CONDITION, PERTURBATION, DOSE, CONTEXT, IS_CONTROL))
     name = f"{which}_inputs.h5ad"
     if list(genes) != list(train.var_names):
@@ -145,13 +191,17 @@ def build_task(train: ad.AnnData, inputs: ad.AnnData, which: Which, genes: pd.In
     if targets.empty:
         raise SplitDirectoryError(f"{folder}: the split has no {which} conditions to predict")
     control_means = context_means(controls.X, controls.obs[CONTEXT].astype(str).to_numpy())
+    if summary is not None and SAMPLE_UNS in inputs.uns:
+        # A sampled inputs part holds a sample of its contexts' control cells, which are training cells (every
+        # split keeps its controls in train): their means over every cell are the summary's.
+        control_means.update({c: summary.control_means[c] for c in control_means if c in summary.control_means})
     missing = sorted(set(targets[CONTEXT]) - set(control_means))
     if missing:
         raise SplitDirectoryError(f"{folder}: no control cells for the {which} context(s) {preview(missing)}")
     feature_types = (train.var["feature_types"].astype(str).to_numpy()
                      if "feature_types" in train.var.columns else None)
     return PredictionTask(split, which, genes, feature_types, targets, controls, control_means,
-                          summarise_training(train), annotations)
+                          summary if summary is not None else summarise_training(train), annotations)
 
 
 def _check_which(which: str) -> None:
@@ -185,7 +235,22 @@ def inputs_task(data_dir: str | Path, which: Which = "test") -> PredictionTask:
         annotations.update(targets_of_part(part.uns))
     train = parts["train"]
     return build_task(train, parts[f"{which}_inputs"], which, pd.Index(train.var_names.astype(str), dtype=object),
-                      folder, annotations)
+                      folder, annotations, summary=_whole_training(folder, train))
+
+
+def _whole_training(folder: Path, train: ad.AnnData) -> TrainingSummary | None:
+    """The whole training part's summary when the folder is a large split's sandbox data (its pseudobulks,
+    and its co-expression cells when there; else those drawn from the part at hand), else None."""
+    if not (folder / PSEUDOBULK_FILE).is_file():
+        return None
+    bulk = ad.read_h5ad(folder / PSEUDOBULK_FILE)
+    if list(bulk.var_names.astype(str)) != list(train.var_names.astype(str)):
+        raise SplitDirectoryError(f"{folder / PSEUDOBULK_FILE}: its genes differ from train.h5ad's")
+    if (folder / COEXPRESSION_FILE).is_file():
+        cells = _dense64(ad.read_h5ad(folder / COEXPRESSION_FILE).X)
+    else:
+        cells = _dense64(train.X[coexpression_rows(train.n_obs)])
+    return summarise_pseudobulk(bulk, cells)
 
 
 # --- Δ look-ups shared by several baselines -------------------------------------------------------

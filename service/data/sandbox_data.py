@@ -2,8 +2,11 @@
 file). A file of up to `SANDBOX_MAX_CELLS` cells is the split's own (a hard link); a larger one becomes a
 bounded, seeded sample of its cells (every condition kept, each in proportion to its size and with at least
 `MIN_CELLS_PER_CONDITION` cells where it has them; its `uns["sample"]` says so), and `pseudobulk.h5ad` is
-added: the mean profile and cell count of every training condition (controls included) over all of its
-cells. So the generated code's memory stays inside the sandbox's limit whatever the size of the screen.
+added: the mean profile (float64, as the service computes it) and cell count of every training condition
+(controls included) over all of its cells; with a sampled train part, `coexpression_cells.h5ad` too: the
+training cells the baselines' gene co-expression sample draws from the whole part. So the generated code's
+memory stays inside the sandbox's limit whatever the size of the screen, and a delivered baseline or stack
+bundle (`baselines.inputs_task`) predicts exactly what the service's baselines predict.
 
 The sample is drawn with the split's seed (split.json), so a split and its sandbox data are reproduced
 together. `CELLFORGE_SANDBOX_MAX_CELLS` (environment) sets the limit, e.g. lower to try the sampled path
@@ -21,6 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .baselines import COEXPRESSION_FILE, PSEUDOBULK_FILE, SAMPLE_UNS, coexpression_rows
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION
 from .load import read_h5ad
 from .metrics import group_means
@@ -29,8 +33,6 @@ from .splits import MODEL_FILES
 
 SANDBOX_MAX_CELLS = 100_000  # ~0.6 GB of CSR at 2,000 genes: well inside the sandbox's 4 GB by default
 MIN_CELLS_PER_CONDITION = 50
-PSEUDOBULK_FILE = "pseudobulk.h5ad"
-SAMPLE_UNS = "sample"
 MAX_CELLS_ENV = "CELLFORGE_SANDBOX_MAX_CELLS"
 
 
@@ -81,7 +83,7 @@ def pseudobulk(train: ad.AnnData) -> ad.AnnData:
     table["n_cells"] = pd.Series(labels).value_counts().reindex(table.index).to_numpy()
     means = group_means(train.X, labels, table.index.to_numpy())
     table.index = table.index.astype(str)
-    return ad.AnnData(X=means.astype(np.float32), obs=table, var=pd.DataFrame(index=train.var_names.copy()))
+    return ad.AnnData(X=means.astype(np.float64), obs=table, var=pd.DataFrame(index=train.var_names.copy()))
 
 
 def write_sandbox_data(split_dir: Path, target: Path, max_cells: int | None = None, seed: int | None = None) -> Path:
@@ -113,6 +115,9 @@ def write_sandbox_data(split_dir: Path, target: Path, max_cells: int | None = No
             write_parts(part.X, {target / name: Part(keep, part.obs.loc[keep].copy(), part.var.copy(), uns)})
             if name == "train.h5ad":
                 pseudobulk(part).write_h5ad(target / PSEUDOBULK_FILE)
+                rows = coexpression_rows(part.n_obs)
+                ad.AnnData(X=part.X[rows], obs=pd.DataFrame(index=part.obs_names[rows].astype(str)),
+                           var=pd.DataFrame(index=part.var_names.astype(str))).write_h5ad(target / COEXPRESSION_FILE)
             sampled = True
         finally:
             if part.isbacked:
