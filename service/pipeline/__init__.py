@@ -2,6 +2,7 @@
 the debugging agent, improve steps) scored on validation folds owned by the service, the competition
 with baselines and their stack, the verdict, evaluation and the report (`run_design`)."""
 
+from service.pipeline.budget import DEFAULT_MAX_MINUTES, Forecast, project_step
 from service.pipeline.codegen import Bundle, CodegenError, config_from_plan, render_bundle
 from service.pipeline.debugger import DebugPatch, FileEdit, PatchError, apply_patch, offline_debug
 from service.pipeline.execute import SandboxSettings, StepFailure
@@ -12,6 +13,7 @@ from service.pipeline.search import Change, SearchTree, offline_improve
 from service.pipeline.verdict import Verdict, build_verdict, verdict_lines
 
 __all__ = [
+    "DEFAULT_MAX_MINUTES",
     "Bundle",
     "Change",
     "CodegenError",
@@ -19,6 +21,7 @@ __all__ = [
     "DesignResult",
     "DesignSettings",
     "FileEdit",
+    "Forecast",
     "PatchError",
     "PipelineError",
     "PlainProgress",
@@ -36,6 +39,7 @@ __all__ = [
     "offline_improve",
     "pipeline_handlers",
     "progress_display",
+    "project_step",
     "render_bundle",
     "run_design",
     "verdict_lines",

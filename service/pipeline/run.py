@@ -156,6 +156,7 @@ class Search:
         self.tree = SearchTree(primary)
         self.baselines = baselines  # name -> PooledScore on validation
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
+        self.recorded_skips: set[tuple[str, int]] = set()  # a replay's: (step, after_node) the record skipped
 
     def _ask(self, request: LLMRequest[R]) -> R:
         """The LLM's answer; the time it took is given back to the sandboxes' time budget."""
@@ -277,10 +278,14 @@ class Search:
 
     def _fits(self, step: str, after: int) -> bool:
         """Whether the next `step` (an improve node, or the debug child of a failed one) is projected to end
-        before the budget's finish reserve; one that is not is recorded as skipped. A replay runs the steps its
-        record holds (its timings are another machine's), so the record decides there."""
+        before the budget's finish reserve; one that is not is recorded as skipped. A replay skips the steps its
+        record skipped and runs the others (its timings are another machine's): the record decides there."""
         if self.improve_calls is not None:
-            return True
+            if (step, after) not in self.recorded_skips:
+                return True
+            self.tree.skipped.append({"after_node": after, "step": step, "reason": "budget",
+                                      "detail": f"budget: skipped as in the recorded run ({step} after node {after})"})
+            return False
         forecast = self.runner.forecast(step, self.runner.reserve)
         if forecast.fits:
             return True
@@ -311,7 +316,8 @@ class Search:
                 return
             if not self._fits("improve", self.tree.nodes[-1].id):
                 skipped = self.tree.skipped[-1]
-                self._stop("budget", skipped["detail"], **{k: skipped[k] for k in ("projected_s", "left_s", "reserve_s")})
+                self._stop("budget", skipped["detail"],
+                           **{k: skipped[k] for k in ("projected_s", "left_s", "reserve_s") if k in skipped})
                 return
             steps += 1
             try:
@@ -353,6 +359,17 @@ def _codegen_mode(config: LLMConfig, replay_from: Path | None) -> CodegenMode:
             recorded = "edits"  # a run recorded before the modes existed
         return "files" if recorded == "files" else "edits"
     return config.codegen
+
+
+def _skips_recorded(replay_from: Path | None) -> set[tuple[str, int]]:
+    """The steps the recorded run's time budget skipped: (step, after_node) from its search.json."""
+    if replay_from is None:
+        return set()
+    try:
+        skipped = json.loads((replay_from / "search.json").read_text()).get("skipped") or []
+        return {(str(s["step"]), int(s["after_node"])) for s in skipped}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # a run recorded before the budget's record (or without a search.json)
 
 
 def _improve_calls_recorded(replay_from: Path | None) -> int | None:
@@ -525,6 +542,7 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
                         mean_baseline, clock)
     search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
                     _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
+    search.recorded_skips = _skips_recorded(replay_from)
     candidates = candidate_plans(plan, settings.candidates)
     search.drafts(candidates)
     # Room for the finish (test baselines and scores as long as the selection's took, cell-eval and the report; a

@@ -70,3 +70,23 @@ def test_the_search_stops_when_the_next_step_is_projected_past_the_budget(knocko
     assert tree["skipped"][-1]["step"] == "improve" and tree["skipped"][-1]["after_node"] == tree["nodes"][-1]["id"]
     assert result.metrics["search"]["stopped"] == stopped
     assert "Search stopped (budget): budget: next improve step projected" in (result.run_dir / "report.html").read_text()
+
+
+def test_a_replay_skips_the_steps_its_record_skipped_and_runs_the_others(tmp_path):
+    from types import SimpleNamespace
+
+    from service.pipeline.run import Search, _skips_recorded
+
+    (tmp_path / "search.json").write_text(json.dumps({"skipped": [
+        {"after_node": 3, "step": "debug", "reason": "budget", "projected_s": 500.0, "left_s": 100.0,
+         "reserve_s": 50.0, "detail": "budget: next debug step projected 500 s, 100 s left"}]}))
+    assert _skips_recorded(tmp_path) == {("debug", 3)}
+    assert _skips_recorded(tmp_path / "no-run") == set() and _skips_recorded(None) == set()
+
+    # The replaying machine's clock is not asked (a runner without one): the record decides.
+    search = Search(SimpleNamespace(), None, None, "mse", "unseen-perturbation", {}, 2)  # type: ignore[arg-type]
+    search.recorded_skips = _skips_recorded(tmp_path)
+    assert search._fits("debug", 2) and search._fits("improve", 3)
+    assert not search._fits("debug", 3)
+    assert search.tree.skipped == [{"after_node": 3, "step": "debug", "reason": "budget",
+                                    "detail": "budget: skipped as in the recorded run (debug after node 3)"}]

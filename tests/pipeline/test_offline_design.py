@@ -97,6 +97,9 @@ def test_search_keeps_only_improving_nodes(offline_run):
     folder = offline_run.run_dir / "attempts" / f"{improve['id']:02d}"
     assert (folder / "patch.diff").read_text().strip()  # one change, as a diff of the bundle
     assert tree["kept_path"][-1] == tree["best"] == offline_run.metrics["chosen_attempt"]
+    # The 15-minute budget had room for more: the --max-nodes cap of 1 stopped it, and says so.
+    assert tree["stopped"]["reason"] == "max_nodes" and tree["skipped"] == []
+    assert offline_run.metrics["search"]["stopped"] == tree["stopped"]
     assert offline_run.metrics["val"]["score"] == next(n for n in nodes if n["id"] == tree["best"])["val"]["primary"]
 
 
@@ -154,6 +157,7 @@ def test_cli_replay_reproduces_plan_code_and_search(offline_run, tmp_path):
     # The search tree: the same nodes, changes and parents.
     shape = lambda tree: [(n["id"], n["parent"], n["kind"], n["label"]) for n in tree["nodes"]]  # noqa: E731
     assert shape(json.loads((out / "search.json").read_text())) == shape(_search(offline_run))
+    assert json.loads((out / "search.json").read_text())["stopped"]["reason"] == _search(offline_run)["stopped"]["reason"]
 
 
 def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
