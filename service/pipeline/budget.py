@@ -5,8 +5,11 @@ profile, split, selection, every sandbox run and the finish (competition, delive
 only the LLM's own time is given back (it has a budget of its own). The improve loop spends what is left
 rather than a fixed count of steps: before each step (and before the debug child of a failed one) the step
 is projected from the nodes that ran so far, and it starts only when the projection fits in the time left
-after the reserve kept for the finish. A step that does not fit is recorded with its numbers (the search
-tree's `stopped` and `skipped`, drawn in the report) and the search ends there.
+after the reserve kept for the finish, and its sandbox runs are cut at that reserve. A step that does not fit
+is recorded with its numbers (the search tree's `stopped` and `skipped`, drawn in the report) and the search
+ends there. Drafts (and their debugging) are not projected, a first working model being worth the risk, but
+their runs are cut where the finish's own work (scoring, cell-eval, the report) must begin; on a host too busy
+for even a draft within the budget, the run delivers the best baseline and says no designed model trained.
 
 Why 15 minutes by default: issue 13's target is a design within 15 minutes on 2 CPU cores, and at
 1,000,000 cells x 2,000 genes (issue 17) simulation takes ~4 of the 20 minutes end to end, profile and split

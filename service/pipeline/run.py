@@ -544,6 +544,8 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
                     _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
     search.recorded_skips = _skips_recorded(replay_from)
     candidates = candidate_plans(plan, settings.candidates)
+    # A draft's runs end before the finish's own work (not its checking run: a draft is worth more than that).
+    runner.reserve = FINISH_SECONDS + scoring
     search.drafts(candidates)
     # Room for the finish (test baselines and scores as long as the selection's took, cell-eval and the report; a
     # sandbox run checks delivered baseline/stack code), and in a cross-validated search for the best node's run
