@@ -158,6 +158,7 @@ def _screen(path: Path) -> Path:
     return path
 
 
+@pytest.mark.timeout(900)  # a whole design run: minutes on a loaded 2-core machine
 async def test_a_whole_cellforge_design_runs_over_ray_every_sandbox_an_actor(cluster, tmp_path):
     before = set(_dead_sandbox_actors())
     out = tmp_path / "run"
@@ -188,6 +189,7 @@ async def test_a_whole_cellforge_design_runs_over_ray_every_sandbox_an_actor(clu
     assert not left, left
 
 
+@pytest.mark.timeout(900)  # a whole design run: minutes on a loaded 2-core machine
 async def test_a_design_job_through_the_api_runs_as_a_ray_task_and_its_artifacts_land_in_the_store(
         cluster, make_server, tmp_path):
     server = make_server(tmp_path, "--ray-address", cluster[0].address).start(timeout=120)
@@ -212,6 +214,7 @@ async def test_a_design_job_through_the_api_runs_as_a_ray_task_and_its_artifacts
         server.stop()
 
 
+@pytest.mark.timeout(600)
 async def test_a_design_job_whose_node_dies_restarts_on_another_then_fails_after_its_attempts(cluster, tmp_path):
     """Removes both job nodes (adding two fresh ones after), so it comes last but one."""
     db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
