@@ -1,7 +1,7 @@
 """Ray cluster benchmark: the Ray backend against the direct Docker backend in one run; prints one JSON object.
 
     .venv/bin/python benchmarks/cluster_bench.py [--address ADDR] [--n 8] [--roundtrips 200] [--sandboxes 6]
-        [--seconds 5] [--image I]
+        [--seconds 5] [--design-jobs 3] [--image I]
 
 Without --address it starts a local cluster of three sandbox nodes (ray.cluster_utils.Cluster, one
 zone resource each) and shuts it down at the end. Figures:
@@ -10,7 +10,12 @@ zone resource each) and shuts it down at the end. Figures:
 - `start_ms_p50`: create() until the kernel answers, through Ray and direct (target: Ray ≤ 1.3×);
 - `throughput_exec_per_s`: `--sandboxes` sandboxes executing "1+1" back to back for `--seconds`, spread
   over the three nodes vs packed on one. On one machine the nodes share its cores, so this shows how
-  the backend's overhead spreads, not added compute.
+  the backend's overhead spreads, not added compute;
+- `design_jobs`: `--design-jobs` N small design jobs (simulated data, offline agents, one attempt, no
+  improve steps) started at once as Ray tasks, exactly as a server runs them (service.jobs.ray_jobs), one
+  per node vs all on one node. Each job asks for a whole node's CPUs, so one node runs them one after
+  another and N nodes run them at once: on N machines the wall time would drop about N×. On one machine
+  the N nodes share its cores, so the figure shows the cost of spreading jobs over nodes, not a speed-up.
 
 Samples of the two backends alternate, so load from elsewhere on the machine hits both alike.
 """
@@ -20,7 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,6 +40,7 @@ from sandbox.ray_backend import MARKER, SLOT_RESOURCE, RayBackend
 from sandbox.spec import DEFAULT_CPU_IMAGE
 
 ZONES = ("zone_a", "zone_b", "zone_c")
+DESIGN_TASK = "Predict expression after knockout of unseen genes"
 NODE_CPUS = 4
 
 
@@ -101,6 +111,39 @@ async def throughput(backend: RayBackend, specs: list[SandboxSpec], seconds: flo
         await asyncio.gather(*(sb.close() for sb in sandboxes))
 
 
+def design_job(data: Path, number: int) -> Any:
+    """A small design job as a server queues it (the handler on the node reads only these params)."""
+    from service.jobs import Job
+
+    return Job(id=f"job_bench{number}_{secrets.token_hex(4)}", tenant_id="tn_000000bench", kind="design",
+               status="running", params={"dataset_path": str(data), "task": DESIGN_TASK,
+                                         "options": {"max_attempts": 1, "max_nodes": 0, "cpus": 1.0, "memory": "2g"}},
+               result=None, error=None, phase=None, checkpoint=None, attempts=1, cancel_requested=False,
+               created_at=time.time(), started_at=time.time(), finished_at=None)
+
+
+async def design_jobs(data: Path, zones: list[str]) -> dict[str, Any]:
+    """One design job per entry of `zones`, all at once, each a Ray task on a node of that zone taking all its
+    CPUs; wall seconds until all ended, and each job's own seconds."""
+    from service.jobs.ray_jobs import Outcome as JobOutcome
+    from service.jobs.ray_jobs import _task, job_options
+
+    async def one(number: int, zone: str) -> tuple[float, str, str]:
+        job = design_job(data, number)
+        options = {**job_options(job), "num_cpus": NODE_CPUS, "resources": {SLOT_RESOURCE: MARKER, zone: MARKER}}
+        started = time.perf_counter()
+        async for ref in _task.options(**options).remote(job):
+            item = await ref
+            if isinstance(item, JobOutcome):
+                return time.perf_counter() - started, item.node, item.result["status"]
+        raise RuntimeError(f"design job {job.id} ended without a result")
+
+    started = time.perf_counter()
+    done = await asyncio.gather(*(one(i, zone) for i, zone in enumerate(zones)))
+    return {"wall_s": round(time.perf_counter() - started, 1), "job_s": sorted(round(s, 1) for s, _, _ in done),
+            "nodes": len({node for _, node, _ in done}), "statuses": sorted({status for _, _, status in done})}
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     spec = SandboxSpec(image=args.image, cpus=0.5, memory="512m", labels={"tenant": "bench"})
     ray_backend, docker_backend = RayBackend(args.address), DockerBackend()
@@ -114,6 +157,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     packed = [spec.model_copy(update={"resources": {ZONES[0]: MARKER}}) for _ in range(args.sandboxes)]
     three, one = await throughput(ray_backend, spread, args.seconds), await throughput(ray_backend, packed, args.seconds)
     await docker_backend.close()
+    jobs: dict[str, Any] = {}
+    if args.design_jobs:
+        from service.data import simulate
+
+        n = min(args.design_jobs, len(ZONES))
+        with tempfile.TemporaryDirectory(prefix="cellforge-bench-") as folder:
+            data = Path(folder) / "screen.h5ad"
+            simulate("knockout", 0, n_cells=1500, n_genes=50, n_perturbations=6).write_h5ad(data)
+            spread_jobs = await design_jobs(data, [ZONES[i] for i in range(n)])
+            one_node = await design_jobs(data, [ZONES[0]] * n)
+        jobs = {"design_jobs": {
+            "n": n, f"{n}_nodes": spread_jobs, "1_node": one_node,
+            "wall_ratio_1_node_vs_n_nodes": round(one_node["wall_s"] / spread_jobs["wall_s"], 3),
+            "note": (f"each job takes a whole node's CPUs, so one node runs the {n} jobs one after another and {n} "
+                     f"nodes run them at once; this machine has {os.cpu_count()} cores shared by all the local "
+                     "nodes (and anything else running), so the figures show the overhead of spreading jobs over "
+                     "nodes, not the speed-up of separate machines"),
+        }}
     figures = {
         "start_ms_p50": {name: p50(s) for name, s in start.items()},
         "exec_roundtrip_ms_p50": {name: p50(s) for name, s in trip.items()},
@@ -131,6 +192,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {"start": round(start_ratio, 3), "exec_roundtrip": round(trip_ratio, 3),
                    "throughput_3_vs_1": round(three["exec_per_s"] / one["exec_per_s"], 3)},
         "targets_met": {"start_ray_le_1.3x": start_ratio <= 1.3, "exec_roundtrip_ray_le_1.5x": trip_ratio <= 1.5},
+        **jobs,
     }
 
 
@@ -141,8 +203,11 @@ def main() -> None:
     parser.add_argument("--roundtrips", type=int, default=200)
     parser.add_argument("--sandboxes", type=int, default=6, help="concurrent sandboxes in the throughput figure")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--design-jobs", type=int, default=3,
+                        help=f"design jobs in the N-nodes-vs-one figure (at most {len(ZONES)}; 0: skip it)")
     parser.add_argument("--image", default=DEFAULT_CPU_IMAGE)
     args = parser.parse_args()
+    os.environ.setdefault("CELLFORGE_LLM_BACKEND", "offline")  # the design jobs' agents (their nodes inherit it)
     cluster = None
     if args.address is None:
         cluster = local_cluster()

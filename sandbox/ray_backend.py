@@ -199,6 +199,17 @@ class RayBackend(SandboxBackend):
         return {a["name"][len(prefix):] for a in named
                 if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix)}
 
+    async def death_causes(self, sandbox_ids: set[str]) -> dict[str, str]:
+        """Why the actors of these sandboxes are gone, for those that died (their node died, their worker
+        process died, they were killed for memory), naming the node. Those closed on purpose, alive, or of
+        which Ray keeps no record are left out. Reads the cluster's whole actor table: for sandboxes found
+        gone, not for every call."""
+        if not sandbox_ids:
+            return {}
+        self.connect()
+        causes = await asyncio.to_thread(_death_causes, {actor_name(sid) for sid in sandbox_ids})
+        return {name.removeprefix(actor_name("")): cause for name, cause in causes.items()}
+
     async def provision(self, spec: SandboxSpec) -> KernelHost:
         raise UsageError("RayBackend places whole sandboxes on nodes (their kernels stay there): use create()")
 
@@ -459,6 +470,49 @@ def _why(exc: RayActorError) -> str:
     """The first line of Ray's account of an actor's death (e.g. that its node died)."""
     text = str(getattr(exc, "error_msg", None) or exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _death_causes(names: set[str]) -> dict[str, str]:
+    from ray._private import state  # the GCS's actor table (Ray's state API would need the dashboard)
+
+    last: dict[str, dict[str, Any]] = {}
+    for record in state.actors().values():
+        name = record.get("Name")
+        if name in names and record.get("State") == "DEAD" and (record.get("EndTime") or 0) >= (
+                last.get(name, {}).get("EndTime") or 0):
+            last[name] = record
+    causes = {name: _death_cause(record) for name, record in last.items()}
+    return {name: cause for name, cause in causes.items() if cause is not None}
+
+
+def _death_cause(record: dict[str, Any]) -> str | None:
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext  # type: ignore[attr-defined]
+
+    node = str(record.get("Address", {}).get("NodeID", ""))[:12] or "?"
+    cause: Any = record.get("DeathCause")
+    if cause is None:
+        return None
+    which = cause.WhichOneof("context")
+    if which == "actor_died_error_context":
+        context = cause.actor_died_error_context
+        if context.reason in (ActorDiedErrorContext.RAY_KILL, ActorDiedErrorContext.OUT_OF_SCOPE,
+                              ActorDiedErrorContext.REF_DELETED):
+            return None  # closed on purpose (a close kills the actor after removing its container)
+        detail = context.error_message
+        if context.reason == ActorDiedErrorContext.NODE_DIED:
+            info = context.node_death_info.reason_message
+            return f"Ray node {node} lost: {_first_line(info or detail) or 'the node died'}"
+        why = _first_line(detail) or ActorDiedErrorContext.Reason.Name(context.reason)
+        return f"its Ray actor died on node {node}: {why}"
+    if which == "oom_context":
+        return f"its Ray actor was killed for memory on node {node}: {_first_line(cause.oom_context.error_message)}"
+    if which:
+        return f"its Ray actor failed on node {node} ({which.removesuffix('_context').replace('_', ' ')})"
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text and text.strip() else ""
 
 
 def _node_only(name: str) -> NoReturn:

@@ -6,7 +6,9 @@ tenant's calls only ever reach its own. A lease the pool reaped (idle, lifetime)
 With a backend whose sandboxes every process of a cluster reaches (the Ray backend's named actors),
 the database's rows are the record of which sandboxes exist: a sandbox created through one API
 replica is found in its row and attached to by another, and a replica that stops (or is killed)
-leaves its sandboxes running for the others.
+leaves its sandboxes running for the others. A sandbox whose actor died (its node died) while no replica
+held it is found so by the next call: its row is closed as `died: <cause>` (out of the tenant's quota), an
+execution on it answers the `died` outcome with the cause, other calls a conflict naming it.
 
 The server's jobs lease theirs here as well (`job_provider`): admitted by the same quota, recorded,
 labelled and counted like the tenant's own, but not addressable through the API.
@@ -34,6 +36,7 @@ from sandbox import (
     ExecutionResult,
     FileTransferError,
     Mount,
+    Outcome,
     SandboxClosedError,
     SandboxDeadError,
     SandboxError,
@@ -42,6 +45,7 @@ from sandbox import (
     SandboxSpec,
     SandboxStartError,
     SpecError,
+    StatusEvent,
     StreamEvent,
     UsageError,
     WorkspacePathError,
@@ -57,6 +61,8 @@ from .quotas import Resources, admit_job_sandbox, admit_sandbox
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
+# The closed_reason of a sandbox found dead (its Ray actor died with its node): "died: <cause>".
+DIED = "died: "
 # The largest file moved in or out of a sandbox in one call, on both transports (gRPC's message limit
 # is sized from it).
 MAX_FILE_BYTES = 64 << 20
@@ -117,6 +123,20 @@ def parse_request(data: Any) -> SandboxRequest:
     if not request.image.startswith(ALLOWED_IMAGE_PREFIX):
         raise BadRequest(f"image: only {ALLOWED_IMAGE_PREFIX}* images are served, got {request.image!r}")
     return request
+
+
+class SandboxDied(Conflict):
+    """A sandbox that died while no replica held it (its Ray actor died with its node); its row is closed."""
+
+    def __init__(self, sandbox_id: str, cause: str, row: SandboxRow) -> None:
+        super().__init__(f"sandbox {sandbox_id} died ({cause}); create a new sandbox")
+        self.sandbox_id, self.cause, self.row = sandbox_id, cause, row
+
+    def info(self) -> SandboxInfo:
+        spec = {k: v for k, v in self.row.spec.items() if k in SandboxRequest.model_fields}
+        return SandboxInfo(id=self.sandbox_id, tenant_id=self.row.tenant_id,
+                           spec=SandboxRequest.model_validate(spec).model_dump(), status="dead",
+                           created_at=self.row.created_at, dataset_id=spec.get("dataset_id"))
 
 
 @contextlib.contextmanager
@@ -239,6 +259,9 @@ class SandboxService:
             await self.db.run(self._close_rows, None, "server restarted")
             return
         alive = await self.pool.backend.live_ids()  # type: ignore[attr-defined]
+        gone = set(await self.db.run(self._live_rows, None)) - alive
+        for sid, cause in (await self.pool.backend.death_causes(gone)).items():  # type: ignore[attr-defined]
+            await self.db.run(self._close_row, sid, DIED + cause)
         await self.db.run(self._close_rows, alive, "its sandbox is gone (its Ray actor no longer exists)")
 
     def _close_rows(self, alive: set[str] | None, reason: str) -> None:
@@ -309,7 +332,10 @@ class SandboxService:
         return self._info(lease.id, live)
 
     async def get(self, tenant: Tenant, sandbox_id: str) -> SandboxInfo:
-        return self._info(sandbox_id, await self._own(tenant, sandbox_id))
+        try:
+            return self._info(sandbox_id, await self._own(tenant, sandbox_id))
+        except SandboxDied as exc:
+            return exc.info()
 
     async def list(self, tenant: Tenant) -> list[SandboxInfo]:
         await self.prune()
@@ -321,7 +347,11 @@ class SandboxService:
         return [self._info(sid, lv) for sid, lv in self._live.items() if lv.tenant_id == tenant.id]
 
     async def delete(self, tenant: Tenant, sandbox_id: str) -> None:
-        await self._own(tenant, sandbox_id)
+        try:
+            await self._own(tenant, sandbox_id)
+        except SandboxDied as exc:  # nothing left to remove; from now on it answers as deleted
+            await self.db.run(self._close_row, sandbox_id, f"deleted by its tenant (it had died: {exc.cause})")
+            return
         await self._drop(sandbox_id, "deleted by its tenant")
 
     async def execute(
@@ -333,7 +363,13 @@ class SandboxService:
             raise BadRequest(f"code: expected a string, got {type(code).__name__}")
         if timeout is not None and not (0 < timeout <= 86400):
             raise BadRequest(f"timeout: expected seconds in (0, 86400], got {timeout}")
-        live = await self._own(tenant, sandbox_id)
+        try:
+            live = await self._own(tenant, sandbox_id)
+        except SandboxDied as exc:  # as an execution running when its node died ends
+            self.metrics.executions.labels(outcome=Outcome.DIED.value, transport=transport).inc()
+            yield StatusEvent(state="died", detail=exc.cause)
+            yield ExecutionResult(outcome=Outcome.DIED, died_cause=exc.cause, state_lost=True)
+            return
         started = time.perf_counter()
         outcome = "cancelled"
         try:
@@ -424,11 +460,20 @@ class SandboxService:
                     return held
                 row = await self.db.run(self._live_row, tenant_id, sandbox_id)
                 if row is None:
+                    died = await self.db.run(self._died_row, tenant_id, sandbox_id)
+                    if died is not None:
+                        raise SandboxDied(sandbox_id, (died.closed_reason or "").removeprefix(DIED), died)
                     raise NotFound(f"no sandbox {sandbox_id!r}")
                 try:
                     sandbox = await self.pool.backend.attach(sandbox_id)  # type: ignore[attr-defined]
                 except SandboxClosedError:
-                    await self.db.run(self._close_row, sandbox_id, "its sandbox is gone (its Ray actor no longer exists)")
+                    # The row says it lives, its actor is gone: it died (its node died) while no replica held
+                    # it, or it was closed a moment ago. Either way its row closes (out of the quota).
+                    cause = (await self.pool.backend.death_causes({sandbox_id})).get(sandbox_id)  # type: ignore[attr-defined]
+                    reason = DIED + cause if cause else "its sandbox is gone (its Ray actor no longer exists)"
+                    await self.db.run(self._close_row, sandbox_id, reason)
+                    if cause:
+                        raise SandboxDied(sandbox_id, cause, row) from None
                     raise NotFound(f"no sandbox {sandbox_id!r}") from None
                 except SandboxDeadError as exc:
                     raise Conflict(str(exc)) from None
@@ -448,10 +493,19 @@ class SandboxService:
             return s.scalar(select(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.tenant_id == tenant_id,
                                                      SandboxRow.status == "live"))
 
-    def _live_rows(self, tenant_id: str) -> builtins.list[str]:
+    def _live_rows(self, tenant_id: str | None) -> builtins.list[str]:
+        """The live rows of a tenant (None: of every tenant)."""
+        query = select(SandboxRow.id).where(SandboxRow.status == "live")
+        if tenant_id is not None:
+            query = query.where(SandboxRow.tenant_id == tenant_id)
         with self.db.session() as s:
-            return list(s.scalars(select(SandboxRow.id).where(SandboxRow.tenant_id == tenant_id,
-                                                               SandboxRow.status == "live")))
+            return list(s.scalars(query))
+
+    def _died_row(self, tenant_id: str, sandbox_id: str) -> SandboxRow | None:
+        with self.db.session() as s:
+            return s.scalar(select(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.tenant_id == tenant_id,
+                                                     SandboxRow.status == "closed",
+                                                     SandboxRow.closed_reason.startswith(DIED)))
 
     async def _control(self, live: _Live, what: str) -> None:
         try:

@@ -9,8 +9,9 @@ generator) and, last, its result and its artifacts as one tar archive, unpacked 
 
 - **Cancel**: the replica cancels its waiting coroutine, which `ray.cancel`s the task; the task sets the
   job's cancel flag (the handler's cancellation points) and cancels the handler, whose sandboxes close.
-- **Node loss**: the task's node died: `JobLost`; the runner requeues the job when its kind can run again
-  (regressions), and otherwise fails it saying which node was lost.
+- **Node loss**: the task's node died: `JobLost`; the runner requeues the job, which runs again from its
+  start (a design run from scratch) on a node Ray picks, up to the runner's `max_attempts`, then fails it
+  with the reason. The first event of every attempt names its node.
 - **Paths**: a job's inputs (datasets, code bundles, stored runs) are paths under the API's data dir; on a
   cluster of several machines that dir is a shared filesystem mounted at the same path on every node
   (docs/scale.md). The job's own work folder is a private temporary folder on the node.

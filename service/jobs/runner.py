@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 CANCELLED_BY_TENANT = "cancelled by its tenant"
 STORE_FAILED = "internal error: the job's state could not be recorded (database unavailable); it was stopped"
+# Attempts a job gets when what runs it is lost (its Ray node died): a job that takes its node down each
+# time (or a cluster losing nodes) ends failed with the reason instead of going round for ever.
+MAX_ATTEMPTS = 3
 _TENANT_ID_RE = re.compile(r"\btn_[0-9a-f]{12}\b")
 
 
@@ -45,8 +48,8 @@ class JobFailed(CellForgeError):
 
 
 class JobLost(CellForgeError):
-    """The job's run was lost with where it ran (its Ray node died): requeued when its kind can run again,
-    otherwise failed with this message."""
+    """The job's run was lost with where it ran (its Ray node died): requeued to run again from its start
+    (on another node) until it has had `JobRunner.max_attempts` attempts, then failed with this message."""
 
 
 class Reporter(Protocol):
@@ -182,14 +185,20 @@ class JobKind:
 class JobRunner:
     """`workers` jobs at a time from the store's queue. With `owner` (this API replica's name), claims are
     held in that name and heartbeated every `lease_s / 6` seconds; the same beat picks up cancels asked for
-    through other replicas and recovers jobs whose replica's heartbeat is older than `lease_s`."""
+    through other replicas and recovers jobs whose replica's heartbeat is older than `lease_s`. A job whose
+    run was lost with its Ray node (`JobLost`) runs again from its start, whatever its kind (a design run
+    too: it starts from scratch), up to `max_attempts` attempts in all."""
 
     def __init__(self, store: JobStore, kinds: dict[str, JobKind], work_root: Path, workers: int = 2,
                  on_finish: Callable[[Job, float], None] | None = None, poll_interval: float = 1.0,
                  private_roots: tuple[Path, ...] = (), owner: str | None = None,
-                 lease_s: float = JOB_LEASE_S, remote: RemoteJobs | None = None) -> None:
+                 lease_s: float = JOB_LEASE_S, remote: RemoteJobs | None = None,
+                 max_attempts: int = MAX_ATTEMPTS) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts: expected at least 1, got {max_attempts}")
+        self.max_attempts = max_attempts
         self.store = store
         self.owner = owner
         self.lease_s = lease_s
@@ -326,16 +335,19 @@ class JobRunner:
         except JobFailed as exc:
             status, result, error = "failed", None, str(exc)
         except JobLost as exc:
-            if kind.resumable and not ctx.cancelled.is_set():
+            if job.attempts < self.max_attempts and not ctx.cancelled.is_set():
                 self._running.pop(job.id, None)
                 recording.cancel()
                 with contextlib.suppress(Exception):
                     await recorder.flush()
-                log.warning("job %s: %s; requeued", job.id, exc)
-                await self.store.db.run(self.store.requeue, job.id, self.owner, f"requeued: {exc}")
+                log.warning("job %s (attempt %d): %s; requeued", job.id, job.attempts, exc)
+                # It runs again from its start (a design run from scratch: its handler clears what a previous
+                # attempt left in its folder), on whichever node Ray places it.
+                await self.store.db.run(self.store.requeue, job.id, self.owner,
+                                        f"requeued (attempt {job.attempts + 1} of {self.max_attempts}): {exc}")
                 self.wake()
                 return
-            status, result, error = "failed", None, str(exc)
+            status, result, error = "failed", None, f"{exc}; failed after {job.attempts} attempt(s)"
         except SQLAlchemyError:
             log.exception("job %s (%s): the job store failed", job.id, job.kind)
             status, result, error = "failed", None, STORE_FAILED

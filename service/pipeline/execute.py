@@ -6,6 +6,7 @@ empty environment. Every step's output is written under the run's folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -90,6 +91,8 @@ class AttemptOutcome:
     data_listing: list[str]
     seconds: float
     failure: StepFailure | None = None
+    # The sandbox it ran in (its backend's id: with the Ray backend, actor `sandbox-<id>` on some node).
+    sandbox: str | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -148,6 +151,7 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
             own_provider.close()
         failure = StepFailure(stage="sandbox", outcome="error", ename=type(exc).__name__, evalue=str(exc))
         return AttemptOutcome(out_dir, [], time.monotonic() - started, failure)
+    outcome = functools.partial(AttemptOutcome, sandbox=sb.id)  # each outcome names its sandbox
     try:
         listing = sb.commands.run(["ls", "-1", sb.data_root], timeout=30)
         data_listing = sorted((listing.stdout or "").split())
@@ -159,7 +163,7 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
             log_name = "pytest.log" if command[-1] == CONTRACT_TESTS else "pytest_extra.log"
             _log(attempt_dir / log_name, res)
             if res.outcome != "ok":
-                return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
+                return outcome(out_dir, data_listing, time.monotonic() - started, _failure("pytest", res))
 
         on_progress(ProgressEvent("train", "training", attempt=attempt))
 
@@ -179,9 +183,9 @@ def run_attempt(code_dir: Path, data_dir: Path, attempt_dir: Path, attempt: int,
         except SandboxError as exc:
             if res.outcome == "ok":
                 failure = StepFailure(stage="fetch", outcome="error", ename=type(exc).__name__, evalue=str(exc))
-                return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, failure)
+                return outcome(out_dir, data_listing, time.monotonic() - started, failure)
         failure = None if res.outcome == "ok" else _failure("train", res)
-        return AttemptOutcome(out_dir, data_listing, time.monotonic() - started, failure)
+        return outcome(out_dir, data_listing, time.monotonic() - started, failure)
     finally:
         sb.close()
         if own_provider is not None:

@@ -1,11 +1,14 @@
 """Jobs as Ray tasks (service.jobs.ray_jobs) on a real local multi-node Ray cluster with real Docker: the
 runner claims regression jobs from the store and runs each as a Ray task asking for its CPUs, so two jobs
 run at once on two nodes, their artifacts come back to the service's store, a cancel ends a running job,
-its sandbox included, within seconds, and a job whose node dies is requeued (never stuck `running`)."""
+its sandbox included, within seconds, and a job whose node dies is requeued (never stuck `running`). Whole
+design runs over the cluster: `cellforge design --ray-address` (every sandbox of the run a Ray actor), a
+design job submitted through `cellforge serve --ray-address`, and a design job whose nodes die."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 import sys
@@ -24,9 +27,12 @@ from service.db import Database  # noqa: E402
 from service.jobs import JobRunner, JobStore, job_kinds  # noqa: E402
 from service.jobs.ray_jobs import SLOT_RESOURCE, RayJobs  # noqa: E402
 
+from .conftest import tenant_id  # noqa: E402
+
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 TENANT = f"tn_{secrets.token_hex(6)}"  # this run's: its containers are told apart from any other's
+DESIGN_TASK = "Predict expression after knockout of unseen genes"
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,129 @@ def _sandbox_actors() -> set[str]:
             if a["namespace"] == "cellforge" and a["name"].startswith("sandbox-")}
 
 
+def _dead_sandbox_actors() -> dict[str, dict]:
+    """Every sandbox actor the cluster has seen end (Ray's actor table keeps them), by name."""
+    from ray._private import state
+
+    return {a["Name"]: a for a in state.actors().values()
+            if a["ActorClassName"] == "SandboxActor" and a["State"] == "DEAD"}
+
+
+def _screen(path: Path) -> Path:
+    from service.data import simulate
+
+    simulate("knockout", 0, n_cells=1500, n_genes=50, n_perturbations=6).write_h5ad(path)
+    return path
+
+
+@pytest.mark.timeout(900)  # a whole design run: minutes on a loaded 2-core machine
+async def test_a_whole_cellforge_design_runs_over_ray_every_sandbox_an_actor(cluster, tmp_path):
+    before = set(_dead_sandbox_actors())
+    out = tmp_path / "run"
+    run = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "cellforge"), "design", "--data", str(_screen(tmp_path / "screen.h5ad")),
+        "--task", DESIGN_TASK, "--out", str(out), "--llm", "offline", "--max-attempts", "1", "--max-nodes", "1",
+        "--cpus", "0.5", "--memory", "1g", "--ray-address", cluster[0].address, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(run.communicate(), 900)
+    assert run.returncode == 0, stderr.decode()[-3000:]
+    assert json.loads(stdout)["ok"]
+    # A model and its metrics delivered.
+    assert (out / "model.pt").stat().st_size > 0
+    assert "model" in json.loads((out / "metrics.json").read_text())
+    # Every sandbox the run started ("starting a ray sandbox") is one of the actors it left behind dead, on
+    # the cluster's nodes; every step's outcome names one of them.
+    started = stderr.decode().count("starting a ray sandbox")
+    dead = {name: a for name, a in _dead_sandbox_actors().items() if name not in before}
+    assert started >= 2 and len(dead) == started, (started, sorted(dead))
+    used = {json.loads(p.read_text())["sandbox"] for p in out.rglob("outcome.json")}
+    assert {f"sandbox-{sid}" for sid in used} == set(dead)
+    assert {a["Address"]["NodeID"] for a in dead.values()} <= set(cluster[1])
+    # Nothing left: no live sandbox actor, no container owned by any of the run's actors' processes.
+    assert not _sandbox_actors()
+    pids = {a["Pid"] for a in dead.values()}
+    left = [c.name for c in docker.from_env().containers.list(all=True, filters={"label": "cellforge.role=design"})
+            if int(c.labels.get("cellforge.owner", "x:0:0").split(":")[-2]) in pids]
+    assert not left, left
+
+
+@pytest.mark.timeout(900)  # a whole design run: minutes on a loaded 2-core machine
+async def test_a_design_job_through_the_api_runs_as_a_ray_task_and_its_artifacts_land_in_the_store(
+        cluster, make_server, tmp_path):
+    server = make_server(tmp_path, "--ray-address", cluster[0].address).start(timeout=120)
+    try:
+        with server.client(server.tenant("erin", max_jobs=1)) as c:
+            dataset = c.upload_dataset(_screen(tmp_path / "screen.h5ad"))
+            job = c.submit_job(dataset.id, DESIGN_TASK, max_attempts=1, max_nodes=0, cpus=0.5, memory="1g")
+            final = await asyncio.to_thread(c.wait, job.id, 900)
+            assert final.status == "succeeded", final.error
+            events = list(c.job_events(job.id))
+            [node] = [e.data["node"] for e in events if e.kind == "node"]
+            assert node in cluster[1]  # a Ray task on one of the cluster's nodes, not in the server
+            assert "pearson_delta" in final.result["metrics"]["model"]
+            # The artifacts came back from the node into the server's store.
+            stored = tmp_path / "jobs" / job.id / "artifacts"
+            assert json.loads((stored / "metrics.json").read_text())["model"]
+            assert c.get_artifact(job.id, "model.pt") == (stored / "model.pt").read_bytes()
+        # The job's sandboxes were the node's containers, labelled with the tenant: all gone.
+        assert not docker.from_env().containers.list(
+            all=True, filters={"label": f"cellforge.tenant={tenant_id(server, 'erin')}"})
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_a_design_job_whose_node_dies_restarts_on_another_then_fails_after_its_attempts(cluster, tmp_path):
+    """Removes both job nodes (adding two fresh ones after), so it comes last but one."""
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    db.upgrade()
+    jobs = JobRunner(JobStore(db), job_kinds(None), tmp_path / "jobs", workers=1, poll_interval=0.2,
+                     owner="replica-d", remote=RayJobs(cluster[0].address), max_attempts=2)
+    await jobs.start()
+    try:
+        job = jobs.store.create(TENANT, "design", {
+            "dataset_path": str(_screen(tmp_path / "screen.h5ad")), "task": DESIGN_TASK,
+            "options": {"max_attempts": 1, "max_nodes": 0, "cpus": 0.5, "memory": "1g"}})
+        jobs.wake()
+
+        def nodes() -> list[str]:
+            return [e.data["node"] for e in jobs.store.events(job.id) if e.kind == "node"]
+
+        # Attempt 1 runs the pipeline on a node; that node dies.
+        await _until(jobs, job.id, lambda j: len(nodes()) == 1 and j.phase not in (None, "queued"), within=120)
+        first = nodes()[0]
+        cluster[0].remove_node(cluster[1].pop(first))
+        # Requeued with the reason, and run again from scratch, as attempt 2, on the other node.
+        await _until(jobs, job.id, lambda j: j.attempts == 2 and len(nodes()) == 2, within=90)
+        requeued = [e.data for e in jobs.store.events(job.id) if e.kind == "status" and e.data["status"] == "queued"
+                    and "detail" in e.data]
+        assert len(requeued) == 1 and "attempt 2 of 2" in requeued[0]["detail"], requeued
+        assert "Ray node was lost" in requeued[0]["detail"]
+        second = nodes()[1]
+        assert second != first and second in cluster[1]
+        # From scratch: the pipeline reports its progress again after the second node's first event.
+        def progress_on_second() -> bool:
+            kinds = [e.kind for e in jobs.store.events(job.id)]
+            return "progress" in kinds[len(kinds) - kinds[::-1].index("node"):]
+
+        await _until(jobs, job.id, lambda j: progress_on_second(), within=60)
+        # Its node dies too: the attempts are spent, so the job fails with the reason (never stuck running).
+        cluster[0].remove_node(cluster[1].pop(second))
+        final = await _until(jobs, job.id, lambda j: j.final, within=90)
+        assert final.status == "failed"
+        assert "Ray node was lost" in final.error and "after 2 attempt(s)" in final.error, final.error
+    finally:
+        await jobs.stop()
+        db.dispose()
+        for _ in range(2):  # the last test needs two job nodes again
+            node = cluster[0].add_node(num_cpus=1, object_store_memory=80 << 20, resources={SLOT_RESOURCE: 4})
+            cluster[1][node.node_id] = node
+        cluster[0].wait_for_nodes()
+    # The lost attempts' containers are orphans (their owners died with the nodes): the nodes' reaper takes them.
+    await RayBackend(cluster[0].address).reap()
+    assert not docker.from_env().containers.list(all=True, filters={"label": f"cellforge.tenant={TENANT}"})
+
+
 async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster, tmp_path):
     """Last in the module: it removes one of the two job nodes."""
     job_id = _submit(runner, _bundle(tmp_path / "doomed", 300))
@@ -147,10 +276,13 @@ async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster
     requeued = [e.data for e in runner.store.events(job_id) if e.kind == "status" and e.data["status"] == "queued"]
     assert any("Ray node was lost" in e.get("detail", "") for e in requeued), requeued
     # The first run's container lost its owner with the node; the node reaper removes it (not the second's).
-    await _until(runner, job_id, lambda job: job.phase == "pytest", within=120)
+    # (The job's phase still reads the first run's: the second run's sandbox is waited for by its container.)
     mine = {"label": f"cellforge.tenant={TENANT}"}
     engine = docker.from_env()
-    assert len(engine.containers.list(filters=mine)) == 2
+    deadline = time.monotonic() + 120
+    while len(engine.containers.list(filters=mine)) < 2:
+        assert time.monotonic() < deadline, "the second run's sandbox did not start beside the orphan"
+        await asyncio.sleep(0.5)
     await RayBackend(cluster[0].address).reap()
     assert len(engine.containers.list(filters=mine)) == 1
     await runner.cancel(job_id)  # its second run, on the node left

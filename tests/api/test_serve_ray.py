@@ -1,5 +1,6 @@
-"""`cellforge serve --ray-address`: the API's sandboxes are Ray actors on a cluster's sandbox nodes, and API
-replicas on one PostgreSQL database and one cluster serve the same sandboxes."""
+"""`cellforge serve --ray-address`: the API's sandboxes are Ray actors on a cluster's sandbox nodes, API
+replicas on one PostgreSQL database and one cluster serve the same sandboxes, and a sandbox whose node died
+while no replica held it answers `died` with the cause and leaves its tenant's quota."""
 
 from __future__ import annotations
 
@@ -12,23 +13,29 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from sandbox.ray_backend import NAMESPACE, SLOT_RESOURCE  # noqa: E402
-from service.client.errors import NotFoundError, QuotaError  # noqa: E402
+from service.client.errors import APIError, NotFoundError, QuotaError  # noqa: E402
 from tests.postgres import create_database, postgres_server  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_address(docker_image):
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": 80 << 20, "include_dashboard": False,
-                        "resources": {SLOT_RESOURCE: 4}},
-    )
+def cluster(docker_image):
+    # A head without sandboxes and two sandbox nodes: a node that holds a sandbox can be removed.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 << 20,
+                                                            "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=80 << 20, resources={SLOT_RESOURCE: 4})
+    cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
-    yield cluster.address
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_address(cluster):
+    return cluster.address
 
 
 def _gone(actor_name: str, within: float) -> bool:
@@ -97,6 +104,62 @@ def test_replicas_on_one_database_serve_the_same_sandboxes_and_a_killed_one_lose
             with pytest.raises(NotFoundError):
                 via_a.execute(sandbox.id, "x")
         assert _gone(f"sandbox-{sandbox.id}", within=10)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _actor_record(name: str, state: str) -> dict | None:
+    from ray._private import state as gcs
+
+    return next((a for a in gcs.actors().values() if a["Name"] == name and a["State"] == state), None)
+
+
+def test_a_sandbox_whose_node_died_while_no_replica_held_it_answers_died_and_leaves_the_quota(
+        make_server, tmp_path, cluster, pg_server):
+    """Last in the module: it removes a sandbox node."""
+    url = create_database(pg_server)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_server(tmp_path / "a", "--ray-address", cluster.address)
+    b = make_server(tmp_path / "b", "--ray-address", cluster.address)
+    a.db_url = b.db_url = url
+    a.start(timeout=120)
+    b.start(timeout=120)
+    try:
+        frank = a.tenant("frank", max_sandboxes=1)
+        with a.client(frank) as via_a:
+            sandbox = via_a.create_sandbox(cpus=0.5, memory="512m")
+            assert via_a.execute(sandbox.id, "x = 1").outcome == "ok"
+        a.kill()  # the replica that held it is gone; b never touched it
+        name = f"sandbox-{sandbox.id}"
+        record = _actor_record(name, "ALIVE")
+        assert record is not None
+        node_id = record["Address"]["NodeID"]
+        [node] = [n for n in cluster.worker_nodes if n.node_id == node_id]
+        cluster.remove_node(node)
+        deadline = time.monotonic() + 60
+        while _actor_record(name, "DEAD") is None:  # the cluster has noticed the node's death
+            assert time.monotonic() < deadline, "the lost node's actor is still not dead"
+            time.sleep(0.5)
+
+        with b.client(frank) as via_b, b.client(frank, "grpc") as via_grpc:
+            for client in (via_b, via_grpc):  # on both transports, and again after the first answer
+                result = client.execute(sandbox.id, "x + 1")
+                assert result.outcome == "died" and result.state_lost, result
+                assert f"Ray node {node_id[:12]} lost" in result.died_cause, result.died_cause
+                assert client.get_sandbox(sandbox.id).status == "dead"
+                with pytest.raises(APIError) as refused:
+                    client.list_files(sandbox.id)
+                assert refused.value.status == 409 and "died" in refused.value.message
+            assert via_b.list_sandboxes() == []
+            # Out of the quota (one sandbox): a new one fits, on the node left.
+            fresh = via_b.create_sandbox(cpus=0.5, memory="512m")
+            assert via_b.execute(fresh.id, "2 + 2").result == "4"
+            via_b.delete_sandbox(fresh.id)
+            via_b.delete_sandbox(sandbox.id)  # a dead sandbox's delete succeeds; then it is gone
+            with pytest.raises(NotFoundError):
+                via_b.get_sandbox(sandbox.id)
     finally:
         a.stop()
         b.stop()
