@@ -37,7 +37,7 @@ from service.data.evaluate import Evaluator
 from service.pipeline import DesignSettings, run_design
 from service.pipeline.compete import Entry, rank, stack_test_predictions, with_stack
 from service.pipeline.rundir import RunDir
-from service.pipeline.selection import prepare_selection
+from service.pipeline.selection import Selection, prepare_selection
 
 SCHEMES = {"knockout": "unseen-perturbation", "drug": "unseen-drug", "cytokine": "unseen-context",
            "stimulation": "unseen-context"}  # what the task analysis picks for TASKS
@@ -115,15 +115,22 @@ class Competed:
     status: str = "competed"
 
 
+def split_and_baselines(rd: RunDir, kind: str, seed: int, data: Path,
+                        context: str | None) -> tuple[Selection, list[Entry]]:
+    """The run's split and validation folds as `run_design` makes them, and every applicable baseline as a
+    candidate scored on them."""
+    make_split(data, SCHEMES[kind], seed, rd.split, context=context)
+    selection = prepare_selection(rd)
+    return selection, [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
+                       for n in selection.baselines]
+
+
 def compete(kind: str, seed: int, data: Path, work: Path, context: str | None = None) -> dict:
     """The run's split and validation as `run_design` makes them; baselines and their stack compete."""
     label = f"{kind}_{seed}" + (f"_{context}" if context else "")
     started = time.perf_counter()
     rd = RunDir(work / f"compete_{label}").create()
-    make_split(data, SCHEMES[kind], seed, rd.split, context=context)
-    selection = prepare_selection(rd)
-    entries = [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
-               for n in selection.baselines]
+    selection, entries = split_and_baselines(rd, kind, seed, data, context)
     winner = rank(with_stack(selection, entries, PRIMARY), PRIMARY)[0]
     test_eval = Evaluator(rd.split, "test")
     test = run_baselines(rd.split, "test")

@@ -29,17 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
 
 import service.data.splits as splits  # noqa: E402
-from design_bench import PRIMARY, SCHEMES, TASKS, gain, verdict  # noqa: E402
+from design_bench import PRIMARY, TASKS, gain, split_and_baselines, verdict  # noqa: E402
 from generated_code import load_bundle  # noqa: E402
 from service.agents import analyse_task, run_discussion  # noqa: E402
-from service.data import make_split, profile_dataset, simulate  # noqa: E402
+from service.data import profile_dataset, simulate  # noqa: E402
 from service.data.baselines import run_baselines  # noqa: E402
 from service.data.evaluate import Evaluator  # noqa: E402
 from service.llm import OfflineBackend  # noqa: E402
 from service.pipeline import pipeline_handlers, render_bundle  # noqa: E402
 from service.pipeline.compete import Entry, rank, stack_test_predictions, with_stack  # noqa: E402
 from service.pipeline.rundir import RunDir  # noqa: E402
-from service.pipeline.selection import prepare_selection  # noqa: E402
 
 MSE = "mse_top20_de"
 
@@ -58,10 +57,7 @@ def fit_predict(m, data: Path, inputs: str) -> ad.AnnData:
 def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | None) -> dict:
     started = time.perf_counter()
     rd = RunDir(work / f"{kind}_{seed}_{context}").create()
-    make_split(data, SCHEMES[kind], seed, rd.split, context=context)
-    selection = prepare_selection(rd)
-    entries = [Entry("baseline", n, selection.baseline_score(n), {f.name: f.baselines[n] for f in selection.folds})
-               for n in selection.baselines]
+    selection, entries = split_and_baselines(rd, kind, seed, data, context)
     designed = {f.name: fit_predict(m, f.data, "val_inputs.h5ad") for f in selection.folds}
     entries.append(Entry("designed", "designed", selection.score(designed), designed))
     ranked = rank(with_stack(selection, entries, PRIMARY), PRIMARY)

@@ -2,7 +2,8 @@
 
 On a developer machine without runsc registered these skip; under CI (`CI=true`) setup registers it
 (`scripts/setup-runsc.sh`), and a missing runsc is a failure, so CI cannot go green by skipping. The
-whole sandbox suite also runs under runsc with `CELLFORGE_TEST_RUNTIME=runsc`.
+whole sandbox suite also runs under runsc with `CELLFORGE_TEST_RUNTIME=runsc`. Slow: gVisor on ptrace
+(no KVM) starts and traps slowly, ~25 s for the module; the fast loop keeps the same behaviours under runc.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest_asyncio
 from sandbox import RUNSC, Outcome, SandboxStartError, require_runtime
 from sandbox.runtimes import unregistered
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 REPO = Path(__file__).resolve().parents[2]
 
