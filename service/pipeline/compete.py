@@ -75,7 +75,7 @@ def _gains(entry: Entry, references: dict[str, Entry]) -> list[float] | None:
     return out
 
 
-def within_noise(entry: Entry, best: Entry, metric: str) -> bool:
+def _within_noise(entry: Entry, best: Entry, metric: str) -> bool:
     """Whether `entry` is no worse than `best` on `metric` up to validation's noise: its mean deficit over the
     conditions both score is within one standard error of their paired per-condition differences."""
     theirs = {(r.get("fold"), r.get("condition")): v for r in best.val.per_condition if finite(v := r.get(metric))}
@@ -86,15 +86,15 @@ def within_noise(entry: Entry, best: Entry, metric: str) -> bool:
     return float(diffs.mean()) >= -float(diffs.std(ddof=1)) / np.sqrt(len(diffs))
 
 
-def not_worse(entry: Entry, references: dict[str, Entry], primary: str) -> bool:
+def _not_worse(entry: Entry, references: dict[str, Entry], primary: str) -> bool:
     """No worse on validation than the best baseline of each headline metric: strictly on the primary metric,
-    within validation's noise (`within_noise`) on the others. A strict second test let a difference of a few
+    within validation's noise (`_within_noise`) on the others. A strict second test let a difference of a few
     thousandths in top-20-DE MSE, far inside its noise, hand the run to a baseline the candidate beat on the
     primary metric by a wide margin."""
     gains = _gains(entry, references)
     if gains is None:
         return False
-    return all(g >= 0 or (metric != primary and within_noise(entry, references[metric], metric))
+    return all(g >= 0 or (metric != primary and _within_noise(entry, references[metric], metric))
                for g, metric in zip(gains, references, strict=True))
 
 
@@ -105,13 +105,13 @@ def _standing(entry: Entry, references: dict[str, Entry]) -> float:
 
 def rank(entries: list[Entry], primary: str) -> list[Entry]:
     """Best first on validation, over both headline metrics: the entries no worse than the best baseline on
-    the primary metric *and* on top-20-DE MSE (`not_worse`) come first, best primary first; then the others by
+    the primary metric *and* on top-20-DE MSE (`_not_worse`) come first, best primary first; then the others by
     their mean relative gain over the best baseline of each metric (a balance: neither metric may be traded away
     wholesale for the other), `control` after them; entries without a primary score last. Ties keep the
     given order (baselines before the designed model before the stack: the simpler wins)."""
     references = _references(entries, (primary, *HEADLINE))
     scored = [e for e in entries if finite(e.score(primary))]
-    feasible = rank_on([e for e in scored if not_worse(e, references, primary)], primary)
+    feasible = rank_on([e for e in scored if _not_worse(e, references, primary)], primary)
     rest = sorted((e for e in scored if e not in feasible), key=lambda e: -_standing(e, references))
     # `control` predicts no response at all; its primary score is the Systema reference's (−mean training Δ
     # against the truth's deviation from it), not a skill that carries over to the test conditions, so
