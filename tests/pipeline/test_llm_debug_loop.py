@@ -99,9 +99,10 @@ def test_a_three_bug_bundle_is_repaired_with_the_history_in_every_request(fake_l
     assert history[0]["patch"]["failure_class"] == "code_error" and history[0]["patch"]["applied"]
     assert "patch" not in history[1]
 
-    # What ran is what the plan says, and the report shows it.
+    # What ran is what the plan says, and the report shows it (the chosen attempt's code: the delivered code
+    # is a baseline's when a baseline wins validation).
     plan = json.loads((run / "plan.json").read_text())
-    code = json.loads((run / "code" / "config.json").read_text())
+    code = json.loads((run / "attempts" / "03" / "code" / "config.json").read_text())
     assert code["loss"]["kind"] == plan["loss"]["kind"]
     report = (run / "report.html").read_text()
     assert "What ran" in report and f"<td>loss.kind</td><td>{plan['loss']['kind']}</td><td>" \
