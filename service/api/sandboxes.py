@@ -63,6 +63,7 @@ from .tenants import Tenant
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
 # The closed_reason of a sandbox found dead (its Ray actor died with its node): "died: <cause>".
 DIED = "died: "
+GONE = "its sandbox is gone (its Ray actor no longer exists)"  # closed on purpose, or its death left no record
 # The largest file moved in or out of a sandbox in one call, on both transports (gRPC's message limit
 # is sized from it).
 MAX_FILE_BYTES = 64 << 20
@@ -262,7 +263,7 @@ class SandboxService:
         gone = set(await self.db.run(self._live_rows, None)) - alive
         for sid, cause in (await self.pool.backend.death_causes(gone)).items():  # type: ignore[attr-defined]
             await self.db.run(self._close_row, sid, DIED + cause)
-        await self.db.run(self._close_rows, alive, "its sandbox is gone (its Ray actor no longer exists)")
+        await self.db.run(self._close_rows, alive, GONE)
 
     def _close_rows(self, alive: set[str] | None, reason: str) -> None:
         mine = SandboxRow.owner.is_(None) | (SandboxRow.owner == self.owner)
@@ -470,7 +471,7 @@ class SandboxService:
                     # The row says it lives, its actor is gone: it died (its node died) while no replica held
                     # it, or it was closed a moment ago. Either way its row closes (out of the quota).
                     cause = (await self.pool.backend.death_causes({sandbox_id})).get(sandbox_id)  # type: ignore[attr-defined]
-                    reason = DIED + cause if cause else "its sandbox is gone (its Ray actor no longer exists)"
+                    reason = DIED + cause if cause else GONE
                     await self.db.run(self._close_row, sandbox_id, reason)
                     if cause:
                         raise SandboxDied(sandbox_id, cause, row) from None

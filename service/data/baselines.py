@@ -7,8 +7,8 @@ read here). `inputs_task` builds the same task from a folder of model files alon
 so a delivered baseline bundle runs this very module. A large split's sandbox folder holds a sample of the
 cells plus `pseudobulk.h5ad` (every training condition's mean over all of its cells) and
 `coexpression_cells.h5ad` (the training cells the co-expression sample draws from the whole part): the task
-is then built from those, so the delivered code predicts what the service's own baselines predict. Each writes predictions in the model format: one
-row per condition, `obs` with `condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean
+is then built from those, so the delivered code predicts what the service's own baselines predict. Each
+writes predictions in the model format: one row per condition, `obs` with `condition`, `perturbation`, `dose`, `context`, dense `X` = predicted mean
 log-normalized profile.
 
 Throughout, Δ of a training condition is its pseudobulk minus the control pseudobulk of its own
@@ -125,18 +125,23 @@ def summarise_training(train: ad.AnnData, seed: int = 0) -> TrainingSummary:
     control_means = context_means(X, contexts, is_ctrl) if is_ctrl.any() else {}
     if not control_means:
         raise SplitDirectoryError("train.h5ad: no control cells; every split keeps controls in train")
-    pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
 
     perturbed = obs.loc[~is_ctrl]
     table = condition_table(perturbed)
     labels = np.where(is_ctrl, "", obs[CONDITION].astype(str).to_numpy(dtype=object))
     means = group_means(X, labels, table[CONDITION].to_numpy())
     table["n_cells"] = perturbed[CONDITION].astype(str).value_counts().reindex(table[CONDITION]).to_numpy()
-    ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
     perturbed_ctx = context_means(X, contexts, ~is_ctrl) if (~is_ctrl).any() else {}
+    return _summary(table, means, control_means, perturbed_ctx, _dense64(X[coexpression_rows(train.n_obs, seed)]))
 
-    sample = _dense64(X[coexpression_rows(train.n_obs, seed)])
-    return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx, sample)
+
+def _summary(table: pd.DataFrame, means: np.ndarray, control_means: dict[str, np.ndarray],
+             perturbed_ctx: dict[str, np.ndarray], cell_sample: np.ndarray) -> TrainingSummary:
+    """The summary of these condition means: Δ against each row's context control (the pooled control for a
+    context without controls of its own)."""
+    pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
+    ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
+    return TrainingSummary(table, means, means - ctrl_rows, control_means, perturbed_ctx, cell_sample)
 
 
 def summarise_pseudobulk(bulk: ad.AnnData, cell_sample: np.ndarray) -> TrainingSummary:
@@ -160,12 +165,9 @@ def summarise_pseudobulk(bulk: ad.AnnData, cell_sample: np.ndarray) -> TrainingS
     control_means = weighted(is_ctrl)
     if not control_means:
         raise SplitDirectoryError(f"{PSEUDOBULK_FILE}: no control rows; every split keeps controls in train")
-    pooled_control: np.ndarray = np.mean(list(control_means.values()), axis=0)
     table = condition_table(obs.loc[~is_ctrl])  # one row per condition already: the rows of X[~is_ctrl]
     table["n_cells"] = n[~is_ctrl].astype(np.int64)
-    means = X[~is_ctrl]
-    ctrl_rows = np.stack([control_means.get(c, pooled_control) for c in table[CONTEXT]]) if len(table) else means
-    return TrainingSummary(table, means, means - ctrl_rows, control_means, weighted(~is_ctrl), cell_sample)
+    return _summary(table, X[~is_ctrl], control_means, weighted(~is_ctrl), cell_sample)
 
 
 def _in_memory(adata: ad.AnnData) -> ad.AnnData:

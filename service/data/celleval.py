@@ -27,6 +27,7 @@ context: the challenge's baseline); 0 = no better than it, 1 = perfect.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import tempfile
 import time
@@ -100,13 +101,10 @@ def _quiet() -> Iterator[None]:
 # of compiling in every process that scores. Cached on disk (beside their sources, or under NUMBA_CACHE_DIR
 # where those are read-only), a later process loads them in a fraction of a second.
 _KERNEL_MODULES = ("numba_mwu._core", "numba_mwu._batch", "numba_mwu._sparse", "pdex._math")
-_kernels_cached = False
 
 
+@functools.cache  # once per process
 def _cache_kernels() -> None:
-    global _kernels_cached
-    if _kernels_cached:
-        return
     import importlib
 
     from numba.core.caching import NullCache
@@ -120,7 +118,6 @@ def _cache_kernels() -> None:
         for kernel in vars(module).values():
             if isinstance(kernel, Dispatcher) and isinstance(getattr(kernel, "_cache", None), NullCache):
                 kernel.enable_caching()
-    _kernels_cached = True
 
 
 def _subsample(idx: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.data.evaluate import EvaluationReport, Evaluator
-from service.pipeline.budget import Forecast, project_step
+from service.pipeline.budget import FALLBACK_RUN_SECONDS, Forecast, project_step
 from service.pipeline.codegen.manifest import check_implements
 from service.pipeline.execute import AttemptOutcome, SandboxSettings, StepFailure, run_attempt, save_outcome
 from service.pipeline.progress import ProgressCallback, ProgressEvent
@@ -139,12 +139,12 @@ class NodeRunner:
         return {f.name: self.run_dir(node, f.name) / "out" / "val_predictions.h5ad" for f in self.selection.folds}
 
     def mean_run_seconds(self) -> float:
-        return sum(self.run_seconds) / len(self.run_seconds) if self.run_seconds else 60.0
+        return sum(self.run_seconds) / len(self.run_seconds) if self.run_seconds else FALLBACK_RUN_SECONDS
 
-    def forecast(self, step: str, reserve: float) -> Forecast:
-        """Does one more node fit in the time left, `reserve` kept for the finish? (`budget.project_step`)"""
+    def forecast(self, step: str) -> Forecast:
+        """Does one more node fit in the time left, `self.reserve` kept for the finish? (`budget.project_step`)"""
         rounds = min(1 + math.ceil((len(self.selection.folds) - 1) / self.parallel), len(self.selection.folds))
-        return Forecast(step, project_step(self.node_times, self.run_seconds, rounds), self.time_left(), reserve)
+        return Forecast(step, project_step(self.node_times, self.run_seconds, rounds), self.time_left(), self.reserve)
 
     def test_outputs(self, node: Node) -> tuple[Path | None, str | None]:
         """The folder of the node's outputs on the whole split (test predictions, weights): the val run's in

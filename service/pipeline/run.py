@@ -150,21 +150,22 @@ class Search:
     """Drafts, their debugging and the improve loop over one run's validation folds."""
 
     def __init__(self, runner: NodeRunner, llm: Backend, settings: DesignSettings, primary: str, scheme: str,
-                 baselines: dict[str, Any], improve_calls: int | None, codegen: CodegenMode = "edits") -> None:
+                 baselines: dict[str, Any], improve_calls: int | None, codegen: CodegenMode = "edits",
+                 recorded_skips: set[tuple[str, int]] | None = None) -> None:
         self.runner, self.llm, self.settings, self.primary, self.scheme = runner, llm, settings, primary, scheme
         self.codegen = codegen
         self.tree = SearchTree(primary)
         self.baselines = baselines  # name -> PooledScore on validation
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
-        self.recorded_skips: set[tuple[str, int]] = set()  # a replay's: (step, after_node) the record skipped
+        self.recorded_skips = recorded_skips or set()  # a replay's: (step, after_node) the record skipped
 
     def _ask(self, request: LLMRequest[R]) -> R:
         """The LLM's answer; the time it took is given back to the sandboxes' time budget."""
-        began = time.monotonic()
+        began = self.runner.clock()
         try:
             return self.llm.ask(request)
         finally:
-            self.runner.deadline += time.monotonic() - began
+            self.runner.deadline += self.runner.clock() - began
 
     def _new(self, **fields) -> Node:
         return self.tree.add(Node(id=len(self.tree.nodes) + 1, **fields))
@@ -286,7 +287,7 @@ class Search:
             self.tree.skipped.append({"after_node": after, "step": step, "reason": "budget",
                                       "detail": f"budget: skipped as in the recorded run ({step} after node {after})"})
             return False
-        forecast = self.runner.forecast(step, self.runner.reserve)
+        forecast = self.runner.forecast(step)
         if forecast.fits:
             return True
         self.tree.skipped.append({"after_node": after, **forecast.to_json()})
@@ -541,8 +542,7 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
     runner = NodeRunner(rd, selection, test_eval, primary, settings.sandbox_settings(provider), deadline, started, emit,
                         mean_baseline, clock)
     search = Search(runner, llm, settings, primary, analysis.split_scheme, baseline_val,
-                    _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from))
-    search.recorded_skips = _skips_recorded(replay_from)
+                    _improve_calls_recorded(replay_from), _codegen_mode(config, replay_from), _skips_recorded(replay_from))
     candidates = candidate_plans(plan, settings.candidates)
     # A draft's runs end before the finish's own work (not its checking run: a draft is worth more than that).
     runner.reserve = FINISH_SECONDS + scoring

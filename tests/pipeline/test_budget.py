@@ -91,8 +91,8 @@ def test_a_replay_skips_the_steps_its_record_skipped_and_runs_the_others(tmp_pat
     assert _skips_recorded(tmp_path / "no-run") == set() and _skips_recorded(None) == set()
 
     # The replaying machine's clock is not asked (a runner without one): the record decides.
-    search = Search(SimpleNamespace(), None, None, "mse", "unseen-perturbation", {}, 2)  # type: ignore[arg-type]
-    search.recorded_skips = _skips_recorded(tmp_path)
+    search = Search(SimpleNamespace(), None, None, "mse", "unseen-perturbation", {}, 2,  # type: ignore[arg-type]
+                    recorded_skips=_skips_recorded(tmp_path))
     assert search._fits("debug", 2) and search._fits("improve", 3)
     assert not search._fits("debug", 3)
     assert search.tree.skipped == [{"after_node": 3, "step": "debug", "reason": "budget",

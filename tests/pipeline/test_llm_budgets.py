@@ -5,6 +5,7 @@ them instead of ignoring them."""
 from __future__ import annotations
 
 import json
+import time
 
 from pydantic import BaseModel
 from typer.testing import CliRunner
@@ -70,7 +71,7 @@ def test_the_sandboxes_clock_does_not_count_the_llms_time(fake_llm, tmp_path):
     fake_llm.script(Reply('{"value": 3}', delay=0.5))
     llm = make_backend(LLMConfig(backend="openai", base_url=fake_llm.base_url, model="fake-model", api_key="sk-x"),
                        {}, tmp_path)
-    runner = SimpleNamespace(deadline=1000.0)  # the search's deadline (monotonic seconds)
+    runner = SimpleNamespace(deadline=1000.0, clock=time.monotonic)  # the search's deadline, on its clock
     search = Search(runner, llm, None, "mse", "unseen-perturbation", {}, None)  # type: ignore[arg-type]
     assert search._ask(_question(1)).value == 3
     assert 1000.5 <= runner.deadline < 1002.0  # the half second the endpoint took is given back
