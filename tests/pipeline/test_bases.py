@@ -144,6 +144,41 @@ def test_context_transfer_fits_the_convergence_toward_other_contexts(transfer_mo
     assert np.mean((pred - test.delta) ** 2) < 0.5 * np.mean((transfer - test.delta) ** 2)
 
 
+def test_gain_kernel_predicts_how_strongly_an_unseen_context_responds_from_its_receptor_level(transfer_model):
+    """Δ(p, c) = a(c)·s_p, the activity a(c) a Hill function of a receptor gene's control level (a stimulus acts
+    through a receptor), cell types differing in many other genes too: the gain-kernel member predicts a
+    context near the low-receptor training contexts to respond a small fraction of what the perturbation does
+    elsewhere, and one near the high-receptor contexts fully, far closer to the truth than the perturbation's
+    mean Δ elsewhere (the delta_transfer baseline); and so does the fitted base for the unresponsive one."""
+    m = transfer_model
+    rng = np.random.default_rng(7)
+    genes = 40
+    levels = {"A": 0.2, "B": 0.4, "C": 0.3, "D": 3.0, "E": 3.4, "F": 2.8, "G": 0.35, "H": 2.6, "low": 0.25,
+              "high": 3.2}
+    controls = {c: rng.normal(2.0, 0.5, genes) for c in levels}
+    for c, level in levels.items():
+        controls[c][0] = level  # the receptor
+    shared = {p: rng.normal(size=genes) for p in ("P1", "P2", "P3")}
+
+    def truth(p: str, c: str) -> np.ndarray:
+        return levels[c] ** 2 / (levels[c] ** 2 + 1.0) * shared[p]
+
+    seen = ["A", "B", "C", "D", "E", "F", "G", "H"]
+    rows = [(p, c) for p in shared for c in seen]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
+                        np.stack([truth(p, c) for p, c in rows]))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
+    query = _conditions(m, list(shared) * 2, ["low"] * 3 + ["high"] * 3, controls, np.zeros((6, genes)))
+    true = np.stack([truth(p, c) for p, c in zip(query.table["perturbation"], query.table["context"])])
+    transfer = np.stack([np.mean([truth(p, c) for c in seen], axis=0) for p in query.table["perturbation"]])
+    gain = base._members(query, base.setting)["gain_kernel"]
+    for part in (slice(0, 3), slice(3, 6)):
+        assert np.mean((gain[part] - true[part]) ** 2) < 0.5 * np.mean((transfer[part] - true[part]) ** 2)
+    pred = base.predict(query, np.zeros((6, 1)))
+    assert np.mean((pred[:3] - true[:3]) ** 2) < 0.5 * np.mean((transfer[:3] - true[:3]) ** 2)
+
+
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
     """With two training contexts no held-out context can check a member that places a context: the base
     averages transfer and the profile kernel, so next to a training context it is transfer and far from

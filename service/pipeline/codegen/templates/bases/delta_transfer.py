@@ -17,7 +17,12 @@ class BasePredictor:
     - profile kernel: the kernel ridge for p's perturbed profile (control + Δ) rather than its Δ, around p's
       mean perturbed profile over the training contexts: next to a training context it is that context's
       perturbed state (about transfer), far from all it is their mean perturbed state (the context-mean
-      baseline's recipe for p), as stimulated cells of very different types converge on shared states.
+      baseline's recipe for p), as stimulated cells of very different types converge on shared states;
+    - gain kernel: p's response programme (its mean Δ over the other contexts) scaled by a gain that depends
+      on the context's control state, as a stimulus acts through receptors whose levels set how strongly
+      each cell type responds. Each training context's gain is its Δ's projection on the programme; the
+      gain of c is their kernel ridge on the control profiles with a prior of no response, so a context
+      near unresponsive ones, or far from every training context, is predicted to change little.
 
     Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
     contexts, never fixed: a large λ is the transfer member, which is right when the control state says
@@ -28,10 +33,11 @@ class BasePredictor:
     conditions are not used."""
 
     RANK = 10
-    RIDGES = ("context_ridge", "context_kernel", "profile_kernel")
+    RIDGES = ("context_ridge", "context_kernel", "profile_kernel", "gain_kernel")
     RIDGE_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)
     KERNEL_WIDTHS = (0.5, 1.0, 2.0)
     KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
+    GAIN_WIDTHS = (0.25, 0.5, 1.0)
 
     def __init__(self, config: Config, genes: list[str]):
         self.stack = Stack(config.loss)
@@ -58,12 +64,25 @@ class BasePredictor:
         lam = scale * max(float(np.mean(np.sum(((profiles - centre) @ directions.T) ** 2, axis=1))), 1e-12)
         return y_mean + (control @ directions.T - z_mean) @ ridge(Z - z_mean, Y - y_mean, lam)
 
+    def _kernel_scale(self, width: float, pool: np.ndarray) -> float:
+        """`width` × the median squared distance between the pool's contexts' control profiles."""
+        profiles = np.stack([self.controls[c] for c in sorted(set(self.table["context"][pool]))])
+        gaps = np.sum((profiles[:, None] - profiles[None]) ** 2, axis=-1)
+        return width * (float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 1.0)
+
+    def _gain_kernel(self, width: float, lam: float, pool: np.ndarray, rows: np.ndarray,
+                     control: np.ndarray) -> np.ndarray:
+        programme = self.delta[rows].mean(axis=0)
+        gains = self.delta[rows] @ programme / max(float(programme @ programme), 1e-12)
+        scale = self._kernel_scale(width, pool)
+        X = np.stack([self.controls[c] for c in self.table["context"].iloc[rows]])
+        K = np.exp(-np.sum((X[:, None] - X[None]) ** 2, axis=-1) / scale)
+        k = np.exp(-np.sum((X - control) ** 2, axis=-1) / scale)
+        return float(k @ np.linalg.solve(K + lam * np.eye(len(rows)), gains)) * programme
+
     def _context_kernel(self, width: float, lam: float, pool: np.ndarray, rows: np.ndarray, control: np.ndarray,
                         profile: bool = False) -> np.ndarray:
-        contexts = sorted(set(self.table["context"][pool]))
-        profiles = np.stack([self.controls[c] for c in contexts])
-        gaps = np.sum((profiles[:, None] - profiles[None]) ** 2, axis=-1)
-        scale = width * (float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 1.0)
+        scale = self._kernel_scale(width, pool)
         X = np.stack([self.controls[c] for c in self.table["context"].iloc[rows]])
         Y = self.delta[rows] + (X if profile else 0.0)
         y_mean = Y.mean(axis=0)
@@ -77,6 +96,8 @@ class BasePredictor:
         ridges = [(f"context_ridge:{s:g}", ("ridge", s)) for s in self.RIDGE_SCALES]
         ridges += [(f"{kind}_kernel:{w:g},{lam:g}", (kind, w, lam)) for kind in ("context", "profile")
                    for w in self.KERNEL_WIDTHS for lam in self.KERNEL_LAMBDAS]
+        ridges += [(f"gain_kernel:{w:g},{lam:g}", ("gain", w, lam)) for w in self.GAIN_WIDTHS
+                   for lam in self.KERNEL_LAMBDAS]
         if chosen is not None:
             ridges = [(name, chosen[name]) for name in self.RIDGES]
         out = {name: np.zeros((len(conditions), self.delta.shape[1]))
@@ -95,6 +116,8 @@ class BasePredictor:
                     out[name][row] = mean
                 elif setting[0] == "ridge":
                     out[name][row] = self._context_ridge(setting[1], pool, rows, control)
+                elif setting[0] == "gain":
+                    out[name][row] = self._gain_kernel(setting[1], setting[2], pool, rows, control)
                 else:
                     out[name][row] = self._context_kernel(setting[1], setting[2], pool, rows, control,
                                                           profile=setting[0] == "profile")
@@ -110,7 +133,8 @@ class BasePredictor:
             # One or two training contexts: no held-out context can check a member that places a context.
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
-                            "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1])}
+                            "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
+                            "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
             self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5} if len(self.controls) == 2 \
                 else {"transfer": 1.0}
             self.stack.nested, self.stack.chosen = None, "fixed"
