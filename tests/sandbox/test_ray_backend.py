@@ -160,6 +160,17 @@ async def test_interrupt_stops_the_code_and_keeps_state(ray_sandbox):
     assert (await ray_sandbox.execute("kept")).result == "5"
 
 
+async def test_an_execution_whose_caller_left_is_interrupted_on_its_node(ray_sandbox):
+    slow = "import time\nfor _ in range(300):\n    time.sleep(0.1)\nfinished = True"
+    for on_event in (None, lambda event: None):  # one plain actor call; the streaming call
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ray_sandbox.execute(slow, on_event=on_event), 1)
+        started = time.monotonic()
+        # The kernel was interrupted, not left busy for 30 s: the next execution runs at once.
+        assert (await ray_sandbox.execute("'finished' in dir()")).result == "False"
+        assert time.monotonic() - started < 10
+
+
 async def test_timeouts_end_timeout_or_killed(ray_sandbox):
     res = await ray_sandbox.execute("import time; time.sleep(30)", timeout=1)
     assert res.outcome is Outcome.TIMEOUT and not res.state_lost
