@@ -23,6 +23,17 @@ actors dead: a running execution ends `died`, `sb.dead` says which node was lost
 places a fresh sandbox (state and workspace lost, as after any death). Containers left on a node
 whose actor died are removed by `reap()`, which runs the Docker reaper on every sandbox node.
 
+Starting a sandbox's actor costs a new Ray worker process on its node (about a second of a core) before
+the container is made. With `spare_ttl` > 0 (the API server: 30 s) the backend keeps one *spare* per spec
+shape it has started (the same placement options): an actor placed and constructed in the background right
+after a start, holding that shape's resources on its node, and given the next sandbox of that shape (one
+actor call: the container's start). A spare ends itself `spare_ttl` seconds after it was made unless used,
+also when the process that made it stopped; `close()` ends this backend's. Meanwhile a node's capacity for
+that shape shows one sandbox fewer. A sandbox started on a spare is like any other (its own actor, its name,
+its hardening); restarting a sandbox whose node was lost places a fresh actor. The default is no spares
+(`cellforge design --ray-address`: each sandbox runs for minutes, and every actor of the run is one of its
+sandboxes).
+
 Every actor is named `sandbox-<id>` in the `cellforge` namespace. With `detached=True` (what API
 replicas use) a sandbox outlives the process that created it, and any process of the cluster reaches it
 with `attach(id)`: a sandbox created through one API replica is used through another.
@@ -33,10 +44,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -49,7 +61,7 @@ from .commands import Commands
 from .errors import SandboxClosedError, SandboxDeadError, SandboxError, SandboxStartError, UsageError
 from .events import ExecutionResult, Outcome, StatusEvent
 from .files import Files, local_destination, regular_files, workspace_path
-from .kernel import Replies, Sandbox
+from .kernel import Replies, Sandbox, _ignore
 from .ray_node import NodeSandbox, RunEnd, SandboxActor
 from .reaper import reap_orphans
 from .spec import SandboxSpec
@@ -66,6 +78,12 @@ RUNTIME_RESOURCE_PREFIX = "cellforge_runtime_"
 MARKER = 0.001
 # Seconds a close may wait on a node that stopped answering before the actor is killed anyway.
 CLOSE_TIMEOUT_S = 30.0
+# Seconds a spare may take to be placed and constructed; one that could not be placed by then is given up
+# rather than left waiting for room a sandbox asked for.
+SPARE_PLACE_S = 10.0
+# A spare this close to its end is not handed out (it might end while its sandbox starts).
+SPARE_MARGIN_S = 5.0
+SERVER_SPARE_TTL_S = 30.0  # the API server's spares (RayBackend(spare_ttl=...))
 
 _Actor = ray.remote(SandboxActor)
 _reap_node = ray.remote(num_cpus=0)(reap_orphans)
@@ -125,11 +143,17 @@ class RayBackend(SandboxBackend):
     kind = BackendKind.RAY
     isolated = True
 
-    def __init__(self, address: str | None = None, *, placement_timeout: float = 60.0, detached: bool = False) -> None:
+    def __init__(
+        self, address: str | None = None, *, placement_timeout: float = 60.0, detached: bool = False,
+        spare_ttl: float = 0.0,
+    ) -> None:
         self.address = address
         self.placement_timeout = placement_timeout
         # Detached: the actors outlive this process; whoever uses them must close them (`close()`).
         self.detached = detached
+        self.spare_ttl = spare_ttl
+        # One spare per placement (its options as JSON): (sandbox id, actor, when it was made).
+        self._spares: dict[str, asyncio.Task[tuple[str, Any, float]]] = {}
 
     @property
     def shared(self) -> bool:
@@ -143,9 +167,76 @@ class RayBackend(SandboxBackend):
     async def create(self, spec: SandboxSpec) -> RaySandbox:
         """A started sandbox on a node that fits `spec`; on any failure nothing is left and
         SandboxStartError says why."""
-        sandbox_id = secrets.token_hex(6)
-        actor, facts = await self.start_actor(spec, sandbox_id)
+        self.connect()
+        options = placement(spec)
+        started = await self._start_on_spare(spec, options)
+        if started is None:
+            sandbox_id = secrets.token_hex(6)
+            started = sandbox_id, *await self.start_actor(spec, sandbox_id)
+        self._keep_spare(options)
+        sandbox_id, actor, facts = started
         return RaySandbox(self, spec, sandbox_id, actor, facts)
+
+    # --- spares: actors placed and constructed before their sandbox is asked for ---------------------------
+
+    def _keep_spare(self, options: dict[str, Any]) -> None:
+        """Have a spare of this placement made in the background, unless one is there or on its way."""
+        key = json.dumps(options, sort_keys=True)
+        if self.spare_ttl <= 0 or (key in self._spares and not self._spares[key].done()):
+            return
+        task = asyncio.ensure_future(self._make_spare(options))
+        task.add_done_callback(_spare_made)
+        self._spares[key] = task
+
+    async def _make_spare(self, options: dict[str, Any]) -> tuple[str, Any, float]:
+        sandbox_id = secrets.token_hex(6)
+        lifetime = {"lifetime": "detached"} if self.detached else {}
+        actor: Any = _Actor.options(name=actor_name(sandbox_id), namespace=NAMESPACE, max_restarts=0, **lifetime,
+                                    **options).remote(self.spare_ttl)
+        try:
+            async with asyncio.timeout(min(SPARE_PLACE_S, self.spare_ttl)):
+                await actor.idle_seconds.remote()  # placed, its worker started and the actor constructed
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        return sandbox_id, actor, time.monotonic()  # its time to live runs from about now (its construction)
+
+    def _take_spare(self, options: dict[str, Any]) -> tuple[str, Any] | None:
+        """A ready spare of this placement, no longer kept (a new one is made after the start)."""
+        key = json.dumps(options, sort_keys=True)
+        task = self._spares.get(key)
+        if task is None or not task.done():
+            return None
+        del self._spares[key]
+        if task.cancelled() or task.exception() is not None:
+            return None
+        sandbox_id, actor, made = task.result()
+        if time.monotonic() - made > self.spare_ttl - SPARE_MARGIN_S:
+            ray.kill(actor, no_restart=True)
+            return None
+        return sandbox_id, actor
+
+    async def _start_on_spare(self, spec: SandboxSpec, options: dict[str, Any]) -> tuple[str, Any, NodeSandbox] | None:
+        """The sandbox started in a spare of its placement; None when there is none or it was lost meanwhile (its
+        node died, it ended): then a fresh actor is placed. A failure of the start itself is the sandbox's."""
+        spare = self._take_spare(options)
+        if spare is None:
+            return None
+        sandbox_id, actor = spare
+        try:
+            async with asyncio.timeout(spec.start_timeout):
+                facts: NodeSandbox = await actor.start.remote(spec)
+        except RayActorError:
+            return None
+        except BaseException as exc:
+            ray.kill(actor, no_restart=True)
+            if isinstance(exc, TimeoutError):
+                raise SandboxStartError(f"sandbox {sandbox_id}: its container did not start within "
+                                        f"{spec.start_timeout:g}s") from None
+            if isinstance(exc, RayTaskError):
+                _raise_cause(exc)
+            raise
+        return sandbox_id, actor, facts
 
     async def start_actor(self, spec: SandboxSpec, sandbox_id: str) -> tuple[Any, NodeSandbox]:
         """Place the actor of sandbox `sandbox_id` and have it start the container."""
@@ -242,7 +333,17 @@ class RayBackend(SandboxBackend):
         return merged
 
     async def close(self) -> None:
-        """Nothing to release: the Ray connection stays for sandboxes still to close."""
+        """End this backend's spares; the Ray connection stays for sandboxes still to close."""
+        spares, self._spares = list(self._spares.values()), {}
+        for task in spares:
+            task.cancel()
+        for outcome in await asyncio.gather(*spares, return_exceptions=True):
+            if isinstance(outcome, tuple):
+                ray.kill(outcome[1], no_restart=True)
+
+    async def spares_ready(self) -> None:
+        """Wait for the spares on their way (a benchmark measures starts with a spare ready)."""
+        await asyncio.gather(*self._spares.values(), return_exceptions=True)
 
 
 class RaySandbox(Sandbox):
@@ -259,6 +360,9 @@ class RaySandbox(Sandbox):
         self._backend = backend
         self._closed = False
         self._dead: str | None = None
+        # Called with the cause when the actor is lost (its node died): its container and the resources Ray
+        # reserved for it are gone until restart() places it anew (the API's quota stops counting it).
+        self.on_lost: list[Callable[[str], None]] = []
         self._attach(actor, node)
 
     def _attach(self, actor: Any, node: NodeSandbox) -> None:
@@ -291,12 +395,24 @@ class RaySandbox(Sandbox):
             self._closed = True
             self._actor_lost = True
 
+    @property
+    def lost(self) -> bool:
+        """Whether its actor is gone (its node died): it holds no container and no resources until restart()."""
+        return self._actor_lost and not self._closed
+
     def _lose(self, exc: RayActorError | None) -> str:
         """Mark the actor lost; the cause, naming the node."""
+        first = not self._actor_lost
         self._actor_lost = True
         if not self._dead:
             why = _why(exc) if exc is not None else "its Ray actor is gone"
             self._dead = f"Ray node {self.node.hostname} ({self.node.node_id[:12]}) lost: {why}"
+        if first:
+            for hook in list(self.on_lost):
+                try:
+                    hook(self._dead)
+                except Exception:  # a hook's failure must not hide the loss from the caller
+                    log.exception("an on_lost hook of sandbox %s raised", self.id)
         return self._dead
 
     async def _call(self, method: Any, *args: Any) -> Any:
@@ -322,11 +438,29 @@ class RaySandbox(Sandbox):
     ) -> tuple[ExecutionResult, Replies]:
         self.check_usable()
         started = time.perf_counter()
-        stream = self._actor.run.remote(code, timeout, None if store_history else (user_expressions or {}))
+        expressions = None if store_history else (user_expressions or {})
+        if emit is _ignore:
+            call = self._actor.run_all.remote(code, timeout, expressions)  # nobody watches: one plain call
+            try:
+                end: RunEnd = await call
+            except asyncio.CancelledError:
+                ray.cancel(call)  # the actor's sandbox interrupts the code, as for a local caller
+                raise
+            except RayTaskError as exc:
+                _raise_cause(exc)
+            except RayActorError as exc:
+                cause = self._lose(exc)
+                elapsed = (time.perf_counter() - started) * 1000
+                return ExecutionResult(outcome=Outcome.DIED, died_cause=cause, state_lost=True, duration_ms=elapsed), {}
+            self._dead = end.dead
+            return end.result, end.replies
+        stream = self._actor.run.remote(code, timeout, expressions)
         try:
             async for ref in stream:
                 item = await ref
                 if isinstance(item, RunEnd):
+                    for event in item.events:
+                        emit(event)
                     self._dead = item.dead
                     return item.result, item.replies
                 for event in item:
@@ -456,6 +590,12 @@ class RayFiles(Files):
                 done.unlink(missing_ok=True)
             raise
         return [str(p) for p in written]
+
+
+def _spare_made(task: asyncio.Task[Any]) -> None:
+    """A spare that could not be made is only a start without one: say why, once."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("no spare Ray sandbox actor: %s", task.exception())
 
 
 def _raise_cause(exc: RayTaskError) -> NoReturn:

@@ -3,8 +3,13 @@
 The actor creates the sandbox with this node's Docker backend, so the container, its kernel's
 sockets and its socket folder never leave the node; the caller (ray_backend.RaySandbox) reaches the
 kernel only through the actor's methods. Executions stream back as a Ray streaming generator:
-batches of events as they happen, then one `RunEnd`. Errors of the sandbox layer cross as
-themselves (the caller re-raises Ray's wrapped cause).
+batches of events as they happen (what comes within `FLUSH_S` of a batch's first event travels with it),
+then one `RunEnd` carrying the last batch; a caller that does not watch events as they happen makes one
+plain call (`run_all`). Errors of the sandbox layer cross as themselves (the caller re-raises Ray's
+wrapped cause).
+
+An actor can be made before its sandbox is asked for (a *spare*, see ray_backend): it holds its resources
+and its worker process, and ends itself unless `start()` comes within `spare_ttl` seconds.
 
 Loaded on the node by Ray (the class is pickled by reference), so every sandbox node needs
 CellForge installed in the Python environment its Ray workers run.
@@ -17,6 +22,7 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -32,7 +38,9 @@ from .files import regular_files, workspace_path
 from .kernel import Replies, Sandbox
 from .spec import SandboxSpec
 
-_DONE = object()
+# Seconds a batch of events waits for more (or for the end of the run) before it travels: a quick run is one
+# Ray object, and output reaches a watcher at most this much later.
+FLUSH_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -54,21 +62,31 @@ class RunEnd:
     result: ExecutionResult
     replies: Replies
     dead: str | None
+    events: list[StreamEvent]  # those not yet sent, in order before the result
 
 
 class SandboxActor:
     """One sandbox on this node (an async Ray actor: calls run concurrently on its event loop, so an
     interrupt is never queued behind the execution it stops)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spare_ttl: float | None = None) -> None:
         self._backend = DockerBackend()
         self._sandbox: Sandbox | None = None
         self._facts: tuple[SandboxSpec, NodeSandbox] | None = None
         self._closed = asyncio.Event()
         self._active = time.monotonic()  # the last call's end: processes sharing the sandbox ask for it
         self._calls = 0
+        self._started = False
+        if spare_ttl:
+            # A spare ends itself if no sandbox is started in it in time, whether or not the process that made it
+            # is still there to close it (a detached spare outlives an API replica that stopped).
+            me = ray.get_runtime_context().current_actor
+            timer = threading.Timer(spare_ttl, lambda: None if self._started else ray.kill(me, no_restart=True))
+            timer.daemon = True
+            timer.start()
 
     async def start(self, spec: SandboxSpec) -> NodeSandbox:
+        self._started = True
         if spec.gpus:
             # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
             spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
@@ -96,6 +114,13 @@ class SandboxActor:
             raise RuntimeError("SandboxActor.start() must run first")
         return self._sandbox
 
+    def _work(
+        self, code: str, timeout: float | None, expressions: dict[str, str] | None, on_event: Any
+    ) -> Awaitable[tuple[ExecutionResult, Replies]]:
+        if expressions is None:
+            return _no_replies(self.sandbox.execute(code, timeout, on_event=on_event))
+        return self.sandbox.run_code(code, expressions, timeout, on_event)
+
     async def run(
         self, code: str, timeout: float | None, expressions: dict[str, str] | None
     ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
@@ -104,25 +129,37 @@ class SandboxActor:
         the sandbox interrupts the code, as it does for a local caller."""
         sb = self.sandbox
         self._calls += 1
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        work: Awaitable[tuple[ExecutionResult, Replies]]
-        if expressions is None:
-            work = _no_replies(sb.execute(code, timeout, on_event=queue.put_nowait))
-        else:
-            work = sb.run_code(code, expressions, timeout, queue.put_nowait)
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(lambda _: queue.put_nowait(_DONE))  # after every event of the run
+        pending: list[StreamEvent] = []
+        arrived = asyncio.Event()  # events are pending, or the run ended
+        ended = asyncio.Event()
+
+        def on_event(event: StreamEvent) -> None:
+            pending.append(event)
+            arrived.set()
+
+        def on_end(_: object) -> None:  # after every event of the run
+            ended.set()
+            arrived.set()
+
+        task = asyncio.ensure_future(self._work(code, timeout, expressions, on_event))
+        task.add_done_callback(on_end)
         try:
             while True:
-                # Everything already queued travels as one item: a chatty loop costs one Ray object per batch.
-                batch = [await queue.get()] + [queue.get_nowait() for _ in range(queue.qsize())]
-                events = [e for e in batch if e is not _DONE]
-                if events:
-                    yield events
-                if len(events) < len(batch):
+                await arrived.wait()
+                if not ended.is_set():
+                    # Whatever else comes in a moment travels in the same batch (one Ray object, not one each).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FLUSH_S):
+                            await ended.wait()
+                arrived.clear()
+                batch, pending[:] = pending[:], []
+                if ended.is_set():
                     break
+                yield batch
+            if task.exception() is not None and batch:
+                yield batch  # the events before the failure, then the failure (as a local run has them)
             result, replies = task.result()
-            yield RunEnd(result, replies, sb.dead)
+            yield RunEnd(result, replies, sb.dead, batch)
         finally:
             self._calls -= 1
             self._touch()
@@ -130,6 +167,19 @@ class SandboxActor:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def run_all(self, code: str, timeout: float | None, expressions: dict[str, str] | None) -> RunEnd:
+        """`run` as one plain call, for a caller that does not watch events as they happen: the `RunEnd` carries
+        them all. Cancelled (ray.cancel): the sandbox interrupts the code."""
+        sb = self.sandbox
+        self._calls += 1
+        events: list[StreamEvent] = []
+        try:
+            result, replies = await self._work(code, timeout, expressions, events.append)
+            return RunEnd(result, replies, sb.dead, events)
+        finally:
+            self._calls -= 1
+            self._touch()
 
     async def interrupt(self) -> None:
         self._touch()

@@ -135,6 +135,8 @@ class CellForgeCore:
         await self.runner.stop()
         await self.sandboxes.close_all()
         await self.pool.shutdown()
+        if getattr(self.backend, "shared", False):
+            await self.backend.close()  # the Ray backend's spare actors end now, not at their time-to-live
         await self.audit.stop()
         self.work.shutdown()
         self._auth_executor.shutdown(wait=False, cancel_futures=True)

@@ -5,7 +5,8 @@ the same check.
 
 What counts against what:
 - `max_sandboxes`: the tenant's sandboxes that are starting or live, its own (the API's) and those its
-  jobs lease (a design run's attempts, a regression run's sandbox) alike;
+  jobs lease (a design run's attempts, a regression run's sandbox) alike; not those `lost` (their Ray node
+  died while a replica held them: no container, no resources) until a restart places them anew;
 - `max_jobs`: its queued and running jobs of every kind (design, regression pytest/rescore/replay);
 - `max_memory`, `max_cpus`, `max_gpus`: its own sandboxes, plus for every queued or running job the larger
   of one sandbox of its size (reserved from its acceptance to its end) and the sandboxes it holds now (a
@@ -34,6 +35,8 @@ from service.db import DatasetRow, SandboxRow, TenantRow
 from .tenants import Tenant
 
 HELD_SANDBOX_STATES = ("starting", "live")
+# A held sandbox whose Ray node died: still the tenant's (restartable, deletable), no longer using anything.
+LOST = "lost"
 ACTIVE_JOB_STATES = ("queued", "running")
 GIB = 1 << 30
 
@@ -146,6 +149,23 @@ def admit_sandbox(db: Database, tenant_id: str, row: SandboxRow, want: Resources
                                 f"{tenant.max_sandboxes}); delete one first", retry_after=5)
         fits(tenant, held.resources, want, "this sandbox")
         s.add(row)
+
+
+def readmit_sandbox(db: Database, tenant_id: str, sandbox_id: str, want: Resources) -> bool:
+    """A `lost` sandbox about to be placed anew (restart) counts again if the tenant's sandbox count and resources
+    allow it (QuotaExceeded if not); False when its row is not `lost` (nothing to readmit)."""
+    with admission(db, tenant_id) as (s, tenant, held):
+        row = s.scalar(select(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.tenant_id == tenant_id,
+                                                SandboxRow.status == LOST))
+        if row is None:
+            return False
+        if held.sandboxes + 1 > tenant.max_sandboxes:
+            raise QuotaExceeded(f"tenant {tenant.name!r} holds {held.sandboxes} live sandboxes (quota "
+                                f"{tenant.max_sandboxes}); restarting sandbox {sandbox_id}, whose node died, would "
+                                "exceed it: delete one first", retry_after=5)
+        fits(tenant, held.resources, want, f"restarting sandbox {sandbox_id}")
+        row.status = "live"
+        return True
 
 
 def admit_job_sandbox(db: Database, tenant_id: str, job_id: str, row: SandboxRow, want: Resources) -> None:

@@ -8,7 +8,9 @@ the database's rows are the record of which sandboxes exist: a sandbox created t
 replica is found in its row and attached to by another, and a replica that stops (or is killed)
 leaves its sandboxes running for the others. A sandbox whose actor died (its node died) while no replica
 held it is found so by the next call: its row is closed as `died: <cause>` (out of the tenant's quota), an
-execution on it answers the `died` outcome with the cause, other calls a conflict naming it.
+execution on it answers the `died` outcome with the cause, other calls a conflict naming it. One whose node
+died while this replica held it stays the tenant's (status `dead`; restart places it anew, delete removes
+it), its row `lost`: out of the quota, which a restart must fit again.
 
 The server's jobs lease theirs here as well (`job_provider`): admitted by the same quota, recorded,
 labelled and counted like the tenant's own, but not addressable through the API.
@@ -57,7 +59,7 @@ from service.db import Database, SandboxRow, TenantRow
 from .errors import (BadRequest, Conflict, NotFound, PayloadTooLarge, QuotaExceeded, Unauthenticated, Unavailable,
                      invalid)
 from .metrics import ServiceMetrics
-from .quotas import Resources, admit_job_sandbox, admit_sandbox
+from .quotas import LOST, Resources, admit_job_sandbox, admit_sandbox, readmit_sandbox
 from .tenants import Tenant
 
 ALLOWED_IMAGE_PREFIX = "cellforge-sandbox:"
@@ -197,6 +199,7 @@ class SandboxService:
         self._live: dict[str, _Live] = {}
         self._jobs: dict[str, _JobLease] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._losing: dict[str, asyncio.Future[None]] = {}  # rows being marked lost
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -269,14 +272,14 @@ class SandboxService:
         mine = SandboxRow.owner.is_(None) | (SandboxRow.owner == self.owner)
         with self.db.session() as s:
             if alive is None:
-                s.execute(update(SandboxRow).where(SandboxRow.status.in_(("starting", "live")), mine).values(
+                s.execute(update(SandboxRow).where(SandboxRow.status.in_(("starting", "live", LOST)), mine).values(
                     status="closed", closed_at=time.time(), closed_reason=reason))
                 return
             # A `starting` row of another replica may be a sandbox being placed right now: not ours to close.
             s.execute(update(SandboxRow).where(SandboxRow.status == "starting", mine).values(
                 status="closed", closed_at=time.time(), closed_reason=reason))
-            s.execute(update(SandboxRow).where(SandboxRow.status == "live", SandboxRow.id.not_in(alive)).values(
-                status="closed", closed_at=time.time(), closed_reason=reason))
+            s.execute(update(SandboxRow).where(SandboxRow.status.in_(("live", LOST)), SandboxRow.id.not_in(alive))
+                      .values(status="closed", closed_at=time.time(), closed_reason=reason))
 
     async def close_all(self) -> None:
         jobs = [held.lease.close() for held in list(self._jobs.values())]
@@ -325,6 +328,7 @@ class SandboxService:
             raise
         live = _Live(lease=lease, tenant_id=tenant.id, request=request, created_at=time.time())
         self._live[lease.id] = live
+        self._watch_loss(lease)
         self._count()
         if not await self.db.run(self._activate_row, reservation, lease.id, tenant.id):
             # Revoked while it started: the revocation closed the tenant's other sandboxes already.
@@ -390,7 +394,38 @@ class SandboxService:
         await self._control(await self._own(tenant, sandbox_id), "interrupt")
 
     async def restart(self, tenant: Tenant, sandbox_id: str) -> None:
-        await self._control(await self._own(tenant, sandbox_id), "restart")
+        live = await self._own(tenant, sandbox_id)
+        if not getattr(live.lease._target, "lost", False):
+            await self._control(live, "restart")
+            return
+        # Its node died: placed anew, it uses resources again, so it must fit the quota again.
+        if (marking := self._losing.get(sandbox_id)) is not None:
+            await marking
+        readmitted = await self.db.run(readmit_sandbox, self.db, tenant.id, sandbox_id, live.request.resources)
+        try:
+            await self._control(live, "restart")
+        except BaseException:
+            if readmitted:
+                await self.db.run(self._set_status, sandbox_id, "live", LOST)
+            raise
+
+    def _watch_loss(self, lease: PooledSandbox) -> None:
+        """When the sandbox's Ray node dies, its row turns `lost` (out of the quota) at once."""
+        hooks = getattr(lease._target, "on_lost", None)
+        if hooks is None:
+            return
+
+        def lost(cause: str) -> None:
+            marking = asyncio.ensure_future(self.db.run(self._set_status, lease.id, "live", LOST))
+            self._losing[lease.id] = marking
+
+            def marked(_: object) -> None:
+                if self._losing.get(lease.id) is marking:
+                    del self._losing[lease.id]
+
+            marking.add_done_callback(marked)
+
+        hooks.append(lost)
 
     async def put_file(self, tenant: Tenant, sandbox_id: str, path: str, data: bytes) -> None:
         if len(data) > MAX_FILE_BYTES:
@@ -483,6 +518,7 @@ class SandboxService:
                 live = _Live(lease=lease, tenant_id=tenant_id, request=SandboxRequest.model_validate(spec),
                              created_at=row.created_at)
                 self._live[sandbox_id] = live
+                self._watch_loss(lease)
                 self._count()
                 return live
         finally:
@@ -490,13 +526,14 @@ class SandboxService:
                 self._adopting.pop(sandbox_id, None)
 
     def _live_row(self, tenant_id: str, sandbox_id: str) -> SandboxRow | None:
+        """Its row while the sandbox is the tenant's (live, or lost with its node and not yet restarted)."""
         with self.db.session() as s:
             return s.scalar(select(SandboxRow).where(SandboxRow.id == sandbox_id, SandboxRow.tenant_id == tenant_id,
-                                                     SandboxRow.status == "live"))
+                                                     SandboxRow.status.in_(("live", LOST))))
 
     def _live_rows(self, tenant_id: str | None) -> builtins.list[str]:
-        """The live rows of a tenant (None: of every tenant)."""
-        query = select(SandboxRow.id).where(SandboxRow.status == "live")
+        """The live (and lost) rows of a tenant (None: of every tenant)."""
+        query = select(SandboxRow.id).where(SandboxRow.status.in_(("live", LOST)))
         if tenant_id is not None:
             query = query.where(SandboxRow.tenant_id == tenant_id)
         with self.db.session() as s:
@@ -557,6 +594,10 @@ class SandboxService:
         with self.db.session() as s:
             s.execute(update(SandboxRow).where(SandboxRow.id == reservation).values(id=sid, status="live"))
             return s.scalar(select(TenantRow.revoked_at).where(TenantRow.id == tenant_id)) is None
+
+    def _set_status(self, sid: str, was: str, status: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(SandboxRow).where(SandboxRow.id == sid, SandboxRow.status == was).values(status=status))
 
     def _close_row(self, sid: str, reason: str) -> None:
         with self.db.session() as s:

@@ -70,10 +70,10 @@ class ServerConfig:
         """The Ray backend when a cluster is named; None: the core's default (Docker on this machine)."""
         if self.ray_address is None:
             return None
-        from sandbox.ray_backend import RayBackend  # Ray is an optional extra, imported only when asked for
+        from sandbox.ray_backend import SERVER_SPARE_TTL_S, RayBackend  # Ray is an optional extra, imported when asked for
 
         # Detached actors: a sandbox outlives the replica that created it (any replica reaches it by name).
-        return RayBackend(self.ray_address, detached=True)
+        return RayBackend(self.ray_address, detached=True, spare_ttl=SERVER_SPARE_TTL_S)
 
 
 class _HttpServer(uvicorn.Server):

@@ -1,5 +1,6 @@
 """`cellforge serve --ray-address`: the API's sandboxes are Ray actors on a cluster's sandbox nodes, API
-replicas on one PostgreSQL database and one cluster serve the same sandboxes, and a sandbox whose node died
+replicas on one PostgreSQL database and one cluster serve the same sandboxes, a sandbox whose node died
+while a replica held it leaves its tenant's quota until a restart fits it again, and one whose node died
 while no replica held it answers `died` with the cause and leaves its tenant's quota."""
 
 from __future__ import annotations
@@ -103,6 +104,64 @@ def test_replicas_on_one_database_serve_the_same_sandboxes_and_a_killed_one_lose
             via_b.delete_sandbox(sandbox.id)
             with pytest.raises(NotFoundError):
                 via_a.execute(sandbox.id, "x")
+        assert _gone(f"sandbox-{sandbox.id}", within=10)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_held_sandbox_whose_node_died_leaves_the_quota_until_its_restart_fits_again(
+        make_server, tmp_path, cluster, pg_server):
+    """It adds a sandbox node and removes the one that holds the sandbox (the module keeps two)."""
+    cluster.add_node(num_cpus=1, object_store_memory=80 << 20, resources={SLOT_RESOURCE: 4})
+    cluster.wait_for_nodes()
+    url = create_database(pg_server)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_server(tmp_path / "a", "--ray-address", cluster.address)
+    b = make_server(tmp_path / "b", "--ray-address", cluster.address)
+    a.db_url = b.db_url = url
+    a.start(timeout=120)
+    b.start(timeout=120)
+    try:
+        gina = a.tenant("gina", max_sandboxes=1)
+        with a.client(gina) as via_a, b.client(gina) as via_b:
+            sandbox = via_a.create_sandbox(cpus=0.5, memory="512m")
+            assert via_a.execute(sandbox.id, "x = 1").outcome == "ok"
+            with pytest.raises(QuotaError):  # it counts: the tenant's one sandbox
+                via_b.create_sandbox(cpus=0.5, memory="512m")
+            node_id = _actor_record(f"sandbox-{sandbox.id}", "ALIVE")["Address"]["NodeID"]
+            [node] = [n for n in cluster.worker_nodes if n.node_id == node_id]
+            cluster.remove_node(node)
+            deadline = time.monotonic() + 60
+            while via_a.get_sandbox(sandbox.id).status != "dead":  # a, which holds it, learns of the loss
+                assert time.monotonic() < deadline, "the replica holding the sandbox never saw its node die"
+                time.sleep(0.5)
+
+            # Still the tenant's (a restarts or deletes it), but out of the quota: a new sandbox fits, through b.
+            assert [s.id for s in via_a.list_sandboxes()] == [sandbox.id]
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    fresh = via_b.create_sandbox(cpus=0.5, memory="512m")
+                    break
+                except QuotaError:
+                    assert time.monotonic() < deadline, "the dead sandbox still holds the tenant's quota"
+                    time.sleep(0.5)
+            assert via_b.execute(fresh.id, "2 + 2").result == "4"
+            # Restarted, it would use resources again: refused while the new one holds the quota ...
+            with pytest.raises(QuotaError):
+                via_a.restart(sandbox.id)
+            assert via_a.get_sandbox(sandbox.id).status == "dead"
+            # ... placed anew once there is room, and then it counts again.
+            via_b.delete_sandbox(fresh.id)
+            via_a.restart(sandbox.id)
+            assert via_a.get_sandbox(sandbox.id).status == "live"
+            assert via_a.execute(sandbox.id, "1 + 1").result == "2"
+            assert _actor_record(f"sandbox-{sandbox.id}", "ALIVE")["Address"]["NodeID"] != node_id
+            with pytest.raises(QuotaError):
+                via_b.create_sandbox(cpus=0.5, memory="512m")
+            via_a.delete_sandbox(sandbox.id)
         assert _gone(f"sandbox-{sandbox.id}", within=10)
     finally:
         a.stop()

@@ -59,7 +59,8 @@ def cluster(docker_image):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def ray_backend(cluster) -> RayBackend:
-    backend = RayBackend(placement_timeout=20)
+    # With spares, as the API server's: most sandboxes here start on one (the same shape as the one before).
+    backend = RayBackend(placement_timeout=20, spare_ttl=30)
     yield backend
     await backend.close()
 
@@ -159,6 +160,17 @@ async def test_interrupt_stops_the_code_and_keeps_state(ray_sandbox):
     assert (await ray_sandbox.execute("kept")).result == "5"
 
 
+async def test_an_execution_whose_caller_left_is_interrupted_on_its_node(ray_sandbox):
+    slow = "import time\nfor _ in range(300):\n    time.sleep(0.1)\nfinished = True"
+    for on_event in (None, lambda event: None):  # one plain actor call; the streaming call
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ray_sandbox.execute(slow, on_event=on_event), 1)
+        started = time.monotonic()
+        # The kernel was interrupted, not left busy for 30 s: the next execution runs at once.
+        assert (await ray_sandbox.execute("'finished' in dir()")).result == "False"
+        assert time.monotonic() - started < 10
+
+
 async def test_timeouts_end_timeout_or_killed(ray_sandbox):
     res = await ray_sandbox.execute("import time; time.sleep(30)", timeout=1)
     assert res.outcome is Outcome.TIMEOUT and not res.state_lost
@@ -214,6 +226,37 @@ async def test_pooled_leases_reach_the_remote_sandbox(ray_backend, small_spec):
         assert (await asyncio.wait_for(running, 10)).ename == "KeyboardInterrupt"
         assert (await lease.execute("x")).result == "1"
         await lease.close()
+
+
+async def test_a_sandbox_of_a_shape_started_before_starts_on_a_spare_actor_which_otherwise_ends_itself(
+        cluster, small_spec):
+    backend = RayBackend(placement_timeout=20, spare_ttl=8)
+    spec = small_spec(cpus=0.25, resources={"zone_b": MARKER})
+    before = _sandbox_actors()  # the module's own (its sandbox, its backend's spares)
+    first = await backend.create(spec)
+    try:
+        await backend.spares_ready()
+        [spare] = _sandbox_actors() - before - {f"sandbox-{first.id}"}
+        second = await backend.create(spec)  # started in the spare: its actor, its name
+        assert f"sandbox-{second.id}" == spare and second.node.node_id == cluster.zones["zone_b"]
+        assert (await second.execute("6 * 7")).result == "42"
+        assert _container(second).labels["cellforge.sandbox"] == second.node.container
+        await second.close()
+        await backend.spares_ready()
+        [unused] = _sandbox_actors() - before - {f"sandbox-{first.id}"}
+    finally:
+        await first.close()
+    # An unused spare ends itself after its time to live, whoever made it (here not even closing the backend).
+    deadline = time.monotonic() + 30
+    while unused in _sandbox_actors():
+        assert time.monotonic() < deadline, "an unused spare outlived its time to live"
+        await asyncio.sleep(0.5)
+    await backend.close()
+
+
+def _sandbox_actors() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "cellforge" and a["name"].startswith("sandbox-")}
 
 
 async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backend, small_spec):
