@@ -170,7 +170,7 @@ def test_gain_kernel_predicts_how_strongly_an_unseen_context_responds_from_its_r
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
     base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty, np.zeros((0, 1)))
     query = _conditions(m, list(shared) * 2, ["low"] * 3 + ["high"] * 3, controls, np.zeros((6, genes)))
-    true = np.stack([truth(p, c) for p, c in zip(query.table["perturbation"], query.table["context"])])
+    true = np.stack([truth(p, c) for p, c in zip(query.table["perturbation"], query.table["context"], strict=True)])
     transfer = np.stack([np.mean([truth(p, c) for c in seen], axis=0) for p in query.table["perturbation"]])
     gain = base._members(query, base.setting)["gain_kernel"]
     for part in (slice(0, 3), slice(3, 6)):
