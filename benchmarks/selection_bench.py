@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
 
 import service.data.splits as splits  # noqa: E402
-from design_bench import PRIMARY, TASKS, gain, split_and_baselines, verdict  # noqa: E402
+from design_bench import PERTURBATIONS, PRIMARY, TASKS, gain, held_out, split_and_baselines, verdict  # noqa: E402
 from generated_code import load_bundle  # noqa: E402
 from service.agents import analyse_task, run_discussion  # noqa: E402
 from service.data import profile_dataset, simulate  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="stimulation", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--contexts", nargs="+", default=None, help="stimulation: the cell types to hold out (all)")
+    parser.add_argument("--contexts", nargs="+", default=None, help="unseen cell type: the cell types to hold out (all)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -112,15 +112,13 @@ def main() -> None:
         folder = work / f"{args.kind}_{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         data = folder / "data.h5ad"
-        simulate(args.kind, seed, n_cells=12000, n_genes=500).write_h5ad(data)
+        simulate(args.kind, seed, n_cells=12000, n_genes=500,
+                 n_perturbations=PERTURBATIONS.get(args.kind)).write_h5ad(data)
         profile = profile_dataset(data)
         llm = OfflineBackend(pipeline_handlers())
         plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm, folder / "discussion").plan
         m = load_bundle(render_bundle(plan).write(folder / "code"))
-        held = [None]
-        if args.kind == "stimulation":
-            held = [c for c in ad.read_h5ad(data, backed="r").uns["simulation"]["cell_types"]
-                    if args.contexts is None or c in args.contexts]
+        held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
         rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
     print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds,
                       "validation": args.validation, "summary": summary(rows), "runs": rows}, indent=1))

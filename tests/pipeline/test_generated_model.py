@@ -97,3 +97,40 @@ def test_model_pt_holds_every_fitted_part_as_plain_data(trained):
     assert {k for k, _ in base["lam"]["__items__"]} >= {"pooled_ridge", "grouped_ridge", "pca_ridge"}
     assert isinstance(fitted["x_mean"], torch.Tensor) and isinstance(fitted["x_scale"], torch.Tensor)
     assert saved["net"]["state"]["head.weight"].shape[0] == len(saved["genes"])
+
+
+@pytest.mark.slow  # a design discussion, then train.py in a local sandbox (half a minute)
+def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_cell_type(tmp_path):
+    """An unseen-cell-type split: the residual is applied only to contexts seen in training, so train.py
+    trains no network (no epoch in its log, none in model.pt) and its predictions are the closed-form
+    base's, which model.pt alone reproduces."""
+    from service.agents import analyse_task, run_discussion
+    from service.data import profile_dataset
+    from service.llm import OfflineBackend
+    from service.pipeline import pipeline_handlers, render_bundle
+
+    simulate("cytokine", 0, n_cells=1500, n_genes=80).write_h5ad(tmp_path / "data.h5ad")
+    llm = OfflineBackend(pipeline_handlers())
+    profile = profile_dataset(tmp_path / "data.h5ad")
+    task = "Predict cytokine stimulation responses in an unseen cell type"
+    plan = run_discussion(analyse_task(profile, task, llm), profile, llm, tmp_path / "discussion").plan
+    assert plan.evaluation.split_scheme == "unseen-context" and plan.architecture.residual_delta
+    code = render_bundle(plan).write(tmp_path / "code")
+    make_split(tmp_path / "data.h5ad", "unseen-context", 0, tmp_path / "split")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in MODEL_FILES:
+        shutil.copy(tmp_path / "split" / name, data / name)
+    outcome = run_attempt(code, data, tmp_path / "attempt", 1, SandboxSettings(backend=BackendKind.LOCAL, cpus=1),
+                          300.0, lambda event: None, run_tests=False)
+    assert outcome.failure is None, outcome.failure
+    assert "residual network not trained" in (tmp_path / "attempt" / "train.log").read_text()
+    assert (outcome.out_dir / "train_log.jsonl").read_text() == ""
+    assert torch.load(outcome.out_dir / "model.pt", weights_only=True)["net"] is None
+    m = load_bundle(code)
+    model = m.PerturbationModel.load(outcome.out_dir / "model.pt")
+    test_inputs = ad.read_h5ad(data / "test_inputs.h5ad")
+    conditions = m.conditions_to_predict(test_inputs, model.controls)
+    assert not set(conditions.table["context"]) & set(model.contexts)
+    np.testing.assert_allclose(model.predict(test_inputs).X, ad.read_h5ad(outcome.out_dir / "predictions.h5ad").X,
+                               rtol=1e-6, atol=1e-6)

@@ -27,7 +27,8 @@ import torch
 
 from components import centroid_delta
 from config import Config
-from data import ConditionSet, cell_sample, control_means, read_part, read_pseudobulk, write_h5ad
+from data import (ConditionSet, cell_sample, control_means, read_part, read_pseudobulk, targets_of,
+                  write_h5ad)
 from model import PerturbationModel, delta_loss, pick_device
 
 STOP_FRACTION = 0.2  # share of the training groups held out to stop on
@@ -179,16 +180,24 @@ def main(argv: list[str] | None = None) -> None:
           f"test_conditions={len(test_inputs.uns['predict']['condition'])}", flush=True)
 
     none = train.subset(np.zeros(len(train), dtype=bool))
+    # The residual is applied only to contexts seen in training (`predict_delta`): when every condition asked
+    # for lies in an unseen context (an unseen-cell-type task), the network would never be used, so neither
+    # phase trains it.
+    asked = set(targets_of(val_inputs)["context"]) | set(targets_of(test_inputs)["context"])
+    network = config.residual_delta and bool(asked & set(train.table["context"]))
+    if config.residual_delta and not network:
+        print("residual network not trained: every condition to predict lies in a context absent from training, "
+              "where only the closed-form base predicts", flush=True)
+    selected = {"epoch": 0, "val_loss": float("nan"), "train_loss": float("nan")}
     with (args.out / "train_log.jsonl").open("w") as log:
-        if held.any() and config.residual_delta:  # phase 1: how many epochs, on groups no part of the model saw
+        if held.any() and network:  # phase 1: how many epochs, on groups no part of the model saw
             fit_part, stop = train.subset(~held), train.subset(held)
             selected = train_network(fitted_model(config, genes, controls, train_cells, fit_part, stop, seed),
                                      fit_part, stop, config, device, log)
-        else:
-            selected = {"epoch": 0, "val_loss": float("nan"), "train_loss": float("nan")}
         # phase 2: every training condition, that many epochs
         model = fitted_model(config, genes, controls, train_cells, train, none, seed)
-        final = train_network(model, train, none, config, device, log, epochs=selected["epoch"])
+        final = train_network(model, train, none, config, device, log, epochs=selected["epoch"]) if network \
+            else selected
 
     write_h5ad(model.predict(val_inputs), args.out / "val_predictions.h5ad")
     write_h5ad(model.predict(test_inputs), args.out / "predictions.h5ad")
