@@ -248,6 +248,9 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
         return "n/a" if value is None else f"{value:.4f}"
 
     model = table["model"]
+    # Unseen-cell-type validation holds out whole training cell types, where the residual network is never
+    # applied: a change to the network alone cannot move validation, so none is proposed.
+    network = context["scheme"] != "unseen-context"
     for name in beaten.get(primary, []):
         why = (f"baseline {name} beats the model on validation {primary} ({score(name, primary)} vs "
                f"{model[primary]:.4f})")
@@ -267,12 +270,13 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
             if lambdas:
                 propose("stronger ridge regularisation", f"{why}: the perturbation-specific part does not "
                         "generalise; shrink it", config_changes={"ridge_lambdas": [x * 10 for x in lambdas]})
-            if a["residual_delta"] and a["base_predictor"] != "none":
+            if network and a["residual_delta"] and a["base_predictor"] != "none":
                 propose("closed-form base only", f"{why}: the residual network adds variance",
                         plan_updates={"architecture.residual_delta": False})
-            propose("more dropout and weight decay", f"{why}: regularise the network",
-                    plan_updates={"architecture.dropout": min(0.8, round(a["dropout"] + 0.2, 3)),
-                                  "training.weight_decay": min(1.0, max(training["weight_decay"] * 10, 1e-4))})
+            if network:
+                propose("more dropout and weight decay", f"{why}: regularise the network",
+                        plan_updates={"architecture.dropout": min(0.8, round(a["dropout"] + 0.2, 3)),
+                                      "training.weight_decay": min(1.0, max(training["weight_decay"] * 10, 1e-4))})
     top = beaten.get("mse_top20_de", [])
     if top and primary != "mse_top20_de":
         propose("heavier top-DE loss weight", f"baseline {top[0]} beats the model on validation mse_top20_de",
@@ -281,14 +285,16 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
         propose("Pearson Δ loss term", f"the model loses on {primary} while its squared error is competitive",
                 plan_updates={"loss.kind": "mse_pearson_delta",
                               "loss.pearson_weight": min(1.0, max(0.2, loss["pearson_weight"] * 2))})
-    propose("lower learning rate", "generic: a smaller step often stops later at a better point",
-            plan_updates={"training.lr": training["lr"] * 0.3})
-    propose("wider and deeper residual network", "generic: more capacity for the residual",
-            plan_updates={"architecture.hidden_width": min(4096, a["hidden_width"] * 2),
-                          "architecture.depth": min(8, a["depth"] + 1)})
-    propose("longer training", "generic: more epochs and patience",
-            plan_updates={"training.epochs": min(5000, training["epochs"] * 2),
-                          "training.early_stopping_patience": min(1000, training["early_stopping_patience"] * 2)})
+    if network:
+        propose("lower learning rate", "generic: a smaller step often stops later at a better point",
+                plan_updates={"training.lr": training["lr"] * 0.3})
+        propose("wider and deeper residual network", "generic: more capacity for the residual",
+                plan_updates={"architecture.hidden_width": min(4096, a["hidden_width"] * 2),
+                              "architecture.depth": min(8, a["depth"] + 1)})
+        propose("longer training", "generic: more epochs and patience",
+                plan_updates={"training.epochs": min(5000, training["epochs"] * 2),
+                              "training.early_stopping_patience": min(1000,
+                                                                      training["early_stopping_patience"] * 2)})
     if a.get("gene_embedding_source") == "coexpression":
         propose("PCA gene embedding", "generic: the other gene embedding source",
                 plan_updates={"architecture.gene_embedding_source": "pca"})

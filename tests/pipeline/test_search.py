@@ -40,9 +40,9 @@ def _table(model: dict, baselines: dict) -> dict:
                             {n: [{"condition": "a||x", PRIMARY: s[PRIMARY]}] for n, s in baselines.items()}, "holdout")
 
 
-def _context(plan, table, history=()) -> dict:
+def _context(plan, table, history=(), scheme="unseen-perturbation") -> dict:
     tree = SearchTree(PRIMARY, [_node(1, plan, table["model"][PRIMARY])])
-    context = improve_context(tree.nodes[0], tree, table, "unseen-perturbation")
+    context = improve_context(tree.nodes[0], tree, table, scheme)
     context["history"] += list(history)
     return context
 
@@ -72,6 +72,16 @@ def test_losing_to_the_control_asks_for_regularisation(plan):
         labels.append(change.label)
     assert labels == ["stronger ridge regularisation", "closed-form base only", "more dropout and weight decay",
                       "heavier top-DE loss weight"]
+
+
+def test_unseen_cell_type_validation_gets_no_change_to_the_network_alone(plan):
+    """Validation holds out whole cell types, where the residual network is never applied: the rules propose
+    only changes that reach the closed-form base (its λs, its loss, its gene embedding), then stop."""
+    table = _table({PRIMARY: 0.1, "mse_top20_de": 0.9}, {"control": {PRIMARY: 0.3, "mse_top20_de": 0.7}})
+    labels: list[str] = []
+    while not (change := offline_improve(_context(plan, table, [{"label": x} for x in labels], "unseen-context"))).stop:
+        labels.append(change.label)
+    assert labels == ["stronger ridge regularisation", "heavier top-DE loss weight", "PCA gene embedding"]
 
 
 def test_rules_run_out_with_a_stop(plan):
