@@ -2,6 +2,10 @@
 
 Tests that need Docker use `docker_image`. On a developer machine without an engine they skip;
 under CI (`CI=true`) a missing engine or image is a failure, so CI can never go green by skipping.
+
+Under pytest-xdist (`-n N`; `--dist loadgroup` is in pyproject's addopts) each test file runs whole on one
+worker, so its module-scoped servers, clusters and sandboxes are made once, as without xdist; the files
+in one of `_GROUPS` share a worker, one after the other.
 """
 
 from __future__ import annotations
@@ -22,6 +26,23 @@ _TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(_TESTS.parent))
 sys.path.append(str(_TESTS))
 pytest_plugins = ["fake_llm_server"]
+
+# Files that must not run beside each other: each Ray file starts a local multi-node cluster (on 2 cores, two
+# at once starve each other's raylets past their timeouts).
+_GROUPS = {
+    "ray": ("tests/api/test_ray_jobs.py", "tests/api/test_serve_ray.py", "tests/sandbox/test_ray_backend.py"),
+}
+_GROUP_OF = {path: group for group, paths in _GROUPS.items() for path in paths}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test's xdist group is its file (or its file's group in `_GROUPS`): `--dist loadgroup` then
+    hands out whole files. Without xdist the mark is inert."""
+    for item in items:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(path, path)))
+
 
 SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
 
