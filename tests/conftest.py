@@ -35,6 +35,12 @@ _GROUPS = {
 _GROUP_OF = {path: group for group, paths in _GROUPS.items() for path in paths}
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per available core, at most 4 (each worker collects the whole suite, seconds of
+    CPU, and many workers starting containers and servers at once only queue on the engine)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test's xdist group is its file (or its file's group in `_GROUPS`): `--dist loadgroup` then
