@@ -27,8 +27,9 @@ sys.path.insert(0, str(_TESTS.parent))
 sys.path.append(str(_TESTS))
 pytest_plugins = ["fake_llm_server"]
 
-# Files that must not run beside each other: each Ray file starts a local multi-node cluster (on 2 cores, two
-# at once starve each other's raylets past their timeouts).
+# Files kept on one worker, one after the other: each Ray file starts a local multi-node cluster (a head and two
+# nodes: a dozen processes with their object stores), and two at once on a small machine compete for the same
+# cores the clusters' timeouts are sized for.
 _GROUPS = {
     "ray": ("tests/api/test_ray_jobs.py", "tests/api/test_serve_ray.py", "tests/sandbox/test_ray_backend.py"),
 }
@@ -36,8 +37,9 @@ _GROUP_OF = {path: group for group, paths in _GROUPS.items() for path in paths}
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker per available core, at most 4 (each worker collects the whole suite, seconds of
-    CPU, and many workers starting containers and servers at once only queue on the engine)."""
+    """`-n auto`: one worker per available core, at most 4. Each worker collects the whole suite (seconds of
+    CPU each), so more workers than cores cost more than the waits they overlap: on 2 busy cores the fast
+    suite took 162 s of CPU with 2 workers and 225 s with 4, and longer."""
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
