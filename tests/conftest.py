@@ -2,6 +2,10 @@
 
 Tests that need Docker use `docker_image`. On a developer machine without an engine they skip;
 under CI (`CI=true`) a missing engine or image is a failure, so CI can never go green by skipping.
+
+Under pytest-xdist (`-n N`; `--dist loadgroup` is in pyproject's addopts) each test file runs whole on one
+worker, so its module-scoped servers, clusters and sandboxes are made once, as without xdist; the files
+in one of `_GROUPS` share a worker, one after the other.
 """
 
 from __future__ import annotations
@@ -22,6 +26,31 @@ _TESTS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(_TESTS.parent))
 sys.path.append(str(_TESTS))
 pytest_plugins = ["fake_llm_server"]
+
+# Files kept on one worker, one after the other: each Ray file starts a local multi-node cluster (a head and two
+# nodes: a dozen processes with their object stores), and two at once on a small machine compete for the same
+# cores the clusters' timeouts are sized for.
+_GROUPS = {
+    "ray": ("tests/api/test_ray_jobs.py", "tests/api/test_serve_ray.py", "tests/sandbox/test_ray_backend.py"),
+}
+_GROUP_OF = {path: group for group, paths in _GROUPS.items() for path in paths}
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per available core, at most 4. Each worker collects the whole suite (seconds of
+    CPU each), so more workers than cores cost more than the waits they overlap: on 2 busy cores the fast
+    suite took 162 s of CPU with 2 workers and 225 s with 4, and longer."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test's xdist group is its file (or its file's group in `_GROUPS`): `--dist loadgroup` then
+    hands out whole files. Without xdist the mark is inert."""
+    for item in items:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(path, path)))
+
 
 SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from generated_code import load_bundle
 
 from sandbox import BackendKind
@@ -89,6 +88,7 @@ def test_model_pt_alone_reproduces_the_runs_predictions_in_a_fresh_process(train
 def test_model_pt_holds_every_fitted_part_as_plain_data(trained):
     """weights_only loading (no pickled code) and the fitted matrices are there: the gene embedding, the
     base's chosen λs and stack weights, the input scaling, the network."""
+    import torch  # here, not at the top: collecting the suite need not import torch
     saved = torch.load(trained[1] / "model.pt", weights_only=True)
     fitted = {k: v for k, v in saved["fitted"]["__items__"]}
     encoder = dict(fitted["encoder"]["attrs"])

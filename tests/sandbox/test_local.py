@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,9 +90,17 @@ async def test_files_stay_inside_the_local_workspace(local, tmp_path):
         await local.files.put("../../escape.txt", b"x")
 
 
+@pytest.fixture
+def short_root():
+    """A root short enough for the kernel's unix sockets (a worker's tmp_path under xdist is longer)."""
+    root = tempfile.mkdtemp(prefix="cf-local-")
+    yield Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @in_module_loop
-async def test_death_revive_and_close_clean_up(tmp_path):
-    sb = await LocalBackend(root=tmp_path).create(SandboxSpec())
+async def test_death_revive_and_close_clean_up(short_root):
+    sb = await LocalBackend(root=short_root).create(SandboxSpec())
     base = Path(sb.workspace).parent
     died = await sb.execute("import os; os._exit(7)")
     assert died.outcome is Outcome.DIED and died.died_cause == "exit code 7"
