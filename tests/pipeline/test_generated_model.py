@@ -109,6 +109,8 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
     from service.llm import OfflineBackend
     from service.pipeline import pipeline_handlers, render_bundle
 
+    import torch  # here, not at the top: collecting the suite need not import torch
+
     simulate("cytokine", 0, n_cells=1500, n_genes=80).write_h5ad(tmp_path / "data.h5ad")
     llm = OfflineBackend(pipeline_handlers())
     profile = profile_dataset(tmp_path / "data.h5ad")
