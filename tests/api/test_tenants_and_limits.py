@@ -191,9 +191,12 @@ def test_grpc_health_and_reflection(server):
 
 
 def test_the_audit_log_records_who_did_what(server, alice, bob):
+    with server.client(alice) as c:
+        c.delete_sandbox(c.create_sandbox(memory="256m").id)
     with server.client(bob) as c:
         with pytest.raises(NotFoundError):
             c.get_sandbox("feedfacefeed")
+    assert httpx.get(f"{server.url}/v1/sandboxes", headers=_auth("cf_not_a_key")).status_code == 401
     time.sleep(0.8)  # entries are flushed in batches
     rows = _rows(server, "SELECT t.name, a.transport, a.action, a.resource, a.outcome FROM audit_log a "
                          "LEFT JOIN tenants t ON t.id = a.tenant_id")
