@@ -437,7 +437,9 @@ def test_a_locked_database_fails_the_job_cleanly_and_the_worker_goes_on(tmp_path
 
 
 def _containers_of(tenant_id: str) -> list:
-    return docker.from_env().containers.list(all=True, filters={"label": f"cellforge.tenant={tenant_id}"})
+    # ignore_removed: a container removed between the listing and its inspection is gone, not an error.
+    return docker.from_env().containers.list(all=True, filters={"label": f"cellforge.tenant={tenant_id}"},
+                                             ignore_removed=True)
 
 
 def test_revoking_a_tenant_stops_its_sandboxes_and_jobs_within_seconds(server):

@@ -49,7 +49,7 @@ def test_a_design_job_waits_for_room_in_its_tenants_quota_and_its_sandboxes_coun
     simulate("knockout", 1, n_cells=1200, n_genes=60).write_h5ad(data)
     engine = docker.from_env()
     job_containers = lambda: engine.containers.list(  # noqa: E731
-        filters={"label": [f"cellforge.tenant={tenant}", "cellforge.role=design"]})
+        filters={"label": [f"cellforge.tenant={tenant}", "cellforge.role=design"]}, ignore_removed=True)
     events: list = []
     with server.client(tight) as c:
         own = c.create_sandbox(memory="256m")  # the tenant's quota of one sandbox is now full

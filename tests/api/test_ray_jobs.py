@@ -106,7 +106,7 @@ async def test_a_cancel_ends_a_running_job_and_its_sandbox_within_seconds(runner
     assert job.status == "cancelled"
     engine = docker.from_env()
     deadline = asked + 20  # the node closes the sandbox once its task is cancelled
-    while engine.containers.list(filters={"label": f"cellforge.tenant={TENANT}"}):
+    while engine.containers.list(filters={"label": f"cellforge.tenant={TENANT}"}, ignore_removed=True):
         assert time.monotonic() < deadline, "the cancelled job's sandbox is still running"
         time.sleep(0.5)
 
@@ -184,7 +184,8 @@ async def test_a_whole_cellforge_design_runs_over_ray_every_sandbox_an_actor(clu
     # Nothing left: no live sandbox actor, no container owned by any of the run's actors' processes.
     assert not _sandbox_actors()
     pids = {a["Pid"] for a in dead.values()}
-    left = [c.name for c in docker.from_env().containers.list(all=True, filters={"label": "cellforge.role=design"})
+    left = [c.name for c in docker.from_env().containers.list(all=True, filters={"label": "cellforge.role=design"},
+                                                              ignore_removed=True)
             if int(c.labels.get("cellforge.owner", "x:0:0").split(":")[-2]) in pids]
     assert not left, left
 
@@ -209,7 +210,7 @@ async def test_a_design_job_through_the_api_runs_as_a_ray_task_and_its_artifacts
             assert c.get_artifact(job.id, "model.pt") == (stored / "model.pt").read_bytes()
         # The job's sandboxes were the node's containers, labelled with the tenant: all gone.
         assert not docker.from_env().containers.list(
-            all=True, filters={"label": f"cellforge.tenant={tenant_id(server, 'erin')}"})
+            all=True, filters={"label": f"cellforge.tenant={tenant_id(server, 'erin')}"}, ignore_removed=True)
     finally:
         server.stop()
 
@@ -263,7 +264,8 @@ async def test_a_design_job_whose_node_dies_restarts_on_another_then_fails_after
         cluster[0].wait_for_nodes()
     # The lost attempts' containers are orphans (their owners died with the nodes): the nodes' reaper takes them.
     await RayBackend(cluster[0].address).reap()
-    assert not docker.from_env().containers.list(all=True, filters={"label": f"cellforge.tenant={TENANT}"})
+    assert not docker.from_env().containers.list(all=True, filters={"label": f"cellforge.tenant={TENANT}"},
+                                                 ignore_removed=True)
 
 
 async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster, tmp_path):
@@ -280,10 +282,10 @@ async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster
     mine = {"label": f"cellforge.tenant={TENANT}"}
     engine = docker.from_env()
     deadline = time.monotonic() + 120
-    while len(engine.containers.list(filters=mine)) < 2:
+    while len(engine.containers.list(filters=mine, ignore_removed=True)) < 2:
         assert time.monotonic() < deadline, "the second run's sandbox did not start beside the orphan"
         await asyncio.sleep(0.5)
     await RayBackend(cluster[0].address).reap()
-    assert len(engine.containers.list(filters=mine)) == 1
+    assert len(engine.containers.list(filters=mine, ignore_removed=True)) == 1
     await runner.cancel(job_id)  # its second run, on the node left
     assert (await _until(runner, job_id, lambda job: job.final, within=15)).status == "cancelled"
