@@ -5,7 +5,10 @@ while no replica held it answers `died` with the cause and leaves its tenant's q
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import docker
 import pytest
@@ -37,6 +40,24 @@ def cluster(docker_image):
 @pytest.fixture(scope="module")
 def ray_address(cluster):
     return cluster.address
+
+
+@contextlib.contextmanager
+def _replicas(make_server, tmp_path, address: str, pg_server) -> Iterator[tuple[Any, Any]]:
+    """Two `cellforge serve` replicas on one fresh PostgreSQL database and the cluster at `address`."""
+    url = create_database(pg_server)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_server(tmp_path / "a", "--ray-address", address)
+    b = make_server(tmp_path / "b", "--ray-address", address)
+    a.db_url = b.db_url = url
+    a.start(timeout=120)
+    b.start(timeout=120)
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
 
 
 def _gone(actor_name: str, within: float) -> bool:
@@ -76,15 +97,7 @@ def pg_server():
 
 def test_replicas_on_one_database_serve_the_same_sandboxes_and_a_killed_one_loses_nothing(
         make_server, tmp_path, ray_address, pg_server):
-    url = create_database(pg_server)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = make_server(tmp_path / "a", "--ray-address", ray_address)
-    b = make_server(tmp_path / "b", "--ray-address", ray_address)
-    a.db_url = b.db_url = url
-    a.start(timeout=120)
-    b.start(timeout=120)
-    try:
+    with _replicas(make_server, tmp_path, ray_address, pg_server) as (a, b):
         dave = a.tenant("dave", max_sandboxes=1)
         with a.client(dave) as via_a, b.client(dave, "grpc") as via_b:
             sandbox = via_a.create_sandbox(cpus=0.5, memory="512m")
@@ -105,9 +118,6 @@ def test_replicas_on_one_database_serve_the_same_sandboxes_and_a_killed_one_lose
             with pytest.raises(NotFoundError):
                 via_a.execute(sandbox.id, "x")
         assert _gone(f"sandbox-{sandbox.id}", within=10)
-    finally:
-        a.stop()
-        b.stop()
 
 
 def test_a_held_sandbox_whose_node_died_leaves_the_quota_until_its_restart_fits_again(
@@ -115,15 +125,7 @@ def test_a_held_sandbox_whose_node_died_leaves_the_quota_until_its_restart_fits_
     """It adds a sandbox node and removes the one that holds the sandbox (the module keeps two)."""
     cluster.add_node(num_cpus=1, object_store_memory=80 << 20, resources={SLOT_RESOURCE: 4})
     cluster.wait_for_nodes()
-    url = create_database(pg_server)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = make_server(tmp_path / "a", "--ray-address", cluster.address)
-    b = make_server(tmp_path / "b", "--ray-address", cluster.address)
-    a.db_url = b.db_url = url
-    a.start(timeout=120)
-    b.start(timeout=120)
-    try:
+    with _replicas(make_server, tmp_path, cluster.address, pg_server) as (a, b):
         gina = a.tenant("gina", max_sandboxes=1)
         with a.client(gina) as via_a, b.client(gina) as via_b:
             sandbox = via_a.create_sandbox(cpus=0.5, memory="512m")
@@ -163,9 +165,6 @@ def test_a_held_sandbox_whose_node_died_leaves_the_quota_until_its_restart_fits_
                 via_b.create_sandbox(cpus=0.5, memory="512m")
             via_a.delete_sandbox(sandbox.id)
         assert _gone(f"sandbox-{sandbox.id}", within=10)
-    finally:
-        a.stop()
-        b.stop()
 
 
 def _actor_record(name: str, state: str) -> dict | None:
@@ -177,15 +176,7 @@ def _actor_record(name: str, state: str) -> dict | None:
 def test_a_sandbox_whose_node_died_while_no_replica_held_it_answers_died_and_leaves_the_quota(
         make_server, tmp_path, cluster, pg_server):
     """Last in the module: it removes a sandbox node."""
-    url = create_database(pg_server)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = make_server(tmp_path / "a", "--ray-address", cluster.address)
-    b = make_server(tmp_path / "b", "--ray-address", cluster.address)
-    a.db_url = b.db_url = url
-    a.start(timeout=120)
-    b.start(timeout=120)
-    try:
+    with _replicas(make_server, tmp_path, cluster.address, pg_server) as (a, b):
         frank = a.tenant("frank", max_sandboxes=1)
         with a.client(frank) as via_a:
             sandbox = via_a.create_sandbox(cpus=0.5, memory="512m")
@@ -219,6 +210,3 @@ def test_a_sandbox_whose_node_died_while_no_replica_held_it_answers_died_and_lea
             via_b.delete_sandbox(sandbox.id)  # a dead sandbox's delete succeeds; then it is gone
             with pytest.raises(NotFoundError):
                 via_b.get_sandbox(sandbox.id)
-    finally:
-        a.stop()
-        b.stop()
