@@ -439,34 +439,12 @@ class RaySandbox(Sandbox):
         self.check_usable()
         started = time.perf_counter()
         expressions = None if store_history else (user_expressions or {})
-        if emit is _ignore:
-            call = self._actor.run_all.remote(code, timeout, expressions)  # nobody watches: one plain call
-            try:
-                end: RunEnd = await call
-            except asyncio.CancelledError:
-                ray.cancel(call)  # the actor's sandbox interrupts the code, as for a local caller
-                raise
-            except RayTaskError as exc:
-                _raise_cause(exc)
-            except RayActorError as exc:
-                cause = self._lose(exc)
-                elapsed = (time.perf_counter() - started) * 1000
-                return ExecutionResult(outcome=Outcome.DIED, died_cause=cause, state_lost=True, duration_ms=elapsed), {}
-            self._dead = end.dead
-            return end.result, end.replies
-        stream = self._actor.run.remote(code, timeout, expressions)
+        plain = emit is _ignore  # nobody watches: one plain call, its events travel with the result
+        call = (self._actor.run_all if plain else self._actor.run).remote(code, timeout, expressions)
         try:
-            async for ref in stream:
-                item = await ref
-                if isinstance(item, RunEnd):
-                    for event in item.events:
-                        emit(event)
-                    self._dead = item.dead
-                    return item.result, item.replies
-                for event in item:
-                    emit(event)
+            end: RunEnd = await call if plain else await self._streamed(call, emit)
         except asyncio.CancelledError:
-            ray.cancel(stream)  # the actor's sandbox interrupts the code, as for a local caller
+            ray.cancel(call)  # the actor's sandbox interrupts the code, as for a local caller
             raise
         except RayTaskError as exc:
             _raise_cause(exc)
@@ -475,6 +453,19 @@ class RaySandbox(Sandbox):
             emit(StatusEvent(state="died", detail=cause))
             elapsed = (time.perf_counter() - started) * 1000
             return ExecutionResult(outcome=Outcome.DIED, died_cause=cause, state_lost=True, duration_ms=elapsed), {}
+        for event in end.events:
+            emit(event)
+        self._dead = end.dead
+        return end.result, end.replies
+
+    async def _streamed(self, stream: Any, emit: Emit) -> RunEnd:
+        """The streaming call's batches of events emitted as they come; its `RunEnd`."""
+        async for ref in stream:
+            item = await ref
+            if isinstance(item, RunEnd):
+                return item
+            for event in item:
+                emit(event)
         raise SandboxError(f"sandbox {self.id}: its node ended an execution without a result")
 
     # --- control -----------------------------------------------------------------------------------
