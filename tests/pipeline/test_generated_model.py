@@ -43,15 +43,22 @@ def trained(knockout_code, tmp_path_factory) -> tuple[Path, Path]:
     """The bundle trained in a local sandbox on a small knockout split: (the sandbox's data, its outputs)."""
     root = tmp_path_factory.mktemp("run")
     simulate("knockout", 0, n_cells=1500, n_genes=80, n_perturbations=20).write_h5ad(root / "data.h5ad")
-    make_split(root / "data.h5ad", "unseen-perturbation", 0, root / "split")
+    data, outcome = _train_locally(knockout_code, root, "unseen-perturbation")
+    return data, outcome.out_dir
+
+
+def _train_locally(code: Path, root: Path, scheme: str):
+    """`root / "data.h5ad"` split by `scheme`, and the bundle at `code` trained on the split's model files in a
+    local sandbox: (the sandbox's data folder, the attempt's outcome)."""
+    make_split(root / "data.h5ad", scheme, 0, root / "split")
     data = root / "data"
     data.mkdir()
     for name in MODEL_FILES:
         shutil.copy(root / "split" / name, data / name)
-    outcome = run_attempt(knockout_code, data, root / "attempt", 1, SandboxSettings(backend=BackendKind.LOCAL, cpus=1),
+    outcome = run_attempt(code, data, root / "attempt", 1, SandboxSettings(backend=BackendKind.LOCAL, cpus=1),
                           300.0, lambda event: None, run_tests=False)
     assert outcome.failure is None, outcome.failure
-    return data, outcome.out_dir
+    return data, outcome
 
 
 def test_config_refuses_unknown_and_missing_keys(knockout_code):
@@ -118,14 +125,7 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
     plan = run_discussion(analyse_task(profile, task, llm), profile, llm, tmp_path / "discussion").plan
     assert plan.evaluation.split_scheme == "unseen-context" and plan.architecture.residual_delta
     code = render_bundle(plan).write(tmp_path / "code")
-    make_split(tmp_path / "data.h5ad", "unseen-context", 0, tmp_path / "split")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in MODEL_FILES:
-        shutil.copy(tmp_path / "split" / name, data / name)
-    outcome = run_attempt(code, data, tmp_path / "attempt", 1, SandboxSettings(backend=BackendKind.LOCAL, cpus=1),
-                          300.0, lambda event: None, run_tests=False)
-    assert outcome.failure is None, outcome.failure
+    data, outcome = _train_locally(code, tmp_path, "unseen-context")
     assert "residual network not trained" in (tmp_path / "attempt" / "train.log").read_text()
     assert (outcome.out_dir / "train_log.jsonl").read_text() == ""
     assert torch.load(outcome.out_dir / "model.pt", weights_only=True)["net"] is None
