@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .backend import BackendHealth, BackendKind, KernelHost, ReapReport, SandboxBackend
@@ -461,7 +461,12 @@ class RaySandbox(Sandbox):
     async def _streamed(self, stream: Any, emit: Emit) -> RunEnd:
         """The streaming call's batches of events emitted as they come; its `RunEnd`."""
         async for ref in stream:
-            item = await ref
+            # The generator hands out a ref once its value has arrived: a small one is in this process, and
+            # reading it there saves a second trip through the event loop (a large one is awaited).
+            try:
+                item = ray.get(ref, timeout=0)
+            except GetTimeoutError:
+                item = await ref
             if isinstance(item, RunEnd):
                 return item
             for event in item:

@@ -288,10 +288,17 @@ async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backe
         # restart() places a fresh sandbox by the same spec: no live node offers `doomed` any more.
         with pytest.raises(SandboxStartError, match="doomed"):
             await sb.restart()
-        # Its container outlived the actor; the nodes' reapers remove it (here a reaper of another
-        # process on this machine may be first).
-        await ray_backend.reap()
-        with pytest.raises(docker.errors.NotFound):
-            docker.from_env().containers.get(container)
+        # Its container outlived the actor; the nodes' reapers remove it once the actor's worker
+        # process has exited, which trails the node's removal (here a reaper of another process on
+        # this machine may be first).
+        deadline = time.monotonic() + 30
+        while True:
+            report = await ray_backend.reap()
+            try:
+                docker.from_env().containers.get(container)
+            except docker.errors.NotFound:
+                break
+            assert time.monotonic() < deadline, f"container {container[:12]} never reaped: {report.kept.get(container)}"
+            await asyncio.sleep(0.5)
     finally:
         await sb.close()
