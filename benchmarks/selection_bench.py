@@ -70,7 +70,8 @@ def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | Non
     got = test_eval.score(delivered).summary
     row: dict = {"kind": kind, "seed": seed, "context": context, "validation": selection.describe(),
                  "delivered": winner.key, "seconds": round(time.perf_counter() - started, 1),
-                 "val": {e.key: {k: e.score(k) for k in (PRIMARY, MSE)} for e in ranked}}
+                 "val": {e.key: {k: e.score(k) for k in (PRIMARY, MSE)} for e in ranked},
+                 "test": {n: {k: s.get(k) for k in (PRIMARY, MSE)} for n, s in scores.items()}}
     for metric, pick in ((PRIMARY, max), (MSE, min)):
         baselines = {n: s[metric] for n, s in scores.items() if n != "designed" and s.get(metric) is not None}
         best = pick(baselines, key=baselines.get)

@@ -45,8 +45,8 @@ HOST_CHECK_INTERVAL_S = 0.5
 _DONE = object()
 
 
-def _ignore(event: StreamEvent) -> None:
-    pass
+def unwatched(event: StreamEvent) -> None:
+    """The `emit` of a run nobody watches: a backend seeing it may skip sending events as they happen."""
 
 
 class Sandbox:
@@ -150,7 +150,7 @@ class Sandbox:
 
     async def _with_events(self, run: _Runner, on_event: EventCallback | None) -> tuple[ExecutionResult, Replies]:
         if on_event is None:
-            return await run(_ignore)
+            return await run(unwatched)
         if not asyncio.iscoroutinefunction(on_event):
             return await run(_safe(on_event))
         async for item in self._events(run):

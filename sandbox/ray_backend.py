@@ -61,7 +61,7 @@ from .commands import Commands
 from .errors import SandboxClosedError, SandboxDeadError, SandboxError, SandboxStartError, UsageError
 from .events import ExecutionResult, Outcome, StatusEvent
 from .files import Files, local_destination, regular_files, workspace_path
-from .kernel import Replies, Sandbox, _ignore
+from .kernel import Replies, Sandbox, unwatched
 from .ray_node import NodeSandbox, RunEnd, SandboxActor
 from .reaper import reap_orphans
 from .spec import SandboxSpec
@@ -439,7 +439,7 @@ class RaySandbox(Sandbox):
         self.check_usable()
         started = time.perf_counter()
         expressions = None if store_history else (user_expressions or {})
-        plain = emit is _ignore  # nobody watches: one plain call, its events travel with the result
+        plain = emit is unwatched  # nobody watches: one plain call, its events travel with the result
         call = (self._actor.run_all if plain else self._actor.run).remote(code, timeout, expressions)
         try:
             end: RunEnd = await call if plain else await self._streamed(call, emit)
