@@ -38,6 +38,11 @@ from .files import regular_files, workspace_path
 from .kernel import Replies, Sandbox
 from .spec import SandboxSpec
 
+# The calls a sandbox takes many of per second (executions, file transfers, the idle probe) record no Ray task
+# events: the cluster's task-event store is bounded, so thousands of them would push out the records of the
+# jobs and actors an operator looks for (`ray list tasks`, the dashboard).
+_quiet = ray.method(enable_task_events=False)
+
 # Seconds a batch of events waits for more (or for the end of the run) before it travels: a quick run is one
 # Ray object, and output reaches a watcher at most this much later.
 FLUSH_S = 0.02
@@ -98,6 +103,7 @@ class SandboxActor:
     def _touch(self) -> None:
         self._active = time.monotonic()
 
+    @_quiet
     async def idle_seconds(self) -> float:
         """Seconds since the sandbox was last used through any process (0 while an execution runs)."""
         return 0.0 if self._calls else time.monotonic() - self._active
@@ -121,6 +127,7 @@ class SandboxActor:
             return _no_replies(self.sandbox.execute(code, timeout, on_event=on_event))
         return self.sandbox.run_code(code, expressions, timeout, on_event)
 
+    @_quiet
     async def run(
         self, code: str, timeout: float | None, expressions: dict[str, str] | None
     ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
@@ -168,6 +175,7 @@ class SandboxActor:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    @_quiet
     async def run_all(self, code: str, timeout: float | None, expressions: dict[str, str] | None) -> RunEnd:
         """`run` as one plain call, for a caller that does not watch events as they happen: the `RunEnd` carries
         them all. Cancelled (ray.cancel): the sandbox interrupts the code."""
@@ -191,22 +199,27 @@ class SandboxActor:
 
     # --- files: one call per transfer; folders are staged in a private folder on this node ---------------
 
+    @_quiet
     async def put_file(self, path: str, data: bytes, timeout: float | None) -> None:
         self._touch()
         await self.sandbox.files.put(path, data, timeout)
 
+    @_quiet
     async def get_file(self, path: str, timeout: float | None, max_bytes: int | None) -> bytes:
         self._touch()
         return await self.sandbox.files.get(path, timeout, max_bytes)
 
+    @_quiet
     async def list_files(self, path: str, timeout: float | None) -> list[str]:
         self._touch()
         return await self.sandbox.files.list(path, timeout)
 
+    @_quiet
     async def remove_file(self, path: str, timeout: float | None) -> None:
         self._touch()
         await self.sandbox.files.remove(path, timeout)
 
+    @_quiet
     async def put_dir(self, files: dict[str, bytes], path: str, timeout: float | None) -> list[str]:
         self._touch()
         with _staging() as folder:
@@ -216,6 +229,7 @@ class SandboxActor:
                 target.write_bytes(data)
             return await self.sandbox.files.put_dir(folder, path, timeout)
 
+    @_quiet
     async def get_dir(self, path: str, timeout: float | None, max_bytes: int | None) -> dict[str, bytes]:
         self._touch()
         with _staging() as folder:
