@@ -112,6 +112,14 @@ def reap_orphans(client: docker.DockerClient | None = None) -> ReapReport:
             container.remove(force=True, v=True)
         except docker.errors.NotFound:
             pass  # removed concurrently (e.g. another process reaping at start-up): same outcome
+        except docker.errors.APIError as exc:
+            # 409: another process's removal of it is in progress (processes starting together reap the same
+            # engine): the same outcome. Any other refusal keeps it, with the engine's reason, for a later
+            # reap: one stuck container must not fail the reap, and with it a server's start-up.
+            if exc.status_code != 409:
+                report.kept[container.id] = f"orphan ({reason}), but the engine refused to remove it: {exc}"
+                log.warning("could not remove orphan sandbox container %s: %s", container.short_id, exc)
+                continue
         _remove_kernel_dir(container)
         log.info("reaped orphan sandbox container %s: %s", container.short_id, reason)
         report.removed.append(container.id)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import docker
 import docker.errors
@@ -79,6 +81,28 @@ def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine, tmp
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+
+
+@pytest.mark.docker
+def test_reapers_racing_for_the_same_orphans_all_succeed(docker_image, engine):
+    """Processes starting together (API replicas, a job's pool on a node) reap the same engine at once: a
+    removal another reaper has in progress (Docker answers 409) is that orphan gone, not a failed reap that
+    would stop a server's start-up."""
+    dead = Owner(socket.gethostname(), _dead_pid(), time.time() - 60).label
+    # Running orphans: the engine takes a while to stop and remove each, so concurrent removals overlap.
+    orphans = [engine.containers.run(docker_image, "sleep 60", detach=True,
+                                     labels={MANAGED_LABEL: "true", OWNER_LABEL: dead}) for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: reap_orphans(docker.from_env()), range(4)))  # none raises
+        # Gone (by one of these reapers, or by another test's process reaping the engine meanwhile).
+        for orphan in orphans:
+            with pytest.raises(docker.errors.NotFound):
+                engine.containers.get(orphan.id)
+    finally:
+        for orphan in orphans:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                orphan.remove(force=True)
 
 
 @pytest.mark.docker
