@@ -26,6 +26,7 @@ from sandbox.ray_backend import RayBackend  # noqa: E402
 from service.db import Database  # noqa: E402
 from service.jobs import JobRunner, JobStore, job_kinds  # noqa: E402
 from service.jobs.ray_jobs import SLOT_RESOURCE, RayJobs  # noqa: E402
+from ray_reaping import reap_until_gone  # noqa: E402
 
 from .conftest import tenant_id  # noqa: E402
 
@@ -74,20 +75,10 @@ def _submit(runner: JobRunner, bundle: str) -> str:
     return job.id
 
 
-def _mine(all: bool = False) -> list:  # noqa: A002 - docker's own keyword
-    """This run's tenant's containers (running ones unless `all`)."""
-    return docker.from_env().containers.list(all=all, filters={"label": f"cellforge.tenant={TENANT}"},
+def _mine(stopped: bool = False) -> list:
+    """This run's tenant's containers (running ones, and stopped ones too with `stopped`)."""
+    return docker.from_env().containers.list(all=stopped, filters={"label": f"cellforge.tenant={TENANT}"},
                                              ignore_removed=True)
-
-
-async def _reaped(address: str, containers: set[str], within: float = 30) -> None:
-    """Reap the nodes until none of `containers` is left. An orphan is reaped once its owner, the lost
-    actor's or task's worker process, has exited, which trails the node's removal."""
-    deadline = time.monotonic() + within
-    while left := containers & {c.id for c in _mine(all=True)}:
-        report = await RayBackend(address).reap()
-        assert time.monotonic() < deadline, f"never reaped: {[report.kept.get(c, 'gone') for c in left]}"
-        await asyncio.sleep(0.5)
 
 
 async def _until(runner: JobRunner, job_id: str, done, within: float):
@@ -278,8 +269,8 @@ async def test_a_design_job_whose_node_dies_restarts_on_another_then_fails_after
             cluster[1][node.node_id] = node
         cluster[0].wait_for_nodes()
     # The lost attempts' containers are orphans (their owners died with the nodes): the nodes' reaper takes them.
-    await _reaped(cluster[0].address, {c.id for c in _mine(all=True)})
-    assert not _mine(all=True)
+    await reap_until_gone(RayBackend(cluster[0].address), {c.id for c in _mine(stopped=True)})
+    assert not _mine(stopped=True)
 
 
 async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster, tmp_path):
@@ -301,7 +292,7 @@ async def test_a_job_whose_node_dies_is_requeued_with_the_reason(runner, cluster
     while not {c.id for c in _mine()} - first:
         assert time.monotonic() < deadline, "the second run's sandbox did not start"
         await asyncio.sleep(0.5)
-    await _reaped(cluster[0].address, first)
+    await reap_until_gone(RayBackend(cluster[0].address), first)
     assert len(_mine()) == 1  # the second run's, kept
     await runner.cancel(job_id)  # its second run, on the node left
     assert (await _until(runner, job_id, lambda job: job.final, within=15)).status == "cancelled"

@@ -30,6 +30,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from sandbox.ray_backend import MARKER, SLOT_RESOURCE, RayBackend, RaySandbox, placement  # noqa: E402
+from ray_reaping import reap_until_gone  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -288,17 +289,7 @@ async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backe
         # restart() places a fresh sandbox by the same spec: no live node offers `doomed` any more.
         with pytest.raises(SandboxStartError, match="doomed"):
             await sb.restart()
-        # Its container outlived the actor; the nodes' reapers remove it once the actor's worker
-        # process has exited, which trails the node's removal (here a reaper of another process on
-        # this machine may be first).
-        deadline = time.monotonic() + 30
-        while True:
-            report = await ray_backend.reap()
-            try:
-                docker.from_env().containers.get(container)
-            except docker.errors.NotFound:
-                break
-            assert time.monotonic() < deadline, f"container {container[:12]} never reaped: {report.kept.get(container)}"
-            await asyncio.sleep(0.5)
+        # Its container outlived the actor; the nodes' reapers remove it.
+        await reap_until_gone(ray_backend, {container})
     finally:
         await sb.close()
