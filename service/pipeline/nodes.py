@@ -20,7 +20,7 @@ from service.pipeline.execute import AttemptOutcome, SandboxSettings, StepFailur
 from service.pipeline.progress import ProgressCallback, ProgressEvent
 from service.pipeline.rundir import RunDir
 from service.pipeline.search import Node, SearchTree
-from service.pipeline.selection import PooledScore, Selection, pool
+from service.pipeline.selection import PooledScore, Selection
 from service.pipeline.validate import Validation, check_run
 
 MAIN = "main"  # the run on the whole split's model files (test predictions) of a cross-validated search
@@ -109,7 +109,7 @@ class NodeRunner:
             problems += check_implements(node.plan, node.bundle.files)
         if shown is not None:
             save_outcome(folder, shown)
-        pooled = pool(reports) if len(reports) == len(self.selection.folds) else None
+        pooled = self.selection.pool(reports) if len(reports) == len(self.selection.folds) else None
         score = pooled.get(self.primary) if pooled else None
         if pooled is not None and score is None:
             problems.append(f"validation {self.primary} is not finite: the predictions carry no signal to score")
@@ -120,9 +120,9 @@ class NodeRunner:
         node.seconds = self.clock() - began
         if len(outcomes) == len(folds) and all(o.failure is None for o in outcomes):
             self.node_times.append(node.seconds)  # it ran to the end: a measure of the next node
-        tree.judge(node)
         result = NodeResult(failure, problems, pooled)
-        self.results[node.id] = result
+        self.results[node.id] = result  # before the judging, which reads it
+        tree.judge(node)
         self.save(node)
         if ok:
             self.emit(ProgressEvent("validate", f"node {node.id} ({node.label}): {self.primary}={score:.4f} "
@@ -134,6 +134,12 @@ class NodeRunner:
         if node.validation is not None:
             self.rd.write_json(folder / "validation.json", {**node.validation.__dict__, "candidate": node.candidate})
         self.rd.write_json(folder / "node.json", node.to_json())
+
+    def pooled(self, node: Node) -> PooledScore:
+        """A working node's validation scores, pooled over the folds."""
+        pooled = self.results[node.id].pooled
+        assert pooled is not None, f"node {node.id} has no validation scores"
+        return pooled
 
     def val_predictions(self, node: Node) -> dict[str, Path]:
         return {f.name: self.run_dir(node, f.name) / "out" / "val_predictions.h5ad" for f in self.selection.folds}

@@ -40,7 +40,7 @@ from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.manifest import implemented, plan_following
 from service.pipeline.codegen.request import (CODEGEN, CODEGEN_FILE, CodegenMode, codegen_request, generate_by_files,
                                               offline_codegen, offline_codegen_file)
-from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, rank,
+from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, merit, rank,
                                       stack_test_predictions, verify_code, with_stack, write_predictor_code)
 from service.pipeline.debugger import (DEBUG, PatchError, apply_patch, debug_context, debug_request,
                                        offline_debug, unified_diff)
@@ -154,8 +154,9 @@ class Search:
                  recorded_skips: set[tuple[str, int]] | None = None) -> None:
         self.runner, self.llm, self.settings, self.primary, self.scheme = runner, llm, settings, primary, scheme
         self.codegen = codegen
-        self.tree = SearchTree(primary)
         self.baselines = baselines  # name -> PooledScore on validation
+        references = [Entry("baseline", name, score, {}) for name, score in baselines.items()]
+        self.tree = SearchTree(primary, merit=lambda node: merit(runner.pooled(node), references, primary))
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
         self.recorded_skips = recorded_skips or set()  # a replay's: (step, after_node) the record skipped
 
@@ -586,7 +587,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
     entries = [Entry("baseline", name, score, {f.name: f.baselines[name] for f in selection.folds})
                for name, score in baseline_val.items()]
     if best is not None and designed_test is not None:
-        entries.append(Entry("designed", "designed", runner.results[best.id].pooled, runner.val_predictions(best)))
+        entries.append(Entry("designed", "designed", runner.pooled(best), runner.val_predictions(best)))
     entries = with_stack(selection, entries, primary)
     ranked = rank(entries, primary)
 
@@ -605,7 +606,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
     not_competing = sorted(set(test_baselines) - set(baseline_val))
     verdict = build_verdict(
         status=status, primary=primary, delivered=delivery.entry.key, delivered_reason=delivery.reason,
-        model_val=runner.results[best.id].pooled.summary if best is not None else None,
+        model_val=runner.pooled(best).summary if best is not None else None,
         model_test=model_report.summary if model_report else None,
         baselines_val={n: s.summary for n, s in baseline_val.items()}, baselines_test=_summaries(baseline_reports),
         model_rows=model_report.per_condition if model_report else None,
@@ -629,7 +630,7 @@ def _finish(rd: RunDir, settings: DesignSettings, selection: Selection, test_eva
         "ceiling": delivered_report.ceiling,
         "n_test_conditions": n_test,
         "val": {**selection.to_json(), "score": best.score if best else None, "mean_baseline": runner.mean_baseline,
-                "summary": runner.results[best.id].pooled.summary if best else {},
+                "summary": runner.pooled(best).summary if best else {},
                 "candidates": {e.key: {m: e.score(m) for m in dict.fromkeys((primary, *HEADLINE))} for e in ranked}},
         "search": {**{k: v for k, v in tree.to_json(delivery.entry.key).items() if k != "nodes"},
                    "nodes": len(tree.nodes), "improve_nodes": sum(n.kind == "improve" for n in tree.nodes)},

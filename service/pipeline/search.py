@@ -2,8 +2,9 @@
 
 A node is one bundle run in the sandbox(es) and scored on validation by the service. Drafts are the
 candidate plans; a draft that fails gets debug children (the debugging agent's patches); once one
-works, each improve node makes one change to the best node so far and is kept only if the pooled
-validation score of the primary metric improves. The change comes from an LLM request of kind
+works, each improve node makes one change to the best node so far and is kept only if its pooled
+validation scores stand better by the rule the delivery is chosen by (`SearchTree.merit`: no worse than the
+best baseline on both headline metrics first, then the primary metric). The change comes from an LLM request of kind
 `improve` — offline, from rules that read the validation table (which baseline beats the model, by
 which metric) and map it to the design space; in LLM mode, from the model, shown the code, the table
 and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so `replay`
@@ -13,6 +14,7 @@ reproduces the search. The journal is saved as `search.json`; each node's folder
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,10 +85,17 @@ class Node:
                 "debug_depth": self.debug_depth, "patch_error": self.patch_error}
 
 
+Merit = Callable[["Node"], tuple[float, ...]]  # how working nodes compare: the greater is better
+
+
 @dataclass
 class SearchTree:
     primary: str
     nodes: list[Node] = field(default_factory=list)
+    # The pipeline judges nodes as the delivery judges candidates (`compete.merit`), so the search does not keep
+    # a change that buys the primary metric with top-20-DE MSE and then loses the delivery on it; without
+    # one, by the primary metric alone.
+    merit: Merit | None = None
     # Why the improve loop ended ({"reason", "detail", ...}: budget, max_nodes, rules, llm, replay, no_working_node)
     stopped: dict[str, Any] | None = None
     # Steps not started because their projection did not fit the time budget (`budget.Forecast.to_json`)
@@ -96,23 +105,27 @@ class SearchTree:
         self.nodes.append(node)
         return node
 
+    def _merit(self, node: Node) -> tuple[float, ...]:
+        if self.merit is not None:
+            return self.merit(node)
+        score = node.score
+        assert finite(score)
+        return (score if better(self.primary, 1.0, 0.0) else -score,)
+
     def best(self) -> Node | None:
-        """The working node with the best validation score (the first one on a tie)."""
+        """The working node of the best merit (the first one on a tie)."""
         best: Node | None = None
-        best_score = 0.0
         for node in self.nodes:
-            score = node.score
-            if node.working and finite(score) and (best is None or better(self.primary, score, best_score)):
-                best, best_score = node, score
+            if node.working and finite(node.score) and (best is None or self._merit(node) > self._merit(best)):
+                best = node
         return best
 
     def judge(self, node: Node) -> None:
         """A working node is kept when it beats every node before it on validation, else discarded."""
-        before = SearchTree(self.primary, [n for n in self.nodes if n is not node]).best()
+        before = SearchTree(self.primary, [n for n in self.nodes if n is not node], merit=self.merit).best()
         if not node.working:
             node.status = "buggy"
-        elif before is None or (finite(node.score) and finite(before.score)
-                                and better(self.primary, node.score, before.score)):
+        elif before is None or (finite(node.score) and self._merit(node) > self._merit(before)):
             node.status = "kept"
         else:
             node.status = "discarded"

@@ -76,8 +76,11 @@ class PooledScore:
         return out
 
 
-def pool(reports: dict[str, EvaluationReport]) -> PooledScore:
-    rows = [{**row, "fold": name} for name, report in reports.items() for row in report.per_condition]
+def pool(reports: dict[str, EvaluationReport], groups: dict[str, list[str]]) -> PooledScore:
+    """Per-condition rows of every fold (each with its fold and held-out group: `groups[fold]` in the
+    evaluator's order), pooled, then averaged."""
+    rows = [{**row, "fold": name, "group": group} for name, report in reports.items()
+            for row, group in zip(report.per_condition, groups[name], strict=True)]
     metrics = sorted({k for r in reports.values() for k in r.summary})
     summary = {}
     for m in metrics:
@@ -100,7 +103,10 @@ class Selection:
 
     def score(self, predictions: dict[str, ad.AnnData | Path]) -> PooledScore:
         """Pooled score of one prediction set per fold (a `PredictionsError` names what is wrong)."""
-        return pool({f.name: f.evaluator.score(predictions[f.name]) for f in self.folds})
+        return self.pool({f.name: f.evaluator.score(predictions[f.name]) for f in self.folds})
+
+    def pool(self, reports: dict[str, EvaluationReport]) -> PooledScore:
+        return pool(reports, {f.name: f.groups for f in self.folds})
 
     def baseline_score(self, name: str) -> PooledScore:
         return self.score({f.name: f.baselines[name] for f in self.folds})

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.llm import OfflineBackend
 from service.pipeline import Change, PatchError, SearchTree, offline_improve, pipeline_handlers, render_bundle
+from service.pipeline.compete import Entry, merit
 from service.pipeline.search import Node, apply_change, improve_context, validation_table
+from service.pipeline.selection import PooledScore
 from service.pipeline.validate import Validation
 
 FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
@@ -18,6 +21,7 @@ FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbat
              n_doses=0, n_combos=0, de_top20_fraction=0.4, perturbation_kind="genetic",
              target_genes_measured_fraction=0.97, recommended_split="unseen-perturbation")
 PRIMARY = "pearson_delta_pert"
+MSE = "mse_top20_de"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +132,32 @@ def test_the_journal_keeps_a_node_only_when_validation_improves(plan):
     for i, score in enumerate([0.5, 0.4, 0.6], 1):
         mse.judge(mse.add(_node(i, plan, score)))
     assert [n.status for n in mse.nodes] == ["kept", "kept", "discarded"]
+
+
+def _pooled(primary: float, mse: float, n: int = 12) -> PooledScore:
+    """Validation scores of `n` conditions in as many held-out groups, spread ±0.01 around the given means."""
+    spread = np.linspace(-0.01, 0.01, n)
+    rows = [{"fold": "val", "condition": f"g{i}||x", "group": f"g{i}", PRIMARY: primary + d, MSE: mse + d}
+            for i, d in enumerate(spread)]
+    return PooledScore({PRIMARY: primary, MSE: mse}, rows, n, {})
+
+
+def test_the_search_keeps_what_the_delivery_rule_would_deliver(plan):
+    """The journal judges nodes as the delivery ranks candidates: a change that lifts the primary metric by
+    trading top-20-DE MSE well past the best baseline's is discarded; one that brings top-20-DE MSE back to
+    the best baseline's is kept though its primary score is a little lower, since only that node can be
+    delivered; among nodes no worse on both, the primary metric decides."""
+    baselines = [Entry("baseline", "ridge", _pooled(0.30, 1.00), {})]
+    scores = {1: _pooled(0.35, 1.20), 2: _pooled(0.40, 1.40), 3: _pooled(0.33, 0.98), 4: _pooled(0.34, 1.30),
+              5: _pooled(0.36, 0.99)}
+    tree = SearchTree(PRIMARY, merit=lambda node: merit(scores[node.id], baselines, PRIMARY))
+    for i in scores:
+        tree.judge(tree.add(_node(i, plan, scores[i].summary[PRIMARY], parent=None if i == 1 else 1,
+                                  kind="draft" if i == 1 else "improve")))
+    assert [n.status for n in tree.nodes] == ["kept", "discarded", "kept", "discarded", "kept"]
+    assert tree.best().id == 5
+    # By the primary metric alone node 2 (0.40) would have been kept and delivered nothing better than ridge.
+    assert SearchTree(PRIMARY, list(tree.nodes)).best().id == 2
 
 
 def test_changes_that_leave_validation_unchanged_stop_the_search(plan):
