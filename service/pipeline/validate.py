@@ -40,7 +40,7 @@ class Validation:
         return self.ok
 
 
-def _log_problems(path: Path) -> list[str]:
+def log_problems(path: Path) -> list[str]:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         return [f"{path.name} is empty: expected one JSON line per epoch"]
@@ -61,7 +61,7 @@ def check_run(out_dir: Path, fold_eval: Evaluator | None, test_eval: Evaluator) 
     problems = [f"missing output {name}" for name in OUTPUT_FILES if not (out_dir / name).is_file()]
     if problems:
         return RunCheck(problems)
-    problems += _log_problems(out_dir / "train_log.jsonl")
+    problems += log_problems(out_dir / "train_log.jsonl")
     try:
         test_eval.align(out_dir / "predictions.h5ad")  # format only: the test score is not looked at here
     except PredictionsError as exc:

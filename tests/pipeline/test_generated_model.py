@@ -18,6 +18,7 @@ from sandbox import BackendKind
 from service.data import make_split, simulate
 from service.data.splits import MODEL_FILES
 from service.pipeline.execute import SandboxSettings, run_attempt
+from service.pipeline.validate import log_problems
 
 # A fresh interpreter that has the bundle's code, model.pt and the inputs parts, and nothing else.
 PREDICT = """
@@ -127,7 +128,10 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
     code = render_bundle(plan).write(tmp_path / "code")
     data, outcome = _train_locally(code, tmp_path, "unseen-context")
     assert "residual network not trained" in (tmp_path / "attempt" / "train.log").read_text()
-    assert (outcome.out_dir / "train_log.jsonl").read_text() == ""
+    # The log holds the closed-form base's line alone, which the service's validation accepts.
+    lines = [json.loads(line) for line in (outcome.out_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["phase"] == "base" and np.isfinite(lines[0]["train_loss"])
+    assert log_problems(outcome.out_dir / "train_log.jsonl") == []
     assert torch.load(outcome.out_dir / "model.pt", weights_only=True)["net"] is None
     m = load_bundle(code)
     model = m.PerturbationModel.load(outcome.out_dir / "model.pt")
@@ -136,3 +140,19 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
     assert not set(conditions.table["context"]) & set(model.contexts)
     np.testing.assert_allclose(model.predict(test_inputs).X, ad.read_h5ad(outcome.out_dir / "predictions.h5ad").X,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_a_closed_form_only_model_logs_its_base_and_passes_validation(knockout_plan, tmp_path):
+    """The search's "closed-form base only" change (no residual network): training writes the base's line
+    to train_log.jsonl, so the service's validation does not call the run broken for an empty log."""
+    from service.pipeline import render_bundle
+
+    plan = knockout_plan.model_copy(deep=True)
+    plan.architecture.residual_delta = False
+    code = render_bundle(plan).write(tmp_path / "code")
+    simulate("knockout", 0, n_cells=1500, n_genes=80, n_perturbations=20).write_h5ad(tmp_path / "data.h5ad")
+    _, outcome = _train_locally(code, tmp_path, "unseen-perturbation")
+    log = outcome.out_dir / "train_log.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["phase"] for line in lines] == ["base"] and np.isfinite(lines[0]["train_loss"])
+    assert log_problems(log) == []

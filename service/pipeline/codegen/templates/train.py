@@ -6,7 +6,8 @@ predict is there; the service scores val_predictions.h5ad and predictions.h5ad i
 the parts are samples of their cells and DIR/pseudobulk.h5ad gives every training condition's mean over all
 of its cells: condition and control means come from it. Writes val_predictions.h5ad, predictions.h5ad,
 model.pt (`PerturbationModel.load` reads it back and predicts without the training data),
-val_metrics.json and train_log.jsonl (one line per epoch) to --out.
+val_metrics.json and train_log.jsonl (one line per epoch; one line, the closed-form base's, when no
+network is trained) to --out.
 
 Early stopping therefore holds out training conditions of its own, in whole groups as the split holds
 out its test (uns["split"]["group_by"]: cell types, perturbations or doses). Phase 1 fits everything
@@ -57,6 +58,17 @@ def stop_rows(table: pd.DataFrame, group_by: str, seed: int) -> tuple[np.ndarray
     rng = np.random.default_rng(seed)
     held = rng.choice(groups, size=max(1, round(STOP_FRACTION * len(groups))), replace=False)
     return np.isin(keys, held), group_by
+
+
+def base_line(model: PerturbationModel, train: ConditionSet, config: Config, log) -> dict:
+    """No residual network is trained: the log's one line is the closed-form base's out-of-fold loss on the
+    training conditions (epoch 0, as in `train_network`), so every run's log shows what was fitted."""
+    as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    base = model.base.out_of_fold(train, model.features(train))
+    loss = float(delta_loss(as_t(base), as_t(train.delta), config.loss, as_t(centroid_delta(train, train))))
+    log.write(json.dumps({"epoch": 0, "train_loss": loss, "val_loss": None, "phase": "base"}) + "\n")
+    print(f"closed-form base only: train_loss={loss:.6f}", flush=True)
+    return {"epoch": 0, "train_loss": loss, "val_loss": float("nan")}
 
 
 def train_network(model: PerturbationModel, train: ConditionSet, stop: ConditionSet, config: Config,
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         # phase 2: every training condition, that many epochs
         model = fitted_model(config, genes, controls, train_cells, train, none, seed)
         final = train_network(model, train, none, config, device, log, epochs=selected["epoch"]) if network \
-            else selected
+            else base_line(model, train, config, log)
 
     write_h5ad(model.predict(val_inputs), args.out / "val_predictions.h5ad")
     write_h5ad(model.predict(test_inputs), args.out / "predictions.h5ad")
