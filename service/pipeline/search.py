@@ -142,7 +142,8 @@ class SearchTree:
         best = self.best()
         return {"primary_metric": self.primary, "best": best.id if best else None, "kept_path": self.path_to(best),
                 "delivered": delivered, "stopped": self.stopped, "skipped": self.skipped,
-                "nodes": [n.to_json() for n in self.nodes]}
+                "nodes": [{**n.to_json(), "merit": list(self._merit(n)) if n.working and finite(n.score) else None}
+                          for n in self.nodes]}
 
 
 # --- one change --------------------------------------------------------------------------------------

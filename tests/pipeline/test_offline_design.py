@@ -79,19 +79,19 @@ def test_metrics_hold_verdict_validation_and_every_candidate(offline_run):
 
 @pytest.mark.slow
 def test_search_keeps_only_improving_nodes(offline_run):
-    """A draft then one improve node; a node is kept only when it beats every working node before it."""
+    """A draft then one improve node; a node is kept only when its merit — the delivery rule's standing
+    against the best baselines, saved with each node — beats every working node's before it."""
     tree = _search(offline_run)
     nodes = tree["nodes"]
     assert nodes[0]["kind"] == "draft" and any(n["kind"] == "improve" for n in nodes)
-    primary = tree["primary_metric"]
     best = None
     for node in nodes:
-        score = (node["val"] or {}).get("primary")
         if node["status"] in ("buggy", "rejected"):
+            assert node["merit"] is None
             continue
-        assert node["status"] == ("kept" if best is None or better(primary, score, best) else "discarded")
+        assert node["status"] == ("kept" if best is None or node["merit"] > best else "discarded")
         if node["status"] == "kept":
-            best = score
+            best = node["merit"]
     improve = next(n for n in nodes if n["kind"] == "improve")
     assert improve["parent"] is not None and improve["change"]["label"] == improve["label"]
     folder = offline_run.run_dir / "attempts" / f"{improve['id']:02d}"
@@ -200,3 +200,22 @@ def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path, monkeypat
     seen = json.loads((RunDir(result.run_dir).attempts / "01" / "outcome.json").read_text())["data_listing"]
     assert seen == sorted(SANDBOX_FILES)
     assert "pearson_delta" in result.metrics["model"]
+
+
+@pytest.mark.slow  # four local sandbox runs and the finish: ~40 s
+def test_an_unseen_cell_type_run_validates_its_closed_form_model(tmp_path):
+    """Unseen cell type, the offline plan, a local sandbox: no residual network is trained (every condition
+    to predict lies in a cell type absent from training), and the closed-form model still validates — its
+    train log holds the base's line — rather than every node coming back broken for an empty log."""
+    from service.data import simulate
+    from service.pipeline import DesignSettings, run_design
+
+    simulate("stimulation", 0, n_cells=1600, n_genes=60).write_h5ad(tmp_path / "data.h5ad")
+    result = run_design(DesignSettings(data=tmp_path / "data.h5ad", out=tmp_path / "run", sandbox="local",
+                                       task="Predict stimulation responses in an unseen cell type",
+                                       held_out_context="B_cell", max_minutes=8, max_nodes=0))
+    assert result.status == "validated", result.metrics["verdict"]
+    draft = _search(result)["nodes"][0]
+    assert draft["status"] == "kept" and draft["failure"] is None
+    log = result.run_dir / "attempts" / "01" / "runs" / "main" / "out" / "train_log.jsonl"
+    assert [json.loads(line)["phase"] for line in log.read_text().splitlines()] == ["base"]
