@@ -14,6 +14,7 @@ then runs in a sandbox to check that it reproduces the delivered test prediction
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,9 +90,8 @@ def _within_noise(entry: Entry, best: Entry, metric: str) -> bool:
         key = (r.get("fold"), r.get("condition"))
         if finite(v := r.get(metric)) and key in theirs:
             by_group.setdefault(str(r.get("group")), []).append(_up(metric, v, theirs[key]))
-    diffs = np.array([d for group in by_group.values() for d in group])
-    if len(by_group) >= MIN_VAL_GROUPS:
-        diffs = np.array([np.mean(group) for group in by_group.values()])
+    diffs = np.array([np.mean(group) for group in by_group.values()] if len(by_group) >= MIN_VAL_GROUPS
+                     else [d for group in by_group.values() for d in group])
     if len(diffs) < 2:
         return False
     return float(diffs.mean()) >= -float(diffs.std(ddof=1)) / np.sqrt(len(diffs))
@@ -127,11 +127,12 @@ def _merit(entry: Entry, references: dict[str, Entry], primary: str) -> tuple[fl
     return (0.0, _standing(entry, references))
 
 
-def merit(score: PooledScore, baselines: list[Entry], primary: str) -> tuple[float, float]:
-    """`rank`'s standing of a designed candidate with these validation scores among `baselines`: the search
-    judges its nodes by it, so it keeps what the delivery would deliver."""
+def merit_against(baselines: list[Entry], primary: str) -> Callable[[PooledScore], tuple[float, float]]:
+    """`rank`'s standing of a designed candidate's validation scores among `baselines` (their best on each
+    headline metric taken once): the search judges its nodes by it, so it keeps what the delivery would
+    deliver."""
     references = _references(baselines, (primary, *HEADLINE))
-    return _merit(Entry("designed", "designed", score, {}), references, primary)
+    return lambda score: _merit(Entry("designed", "designed", score, {}), references, primary)
 
 
 def rank(entries: list[Entry], primary: str) -> list[Entry]:

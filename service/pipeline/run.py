@@ -40,7 +40,7 @@ from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.manifest import implemented, plan_following
 from service.pipeline.codegen.request import (CODEGEN, CODEGEN_FILE, CodegenMode, codegen_request, generate_by_files,
                                               offline_codegen, offline_codegen_file)
-from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, merit, rank,
+from service.pipeline.compete import (Delivery, Entry, concat_predictions, install_outputs, merit_against, rank,
                                       stack_test_predictions, verify_code, with_stack, write_predictor_code)
 from service.pipeline.debugger import (DEBUG, PatchError, apply_patch, debug_context, debug_request,
                                        offline_debug, unified_diff)
@@ -155,8 +155,8 @@ class Search:
         self.runner, self.llm, self.settings, self.primary, self.scheme = runner, llm, settings, primary, scheme
         self.codegen = codegen
         self.baselines = baselines  # name -> PooledScore on validation
-        references = [Entry("baseline", name, score, {}) for name, score in baselines.items()]
-        self.tree = SearchTree(primary, merit=lambda node: merit(runner.pooled(node), references, primary))
+        merit = merit_against([Entry("baseline", name, score, {}) for name, score in baselines.items()], primary)
+        self.tree = SearchTree(primary, merit=lambda node: merit(runner.pooled(node)))
         self.improve_calls = improve_calls  # a replay asks no more than the record holds
         self.recorded_skips = recorded_skips or set()  # a replay's: (step, after_node) the record skipped
 

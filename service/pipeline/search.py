@@ -105,27 +105,26 @@ class SearchTree:
         self.nodes.append(node)
         return node
 
-    def _merit(self, node: Node) -> tuple[float, ...]:
+    def _merit(self, node: Node) -> tuple[float, ...] | None:
+        """How the node stands on validation; None for one that did not work."""
+        if not (node.working and finite(node.score)):
+            return None
         if self.merit is not None:
             return self.merit(node)
-        score = node.score
-        assert finite(score)
-        return (score if better(self.primary, 1.0, 0.0) else -score,)
+        return (node.score if better(self.primary, 1.0, 0.0) else -node.score,)
 
     def best(self) -> Node | None:
         """The working node of the best merit (the first one on a tie)."""
-        best: Node | None = None
-        for node in self.nodes:
-            if node.working and finite(node.score) and (best is None or self._merit(node) > self._merit(best)):
-                best = node
-        return best
+        judged = [(merit, node) for node in self.nodes if (merit := self._merit(node)) is not None]
+        return max(judged, key=lambda pair: pair[0], default=(None, None))[1]
 
     def judge(self, node: Node) -> None:
         """A working node is kept when it beats every node before it on validation, else discarded."""
         before = SearchTree(self.primary, [n for n in self.nodes if n is not node], merit=self.merit).best()
+        mine, theirs = self._merit(node), None if before is None else self._merit(before)
         if not node.working:
             node.status = "buggy"
-        elif before is None or (finite(node.score) and self._merit(node) > self._merit(before)):
+        elif theirs is None or (mine is not None and mine > theirs):
             node.status = "kept"
         else:
             node.status = "discarded"
@@ -142,7 +141,7 @@ class SearchTree:
         best = self.best()
         return {"primary_metric": self.primary, "best": best.id if best else None, "kept_path": self.path_to(best),
                 "delivered": delivered, "stopped": self.stopped, "skipped": self.skipped,
-                "nodes": [{**n.to_json(), "merit": list(self._merit(n)) if n.working and finite(n.score) else None}
+                "nodes": [{**n.to_json(), "merit": list(m) if (m := self._merit(n)) is not None else None}
                           for n in self.nodes]}
 
 

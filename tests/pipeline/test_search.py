@@ -11,7 +11,7 @@ import pytest
 from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.llm import OfflineBackend
 from service.pipeline import Change, PatchError, SearchTree, offline_improve, pipeline_handlers, render_bundle
-from service.pipeline.compete import Entry, merit
+from service.pipeline.compete import Entry, merit_against
 from service.pipeline.search import Node, apply_change, improve_context, validation_table
 from service.pipeline.selection import PooledScore
 from service.pipeline.validate import Validation
@@ -150,7 +150,8 @@ def test_the_search_keeps_what_the_delivery_rule_would_deliver(plan):
     baselines = [Entry("baseline", "ridge", _pooled(0.30, 1.00), {})]
     scores = {1: _pooled(0.35, 1.20), 2: _pooled(0.40, 1.40), 3: _pooled(0.33, 0.98), 4: _pooled(0.34, 1.30),
               5: _pooled(0.36, 0.99)}
-    tree = SearchTree(PRIMARY, merit=lambda node: merit(scores[node.id], baselines, PRIMARY))
+    merit = merit_against(baselines, PRIMARY)
+    tree = SearchTree(PRIMARY, merit=lambda node: merit(scores[node.id]))
     for i in scores:
         tree.judge(tree.add(_node(i, plan, scores[i].summary[PRIMARY], parent=None if i == 1 else 1,
                                   kind="draft" if i == 1 else "improve")))
