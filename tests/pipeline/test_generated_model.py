@@ -111,7 +111,7 @@ def test_model_pt_holds_every_fitted_part_as_plain_data(trained):
 def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_cell_type(tmp_path):
     """An unseen-cell-type split: the residual is applied only to contexts seen in training, so train.py
     trains no network (no epoch in its log, none in model.pt) and its predictions are the closed-form
-    base's, which model.pt alone reproduces."""
+    base's, which model.pt alone reproduces (with seven training cell types: the stack and its fitted shrink)."""
     from service.agents import analyse_task, run_discussion
     from service.data import profile_dataset
     from service.llm import OfflineBackend
@@ -119,10 +119,10 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
 
     import torch  # here, not at the top: collecting the suite need not import torch
 
-    simulate("cytokine", 0, n_cells=1500, n_genes=80).write_h5ad(tmp_path / "data.h5ad")
+    simulate("stimulation", 0, n_cells=2400, n_genes=80).write_h5ad(tmp_path / "data.h5ad")
     llm = OfflineBackend(pipeline_handlers())
     profile = profile_dataset(tmp_path / "data.h5ad")
-    task = "Predict cytokine stimulation responses in an unseen cell type"
+    task = "Predict stimulation responses in an unseen cell type"
     plan = run_discussion(analyse_task(profile, task, llm), profile, llm, tmp_path / "discussion").plan
     assert plan.evaluation.split_scheme == "unseen-context" and plan.architecture.residual_delta
     code = render_bundle(plan).write(tmp_path / "code")
@@ -138,6 +138,7 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
     test_inputs = ad.read_h5ad(data / "test_inputs.h5ad")
     conditions = m.conditions_to_predict(test_inputs, model.controls)
     assert not set(conditions.table["context"]) & set(model.contexts)
+    assert model.base.shrink[0] > 0  # the shrink is in play, so the comparison below covers its round trip
     np.testing.assert_allclose(model.predict(test_inputs).X, ad.read_h5ad(outcome.out_dir / "predictions.h5ad").X,
                                rtol=1e-6, atol=1e-6)
 

@@ -260,3 +260,31 @@ def test_dose_curve_is_monotone_between_measured_doses(doses):
     mean_at_dose = m.mean_delta_by(train.table, train.delta, "c", 1.0)
     assert _mse(pred, truth) < 0.1 * _mse(mean_at_dose, truth)
     assert base.chosen["stack_weights"]["dose_curve"] > 0.8
+
+
+@pytest.mark.slow  # an offline design per held-out cell type
+def test_an_uncertain_unseen_cell_type_is_shrunk_towards_a_safer_response(tmp_path):
+    """Where the base's members disagree about a held-out type beyond what the training types show (a weak
+    responder next to responsive types), its response is uncertain: the fitted shrink blends the stack towards
+    no change or the gain kernel's response, and for the weakest responder that lowers the error against the
+    truth; the most responsive type is moved less."""
+    data = simulate("stimulation", 0, n_cells=8000, n_genes=120)
+    designs = {}
+    for context in ("epithelial", "B_cell"):
+        (tmp_path / context).mkdir()
+        designs[context] = Design(tmp_path / context, data, "Predict stimulation responses in an unseen cell type",
+                                  context=context)
+    observed = {context: float(np.mean(np.abs(d.observed))) for context, d in designs.items()}
+    weak, strong = min(observed, key=observed.get), max(observed, key=observed.get)
+
+    def raw_and_shrunk(d: Design) -> tuple[np.ndarray, np.ndarray]:
+        base = d.model.base
+        return base.stack.combine(base._members(d.test, base.setting)), d.predict(d.test)
+
+    c, _, target = designs[weak].model.base.chosen["shrink"]
+    assert c > 0 and target in ("none", "gain_kernel"), designs[weak].model.base.chosen
+    raw, shrunk = raw_and_shrunk(designs[weak])
+    assert _mse(shrunk, designs[weak].observed) < _mse(raw, designs[weak].observed)
+    s_raw, s_shrunk = raw_and_shrunk(designs[strong])
+    moved = np.linalg.norm(shrunk - raw) / np.linalg.norm(raw)
+    assert np.linalg.norm(s_shrunk - s_raw) / np.linalg.norm(s_raw) < moved

@@ -29,7 +29,9 @@ class BasePredictor:
     nothing about the response. With two training contexts a fold sees a single context, where nothing that
     depends on a context's position can be fitted or checked; the base then averages the two hypotheses,
     that the perturbation's Δ is shared (transfer) and that its perturbed state follows the control state
-    (the profile kernel, width: the two contexts' distance), whose errors partly cancel. Validation
+    (the profile kernel, width: the two contexts' distance), whose errors partly cancel. Where the members
+    disagree about a context beyond their usual spread, the stack is blended towards no change or the gain
+    kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`). Validation
     conditions are not used."""
 
     RANK = 10
@@ -42,6 +44,7 @@ class BasePredictor:
     def __init__(self, config: Config, genes: list[str]):
         self.stack = Stack(config.loss)
         self.chosen = {}
+        self.shrink = (0.0, 0.0, "none")  # (c, r0, target): see _fit_shrink
 
     # ----------------------------------------------------------------- members
 
@@ -123,6 +126,48 @@ class BasePredictor:
                                                           profile=setting[0] == "profile")
         return out
 
+    # ----------------------------------------------------------------- shrinking
+
+    SHRINK_SCALES = (0.5, 1.0, 2.0, 4.0)
+    SHRINK_QUANTILES = (0.5, 0.75, 0.9)
+    SHRINK_TARGETS = ("none", "gain_kernel")  # no change; the gain kernel's (control-state) response
+
+    @staticmethod
+    def _disagreement(members: dict[str, np.ndarray]) -> np.ndarray:
+        """Per condition: the members' spread around their mean Δ, over the mean's squared norm."""
+        D = np.stack([v for k, v in members.items() if k != "pull"])
+        mean = D.mean(axis=0)
+        return ((D - mean) ** 2).sum(axis=(0, 2)) / len(D) / np.maximum((mean ** 2).sum(axis=1), 1e-12)
+
+    @staticmethod
+    def _blend(stacked: np.ndarray, members: dict[str, np.ndarray], r: np.ndarray, c: float, r0: float,
+               target: str) -> np.ndarray:
+        a = 1.0 / (1.0 + c * np.maximum(0.0, r - r0))[:, None]
+        return a * stacked + (1.0 - a) * (members[target] if target != "none" else 0.0)
+
+    def _shrunk(self, stacked: np.ndarray, members: dict[str, np.ndarray]) -> np.ndarray:
+        c, r0, target = self.shrink
+        return stacked if c == 0 else self._blend(stacked, members, self._disagreement(members), c, r0, target)
+
+    def _fit_shrink(self, members: dict[str, np.ndarray], stacked: np.ndarray, delta: np.ndarray,
+                    weights: np.ndarray) -> None:
+        """Where the members disagree about a context more than they usually do, its response is uncertain
+        (a weak responder next to responsive types, say): blend the stack towards a safer target, by
+        a = 1 / (1 + c·max(0, r − r0)) on the stack. c, r0 (a quantile of the training conditions'
+        disagreement r) and the target (no change, or the gain kernel's response, which follows the
+        control state) are those the leave-one-context-out predictions pay for under the plan's loss;
+        none of them when no blend lowers it."""
+        r = self._disagreement(members)
+        self.shrink = (0.0, 0.0, "none")
+        best = float(np.sum(weights * (stacked - delta) ** 2))
+        for target in self.SHRINK_TARGETS:
+            for q in self.SHRINK_QUANTILES:
+                r0 = float(np.quantile(r, q))
+                for c in self.SHRINK_SCALES:
+                    loss = float(np.sum(weights * (self._blend(stacked, members, r, c, r0, target) - delta) ** 2))
+                    if loss < best:
+                        best, self.shrink = loss, (c, r0, target)
+
     # ----------------------------------------------------------------- fitting
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
@@ -155,8 +200,11 @@ class BasePredictor:
         singles = {n: {n: 1.0} for n in members if n != "pull"} | {"context_mean": {"mean": 1.0, "pull": 1.0}}
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
                        singles=singles)
-        self.oof = self.stack.combine(members)
+        stacked = self.stack.combine(members)
+        self._fit_shrink(members, stacked, train.delta, weights)
+        self.oof = self._shrunk(stacked, members)
         self.chosen = {"stack_weights": self.stack.weights, "kept": self.stack.chosen, "nested": self.stack.nested,
+                       "shrink": list(self.shrink),
                        "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
                        "settings": {name: list(setting[1:]) for name, setting in self.setting.items()}}
         return self
@@ -164,7 +212,8 @@ class BasePredictor:
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        return self.stack.combine(self._members(conditions, self.setting))
+        members = self._members(conditions, self.setting)
+        return self._shrunk(self.stack.combine(members), members)
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
         """Leave-one-context-out predictions of the training conditions."""
