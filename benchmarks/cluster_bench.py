@@ -8,7 +8,8 @@ zone resource each) and shuts it down at the end. Figures:
 
 - `exec_roundtrip_ms_p50`: execute("1+1") on one sandbox, through Ray and direct (target: Ray ≤ 1.5×), with
   nobody watching its events (`ray`, `direct`: one plain actor call) and with an `on_event` callback
-  (`ray_stream`, `direct_stream`: the streaming call the API's executions make);
+  (`ray_stream`, `direct_stream`: the streaming call the API's executions make); `ray_noop_call`: an actor
+  call to the same sandbox that does nothing (`idle_seconds`), Ray's own share of the round trip;
 - `start_ms_p50`: create() until the kernel answers, through Ray and direct (target: Ray ≤ 1.3×): `ray` with
   a spare actor ready (as the API server's backend does, it makes one after each start; here it is waited for,
   unmeasured, between samples),
@@ -41,7 +42,7 @@ import ray
 
 from sandbox import DockerBackend, SandboxBackend, SandboxSpec
 from sandbox.bench import p50, p95
-from sandbox.ray_backend import MARKER, SERVER_SPARE_TTL_S, SLOT_RESOURCE, RayBackend
+from sandbox.ray_backend import MARKER, SERVER_SPARE_TTL_S, SLOT_RESOURCE, RayBackend, RaySandbox
 from sandbox.spec import DEFAULT_CPU_IMAGE
 
 ZONES = ("zone_a", "zone_b", "zone_c")
@@ -96,6 +97,9 @@ async def roundtrips(backends: dict[str, SandboxBackend], spec: SandboxSpec, n: 
                         if res.result != "2":
                             raise RuntimeError(f"1+1 gave {res.outcome} {res.result!r}")
                         samples[f"{name}{mode}"].append(ms)
+                if isinstance(sb, RaySandbox):
+                    for _ in range(20):  # the transport's floor: an actor call that does nothing
+                        samples.setdefault(f"{name}_noop_call", []).append((await timed(sb.idle_seconds()))[0])
     finally:
         await asyncio.gather(*(sb.close() for sb in sandboxes.values()))
     return samples
