@@ -155,8 +155,9 @@ class BasePredictor:
         (a weak responder next to responsive types, say): blend the stack towards a safer target, by
         a = 1 / (1 + c·max(0, r − r0)) on the stack. c, r0 (a quantile of the training conditions'
         disagreement r) and the target (no change, or the gain kernel's response, which follows the
-        control state) are those the leave-one-context-out predictions pay for under the plan's loss;
-        none of them when no blend lowers it."""
+        control state) are those that lower the leave-one-context-out predictions' squared error under the
+        plan's gene weights (as the ridges' settings are chosen; the Pearson term of an mse_pearson_delta
+        loss is left out); none of them when no blend lowers it."""
         r = self._disagreement(members)
         self.shrink = (0.0, 0.0, "none")
         best = float(np.sum(weights * (stacked - delta) ** 2))
