@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ TENANT_LABEL = "cellforge.tenant"
 SANDBOX_LABEL = "cellforge.sandbox"
 _MAX_ROOT_LEN = 70
 _API_TIMEOUT_S = 60.0
+_REMOVAL_WAIT_S = 180.0  # after a removal request timed out
 _API_THREADS = 32
 
 
@@ -349,13 +351,34 @@ class DockerKernelHost(KernelHost):
     async def _remove(self) -> None:
         if self._pending:
             await asyncio.wait(self._pending)
+        target = self.container_id or self.name
         try:
-            await self.backend.call(self._api.remove_container, self.container_id or self.name, force=True, v=True)
+            await self.backend.call(self._api.remove_container, target, force=True, v=True)
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
             log.error("could not remove container %s of sandbox %s: %s", self.name, self.sandbox_id, exc)
+        except requests.exceptions.RequestException as exc:
+            # A busy engine (a gVisor container's teardown under load) can answer after the client's
+            # timeout; the removal goes on in the engine, so wait for it rather than fail the close.
+            if not await self.backend.call(self._gone, target, _REMOVAL_WAIT_S):
+                log.error("container %s of sandbox %s still there %.0f s after removal was asked (%s); "
+                          "the reaper removes it once this process ends", self.name, self.sandbox_id,
+                          _REMOVAL_WAIT_S, exc)
         await self.backend.call(shutil.rmtree, self.host_dir, True)
+
+    def _gone(self, target: str, wait_s: float) -> bool:
+        """Whether the container is gone within `wait_s`, asking for its removal again while it stays."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                self._api.remove_container(target, force=True, v=True)
+                return True
+            except docker.errors.NotFound:
+                return True
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                time.sleep(1.0)  # 409: its removal is already in progress
+        return False
 
     async def logs(self) -> str:
         if self.container_id is None:

@@ -239,3 +239,33 @@ async def test_close_removes_container_and_kernel_folder(backend, small_spec):
     assert not os.path.exists(host_dir)
     await sb.close()  # idempotent
 
+
+async def test_close_waits_out_an_engine_that_answers_the_removal_late(backend, small_spec, monkeypatch):
+    """A busy engine (gVisor teardown under load) answers after the client's timeout: the close must
+    not fail on it, and the container must still be gone when it returns."""
+    import threading
+
+    import requests.exceptions
+
+    sb = await backend.create(small_spec())
+    api = backend.client.api
+    real_remove = api.remove_container
+    late: list[threading.Thread] = []
+
+    def remove_answered_late(container, **kwargs):
+        if not late:  # the engine gets the first request and carries it out; its answer never arrives
+            late.append(threading.Thread(target=real_remove, args=(container,), kwargs=kwargs))
+            late[0].start()
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=60)")
+        return real_remove(container, **kwargs)
+
+    monkeypatch.setattr(api, "remove_container", remove_answered_late)
+    await sb.close()
+    late[0].join(timeout=60)
+    engine = docker.from_env()
+    try:
+        assert engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sb.id}"}) == []
+    finally:
+        engine.close()
+    assert not os.path.exists(backend.runtime_root / sb.id)
+
