@@ -221,6 +221,17 @@ def test_stimulation_responses_follow_each_cell_type_s_control_state() -> None:
     assert 0.2 * transfer_error < kernel_error < 0.85 * transfer_error
 
 
+@pytest.mark.parametrize("n_perturbations", [1, 2])
+def test_one_or_two_perturbations_leave_cells_in_every_condition(n_perturbations: int) -> None:
+    """A single stimulus (a PBMC interferon set) is a common design: each cell type keeps its controls and
+    its perturbed cells."""
+    a = simulate("stimulation", 0, n_cells=3000, n_genes=100, n_perturbations=n_perturbations)
+    counts = a.obs.groupby(["cell_type", "perturbation"], observed=True).size().unstack(fill_value=0)
+    assert counts.shape == (8, n_perturbations + 1)
+    assert (counts.to_numpy() >= 20).all(), counts
+    assert 0.3 <= (a.obs["perturbation"] == "control").mean() <= 0.7
+
+
 def test_multiome_has_three_feature_types(datasets: dict[str, ad.AnnData]) -> None:
     adata = datasets["multiome"]
     types = adata.var["feature_types"].astype(str)

@@ -233,8 +233,11 @@ def _allocate_cells(rng: np.random.Generator, n_cells: int, n_cond: int, n_types
     type_share = rng.dirichlet(np.full(n_types, 8.0))
     cond_share = np.exp(rng.normal(0.0, 0.2, n_cond))
     cond_share[0] = 0.0
-    cond_share *= (1.0 - max(0.1, 3.0 / n_cond)) / cond_share.sum()
-    cond_share[0] = max(0.1, 3.0 / n_cond)
+    # Controls: at least a tenth (3/n_cond with few conditions), and never all but one condition's share
+    # (with one or two perturbations 3/n_cond left nothing, or less than nothing, to perturb).
+    control_share = min(max(0.1, 3.0 / n_cond), 1.0 - 1.0 / n_cond)
+    cond_share *= (1.0 - control_share) / cond_share.sum()
+    cond_share[0] = control_share
     grid = np.outer(cond_share, type_share).ravel()
     n_per_state = rng.multinomial(n_cells, grid / grid.sum())
     return rng.permutation(np.repeat(np.arange(grid.size), n_per_state))
