@@ -150,22 +150,22 @@ class BasePredictor:
         return stacked if c == 0 else self._blend(stacked, members, self._disagreement(members), c, r0, target)
 
     def _fit_shrink(self, members: dict[str, np.ndarray], stacked: np.ndarray, delta: np.ndarray,
-                    weights: np.ndarray) -> None:
+                    reference: np.ndarray) -> None:
         """Where the members disagree about a context more than they usually do, its response is uncertain
         (a weak responder next to responsive types, say): blend the stack towards a safer target, by
         a = 1 / (1 + c·max(0, r − r0)) on the stack. c, r0 (a quantile of the training conditions'
         disagreement r) and the target (no change, or the gain kernel's response, which follows the
-        control state) are those that lower the leave-one-context-out predictions' squared error under the
-        plan's gene weights (as the ridges' settings are chosen; the Pearson term of an mse_pearson_delta
-        loss is left out); none of them when no blend lowers it."""
+        control state) are those that lower the plan's loss (`Stack.objective`, as the stack's weights are
+        fitted: its Pearson term too) on the leave-one-context-out predictions; none of them when no blend
+        lowers it."""
         r = self._disagreement(members)
         self.shrink = (0.0, 0.0, "none")
-        best = float(np.sum(weights * (stacked - delta) ** 2))
+        best = self.stack.objective(stacked, delta, reference)
         for target in self.SHRINK_TARGETS:
             for q in self.SHRINK_QUANTILES:
                 r0 = float(np.quantile(r, q))
                 for c in self.SHRINK_SCALES:
-                    loss = float(np.sum(weights * (self._blend(stacked, members, r, c, r0, target) - delta) ** 2))
+                    loss = self.stack.objective(self._blend(stacked, members, r, c, r0, target), delta, reference)
                     if loss < best:
                         best, self.shrink = loss, (c, r0, target)
 
@@ -202,7 +202,7 @@ class BasePredictor:
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
                        singles=singles)
         stacked = self.stack.combine(members)
-        self._fit_shrink(members, stacked, train.delta, weights)
+        self._fit_shrink(members, stacked, train.delta, reference)
         self.oof = self._shrunk(stacked, members)
         self.chosen = {"stack_weights": self.stack.weights, "kept": self.stack.chosen, "nested": self.stack.nested,
                        "shrink": list(self.shrink),
