@@ -9,7 +9,9 @@ residual network is never applied to a context absent from training); elsewhere 
 `--validation holdout` restores the old two-group validation fold (for comparison).
 
     .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
-        [--validation auto|holdout] [--out DIR] > result.json
+        [--perturbations N] [--validation auto|holdout] [--out DIR] > result.json
+
+`--perturbations 1`: a single stimulus, as in a PBMC interferon set (default: the simulator's, 10 stimuli).
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--kind", default="stimulation", choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--contexts", nargs="+", default=None, help="unseen cell type: the cell types to hold out (all)")
+    parser.add_argument("--perturbations", type=int, default=None,
+                        help="perturbations simulated (default: design_bench's for the kind, else the simulator's)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -114,14 +118,14 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         data = folder / "data.h5ad"
         simulate(args.kind, seed, n_cells=12000, n_genes=500,
-                 n_perturbations=PERTURBATIONS.get(args.kind)).write_h5ad(data)
+                 n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
         profile = profile_dataset(data)
         llm = OfflineBackend(pipeline_handlers())
         plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm, folder / "discussion").plan
         m = load_bundle(render_bundle(plan).write(folder / "code"))
         held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
         rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
-    print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds,
+    print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds, "perturbations": args.perturbations,
                       "validation": args.validation, "summary": summary(rows), "runs": rows}, indent=1))
 
 

@@ -67,6 +67,7 @@ MIN_VAL_CONDITIONS = 10  # a validation fold smaller than this (or than MIN_VAL_
 # test model's training, which with a handful of cell types costs more than the selection gains.
 MIN_VAL_GROUPS = 5
 CV_FOLDS = 3  # ...so selection uses grouped K-fold cross-validation over the training groups
+LOO_MAX_CONTEXTS = 8  # up to this many training cell types, one fold per cell type (leave-one-out)
 FEATURE_TYPE_NAMES = {"rna": "Gene Expression", "protein": "Antibody Capture", "atac": "Peaks"}
 
 
@@ -308,7 +309,10 @@ def _cv_folds(conds: pd.DataFrame, train: list[str], scheme: str, k: int, rng,
     units = _shuffled(groups.unique(), rng)
     if len(units) < 2:
         return group_by, []
-    k = min(k, len(units))
+    # Few cell types: leave one out, so each fold trains on all but one, as the test's model does (3-fold
+    # over seven trained on four or five, too few to place a cell type among the others by its control
+    # state; the validation winner then was not the test's).
+    k = len(units) if group_by == "context" and len(units) <= LOO_MAX_CONTEXTS else min(k, len(units))
     sizes = groups.value_counts()
     folds = [[] for _ in range(k)]
     load = [0] * k

@@ -90,7 +90,8 @@ class DesignSettings(BaseModel):
     max_nodes: int | None = Field(None, ge=0, le=100, description="cap on the improve steps after the first working "
                                                                   "model (default: none, the time budget decides)")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="share of the groups held out for validation")
-    cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide")
+    cv_folds: int = Field(3, ge=2, le=10, description="folds when the validation fold is too small to decide "
+                                                      "(unseen cell types: one per training cell type up to 8)")
     held_out_context: str | None = Field(None, description="unseen-context splits: the context to hold out "
                                                            "(default: one drawn with the seed)")
     # The dataset's columns, as `cellforge data profile/split` take them (default: detected).

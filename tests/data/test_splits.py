@@ -441,13 +441,23 @@ def test_unseen_context_validation_holds_out_whole_cell_types(make_adata, tmp_pa
 
 def test_few_cell_types_are_validated_by_folds_of_whole_training_cell_types(make_adata, tmp_path):
     """Six cell types: a validation fold of two would measure those two, and keep them out of the test model's
-    training; every non-test cell type trains the test model, and folds of whole cell types select."""
+    training; every non-test cell type trains the test model, and leave-one-cell-type-out folds select, each
+    trained on all training cell types but one, as the test model is on all of them."""
     adata = make_adata(contexts=["A", "B", "C", "D", "E", "F"])
     info = make_split(adata, "unseen-context", 0, tmp_path, context="A")
     assert info.validation == "cv" and info.group_by == "context" and not info.conditions["val"]
     assert {parse_condition_key(c)[2] for c in info.conditions["train"]} == {"B", "C", "D", "E", "F"}
     fold_contexts = [{parse_condition_key(c)[2] for c in fold} for fold in info.folds]
-    assert len(fold_contexts) == 3 and set().union(*fold_contexts) == {"B", "C", "D", "E", "F"}
+    assert sorted(map(sorted, fold_contexts)) == [["B"], ["C"], ["D"], ["E"], ["F"]]
+
+
+def test_many_training_cell_types_are_validated_by_three_folds(make_adata, tmp_path):
+    """Past eight training cell types leaving each out in turn costs more fits than it tells: 3 folds."""
+    contexts = [f"T{i}" for i in range(10)]
+    info = make_split(make_adata(contexts=contexts), "unseen-context", 0, tmp_path, context="T0", val_fraction=0.0)
+    fold_contexts = [{parse_condition_key(c)[2] for c in fold} for fold in info.folds]
+    assert info.validation == "cv" and len(fold_contexts) == 3
+    assert set().union(*fold_contexts) == set(contexts[1:])
     assert all(not a & b for i, a in enumerate(fold_contexts) for b in fold_contexts[i + 1:])
 
 
