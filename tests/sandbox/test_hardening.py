@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 
 import docker
 import docker.errors
 import pytest
+import requests.exceptions
 
 from sandbox import Outcome
 from sandbox.docker_backend import SANDBOX_LABEL, SUPERVISOR_CAPS, TENANT_LABEL
@@ -226,28 +229,27 @@ async def test_gpu_device_requests_are_set_per_device(backend, small_spec, gpus,
         engine.close()
 
 
-async def test_close_removes_container_and_kernel_folder(backend, small_spec):
-    sb = await backend.create(small_spec())
-    host_dir = backend.runtime_root / sb.id
-    assert host_dir.is_dir()
-    await sb.close()
+def assert_removed(backend, sandbox_id: str) -> None:
+    """Neither the sandbox's container nor its kernel folder is left."""
     engine = docker.from_env()
     try:
-        assert engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sb.id}"}) == []
+        assert engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"}) == []
     finally:
         engine.close()
-    assert not os.path.exists(host_dir)
+    assert not os.path.exists(backend.runtime_root / sandbox_id)
+
+
+async def test_close_removes_container_and_kernel_folder(backend, small_spec):
+    sb = await backend.create(small_spec())
+    assert (backend.runtime_root / sb.id).is_dir()
+    await sb.close()
+    assert_removed(backend, sb.id)
     await sb.close()  # idempotent
 
 
 async def test_close_waits_out_an_engine_that_answers_the_removal_late(backend, small_spec, monkeypatch):
     """A busy engine (gVisor teardown under load) answers after the client's timeout: the close must
     not fail on it, and the container must still be gone when it returns."""
-    import contextlib
-    import threading
-
-    import requests.exceptions
-
     sb = await backend.create(small_spec())
     api = backend.client.api
     real_remove = api.remove_container
@@ -267,10 +269,5 @@ async def test_close_waits_out_an_engine_that_answers_the_removal_late(backend, 
     monkeypatch.setattr(api, "remove_container", remove_answered_late)
     await sb.close()
     late[0].join(timeout=60)
-    engine = docker.from_env()
-    try:
-        assert engine.containers.list(all=True, sparse=True, filters={"label": f"{SANDBOX_LABEL}={sb.id}"}) == []
-    finally:
-        engine.close()
-    assert not os.path.exists(backend.runtime_root / sb.id)
+    assert_removed(backend, sb.id)
 
