@@ -178,6 +178,34 @@ def test_gain_kernel_predicts_how_strongly_an_unseen_context_responds_from_its_r
     assert np.mean((pred[:3] - true[:3]) ** 2) < 0.5 * np.mean((transfer[:3] - true[:3]) ** 2)
 
 
+def test_with_one_condition_per_context_the_ridges_are_averaged(transfer_model):
+    """Six training contexts with one condition each (one stimulus), the four ridges' leave-one-context-out
+    predictions each the truth plus an error of their own: out of fold, the ridges' equal-weight average
+    (whose errors cancel) beats every ridge alone, and it is the recipe kept in most draws, where weights
+    fitted to six conditions follow the errors."""
+    m = transfer_model
+    genes, contexts, kept = 8, ["A", "B", "C", "D", "E", "F"], []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
+        truth = rng.normal(size=(6, genes))
+        base = m.BasePredictor(case_config(m), GENES[:genes])
+        others = (truth.sum(axis=0) - truth) / 5  # each context's transfer: the other contexts' mean Δ
+        oof = {"transfer": others, "mean": others, "pull": rng.normal(size=(6, genes))}
+        for name in base.RIDGES:
+            oof[f"{name}:1"] = truth + rng.normal(size=(6, genes))
+        base._members = lambda conditions, chosen, oof=oof: oof
+        base.fit(_conditions(m, ["P"] * 6, contexts, controls, truth), np.zeros((6, 1)),
+                 _conditions(m, [], [], controls, np.zeros((0, genes))), np.zeros((0, 1)))
+        nested = base.stack.nested
+        assert nested["ridges"] < min(nested[name] for name in base.RIDGES), nested
+        if base.stack.chosen == "ridges":
+            weights = {n: w for n, w in base.stack.weights.items() if w}
+            assert set(weights) == set(base.RIDGES) and np.ptp(list(weights.values())) < 1e-12
+        kept.append(base.stack.chosen == "ridges")
+    assert sum(kept) >= 9, kept
+
+
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
     """With two training contexts no held-out context can check a member that places a context: the base
     averages transfer and the profile kernel, so next to a training context it is transfer and far from

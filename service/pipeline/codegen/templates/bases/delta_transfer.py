@@ -26,10 +26,14 @@ class BasePredictor:
 
     Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
     contexts, never fixed: a large λ is the transfer member, which is right when the control state says
-    nothing about the response. With two training contexts a fold sees a single context, where nothing that
-    depends on a context's position can be fitted or checked; the base then averages the two hypotheses,
-    that the perturbation's Δ is shared (transfer) and that its perturbed state follows the control state
-    (the profile kernel, width: the two contexts' distance), whose errors partly cancel. Where the members
+    nothing about the response. Whether the stack's weights carry over is checked out of fold against each
+    member alone, the context-mean recipe and the ridges' equal-weight average (`Stack.fit`'s singles): with one
+    condition per context (a single stimulus) weights fitted to a handful of conditions follow their errors,
+    while in the average the ridges' errors partly cancel. With two training contexts a fold sees a single
+    context, where nothing that depends on a context's position can be fitted or checked; the base then
+    averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
+    follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
+    cancel. Where the members
     disagree about a context beyond their usual spread, the stack is blended towards no change or the gain
     kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`). Validation
     conditions are not used."""
@@ -198,7 +202,8 @@ class BasePredictor:
             self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
         contexts = train.table["context"].to_numpy()
-        singles = {n: {n: 1.0} for n in members if n != "pull"} | {"context_mean": {"mean": 1.0, "pull": 1.0}}
+        singles = {n: {n: 1.0} for n in members if n != "pull"}
+        singles |= {"context_mean": {"mean": 1.0, "pull": 1.0}, "ridges": dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))}
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
                        singles=singles)
         stacked = self.stack.combine(members)
