@@ -33,10 +33,9 @@ class BasePredictor:
     context, where nothing that depends on a context's position can be fitted or checked; the base then
     averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
-    cancel. Where the members
-    disagree about a context beyond their usual spread, the stack is blended towards no change or the gain
-    kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`). Validation
-    conditions are not used."""
+    cancel. Where the members disagree about a context beyond their usual spread, the stack is blended towards
+    no change or the gain kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`).
+    Validation conditions are not used."""
 
     RANK = 10
     RIDGES = ("context_ridge", "context_kernel", "profile_kernel", "gain_kernel")
