@@ -202,7 +202,8 @@ class BasePredictor:
             members[name] = oof[key]
         contexts = train.table["context"].to_numpy()
         singles = {n: {n: 1.0} for n in members if n != "pull"}
-        singles |= {"context_mean": {"mean": 1.0, "pull": 1.0}, "ridges": dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))}
+        singles |= {"context_mean": {"mean": 1.0, "pull": 1.0},
+                    "ridges": dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))}
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
                        singles=singles)
         stacked = self.stack.combine(members)
