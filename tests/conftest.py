@@ -3,9 +3,9 @@
 Tests that need Docker use `docker_image`. On a developer machine without an engine they skip;
 under CI (`CI=true`) a missing engine or image is a failure, so CI can never go green by skipping.
 
-Under pytest-xdist (`-n N`; `--dist loadgroup` is in pyproject's addopts) each test file runs whole on one
+Under pytest-xdist (`-n N`; `--dist loadfile` is in pyproject's addopts) each test file runs whole on one
 worker, so its module-scoped servers, clusters and sandboxes are made once, as without xdist; the files
-in one of `_GROUPS` share a worker, one after the other.
+in one of `_GROUPS` share a worker, one after the other (`pytest_xdist_make_scheduler`).
 """
 
 from __future__ import annotations
@@ -43,13 +43,21 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test's xdist group is its file (or its file's group in `_GROUPS`): `--dist loadgroup` then
-    hands out whole files. Without xdist the mark is inert."""
-    for item in items:
-        path = item.path.relative_to(config.rootpath).as_posix()
-        item.add_marker(pytest.mark.xdist_group(_GROUP_OF.get(path, path)))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile`, with the files of one of `_GROUPS` as one unit. Grouping by scheduler, not by xdist's
+    `xdist_group` mark: that mark works by renaming each test's node id, which pytest 9.2 no longer lets a
+    plugin do (xdist 3.8 still tries: pytest-dev/pytest-xdist#1386), so every file was silently spread over the
+    workers, and each worker built the file's module-scoped servers, design runs and clusters again."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _GROUP_OF.get(path, path)
+
+    return FileGroups(config, log)
 
 
 SANDBOX_IMAGE = os.environ.get("CELLFORGE_TEST_IMAGE", "cellforge-sandbox:cpu")
