@@ -26,7 +26,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.decomposition import PCA
 
 from .conditions import CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes, predict_frame, targets_of_part
 from .errors import SplitDirectoryError, preview
@@ -583,6 +582,8 @@ class GeneNeighbours:
 
     @classmethod
     def from_task(cls, task: PredictionTask) -> GeneNeighbours:
+        from sklearn.decomposition import PCA  # here, not at the top: see metrics.py
+
         cells = task.train.cell_sample
         n_comp = max(1, min(GENE_SIM_DIM, cells.shape[0] - 1, cells.shape[1] - 1))
         pca = PCA(n_components=n_comp, svd_solver="randomized", random_state=0).fit(cells)

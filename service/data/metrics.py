@@ -8,11 +8,11 @@ vector, no significant genes, one class only) gets NaN, and the evaluator averag
 
 from __future__ import annotations
 
+# scipy.stats and scikit-learn are imported where they are used: this module travels in every sandbox bundle
+# (cellforge_baselines), whose runs never score, and the two cost ~3 s of CPU at each start (5 s or more in a
+# half-core container), a quarter of a small dataset's training run.
 import numpy as np
 import scipy.sparse as sp
-from scipy import stats
-from scipy.spatial.distance import cdist
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .chunks import row_chunks
 
@@ -104,6 +104,8 @@ def welch_t(
     mean1: np.ndarray, var1: np.ndarray, n1: np.ndarray, mean2: np.ndarray, var2: np.ndarray, n2: np.ndarray
 ) -> np.ndarray:
     """Welch t statistic group 1 vs group 2 per feature; NaN (constant features) becomes 0 as in scanpy."""
+    from scipy import stats
+
     with np.errstate(invalid="ignore", divide="ignore"):
         t, _ = stats.ttest_ind_from_stats(
             mean1, np.sqrt(var1), n1, mean2, np.sqrt(var2), n2, equal_var=False
@@ -142,6 +144,8 @@ def discrimination_l1(pred: np.ndarray, true: np.ndarray, excluded: list[np.ndar
     n = pred.shape[0]
     if n < 2:
         return np.full(n, np.nan)
+    from scipy.spatial.distance import cdist
+
     dist = cdist(true, pred, metric="cityblock")
     for i, cols in enumerate(excluded):
         if len(cols):
@@ -163,6 +167,8 @@ def spearman_brown(r: np.ndarray) -> np.ndarray:
 def wilcoxon_significant(group: np.ndarray, reference: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """Features differing between two dense cell blocks: two-sided Wilcoxon rank-sum (Mann–Whitney U,
     normal approximation with tie correction), Benjamini–Hochberg at `alpha`. Returns a bool mask."""
+    from scipy import stats
+
     # Ranking runs along the last axis; features × cells in C order makes it contiguous (~3x faster).
     group_t, reference_t = np.ascontiguousarray(group.T), np.ascontiguousarray(reference.T)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -190,6 +196,8 @@ def peak_aucs(true_significant: np.ndarray, pred_delta: np.ndarray) -> tuple[flo
     """ROC-AUC and PR-AUC (average precision) of |predicted Δ| for the truly changed peaks."""
     if true_significant.all() or not true_significant.any():
         return float("nan"), float("nan")
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     score = np.abs(pred_delta)
     return (
         float(roc_auc_score(true_significant, score)),
