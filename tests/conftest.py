@@ -50,11 +50,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
     workers, and each worker built the file's module-scoped servers, design runs and clusters again."""
     if config.getvalue("dist") != "loadfile":
         return None
-    from xdist.scheduler import LoadScopeScheduling
+    from xdist.scheduler import LoadFileScheduling
 
-    class FileGroups(LoadScopeScheduling):
+    class FileGroups(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
+            path = super()._split_scope(nodeid)
             return _GROUP_OF.get(path, path)
 
     return FileGroups(config, log)
