@@ -9,7 +9,7 @@ residual network is never applied to a context absent from training); elsewhere 
 `--validation holdout` restores the old two-group validation fold (for comparison).
 
     .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
-        [--perturbations N] [--validation auto|holdout] [--out DIR] > result.json
+        [--perturbations N] [--cells N] [--validation auto|holdout] [--out DIR] > result.json
 
 `--perturbations 1`: a single stimulus, as in a PBMC interferon set (default: the simulator's, 10 stimuli).
 """
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", default=None, help="unseen cell type: the cell types to hold out (all)")
     parser.add_argument("--perturbations", type=int, default=None,
                         help="perturbations simulated (default: design_bench's for the kind, else the simulator's)")
+    parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo: 8000 knockout cells)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -117,7 +118,7 @@ def main() -> None:
         folder = work / f"{args.kind}_{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         data = folder / "data.h5ad"
-        simulate(args.kind, seed, n_cells=12000, n_genes=500,
+        simulate(args.kind, seed, n_cells=args.cells, n_genes=500,
                  n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
         profile = profile_dataset(data)
         llm = OfflineBackend(pipeline_handlers())

@@ -274,6 +274,47 @@ def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ri
     assert min(r) > 0.6
 
 
+def test_control_covariation_predicts_a_knockdown_whose_targets_no_training_knockdown_moved(ridge_model):
+    """A linear network: each gene is its own noise plus Σ_i B[i, g]·(gene i). Genes 0–19 regulate genes
+    20–29; genes 30–34 regulate genes 35–59. Training knocks down genes 0–19 only, so genes 35–59 never move
+    in training; the test knocks down 30–34. Only the control cells, across which each regulator co-varies
+    with its targets, say where those knockdowns go."""
+    m = ridge_model
+    rng = np.random.default_rng(5)
+    genes, kept = 60, 0.2
+    B = np.zeros((genes, genes))
+    B[:20, 20:30] = rng.normal(size=(20, 10)) * (rng.random((20, 10)) < 0.3)
+    B[30:35, 35:] = rng.normal(size=(5, 25)) * (rng.random((5, 25)) < 0.5)
+    total = np.linalg.inv(np.eye(genes) - B)  # B is upper triangular: a move of gene i moves g by total[i, g]
+    cells = 3.0 + 0.3 * rng.normal(size=(3000, genes)) @ total
+    level = cells.mean(axis=0)
+    controls = {"c": level}
+
+    def response(h: int) -> np.ndarray:
+        return m.SelfEffect.curve(level[h], kept) * total[h]
+
+    train = _conditions(m, GENES[:20], ["c"] * 20, controls,
+                        np.stack([response(h) for h in range(20)]) + 0.02 * rng.normal(size=(20, genes)))
+    test = _conditions(m, GENES[30:35], ["c"] * 5, controls, np.stack([response(h) for h in range(30, 35)]))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    effect = m.SelfEffect(GENES[:genes]).fit(train)
+    config = case_config(m, perturbation_kind="genetic", ridge_lambdas=[0.01, 0.1, 1.0, 10.0])
+    fit = lambda **kw: m.BasePredictor(config, GENES[:genes]).fit(  # noqa: E731
+        train, np.zeros((20, 1)), empty, np.zeros((0, 1)), self_effect=effect, **kw)
+    base = fit(cells=cells, is_control=np.ones(len(cells), dtype=bool))
+    assert base.chosen["stack_weights"]["control_covariation"] > 0.3
+    downstream = slice(35, genes)
+    pred = base.predict(test, np.zeros((5, 1)))[:, downstream]
+    true = test.delta[:, downstream]
+    r = [np.corrcoef(pred[i], true[i])[0, 1] for i in range(5)]
+    assert min(r) > 0.8
+    assert np.mean((pred - true) ** 2) < 0.3 * np.mean(true ** 2)
+    # Without control cells the member is absent and nothing else predicts the unseen module.
+    blind = fit(cells=None, is_control=None)
+    assert "control_covariation" not in blind.chosen["stack_weights"]
+    assert np.mean((blind.predict(test, np.zeros((5, 1)))[:, downstream] - true) ** 2) > 0.8 * np.mean(true ** 2)
+
+
 def test_target_ridges_stay_out_without_annotated_targets(ridge_model):
     base, _, _, _ = _ridge_case(ridge_model, signal=1.0)
     assert set(base.chosen["stack_weights"]) == {"mean", "pooled_ridge", "grouped_ridge", "neighbours"}

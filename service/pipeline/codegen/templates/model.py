@@ -96,7 +96,8 @@ class PerturbationModel:
         self.expression.fit(cells[is_control], contexts[is_control])
         if self.self_effect is not None:
             self.self_effect.fit(train)
-        self.base.fit(train, self.features(train), val, self.features(val), cells=cells, self_effect=self.self_effect)
+        self.base.fit(train, self.features(train), val, self.features(val), cells=cells, is_control=is_control,
+                      self_effect=self.self_effect)
 
     def net_input(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
         x = np.concatenate([self.features(conditions), self.expression.transform(conditions, rng)], axis=1)

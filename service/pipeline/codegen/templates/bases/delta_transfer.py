@@ -175,7 +175,8 @@ class BasePredictor:
     # ----------------------------------------------------------------- fitting
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
-            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
+            cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
+            self_effect=None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
         if len(self.controls) < 3:

@@ -22,6 +22,11 @@ class BasePredictor:
       across the training residuals, β = Rᵀr_h / (r_hᵀr_h + λ·mean‖r‖²), scaled by how far the knockdown
       moves the gene itself (the self effect) beyond the mean Δ; the knocked-down genes' own entries are
       left out of R, since a direct knockdown is no co-variation;
+    - control covariation (genetic perturbations): the same scaled move, spread as the gene co-varies with the
+      others across the control cells (natural variation of a regulator moves its targets), β = S_h / (S_hh +
+      λ·mean S_jj) with S the gene covariance of the control cells pooled over contexts (a regulator's level
+      differs between cell types too, and moves its targets there): unlike the members above it needs no
+      training perturbation of a similar gene, so a gene that co-varies with little is predicted to move little;
     - for compounds with annotated targets: the two ridges on target indicators (compounds sharing a target
       share its fitted response) and the target covariation (a target moves the other genes as it co-varies
       with them across the training residuals, scaled by the typical residual of a target gene at that dose);
@@ -181,6 +186,16 @@ class BasePredictor:
                 out[row] += moved[row, h] * (R.T @ R[:, h]) / (R[:, h] @ R[:, h] + reg + 1e-12)
         return out
 
+    def _control_covariation(self, lam: float, q: "ConditionSet", offsets: np.ndarray) -> np.ndarray:
+        S = self.control_covariance
+        reg = lam * float(np.mean(np.diag(S)))
+        out = np.zeros_like(offsets)
+        moved = self.self_effect.pinned(q)[1] - offsets
+        for row, genes in enumerate(self._genes_in(q.table)):
+            for h in genes:
+                out[row] += moved[row, h] * S[:, h] / (S[h, h] + reg + 1e-12)
+        return out
+
     def _target_covariation(self, lam: float, fold: dict, q_table: pd.DataFrame) -> np.ndarray:
         R, table = fold["R"], fold["table"]
         out = np.zeros((len(q_table), R.shape[1]))
@@ -289,6 +304,9 @@ class BasePredictor:
             if self.self_effect is not None:
                 for key, value in grid("self_covariation"):
                     out[key] = self._self_covariation(value, fold, q, offsets)
+                if self.control_covariance is not None:
+                    for key, value in grid("control_covariation"):
+                        out[key] = self._control_covariation(value, q, offsets)
         if self.annotated:
             for key, value in grid("target_covariation"):
                 out[key] = self._target_covariation(value, fold, q.table)
@@ -308,7 +326,8 @@ class BasePredictor:
         return [np.flatnonzero(np.isin(unit_of, units[k::self.FOLDS])) for k in range(min(self.FOLDS, len(units)))]
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
-            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
+            cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
+            self_effect=None) -> "BasePredictor":
         self.table, self.delta, self.F = train.table, train.delta, F_train
         self.targets = target_positions(train.table, self.pos)
         self.self_effect = self_effect
@@ -321,6 +340,10 @@ class BasePredictor:
         if self.genetic:
             self.embedding = gene_coexpression(cells, self.COEXPRESSION_DIM) if cells is not None \
                 else np.eye(len(self.pos))
+        controls = cells[is_control] if cells is not None and is_control is not None else np.zeros((0, 0))
+        # Fold-independent: control cells are no perturbation's truth.
+        self.control_covariance = np.cov(controls, rowvar=False) \
+            if self.genetic and self_effect is not None and len(controls) > 2 else None
         oof: dict[str, np.ndarray] = {}
         reference = np.zeros_like(self.delta)
         residual = np.zeros_like(self.delta)

@@ -6,7 +6,8 @@ class BasePredictor:
         self.chosen = {}
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
-            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
+            cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
+            self_effect=None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         return self
 

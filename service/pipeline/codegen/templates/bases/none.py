@@ -5,7 +5,8 @@ class BasePredictor:
         self.chosen = {}
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
-            cells: np.ndarray | None = None, self_effect=None) -> "BasePredictor":
+            cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
+            self_effect=None) -> "BasePredictor":
         self.n_genes = train.delta.shape[1]
         return self
 
