@@ -66,7 +66,9 @@ def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine, tmp
     )
     try:
         report = reap_orphans(engine)
-        assert set(report.removed) >= {made["dead"].id, made["reused"].id}
+        # Under xdist a pool starting in another worker reaps the same engine and may remove some of these first,
+        # so the report need not list them all; what it removed must be ours to remove, and both must be gone.
+        assert set(report.removed) & {c.id for c in made.values()} <= {made["dead"].id, made["reused"].id}
         for name in ("dead", "reused"):
             with pytest.raises(docker.errors.NotFound):
                 engine.containers.get(made[name].id)
