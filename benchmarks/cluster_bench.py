@@ -7,9 +7,9 @@ Without --address it starts a local cluster of three sandbox nodes (ray.cluster_
 zone resource each) and shuts it down at the end. Figures:
 
 - `exec_roundtrip_ms_p50`: execute("1+1") on one sandbox, through Ray and direct (target: Ray ≤ 1.5×), with
-  nobody watching its events (`ray`, `direct`: one plain actor call) and with an `on_event` callback
-  (`ray_stream`, `direct_stream`: the streaming call the API's executions make); `ray_noop_call`: an actor
-  call to the same sandbox that does nothing (`idle_seconds`), Ray's own share of the round trip;
+  nobody watching its events (`ray`, `direct`) and with an `on_event` callback (`ray_stream`, `direct_stream`:
+  as the API's executions run), both over the sandbox actor's execution channel (sandbox.ray_channel);
+  `ray_noop_call`: an actor call to the same sandbox that does nothing (`idle_seconds`), Ray's cost of a call;
 - `start_ms_p50`: create() until the kernel answers, through Ray and direct (target: Ray ≤ 1.3×): `ray` with
   a spare actor ready (as the API server's backend does, it makes one after each start; here it is waited for,
   unmeasured, between samples),

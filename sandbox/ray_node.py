@@ -6,7 +6,8 @@ kernel only through the actor's methods. Executions stream back as a Ray streami
 batches of events as they happen (what comes within `FLUSH_S` of a batch's first event travels with it),
 then one `RunEnd` carrying the last batch; a caller that does not watch events as they happen makes one
 plain call (`run_all`). Errors of the sandbox layer cross as themselves (the caller re-raises Ray's
-wrapped cause).
+wrapped cause). The same items also travel over the actor's execution channel (ray_channel), a direct
+connection the caller uses when it can reach the node, which saves Ray's cost of a call per execution.
 
 An actor can be made before its sandbox is asked for (a *spare*, see ray_backend): it holds its resources
 and its worker process, and ends itself unless `start()` comes within `spare_ttl` seconds.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import tempfile
@@ -36,7 +38,10 @@ from .errors import SandboxClosedError
 from .events import ExecutionResult, StreamEvent
 from .files import regular_files, workspace_path
 from .kernel import Replies, Sandbox
+from .ray_channel import ChannelAddress, ChannelServer
 from .spec import SandboxSpec
+
+log = logging.getLogger(__name__)
 
 # The calls a sandbox takes many of per second (executions, file transfers, the idle probe) record no Ray task
 # events: the cluster's task-event store is bounded, so thousands of them would push out the records of the
@@ -57,6 +62,7 @@ class NodeSandbox:
     data_root: str
     node_id: str  # the Ray node
     hostname: str
+    channel: ChannelAddress | None = None  # the actor's execution channel (None: executions are Ray calls)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class SandboxActor:
         self._active = time.monotonic()  # the last call's end: processes sharing the sandbox ask for it
         self._calls = 0
         self._started = False
+        self._channel = ChannelServer(self._run_items)
         if spare_ttl:
             # A spare ends itself if no sandbox is started in it in time, whether or not the process that made it
             # is still there to close it (a detached spare outlives an API replica that stopped).
@@ -96,7 +103,13 @@ class SandboxActor:
             # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
             spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
         self._sandbox = sb = await self._backend.create(spec)
-        facts = NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(), socket.gethostname())
+        try:
+            channel: ChannelAddress | None = await self._channel.open(ray.util.get_node_ip_address())
+        except OSError as exc:
+            log.warning("sandbox %s: no execution channel (%s); its executions are Ray calls", sb.id, exc)
+            channel = None
+        facts = NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(),
+                            socket.gethostname(), channel)
         self._facts = (spec, facts)
         return facts
 
@@ -129,6 +142,18 @@ class SandboxActor:
 
     @_quiet
     async def run(
+        self, code: str, timeout: float | None, expressions: dict[str, str] | None
+    ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
+        """`_stream` as a Ray streaming call."""
+        async for item in self._stream(code, timeout, expressions):
+            yield item
+
+    @_quiet
+    async def run_all(self, code: str, timeout: float | None, expressions: dict[str, str] | None) -> RunEnd:
+        """`_all` as one plain Ray call. Cancelled (ray.cancel): the sandbox interrupts the code."""
+        return await self._all(code, timeout, expressions)
+
+    async def _stream(
         self, code: str, timeout: float | None, expressions: dict[str, str] | None
     ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
         """Run code (with `expressions`: code of ours, out of the history, as `Sandbox.run_code`),
@@ -175,10 +200,8 @@ class SandboxActor:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    @_quiet
-    async def run_all(self, code: str, timeout: float | None, expressions: dict[str, str] | None) -> RunEnd:
-        """`run` as one plain call, for a caller that does not watch events as they happen: the `RunEnd` carries
-        them all. Cancelled (ray.cancel): the sandbox interrupts the code."""
+    async def _all(self, code: str, timeout: float | None, expressions: dict[str, str] | None) -> RunEnd:
+        """`_stream` for a caller that does not watch events as they happen: the `RunEnd` carries them all."""
         sb = self.sandbox
         self._calls += 1
         events: list[StreamEvent] = []
@@ -188,6 +211,16 @@ class SandboxActor:
         finally:
             self._calls -= 1
             self._touch()
+
+    async def _run_items(
+        self, code: str, timeout: float | None, expressions: dict[str, str] | None, watched: bool
+    ) -> AsyncIterator[list[StreamEvent] | RunEnd]:
+        """What the execution channel sends for a request: the items of `run`, or of `run_all` when unwatched."""
+        if watched:
+            async for item in self._stream(code, timeout, expressions):
+                yield item
+        else:
+            yield await self._all(code, timeout, expressions)
 
     async def interrupt(self) -> None:
         self._touch()
@@ -240,6 +273,7 @@ class SandboxActor:
 
     async def close(self) -> None:
         """Remove the container and everything of the sandbox on this node; idempotent."""
+        await self._channel.close()
         if self._sandbox is not None:
             await self._sandbox.close()
         self._closed.set()

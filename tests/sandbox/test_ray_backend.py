@@ -8,7 +8,9 @@ quarter of one, so the shared cores of a test machine are not over-promised.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from dataclasses import replace
 
 import docker
 import pytest
@@ -29,6 +31,7 @@ from sandbox import (
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from sandbox.ray_channel import ChannelClient  # noqa: E402
 from sandbox.ray_backend import MARKER, SLOT_RESOURCE, RayBackend, RaySandbox, placement  # noqa: E402
 from ray_reaping import reap_until_gone  # noqa: E402
 
@@ -66,11 +69,15 @@ async def ray_backend(cluster) -> RayBackend:
     await backend.close()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def ray_sandbox(ray_backend, small_spec) -> RaySandbox:
-    sb = await ray_backend.create(small_spec(cpus=0.25))
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["channel", "ray_calls"])
+async def ray_sandbox(request, ray_backend, small_spec) -> RaySandbox:
+    """A sandbox whose executions go over its actor's execution channel, or (the fallback) as Ray calls."""
+    backend = ray_backend if request.param == "channel" else RayBackend(placement_timeout=20, channel=False)
+    sb = await backend.create(small_spec(cpus=0.25))
+    assert (sb._channel is not None) is (request.param == "channel")
     yield sb
     await sb.close()
+    await backend.close()
 
 
 def _container(sb: RaySandbox):
@@ -172,6 +179,20 @@ async def test_an_execution_whose_caller_left_is_interrupted_on_its_node(ray_san
         assert time.monotonic() - started < 10
 
 
+async def test_a_sandbox_whose_channel_cannot_be_reached_runs_through_ray_calls(ray_backend, small_spec, caplog):
+    async with await ray_backend.create(small_spec(cpus=0.25)) as sb:
+        assert (await sb.execute("x = 41")).outcome is Outcome.OK
+        assert sb._channel is not None and sb._channel._idle  # that run went over the channel
+        closed = socket.socket()
+        closed.bind((sb.node.channel.host, 0))  # a port of that node nobody listens on
+        sb._channel = ChannelClient(replace(sb.node.channel, port=closed.getsockname()[1]))
+        closed.close()
+        events = []
+        res = await sb.execute("print('via ray', flush=True); x + 1", on_event=events.append)
+        assert res.result == "42" and any(isinstance(e, StdoutEvent) and e.text == "via ray\n" for e in events)
+        assert sb._channel is None and "unreachable" in caplog.text
+
+
 async def test_timeouts_end_timeout_or_killed(ray_sandbox):
     res = await ray_sandbox.execute("import time; time.sleep(30)", timeout=1)
     assert res.outcome is Outcome.TIMEOUT and not res.state_lost
@@ -260,12 +281,14 @@ def _sandbox_actors() -> set[str]:
             if a["namespace"] == "cellforge" and a["name"].startswith("sandbox-")}
 
 
-async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backend, small_spec):
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "ray_calls"])
+async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backend, small_spec, channel):
     doomed = cluster.add_node(**NODE_ARGS, resources={SLOT_RESOURCE: 2, "doomed": 1})
     cluster.wait_for_nodes()
-    sb = await ray_backend.create(small_spec(cpus=0.25, resources={"doomed": MARKER}))
+    backend = ray_backend if channel else RayBackend(placement_timeout=20, channel=False)
+    sb = await backend.create(small_spec(cpus=0.25, resources={"doomed": MARKER}))
     try:
-        assert sb.node.node_id == doomed.node_id
+        assert sb.node.node_id == doomed.node_id and (sb._channel is not None) is channel
         container = _container(sb).id
         started = asyncio.Event()
         events: list = []
