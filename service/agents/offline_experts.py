@@ -29,6 +29,7 @@ from service.agents.messages import (
 from service.agents.plan import (
     ArgumentRef,
     CardCitation,
+    Loss,
     MetricName,
     Preprocessing,
     Risk,
@@ -293,7 +294,7 @@ def _de_loss(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obje
         "loss.de_weighting": "top_de", "loss.de_top_k": 20, "loss.de_weight": 5.0,
     }
     if a.primary_metric.startswith("pearson_delta") and v.get("loss.kind") == "mse":
-        suggestions |= {"loss.kind": "mse_pearson_delta", "loss.pearson_weight": 0.2}
+        suggestions |= {"loss.kind": "mse_pearson_delta", "loss.pearson_weight": Loss.DEFAULT_PEARSON_WEIGHT}
     return Objection(
         0.7,
         f"the evaluator scores MSE and Pearson Δ on the top-20 DE genes, which {carried} but are 20 of "

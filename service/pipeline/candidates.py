@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from service.agents import Plan
+from service.agents import Loss, Plan
 
 
 def _update(plan: Plan, section: str, **values) -> Plan:
@@ -37,7 +37,7 @@ def _wider_deeper(plan: Plan) -> Plan | None:
 
 def _plain_mse(plan: Plan) -> Plan | None:
     if plan.loss.kind == "mse":
-        return _update(plan, "loss", kind="mse_pearson_delta", pearson_weight=0.2)
+        return _update(plan, "loss", kind="mse_pearson_delta", pearson_weight=Loss.DEFAULT_PEARSON_WEIGHT)
     return _update(plan, "loss", kind="mse", pearson_weight=0.0)
 
 

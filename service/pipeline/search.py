@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from service.agents import Plan
+from service.agents import Loss, Plan
 from service.llm import LLMRequest
 from service.pipeline.codegen import Bundle, render_bundle
 from service.pipeline.codegen.manifest import CUSTOM_FIELD, plan_following, read_config
@@ -300,7 +300,7 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
     if beaten.get(primary) and primary.startswith("pearson") and not top:
         propose("Pearson Δ loss term", f"the model loses on {primary} while its squared error is competitive",
                 plan_updates={"loss.kind": "mse_pearson_delta",
-                              "loss.pearson_weight": min(1.0, max(0.2, loss["pearson_weight"] * 2))})
+                              "loss.pearson_weight": min(1.0, max(Loss.DEFAULT_PEARSON_WEIGHT, loss["pearson_weight"] * 2))})
     if network:
         propose("lower learning rate", "generic: a smaller step often stops later at a better point",
                 plan_updates={"training.lr": training["lr"] * 0.3})

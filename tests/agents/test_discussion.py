@@ -6,6 +6,7 @@ from service.agents import (
     DEFAULT_GRAPH,
     DiscussionError,
     DiscussionGraph,
+    Loss,
     Plan,
     RoundRecord,
     analyse_task,
@@ -159,7 +160,7 @@ def test_critique_about_few_cells_narrows_the_network_only_through_the_critic_ed
 def test_statistician_de_gene_point_sets_the_loss_weighting(tmp_path):
     plan = _discuss(KNOCKOUT, "unseen knockouts", tmp_path / "a").plan
     assert plan.loss.de_weighting == "top_de" and plan.loss.de_top_k == 20 and plan.loss.de_weight == 5.0
-    assert plan.loss.kind == "mse_pearson_delta"
+    assert plan.loss.kind == "mse_pearson_delta" and plan.loss.pearson_weight == Loss.DEFAULT_PEARSON_WEIGHT
     ref = plan.provenance["loss.de_weighting"]
     assert ref.expert == "statistician" and "top-20 DE genes" in ref.summary and "40%" in ref.summary
     silent = _discuss(KNOCKOUT, "unseen knockouts", tmp_path / "b",
