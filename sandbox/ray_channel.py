@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import SandboxError
+
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
@@ -55,8 +57,9 @@ class ChannelAddress:
     server_token: bytes = field(repr=False)
 
 
-class ChannelUnreachable(OSError):
-    """The node's port could not be reached or did not prove itself: nothing was sent."""
+class ChannelUnreachable(SandboxError):
+    """The node's port could not be reached or did not prove itself: nothing was sent (the caller uses Ray
+    calls instead; it never reaches a user)."""
 
 
 def _frame(payload: bytes) -> bytes:
@@ -90,8 +93,6 @@ def _pickled_error(exc: BaseException) -> bytes:
     try:
         return pickle.dumps(exc)
     except Exception:  # noqa: BLE001 - an exception that does not pickle still reaches the caller as text
-        from .errors import SandboxError
-
         return pickle.dumps(SandboxError(f"{type(exc).__name__}: {exc}"))
 
 
