@@ -23,20 +23,24 @@ per execution in flight.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
 import pickle
+import random
 import secrets
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SandboxError
+from .errors import SandboxError, UsageError
 
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
+PORTS_ENV = "CELLFORGE_RAY_CHANNEL_PORTS"
 # A request is code and a few expressions; anything larger is not an honest caller's.
 MAX_REQUEST = 64 << 20
 # A frame from the node: a batch of events or a result (the sandbox caps outputs well below this).
@@ -60,6 +64,23 @@ class ChannelAddress:
 class ChannelUnreachable(SandboxError):
     """The node's port could not be reached or did not prove itself: nothing was sent (the caller uses Ray
     calls instead; it never reaches a user)."""
+
+
+def configured_ports(value: str | None = None) -> range | None:
+    """The port range the node's channels listen on: `$CELLFORGE_RAY_CHANNEL_PORTS` ("40000-40999", both ends
+    included), so a firewall between API replicas and sandbox nodes can open just those; None (unset): any free
+    port. UsageError naming the variable for anything else."""
+    value = os.environ.get(PORTS_ENV, "") if value is None else value
+    if not value.strip():
+        return None
+    low, sep, high = value.strip().partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        first, last = 0, -1
+    if not 1 <= first <= last <= 65535:
+        raise UsageError(f"${PORTS_ENV}={value!r}: expected a port range FIRST-LAST within 1-65535, e.g. 40000-40999")
+    return range(first, last + 1)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -104,9 +125,22 @@ class ChannelServer:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
 
-    async def open(self, host: str) -> ChannelAddress:
+    async def open(self, host: str, ports: range | None = None) -> ChannelAddress:
+        """Listen on `host`, on a free port of `ports` (tried in random order), or any free port when None;
+        OSError when every port of the range is taken."""
         self._client_token, self._server_token = secrets.token_bytes(TOKEN_BYTES), secrets.token_bytes(TOKEN_BYTES)
-        self._server = await asyncio.start_server(self._serve, host=host, port=0)
+        if ports is None:
+            self._server = await asyncio.start_server(self._serve, host=host, port=0)
+        else:
+            for port in random.sample(ports, len(ports)):
+                try:
+                    self._server = await asyncio.start_server(self._serve, host=host, port=port)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+            else:
+                raise OSError(errno.EADDRINUSE, f"every port of {ports.start}-{ports.stop - 1} is taken on {host}")
         port = self._server.sockets[0].getsockname()[1]
         return ChannelAddress(host, port, self._client_token, self._server_token)
 

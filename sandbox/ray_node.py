@@ -38,7 +38,7 @@ from .errors import SandboxClosedError
 from .events import ExecutionResult, StreamEvent
 from .files import regular_files, workspace_path
 from .kernel import Replies, Sandbox
-from .ray_channel import ChannelAddress, ChannelServer
+from .ray_channel import ChannelAddress, ChannelServer, configured_ports
 from .spec import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,13 @@ class SandboxActor:
 
     async def start(self, spec: SandboxSpec) -> NodeSandbox:
         self._started = True
+        ports = configured_ports()  # a node misconfigured fails its starts, before any container is made
         if spec.gpus:
             # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
             spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
         self._sandbox = sb = await self._backend.create(spec)
         try:
-            channel: ChannelAddress | None = await self._channel.open(ray.util.get_node_ip_address())
+            channel: ChannelAddress | None = await self._channel.open(ray.util.get_node_ip_address(), ports)
         except OSError as exc:
             log.warning("sandbox %s: no execution channel (%s); its executions are Ray calls", sb.id, exc)
             channel = None

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 from dataclasses import replace
 
 import pytest
 
 from sandbox.errors import UsageError
-from sandbox.ray_channel import MAX_REQUEST, TOKEN_BYTES, ChannelAddress, ChannelClient, ChannelServer, ChannelUnreachable
+from sandbox.ray_channel import (
+    MAX_REQUEST,
+    TOKEN_BYTES,
+    ChannelAddress,
+    ChannelClient,
+    ChannelServer,
+    ChannelUnreachable,
+    configured_ports,
+)
 
 
 class Node:
@@ -144,3 +153,51 @@ async def test_closing_the_node_end_ends_its_connections(node):
     with pytest.raises((ConnectionError, EOFError)):
         await asyncio.wait_for(run, 5)
     await asyncio.wait_for(node.cancelled.wait(), 5)
+
+
+def _listening(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def _three_free_ports() -> tuple[int, list[socket.socket]]:
+    """A first port of three consecutive free ones, held (listening) until the caller closes them."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + 2 > 65535:
+            continue
+        try:
+            return first, [_listening(first + k) for k in range(3)]
+        except OSError:
+            continue
+    pytest.skip("no three consecutive free ports on loopback")
+
+
+async def test_a_configured_port_range_is_where_the_node_listens():
+    first, held = _three_free_ports()
+    held[1].close()  # the one free port of the range
+    node = ChannelServer(Node().items)
+    address = await node.open("127.0.0.1", range(first, first + 3))
+    assert address.port == first + 1
+    with pytest.raises(OSError, match=f"every port of {first}-{first + 2} is taken"):  # the node holds the last one
+        await ChannelServer(Node().items).open("127.0.0.1", range(first, first + 3))
+    await node.close()
+    for sock in held:
+        sock.close()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("", None), ("  ", None), ("40000-40999", range(40000, 41000)), ("40100", range(40100, 40101)),
+])
+def test_the_port_range_setting(value, expected):
+    assert configured_ports(value) == expected
+
+
+@pytest.mark.parametrize("value", ["40000-", "a-b", "0-10", "50000-40000", "40000-70000", "40000:40010"])
+def test_a_bad_port_range_setting_names_the_variable(value):
+    with pytest.raises(UsageError, match="CELLFORGE_RAY_CHANNEL_PORTS"):
+        configured_ports(value)
