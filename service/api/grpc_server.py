@@ -54,7 +54,8 @@ _tenant: contextvars.ContextVar[Tenant] = contextvars.ContextVar("cellforge_tena
 class GrpcLimits:
     """Server-wide limits of the gRPC transport: concurrent calls, HTTP/2 streams per connection, and
     how long connections live (keepalive pings find dead peers; idle and old connections are closed,
-    the calls in flight on an old one get a grace period)."""
+    the calls in flight on an old one get a grace period), and how much of a stream's data the server
+    takes ahead of the handler."""
 
     max_concurrent_rpcs: int = 256
     max_streams_per_connection: int = 64
@@ -64,6 +65,7 @@ class GrpcLimits:
     max_idle_s: float = 300.0
     max_age_s: float = 7200.0
     max_age_grace_s: float = 300.0
+    stream_window_bytes: int = 1 << 20
 
     def options(self) -> list[tuple[str, int]]:
         ms = lambda seconds: int(seconds * 1000)  # noqa: E731
@@ -71,6 +73,11 @@ class GrpcLimits:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            # A fixed flow-control window: with BDP probing the transport grew it to many MiB on a fast
+            # link and buffered that much of every refused (unauthenticated) message before the
+            # refusal closed the stream. Costs upload speed on slow links: one window per round trip.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", self.stream_window_bytes),
             ("grpc.keepalive_time_ms", ms(self.keepalive_s)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_s)),
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_s)),
