@@ -33,7 +33,7 @@ import secrets
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import SandboxError, UsageError
 
@@ -66,20 +66,24 @@ class ChannelUnreachable(SandboxError):
     calls instead; it never reaches a user)."""
 
 
-def configured_ports(value: str | None = None) -> range | None:
+def configured_ports(value: str | None = None) -> range | None | Literal["off"]:
     """The port range the node's channels listen on: `$CELLFORGE_RAY_CHANNEL_PORTS` ("40000-40999", both ends
     included), so a firewall between API replicas and sandbox nodes can open just those; None (unset): any free
-    port. UsageError naming the variable for anything else."""
+    port; "off": no channel (where no port can be opened to the replicas, executions are Ray calls from the
+    start instead of after a connect timeout per sandbox). UsageError naming the variable for anything else."""
     value = os.environ.get(PORTS_ENV, "") if value is None else value
     if not value.strip():
         return None
+    if value.strip().lower() == "off":
+        return "off"
     low, sep, high = value.strip().partition("-")
     try:
         first, last = int(low), int(high if sep else low)
     except ValueError:
         first, last = 0, -1
     if not 1 <= first <= last <= 65535:
-        raise UsageError(f"${PORTS_ENV}={value!r}: expected a port range FIRST-LAST within 1-65535, e.g. 40000-40999")
+        raise UsageError(f"${PORTS_ENV}={value!r}: expected a port range FIRST-LAST within 1-65535, e.g. "
+                         "40000-40999, or 'off'")
     return range(first, last + 1)
 
 

@@ -104,11 +104,12 @@ class SandboxActor:
             # The devices Ray reserved for this actor, whatever the spec named: ids are per node.
             spec = spec.model_copy(update={"gpus": [str(g) for g in ray.get_runtime_context().get_accelerator_ids()["GPU"]]})
         self._sandbox = sb = await self._backend.create(spec)
-        try:
-            channel: ChannelAddress | None = await self._channel.open(ray.util.get_node_ip_address(), ports)
-        except OSError as exc:
-            log.warning("sandbox %s: no execution channel (%s); its executions are Ray calls", sb.id, exc)
-            channel = None
+        channel: ChannelAddress | None = None
+        if ports != "off":
+            try:
+                channel = await self._channel.open(ray.util.get_node_ip_address(), ports)
+            except OSError as exc:
+                log.warning("sandbox %s: no execution channel (%s); its executions are Ray calls", sb.id, exc)
         facts = NodeSandbox(sb.id, sb.workspace, sb.data_root, ray.get_runtime_context().get_node_id(),
                             socket.gethostname(), channel)
         self._facts = (spec, facts)

@@ -281,6 +281,20 @@ def _sandbox_actors() -> set[str]:
             if a["namespace"] == "cellforge" and a["name"].startswith("sandbox-")}
 
 
+async def test_a_node_with_the_channel_off_serves_executions_as_ray_calls(cluster, ray_backend, small_spec):
+    node = cluster.add_node(**NODE_ARGS, resources={SLOT_RESOURCE: 2, "walled": 1},
+                            env_vars={"CELLFORGE_RAY_CHANNEL_PORTS": "off"})
+    cluster.wait_for_nodes()
+    sb = await ray_backend.create(small_spec(cpus=0.25, resources={"walled": MARKER}))
+    try:
+        assert sb.node.node_id == node.node_id and sb.node.channel is None and sb._channel is None
+        res = await sb.execute("print(6 * 7)")
+        assert res.outcome is Outcome.OK and res.stdout.strip() == "42"
+    finally:
+        await sb.close()
+        cluster.remove_node(node)
+
+
 @pytest.mark.parametrize("channel", [True, False], ids=["channel", "ray_calls"])
 async def test_a_lost_node_fails_its_sandboxes_with_the_cause(cluster, ray_backend, small_spec, channel):
     doomed = cluster.add_node(**NODE_ARGS, resources={SLOT_RESOURCE: 2, "doomed": 1})

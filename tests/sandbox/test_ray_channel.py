@@ -192,6 +192,7 @@ async def test_a_configured_port_range_is_where_the_node_listens():
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("", None), ("  ", None), ("40000-40999", range(40000, 41000)), ("40100", range(40100, 40101)),
+    ("off", "off"), (" OFF ", "off"),
 ])
 def test_the_port_range_setting(value, expected):
     assert configured_ports(value) == expected
