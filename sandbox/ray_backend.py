@@ -574,6 +574,10 @@ class RaySandbox(Sandbox):
     def detach(self) -> None:
         """Stop using this sandbox here without closing it: it lives on for other processes (`attach`)."""
         self._closed = True
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Stop what this process holds of the sandbox: the actor watch and the channel's connections."""
         self._watch.cancel()
         if self._channel is not None:
             self._channel.close()
@@ -586,9 +590,7 @@ class RaySandbox(Sandbox):
             except (RayActorError, RayTaskError, TimeoutError) as exc:
                 log.warning("closing sandbox %s on %s: %s", self.id, self.node.hostname, exc)
         ray.kill(self._actor, no_restart=True)
-        self._watch.cancel()
-        if self._channel is not None:
-            self._channel.close()
+        self._let_go()
 
     # --- the kernel API of a local sandbox has no meaning here ------------------------------------------
 
