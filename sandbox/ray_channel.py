@@ -72,11 +72,12 @@ def configured_ports(value: str | None = None) -> range | None | Literal["off"]:
     port; "off": no channel (where no port can be opened to the replicas, executions are Ray calls from the
     start instead of after a connect timeout per sandbox). UsageError naming the variable for anything else."""
     value = os.environ.get(PORTS_ENV, "") if value is None else value
-    if not value.strip():
+    text = value.strip()
+    if not text:
         return None
-    if value.strip().lower() == "off":
+    if text.lower() == "off":
         return "off"
-    low, sep, high = value.strip().partition("-")
+    low, sep, high = text.partition("-")
     try:
         first, last = int(low), int(high if sep else low)
     except ValueError:
