@@ -230,6 +230,26 @@ def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_
     np.testing.assert_allclose(far, 0.5 * shared["P1"] + 0.5 * (perturbed_mean - controls["far"]), atol=0.1)
 
 
+def test_one_training_context_averages_the_same_two_hypotheses(transfer_model):
+    """A validation fold of a run with two training contexts trains on one: the base is the recipe the test
+    model uses, the average of the perturbation's Δ there (transfer) and its perturbed state there (the profile
+    kernel of one context: the state-transfer baseline), not transfer alone, so validation scores what the
+    test model does."""
+    m = transfer_model
+    rng = np.random.default_rng(6)
+    genes = 30
+    controls = {"A": rng.normal(2.0, 1.0, genes), "far": rng.normal(2.0, 1.0, genes)}
+    shared = {p: rng.normal(size=genes) for p in ("P1", "P2")}
+    train = _conditions(m, list(shared), ["A", "A"], controls, np.stack(list(shared.values())))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((2, 1)), empty, np.zeros((0, 1)))
+    assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
+    query = _conditions(m, ["P1", "P2"], ["far", "far"], controls, np.zeros((2, genes)))
+    state = np.stack([controls["A"] + shared[p] - controls["far"] for p in ("P1", "P2")])
+    np.testing.assert_allclose(base.predict(query, np.zeros((2, 1))),
+                               0.5 * np.stack(list(shared.values())) + 0.5 * state, atol=1e-6)
+
+
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
     """A linear cascade: hitting gene t pins it at −s and every other gene moves by Σ_i B[i, g]·Δ_i. Genes
     0–29 regulate a few of genes 30–34 (and, weakly, the rest); 30–34 drive genes 35–79. Each training

@@ -33,7 +33,9 @@ class BasePredictor:
     context, where nothing that depends on a context's position can be fitted or checked; the base then
     averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
-    cancel. Where the members disagree about a context beyond their usual spread, the stack is blended towards
+    cancel. With a single training context (a validation fold of such a run) it averages the same two: the
+    profile kernel of one context is its perturbed state (the state-transfer baseline's recipe), so
+    validation scores the recipe the test model uses, not transfer alone. Where the members disagree about a context beyond their usual spread, the stack is blended towards
     no change or the gain kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`).
     Validation conditions are not used."""
 
@@ -115,7 +117,7 @@ class BasePredictor:
             others = [self.controls[c] for c in sorted(set(self.table["context"][pool]))]
             control = conditions.control[row]
             out["mean"][row] = mean
-            out["pull"][row] = np.mean(others, axis=0) - control
+            out["pull"][row] = np.mean(others, axis=0) - control if others else 0.0  # no other context
             out["transfer"][row] = self.delta[rows].mean(axis=0) if len(rows) else mean
             for name, setting in ridges:
                 if not len(rows):
@@ -185,8 +187,7 @@ class BasePredictor:
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
-            self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5} if len(self.controls) == 2 \
-                else {"transfer": 1.0}
+            self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5}
             self.stack.nested, self.stack.chosen = None, "fixed"
             self.oof = self.stack.combine(self._members(train, self.setting))
             self.chosen = {"stack_weights": self.stack.weights}
