@@ -9,7 +9,7 @@ residual network is never applied to a context absent from training); elsewhere 
 `--validation holdout` restores the old two-group validation fold (for comparison).
 
     .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
-        [--perturbations N] [--cells N] [--validation auto|holdout] [--out DIR] > result.json
+        [--perturbations N] [--cells N] [--cell-types N] [--validation auto|holdout] [--out DIR] > result.json
 
 `--perturbations 1`: a single stimulus, as in a PBMC interferon set (default: the simulator's, 10 stimuli).
 """
@@ -71,7 +71,7 @@ def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | Non
     scores = {n: test_eval.score(p).summary for n, p in test.items()}
     got = test_eval.score(delivered).summary
     row: dict = {"kind": kind, "seed": seed, "context": context, "validation": selection.describe(),
-                 "delivered": winner.key, "seconds": round(time.perf_counter() - started, 1),
+                 "delivered": winner.key, "weights": winner.weights, "seconds": round(time.perf_counter() - started, 1),
                  "val": {e.key: {k: e.score(k) for k in (PRIMARY, MSE)} for e in ranked},
                  "test": {n: {k: s.get(k) for k in (PRIMARY, MSE)} for n, s in scores.items()}}
     for metric, pick in ((PRIMARY, max), (MSE, min)):
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--perturbations", type=int, default=None,
                         help="perturbations simulated (default: design_bench's for the kind, else the simulator's)")
     parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo: 8000 knockout cells)")
+    parser.add_argument("--cell-types", type=int, default=None,
+                        help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
         folder = work / f"{args.kind}_{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         data = folder / "data.h5ad"
-        simulate(args.kind, seed, n_cells=args.cells, n_genes=500,
+        simulate(args.kind, seed, n_cells=args.cells, n_genes=500, n_cell_types=args.cell_types,
                  n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
         profile = profile_dataset(data)
         llm = OfflineBackend(pipeline_handlers())

@@ -250,6 +250,23 @@ def test_one_training_context_averages_the_same_two_hypotheses(transfer_model):
                                0.5 * np.stack(list(shared.values())) + 0.5 * state, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_contexts", [1, 2, 3, 4])
+def test_the_stack_is_fitted_from_four_training_contexts(transfer_model, n_contexts):
+    """Below four training contexts the leave-one-context-out folds cannot tell which weights carry over: the
+    base keeps the fixed average of transfer and the profile kernel; from four it fits and checks its stack."""
+    m = transfer_model
+    rng = np.random.default_rng(8)
+    genes, contexts = 20, [f"C{i}" for i in range(n_contexts)]
+    controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
+    rows = [(p, c) for p in ("P1", "P2", "P3") for c in contexts]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, rng.normal(size=(len(rows), genes)))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
+                                                              np.zeros((0, 1)))
+    assert (base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}) is (n_contexts < 4)
+    assert ("kept" in base.chosen) is (n_contexts >= 4)
+
+
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
     """A linear cascade: hitting gene t pins it at −s and every other gene moves by Σ_i B[i, g]·Δ_i. Genes
     0–29 regulate a few of genes 30–34 (and, weakly, the rest); 30–34 drive genes 35–79. Each training

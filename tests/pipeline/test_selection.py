@@ -186,6 +186,25 @@ def test_stack_shrinks_an_overscaled_response_through_the_control_member(cv_run)
     assert stacked.get(PRIMARY) > alone.get(PRIMARY)
 
 
+@pytest.fixture(scope="module")
+def few_groups_run(tmp_path_factory):
+    """An unseen cell type among three: validation holds the two training cell types, one fold each."""
+    rd = RunDir(tmp_path_factory.mktemp("run")).create()
+    make_split(simulate("cytokine", 0, n_cells=1500, n_genes=100), "unseen-context", 0, rd.split, context="T_cell")
+    return rd, prepare_selection(rd)
+
+
+def test_no_stack_is_weighed_on_fewer_held_out_groups_than_validation_needs(cv_run, few_groups_run):
+    """Designed candidates that each know part of the truth: over the knockout run's many held-out genes their
+    stack is a candidate; over two held-out cell types it is not, as its weights would follow those two."""
+    rng = np.random.default_rng(4)
+    for (_, selection), stacked in ((cv_run, True), (few_groups_run, False)):
+        assert (len({g for f in selection.folds for g in f.groups}) >= 5) is stacked
+        members = {n: {f.name: _noisy(f, rng, 0.3) for f in selection.folds} for n in ("a", "b")}
+        entries = _entries(selection, **members)
+        assert any(e.kind == "stack" for e in with_stack(selection, entries, PRIMARY)) is stacked
+
+
 def test_the_choice_is_never_worse_on_validation_than_the_best_baseline(cv_run):
     _, selection = cv_run
     # A designed model that is bad on validation: the truth plus heavy noise.
