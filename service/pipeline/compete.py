@@ -1,14 +1,14 @@
 """The competition on validation and the delivery of its winner.
 
 Every applicable baseline, the best designed model and a validation-fitted stack of them (when validation
-holds enough held-out groups to weigh it) are candidates, scored alike on the same validation folds. The delivered predictor is chosen over both headline metrics:
-among the candidates no worse than the best baseline on validation's primary metric and (up to
-validation's noise) on top-20-DE MSE, the best on the primary metric (a tie goes to the simpler: baselines
-first, then the designed model, then the stack); so a user never gets something worse on validation than
-the best baseline on either metric when any candidate achieves that, and otherwise the one with the best
-mean relative gain over both. A
-baseline or stack winner is delivered with runnable code (`deliver.predictor_files`), which the service
-then runs in a sandbox to check that it reproduces the delivered test predictions.
+holds enough held-out groups to weigh it) are candidates, scored alike on the same validation folds. The
+delivered predictor is chosen over both headline metrics: among the candidates no worse than the best baseline
+on validation's primary metric and (up to validation's noise) on top-20-DE MSE, the best on the primary metric
+(a tie goes to the simpler: baselines first, then the designed model, then the stack); so a user never gets
+something worse on validation than the best baseline on either metric when any candidate achieves that, and
+otherwise the one with the best mean relative gain over both. A baseline or stack winner is delivered with
+runnable code (`deliver.predictor_files`), which the service then runs in a sandbox to check that it
+reproduces the delivered test predictions.
 """
 
 from __future__ import annotations

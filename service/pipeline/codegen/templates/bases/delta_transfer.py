@@ -36,16 +36,15 @@ class BasePredictor:
     cancel. With a single training context (a validation fold of such a run) it averages the same two: the
     profile kernel of one context is its perturbed state (the state-transfer baseline's recipe), so
     validation scores the recipe the test model uses, not transfer alone. So it does with three training
-    contexts (`MIN_FITTED_CONTEXTS`), where three leave-one-context-out folds, each placing a context from two,
-    cannot tell which weights carry over. Where the members disagree about a context beyond their usual spread, the stack is blended towards
-    no change or the gain kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`).
+    contexts (`MIN_FITTED_CONTEXTS`), where three leave-one-context-out folds, each placing a context from
+    two, cannot tell which weights carry over. Where the members disagree about a context beyond their usual
+    spread, the stack is blended towards no change or the gain kernel, as far as the training contexts'
+    out-of-fold error pays for (`_fit_shrink`).
     Validation conditions are not used."""
 
     RANK = 10
-    # Fewer training contexts than this: the fixed average of transfer and the profile kernel. With three, each
-    # leave-one-context-out fold places a context from two, and the check of the stack's weights rests on three
-    # such folds: with one weak responder among them it kept "the mean Δ of every perturbation, shrunk"
-    # (stimulation, four cell types, seed 1: 0.18 on the primary metric where transfer gave 0.48).
+    # With three training contexts, one weak responder among them made the check keep "the mean Δ of every
+    # perturbation, shrunk" (stimulation, four cell types, seed 1: 0.18 on the primary metric, transfer 0.48).
     MIN_FITTED_CONTEXTS = 4
     RIDGES = ("context_ridge", "context_kernel", "profile_kernel", "gain_kernel")
     RIDGE_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)
