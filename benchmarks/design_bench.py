@@ -14,7 +14,7 @@
    compete alone, which measures the selection and stacking rules apart from the designed model.
 2. Scale: the wall time of one offline design run on 20,000 cells × 2,000 genes (target ≤ 15 min).
 
-    .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout drug cytokine stimulation]
+    .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout combo drug cytokine stimulation]
         [--contexts T_cell ...] [--cells 12000] [--genes 500] [--sandbox docker|local] [--skip-demo]
         [--skip-scale] [--skip-quality] [--compete-only] [--max-nodes N] [--out DIR]
 """
@@ -39,10 +39,11 @@ from service.pipeline.compete import Entry, rank, stack_test_predictions, with_s
 from service.pipeline.rundir import RunDir
 from service.pipeline.selection import Selection, prepare_selection
 
-SCHEMES = {"knockout": "unseen-perturbation", "drug": "unseen-drug", "cytokine": "unseen-context",
+SCHEMES = {"knockout": "unseen-perturbation", "combo": "combo", "drug": "unseen-drug", "cytokine": "unseen-context",
            "stimulation": "unseen-context"}  # what the task analysis picks for TASKS
 TASKS = {
     "knockout": "Predict expression after CRISPR knockout of unseen genes",
+    "combo": "Predict expression after double CRISPR knockouts of unseen gene pairs",
     "drug": "Predict responses of cell lines to unseen drugs at several doses",
     "cytokine": "Predict cytokine stimulation responses in an unseen cell type",
     "stimulation": "Predict stimulation responses in an unseen cell type",
