@@ -53,8 +53,9 @@ _SPLIT_WORDS: list[tuple[str, SplitScheme]] = [
      r"across cell[ -]?types?", "unseen-context"),
     (r"(unseen|held[- ]out|intermediate|new) doses?", "unseen-dose"),
     (r"(unseen|new|novel|held[- ]out) (drugs?|compounds?)", "unseen-drug"),
-    (r"(unseen|new|novel|held[- ]out) (combination|combo|pair)s?|double perturbations?|combinations? of",
-     "combo"),
+    # "unseen gene pairs", "double CRISPR knockouts": a word may sit between, as for single perturbations below.
+    (r"(unseen|new|novel|held[- ]out) ([\w-]+ )?(combination|combo|pair)s?|"
+     r"double ([\w-]+ )?(perturbations?|knockouts?|knockdowns?)|combinations? of", "combo"),
     (r"(unseen|novel|held[- ]out|new) ([\w-]+ )?(genes?|perturbations?|knockouts?|knockdowns?|cytokines?)",
      "unseen-perturbation"),
 ]

@@ -79,6 +79,20 @@ def test_task_text_cannot_ask_for_an_infeasible_split(offline):
     assert analysis.split_scheme == "unseen-perturbation"
 
 
+@pytest.mark.parametrize("task", ["Predict expression after double CRISPR knockouts of unseen gene pairs",
+                                  "predict unseen combinations", "held-out knockout pairs", "double knockdowns"])
+def test_a_task_about_pairs_of_genes_asks_for_the_combination_split(offline, combo_profile, task):
+    """Words between "unseen" and "pairs" (or "double" and "knockouts") do not turn a combination task into one
+    about unseen single genes, which the text's "unseen gene" alone would suggest."""
+    assert analyse_task(combo_profile, task, offline).split_scheme == "combo"
+    assert analyse_task(combo_profile, "predict unseen genes", offline).split_scheme == "unseen-perturbation"
+
+
+@pytest.fixture(scope="module")
+def combo_profile():
+    return profile_dataset(simulate("combo", seed=0, n_cells=1500, n_genes=120))
+
+
 def test_analysis_of_a_real_simulated_dataset(offline):
     profile = profile_dataset(simulate("drug", seed=1, n_cells=1200, n_genes=150))
     analysis = analyse_task(profile, "predict unseen drugs", offline)
