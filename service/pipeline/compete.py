@@ -156,15 +156,8 @@ def with_stack(selection: Selection, entries: list[Entry], primary: str) -> list
     """The entries plus the stack of the leaders (when two or more can be stacked): the best baseline on each
     headline metric, every designed entry, and `control` (no change), whose weight is how far validation
     says the responses should shrink. Few members keep the cross-fitted weights stable on the few
-    conditions validation holds; the other baselines seldom add what the leaders lack.
-
-    No stack when validation holds fewer than `MIN_VAL_GROUPS` held-out groups (cell types, genes, compounds):
-    its cross-fitted score then rests on two to four groups, each predicted with weights fitted on the others,
-    and the weights follow those groups. Unseen cell types with three training types (four in all): the stacks
-    that won validation there shrank toward no change as two of three folds asked, and lost the test to the
-    best baseline on both metrics (stimulation seed 1, B cells: 0.02 and 1.47 against 0.53 and 0.82)."""
-    if len({g for fold in selection.folds for g in fold.groups}) < MIN_VAL_GROUPS:
-        return entries
+    conditions validation holds; the other baselines seldom add what the leaders lack. No stack where
+    `fit_stack` cannot weigh one (fewer than `MIN_VAL_GROUPS` held-out groups)."""
     scored = [e for e in entries if finite(e.score(primary))]
     baselines = [e for e in scored if e.kind == "baseline"]
     leaders = {e.name for m in dict.fromkeys((primary, *HEADLINE)) for e in rank_on(baselines, m)[:1]}

@@ -115,6 +115,11 @@ class Selection:
     def n_conditions(self) -> int:
         return sum(len(f.conditions) for f in self.folds)
 
+    @property
+    def n_groups(self) -> int:
+        """The held-out groups (cell types, genes, compounds) validation holds over all its folds."""
+        return len({g for f in self.folds for g in f.groups})
+
     def describe(self) -> str:
         if self.mode == "holdout":
             return f"held-out validation: {self.n_conditions} conditions in whole {self.group_by} groups"
