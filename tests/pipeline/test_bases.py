@@ -10,6 +10,8 @@ import pytest
 from service.agents import ProfileFacts, analyse_task, run_discussion
 from service.llm import OfflineBackend
 from service.pipeline import pipeline_handlers, render_bundle
+from service.data.baselines import CONTEXT_RIDGE_SCALES, linear_context_ridge_baseline, load_task
+from constructed_split import GENES as SPLIT_GENES, write_constructed_split
 from generated_code import case_config, load_bundle
 
 FACTS = dict(modalities=["rna_counts"], n_cells=20000, n_genes=2000, n_perturbations=120, n_conditions=120,
@@ -204,6 +206,39 @@ def test_with_one_condition_per_context_the_ridges_are_averaged(transfer_model):
             assert set(weights) == set(base.RIDGES) and np.ptp(list(weights.values())) < 1e-12
         kept.append(base.stack.chosen == "ridges")
     assert sum(kept) >= 9, kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_context_ridge_member_is_the_linear_context_ridge_baseline(transfer_model, tmp_path, seed):
+    """Eight cell types whose responses depend on their control state nonlinearly, with noise no state explains:
+    the base's context ridge (λ chosen leave one context out by squared error, as the baseline chooses it, whatever
+    the plan's loss) predicts the held-out type exactly as the linear-context-ridge baseline does, so the stack can
+    always reproduce that baseline."""
+    m = transfer_model
+    nan, genes = float("nan"), len(SPLIT_GENES)
+    rng = np.random.default_rng(seed)
+    contexts = [f"T{i}" for i in range(8)]
+    state = {c: rng.normal(size=3) * rng.uniform(0.3, 3.0) for c in contexts}  # some types far from the rest
+    loading = rng.normal(size=(3, genes))
+    ctrl = {c: 4.0 + state[c] @ loading + 0.3 * rng.normal(size=genes) for c in contexts}
+    effect = {p: (rng.normal(size=genes), rng.normal(size=(3, genes))) for p in ("P1", "P2")}
+    means = {("control", nan, c): ctrl[c] for c in contexts}
+    means |= {(p, nan, c): ctrl[c] + a + np.tanh(state[c]) @ V + 0.5 * rng.normal(size=genes)
+              for p, (a, V) in effect.items() for c in contexts}
+    split = write_constructed_split(tmp_path / "split", means, [(p, nan, "T7") for p in effect])
+    baseline = linear_context_ridge_baseline(load_task(split))
+    cells, bulk = m.read_part(split, "train.h5ad"), m.read_pseudobulk(split)
+    controls = m.control_means(cells, bulk)
+    train = m.ConditionSet.from_cells(cells, controls, bulk)
+    base = m.BasePredictor(case_config(m, loss=TOP_DE_LOSS), SPLIT_GENES).fit(train, np.zeros((len(train), 1)),
+                                                            train.subset(np.zeros(len(train), dtype=bool)),
+                                                            np.zeros((0, 1)))
+    query = m.conditions_to_predict(m.read_part(split, "test_inputs.h5ad"), controls)
+    member = base._members(query, base.setting)["context_ridge"]
+    assert base.RIDGE_SCALES == CONTEXT_RIDGE_SCALES
+    np.testing.assert_allclose(query.control + member, np.asarray(baseline.X), atol=1e-4)
+    transfer = base._members(query, base.setting)["transfer"]
+    assert np.abs(member - transfer).max() > 0.1  # the state is read: not the transfer member in disguise
 
 
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
@@ -417,6 +452,28 @@ def test_stack_keeps_the_best_single_recipe_when_its_weights_do_not_carry_over(r
     weights = stack.fit(members, true, np.zeros_like(true), folds=[np.array([i]) for i in range(6)])
     assert stack.chosen == "recipe" and min(stack.nested, key=stack.nested.get) == "recipe"
     assert weights["recipe"] > 0.5 and all(weights[f"noise{i}"] == 0.0 for i in range(15))
+
+
+def test_stack_keeps_its_default_recipe_unless_another_beats_it_beyond_the_folds_noise(ridge_model):
+    """Six one-condition folds. A recipe equal to the default but for one fold where it is exact (and slightly
+    worse on the others) has the least out-of-fold loss in total, yet its gain rests on a single fold, within
+    one standard error of the per-fold differences: the default is kept. A recipe better in every fold
+    replaces it."""
+    m = ridge_model
+    rng = np.random.default_rng(8)
+    true = rng.normal(size=(6, 10))
+    folds = [np.array([i]) for i in range(6)]
+    default = true + 0.6 * rng.normal(size=true.shape)
+    lucky = default + 0.1 * rng.normal(size=true.shape)
+    lucky[0] = true[0]
+    better = true + 0.3 * rng.normal(size=true.shape)
+    stack = m.Stack({"kind": "mse", "de_weighting": "none"})
+    stack.fit({"default": default, "other": lucky}, true, np.zeros_like(true), folds=folds, default="default")
+    assert min(stack.nested, key=stack.nested.get) == "other" and stack.chosen == "default"
+    assert stack.weights["other"] == 0.0 and stack.weights["default"] > 0.5
+    stack.fit({"default": default, "other": better}, true, np.zeros_like(true), folds=folds, default="default")
+    assert stack.chosen == min(stack.nested, key=stack.nested.get) != "default"
+    assert stack.weights["other"] > 0.5
 
 
 @pytest.mark.parametrize(("small", "large", "side"), [(0.1, 4.0, "shrink"), (1.3, -1.0, "stretch")])

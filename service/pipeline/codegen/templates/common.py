@@ -165,10 +165,13 @@ class Stack:
         return min([best * (1.0 + step) for step in self.NUDGES], key=lambda w: loss(w)[0])
 
     def fit(self, members: dict[str, np.ndarray], true: np.ndarray, reference: np.ndarray, pinned=None,
-            folds: list[np.ndarray] | None = None, singles: dict[str, dict[str, float]] | None = None) -> dict:
+            folds: list[np.ndarray] | None = None, singles: dict[str, dict[str, float]] | None = None,
+            default: str | None = None) -> dict:
         """Weights over `members` (name -> out-of-fold Δ predictions of the training conditions). `singles`:
         the single recipes the stack must beat out of fold, each a fixed combination of members (default:
-        each member alone)."""
+        each member alone). `default`: the candidate (a single's name or "stack") kept unless another beats it
+        out of fold by more than one standard error of their per-fold differences (the one-standard-error rule):
+        with few folds the least loss among many candidates is partly luck; without it the least loss wins."""
         names: list[str] = []
         for name, oof in members.items():
             if not any(np.allclose(oof, members[kept], atol=1e-9) for kept in names):
@@ -180,19 +183,24 @@ class Stack:
         if folds is not None and len(folds) >= 3:
             total = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
             pin = lambda rows: None if pinned is None else (pinned[0][rows], pinned[1][rows])  # noqa: E731
-            self.nested = {"stack": 0.0}
-            for held in folds:
+            per_fold: dict[str, np.ndarray] = {"stack": np.zeros(len(folds))}
+            for f, held in enumerate(folds):
                 rest = np.setdiff1d(np.arange(len(true)), held)
                 w = self._weights(X[:, rest], true[rest], reference[rest], pin(rest))
-                self.nested["stack"] += float(self.row_losses(np.tensordot(w, X[:, held], axes=1), true[held],
-                                                              reference[held], pin(held), total, len(true))[0].sum())
+                per_fold["stack"][f] = float(self.row_losses(np.tensordot(w, X[:, held], axes=1), true[held],
+                                                             reference[held], pin(held), total, len(true))[0].sum())
             for label, recipe in singles.items():
                 single = sum(c * members[n] for n, c in recipe.items())
                 # Each condition's loss at every scale; a fold's scale is the best on the other conditions.
                 grid = np.stack([self.row_losses(k * single, true, reference, pinned, total)[0] for k in self.SCALES])
-                self.nested[label] = float(sum(grid[np.argmin(np.delete(grid, held, axis=1).sum(axis=1)), held].sum()
-                                               for held in folds))
+                per_fold[label] = np.array([grid[np.argmin(np.delete(grid, held, axis=1).sum(axis=1)), held].sum()
+                                            for held in folds])
+            self.nested = {k: float(v.sum()) for k, v in per_fold.items()}
             self.chosen = min(self.nested, key=self.nested.get)
+            if default is not None and self.chosen != default:
+                gain = per_fold[default] - per_fold[self.chosen]
+                if gain.mean() <= gain.std(ddof=1) / np.sqrt(len(gain)):
+                    self.chosen = default
             if self.chosen != "stack":
                 recipe = singles[self.chosen]
                 single = sum(c * members[n] for n, c in recipe.items())

@@ -11,7 +11,8 @@ class BasePredictor:
       (with mean, the context-mean baseline's recipe);
     - context ridge: p's Δ as a linear function of the context's control profile (its coordinates on the
       principal directions of the other contexts' control profiles), ridge-fitted across the contexts
-      where p was measured, the intercept unpenalised (the linear-context-ridge baseline's recipe);
+      where p was measured, the intercept unpenalised: the linear-context-ridge baseline to the digit (its grid of
+      λ, chosen by squared error);
     - context kernel: the same with an RBF kernel on the control profiles (kernel ridge), so a response
       can depend on the control state nonlinearly; far from every training context it returns transfer;
     - profile kernel: the kernel ridge for p's perturbed profile (control + Δ) rather than its Δ, around p's
@@ -29,7 +30,9 @@ class BasePredictor:
     nothing about the response. Whether the stack's weights carry over is checked out of fold against each
     member alone, the context-mean recipe and the ridges' equal-weight average (`Stack.fit`'s singles): with one
     condition per context (a single stimulus) weights fitted to a handful of conditions follow their errors,
-    while in the average the ridges' errors partly cancel. With two training contexts a fold sees a single
+    while in the average the ridges' errors partly cancel. The average is the default: another candidate replaces
+    it only when it beats it by more than one standard error over the folds, as with five to seven contexts the
+    least out-of-fold loss among ten candidates is partly luck. With two training contexts a fold sees a single
     context, where nothing that depends on a context's position can be fitted or checked; the base then
     averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
@@ -47,7 +50,7 @@ class BasePredictor:
     # perturbation, shrunk" (stimulation, four cell types, seed 1: 0.18 on the primary metric, transfer 0.48).
     MIN_FITTED_CONTEXTS = 4
     RIDGES = ("context_ridge", "context_kernel", "profile_kernel", "gain_kernel")
-    RIDGE_SCALES = (0.01, 0.1, 1.0, 10.0, 100.0)
+    RIDGE_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the linear-context-ridge baseline's grid
     KERNEL_WIDTHS = (0.5, 1.0, 2.0)
     KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
     GAIN_WIDTHS = (0.25, 0.5, 1.0)
@@ -75,7 +78,7 @@ class BasePredictor:
         Z = np.stack([self.controls[c] for c in self.table["context"].iloc[rows]]) @ directions.T
         Y = self.delta[rows]
         z_mean, y_mean = Z.mean(axis=0), Y.mean(axis=0)
-        lam = scale * max(float(np.mean(np.sum(((profiles - centre) @ directions.T) ** 2, axis=1))), 1e-12)
+        lam = scale * self.spread
         return y_mean + (control @ directions.T - z_mean) @ ridge(Z - z_mean, Y - y_mean, lam)
 
     def _kernel_scale(self, width: float, pool: np.ndarray) -> float:
@@ -187,6 +190,10 @@ class BasePredictor:
             self_effect=None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
+        # The context ridge's λ is a scale × this spread of the training conditions' control states, in every
+        # leave-one-context-out fit as in the final one (the baseline's unit), not the spread of a fold's pool.
+        placed = train.control - train.control.mean(axis=0)
+        self.spread = max(float(np.mean(np.sum(placed ** 2, axis=1))), 1e-12)
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
@@ -200,7 +207,10 @@ class BasePredictor:
         oof = self._members(train, None)
         reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
         weights = loss_weights(train.delta, self.stack.loss)
-        errors = {k: float(np.sum(weights * (v - train.delta) ** 2)) for k, v in oof.items() if ":" in k}
+        # The context ridge's λ by plain squared error, as the linear-context-ridge baseline tunes it: the member is
+        # that baseline to the digit, so the stack can always reproduce it; the kernels' by the plan's loss.
+        errors = {k: float(np.sum((1.0 if k.startswith("context_ridge:") else weights) * (v - train.delta) ** 2))
+                  for k, v in oof.items() if ":" in k}
         self.setting, members = {}, {k: v for k, v in oof.items() if ":" not in k}
         for name in self.RIDGES:
             key = min((k for k in errors if k.startswith(name + ":")), key=errors.get)
@@ -212,7 +222,7 @@ class BasePredictor:
         singles |= {"context_mean": {"mean": 1.0, "pull": 1.0},
                     "ridges": dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))}
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
-                       singles=singles)
+                       singles=singles, default="ridges")
         stacked = self.stack.combine(members)
         self._fit_shrink(members, stacked, train.delta, reference)
         self.oof = self._shrunk(stacked, members)
