@@ -230,15 +230,15 @@ def test_the_context_ridge_member_is_the_linear_context_ridge_baseline(transfer_
     cells, bulk = m.read_part(split, "train.h5ad"), m.read_pseudobulk(split)
     controls = m.control_means(cells, bulk)
     train = m.ConditionSet.from_cells(cells, controls, bulk)
-    base = m.BasePredictor(case_config(m, loss=TOP_DE_LOSS), SPLIT_GENES).fit(train, np.zeros((len(train), 1)),
-                                                            train.subset(np.zeros(len(train), dtype=bool)),
-                                                            np.zeros((0, 1)))
+    empty = train.subset(np.zeros(len(train), dtype=bool))
+    base = m.BasePredictor(case_config(m, loss=TOP_DE_LOSS), SPLIT_GENES).fit(
+        train, np.zeros((len(train), 1)), empty, np.zeros((0, 1)))
     query = m.conditions_to_predict(m.read_part(split, "test_inputs.h5ad"), controls)
-    member = base._members(query, base.setting)["context_ridge"]
+    members = base._members(query, base.setting)
     assert base.RIDGE_SCALES == CONTEXT_RIDGE_SCALES
-    np.testing.assert_allclose(query.control + member, np.asarray(baseline.X), atol=1e-4)
-    transfer = base._members(query, base.setting)["transfer"]
-    assert np.abs(member - transfer).max() > 0.1  # the state is read: not the transfer member in disguise
+    np.testing.assert_allclose(query.control + members["context_ridge"], np.asarray(baseline.X), atol=1e-4)
+    # the state is read: not the transfer member in disguise
+    assert np.abs(members["context_ridge"] - members["transfer"]).max() > 0.1
 
 
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
