@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,24 +111,31 @@ def main() -> None:
     parser.add_argument("--cell-types", type=int, default=None,
                         help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the runs here (default: a temporary folder, removed at the end; a stimulation "
+                             "run of three seeds holds 2-5 GB of splits and folds)")
     args = parser.parse_args()
     if args.validation == "holdout":
         splits.MIN_VAL_GROUPS = 2
     work = args.out or Path(tempfile.mkdtemp(prefix="cellforge-selection-"))
     rows = []
-    for seed in args.seeds:
-        folder = work / f"{args.kind}_{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
-        data = folder / "data.h5ad"
-        simulate(args.kind, seed, n_cells=args.cells, n_genes=500, n_cell_types=args.cell_types,
-                 n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
-        profile = profile_dataset(data)
-        llm = OfflineBackend(pipeline_handlers())
-        plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm, folder / "discussion").plan
-        m = load_bundle(render_bundle(plan).write(folder / "code"))
-        held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
-        rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
+    try:
+        for seed in args.seeds:
+            folder = work / f"{args.kind}_{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            data = folder / "data.h5ad"
+            simulate(args.kind, seed, n_cells=args.cells, n_genes=500, n_cell_types=args.cell_types,
+                     n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
+            profile = profile_dataset(data)
+            llm = OfflineBackend(pipeline_handlers())
+            plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm,
+                                  folder / "discussion").plan
+            m = load_bundle(render_bundle(plan).write(folder / "code"))
+            held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
+            rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds, "perturbations": args.perturbations,
                       "validation": args.validation, "summary": summary(rows), "runs": rows}, indent=1))
 
