@@ -287,8 +287,10 @@ def test_one_training_context_averages_the_same_two_hypotheses(transfer_model):
 
 @pytest.mark.parametrize("n_contexts", [1, 2, 3, 4])
 def test_the_stack_is_fitted_from_four_training_contexts(transfer_model, n_contexts):
-    """Below four training contexts the leave-one-context-out folds cannot tell which weights carry over: the
-    base keeps the fixed average of transfer and the profile kernel; from four it fits and checks its stack."""
+    """Below four training contexts the leave-one-context-out folds cannot tell which weights carry over: with one
+    or two the base keeps the fixed average of transfer and the profile kernel; with three, whose folds can
+    choose each ridge's λ, the ridges' equal-weight average (the fitted stack's default); from four it fits and
+    checks its stack."""
     m = transfer_model
     rng = np.random.default_rng(8)
     genes, contexts = 20, [f"C{i}" for i in range(n_contexts)]
@@ -298,8 +300,12 @@ def test_the_stack_is_fitted_from_four_training_contexts(transfer_model, n_conte
     empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
     base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
                                                               np.zeros((0, 1)))
-    assert (base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}) is (n_contexts < 4)
-    assert ("kept" in base.chosen) is (n_contexts >= 4)
+    weights = {n: w for n, w in base.chosen["stack_weights"].items() if w}
+    assert (weights == {"transfer": 0.5, "profile_kernel": 0.5}) is (n_contexts < 3)
+    assert (weights == dict.fromkeys(base.RIDGES, 0.25)) is (n_contexts == 3)
+    assert ("nested" in base.chosen) is (n_contexts >= 4)
+    if n_contexts == 3:  # each ridge's setting chosen out of fold, not the fixed one
+        assert base.chosen["kept"] == "ridges" and set(base.chosen["settings"]) == set(base.RIDGES)
 
 
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):

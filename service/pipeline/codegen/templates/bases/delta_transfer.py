@@ -38,14 +38,19 @@ class BasePredictor:
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
     cancel. With a single training context (a validation fold of such a run) it averages the same two: the
     profile kernel of one context is its perturbed state (the state-transfer baseline's recipe), so
-    validation scores the recipe the test model uses, not transfer alone. So it does with three training
-    contexts (`MIN_FITTED_CONTEXTS`), where three leave-one-context-out folds, each placing a context from
-    two, cannot tell which weights carry over. Where the members disagree about a context beyond their usual
+    validation scores the recipe the test model uses, not transfer alone. With three training contexts
+    (`MIN_PLACED_CONTEXTS`) three leave-one-context-out folds, each placing a context from two, can choose each
+    ridge's λ but cannot tell which weights carry over: the base is the ridges' equal-weight average, the
+    default the fitted stack keeps from four contexts (`MIN_FITTED_CONTEXTS`) unless its check says otherwise,
+    so a run of five cell types validates (on three) the recipe its test model (on four) mostly is. Where the
+    members disagree about a context beyond their usual
     spread, the stack is blended towards no change or the gain kernel, as far as the training contexts'
     out-of-fold error pays for (`_fit_shrink`).
     Validation conditions are not used."""
 
     RANK = 10
+    # Fewer than three contexts: no fold can place a context (the two hypotheses' fixed average).
+    MIN_PLACED_CONTEXTS = 3
     # With three training contexts, one weak responder among them made the check keep "the mean Δ of every
     # perturbation, shrunk" (stimulation, four cell types, seed 1: 0.18 on the primary metric, transfer 0.48).
     MIN_FITTED_CONTEXTS = 4
@@ -194,7 +199,8 @@ class BasePredictor:
         # leave-one-context-out fit as in the final one (the baseline's unit), not the spread of a fold's pool.
         placed = train.control - train.control.mean(axis=0)
         self.spread = max(float(np.mean(np.sum(placed ** 2, axis=1))), 1e-12)
-        if len(self.controls) < self.MIN_FITTED_CONTEXTS:
+        self.shrink = (0.0, 0.0, "none")
+        if len(self.controls) < self.MIN_PLACED_CONTEXTS:
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
@@ -217,10 +223,17 @@ class BasePredictor:
             values = [float(x) for x in key.partition(":")[2].split(",")]
             self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
+        settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
+        average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))
+        if len(self.controls) < self.MIN_FITTED_CONTEXTS:
+            self.stack.weights = {n: average.get(n, 0.0) for n in members}
+            self.stack.nested, self.stack.chosen = None, "ridges"
+            self.oof = self.stack.combine(members)
+            self.chosen = {"stack_weights": self.stack.weights, "kept": "ridges", "settings": settings}
+            return self
         contexts = train.table["context"].to_numpy()
         singles = {n: {n: 1.0} for n in members if n != "pull"}
-        singles |= {"context_mean": {"mean": 1.0, "pull": 1.0},
-                    "ridges": dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))}
+        singles |= {"context_mean": {"mean": 1.0, "pull": 1.0}, "ridges": average}
         self.stack.fit(members, train.delta, reference, folds=[np.flatnonzero(contexts == c) for c in self.controls],
                        singles=singles, default="ridges")
         stacked = self.stack.combine(members)
@@ -229,7 +242,7 @@ class BasePredictor:
         self.chosen = {"stack_weights": self.stack.weights, "kept": self.stack.chosen, "nested": self.stack.nested,
                        "shrink": list(self.shrink),
                        "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
-                       "settings": {name: list(setting[1:]) for name, setting in self.setting.items()}}
+                       "settings": settings}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
