@@ -43,9 +43,8 @@ class BasePredictor:
     ridge's λ but cannot tell which weights carry over: the base is the ridges' equal-weight average, the
     default the fitted stack keeps from four contexts (`MIN_FITTED_CONTEXTS`) unless its check says otherwise,
     so a run of five cell types validates (on three) the recipe its test model (on four) mostly is. Where the
-    members disagree about a context beyond their usual
-    spread, the stack is blended towards no change or the gain kernel, as far as the training contexts'
-    out-of-fold error pays for (`_fit_shrink`).
+    members disagree about a context beyond their usual spread, the stack is blended towards no change or the
+    gain kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`).
     Validation conditions are not used."""
 
     RANK = 10
