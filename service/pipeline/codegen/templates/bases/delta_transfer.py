@@ -204,13 +204,8 @@ class BasePredictor:
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
-            self.stack.weights = {"transfer": 0.5, "profile_kernel": 0.5}
-            self.stack.nested, self.stack.chosen = None, "fixed"
-            self.oof = self.stack.combine(self._members(train, self.setting))
-            self.chosen = {"stack_weights": self.stack.weights}
-            return self
+            return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, self._members(train, self.setting), "fixed")
         oof = self._members(train, None)
-        reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
         weights = loss_weights(train.delta, self.stack.loss)
         # The context ridge's λ by plain squared error, as the linear-context-ridge baseline tunes it: the member is
         # that baseline to the digit, so the stack can always reproduce it; the kernels' by the plan's loss.
@@ -225,11 +220,8 @@ class BasePredictor:
         settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
         average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
-            self.stack.weights = {n: average.get(n, 0.0) for n in members}
-            self.stack.nested, self.stack.chosen = None, "ridges"
-            self.oof = self.stack.combine(members)
-            self.chosen = {"stack_weights": self.stack.weights, "kept": "ridges", "settings": settings}
-            return self
+            return self._fixed({n: average.get(n, 0.0) for n in members}, members, "ridges", settings=settings)
+        reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
         contexts = train.table["context"].to_numpy()
         singles = {n: {n: 1.0} for n in members if n != "pull"}
         singles |= {"context_mean": {"mean": 1.0, "pull": 1.0}, "ridges": average}
@@ -242,6 +234,15 @@ class BasePredictor:
                        "shrink": list(self.shrink),
                        "stack_loss": self.stack.loss_value, "member_loss": self.stack.member_loss,
                        "settings": settings}
+        return self
+
+    def _fixed(self, weights: dict[str, float], members: dict[str, np.ndarray], label: str,
+               **report) -> "BasePredictor":
+        """A fixed recipe kept instead of a fitted stack (too few training contexts to fit or check one)."""
+        self.stack.weights = weights
+        self.stack.nested, self.stack.chosen = None, label
+        self.oof = self.stack.combine(members)
+        self.chosen = {"stack_weights": weights, "kept": label, **report}
         return self
 
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
