@@ -241,6 +241,48 @@ def test_the_context_ridge_member_is_the_linear_context_ridge_baseline(transfer_
     assert np.abs(members["context_ridge"] - members["transfer"]).max() > 0.1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_scaled_ridge_keeps_the_ridges_shape_at_the_gain_kernels_strength(transfer_model, seed):
+    """A stimulus acts through a receptor: its strength in a cell type is a steep function of one state coordinate
+    (weak below zero, full above), its shape a linear function of another. A linear context ridge fits the step
+    as a slope, so for a weak responder between weak ones it predicts a sizeable response, while the gain
+    kernel, which reads the neighbours' strength, misses the shape of a strong one. The scaled ridge, the
+    ridge's prediction times a factor in [0, 2], is near nothing for the weak responder (as good as the gain
+    kernel, far better than the ridge) and about the ridge for the strong one (far better than the gain kernel)."""
+    m = transfer_model
+    rng = np.random.default_rng(seed)
+    genes = 30
+    grid = [(s0, s1) for s0 in (-1.5, 1.5) for s1 in (-1.0, -1 / 3, 1 / 3, 1.0)]
+    contexts = [f"C{i}" for i in range(len(grid))]
+    state = {c: np.array(s) for c, s in zip(contexts, grid, strict=True)}
+    loading = rng.normal(size=(2, genes))
+    controls = {c: 4.0 + state[c] @ loading + 0.05 * rng.normal(size=genes) for c in contexts}
+    effects = {p: (rng.normal(size=genes), rng.normal(size=genes)) for p in ("P1", "P2", "P3")}
+    delta = {(p, c): (1 / (1 + np.exp(-6 * state[c][0]))) * (A + state[c][1] * V) + 0.05 * rng.normal(size=genes)
+             for p, (A, V) in effects.items() for c in contexts}
+    for held, strong in (("C1", False), ("C5", True)):  # s1 = -1/3, between two training types of its strength
+        rows = [k for k in delta if k[1] != held]
+        train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
+                            np.stack([delta[k] for k in rows]))
+        empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+        base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
+                                                                  np.zeros((0, 1)))
+        query = _conditions(m, list(effects), [held] * len(effects), controls, np.zeros((len(effects), genes)))
+        members = base._members(query, base.setting)
+        scaled, ridge = base._scaled_ridge(members), members["context_ridge"]
+        factor = np.sum(scaled * ridge, axis=1) / np.sum(ridge ** 2, axis=1)
+        np.testing.assert_allclose(scaled, factor[:, None] * ridge, atol=1e-9)  # the ridge's shape, rescaled
+        truth = np.stack([delta[(p, held)] for p in effects])
+        error = {name: np.mean((v - truth) ** 2) for name, v in (("scaled", scaled), ("ridge", ridge),
+                                                                 ("gain", members["gain_kernel"]))}
+        if strong:
+            assert np.all((factor > 0.8) & (factor < 1.25)), factor
+            assert error["scaled"] < min(1.05 * error["ridge"], 0.6 * error["gain"]), error
+        else:
+            assert np.all((factor >= 0) & (factor < 0.5)), factor
+            assert error["scaled"] < 0.25 * error["ridge"], error
+
+
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
     """With two training contexts no held-out context can check a member that places a context: the base
     averages transfer and the profile kernel, so next to a training context it is transfer and far from

@@ -23,7 +23,10 @@ class BasePredictor:
       on the context's control state, as a stimulus acts through receptors whose levels set how strongly
       each cell type responds. Each training context's gain is its Δ's projection on the programme; the
       gain of c is their kernel ridge on the control profiles with a prior of no response, so a context
-      near unresponsive ones, or far from every training context, is predicted to change little.
+      near unresponsive ones, or far from every training context, is predicted to change little;
+    - scaled ridge: the context ridge's response at the gain kernel's strength (`_scaled_ridge`), its shape from
+      the control state linearly, its strength from the neighbours: a linear ridge fits a receptor's steep
+      threshold as a slope, so it predicts a weak responder among weak ones a sizeable response.
 
     Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
     contexts, never fixed: a large λ is the transfer member, which is right when the control state says
@@ -144,6 +147,19 @@ class BasePredictor:
                                                           profile=setting[0] == "profile")
         return out
 
+    @staticmethod
+    def _scaled_ridge(members: dict[str, np.ndarray]) -> np.ndarray:
+        """The context ridge's shape at the gain kernel's strength: the ridge times the ratio of the two
+        members' gains (their projections on the programme, transfer), clipped to [0, 2]; the gain kernel
+        itself where the ridge carries no programme to rescale (its gain is at most zero: extrapolated past
+        the training contexts, a linear ridge can reverse the response)."""
+        programme = members["transfer"]
+        norm = np.maximum(np.sum(programme ** 2, axis=1), 1e-12)
+        gain = np.sum(members["gain_kernel"] * programme, axis=1) / norm
+        own = np.sum(members["context_ridge"] * programme, axis=1) / norm
+        ratio = np.clip(gain / np.maximum(own, 1e-3), 0.0, 2.0)[:, None]
+        return np.where(own[:, None] > 1e-3, ratio * members["context_ridge"], members["gain_kernel"])
+
     # ----------------------------------------------------------------- shrinking
 
     SHRINK_SCALES = (0.5, 1.0, 2.0, 4.0)
@@ -217,6 +233,7 @@ class BasePredictor:
             values = [float(x) for x in key.partition(":")[2].split(",")]
             self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
+        members["scaled_ridge"] = self._scaled_ridge(members)
         settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
         average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
@@ -249,6 +266,7 @@ class BasePredictor:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
         members = self._members(conditions, self.setting)
+        members["scaled_ridge"] = self._scaled_ridge(members)
         return self._shrunk(self.stack.combine(members), members)
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
