@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
+from tenacity import retry, retry_if_exception_message, stop_after_delay, wait_exponential
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,7 +78,16 @@ class Database:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    _wal_mode(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+# Switching a new database to WAL needs its exclusive lock, and SQLite answers "database is locked" at once,
+# without its busy timeout, while another connection (a server or CLI starting beside this one) holds a lock.
+@retry(retry=retry_if_exception_message(match="database is locked"), wait=wait_exponential(0.01, max=0.5),
+       stop=stop_after_delay(30), reraise=True)
+def _wal_mode(cur: Any) -> None:
+    if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        cur.execute("PRAGMA journal_mode=WAL")

@@ -4,6 +4,7 @@ processes starting together migrate once."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -56,6 +57,26 @@ def test_a_database_made_before_migrations_is_upgraded_keeping_its_tenants(db, w
     assert (old.name, old.max_cpus, old.max_storage, old.runtime) == ("old", 8.0, "20g", None)
     fresh, _ = create_tenant(db, "new", max_storage="1g", runtime="runsc")
     assert (fresh.max_storage, fresh.runtime) == ("1g", "runsc")
+
+
+def test_a_new_database_turns_to_wal_once_another_connection_lets_go_of_its_lock(tmp_path):
+    """SQLite refuses to switch a database to WAL at once, without its busy timeout, while another connection
+    holds the write lock (a CLI creating its tables while the server starts): the switch waits for the lock
+    instead of failing the server's start (CI: `database is locked` in the test below)."""
+    path = tmp_path / "cellforge.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE made_by_the_cli (x)")
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, other.execute, ("COMMIT",))
+    release.start()
+    database = Database(f"sqlite:///{path}")
+    try:
+        with database.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        database.dispose()
+        release.join()
+        other.close()
 
 
 def test_servers_starting_together_migrate_once(tmp_path):
