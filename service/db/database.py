@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
-from tenacity import retry, retry_if_exception_message, stop_after_delay, wait_exponential
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception_message, stop_after_delay, wait_exponential
 
 T = TypeVar("T")
 # Threads for database calls; a busy default executor (uploads, Docker calls) never delays them.
