@@ -24,6 +24,7 @@ from sandbox.pool import SandboxPool
 from sandbox.reaper import MANAGED_LABEL, OWNER_LABEL, Owner, current_owner, reap_orphans
 from sandbox.spec import SandboxSpec
 from sandbox.sync import SyncSandbox
+from ray_reaping import container_exists
 
 @pytest.fixture(scope="module")
 def engine() -> docker.DockerClient:
@@ -85,14 +86,6 @@ def test_reaper_removes_containers_of_dead_owners_only(docker_image, engine, tmp
                 pass
 
 
-def _exists(engine: docker.DockerClient, container_id: str) -> bool:
-    try:
-        engine.containers.get(container_id)
-    except docker.errors.NotFound:
-        return False
-    return True
-
-
 @pytest.mark.docker
 def test_reapers_racing_for_the_same_orphans_all_succeed(docker_image, engine):
     """Processes starting together (API replicas, a job's pool on a node) reap the same engine at once: a
@@ -118,7 +111,7 @@ def test_reapers_racing_for_the_same_orphans_all_succeed(docker_image, engine):
         # after), so each gets a little time to go; one that nobody removes is still there after it.
         deadline = time.monotonic() + 30
         for orphan in orphans:
-            while _exists(engine, orphan.id):
+            while container_exists(engine, orphan.id):
                 assert time.monotonic() < deadline, f"orphan {orphan.short_id} was not reaped"
                 time.sleep(0.2)
     finally:

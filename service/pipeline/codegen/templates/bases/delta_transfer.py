@@ -237,7 +237,7 @@ class BasePredictor:
         settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
         average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
-            return self._fixed({n: average.get(n, 0.0) for n in members}, members, "ridges", settings=settings)
+            return self._fixed(average, members, "ridges", settings=settings)
         reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
         contexts = train.table["context"].to_numpy()
         singles = {n: {n: 1.0} for n in members if n != "pull"}
