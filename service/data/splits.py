@@ -60,7 +60,8 @@ PARTS = ("train", "val_inputs", "val_truth", "test_inputs", "test_truth")
 MODEL_FILES = ("train.h5ad", "val_inputs.h5ad", "test_inputs.h5ad")
 TRUTH_FILES = ("val_truth.h5ad", "test_truth.h5ad")
 SPLIT_FILES = MODEL_FILES + TRUTH_FILES + ("split.json",)
-SPLIT_UNS = "split"  # uns of the model-facing parts: {"scheme", "group_by"} (how to hold out for early stopping)
+SPLIT_UNS = "split"  # uns of the model-facing parts: {"scheme", "group_by"} (how to hold out for early stopping);
+# a cross-validation fold's also "run_contexts" (`write_fold`)
 MIN_VAL_CONDITIONS = 10  # a validation fold smaller than this (or than MIN_VAL_GROUPS groups) cannot decide...
 # Conditions of one held-out group (a cell type, a gene, a compound) move together: a fold of fewer groups
 # measures those groups, not the skill (the verdict's MIN_TEST_GROUPS). It would also keep them out of the
@@ -664,8 +665,11 @@ def write_fold(split: Split, fold: int, out_dir: str | Path) -> Split:
     obs = {name: train.obs.loc[mask].copy() for name, mask in masks.items()}
     uns: dict[str, dict] = {"train": {}, "val_truth": {}, "val_inputs": {"predict": predict_table(obs["val_truth"])}}
     targets = perturbation_targets(split)
+    # How many contexts the run's test model trains on: a fold trains on fewer, and a model whose recipe depends
+    # on that count fits the test model's recipe where it can, so validation scores what the test model does.
+    run_contexts = len(set(train.obs.loc[~is_ctrl, CONTEXT].astype(str)))
     for name in ("train", "val_inputs"):
-        uns[name][SPLIT_UNS] = {"scheme": info.scheme, "group_by": info.group_by}
+        uns[name][SPLIT_UNS] = {"scheme": info.scheme, "group_by": info.group_by, "run_contexts": run_contexts}
         if info.annotation_key is not None:
             source = obs["val_truth"] if name == "val_inputs" else obs[name]
             perts = sorted(p for p in set(source.loc[~source[IS_CONTROL].to_numpy(dtype=bool), PERTURBATION]

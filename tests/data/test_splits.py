@@ -510,6 +510,11 @@ def test_write_fold_holds_the_fold_out_of_its_training_data(splits, tmp_path):
     assert sorted(fold.predict_of("val")["condition"]) == sorted(held)
     assert fold.info.validation == "holdout" and fold.info.conditions["val"] == sorted(held)
     assert fold.train.n_obs + fold.val_truth.n_obs == s.train.n_obs
+    # The fold's model files say how many contexts the run's test model trains on (the fold trains on fewer).
+    run_contexts = len({parse_condition_key(c)[2] for c in s.info.conditions["train"]})
+    assert len(set(train.loc[~train["is_control"], "context"])) < run_contexts
+    for part in (fold.train, fold.val_inputs):
+        assert part.uns["split"]["run_contexts"] == run_contexts
     with pytest.raises(SplitDirectoryError, match="test_truth.h5ad: missing"):
         _ = fold.test_truth
     with pytest.raises(SplitError, match="fold 9 does not exist"):

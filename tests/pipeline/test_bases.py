@@ -350,6 +350,35 @@ def test_the_stack_is_fitted_from_four_training_contexts(transfer_model, n_conte
         assert base.chosen["kept"] == "ridges" and set(base.chosen["settings"]) == set(base.RIDGES)
 
 
+@pytest.mark.parametrize("run_contexts", [None, 2, 3, 5])
+def test_a_validation_fold_fits_the_recipe_of_its_runs_test_model(transfer_model, run_contexts):
+    """A validation fold on two contexts of a run whose test model trains on three or more (`run_contexts`, from
+    the fold's files) fits that model's recipe, the ridges' equal-weight average, at the settings used below
+    three contexts (no fold can choose them), so validation scores what the test model does; a fold of a run
+    with two training contexts, or a fit told nothing, keeps the two hypotheses' average."""
+    m = transfer_model
+    rng = np.random.default_rng(9)
+    genes, contexts = 20, ["C0", "C1"]
+    controls = {c: rng.normal(2.0, 1.0, genes) for c in [*contexts, "held"]}
+    rows = [(p, c) for p in ("P1", "P2", "P3") for c in contexts]
+    train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls, rng.normal(size=(len(rows), genes)))
+    empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
+    base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
+                                                              np.zeros((0, 1)), run_contexts=run_contexts)
+    query = _conditions(m, ["P1", "P2"], ["held", "held"], controls, np.zeros((2, genes)))
+    members = base._members(query, base.setting)
+    predicted = base.predict(query, np.zeros((2, 1)))
+    if run_contexts is None or run_contexts < 3:
+        assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
+        np.testing.assert_allclose(predicted, 0.5 * members["transfer"] + 0.5 * members["profile_kernel"])
+    else:
+        assert base.chosen["stack_weights"] == dict.fromkeys(base.RIDGES, 0.25)
+        np.testing.assert_allclose(predicted, np.mean([members[r] for r in base.RIDGES], axis=0))
+    # the two recipes differ here, so the test tells which one was fitted
+    assert not np.allclose(0.5 * (members["transfer"] + members["profile_kernel"]),
+                           np.mean([members[r] for r in base.RIDGES], axis=0), atol=1e-3)
+
+
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):
     """A linear cascade: hitting gene t pins it at −s and every other gene moves by Σ_i B[i, g]·Δ_i. Genes
     0–29 regulate a few of genes 30–34 (and, weakly, the rest); 30–34 drive genes 35–79. Each training

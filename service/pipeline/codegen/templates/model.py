@@ -89,15 +89,16 @@ class PerturbationModel:
         return np.concatenate(parts, axis=1)
 
     def fit_closed_form(self, train: ConditionSet, val: ConditionSet, cells: np.ndarray, contexts: np.ndarray,
-                        is_control: np.ndarray) -> None:
-        """`cells`: a sample of training cells (log-normalized), with their contexts and control flags."""
+                        is_control: np.ndarray, run_contexts: int | None = None) -> None:
+        """`cells`: a sample of training cells (log-normalized), with their contexts and control flags;
+        `run_contexts`: in a validation fold, how many contexts the run's test model trains on."""
         self.contexts = sorted(set(train.table["context"]))
         self.encoder.fit(train, self.genes, cells)
         self.expression.fit(cells[is_control], contexts[is_control])
         if self.self_effect is not None:
             self.self_effect.fit(train)
         self.base.fit(train, self.features(train), val, self.features(val), cells=cells, is_control=is_control,
-                      self_effect=self.self_effect)
+                      self_effect=self.self_effect, run_contexts=run_contexts)
 
     def net_input(self, conditions: ConditionSet, rng: np.random.Generator | None = None) -> np.ndarray:
         x = np.concatenate([self.features(conditions), self.expression.transform(conditions, rng)], axis=1)

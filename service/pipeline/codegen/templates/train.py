@@ -162,7 +162,10 @@ def fitted_model(config: Config, genes: list[str], controls: dict[str, np.ndarra
         train_cells.obs["condition"].astype(str).isin(set(train.table["condition"])).to_numpy()
     # Indices first: a view's X (`train_cells[keep].X`) would copy the matrix of every kept cell (~100k at scale).
     cells, contexts, is_control = cell_sample(train_cells, config.cell_sample, seed, rows=np.flatnonzero(keep))
-    model.fit_closed_form(train, stop, cells, contexts, is_control)
+    # A cross-validation fold's files say how many contexts the run's test model trains on (`run_contexts`).
+    run_contexts = dict(train_cells.uns.get("split", {})).get("run_contexts")
+    model.fit_closed_form(train, stop, cells, contexts, is_control,
+                          run_contexts=None if run_contexts is None else int(run_contexts))
     return model
 
 

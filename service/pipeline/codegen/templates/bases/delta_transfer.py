@@ -45,7 +45,10 @@ class BasePredictor:
     (`MIN_PLACED_CONTEXTS`) three leave-one-context-out folds, each placing a context from two, can choose each
     ridge's λ but cannot tell which weights carry over: the base is the ridges' equal-weight average, the
     default the fitted stack keeps from four contexts (`MIN_FITTED_CONTEXTS`) unless its check says otherwise,
-    so a run of five cell types validates (on three) the recipe its test model (on four) mostly is. Where the
+    so a run of five cell types validates (on three) the recipe its test model (on four) mostly is. Likewise a
+    validation fold on two contexts of a run whose test model trains on three or more (`run_contexts`, from the
+    fold's files) fits that recipe, the ridges' average, at the settings used below three contexts (no fold
+    can choose them), not the two hypotheses' average the test model never uses. Where the
     members disagree about a context beyond their usual spread, the stack is blended towards no change or the
     gain kernel, as far as the training contexts' out-of-fold error pays for (`_fit_shrink`).
     Validation conditions are not used."""
@@ -207,7 +210,7 @@ class BasePredictor:
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
             cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
-            self_effect=None) -> "BasePredictor":
+            self_effect=None, run_contexts: int | None = None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         self.controls = {c: train.control[i] for i, c in enumerate(train.table["context"])}
         # The context ridge's λ is a scale × this spread of the training conditions' control states, in every
@@ -220,7 +223,10 @@ class BasePredictor:
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
-            return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, self._members(train, self.setting), "fixed")
+            members = self._members(train, self.setting)
+            if (run_contexts or 0) >= self.MIN_PLACED_CONTEXTS:  # a fold of a run whose test model places contexts
+                return self._fixed(dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES)), members, "ridges (fixed)")
+            return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, members, "fixed")
         oof = self._members(train, None)
         weights = loss_weights(train.delta, self.stack.loss)
         # The context ridge's λ by plain squared error, as the linear-context-ridge baseline tunes it: the member is

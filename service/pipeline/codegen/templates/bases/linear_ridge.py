@@ -327,7 +327,7 @@ class BasePredictor:
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
             cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
-            self_effect=None) -> "BasePredictor":
+            self_effect=None, run_contexts: int | None = None) -> "BasePredictor":
         self.table, self.delta, self.F = train.table, train.delta, F_train
         self.targets = target_positions(train.table, self.pos)
         self.self_effect = self_effect

@@ -7,7 +7,7 @@ class BasePredictor:
 
     def fit(self, train: ConditionSet, F_train: np.ndarray, val: ConditionSet, F_val: np.ndarray,
             cells: np.ndarray | None = None, is_control: np.ndarray | None = None,
-            self_effect=None) -> "BasePredictor":
+            self_effect=None, run_contexts: int | None = None) -> "BasePredictor":
         self.table, self.delta = train.table, train.delta
         return self
 
