@@ -143,6 +143,39 @@ def test_no_network_is_trained_when_every_condition_asked_for_lies_in_an_unseen_
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # a design discussion, then train.py twice in a local sandbox
+def test_a_validation_fold_trains_the_recipe_of_the_runs_test_model(tmp_path):
+    """Four cell types, one held out: the test model trains on three (the ridges' average) and each
+    cross-validation fold on two; the fold's files say the run's test model trains on three, so train.py in the
+    sandbox fits that recipe there too (at fixed settings), not the two-context recipe the run never delivers."""
+    from service.agents import analyse_task, run_discussion
+    from service.data import load_split, profile_dataset
+    from service.data.splits import write_fold
+    from service.llm import OfflineBackend
+    from service.pipeline import pipeline_handlers, render_bundle
+    from service.pipeline.rundir import link_model_files
+
+    simulate("stimulation", 0, n_cells=2400, n_genes=80, n_cell_types=4).write_h5ad(tmp_path / "data.h5ad")
+    llm = OfflineBackend(pipeline_handlers())
+    profile = profile_dataset(tmp_path / "data.h5ad")
+    plan = run_discussion(analyse_task(profile, "Predict stimulation responses in an unseen cell type", llm),
+                          profile, llm, tmp_path / "discussion").plan
+    code = render_bundle(plan).write(tmp_path / "code")
+    _, whole = _train_locally(code, tmp_path, "unseen-context")
+    split = load_split(tmp_path / "split")
+    assert split.info.validation == "cv" and len(split.info.folds) == 3
+    fold = write_fold(split, 0, tmp_path / "fold")
+    assert fold.train.uns["split"]["run_contexts"] == 3
+    data = link_model_files(fold.path, tmp_path / "fold_data")  # the model files only, as a sandbox gets them
+    outcome = run_attempt(code, data, tmp_path / "fold_attempt", 1,
+                          SandboxSettings(backend=BackendKind.LOCAL, cpus=1), 300.0, lambda event: None,
+                          run_tests=False)
+    assert outcome.failure is None, outcome.failure
+    kept = {name: json.loads((out / "val_metrics.json").read_text())["base"]["kept"]
+            for name, out in (("whole", whole.out_dir), ("fold", outcome.out_dir))}
+    assert kept == {"whole": "ridges", "fold": "ridges (fixed)"}
+
+
 def test_a_closed_form_only_model_logs_its_base_and_passes_validation(knockout_plan, tmp_path):
     """The search's "closed-form base only" change (no residual network): training writes the base's line
     to train_log.jsonl, so the service's validation does not call the run broken for an empty log."""
