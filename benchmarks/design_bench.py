@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.cli.design_cmd import DEMO_CELLS, DEMO_GENES
 from service.data import make_split, simulate
 from service.data.baselines import run_baselines
 from service.data.evaluate import Evaluator
@@ -51,7 +52,7 @@ TASKS = {
 # Enough held-out units for a verdict (≥ 5 test compounds: a split holds out a fifth of them); the default
 # simulation has 10 compounds at 12,000 cells.
 PERTURBATIONS = {"drug": 25}
-DEMO = {"kind": "knockout", "seed": 0, "cells": 8000, "genes": 500,
+DEMO = {"kind": "knockout", "seed": 0, "cells": DEMO_CELLS, "genes": DEMO_GENES,
         "task": "Predict expression after CRISPR knockout of unseen genes"}  # as `cellforge demo` runs it
 PRIMARY = "pearson_delta_pert"
 METRICS = {PRIMARY: "higher", "mse_top20_de": "lower"}

@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", default=None, help="unseen cell type: the cell types to hold out (all)")
     parser.add_argument("--perturbations", type=int, default=None,
                         help="perturbations simulated (default: design_bench's for the kind, else the simulator's)")
-    parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo: 8000 knockout cells)")
+    parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo's size)")
     parser.add_argument("--cell-types", type=int, default=None,
                         help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
