@@ -15,7 +15,7 @@
 2. Scale: the wall time of one offline design run on 20,000 cells × 2,000 genes (target ≤ 15 min).
 
     .venv/bin/python benchmarks/design_bench.py [--seeds 0 1 2] [--kinds knockout combo drug cytokine stimulation]
-        [--contexts T_cell ...] [--cells 12000] [--genes 500] [--sandbox docker|local] [--skip-demo]
+        [--contexts T_cell ...] [--cell-types N] [--cells 12000] [--genes 500] [--sandbox docker|local] [--skip-demo]
         [--skip-scale] [--skip-quality] [--compete-only] [--max-nodes N] [--out DIR]
 """
 
@@ -155,12 +155,14 @@ def compete(kind: str, seed: int, data: Path, work: Path, context: str | None = 
 
 
 def quality_runs(kinds: list[str], seeds: list[int], contexts: list[str] | None, cells: int, genes: int,
-                 sandbox: str, work: Path, compete_only: bool = False, max_nodes: int | None = None) -> list[dict]:
+                 sandbox: str, work: Path, compete_only: bool = False, max_nodes: int | None = None,
+                 cell_types: int | None = None) -> list[dict]:
     rows = []
     for kind in kinds:
         for seed in seeds:
             data = work / f"{kind}_{seed}.h5ad"
-            adata = simulate(kind, seed, n_cells=cells, n_genes=genes, n_perturbations=PERTURBATIONS.get(kind))
+            adata = simulate(kind, seed, n_cells=cells, n_genes=genes, n_perturbations=PERTURBATIONS.get(kind),
+                             n_cell_types=cell_types)
             adata.write_h5ad(data)
             rows += [compete(kind, seed, data, work, context) if compete_only
                      else design(kind, seed, data, TASKS[kind], work, sandbox, context, max_nodes)
@@ -253,6 +255,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--contexts", nargs="+", default=None, help="stimulation: the cell types to hold out (all)")
+    parser.add_argument("--cell-types", type=int, default=None,
+                        help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--cells", type=int, default=12000)
     parser.add_argument("--genes", type=int, default=500)
     parser.add_argument("--sandbox", default="docker", choices=["docker", "local"])
@@ -270,11 +274,12 @@ def main() -> None:
     try:
         rows = [] if args.skip_quality else quality_runs(args.kinds, args.seeds, args.contexts, args.cells,
                                                          args.genes, args.sandbox, work, args.compete_only,
-                                                         args.max_nodes)
+                                                         args.max_nodes, args.cell_types)
         if not (args.skip_demo or args.compete_only):
             rows.append(demo_run(args.sandbox, work))
-        report = {"benchmark": "design", "cells": args.cells, "genes": args.genes, "sandbox": args.sandbox,
-                  "seeds": args.seeds, "max_nodes": args.max_nodes, "summary": summarise(rows), "runs": rows}
+        report = {"benchmark": "design", "cells": args.cells, "cell_types": args.cell_types, "genes": args.genes,
+                  "sandbox": args.sandbox, "seeds": args.seeds, "max_nodes": args.max_nodes,
+                  "summary": summarise(rows), "runs": rows}
         if not args.skip_scale:
             report["scale"] = scale_run(args.sandbox, work)
         print(json.dumps(report, indent=1))
