@@ -218,6 +218,7 @@ class BasePredictor:
         placed = train.control - train.control.mean(axis=0)
         self.spread = max(float(np.mean(np.sum(placed ** 2, axis=1))), 1e-12)
         self.shrink = (0.0, 0.0, "none")
+        average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))  # the ridges' equal-weight average
         if len(self.controls) < self.MIN_PLACED_CONTEXTS:
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
@@ -225,7 +226,7 @@ class BasePredictor:
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
             members = self._members(train, self.setting)
             if (run_contexts or 0) >= self.MIN_PLACED_CONTEXTS:  # a fold of a run whose test model places contexts
-                return self._fixed(dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES)), members, "ridges (fixed)")
+                return self._fixed(average, members, "ridges (fixed)")
             return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, members, "fixed")
         oof = self._members(train, None)
         weights = loss_weights(train.delta, self.stack.loss)
@@ -241,7 +242,6 @@ class BasePredictor:
             members[name] = oof[key]
         members["scaled_ridge"] = self._scaled_ridge(members)
         settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
-        average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
             return self._fixed(average, members, "ridges", settings=settings)
         reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
