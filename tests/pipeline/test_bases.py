@@ -203,7 +203,7 @@ def test_with_one_condition_per_context_the_ridges_are_averaged(transfer_model):
         assert nested["ridges"] < min(nested[name] for name in base.RIDGES), nested
         if base.stack.chosen == "ridges":
             weights = {n: w for n, w in base.stack.weights.items() if w}
-            assert set(weights) == set(base.RIDGES) and np.ptp(list(weights.values())) < 1e-12
+            assert set(weights) == set(base.AVERAGED) and np.ptp(list(weights.values())) < 1e-12
         kept.append(base.stack.chosen == "ridges")
     assert sum(kept) >= 9, kept
 
@@ -241,46 +241,85 @@ def test_the_context_ridge_member_is_the_linear_context_ridge_baseline(transfer_
     assert np.abs(members["context_ridge"] - members["transfer"]).max() > 0.1
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_scaled_ridge_keeps_the_ridges_shape_at_the_gain_kernels_strength(transfer_model, seed):
-    """A stimulus acts through a receptor: its strength in a cell type is a steep function of one state coordinate
-    (weak below zero, full above), its shape a linear function of another. A linear context ridge fits the step
-    as a slope, so for a weak responder between weak ones it predicts a sizeable response, while the gain
-    kernel, which reads the neighbours' strength, misses the shape of a strong one. The scaled ridge, the
-    ridge's prediction times a factor in [0, 2], is near nothing for the weak responder (as good as the gain
-    kernel, far better than the ridge) and about the ridge for the strong one (far better than the gain kernel)."""
-    m = transfer_model
+def _receptor_step(m, seed: int, response, far: bool = False):
+    """Eight cell types on a 2 × 4 grid of two state coordinates: a stimulus's strength in a type is a steep
+    function of the first (weak below zero, full above, as through a receptor), what it does at full strength
+    `response(effect, state, control)`. Yields, for a weak responder between weak ones and a strong one between
+    strong ones (each held out in turn; with `far`, also a weak responder far outside the grid, never trained
+    on): its name (C1: weak, C5: strong, far), the base's members for it (the scaled ones too) and its true Δ."""
     rng = np.random.default_rng(seed)
     genes = 30
     grid = [(s0, s1) for s0 in (-1.5, 1.5) for s1 in (-1.0, -1 / 3, 1 / 3, 1.0)]
     contexts = [f"C{i}" for i in range(len(grid))]
-    state = {c: np.array(s) for c, s in zip(contexts, grid, strict=True)}
+    state = {c: np.array(s) for c, s in zip(contexts, grid, strict=True)} | {"far": np.array([-1.5, -4.0])}
     loading = rng.normal(size=(2, genes))
-    controls = {c: 4.0 + state[c] @ loading + 0.05 * rng.normal(size=genes) for c in contexts}
-    effects = {p: (rng.normal(size=genes), rng.normal(size=genes)) for p in ("P1", "P2", "P3")}
-    delta = {(p, c): (1 / (1 + np.exp(-6 * state[c][0]))) * (A + state[c][1] * V) + 0.05 * rng.normal(size=genes)
-             for p, (A, V) in effects.items() for c in contexts}
-    for held, strong in (("C1", False), ("C5", True)):  # s1 = -1/3, between two training types of its strength
-        rows = [k for k in delta if k[1] != held]
+    controls = {c: 4.0 + state[c] @ loading + 0.05 * rng.normal(size=genes) for c in state}
+    perturbations = ("P1", "P2", "P3")
+    effects = {p: (rng.normal(size=genes), rng.normal(size=genes)) for p in perturbations}
+    delta = {(p, c): (1 / (1 + np.exp(-6 * state[c][0]))) * response(effects[p], state[c], controls[c])
+             + 0.05 * rng.normal(size=genes) for p in perturbations for c in state}
+    for held in ("C1", "C5", *(["far"] if far else [])):  # C1, C5: s1 = -1/3
+        rows = [k for k in delta if k[1] not in (held, "far")]
         train = _conditions(m, [p for p, _ in rows], [c for _, c in rows], controls,
                             np.stack([delta[k] for k in rows]))
         empty = _conditions(m, [], [], controls, np.zeros((0, genes)))
         base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
                                                                   np.zeros((0, 1)))
-        query = _conditions(m, list(effects), [held] * len(effects), controls, np.zeros((len(effects), genes)))
-        members = base._members(query, base.setting)
-        scaled, ridge = base._scaled_ridge(members), members["context_ridge"]
-        factor = np.sum(scaled * ridge, axis=1) / np.sum(ridge ** 2, axis=1)
-        np.testing.assert_allclose(scaled, factor[:, None] * ridge, atol=1e-9)  # the ridge's shape, rescaled
-        truth = np.stack([delta[(p, held)] for p in effects])
+        query = _conditions(m, list(perturbations), [held] * len(perturbations), controls,
+                            np.zeros((len(perturbations), genes)))
+        yield held, base._with_scaled(base._members(query, base.setting)), np.stack([delta[(p, held)] for p in perturbations])
+
+
+def _rescaled(scaled: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """The factor per condition by which `scaled` is `shape` rescaled (asserted)."""
+    factor = np.sum(scaled * shape, axis=1) / np.sum(shape ** 2, axis=1)
+    np.testing.assert_allclose(scaled, factor[:, None] * shape, atol=1e-9)
+    return factor
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_scaled_ridge_keeps_the_ridges_shape_at_the_gain_kernels_strength(transfer_model, seed):
+    """At full strength the response's shape is a linear function of the second state coordinate. A linear
+    context ridge fits the strength's step as a slope, so for a weak responder between weak ones it predicts a
+    sizeable response, while the gain kernel, which reads the neighbours' strength, misses the shape of a strong
+    one. The scaled ridge, the ridge's prediction times a factor in [0, 2], is near nothing for the weak
+    responder (as good as the gain kernel, far better than the ridge) and about the ridge for the strong one
+    (far better than the gain kernel)."""
+    for held, members, truth in _receptor_step(transfer_model, seed, lambda e, s, _: e[0] + s[1] * e[1]):
+        scaled, ridge = members["scaled_ridge"], members["context_ridge"]
+        factor = _rescaled(scaled, ridge)
         error = {name: np.mean((v - truth) ** 2) for name, v in (("scaled", scaled), ("ridge", ridge),
                                                                  ("gain", members["gain_kernel"]))}
-        if strong:
+        if held == "C5":
             assert np.all((factor > 0.8) & (factor < 1.25)), factor
             assert error["scaled"] < min(1.05 * error["ridge"], 0.6 * error["gain"]), error
         else:
             assert np.all((factor >= 0) & (factor < 0.5)), factor
             assert error["scaled"] < 0.25 * error["ridge"], error
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_scaled_profile_keeps_the_profile_kernels_shape_at_the_gain_kernels_strength(transfer_model, seed):
+    """At full strength every responsive type reaches one stimulated state (its Δ is that state minus its
+    control: stimulated cells converge), which the profile kernel reads off the neighbours' perturbed profiles;
+    but far from every training type it predicts their mean perturbed state, a wide change where there is none
+    (and slightly more than nothing next to unresponsive ones). The scaled profile, the profile kernel times a
+    factor in [0, 2] set by the gain kernel, or the gain kernel where the profile kernel's Δ is no response (it
+    points away from the programme), is about the profile kernel for a strong responder (far better than the
+    gain kernel and the scaled ridge, whose shapes are the programme's and a line in the state) and near nothing
+    for weak ones: better than the profile kernel next to weak types, twenty times better far from all."""
+    def converge(effect, state, control):
+        return 4.0 + 2.0 * effect[0] - control
+
+    for held, members, truth in _receptor_step(transfer_model, seed, converge, far=True):
+        error = {name: np.mean((members[name] - truth) ** 2)
+                 for name in ("scaled_profile", "profile_kernel", "gain_kernel", "scaled_ridge")}
+        if held == "C5":
+            factor = _rescaled(members["scaled_profile"], members["profile_kernel"])
+            assert np.all((factor > 0.8) & (factor < 1.25)), factor
+            assert error["scaled_profile"] < 0.25 * min(error["gain_kernel"], error["scaled_ridge"]), error
+        else:  # where the profile kernel's Δ is no response (far: the gap between control states), the gain kernel
+            assert error["scaled_profile"] < (0.05 if held == "far" else 0.5) * error["profile_kernel"], error
 
 
 def test_two_training_contexts_average_transfer_and_the_profile_kernel(transfer_model):
@@ -344,7 +383,7 @@ def test_the_stack_is_fitted_from_four_training_contexts(transfer_model, n_conte
                                                               np.zeros((0, 1)))
     weights = {n: w for n, w in base.chosen["stack_weights"].items() if w}
     assert (weights == {"transfer": 0.5, "profile_kernel": 0.5}) is (n_contexts < 3)
-    assert (weights == dict.fromkeys(base.RIDGES, 0.25)) is (n_contexts == 3)
+    assert (weights == dict.fromkeys(base.AVERAGED, 1 / len(base.AVERAGED))) is (n_contexts == 3)
     assert ("nested" in base.chosen) is (n_contexts >= 4)
     if n_contexts == 3:  # each ridge's setting chosen out of fold, not the fixed one
         assert base.chosen["kept"] == "ridges" and set(base.chosen["settings"]) == set(base.RIDGES)
@@ -366,17 +405,17 @@ def test_a_validation_fold_fits_the_recipe_of_its_runs_test_model(transfer_model
     base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
                                                               np.zeros((0, 1)), run_contexts=run_contexts)
     query = _conditions(m, ["P1", "P2"], ["held", "held"], controls, np.zeros((2, genes)))
-    members = base._members(query, base.setting)
+    members = base._with_scaled(base._members(query, base.setting))
+    average = np.mean([members[r] for r in base.AVERAGED], axis=0)
     predicted = base.predict(query, np.zeros((2, 1)))
     if run_contexts is None or run_contexts < 3:
         assert base.chosen["stack_weights"] == {"transfer": 0.5, "profile_kernel": 0.5}
         np.testing.assert_allclose(predicted, 0.5 * members["transfer"] + 0.5 * members["profile_kernel"])
     else:
-        assert base.chosen["stack_weights"] == dict.fromkeys(base.RIDGES, 0.25)
-        np.testing.assert_allclose(predicted, np.mean([members[r] for r in base.RIDGES], axis=0))
+        assert base.chosen["stack_weights"] == dict.fromkeys(base.AVERAGED, 1 / len(base.AVERAGED))
+        np.testing.assert_allclose(predicted, average)
     # the two recipes differ here, so the test tells which one was fitted
-    assert not np.allclose(0.5 * (members["transfer"] + members["profile_kernel"]),
-                           np.mean([members[r] for r in base.RIDGES], axis=0), atol=1e-3)
+    assert not np.allclose(0.5 * (members["transfer"] + members["profile_kernel"]), average, atol=1e-3)
 
 
 def test_target_covariation_predicts_a_drug_whose_target_no_training_drug_hit(ridge_model):

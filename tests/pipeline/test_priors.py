@@ -268,9 +268,9 @@ def test_an_uncertain_unseen_cell_type_is_shrunk_towards_a_safer_response(tmp_pa
     responder next to responsive types), its response is uncertain: the fitted shrink blends the stack towards
     no change or the gain kernel's response, and for the weakest responder that lowers the error against the
     truth; the most responsive type is moved less."""
-    data = simulate("stimulation", 0, n_cells=8000, n_genes=120)
+    data = simulate("stimulation", 1, n_cells=8000, n_genes=120)
     designs = {}
-    for context in ("epithelial", "B_cell"):
+    for context in ("T_cell", "endothelial"):  # the least and the most responsive of this simulation's types
         (tmp_path / context).mkdir()
         designs[context] = Design(tmp_path / context, data, "Predict stimulation responses in an unseen cell type",
                                   context=context)
@@ -279,10 +279,12 @@ def test_an_uncertain_unseen_cell_type_is_shrunk_towards_a_safer_response(tmp_pa
 
     def raw_and_shrunk(d: Design) -> tuple[np.ndarray, np.ndarray]:
         base = d.model.base
-        return base.stack.combine(base._members(d.test, base.setting)), d.predict(d.test)
+        return base.stack.combine(base._with_scaled(base._members(d.test, base.setting))), d.predict(d.test)
 
-    c, _, target = designs[weak].model.base.chosen["shrink"]
-    assert c > 0 and target in ("none", "gain_kernel"), designs[weak].model.base.chosen
+    base = designs[weak].model.base
+    c, r0, target = base.chosen["shrink"]
+    assert c > 0 and target in ("none", "gain_kernel"), base.chosen
+    assert (base._disagreement(base._with_scaled(base._members(designs[weak].test, base.setting))) > r0).any()
     raw, shrunk = raw_and_shrunk(designs[weak])
     assert _mse(shrunk, designs[weak].observed) < _mse(raw, designs[weak].observed)
     s_raw, s_shrunk = raw_and_shrunk(designs[strong])

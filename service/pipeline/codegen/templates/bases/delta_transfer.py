@@ -24,18 +24,22 @@ class BasePredictor:
       each cell type responds. Each training context's gain is its Δ's projection on the programme; the
       gain of c is their kernel ridge on the control profiles with a prior of no response, so a context
       near unresponsive ones, or far from every training context, is predicted to change little;
-    - scaled ridge: the context ridge's response at the gain kernel's strength (`_scaled_ridge`), its shape from
-      the control state linearly, its strength from the neighbours: a linear ridge fits a receptor's steep
-      threshold as a slope, so it predicts a weak responder among weak ones a sizeable response.
+    - scaled ridge: the context ridge's response at the gain kernel's strength (`_at_gain_kernel_strength`), its
+      shape from the control state linearly, its strength from the neighbours: a linear ridge fits a receptor's
+      steep threshold as a slope, so it predicts a weak responder among weak ones a sizeable response;
+    - scaled profile: the profile kernel's response at the gain kernel's strength, the neighbours' shared
+      stimulated state reached as strongly as the neighbours respond: next to unresponsive types, or far from
+      every training type, the profile kernel alone predicts a wide move towards the others' perturbed state.
 
     Each ridge's λ (and the kernel's width) is chosen by its leave-one-context-out error over the training
     contexts, never fixed: a large λ is the transfer member, which is right when the control state says
     nothing about the response. Whether the stack's weights carry over is checked out of fold against each
-    member alone, the context-mean recipe and the ridges' equal-weight average (`Stack.fit`'s singles): with one
-    condition per context (a single stimulus) weights fitted to a handful of conditions follow their errors,
-    while in the average the ridges' errors partly cancel. The average is the default: another candidate replaces
-    it only when it beats it by more than one standard error over the folds, as with five to seven contexts the
-    least out-of-fold loss among ten candidates is partly luck. With two training contexts a fold sees a single
+    member alone, the context-mean recipe and the ridges' equal-weight average (the four ridges and the scaled
+    profile, `AVERAGED`; `Stack.fit`'s singles): with one condition per context (a single stimulus) weights
+    fitted to a handful of conditions follow their errors, while in the average the ridges' errors partly cancel.
+    The average is the default: another candidate replaces it only when it beats it by more than one standard
+    error over the folds, as with five to seven contexts the least out-of-fold loss among a dozen candidates is
+    partly luck. With two training contexts a fold sees a single
     context, where nothing that depends on a context's position can be fitted or checked; the base then
     averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
@@ -60,6 +64,11 @@ class BasePredictor:
     # perturbation, shrunk" (stimulation, four cell types, seed 1: 0.18 on the primary metric, transfer 0.48).
     MIN_FITTED_CONTEXTS = 4
     RIDGES = ("context_ridge", "context_kernel", "profile_kernel", "gain_kernel")
+    # Members at the gain kernel's strength, from the shape of another: the strength of a response read off the
+    # neighbours, its shape from the control state (the ridge) or the neighbours' perturbed states (the profile).
+    SCALED = {"scaled_ridge": "context_ridge", "scaled_profile": "profile_kernel"}
+    AVERAGED = (*RIDGES, "scaled_profile")  # the default recipe: these members' equal-weight average
+    MIN_PROGRAMME_COSINE = 0.3  # a member's Δ this far from the programme's direction is rescaled no more
     RIDGE_SCALES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the linear-context-ridge baseline's grid
     KERNEL_WIDTHS = (0.5, 1.0, 2.0)
     KERNEL_LAMBDAS = (0.01, 0.1, 1.0)
@@ -151,17 +160,25 @@ class BasePredictor:
         return out
 
     @staticmethod
-    def _scaled_ridge(members: dict[str, np.ndarray]) -> np.ndarray:
-        """The context ridge's shape at the gain kernel's strength: the ridge times the ratio of the two
-        members' gains (their projections on the programme, transfer), clipped to [0, 2]; the gain kernel
-        itself where the ridge carries no programme to rescale (its gain is at most zero: extrapolated past
-        the training contexts, a linear ridge can reverse the response)."""
-        programme = members["transfer"]
+    def _at_gain_kernel_strength(members: dict[str, np.ndarray], name: str) -> np.ndarray:
+        """Member `name`'s shape at the gain kernel's strength: `name` times the ratio of the two members' gains
+        (their projections on the programme, transfer), clipped to [0, 2]; the gain kernel itself where `name`'s
+        Δ is no response to rescale: its gain is at most zero (extrapolated past the training contexts, a linear
+        ridge can reverse the response) or its Δ points elsewhere than the programme (cosine below
+        `MIN_PROGRAMME_COSINE`: far from every training context the profile kernel's Δ is mostly the gap between
+        their control states and this one's, which a ratio of gains would blow up)."""
+        programme, shape = members["transfer"], members[name]
         norm = np.maximum(np.sum(programme ** 2, axis=1), 1e-12)
         gain = np.sum(members["gain_kernel"] * programme, axis=1) / norm
-        own = np.sum(members["context_ridge"] * programme, axis=1) / norm
+        own = np.sum(shape * programme, axis=1) / norm
+        cosine = own * np.sqrt(norm) / np.maximum(np.linalg.norm(shape, axis=1), 1e-12)
         ratio = np.clip(gain / np.maximum(own, 1e-3), 0.0, 2.0)[:, None]
-        return np.where(own[:, None] > 1e-3, ratio * members["context_ridge"], members["gain_kernel"])
+        rescalable = (own > 1e-3) & (cosine > BasePredictor.MIN_PROGRAMME_COSINE)
+        return np.where(rescalable[:, None], ratio * shape, members["gain_kernel"])
+
+    def _with_scaled(self, members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`members` plus the scaled ridge and the scaled profile (`SCALED`)."""
+        return members | {name: self._at_gain_kernel_strength(members, shape) for name, shape in self.SCALED.items()}
 
     # ----------------------------------------------------------------- shrinking
 
@@ -218,13 +235,13 @@ class BasePredictor:
         placed = train.control - train.control.mean(axis=0)
         self.spread = max(float(np.mean(np.sum(placed ** 2, axis=1))), 1e-12)
         self.shrink = (0.0, 0.0, "none")
-        average = dict.fromkeys(self.RIDGES, 1 / len(self.RIDGES))  # the ridges' equal-weight average
+        average = dict.fromkeys(self.AVERAGED, 1 / len(self.AVERAGED))  # the ridges' equal-weight average
         if len(self.controls) < self.MIN_PLACED_CONTEXTS:
             self.setting = {"context_ridge": ("ridge", self.RIDGE_SCALES[-1]),
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
-            members = self._members(train, self.setting)
+            members = self._with_scaled(self._members(train, self.setting))
             if (run_contexts or 0) >= self.MIN_PLACED_CONTEXTS:  # a fold of a run whose test model places contexts
                 return self._fixed(average, members, "ridges (fixed)")
             return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, members, "fixed")
@@ -240,7 +257,7 @@ class BasePredictor:
             values = [float(x) for x in key.partition(":")[2].split(",")]
             self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
-        members["scaled_ridge"] = self._scaled_ridge(members)
+        members = self._with_scaled(members)
         settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
             return self._fixed(average, members, "ridges", settings=settings)
@@ -271,8 +288,7 @@ class BasePredictor:
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        members = self._members(conditions, self.setting)
-        members["scaled_ridge"] = self._scaled_ridge(members)
+        members = self._with_scaled(self._members(conditions, self.setting))
         return self._shrunk(self.stack.combine(members), members)
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
