@@ -32,6 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(AssertionError):
+    """The server exited because a port it was given was taken."""
+
+
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
@@ -78,6 +82,7 @@ class Server:
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.started = False  # ever ready: then a restart keeps its ports
         self.log = data_dir / "server.log"
 
     @property
@@ -88,17 +93,37 @@ class Server:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    PORT_TAKEN = "is another server using the port?"  # the server's own words when it cannot listen
+
     def start(self, timeout: float = 60.0) -> Server:
+        """Start and wait until ready. A port `free_port` found free can be taken by another process (a Ray
+        worker, a parallel test) before the server binds it; the first start then retries on fresh ports (a
+        restart keeps its ports: clients made before it hold the old address)."""
+        attempts = 3
+        while True:
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                attempts -= 1
+                if self.started or not attempts:
+                    raise
+                self.http_port, self.grpc_port = free_port(), free_port()
+
+    def _start(self, timeout: float) -> Server:
         args = [*CLI, "serve", "--data-dir", str(self.data_dir), "--db", self.db_url,
                 "--http-port", str(self.http_port),
                 "--grpc-port", str(self.grpc_port), "--warm", "0", "--preload", "", *self.extra]
+        offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+                log = self.log.read_bytes()
+                error = PortTaken if self.PORT_TAKEN.encode() in log[offset:] else AssertionError
+                raise error(f"server exited with {self.proc.returncode}: {log.decode(errors='replace')[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    self.started = True
                     return self
             except httpx.HTTPError:
                 pass
