@@ -5,17 +5,21 @@
   (uvicorn's keep-alive timer only starts after a first response, and any byte resets it);
 - connection caps: over `max_connections` open connections, or `max_per_client` from one address, a
   new connection is closed at once, so half-open clients cannot use up the file descriptors;
+- a lingering close: a connection answered before its request body was read (401, 413 from the headers) is
+  half-closed after the answer and closed `linger` seconds later, reading nothing more; closing at once with
+  the unread body in the socket resets the connection, and a client still sending lost the answer with it;
 - throttled logging: a flood of failing connections writes a few lines, not one per connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -29,6 +33,34 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     max_connections: int = 1000
     max_per_client: int = 256
+    linger: float = 2.0
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: closing it while the client is still sending the request
+    body sends the answer's end (FIN) first, stops reading, and closes the socket `linger` seconds later, so the
+    client reads the answer before the reset that unread data causes. Everything else is the transport's."""
+
+    def __init__(self, transport: Any, protocol: H11Protocol, linger: float) -> None:
+        self._transport, self._protocol, self._linger = transport, protocol, linger
+        self._lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if self._protocol.conn.their_state is not h11.SEND_BODY or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self._lingering = True
+        self._transport.pause_reading()
+        self._transport.write_eof()  # after what is buffered: the answer
+        self._protocol.loop.call_later(self._linger, self._transport.close)
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
@@ -50,6 +82,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 transport.abort()
                 return
             super().connection_made(transport)
+            self.transport = cast(asyncio.Transport, _LingeringTransport(transport, self, limits.linger))
             per_client[host] += 1
             self._counted = host
             self._arm()

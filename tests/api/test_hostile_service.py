@@ -110,6 +110,25 @@ def test_big_bodies_are_refused_from_the_headers_without_being_read(server, alic
     assert httpx.get(f"{server.url}/v1/sandboxes", headers=auth).status_code == 200
 
 
+def test_a_refused_body_gets_its_answer_and_then_a_clean_end_of_stream(server, alice):
+    """The server answers 413 from the declared size while the client is still sending; closing the socket at
+    once with the body unread would reset the connection, and a client reading after that lost the answer
+    (seen in CI). The answer is followed by an orderly end of stream, the connection closed later."""
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=20)
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 * MB}\r\nAuthorization: Bearer {alice.key}\r\n\r\n").encode()
+    sock.sendall(head + b"x" * (MB // 2))
+    time.sleep(1.0)  # the answer is sent, and the connection's end, before the client reads
+    sock.sendall(b"x" * (MB // 2))  # more of the body, which the server does not read
+    answer = b""
+    while chunk := sock.recv(65536):  # a reset raises here
+        answer += chunk
+    sock.close()
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert head_part.split()[1] == b"413" and b"connection: close" in head_part.lower()
+    assert "limit of 1048576 bytes" in json.loads(body)["error"]["message"]
+
+
 def test_grpc_authenticates_before_reading_and_caps_each_method(server, alice):
     channel = grpc.insecure_channel(server.grpc_target, options=[("grpc.max_send_message_length", 200 * MB)])
     stub = pb_grpc.CellForgeStub(channel)
