@@ -39,8 +39,8 @@ class BasePredictor:
     fitted to a handful of conditions follow their errors, while in the average the ridges' errors partly cancel.
     The average is the default: another candidate replaces it only when it beats it by more than one standard
     error over the folds, as with five to seven contexts the least out-of-fold loss among a dozen candidates is
-    partly luck. With two training contexts a fold sees a single
-    context, where nothing that depends on a context's position can be fitted or checked; the base then
+    partly luck. With two training contexts a fold sees a single context, where nothing that depends on a
+    context's position can be fitted or checked; the base then
     averages the two hypotheses, that the perturbation's Δ is shared (transfer) and that its perturbed state
     follows the control state (the profile kernel, width: the two contexts' distance), whose errors partly
     cancel. With a single training context (a validation fold of such a run) it averages the same two: the
@@ -159,8 +159,7 @@ class BasePredictor:
                                                           profile=setting[0] == "profile")
         return out
 
-    @staticmethod
-    def _at_gain_kernel_strength(members: dict[str, np.ndarray], name: str) -> np.ndarray:
+    def _at_gain_kernel_strength(self, members: dict[str, np.ndarray], name: str) -> np.ndarray:
         """Member `name`'s shape at the gain kernel's strength: `name` times the ratio of the two members' gains
         (their projections on the programme, transfer), clipped to [0, 2]; the gain kernel itself where `name`'s
         Δ is no response to rescale: its gain is at most zero (extrapolated past the training contexts, a linear
@@ -173,7 +172,7 @@ class BasePredictor:
         own = np.sum(shape * programme, axis=1) / norm
         cosine = own * np.sqrt(norm) / np.maximum(np.linalg.norm(shape, axis=1), 1e-12)
         ratio = np.clip(gain / np.maximum(own, 1e-3), 0.0, 2.0)[:, None]
-        rescalable = (own > 1e-3) & (cosine > BasePredictor.MIN_PROGRAMME_COSINE)
+        rescalable = (own > 1e-3) & (cosine > self.MIN_PROGRAMME_COSINE)
         return np.where(rescalable[:, None], ratio * shape, members["gain_kernel"])
 
     def _with_scaled(self, members: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
