@@ -46,15 +46,33 @@ from service.pipeline.rundir import RunDir  # noqa: E402
 MSE = "mse_top20_de"
 
 
-def fit_predict(m, data: Path, inputs: str) -> ad.AnnData:
-    """The closed-form part of the generated model fitted on `data`'s training part; predictions of `inputs`."""
+def fitted(m, data: Path):
+    """The closed-form part of the generated model (bundle `m`) fitted on `data`'s training part."""
     cells = m.read_part(data, "train.h5ad")
     bulk = m.read_pseudobulk(data)
     controls = m.control_means(cells, bulk)
     train = m.ConditionSet.from_cells(cells, controls, bulk)
     none = train.subset(np.zeros(len(train), dtype=bool))
-    model = m.fitted_model(m.CONFIG, list(cells.var_names), controls, cells, train, none, m.CONFIG.seed)
-    return model.predict(m.read_part(data, inputs))
+    return m.fitted_model(m.CONFIG, list(cells.var_names), controls, cells, train, none, m.CONFIG.seed)
+
+
+def fit_predict(m, data: Path, inputs: str) -> ad.AnnData:
+    """The closed-form part fitted on `data`'s training part; predictions of `inputs`."""
+    return fitted(m, data).predict(m.read_part(data, inputs))
+
+
+def designed_bundle(kind: str, seed: int, folder: Path, cells: int, cell_types: int | None,
+                    perturbations: int | None) -> tuple[Path, object]:
+    """The simulated dataset of one seed (written to `folder`) and the generated code of the offline plan
+    for it, loaded as a module."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.h5ad"
+    simulate(kind, seed, n_cells=cells, n_genes=500, n_cell_types=cell_types,
+             n_perturbations=perturbations or PERTURBATIONS.get(kind)).write_h5ad(data)
+    profile = profile_dataset(data)
+    llm = OfflineBackend(pipeline_handlers())
+    plan = run_discussion(analyse_task(profile, TASKS[kind], llm), profile, llm, folder / "discussion").plan
+    return data, load_bundle(render_bundle(plan).write(folder / "code"))
 
 
 def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | None) -> dict:
@@ -122,15 +140,7 @@ def main() -> None:
     try:
         for seed in args.seeds:
             folder = work / f"{args.kind}_{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            data = folder / "data.h5ad"
-            simulate(args.kind, seed, n_cells=args.cells, n_genes=500, n_cell_types=args.cell_types,
-                     n_perturbations=args.perturbations or PERTURBATIONS.get(args.kind)).write_h5ad(data)
-            profile = profile_dataset(data)
-            llm = OfflineBackend(pipeline_handlers())
-            plan = run_discussion(analyse_task(profile, TASKS[args.kind], llm), profile, llm,
-                                  folder / "discussion").plan
-            m = load_bundle(render_bundle(plan).write(folder / "code"))
+            data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations)
             held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
             rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
     finally:

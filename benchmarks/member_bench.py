@@ -1,0 +1,107 @@
+"""Benchmark of the unseen-cell-type base's members, each alone: where the designed model's skill comes from and
+how much any choice among its members could gain (minutes per dataset, in process, no sandbox).
+
+Per held-out cell type: the split as `cellforge design` makes it, the offline plan's closed-form base fitted on
+the whole training part, and on test every member of it alone (transfer, the context ridge, the kernels, the
+scaled members, ...), the base as fitted (`designed`: its stack or fixed recipe) and every baseline. Each is
+compared with the oracle best baseline of the run (picked on test per metric), as `selection_bench.py` compares
+the delivered predictor. `oracle_member` takes on each run the best of the members and the designed base on
+test: no selection rule over these members can do better, so where it stays below the target the members, not
+the choice among them, have to change.
+
+    .venv/bin/python benchmarks/member_bench.py --kind stimulation --seeds 0 1 2 [--cell-types N]
+        [--perturbations N] [--contexts T_cell ...] > result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
+
+from design_bench import PRIMARY, SCHEMES, gain, held_out, verdict  # noqa: E402
+from selection_bench import MSE, designed_bundle, fitted  # noqa: E402
+from service.data import make_split  # noqa: E402
+from service.data.baselines import run_baselines  # noqa: E402
+from service.data.evaluate import Evaluator  # noqa: E402
+
+METRICS = {PRIMARY: max, MSE: min}  # how the oracle picks on each metric
+ORACLE = "oracle_member"
+
+
+def one_type(m, kind: str, seed: int, data: Path, work: Path, context: str) -> dict:
+    split = work / f"{kind}_{seed}_{context}"
+    make_split(data, SCHEMES[kind], seed, split, context=context)
+    model = fitted(m, split)
+    base = model.base
+    conditions = m.conditions_to_predict(m.read_part(split, "test_inputs.h5ad"), model.controls)
+    members = base._with_scaled(base._members(conditions, base.setting))
+    members["designed"] = base.predict(conditions, None)
+    test = Evaluator(split, "test")
+    mine = {n: test.score(m.predictions_adata(conditions, d, model.genes)).summary for n, d in members.items()}
+    baselines = {n: test.score(p).summary for n, p in run_baselines(split, "test").items()}
+    shutil.rmtree(split, ignore_errors=True)  # a split of 12,000 cells holds hundreds of MB
+    row: dict = {"kind": kind, "seed": seed, "context": context, "kept": base.chosen.get("kept"),
+                 "members": {n: {k: s[k] for k in METRICS} for n, s in mine.items()},
+                 "baselines": {n: {k: s.get(k) for k in METRICS} for n, s in baselines.items()}}
+    for metric, pick in METRICS.items():
+        scored = {n: s[metric] for n, s in baselines.items() if s.get(metric) is not None}
+        best = pick(scored, key=scored.get)
+        values = {n: s[metric] for n, s in mine.items()}
+        values[ORACLE] = pick(values.values())
+        row[metric] = {"best_baseline": best, "best": scored[best],
+                       "verdict": {n: verdict(metric, v, scored[best]) for n, v in values.items()},
+                       "gain": {n: gain(metric, v, scored[best]) for n, v in values.items()}}
+    print(f"{kind} {seed} {context}: " + " ".join(
+        f"{metric}: designed {row[metric]['gain']['designed']:+.1%}, oracle member {row[metric]['gain'][ORACLE]:+.1%}"
+        f" vs {row[metric]['best_baseline']}" for metric in METRICS), file=sys.stderr, flush=True)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per member and metric: win / tie / loss against the best baseline and the mean relative change."""
+    out: dict = {}
+    for metric in METRICS:
+        for name in rows[0][metric]["gain"]:
+            verdicts = [r[metric]["verdict"][name] for r in rows]
+            out.setdefault(name, {})[metric] = {
+                "win": verdicts.count("win"), "tie": verdicts.count("tie"), "loss": verdicts.count("loss"),
+                "mean_relative_gain": round(statistics.fmean(r[metric]["gain"][name] for r in rows), 4)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", default="stimulation",
+                        choices=[k for k, scheme in SCHEMES.items() if scheme == "unseen-context"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--contexts", nargs="+", default=None, help="the cell types to hold out (all)")
+    parser.add_argument("--perturbations", type=int, default=None, help="perturbations simulated")
+    parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo's size)")
+    parser.add_argument("--cell-types", type=int, default=None, help="cell types simulated (the simulator's)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cellforge-members-"))
+    rows = []
+    try:
+        for seed in args.seeds:
+            folder = work / f"{args.kind}_{seed}"
+            data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations)
+            for context in held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts):
+                rows.append(one_type(m, args.kind, seed, data, folder, context))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"benchmark": "members", "kind": args.kind, "seeds": args.seeds, "cell_types": args.cell_types,
+                      "perturbations": args.perturbations, "summary": summary(rows), "runs": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
