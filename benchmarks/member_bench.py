@@ -6,8 +6,9 @@ the whole training part, and on test every member of it alone (transfer, the con
 scaled members, ...), the base as fitted (`designed`: its stack or fixed recipe) and every baseline. Each is
 compared with the oracle best baseline of the run (picked on test per metric), as `selection_bench.py` compares
 the delivered predictor. `oracle_member` takes on each run the best of the members and the designed base on
-test: no selection rule over these members can do better, so where it stays below the target the members, not
-the choice among them, have to change.
+test: no rule that picks one of these members per held-out type can do better (a weighted combination could,
+though the fitted stack, `designed`, stays below it), so where it stays below the target a better choice among
+the members will not reach it.
 
     .venv/bin/python benchmarks/member_bench.py --kind stimulation --seeds 0 1 2 [--cell-types N]
         [--perturbations N] [--contexts T_cell ...] > result.json
