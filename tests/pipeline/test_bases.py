@@ -267,7 +267,7 @@ def _receptor_step(m, seed: int, response, far: bool = False):
                                                                   np.zeros((0, 1)))
         query = _conditions(m, list(perturbations), [held] * len(perturbations), controls,
                             np.zeros((len(perturbations), genes)))
-        yield held, base._with_scaled(base._members(query, base.setting)), np.stack([delta[(p, held)] for p in perturbations])
+        yield held, base.members(query), np.stack([delta[(p, held)] for p in perturbations])
 
 
 def _rescaled(scaled: np.ndarray, shape: np.ndarray) -> np.ndarray:
@@ -405,7 +405,7 @@ def test_a_validation_fold_fits_the_recipe_of_its_runs_test_model(transfer_model
     base = m.BasePredictor(case_config(m), GENES[:genes]).fit(train, np.zeros((len(rows), 1)), empty,
                                                               np.zeros((0, 1)), run_contexts=run_contexts)
     query = _conditions(m, ["P1", "P2"], ["held", "held"], controls, np.zeros((2, genes)))
-    members = base._with_scaled(base._members(query, base.setting))
+    members = base.members(query)
     average = np.mean([members[r] for r in base.AVERAGED], axis=0)
     predicted = base.predict(query, np.zeros((2, 1)))
     if run_contexts is None or run_contexts < 3:

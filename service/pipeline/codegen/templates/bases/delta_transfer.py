@@ -179,6 +179,10 @@ class BasePredictor:
         """`members` plus the scaled ridge and the scaled profile (`SCALED`)."""
         return members | {name: self._at_gain_kernel_strength(members, shape) for name, shape in self.SCALED.items()}
 
+    def members(self, conditions: ConditionSet) -> dict[str, np.ndarray]:
+        """Each member's prediction for `conditions` at the fitted settings, the scaled members included."""
+        return self._with_scaled(self._members(conditions, self.setting))
+
     # ----------------------------------------------------------------- shrinking
 
     SHRINK_SCALES = (0.5, 1.0, 2.0, 4.0)
@@ -240,7 +244,7 @@ class BasePredictor:
                             "context_kernel": ("context", 1.0, self.KERNEL_LAMBDAS[1]),
                             "profile_kernel": ("profile", 1.0, self.KERNEL_LAMBDAS[1]),
                             "gain_kernel": ("gain", 1.0, self.KERNEL_LAMBDAS[1])}
-            members = self._with_scaled(self._members(train, self.setting))
+            members = self.members(train)
             if (run_contexts or 0) >= self.MIN_PLACED_CONTEXTS:  # a fold of a run whose test model places contexts
                 return self._fixed(average, members, "ridges (fixed)")
             return self._fixed({"transfer": 0.5, "profile_kernel": 0.5}, members, "fixed")
@@ -287,7 +291,7 @@ class BasePredictor:
     def predict(self, conditions: ConditionSet, F: np.ndarray) -> np.ndarray:
         if not len(conditions):
             return np.zeros((0, self.delta.shape[1]))
-        members = self._with_scaled(self._members(conditions, self.setting))
+        members = self.members(conditions)
         return self._shrunk(self.stack.combine(members), members)
 
     def out_of_fold(self, train: ConditionSet, F_train: np.ndarray) -> np.ndarray:
