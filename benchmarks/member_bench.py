@@ -27,6 +27,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from scipy.optimize import nnls
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,11 @@ ORACLE = "oracle_member"
 COMBINATION = "oracle_combination"
 
 
-def true_delta(split: Path, conditions) -> np.ndarray:
-    """Each test condition's measured mean profile minus its control, from the split's test truth."""
-    truth = ad.read_h5ad(split / "test_truth.h5ad")
-    X = truth.X.toarray() if hasattr(truth.X, "toarray") else np.asarray(truth.X)
-    labels = truth.obs["condition"].astype(str).to_numpy()
-    return np.stack([X[labels == c].mean(axis=0) for c in conditions.table["condition"]]) - conditions.control
+def true_delta(test: Evaluator, conditions) -> np.ndarray:
+    """Each of `conditions`' measured mean profile minus its control, as the evaluator holds them."""
+    truth = test.truth
+    order = pd.Index(truth.targets["condition"].astype(str)).get_indexer(conditions.table["condition"].astype(str))
+    return truth.mean[order] - truth.control[order]
 
 
 def oracle_combination(members: dict[str, np.ndarray], delta: np.ndarray) -> np.ndarray:
@@ -64,10 +64,10 @@ def one_type(m, kind: str, seed: int, data: Path, work: Path, context: str) -> d
     model = fitted(m, split)
     base = model.base
     conditions = m.conditions_to_predict(m.read_part(split, "test_inputs.h5ad"), model.controls)
-    members = base._with_scaled(base._members(conditions, base.setting))
+    members = base.members(conditions)
     members["designed"] = base.predict(conditions, None)
     test = Evaluator(split, "test")
-    combination = oracle_combination(members, true_delta(split, conditions))
+    combination = oracle_combination(members, true_delta(test, conditions))
     mine = {n: test.score(m.predictions_adata(conditions, d, model.genes)).summary for n, d in members.items()}
     oracle = test.score(m.predictions_adata(conditions, combination, model.genes)).summary
     baselines = {n: test.score(p).summary for n, p in run_baselines(split, "test").items()}
