@@ -25,6 +25,8 @@ from .grpc_server import GrpcLimits, start_grpc
 from .http_app import create_app
 
 log = logging.getLogger(__name__)
+# The hint of both "cannot listen" errors, which callers (the tests' server harness) match on.
+PORT_IN_USE = "is another server using the port?"
 
 
 @dataclass
@@ -124,8 +126,8 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; "
-                           "is another server using the port? (--http-port)") from None
+        raise StartupError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; {PORT_IN_USE} "
+                           "(--http-port)") from None
     sock.set_inheritable(True)
     return sock
 
@@ -150,8 +152,8 @@ async def serve(config: ServerConfig, http: list[uvicorn.Server] | None = None) 
             try:
                 grpc_server, bound = await start_grpc(core, config.host, config.grpc_port, config.grpc)
             except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
-                raise StartupError(f"cannot listen for gRPC on {config.host}:{config.grpc_port} ({exc}); is "
-                                   "another server using the port? (--grpc-port)") from None
+                raise StartupError(f"cannot listen for gRPC on {config.host}:{config.grpc_port} ({exc}); "
+                                   f"{PORT_IN_USE} (--grpc-port)") from None
         server = _HttpServer(http_config(create_app(core, config.body_timeout), config))
         server.announce = (f"HTTP listening on http://{config.host}:{http_socket.getsockname()[1]} (docs at /docs)",
                            *([f"gRPC listening on {config.host}:{bound}"] if grpc_server else []))

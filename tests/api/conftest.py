@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 
+from service.api.server import PORT_IN_USE
 from service.client import CellForgeClient
 
 CLI = [sys.executable, "-m", "service.cli"] if not (Path(sys.executable).parent / "cellforge").exists() else [
@@ -93,8 +94,6 @@ class Server:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    PORT_TAKEN = "is another server using the port?"  # the server's own words when it cannot listen
-
     def start(self, timeout: float = 60.0) -> Server:
         """Start and wait until ready. A port `free_port` found free can be taken by another process (a Ray
         worker, a parallel test) before the server binds it; the first start then retries on fresh ports (a
@@ -119,7 +118,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = self.log.read_bytes()
-                error = PortTaken if self.PORT_TAKEN.encode() in log[offset:] else AssertionError
+                error = PortTaken if PORT_IN_USE.encode() in log[offset:] else AssertionError
                 raise error(f"server exited with {self.proc.returncode}: {log.decode(errors='replace')[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
