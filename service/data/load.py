@@ -74,8 +74,10 @@ CONTEXT_COLUMNS = (
 CONTEXT_HINTS = ("celltype", "cellline", "context", "tissue", "leiden", "louvain", "cluster")
 MAX_LIKELY_CONTEXTS = 200
 POOLED = "none"  # context_key: the data has no context column worth using; pool every cell
-# Per-perturbation annotations (what a compound targets), as sci-Plex / Tahoe-style screens ship them.
-ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "pathway", "pathways")
+# Per-perturbation annotations (what a compound targets, as sci-Plex / Tahoe-style screens ship them; a stimulus's
+# receptors, through which the base for unseen cell types reads how strongly each type responds).
+ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "receptors", "receptor",
+                      "pathway", "pathways")
 ANNOTATION_SEPARATORS = re.compile(r"[;,|]")
 BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor")
 # Where gene symbols live when var_names are Ensembl ids (GEARS: gene_name; CELLxGENE: feature_name).

@@ -336,6 +336,16 @@ def test_drug_target_annotations_are_read_per_perturbation(make_adata):
     assert ds.annotations == {"dA": ["G1", "G2"], "dB": ["G3", "G4"]}  # dC: not annotated
 
 
+def test_a_stimulus_receptors_column_is_its_annotation(make_adata):
+    """A stimulation set names each stimulus's receptors (obs["receptors"]): read as its annotation, as a drug's
+    targets are."""
+    adata = _with_targets(make_adata(perturbation_key="drug", control_label="DMSO", perturbations=("IFNB", "IL6")),
+                          {"IFNB": "G1;G2", "IL6": "G3"}, column="receptors")
+    ds = load_dataset(adata)
+    assert ds.layout.annotation_key == "receptors"
+    assert ds.annotations == {"IFNB": ["G1", "G2"], "IL6": ["G3"]}
+
+
 def test_genetic_data_has_no_annotation_column(make_adata):
     adata = make_adata()
     adata.obs["target_gene"] = adata.obs["perturbation"].astype(str)

@@ -23,7 +23,12 @@ class BasePredictor:
       on the context's control state, as a stimulus acts through receptors whose levels set how strongly
       each cell type responds. Each training context's gain is its Δ's projection on the programme; the
       gain of c is their kernel ridge on the control profiles with a prior of no response, so a context
-      near unresponsive ones, or far from every training context, is predicted to change little;
+      near unresponsive ones, or far from every training context, is predicted to change little. Where the
+      dataset annotates p's receptors (its `targets`, e.g. IFNAR1;IFNAR2 for interferon-β), reading the gain off
+      them instead is one more setting of the member (`_receptor_gain`), chosen like the others: a monotone
+      (isotonic) fit of the training contexts' gains on their mean receptor level, flat beyond the levels seen.
+      It is offered from four training contexts (`MIN_FITTED_CONTEXTS`): with three, each fold fits the curve
+      through two points, and whether it carries over is not told;
     - scaled ridge: the context ridge's response at the gain kernel's strength (`_at_gain_kernel_strength`), its
       shape from the control state linearly, its strength from the neighbours: a linear ridge fits a receptor's
       steep threshold as a slope, so it predicts a weak responder among weak ones a sizeable response;
@@ -75,6 +80,7 @@ class BasePredictor:
     GAIN_WIDTHS = (0.25, 0.5, 1.0)
 
     def __init__(self, config: Config, genes: list[str]):
+        self.pos = {g: i for i, g in enumerate(genes)}
         self.stack = Stack(config.loss)
         self.chosen = {}
         self.shrink = (0.0, 0.0, "none")  # (c, r0, target): see _fit_shrink
@@ -116,6 +122,19 @@ class BasePredictor:
         k = np.exp(-np.sum((X - control) ** 2, axis=-1) / scale)
         return float(k @ np.linalg.solve(K + lam * np.eye(len(rows)), gains)) * programme
 
+    def _receptor_gain(self, rows: np.ndarray, receptors: list[int], control: np.ndarray) -> np.ndarray:
+        """p's programme at the gain its receptors' level predicts: the training contexts' gains (projections on
+        the programme) fitted as a non-decreasing function of their mean receptor level (isotonic), read at this
+        control's level, flat beyond the levels seen."""
+        from scipy.optimize import isotonic_regression
+
+        programme = self.delta[rows].mean(axis=0)
+        gains = self.delta[rows] @ programme / max(float(programme @ programme), 1e-12)
+        levels = np.array([self.controls[c][receptors].mean() for c in self.table["context"].iloc[rows]])
+        order = np.argsort(levels, kind="stable")
+        fitted = isotonic_regression(gains[order]).x
+        return float(np.interp(control[receptors].mean(), levels[order], fitted)) * programme
+
     def _context_kernel(self, width: float, lam: float, pool: np.ndarray, rows: np.ndarray, control: np.ndarray,
                         profile: bool = False) -> np.ndarray:
         scale = self._kernel_scale(width, pool)
@@ -134,6 +153,9 @@ class BasePredictor:
                    for w in self.KERNEL_WIDTHS for lam in self.KERNEL_LAMBDAS]
         ridges += [(f"gain_kernel:{w:g},{lam:g}", ("gain", w, lam)) for w in self.GAIN_WIDTHS
                    for lam in self.KERNEL_LAMBDAS]
+        receptors = target_positions(conditions.table, self.pos)  # each row's annotated receptors, measured
+        if any(receptors) and len(self.controls) >= self.MIN_FITTED_CONTEXTS:
+            ridges.append(("gain_kernel:receptors", ("receptors",)))
         if chosen is not None:
             ridges = [(name, chosen[name]) for name in self.RIDGES]
         out = {name: np.zeros((len(conditions), self.delta.shape[1]))
@@ -152,8 +174,11 @@ class BasePredictor:
                     out[name][row] = mean
                 elif setting[0] == "ridge":
                     out[name][row] = self._context_ridge(setting[1], pool, rows, control)
-                elif setting[0] == "gain":
-                    out[name][row] = self._gain_kernel(setting[1], setting[2], pool, rows, control)
+                elif setting[0] == "receptors" and receptors[row]:
+                    out[name][row] = self._receptor_gain(rows, receptors[row], control)
+                elif setting[0] in ("gain", "receptors"):  # a perturbation without receptors: the middle setting
+                    width, lam = setting[1:] if setting[0] == "gain" else (1.0, self.KERNEL_LAMBDAS[1])
+                    out[name][row] = self._gain_kernel(width, lam, pool, rows, control)
                 else:
                     out[name][row] = self._context_kernel(setting[1], setting[2], pool, rows, control,
                                                           profile=setting[0] == "profile")
@@ -257,11 +282,14 @@ class BasePredictor:
         self.setting, members = {}, {k: v for k, v in oof.items() if ":" not in k}
         for name in self.RIDGES:
             key = min((k for k in errors if k.startswith(name + ":")), key=errors.get)
-            values = [float(x) for x in key.partition(":")[2].split(",")]
-            self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
+            if key == "gain_kernel:receptors":
+                self.setting[name] = ("receptors",)
+            else:
+                values = [float(x) for x in key.partition(":")[2].split(",")]
+                self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
             members[name] = oof[key]
         members = self._with_scaled(members)
-        settings = {name: list(setting[1:]) for name, setting in self.setting.items()}
+        settings = {name: list(setting[1:]) or list(setting) for name, setting in self.setting.items()}
         if len(self.controls) < self.MIN_FITTED_CONTEXTS:
             return self._fixed(average, members, "ridges", settings=settings)
         reference = np.stack([self.delta[self._pool(c)].mean(axis=0) for c in train.table["context"]])
