@@ -9,7 +9,7 @@ residual network is never applied to a context absent from training); elsewhere 
 `--validation holdout` restores the old two-group validation fold (for comparison).
 
     .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
-        [--perturbations N] [--cells N] [--cell-types N] [--validation auto|holdout] [--out DIR] > result.json
+        [--perturbations N] [--cells N] [--cell-types N] [--validation auto|holdout] [--receptors] [--out DIR] > result.json
 
 `--perturbations 1`: a single stimulus, as in a PBMC interferon set (default: the simulator's, 10 stimuli).
 """
@@ -61,14 +61,27 @@ def fit_predict(m, data: Path, inputs: str) -> ad.AnnData:
     return fitted(m, data).predict(m.read_part(data, inputs))
 
 
+def annotate_receptors(adata: ad.AnnData) -> ad.AnnData:
+    """`adata` with each stimulus's receptor genes in obs["targets"] (`;`-joined), as a scientist annotates a
+    stimulation set (interferon-β: IFNAR1;IFNAR2): here the simulation's own receptors."""
+    sim = adata.uns["simulation"]
+    stimuli, genes = ((sim["stimulus_receptors"]["stimulus"], sim["stimulus_receptors"]["receptors"])
+                      if "stimulus_receptors" in sim else
+                      (sim["cytokine_receptors"]["cytokine"], sim["cytokine_receptors"]["receptor"]))
+    receptors = dict(zip(map(str, stimuli), map(str, genes), strict=True))
+    adata.obs["targets"] = [receptors.get(str(p), "") for p in adata.obs["perturbation"]]
+    return adata
+
+
 def designed_bundle(kind: str, seed: int, folder: Path, cells: int, cell_types: int | None,
-                    perturbations: int | None) -> tuple[Path, object]:
-    """The simulated dataset of one seed (written to `folder`) and the generated code of the offline plan
-    for it, loaded as a module."""
+                    perturbations: int | None, receptors: bool = False) -> tuple[Path, object]:
+    """The simulated dataset of one seed (written to `folder`; with `receptors`, its stimuli's receptors
+    annotated) and the generated code of the offline plan for it, loaded as a module."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.h5ad"
-    simulate(kind, seed, n_cells=cells, n_genes=500, n_cell_types=cell_types,
-             n_perturbations=perturbations or PERTURBATIONS.get(kind)).write_h5ad(data)
+    adata = simulate(kind, seed, n_cells=cells, n_genes=500, n_cell_types=cell_types,
+                     n_perturbations=perturbations or PERTURBATIONS.get(kind))
+    (annotate_receptors(adata) if receptors else adata).write_h5ad(data)
     profile = profile_dataset(data)
     llm = OfflineBackend(pipeline_handlers())
     plan = run_discussion(analyse_task(profile, TASKS[kind], llm), profile, llm, folder / "discussion").plan
@@ -129,6 +142,8 @@ def main() -> None:
     parser.add_argument("--cell-types", type=int, default=None,
                         help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
+    parser.add_argument("--receptors", action="store_true",
+                        help="annotate each stimulus's receptor genes (obs['targets']) from the simulation")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the runs here (default: a temporary folder, removed at the end; a stimulation "
                              "run of three seeds holds 2-5 GB of splits and folds)")
@@ -140,14 +155,15 @@ def main() -> None:
     try:
         for seed in args.seeds:
             folder = work / f"{args.kind}_{seed}"
-            data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations)
+            data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations,
+                                      args.receptors)
             held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
             rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds, "perturbations": args.perturbations,
-                      "validation": args.validation, "summary": summary(rows), "runs": rows}, indent=1))
+                      "validation": args.validation, "receptors": args.receptors, "summary": summary(rows), "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
