@@ -148,6 +148,8 @@ def main() -> None:
                         help="keep the runs here (default: a temporary folder, removed at the end; a stimulation "
                              "run of three seeds holds 2-5 GB of splits and folds)")
     args = parser.parse_args()
+    if args.receptors and args.kind not in ("stimulation", "cytokine"):
+        parser.error(f"--receptors: a {args.kind} simulation has no receptors (stimulation or cytokine only)")
     if args.validation == "holdout":
         splits.MIN_VAL_GROUPS = 2
     work = args.out or Path(tempfile.mkdtemp(prefix="cellforge-selection-"))
