@@ -415,7 +415,8 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     if annotated is not None:
         notes.append(f"{annotated:.0%} of perturbations are annotated in obs[{layout.annotation_key!r}] "
                      f"({len(targets) - len(missing)} of {len(targets)} annotated targets are measured genes): "
-                     "an unseen perturbation can be described by its targets")
+                     "an unseen perturbation can be described by its targets (a stimulus by its receptors, whose "
+                     "level in a cell type unseen in training can say how strongly it responds)")
     knockdown = effects["target_knockdown_fraction"]
     direction = None if knockdown is None else "down" if knockdown >= 0.7 else "up" if knockdown <= 0.3 else "mixed"
     if direction == "up":
