@@ -246,8 +246,9 @@ def test_with_one_condition_per_context_the_ridges_are_averaged(transfer_model):
         base = m.BasePredictor(case_config(m), GENES[:genes])
         others = (truth.sum(axis=0) - truth) / 5  # each context's transfer: the other contexts' mean Δ
         oof = {"transfer": others, "mean": others, "pull": rng.normal(size=(6, genes))}
-        for name in base.RIDGES:
-            oof[f"{name}:1"] = truth + rng.normal(size=(6, genes))
+        for name in base.RIDGES:  # one setting of each ridge's grid
+            setting = next(key for key in base._grid([]) if key.startswith(name + ":"))
+            oof[setting] = truth + rng.normal(size=(6, genes))
         base._members = lambda conditions, chosen, oof=oof: oof
         base.fit(_conditions(m, ["P"] * 6, contexts, controls, truth), np.zeros((6, 1)),
                  _conditions(m, [], [], controls, np.zeros((0, genes))), np.zeros((0, 1)))

@@ -145,19 +145,22 @@ class BasePredictor:
         k = np.exp(-np.sum((X - control) ** 2, axis=-1) / scale)
         return y_mean + k @ np.linalg.solve(K + lam * np.eye(len(rows)), Y - y_mean) - (control if profile else 0.0)
 
+    def _grid(self, receptors: list[list[int]]) -> dict[str, tuple]:
+        """Every setting of the ridges' grids, by `name:setting`; the gain member's receptor setting where
+        `receptors` (each condition's annotated receptors) name some, from `MIN_FITTED_CONTEXTS` training contexts."""
+        grid = {f"context_ridge:{s:g}": ("ridge", s) for s in self.RIDGE_SCALES}
+        grid |= {f"{kind}_kernel:{w:g},{lam:g}": (kind, w, lam) for kind in ("context", "profile")
+                 for w in self.KERNEL_WIDTHS for lam in self.KERNEL_LAMBDAS}
+        grid |= {f"gain_kernel:{w:g},{lam:g}": ("gain", w, lam) for w in self.GAIN_WIDTHS for lam in self.KERNEL_LAMBDAS}
+        if any(receptors) and len(self.controls) >= self.MIN_FITTED_CONTEXTS:
+            grid["gain_kernel:receptors"] = ("receptors",)
+        return grid
+
     def _members(self, conditions: ConditionSet, chosen: dict | None) -> dict[str, np.ndarray]:
         """Each member's prediction for `conditions` from the training conditions of the other contexts;
-        the ridges for every setting of their grids (`name:setting`) when `chosen` is None."""
-        ridges = [(f"context_ridge:{s:g}", ("ridge", s)) for s in self.RIDGE_SCALES]
-        ridges += [(f"{kind}_kernel:{w:g},{lam:g}", (kind, w, lam)) for kind in ("context", "profile")
-                   for w in self.KERNEL_WIDTHS for lam in self.KERNEL_LAMBDAS]
-        ridges += [(f"gain_kernel:{w:g},{lam:g}", ("gain", w, lam)) for w in self.GAIN_WIDTHS
-                   for lam in self.KERNEL_LAMBDAS]
+        the ridges for every setting of their grids (`_grid`) when `chosen` is None."""
         receptors = target_positions(conditions.table, self.pos)  # each row's annotated receptors, measured
-        if any(receptors) and len(self.controls) >= self.MIN_FITTED_CONTEXTS:
-            ridges.append(("gain_kernel:receptors", ("receptors",)))
-        if chosen is not None:
-            ridges = [(name, chosen[name]) for name in self.RIDGES]
+        ridges = list(self._grid(receptors).items()) if chosen is None else [(n, chosen[n]) for n in self.RIDGES]
         out = {name: np.zeros((len(conditions), self.delta.shape[1]))
                for name in ["transfer", "mean", "pull"] + [n for n, _ in ridges]}
         for row, r in enumerate(conditions.table.itertuples()):
@@ -280,13 +283,10 @@ class BasePredictor:
         errors = {k: float(np.sum((1.0 if k.startswith("context_ridge:") else weights) * (v - train.delta) ** 2))
                   for k, v in oof.items() if ":" in k}
         self.setting, members = {}, {k: v for k, v in oof.items() if ":" not in k}
+        grid = self._grid(target_positions(train.table, self.pos))
         for name in self.RIDGES:
             key = min((k for k in errors if k.startswith(name + ":")), key=errors.get)
-            if key == "gain_kernel:receptors":
-                self.setting[name] = ("receptors",)
-            else:
-                values = [float(x) for x in key.partition(":")[2].split(",")]
-                self.setting[name] = ("ridge" if name == "context_ridge" else name.split("_")[0], *values)
+            self.setting[name] = grid[key]
             members[name] = oof[key]
         members = self._with_scaled(members)
         settings = {name: list(setting[1:]) or list(setting) for name, setting in self.setting.items()}
