@@ -233,21 +233,29 @@ def embedded(tmp_path, docker_image):
     from service.api.tenants import create_tenant
     from service.db import Database, default_db_url
 
-    config = ServerConfig(data_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), warm=0, preload="")
-    servers: list = []
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=lambda: loop.run_until_complete(serve(config, http=servers)), daemon=True)
-    thread.start()
+    def start() -> tuple[ServerConfig, list, asyncio.AbstractEventLoop, threading.Thread] | None:
+        """The server on fresh ports, once ready; None when it stopped first (a port `free_port` found free was
+        taken before the server bound it: another process, a parallel test)."""
+        config = ServerConfig(data_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), warm=0, preload="")
+        servers: list = []
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=lambda: loop.run_until_complete(serve(config, http=servers)), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while thread.is_alive():
+            try:
+                if httpx.get(f"http://127.0.0.1:{config.http_port}/readyz", timeout=1).status_code == 200:
+                    return config, servers, loop, thread
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "embedded server did not start"
+            time.sleep(0.2)
+        return None
+
+    started = start() or start() or start()
+    assert started, "embedded server stopped before it was ready, three times"
+    config, servers, loop, thread = started
     url = f"http://127.0.0.1:{config.http_port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "embedded server did not start"
-        time.sleep(0.2)
     db = Database(default_db_url(tmp_path))
     keys = [create_tenant(db, name)[1] for name in ("victim", "hostile")]
     db.dispose()
