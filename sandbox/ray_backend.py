@@ -404,12 +404,24 @@ class RaySandbox(Sandbox):
             await actor.wait_closed.remote()
         except RayActorError as exc:
             if actor is self._actor and not self._closed:
-                self._lose(exc)
+                with contextlib.suppress(SandboxClosedError):
+                    await self._gone(exc)
             return
         if actor is self._actor and not self._closed:
-            # Closed through another process (an API replica): this handle is closed too.
-            self._closed = True
-            self._actor_lost = True
+            self._closed_elsewhere()
+
+    def _closed_elsewhere(self) -> None:
+        """Closed through another process (an API replica): this handle is closed too."""
+        self._closed = True
+        self._actor_lost = True
+
+    async def _gone(self, exc: RayActorError) -> str:
+        """The actor is gone: SandboxClosedError when another process closed it on purpose (its kill can
+        reach a call here before its close does); else it was lost, and the cause."""
+        if await asyncio.to_thread(_closed_on_purpose, self._actor._actor_id.hex()):
+            self._closed_elsewhere()
+            raise SandboxClosedError(f"sandbox {self.id} was closed by another process")
+        return self._lose(exc)
 
     @property
     def lost(self) -> bool:
@@ -438,7 +450,7 @@ class RaySandbox(Sandbox):
         except RayTaskError as exc:
             _raise_cause(exc)
         except RayActorError as exc:
-            raise SandboxDeadError(f"sandbox {self.id} died ({self._lose(exc)}); call restart() for a fresh one") from None
+            raise SandboxDeadError(f"sandbox {self.id} died ({await self._gone(exc)}); call restart() for a fresh one") from None
 
     # --- execution: over the actor's channel, else one Ray call per run --------------------------------
 
@@ -505,6 +517,7 @@ class RaySandbox(Sandbox):
                     await asyncio.wait({self._watch})
             if self.lost:
                 return self._dead
+            self.check_usable()  # closed through another process meanwhile: SandboxClosedError
             raise SandboxError(f"sandbox {self.id}: its node closed the execution channel mid-run") from None
         return end
 
@@ -521,7 +534,7 @@ class RaySandbox(Sandbox):
         except RayTaskError as exc:
             _raise_cause(exc)
         except RayActorError as exc:
-            return self._lose(exc)
+            return await self._gone(exc)
         return end
 
     async def _streamed(self, stream: Any, on_batch: OnBatch) -> RunEnd:
@@ -700,19 +713,36 @@ def _death_causes(names: set[str]) -> dict[str, str]:
     return {name: cause for name, cause in causes.items() if cause is not None}
 
 
+def _closed_on_purpose(actor_id: str, within: float = 5.0) -> bool:
+    """Whether the actor's record says it was killed on purpose (a close kills it after removing its
+    container), waiting a moment for the record of a death that a call here learnt of first."""
+    from ray._private import state  # the GCS's actor table (Ray's state API would need the dashboard)
+
+    deadline = time.monotonic() + within
+    while (record := state.actors(actor_id=actor_id)) and record.get("State") != "DEAD" \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(record) and record.get("State") == "DEAD" and _killed_on_purpose(record.get("DeathCause"))
+
+
+def _killed_on_purpose(cause: Any) -> bool:
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext  # type: ignore[attr-defined]
+
+    return cause is not None and cause.WhichOneof("context") == "actor_died_error_context" and \
+        cause.actor_died_error_context.reason in (ActorDiedErrorContext.RAY_KILL, ActorDiedErrorContext.OUT_OF_SCOPE,
+                                                  ActorDiedErrorContext.REF_DELETED)
+
+
 def _death_cause(record: dict[str, Any]) -> str | None:
     from ray.core.generated.common_pb2 import ActorDiedErrorContext  # type: ignore[attr-defined]
 
     node = str(record.get("Address", {}).get("NodeID", ""))[:12] or "?"
     cause: Any = record.get("DeathCause")
-    if cause is None:
-        return None
+    if cause is None or _killed_on_purpose(cause):
+        return None  # no cause known, or closed on purpose
     which = cause.WhichOneof("context")
     if which == "actor_died_error_context":
         context = cause.actor_died_error_context
-        if context.reason in (ActorDiedErrorContext.RAY_KILL, ActorDiedErrorContext.OUT_OF_SCOPE,
-                              ActorDiedErrorContext.REF_DELETED):
-            return None  # closed on purpose (a close kills the actor after removing its container)
         detail = context.error_message
         if context.reason == ActorDiedErrorContext.NODE_DIED:
             info = context.node_death_info.reason_message

@@ -19,6 +19,7 @@ import pytest_asyncio
 from sandbox import (
     FileTransferError,
     Outcome,
+    SandboxClosedError,
     SandboxDeadError,
     SandboxPool,
     SandboxStartError,
@@ -235,6 +236,27 @@ async def test_a_dead_kernel_reports_died_and_restarts(ray_backend, small_spec):
             await sb.execute("1")
         await sb.restart()
         assert sb.healthy and (await sb.execute("1 + 1")).result == "2"
+
+
+@pytest.mark.parametrize("channel", [True, False], ids=["channel", "ray_calls"])
+async def test_a_sandbox_closed_by_another_process_is_closed_here_before_its_watch_says_so(
+        ray_backend, small_spec, channel):
+    """Another replica's close kills the actor; a call here can meet the kill before the close's notice
+    arrives, and must answer closed, not that the sandbox died with its node."""
+    backend = ray_backend if channel else RayBackend(placement_timeout=20, channel=False)
+    sb = await backend.create(small_spec(cpus=0.25))
+    other = await backend.attach(sb.id)
+    try:
+        assert (await other.execute("1 + 1")).result == "2"
+        other._watch.cancel()  # the close's notice has not reached this handle yet
+        await sb.close()
+        with pytest.raises(SandboxClosedError):
+            await other.execute("1")
+        assert not other.healthy and not other.lost and other.dead is None
+    finally:
+        other.detach()
+        if not channel:
+            await backend.close()
 
 
 async def test_pooled_leases_reach_the_remote_sandbox(ray_backend, small_spec):
