@@ -664,3 +664,20 @@ def test_stack_takes_the_side_of_the_average_response_most_perturbations_are_on(
     assert (pearson["mean"] < 1.0) if side == "shrink" else (pearson["mean"] > 1.0)
     r = m.rowwise_pearson((pearson["mean"] - 1.0) * mean, true - mean)
     assert np.mean(r[scale == small]) > 0.8
+
+
+def test_the_ridge_base_keeps_its_stack_unless_a_single_recipe_beats_it_beyond_the_folds_noise(ridge_model):
+    """Every single recipe is a setting of the stack's weights: on weak signals some single has the least
+    out-of-fold loss by luck, and the base keeps its stack unless that lead exceeds one standard error of the
+    per-fold differences; a lead beyond it is kept."""
+    cases = []
+    for seed in range(8):
+        for signal in (0.0, 0.2):
+            stack = _ridge_case(ridge_model, signal=signal, seed=seed, loss=TOP_DE_LOSS)[0].stack
+            leader = min(stack.nested, key=stack.nested.get)
+            gain = stack.per_fold["stack"] - stack.per_fold[leader]
+            beyond = leader != "stack" and gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain))
+            assert stack.chosen == (leader if beyond else "stack"), (seed, signal, stack.nested)
+            cases.append((leader, beyond))
+    assert any(leader != "stack" and not beyond for leader, beyond in cases), cases
+    assert any(beyond for _, beyond in cases), cases

@@ -91,7 +91,8 @@ class Stack:
     Whether the data can weigh the members at all is itself checked out of fold (nested): with the folds,
     the whole stack's weights are refitted without each fold and scored on it, and so is each single recipe
     (`singles`: a baseline's recipe, e.g. the mean Δ plus one ridge, at its best scale); the candidate with the
-    least loss on the folds it did not see is kept. A handful of training perturbations thus cannot talk the
+    least loss on the folds it did not see is kept, or the caller's default unless another beats it by more
+    than one standard error of the per-fold differences (`per_fold`: each candidate's loss on each fold). A handful of training perturbations thus cannot talk the
     stack into weights that do not carry over, and the model is never knowingly worse than the best recipe."""
 
     PENALTY = 1e-3
@@ -178,7 +179,7 @@ class Stack:
                 names.append(name)
         X = np.stack([members[n] for n in names])
         weights = dict(zip(names, self._weights(X, true, reference, pinned)))
-        self.nested, self.chosen = None, "stack"
+        self.nested, self.per_fold, self.chosen = None, None, "stack"
         singles = singles if singles is not None else {n: {n: 1.0} for n in members}
         if folds is not None and len(folds) >= 3:
             total = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
@@ -195,6 +196,7 @@ class Stack:
                 grid = np.stack([self.row_losses(k * single, true, reference, pinned, total)[0] for k in self.SCALES])
                 per_fold[label] = np.array([grid[np.argmin(np.delete(grid, held, axis=1).sum(axis=1)), held].sum()
                                             for held in folds])
+            self.per_fold = per_fold
             self.nested = {k: float(v.sum()) for k, v in per_fold.items()}
             self.chosen = min(self.nested, key=self.nested.get)
             if default is not None and self.chosen != default:
