@@ -92,8 +92,9 @@ class Stack:
     the whole stack's weights are refitted without each fold and scored on it, and so is each single recipe
     (`singles`: a baseline's recipe, e.g. the mean Δ plus one ridge, at its best scale); the candidate with the
     least loss on the folds it did not see is kept, or the caller's default unless another beats it by more
-    than one standard error of the per-fold differences (`per_fold`: each candidate's loss on each fold). A handful of training perturbations thus cannot talk the
-    stack into weights that do not carry over, and the model is never knowingly worse than the best recipe."""
+    than one standard error of the per-fold differences (`per_fold`: each candidate's loss on each fold). A
+    handful of training perturbations thus cannot talk the stack into weights that do not carry over, and the
+    model is never knowingly worse than the best recipe."""
 
     PENALTY = 1e-3
     NUDGES = (0.0, -0.01, 0.01, -0.03, 0.03, -0.1, 0.1)
