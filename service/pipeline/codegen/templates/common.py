@@ -102,8 +102,14 @@ class Stack:
 
     def __init__(self, loss_cfg: dict):
         self.loss = loss_cfg
+        self.per_fold: dict[str, np.ndarray] | None = None  # the nested check's loss of each candidate per fold
         self.pearson = float(loss_cfg.get("pearson_weight", 0.0)) if loss_cfg.get("kind") == "mse_pearson_delta" \
             else 0.0
+
+    @property
+    def nested(self) -> dict[str, float] | None:
+        """Each candidate's out-of-fold loss over all folds (None without a nested check)."""
+        return None if self.per_fold is None else {k: float(v.sum()) for k, v in self.per_fold.items()}
 
     def row_losses(self, pred: np.ndarray, true: np.ndarray, reference: np.ndarray, pinned=None,
                    scale: float | None = None, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +186,7 @@ class Stack:
                 names.append(name)
         X = np.stack([members[n] for n in names])
         weights = dict(zip(names, self._weights(X, true, reference, pinned)))
-        self.nested, self.per_fold, self.chosen = None, None, "stack"
+        self.per_fold, self.chosen = None, "stack"
         singles = singles if singles is not None else {n: {n: 1.0} for n in members}
         if folds is not None and len(folds) >= 3:
             total = max(float(np.sum(loss_weights(true, self.loss) * true ** 2)), 1e-12)
@@ -198,8 +204,7 @@ class Stack:
                 per_fold[label] = np.array([grid[np.argmin(np.delete(grid, held, axis=1).sum(axis=1)), held].sum()
                                             for held in folds])
             self.per_fold = per_fold
-            self.nested = {k: float(v.sum()) for k, v in per_fold.items()}
-            self.chosen = min(self.nested, key=self.nested.get)
+            self.chosen = min(per_fold, key=lambda k: per_fold[k].sum())
             if default is not None and self.chosen != default:
                 gain = per_fold[default] - per_fold[self.chosen]
                 if gain.mean() <= gain.std(ddof=1) / np.sqrt(len(gain)):

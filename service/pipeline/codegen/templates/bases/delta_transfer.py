@@ -311,7 +311,7 @@ class BasePredictor:
                **report) -> "BasePredictor":
         """A fixed recipe kept instead of a fitted stack (too few training contexts to fit or check one)."""
         self.stack.weights = weights
-        self.stack.nested, self.stack.chosen = None, label
+        self.stack.per_fold, self.stack.chosen = None, label
         self.oof = self.stack.combine(members)
         self.chosen = {"stack_weights": weights, "kept": label, **report}
         return self
