@@ -4,10 +4,10 @@ A node is one bundle run in the sandbox(es) and scored on validation by the serv
 candidate plans; a draft that fails gets debug children (the debugging agent's patches); once one
 works, each improve node makes one change to the best node so far and is kept only if its pooled
 validation scores stand better by the rule the delivery is chosen by (`SearchTree.merit`: no worse than the
-best baseline on both headline metrics first, then the primary metric). The change comes from an LLM request of kind
-`improve` — offline, from rules that read the validation table (which baseline beats the model, by
-which metric) and map it to the design space; in LLM mode, from the model, shown the code, the table
-and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so `replay`
+best baseline on both headline metrics first, then the mean relative gain over both). The change comes
+from an LLM request of kind `improve` — offline, from rules that read the validation table (which baseline
+beats the model, by which metric) and map it to the design space; in LLM mode, from the model, shown the
+code, the table and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so `replay`
 reproduces the search. The journal is saved as `search.json`; each node's folder is `attempts/NN/`.
 """
 
@@ -212,8 +212,8 @@ def improve_request(context: dict[str, Any]) -> LLMRequest[Change]:
         "its scores beside every baseline's (primary metric first, then mse_top20_de) and the conditions "
         "where baselines beat it; context.history lists the changes tried so far and whether validation "
         "improved. A change is kept when the model stands better on validation by the rule the delivery "
-        "uses: no worse than the best baseline on both the primary metric and mse_top20_de first (then the "
-        "higher primary wins), else a higher mean relative gain over the best baseline of each. Propose ONE "
+        "uses: no worse than the best baseline on both the primary metric and mse_top20_de first, then a "
+        "higher mean relative gain over the best baseline of each metric. Propose ONE "
         "change most likely to make it stand better: plan field "
         "updates (rendered again from vetted components), config.json changes, or minimal search/replace "
         "edits of components.py / model.py / train.py. Do not repeat a change from the history. Set stop when nothing is "

@@ -12,8 +12,8 @@ any other, so the stack can shrink a response exactly as far as validation says 
 perturbations: the best prediction is close to no change).
 
 The objective is lexicographic over both metrics: a blend no worse than the best *baseline* on either
-metric (on the rows fitted) beats any blend that is worse on one; among those, the primary metric
-decides (top-20-DE MSE breaks near-ties); among the others, the mean relative gain over both. Starting
+metric (on the rows fitted) beats any blend that is worse on one; within each group, the mean relative
+gain over both decides, as the delivery ranks candidates (`compete.rank`). Starting
 from the best single member and adding shares of 1/MAX_STEPS (a tenth) keeps the stack near that member unless
 validation pays for moving (shrinkage towards the best single candidate).
 
@@ -37,7 +37,6 @@ from service.pipeline.selection import LOWER_IS_BETTER, Selection, as_prediction
 SECONDARY = "mse_top20_de"
 MAX_STEPS = 10  # weight granularity 1/10; greedy selection stops earlier when nothing improves
 N_CHUNKS = 5  # chunks of a single val fold (by group) for the cross-fitting
-SECONDARY_TIEBREAK = 0.1  # weight of top-20-DE MSE's relative gain beside the primary's among feasible blends
 
 
 @dataclass
@@ -103,15 +102,13 @@ def _mean(values: list[np.ndarray], chunk_list: Sequence[list[tuple[int, np.ndar
 
 def _objective(scores: dict[str, float], reference: dict[str, float], primary: str) -> tuple[int, float]:
     """Higher is better (compared as tuples): feasible blends (no worse than the best baseline on either
-    metric) above all others, ranked by the primary metric's relative gain with top-20-DE MSE's as a
-    tie-break; the others by the mean relative gain over both metrics, as `compete.rank` orders them."""
+    metric) above all others, each group ranked by the mean relative gain over both metrics, as
+    `compete.rank` orders the candidates."""
     gains = {m: _gain(m, scores[m], reference[m]) for m in reference
              if np.isfinite(scores.get(m, np.nan)) and np.isfinite(reference[m])}
     if primary not in gains:
         return (-1, -np.inf)
-    if all(g >= 0 for g in gains.values()):
-        return (1, gains[primary] + SECONDARY_TIEBREAK * sum(g for m, g in gains.items() if m != primary))
-    return (0, float(np.mean(list(gains.values()))))
+    return (int(all(g >= 0 for g in gains.values())), float(np.mean(list(gains.values()))))
 
 
 def _select(scorer: _Scorer, cache: dict[tuple[int, ...], dict[str, list[np.ndarray]]],

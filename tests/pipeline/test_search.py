@@ -146,7 +146,7 @@ def test_the_search_keeps_what_the_delivery_rule_would_deliver(plan):
     """The journal judges nodes as the delivery ranks candidates: a change that lifts the primary metric by
     trading top-20-DE MSE well past the best baseline's is discarded; one that brings top-20-DE MSE back to
     the best baseline's is kept though its primary score is a little lower, since only that node can be
-    delivered; among nodes no worse on both, the primary metric decides."""
+    delivered; among nodes no worse on both, the mean relative gain over both decides."""
     baselines = [Entry("baseline", "ridge", _pooled(0.30, 1.00), {})]
     scores = {1: _pooled(0.35, 1.20), 2: _pooled(0.40, 1.40), 3: _pooled(0.33, 0.98), 4: _pooled(0.34, 1.30),
               5: _pooled(0.36, 0.99)}

@@ -128,6 +128,33 @@ def test_a_top20_de_mse_deficit_within_validation_noise_does_not_outweigh_a_prim
     assert rank([baseline, behind], PRIMARY)[0] is baseline
 
 
+def test_among_candidates_no_worse_than_the_best_baseline_both_metrics_decide():
+    """Two candidates beat the best baseline on both metrics: a stack 0.02 higher on the primary metric (+5%
+    over the baseline's 0.40) whose top-20-DE MSE is a hair better than the baseline's, and a designed model
+    better on top-20-DE MSE by a third. The mean relative gain over both metrics delivers the designed model;
+    the primary metric alone would have delivered the stack. Where they are level on top-20-DE MSE, the
+    primary metric decides; a top-20-DE MSE deficit within validation's noise counts as none."""
+    rng = np.random.default_rng(5)
+    primary, mse = rng.uniform(0.35, 0.45, 40), rng.uniform(0.5, 0.7, 40)
+    primary, mse = primary - primary.mean() + 0.40, mse - mse.mean() + 0.60
+    baseline = _scored("baseline", primary, mse)
+    designed = _scored("designed", primary + 0.01, mse - 0.20)
+    stack = _scored("stack", primary + 0.03, mse - 0.01)
+    assert stack.score(PRIMARY) > designed.score(PRIMARY)
+    assert all(_not_worse(e, [baseline, designed, stack]) for e in (designed, stack))
+    assert rank([baseline, designed, stack], PRIMARY)[0] is designed
+    level = _scored("stack", primary + 0.03, mse - 0.20)
+    assert rank([baseline, designed, level], PRIMARY)[0] is level
+    # A top-20-DE MSE deficit that validation's noise cannot tell from none passes the bar, and counts as none
+    # in the ranking: +2.5% on the primary metric delivers the candidate though its MSE is 5% higher on average.
+    spread = rng.normal(0.0, 0.5, 40)
+    noisy = _scored("designed", primary + 0.01, mse + 0.03 - spread.mean() + spread)
+    assert noisy.score("mse_top20_de") > 1.04 * baseline.score("mse_top20_de")
+    assert _not_worse(noisy, [baseline, noisy]) and rank([baseline, noisy], PRIMARY)[0] is noisy
+    steady = _scored("designed", primary + 0.01, mse + 0.03)
+    assert rank([baseline, steady], PRIMARY)[0] is baseline
+
+
 def test_validation_noise_is_measured_over_held_out_groups_when_there_are_enough():
     """Seven held-out cell types of ten conditions each: the designed model trails on top-20-DE MSE by 0.015 on
     average, by a different amount in each cell type (its conditions move together) — beyond one standard
