@@ -6,9 +6,9 @@ delivered predictor is chosen over both headline metrics: among the candidates n
 on validation's primary metric and (up to validation's noise) on top-20-DE MSE, the one with the best mean
 relative gain over the best baseline of each (a tie goes to the simpler: baselines first, then the designed
 model, then the stack); so a user never gets something worse on validation than the best baseline on either
-metric when any candidate achieves that, and otherwise the one with the best mean relative gain over both. A baseline or stack winner is delivered with
-runnable code (`deliver.predictor_files`), which the service then runs in a sandbox to check that it
-reproduces the delivered test predictions.
+metric when any candidate achieves that, and otherwise the one with the best mean relative gain over both. A
+baseline or stack winner is delivered with runnable code (`deliver.predictor_files`), which the service then
+runs in a sandbox to check that it reproduces the delivered test predictions.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _standing(entry: Entry, references: dict[str, Entry], primary: str) -> float
 def _merit(entry: Entry, references: dict[str, Entry], primary: str) -> tuple[float, float]:
     """How `entry` stands on validation (greater is better): (1, its mean relative gain over the best baseline
     of each headline metric) when it is no worse than those baselines on both (`_not_worse`), above the others,
-    (0, that mean gain); (−1, −∞) without a primary score (`_standing`). Among candidates no worse on both,
+    (0, that mean gain; `_standing`); (−1, −∞) without a primary score. Among candidates no worse on both,
     ranking by the primary metric alone let a stack that mixed in `control` for a primary gain of a few
     percent win over a designed model better on top-20-DE MSE by a third (knockouts): both metrics are the
     verdict's, so both count, each as its relative gain."""

@@ -7,8 +7,8 @@ validation scores stand better by the rule the delivery is chosen by (`SearchTre
 best baseline on both headline metrics first, then the mean relative gain over both). The change comes
 from an LLM request of kind `improve` — offline, from rules that read the validation table (which baseline
 beats the model, by which metric) and map it to the design space; in LLM mode, from the model, shown the
-code, the table and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so `replay`
-reproduces the search. The journal is saved as `search.json`; each node's folder is `attempts/NN/`.
+code, the table and the history. Either way the reply is a typed `Change`, recorded like every LLM call, so
+`replay` reproduces the search. The journal is saved as `search.json`; each node's folder is `attempts/NN/`.
 """
 
 from __future__ import annotations
