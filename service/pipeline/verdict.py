@@ -200,6 +200,14 @@ def delivered_sentence(v: Verdict) -> str:
     return f"Delivered {v.delivered} ({v.delivered_reason}){scored}."
 
 
+def _other_metrics(v: Verdict) -> str:
+    """The headline's clause for each verdict metric besides the primary one, judged as `beats_baselines`
+    judges the primary: the model beats the best baseline on validation and on test."""
+    return "".join(f"; on {m.metric} it {'BEATS' if m.beats_val and m.beats_test else 'does NOT beat'} it "
+                   f"({', '.join(sides)})" for m in v.metrics.values()
+                   if m.metric != v.primary_metric and (sides := _sides(m)))
+
+
 def headline(v: Verdict) -> str:
     """Plain sentences: does the model beat the best baseline, and what is delivered and how it compares."""
     p = v.metrics.get(v.primary_metric)
@@ -211,7 +219,7 @@ def headline(v: Verdict) -> str:
                 f"validation ({', '.join(sides)}) but has no test score")
     else:
         lead = (f"{v.subject[:1].upper()}{v.subject[1:]}: {'BEATS' if v.beats_baselines else 'does NOT beat'} the "
-                f"best baseline on {v.primary_metric} ({', '.join(sides)})")
+                f"best baseline on {v.primary_metric} ({', '.join(sides)}){_other_metrics(v)}")
     return f"{lead}. {delivered_sentence(v)}" if v.delivered else f"{lead}."
 
 

@@ -68,6 +68,9 @@ def test_warnings_and_plain_lines(losing):
     assert any("6 condition(s), fewer than 10" in w for w in losing.warnings)
     assert any("linear_context_ridge" in w and "could not compete" in w for w in losing.warnings)
     assert losing.summary.startswith("Designed model: does NOT beat the best baseline on pearson_delta_pert")
+    # The headline states the other verdict metric too, each way: here the model wins top-20-DE MSE.
+    assert ("; on mse_top20_de it BEATS it (validation +0.1000 vs linear_pca_ridge, test +0.0500 vs "
+            "linear_pca_ridge)") in losing.summary
     assert "Delivered baseline:gene_similarity (best on validation)" in losing.summary
     assert "gene_similarity" in text and "95% CI" in text and "IQR" in text
 
@@ -147,3 +150,21 @@ def test_many_conditions_of_few_held_out_units_are_flagged():
     assert (few.n_test_groups, few.test_group_by) == (2, "perturbation")
     assert any("2 held-out perturbation group(s), fewer than 5" in w for w in few.warnings)
     assert not any("fewer than" in w for w in verdict(12).warnings)
+
+
+def test_the_headline_says_when_the_model_wins_the_primary_metric_but_not_top20_de_mse():
+    """As in the README demo's seed 1: ahead of `control` on the primary metric on both splits, behind
+    `gene_similarity` on top-20-DE MSE on test; the one-line summary must not read as a win on both."""
+    v = build_verdict(
+        status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best on validation",
+        model_val={PRIMARY: 0.34, "mse_top20_de": 0.50}, model_test={PRIMARY: 0.39, "mse_top20_de": 0.20},
+        baselines_val={"control": {PRIMARY: 0.27, "mse_top20_de": 0.80},
+                       "gene_similarity": {PRIMARY: 0.20, "mse_top20_de": 0.57}},
+        baselines_test={"control": {PRIMARY: 0.33, "mse_top20_de": 0.40},
+                        "gene_similarity": {PRIMARY: 0.30, "mse_top20_de": 0.18}},
+        model_rows=None, baseline_rows={}, delivered_val=None, delivered_test=None,
+        validation="held-out validation", n_val_conditions=12, n_test_conditions=15)
+    assert v.beats_baselines is True
+    assert v.summary.startswith("Designed model: BEATS the best baseline on pearson_delta_pert")
+    assert ("; on mse_top20_de it does NOT beat it (validation +0.0700 vs gene_similarity, test -0.0200 vs "
+            "gene_similarity)") in v.summary
