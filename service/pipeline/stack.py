@@ -103,7 +103,8 @@ def _mean(values: list[np.ndarray], chunk_list: Sequence[list[tuple[int, np.ndar
 def _objective(scores: dict[str, float], reference: dict[str, float], primary: str) -> tuple[int, float]:
     """Higher is better (compared as tuples): feasible blends (no worse than the best baseline on either
     metric) above all others, each group ranked by the mean relative gain over both metrics, as
-    `compete.rank` orders the candidates."""
+    `compete.rank` orders the candidates. Unlike the delivery, no difference is discounted as validation's
+    noise here: the blend is fitted to these rows, and its cross-fitted score then meets that test."""
     gains = {m: _gain(m, scores[m], reference[m]) for m in reference
              if np.isfinite(scores.get(m, np.nan)) and np.isfinite(reference[m])}
     if primary not in gains:
