@@ -56,7 +56,7 @@ def _show_profile(p: DataProfile) -> None:
         rows.append(("targets knocked down", f"{p.target_knockdown_fraction:.0%}"))
     rows += [
         ("effects above noise", f"{p.above_noise_fraction:.0%} of conditions"),
-        ("recommended split", p.recommended_split
+        ("recommended split", (p.recommended_split or "none: nothing can be held out (see the notes)")
          + (f" (also {', '.join(p.alternative_splits)})" if p.alternative_splits else "")),
         ("recommended metrics", ", ".join(p.recommended_metrics)),
     ]

@@ -69,6 +69,9 @@ CONTEXT_COLUMNS = (
     "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
     "context", "cell_context", "tissue",
 )
+# Names that hold a cell type in well-known datasets (`cell`: the Kang et al. PBMC interferon-β set, GSE96583) but
+# could hold something else: taken only as text with 2 to MAX_LIKELY_CONTEXTS values, never as cell barcodes.
+GUARDED_CONTEXT_COLUMNS = ("cell",)
 # Words in an obs column name that suggest a cell type or context under a name detection does not know
 # (`leiden_celltype`, `cell_type_fine`, `louvain`): such a column is pointed out, never silently pooled.
 CONTEXT_HINTS = ("celltype", "cellline", "context", "tissue", "leiden", "louvain", "cluster")
@@ -79,7 +82,8 @@ POOLED = "none"  # context_key: the data has no context column worth using; pool
 ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "receptors", "receptor",
                       "pathway", "pathways")
 ANNOTATION_SEPARATORS = re.compile(r"[;,|]")
-BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor")
+BATCH_COLUMNS = ("batch", "gem_group", "gemgroup", "plate", "replicate", "library", "sample", "donor", "donor_id",
+                 "individual")
 # Where gene symbols live when var_names are Ensembl ids (GEARS: gene_name; CELLxGENE: feature_name).
 SYMBOL_COLUMNS = ("gene_name", "gene_names", "gene_symbol", "gene_symbols", "symbol", "feature_name", "gene")
 _ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
@@ -208,10 +212,16 @@ def _find_column(columns: Sequence[str], candidates: Sequence[str]) -> str | Non
     return None
 
 
+def _context_like(col: pd.Series) -> bool:
+    """Text with 2 to MAX_LIKELY_CONTEXTS values, most shared by several cells (not an identifier)."""
+    n = col.nunique()
+    return _is_text(col) and 2 <= n <= min(MAX_LIKELY_CONTEXTS, len(col) // 2)
+
+
 def likely_context_columns(obs: pd.DataFrame, taken: set[str | None]) -> list[str]:
     """Text columns named like a cell type / context (CONTEXT_HINTS) with 2 to MAX_LIKELY_CONTEXTS values."""
     return [str(c) for c in obs.columns if c not in taken and any(h in _norm(c) for h in CONTEXT_HINTS)
-            and _is_text(obs[c]) and 2 <= obs[c].nunique() <= MAX_LIKELY_CONTEXTS]
+            and _context_like(obs[c])]
 
 
 def _check_key(obs: pd.DataFrame, key: str | None, what: str) -> str | None:
@@ -446,7 +456,9 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)
     pooled = context_key == POOLED and POOLED not in obs.columns
     context_key = None if pooled else (_check_key(obs, context_key, "context")
-                                       or _find_column(list(obs.columns), CONTEXT_COLUMNS))
+                                       or _find_column(list(obs.columns), CONTEXT_COLUMNS)
+                                       or _find_column([c for c in obs.columns if _context_like(obs[c])],
+                                                       GUARDED_CONTEXT_COLUMNS))
     batch_key = _check_key(obs, batch_key, "batch") or _find_column(list(obs.columns), BATCH_COLUMNS)
     if pert_key in (dose_key, context_key, batch_key):
         raise UnknownColumn(f"{source}: column {pert_key!r} cannot be both the perturbation and another role")

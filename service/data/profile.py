@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import BaseModel
 
+from .errors import preview
 from .conditions import BATCH, COMBO_SEPARATOR, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, combo_genes
 from .chunks import row_chunks
 from .load import DEFAULT_MIN_CELLS, POOLED, Dataset, load_dataset
@@ -107,7 +108,7 @@ class DataProfile(BaseModel):
     above_noise_fraction: float  # conditions whose Δ beats every random control subset of the same size
     de_top20_fraction: float  # share of a condition's |Δ| carried by its top-20 genes (mean)
 
-    recommended_split: str
+    recommended_split: str | None  # None: one perturbation in one context, nothing to hold out
     recommended_n_genes: int | None  # highly variable genes to keep (perturbed genes always kept); None: all
     alternative_splits: list[str]
     recommended_metrics: list[str]
@@ -323,30 +324,35 @@ def _contexts(obs: pd.DataFrame) -> ContextProfile | None:
     )
 
 
+NOTHING_TO_HOLD_OUT = "no split can hold anything out to test a model"
 FEW_PERTURBATIONS = 5  # below this, holding perturbations out leaves too little to learn from
 
 
 def _recommend(kind: str, n_contexts: int, combos: CombosProfile | None, doses: DoseProfile | None,
-               n_perturbations: int, modalities: list[str], median_cells: float) -> tuple[str, list[str], list[str]]:
-    """The split that asks the question this data can answer best, the other applicable ones, and metrics."""
-    applicable = ["unseen-perturbation"]
+               n_perturbations: int, modalities: list[str], median_cells: float
+               ) -> tuple[str | None, list[str], list[str]]:
+    """The split that asks the question this data can answer best (None: nothing can be held out), the other
+    applicable ones, and metrics."""
+    applicable = ["unseen-perturbation"] if n_perturbations >= 2 else []
     if combos is not None:
         applicable.insert(0, "combo")
     if doses is not None:
-        applicable.insert(0, "unseen-drug")
+        if n_perturbations >= 2:
+            applicable.insert(0, "unseen-drug")
         if doses.levels_per_drug_max >= 2:
             applicable.insert(0, "unseen-dose")
     if n_contexts >= 2:
         applicable.append("unseen-context")
     few = n_perturbations < FEW_PERTURBATIONS
     if kind == "genetic_combo" and combos is not None:
-        split = "combo"
+        preferred = "combo"
     elif kind == "chemical" and doses is not None:
-        split = "unseen-dose" if few and doses.levels_per_drug_max >= 2 else "unseen-drug"
+        preferred = "unseen-dose" if few and doses.levels_per_drug_max >= 2 else "unseen-drug"
     elif few and n_contexts >= 2:
-        split = "unseen-context"
+        preferred = "unseen-context"
     else:
-        split = "unseen-perturbation"
+        preferred = "unseen-perturbation"
+    split = preferred if preferred in applicable else next(iter(applicable), None)
     if kind == "chemical" and "unseen-perturbation" in applicable and doses is not None:
         applicable.remove("unseen-perturbation")  # same as unseen-drug when every drug has a dose
     alternatives = [s for s in applicable if s != split]
@@ -432,6 +438,10 @@ def profile_dataset(data: str | Path | ad.AnnData | Dataset, *, perturbation_key
     if combos is not None and combos.both_singles_present < combos.n_combos:
         notes.append(f"{combos.n_combos - combos.both_singles_present} of {combos.n_combos} combos lack a single "
                      "for one of their genes; additive baselines fall back for them")
+    if split is None:
+        notes.append(f"{NOTHING_TO_HOLD_OUT}: one perturbation ({', '.join(perts)}) in one context; with a column of "
+                     "cell types (--context-key COLUMN; obs columns: "
+                     f"{preview([str(c) for c in dataset.adata.obs.columns])}) it can be predicted in a held-out one")
     if layout.context_candidates:
         notes.append(f"no context column under a known name, but obs column(s) {', '.join(layout.context_candidates)} "
                      f"look like cell types: pass --context-key {layout.context_candidates[0]} to use it, or "

@@ -26,6 +26,7 @@ from sandbox import (DEFAULT_CPU_IMAGE, DEFAULT_GPU_IMAGE, BackendKind, BackendP
 from service.agents import DiscussionEvent, Plan, analyse_task, handlers as agent_handlers, run_discussion
 from service.data import make_split, profile_dataset
 from service.data.load import POOLED
+from service.data.profile import NOTHING_TO_HOLD_OUT
 from service.data.splits import SPLIT_FILES, TRUTH_FILES, Scheme, Split, condition_groups, load_split
 from service.data.baselines import run_baselines
 from service.data.celleval import cell_eval_block
@@ -500,6 +501,9 @@ def _run_design(settings: DesignSettings, llm_config: LLMConfig | None, replay_f
         raise PipelineError(f"{settings.data}: no context column under a known name, but obs column(s) "
                             f"{', '.join(profile.context_candidates)} look like cell types; pass --context-key "
                             f"{profile.context_candidates[0]} to use it, or --context-key {POOLED} to pool every cell")
+
+    if profile.recommended_split is None and prepared is None and settings.scheme is None:
+        raise PipelineError(f"{settings.data}: " + next(n for n in profile.notes if n.startswith(NOTHING_TO_HOLD_OUT)))
 
     emit(ProgressEvent("analysis", "framing the task"))
     asking = clock()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.data import load_dataset, normalize_log1p, profile_dataset, pseudobulk
+from service.data.profile import NOTHING_TO_HOLD_OUT
 
 
 def test_genetic_profile_counts_and_quantiles(make_adata):
@@ -109,6 +110,30 @@ def test_recommendations_follow_the_design(make_adata):
     p = profile_dataset(few_cytokines)
     assert p.perturbation_kind == "cytokine" and p.recommended_split == "unseen-context"
     assert p.alternative_splits == ["unseen-perturbation"]
+
+
+def test_one_stimulus_by_cell_type_under_the_kang_names(make_adata):
+    """The Kang et al. PBMC layout (GSE96583): one stimulus in obs['stim'], cell types in obs['cell'], donors
+    in obs['individual']. The cell-type column is found, so the one question the data can answer is asked."""
+    adata = make_adata(perturbations=("STIM",), perturbation_key="stim", control_label="CTRL",
+                       contexts=["T", "B", "NK", "mono"])
+    adata.obs = adata.obs.rename(columns={"cell_type": "cell", "batch": "individual"})
+    p = profile_dataset(adata)
+    assert p.context_key == "cell" and p.n_contexts == 4 and p.batch_key == "individual"
+    assert p.recommended_split == "unseen-context" and p.alternative_splits == []
+
+
+def test_one_perturbation_in_one_context_has_nothing_to_hold_out(make_adata):
+    """One stimulus and no cell types ('cell' holds barcodes, not a cell type): no split is recommended, and the
+    note says why and which obs columns there are, not a split that fails later."""
+    adata = make_adata(perturbations=("STIM",), perturbation_key="stim", control_label="CTRL")
+    adata.obs["cell"] = [f"AAAC{i:06d}" for i in range(adata.n_obs)]
+    p = profile_dataset(adata)
+    assert p.context_key is None and p.recommended_split is None and p.alternative_splits == []
+    note = next(n for n in p.notes if n.startswith(NOTHING_TO_HOLD_OUT))
+    assert "STIM" in note and "'cell'" in note and "--context-key" in note
+    one_drug = make_adata(perturbations=("dA",), perturbation_key="drug", control_label="DMSO", doses=[1.0, 10.0])
+    assert profile_dataset(one_drug).recommended_split == "unseen-dose"  # a dose can still be held out
 
 
 def test_lognorm_and_multimodal_profile(make_adata):

@@ -167,6 +167,26 @@ def test_cli_replay_of_a_folder_that_is_no_run_says_so(tmp_path):
     assert last["error"] == "PipelineError" and "run.json" in last["message"]
 
 
+def test_one_stimulus_without_cell_types_stops_before_the_experts_say_why(tmp_path):
+    """One stimulus and no cell-type column: nothing can be held out. The design stops after profiling, before
+    any LLM call or split, and names the fix (a column of cell types) and the obs columns there are."""
+    from tests.data.conftest import make_perturbation_adata
+
+    adata = make_perturbation_adata(perturbations=("STIM",), perturbation_key="stim", control_label="CTRL")
+    adata.obs = adata.obs.rename(columns={"batch": "donor_label"})
+    adata.write_h5ad(tmp_path / "one.h5ad")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["design", "--data", str(tmp_path / "one.h5ad"), "--task",
+                                      "Predict the interferon response of an unseen cell type", "--out", str(out),
+                                      "--sandbox", "local", "--json"])
+    assert result.exit_code == 1
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["error"] == "PipelineError"
+    assert "no split can hold anything out" in last["message"] and "STIM" in last["message"]
+    assert "--context-key" in last["message"] and "'donor_label'" in last["message"]
+    assert not (out / "task_analysis.json").exists() and not (out / "split").exists()
+
+
 @pytest.mark.slow
 def test_local_backend_runs_the_same_pipeline(knockout_data, tmp_path, monkeypatch):
     """Machines without Docker: the bundle sees its data where the local backend links it, not /data. Every
