@@ -239,8 +239,12 @@ class CellEvalScorer:
         def frame(values: dict[str, float]) -> Any:
             return pl.DataFrame({"statistic": ["mean"], **{m: [values[m]] for m in VCC_METRICS}})
 
-        result = score_agg_metrics(frame(summary), frame(self._base))
-        return float(result.filter(pl.col("metric") == "avg_score")["from_baseline"][0])
+        # A baseline at a metric's ceiling (one test condition: discrimination 1.0) leaves cell-eval's
+        # normalisation 0/0; that score is undefined, not a warning on the user's terminal.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            result = score_agg_metrics(frame(summary), frame(self._base))
+        score = float(result.filter(pl.col("metric") == "avg_score")["from_baseline"][0])
+        return score if np.isfinite(score) else None
 
 
 def cell_eval_block(score: Callable[[Any], CellEvalReport], predictions: dict[str, Any]) -> tuple[

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -131,3 +132,21 @@ def test_a_later_process_loads_the_de_kernels_instead_of_compiling_them(split, e
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["hits"] > 0 and counts["misses"] == 0, counts
+
+
+def test_one_test_condition_scores_without_a_warning(tmp_path):
+    """One stimulus in an unseen cell type: the test holds one condition, whose discrimination score is 1.0 for
+    any prediction, so cell-eval's normalisation against the baseline divides 0 by 0. The score stays finite
+    and nothing is warned on the user's terminal (a RuntimeWarning raised here fails the scoring)."""
+    from .conftest import make_perturbation_adata
+
+    adata = make_perturbation_adata(["STIM"], n_genes=40, cells_per_condition=40, n_control=80,
+                                    contexts=("A", "B", "C"))
+    make_split(adata, "unseen-context", 0, tmp_path / "split", context="A")
+    one = Evaluator(tmp_path / "split", "test")
+    assert len(one.truth.targets) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = one.cell_eval(truth_predictions(tmp_path / "split"))
+    assert report.summary["discrimination_score_l1"] == 1.0
+    assert report.vcc_score is None or np.isfinite(report.vcc_score)
