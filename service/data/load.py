@@ -104,6 +104,8 @@ CYTOKINES = frozenset({
     "il22", "il23", "il25", "il27", "il33", "il35", "tgfb", "tgfb1", "tgfb2", "csf1", "csf2", "csf3", "gmcsf",
     "gcsf", "mcsf", "tslp", "osm", "lif", "cntf", "epo", "tpo", "flt3l", "cd40l", "rankl", "tweak", "april",
     "baff", "light", "trail", "fasl",
+    # A stimulation set's own words for its one stimulus (Kang et al.'s interferon-β: `stim`, `stimulated`).
+    "stim", "stimulated", "stimulation", "interferon", "ifn", "ifnbeta", "ifngamma", "ifnalpha", "lps",
 })
 _CHEMICAL_COLUMNS = frozenset({"drug", "compound", "treatment", "perturbagen", "productname"})
 _CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated"})

@@ -123,6 +123,18 @@ def test_one_stimulus_by_cell_type_under_the_kang_names(make_adata):
     assert p.recommended_split == "unseen-context" and p.alternative_splits == []
 
 
+@pytest.mark.parametrize("key, control, stimulus", [("label", "ctrl", "stim"),  # pertpy's Kang
+                                                    ("condition", "control", "stimulated")])  # scGen's
+def test_a_stimulus_named_only_stimulated_is_a_stimulation_not_a_knockout(make_adata, key, control, stimulus):
+    """Kang's set as pertpy and scGen ship it: the one stimulus is labelled `stim` / `stimulated` under a column
+    that says nothing of its kind. It is a stimulation (no gene is knocked out, no target-gene note)."""
+    adata = make_adata(perturbations=(stimulus,), perturbation_key=key, control_label=control,
+                       contexts=["CD4T", "B", "NK", "CD14Mono"])
+    p = profile_dataset(adata)
+    assert p.perturbation_kind == "cytokine" and p.recommended_split == "unseen-context"
+    assert p.n_target_genes is None and not any("target gene" in n for n in p.notes)
+
+
 def test_one_perturbation_in_one_context_has_nothing_to_hold_out(make_adata):
     """One stimulus and no cell types ('cell' holds barcodes, not a cell type): no split is recommended, and the
     note says why and which obs columns there are, not a split that fails later."""
