@@ -94,6 +94,7 @@ CONTROL_LABELS = frozenset({
     "control", "ctrl", "ctl", "nontargeting", "nontarget", "nt", "ntc", "negctrl", "negativecontrol",
     "safetargeting", "scramble", "scrambled", "dmso", "vehicle", "unstimulated", "unstim", "pbs",
     "untreated", "unperturbed", "mock",
+    "dmsotf", "vehiclecontrol", "nodrug",  # Tahoe-100M's DMSO_TF; vehicle_control; no_drug
 })
 _CYTOKINE_COLUMNS = frozenset({"cytokine", "stimulation", "stim", "ligand"})
 _CYTOKINE_CONTROLS = frozenset({"unstimulated", "unstim", "pbs"})
@@ -108,7 +109,7 @@ CYTOKINES = frozenset({
     "stim", "stimulated", "stimulation", "interferon", "ifn", "ifnbeta", "ifngamma", "ifnalpha", "lps",
 })
 _CHEMICAL_COLUMNS = frozenset({"drug", "compound", "treatment", "perturbagen", "productname"})
-_CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated"})
+_CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated", "dmsotf", "vehiclecontrol", "nodrug"})
 
 FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "protein": "protein",
                  "adt": "protein", "peaks": "atac", "atac": "atac", "chromatin accessibility": "atac"}

@@ -43,6 +43,8 @@ from service.data import InconsistentAnnotation
         ("drug", "DMSO", {"doses": [0.1, 1.0, 10.0], "perturbations": ("dA", "dB")}, "chemical"),
         ("compound", "Vehicle", {"perturbations": ("dA", "dB")}, "chemical"),
         ("treatment", "vehicle", {"perturbations": ("dA", "dB")}, "chemical"),
+        ("drugname", "DMSO_TF", {"perturbations": ("dA", "dB")}, "chemical"),  # Tahoe-100M's control
+        ("label", "ctrl", {"perturbations": ("stim",)}, "cytokine"),  # Kang's set as pertpy ships it
         ("cytokine", "PBS", {"perturbations": ("IFNG", "TNF")}, "cytokine"),
         ("stimulation", "unstimulated", {"perturbations": ("IFNB", "IL4")}, "cytokine"),
         ("perturbation", "control", {"perturbations": ("IFNG", "TNF", "IL-1b", "G3")}, "cytokine"),
@@ -124,7 +126,7 @@ def test_feature_types_give_modalities(make_adata):
 
 def test_control_spellings():
     for label in ("control", "Ctrl", "NON-TARGETING", "non_targeting_12", "NTC", "nt", "DMSO", "vehicle",
-                  "Unstimulated", "PBS", "safe-targeting"):
+                  "Unstimulated", "PBS", "safe-targeting", "DMSO_TF", "vehicle_control", "no_drug"):
         assert is_control_label(label), label
     for label in ("NT5E", "CTRLB", "TP53", "IFNG", "dose"):
         assert not is_control_label(label), label
