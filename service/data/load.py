@@ -222,7 +222,7 @@ def _context_like(col: pd.Series) -> bool:
 
 
 def likely_context_columns(obs: pd.DataFrame, taken: set[str | None]) -> list[str]:
-    """Text columns named like a cell type / context (CONTEXT_HINTS) with 2 to MAX_LIKELY_CONTEXTS values."""
+    """Text columns named like a cell type / context (CONTEXT_HINTS) that look like one (`_context_like`)."""
     return [str(c) for c in obs.columns if c not in taken and any(h in _norm(c) for h in CONTEXT_HINTS)
             and _context_like(obs[c])]
 
