@@ -77,6 +77,7 @@ GUARDED_CONTEXT_COLUMNS = ("cell",)
 CONTEXT_HINTS = ("celltype", "cellline", "context", "tissue", "leiden", "louvain", "cluster")
 MAX_LIKELY_CONTEXTS = 200
 POOLED = "none"  # context_key: the data has no context column worth using; pool every cell
+UNKNOWN_CONTEXT = "unknown"  # the context of a cell whose context column is empty (a doublet, an unannotated cell)
 # Per-perturbation annotations (what a compound targets, as sci-Plex / Tahoe-style screens ship them; a stimulus's
 # receptors, through which the base for unseen cell types reads how strongly each type responds).
 ANNOTATION_COLUMNS = ("targets", "target", "target_genes", "target_gene", "gene_targets", "receptors", "receptor",
@@ -478,7 +479,7 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     dose = np.where(is_ctrl, np.nan, dose)
     if context_key:
         col = obs[context_key].astype(object)
-        context = col.where(col.notna(), "unknown").astype(str).str.replace("|", "/", regex=False).to_numpy(dtype=object)
+        context = col.where(col.notna(), UNKNOWN_CONTEXT).astype(str).str.replace("|", "/", regex=False).to_numpy(dtype=object)
     else:
         context = np.full(adata.n_obs, NO_CONTEXT, dtype=object)
 

@@ -34,7 +34,7 @@ from .chunks import row_chunks
 from .conditions import (BATCH, CONDITION, CONTEXT, DOSE, IS_CONTROL, PERTURBATION, STANDARD_OBS_COLUMNS, TARGETS_UNS,
                          combo_genes, predict_frame, targets_of_part)
 from .errors import SplitDirectoryError, SplitError, preview
-from .load import DEFAULT_MIN_CELLS, Dataset, load_dataset, read_h5ad
+from .load import DEFAULT_MIN_CELLS, UNKNOWN_CONTEXT, Dataset, load_dataset, read_h5ad
 from .partwrite import Part, write_parts
 from .preprocess import (
     ATAC_TRANSFORMS,
@@ -237,7 +237,9 @@ def _unseen_context(dataset: Dataset, conds: pd.DataFrame, rng, val_fraction: fl
     if context is None:
         if not contexts:
             raise SplitError("no context has both control cells and perturbed cells")
-        context = contexts[int(rng.integers(len(contexts)))]
+        # Cells without a cell type are no cell type to predict; they are drawn only when nothing else is.
+        drawable = [c for c in contexts if c != UNKNOWN_CONTEXT] or contexts
+        context = drawable[int(rng.integers(len(drawable)))]
     elif context not in contexts:
         raise SplitError(f"context {context!r} cannot be held out; contexts with controls "
                          f"and perturbations: {preview(contexts)}")

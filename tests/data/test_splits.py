@@ -240,6 +240,16 @@ def test_unseen_context_unknown_context(make_adata, tmp_path):
         make_split(make_adata(contexts=["A", "B"]), "unseen-context", 0, tmp_path, context="Z")
 
 
+def test_cells_without_a_cell_type_are_never_drawn_as_the_held_out_one(make_adata, tmp_path):
+    """Cells whose cell type is missing (doublets, unannotated cells) form the context `unknown`: no cell type
+    a scientist asks about. A drawn held-out context is never it, whatever the seed; named, it can be."""
+    adata = make_adata(contexts=["A", "B", "unannotated"])
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object).where(adata.obs["cell_type"] != "unannotated")
+    drawn = {make_split(adata, "unseen-context", seed, tmp_path / str(seed)).held_out_context for seed in range(8)}
+    assert drawn == {"A", "B"}
+    assert make_split(adata, "unseen-context", 0, tmp_path / "named", context="unknown").held_out_context == "unknown"
+
+
 def test_load_split_errors(splits, tmp_path):
     with pytest.raises(SplitDirectoryError, match="missing 'train.h5ad'"):
         load_split(tmp_path)
