@@ -64,7 +64,8 @@ PERTURBATION_COLUMNS = (
     "cytokine", "ligand",
 )
 _PERTURBATION_NORMS = frozenset(re.sub(r"[^0-9a-z]", "", n) for n in PERTURBATION_COLUMNS)
-DOSE_COLUMNS = ("dose", "dose_value", "dosage", "concentration", "dose_um", "dose_nm", "conc", "dose_val")
+DOSE_COLUMNS = ("dose", "dose_value", "dosage", "concentration", "dose_um", "dose_nm", "conc", "dose_val",
+                "drugname_drugconc")  # Tahoe-100M: "[('Talc', 0.05, 'uM')]"
 CONTEXT_COLUMNS = (
     "cell_type", "celltype", "cell_line", "cellline", "cell_line_name", "cell_type_annotation",
     "context", "cell_context", "tissue",
@@ -371,13 +372,20 @@ def _standard_labels(raw: pd.Series, control_labels: set[str]) -> tuple[np.ndarr
     return labels, labels == CONTROL
 
 
+_NUMBER = r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?"
+
+
 def _parse_dose(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
     col = obs[key]
     dose = pd.to_numeric(col, errors="coerce")
     if dose.isna().any():
         # Accept unit suffixes such as "10uM" or "0.1 nM" (the number is kept, the unit is assumed shared).
-        extracted = col.astype(str).str.extract(r"^\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)")[0]
+        text = col.astype(str)
+        extracted = text.str.extract(rf"^\s*({_NUMBER})")[0]
         dose = dose.fillna(pd.to_numeric(extracted, errors="coerce"))
+        # Tahoe-100M writes (drug, concentration, unit) tuples: "[('Talc', 0.05, 'uM')]".
+        in_tuple = text.str.extract(rf"^\[\(\s*'[^']*'\s*,\s*({_NUMBER})\s*,\s*'[^']*'\s*\)\]$")[0]
+        dose = dose.fillna(pd.to_numeric(in_tuple, errors="coerce"))
     bad = col.notna() & dose.isna() & ~col.astype(str).str.strip().str.lower().isin({"", "nan", "none"})
     if bad.any():
         raise InvalidDose(f"{source}: dose column {key!r} holds non-numeric values "

@@ -84,6 +84,19 @@ def test_dose_with_unit_suffix_is_parsed(make_adata):
     assert set(load_dataset(adata).obs["dose"].dropna()) == {1.0, 10.0}
 
 
+def test_tahoe_drug_concentration_tuples_are_the_dose(make_adata):
+    """Tahoe-100M's obs: the drug in `drug` (control DMSO_TF), its concentration only inside
+    `drugname_drugconc` as "[('Talc', 0.05, 'uM')]": read as the dose column, a drug screen with doses."""
+    adata = make_adata(perturbation_key="drug", control_label="DMSO_TF", doses=[0.05, 0.5, 5.0],
+                       perturbations=("Talc", "Bortezomib"), contexts=["HT-29", "A549"], context_key="cell_line")
+    adata.obs["drugname_drugconc"] = [f"[('{p}', {0.0 if p == 'DMSO_TF' else d:g}, 'uM')]"
+                                      for p, d in zip(adata.obs["drug"], adata.obs.pop("dose"), strict=True)]
+    ds = load_dataset(adata)
+    assert ds.layout.dose_key == "drugname_drugconc" and ds.layout.kind == "chemical"
+    assert ds.layout.control_labels == ["DMSO_TF"] and ds.layout.context_key == "cell_line"
+    assert set(ds.obs["dose"].dropna()) == {0.05, 0.5, 5.0} and ds.obs.loc[ds.obs["is_control"], "dose"].isna().all()
+
+
 def test_context_column_with_spaces_and_capitals(make_adata):
     adata = make_adata(contexts=["T", "B"])
     adata.obs = adata.obs.rename(columns={"cell_type": "Cell Line"})
