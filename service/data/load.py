@@ -353,19 +353,32 @@ def _rna_is_counts(adata: ad.AnnData, rna_mask: np.ndarray) -> bool:
     return integral or float(vals.max()) > LOGNORM_MAX
 
 
+def _underscore_combos(labels: list[str]) -> set[str]:
+    """The labels that write a combination `A_B`, as scPerturb does (`CEBPE_RUNX1T1`): taken so when at least
+    half of the column's labels with `_` (and no `+`) split into parts that are themselves labels there or
+    controls; guide names (`TP53_sg1`) and symbols with an underscore do not."""
+    known = set(labels)
+    candidates = [lab for lab in labels if "_" in lab and COMBO_SEPARATOR not in lab]
+    resolved = [lab for lab in candidates
+                if all(p in known or is_control_label(p) for p in lab.split("_")) and len(lab.split("_")) > 1]
+    return set(candidates) if candidates and 2 * len(resolved) >= len(candidates) else set()
+
+
 def _standard_labels(raw: pd.Series, control_labels: set[str]) -> tuple[np.ndarray, np.ndarray]:
     """Map the raw perturbation labels to standard ones, per distinct label then broadcast to cells.
 
     Controls become `control`; GEARS-style `A+ctrl` becomes `A`; combinations are sorted (`B+A` -> `A+B`).
     """
     codes, uniques = pd.factorize(raw.astype(str), sort=False)
+    underscored = _underscore_combos([u for u in uniques if u not in control_labels])
     mapped = []
     for label in uniques:
         if label in control_labels:
             mapped.append(CONTROL)
             continue
         # "|" separates the fields of a condition key, so it cannot appear inside a label.
-        parts = [p.strip().replace("|", "/") for p in label.split(COMBO_SEPARATOR)]
+        parts = [p.strip().replace("|", "/")
+                 for p in (label.split("_") if label in underscored else label.split(COMBO_SEPARATOR))]
         kept = sorted({p for p in parts if p and not is_control_label(p)})
         mapped.append(COMBO_SEPARATOR.join(kept) if kept else CONTROL)
     labels = np.asarray(mapped, dtype=object)[codes]

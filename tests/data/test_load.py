@@ -97,6 +97,19 @@ def test_tahoe_drug_concentration_tuples_are_the_dose(make_adata):
     assert set(ds.obs["dose"].dropna()) == {0.05, 0.5, 5.0} and ds.obs.loc[ds.obs["is_control"], "dose"].isna().all()
 
 
+def test_scperturb_underscore_combinations_are_combinations(make_adata):
+    """scPerturb writes Norman's double knockouts `CEBPE_RUNX1T1`: where most labels with `_` split into parts
+    that are labels of the column themselves, `_` separates a combination (also for a pair whose singles were
+    not measured). Guide names (`TP53_sg1`) stay single perturbations."""
+    norman = make_adata(perturbations=("CEBPE", "RUNX1T1", "KLF1", "CEBPE_RUNX1T1", "KLF1_CEBPE", "AHR_FEV"))
+    ds = load_dataset(norman)
+    assert ds.layout.kind == "genetic_combo"
+    assert set(ds.obs["perturbation"]) == {"control", "CEBPE", "RUNX1T1", "KLF1", "CEBPE+RUNX1T1", "CEBPE+KLF1",
+                                           "AHR+FEV"}
+    guides = load_dataset(make_adata(perturbations=("TP53_sg1", "TP53_sg2", "MYC_sg1", "MYC")))
+    assert guides.layout.kind == "genetic" and "TP53_sg1" in set(guides.obs["perturbation"])
+
+
 def test_context_column_with_spaces_and_capitals(make_adata):
     adata = make_adata(contexts=["T", "B"])
     adata.obs = adata.obs.rename(columns={"cell_type": "Cell Line"})
