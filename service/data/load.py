@@ -91,15 +91,15 @@ SYMBOL_COLUMNS = ("gene_name", "gene_names", "gene_symbol", "gene_symbols", "sym
 _ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}")
 FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type", "modality")
 
+# A control label that also says the screen's kind (a vehicle: drugs; an unstimulated well: cytokines).
+_CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated", "dmsotf", "vehiclecontrol", "nodrug"})  # dmsotf: Tahoe
+_CYTOKINE_CONTROLS = frozenset({"unstimulated", "unstim", "pbs"})
 # Control labels, normalized (lower-case, alphanumerics only, trailing guide numbers dropped).
 CONTROL_LABELS = frozenset({
     "control", "ctrl", "ctl", "nontargeting", "nontarget", "nt", "ntc", "negctrl", "negativecontrol",
-    "safetargeting", "scramble", "scrambled", "dmso", "vehicle", "unstimulated", "unstim", "pbs",
-    "untreated", "unperturbed", "mock",
-    "dmsotf", "vehiclecontrol", "nodrug",  # Tahoe-100M's DMSO_TF; vehicle_control; no_drug
-})
+    "safetargeting", "scramble", "scrambled", "unperturbed", "mock",
+}) | _CHEMICAL_CONTROLS | _CYTOKINE_CONTROLS
 _CYTOKINE_COLUMNS = frozenset({"cytokine", "stimulation", "stim", "ligand"})
-_CYTOKINE_CONTROLS = frozenset({"unstimulated", "unstim", "pbs"})
 # Stimulation screens label conditions by the cytokine itself; a genetic screen rarely targets mostly these.
 CYTOKINES = frozenset({
     "ifng", "ifnb", "ifnb1", "ifna", "ifna1", "ifna2", "ifnl1", "tnf", "tnfa", "lta", "il1a", "il1b", "il2", "il3",
@@ -111,7 +111,6 @@ CYTOKINES = frozenset({
     "stim", "stimulated", "stimulation", "interferon", "ifn", "ifnbeta", "ifngamma", "ifnalpha", "lps",
 })
 _CHEMICAL_COLUMNS = frozenset({"drug", "compound", "treatment", "perturbagen", "productname"})
-_CHEMICAL_CONTROLS = frozenset({"dmso", "vehicle", "untreated", "dmsotf", "vehiclecontrol", "nodrug"})
 
 FEATURE_TYPES = {"gene expression": "rna", "antibody capture": "protein", "protein": "protein",
                  "adt": "protein", "peaks": "atac", "atac": "atac", "chromatin accessibility": "atac"}
@@ -219,8 +218,7 @@ def _find_column(columns: Sequence[str], candidates: Sequence[str]) -> str | Non
 
 def _context_like(col: pd.Series) -> bool:
     """Text with 2 to MAX_LIKELY_CONTEXTS values, most shared by several cells (not an identifier)."""
-    n = col.nunique()
-    return _is_text(col) and 2 <= n <= min(MAX_LIKELY_CONTEXTS, len(col) // 2)
+    return _is_text(col) and 2 <= col.nunique() <= min(MAX_LIKELY_CONTEXTS, len(col) // 2)
 
 
 def likely_context_columns(obs: pd.DataFrame, taken: set[str | None]) -> list[str]:
@@ -359,8 +357,7 @@ def _underscore_combos(labels: list[str]) -> set[str]:
     controls; guide names (`TP53_sg1`) and symbols with an underscore do not."""
     known = set(labels)
     candidates = [lab for lab in labels if "_" in lab and COMBO_SEPARATOR not in lab]
-    resolved = [lab for lab in candidates
-                if all(p in known or is_control_label(p) for p in lab.split("_")) and len(lab.split("_")) > 1]
+    resolved = [lab for lab in candidates if all(p in known or is_control_label(p) for p in lab.split("_"))]
     return set(candidates) if candidates and 2 * len(resolved) >= len(candidates) else set()
 
 
@@ -480,10 +477,10 @@ def detect_layout(adata: ad.AnnData, *, source: str = "<AnnData>", perturbation_
     pert_key, controls = _pick_perturbation_column(obs, perturbation_key, control, source)
     dose_key = _check_key(obs, dose_key, "dose") or _find_column(list(obs.columns), DOSE_COLUMNS)
     pooled = context_key == POOLED and POOLED not in obs.columns
+    guarded = _find_column(list(obs.columns), GUARDED_CONTEXT_COLUMNS)
     context_key = None if pooled else (_check_key(obs, context_key, "context")
                                        or _find_column(list(obs.columns), CONTEXT_COLUMNS)
-                                       or _find_column([c for c in obs.columns if _context_like(obs[c])],
-                                                       GUARDED_CONTEXT_COLUMNS))
+                                       or (guarded if guarded and _context_like(obs[guarded]) else None))
     batch_key = _check_key(obs, batch_key, "batch") or _find_column(list(obs.columns), BATCH_COLUMNS)
     if pert_key in (dose_key, context_key, batch_key):
         raise UnknownColumn(f"{source}: column {pert_key!r} cannot be both the perturbation and another role")
