@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -218,3 +219,17 @@ async def test_leaving_a_stream_early_interrupts_the_code(shared_sandbox):
     started = time.perf_counter()
     res = await shared_sandbox.execute("'finished' in globals()", timeout=10)
     assert res.result == "False" and time.perf_counter() - started < 5
+
+
+async def test_an_abandoned_run_is_interrupted_until_it_stops(shared_sandbox):
+    """The interrupt sent as a caller leaves can be lost (here: the code swallows the first one); the next
+    request sends it again rather than queue behind the code until its own timeout."""
+    code = ("import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\n"
+            "except KeyboardInterrupt:\n    time.sleep(60)\nfinished = True")
+    async with contextlib.aclosing(shared_sandbox.stream(code)) as events:
+        async for event in events:
+            assert isinstance(event, StdoutEvent) and event.text == "started\n"
+            break
+    started = time.perf_counter()
+    res = await shared_sandbox.execute("'finished' in globals()", timeout=10)
+    assert res.outcome == Outcome.OK and res.result == "False" and time.perf_counter() - started < 5
