@@ -66,6 +66,10 @@ def test_rules_follow_the_baseline_that_beats_the_model(plan):
     again = offline_improve(_context(plan, table, [{"label": change.label}]))
     assert again.label == "Pearson Δ loss term" and again.plan_updates["loss.kind"] == "mse_pearson_delta"
     assert again.plan_updates["loss.pearson_weight"] == pytest.approx(2 * plan.loss.pearson_weight)
+    # At the schema's cap the term cannot grow: no step is spent proposing the plan as it is.
+    capped = plan.model_copy(deep=True)
+    capped.loss.kind, capped.loss.pearson_weight = "mse_pearson_delta", 1.0
+    assert offline_improve(_context(capped, table, [{"label": change.label}])).label != "Pearson Δ loss term"
 
 
 def test_losing_to_the_control_asks_for_regularisation(plan):
