@@ -294,13 +294,20 @@ def _de_loss(f: ProfileFacts, a: TaskAnalysis, v: dict[str, FieldValue]) -> Obje
     suggestions: dict[str, FieldValue] = {
         "loss.de_weighting": "top_de", "loss.de_top_k": 20, "loss.de_weight": 5.0,
     }
+    hedge = ""
     if a.primary_metric.startswith("pearson_delta") and v.get("loss.kind") == "mse":
-        suggestions |= {"loss.kind": "mse_pearson_delta", "loss.pearson_weight": Loss.DEFAULT_PEARSON_WEIGHT}
+        weight = Loss.DEFAULT_PEARSON_WEIGHT
+        if a.split_scheme == "unseen-perturbation" and a.perturbation_kind == "genetic":
+            weight = Loss.UNMEASURED_STRENGTH_PEARSON_WEIGHT
+            hedge = (f" at weight {weight:g}, as strongly as the squared error: how far a held-out gene's "
+                     "knockdown moves the others was measured nowhere, and under that doubt the Pearson term "
+                     "hedges between the average response and none where the squared error fits the average")
+        suggestions |= {"loss.kind": "mse_pearson_delta", "loss.pearson_weight": weight}
     return Objection(
         0.7,
         f"the evaluator scores MSE and Pearson Δ on the top-20 DE genes, which {carried} but are 20 of "
         f"{n_hvg} genes: a uniform MSE spends the model on near-null genes; weight each condition's top-20 DE "
-        f"genes ×5 and add a Pearson-Δ term for the primary metric {a.primary_metric}",
+        f"genes ×5 and add a Pearson-Δ term for the primary metric {a.primary_metric}{hedge}",
         suggestions,
     )
 

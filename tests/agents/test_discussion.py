@@ -160,9 +160,15 @@ def test_critique_about_few_cells_narrows_the_network_only_through_the_critic_ed
 def test_statistician_de_gene_point_sets_the_loss_weighting(tmp_path):
     plan = _discuss(KNOCKOUT, "unseen knockouts", tmp_path / "a").plan
     assert plan.loss.de_weighting == "top_de" and plan.loss.de_top_k == 20 and plan.loss.de_weight == 5.0
-    assert plan.loss.kind == "mse_pearson_delta" and plan.loss.pearson_weight == Loss.DEFAULT_PEARSON_WEIGHT
+    # Held-out genes: their strength was measured nowhere, so the Pearson term weighs as much as the squared error.
+    assert plan.loss.kind == "mse_pearson_delta" and plan.loss.pearson_weight == Loss.UNMEASURED_STRENGTH_PEARSON_WEIGHT
     ref = plan.provenance["loss.de_weighting"]
     assert ref.expert == "statistician" and "top-20 DE genes" in ref.summary and "40%" in ref.summary
+    assert "measured nowhere" in ref.summary
+    # Held-out compounds: the plain weight (target annotations and doses carry a response's strength).
+    drug = _discuss(DRUG, TASKS["drug"][1], tmp_path / "drug").plan
+    assert drug.loss.kind == "mse_pearson_delta" and drug.loss.pearson_weight == Loss.DEFAULT_PEARSON_WEIGHT
+    assert "measured nowhere" not in drug.provenance["loss.de_weighting"].summary
     silent = _discuss(KNOCKOUT, "unseen knockouts", tmp_path / "b",
                       graph=DEFAULT_GRAPH.without("statistician", "training")).plan
     assert silent.loss.de_weighting == "none" and silent.loss.kind == "mse"
