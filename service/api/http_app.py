@@ -312,8 +312,8 @@ async def _encode(items: AsyncGenerator[Any, None], sse: bool) -> AsyncIterator[
             else:
                 yield frame(item.kind, item.model_dump(mode="json"))
     except ServiceError as exc:
-        # Headers are gone already: the failure travels in the stream.
-        yield frame("failed", {"kind": "failed", **error_body(exc)})
+        # Headers are gone already: the failure travels in the stream, with the status it would have had.
+        yield frame("failed", {"kind": "failed", "status": exc.http_status, **error_body(exc)})
     finally:
         await items.aclose()
 

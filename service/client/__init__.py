@@ -21,7 +21,7 @@ from typing import Any, Literal
 from sandbox.events import ExecutionResult, StreamEvent, StreamEventAdapter
 from service.protocol import FINAL_JOB_STATES, DatasetInfo, JobEvent, JobInfo, SandboxInfo
 
-from .errors import APIError, AuthenticationError, InvalidRequestError, NotFoundError, QuotaError
+from .errors import APIError, AuthenticationError, InvalidRequestError, NotFoundError, QuotaError, api_error
 
 class CellForgeClient:
     def __init__(self, url: str, api_key: str, transport: Literal["http", "grpc"] = "http",
@@ -75,7 +75,9 @@ class CellForgeClient:
                 return ExecutionResult.model_validate(event["result"])
             if event["kind"] == "failed":
                 error = event["error"]
-                raise APIError(500, error["type"], error["message"])
+                # A failure after the stream began (the sandbox closed through another replica meanwhile)
+                # is the same typed error as one before it.
+                raise api_error(int(event.get("status", 500)), error["type"], error["message"])
             if on_event is not None:
                 on_event(StreamEventAdapter.validate_python(event))
         raise APIError(502, "StreamEnded", f"the execution stream of sandbox {sandbox_id} ended without a result")
