@@ -298,10 +298,11 @@ def _proposals(context: dict[str, Any]) -> list[Change]:
         propose("heavier top-DE loss weight", f"baseline {top[0]} beats the model on validation mse_top20_de",
                 plan_updates={"loss.de_weighting": "top_de", "loss.de_weight": min(100.0, loss["de_weight"] * 2)})
     # Not at the schema's cap already: the change would leave the plan as it is and spend a step.
-    if beaten.get(primary) and primary.startswith("pearson") and not top and loss["pearson_weight"] < 1.0:
+    if beaten.get(primary) and primary.startswith("pearson") and not top and loss["pearson_weight"] < Loss.MAX_PEARSON_WEIGHT:
         propose("Pearson Δ loss term", f"the model loses on {primary} while its squared error is competitive",
                 plan_updates={"loss.kind": "mse_pearson_delta",
-                              "loss.pearson_weight": min(1.0, max(Loss.DEFAULT_PEARSON_WEIGHT, loss["pearson_weight"] * 2))})
+                              "loss.pearson_weight": min(Loss.MAX_PEARSON_WEIGHT,
+                                                         max(Loss.DEFAULT_PEARSON_WEIGHT, loss["pearson_weight"] * 2))})
     if network:
         propose("lower learning rate", "generic: a smaller step often stops later at a better point",
                 plan_updates={"training.lr": training["lr"] * 0.3})
