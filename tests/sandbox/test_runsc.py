@@ -155,7 +155,11 @@ async def test_out_of_memory_dies_with_its_cause_and_restarts(backend, small_spe
     try:
         await run_ok(sb, "kept = 1")
         res = await sb.execute("hog = b'x' * (1 << 30)", timeout=60)
-        assert res.outcome is Outcome.DIED and res.died_cause == "out of memory" and res.state_lost
+        # Under gVisor the host's OOM killer kills the Sentry itself, so the container's cgroup goes with it,
+        # and on cgroup v1 the engine sometimes misses the OOM event (seen 1 in 25 on a loaded machine; its
+        # flag was still unset a second later): the cause is then the bare SIGKILL, which the debugging agent
+        # reads as out of memory too (tests/pipeline/test_debugger.py).
+        assert res.outcome is Outcome.DIED and res.died_cause in ("out of memory", "signal 9") and res.state_lost
         await sb.restart()
         assert (await sb.execute("'kept' in globals(), 1 + 1")).result == "(False, 2)"
     finally:
