@@ -132,6 +132,10 @@ def test_a_failed_restart_is_a_clear_error_and_the_sandbox_shows_dead(server, al
                 c.restart(sandbox_id)
             assert failed.value.status == 503 and "exit code 7" in failed.value.message
             assert c.get_sandbox(sandbox_id).status == "dead"
+            # Refused inside the execution stream (its headers are sent): the same status as any refusal.
+            with pytest.raises(APIError) as refused:
+                c.execute(sandbox_id, "1 + 1")
+            assert refused.value.status == 409 and "exit code 7" in refused.value.message, refused.value
             c.restart(sandbox_id)  # a fresh container: the planted file went with the old /tmp
             assert c.get_sandbox(sandbox_id).status == "live"
             assert c.execute(sandbox_id, "6 * 7").result == "42"
