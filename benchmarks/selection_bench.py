@@ -131,6 +131,30 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def against_the_others(rows: list[dict]) -> dict:
+    """Each method (the delivered predictor, the designed model, every baseline) against the best of the
+    *other* baselines on test, per unit, as the verdict judges the delivered one: how far the benchmark's
+    yardstick, an oracle pick per unit among several baselines, is from what any single method reaches."""
+    out: dict = {}
+    for who in ["delivered", "designed", *rows[0]["test"]]:
+        if who in out:
+            continue
+        counts: dict = {}
+        for metric, pick in ((PRIMARY, max), (MSE, min)):
+            verdicts, gains = [], []
+            for r in rows:
+                others = [s[metric] for n, s in r["test"].items() if n not in ("designed", who) and s.get(metric) is not None]
+                mine = r[metric]["delivered"] if who == "delivered" else r["test"].get(who, {}).get(metric)
+                if mine is None or not others:
+                    continue
+                verdicts.append(verdict(metric, mine, pick(others)))
+                gains.append(gain(metric, mine, pick(others)))
+            counts[metric] = {"win": verdicts.count("win"), "tie": verdicts.count("tie"), "loss": verdicts.count("loss"),
+                              "median_relative_gain": round(statistics.median(gains), 4) if gains else None}
+        out[who] = counts
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", default="stimulation", choices=list(TASKS))
@@ -165,7 +189,8 @@ def main() -> None:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds, "perturbations": args.perturbations,
-                      "validation": args.validation, "receptors": args.receptors, "summary": summary(rows), "runs": rows}, indent=1))
+                      "validation": args.validation, "receptors": args.receptors, "summary": summary(rows),
+                      "against_the_others": against_the_others(rows), "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
