@@ -69,7 +69,7 @@ def test_rules_follow_the_baseline_that_beats_the_model(plan):
     assert again.plan_updates["loss.pearson_weight"] == pytest.approx(2 * plan.loss.pearson_weight)
     # At the schema's cap the term cannot grow: no step is spent proposing the plan as it is.
     capped = plan.model_copy(deep=True)
-    capped.loss.kind, capped.loss.pearson_weight = "mse_pearson_delta", 1.0
+    capped.loss.kind, capped.loss.pearson_weight = "mse_pearson_delta", Loss.MAX_PEARSON_WEIGHT
     assert offline_improve(_context(capped, table, [{"label": change.label}])).label != "Pearson Δ loss term"
 
 
