@@ -27,7 +27,6 @@ import grpc
 import httpx
 
 from sandbox import DockerBackend, SandboxSpec
-from service.api.grpc_server import struct
 from service.protocol.proto.cellforge.v1 import cellforge_pb2 as pb
 from service.protocol.proto.cellforge.v1 import cellforge_pb2_grpc as pb_grpc
 from service.client import CellForgeClient
@@ -59,7 +58,7 @@ async def latencies(url: str, target: str, key: str, calls: int, block: int = 20
             grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.CellForgeStub(channel)
         sb_http = (await http.post("/v1/sandboxes", json={"memory": "256m"})).json()["id"]
-        created = await stub.CreateSandbox(pb.CreateSandboxRequest(spec=struct({"memory": "256m"})), metadata=metadata)
+        created = await stub.CreateSandbox(pb.CreateSandboxRequest(spec=pb.SandboxSpec(memory="256m")), metadata=metadata)
         sb_grpc = created.id
 
         async def via_direct() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -53,7 +54,7 @@ NODE_CPUS = 4
 def local_cluster() -> Any:
     from ray.cluster_utils import Cluster
 
-    args = {"num_cpus": NODE_CPUS, "object_store_memory": 100 << 20}
+    args: dict[str, Any] = {"num_cpus": NODE_CPUS, "object_store_memory": 100 << 20}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={**args, "resources": {SLOT_RESOURCE: 16, ZONES[0]: 1}, "include_dashboard": False},
@@ -144,7 +145,7 @@ async def design_jobs(data: Path, zones: list[str]) -> dict[str, Any]:
         job = design_job(data, number)
         options = {**job_options(job), "num_cpus": NODE_CPUS, "resources": {SLOT_RESOURCE: MARKER, zone: MARKER}}
         started = time.perf_counter()
-        async for ref in _task.options(**options).remote(job):
+        async for ref in _task.options(**options).remote(job):  # type: ignore[attr-defined]  # a streaming generator
             item = await ref
             if isinstance(item, JobOutcome):
                 return time.perf_counter() - started, item.node, item.result["status"]
@@ -188,7 +189,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                      "nodes (and anything else running), so the figures show the overhead of spreading jobs over "
                      "nodes, not the speed-up of separate machines"),
         }}
-    figures = {
+    figures: dict[str, dict[str, Any]] = {
         "start_ms_p50": {name: p50(s) for name, s in start.items()},
         "exec_roundtrip_ms_p50": {name: p50(s) for name, s in trip.items()},
         "exec_roundtrip_ms_p95": {name: p95(s) for name, s in trip.items()},
@@ -230,7 +231,7 @@ def main() -> None:
         cluster = local_cluster()
         args.address = cluster.address
     try:
-        ray.init(address=args.address, namespace="cellforge-bench", logging_level="WARNING")
+        ray.init(address=args.address, namespace="cellforge-bench", logging_level=logging.WARNING)
         print(json.dumps(asyncio.run(bench(args))))
     finally:
         ray.shutdown()

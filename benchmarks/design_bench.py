@@ -52,8 +52,8 @@ TASKS = {
 # Enough held-out units for a verdict (≥ 5 test compounds: a split holds out a fifth of them); the default
 # simulation has 10 compounds at 12,000 cells.
 PERTURBATIONS = {"drug": 25}
-DEMO = {"kind": "knockout", "seed": 0, "cells": DEMO_CELLS, "genes": DEMO_GENES,
-        "task": "Predict expression after CRISPR knockout of unseen genes"}  # as `cellforge demo` runs it
+DEMO_SEED = 0
+DEMO_TASK = "Predict expression after CRISPR knockout of unseen genes"  # as `cellforge demo` runs it
 PRIMARY = "pearson_delta_pert"
 METRICS = {PRIMARY: "higher", "mse_top20_de": "lower"}
 TARGET_SECONDS = 900
@@ -87,9 +87,9 @@ def score_run(kind: str, seed: int, context: str | None, seconds: float, result)
     row["delivered"] = f"{delivered.get('kind')}:{delivered.get('name')}"
     designed = m.get("model") or {}
     for metric, direction in METRICS.items():
-        scores = {name: s[metric] for name, s in m["baselines"].items() if s.get(metric) is not None}
+        scores: dict[str, float] = {name: s[metric] for name, s in m["baselines"].items() if s.get(metric) is not None}
         pick = max if direction == "higher" else min
-        best = pick(scores, key=scores.get)
+        best = pick(scores, key=lambda name: scores[name])
         got, own = delivered["test"][metric], designed.get(metric)
         row[metric] = {"delivered": got, "designed": own, "best_baseline": best, "best": scores[best],
                        "ceiling": m["ceiling"].get(metric), "verdict": verdict(metric, got, scores[best]),
@@ -180,8 +180,8 @@ def held_out(kind: str, adata, contexts: list[str] | None) -> list[str | None]:
 
 def demo_run(sandbox: str, work: Path) -> dict:
     data = work / "demo_knockout.h5ad"
-    simulate(DEMO["kind"], DEMO["seed"], n_cells=DEMO["cells"], n_genes=DEMO["genes"]).write_h5ad(data)
-    return design("demo", DEMO["seed"], data, DEMO["task"], work, sandbox)
+    simulate("knockout", DEMO_SEED, n_cells=DEMO_CELLS, n_genes=DEMO_GENES).write_h5ad(data)
+    return design("demo", DEMO_SEED, data, DEMO_TASK, work, sandbox)
 
 
 def _tally(rows: list[dict], metric: str, key: str = "verdict") -> dict:
@@ -207,7 +207,7 @@ def summarise(rows: list[dict]) -> dict:
                 "mean_relative_gain": round(statistics.fmean(r[metric]["gain"] for r in mine), 4),
                 "best_baselines": sorted({r[metric]["best_baseline"] for r in mine}),
             }
-            by_seed = {}
+            by_seed: dict[str, list[str]] = {}
             for r in mine:
                 by_seed.setdefault(str(r["seed"]), []).append(r[metric]["verdict"])
             entry[metric]["wins_by_seed"] = {s: f"{v.count('win')}/{len(v)}" for s, v in by_seed.items()}
@@ -231,7 +231,7 @@ def scale_run(sandbox: str, work: Path) -> dict:
     simulate("knockout", 0, n_cells=20000, n_genes=2000).write_h5ad(data)
     simulate_s = time.perf_counter() - t0
     phases: dict[str, float] = {}
-    last = [time.perf_counter(), "start"]
+    last: list = [time.perf_counter(), "start"]
 
     def on_progress(event) -> None:
         now = time.perf_counter()

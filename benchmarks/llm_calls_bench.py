@@ -50,7 +50,8 @@ def scripted_run(facts, task: str, rounds: int, latency: float, work: Path) -> d
         chars = [sum(len(m["content"]) for m in r.messages) for r in server.requests]
         by_kind_chars: dict[str, int] = {}
         for r, n in zip(server.requests, chars, strict=True):
-            schema = re.search(r"JSON schema \((\w+)\)", r.messages[0]["content"]).group(1)
+            found = re.search(r"JSON schema \((\w+)\)", r.messages[0]["content"])
+            schema = found.group(1) if found else "unnamed"
             by_kind_chars[schema] = by_kind_chars.get(schema, 0) + n
         system_chars = [len(r.messages[0]["content"]) for r in server.requests]
         calls = read_calls(run_dir)

@@ -77,7 +77,7 @@ def at_true_strength(base, members: dict[str, np.ndarray], delta: np.ndarray) ->
     return {name: base._at_gain_kernel_strength(truth, name) for name in truth}
 
 
-def one_type(m, kind: str, seed: int, data: Path, work: Path, context: str) -> dict:
+def one_type(m, kind: str, seed: int, data: Path, work: Path, context: str | None) -> dict:
     split = work / f"{kind}_{seed}_{context}"
     make_split(data, SCHEMES[kind], seed, split, context=context)
     model = fitted(m, split)
@@ -101,7 +101,7 @@ def one_type(m, kind: str, seed: int, data: Path, work: Path, context: str) -> d
                  "baselines": {n: {k: s.get(k) for k in METRICS} for n, s in baselines.items()}}
     for metric, pick in METRICS.items():
         scored = {n: s[metric] for n, s in baselines.items() if s.get(metric) is not None}
-        best = pick(scored, key=scored.get)
+        best = pick(scored, key=lambda n: scored[n])
         values = {n: s[metric] for n, s in mine.items()}
         values[ORACLE] = pick(values.values())
         values[COMBINATION] = oracle[metric]

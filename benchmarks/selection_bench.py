@@ -108,7 +108,7 @@ def one_unit(m, kind: str, seed: int, data: Path, work: Path, context: str | Non
                  "test": {n: {k: s.get(k) for k in (PRIMARY, MSE)} for n, s in scores.items()}}
     for metric, pick in ((PRIMARY, max), (MSE, min)):
         baselines = {n: s[metric] for n, s in scores.items() if n != "designed" and s.get(metric) is not None}
-        best = pick(baselines, key=baselines.get)
+        best = pick(baselines, key=lambda n: baselines[n])
         row[metric] = {"delivered": got[metric], "designed": scores["designed"][metric], "best_baseline": best,
                        "best": baselines[best], "verdict": verdict(metric, got[metric], baselines[best]),
                        "designed_verdict": verdict(metric, scores["designed"][metric], baselines[best]),
