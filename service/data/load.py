@@ -388,15 +388,16 @@ _NUMBER = r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?"
 def _parse_dose(obs: pd.DataFrame, key: str, source: str) -> np.ndarray:
     col = obs[key]
     dose = pd.to_numeric(col, errors="coerce")
-    if dose.isna().any():
-        # Accept unit suffixes such as "10uM" or "0.1 nM" (the number is kept, the unit is assumed shared).
-        text = col.astype(str)
-        extracted = text.str.extract(rf"^\s*({_NUMBER})")[0]
-        dose = dose.fillna(pd.to_numeric(extracted, errors="coerce"))
-        # Tahoe-100M writes (drug, concentration, unit) tuples: "[('Talc', 0.05, 'uM')]".
-        in_tuple = text.str.extract(rf"^\[\(\s*'[^']*'\s*,\s*({_NUMBER})\s*,\s*'[^']*'\s*\)\]$")[0]
-        dose = dose.fillna(pd.to_numeric(in_tuple, errors="coerce"))
-    bad = col.notna() & dose.isna() & ~col.astype(str).str.strip().str.lower().isin({"", "nan", "none"})
+    if not dose.isna().any():
+        return dose.to_numpy(dtype=float)
+    # Accept unit suffixes such as "10uM" or "0.1 nM" (the number is kept, the unit is assumed shared).
+    text = col.astype(str)
+    extracted = text.str.extract(rf"^\s*({_NUMBER})")[0]
+    dose = dose.fillna(pd.to_numeric(extracted, errors="coerce"))
+    # Tahoe-100M writes (drug, concentration, unit) tuples: "[('Talc', 0.05, 'uM')]".
+    in_tuple = text.str.extract(rf"^\[\(\s*'[^']*'\s*,\s*({_NUMBER})\s*,\s*'[^']*'\s*\)\]$")[0]
+    dose = dose.fillna(pd.to_numeric(in_tuple, errors="coerce"))
+    bad = col.notna() & dose.isna() & ~text.str.strip().str.lower().isin({"", "nan", "none"})
     if bad.any():
         raise InvalidDose(f"{source}: dose column {key!r} holds non-numeric values "
                           f"{preview(pd.unique(col[bad].astype(str)))}; expected numbers (e.g. 0.1, 10, '10uM')")
