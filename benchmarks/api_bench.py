@@ -170,7 +170,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="cellforge-bench-"))
     http_port, grpc_port = _port(), _port()
     created = subprocess.run([CLI, "tenants", "create", "bench", "--data-dir", str(data_dir), "--json",
-                              "--max-sandboxes", str(args.sandboxes + 2), "--max-memory", "64g",
+                              "--max-sandboxes", str(args.sandboxes + 2), "--max-memory", "64g", "--max-cpus", str(args.sandboxes + 2),
                               "--rate-limit", "100000"], capture_output=True, text=True, check=True)
     key = json.loads(created.stdout.strip().splitlines()[-1])["api_key"]
     server = subprocess.Popen([CLI, "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),

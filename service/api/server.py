@@ -119,7 +119,10 @@ class StartupError(CellForgeError):
 def listen(host: str, port: int, backlog: int) -> socket.socket:
     """The HTTP socket, bound before anything starts, so a port in use is reported as it is."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: accepted sockets inherit it, and asyncio turns Nagle off (TCP_NODELAY) only on
+    # sockets that say TCP. With Nagle on, each answer after a connection's first waited out the client's
+    # delayed ACK: 40 ms per keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -264,6 +264,19 @@ def embedded(tmp_path, docker_image):
     thread.join(30)
 
 
+def test_http_connections_send_without_waiting_for_the_clients_ack(embedded):
+    """Nagle's algorithm off (TCP_NODELAY) on every connection the HTTP server accepts: with it on, each answer on
+    a kept-alive connection after its first waited out the client's delayed ACK (api_bench: 44 ms per execute
+    over HTTP against 3.5 ms more than a direct call over gRPC, a GET 44 ms)."""
+    url, _target, _loop, http_server, _keys = embedded
+    with httpx.Client(base_url=url) as client:
+        for _ in range(3):  # one kept-alive connection, several answers
+            assert client.get("/readyz").status_code == 200
+        sockets = [c.transport.get_extra_info("socket") for c in http_server.server_state.connections]
+        assert sockets, "the server holds no connection while the client keeps one alive"
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+
+
 def test_a_saturated_default_executor_and_work_pool_do_not_delay_authentication(embedded):
     url, target, loop, http_server, (victim, hostile) = embedded
     core = http_server.config.app.state.core
