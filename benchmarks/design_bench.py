@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.cli.design_cmd import DEMO_CELLS, DEMO_GENES
+from service.cli.design_cmd import DEMO_CELLS, DEMO_GENES, DEMO_TASK
 from service.data import make_split, simulate
 from service.data.baselines import run_baselines
 from service.data.evaluate import Evaluator
@@ -52,8 +52,7 @@ TASKS = {
 # Enough held-out units for a verdict (≥ 5 test compounds: a split holds out a fifth of them); the default
 # simulation has 10 compounds at 12,000 cells.
 PERTURBATIONS = {"drug": 25}
-DEMO_SEED = 0
-DEMO_TASK = "Predict expression after CRISPR knockout of unseen genes"  # as `cellforge demo` runs it
+DEMO_SEED = 0  # `cellforge demo`'s default seed
 PRIMARY = "pearson_delta_pert"
 METRICS = {PRIMARY: "higher", "mse_top20_de": "lower"}
 TARGET_SECONDS = 900
@@ -184,9 +183,12 @@ def demo_run(sandbox: str, work: Path) -> dict:
     return design("demo", DEMO_SEED, data, DEMO_TASK, work, sandbox)
 
 
-def _tally(rows: list[dict], metric: str, key: str = "verdict") -> dict:
-    verdicts = [r[metric][key] for r in rows if r[metric][key] is not None]
+def counts(verdicts: list[str]) -> dict[str, int]:
     return {v: verdicts.count(v) for v in ("win", "tie", "loss")}
+
+
+def _tally(rows: list[dict], metric: str, key: str = "verdict") -> dict:
+    return counts([r[metric][key] for r in rows if r[metric][key] is not None])
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
 
 import service.data.splits as splits  # noqa: E402
-from design_bench import PERTURBATIONS, PRIMARY, TASKS, gain, held_out, split_and_baselines, verdict  # noqa: E402
+from design_bench import PERTURBATIONS, PRIMARY, TASKS, counts, gain, held_out, split_and_baselines, verdict  # noqa: E402
 from generated_code import load_bundle  # noqa: E402
 from service.agents import analyse_task, run_discussion  # noqa: E402
 from service.data import profile_dataset, simulate  # noqa: E402
@@ -124,9 +124,7 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     for metric in (PRIMARY, MSE):
         for who, key, g in (("delivered", "verdict", "gain"), ("designed", "designed_verdict", "designed_gain")):
-            verdicts = [r[metric][key] for r in rows]
-            out[f"{metric}_{who}"] = {"win": verdicts.count("win"), "tie": verdicts.count("tie"),
-                                      "loss": verdicts.count("loss"),
+            out[f"{metric}_{who}"] = {**counts([r[metric][key] for r in rows]),
                                       "mean_relative_gain": round(statistics.fmean(r[metric][g] for r in rows), 4)}
     return out
 
@@ -137,7 +135,7 @@ def against_the_others(rows: list[dict]) -> dict:
     yardstick, an oracle pick per unit among several baselines, is from what any single method reaches."""
     out: dict = {}
     for who in ["delivered", *rows[0]["test"]]:  # the test scores hold the designed model's and every baseline's
-        counts: dict = {}
+        by_metric: dict = {}
         for metric, pick in ((PRIMARY, max), (MSE, min)):
             verdicts, gains = [], []
             for r in rows:
@@ -148,9 +146,9 @@ def against_the_others(rows: list[dict]) -> dict:
                 best = pick(others)
                 verdicts.append(verdict(metric, mine, best))
                 gains.append(gain(metric, mine, best))
-            counts[metric] = {"win": verdicts.count("win"), "tie": verdicts.count("tie"), "loss": verdicts.count("loss"),
-                              "median_relative_gain": round(statistics.median(gains), 4) if gains else None}
-        out[who] = counts
+            by_metric[metric] = {**counts(verdicts),
+                                 "median_relative_gain": round(statistics.median(gains), 4) if gains else None}
+        out[who] = by_metric
     return out
 
 

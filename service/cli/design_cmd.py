@@ -277,6 +277,7 @@ def replay(
 # The demo's screen: 26 knockouts in 3 cell types, so its test split holds 5 genes (15 conditions), enough for a
 # verdict (the report warns below 10); at 8,000 cells it held 3 (9 conditions). The knockout benchmark's size.
 DEMO_CELLS, DEMO_GENES = 12_000, 500
+DEMO_TASK = "Predict expression after CRISPR knockout of unseen genes"
 
 
 def demo(
@@ -294,7 +295,7 @@ def demo(
     data = out_dir / "knockout.h5ad"
     err.print(f"simulating a knockout screen ({DEMO_CELLS:,} cells × {DEMO_GENES} genes) into {data}")
     simulate("knockout", seed, n_cells=DEMO_CELLS, n_genes=DEMO_GENES).write_h5ad(data)
-    settings = DesignSettings(data=data, task="Predict expression after CRISPR knockout of unseen genes",
+    settings = DesignSettings(data=data, task=DEMO_TASK,
                               out=out_dir / time.strftime("run-%Y%m%d-%H%M%S"), seed=seed, sandbox=sandbox,
                               max_minutes=15)
     _run(settings, LLMConfig(), None, json_out)
