@@ -200,11 +200,21 @@ def delivered_sentence(v: Verdict) -> str:
     return f"Delivered {v.delivered} ({v.delivered_reason}){scored}."
 
 
+def _judged(v: Verdict, m: MetricVerdict, obj: str) -> str:
+    """'BEATS {obj}' only when the model beats it on validation and on test, as `beats_baselines` judges the
+    primary metric, or on the one split `cellforge score` scored; a win on one split of two is named with its
+    split, so it reads as neither a win nor a plain loss."""
+    if m.beats_val and m.beats_test is False:
+        return f"beats {obj} on validation but NOT on test"
+    if m.beats_val is False and m.beats_test:
+        return f"does NOT beat {obj} on validation (it does on test)"
+    wins = (m.beats_val or m.beats_test) if v.status == "scored" else (m.beats_val and m.beats_test)
+    return f"BEATS {obj}" if wins else f"does NOT beat {obj}"
+
+
 def _other_metrics(v: Verdict) -> str:
-    """The headline's clause for each verdict metric besides the primary one, judged as `beats_baselines`
-    judges the primary: the model beats the best baseline on validation and on test."""
-    return "".join(f"; on {m.metric} it {'BEATS' if m.beats_val and m.beats_test else 'does NOT beat'} it "
-                   f"({', '.join(sides)})" for m in v.metrics.values()
+    """The headline's clause for each verdict metric besides the primary one."""
+    return "".join(f"; on {m.metric} it {_judged(v, m, 'it')} ({', '.join(sides)})" for m in v.metrics.values()
                    if m.metric != v.primary_metric and (sides := _sides(m)))
 
 
@@ -218,8 +228,8 @@ def headline(v: Verdict) -> str:
         lead = (f"{v.subject[:1].upper()}{v.subject[1:]}: beats the best baseline on {v.primary_metric} on "
                 f"validation ({', '.join(sides)}) but has no test score")
     else:
-        lead = (f"{v.subject[:1].upper()}{v.subject[1:]}: {'BEATS' if v.beats_baselines else 'does NOT beat'} the "
-                f"best baseline on {v.primary_metric} ({', '.join(sides)}){_other_metrics(v)}")
+        judged = _judged(v, p, f"the best baseline on {v.primary_metric}")
+        lead = f"{v.subject[:1].upper()}{v.subject[1:]}: {judged} ({', '.join(sides)}){_other_metrics(v)}"
     return f"{lead}. {delivered_sentence(v)}" if v.delivered else f"{lead}."
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.pipeline import build_verdict, verdict_lines
-from service.pipeline.verdict import beats, margin
+from service.pipeline.verdict import Verdict, beats, headline, margin, metric_verdict
 
 PRIMARY = "pearson_delta_pert"
 
@@ -127,6 +127,18 @@ def test_a_model_that_wins_only_on_validation_is_flagged():
                       validation="", n_val_conditions=20, n_test_conditions=30)
     assert v.beats_baselines is False and v.metrics[PRIMARY].beats_val and not v.metrics[PRIMARY].beats_test
     assert any("did not carry over" in w for w in v.warnings) and not any("fewer than" in w for w in v.warnings)
+    # The headline names the split it wins on: neither a plain loss nor a win.
+    assert v.summary.startswith("Designed model: beats the best baseline on pearson_delta_pert on validation but "
+                                "NOT on test (validation +0.2000 vs b, test -0.1000 vs b).")
+    test_only = build_verdict(status="validated", primary=PRIMARY, delivered="baseline:b", delivered_reason="best",
+                              model_val={PRIMARY: 0.2}, model_test={PRIMARY: 0.5},
+                              baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
+                              model_rows=None, baseline_rows={}, delivered_val={PRIMARY: 0.3},
+                              delivered_test={PRIMARY: 0.3}, validation="", n_val_conditions=20,
+                              n_test_conditions=30)
+    assert test_only.beats_baselines is False
+    assert test_only.summary.startswith("Designed model: does NOT beat the best baseline on pearson_delta_pert on "
+                                        "validation (it does on test) (validation -0.1000 vs b, test +0.2000 vs b)")
     won = build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
                         model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.5},
                         baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
@@ -166,5 +178,18 @@ def test_the_headline_says_when_the_model_wins_the_primary_metric_but_not_top20_
         validation="held-out validation", n_val_conditions=12, n_test_conditions=15)
     assert v.beats_baselines is True
     assert v.summary.startswith("Designed model: BEATS the best baseline on pearson_delta_pert")
-    assert ("; on mse_top20_de it does NOT beat it (validation +0.0700 vs gene_similarity, test -0.0200 vs "
-            "gene_similarity)") in v.summary
+    assert ("; on mse_top20_de it beats it on validation but NOT on test (validation +0.0700 vs gene_similarity, "
+            "test -0.0200 vs gene_similarity)") in v.summary
+
+
+def test_scored_predictions_are_judged_on_the_one_split_scored():
+    """`cellforge score` scores one split: a win there on a secondary metric reads as a win, not as 'does NOT
+    beat' for want of the other split's score."""
+    metrics = {m: metric_verdict(m, None, mine, {}, {"b": theirs})
+               for m, mine, theirs in ((PRIMARY, 0.5, 0.3), ("mse_top20_de", 0.2, 0.4))}
+    v = Verdict(status="scored", primary_metric=PRIMARY, beats_baselines=True, subject="predictions (p.h5ad)",
+                metrics=metrics)
+    assert headline(v) == ("Predictions (p.h5ad): BEATS the best baseline on pearson_delta_pert (test +0.2000 vs b); "
+                           "on mse_top20_de it BEATS it (test +0.2000 vs b).")
+    v.metrics["mse_top20_de"] = metric_verdict("mse_top20_de", None, 0.5, {}, {"b": 0.4})
+    assert "on mse_top20_de it does NOT beat it (test -0.1000 vs b)" in headline(v)
