@@ -9,7 +9,7 @@ residual network is never applied to a context absent from training); elsewhere 
 `--validation holdout` restores the old two-group validation fold (for comparison).
 
     .venv/bin/python benchmarks/selection_bench.py --kind stimulation --seeds 0 1 2 [--contexts T_cell ...]
-        [--perturbations N] [--cells N] [--cell-types N] [--validation auto|holdout] [--receptors] [--out DIR] > result.json
+        [--perturbations N] [--cells N] [--genes N] [--cell-types N] [--validation auto|holdout] [--receptors] [--out DIR] > result.json
 
 `--perturbations 1`: a single stimulus, as in a PBMC interferon set (default: the simulator's, 10 stimuli).
 """
@@ -74,12 +74,12 @@ def annotate_receptors(adata: ad.AnnData) -> ad.AnnData:
 
 
 def designed_bundle(kind: str, seed: int, folder: Path, cells: int, cell_types: int | None,
-                    perturbations: int | None, receptors: bool = False) -> tuple[Path, object]:
+                    perturbations: int | None, receptors: bool = False, genes: int = 500) -> tuple[Path, object]:
     """The simulated dataset of one seed (written to `folder`; with `receptors`, its stimuli's receptors
     annotated) and the generated code of the offline plan for it, loaded as a module."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.h5ad"
-    adata = simulate(kind, seed, n_cells=cells, n_genes=500, n_cell_types=cell_types,
+    adata = simulate(kind, seed, n_cells=cells, n_genes=genes, n_cell_types=cell_types,
                      n_perturbations=perturbations or PERTURBATIONS.get(kind))
     (annotate_receptors(adata) if receptors else adata).write_h5ad(data)
     profile = profile_dataset(data)
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--perturbations", type=int, default=None,
                         help="perturbations simulated (default: design_bench's for the kind, else the simulator's)")
     parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo's size)")
+    parser.add_argument("--genes", type=int, default=500,
+                        help="genes simulated (the README demo's 500; real sets keep 2,000-5,000 variable genes)")
     parser.add_argument("--cell-types", type=int, default=None,
                         help="cell types simulated (default: the simulator's, 8 for stimulation, else 3)")
     parser.add_argument("--validation", default="auto", choices=["auto", "holdout"])
@@ -179,14 +181,15 @@ def main() -> None:
         for seed in args.seeds:
             folder = work / f"{args.kind}_{seed}"
             data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations,
-                                      args.receptors)
+                                      args.receptors, args.genes)
             held = held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts)
             rows += [one_unit(m, args.kind, seed, data, folder, c) for c in held]
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "selection", "kind": args.kind, "seeds": args.seeds, "perturbations": args.perturbations,
-                      "validation": args.validation, "receptors": args.receptors, "summary": summary(rows),
+                      "genes": args.genes, "validation": args.validation, "receptors": args.receptors,
+                      "summary": summary(rows),
                       "against_the_others": against_the_others(rows), "runs": rows}, indent=1))
 
 
