@@ -18,7 +18,7 @@ strength (the gain kernel's job) with these shapes.
 the control state (the context ridge, the context kernel, the profile kernel), each at that strength.
 
     .venv/bin/python benchmarks/member_bench.py --kind stimulation --seeds 0 1 2 [--cell-types N]
-        [--perturbations N] [--contexts T_cell ...] [--receptors] > result.json
+        [--perturbations N] [--genes N] [--contexts T_cell ...] [--receptors] > result.json
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", default=None, help="the cell types to hold out (all)")
     parser.add_argument("--perturbations", type=int, default=None, help="perturbations simulated")
     parser.add_argument("--cells", type=int, default=12000, help="cells simulated (the README demo's size)")
+    parser.add_argument("--genes", type=int, default=500, help="genes simulated (the README demo's size)")
     parser.add_argument("--cell-types", type=int, default=None, help="cell types simulated (the simulator's)")
     parser.add_argument("--receptors", action="store_true",
                         help="annotate each stimulus's receptor genes (obs['targets']) from the simulation")
@@ -149,13 +150,13 @@ def main() -> None:
         for seed in args.seeds:
             folder = work / f"{args.kind}_{seed}"
             data, m = designed_bundle(args.kind, seed, folder, args.cells, args.cell_types, args.perturbations,
-                                      args.receptors)
+                                      args.receptors, args.genes)
             for context in held_out(args.kind, ad.read_h5ad(data, backed="r"), args.contexts):
                 rows.append(one_type(m, args.kind, seed, data, folder, context))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "members", "kind": args.kind, "seeds": args.seeds, "cell_types": args.cell_types,
-                      "perturbations": args.perturbations, "receptors": args.receptors, "summary": summary(rows), "runs": rows}, indent=1))
+                      "genes": args.genes, "perturbations": args.perturbations, "receptors": args.receptors, "summary": summary(rows), "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
