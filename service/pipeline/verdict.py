@@ -207,7 +207,7 @@ def _judged(v: Verdict, m: MetricVerdict, obj: str) -> str:
     if m.beats_val and m.beats_test is False:
         return f"beats {obj} on validation but NOT on test"
     if m.beats_val is False and m.beats_test:
-        return f"does NOT beat {obj} on validation (it does on test)"
+        return f"does NOT beat {obj} on validation, only on test"
     wins = (m.beats_val or m.beats_test) if v.status == "scored" else (m.beats_val and m.beats_test)
     return f"BEATS {obj}" if wins else f"does NOT beat {obj}"
 

@@ -138,7 +138,7 @@ def test_a_model_that_wins_only_on_validation_is_flagged():
                               n_test_conditions=30)
     assert test_only.beats_baselines is False
     assert test_only.summary.startswith("Designed model: does NOT beat the best baseline on pearson_delta_pert on "
-                                        "validation (it does on test) (validation -0.1000 vs b, test +0.2000 vs b)")
+                                        "validation, only on test (validation -0.1000 vs b, test +0.2000 vs b)")
     won = build_verdict(status="validated", primary=PRIMARY, delivered="designed", delivered_reason="best",
                         model_val={PRIMARY: 0.5}, model_test={PRIMARY: 0.5},
                         baselines_val={"b": {PRIMARY: 0.3}}, baselines_test={"b": {PRIMARY: 0.3}},
