@@ -77,7 +77,8 @@ def _per_condition_table(report: EvaluationReport) -> Table:
 def _verdict(report: EvaluationReport, baselines: dict[str, EvaluationReport], which: str, primary: str,
              predictions: Path):
     """The predictions against the best baseline on the scored part, as a design run's verdict states it."""
-    from service.pipeline.verdict import MIN_TEST_CONDITIONS, VERDICT_METRICS, Verdict, headline, metric_verdict
+    from service.pipeline.verdict import (MIN_TEST_CONDITIONS, VERDICT_METRICS, Verdict, beats_best, headline,
+                                          metric_verdict)
 
     metrics = {}
     for m in dict.fromkeys((primary, *VERDICT_METRICS)):
@@ -87,7 +88,7 @@ def _verdict(report: EvaluationReport, baselines: dict[str, EvaluationReport], w
                                     scores if which == "val" else {}, scores if which == "test" else {},
                                     report.per_condition, {n: r.per_condition for n, r in baselines.items()})
     p = metrics[primary]
-    v = Verdict(status="scored", primary_metric=primary, beats_baselines=bool(p.beats_test or p.beats_val),
+    v = Verdict(status="scored", primary_metric=primary, beats_baselines=beats_best(p, one_split=True),
                 subject=f"predictions ({predictions.name})", n_test_conditions=report.n_conditions, metrics=metrics)
     if report.n_conditions < MIN_TEST_CONDITIONS:
         v.warnings.append(f"the {which} part holds {report.n_conditions} condition(s), fewer than "

@@ -200,16 +200,20 @@ def delivered_sentence(v: Verdict) -> str:
     return f"Delivered {v.delivered} ({v.delivered_reason}){scored}."
 
 
+def beats_best(m: MetricVerdict, one_split: bool = False) -> bool:
+    """Whether the model beats the best baseline on this metric: on validation and on test (a design run), or
+    on the one split scored (`one_split`: `cellforge score`). `beats_baselines` is this on the primary metric."""
+    return bool((m.beats_val or m.beats_test) if one_split else (m.beats_val and m.beats_test))
+
+
 def _judged(v: Verdict, m: MetricVerdict, obj: str) -> str:
-    """'BEATS {obj}' only when the model beats it on validation and on test, as `beats_baselines` judges the
-    primary metric, or on the one split `cellforge score` scored; a win on one split of two is named with its
-    split, so it reads as neither a win nor a plain loss."""
+    """'BEATS {obj}' only where `beats_best`; a win on one split of two is named with its split, so it reads as
+    neither a win nor a plain loss."""
     if m.beats_val and m.beats_test is False:
         return f"beats {obj} on validation but NOT on test"
     if m.beats_val is False and m.beats_test:
         return f"does NOT beat {obj} on validation, only on test"
-    wins = (m.beats_val or m.beats_test) if v.status == "scored" else (m.beats_val and m.beats_test)
-    return f"BEATS {obj}" if wins else f"does NOT beat {obj}"
+    return f"BEATS {obj}" if beats_best(m, one_split=v.status == "scored") else f"does NOT beat {obj}"
 
 
 def _other_metrics(v: Verdict) -> str:
@@ -295,7 +299,7 @@ def build_verdict(*, status: str, primary: str, delivered: str, delivered_reason
 
     metrics = against(model_val, model_test, model_rows)
     p = metrics[primary]
-    verdict = Verdict(status=status, primary_metric=primary, beats_baselines=bool(p.beats_val and p.beats_test),
+    verdict = Verdict(status=status, primary_metric=primary, beats_baselines=beats_best(p),
                       delivered=delivered, delivered_reason=delivered_reason,
                       delivered_val=(delivered_val or {}).get(primary),
                       delivered_test=(delivered_test or {}).get(primary),
