@@ -180,6 +180,44 @@ def test_gain_kernel_predicts_how_strongly_an_unseen_context_responds_from_its_r
     assert np.mean((pred[:3] - true[:3]) ** 2) < 0.5 * np.mean((transfer[:3] - true[:3]) ** 2)
 
 
+@pytest.mark.parametrize("gain_better", [True, False])
+def test_the_gain_kernel_sets_the_averages_strength_where_it_predicts_the_training_types_better(transfer_model,
+                                                                                                gain_better):
+    """Eight training types, one stimulus; each member's leave-one-type-out prediction is the truth plus an error
+    along the programme (a wrong strength), large for the ridges and small for the gain kernel or the other way
+    round. Where the gain kernel's strengths are the better ones the base's default recipe is the ridges' average
+    moved along the programme to the gain kernel's strength, whose strength is then the gain kernel's and whose
+    shape across the programme the average's; otherwise the plain average."""
+    m = transfer_model
+    genes, contexts = 10, [f"C{i}" for i in range(8)]
+    rng = np.random.default_rng(3)
+    controls = {c: rng.normal(2.0, 1.0, genes) for c in contexts}
+    truth = rng.uniform(0.0, 2.0, (8, 1)) * rng.normal(size=genes) + 0.3 * rng.normal(size=(8, genes))
+    base = m.BasePredictor(case_config(m), GENES[:genes])
+    others = (truth.sum(axis=0) - truth) / 7
+    error = {"gain_kernel": 0.05 if gain_better else 0.8}
+    oof = {"transfer": others, "mean": others, "pull": rng.normal(size=(8, genes))}
+    for name in base.RIDGES:
+        setting = next(key for key in base._grid([]) if key.startswith(name + ":"))
+        wrong = error.get(name, 0.8 if gain_better else 0.05) * rng.normal(size=(8, 1))
+        oof[setting] = truth + wrong * others + 0.1 * rng.normal(size=(8, genes))
+    base._members = lambda conditions, chosen: oof
+    base.fit(_conditions(m, ["P"] * 8, contexts, controls, truth), np.zeros((8, 1)),
+             _conditions(m, [], [], controls, np.zeros((0, genes))), np.zeros((0, 1)))
+    assert base.chosen["strength"] == ("gain_kernel" if gain_better else "average")
+    members = base._with_scaled({k: v for k, v in oof.items() if ":" not in k}
+                                | {k.split(":")[0]: v for k, v in oof.items() if ":" in k})
+    moved, programme = members["average_at_gain"], members["transfer"]
+    np.testing.assert_allclose(base._along_programme(members, moved),
+                               base._along_programme(members, members["gain_kernel"]), atol=1e-9)
+    move = moved - np.mean([members[name] for name in base.AVERAGED], axis=0)  # along the programme only
+    cosine = np.sum(move * programme, axis=1) / (np.linalg.norm(move, axis=1) * np.linalg.norm(programme, axis=1))
+    np.testing.assert_allclose(np.abs(cosine), 1.0, atol=1e-6)
+    if base.stack.chosen == "ridges":
+        expected = {"average_at_gain": 1.0} if gain_better else dict.fromkeys(base.AVERAGED, 1 / len(base.AVERAGED))
+        assert {n: w for n, w in base.stack.weights.items() if w} == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("n_seen", [3, 4, 5])
 def test_annotated_receptors_set_how_strongly_an_unseen_context_responds(transfer_model, n_seen):
     """Δ(p, c) = a(c)·s_p, a(c) a Hill function of the receptor's control level, while the rest of the control
