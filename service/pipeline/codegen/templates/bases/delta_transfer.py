@@ -221,8 +221,12 @@ class BasePredictor:
     def _average_at_gain(self, members: dict[str, np.ndarray]) -> np.ndarray:
         """The ridges' equal-weight average (`AVERAGED`) moved along the programme (transfer) to the gain kernel's
         strength: its shape across the programme kept, its projection on it the gain kernel's."""
-        average = np.mean([members[name] for name in self.AVERAGED], axis=0)
+        average = self._average(members)
         return average + self._along_programme(members, members["gain_kernel"] - average)[:, None] * members["transfer"]
+
+    def _average(self, members: dict[str, np.ndarray]) -> np.ndarray:
+        """The ridges' equal-weight average (`AVERAGED`), the default recipe's prediction."""
+        return np.mean([members[name] for name in self.AVERAGED], axis=0)
 
     @staticmethod
     def _along_programme(members: dict[str, np.ndarray], delta: np.ndarray) -> np.ndarray:
@@ -238,8 +242,7 @@ class BasePredictor:
         the rest of the profile dominates them and the average's is (unconditionally taking the gain kernel's
         there: one stimulus, seeds 0-2, designed top-20-DE MSE -59.7% -> -97.1% against the best baseline)."""
         true = self._along_programme(members, delta)
-        average = np.mean([members[name] for name in self.AVERAGED], axis=0)
-        gap = ((self._along_programme(members, average) - true) ** 2
+        gap = ((self._along_programme(members, self._average(members)) - true) ** 2
                - (self._along_programme(members, members["gain_kernel"]) - true) ** 2)
         contexts = self.table["context"].to_numpy()
         gap = np.array([gap[contexts == c].sum() for c in self.controls])
