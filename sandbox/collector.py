@@ -137,9 +137,11 @@ class ExecutionCollector(Listener):
         self._finish_if_complete()
 
     def _finish_if_complete(self) -> None:
-        """Done once the reply came and iopub went idle — or lost messages, idle perhaps among them."""
+        """Done once the reply came and iopub went idle — or lost messages, idle perhaps among them. After a
+        gap the output is marked truncated even when idle came: the connection reopened in time for idle, not
+        for what was sent while it was down (a flood of oversized messages, under load: idle, no output)."""
         if self.reply is not None and (self.idle or self.iopub_gap):
-            if not self.idle:
+            if self.iopub_gap:
                 self._truncate()
             self.done.set()
 
