@@ -62,6 +62,7 @@ class ExecutionCollector(Listener):
         self.reply: dict[str, Any] | None = None
         self.idle = False
         self.iopub_gap = False
+        self.output_lost = False  # truncated by an iopub gap rather than (only) by the limit
         self.lost = False
         self.done = asyncio.Event()
 
@@ -142,6 +143,7 @@ class ExecutionCollector(Listener):
         for what was sent while it was down (a flood of oversized messages, under load: idle, no output)."""
         if self.reply is not None and (self.idle or self.iopub_gap):
             if self.iopub_gap:
+                self.output_lost = True
                 self._truncate()
             self.done.set()
 
@@ -168,7 +170,9 @@ class ExecutionCollector(Listener):
     def to_result(self, outcome: Outcome, started: float, **extra: Any) -> ExecutionResult:
         stdout = "".join(self.stdout)
         if self.truncated:
-            stdout += f"\n[output truncated: more than {self.limit} bytes; the rest was dropped]\n"
+            why = ("the kernel's output connection dropped (a message over the size limit drops it); what it sent "
+                   "meanwhile was lost" if self.output_lost else f"more than {self.limit} bytes; the rest was dropped")
+            stdout += f"\n[output truncated: {why}]\n"
         fields: dict[str, Any] = dict(
             outcome=outcome,
             stdout=stdout,
